@@ -1,0 +1,83 @@
+"""Shared CLI pieces: error handling, reusable typed options, output helpers."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from slidekit.errors import SlidekitError
+
+
+class Context:
+    """Global CLI state: --quiet and --debug."""
+
+    def __init__(self, quiet: bool = False, debug: bool = False) -> None:
+        self.quiet = quiet
+        self.debug = debug
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit non-zero."""
+    click.echo(f"slidekit: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn slidekit errors (and Ctrl-C) into one line and a non-zero exit, unless --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = bool(getattr(ctx.find_object(Context), "debug", False))
+        try:
+            return func(*args, **kwargs)
+        except SlidekitError as e:
+            if debug:
+                raise
+            fail(str(e))
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            fail("interrupted; finished outputs are kept, unfinished ones were not written", 130)
+        except (OSError, ValueError) as e:
+            if debug:
+                raise
+            fail(f"{type(e).__name__}: {e}")
+
+    return wrapper
+
+
+def quiet_flag(ctx: click.Context) -> bool:
+    """Whether --quiet was given (globally or on the command)."""
+    obj = ctx.find_object(Context)
+    return bool(obj and obj.quiet)
+
+
+def echo_json(data: Any) -> None:
+    """Print JSON to stdout."""
+    click.echo(json.dumps(data, indent=2))
+
+
+# Reusable typed options, so every command spells them the same way.
+slide_argument = click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
+mpp_override_option = click.option(
+    "--slide-mpp", "slide_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="Pixel size (µm/px) of the slide's level 0, for slides without it in their metadata.")
+backend_option = click.option("--backend", type=click.Choice(["openslide", "tiffslide", "image"]),
+                              default=None, help="Slide reader (default: automatic).")
+target_mpp_option = click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5,
+                                 show_default=True, help="Target pixel size of tiles (µm/px).")
+size_option = click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
+                           help="Tile size in pixels at the target MPP.")
+overlap_option = click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+                              help="Overlap between neighbouring tiles, in target pixels.")
+min_tissue_option = click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5,
+                                 show_default=True, help="Minimum tissue fraction to keep a tile.")
+workers_option = click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                              help="Parallel readers (0: read in the main thread).")
+device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
+                             show_default=True, help="Where to run models.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

@@ -1,0 +1,48 @@
+"""Typed exceptions. Every error slidekit raises on bad input derives from SlidekitError.
+
+The CLI turns any SlidekitError into one line on stderr and a non-zero exit; the message
+therefore names the file and the problem on its own.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SlidekitError(Exception):
+    """Base of every slidekit exception."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class SlideError(SlidekitError):
+    """A slide that is missing, unreadable, truncated, unsupported or lacks required metadata."""
+
+
+class MissingMPPError(SlideError):
+    """The slide has no microns-per-pixel in its metadata and none was given."""
+
+
+class TissueError(SlidekitError):
+    """Tissue detection found nothing usable (e.g. a blank slide)."""
+
+
+class GridError(SlidekitError):
+    """A tile grid file is malformed or does not belong to the slide it is used with."""
+
+
+class AnnotationError(SlidekitError):
+    """A GeoJSON or ASAP XML file is malformed or unsupported."""
+
+
+class CheckpointError(SlidekitError):
+    """A checkpoint is not a slidekit checkpoint, is corrupt or comes from an incompatible version."""
+
+
+class ConfigError(SlidekitError):
+    """A configuration file or option is invalid."""
+
+
+class LabelError(SlidekitError):
+    """A label table (CSV) is malformed or inconsistent."""

@@ -1,0 +1,218 @@
+"""Tissue detection on a coarse view of the slide.
+
+The slide is read whole at a coarse pixel size (default 8 µm/px, a few megapixels even for a
+large resection). Tissue is what is both coloured (HSV saturation above an Otsu threshold) and
+absorbs light (optical density above a floor); pen ink (blue, green, black) is removed by its
+colour, then the mask is closed, small holes are filled and small regions dropped, with every
+area given in µm² so the result does not depend on the working resolution.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from shapely.affinity import affine_transform
+from shapely.geometry import MultiPolygon, Polygon
+from skimage import morphology
+from skimage.filters import threshold_otsu
+
+from slidekit.errors import TissueError
+from slidekit.slide import Slide
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask at a coarse pixel size ``mpp``, with level-0 polygons.
+
+    ``array[r, c]`` covers level-0 pixels ``[c*s, (c+1)*s) x [r*s, (r+1)*s)`` with
+    ``s = mpp / slide_mpp``.
+    """
+
+    array: np.ndarray
+    mpp: float
+    slide_mpp: tuple[float, float]
+    _polygons: list[Polygon] | None = field(default=None, repr=False)
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Level-0 pixels per mask pixel along x and y."""
+        return self.mpp / self.slide_mpp[0], self.mpp / self.slide_mpp[1]
+
+    @property
+    def polygons(self) -> list[Polygon]:
+        """Tissue regions as shapely polygons in level-0 pixels, holes kept."""
+        if self._polygons is None:
+            sx, sy = self.scale
+            polys = mask_to_polygons(self.array)
+            self._polygons = [affine_transform(p, [sx, 0, 0, sy, 0, 0]) for p in polys]
+        return self._polygons
+
+    @property
+    def area_um2(self) -> float:
+        """Tissue area in µm²."""
+        return float(self.array.sum()) * self.mpp * self.mpp
+
+    def fraction(self, box: tuple[float, float, float, float]) -> float:
+        """Fraction of a level-0 box ``(x, y, w, h)`` that is tissue (area-weighted)."""
+        return float(self.fractions(np.array([box], dtype=np.float64))[0])
+
+    def fractions(self, boxes: np.ndarray) -> np.ndarray:
+        """Tissue fraction of many level-0 boxes (N, 4) at once, via a summed-area table."""
+        sx, sy = self.scale
+        integral = cv2.integral(self.array.astype(np.uint8)).astype(np.float64)
+        H, W = self.array.shape
+
+        def area_upto(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+            # Sum of the mask over [0, xs) x [0, ys) in fractional mask pixels (bilinear on the SAT).
+            xs, ys = np.clip(xs, 0, W), np.clip(ys, 0, H)
+            x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
+            x1, y1 = np.minimum(x0 + 1, W), np.minimum(y0 + 1, H)
+            fx, fy = xs - x0, ys - y0
+            return ((1 - fx) * (1 - fy) * integral[y0, x0] + fx * (1 - fy) * integral[y0, x1]
+                    + (1 - fx) * fy * integral[y1, x0] + fx * fy * integral[y1, x1])
+
+        x, y, w, h = (boxes[:, i] for i in range(4))
+        mx0, my0, mx1, my1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
+        total = (area_upto(mx1, my1) - area_upto(mx0, my1) - area_upto(mx1, my0) + area_upto(mx0, my0))
+        return np.clip(total / np.maximum((mx1 - mx0) * (my1 - my0), 1e-12), 0.0, 1.0)
+
+    def to_png(self, path: str) -> None:
+        """Save the mask as an 8-bit PNG (255 = tissue)."""
+        cv2.imwrite(str(path), self.array.astype(np.uint8) * 255)
+
+
+def mask_to_polygons(mask: np.ndarray) -> list[Polygon]:
+    """Vectorise a boolean mask into polygons in mask-pixel coordinates, holes kept.
+
+    Pixel ``(r, c)`` is the unit square ``[c, c+1) x [r, r+1)``; the outline follows pixel edges.
+    """
+    m = np.ascontiguousarray(mask.astype(np.uint8))
+    if not m.any():
+        return []
+    contours, hierarchy = cv2.findContours(np.pad(m, 1), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    hierarchy = hierarchy[0]
+    polygons: list[Polygon] = []
+
+    def ring(c: np.ndarray) -> np.ndarray:
+        return c[:, 0, :].astype(np.float64) - 1.0  # undo the padding
+
+    for i, (_next, _prev, child, parent) in enumerate(hierarchy):
+        if parent != -1:
+            continue
+        shell = ring(contours[i])
+        holes = []
+        j = child
+        while j != -1:
+            holes.append(ring(contours[j]))
+            j = hierarchy[j][0]
+        poly = _pixel_outline(shell, holes)
+        if poly is not None and not poly.is_empty:
+            polygons.extend(poly.geoms if isinstance(poly, MultiPolygon) else [poly])
+    return polygons
+
+
+def _pixel_outline(shell: np.ndarray, holes: list[np.ndarray]) -> Polygon | MultiPolygon | None:
+    # cv2 contours run through pixel centres; shift/buffer to the pixel-edge outline so areas
+    # match pixel counts (a single pixel becomes a unit square, not a point).
+    if len(shell) < 3:
+        x, y = shell.min(axis=0)
+        x2, y2 = shell.max(axis=0)
+        return Polygon([(x, y), (x2 + 1, y), (x2 + 1, y2 + 1), (x, y2 + 1)])
+    poly = Polygon(shell + 0.5, [h + 0.5 for h in holes if len(h) >= 3])
+    if not poly.is_valid:
+        poly = poly.buffer(0)
+    return poly.buffer(0.5, join_style="mitre", mitre_limit=2.0)
+
+
+def _otsu(values: np.ndarray) -> float:
+    try:
+        return float(threshold_otsu(values)) if values.max() > values.min() else float(values.max())
+    except ValueError:
+        return float(values.max())
+
+
+def _pen_mask(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
+    """Pen ink: strongly saturated blue/green/cyan, or near-black marker."""
+    h = hsv[..., 0].astype(np.int16) * 2  # OpenCV hue is 0..179
+    s = hsv[..., 1]
+    v = hsv[..., 2]
+    green = (h >= 70) & (h < 180) & (s > 60)
+    blue = (h >= 180) & (h < 250) & (s > 110) & (v > 40)
+    black = rgb.max(axis=2) < 40
+    return green | blue | black
+
+
+def tissue_mask(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0,
+                min_hole_um2: float = 20_000.0, closing_um: float = 32.0,
+                remove_pen: bool = True, min_saturation: int = 20, min_od: float = 0.05) -> TissueMask:
+    """Detect tissue on the slide read whole at ``mpp`` µm/px.
+
+    Tissue = saturation above its Otsu threshold (at least ``min_saturation``) with optical density
+    above ``min_od``, or optical density above its own Otsu threshold; minus pen ink; closed with a disc of ``closing_um``; holes under ``min_hole_um2`` filled;
+    regions under ``min_area_um2`` dropped. Raises TissueError when nothing is left.
+    """
+    view = slide.read_whole(mpp)
+    mask = detect_tissue(view, mpp, min_area_um2=min_area_um2, min_hole_um2=min_hole_um2,
+                         closing_um=closing_um, remove_pen=remove_pen,
+                         min_saturation=min_saturation, min_od=min_od)
+    if not mask.any():
+        raise TissueError("no tissue found (the slide looks blank at this threshold)", slide.path)
+    return TissueMask(array=mask, mpp=mpp, slide_mpp=slide.mpp)
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float, min_area_um2: float = 20_000.0,
+                  min_hole_um2: float = 20_000.0, closing_um: float = 32.0, remove_pen: bool = True,
+                  min_saturation: int = 20, min_od: float = 0.05) -> np.ndarray:
+    """Tissue mask (bool) of an RGB image whose pixels are ``mpp`` µm wide."""
+    px_area = mpp * mpp
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    sat = cv2.medianBlur(hsv[..., 1], 5) if min(rgb.shape[:2]) >= 5 else hsv[..., 1]
+    od = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0).mean(axis=2)
+    od = cv2.medianBlur(od, 5) if min(rgb.shape[:2]) >= 5 else od
+    # Coloured (H&E) or absorbing (faint IHC counterstain, grey glass excluded) counts as tissue.
+    # Otsu picks each threshold; the bounds keep it sane on views that are nearly all tissue or
+    # nearly all glass, where Otsu would split the majority class in two.
+    sat_t = float(np.clip(_otsu(sat), min_saturation, 60))
+    od_t = float(np.clip(_otsu(od), min_od + 0.05, 0.3))
+    mask = ((sat > sat_t) & (od > min_od)) | (od > od_t)
+    if remove_pen:
+        mask &= ~_pen_mask(rgb, hsv)
+    radius = max(1, round(closing_um / mpp / 2))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    # Pad before closing so tissue touching the border is not eroded by the implicit background.
+    padded = np.pad(mask.astype(np.uint8), radius, mode="edge")
+    mask = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[radius:-radius, radius:-radius] > 0
+    mask = morphology.remove_small_holes(mask, max_size=max(1, round(min_hole_um2 / px_area)))
+    mask = morphology.remove_small_objects(mask, max_size=max(1, round(min_area_um2 / px_area)))
+    return mask.astype(bool)
+
+
+def save_tissue(slide_path: str, out_dir: str | os.PathLike, mask_mpp: float = 8.0,
+                min_area_um2: float = 20_000.0, slide_mpp: float | None = None,
+                backend: str | None = None) -> dict:
+    """Detect tissue and write ``mask.png``, ``tissue.geojson`` (QuPath annotations) and
+    ``tissue.json`` (summary) into ``out_dir``."""
+    from slidekit.annotations import Annotation, write_geojson
+    from slidekit.io import atomic_path, write_text_atomic
+    from slidekit.slide import open_slide
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_slide(slide_path, mpp=slide_mpp, backend=backend) as slide:
+        mask = tissue_mask(slide, mpp=mask_mpp, min_area_um2=min_area_um2)
+        area_px = slide.mpp[0] * slide.mpp[1]
+        anns = [Annotation(p, label="Tissue", color=(80, 200, 120), kind="annotation",
+                           measurements={"Area µm^2": p.area * area_px}) for p in mask.polygons]
+        with atomic_path(out / "mask.png") as tmp:
+            mask.to_png(str(tmp.with_suffix(".png")))
+            os.replace(tmp.with_suffix(".png"), tmp)
+        write_geojson(anns, out / "tissue.geojson")
+        summary = {"slide": str(slide.path), "mask_mpp": mask_mpp, "mask_shape": list(mask.array.shape),
+                   "regions": len(anns), "area_mm2": mask.area_um2 / 1e6,
+                   "fraction": float(mask.array.mean())}
+        write_text_atomic(out / "tissue.json", json.dumps(summary, indent=2))
+    return summary
