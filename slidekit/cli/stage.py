@@ -1,0 +1,59 @@
+"""Stage-2 commands: `stage` (pN staging of node labels) and `features` (heatmap morphology)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from slidekit.cli.common import handle_errors, quiet_flag, quiet_option
+
+
+@click.command()
+@click.argument("nodes", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Submission CSV to write (patient rows followed by their node rows).")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Reference CSV with patient stages; prints the quadratic weighted kappa.")
+@handle_errors
+def stage(nodes: Path, out: Path, reference: Path | None) -> None:
+    """Stage patients (pN, CAMELYON17 rules) from the node labels in NODES (CSV: patient,stage)."""
+    from slidekit.staging import stage_csv
+
+    r = stage_csv(nodes, out, reference=reference)
+    counts = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
+    click.echo(f"{r['patients']} patients from {r['nodes']} nodes ({counts}) -> {out}")
+    if r["kappa"] is not None:
+        click.echo(f"kappa: {r['kappa']:.4f}")
+
+
+@click.command()
+@click.argument("heatmaps", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Feature table to write (CSV, one row per heatmap).")
+@click.option("--thresholds", default="0.5,0.9", show_default=True,
+              help="Comma-separated probability thresholds.")
+@click.option("--channel", type=int, default=None,
+              help="Heatmap channel holding the tumour probability (default: the last one).")
+@click.option("--mpp", "work_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Work on a view downsampled to this µm/px (default: the heatmap's own MPP).")
+@quiet_option
+@handle_errors
+@click.pass_context
+def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, thresholds: str,
+             channel: int | None, work_mpp: float | None, quiet: bool) -> None:
+    """Morphology features (µm, µm²) of slide heatmaps (HEATMAP_DIR with heatmap.zarr) to a CSV."""
+    from slidekit.features import features_table
+
+    try:
+        ths = tuple(float(t) for t in thresholds.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"not a list of numbers: {thresholds!r}", param_hint="--thresholds")
+    df = features_table(heatmaps, out=out, thresholds=ths, channel=channel, work_mpp=work_mpp,
+                        progress=not (quiet or quiet_flag(ctx)))
+    click.echo(f"{len(df)} heatmaps, {len(df[0]) if df else 0} columns -> {out}")
+
+
+def register(group: click.Group) -> None:
+    """Add the staging and feature commands to the main group."""
+    for cmd in (stage, features):
+        group.add_command(cmd)
