@@ -1,0 +1,45 @@
+"""`slidekit train NAME --config FILE --out DIR`: run any registered trainer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Trainer config (YAML or JSON).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory (checkpoint.pt, metrics.csv, ...). Rerunning resumes.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config option (repeatable).")
+@click.option("--init", default=None, help="Checkpoint whose encoder initialises the network.")
+@click.option("--list", "list_only", is_flag=True, help="List the available trainers and exit.")
+@device_option
+@quiet_option
+@handle_errors
+@click.pass_context
+def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
+          overrides: tuple[str, ...], init: str | None, list_only: bool, device: str, quiet: bool) -> None:
+    """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
+    import trainers
+
+    if list_only or name is None:
+        for n in trainers.available():
+            cls = trainers.get(n)
+            click.echo(f"{n:12s} consumes: {', '.join(sorted(cls.consumes)) or '-'}")
+        return
+    if out is None:
+        raise click.UsageError("--out is required")
+    items = list(overrides) + ([f"init={init}"] if init else [])
+    ckpt = trainers.train(name, config, out, overrides=items, device=device,
+                          progress=not (quiet or quiet_flag(ctx)))
+    click.echo(str(ckpt))
+
+
+def register(group: click.Group) -> None:
+    """Add `train` to the main group."""
+    group.add_command(train)

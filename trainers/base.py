@@ -1,0 +1,370 @@
+"""The trainer plug-in protocol, the registry, typed configs and the shared epoch loop.
+
+A trainer is a ``Trainer`` subclass with a ``name``, the labels it ``consumes`` and a ``Config``
+dataclass. Built-in trainers are found by importing their modules; third-party trainers by the
+entry-point group ``slidekit.trainers`` (``name = "package.module:TrainerClass"``). ``get(name)``
+looks in both, so ``slidekit train NAME`` runs either the same way.
+
+Every trainer writes into its output directory:
+``config.json`` (the resolved config), ``checkpoint.pt`` (slidekit checkpoint, refreshed every
+epoch), ``state.pt`` (optimiser/epoch/RNG state for resuming), ``metrics.csv`` and
+``metrics.json`` (one row per epoch) and, last, ``done.json``; a rerun resumes from
+``state.pt`` or, when ``done.json`` exists, returns the finished checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import io
+import json
+import os
+import random
+import types
+import typing
+from dataclasses import dataclass, fields
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from slidekit.errors import CheckpointError, ConfigError
+from slidekit.io import atomic_path, write_text_atomic
+from slidekit.models import ModelSpec, save_checkpoint
+
+LABEL_KINDS = frozenset({"images", "scribbles", "pixel_masks", "slide_labels"})
+ENTRY_POINT_GROUP = "slidekit.trainers"
+BUILTIN_MODULES = ("trainers.scribble", "trainers.s2l", "trainers.simclr", "trainers.mixed_em",
+                   "trainers.stage2")
+
+
+@dataclass
+class TrainerConfig:
+    """Options every trainer has. Subclass it (as a dataclass) to add a trainer's own."""
+
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    num_workers: int = 0
+    init: str | None = None  # a slidekit checkpoint whose encoder initialises the network
+
+
+class Trainer:
+    """Base class of every trainer: subclass, set the class attributes, implement ``fit``."""
+
+    name: ClassVar[str] = ""
+    consumes: ClassVar[frozenset[str]] = frozenset()
+    Config: ClassVar[type] = TrainerConfig
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
+        """Train, writing checkpoints and metrics into ``out_dir``; return the checkpoint path."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Trainer]] = {}
+_discovered = False
+
+
+def register(cls: type[Trainer]) -> type[Trainer]:
+    """Class decorator: add a trainer to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ConfigError(f"trainer class {cls.__qualname__} has no name")
+    unknown = set(cls.consumes) - LABEL_KINDS
+    if unknown:
+        raise ConfigError(f"trainer {cls.name!r} consumes unknown label kinds {sorted(unknown)}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # the module exists but something it needs is missing
+                raise
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plug-in must not break the others
+            raise ConfigError(f"trainer plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from e
+        if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+            raise ConfigError(f"trainer plug-in {ep.name!r} ({ep.value}) is not a Trainer subclass")
+        if cls.name != ep.name:
+            cls = type(cls.__name__, (cls,), {"name": ep.name})
+        register(cls)
+
+
+def available() -> list[str]:
+    """Names of every registered trainer, built-in and plug-in."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Trainer]:
+    """The trainer class registered under ``name``."""
+    _discover()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown trainer {name!r}; available: {', '.join(available()) or 'none'}")
+    return _REGISTRY[name]
+
+
+# -- typed configs -------------------------------------------------------------------------------
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"option {key!r}: cannot read {value!r} as {annotation}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace(":", ",").split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"option {key!r}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"option {key!r}: expected true/false, got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {key!r}: expected {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def make_config(cls: type, values: dict[str, Any]) -> Any:
+    """Build config dataclass ``cls`` from a dict, coercing strings to the declared field types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; "
+                          f"{cls.__name__} has: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | list[str] | None = None) -> Any:
+    """Config from a YAML/JSON file, then ``overrides`` (a dict, or ``["key=value", ...]``)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError("config file not found", path)
+        try:
+            text = path.read_text()
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                loaded = yaml.safe_load(text) or {}
+            else:
+                loaded = json.loads(text)
+        except Exception as e:
+            raise ConfigError(f"cannot parse config ({type(e).__name__}: {e})", path) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("config must be a mapping of option names to values", path)
+        values.update(loaded)
+    if isinstance(overrides, list):
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value")
+            k, v = item.split("=", 1)
+            values[k.strip().replace("-", "_")] = v
+    elif overrides:
+        values.update(overrides)
+    try:
+        return make_config(cls, values)
+    except ConfigError as e:
+        raise ConfigError(str(e), path) from None
+
+
+# -- reproducibility and devices -----------------------------------------------------------------
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; a "cuda" request without a GPU is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
+    return dev
+
+
+def init_encoder(model: nn.Module, init: str | None) -> None:
+    """Initialise ``model.encoder`` from a slidekit checkpoint (e.g. SimCLR), when one is given."""
+    if init:
+        from slidekit.models import transfer_encoder
+
+        transfer_encoder(init, model)
+
+
+# -- logging, state and the epoch loop -----------------------------------------------------------
+
+class MetricsLog:
+    """Per-epoch metrics, kept as ``metrics.csv`` and ``metrics.json`` (rewritten atomically)."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out_dir = Path(out_dir)
+        self.json_path = self.out_dir / "metrics.json"
+        self.rows: list[dict[str, Any]] = []
+        if self.json_path.exists():
+            self.rows = json.loads(self.json_path.read_text())
+
+    def log(self, **metrics: Any) -> None:
+        """Append one row and rewrite both files."""
+        row = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in metrics.items()}
+        self.rows.append(row)
+        write_text_atomic(self.json_path, json.dumps(self.rows, indent=1))
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.out_dir / "metrics.csv", buf.getvalue())
+
+    def truncate(self, epochs_done: int) -> None:
+        """Forget rows of epochs that were not completed (resume after an interruption)."""
+        self.rows = [r for r in self.rows if r.get("epoch", -1) < epochs_done]
+
+
+@dataclass
+class TrainState:
+    """What a rerun needs to continue: epoch count, weights, optimiser, scheduler, RNG, extras."""
+
+    epoch: int
+    model: dict
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    rng: dict | None = None
+    extra: dict | None = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(dataclasses.asdict(self), tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainState | None":
+        path = Path(path)
+        if not path.exists():
+            return None
+        try:
+            return cls(**torch.load(path, map_location="cpu", weights_only=False))
+        except Exception as e:
+            raise CheckpointError(f"cannot resume: training state is unreadable ({e})", path) from None
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, spec: ModelSpec,
+               train_epoch: Callable[[int], dict[str, Any]], optimizer: torch.optim.Optimizer | None = None,
+               scheduler: Any = None, epochs: int | None = None, progress: bool = True,
+               get_extra: Callable[[], dict] | None = None,
+               set_extra: Callable[[dict], None] | None = None) -> Path:
+    """The shared loop: resume, run ``train_epoch(epoch) -> metrics`` per epoch, log, checkpoint.
+
+    After each epoch the slidekit checkpoint and the training state are saved atomically, so an
+    interrupted run loses at most the epoch in progress. ``done.json`` marks a finished run.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, state_path, done_path = out / "checkpoint.pt", out / "state.pt", out / "done.json"
+    if done_path.exists() and ckpt_path.exists():
+        return ckpt_path
+    epochs = trainer.config.epochs if epochs is None else epochs
+    spec.trainer = trainer.name
+    spec.trainer_config = dataclasses.asdict(trainer.config)
+    write_text_atomic(out / "config.json", json.dumps({"trainer": trainer.name, **spec.trainer_config},
+                                                      indent=2, default=str))
+    log = MetricsLog(out)
+    start = 0
+    state = TrainState.load(state_path)
+    if state is not None:
+        model.load_state_dict(state.model)
+        if optimizer is not None and state.optimizer:
+            optimizer.load_state_dict(state.optimizer)
+        if scheduler is not None and state.scheduler:
+            scheduler.load_state_dict(state.scheduler)
+        if state.rng:
+            _set_rng_state(state.rng)
+        if set_extra is not None and state.extra:
+            set_extra(state.extra)
+        start = state.epoch
+    log.truncate(start)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=trainer.name, unit="epoch",
+               disable=not progress)
+    for epoch in bar:
+        model.train()
+        metrics = train_epoch(epoch)
+        log.log(epoch=epoch, **metrics)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
+        save_checkpoint(ckpt_path, model, spec, extra={"epoch": epoch + 1})
+        TrainState(epoch=epoch + 1, model=model.state_dict(),
+                   optimizer=optimizer.state_dict() if optimizer is not None else None,
+                   scheduler=scheduler.state_dict() if scheduler is not None else None,
+                   rng=_rng_state(), extra=get_extra() if get_extra else None).save(state_path)
+    if not ckpt_path.exists():  # zero epochs asked for: still leave a usable checkpoint
+        save_checkpoint(ckpt_path, model, spec, extra={"epoch": 0})
+    write_text_atomic(done_path, json.dumps({"trainer": trainer.name, "epochs": epochs,
+                                             "checkpoint": ckpt_path.name}, indent=2))
+    return ckpt_path
+
+
+def train(name: str, config: str | os.PathLike | None, out_dir: str | os.PathLike,
+          overrides: list[str] | dict | None = None, device: str = "auto", progress: bool = True) -> Path:
+    """Look up trainer ``name``, build its config from file + overrides, and fit into ``out_dir``."""
+    cls = get(name)
+    cfg = load_config(cls.Config, config, overrides)
+    return cls(cfg).fit(out_dir, device=device, progress=progress)
