@@ -161,8 +161,14 @@ def check_tiff_complete(path: Path) -> None:
     import tifffile
 
     size = path.stat().st_size
+    first_ifd = _first_ifd_offset(path)
+    if first_ifd is not None and first_ifd >= size:
+        raise SlideError(f"truncated file: its first image directory lies past the file's {size} "
+                         "bytes; the copy is incomplete", path)
     try:
         with tifffile.TiffFile(path) as tif:
+            if not len(tif.pages):
+                raise SlideError("TIFF file holds no readable image", path)
             for page in tif.pages:
                 offsets, counts = page.dataoffsets, page.databytecounts
                 if offsets and max(o + c for o, c in zip(offsets, counts)) > size:
@@ -173,6 +179,21 @@ def check_tiff_complete(path: Path) -> None:
         raise
     except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error ...
         raise SlideError(f"not a readable TIFF-family file ({e})", path) from e
+
+
+def _first_ifd_offset(path: Path) -> int | None:
+    """Offset of the first IFD from a TIFF/BigTIFF header, or None when it is not a TIFF."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:2] not in (b"II", b"MM") or len(head) < 8:
+        return None
+    order = "little" if head[:2] == b"II" else "big"
+    version = int.from_bytes(head[2:4], order)
+    if version == 42:
+        return int.from_bytes(head[4:8], order)
+    if version == 43 and len(head) >= 16:
+        return int.from_bytes(head[8:16], order)
+    return None
 
 
 def _open_backend(path: Path, backend: str | None) -> tuple[str, _Backend]:

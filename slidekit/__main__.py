@@ -1,0 +1,4 @@
+"""`python -m slidekit` runs the CLI."""
+from slidekit.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""CLI: info, demo, tissue, tile; one-line errors and non-zero exits."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from click.testing import CliRunner
+
+import slidekit as sk
+from slidekit.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_info_json(demo_slide):
+    res = run("info", str(demo_slide), "--json")
+    assert res.exit_code == 0
+    info = json.loads(res.output)
+    assert info["mpp"] == [0.5, 0.5] and info["backend"] == "openslide"
+
+
+def test_tissue_writes_mask_and_geojson(tmp_path, demo_slide):
+    out = tmp_path / "tissue"
+    res = run("tissue", str(demo_slide), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert (out / "mask.png").exists() and (out / "tissue.json").exists()
+    fc = json.loads((out / "tissue.geojson").read_text())
+    feat = fc["features"][0]
+    assert feat["properties"]["objectType"] == "annotation"
+    assert feat["properties"]["classification"]["name"] == "Tissue"
+    assert len(feat["properties"]["classification"]["color"]) == 3
+    summary = json.loads((out / "tissue.json").read_text())
+    assert 0.1 < summary["fraction"] < 0.6
+
+
+def test_tile_writes_a_grid_that_loads(tmp_path, demo_slide):
+    out = tmp_path / "grid.npz"
+    res = run("tile", str(demo_slide), "--mpp", "1.0", "--size", "128", "--min-tissue", "0.5",
+              "--out", str(out), "--quiet")
+    assert res.exit_code == 0, res.output
+    grid = sk.TileGrid.load(out)
+    assert grid.mpp == 1.0 and grid.size == 128 and len(grid) > 10
+    assert np.all(grid.tissue >= 0.5)
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, shared_data):
+    missing = tmp_path / "nope.svs"
+    proc = subprocess.run([sys.executable, "-m", "slidekit", "info", str(missing)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "nope.svs: file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    no_mpp = shared_data / "wsi" / "TCGA-CR-7395-01A-01-TS1.svs"
+    proc = subprocess.run([sys.executable, "-m", "slidekit", "info", str(no_mpp)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--slide-mpp" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "slidekit", "info", str(no_mpp), "--slide-mpp", "0.25"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "slidekit", "--debug", "info", str(missing)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_failed_tissue_run_leaves_no_output(tmp_path):
+    from slidekit.demo import write_pyramid
+
+    blank = write_pyramid(tmp_path / "blank.tif", np.full((600, 600, 3), 240, np.uint8), 0.5)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "slidekit", "tissue", str(blank), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "no tissue" in proc.stderr
+    assert not (out / "tissue.json").exists()
