@@ -48,9 +48,9 @@ def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, threshol
         ths = tuple(float(t) for t in thresholds.split(",") if t.strip())
     except ValueError:
         raise click.BadParameter(f"not a list of numbers: {thresholds!r}", param_hint="--thresholds")
-    df = features_table(heatmaps, out=out, thresholds=ths, channel=channel, work_mpp=work_mpp,
+    rows = features_table(heatmaps, out=out, thresholds=ths, channel=channel, work_mpp=work_mpp,
                         progress=not (quiet or quiet_flag(ctx)))
-    click.echo(f"{len(df)} heatmaps, {len(df[0]) if df else 0} columns -> {out}")
+    click.echo(f"{len(rows)} heatmaps, {len(rows[0]) if rows else 0} columns -> {out}")
 
 
 def register(group: click.Group) -> None:
