@@ -1,0 +1,123 @@
+"""`slidekit heatmap` (slides -> heatmap.zarr, overlay.png, predictions.geojson, summary.json)
+and `slidekit convert` (ASAP/ImageScope XML or any GeoJSON form -> QuPath GeoJSON)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from slidekit.cli.common import (device_option, echo_json, fail, handle_errors, mpp_override_option,
+                                 quiet_flag)
+
+
+@click.command("heatmap")
+@click.argument("slides", nargs=-1, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Output directory (one subdirectory per slide when several are given).")
+@click.option("--model", default=None, metavar="NAME|CKPT",
+              help="Built-in model (hematoxylin, tissue) or a slidekit checkpoint. [default: hematoxylin]")
+@click.option("--demo", is_flag=True, help="Run on the embedded demo slide (written to OUT/demo.tif).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Tile pixel size in µm/px [default: the model's].")
+@click.option("--size", type=click.IntRange(min=8), default=None, help="Tile size in pixels [default: the model's].")
+@click.option("--overlap", type=click.IntRange(min=0), default=None,
+              help="Tile overlap in pixels [default: size/4 for segmentation, 0 for classification].")
+@click.option("--heatmap-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Segmentation heatmap pixel size in µm/px [default: the model's output resolution].")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
+              help="How overlapping segmentation outputs are weighted.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="DataLoader worker processes reading tiles (0: read in the main process).")
+@device_option
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Probability at which regions become polygons in predictions.geojson.")
+@click.option("--min-area", "min_area_um2", type=click.FloatRange(min=0), default=1000.0, show_default=True,
+              help="Smallest polygon kept, in µm².")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Minimum tissue fraction of a tile to predict it.")
+@click.option("--tiles-geojson", is_flag=True, help="Also write tiles.geojson: one QuPath tile per prediction.")
+@mpp_override_option
+@click.option("--quiet", "-q", "quiet_local", is_flag=True, help="No progress bars.")
+@click.pass_context
+@handle_errors
+def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: str | None, demo: bool,
+                mpp: float | None, size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
+                batch_size: int, workers: int, device: str, threshold: float, min_area_um2: float,
+                min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, quiet_local: bool) -> None:
+    """Predict a model over the tissue of each SLIDE and write a heatmap, an overlay and QuPath GeoJSON.
+
+    Reruns skip finished slides (those with summary.json) and resume interrupted ones.
+    """
+    from slidekit.builtin_models import DEFAULT_MODEL
+    from slidekit.inference import heatmap_slide, load_model
+
+    quiet = quiet_local or quiet_flag(ctx)
+    out_dir = Path(out)
+    paths = list(slides)
+    if demo:
+        from slidekit.demo import write_demo_slide
+
+        demo_path = out_dir / "demo.tif"
+        if not demo_path.exists():
+            write_demo_slide(demo_path)
+        paths.append(str(demo_path))
+    if not paths:
+        fail("give at least one SLIDE, or --demo")
+    loaded = load_model(model or DEFAULT_MODEL)
+    failures = 0
+    for path in paths:
+        target = out_dir if len(paths) == 1 else out_dir / Path(path).stem
+        try:
+            s = heatmap_slide(path, target, loaded=loaded, mpp=mpp, size=size, overlap=overlap,
+                              heatmap_mpp=heatmap_mpp, blend=blend, batch_size=batch_size, workers=workers,
+                              device=device, threshold=threshold, min_area_um2=min_area_um2,
+                              min_tissue=min_tissue, tiles_geojson=tiles_geojson, slide_mpp=slide_mpp,
+                              progress=not quiet)
+        except Exception as e:
+            from slidekit.errors import SlidekitError
+
+            if len(paths) == 1 or not isinstance(e, SlidekitError):
+                raise
+            failures += 1
+            click.echo(f"slidekit: error: {e}", err=True)
+            continue
+        if not quiet:
+            state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
+            click.echo(f"{Path(path).name}: {s['tiles']} tiles, {s['regions']} regions -> {target} [{state}]")
+    if failures:
+        fail(f"{failures} of {len(paths)} slides failed; the others are complete", 1)
+
+
+@click.command("convert")
+@click.argument("annotations", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Output QuPath GeoJSON (.geojson, or .geojson.gz to compress).")
+@click.option("--rename", multiple=True, metavar="OLD=NEW",
+              help="Rename a class/group, e.g. --rename metastasis=Tumor (repeatable; NEW empty drops the class).")
+@click.pass_context
+@handle_errors
+def convert_cmd(ctx: click.Context, annotations: str, out: str, rename: tuple[str, ...]) -> None:
+    """Convert ASAP/ImageScope XML (or any GeoJSON form) into a QuPath-ready FeatureCollection."""
+    from slidekit.annotations import read_annotations, write_geojson
+
+    mapping = {}
+    for r in rename:
+        if "=" not in r:
+            fail(f"--rename {r!r}: expected OLD=NEW")
+        old, new = r.split("=", 1)
+        mapping[old] = new or None
+    anns = read_annotations(annotations)
+    for a in anns:
+        if a.label in mapping:
+            a.label = mapping[a.label]
+    write_geojson(anns, out)
+    if not quiet_flag(ctx):
+        echo_json({"input": annotations, "output": out, "objects": len(anns),
+                   "classes": sorted({str(a.label) for a in anns})})
+
+
+def register(group: click.Group) -> None:
+    """Add `heatmap` and `convert` to the CLI."""
+    group.add_command(heatmap_cmd)
+    group.add_command(convert_cmd)

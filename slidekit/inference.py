@@ -1,0 +1,261 @@
+"""Batched inference of a model over a tile grid, and the whole-slide heatmap job.
+
+``Predictor`` reads tiles in DataLoader workers (each with its own slide handle through a
+pickled ``TileReader``), pins the uint8 batches, normalises them on the device, runs the model
+(mixed precision and channels-last on CUDA) and keeps one batch in flight while the caller
+consumes the previous one. ``heatmap_slide`` is the job behind ``slidekit heatmap``: slide in,
+``heatmap.zarr``, ``overlay.png``, ``predictions.geojson`` and ``summary.json`` out, resumable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidekit.tiling import TileGrid, TileReader
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from slidekit.errors import ConfigError
+
+        raise ConfigError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+class _TileBatches(torch.utils.data.Dataset):
+    """Item ``b`` is batch ``b`` of ``index``: (tile indices, (k, s, s, 3) uint8 tiles)."""
+
+    def __init__(self, reader: TileReader, index: np.ndarray, batch_size: int) -> None:
+        self.reader, self.index, self.batch_size = reader, np.asarray(index, np.int64), batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.index[b * self.batch_size:(b + 1) * self.batch_size]
+        _, tiles = self.reader.read_batch(idx)
+        return torch.from_numpy(idx), torch.from_numpy(tiles)
+
+
+class Predictor:
+    """Runs ``model`` (logits) with ``spec`` (normalize/activate/task) over tiles of a grid.
+
+    ``spec`` is a checkpoint's ModelSpec or a built-in's spec: the Predictor uses ``task``,
+    ``mean``/``std`` (through ``normalize``) and ``activate``.
+    """
+
+    def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "auto", batch_size: int = 32,
+                 workers: int = 2, amp: bool = True, channels_last: bool = True, progress: bool = False) -> None:
+        self.device = resolve_device(device)
+        self.spec, self.batch_size, self.workers, self.progress = spec, int(batch_size), int(workers), progress
+        self.cuda = self.device.type == "cuda"
+        self.amp = amp and self.cuda
+        self.channels_last = channels_last and self.cuda
+        self.model = model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, tiles_uint8: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, S, S, 3) uint8 on any device -> probabilities on the device (float32)."""
+        x = tiles_uint8.to(self.device, non_blocking=True)
+        x = self.spec.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            y = self.spec.activate(self.model(x).float())
+            if y.ndim == 4 and output_size is not None and tuple(y.shape[-2:]) != tuple(output_size):
+                shrink = y.shape[-1] >= output_size[1]
+                y = F.interpolate(y, size=output_size, mode="area" if shrink else "bilinear",
+                                  **({} if shrink else {"align_corners": False}))
+        return y.float()
+
+    def loader(self, slide: Any, grid: TileGrid, index: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+        """The DataLoader of uint8 tile batches (workers read with their own slide handles)."""
+        index = np.arange(len(grid)) if index is None else np.asarray(index)
+        ds = _TileBatches(TileReader(slide, grid), index, self.batch_size)
+        kw = {"prefetch_factor": 4, "persistent_workers": False} if self.workers > 0 else {}
+        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
+                                           pin_memory=self.cuda, **kw)
+
+    def predict(self, slide: Any, grid: TileGrid, index: np.ndarray | None = None,
+                output_size: tuple[int, int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(tile indices, outputs)``: (k, C) probabilities or (k, C, h, w) maps
+        (resized on the device to ``output_size`` when given), in grid order."""
+        index = np.arange(len(grid)) if index is None else np.asarray(index)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(index), unit="tile", desc=getattr(slide, "name", "slide"), leave=False)
+        pending = None
+        try:
+            for idx, tiles in self.loader(slide, grid, index):
+                y = self.forward(tiles, output_size)
+                if self.cuda:
+                    # Copy back asynchronously and consume the previous batch while this one runs.
+                    host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                    host.copy_(y, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    current = (idx, host, event)
+                else:
+                    current = (idx, y, None)
+                if pending is not None:
+                    yield self._emit(pending, bar)
+                pending = current
+            if pending is not None:
+                yield self._emit(pending, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @staticmethod
+    def _emit(item: tuple, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+        idx, y, event = item
+        if event is not None:
+            event.synchronize()
+        if bar is not None:
+            bar.update(len(idx))
+        return idx.numpy(), y.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# The heatmap job
+
+
+def load_model(model: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, Any, str]:
+    """(network, spec, identity) for a built-in name or a checkpoint path."""
+    from slidekit.builtin_models import BUILTINS, builtin_model
+
+    if str(model) in BUILTINS:
+        net, spec = builtin_model(str(model))
+        return net, spec, f"builtin:{model}"
+    from slidekit.models import load_checkpoint
+
+    ckpt = load_checkpoint(model, map_location="cpu")
+    p = Path(model)
+    st = p.stat()
+    ident = f"checkpoint:{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return ckpt.model, ckpt.spec, ident
+
+
+def _config_key(cfg: dict) -> str:
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
+                  mpp: float | None = None, size: int | None = None, overlap: int | None = None,
+                  heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
+                  workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
+                  min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
+                  progress: bool = True, loaded: tuple | None = None) -> dict:
+    """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
+    ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
+
+    A finished slide (``summary.json`` with the same configuration) is skipped; an interrupted
+    one resumes from the chunks its ``heatmap.zarr.part`` store had finished.
+    """
+    from slidekit.annotations import Annotation, write_geojson
+    from slidekit.heatmap import Heatmap, HeatmapWriter
+    from slidekit.io import write_text_atomic
+    from slidekit.slide import open_slide
+    from slidekit.tiling import slide_fingerprint
+    from slidekit.tissue import tissue_mask
+
+    t0 = time.time()
+    out = Path(out_dir)
+    net, spec, ident = loaded if loaded is not None else load_model(model)
+    size = int(size or spec.patch_size)
+    mpp = float(mpp or spec.mpp)
+    if overlap is None:
+        overlap = size // 4 if spec.task == "segmentation" else 0
+    if spec.task not in ("classification", "segmentation"):
+        from slidekit.errors import CheckpointError
+
+        raise CheckpointError(f"a {spec.task!r} model makes no heatmap (need classification or segmentation)")
+    run_cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "blend": blend,
+               "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp}
+    out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
+    summary_path = out / "summary.json"
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        run_cfg["slide_id"] = slide_fingerprint(slide.path)
+        key = _config_key({**run_cfg, **out_cfg})
+        if summary_path.exists():
+            try:
+                old = json.loads(summary_path.read_text())
+                if old.get("config_key") == key:
+                    return {**old, "skipped": True}
+            except (OSError, ValueError):
+                pass
+            summary_path.unlink()  # stale: another configuration; redo what changed
+        hm_path, part = out / "heatmap.zarr", out / "heatmap.zarr.part"
+        hm = None
+        if hm_path.exists():
+            try:
+                hm = Heatmap(hm_path)
+                if hm.attrs.get("run_key") != _config_key(run_cfg):
+                    hm = None
+            except Exception:
+                hm = None
+        n_tiles = n_done_before = 0
+        if hm is None:
+            mask = tissue_mask(slide)
+            grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
+                                       min_tissue=min_tissue)
+            if len(grid) == 0:
+                from slidekit.errors import TissueError
+
+                raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
+            out.mkdir(parents=True, exist_ok=True)
+            writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
+                                   mpp=heatmap_mpp or (mpp * spec.output_stride if spec.task == "segmentation" else None),
+                                   blend=blend, attrs={"run_key": _config_key(run_cfg), "model": ident})
+            todo = writer.todo()
+            n_tiles, n_done_before = len(grid), len(grid) - len(todo)
+            predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress)
+            fsize = writer.footprint if spec.task == "segmentation" else None
+            for idx, y in predictor.predict(slide, grid, todo, output_size=fsize):
+                writer.add(idx, y)
+            writer.finish()
+            if hm_path.exists():
+                shutil.rmtree(hm_path)
+            os.replace(part, hm_path)
+            hm = Heatmap(hm_path)
+        else:
+            n_tiles = int(hm.attrs["grid"]["tiles"])
+            n_done_before = n_tiles
+        t_pred = time.time() - t0
+        hm.overlay(slide, out / "overlay.png")
+        anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
+        write_geojson(anns, out / "predictions.geojson")
+        if tiles_geojson:
+            coords, values = hm.tiles
+            w, h = size * mpp / slide.mpp[0], size * mpp / slide.mpp[1]
+            from shapely.geometry import box
+
+            tiles = (Annotation(box(x, y, x + w, y + h), kind="tile",
+                                measurements={c: float(v) for c, v in zip(hm.classes, vals)})
+                     for (x, y), vals in zip(coords.tolist(), values.tolist()))
+            write_geojson(tiles, out / "tiles.geojson")
+        summary = {"slide": str(slide.path), "config_key": key, "config": {**run_cfg, **out_cfg},
+                   "task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
+                   "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,
+                   "regions": len(anns), "region_area_mm2": sum(a.measurements["Area µm^2"] for a in anns) / 1e6,
+                   "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) + ["summary.json"],
+                   "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2)}
+        write_text_atomic(summary_path, json.dumps(summary, indent=2))
+    return summary
