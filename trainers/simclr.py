@@ -1,0 +1,194 @@
+"""SimCLR pre-training for histology (Chen et al. 2020; Ciga et al. 2022), registered as ``simclr``.
+
+Unlabelled patches from many sources (slides through a capped TileGrid, image folders, zips of
+tiles; see ``trainers/simclr_data.py``) are drawn source-balanced, augmented twice with the
+histology recipe, encoded by a ResNet and a projection head, and pulled together with NT-Xent.
+The projection head is discarded: the checkpoint is the encoder alone (``arch="resnet-encoder"``,
+``task="embedding"``), which other trainers accept as ``--init`` (``slidekit.models.transfer_encoder``)
+and ``slidekit embed`` turns into per-tile features.
+
+Example config (YAML)::
+
+    sources:
+      - {slides: ["slides/*.svs"], cap: 100, min_tissue: 0.5}
+      - {folder: monuseg/images, image_mpp: 0.25, cap: 16}
+    mpp: 1.0          # patches are tile_size px at this MPP
+    tile_size: 128
+    crop_size: 64     # encoder input after random resized crop
+    epochs: 100
+    batch_size: 128
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from slidekit.errors import ConfigError
+from slidekit.models import ModelSpec, ResNetClassifier
+from slidekit.sampling import FixedRatioSampler
+from trainers.base import (Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs,
+                           seed_everything)
+from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, HistologyAugment, ProjectionHead,
+                                  nt_xent, scaled_lr, split_decay_groups, warmup_cosine)
+from trainers.simclr_data import PatchPool, build_sources
+
+DEFAULT_LR = {"lars": (0.3, "linear"), "adam": (1e-3, "none")}
+
+
+@dataclass
+class SimCLRConfig(TrainerConfig):
+    """SimCLR options. ``lr``/``lr_scaling`` default by optimiser: LARS 0.3 x B/256, Adam 1e-3."""
+
+    epochs: int = 100
+    batch_size: int = 128                 # pairs per step (2 x batch_size images)
+    lr: float | None = None
+    lr_scaling: str | None = None         # linear (B/256) | sqrt (sqrt B) | none
+    optimizer: str = "lars"               # lars | adam
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    warmup_epochs: int = 10
+    temperature: float = 0.1
+    backbone: str = "resnet18"
+    proj_dim: int = 128
+    proj_hidden: int | None = None        # default: encoder width (512 for ResNet-18/34)
+    # data
+    sources: list[dict] = field(default_factory=list)
+    slides: list[str] = field(default_factory=list)   # shortcut: one slide source
+    folders: list[str] = field(default_factory=list)  # shortcut: one source per folder
+    zips: list[str] = field(default_factory=list)     # shortcut: one source per archive
+    mpp: float = 0.5
+    tile_size: int = 224
+    cap: int | None = 100                 # patches per slide (or per large image)
+    steps_per_epoch: int | None = None    # default: one pass over the pooled patches
+    # augmentation (paper's recipe)
+    crop_size: int = 224
+    min_crop: float = 0.15
+    max_crop: float = 1.0
+    rotate90: bool = True
+    flip: bool = True
+    jitter: str = "heavy"
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.0
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in DEFAULT_LR:
+            raise ConfigError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {self.optimizer!r}")
+        if self.jitter not in JITTER_PRESETS:
+            raise ConfigError(f"jitter must be one of {', '.join(JITTER_PRESETS)}, got {self.jitter!r}")
+        if self.batch_size < 2:
+            raise ConfigError("SimCLR needs batch_size >= 2 (the other samples are the negatives)")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        base, rule = DEFAULT_LR[self.optimizer]
+        self.lr = base if self.lr is None else self.lr
+        self.lr_scaling = rule if self.lr_scaling is None else self.lr_scaling
+        if self.lr_scaling not in ("linear", "sqrt", "none"):
+            raise ConfigError(f"lr_scaling must be linear, sqrt or none, got {self.lr_scaling!r}")
+
+    def source_specs(self) -> list[dict]:
+        """``sources`` plus the ``slides``/``folders``/``zips`` shortcuts, as source dicts."""
+        specs = [dict(s) for s in self.sources]
+        if self.slides:
+            specs.append({"slides": list(self.slides)})
+        specs += [{"folder": f} for f in self.folders] + [{"zip": z} for z in self.zips]
+        return specs
+
+    def augment(self) -> AugmentConfig:
+        """The augmentation part of the config."""
+        try:
+            return AugmentConfig(size=self.crop_size, min_crop=self.min_crop, max_crop=self.max_crop,
+                                 rotate90=self.rotate90, flip=self.flip, jitter=self.jitter,
+                                 jitter_p=self.jitter_p, grayscale_p=self.grayscale_p, blur_p=self.blur_p,
+                                 blur_sigma=tuple(self.blur_sigma), mean=tuple(self.mean), std=tuple(self.std))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def encoder_spec(cfg: SimCLRConfig) -> ModelSpec:
+    """The checkpoint's self-description: an embedding network fed ``crop_size`` px patches.
+
+    A whole ``tile_size`` patch at ``mpp`` resized to ``crop_size`` is the widest view the
+    encoder saw in training, so inference reads ``crop_size`` px at ``mpp * tile_size / crop_size``.
+    """
+    return ModelSpec(arch="resnet-encoder", backbone=cfg.backbone, task="embedding", classes=[],
+                     patch_size=cfg.crop_size, mpp=cfg.mpp * cfg.tile_size / cfg.crop_size,
+                     mean=tuple(cfg.mean), std=tuple(cfg.std), activation="none")
+
+
+def make_optimizer(params: nn.Module, cfg: SimCLRConfig) -> torch.optim.Optimizer:
+    """LARS (weights adapted and decayed; biases and norm parameters neither) or AdamW."""
+    lr = scaled_lr(float(cfg.lr), cfg.batch_size, str(cfg.lr_scaling))
+    groups = split_decay_groups(params)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    for g in groups:
+        g.pop("lars")
+        g.setdefault("weight_decay", cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+@register
+class SimCLRTrainer(Trainer):
+    """Contrastive pre-training on unlabelled patches; writes an encoder checkpoint."""
+
+    name = "simclr"
+    consumes = frozenset({"images"})
+    Config = SimCLRConfig
+
+    def fit(self, out_dir: str | Path, device: str = "auto", progress: bool = True) -> Path:
+        cfg: SimCLRConfig = self.config
+        out = Path(out_dir)
+        if (out / "done.json").exists() and (out / "checkpoint.pt").exists():
+            return out / "checkpoint.pt"
+        seed_everything(cfg.seed)
+        dev = resolve_device(device)
+        augment = HistologyAugment(cfg.augment())
+        sources = build_sources(cfg.source_specs(), cfg.mpp, cfg.tile_size, cfg.cap, cfg.seed)
+        pool = PatchPool(sources, transform=augment.geometric, views=2)
+        steps = cfg.steps_per_epoch or max(1, math.ceil(len(pool) / cfg.batch_size))
+        sampler = FixedRatioSampler(pool.sizes, pool.weights, cfg.batch_size, steps, seed=cfg.seed)
+        loader = DataLoader(pool, batch_sampler=sampler, num_workers=cfg.num_workers,
+                            persistent_workers=cfg.num_workers > 0)
+
+        model = ResNetClassifier(cfg.backbone, 0)
+        init_encoder(model, cfg.init)
+        head = ProjectionHead(model.encoder.out_features, cfg.proj_hidden, cfg.proj_dim)
+        model.to(dev)
+        head.to(dev)
+        optimizer = make_optimizer(nn.ModuleList([model, head]), cfg)
+        total, warmup = cfg.epochs * steps, cfg.warmup_epochs * steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+
+        def train_epoch(epoch: int) -> dict:
+            sampler.set_epoch(epoch)
+            head.train()
+            losses = []
+            for v1, v2 in loader:
+                x = augment.photometric(torch.cat([v1, v2]).to(dev, non_blocking=True).float().div_(255))
+                z = head(model.features(x))
+                loss = nt_xent(z[: len(v1)], z[len(v1):], cfg.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+            return {"loss": sum(losses) / len(losses), "lr": optimizer.param_groups[0]["lr"]}
+
+        spec = encoder_spec(cfg)
+        spec.extra = {"simclr": {
+            "sources": [{"name": s.name, "weight": s.weight, "patches": len(s), "groups": len(s.per_group)}
+                        for s in sources],
+            "tile_size": cfg.tile_size, "tile_mpp": cfg.mpp, "steps_per_epoch": steps}}
+        return run_epochs(self, out, model, spec, train_epoch, optimizer=optimizer, scheduler=scheduler,
+                          progress=progress, get_extra=lambda: {"head": head.state_dict()},
+                          set_extra=lambda extra: head.load_state_dict(extra["head"]))
