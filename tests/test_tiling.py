@@ -122,3 +122,25 @@ def test_magnification_maps_to_mpp(tmp_path):
     grid = sk.TileGrid.from_slide(slide, magnification=10, size=128, min_tissue=0)
     assert grid.mpp == pytest.approx(1.0)
     assert sk.mpp_to_magnification(0.25) == pytest.approx(40)
+
+
+def test_tile_reader_in_dataloader_workers(tmp_path):
+    import torch
+
+    path, _ = _gradient_slide(tmp_path)
+    slide = sk.open_slide(path)
+    grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
+    reader = TileReader(slide, grid)
+    _ = reader.read(0)  # the parent has open handles before the workers start
+
+    class Tiles(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(grid)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(reader.read(i))
+
+    loader = torch.utils.data.DataLoader(Tiles(), batch_size=4, num_workers=2)
+    got = torch.cat(list(loader)).numpy()
+    expected = np.stack([reader.read(i) for i in range(len(grid))])
+    assert np.array_equal(got, expected)
