@@ -9,7 +9,8 @@ from slidekit import __version__
 from slidekit.cli.common import Context
 
 # Each module registers its commands on `main`; one module per area keeps this file small.
-COMMAND_MODULES = ["slidekit.cli.core", "slidekit.cli.train", "slidekit.cli.stage", "slidekit.cli.heatmap"]
+COMMAND_MODULES = ["slidekit.cli.core", "slidekit.cli.train", "slidekit.cli.stage", "slidekit.cli.heatmap",
+                   "slidekit.cli.embed"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

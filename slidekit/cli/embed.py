@@ -1,0 +1,50 @@
+"""`slidekit embed SLIDE --model CKPT --out FILE`: per-tile features (zarr) and optional clusters."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from slidekit.cli.common import (device_option, echo_json, handle_errors, min_tissue_option, mpp_override_option,
+                                 quiet_flag, quiet_option, workers_option)
+
+
+@click.command("embed")
+@click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--model", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="slidekit checkpoint (e.g. from `slidekit train simclr`); its encoder embeds the tiles.")
+@click.option("--out", required=True, type=click.Path(path_type=str),
+              help="Output zarr store: features (N, D), coords (N, 2) level-0 x, y, clusters.")
+@click.option("--grid", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Saved tile grid (.npz from `slidekit tile`) [default: model's patch size and MPP over tissue].")
+@click.option("--clusters", type=click.IntRange(min=2), default=None, help="Add k-means clusters (k).")
+@click.option("--geojson", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Write the clusters as QuPath tile objects coloured by cluster (needs --clusters).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
+@min_tissue_option
+@workers_option
+@device_option
+@mpp_override_option
+@quiet_option
+@click.pass_context
+@handle_errors
+def embed(ctx: click.Context, slide: str, model: str, out: str, grid: str | None, clusters: int | None,
+          geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, device: str,
+          slide_mpp: float | None, quiet: bool) -> None:
+    """Embed every tissue tile of SLIDE with the encoder of CKPT; reruns resume or skip."""
+    from slidekit.embed import embed_slide, open_embeddings
+
+    if geojson and not clusters:
+        raise click.UsageError("--geojson needs --clusters K")
+    path = embed_slide(slide, model, out, grid=grid, min_tissue=min_tissue, slide_mpp=slide_mpp,
+                       batch_size=batch_size, workers=workers, device=device, clusters=clusters,
+                       geojson=geojson, seed=seed, progress=not (quiet or quiet_flag(ctx)))
+    emb = open_embeddings(path)
+    echo_json({"out": str(Path(path)), "tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1]),
+               "clusters": clusters, "geojson": geojson})
+
+
+def register(group: click.Group) -> None:
+    """Add `embed` to the main group."""
+    group.add_command(embed)
