@@ -114,6 +114,7 @@ class HeatmapWriter:
         self.done = np.asarray(self.root["chunk_done"][:])
         self._open_chunks: OrderedDict = OrderedDict()
         self._open_bytes = 0
+        self.spills = 0  # partial chunks written to disk because max_open_bytes was reached
         self._todo = self._plan()
 
     def _open(self, meta: dict) -> zarr.Group:
@@ -248,6 +249,7 @@ class HeatmapWriter:
     def _spill(self) -> None:
         # The coldest partial chunk goes to disk; it is reloaded if a later tile touches it.
         (cr, cc), (s, wsum) = self._open_chunks.popitem(last=False)
+        self.spills += 1
         self._open_bytes -= s.nbytes + wsum.nbytes
         part = self.root.get("partial")
         if part is None:
@@ -410,7 +412,8 @@ class Heatmap:
             palette = np.array(self.colors or [(255, 0, 0)] * len(probs), np.uint8)
             color = palette[lab]
             a = alpha * probs.max(0) * (cov_t > 0.5) * (lab != 0)  # class 0 is background
-        out = (thumb * (1 - a[..., None]) + color * a[..., None]).astype(np.uint8)
+        a = a.astype(np.float32)[..., None]
+        out = (thumb * (1 - a) + color * a).astype(np.uint8)
         if path is not None:
             from slidekit.io import atomic_path
 

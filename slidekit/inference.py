@@ -162,12 +162,13 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                   heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
                   workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
                   min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
-                  progress: bool = True, loaded: tuple | None = None) -> dict:
+                  chunk: int = 256, progress: bool = True, loaded: tuple | None = None) -> dict:
     """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
     ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
 
     A finished slide (``summary.json`` with the same configuration) is skipped; an interrupted
-    one resumes from the chunks its ``heatmap.zarr.part`` store had finished.
+    one resumes from the chunks its ``heatmap.zarr.part`` store had finished (``chunk`` heatmap
+    pixels square). ``loaded`` is a ``load_model`` result, to share one model across slides.
     """
     from slidekit.annotations import Annotation, write_geojson
     from slidekit.heatmap import Heatmap, HeatmapWriter
@@ -223,7 +224,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
             out.mkdir(parents=True, exist_ok=True)
             writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
                                    mpp=heatmap_mpp or (mpp * spec.output_stride if spec.task == "segmentation" else None),
-                                   blend=blend, attrs={"run_key": _config_key(run_cfg), "model": ident})
+                                   blend=blend, chunk=chunk, attrs={"run_key": _config_key(run_cfg), "model": ident})
             todo = writer.todo()
             n_tiles, n_done_before = len(grid), len(grid) - len(todo)
             predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress)
