@@ -21,6 +21,7 @@ Example config (YAML)::
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class SimCLRConfig(TrainerConfig):
     tile_size: int = 224
     cap: int | None = 100                 # patches per slide (or per large image)
     steps_per_epoch: int | None = None    # default: one pass over the pooled patches
+    time_budget_s: float | None = None    # stop after this much training time; the LR schedule
+                                          # then follows elapsed time (whichever is further along)
     # augmentation (paper's recipe)
     crop_size: int = 224
     min_crop: float = 0.15
@@ -167,13 +170,23 @@ class SimCLRTrainer(Trainer):
         head.to(dev)
         optimizer = make_optimizer(nn.ModuleList([model, head]), cfg)
         total, warmup = cfg.epochs * steps, cfg.warmup_epochs * steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+        clock = {"start": time.monotonic()}
+
+        def lr_factor(step: int) -> float:
+            if cfg.time_budget_s:  # progress = the further along of steps and time
+                spent = (time.monotonic() - clock["start"]) / cfg.time_budget_s
+                step = max(step, int(spent * total))
+            return warmup_cosine(step, total, warmup)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
         def train_epoch(epoch: int) -> dict:
             sampler.set_epoch(epoch)
             head.train()
             losses = []
             for v1, v2 in loader:
+                if cfg.time_budget_s and time.monotonic() - clock["start"] > cfg.time_budget_s:
+                    break
                 x = augment.photometric(torch.cat([v1, v2]).to(dev, non_blocking=True).float().div_(255))
                 z = head(model.features(x))
                 loss = nt_xent(z[: len(v1)], z[len(v1):], cfg.temperature)
@@ -182,7 +195,8 @@ class SimCLRTrainer(Trainer):
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
-            return {"loss": sum(losses) / len(losses), "lr": optimizer.param_groups[0]["lr"]}
+            return {"loss": sum(losses) / len(losses) if losses else float("nan"), "steps": len(losses),
+                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - clock["start"]}
 
         spec = encoder_spec(cfg)
         spec.extra = {"simclr": {

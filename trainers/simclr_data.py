@@ -272,7 +272,7 @@ class PatchPool(Dataset):
         return crop
 
     def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        t = torch.from_numpy(np.ascontiguousarray(self.patch(i))).permute(2, 0, 1).contiguous()
+        t = torch.from_numpy(np.array(self.patch(i))).permute(2, 0, 1).contiguous()  # copy: PIL arrays are read-only
         if self.transform is None:
             return t
         if self.views == 1:
