@@ -146,8 +146,13 @@ def load_model(model: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module
         return net, spec, f"builtin:{model}"
     from slidekit.models import load_checkpoint
 
-    ckpt = load_checkpoint(model, map_location="cpu")
     p = Path(model)
+    if not p.exists():
+        from slidekit.errors import CheckpointError
+
+        raise CheckpointError(f"neither a built-in model ({', '.join(BUILTINS)}) nor an existing checkpoint file",
+                              p)
+    ckpt = load_checkpoint(model, map_location="cpu")
     st = p.stat()
     ident = f"checkpoint:{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
     return ckpt.model, ckpt.spec, ident

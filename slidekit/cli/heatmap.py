@@ -55,6 +55,9 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     quiet = quiet_local or quiet_flag(ctx)
     out_dir = Path(out)
     paths = list(slides)
+    if not paths and not demo:
+        fail("give at least one SLIDE, or --demo")
+    loaded = load_model(model or DEFAULT_MODEL)
     if demo:
         from slidekit.demo import write_demo_slide
 
@@ -62,9 +65,6 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
         if not demo_path.exists():
             write_demo_slide(demo_path)
         paths.append(str(demo_path))
-    if not paths:
-        fail("give at least one SLIDE, or --demo")
-    loaded = load_model(model or DEFAULT_MODEL)
     failures = 0
     for path in paths:
         target = out_dir if len(paths) == 1 else out_dir / Path(path).stem
