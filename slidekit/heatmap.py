@@ -424,24 +424,27 @@ class Heatmap:
 
     def vectorize(self, threshold: float = 0.5, min_area_um2: float = 0.0, classes: list[str] | None = None,
                   kind: str = "annotation") -> list[Annotation]:
-        """Polygons (holes kept, level-0 coordinates) of thresholded (one class) or argmax
-        (several classes; class 0 is background; the winner must also reach ``threshold``)
-        regions, each at least ``min_area_um2``, with area µm² and mean/max probability.
+        """Polygons (holes kept, level-0 coordinates) of thresholded (one class, or each class of a
+        multi-label sigmoid model) or argmax (several softmax classes; class 0 is background; the
+        winner must also reach ``threshold``) regions, each at least ``min_area_um2``, with area µm²
+        and mean/max probability.
 
         Chunk by chunk: pieces from each chunk are merged along chunk edges with a union.
         """
         C = self.prob.shape[0]
         names = self.classes
-        wanted = [0] if C == 1 else list(range(1, C))
+        multilabel = C > 1 and self.attrs.get("activation") == "sigmoid"
+        wanted = [0] if C == 1 else list(range(0 if multilabel else 1, C))
         if classes is not None:
             wanted = [k for k in wanted if names[k] in classes]
         pieces: dict[int, list] = {k: [] for k in wanted}
         for r0, r1 in self._bands():
             p = np.asarray(self.prob[:, r0:r1, :])
             cov = np.asarray(self.coverage[r0:r1, :])
-            labels = self._labels(p, cov, threshold)
+            labels = None if multilabel else self._labels(p, cov, threshold)
             for k in wanted:
-                for poly in _polygons_by_chunk(labels == k, self.prob.chunks[2]):
+                hit = (p[k] >= threshold) & cov if multilabel else labels == k
+                for poly in _polygons_by_chunk(hit, self.prob.chunks[2]):
                     pieces[k].append(affine_transform(poly, [1, 0, 0, 1, 0, r0]))
         px_um2 = self.mpp * self.mpp
         area_scale = (self.scale[0] * self.scale[1])

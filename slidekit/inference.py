@@ -227,9 +227,10 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
 
                 raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
             out.mkdir(parents=True, exist_ok=True)
+            seg_mpp = mpp * spec.output_stride if spec.task == "segmentation" else None
+            meta = {"run_key": _config_key(run_cfg), "model": ident, "activation": getattr(spec, "activation", "none")}
             writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
-                                   mpp=heatmap_mpp or (mpp * spec.output_stride if spec.task == "segmentation" else None),
-                                   blend=blend, chunk=chunk, attrs={"run_key": _config_key(run_cfg), "model": ident})
+                                   mpp=heatmap_mpp or seg_mpp, blend=blend, chunk=chunk, attrs=meta)
             todo = writer.todo()
             n_tiles, n_done_before = len(grid), len(grid) - len(todo)
             predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress)

@@ -187,3 +187,14 @@ def test_multiclass_argmax_vectorising(tmp_path: Path) -> None:
     assert set(by_label) == {"a", "b"}
     assert sum(g.area for g in by_label["a"]) == 2 * 128 * 128
     assert sum(g.area for g in by_label["b"]) == 2 * 128 * 128  # tile 6 wins with 0.4 < threshold: dropped
+
+
+def test_multilabel_sigmoid_thresholds_each_class(tmp_path: Path) -> None:
+    grid = make_grid(dims=(512, 256), size=64, overlap=0)
+    w = HeatmapWriter(tmp_path / "s.zarr", grid, "classification", ["x", "y"], attrs={"activation": "sigmoid"})
+    probs = np.zeros((8, 2), np.float32)
+    probs[[0, 1], 0] = 0.9  # class x on tiles 0-1, class y on tiles 1-2: they overlap on tile 1
+    probs[[1, 2], 1] = 0.8
+    w.add(np.arange(8), probs)
+    anns = w.finish().vectorize(threshold=0.5)
+    assert sorted((a.label, a.geometry.area) for a in anns) == [("x", 2 * 128 * 128), ("y", 2 * 128 * 128)]
