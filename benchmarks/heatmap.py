@@ -12,7 +12,7 @@
    TIFFs of 8,192² and 40,960² px at 0.25 µm/px with sparse tissue (five round blobs, ~4 % of the area, each with a haematoxylin-dense core),
    run in a child process; the parent samples the memory of the child and its DataLoader workers
    (sum of PSS over the process tree, so shared pages count once) from /proc every 50 ms; the
-   child also reports its own peak RSS (ru_maxrss).
+   child also reports its own peak RSS (VmHWM).
 
 The 40,960² slide would need 5 GB of RAM to build with ``slidekit.demo.write_pyramid`` (it takes
 the whole level-0 array), so the slides are streamed tile by tile into the same format (tiled
@@ -184,9 +184,16 @@ def peak_memory(slide: Path, out: Path, workers: int) -> dict:
             "peak_pss_tree_mib": round(peak["tree"] / 2**20, 1), **child}
 
 
-def child(slide: str, out: str, workers: int) -> None:
-    import resource
+def _hwm_mib() -> float:
+    """This process's peak RSS (VmHWM; unlike ru_maxrss it does not inherit the parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
+
+def child(slide: str, out: str, workers: int) -> None:
     import torch
 
     torch.set_num_threads(2)
@@ -194,7 +201,7 @@ def child(slide: str, out: str, workers: int) -> None:
 
     s = heatmap_slide(slide, out, model="hematoxylin", heatmap_mpp=1.0, workers=workers, progress=False)
     print(json.dumps({"tiles": s["tiles"], "heatmap_shape": s["heatmap_shape"], "regions": s["regions"],
-                      "peak_rss_main_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+                      "peak_rss_main_mib": _hwm_mib()}))
 
 
 def main() -> None:

@@ -400,20 +400,27 @@ class Heatmap:
         kx, ky = slide.mpp[0] / thumb_mpp, slide.mpp[1] / thumb_mpp
         m = np.float32([[sx * factor * kx, 0, ox * kx], [0, sy * factor * ky, oy * ky]])
         interp = cv2.INTER_NEAREST if self.task == "classification" else cv2.INTER_LINEAR
-        warp = lambda a: cv2.warpAffine(a, m, (tw, th), flags=interp, borderValue=0)  # noqa: E731
-        cov_t = warp(cov.astype(np.float32))
-        if vals.shape[0] == 1:
-            v = np.clip(warp(vals[0]), 0, 1)
-            color = cv2.applyColorMap(np.rint(v * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-            a = alpha * (cov_t > 0.5) * np.clip(v / 0.25, 0, 1)  # low values fade into the slide
-        else:
-            probs = np.stack([warp(c) for c in vals])
-            lab = probs.argmax(0)
-            palette = np.array(self.colors or [(255, 0, 0)] * len(probs), np.uint8)
-            color = palette[lab]
-            a = alpha * probs.max(0) * (cov_t > 0.5) * (lab != 0)  # class 0 is background
-        a = a.astype(np.float32)[..., None]
-        out = (thumb * (1 - a) + color * a).astype(np.uint8)
+        palette = np.array(self.colors or [(255, 0, 0)] * len(vals), np.uint8)
+        cov = cov.astype(np.float32)
+        out = thumb  # blended in place, band by band, so the float temporaries stay small
+        for r0 in range(0, th, 256):
+            r1 = min(th, r0 + 256)
+            mb = m.copy()
+            mb[1, 2] -= r0
+            warp = lambda a: cv2.warpAffine(a, mb, (tw, r1 - r0), flags=interp, borderValue=0)  # noqa: E731
+            covered = warp(cov) > 0.5
+            if vals.shape[0] == 1:
+                v = np.clip(warp(vals[0]), 0, 1)
+                color = cv2.applyColorMap(np.rint(v * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+                a = alpha * covered * np.clip(v / 0.25, 0, 1)  # low values fade into the slide
+            else:
+                probs = np.stack([warp(c) for c in vals])
+                lab = probs.argmax(0)
+                color = palette[lab]
+                a = alpha * probs.max(0) * covered * (lab != 0)  # class 0 is background
+            a = a.astype(np.float32)[..., None]
+            band = out[r0:r1]
+            band[:] = np.rint(band * (1 - a) + color * a).astype(np.uint8)
         if path is not None:
             from slidekit.io import atomic_path
 

@@ -217,6 +217,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                     hm = None
             except Exception:
                 hm = None
+            if hm is None:  # from another configuration: it must not pass for this run's result
+                shutil.rmtree(hm_path)
         n_tiles = n_done_before = 0
         if hm is None:
             mask = tissue_mask(slide)
