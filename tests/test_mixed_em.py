@@ -1,0 +1,142 @@
+"""Mixed-supervision EM: E-step rules, the 2:1:7 batch ratio, round selection, masks, a tiny run."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from slidekit.sampling import FixedRatioSampler, ratio_counts
+from trainers.mixed_em import e_step, mask_patch, pseudo_label, select_round
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the test machine's cores are shared, and oversubscribed threads crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_threshold_drops_patches():
+    p = np.full((8, 8), 0.39, np.float32)
+    assert pseudo_label(p, True) is None          # max below T = 0.4: dropped
+    assert pseudo_label(p, False) is None
+    p[3, 3] = 0.4
+    assert pseudo_label(p, True) is not None      # max == T is kept
+
+
+def test_positive_scaling_clipping_and_floor():
+    p = np.array([[0.0, 0.002, 0.0025, 0.003], [0.1, 0.2, 0.25, 0.9]], np.float32)
+    y = pseudo_label(p, True, threshold=0.4, scale=4.0, floor=0.01)
+    np.testing.assert_allclose(y, [[0, 0, 0.01, 0.012], [0.4, 0.8, 1.0, 1.0]], atol=1e-6)
+    assert y.max() <= 1.0
+
+
+def test_negative_slides_give_all_zero_hard_negatives():
+    p = np.zeros((4, 4), np.float32)
+    p[0, 0] = 0.95
+    y = pseudo_label(p, False)
+    assert y is not None and y.shape == p.shape and not y.any()
+
+
+def test_e_step_writes_zarr_and_index(tmp_path):
+    hi = np.full((4, 4), 0.2, np.float32)
+    hi[1, 1] = 0.6
+    lo = np.full((4, 4), 0.1, np.float32)
+    slides = [[(0, hi), (1, lo), (2, hi)], [(0, lo), (5, hi)]]
+    found = e_step(iter(slides), [True, False], tmp_path / "pl.zarr")
+    assert found["positive"].tolist() == [[0, 0], [0, 2]]
+    assert found["hard_negative"].tolist() == [[1, 5]]
+    arr = zarr.open_array(str(tmp_path / "pl.zarr"), mode="r")
+    assert arr.shape == (2, 4, 4) and arr.chunks == (1, 4, 4)
+    np.testing.assert_allclose(np.asarray(arr[1], np.float32), pseudo_label(hi, True), atol=1e-3)
+
+
+def test_ratio_2_1_7_over_many_batches():
+    sizes = [30, 12, 500]
+    s = FixedRatioSampler(sizes, [2, 1, 7], batch_size=20, num_batches=200, seed=3)
+    per_batch = []
+    total = Counter()
+    for batch in s:
+        c = Counter(s.source_of(i) for i in batch)
+        per_batch.append((c[0], c[1], c[2]))
+        total.update(c)
+        assert len(batch) == 20
+    assert set(per_batch) == {(4, 2, 14)}
+    assert total[0] / total[1] == pytest.approx(2.0) and total[2] / total[1] == pytest.approx(7.0)
+    # each source is drawn without repeats until exhausted
+    first = [i for b in list(s)[:15] for i in b if s.source_of(i) == 0]
+    assert len(set(first)) == 30
+    assert list(s) == list(s)  # deterministic
+
+
+def test_ratio_counts_and_empty_source():
+    assert ratio_counts(10, [2, 1, 7]) == [2, 1, 7]
+    assert ratio_counts(7, [2, 1, 7]) == [1, 1, 5]
+    s = FixedRatioSampler([10, 0, 40], [2, 1, 7], batch_size=9, num_batches=5)
+    for b in s:
+        c = Counter(s.source_of(i) for i in b)
+        assert c[1] == 0 and (c[0], c[2]) == (2, 7)
+    with pytest.raises(ValueError):
+        FixedRatioSampler([0, 0], [1, 1], 4, 1)
+
+
+def test_round_selection_by_lowest_stage2_loss():
+    assert select_round([0.2, 0.9, 0.5, 0.7]) == 2          # round 0 (pixel-only) is not an EM round
+    assert select_round([0.9, 0.5, float("nan"), 0.4]) == 3
+    assert select_round([0.9, float("nan")]) == 1            # nothing finite: the last round
+    assert select_round([0.3]) == 0
+    assert select_round([0.2, 0.9, 0.5], first=0) == 0
+
+
+def test_mask_patch_maps_level0_boxes():
+    mask = np.zeros((100, 200), np.float32)   # covers a 400 x 200 slide at half resolution
+    mask[:, 100:] = 1
+    left = mask_patch(mask, (400, 200), (0, 0), (100, 100), 16)
+    right = mask_patch(mask, (400, 200), (250, 50), (100, 100), 16)
+    edge = mask_patch(mask, (400, 200), (150, 0), (100, 100), 16)
+    assert left.max() == 0 and right.min() == 1
+    assert edge[:, :6].max() < 0.5 and edge[:, 10:].min() > 0.5
+
+
+@pytest.mark.slow
+def test_tiny_mixed_em_run(tmp_path):
+    """End to end on four small synthetic slides: rounds logged, a round selected, files written."""
+    import cv2
+
+    from slidekit.demo import write_pyramid
+    from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
+
+    rng = np.random.default_rng(0)
+    rows = ["slide,label,mask"]
+    for i, label in enumerate(["macro", "macro", "negative", "micro", "negative", "macro"]):
+        rgb = np.full((256, 256, 3), 244, np.uint8)
+        rgb[16:240, 16:240] = (rng.integers(0, 30, (224, 224, 3)) + [200, 120, 170]).astype(np.uint8)
+        m = np.zeros((256, 256), np.uint8)
+        if label != "negative":
+            r = 60 if label == "macro" else 20
+            cv2.circle(m, (128, 128), r, 1, -1)
+            rgb[m > 0] = [90, 40, 140]
+        write_pyramid(tmp_path / f"s{i}.tif", rgb, 4.0, tile=128, min_size=128)
+        mask = ""
+        if i == 0:
+            cv2.imwrite(str(tmp_path / "m0.png"), m * 255)
+            mask = "m0.png"
+        rows.append(f"s{i}.tif,{label},{mask}")
+    (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
+    cfg = MixedEMConfig(slides=str(tmp_path / "slides.csv"), mpp=8.0, patch_size=32, rounds=1, init_steps=3,
+                        round_steps=2, batch_size=10, predict_tile=128, min_tissue=0.1)
+    ckpt = MixedEMTrainer(cfg).fit(tmp_path / "out", device="cpu", progress=False)
+    sel = json.loads((tmp_path / "out" / "selected.json").read_text())
+    assert sel["selected_round"] == 1 and len(sel["losses"]) == 2
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["n_pixel"] > 0
+    assert ckpt.exists() and (tmp_path / "out" / "morph_lgbm.json").exists()
+    assert (tmp_path / "out" / "rounds" / "r1" / "pseudo_labels.zarr").exists()
+    # a rerun finds the finished run and returns at once
+    assert MixedEMTrainer(cfg).fit(tmp_path / "out", device="cpu", progress=False) == ckpt

@@ -1,0 +1,456 @@
+"""Mixed-supervision EM (Li et al.): a patch segmenter from a few pixel masks plus many slide labels.
+
+Round 0 trains the segmenter on the pixel-labelled slides (optionally from an ``init`` encoder,
+e.g. SimCLR). Every later round ``r``:
+
+- **E-step**: the round ``r-1`` model's heatmap of every slide-labelled slide gives each tissue
+  patch a probability map ``p``. Patches whose maximum ``p`` is below ``threshold`` (T = 0.4) are
+  dropped. In positive slides a kept patch gets the soft pseudo-label ``min(scale * p, 1)``
+  (V = 4), values below ``floor`` (0.01) set to 0; in negative slides a kept patch is a hard
+  negative with an all-zero label. Pseudo-labels live on disk (zarr), never all in RAM.
+- **M-step**: the model keeps training from its previous weights with soft-label binary
+  cross-entropy, every batch drawn at the fixed ratio ``ratio`` (2:1:7) between pixel labels,
+  positive pseudo-labels and hard negatives (``slidekit.sampling.FixedRatioSampler``).
+
+After every round (round 0 included) the model predicts a heatmap of every slide-labelled slide
+and the stage-2 classifier (``morph-lgbm``: LightGBM on heatmap morphology) is fitted on them; its
+loss is logged. The EM round (>= 1) with the lowest stage-2 loss is selected (the paper's
+convergence criterion): ``checkpoint.pt`` and ``morph_lgbm.json`` are that round's, and
+``selected.json`` names it. Per-round files are under ``rounds/r<N>/``.
+
+Input: a slide table (``slide,label[,mask]``): rows with a ``mask`` (an image covering the whole
+slide, any resolution, > 0 = tumour) are pixel-labelled; the others need a slide label
+(negative / itc / micro / macro, or positive / negative).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+
+from slidekit.errors import ConfigError, LabelError
+from slidekit.features import DEFAULT_THRESHOLDS, SIZE_CLASSES, features_from_view, open_heatmap_view
+from slidekit.io import atomic_path, write_text_atomic
+from trainers.base import Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs, seed_everything
+from trainers.stage2 import SlideRecord, fit_morph_lgbm, read_slide_table
+
+SOURCES = ("pixel", "pseudo_positive", "hard_negative")
+
+
+@dataclass
+class MixedEMConfig(TrainerConfig):
+    """Options of ``mixed-em`` (paper defaults for T, V, floor and the 2:1:7 ratio)."""
+
+    slides: str = ""
+    mpp: float = 0.5
+    patch_size: int = 256
+    backbone: str = "resnet18"
+    min_tissue: float = 0.25
+    tissue_mpp: float = 8.0
+    slide_mpp: float | None = None
+    rounds: int = 3
+    init_steps: int = 500
+    round_steps: int = 300
+    batch_size: int = 20
+    ratio: list[float] = field(default_factory=lambda: [2.0, 1.0, 7.0])
+    threshold: float = 0.4
+    scale: float = 4.0
+    floor: float = 0.01
+    weight_decay: float = 1e-4
+    predict_batch: int = 8
+    predict_tile: int = 0       # heatmap tiles (px at ``mpp``); 0: 4 x patch_size (large tiles predict faster)
+    predict_overlap: int = 0
+    stage2_thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+    stage2_work_mpp: float | None = None
+    selection: str = "cv_loss"  # stage-2 loss that selects the round: "cv_loss" or "train_loss"
+
+
+# --------------------------------------------------------------------------------- the E-step
+
+def pseudo_label(prob: np.ndarray, positive: bool, threshold: float = 0.4, scale: float = 4.0,
+                 floor: float = 0.01) -> np.ndarray | None:
+    """The E-step rule for one patch probability map: None when the patch is dropped (max < T);
+    otherwise ``min(V*p, 1)`` with values below ``floor`` set to 0 (positive slide) or all zeros
+    (negative slide: a hard negative)."""
+    prob = np.asarray(prob, dtype=np.float32)
+    if not prob.size or float(np.nanmax(prob)) < threshold:
+        return None
+    if not positive:
+        return np.zeros_like(prob)
+    y = np.minimum(prob * scale, 1.0)
+    y[y < floor] = 0.0
+    return y
+
+
+def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, threshold: float = 0.4,
+           scale: float = 4.0, floor: float = 0.01) -> dict[str, np.ndarray]:
+    """Apply ``pseudo_label`` to an iterable of ``(key, prob map)`` per slide and store the result.
+
+    ``patch_probs[s]`` yields ``(tile index, (P, P) prob)`` for slide ``s``. Writes the positive
+    pseudo-labels to the zarr array ``out`` ((N, P, P) float16, one chunk per patch) and returns
+    ``{"positive": (N, 2) [slide, tile], "hard_negative": (M, 2) [slide, tile]}``.
+    """
+    out = Path(out)
+    pos_rows: list[tuple[int, int]] = []
+    neg_rows: list[tuple[int, int]] = []
+    with atomic_path(out) as tmp:
+        arr = None
+        for s, (items, positive) in enumerate(zip(patch_probs, positives)):
+            for tile, prob in items:
+                y = pseudo_label(prob, positive, threshold, scale, floor)
+                if y is None:
+                    continue
+                if not positive:
+                    neg_rows.append((s, int(tile)))
+                    continue
+                if arr is None:
+                    P = y.shape
+                    arr = zarr.open_array(str(tmp), mode="w", shape=(0, *P), chunks=(1, *P), dtype="float16")
+                arr.resize((len(pos_rows) + 1, *y.shape))
+                arr[len(pos_rows)] = y.astype(np.float16)
+                pos_rows.append((s, int(tile)))
+        if arr is None:
+            zarr.open_array(str(tmp), mode="w", shape=(0, 1, 1), chunks=(1, 1, 1), dtype="float16")
+    return {"positive": np.asarray(pos_rows, np.int64).reshape(-1, 2),
+            "hard_negative": np.asarray(neg_rows, np.int64).reshape(-1, 2)}
+
+
+def select_round(losses: Sequence[float], first: int = 1) -> int:
+    """Index of the lowest loss among rounds ``first..`` (NaN losses never win); falls back to
+    round 0 when there is no later round or no finite loss."""
+    cand = [(l, i) for i, l in enumerate(losses) if i >= first and l is not None and math.isfinite(l)]
+    if not cand:
+        return 0 if len(losses) <= first else len(losses) - 1
+    return min(cand)[1]
+
+
+# -------------------------------------------------------------------------------- data access
+
+def _read_mask(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        m = np.load(path)
+    else:
+        import cv2
+
+        m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if m is None:
+            raise LabelError("cannot read pixel mask image", path)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    return (m > 0).astype(np.float32)
+
+
+def mask_patch(mask: np.ndarray, slide_dims: tuple[int, int], xy: tuple[int, int], size0: tuple[float, float],
+               out_size: int) -> np.ndarray:
+    """The (out_size, out_size) soft label of a level-0 box from a whole-slide mask of any size."""
+    import cv2
+
+    mh, mw = mask.shape
+    fx, fy = mw / slide_dims[0], mh / slide_dims[1]
+    x0, y0 = xy[0] * fx, xy[1] * fy
+    x1, y1 = (xy[0] + size0[0]) * fx, (xy[1] + size0[1]) * fy
+    # warp the box onto the output grid (exact sub-pixel mapping, zeros outside the mask)
+    M = np.array([[(x1 - x0) / out_size, 0, x0], [0, (y1 - y0) / out_size, y0]], np.float64)
+    return cv2.warpAffine(mask, M, (out_size, out_size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+class PatchTable(torch.utils.data.Dataset):
+    """Training patches from several label sources laid end to end (source order = SOURCES).
+
+    Each row is (slide, tile, source, row): tiles are read from the slide, labels come from the
+    pixel-label zarr, the pseudo-label zarr, or are all zero (hard negatives). Flips and 90°
+    rotations are applied to image and label together.
+    """
+
+    def __init__(self, readers: Sequence[Any], rows: np.ndarray, pixel_labels: Any, pseudo_labels: Any,
+                 augment: bool = True) -> None:
+        self.readers, self.rows = readers, np.asarray(rows, np.int64).reshape(-1, 4)
+        self.pixel_labels, self.pseudo_labels, self.augment = pixel_labels, pseudo_labels, augment
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t, src, r = (int(v) for v in self.rows[i])
+        img = self.readers[s].read(t)
+        if src == 0:
+            y = np.asarray(self.pixel_labels[r], np.float32)
+        elif src == 1:
+            y = np.asarray(self.pseudo_labels[r], np.float32)
+        else:
+            y = np.zeros(img.shape[:2], np.float32)
+        x, y = torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(y)
+        if self.augment:
+            k = int(torch.randint(4, (1,)))
+            x, y = torch.rot90(x, k, (0, 1)), torch.rot90(y, k, (0, 1))
+            if torch.rand(1) < 0.5:
+                x, y = x.flip(1), y.flip(1)
+        return x.contiguous(), y.contiguous()
+
+
+def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+
+def soft_bce_steps(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Optimizer, loader: Any,
+                   device: torch.device) -> float:
+    """Run one pass of ``loader`` with soft-label binary cross-entropy; mean loss."""
+    model.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        logits = model(spec.normalize(x.to(device)))[:, -1]
+        loss = F.binary_cross_entropy_with_logits(logits, y.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total, n = total + loss.item(), n + 1
+    return total / max(n, 1)
+
+
+def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | os.PathLike, tile: int = 256,
+                    overlap: int = 0, tissue_mpp: float = 8.0, min_tissue: float = 0.01, batch_size: int = 8,
+                    device: str | torch.device = "cpu", attrs: dict | None = None) -> Path:
+    """Segmenter heatmap of ``slide`` at the model's MPP into the zarr ``store`` (skipped when a
+    complete one exists, resumed when a partial one does). Large tiles: a fully convolutional
+    network predicts a 256 px tile much faster than sixteen 64 px ones."""
+    from slidekit.heatmap import Heatmap, HeatmapWriter
+    from slidekit.inference import Predictor
+    from slidekit.tiling import TileGrid
+    from slidekit.tissue import tissue_mask
+
+    store = Path(store)
+    if store.exists():
+        try:
+            Heatmap(store)
+            return store
+        except Exception:
+            pass
+    grid = TileGrid.from_slide(slide, mpp=spec.mpp, size=tile, overlap=overlap,
+                               mask=tissue_mask(slide, mpp=tissue_mpp), min_tissue=min_tissue)
+    w = HeatmapWriter(store, grid, "segmentation", spec.classes, mpp=spec.mpp,
+                      blend="gaussian" if overlap else "constant", attrs=attrs)
+    todo = w.todo()
+    if len(todo):
+        was_training = model.training
+        pred = Predictor(model, spec, device=device, batch_size=batch_size, workers=0)
+        for idx, y in pred.predict(slide, grid, index=todo):
+            w.add(idx, y)
+        model.train(was_training)
+    w.finish()
+    return store
+
+
+# ---------------------------------------------------------------------------------- the trainer
+
+@register
+class MixedEMTrainer(Trainer):
+    """Mixed-supervision EM: pixel masks + slide labels -> patch segmenter (+ stage-2 model)."""
+
+    name = "mixed-em"
+    consumes = frozenset({"pixel_masks", "slide_labels"})
+    Config = MixedEMConfig
+
+    def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
+        c = self.config
+        if not c.slides:
+            raise ConfigError("mixed-em needs 'slides' (a CSV with slide,label[,mask] columns)")
+        if c.selection not in ("cv_loss", "train_loss"):
+            raise ConfigError(f"selection must be 'cv_loss' or 'train_loss', not {c.selection!r}")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "selected.json").exists() and (out / "done.json").exists():
+            return out / "checkpoint.pt"
+        records = read_slide_table(c.slides)
+        self.pixel = [r for r in records if r.mask is not None]
+        self.labelled = [r for r in records if r.mask is None]
+        if not self.pixel:
+            raise LabelError("mixed-em needs at least one slide with a pixel mask", c.slides)
+        if c.rounds > 0 and not self.labelled:
+            raise LabelError("mixed-em needs slides with slide labels (rows without a mask)", c.slides)
+        self.out, self.progress = out, progress
+        self.device = resolve_device(device)
+        self.gen = seed_everything(c.seed)
+        from slidekit.models import ModelSpec, build_model
+
+        self.spec = ModelSpec(arch="resnet-unet", backbone=c.backbone, task="segmentation", classes=["tumour"],
+                              patch_size=c.patch_size, mpp=c.mpp, activation="sigmoid",
+                              extra={"trainer": "mixed-em"})
+        self.model = build_model(self.spec).to(self.device)
+        init_encoder(self.model, c.init)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self._prepare()
+        run_epochs(self, out, self.model, self.spec, self._round, optimizer=self.opt, epochs=c.rounds + 1,
+                   progress=progress)
+        return self._select()
+
+    # -- preparation: grids, readers, pixel labels (cached on disk) --------------------------
+    def _prepare(self) -> None:
+        from slidekit.slide import open_slide
+        from slidekit.tiling import TileGrid, TileReader
+        from slidekit.tissue import tissue_mask
+
+        c = self.config
+        gdir = self.out / "grids"
+        gdir.mkdir(exist_ok=True)
+        self.slides, self.grids, self.readers = [], [], []
+        for i, r in enumerate(self.pixel + self.labelled):
+            slide = open_slide(r.slide, mpp=c.slide_mpp)
+            gpath = gdir / f"{i:05d}.npz"
+            if gpath.exists():
+                grid = TileGrid.load(gpath)
+                grid.check_slide(slide)
+            else:
+                grid = TileGrid.from_slide(slide, mpp=c.mpp, size=c.patch_size, overlap=0,
+                                           mask=tissue_mask(slide, mpp=c.tissue_mpp), min_tissue=c.min_tissue)
+                grid.save(gpath)
+            self.slides.append(slide)
+            self.grids.append(grid)
+            self.readers.append(TileReader(slide, grid))
+        n_pix = len(self.pixel)
+        ppath = self.out / "pixel_labels.zarr"
+        rows = []
+        for s in range(n_pix):
+            rows += [(s, t, 0, len(rows) + k) for k, t in enumerate(range(len(self.grids[s])))]
+        self.pixel_rows = np.asarray(rows, np.int64).reshape(-1, 4)
+        if not ppath.exists():
+            P = c.patch_size
+            with atomic_path(ppath) as tmp:
+                arr = zarr.open_array(str(tmp), mode="w", shape=(len(rows), P, P), chunks=(1, P, P), dtype="float16")
+                j = 0
+                for s, r in enumerate(self.pixel):
+                    mask, grid = _read_mask(r.mask), self.grids[s]
+                    for t in range(len(grid)):
+                        arr[j] = mask_patch(mask, grid.slide_dimensions, tuple(grid.coords[t]), grid.extent, P)
+                        j += 1
+        self.pixel_labels = zarr.open_array(str(ppath), mode="r")
+
+    # -- one round = (E-step + M-step, or initial training) + heatmaps + stage 2 -------------
+    def _round(self, r: int) -> dict[str, Any]:
+        c = self.config
+        t0 = time.time()
+        rdir = self.out / "rounds" / f"r{r}"
+        rdir.mkdir(parents=True, exist_ok=True)
+        sizes = [len(self.pixel_rows), 0, 0]
+        if r == 0:
+            rows, steps, ratio = self.pixel_rows, c.init_steps, [1.0, 0.0, 0.0]
+            pseudo = None
+        else:
+            found = self._e_step(r)
+            pos, neg = found["positive"], found["hard_negative"]
+            n_pix = len(self.pixel)
+            pos_rows = np.column_stack([pos[:, 0] + n_pix, pos[:, 1], np.full(len(pos), 1), np.arange(len(pos))])
+            neg_rows = np.column_stack([neg[:, 0] + n_pix, neg[:, 1], np.full(len(neg), 2), np.zeros(len(neg))])
+            rows = np.concatenate([self.pixel_rows, pos_rows.reshape(-1, 4), neg_rows.reshape(-1, 4)]).astype(np.int64)
+            sizes = [len(self.pixel_rows), len(pos), len(neg)]
+            steps, ratio = c.round_steps, list(c.ratio)
+            pseudo = zarr.open_array(str(rdir / "pseudo_labels.zarr"), mode="r")
+        from slidekit.sampling import FixedRatioSampler
+
+        ds = PatchTable(self.readers, rows, self.pixel_labels, pseudo)
+        sampler = FixedRatioSampler(sizes, ratio, c.batch_size, steps, seed=c.seed * 1000 + r)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=c.num_workers,
+                                             collate_fn=_collate)
+        m_loss = soft_bce_steps(self.model, self.spec, self.opt, loader, self.device) if steps > 0 else float("nan")
+        from slidekit.models import save_checkpoint
+
+        save_checkpoint(rdir / "checkpoint.pt", self.model, self.spec, extra={"round": r})
+        s2 = self._stage2(r, rdir)
+        return {"round": r, "m_loss": m_loss, "n_pixel": sizes[0], "n_pseudo_positive": sizes[1],
+                "n_hard_negative": sizes[2], "stage2_train_loss": s2["train_loss"],
+                "stage2_cv_loss": s2["cv_loss"], "stage2_cv_accuracy": s2["cv_accuracy"],
+                "seconds": time.time() - t0}
+
+    def heatmap_dir(self, r: int, i: int) -> Path:
+        """Where round ``r``'s heatmap of slide-labelled slide ``i`` lives."""
+        return self.out / "rounds" / f"r{r}" / "heatmaps" / f"{i:05d}"
+
+    def _predict_round(self, r: int) -> list[Path]:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        paths = []
+        n_pix = len(self.pixel)
+        for i, _ in enumerate(tqdm(self.labelled, desc=f"round {r} heatmaps", unit="slide",
+                                   disable=not self.progress, leave=False)):
+            store = self.heatmap_dir(r, i) / "heatmap.zarr"
+            paths.append(store.parent)
+            predict_heatmap(self.model, self.spec, self.slides[n_pix + i], store,
+                            tile=c.predict_tile or 4 * c.patch_size, overlap=c.predict_overlap,
+                            tissue_mpp=c.tissue_mpp, batch_size=c.predict_batch, device=self.device,
+                            attrs={"round": r})
+        self.model.train()
+        return paths
+
+    def _e_step(self, r: int) -> dict[str, np.ndarray]:
+        """Pseudo-labels from round r-1's heatmaps (cached: rerunning a round reuses them)."""
+        c = self.config
+        rdir = self.out / "rounds" / f"r{r}"
+        index_path = rdir / "pseudo_index.npz"
+        if index_path.exists() and (rdir / "pseudo_labels.zarr").exists():
+            with np.load(index_path) as z:
+                return {"positive": z["positive"], "hard_negative": z["hard_negative"]}
+
+        def patches(i: int):
+            from slidekit.heatmap import Heatmap
+
+            hm = Heatmap(self.heatmap_dir(r - 1, i) / "heatmap.zarr")
+            grid, P = self.grids[len(self.pixel) + i], c.patch_size
+            (sx, sy), (ox, oy) = hm.scale, hm.origin
+            H, W = hm.shape
+            for t, (x, y) in enumerate(grid.coords):
+                r0, c0 = int(round((y - oy) / sy)), int(round((x - ox) / sx))
+                p = np.zeros((P, P), np.float32)
+                rr0, cc0 = max(r0, 0), max(c0, 0)
+                rr1, cc1 = min(r0 + P, H), min(c0 + P, W)
+                if rr1 > rr0 and cc1 > cc0:
+                    p[rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = hm.prob[-1, rr0:rr1, cc0:cc1]
+                yield t, p
+
+        found = e_step((patches(i) for i in range(len(self.labelled))), [x.positive for x in self.labelled],
+                       rdir / "pseudo_labels.zarr", c.threshold, c.scale, c.floor)
+        with atomic_path(index_path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **found)
+        return found
+
+    def _stage2(self, r: int, rdir: Path) -> dict[str, float]:
+        c = self.config
+        paths = self._predict_round(r)
+        rows = [features_from_view(open_heatmap_view(p), c.stage2_thresholds, c.stage2_work_mpp) for p in paths]
+        labels = [x.label for x in self.labelled]
+        classes = SIZE_CLASSES if all(l in SIZE_CLASSES for l in labels) else ("negative", "positive")
+        from slidekit.features import feature_names
+
+        clf, metrics = fit_morph_lgbm(rows, labels, feature_names(c.stage2_thresholds), seed=c.seed, classes=classes)
+        clf.save(rdir / "morph_lgbm.json")
+        from slidekit.features import write_table
+
+        write_table(rdir / "features.csv", [{"slide": str(x.slide), "label": x.label, **f}
+                                             for x, f in zip(self.labelled, rows)])
+        return metrics
+
+    def _select(self) -> Path:
+        rows = json.loads((self.out / "metrics.json").read_text())
+        key = "stage2_cv_loss" if self.config.selection == "cv_loss" else "stage2_train_loss"
+        losses = [float(r.get(key, math.nan)) for r in sorted(rows, key=lambda r: r["round"])]
+        if self.config.selection == "cv_loss" and not any(math.isfinite(l) for l in losses[1:]):
+            losses = [float(r.get("stage2_train_loss", math.nan)) for r in sorted(rows, key=lambda r: r["round"])]
+        sel = select_round(losses)
+        src = self.out / "rounds" / f"r{sel}"
+        for name in ("checkpoint.pt", "morph_lgbm.json"):
+            with atomic_path(self.out / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+        write_text_atomic(self.out / "selected.json", json.dumps(
+            {"selected_round": sel, "selection": key, "losses": losses, "rounds": len(losses) - 1}, indent=2))
+        return self.out / "checkpoint.pt"
