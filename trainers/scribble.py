@@ -1,0 +1,249 @@
+"""Scribble segmentation: a U-Net trained with partial cross-entropy (Teh & Taylor seeds).
+
+Unscribbled pixels carry the ignore label and contribute no loss; a batch with no labelled pixel
+gives a zero loss (and zero gradient) instead of PyTorch's NaN. Labels come from
+
+* an image folder: ``data/images/NAME.png`` + ``data/<labels>/NAME.png`` (class indices, 255 =
+  not drawn), or
+* slides with QuPath GeoJSON scribbles: ``slides`` + ``annotations`` (one file per slide); lines
+  are rasterised ``line_width_um`` wide, patch by patch, at ``mpp``.
+
+The encoder of the written checkpoint initialises downstream patch classifiers through
+``slidekit.models.transfer_encoder`` (or any trainer's ``init`` option).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidekit.errors import ConfigError
+from slidekit.models import ModelSpec, build_model
+from slidekit.scribbles import IGNORE
+from trainers.base import (Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs,
+                           seed_everything)
+
+
+def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy averaged over labelled pixels only; exactly 0 (with a graph) when there are none."""
+    valid = target != ignore_index
+    n = valid.sum()
+    if n == 0:
+        return logits.sum() * 0.0
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, weight=weight, reduction="sum")
+    return total / n
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, spec: ModelSpec, images: list[torch.Tensor],
+                   device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Class probabilities (C, H, W) of whole (3, H, W) uint8 images, un-augmented, in eval mode.
+
+    Images are reflect-padded to a multiple of 32 (the encoder's stride) and cropped back.
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for img in images:
+        h, w = img.shape[-2:]
+        x = spec.normalize(img[None].to(device))
+        ph, pw = (-h) % 32, (-w) % 32
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        probs = spec.activate(model(x))[0, :, :h, :w].float().cpu()
+        out.append(probs)
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class ScribbleConfig(TrainerConfig):
+    """Options of the ``scribble`` trainer (and the base of ``s2l``'s)."""
+
+    data: str = ""  # image folder root (images/ + labels/)
+    images: str = "images"
+    labels: str = "scribbles"
+    slides: list[str] = field(default_factory=list)  # or: slides + one GeoJSON per slide
+    annotations: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=lambda: ["background", "foreground"])
+    ignore_index: int = IGNORE
+    backbone: str = "resnet18"
+    crop: int = 256  # training patch size (px at the network's MPP)
+    scale: float = 1.0  # image folders: resize factor applied on loading
+    image_mpp: float = 0.5  # image folders: µm/px of the files on disk
+    mpp: float = 0.5  # slides: µm/px the network sees
+    line_width_um: float = 4.0  # slides: width of rasterised scribble lines
+    samples_per_image: int = 8  # image folders: random crops per image per epoch
+    patches_per_epoch: int = 256  # slides: patches per epoch
+    augment: bool = True
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"  # "cosine" | "constant"
+
+    def __post_init__(self) -> None:
+        self.epochs = max(0, self.epochs)
+
+
+class SegmentationTrainer(Trainer):
+    """Shared machinery of the scribble trainers: data, model, optimiser and the epoch loop.
+
+    Subclasses hook in with ``extra_maps`` (per-image maps cropped with the image),
+    ``extra_loss`` (added to the scribble loss) and ``after_epoch``.
+    """
+
+    Config = ScribbleConfig
+
+    # -- data ------------------------------------------------------------------------------------
+    def build_dataset(self) -> Any:
+        cfg = self.config
+        from slidekit.data import JointAugment
+
+        aug = JointAugment() if cfg.augment else None
+        if cfg.slides:
+            return self._slide_dataset(aug)
+        if not cfg.data:
+            raise ConfigError(f"trainer {self.name!r}: set `data` (an image folder) or `slides`")
+        from slidekit.data import ImageFolderDataset
+
+        ds = ImageFolderDataset.from_folder(cfg.data, images=cfg.images, masks=cfg.labels, scale=cfg.scale,
+                                            crop=cfg.crop, samples_per_image=cfg.samples_per_image,
+                                            transform=aug, ignore=cfg.ignore_index)
+        bad = [i for i, m in enumerate(ds.masks)
+               if ((m != cfg.ignore_index) & ((m < 0) | (m >= len(cfg.classes)))).any()]
+        if bad:
+            raise ConfigError(f"label images {[ds.names[i] for i in bad[:3]]} hold values outside 0.."
+                              f"{len(cfg.classes) - 1} and {cfg.ignore_index} (ignore)", Path(cfg.data) / cfg.labels)
+        return ds
+
+    def _slide_dataset(self, aug: Any) -> Any:
+        cfg = self.config
+        from torch.utils.data import ConcatDataset
+
+        from slidekit.data import SlidePatchDataset
+
+        if len(cfg.annotations) != len(cfg.slides):
+            raise ConfigError("give one annotation file per slide (`annotations` and `slides` differ in length)")
+        labels = {c: i for i, c in enumerate(cfg.classes)}
+        parts = [SlidePatchDataset.from_annotations(s, a, labels=labels, mpp=cfg.mpp, size=cfg.crop,
+                                                    line_width_um=cfg.line_width_um, transform=aug,
+                                                    ignore=cfg.ignore_index)
+                 for s, a in zip(cfg.slides, cfg.annotations)]
+        return ConcatDataset(parts)
+
+    def network_mpp(self) -> float:
+        cfg = self.config
+        return cfg.mpp if cfg.slides else cfg.image_mpp / cfg.scale
+
+    def build_spec(self) -> ModelSpec:
+        cfg = self.config
+        return ModelSpec(arch="resnet-unet", backbone=cfg.backbone, task="segmentation",
+                         classes=list(cfg.classes), patch_size=cfg.crop, mpp=self.network_mpp(),
+                         activation="softmax", output_stride=1,
+                         extra={"ignore_index": cfg.ignore_index})
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def extra_maps(self, dataset: Any) -> None:
+        """Attach per-image maps to the dataset before training (none here)."""
+
+    def extra_loss(self, epoch: int, batch: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named loss terms added to the scribble loss (none here)."""
+        return {}
+
+    def after_epoch(self, epoch: int) -> dict[str, Any]:
+        """Work at the end of an epoch, returning metrics to log (none here)."""
+        return {}
+
+    def get_extra(self) -> dict:
+        return {}
+
+    def set_extra(self, extra: dict) -> None:
+        pass
+
+    def sampler(self, dataset: Any, epoch: int) -> Any:
+        """Which samples an epoch visits: a seeded shuffle (slides: a uniform draw)."""
+        g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+        if self.config.slides:
+            return torch.utils.data.RandomSampler(dataset, replacement=True,
+                                                  num_samples=self.config.patches_per_epoch, generator=g)
+        return torch.utils.data.RandomSampler(dataset, generator=g)
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
+        cfg = self.config
+        seed_everything(cfg.seed)
+        dev = resolve_device(device)
+        self.device = dev
+        self.dataset = self.build_dataset()
+        self.spec = self.build_spec()
+        model = build_model(self.spec)
+        init_encoder(model, cfg.init)
+        model.to(dev)
+        if dev.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)  # several times faster convs on CPU
+        self.model = model
+        self.extra_maps(self.dataset)
+        # Every parameter is optimised, the final 1x1 layer included.
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.lr_schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / max(cfg.epochs, 1))))
+        elif cfg.lr_schedule == "constant":
+            sched = None
+        else:
+            raise ConfigError(f"unknown lr_schedule {cfg.lr_schedule!r} (cosine, constant)")
+
+        def train_epoch(epoch: int) -> dict[str, Any]:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=cfg.batch_size, sampler=self.sampler(self.dataset, epoch),
+                num_workers=cfg.num_workers, drop_last=len(self.dataset) > cfg.batch_size,
+                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            sums: dict[str, float] = {}
+            n = 0
+            for batch in loader:
+                x = self.spec.normalize(batch["image"].to(dev))
+                if dev.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                target = batch["mask"].to(dev)
+                logits = model(x)
+                terms = {"loss_sp": partial_cross_entropy(logits, target, cfg.ignore_index)}
+                terms.update(self.extra_loss(epoch, batch, logits))
+                loss = sum(terms.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n += 1
+                for k, v in {"loss": loss, **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                with torch.no_grad():
+                    valid = target != cfg.ignore_index
+                    if valid.any():
+                        acc = (logits.argmax(1)[valid] == target[valid]).float().mean()
+                        sums["scribble_acc"] = sums.get("scribble_acc", 0.0) + float(acc)
+            if sched is not None:
+                sched.step()
+            metrics: dict[str, Any] = {k: v / max(n, 1) for k, v in sums.items()}
+            metrics["lr"] = opt.param_groups[0]["lr"]
+            metrics.update(self.after_epoch(epoch))
+            return metrics
+
+        return run_epochs(self, out_dir, model, self.spec, train_epoch, opt, sched, progress=progress,
+                          get_extra=self.get_extra, set_extra=self.set_extra)
+
+
+@register
+class ScribbleTrainer(SegmentationTrainer):
+    """Partial cross-entropy on scribbles (a full mask works too: nothing is then ignored)."""
+
+    name = "scribble"
+    consumes = frozenset({"images", "scribbles"})
+    Config = ScribbleConfig
