@@ -11,8 +11,8 @@
 2. Peak memory: ``slidekit heatmap`` (built-in ``hematoxylin``, heatmap at 1 µm/px) on pyramidal
    TIFFs of 8,192² and 40,960² px at 0.25 µm/px with sparse tissue (five round blobs, ~4 % of the area, each with a haematoxylin-dense core),
    run in a child process; the parent samples the memory of the child and its DataLoader workers
-   (sum of PSS over the process tree, so shared pages count once) from /proc every 50 ms; the
-   child also reports its own peak RSS (VmHWM).
+   (the child's RSS plus each worker's private memory, so pages forked workers share count once)
+   from /proc every 50 ms; the child also reports its own exact peak RSS (VmHWM).
 
 The 40,960² slide would need 5 GB of RAM to build with ``slidekit.demo.write_pyramid`` (it takes
 the whole level-0 array), so the slides are streamed tile by tile into the same format (tiled
@@ -143,21 +143,23 @@ def throughput(device: str, n_tiles: int, batch_size: int, workers: int, tmp: Pa
 
 
 def _tree_rss(pid: int) -> int:
-    """Memory in bytes of ``pid`` and all its descendants: the sum of their proportional set sizes
-    (PSS), so pages forked workers share with the main process are counted once."""
-    total, stack = 0, [pid]
+    """Memory in bytes of the job: RSS of ``pid`` plus the private memory (USS) of each of its
+    descendants (DataLoader workers are forked: pages they share with the main process count once)."""
+    total, stack = 0, [(pid, True)]
     while stack:
-        p = stack.pop()
+        p, root = stack.pop()
         try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
+            if root:
+                with open(f"/proc/{p}/status") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+            else:
+                with open(f"/proc/{p}/smaps_rollup") as f:
+                    total += sum(int(line.split()[1]) * 1024 for line in f
+                                 if line.startswith(("Private_Clean:", "Private_Dirty:")))
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+                    stack.extend((int(c), False) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError, StopIteration):
             continue
     return total
 
@@ -181,7 +183,7 @@ def peak_memory(slide: Path, out: Path, workers: int) -> dict:
         raise RuntimeError(f"child failed on {slide}")
     child = json.loads(stdout.strip().splitlines()[-1])
     return {"slide": slide.name, "seconds": round(time.perf_counter() - t, 1),
-            "peak_pss_tree_mib": round(peak["tree"] / 2**20, 1), **child}
+            "peak_rss_tree_mib": round(peak["tree"] / 2**20, 1), **child}
 
 
 def _hwm_mib() -> float:
@@ -237,7 +239,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     mem = result["memory"]
     if len(mem) >= 2:
-        result["peak_ratio_largest_vs_smallest"] = round(mem[-1]["peak_pss_tree_mib"] / mem[0]["peak_pss_tree_mib"], 3)
+        result["peak_ratio_largest_vs_smallest"] = round(mem[-1]["peak_rss_tree_mib"] / mem[0]["peak_rss_tree_mib"], 3)
     result["load_after"] = os.getloadavg()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -19,6 +19,7 @@ arrives. Finished chunks are flagged in the store, so an interrupted run resumes
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -106,7 +107,8 @@ class HeatmapWriter:
                 "blend": blend, "slide": {"name": grid.slide_name, "id": grid.slide_id,
                                           "dimensions": list(grid.slide_dimensions),
                                           "mpp": list(grid.slide_mpp)},
-                "grid": {"mpp": grid.mpp, "size": grid.size, "overlap": grid.overlap, "tiles": len(grid)},
+                "grid": {"mpp": grid.mpp, "size": grid.size, "overlap": grid.overlap, "tiles": len(grid),
+                         "coords_sha1": hashlib.sha1(np.ascontiguousarray(grid.coords).tobytes()).hexdigest()},
                 **(attrs or {})}
         self.root = self._open(meta)
         self.prob, self.coverage = self.root["prob"], self.root["coverage"]
