@@ -118,14 +118,16 @@ class SimCLRConfig(TrainerConfig):
 
 
 def encoder_spec(cfg: SimCLRConfig) -> ModelSpec:
-    """The checkpoint's self-description: an embedding network fed ``crop_size`` px patches.
+    """The checkpoint's self-description: an embedding network fed ``tile_size`` px at ``mpp``.
 
-    A whole ``tile_size`` patch at ``mpp`` resized to ``crop_size`` is the widest view the
-    encoder saw in training, so inference reads ``crop_size`` px at ``mpp * tile_size / crop_size``.
+    That is the geometry of the training patches. The encoder saw them through random crops of
+    ``min_crop``-``max_crop`` of their area resized to ``crop_size``, i.e. at scales around the
+    native one; being fully convolutional, it embeds whole patches at native resolution (this
+    gave better linear evaluation than whole patches shrunk to ``crop_size``).
     """
     return ModelSpec(arch="resnet-encoder", backbone=cfg.backbone, task="embedding", classes=[],
-                     patch_size=cfg.crop_size, mpp=cfg.mpp * cfg.tile_size / cfg.crop_size,
-                     mean=tuple(cfg.mean), std=tuple(cfg.std), activation="none")
+                     patch_size=cfg.tile_size, mpp=cfg.mpp, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                     activation="none")
 
 
 def make_optimizer(params: nn.Module, cfg: SimCLRConfig) -> torch.optim.Optimizer:
@@ -202,7 +204,7 @@ class SimCLRTrainer(Trainer):
         spec.extra = {"simclr": {
             "sources": [{"name": s.name, "weight": s.weight, "patches": len(s), "groups": len(s.per_group)}
                         for s in sources],
-            "tile_size": cfg.tile_size, "tile_mpp": cfg.mpp, "steps_per_epoch": steps}}
+            "crop_size": cfg.crop_size, "steps_per_epoch": steps}}
         return run_epochs(self, out, model, spec, train_epoch, optimizer=optimizer, scheduler=scheduler,
                           progress=progress, get_extra=lambda: {"head": head.state_dict()},
                           set_extra=lambda extra: head.load_state_dict(extra["head"]))
