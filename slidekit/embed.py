@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slidekit.errors import CheckpointError, GridError
+from slidekit.errors import CheckpointError, GridError, TissueError
 from slidekit.tiling import TileGrid
 
 EMBED_FORMAT = "slidekit.embeddings/1"
@@ -108,6 +108,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                                        min_tissue=min_tissue)
         else:
             grid.check_slide(slide)
+        if len(grid) == 0:
+            raise TissueError(f"no tile has {min_tissue:.0%} tissue at {grid.mpp} µm/px", slide.path)
         meta = {"format": EMBED_FORMAT, "model": _model_identity(model),
                 "slide": {"name": grid.slide_name, "id": grid.slide_id,
                           "dimensions": list(grid.slide_dimensions), "mpp": list(grid.slide_mpp)},
