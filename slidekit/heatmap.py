@@ -477,11 +477,12 @@ class Heatmap:
     @staticmethod
     def _labels(p: np.ndarray, cov: np.ndarray, threshold: float) -> np.ndarray:
         if p.shape[0] == 1:
-            lab = np.where(p[0] >= threshold, 0, -1)
+            lab = np.where(p[0] >= threshold, 0, -1).astype(np.int16)
         else:
-            lab = p.argmax(0)
-            lab = np.where(p.max(0) >= threshold, lab, -1)
-        return np.where(cov, lab, -1)
+            lab = p.argmax(0).astype(np.int16)
+            lab[p.max(0) < threshold] = -1
+        lab[~cov] = -1
+        return lab
 
     def _stats(self, poly, k: int) -> tuple[float, float]:
         """Mean and max of class ``k`` over the pixels of ``poly`` (heatmap px), chunk by chunk."""

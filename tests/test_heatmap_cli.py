@@ -180,3 +180,14 @@ def test_cli_bad_inputs_fail_cleanly(tmp_path: Path, slide_path: Path) -> None:
     r = cli("heatmap", "--out", str(out))
     assert r.exit_code != 0
     assert not out.exists() or not any(out.rglob("summary.json"))
+
+
+def test_cli_demo_main_job(tmp_path: Path) -> None:
+    out = tmp_path / "OUT"
+    r = cli("heatmap", "--demo", "--out", str(out), "--model", "tissue", "--workers", "0", "-q")
+    assert r.exit_code == 0, r.output
+    assert {"demo.tif", "heatmap.zarr", "overlay.png", "predictions.geojson", "summary.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert json.loads((out / "summary.json").read_text())["regions"] >= 1
+    r = cli("heatmap", "--demo", "--out", str(out), "--model", "tissue", "--workers", "0")
+    assert r.exit_code == 0 and "skipped" in r.output
