@@ -4,7 +4,9 @@ pseudo-labels.
 * Warm-up: partial cross-entropy on scribbled pixels only for ``warmup_epochs`` (E_w).
 * Every ``ema_every`` (γ) epochs the network predicts every whole training image, un-augmented
   and in eval mode, and the per-image average is updated:
-  ``y_n = α·p + (1 − α)·y_{n−1}`` (the first prediction initialises it).
+  ``y_n = α·p + (1 − α)·y_{n−1}`` (the first prediction initialises it). ``ema_start`` (default
+  0) skips the first epochs, whose near-random predictions would otherwise weigh on the
+  average for a long time in short schedules.
 * After warm-up, ``lambda_up`` (λ) × L_up is added: cross-entropy on unscribbled pixels whose
   averaged prediction is consistent (its largest class probability > τ, i.e. > τ or < 1 − τ
   for two classes), against the one-hot argmax. Each loss term is averaged over its own pixels.
@@ -52,6 +54,7 @@ class S2LConfig(ScribbleConfig):
 
     warmup_epochs: int = 5  # E_w
     ema_every: int = 1  # γ, in epochs
+    ema_start: int = 0  # first epoch whose predictions enter the average
     ema_alpha: float = 0.2  # α
     threshold: float = 0.8  # τ
     lambda_up: float = 0.5  # λ
@@ -94,7 +97,7 @@ class S2LTrainer(SegmentationTrainer):
         out: dict[str, Any] = {}
         if getattr(self, "_pseudo_fraction", None) is not None:
             out["pseudo_fraction"] = self._pseudo_fraction
-        if (epoch + 1) % cfg.ema_every == 0:
+        if epoch >= cfg.ema_start and (epoch + 1 - cfg.ema_start) % cfg.ema_every == 0:
             preds = predict_images(self.model, self.spec, self.dataset.images, self.device)
             for store, p in zip(self.ema, preds):
                 store.copy_(ema_update(store if self.ema_ready else None, p, cfg.ema_alpha))
