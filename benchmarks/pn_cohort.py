@@ -63,8 +63,9 @@ def _tissue_blocks(rgb: np.ndarray, block: int, min_tissue: float = 0.97) -> lis
     return out
 
 
-def load_materials(block: int = 48) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(normal blocks, tumour blocks) at SLIDE_MPP from the real slides and MoNuSeg images."""
+def load_materials(block: int = 48) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """(normal, tumour, lymphoid) blocks at SLIDE_MPP from the real slides, the MoNuSeg images and
+    the NCT-CRC-HE lymphocyte tile."""
     import cv2
 
     from slidekit.slide import open_slide
@@ -82,7 +83,16 @@ def load_materials(block: int = 48) -> tuple[list[np.ndarray], list[np.ndarray]]
             small = cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA)
             tumour += [small[y:y + block, x:x + block] for y in range(0, n - block + 1, 7)
                        for x in range(0, n - block + 1, 7)]
-    return normal, tumour
+    import tifffile
+
+    lym = tifffile.imread(DATA / "patches_nct_crc_he_100k_sample" / "LYM-AATTSRNN.tif")[..., :3]
+    n = int(round(lym.shape[0] * 0.5 / SLIDE_MPP))
+    lym = cv2.resize(lym, (n, n), interpolation=cv2.INTER_AREA)
+    # the tile is Macenko-normalised and very dark; lift it to the brightness of routine H&E
+    lym = (255 * (lym / 255.0) ** 0.55).astype(np.uint8)
+    b = n * 3 // 4
+    lymphoid = [lym[y:y + b, x:x + b] for y in range(0, n - b + 1, 2) for x in range(0, n - b + 1, 2)]
+    return normal, tumour, lymphoid
 
 
 def mosaic(shape: tuple[int, int], blocks: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -140,7 +150,7 @@ def stain_shift(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     return res
 
 
-def make_slide(label: str, normal: list, tumour: list, rng: np.random.Generator,
+def make_slide(label: str, normal: list, tumour: list, lymphoid: list, rng: np.random.Generator,
                centre: str) -> tuple[np.ndarray, np.ndarray]:
     """(rgb, tumour mask) at SLIDE_MPP of one lymph-node slide with a lesion of class ``label``."""
     from slidekit.features import size_class
@@ -153,6 +163,16 @@ def make_slide(label: str, normal: list, tumour: list, rng: np.random.Generator,
     rgb = np.full((H, W, 3), 244, np.uint8)
     tex = mosaic((H, W), normal, rng)
     rgb[tissue] = tex[tissue]
+    # Lymphoid follicles: dense lymphocytes, the classic false positive in lymph nodes. Centre A's
+    # pixel-labelled slides show almost none, centre B's nodes several.
+    follicles = np.zeros((H, W), bool)
+    for _ in range(rng.integers(2, 6) if centre == "B" else rng.integers(0, 2)):
+        b = blob(rng.uniform(250, 700) / SLIDE_MPP, rng, rng.uniform(0.7, 1.0))
+        bh, bw = b.shape
+        y0, x0 = rng.integers(0, H - bh), rng.integers(0, W - bw)
+        follicles[y0:y0 + bh, x0:x0 + bw] |= b
+    follicles &= tissue
+    rgb = np.where(follicles[..., None], mosaic((H, W), lymphoid, rng), rgb)
     mask = np.zeros((H, W), bool)
     if label != "negative":
         lo, hi = SIZE_RANGES_UM[label]
@@ -177,7 +197,7 @@ def make_slide(label: str, normal: list, tumour: list, rng: np.random.Generator,
 
         got = max((r.feret_diameter_max for r in regionprops(cc(mask))), default=0) * SLIDE_MPP
         if size_class(got) != label:
-            return make_slide(label, normal, tumour, rng, centre)
+            return make_slide(label, normal, tumour, lymphoid, rng, centre)
         del soft
     if centre == "B":
         rgb = stain_shift(rgb, tissue)
@@ -209,7 +229,7 @@ def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dic
     if done.exists():
         return json.loads(done.read_text())
     rng = np.random.default_rng(seed)
-    normal, tumour = load_materials()
+    normal, tumour, lymphoid = load_materials()
     slides_dir, masks_dir = out / "slides", out / "masks"
     slides_dir.mkdir(parents=True, exist_ok=True)
     masks_dir.mkdir(exist_ok=True)
@@ -219,7 +239,7 @@ def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dic
     cohort = {"pixel": [], "train": [], "test": []}
 
     def write(name: str, label: str, centre: str, with_mask: bool) -> dict:
-        rgb, mask = make_slide(label, normal, tumour, rng, centre)
+        rgb, mask = make_slide(label, normal, tumour, lymphoid, rng, centre)
         path = slides_dir / f"{name}.tif"
         write_pyramid(path, rgb, SLIDE_MPP, tile=256, min_size=256)
         rec = {"slide": str(path), "label": label, "centre": centre}
@@ -283,8 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="Write the result here.")
     ap.add_argument("--work", type=Path, default=None, help="Work directory (default: a temp dir).")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--init-steps", type=int, default=60)
-    ap.add_argument("--round-steps", type=int, default=40)
+    ap.add_argument("--init-steps", type=int, default=150)
+    ap.add_argument("--round-steps", type=int, default=80)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: 2 on an idle 2-core machine, 1 when the cores are busy: "
                          "oversubscribed torch threads slow down several-fold)")
