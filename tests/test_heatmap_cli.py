@@ -191,3 +191,33 @@ def test_cli_demo_main_job(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["regions"] >= 1
     r = cli("heatmap", "--demo", "--out", str(out), "--model", "tissue", "--workers", "0")
     assert r.exit_code == 0 and "skipped" in r.output
+
+
+class RedChannel(torch.nn.Module):
+    """A 'segmentation model' whose output is the red channel, average-pooled by 4."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x[:, :1], 4)
+
+
+def test_end_to_end_stitching_recovers_position_encoded_in_the_slide(tmp_path: Path) -> None:
+    from slidekit.builtin_models import BuiltinSpec
+    from slidekit.demo import write_pyramid
+
+    # Red encodes level-0 x (constant over 8-px columns), so every tile sees its own position.
+    W, H = 2048, 1024
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[..., 0] = (np.arange(W) // 8).astype(np.uint8)[None, :]
+    rgb[..., 1] = 128
+    path = write_pyramid(tmp_path / "pos.tif", rgb, 0.5, compression="zlib")
+    spec = BuiltinSpec(name="red", classes=["red"], colors=[(255, 0, 0)], patch_size=64, mpp=1.0, output_stride=4)
+    with open_slide(path) as slide:
+        grid = TileGrid.from_slide(slide, mpp=1.0, size=64, overlap=16, min_tissue=0)
+        writer = HeatmapWriter(tmp_path / "h.zarr", grid, "segmentation", ["red"], mpp=4.0, chunk=64)
+        pred = Predictor(RedChannel(), spec, device="cpu", batch_size=7, workers=1)
+        for idx, y in pred.predict(slide, grid, writer.todo(), output_size=writer.footprint):
+            writer.add(idx, y)
+        hm = writer.finish()
+    assert hm.shape == (128, 256) and np.asarray(hm.coverage[:]).all()
+    expected = np.broadcast_to(np.arange(256, dtype=np.float32) / 255, (128, 256))
+    np.testing.assert_allclose(np.asarray(hm.prob[0]), expected, atol=1e-5)
