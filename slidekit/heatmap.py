@@ -127,7 +127,7 @@ class HeatmapWriter:
             except Exception:
                 old = {}
             same = {k: old.get(k) for k in meta} == {k: _jsonable(v) for k, v in meta.items()}
-            if same and not old.get("complete"):
+            if same:  # resume (a finished store just has nothing left to do)
                 if "partial" in root:  # partial sums of unfinished chunks are recomputed
                     del root["partial"]
                 return root
