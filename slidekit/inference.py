@@ -205,6 +205,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
 
     t0 = time.time()
     out = Path(out_dir)
+    resolve_device(device)  # fail on a missing GPU before anything is written
     net, spec, ident = loaded if loaded is not None else load_model(model)
     size = int(size or spec.patch_size)
     mpp = float(mpp or spec.mpp)

@@ -50,13 +50,14 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     Reruns skip finished slides (those with summary.json) and resume interrupted ones.
     """
     from slidekit.builtin_models import DEFAULT_MODEL
-    from slidekit.inference import heatmap_slide, load_model
+    from slidekit.inference import heatmap_slide, load_model, resolve_device
 
     quiet = quiet_local or quiet_flag(ctx)
     out_dir = Path(out)
     paths = list(slides)
     if not paths and not demo:
         fail("give at least one SLIDE, or --demo")
+    resolve_device(device)
     loaded = load_model(model or DEFAULT_MODEL)
     if demo:
         from slidekit.demo import write_demo_slide
