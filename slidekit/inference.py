@@ -103,7 +103,7 @@ class Predictor:
             bar = tqdm(total=len(index), unit="tile", desc=getattr(slide, "name", "slide"), leave=False)
         pending = None
         try:
-            for idx, tiles in self.loader(slide, grid, index):
+            for idx, tiles in _clean_worker_errors(self.loader(slide, grid, index)):
                 y = self.forward(tiles, output_size)
                 if self.cuda:
                     # Copy back asynchronously and consume the previous batch while this one runs.
@@ -131,6 +131,30 @@ class Predictor:
         if bar is not None:
             bar.update(len(idx))
         return idx.numpy(), y.numpy()
+
+
+def _clean_worker_errors(batches: Any) -> Iterator:
+    """Re-raise a slidekit error from a DataLoader worker as itself, with its one-line message
+    (DataLoader re-raises it with the worker's whole traceback folded into the message)."""
+    from slidekit.errors import SlidekitError
+
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except SlidekitError as e:
+            msg = str(e)
+            if "Original Traceback" not in msg:
+                raise
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+            prefix = f"{type(e).__module__}.{type(e).__name__}: "
+            clean = type(e).__new__(type(e))
+            Exception.__init__(clean, last[len(prefix):] if last.startswith(prefix) else last)
+            clean.path = getattr(e, "path", None)
+            raise clean from None
+        yield item
 
 
 # ---------------------------------------------------------------------------------------------

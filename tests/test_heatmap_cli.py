@@ -221,3 +221,23 @@ def test_end_to_end_stitching_recovers_position_encoded_in_the_slide(tmp_path: P
     assert hm.shape == (128, 256) and np.asarray(hm.coverage[:]).all()
     expected = np.broadcast_to(np.arange(256, dtype=np.float32) / 255, (128, 256))
     np.testing.assert_allclose(np.asarray(hm.prob[0]), expected, atol=1e-5)
+
+
+def test_unreadable_tile_in_a_worker_is_one_clean_error(slide_path: Path, monkeypatch) -> None:
+    from slidekit.errors import SlideError
+
+    original = TileReader.read
+
+    def broken(self, i):
+        if i == 3:
+            raise SlideError("cannot read tile at (1, 2): corrupt JPEG data", self.slide.path)
+        return original(self, i)
+
+    monkeypatch.setattr(TileReader, "read", broken)  # forked workers inherit the patch
+    spec = ModelSpec(classes=["r", "g", "b"], patch_size=64, mpp=2.0, activation="none")
+    with open_slide(slide_path) as slide:
+        grid = TileGrid.from_slide(slide, mpp=2.0, size=64, min_tissue=0)
+        pred = Predictor(MeanColour(), spec, device="cpu", batch_size=4, workers=1)
+        with pytest.raises(SlideError) as e:
+            list(pred.predict(slide, grid))
+    assert str(e.value) == f"{slide_path}: cannot read tile at (1, 2): corrupt JPEG data"
