@@ -32,6 +32,10 @@ class GridError(SlidekitError):
     """A tile grid file is malformed or does not belong to the slide it is used with."""
 
 
+class HeatmapError(SlidekitError):
+    """A heatmap store is missing, incomplete or not a slidekit heatmap."""
+
+
 class AnnotationError(SlidekitError):
     """A GeoJSON or ASAP XML file is malformed or unsupported."""
 

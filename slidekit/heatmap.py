@@ -33,14 +33,11 @@ from shapely.affinity import affine_transform
 from shapely.ops import unary_union
 
 from slidekit.annotations import Annotation
-from slidekit.errors import SlidekitError
+from slidekit.errors import HeatmapError
 from slidekit.tiling import TileGrid
+from slidekit.tissue import mask_to_polygons
 
 HEATMAP_FORMAT = "slidekit.heatmap/1"
-
-
-class HeatmapError(SlidekitError):
-    """A heatmap store is missing, incomplete or not a slidekit heatmap."""
 
 
 def blend_window(h: int, w: int, blend: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
@@ -512,38 +509,5 @@ def _polygons_by_chunk(mask: np.ndarray, cw: int) -> list:
     for c0 in range(0, mask.shape[1], cw):
         sub = mask[:, c0:c0 + cw]
         if sub.any():
-            out.extend(affine_transform(p, [1, 0, 0, 1, c0, 0]) for p in pixel_polygons(sub))
+            out.extend(affine_transform(p, [1, 0, 0, 1, c0, 0]) for p in mask_to_polygons(sub))
     return out
-
-
-def pixel_polygons(mask: np.ndarray) -> list:
-    """Exact pixel-edge outlines of a boolean mask (pixel (r, c) is the square [c, c+1) x [r, r+1)):
-    polygons with holes whose areas equal the pixel counts; pixels touching only at a corner stay
-    apart. Row runs are merged into rectangles and unioned (GEOS).
-
-    ``slidekit.tissue.mask_to_polygons`` traces contours through pixel centres and grows them by
-    half a pixel, which is close for tissue-sized blobs but merges diagonal neighbours and thins
-    one-pixel lines and rings, the common case on a tile-lattice heatmap.
-    """
-    import shapely
-
-    m = np.asarray(mask, bool)
-    if not m.any():
-        return []
-    H, W = m.shape
-    p = np.zeros((H, W + 2), np.int8)
-    p[:, 1:-1] = m
-    d = np.diff(p, axis=1)
-    rows, c0 = np.nonzero(d == 1)
-    _, c1 = np.nonzero(d == -1)
-    # Stack identical runs of consecutive rows into one rectangle (blocky maps become a few boxes).
-    key = c0 * (W + 1) + c1
-    order = np.lexsort((rows, key))
-    rows, c0, c1, key = rows[order], c0[order], c1[order], key[order]
-    new = np.ones(len(rows), bool)
-    new[1:] = (key[1:] != key[:-1]) | (rows[1:] != rows[:-1] + 1)
-    start = np.flatnonzero(new)
-    end = np.append(start[1:], len(rows)) - 1
-    boxes = shapely.box(c0[start], rows[start], c1[start], rows[end] + 1)
-    union = shapely.simplify(shapely.union_all(boxes), 0)
-    return [g for g in getattr(union, "geoms", [union]) if g.area > 0]

@@ -21,19 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidekit.models import resolve_device
 from slidekit.tiling import TileGrid, TileReader
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from slidekit.errors import ConfigError
-
-        raise ConfigError("--device cuda was asked for but no CUDA device is available")
-    return dev
 
 
 class _TileBatches(torch.utils.data.Dataset):

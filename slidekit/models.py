@@ -251,6 +251,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return Checkpoint(spec=spec, model=model, extra=payload.get("extra", {}), path=Path(path))
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without a GPU is a ConfigError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from slidekit.errors import ConfigError
+
+        raise ConfigError(f"device {str(device)!r} was asked for but no CUDA device is available")
+    return dev
+
+
 def transfer_encoder(src: nn.Module | Checkpoint | str | os.PathLike, dst: nn.Module) -> list[str]:
     """Copy the ``.encoder`` weights of ``src`` (network, checkpoint or checkpoint path) into ``dst``.
 

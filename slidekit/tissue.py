@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from shapely.affinity import affine_transform
-from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry import Polygon
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
@@ -86,46 +86,34 @@ class TissueMask:
 
 
 def mask_to_polygons(mask: np.ndarray) -> list[Polygon]:
-    """Vectorise a boolean mask into polygons in mask-pixel coordinates, holes kept.
+    """Exact pixel-edge outlines of a boolean mask, in mask-pixel coordinates.
 
-    Pixel ``(r, c)`` is the unit square ``[c, c+1) x [r, r+1)``; the outline follows pixel edges.
+    Pixel ``(r, c)`` is the square ``[c, c+1) x [r, r+1)``; polygons keep their holes, their
+    areas equal the pixel counts, and pixels touching only at a corner stay apart. Row runs are
+    merged into rectangles and unioned (GEOS).
     """
-    m = np.ascontiguousarray(mask.astype(np.uint8))
+    import shapely
+
+    m = np.asarray(mask, bool)
     if not m.any():
         return []
-    contours, hierarchy = cv2.findContours(np.pad(m, 1), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    hierarchy = hierarchy[0]
-    polygons: list[Polygon] = []
-
-    def ring(c: np.ndarray) -> np.ndarray:
-        return c[:, 0, :].astype(np.float64) - 1.0  # undo the padding
-
-    for i, (_next, _prev, child, parent) in enumerate(hierarchy):
-        if parent != -1:
-            continue
-        shell = ring(contours[i])
-        holes = []
-        j = child
-        while j != -1:
-            holes.append(ring(contours[j]))
-            j = hierarchy[j][0]
-        poly = _pixel_outline(shell, holes)
-        if poly is not None and not poly.is_empty:
-            polygons.extend(poly.geoms if isinstance(poly, MultiPolygon) else [poly])
-    return polygons
-
-
-def _pixel_outline(shell: np.ndarray, holes: list[np.ndarray]) -> Polygon | MultiPolygon | None:
-    # cv2 contours run through pixel centres; shift/buffer to the pixel-edge outline so areas
-    # match pixel counts (a single pixel becomes a unit square, not a point).
-    if len(shell) < 3:
-        x, y = shell.min(axis=0)
-        x2, y2 = shell.max(axis=0)
-        return Polygon([(x, y), (x2 + 1, y), (x2 + 1, y2 + 1), (x, y2 + 1)])
-    poly = Polygon(shell + 0.5, [h + 0.5 for h in holes if len(h) >= 3])
-    if not poly.is_valid:
-        poly = poly.buffer(0)
-    return poly.buffer(0.5, join_style="mitre", mitre_limit=2.0)
+    H, W = m.shape
+    p = np.zeros((H, W + 2), np.int8)
+    p[:, 1:-1] = m
+    d = np.diff(p, axis=1)
+    rows, c0 = np.nonzero(d == 1)
+    _, c1 = np.nonzero(d == -1)
+    # Stack identical runs of consecutive rows into one rectangle (blocky maps become a few boxes).
+    key = c0 * (W + 1) + c1
+    order = np.lexsort((rows, key))
+    rows, c0, c1, key = rows[order], c0[order], c1[order], key[order]
+    new = np.ones(len(rows), bool)
+    new[1:] = (key[1:] != key[:-1]) | (rows[1:] != rows[:-1] + 1)
+    start = np.flatnonzero(new)
+    end = np.append(start[1:], len(rows)) - 1
+    boxes = shapely.box(c0[start], rows[start], c1[start], rows[end] + 1)
+    union = shapely.simplify(shapely.union_all(boxes), 0)
+    return [g for g in getattr(union, "geoms", [union]) if g.area > 0]
 
 
 def _otsu(values: np.ndarray) -> float:

@@ -33,7 +33,7 @@ from torch import nn
 
 from slidekit.errors import CheckpointError, ConfigError
 from slidekit.io import atomic_path, write_text_atomic
-from slidekit.models import ModelSpec, save_checkpoint
+from slidekit.models import ModelSpec, resolve_device, save_checkpoint  # noqa: F401 (re-exported)
 
 LABEL_KINDS = frozenset({"images", "scribbles", "pixel_masks", "slide_labels"})
 ENTRY_POINT_GROUP = "slidekit.trainers"
@@ -219,16 +219,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; a "cuda" request without a GPU is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
-    return dev
 
 
 def init_encoder(model: nn.Module, init: str | None) -> None:
