@@ -71,6 +71,33 @@ def extra_sources(shared: Path, tile_mpp: float) -> list[dict]:
     return out
 
 
+def recalibrate_bn(model, sources: list[dict], mpp: float, tile_size: int, crop_size: int, seed: int,
+                   batches: int = 20, batch_size: int = 128) -> None:
+    """Re-estimate BatchNorm running statistics on augmented pre-training patches, no gradients.
+
+    Separates what pre-training gains from data-fitted normalisation alone from what it gains
+    from the contrastive objective.
+    """
+    import torch
+
+    from trainers.simclr_core import AugmentConfig, HistologyAugment
+    from trainers.simclr_data import PatchPool, build_sources
+
+    aug = HistologyAugment(AugmentConfig(size=crop_size))
+    pool = PatchPool(build_sources(sources, mpp, tile_size, None, seed), transform=aug.geometric)
+    rng = np.random.default_rng(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over all batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            idx = rng.integers(len(pool), size=batch_size)
+            model.features(aug.photometric(torch.stack([pool[int(i)] for i in idx]).float() / 255))
+    model.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiles", required=True, type=Path)
@@ -80,12 +107,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=480.0, help="pre-training wall-time cap (s)")
     ap.add_argument("--steps", type=int, default=1200, help="pre-training steps (upper bound)")
     ap.add_argument("--batch-size", type=int, default=64, help="pairs per step")
-    ap.add_argument("--tile-size", type=int, default=64, help="tiles are seen whole at this size (px)")
+    ap.add_argument("--tile-size", type=int, default=96, help="tiles are seen whole at this size (px)")
     ap.add_argument("--crop-size", type=int, default=48, help="encoder input during pre-training (px)")
-    ap.add_argument("--eval-size", type=int, default=None, help="encoder input for evaluation [crop size]")
-    ap.add_argument("--C", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
+    ap.add_argument("--eval-size", type=int, default=None, help="encoder input for evaluation [tile size]")
+    ap.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     ap.add_argument("--no-extra", action="store_true", help="pre-train on the train tiles only")
     ap.add_argument("--work", type=Path, default=None, help="keep the pre-training run here (resumable)")
+    ap.add_argument("--recalibrate-bn", action="store_true",
+                    help="control for --init random: re-estimate BatchNorm statistics on the pre-training "
+                         "patches (no gradient steps) before evaluating")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -101,23 +131,25 @@ def main() -> None:
     zpath, rows = load_split(args.tiles)
     train = [r for r in rows if r["split"] == "train"]
     test = [r for r in rows if r["split"] == "test"]
-    train_x, test_x = read_tiles(zpath, [r["path_in_zip"] for r in train]), read_tiles(zpath, [r["path_in_zip"] for r in test])
+    train_x = read_tiles(zpath, [r["path_in_zip"] for r in train])
+    test_x = read_tiles(zpath, [r["path_in_zip"] for r in test])
     side = train_x[0].shape[0]
     mpp = TILE_MPP * side / args.tile_size  # a whole tile is one patch of tile_size px
-    eval_size = args.eval_size or args.crop_size
+    eval_size = args.eval_size or args.tile_size
     extra_info: dict = {}
     pretrain_seconds = 0.0
+    sources = [{"zip": str(zpath), "members": [r["path_in_zip"] for r in train], "image_mpp": TILE_MPP,
+                "name": "train tiles (labels unused)", "weight": 1.0}]
+    if not args.no_extra:
+        sources += extra_sources(args.tiles.resolve().parent, TILE_MPP)
     if args.init == "simclr":
-        sources = [{"zip": str(zpath), "members": [r["path_in_zip"] for r in train], "image_mpp": TILE_MPP,
-                    "name": "train tiles (labels unused)", "weight": 1.0}]
-        if not args.no_extra:
-            sources += extra_sources(args.tiles.resolve().parent, TILE_MPP)
         cfg = SimCLRConfig(sources=sources, mpp=mpp, tile_size=args.tile_size, crop_size=args.crop_size,
                            cap=None, epochs=1, steps_per_epoch=args.steps, batch_size=args.batch_size,
                            optimizer="adam", lr=1e-3, lr_scaling="none", weight_decay=1e-6,
                            warmup_epochs=0, time_budget_s=args.budget, temperature=0.1,
                            jitter="heavy", min_crop=0.15, seed=args.seed, num_workers=0)
-        work = args.work or Path(tempfile.mkdtemp(prefix="simclr_linear_"))
+        scratch = None if args.work else tempfile.TemporaryDirectory(prefix="simclr_linear_")
+        work = args.work or Path(scratch.name)
         t0 = time.perf_counter()
         ckpt_path = SimCLRTrainer(cfg).fit(work, device=args.device, progress=sys.stderr.isatty())
         pretrain_seconds = time.perf_counter() - t0
@@ -127,9 +159,14 @@ def main() -> None:
         extra_info = {"pretrain_steps": int(sum(m.get("steps", 0) for m in metrics)),
                       "final_loss": metrics[-1]["loss"] if metrics else None,
                       "sources": ckpt.spec.extra.get("simclr", {}).get("sources")}
+        if scratch is not None:
+            scratch.cleanup()
     else:
         seed_everything(args.seed)
         model = ResNetClassifier("resnet18", 0)
+        if args.recalibrate_bn:
+            recalibrate_bn(model, sources, mpp, args.tile_size, args.crop_size, args.seed)
+            extra_info = {"recalibrated_bn": True}
     t1 = time.perf_counter()
     res = linear_eval(model, train_x, [r["label"] for r in train], test_x, [r["label"] for r in test],
                       size=eval_size, C=args.C, mean=(0.5,) * 3, std=(0.5,) * 3)

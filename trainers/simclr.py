@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from slidekit.errors import ConfigError
 from slidekit.models import ModelSpec, ResNetClassifier
@@ -186,7 +187,7 @@ class SimCLRTrainer(Trainer):
             sampler.set_epoch(epoch)
             head.train()
             losses = []
-            for v1, v2 in loader:
+            for v1, v2 in tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress):
                 if cfg.time_budget_s and time.monotonic() - clock["start"] > cfg.time_budget_s:
                     break
                 x = augment.photometric(torch.cat([v1, v2]).to(dev, non_blocking=True).float().div_(255))
