@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -302,9 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="Write the result here.")
     ap.add_argument("--work", type=Path, default=None, help="Work directory (default: a temp dir).")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--init-steps", type=int, default=150)
-    ap.add_argument("--round-steps", type=int, default=80)
+    ap.add_argument("--round-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: 2 on an idle 2-core machine, 1 when the cores are busy: "
                          "oversubscribed torch threads slow down several-fold)")
@@ -345,7 +344,6 @@ def main(argv: list[str] | None = None) -> dict:
             w.writerow([r["slide"], r["label"], r["mask"]])
         for r in cohort["train"]:
             w.writerow([r["slide"], r["label"], ""])
-    import trainers
     from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
 
     cfg = MixedEMConfig(slides=str(table), mpp=MODEL_MPP, patch_size=PATCH, rounds=args.rounds,
@@ -419,14 +417,15 @@ def run_topk_mean(em_dir: Path, rnd: int, cohort: dict, mixed: dict, seed: int) 
     from sklearn.metrics import roc_auc_score
 
     from slidekit.features import predicted_size_class
-    from slidekit.staging import pn_stage  # noqa: F401  (staging via stage_and_score)
     from trainers.stage2 import (SlideRecord, TopKMeanConfig, TopKMeanTrainer, read_bags, topk_mean_probs)
 
     def recs(items, hms):
         return [SlideRecord(Path(r["slide"]), r["label"], heatmap=h) for r, h in zip(items, hms)]
 
     train_hms = [em_dir / "rounds" / f"r{rnd}" / "heatmaps" / f"{i:05d}" for i in range(len(cohort["train"]))]
-    cfg = TopKMeanConfig(k=16, mpp=MODEL_MPP, patch_size=PATCH, epochs=6, lr=3e-4, batch_slides=4, seed=seed)
+    # the patch CNN starts from the selected segmenter's encoder (same ResNet encoder names)
+    cfg = TopKMeanConfig(k=16, mpp=MODEL_MPP, patch_size=PATCH, epochs=6, lr=3e-4, batch_slides=4, seed=seed,
+                         init=str(em_dir / "rounds" / f"r{rnd}" / "checkpoint.pt"))
     train_recs = recs(cohort["train"], train_hms)
     bags = torch.from_numpy(read_bags(train_recs, cfg.k, cfg.mpp, cfg.patch_size))
     labels = torch.tensor([r.positive for r in train_recs], dtype=torch.float32)

@@ -42,7 +42,7 @@ from slidekit.errors import ConfigError, LabelError
 from slidekit.features import DEFAULT_THRESHOLDS, SIZE_CLASSES, features_from_view, open_heatmap_view
 from slidekit.io import atomic_path, write_text_atomic
 from trainers.base import Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs, seed_everything
-from trainers.stage2 import SlideRecord, fit_morph_lgbm, read_slide_table
+from trainers.stage2 import fit_morph_lgbm, read_slide_table
 
 SOURCES = ("pixel", "pseudo_positive", "hard_negative")
 
@@ -104,7 +104,20 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
     pos_rows: list[tuple[int, int]] = []
     neg_rows: list[tuple[int, int]] = []
     with atomic_path(out) as tmp:
-        arr = None
+        arr, pending = None, []
+
+        def flush() -> None:
+            nonlocal arr
+            if not pending:
+                return
+            if arr is None:
+                P = pending[0].shape
+                arr = zarr.open_array(str(tmp), mode="w", shape=(0, *P), chunks=(1, *P), dtype="float16")
+            n0 = arr.shape[0]
+            arr.resize((n0 + len(pending), *arr.shape[1:]))
+            arr[n0:] = np.stack(pending).astype(np.float16)
+            pending.clear()
+
         for s, (items, positive) in enumerate(zip(patch_probs, positives)):
             for tile, prob in items:
                 y = pseudo_label(prob, positive, threshold, scale, floor)
@@ -113,12 +126,11 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
                 if not positive:
                     neg_rows.append((s, int(tile)))
                     continue
-                if arr is None:
-                    P = y.shape
-                    arr = zarr.open_array(str(tmp), mode="w", shape=(0, *P), chunks=(1, *P), dtype="float16")
-                arr.resize((len(pos_rows) + 1, *y.shape))
-                arr[len(pos_rows)] = y.astype(np.float16)
+                pending.append(y)
                 pos_rows.append((s, int(tile)))
+                if len(pending) >= 256:  # bounded memory: write in blocks
+                    flush()
+        flush()
         if arr is None:
             zarr.open_array(str(tmp), mode="w", shape=(0, 1, 1), chunks=(1, 1, 1), dtype="float16")
     return {"positive": np.asarray(pos_rows, np.int64).reshape(-1, 2),
@@ -222,8 +234,8 @@ def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | 
                     overlap: int = 0, tissue_mpp: float = 8.0, min_tissue: float = 0.01, batch_size: int = 8,
                     device: str | torch.device = "cpu", attrs: dict | None = None) -> Path:
     """Segmenter heatmap of ``slide`` at the model's MPP into the zarr ``store`` (skipped when a
-    complete one exists, resumed when a partial one does). Large tiles: a fully convolutional
-    network predicts a 256 px tile much faster than sixteen 64 px ones."""
+    complete one exists, resumed when a partial one does), zero outside the tissue mask. Large
+    tiles: a fully convolutional network predicts a 256 px tile much faster than sixteen 64 px ones."""
     from slidekit.heatmap import Heatmap, HeatmapWriter
     from slidekit.inference import Predictor
     from slidekit.tiling import TileGrid
@@ -236,15 +248,20 @@ def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | 
             return store
         except Exception:
             pass
-    grid = TileGrid.from_slide(slide, mpp=spec.mpp, size=tile, overlap=overlap,
-                               mask=tissue_mask(slide, mpp=tissue_mpp), min_tissue=min_tissue)
+    tissue = tissue_mask(slide, mpp=tissue_mpp)
+    grid = TileGrid.from_slide(slide, mpp=spec.mpp, size=tile, overlap=overlap, mask=tissue, min_tissue=min_tissue)
     w = HeatmapWriter(store, grid, "segmentation", spec.classes, mpp=spec.mpp,
                       blend="gaussian" if overlap else "constant", attrs=attrs)
     todo = w.todo()
     if len(todo):
         was_training = model.training
         pred = Predictor(model, spec, device=device, batch_size=batch_size, workers=0)
+        t_arr = tissue.array.astype(np.float32)
         for idx, y in pred.predict(slide, grid, index=todo):
+            # tumour probability is zero off tissue: glass and tile padding otherwise give
+            # spurious maxima that swamp isolated tumour cells
+            for k, i in enumerate(idx):
+                y[k] *= mask_patch(t_arr, grid.slide_dimensions, tuple(grid.coords[i]), grid.extent, y.shape[-1])
             w.add(idx, y)
         model.train(was_training)
     w.finish()

@@ -306,21 +306,28 @@ def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Op
 
 
 def read_bags(records: Sequence[SlideRecord], k: int, mpp: float, patch_size: int,
-              slide_mpp: float | None = None) -> np.ndarray:
-    """(S, K, P, P, 3) uint8: the top-K tiles of each slide's heatmap, read at ``mpp``.
-    Slides with fewer than K tiles repeat their best ones."""
+              slide_mpp: float | None = None, tissue_mpp: float = 8.0, min_tissue: float = 0.25) -> np.ndarray:
+    """(S, K, P, P, 3) uint8: each slide's K tissue tiles (``patch_size`` px at ``mpp``) with the
+    highest maximum pixel probability in its heatmap. Slides with fewer than K tiles repeat their
+    best ones."""
     from slidekit.slide import open_slide
+    from slidekit.tiling import TileGrid, TileReader
+    from slidekit.tissue import tissue_mask
     from slidekit.topk import topk_from_heatmap
 
     bags = np.zeros((len(records), k, patch_size, patch_size, 3), np.uint8)
     for s, r in enumerate(records):
         if r.heatmap is None:
             raise LabelError(f"slide {r.slide} has no heatmap to pick its top-{k} tiles from")
-        top = topk_from_heatmap(r.heatmap, k=k)
         with open_slide(r.slide, mpp=slide_mpp) as slide:
+            grid = TileGrid.from_slide(slide, mpp=mpp, size=patch_size, overlap=0,
+                                       mask=tissue_mask(slide, mpp=tissue_mpp), min_tissue=min_tissue)
+            if not len(grid):
+                raise LabelError(f"no tissue tiles of {patch_size} px at {mpp} µm/px", r.slide)
+            top = topk_from_heatmap(r.heatmap, k=k, coords=grid.coords, tile_size0=grid.extent)
+            _, tiles = TileReader(slide, grid).read_batch(top.indices)
             for j in range(k):
-                x, y = top.coords[j % max(1, len(top))]
-                bags[s, j] = slide.read_scaled((int(x), int(y)), (patch_size, patch_size), mpp)
+                bags[s, j] = tiles[j % len(tiles)]
     return bags
 
 
