@@ -180,7 +180,14 @@ def test_per_slide_cap_respected_by_the_sampler(three_slides, tmp_path):
     assert all(len(v) <= 5 for k, v in seen.items() if k.startswith("slide:"))
     assert sum(1 for k in seen if k.startswith("slide:")) == 3
     assert pool[0].shape == (3, 64, 64) and pool[0].dtype == torch.uint8
+    import pickle
+
+    assert torch.equal(pickle.loads(pickle.dumps(pool))[0], pool[0])  # worker-safe slide readers
     assert pool[len(pool) - 1].shape == (3, 64, 64)
+
+
+def _corner(t: torch.Tensor) -> torch.Tensor:
+    return t[:, :16, :16]
 
 
 def test_zip_source_and_bad_sources(tmp_path):
@@ -194,9 +201,13 @@ def test_zip_source_and_bad_sources(tmp_path):
                 zf.write(p, f"set/{split}/{i}.png")
     (src,) = build_sources([{"zip": str(zpath), "pattern": "*/train/*"}], mpp=0.5, size=32, cap=None)
     assert len(src) == 3
-    pool = PatchPool([src], transform=lambda t: t[:, :16, :16], views=2)
+    pool = PatchPool([src], transform=_corner, views=2)
     a, b = pool[1]
     assert a.shape == b.shape == (3, 16, 16)
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(pool))  # what a DataLoader worker gets: reopens the archive
+    assert torch.equal(clone[2][0], pool[2][0])
     with pytest.raises(ConfigError):
         build_sources([{"zip": str(zpath), "members": ["nope.png"]}], 0.5, 32, None)
     with pytest.raises(ConfigError):
