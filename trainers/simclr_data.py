@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from slidekit.data import IMAGE_SUFFIXES
 from slidekit.errors import ConfigError, SlideError, TissueError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SOURCE_KINDS = ("slides", "folder", "zip")
 SOURCE_KEYS = {"slides", "folder", "zip", "pattern", "members", "mpp", "size", "cap", "min_tissue",
                "slide_mpp", "tissue_mpp", "image_mpp", "weight", "name"}
