@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_pixel = {"micro": 1, "macro": 1}
     else:
         n_train = {"pN0": 3, "pN0(i+)": 1, "pN1mi": 3, "pN1": 3, "pN2": 2}
-        n_test = {"pN0": 4, "pN0(i+)": 2, "pN1mi": 3, "pN1": 5, "pN2": 2}
+        n_test = {"pN0": 6, "pN0(i+)": 3, "pN1mi": 5, "pN1": 7, "pN2": 3}
         n_pixel = {"itc": 1, "micro": 2, "macro": 3}
     print(f"building cohort in {work} ...", flush=True)
     cohort = build_cohort(work / "cohort", args.seed, n_train, n_test, n_pixel)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = MixedEMConfig(slides=str(table), mpp=MODEL_MPP, patch_size=PATCH, rounds=args.rounds,
                         init_steps=args.init_steps, round_steps=args.round_steps, batch_size=10, lr=1e-3,
-                        seed=args.seed, predict_batch=4, predict_tile=PREDICT_TILE,
+                        seed=args.seed, predict_batch=4, predict_tile=PREDICT_TILE, min_hard_negatives=200,
                         stage2_work_mpp=MODEL_MPP)
     em_dir = work / "mixed_em"
     t0 = time.time()

@@ -140,3 +140,14 @@ def test_tiny_mixed_em_run(tmp_path):
     assert (tmp_path / "out" / "rounds" / "r1" / "pseudo_labels.zarr").exists()
     # a rerun finds the finished run and returns at once
     assert MixedEMTrainer(cfg).fit(tmp_path / "out", device="cpu", progress=False) == ckpt
+
+
+def test_hard_negatives_topped_up_with_highest_scoring(tmp_path):
+    def patch(v):
+        return np.full((2, 2), v, np.float32)
+
+    slides = [[(0, patch(0.5)), (1, patch(0.3)), (2, patch(0.1)), (3, patch(0.35))]]
+    plain = e_step(iter(slides), [False], tmp_path / "a.zarr")
+    assert plain["hard_negative"].tolist() == [[0, 0]]
+    topped = e_step(iter(slides), [False], tmp_path / "b.zarr", min_hard_negatives=3)
+    assert topped["hard_negative"].tolist() == [[0, 0], [0, 3], [0, 1]]

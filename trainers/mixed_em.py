@@ -66,6 +66,7 @@ class MixedEMConfig(TrainerConfig):
     threshold: float = 0.4
     scale: float = 4.0
     floor: float = 0.01
+    min_hard_negatives: int = 0  # top up hard negatives with the highest-scoring negative patches (0: paper rule)
     weight_decay: float = 1e-4
     predict_batch: int = 8
     predict_tile: int = 0       # heatmap tiles (px at ``mpp``); 0: 4 x patch_size (large tiles predict faster)
@@ -93,16 +94,21 @@ def pseudo_label(prob: np.ndarray, positive: bool, threshold: float = 0.4, scale
 
 
 def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, threshold: float = 0.4,
-           scale: float = 4.0, floor: float = 0.01) -> dict[str, np.ndarray]:
+           scale: float = 4.0, floor: float = 0.01, min_hard_negatives: int = 0) -> dict[str, np.ndarray]:
     """Apply ``pseudo_label`` to an iterable of ``(key, prob map)`` per slide and store the result.
 
     ``patch_probs[s]`` yields ``(tile index, (P, P) prob)`` for slide ``s``. Writes the positive
     pseudo-labels to the zarr array ``out`` ((N, P, P) float16, one chunk per patch) and returns
     ``{"positive": (N, 2) [slide, tile], "hard_negative": (M, 2) [slide, tile]}``.
+
+    ``min_hard_negatives`` (0 = the paper's rule only) tops the hard negatives up with the
+    highest-scoring remaining patches of negative slides: once a model has learnt to stay below
+    T on most negatives, a handful of hard negatives would otherwise fill 7/10 of every batch.
     """
     out = Path(out)
     pos_rows: list[tuple[int, int]] = []
     neg_rows: list[tuple[int, int]] = []
+    spare: list[tuple[float, int, int]] = []  # (max prob, slide, tile) of dropped negative-slide patches
     with atomic_path(out) as tmp:
         arr, pending = None, []
 
@@ -122,6 +128,8 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
             for tile, prob in items:
                 y = pseudo_label(prob, positive, threshold, scale, floor)
                 if y is None:
+                    if not positive and min_hard_negatives:
+                        spare.append((float(np.max(prob)) if prob.size else 0.0, s, int(tile)))
                     continue
                 if not positive:
                     neg_rows.append((s, int(tile)))
@@ -131,6 +139,9 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
                 if len(pending) >= 256:  # bounded memory: write in blocks
                     flush()
         flush()
+        if len(neg_rows) < min_hard_negatives and spare:
+            spare.sort(key=lambda v: (-v[0], v[1], v[2]))
+            neg_rows += [(sl, t) for _, sl, t in spare[:min_hard_negatives - len(neg_rows)]]
         if arr is None:
             zarr.open_array(str(tmp), mode="w", shape=(0, 1, 1), chunks=(1, 1, 1), dtype="float16")
     return {"positive": np.asarray(pos_rows, np.int64).reshape(-1, 2),
@@ -435,7 +446,7 @@ class MixedEMTrainer(Trainer):
                 yield t, p
 
         found = e_step((patches(i) for i in range(len(self.labelled))), [x.positive for x in self.labelled],
-                       rdir / "pseudo_labels.zarr", c.threshold, c.scale, c.floor)
+                       rdir / "pseudo_labels.zarr", c.threshold, c.scale, c.floor, c.min_hard_negatives)
         with atomic_path(index_path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **found)
