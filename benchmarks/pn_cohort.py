@@ -6,11 +6,13 @@ No public CAMELYON slides are reachable here, so the cohort is composed from the
 ``../shared/data``:
 
 - normal tissue: a mosaic of tissue blocks from the two SVS slides (CMU-1 heart, TCGA-CR-7395);
+- lymphoid follicles (NCT-CRC-HE lymphocyte tile), the classic false positive in lymph nodes:
+  0-1 per pixel-labelled slide, 2-5 per slide-labelled or held-out node;
 - lesions: a mosaic of the MoNuSeg H&E images (tumour tissue of 8 organs), pasted as irregular
-  blobs of a controlled largest diameter in µm: ITC 50-180 µm, micro 0.3-1.8 mm, macro 2.2-2.6 mm;
+  blobs of a controlled largest diameter in µm: ITC 50-180 µm, micro 0.3-1.8 mm, macro 2.1-2.4 mm;
 - patients: 5 nodes each, the node-label lists of real CAMELYON17 patients
-  (``camelyon/stage_labels.csv``), drawn stratified by pN stage;
-- two centres: a few pixel-labelled positive slides from centre A; every slide-labelled training
+  (``camelyon/stage_labels.csv``), drawn stratified by pN stage: 12 for training, 24 held out;
+- two centres: six pixel-labelled positive slides from centre A; every slide-labelled training
   slide and every held-out slide from centre B, whose stain differs (HED stain shift plus a
   slight blur), so pixel labels alone do not transfer.
 
