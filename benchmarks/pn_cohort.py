@@ -323,6 +323,17 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     work = args.work or Path(tempfile.mkdtemp(prefix="pn_cohort_"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, work, t_start)
+    finally:
+        if args.work is None:  # a temporary work directory is removed; --work keeps everything
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
+    """The benchmark proper, in ``work``."""
     if args.small:
         n_train = {"pN0": 1, "pN0(i+)": 0, "pN1mi": 1, "pN1": 1, "pN2": 0}
         n_test = {"pN0": 1, "pN0(i+)": 0, "pN1mi": 0, "pN1": 1, "pN2": 0}
