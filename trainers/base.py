@@ -196,6 +196,10 @@ def load_config(cls: type, path: str | os.PathLike | None = None,
             raise ConfigError(f"cannot parse config ({type(e).__name__}: {e})", path) from None
         if not isinstance(loaded, dict):
             raise ConfigError("config must be a mapping of option names to values", path)
+        try:
+            make_config(cls, loaded)  # errors in the file name the file
+        except ConfigError as e:
+            raise ConfigError(str(e), path) from None
         values.update(loaded)
     if isinstance(overrides, list):
         for item in overrides:
@@ -205,10 +209,7 @@ def load_config(cls: type, path: str | os.PathLike | None = None,
             values[k.strip().replace("-", "_")] = v
     elif overrides:
         values.update(overrides)
-    try:
-        return make_config(cls, values)
-    except ConfigError as e:
-        raise ConfigError(str(e), path) from None
+    return make_config(cls, values)
 
 
 # -- reproducibility and devices -----------------------------------------------------------------
