@@ -11,8 +11,8 @@ seeded third of ``--data`` (training then uses the other two thirds). Prints and
 
 CPU budget (2 cores, no GPU, no ImageNet weights): images are halved (0.25 -> 0.5 µm/px), a
 ResNet18 U-Net (random init) trains on random 128-px crops, batch 8, ``--steps-per-epoch`` 20 x
-``--epochs`` 12 (240 steps), AdamW 1e-3 with a cosine decay. S2L: warm-up 5 epochs, EMA of
-whole-image predictions every epoch from epoch 3, α 0.2, τ 0.8, λ 0.5. ``train_cpu_seconds`` is
+``--epochs`` 24 (480 steps), AdamW 1e-3 with a cosine decay. S2L: warm-up 10 epochs, EMA of
+whole-image predictions every epoch from epoch 6, α 0.2, τ 0.8, λ 0.5. ``train_cpu_seconds`` is
 the process CPU time: the wall time on an otherwise idle machine at ``--threads 1``. Predictions are upsampled back to full resolution for scoring.
 """
 from __future__ import annotations
@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scale", type=float, default=0.5, help="resize factor for training and inference")
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--steps-per-epoch", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--warmup-epochs", type=int, default=5)
+    ap.add_argument("--warmup-epochs", type=int, default=10)
     ap.add_argument("--ema-every", type=int, default=1)
-    ap.add_argument("--ema-start", type=int, default=3)
+    ap.add_argument("--ema-start", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the training folder and run here")
