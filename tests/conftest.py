@@ -39,3 +39,14 @@ def synthetic_slide(path: Path, width: int = 2048, height: int = 1536, mpp: floa
         noise = rng.integers(-25, 25, size=(h, w, 3), dtype=np.int16)
         rgb[y:y + h, x:x + w] = np.clip(base + noise, 0, 255).astype(np.uint8)
     return write_pyramid(path, rgb, mpp, tile=tile, compression=compression)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: the test machine's cores are shared, and oversubscribed threads crawl."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

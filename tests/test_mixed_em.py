@@ -13,13 +13,7 @@ from slidekit.sampling import FixedRatioSampler, ratio_counts
 from trainers.mixed_em import e_step, mask_patch, pseudo_label, select_round
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the test machine's cores are shared, and oversubscribed threads crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_threshold_drops_patches():

@@ -11,13 +11,7 @@ from trainers.stage2 import (MorphClassifier, TopKMeanConfig, TopKMeanTrainer, f
                              read_slide_table, topk_mean_probs)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the test machine's cores are shared, and oversubscribed threads crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toy_rows(n_per_class: int, rng: np.random.Generator):
