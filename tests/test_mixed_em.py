@@ -6,7 +6,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from slidekit.sampling import FixedRatioSampler, ratio_counts
