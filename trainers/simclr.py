@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -35,15 +35,15 @@ from slidekit.models import ModelSpec, ResNetClassifier
 from slidekit.sampling import FixedRatioSampler
 from trainers.base import (Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs,
                            seed_everything)
-from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, HistologyAugment, ProjectionHead,
-                                  nt_xent, scaled_lr, split_decay_groups, warmup_cosine)
+from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, AugmentOptions, HistologyAugment,
+                                  ProjectionHead, nt_xent, scaled_lr, split_decay_groups, warmup_cosine)
 from trainers.simclr_data import PatchPool, build_sources
 
 DEFAULT_LR = {"lars": (0.3, "linear"), "adam": (1e-3, "none")}
 
 
 @dataclass
-class SimCLRConfig(TrainerConfig):
+class SimCLRConfig(TrainerConfig, AugmentOptions):
     """SimCLR options. ``lr``/``lr_scaling`` default by optimiser: LARS 0.3 x B/256, Adam 1e-3."""
 
     epochs: int = 100
@@ -70,19 +70,8 @@ class SimCLRConfig(TrainerConfig):
     steps_per_epoch: int | None = None    # default: one pass over the pooled patches
     time_budget_s: float | None = None    # stop after this much training time; the LR schedule
                                           # then follows elapsed time (whichever is further along)
-    # augmentation (paper's recipe)
+    # augmentation: the paper's recipe (fields inherited from AugmentOptions) at this size
     crop_size: int = 224
-    min_crop: float = 0.15
-    max_crop: float = 1.0
-    rotate90: bool = True
-    flip: bool = True
-    jitter: str = "heavy"
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.0
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
@@ -110,10 +99,9 @@ class SimCLRConfig(TrainerConfig):
     def augment(self) -> AugmentConfig:
         """The augmentation part of the config."""
         try:
-            return AugmentConfig(size=self.crop_size, min_crop=self.min_crop, max_crop=self.max_crop,
-                                 rotate90=self.rotate90, flip=self.flip, jitter=self.jitter,
-                                 jitter_p=self.jitter_p, grayscale_p=self.grayscale_p, blur_p=self.blur_p,
-                                 blur_sigma=tuple(self.blur_sigma), mean=tuple(self.mean), std=tuple(self.std))
+            options = {f.name: getattr(self, f.name) for f in fields(AugmentOptions)}
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+            return AugmentConfig(size=self.crop_size, **options)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

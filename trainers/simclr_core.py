@@ -56,10 +56,10 @@ class ProjectionHead(nn.Module):
 
 
 @dataclass
-class AugmentConfig:
-    """The paper's augmentation recipe; every part can be switched or tuned."""
+class AugmentOptions:
+    """The paper's augmentation recipe, every part switchable; trainer configs inherit these
+    fields so each can be set from a config file or ``--set``."""
 
-    size: int = 64                # output side in pixels (the encoder's input)
     min_crop: float = 0.15        # smallest crop, as a fraction of the source area
     max_crop: float = 1.0
     rotate90: bool = True
@@ -71,6 +71,13 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class AugmentConfig(AugmentOptions):
+    """The augmentation recipe plus the output size (the encoder's input side in pixels)."""
+
+    size: int = 64
 
     def __post_init__(self) -> None:
         if self.jitter not in JITTER_PRESETS:
