@@ -30,16 +30,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # --------------------------------------------------------------------------------- augmentation
 
 class RandomRot90(v2.Transform):
-    """Rotate images and masks by the same random multiple of 90 degrees (exact, no resampling)."""
+    """Rotate by 0, 90, 180 or 270 degrees with equal probability (exact, no resampling); every
+    input v2 selects for transforming (image, masks, maps) gets the same rotation."""
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        return {"k": int(torch.randint(0, 4, ()).item())}
+        return {"k": int(torch.randint(4, ()))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if params["k"] == 0 or not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
-            return inpt
-        return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], dims=(-2, -1)),
-                               like=inpt)
+        out = torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], dims=(-2, -1))
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
 def JointAugment(flips: bool = True, rot90: bool = True,

@@ -14,8 +14,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from slidekit.data import RandomRot90
 
 # (brightness, contrast, saturation, hue) as in the paper's presets.
 JITTER_PRESETS: dict[str, tuple[float, float, float, float] | None] = {
@@ -140,17 +141,6 @@ class HistologyAugment:
 def histology_augment(cfg: AugmentConfig | None = None) -> HistologyAugment:
     """The SimCLR histology augmentation for ``cfg`` (see ``HistologyAugment``)."""
     return HistologyAugment(cfg)
-
-
-class RandomRot90(v2.Transform):
-    """Rotate by 0, 90, 180 or 270 degrees with equal probability (exact, no interpolation)."""
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        return {"k": int(torch.randint(4, ()))}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        out = torch.rot90(inpt.as_subclass(torch.Tensor), params["k"], dims=(-2, -1))
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
