@@ -50,3 +50,20 @@ class ConfigError(SlidekitError):
 
 class LabelError(SlidekitError):
     """A label table (CSV) is malformed or inconsistent."""
+
+
+class SlidekitWarning(UserWarning):
+    """Base of every slidekit warning: something was done that the user should know about
+    (an override, a skipped tile, an unverifiable file). The CLI prints each as one line."""
+
+
+class MPPOverrideWarning(SlidekitWarning):
+    """A user-given pixel size replaced a different one from the slide's metadata."""
+
+
+class BadTileWarning(SlidekitWarning):
+    """A tile that could not be decoded was skipped, as the caller asked (``on_bad_tile="skip"``)."""
+
+
+class SlideIntegrityWarning(SlidekitWarning):
+    """Part of a slide file could not be verified (it may be damaged)."""
