@@ -67,3 +67,26 @@ class BadTileWarning(SlidekitWarning):
 
 class SlideIntegrityWarning(SlidekitWarning):
     """Part of a slide file could not be verified (it may be damaged)."""
+
+
+class OutputError(SlidekitError):
+    """An output path holds something slidekit did not write (it refuses to replace it), or the
+    results of another slide."""
+
+
+class LockedError(OutputError):
+    """Another process holds the output folder's lock."""
+
+
+class ManifestError(SlidekitError):
+    """A cohort manifest (CSV, folder, glob or list of slides) is malformed."""
+
+
+class TrainingError(SlidekitError):
+    """Training cannot go on: the loss or the weights became NaN/inf, or the output directory
+    holds a run that does not match the one asked for."""
+
+
+class TrainingWarning(SlidekitWarning):
+    """A training choice the user should know about (a run extended to more epochs, a stage-2
+    selection made on a missing or chance-level loss)."""
