@@ -1,20 +1,56 @@
-"""Shared fixtures: the real data in ../shared/data (skipped when absent) and synthetic slides."""
+"""Shared fixtures: the real data (skipped when absent) and synthetic slides.
+
+Real data is found by ``slidekit.datapaths``: ``pytest --data DIR``, else ``$SLIDEKIT_DATA``, else
+``../shared/data`` beside the checkout. Tests needing it take the ``shared_data`` fixture (or skip
+with a reason containing ``REAL_DATA_SKIP``); the terminal summary counts those skips.
+"""
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from slidekit.datapaths import ENV_VAR, data_dir, data_missing_reason
+
+#: Every skip for want of real data says this, so the summary can count them.
+REAL_DATA_SKIP = "real data not found"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--data", default=None, metavar="DIR",
+                     help="real-data folder (default: $SLIDEKIT_DATA, else ../shared/data beside the checkout)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `--data DIR` becomes $SLIDEKIT_DATA, so that fixtures, module-level checks and the subprocesses
+    # of tests (CLI runs, docs blocks) all resolve the same folder through slidekit.datapaths.
+    if config.getoption("--data"):
+        os.environ[ENV_VAR] = str(Path(config.getoption("--data")).resolve())
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data, or skip the test with the reason."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (../shared/data beside the checkout)")
-    return SHARED_DATA
+    """The real-data folder, or skip the test with the reason."""
+    reason = data_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return data_dir()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Say how many tests were skipped for want of real data and why, also without ``-rs``."""
+    reasons: Counter[str] = Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(rep, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        if REAL_DATA_SKIP in reason:
+            reasons[reason.removeprefix("Skipped: ")] += 1
+    for reason, n in reasons.items():
+        terminalreporter.write_line(f"real data: {n} test{'s' if n != 1 else ''} skipped: {reason}",
+                                    yellow=True)
 
 
 @pytest.fixture(scope="session")

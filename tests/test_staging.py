@@ -10,11 +10,12 @@ from sklearn.metrics import cohen_kappa_score
 
 from slidekit import LabelError, pn_stage, weighted_kappa
 from slidekit.cli import main
+from slidekit.datapaths import data_dir, data_missing_reason
 from slidekit.staging import PN_STAGES, read_label_csv, stage_csv, stage_table
 
-CAMELYON = Path(__file__).resolve().parents[2] / "shared" / "data" / "camelyon" / "stage_labels.csv"
+CAMELYON = data_dir() / "camelyon" / "stage_labels.csv"
 needs_camelyon = pytest.mark.skipif(not CAMELYON.exists(),
-                                    reason=f"CAMELYON17 labels not present at {CAMELYON}")
+                                    reason=data_missing_reason() or f"real data not found: {CAMELYON}")
 
 
 @pytest.mark.parametrize("labels,stage", [
