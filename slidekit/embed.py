@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from slidekit.errors import CheckpointError, GridError, TissueError
+from slidekit.locks import OutputLock
+from slidekit.outputs import claim_path
 from slidekit.tiling import TileGrid
 
 EMBED_FORMAT = "slidekit.embeddings/1"
@@ -117,10 +119,11 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                          "extent": list(grid.extent), "min_tissue": grid.min_tissue},
                 "spec": {"backbone": spec.backbone, "patch_size": spec.patch_size, "mpp": spec.mpp,
                          "mean": list(spec.mean), "std": list(spec.std), "trainer": spec.trainer}}
-        if not _is_complete(out, meta):
-            _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress)
-    if clusters:
-        _add_clusters(out, clusters, seed)
+        with OutputLock(out.parent, name=f".{out.name}.lock"):
+            if not _is_complete(out, meta):
+                _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress)
+            if clusters:
+                _add_clusters(out, clusters, seed)
     if geojson is not None:
         if not clusters:
             raise GridError("writing cluster GeoJSON needs clusters=k")
@@ -128,17 +131,29 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
     return out
 
 
+def _is_embeddings_store(path: Path) -> bool:
+    """Whether ``path`` is a store slidekit's embed wrote (finished or not)."""
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == EMBED_FORMAT
+    except Exception:
+        return False
+
+
 def _is_complete(out: Path, meta: dict) -> bool:
     if not out.exists():
         return False
+    # Only a store slidekit wrote may be replaced: a user's folder or file is never deleted.
+    claim_path(out, _is_embeddings_store(out), "a slidekit embeddings store")
     try:
         emb = open_embeddings(out)
     except GridError:
-        shutil.rmtree(out, ignore_errors=True)  # unreadable or unfinished: recompute
+        shutil.rmtree(out)  # our own unfinished store: recompute
         return False
     same = {k: emb.attrs.get(k) for k in meta} == json.loads(json.dumps(meta))
     if not same:
-        shutil.rmtree(out)  # another slide, grid or model: recompute
+        shutil.rmtree(out)  # our store of another slide, grid or model: recompute
     return same
 
 
@@ -150,6 +165,7 @@ def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size
 
     partial = out.with_name(out.name + ".partial")
     root = None
+    claim_path(partial, _is_embeddings_store(partial), "a slidekit embeddings store")
     if partial.exists():
         try:
             root = zarr.open_group(str(partial), mode="r+")

@@ -196,6 +196,11 @@ def _config_key(cfg: dict) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
+HEATMAP_OUTPUTS = ("heatmap.zarr", "heatmap.zarr.part", "overlay.png", "predictions.geojson", "tiles.geojson",
+                   "summary.json")
+
+
 def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
                   mpp: float | None = None, size: int | None = None, overlap: int | None = None,
                   heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
@@ -212,6 +217,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     from slidekit.annotations import Annotation, write_geojson
     from slidekit.heatmap import Heatmap, HeatmapWriter
     from slidekit.io import write_text_atomic
+    from slidekit.locks import OutputLock
+    from slidekit.outputs import OutputDir
     from slidekit.slide import open_slide
     from slidekit.tiling import slide_fingerprint
     from slidekit.tissue import tissue_mask
@@ -232,9 +239,12 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp}
     out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
     summary_path = out / "summary.json"
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
+    with open_slide(slide_path, mpp=slide_mpp) as slide, OutputLock(out):
         run_cfg["slide_id"] = slide_fingerprint(slide.path)
         key = _config_key({**run_cfg, **out_cfg})
+        # Only files slidekit wrote here may be replaced; another slide's folder is refused.
+        owned = OutputDir(out, slide.path, run_cfg["slide_id"])
+        owned.claim(*HEATMAP_OUTPUTS)
         if summary_path.exists():
             try:
                 old = json.loads(summary_path.read_text())
@@ -301,7 +311,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                    "task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
                    "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,
                    "regions": len(anns), "region_area_mm2": sum(a.measurements["Area µm^2"] for a in anns) / 1e6,
-                   "outputs": sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) + ["summary.json"],
+                   "outputs": sorted(p.name for p in out.iterdir() if p.name in HEATMAP_OUTPUTS) + ["summary.json"],
                    "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2)}
         write_text_atomic(summary_path, json.dumps(summary, indent=2))
     return summary
