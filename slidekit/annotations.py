@@ -1,4 +1,5 @@
-"""Annotations: QuPath GeoJSON and ASAP XML in and out, and rasterising them to label maps.
+"""Annotations: QuPath GeoJSON and ASAP/ImageScope XML in and out (rasterising, the fill rule
+and clipping live in ``slidekit.geometry``; ``rasterize`` is re-exported here).
 
 QuPath's rules for what it imports: ``objectType`` lives in ``properties``; ``classification``
 is ``{"name", "color": [r, g, b]}`` (both keys); ``measurements`` is a name -> number map; ids
@@ -8,6 +9,10 @@ Reading is lenient about what QuPath versions wrote: a FeatureCollection, a sing
 list of Features or a bare geometry; ``classification`` as a plain string, with ``colorRGB``
 (packed ARGB int) or with ``names`` (derived classes); measurements as a list of
 ``{"name", "value"}``; QuPath 0.2's object type in the feature ``id``; gzip-compressed files.
+It is strict about what would be wrong downstream: non-finite coordinates, a class name that is
+not a string, a malformed id are errors naming the file and the feature; empty rings, colours
+outside 0-255 and objects without vertices are repaired or dropped with one AnnotationWarning
+per file saying what and where.
 """
 from __future__ import annotations
 
@@ -16,17 +21,20 @@ import json
 import math
 import os
 import uuid
+import warnings
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
-import cv2
 import numpy as np
+import shapely
 from shapely.geometry import LineString, MultiPoint, Point, Polygon, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from slidekit.errors import AnnotationError
+from slidekit.errors import AnnotationError, AnnotationWarning
+from slidekit.geometry import clip_annotations, fill_rings, rasterize  # noqa: F401  (re-exported)
 from slidekit.io import atomic_path
 
 KINDS = ("annotation", "detection", "cell", "tile")
@@ -37,6 +45,28 @@ _LEGACY_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "det
 _CORE_PROPS = {"objectType", "classification", "measurements", "name", "color"}
 _GEOMETRY_TYPES = {"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
                    "GeometryCollection"}
+# Largest annotation file read, after decompression: a gzip bomb stops here with one line instead
+# of exhausting memory. 2 GiB holds about a million QuPath cells.
+MAX_ANNOTATION_BYTES = 2 << 30
+
+
+class _Notes:
+    """Repairs made while reading or writing one file, reported as one warning line."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list[str]] = {}
+
+    def add(self, what: str, where: str) -> None:
+        self.items.setdefault(what, []).append(where)
+
+    def warn(self, path: Path, stacklevel: int = 3) -> None:
+        if not self.items:
+            return
+        parts = []
+        for what, where in self.items.items():
+            shown = ", ".join(where[:3]) + (f", ... ({len(where)} in all)" if len(where) > 3 else "")
+            parts.append(f"{what} ({shown})")
+        warnings.warn(AnnotationWarning(f"{path}: " + "; ".join(parts)), stacklevel=stacklevel)
 
 
 @dataclass
@@ -57,29 +87,19 @@ class Annotation:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_feature(self) -> dict:
-        """This object as a QuPath-ready GeoJSON Feature."""
-        props: dict = {"objectType": self.kind}
-        if self.name:
-            props["name"] = self.name
-        if self.label is not None:
-            props["classification"] = {"name": self.label, "color": list(self.color or default_color(self.label))}
-        elif self.color is not None:
-            props["color"] = list(self.color)  # an unclassified object's own colour
-        if self.measurements:
-            props["measurements"] = {k: _json_number(v) for k, v in self.measurements.items()}
-        feature = {"type": "Feature", "id": self.id, "geometry": mapping(self.geometry), "properties": props}
-        for k, v in self.extra.items():
-            if k == "nucleusGeometry":
-                feature[k] = v
-            elif k not in props:
-                props[k] = v
+        """This object as a QuPath-ready GeoJSON Feature (see ``write_geojson`` for the repairs;
+        raises AnnotationError for what cannot be written)."""
+        try:
+            feature = _feature_out(self, _Notes(), "object")
+        except ValueError as e:
+            raise AnnotationError(str(e)) from None
+        if feature is None:
+            raise AnnotationError("object has an empty geometry")
         return feature
 
 
 def default_color(label: str) -> tuple[int, int, int]:
     """A stable colour for a class name (QuPath needs one with every classification)."""
-    import zlib
-
     h = zlib.crc32(label.encode())
     return (64 + h % 192, 64 + (h >> 8) % 192, 64 + (h >> 16) % 192)
 
@@ -89,59 +109,205 @@ def _json_number(v: Any) -> float | None:
     return v if math.isfinite(v) else None  # JSON has no NaN; QuPath reads null as missing
 
 
-def write_geojson(annotations: Iterable[Annotation], path: str | os.PathLike) -> Path:
+def _finite_json(v: Any, fixed: list) -> Any:
+    """``v`` with non-finite floats replaced by null (JSON has no NaN); ``fixed`` counts them."""
+    if isinstance(v, float) or isinstance(v, np.floating):
+        if not math.isfinite(v):
+            fixed.append(1)
+            return None
+        return float(v)
+    if isinstance(v, dict):
+        return {k: _finite_json(x, fixed) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_json(x, fixed) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _clean_geometry(g: BaseGeometry, where: str, notes: _Notes) -> BaseGeometry | None:
+    """Refuse non-finite coordinates; drop empty rings and parts (noted). None: nothing left."""
+    if not isinstance(g, BaseGeometry):
+        raise ValueError(f"{where}: geometry is a {type(g).__name__}, not a shapely geometry")
+    if g.is_empty:
+        notes.add("objects with an empty geometry dropped", where)
+        return None
+    coords = shapely.get_coordinates(g, include_z=bool(shapely.has_z(g)))
+    if not np.isfinite(coords).all():
+        raise ValueError(f"{where}: {g.geom_type} has a non-finite coordinate (NaN or infinity)")
+    fixed, changed = _drop_empty(g)
+    if changed:
+        notes.add("empty rings or parts removed", where)
+    return fixed
+
+
+def _drop_empty(g: BaseGeometry) -> tuple[BaseGeometry, bool]:
+    gt = g.geom_type
+    if gt == "Polygon":
+        holes = [h for h in g.interiors if not h.is_empty]
+        if len(holes) == len(g.interiors):
+            return g, False
+        return Polygon(g.exterior, holes), True
+    if gt.startswith("Multi") or gt == "GeometryCollection":
+        parts = [_drop_empty(p) for p in g.geoms if not p.is_empty]
+        changed = len(parts) != len(g.geoms) or any(c for _, c in parts)
+        if not changed:
+            return g, False
+        return type(g)([p for p, _ in parts]), True
+    return g, False
+
+
+def _feature_out(ann: Annotation, notes: _Notes, where: str) -> dict | None:
+    """The GeoJSON Feature of ``ann`` (None when its geometry is empty); ValueError naming
+    ``where`` for what cannot be written."""
+    geom = _clean_geometry(ann.geometry, where, notes)
+    if geom is None:
+        return None
+    if ann.kind not in KINDS:
+        raise ValueError(f"{where}: kind {ann.kind!r} is not one of {', '.join(KINDS)}")
+    props: dict = {"objectType": ann.kind}
+    if ann.name:
+        props["name"] = _text(ann.name, "name", where)
+    color = None if ann.color is None else _rgb(ann.color, where, notes)
+    if ann.label is not None:
+        label = _text(ann.label, "class name", where)
+        props["classification"] = {"name": label, "color": list(color or default_color(label))}
+    elif color is not None:
+        props["color"] = list(color)  # an unclassified object's own colour
+    if ann.measurements:
+        try:
+            props["measurements"] = {str(k): _json_number(v) for k, v in ann.measurements.items()}
+        except (TypeError, ValueError):
+            bad = {k: v for k, v in ann.measurements.items() if not isinstance(v, (int, float, np.number))}
+            raise ValueError(f"{where}: measurement values must be numbers ({bad!r:.80})") from None
+    feature = {"type": "Feature", "id": str(ann.id), "geometry": mapping(geom), "properties": props}
+    fixed: list = []
+    for k, v in ann.extra.items():
+        if k == "nucleusGeometry":
+            feature[k] = _finite_json(v, fixed)
+        elif k not in props:
+            props[k] = _finite_json(v, fixed)
+    if fixed:
+        notes.add("non-finite numbers in extra properties written as null", where)
+    return feature
+
+
+def _text(v: Any, what: str, where: str) -> str:
+    """A name or class: a string (a number is accepted and written as text), nothing else."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return str(v)
+    raise ValueError(f"{where}: {what} must be a string, not {type(v).__name__} {v!r:.60}")
+
+
+def write_geojson(annotations: Iterable[Annotation], path: str | os.PathLike, bounds: Any = None) -> Path:
     """Write a FeatureCollection QuPath imports, streaming feature by feature, atomically.
 
-    A path ending in ``.gz`` is gzip-compressed.
+    ``bounds`` is the level-0 ``(width, height)`` of the slide or a shapely geometry (e.g. the
+    heatmap's coverage box): every geometry is clipped to it and objects left empty are dropped.
+    Objects with empty geometries are dropped, empty rings removed, colours clipped to 0-255 and
+    non-finite extra numbers written as null; one AnnotationWarning says what was changed. A path
+    ending in ``.gz`` is gzip-compressed. Raises AnnotationError naming the file and the object
+    for what cannot be written (non-finite coordinates, a class name that is not a string...).
     """
     path = Path(path)
+    notes, counts = _Notes(), {}
+    items = annotations if bounds is None else clip_annotations(annotations, bounds, counts)
     opener = gzip.open if path.suffix == ".gz" else open
+    n = 0
     with atomic_path(path) as tmp:
         with opener(tmp, "wt", encoding="utf-8") as f:
             f.write('{"type": "FeatureCollection", "features": [')
-            for i, ann in enumerate(annotations):
-                f.write(",\n" if i else "\n")
-                f.write(json.dumps(ann.to_feature(), separators=(",", ":"), allow_nan=False))
+            for i, ann in enumerate(items):
+                where = f"object {i} (id {getattr(ann, 'id', None)})"
+                try:
+                    feature = _feature_out(ann, notes, where)
+                    if feature is None:
+                        continue
+                    text = json.dumps(feature, separators=(",", ":"), allow_nan=False)
+                except (ValueError, TypeError) as e:
+                    msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
+                    raise AnnotationError(f"cannot write {msg}", path) from None
+                f.write(",\n" if n else "\n")
+                f.write(text)
+                n += 1
             f.write("\n]}\n")
+    if counts.get("clipped") or counts.get("dropped"):
+        b = shapely.bounds(clip_region(bounds))
+        notes.add(f"{counts['clipped']} objects clipped to the bounds and {counts['dropped']} outside them dropped",
+                  f"x {b[0]:g}..{b[2]:g}, y {b[1]:g}..{b[3]:g}")
+    notes.warn(path)
     return path
+
+
+def clip_region(bounds: Any) -> BaseGeometry:
+    """The clip region of ``write_geojson(bounds=...)``."""
+    from slidekit.geometry import bounds_geometry
+
+    return bounds_geometry(bounds)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def read_annotations(path: str | os.PathLike) -> list[Annotation]:
+def read_annotations(path: str | os.PathLike, max_bytes: int | None = None) -> list[Annotation]:
     """Read QuPath GeoJSON (``.geojson``/``.json``, optionally ``.gz``) or ASAP/ImageScope XML.
 
     The format is sniffed from the content, not the suffix. Raises AnnotationError naming the
-    file and the problem for anything malformed.
+    file, and where it can the feature, for anything malformed; files larger than ``max_bytes``
+    (default ``MAX_ANNOTATION_BYTES``) after decompression are refused. Repairs (empty rings,
+    colours clipped to 0-255, regions without vertices dropped) are reported in one
+    AnnotationWarning.
     """
     path = Path(path)
+    limit = MAX_ANNOTATION_BYTES if max_bytes is None else int(max_bytes)
     if not path.exists():
         raise AnnotationError("annotation file not found", path)
     if path.is_dir():
         raise AnnotationError("is a directory, not an annotation file", path)
+    too_big = (f"larger than {limit / 2**20:.0f} MiB once decompressed (the limit; raise "
+               "slidekit.annotations.MAX_ANNOTATION_BYTES or pass max_bytes to read it)")
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise AnnotationError(f"cannot read file ({e})", path) from None
+        with path.open("rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        if gz:  # read at most limit + 1 bytes: a gzip bomb never inflates in memory
+            with gzip.open(path, "rb") as f:
+                raw = f.read(limit + 1)
+        else:
+            if path.stat().st_size > limit:
+                raise AnnotationError(too_big.replace(" once decompressed", ""), path)
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error, MemoryError) as e:
+        raise AnnotationError(f"cannot read file ({type(e).__name__}: {e})", path) from None
+    if len(raw) > limit:
+        raise AnnotationError(too_big, path)
     text = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
     if not text:
         raise AnnotationError("file is empty", path)
+    notes = _Notes()
     if text[:1] == b"<":
-        return _read_xml(text, path)
-    if text[:1] in (b"{", b"["):
+        out = _read_xml(text, path, notes)
+    elif text[:1] in (b"{", b"["):
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AnnotationError(f"not valid JSON ({e})", path) from None
-        return _read_geojson(data, path)
-    raise AnnotationError("neither GeoJSON nor ASAP/ImageScope XML", path)
+        except RecursionError:
+            raise AnnotationError("JSON nested too deeply to be GeoJSON", path) from None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or a 5000-digit number
+            raise AnnotationError(f"not valid JSON ({_one_line(e)})", path) from None
+        out = _read_geojson(data, path, notes)
+    else:
+        raise AnnotationError("neither GeoJSON nor ASAP/ImageScope XML", path)
+    notes.warn(path)
+    return out
 
 
-def _read_geojson(data: Any, path: Path) -> list[Annotation]:
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _read_geojson(data: Any, path: Path, notes: _Notes) -> list[Annotation]:
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
         if not isinstance(features, list):
@@ -156,74 +322,121 @@ def _read_geojson(data: Any, path: Path) -> list[Annotation]:
     else:
         kind = data.get("type") if isinstance(data, dict) else type(data).__name__
         raise AnnotationError(f"not GeoJSON: expected a FeatureCollection, Feature, list or geometry, "
-                              f"got {kind!r}", path)
-    return [_feature(f, i, path) for i, f in enumerate(features)]
+                              f"got {str(kind)[:60]!r}", path)
+    out = []
+    for i, f in enumerate(features):
+        where = f"feature {i}"
+        if isinstance(f, dict) and isinstance(f.get("id"), str) and f["id"] not in _LEGACY_IDS:
+            where += f" (id {f['id'][:40]})"
+        try:
+            ann = _feature(f, where, notes)
+        except RecursionError:
+            raise AnnotationError(f"{where}: nested too deeply", path) from None
+        except AnnotationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever shapely or a coercion raises, one line naming the feature
+            msg = _one_line(e)
+            raise AnnotationError(msg if msg.startswith(where) else f"{where}: {msg}", path) from None
+        if ann is not None:
+            out.append(ann)
+    return out
 
 
-def _feature(f: Any, i: int, path: Path) -> Annotation:
+def _feature(f: Any, where: str, notes: _Notes) -> Annotation | None:
+    """One Feature; ValueError (with ``where``) for malformed ones, None for dropped ones."""
     if not isinstance(f, dict) or f.get("type") != "Feature":
-        raise AnnotationError(f"feature {i} is not a GeoJSON Feature", path)
+        raise ValueError(f"{where} is not a GeoJSON Feature")
     geom = f.get("geometry")
     if not isinstance(geom, dict):
-        raise AnnotationError(f"feature {i} has no geometry", path)
+        raise ValueError(f"{where} has no geometry")
     try:
         geometry = shape(geom)
+    except RecursionError:
+        raise
     except Exception as e:  # shapely raises GeometryTypeError, ValueError, IndexError...
-        raise AnnotationError(f"feature {i} has a malformed {geom.get('type')!r} geometry ({e})", path) from None
+        raise ValueError(f"{where} has a malformed {str(geom.get('type'))[:40]!r} geometry ({_one_line(e)})") from None
+    geometry = _clean_geometry(geometry, where, notes)
+    if geometry is None:
+        return None
     props = f.get("properties") or {}
     if not isinstance(props, dict):
-        raise AnnotationError(f"feature {i}: 'properties' is not an object", path)
+        raise ValueError(f"{where}: 'properties' is not an object")
     fid = f.get("id")
+    legacy = isinstance(fid, str) and fid in _LEGACY_IDS
     kind = props.get("objectType")
-    if kind is None and fid in _LEGACY_IDS:
+    if kind is None and legacy:
         kind = _LEGACY_IDS[fid]
     if kind is None and props.get("type") in KINDS:  # some non-QuPath writers
         kind = props["type"]
-    kind = kind if kind in KINDS else "annotation"
-    label, color = _classification(props.get("classification"), i, path)
+    kind = kind if isinstance(kind, str) and kind in KINDS else "annotation"
+    label, color = _classification(props.get("classification"), where, notes)
     if label is None and props.get("color") is not None:
-        color = _rgb(props["color"], i, path)
+        color = _rgb(props["color"], where, notes)
     extra = {k: v for k, v in props.items() if k not in _CORE_PROPS and not (k == "type" and v in KINDS)}
     if "nucleusGeometry" in f:
         extra["nucleusGeometry"] = f["nucleusGeometry"]
     name = props.get("name")
     return Annotation(geometry=geometry, label=label, kind=kind, color=color,
-                      measurements=_measurements(props.get("measurements"), i, path),
-                      name=None if name is None else str(name),
-                      id=str(fid) if isinstance(fid, (str, int)) and fid not in _LEGACY_IDS else str(uuid.uuid4()),
-                      extra=extra)
+                      measurements=_measurements(props.get("measurements"), where),
+                      name=None if name is None else _text(name, "name", where),
+                      id=_feature_id(fid, legacy, where), extra=extra)
 
 
-def _classification(c: Any, i: int, path: Path) -> tuple[str | None, tuple[int, int, int] | None]:
+def _feature_id(fid: Any, legacy: bool, where: str) -> str:
+    """QuPath ids are UUID strings; GeoJSON also allows numbers. Anything else is malformed."""
+    if fid is None or legacy:
+        return str(uuid.uuid4())
+    if isinstance(fid, str):
+        return fid
+    if isinstance(fid, int) and not isinstance(fid, bool):
+        return str(fid)
+    if isinstance(fid, float) and math.isfinite(fid):
+        return str(int(fid)) if fid.is_integer() else str(fid)
+    raise ValueError(f"{where}: 'id' must be a string or a number, not {type(fid).__name__} {fid!r:.60}")
+
+
+def _classification(c: Any, where: str, notes: _Notes) -> tuple[str | None, tuple[int, int, int] | None]:
     if c is None:
         return None, None
     if isinstance(c, str):
         return c, None
     if not isinstance(c, dict):
-        raise AnnotationError(f"feature {i}: classification must be a name or an object", path)
+        raise ValueError(f"{where}: classification must be a name or an object")
     name = c.get("name")
     if name is None and isinstance(c.get("names"), list):
-        name = ": ".join(str(n) for n in c["names"])  # QuPath derived class, e.g. "Tumor: Positive"
+        # QuPath derived class, e.g. "Tumor: Positive"
+        name = ": ".join(_text(n, "classification name", where) for n in c["names"])
     color = None
     if c.get("color") is not None:
-        color = _rgb(c["color"], i, path)
+        color = _rgb(c["color"], where, notes)
     elif c.get("colorRGB") is not None:
-        color = _rgb(c["colorRGB"], i, path)
-    return (None if name is None else str(name)), color
+        color = _rgb(c["colorRGB"], where, notes)
+    return (None if name is None else _text(name, "classification name", where)), color
 
 
-def _rgb(v: Any, i: int, path: Path) -> tuple[int, int, int]:
-    if isinstance(v, int):  # packed (A)RGB, possibly negative as a Java int
-        v &= 0xFFFFFF
+def _rgb(v: Any, where: str, notes: _Notes) -> tuple[int, int, int]:
+    """(r, g, b) in 0-255 from a packed (A)RGB int, [r, g, b(, a)] or '#rrggbb'; components out
+    of range are clipped (noted)."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):  # packed (A)RGB, maybe a negative Java int
+        v = int(v) & 0xFFFFFF
         return (v >> 16) & 255, (v >> 8) & 255, v & 255
-    if isinstance(v, (list, tuple)) and len(v) >= 3 and all(isinstance(x, (int, float)) for x in v[:3]):
-        return tuple(int(x) for x in v[:3])  # type: ignore[return-value]
     if isinstance(v, str) and v.startswith("#") and len(v) == 7:
-        return _hex(v)
-    raise AnnotationError(f"feature {i}: colour {v!r} is not [r, g, b]", path)
+        try:
+            return _hex(v)
+        except ValueError:
+            pass
+    if (isinstance(v, (list, tuple)) and len(v) >= 3
+            and all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in v[:3])
+            and all(math.isfinite(x) for x in v[:3])):
+        rgb = tuple(int(round(float(x))) for x in v[:3])
+        clipped = tuple(min(255, max(0, x)) for x in rgb)
+        if clipped != rgb:
+            notes.add("colours outside 0-255 clipped", where)
+        return clipped  # type: ignore[return-value]
+    raise ValueError(f"{where}: colour {v!r:.60} is not [r, g, b]")
 
 
-def _measurements(m: Any, i: int, path: Path) -> dict[str, float]:
+def _measurements(m: Any, where: str) -> dict[str, float]:
     if m is None:
         return {}
     items: Iterable
@@ -232,16 +445,19 @@ def _measurements(m: Any, i: int, path: Path) -> dict[str, float]:
     elif isinstance(m, list):  # QuPath 0.2: [{"name": ..., "value": ...}]
         try:
             items = [(e["name"], e.get("value")) for e in m]
-        except (TypeError, KeyError):
-            raise AnnotationError(f"feature {i}: measurements list entries need 'name'", path) from None
+        except (TypeError, KeyError, AttributeError):
+            raise ValueError(f"{where}: measurements list entries need 'name'") from None
     else:
-        raise AnnotationError(f"feature {i}: measurements must be a name -> number map", path)
+        raise ValueError(f"{where}: measurements must be a name -> number map")
     out = {}
     for k, v in items:
+        key = _text(k, "measurement name", where)
         try:
-            out[str(k)] = float("nan") if v is None else float(v)
+            if isinstance(v, (bool, list, dict)):
+                raise TypeError
+            out[key] = float("nan") if v is None else float(v)
         except (TypeError, ValueError):
-            raise AnnotationError(f"feature {i}: measurement {k!r} is not a number ({v!r})", path) from None
+            raise ValueError(f"{where}: measurement {key!r} is not a number ({v!r:.60})") from None
     return out
 
 
@@ -250,20 +466,27 @@ def _hex(s: str) -> tuple[int, int, int]:
     return int(s[0:2], 16), int(s[2:4], 16), int(s[4:6], 16)
 
 
-def _read_xml(text: bytes, path: Path) -> list[Annotation]:
+def _read_xml(text: bytes, path: Path, notes: _Notes) -> list[Annotation]:
     try:
         root = ET.fromstring(text)
     except ET.ParseError as e:
         raise AnnotationError(f"malformed XML ({e})", path) from None
-    if root.tag == "ASAP_Annotations":
-        return _read_asap(root, path)
-    if root.tag == "Annotations" and root.find(".//Region") is not None:
-        return _read_imagescope(root, path)
-    raise AnnotationError(f"XML root <{root.tag}> is neither ASAP (<ASAP_Annotations>) nor "
+    try:
+        if root.tag == "ASAP_Annotations":
+            return _read_asap(root, notes)
+        if root.tag == "Annotations" and root.find(".//Region") is not None:
+            return _read_imagescope(root, notes)
+    except RecursionError:
+        raise AnnotationError("XML nested too deeply", path) from None
+    except AnnotationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line naming the file and the annotation
+        raise AnnotationError(_one_line(e), path) from None
+    raise AnnotationError(f"XML root <{root.tag[:40]}> is neither ASAP (<ASAP_Annotations>) nor "
                           "Aperio ImageScope (<Annotations>) annotations", path)
 
 
-def _read_asap(root: ET.Element, path: Path) -> list[Annotation]:
+def _read_asap(root: ET.Element, notes: _Notes) -> list[Annotation]:
     """ASAP: <Annotation Type="Polygon|Spline|Rectangle|PointSet|Dot" PartOfGroup=...>.
 
     The group is kept as the label (``None`` for ``PartOfGroup="None"``); callers map release-
@@ -273,55 +496,62 @@ def _read_asap(root: ET.Element, path: Path) -> list[Annotation]:
     group_colors = {g.get("Name"): g.get("Color") for g in root.iter("Group")}
     out = []
     for i, a in enumerate(root.iter("Annotation")):
+        where = f"annotation {i} ({a.get('Name')})"
         kind = (a.get("Type") or "Polygon")
         coords = []
         for c in a.iter("Coordinate"):
             try:
                 coords.append((float(c.get("Order", len(coords))), float(c.get("X")), float(c.get("Y"))))
             except (TypeError, ValueError):
-                raise AnnotationError(f"annotation {i} ({a.get('Name')}): coordinate without numeric X/Y",
-                                      path) from None
+                raise ValueError(f"{where}: coordinate without numeric X/Y") from None
         coords.sort(key=lambda t: t[0])
         pts = [(x, y) for _, x, y in coords]
-        geometry = _asap_geometry(kind, pts, i, a.get("Name"), path)
+        geometry = _clean_geometry(_asap_geometry(kind, pts, where), where, notes)
+        if geometry is None:
+            continue
         group = a.get("PartOfGroup")
         label = None if group in (None, "", "None") else group
         hexcol = a.get("Color") or group_colors.get(group)
-        color = _hex(hexcol) if hexcol and hexcol.startswith("#") and len(hexcol) == 7 else None
+        color = None
+        if hexcol and hexcol.startswith("#") and len(hexcol) == 7:
+            try:
+                color = _hex(hexcol)
+            except ValueError:
+                notes.add("unreadable colours ignored", where)
         out.append(Annotation(geometry, label=label, kind="annotation", color=color, name=a.get("Name"),
                               extra={"asapType": kind}))
     return out
 
 
-def _asap_geometry(kind: str, pts: list[tuple[float, float]], i: int, name: str | None,
-                   path: Path) -> BaseGeometry:
+def _asap_geometry(kind: str, pts: list[tuple[float, float]], where: str) -> BaseGeometry:
     if kind in ("Dot",) or (kind == "PointSet" and len(pts) == 1):
         if not pts:
-            raise AnnotationError(f"annotation {i} ({name}): point without coordinates", path)
+            raise ValueError(f"{where}: point without coordinates")
         return Point(pts[0]) if kind == "Dot" else MultiPoint(pts)
     if kind == "PointSet":
         if not pts:
-            raise AnnotationError(f"annotation {i} ({name}): empty point set", path)
+            raise ValueError(f"{where}: empty point set")
         return MultiPoint(pts)
     if kind in ("Polygon", "Spline", "Rectangle"):
         if len(pts) < 3:
             if len(pts) == 2:
                 return LineString(pts)
-            raise AnnotationError(f"annotation {i} ({name}): {kind} with {len(pts)} vertices", path)
+            raise ValueError(f"{where}: {kind} with {len(pts)} vertices")
         return Polygon(pts)
-    raise AnnotationError(f"annotation {i} ({name}): unsupported ASAP type {kind!r}", path)
+    raise ValueError(f"{where}: unsupported ASAP type {kind[:40]!r}")
 
 
-def _read_imagescope(root: ET.Element, path: Path) -> list[Annotation]:
+def _read_imagescope(root: ET.Element, notes: _Notes) -> list[Annotation]:
     """Aperio ImageScope XML (as in MoNuSeg): <Region><Vertices><Vertex X Y/>; one label per layer."""
     out = []
     for layer in root.iter("Annotation"):
         label = layer.get("Name") or None
         for region in layer.iter("Region"):
+            where = f"region {region.get('Id')}"
             try:
                 pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
             except (TypeError, ValueError):
-                raise AnnotationError(f"region {region.get('Id')}: vertex without numeric X/Y", path) from None
+                raise ValueError(f"{where}: vertex without numeric X/Y") from None
             if len(pts) >= 3:
                 geometry: BaseGeometry = Polygon(pts)
             elif len(pts) == 2:
@@ -329,140 +559,9 @@ def _read_imagescope(root: ET.Element, path: Path) -> list[Annotation]:
             elif len(pts) == 1:
                 geometry = Point(pts[0])
             else:
+                notes.add("ImageScope regions without vertices dropped", where)
                 continue
-            out.append(Annotation(geometry, label=label, name=region.get("Id")))
+            geometry = _clean_geometry(geometry, where, notes)
+            if geometry is not None:
+                out.append(Annotation(geometry, label=label, name=region.get("Id")))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Rasterising
-
-
-def rasterize(annotations: Iterable[Annotation], box: tuple[float, float, float, float], mpp: float,
-              labels: Mapping[str | None, int] | None = None, slide_mpp: float | tuple[float, float] | None = None,
-              fill: int = 0, line_width_um: float = 4.0, point_radius_um: float | None = None,
-              dtype: Any = None) -> np.ndarray:
-    """A label map of the level-0 ``box`` ``(x, y, w, h)`` at ``mpp`` µm/px.
-
-    ``labels`` maps class names (``None`` for unclassified) to values; objects of other classes
-    are skipped; ``labels=None`` paints every object 1 (a binary mask). Classes are painted in the
-    order of ``labels``, so later entries win (``{"metastasis": 1, "negative": 0}`` carves
-    CAMELYON exclusions out of lesions). Polygons keep their holes; a pixel is inside when its
-    centre is. Lines (scribbles) are drawn ``line_width_um`` wide and points as discs, both at
-    least one pixel. ``slide_mpp`` is the pixel size of level 0 (default: ``mpp``, i.e. the map is
-    at level-0 resolution). Pixels no object covers get ``fill`` (e.g. 255 = ignore).
-    """
-    x0, y0, bw, bh = (float(v) for v in box)
-    smx, smy = (mpp, mpp) if slide_mpp is None else ((slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp)
-    sx, sy = mpp / smx, mpp / smy  # level-0 px per output px
-    W, H = max(1, round(bw / sx)), max(1, round(bh / sy))
-    values = [fill] + (list(labels.values()) if labels else [1])
-    if dtype is None:
-        dtype = np.uint8 if min(values) >= 0 and max(values) < 256 else np.int32
-    out = np.full((H, W), fill, dtype)
-    order = list(labels) if labels is not None else [...]
-    anns = list(annotations)
-    width_px = max(1, round(line_width_um / mpp))
-    radius_px = max(1, round((point_radius_um if point_radius_um is not None else line_width_um / 2) / mpp))
-    if not anns:
-        return out
-    # Drop objects outside the box in one vectorised pass (slides can carry 1e5 cells).
-    import shapely
-
-    b = shapely.bounds(np.array([a.geometry for a in anns], dtype=object))
-    pad = max(width_px, radius_px) * max(sx, sy)
-    near = ~(np.isnan(b).any(axis=1) | (b[:, 2] + pad < x0) | (b[:, 3] + pad < y0)
-             | (b[:, 0] - pad > x0 + bw) | (b[:, 1] - pad > y0 + bh))
-    anns = [a for a, keep in zip(anns, near) if keep]
-    for key in order:
-        value = 1 if key is ... else labels[key]  # type: ignore[index]
-        for ann in anns:
-            if key is ... or ann.label == key:
-                _paint(out, ann.geometry, value, x0, y0, sx, sy, width_px, radius_px)
-    return out
-
-
-_SHIFT = 4  # sub-pixel bits for OpenCV drawing
-
-
-def _to_px(coords: Any, x0: float, y0: float, sx: float, sy: float) -> np.ndarray:
-    a = np.asarray(coords, dtype=np.float64)[:, :2]
-    # Output pixel centres sit at integer positions after the -0.5 shift.
-    px = np.column_stack([(a[:, 0] - x0) / sx - 0.5, (a[:, 1] - y0) / sy - 0.5])
-    return np.rint(px * (1 << _SHIFT)).astype(np.int32)
-
-
-def _paint(out: np.ndarray, g: BaseGeometry, value: int, x0: float, y0: float, sx: float, sy: float,
-           width_px: int, radius_px: int) -> None:
-    gt = g.geom_type
-    if gt in ("MultiPolygon", "MultiLineString", "MultiPoint", "GeometryCollection"):
-        for part in g.geoms:
-            _paint(out, part, value, x0, y0, sx, sy, width_px, radius_px)
-        return
-    H, W = out.shape
-    if gt == "Polygon":
-        # Paint shell minus holes into a scratch mask over the polygon's own window, so a hole
-        # shows what was underneath rather than the background value.
-        gx0, gy0, gx1, gy1 = g.bounds
-        c0 = max(0, int(np.floor((gx0 - x0) / sx)) - 1)
-        r0 = max(0, int(np.floor((gy0 - y0) / sy)) - 1)
-        c1 = min(W, int(np.ceil((gx1 - x0) / sx)) + 1)
-        r1 = min(H, int(np.ceil((gy1 - y0) / sy)) + 1)
-        if c1 <= c0 or r1 <= r0:
-            return
-        ox, oy = x0 + c0 * sx, y0 + r0 * sy
-        rings = [np.asarray(r.coords, np.float64)[:, :2] for r in (g.exterior, *g.interiors)]
-        rings = [np.column_stack([(r[:, 0] - ox) / sx, (r[:, 1] - oy) / sy]) for r in rings]
-        out[r0:r1, c0:c1][fill_rings(rings, r1 - r0, c1 - c0)] = value
-    elif gt in ("LineString", "LinearRing"):
-        pts = _to_px(g.coords, x0, y0, sx, sy)
-        _draw(out, lambda m: cv2.polylines(m, [pts], False, 1, thickness=width_px, lineType=cv2.LINE_8,
-                                           shift=_SHIFT), value)
-    elif gt == "Point":
-        c = _to_px([g.coords[0]], x0, y0, sx, sy)[0]
-        _draw(out, lambda m: cv2.circle(m, (int(c[0]), int(c[1])), radius_px << _SHIFT, 1, thickness=-1,
-                                        lineType=cv2.LINE_8, shift=_SHIFT), value)
-
-
-def fill_rings(rings: list[np.ndarray], H: int, W: int) -> np.ndarray:
-    """Even-odd scanline fill of closed rings (x, y in pixel-edge units: pixel (r, c) is the square
-    [c, c+1) x [r, r+1)); a pixel is inside when its centre is. Exact, vectorised, holes included."""
-    rows_l, xs_l = [], []
-    for ring in rings:
-        if len(ring) < 3:
-            continue
-        p0, p1 = ring[:-1], ring[1:]
-        if not np.array_equal(ring[0], ring[-1]):
-            p0, p1 = ring, np.roll(ring, -1, axis=0)
-        y0, y1 = p0[:, 1], p1[:, 1]
-        # Row r's centre (r + 0.5) crosses an edge when it lies in [min(y), max(y)).
-        start = np.clip(np.ceil(np.minimum(y0, y1) - 0.5), 0, H).astype(np.int64)
-        stop = np.clip(np.ceil(np.maximum(y0, y1) - 0.5), 0, H).astype(np.int64)
-        n = np.maximum(stop - start, 0)
-        if not n.any():
-            continue
-        e = np.repeat(np.arange(len(n)), n)
-        rows = start[e] + np.arange(len(e)) - np.repeat(np.cumsum(n) - n, n)
-        t = (rows + 0.5 - y0[e]) / (y1[e] - y0[e])
-        rows_l.append(rows)
-        xs_l.append(p0[e, 0] + t * (p1[e, 0] - p0[e, 0]))
-    mask = np.zeros((H, W), bool)
-    if not rows_l:
-        return mask
-    rows, xs = np.concatenate(rows_l), np.concatenate(xs_l)
-    order = np.lexsort((xs, rows))
-    rows, xs = rows[order], xs[order]
-    r, xa, xb = rows[0::2], xs[0::2], xs[1::2]
-    c0 = np.clip(np.ceil(xa - 0.5), 0, W).astype(np.int64)
-    c1 = np.clip(np.ceil(xb - 0.5), 0, W).astype(np.int64)
-    keep = c1 > c0
-    diff = np.zeros((H, W + 1), np.int32)
-    np.add.at(diff, (r[keep], c0[keep]), 1)
-    np.add.at(diff, (r[keep], c1[keep]), -1)
-    return np.cumsum(diff, axis=1)[:, :W] > 0
-
-
-def _draw(out: np.ndarray, fn: Any, value: int) -> None:
-    scratch = np.zeros(out.shape, np.uint8)
-    fn(scratch)
-    out[scratch.astype(bool)] = value

@@ -69,6 +69,11 @@ class SlideIntegrityWarning(SlidekitWarning):
     """Part of a slide file could not be verified (it may be damaged)."""
 
 
+class AnnotationWarning(SlidekitWarning):
+    """Annotations were repaired, clipped or dropped (empty rings, out-of-range colours, objects
+    past the slide's edge), or rasterising labels matched no object."""
+
+
 class OutputError(SlidekitError):
     """An output path holds something slidekit did not write (it refuses to replace it), or the
     results of another slide."""
