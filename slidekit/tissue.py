@@ -1,10 +1,13 @@
 """Tissue detection on a coarse view of the slide.
 
 The slide is read whole at a coarse pixel size (default 8 µm/px, a few megapixels even for a
-large resection). Tissue is what is both coloured (HSV saturation above an Otsu threshold) and
-absorbs light (optical density above a floor); pen ink (blue, green, black) is removed by its
-colour, then the mask is closed, small holes are filled and small regions dropped, with every
-area given in µm² so the result does not depend on the working resolution.
+large resection). Tissue is what is coloured (HSV saturation above an Otsu threshold) and absorbs
+light, or absorbs clearly (optical density above its Otsu threshold), or absorbs more than the
+slide's own glass (optical density relative to the glass colour above ``min_contrast``: this finds
+faint haematoxylin-only counterstain, which is nearly grey and nearly as bright as the glass).
+Pen ink (blue, green, black) is removed by its colour, then the mask is closed, holes enclosed by
+tissue are filled up to a size and small regions dropped, with every area given in µm² so the
+result does not depend on the working resolution.
 """
 from __future__ import annotations
 
@@ -136,37 +139,81 @@ def _pen_mask(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
 
 def tissue_mask(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0,
                 min_hole_um2: float = 20_000.0, closing_um: float = 32.0,
-                remove_pen: bool = True, min_saturation: int = 20, min_od: float = 0.05) -> TissueMask:
+                remove_pen: bool = True, min_saturation: int = 20, min_od: float = 0.05,
+                min_contrast: float = 0.02) -> TissueMask:
     """Detect tissue on the slide read whole at ``mpp`` µm/px.
 
     Tissue = saturation above its Otsu threshold (at least ``min_saturation``) with optical density
-    above ``min_od``, or optical density above its own Otsu threshold; minus pen ink; closed with a disc of ``closing_um``; holes under ``min_hole_um2`` filled;
-    regions under ``min_area_um2`` dropped. Raises TissueError when nothing is left.
+    above ``min_od``, or optical density above its own Otsu threshold, or optical density relative
+    to the glass colour (``glass_colour``) above ``min_contrast``; minus pen ink; closed with a disc
+    of ``closing_um``; holes enclosed by tissue under ``min_hole_um2`` filled; regions under
+    ``min_area_um2`` dropped. Raises TissueError when nothing is left.
     """
     view = slide.read_whole(mpp)
     mask = detect_tissue(view, mpp, min_area_um2=min_area_um2, min_hole_um2=min_hole_um2,
                          closing_um=closing_um, remove_pen=remove_pen,
-                         min_saturation=min_saturation, min_od=min_od)
+                         min_saturation=min_saturation, min_od=min_od, min_contrast=min_contrast)
     if not mask.any():
         raise TissueError("no tissue found (the slide looks blank at this threshold)", slide.path)
     return TissueMask(array=mask, mpp=mpp, slide_mpp=slide.mpp)
 
 
+def glass_colour(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
+    """The glass's RGB colour in a coarse view: the brightest common colour.
+
+    The brightest grey level holding at least ``min_share`` of the scanned pixels within ±3 levels
+    (glass transmits the most light, and it is common on any slide that shows an edge of the
+    section); its per-channel median. Scanner fill (every channel >= 254: painted outside the
+    scanned area, not glass seen by the camera) is left out. On a view with no glass at all this
+    is the palest common tissue, so the relative-density rule only adds what is darker than that.
+    """
+    px = rgb.reshape(-1, 3)
+    grey = px.astype(np.float32).mean(axis=1)
+    scanned = px.min(axis=1) < 254
+    levels = np.round(grey[scanned]).astype(np.intp)
+    if levels.size == 0:
+        return np.full(3, 255.0, np.float32)
+    near = np.convolve(np.bincount(levels, minlength=256), np.ones(7), mode="same")
+    common = np.flatnonzero(near >= min_share * levels.size)
+    level = int(common.max()) if common.size else int(np.argmax(near))
+    return np.median(px[scanned & (np.abs(grey - level) <= 3)].astype(np.float32), axis=0)
+
+
+def _fill_enclosed_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """Fill background regions of at most ``max_px`` pixels that tissue encloses.
+
+    Glass touching the view's edge is not enclosed (on a crop it is the glass beside the section),
+    so it is never filled, whatever its size.
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    H, W = mask.shape
+    x, y, w, h, area = (stats[:, i] for i in range(5))
+    fill = (area <= max_px) & (x > 0) & (y > 0) & (x + w < W) & (y + h < H)
+    fill[0] = False  # label 0 is the tissue itself
+    return mask | fill[labels]
+
+
 def detect_tissue(rgb: np.ndarray, mpp: float, min_area_um2: float = 20_000.0,
                   min_hole_um2: float = 20_000.0, closing_um: float = 32.0, remove_pen: bool = True,
-                  min_saturation: int = 20, min_od: float = 0.05) -> np.ndarray:
+                  min_saturation: int = 20, min_od: float = 0.05, min_contrast: float = 0.02) -> np.ndarray:
     """Tissue mask (bool) of an RGB image whose pixels are ``mpp`` µm wide."""
     px_area = mpp * mpp
+    blur = min(rgb.shape[:2]) >= 5
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    sat = cv2.medianBlur(hsv[..., 1], 5) if min(rgb.shape[:2]) >= 5 else hsv[..., 1]
-    od = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0).mean(axis=2)
-    od = cv2.medianBlur(od, 5) if min(rgb.shape[:2]) >= 5 else od
-    # Coloured (H&E) or absorbing (faint IHC counterstain, grey glass excluded) counts as tissue.
-    # Otsu picks each threshold; the bounds keep it sane on views that are nearly all tissue or
-    # nearly all glass, where Otsu would split the majority class in two.
+    sat = cv2.medianBlur(hsv[..., 1], 5) if blur else hsv[..., 1]
+    log_rgb = np.log10(np.maximum(rgb.astype(np.float32), 1.0))
+    od = np.float32(np.log10(255.0)) - log_rgb.mean(axis=2)
+    od = cv2.medianBlur(od, 5) if blur else od
+    # Optical density against the glass instead of against 255: the glass of one scanner is 215,
+    # of another 244, and faint counterstain is only ~0.03-0.06 darker than that glass.
+    rel = np.float32(np.log10(np.maximum(glass_colour(rgb), 1.0)).mean()) - log_rgb.mean(axis=2)
+    rel = cv2.medianBlur(rel, 5) if blur else rel
+    # Coloured (H&E), clearly absorbing (IHC), or darker than the glass (faint counterstain) counts
+    # as tissue. Otsu picks the first two thresholds; the bounds keep it sane on views that are
+    # nearly all tissue or nearly all glass, where Otsu would split the majority class in two.
     sat_t = float(np.clip(_otsu(sat), min_saturation, 60))
     od_t = float(np.clip(_otsu(od), min_od + 0.05, 0.3))
-    mask = ((sat > sat_t) & (od > min_od)) | (od > od_t)
+    mask = ((sat > sat_t) & (od > min_od)) | (od > od_t) | (rel > min_contrast)
     if remove_pen:
         mask &= ~_pen_mask(rgb, hsv)
     radius = max(1, round(closing_um / mpp / 2))
@@ -174,7 +221,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, min_area_um2: float = 20_000.0,
     # Pad before closing so tissue touching the border is not eroded by the implicit background.
     padded = np.pad(mask.astype(np.uint8), radius, mode="edge")
     mask = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[radius:-radius, radius:-radius] > 0
-    mask = morphology.remove_small_holes(mask, max_size=max(1, round(min_hole_um2 / px_area)))
+    mask = _fill_enclosed_holes(mask, max(1, round(min_hole_um2 / px_area)))
     mask = morphology.remove_small_objects(mask, max_size=max(1, round(min_area_um2 / px_area)))
     return mask.astype(bool)
 
