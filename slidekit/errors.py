@@ -24,6 +24,21 @@ class MissingMPPError(SlideError):
     """The slide has no microns-per-pixel in its metadata and none was given."""
 
 
+class CorruptTileError(SlideError):
+    """A stored tile of the slide is damaged; ``location`` is its level-0 (x, y), ``level`` its level."""
+
+    def __init__(self, message: str, path: str | Path | None = None,
+                 location: tuple[int, int] | None = None, level: int = 0) -> None:
+        super().__init__(message, path)
+        self.location, self.level = location, level
+
+    def __reduce__(self):  # keep location/level across DataLoader worker pickling
+        msg = str(self)
+        if self.path is not None and msg.startswith(f"{self.path}: "):
+            msg = msg[len(f"{self.path}: "):]
+        return (type(self), (msg, self.path, self.location, self.level))
+
+
 class TissueError(SlidekitError):
     """Tissue detection found nothing usable (e.g. a blank slide)."""
 
