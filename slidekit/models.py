@@ -11,6 +11,8 @@ names everywhere), so an encoder trained by one trainer initialises another
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ CHECKPOINT_FORMAT = "slidekit.checkpoint"
 CHECKPOINT_VERSION = 1
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 ARCHS = ("resnet-classifier", "resnet-unet", "resnet-encoder")
+TASKS = ("classification", "segmentation", "embedding")
 
 
 @dataclass
@@ -50,18 +53,48 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A spec may come from a hand-edited checkpoint: every field is checked, so a bad one is a
+        # one-line CheckpointError here rather than a traceback deep inside inference.
         if self.arch not in ARCHS:
             raise CheckpointError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
         if self.backbone not in BACKBONES:
             raise CheckpointError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
         if self.activation not in ("softmax", "sigmoid", "none"):
             raise CheckpointError(f"unknown activation {self.activation!r}")
+        if self.task not in TASKS:
+            raise CheckpointError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) for c in self.classes):
+            raise CheckpointError(f"spec 'classes' must be a list of class names, got {self.classes!r}")
+        if len(set(self.classes)) != len(self.classes):
+            raise CheckpointError(f"spec 'classes' names a class twice: {self.classes!r}")
+        if self.task != "embedding" and not self.classes:
+            raise CheckpointError(f"a {self.task} spec needs at least one class")
+        self.classes = list(self.classes)
+        _check_int(self.patch_size, "patch_size", 1)
+        _check_int(self.output_stride, "output_stride", 1)
+        if not _is_number(self.mpp) or not self.mpp > 0:
+            raise CheckpointError(f"spec 'mpp' must be a finite number > 0, got {self.mpp!r}")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_number(x) for x in v):
+                raise CheckpointError(f"spec {key!r} must be three numbers (R, G, B), got {v!r}")
+        if min(self.std) <= 0:
+            raise CheckpointError(f"spec 'std' must be > 0, got {self.std!r}")
+        for key in ("trainer_config", "extra"):
+            if not isinstance(getattr(self, key), dict):
+                raise CheckpointError(f"spec {key!r} must be a mapping, got {getattr(self, key)!r}")
         if not self.colors:
             from slidekit.annotations import default_color
 
             self.colors = [default_color(c) for c in self.classes]
+        if (not isinstance(self.colors, (list, tuple)) or len(self.colors) != len(self.classes)
+                or not all(isinstance(c, (list, tuple)) and len(c) == 3
+                           and all(_is_int(v) and 0 <= v <= 255 for v in c)
+                           for c in self.colors)):
+            raise CheckpointError(f"spec 'colors' must be one (R, G, B) of integers 0-255 per class, "
+                                  f"got {self.colors!r}")
         self.colors = [tuple(int(v) for v in c) for c in self.colors]
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
         if not self.slidekit_version:
             from slidekit import __version__
 
@@ -92,9 +125,24 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        """Build from a dict, ignoring keys this version does not know."""
+        """Build from a dict, ignoring keys this version does not know (CheckpointError when bad)."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"the model spec is a {type(d).__name__}, not a mapping")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_int(v: Any, key: str, minimum: int) -> None:
+    if not _is_int(v) or v < minimum:
+        raise CheckpointError(f"spec {key!r} must be an integer >= {minimum}, got {v!r}")
 
 
 class ResNetEncoder(nn.Module):
@@ -245,8 +293,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         model.load_state_dict(payload["state_dict"])
     except CheckpointError as e:
         raise CheckpointError(str(e), path) from None
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"weights do not match the described network ({str(e)[:200]})", path) from None
+    except TypeError as e:  # e.g. a spec field hand-edited to a list where a number belongs
+        raise CheckpointError(f"malformed model spec or weights ({' '.join(str(e).split())[:200]})", path) from None
+    except (KeyError, RuntimeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"weights do not match the described network "
+                              f"({' '.join(str(e).split())[:200]})", path) from None
     model.eval()
     return Checkpoint(spec=spec, model=model, extra=payload.get("extra", {}), path=Path(path))
 

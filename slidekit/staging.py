@@ -6,7 +6,9 @@ Node labels are ``negative``, ``itc``, ``micro``, ``macro``. The patient stage i
 as a metastatic node when telling pN1 (1-3 nodes) from pN2 (4 or more).
 
 CSV files are CAMELYON17-style: header ``patient,stage``; patient rows ``patient_XXX.zip,<stage>``;
-node rows ``patient_XXX_node_N.tif,<label>``.
+node rows ``patient_XXX_node_N.tif,<label>``. A node is identified by its patient and number,
+so ``node_2`` / ``node_02`` and ``node_0.tif`` / ``node_0.svs`` are one node, and a node given
+twice is refused rather than counted twice.
 """
 from __future__ import annotations
 
@@ -138,6 +140,26 @@ def _node_sort_key(name: str) -> tuple[str, int]:
     return (m.group("patient"), int(m.group("node"))) if m else (name, -1)
 
 
+def node_identity(node_name: str) -> tuple[str, int]:
+    """``(patient, node number)`` of a node file name: ``patient_0_node_2.tif``,
+    ``patient_0_node_02.tif`` and ``patient_0_node_2.svs`` are one node. LabelError for other names."""
+    m = _NODE_RE.match(node_name)
+    if not m:
+        raise LabelError(f"node name {node_name!r} is not of the form <patient>_node_<N>.<ext>")
+    return m.group("patient"), int(m.group("node"))
+
+
+def check_unique_nodes(names: Iterable[str], path: str | os.PathLike | None = None) -> None:
+    """LabelError when two names are one node spelt two ways (a node counted twice can raise the stage)."""
+    seen: dict[tuple[str, int], str] = {}
+    for name in names:
+        key = node_identity(name)
+        if key in seen:
+            raise LabelError(f"{name!r} and {seen[key]!r} are the same node (node {key[1]} of {key[0]}); "
+                             "give each node once", path)
+        seen[key] = name
+
+
 def read_label_csv(path: str | os.PathLike, want: str = "both") -> LabelTable:
     """Read a CAMELYON17-style CSV (``patient,stage`` header; ``.zip`` patient rows, node rows).
 
@@ -162,6 +184,7 @@ def read_label_csv(path: str | os.PathLike, want: str = "both") -> LabelTable:
     if [c.strip().lower() for c in header] != ["patient", "stage"]:
         raise LabelError(f"line {line}: header must be 'patient,stage', found {','.join(header)!r}", path)
     table = LabelTable(path=path)
+    node_lines: dict[tuple[str, int], tuple[int, str]] = {}
     for line, row in rows[1:]:
         if len(row) != 2:
             raise LabelError(f"line {line}: expected 2 columns (name,label), found {len(row)}: "
@@ -178,8 +201,12 @@ def read_label_csv(path: str | os.PathLike, want: str = "both") -> LabelTable:
             elif _NODE_RE.match(name):
                 if want == "patients":
                     continue
-                if name in table.nodes:
-                    raise LabelError(f"node {name!r} listed twice")
+                key = node_identity(name)
+                if key in node_lines:
+                    first_line, first = node_lines[key]
+                    same = "listed twice" if first == name else f"the same node as {first!r}"
+                    raise LabelError(f"node {name!r} is {same} (node {key[1]} of {key[0]}, line {first_line})")
+                node_lines[key] = (line, name)
                 table.nodes[name] = normalise_node_label(label)
             else:
                 raise LabelError(f"row name {name!r} is neither <patient>.zip nor <patient>_node_<N>.tif")
@@ -193,7 +220,9 @@ def read_label_csv(path: str | os.PathLike, want: str = "both") -> LabelTable:
 
 
 def stage_table(nodes: Mapping[str, str]) -> dict[str, str]:
-    """{patient: pN stage} from {node file name: node label}."""
+    """{patient: pN stage} from {node file name: node label}; LabelError when a node is given twice
+    under two spellings (``node_2`` / ``node_02``, ``.tif`` / ``.svs``)."""
+    check_unique_nodes(nodes)
     table = LabelTable(nodes={k: normalise_node_label(v) for k, v in nodes.items()})
     return {p: pn_stage(n.values()) for p, n in table.nodes_by_patient().items()}
 
@@ -201,6 +230,7 @@ def stage_table(nodes: Mapping[str, str]) -> dict[str, str]:
 def write_submission(path: str | os.PathLike, nodes: Mapping[str, str],
                      stages: Mapping[str, str] | None = None) -> Path:
     """Write a CAMELYON17 submission CSV atomically: each ``patient.zip,stage`` row, then its nodes."""
+    check_unique_nodes(nodes)
     table = LabelTable(nodes=dict(nodes))
     stages = dict(stages) if stages is not None else stage_table(nodes)
     buf = io.StringIO()

@@ -75,7 +75,7 @@ def test_s2l_run_trains_every_layer_and_stores_averages_at_image_size(tmp_path):
 
 def test_s2l_crops_carry_their_own_averages(tmp_path):
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=40)
-    t = S2LTrainer(_cfg(root, epochs=1))
+    t = S2LTrainer(_cfg(root, epochs=2))
     t.fit(tmp_path / "run", device="cpu", progress=False)
     ds = t.dataset
     # Mark the average map with pixel coordinates: a crop's map must match the crop's image.

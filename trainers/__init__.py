@@ -1,8 +1,8 @@
 """Pluggable trainers. ``trainers.get(name)`` finds built-ins and entry-point plug-ins alike."""
 from trainers.base import (LABEL_KINDS, MetricsLog, Trainer, TrainerConfig, TrainState, available, get,
-                           init_encoder, load_config, make_config, register, resolve_device, run_epochs,
-                           seed_everything, train)
+                           init_encoder, load_config, make_config, register, resolve_device, restart_run,
+                           run_epochs, seed_everything, train)
 
 __all__ = ["LABEL_KINDS", "MetricsLog", "Trainer", "TrainerConfig", "TrainState", "available", "get",
-           "init_encoder", "load_config", "make_config", "register", "resolve_device", "run_epochs",
-           "seed_everything", "train"]
+           "init_encoder", "load_config", "make_config", "register", "resolve_device", "restart_run",
+           "run_epochs", "seed_everything", "train"]

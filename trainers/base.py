@@ -9,7 +9,8 @@ Every trainer writes into its output directory:
 ``config.json`` (the resolved config), ``checkpoint.pt`` (slidekit checkpoint, refreshed every
 epoch), ``state.pt`` (optimiser/epoch/RNG state for resuming), ``metrics.csv`` and
 ``metrics.json`` (one row per epoch) and, last, ``done.json``; a rerun resumes from
-``state.pt`` or, when ``done.json`` exists, returns the finished checkpoint.
+``state.pt``, returns the finished checkpoint, continues to a larger ``epochs`` or refuses a
+different config (``trainers/runs.py``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import dataclasses
 import importlib
 import io
 import json
+import math
 import os
 import random
 import types
@@ -29,11 +31,13 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from slidekit.errors import CheckpointError, ConfigError
+from slidekit.errors import CheckpointError, ConfigError, TrainingError
 from slidekit.io import atomic_path, write_text_atomic
 from slidekit.models import ModelSpec, resolve_device, save_checkpoint  # noqa: F401 (re-exported)
+from trainers.runs import RESTART_HINT, begin_run, clear_run, recorded_trainer
 
 LABEL_KINDS = frozenset({"images", "scribbles", "pixel_masks", "slide_labels"})
 ENTRY_POINT_GROUP = "slidekit.trainers"
@@ -41,9 +45,19 @@ BUILTIN_MODULES = ("trainers.scribble", "trainers.s2l", "trainers.simclr", "trai
                    "trainers.stage2")
 
 
+def check_option(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raise ConfigError ``option 'key' must be <rule>, got <value>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"option {key!r} must be {rule}, got {value!r}")
+
+
 @dataclass
 class TrainerConfig:
-    """Options every trainer has. Subclass it (as a dataclass) to add a trainer's own."""
+    """Options every trainer has. Subclass it (as a dataclass) to add a trainer's own.
+
+    ``validate`` checks the ranges when the config is built; a subclass extends it (calling
+    ``super().validate()``) rather than clamping bad values, so a typo never trains quietly.
+    """
 
     seed: int = 0
     epochs: int = 10
@@ -52,6 +66,17 @@ class TrainerConfig:
     num_workers: int = 0
     init: str | None = None  # a slidekit checkpoint whose encoder initialises the network
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for an option out of its range."""
+        check_option(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check_option(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check_option(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", self.lr,
+                     "a finite number > 0")
+        check_option(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
 
 class Trainer:
     """Base class of every trainer: subclass, set the class attributes, implement ``fit``."""
@@ -59,6 +84,9 @@ class Trainer:
     name: ClassVar[str] = ""
     consumes: ClassVar[frozenset[str]] = frozenset()
     Config: ClassVar[type] = TrainerConfig
+    length_option: ClassVar[str] = "epochs"  # the option a rerun may raise to continue training
+    rerun_free_options: ClassVar[frozenset[str]] = frozenset()  # options a rerun may change freely
+    outputs: ClassVar[tuple[str, ...]] = ()  # files/folders written besides trainers.runs.RUN_FILES
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -131,13 +159,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
-                continue
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:  # e.g. `float | None`: the float's own message is the clearer one
+            raise errors[0]
         raise ConfigError(f"option {key!r}: cannot read {value!r} as {annotation}")
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -156,12 +187,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return False
         raise ConfigError(f"option {key!r}: expected true/false, got {value!r}")
     if annotation in (int, float, str):
+        if annotation is not str and isinstance(value, (bool, list, tuple, dict)):
+            raise ConfigError(f"option {key!r}: expected {annotation.__name__}, got {value!r}")
+        if annotation is str and isinstance(value, (list, tuple, dict)):
+            raise ConfigError(f"option {key!r}: expected a string, got {value!r}")
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return annotation(value)
-        except (TypeError, ValueError):
+            out = annotation(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"option {key!r}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is float and not math.isfinite(out):  # inf/nan never make a sensible option
+            raise ConfigError(f"option {key!r}: expected a finite number, got {value!r}")
+        return out
     return value
 
 
@@ -173,7 +211,42 @@ def make_config(cls: type, values: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; "
                           f"{cls.__name__} has: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+    try:
+        return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a __post_init__ that raised something untyped
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: option {key!r} is given twice (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ConfigError(f"option {k!r} is given twice")
+        out[k] = v
+    return out
+
+
+def parse_config_text(text: str, yaml_syntax: bool) -> Any:
+    """Parse a YAML or JSON config text; ConfigError for a key given twice in one mapping."""
+    if yaml_syntax:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    return json.loads(text, object_pairs_hook=_unique_json_object)
 
 
 def load_config(cls: type, path: str | os.PathLike | None = None,
@@ -186,14 +259,14 @@ def load_config(cls: type, path: str | os.PathLike | None = None,
             raise ConfigError("config file not found", path)
         try:
             text = path.read_text()
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                loaded = yaml.safe_load(text) or {}
-            else:
-                loaded = json.loads(text)
+            loaded = parse_config_text(text, path.suffix.lower() in (".yaml", ".yml"))
+            if loaded is None:  # an empty YAML file
+                loaded = {}
+        except ConfigError as e:
+            raise ConfigError(str(e), path) from None
         except Exception as e:
-            raise ConfigError(f"cannot parse config ({type(e).__name__}: {e})", path) from None
+            detail = " ".join(f"{type(e).__name__}: {e}".split())  # YAML errors span several lines
+            raise ConfigError(f"cannot parse config ({detail})", path) from None
         if not isinstance(loaded, dict):
             raise ConfigError("config must be a mapping of option names to values", path)
         try:
@@ -202,11 +275,16 @@ def load_config(cls: type, path: str | os.PathLike | None = None,
             raise ConfigError(str(e), path) from None
         values.update(loaded)
     if isinstance(overrides, list):
+        given: set[str] = set()
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value")
             k, v = item.split("=", 1)
-            values[k.strip().replace("-", "_")] = v
+            k = k.strip().replace("-", "_")
+            if k in given:
+                raise ConfigError(f"override {k!r} is given twice")
+            given.add(k)
+            values[k] = v
     elif overrides:
         values.update(overrides)
     return make_config(cls, values)
@@ -263,7 +341,11 @@ class MetricsLog:
 
 @dataclass
 class TrainState:
-    """What a rerun needs to continue: epoch count, weights, optimiser, scheduler, RNG, extras."""
+    """What a rerun needs to continue: epoch count, weights, optimiser, scheduler, RNG, extras.
+
+    Saved and loaded as plain data only (tensors, numbers, strings, lists, dicts):
+    ``torch.load(weights_only=True)`` never runs code from a planted or tampered ``state.pt``.
+    """
 
     epoch: int
     model: dict
@@ -282,19 +364,47 @@ class TrainState:
         if not path.exists():
             return None
         try:
-            return cls(**torch.load(path, map_location="cpu", weights_only=False))
-        except Exception as e:
-            raise CheckpointError(f"cannot resume: training state is unreadable ({e})", path) from None
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle.UnpicklingError for anything but plain data, zip errors, ...
+            why = ("it holds objects other than tensors and plain data, so it was not loaded"
+                   if "weights_only" in str(e) or "Unsupported global" in str(e) else
+                   f"{type(e).__name__}: {' '.join(str(e).split())[:150]}")
+            raise CheckpointError(f"cannot resume: training state is unreadable ({why}); "
+                                  "delete it or rerun with --restart", path) from None
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or not isinstance(data.get("epoch"), int) or not set(data) <= names:
+            raise CheckpointError("cannot resume: not a slidekit training state; delete it or rerun with "
+                                  "--restart", path)
+        return cls(**data)
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as plain data (NumPy's key array as a tensor) so ``weights_only`` loading works."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
+
+
+def _divergence(model: nn.Module, metrics: dict[str, Any]) -> str | None:
+    """Why this epoch's result must not be kept (a NaN/inf loss or weight), or None."""
+    for k, v in metrics.items():
+        if (k == "loss" or k.startswith("loss_")) and isinstance(v, (int, float)) and not math.isfinite(v):
+            return f"{k} is {v}"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                return f"weight {name} is not finite"
+    return None
 
 
 def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, spec: ModelSpec,
@@ -306,30 +416,37 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
 
     After each epoch the slidekit checkpoint and the training state are saved atomically, so an
     interrupted run loses at most the epoch in progress. ``done.json`` marks a finished run.
+    What a rerun into the same folder does (resume, continue to more epochs, refuse a different
+    config) is ``trainers.runs.begin_run``'s rule. An epoch whose loss or weights are NaN/inf
+    stops the run with a TrainingError; the previous epoch's checkpoint and state are kept.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, state_path, done_path = out / "checkpoint.pt", out / "state.pt", out / "done.json"
-    if done_path.exists() and ckpt_path.exists():
-        return ckpt_path
     epochs = trainer.config.epochs if epochs is None else epochs
+    if begin_run(trainer, out, epochs) == "finished":
+        return ckpt_path
     spec.trainer = trainer.name
     spec.trainer_config = dataclasses.asdict(trainer.config)
-    write_text_atomic(out / "config.json", json.dumps({"trainer": trainer.name, **spec.trainer_config},
-                                                      indent=2, default=str))
     log = MetricsLog(out)
     start = 0
     state = TrainState.load(state_path)
     if state is not None:
-        model.load_state_dict(state.model)
-        if optimizer is not None and state.optimizer:
-            optimizer.load_state_dict(state.optimizer)
-        if scheduler is not None and state.scheduler:
-            scheduler.load_state_dict(state.scheduler)
-        if state.rng:
-            _set_rng_state(state.rng)
-        if set_extra is not None and state.extra:
-            set_extra(state.extra)
+        if state.epoch > epochs:
+            raise TrainingError(f"holds {state.epoch} trained epochs; cannot shorten the run to {epochs}; "
+                                f"{RESTART_HINT}", out)
+        try:
+            model.load_state_dict(state.model)
+            if optimizer is not None and state.optimizer:
+                optimizer.load_state_dict(state.optimizer)
+            if scheduler is not None and state.scheduler:
+                scheduler.load_state_dict(state.scheduler)
+            if state.rng:
+                _set_rng_state(state.rng)
+            if set_extra is not None and state.extra:
+                set_extra(state.extra)
+        except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"cannot resume: training state does not fit this run "
+                                  f"({' '.join(str(e).split())[:150]}); {RESTART_HINT}", state_path) from None
         start = state.epoch
     log.truncate(start)
     from tqdm.auto import tqdm
@@ -339,6 +456,11 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
     for epoch in bar:
         model.train()
         metrics = train_epoch(epoch)
+        why = _divergence(model, metrics)
+        if why is not None:
+            kept = f"epoch {epoch}'s checkpoint is kept" if epoch else "no checkpoint was written"
+            raise TrainingError(f"training diverged in epoch {epoch + 1}: {why} (lr {trainer.config.lr} too "
+                                f"high?); {kept}", out)
         log.log(epoch=epoch, **metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
         save_checkpoint(ckpt_path, model, spec, extra={"epoch": epoch + 1})
@@ -346,16 +468,35 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
                    optimizer=optimizer.state_dict() if optimizer is not None else None,
                    scheduler=scheduler.state_dict() if scheduler is not None else None,
                    rng=_rng_state(), extra=get_extra() if get_extra else None).save(state_path)
-    if not ckpt_path.exists():  # zero epochs asked for: still leave a usable checkpoint
-        save_checkpoint(ckpt_path, model, spec, extra={"epoch": 0})
     write_text_atomic(done_path, json.dumps({"trainer": trainer.name, "epochs": epochs,
                                              "checkpoint": ckpt_path.name}, indent=2))
     return ckpt_path
 
 
+def restart_run(out_dir: str | os.PathLike, trainer: type[Trainer] | None = None) -> list[Path]:
+    """Delete the training outputs in ``out_dir`` (those of ``trainer`` and of the run recorded
+    there) so the next fit starts from scratch; other files are left alone."""
+    extra: list[str] = list(getattr(trainer, "outputs", ()))
+    recorded = recorded_trainer(out_dir)
+    if recorded is not None:
+        try:
+            extra += list(getattr(get(recorded), "outputs", ()))
+        except ConfigError:
+            pass  # a plug-in no longer installed: its own extra files stay
+    return clear_run(out_dir, extra)
+
+
 def train(name: str, config: str | os.PathLike | None, out_dir: str | os.PathLike,
-          overrides: list[str] | dict | None = None, device: str = "auto", progress: bool = True) -> Path:
-    """Look up trainer ``name``, build its config from file + overrides, and fit into ``out_dir``."""
+          overrides: list[str] | dict | None = None, device: str = "auto", progress: bool = True,
+          restart: bool = False) -> Path:
+    """Look up trainer ``name``, build its config from file + overrides, and fit into ``out_dir``.
+
+    A rerun into the same ``out_dir`` resumes, returns the finished checkpoint or continues to
+    more epochs; a different config is refused (``trainers.runs``). ``restart=True`` deletes the
+    previous run's outputs first and trains from scratch.
+    """
     cls = get(name)
     cfg = load_config(cls.Config, config, overrides)
+    if restart:
+        restart_run(out_dir, cls)
     return cls(cfg).fit(out_dir, device=device, progress=progress)

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,10 +39,12 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from slidekit.errors import ConfigError, LabelError
+from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.features import DEFAULT_THRESHOLDS, SIZE_CLASSES, features_from_view, open_heatmap_view
 from slidekit.io import atomic_path, write_text_atomic
-from trainers.base import Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs, seed_everything
+from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device, run_epochs,
+                           seed_everything)
+from trainers.runs import begin_run
 from trainers.stage2 import fit_morph_lgbm, read_slide_table
 
 SOURCES = ("pixel", "pseudo_positive", "hard_negative")
@@ -74,6 +77,24 @@ class MixedEMConfig(TrainerConfig):
     stage2_thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
     stage2_work_mpp: float | None = None
     selection: str = "cv_loss"  # stage-2 loss that selects the round: "cv_loss" or "train_loss"
+
+    def validate(self) -> None:
+        super().validate()
+        check_option(self.rounds >= 0, "rounds", self.rounds, "an integer >= 0")
+        check_option(self.patch_size >= 32, "patch_size", self.patch_size, "an integer >= 32 (px)")
+        for key in ("mpp", "tissue_mpp", "scale"):
+            check_option(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
+        check_option(self.slide_mpp is None or self.slide_mpp > 0, "slide_mpp", self.slide_mpp, "> 0 (or unset)")
+        for key in ("init_steps", "round_steps", "min_hard_negatives", "predict_tile", "predict_overlap"):
+            check_option(getattr(self, key) >= 0, key, getattr(self, key), "an integer >= 0")
+        check_option(self.predict_batch >= 1, "predict_batch", self.predict_batch, "an integer >= 1")
+        check_option(len(self.ratio) == 3 and min(self.ratio) >= 0 and sum(self.ratio) > 0, "ratio", self.ratio,
+                     "three numbers >= 0 (pixel : pseudo-positive : hard-negative), not all 0")
+        for key in ("threshold", "floor", "min_tissue"):
+            check_option(0 <= getattr(self, key) <= 1, key, getattr(self, key), "in [0, 1]")
+        check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check_option(self.selection in ("cv_loss", "train_loss"), "selection", self.selection,
+                     "cv_loss or train_loss")
 
 
 # --------------------------------------------------------------------------------- the E-step
@@ -161,7 +182,7 @@ def select_round(losses: Sequence[float], first: int = 1) -> int:
 
 def _read_mask(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
-        m = np.load(path)
+        m = np.load(path, allow_pickle=False)
     else:
         import cv2
 
@@ -288,17 +309,20 @@ class MixedEMTrainer(Trainer):
     name = "mixed-em"
     consumes = frozenset({"pixel_masks", "slide_labels"})
     Config = MixedEMConfig
+    length_option = "rounds"  # a rerun with more rounds continues from the last finished round
+    rerun_free_options = frozenset({"epochs"})  # not used by mixed-em
+    outputs = ("rounds", "grids", "pixel_labels.zarr", "selected.json", "morph_lgbm.json")
 
     def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
         c = self.config
         if not c.slides:
             raise ConfigError("mixed-em needs 'slides' (a CSV with slide,label[,mask] columns)")
-        if c.selection not in ("cv_loss", "train_loss"):
-            raise ConfigError(f"selection must be 'cv_loss' or 'train_loss', not {c.selection!r}")
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / "selected.json").exists() and (out / "done.json").exists():
-            return out / "checkpoint.pt"
+        self.out = out
+        # Checked before anything is cached: grids, pixel labels and pseudo-labels belong to one config.
+        if begin_run(self, out, c.rounds + 1) == "finished":
+            return out / "checkpoint.pt" if (out / "selected.json").exists() else self._select()
+        (out / "selected.json").unlink(missing_ok=True)  # rewritten once the last round is done
         records = read_slide_table(c.slides)
         self.pixel = [r for r in records if r.mask is not None]
         self.labelled = [r for r in records if r.mask is None]
@@ -389,7 +413,7 @@ class MixedEMTrainer(Trainer):
         sampler = FixedRatioSampler(sizes, ratio, c.batch_size, steps, seed=c.seed * 1000 + r)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=c.num_workers,
                                              collate_fn=_collate)
-        m_loss = soft_bce_steps(self.model, self.spec, self.opt, loader, self.device) if steps > 0 else float("nan")
+        m_loss = soft_bce_steps(self.model, self.spec, self.opt, loader, self.device) if steps > 0 else None
         from slidekit.models import save_checkpoint
 
         save_checkpoint(rdir / "checkpoint.pt", self.model, self.spec, extra={"round": r})
@@ -397,6 +421,7 @@ class MixedEMTrainer(Trainer):
         return {"round": r, "m_loss": m_loss, "n_pixel": sizes[0], "n_pseudo_positive": sizes[1],
                 "n_hard_negative": sizes[2], "stage2_train_loss": s2["train_loss"],
                 "stage2_cv_loss": s2["cv_loss"], "stage2_cv_accuracy": s2["cv_accuracy"],
+                "stage2_chance_loss": s2.get("chance_loss", math.nan),
                 "seconds": time.time() - t0}
 
     def heatmap_dir(self, r: int, i: int) -> Path:
@@ -426,7 +451,7 @@ class MixedEMTrainer(Trainer):
         rdir = self.out / "rounds" / f"r{r}"
         index_path = rdir / "pseudo_index.npz"
         if index_path.exists() and (rdir / "pseudo_labels.zarr").exists():
-            with np.load(index_path) as z:
+            with np.load(index_path, allow_pickle=False) as z:
                 return {"positive": z["positive"], "hard_negative": z["hard_negative"]}
 
         def patches(i: int):
@@ -470,15 +495,46 @@ class MixedEMTrainer(Trainer):
 
     def _select(self) -> Path:
         rows = json.loads((self.out / "metrics.json").read_text())
-        key = "stage2_cv_loss" if self.config.selection == "cv_loss" else "stage2_train_loss"
-        losses = [float(r.get(key, math.nan)) for r in sorted(rows, key=lambda r: r["round"])]
-        if self.config.selection == "cv_loss" and not any(math.isfinite(l) for l in losses[1:]):
-            losses = [float(r.get("stage2_train_loss", math.nan)) for r in sorted(rows, key=lambda r: r["round"])]
-        sel = select_round(losses)
-        src = self.out / "rounds" / f"r{sel}"
+        choice = choose_round(rows, self.config.selection)
+        for message in choice["warnings"]:
+            warnings.warn(TrainingWarning(f"{self.out}: {message}"), stacklevel=2)
+        src = self.out / "rounds" / f"r{choice['selected_round']}"
         for name in ("checkpoint.pt", "morph_lgbm.json"):
             with atomic_path(self.out / name) as tmp:
                 shutil.copyfile(src / name, tmp)
-        write_text_atomic(self.out / "selected.json", json.dumps(
-            {"selected_round": sel, "selection": key, "losses": losses, "rounds": len(losses) - 1}, indent=2))
+        write_text_atomic(self.out / "selected.json", json.dumps(choice, indent=2))
         return self.out / "checkpoint.pt"
+
+
+def choose_round(rows: Sequence[dict], selection: str = "cv_loss") -> dict[str, Any]:
+    """The round to keep from the per-round metrics, with the warnings a user must see.
+
+    ``selection`` names the stage-2 loss (``cv_loss``: out-of-fold; ``train_loss``: in-sample).
+    When the out-of-fold loss is NaN in every EM round (too few slides per class for the folds)
+    the in-sample loss decides, with a warning; when no loss is finite the last round is kept,
+    with a warning; and a selected loss no better than chance (the log loss of always predicting
+    the class frequencies, ``stage2_chance_loss``) is warned about: the round choice is then arbitrary.
+    Returns the content of ``selected.json``.
+    """
+    rows = sorted(rows, key=lambda r: r["round"])
+    key = "stage2_cv_loss" if selection == "cv_loss" else "stage2_train_loss"
+    num = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    losses = [num(r.get(key)) for r in rows]
+    notes = []
+    if len(rows) > 1 and not any(math.isfinite(v) for v in losses[1:]):
+        if key == "stage2_cv_loss":
+            notes.append("the stage-2 out-of-fold loss is NaN in every EM round (too few slide-labelled slides "
+                         "per class for cross-validation); the round was selected on the in-sample loss instead, "
+                         "which hardly tells rounds apart")
+            key = "stage2_train_loss"
+            losses = [num(r.get(key)) for r in rows]
+    sel = select_round(losses)
+    if len(rows) > 1 and not any(math.isfinite(v) for v in losses[1:]):
+        notes.append(f"no EM round has a finite stage-2 loss ({key}); round {sel} was kept without a criterion")
+    chance = num(rows[sel].get("stage2_chance_loss")) if rows else math.nan
+    if math.isfinite(losses[sel] if rows else math.nan) and math.isfinite(chance) and losses[sel] >= chance - 1e-6:
+        notes.append(f"the selected round {sel}'s stage-2 loss {losses[sel]:.4g} ({key}) is no better than chance "
+                     f"({chance:.4g}: always predicting the class frequencies); stage 2 does not tell the slides "
+                     "apart, so the round choice is arbitrary")
+    return {"selected_round": sel, "selection": key, "losses": losses, "chance_loss": chance,
+            "rounds": len(losses) - 1, "warnings": notes}

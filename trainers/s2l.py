@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from slidekit.errors import ConfigError
-from trainers.base import register
+from trainers.base import check_option, register
 from trainers.scribble import ScribbleConfig, SegmentationTrainer, partial_cross_entropy, predict_images
 
 
@@ -59,6 +59,26 @@ class S2LConfig(ScribbleConfig):
     threshold: float = 0.8  # τ
     lambda_up: float = 0.5  # λ
 
+    def validate(self) -> None:
+        super().validate()
+        check_option(0 < self.ema_alpha <= 1, "ema_alpha", self.ema_alpha, "in (0, 1]")
+        check_option(0.5 <= self.threshold < 1, "threshold", self.threshold, "in [0.5, 1)")
+        check_option(self.ema_every >= 1, "ema_every", self.ema_every, "an integer >= 1")
+        check_option(self.ema_start >= 0, "ema_start", self.ema_start, "an integer >= 0")
+        check_option(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "an integer >= 0")
+        check_option(self.lambda_up >= 0, "lambda_up", self.lambda_up, "a number >= 0")
+        # S2L's pseudo-label loss starts after warm-up: with no epoch left it would be plain scribble
+        # training under another name
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"s2l: warmup_epochs ({self.warmup_epochs}) >= epochs ({self.epochs}), so the "
+                              "pseudo-label loss never starts; lower warmup_epochs or raise epochs (or train "
+                              "`scribble` for scribbles only)")
+        first_average = self.ema_start + self.ema_every - 1  # epoch whose end gives the first average
+        if first_average >= self.epochs - 1:
+            raise ConfigError(f"s2l: the first prediction average is taken at the end of epoch "
+                              f"{first_average + 1} (ema_start {self.ema_start}, ema_every {self.ema_every}), "
+                              f"too late for any of the {self.epochs} epochs to use it; lower them or raise epochs")
+
 
 @register
 class S2LTrainer(SegmentationTrainer):
@@ -72,8 +92,6 @@ class S2LTrainer(SegmentationTrainer):
         cfg = self.config
         if cfg.slides:
             raise ConfigError("s2l trains on image folders (`data`); per-slide averages are not supported")
-        if not 0 < cfg.ema_alpha <= 1 or not 0.5 <= cfg.threshold < 1 or cfg.ema_every < 1:
-            raise ConfigError("s2l needs 0 < ema_alpha <= 1, 0.5 <= threshold < 1 and ema_every >= 1")
         return super().build_dataset()
 
     def extra_maps(self, dataset: Any) -> None:

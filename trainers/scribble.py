@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slidekit.errors import ConfigError
+from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.models import ModelSpec, build_model
 from slidekit.scribbles import IGNORE
-from trainers.base import (Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs,
-                           seed_everything)
+from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
+                           run_epochs, seed_everything)
 
 
 def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
@@ -41,14 +43,64 @@ def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     return total / n
 
 
-@torch.no_grad()
-def predict_images(model: nn.Module, spec: ModelSpec, images: list[torch.Tensor],
-                   device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Class probabilities (C, H, W) of whole (3, H, W) uint8 images, un-augmented, in eval mode.
+def check_class_names(classes: Sequence[str], annotation_files: Sequence[str | os.PathLike]) -> None:
+    """LabelError when a class of the config names no annotation in any of the files (a typo or a
+    QuPath class spelt differently would otherwise train a class the network never sees); a
+    TrainingWarning for annotation classes the config leaves out (they are ignored)."""
+    from slidekit.annotations import read_annotations
 
+    found: dict[str | None, int] = {}
+    for path in annotation_files:
+        for a in read_annotations(path):
+            if not a.geometry.is_empty:
+                found[a.label] = found.get(a.label, 0) + 1
+    names = ", ".join(f"{k!r} ({v})" for k, v in sorted(found.items(), key=lambda kv: str(kv[0]))) or "none"
+    missing = [c for c in classes if c not in found]
+    if missing:
+        files = ", ".join(str(f) for f in annotation_files[:3]) + (", ..." if len(annotation_files) > 3 else "")
+        raise LabelError(f"class(es) {', '.join(map(repr, missing))} of the config match no annotation in "
+                         f"{files}; annotation classes found: {names}")
+    unused = sorted(str(k) for k in found if k not in classes)
+    if unused:
+        warnings.warn(TrainingWarning(f"annotation classes {', '.join(map(repr, unused))} are not among the "
+                                      f"config's classes {list(classes)} and are ignored"), stacklevel=2)
+
+
+def _as_chw_uint8(img: Any, i: int) -> torch.Tensor:
+    """A (3, H, W) uint8 tensor from a (3, H, W) tensor or an (H, W, 3|4) array/PIL image, as
+    ``Slide.read_region`` returns it (an alpha channel is dropped)."""
+    if isinstance(img, torch.Tensor):
+        t = img
+        if t.ndim == 3 and t.shape[0] not in (3, 4) and t.shape[-1] in (3, 4):
+            t = t.permute(2, 0, 1)
+    else:
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise ConfigError(f"predict_images: image {i} has shape {arr.shape}; expected (H, W, 3) RGB "
+                              "(or a (3, H, W) tensor)")
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if t.ndim != 3 or t.shape[0] not in (3, 4):
+        raise ConfigError(f"predict_images: image {i} has shape {tuple(t.shape)}; expected (3, H, W) or (H, W, 3)")
+    if t.dtype != torch.uint8:  # a float image in 0..1 would be scaled by 1/255 again
+        raise ConfigError(f"predict_images: image {i} has dtype {t.dtype}; expected uint8 RGB")
+    return t[:3]
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Any] | np.ndarray | torch.Tensor,
+                   device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Class probabilities (C, H, W) of whole uint8 RGB images, un-augmented, in eval mode.
+
+    ``images``: a list of (3, H, W) tensors or (H, W, 3) NumPy arrays / PIL images (as
+    ``Slide.read_region`` returns them; an alpha channel is dropped), or one such image.
     Images are reflect-padded to a multiple of 32 (the encoder's stride) and cropped back.
     The model's train/eval mode is restored afterwards.
     """
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
+        images = [images]
+    if not isinstance(images, (list, tuple, np.ndarray, torch.Tensor)):
+        images = [images]  # one PIL image
+    images = [_as_chw_uint8(img, i) for i, img in enumerate(images)]
     was_training = model.training
     model.eval()
     out = []
@@ -89,8 +141,24 @@ class ScribbleConfig(TrainerConfig):
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"  # "cosine" | "constant"
 
-    def __post_init__(self) -> None:
-        self.epochs = max(0, self.epochs)
+    def validate(self) -> None:
+        super().validate()
+        from slidekit.models import BACKBONES
+
+        check_option(len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes), "classes",
+                     self.classes, "two or more distinct class names")
+        check_option(not 0 <= self.ignore_index < len(self.classes), "ignore_index", self.ignore_index,
+                     f"outside the class indices 0..{len(self.classes) - 1}")
+        check_option(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+        # the encoder downsamples 32 times; a smaller crop leaves nothing for its last stage
+        check_option(self.crop >= 32, "crop", self.crop, "an integer >= 32 (px)")
+        for key in ("scale", "image_mpp", "mpp", "line_width_um"):
+            check_option(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
+        check_option(self.samples_per_image >= 1, "samples_per_image", self.samples_per_image, "an integer >= 1")
+        check_option(self.patches_per_epoch >= 1, "patches_per_epoch", self.patches_per_epoch, "an integer >= 1")
+        check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check_option(self.lr_schedule in ("cosine", "constant"), "lr_schedule", self.lr_schedule,
+                     "cosine or constant")
 
 
 class SegmentationTrainer(Trainer):
@@ -117,11 +185,19 @@ class SegmentationTrainer(Trainer):
         ds = ImageFolderDataset.from_folder(cfg.data, images=cfg.images, masks=cfg.labels, scale=cfg.scale,
                                             crop=cfg.crop, samples_per_image=cfg.samples_per_image,
                                             transform=aug, ignore=cfg.ignore_index)
+        label_dir = Path(cfg.data) / cfg.labels
         bad = [i for i, m in enumerate(ds.masks)
                if ((m != cfg.ignore_index) & ((m < 0) | (m >= len(cfg.classes)))).any()]
         if bad:
             raise ConfigError(f"label images {[ds.names[i] for i in bad[:3]]} hold values outside 0.."
-                              f"{len(cfg.classes) - 1} and {cfg.ignore_index} (ignore)", Path(cfg.data) / cfg.labels)
+                              f"{len(cfg.classes) - 1} and {cfg.ignore_index} (ignore)", label_dir)
+        present = set()
+        for m in ds.masks:
+            present.update(int(v) for v in torch.unique(m).tolist())
+        missing = [f"{c!r} (index {i})" for i, c in enumerate(cfg.classes) if i not in present]
+        if missing:  # the network would be trained to a class it never sees
+            raise LabelError(f"class(es) {', '.join(missing)} of the config have no labelled pixel in any "
+                             f"label image", label_dir)
         return ds
 
     def _slide_dataset(self, aug: Any) -> Any:
@@ -133,6 +209,7 @@ class SegmentationTrainer(Trainer):
         if len(cfg.annotations) != len(cfg.slides):
             raise ConfigError("give one annotation file per slide (`annotations` and `slides` differ in length)")
         labels = {c: i for i, c in enumerate(cfg.classes)}
+        check_class_names(cfg.classes, cfg.annotations)
         parts = [SlidePatchDataset.from_annotations(s, a, labels=labels, mpp=cfg.mpp, size=cfg.crop,
                                                     line_width_um=cfg.line_width_um, transform=aug,
                                                     ignore=cfg.ignore_index)
@@ -196,10 +273,8 @@ class SegmentationTrainer(Trainer):
         if cfg.lr_schedule == "cosine":
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, cfg.epochs) / max(cfg.epochs, 1))))
-        elif cfg.lr_schedule == "constant":
+        else:  # "constant" (validated with the config)
             sched = None
-        else:
-            raise ConfigError(f"unknown lr_schedule {cfg.lr_schedule!r} (cosine, constant)")
 
         def train_epoch(epoch: int) -> dict[str, Any]:
             loader = torch.utils.data.DataLoader(

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from slidekit.errors import ConfigError
 from slidekit.models import ModelSpec, ResNetClassifier
 from slidekit.sampling import FixedRatioSampler
-from trainers.base import (Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs,
-                           seed_everything)
+from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
+                           run_epochs, seed_everything)
+from trainers.runs import begin_run
 from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, AugmentOptions, HistologyAugment,
                                   ProjectionHead, nt_xent, scaled_lr, split_decay_groups, warmup_cosine)
 from trainers.simclr_data import PatchPool, build_sources
@@ -74,6 +75,10 @@ class SimCLRConfig(TrainerConfig, AugmentOptions):
     crop_size: int = 224
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        super().validate()
         if self.optimizer not in DEFAULT_LR:
             raise ConfigError(f"optimizer must be one of {', '.join(DEFAULT_LR)}, got {self.optimizer!r}")
         if self.jitter not in JITTER_PRESETS:
@@ -87,6 +92,13 @@ class SimCLRConfig(TrainerConfig, AugmentOptions):
         self.lr_scaling = rule if self.lr_scaling is None else self.lr_scaling
         if self.lr_scaling not in ("linear", "sqrt", "none"):
             raise ConfigError(f"lr_scaling must be linear, sqrt or none, got {self.lr_scaling!r}")
+        for key in ("mpp", "tile_size", "crop_size", "proj_dim"):
+            check_option(getattr(self, key) > 0, key, getattr(self, key), "> 0")
+        for key in ("warmup_epochs", "weight_decay"):
+            check_option(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+        for key in ("cap", "steps_per_epoch", "proj_hidden", "time_budget_s"):
+            value = getattr(self, key)
+            check_option(value is None or value > 0, key, value, "> 0 (or unset)")
 
     def source_specs(self) -> list[dict]:
         """``sources`` plus the ``slides``/``folders``/``zips`` shortcuts, as source dicts."""
@@ -142,7 +154,7 @@ class SimCLRTrainer(Trainer):
     def fit(self, out_dir: str | Path, device: str = "auto", progress: bool = True) -> Path:
         cfg: SimCLRConfig = self.config
         out = Path(out_dir)
-        if (out / "done.json").exists() and (out / "checkpoint.pt").exists():
+        if begin_run(self, out, cfg.epochs) == "finished":  # before the (slow) patch sources are built
             return out / "checkpoint.pt"
         seed_everything(cfg.seed)
         dev = resolve_device(device)
@@ -186,7 +198,8 @@ class SimCLRTrainer(Trainer):
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
-            return {"loss": sum(losses) / len(losses) if losses else float("nan"), "steps": len(losses),
+            # no step (time budget spent): no loss to report, which is not a diverged NaN
+            return {"loss": sum(losses) / len(losses) if losses else None, "steps": len(losses),
                     "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - clock["start"]}
 
         spec = encoder_spec(cfg)

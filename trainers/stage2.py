@@ -28,8 +28,8 @@ from slidekit.errors import ConfigError, LabelError
 from slidekit.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
                                open_heatmap_view)
 from slidekit.io import write_text_atomic
-from trainers.base import (Trainer, TrainerConfig, init_encoder, register, resolve_device, run_epochs,
-                           seed_everything)
+from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
+                           run_epochs, seed_everything)
 
 POSITIVE_WORDS = {"positive", "tumor", "tumour", "1", "true"}
 NEGATIVE_WORDS = {"negative", "normal", "0", "false"}
@@ -73,7 +73,8 @@ def read_slide_table(path: str | os.PathLike) -> list[SlideRecord]:
         cols = [c.strip() for c in (reader.fieldnames or [])]
         if "slide" not in cols or "label" not in cols:
             raise LabelError(f"slide table needs columns 'slide' and 'label', has {cols}", path)
-        out = []
+        out: list[SlideRecord] = []
+        seen: dict[str, tuple[int, SlideRecord]] = {}
         for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
             if not row.get("slide"):
@@ -83,10 +84,25 @@ def read_slide_table(path: str | os.PathLike) -> list[SlideRecord]:
             except LabelError as e:
                 raise LabelError(f"line {line}: {e}", path) from None
             rel = lambda v: None if not v else (Path(v) if Path(v).is_absolute() else path.parent / v)  # noqa: E731
-            out.append(SlideRecord(rel(row["slide"]), label, rel(row.get("mask")), rel(row.get("heatmap"))))
+            record = SlideRecord(rel(row["slide"]), label, rel(row.get("mask")), rel(row.get("heatmap")))
+            key = slide_identity(record.slide)
+            if key in seen:
+                first_line, first = seen[key]
+                what = (f"under two labels ({first.label!r} on line {first_line}, {label!r} here)"
+                        if first.label != label else f"twice (also on line {first_line})")
+                raise LabelError(f"line {line}: slide {row['slide']!r} is listed {what}; one row per slide", path)
+            seen[key] = (line, record)
+            out.append(record)
     if not out:
         raise LabelError("slide table has no rows", path)
     return out
+
+
+def slide_identity(path: Path) -> str:
+    """One key per slide however its path is spelt: ``./a.tif``, ``x/../a.tif`` and a symlink are one
+    file, and ``a.tif`` next to ``a.svs`` is taken as one slide in two formats."""
+    p = Path(path).resolve()
+    return os.path.normcase(str(p.parent / p.stem))
 
 
 # ------------------------------------------------------------------------------------ morph-lgbm
@@ -207,6 +223,9 @@ def fit_morph_lgbm(rows: Sequence[dict] | np.ndarray, labels: Sequence[str], col
     eps = 1e-6
     clip = lambda P: np.clip(P, eps, 1) / np.clip(P, eps, 1).sum(1, keepdims=True)  # noqa: E731
     metrics = {"train_loss": float(log_loss(y, clip(final.predict_proba(X)), labels=range(len(classes))))}
+    freq = np.bincount(y, minlength=len(classes)) / max(len(y), 1)
+    # the loss of always answering the class frequencies: a stage-2 loss at or above it has learnt nothing
+    metrics["chance_loss"] = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())
     counts = np.bincount(y, minlength=len(classes))
     k = min(cv_folds, int(counts[counts > 0].max()) if counts.any() else 0)
     if k >= 2 and len(y) >= 2 * k:
@@ -234,6 +253,17 @@ class MorphLGBMConfig(TrainerConfig):
     learning_rate: float = 0.05
     min_child_samples: int = 3
     cv_folds: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        check_option(self.work_mpp > 0, "work_mpp", self.work_mpp, "a number > 0")
+        check_option(bool(self.thresholds) and all(0 < t < 1 for t in self.thresholds), "thresholds",
+                     self.thresholds, "probabilities in (0, 1)")
+        for key in ("n_estimators", "num_leaves", "min_child_samples"):
+            check_option(getattr(self, key) >= 1, key, getattr(self, key), "an integer >= 1")
+        check_option(self.num_leaves >= 2, "num_leaves", self.num_leaves, "an integer >= 2")
+        check_option(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
+        check_option(self.cv_folds >= 2, "cv_folds", self.cv_folds, "an integer >= 2")
 
 
 @register
@@ -343,6 +373,18 @@ class TopKMeanConfig(TrainerConfig):
     batch_slides: int = 4
     slide_mpp: float | None = None
     weight_decay: float = 1e-4
+
+    def validate(self) -> None:
+        super().validate()
+        from slidekit.models import BACKBONES
+
+        check_option(self.k >= 1, "k", self.k, "an integer >= 1")
+        check_option(self.patch_size >= 32, "patch_size", self.patch_size, "an integer >= 32 (px)")
+        check_option(self.mpp > 0, "mpp", self.mpp, "a number > 0")
+        check_option(self.slide_mpp is None or self.slide_mpp > 0, "slide_mpp", self.slide_mpp, "> 0 (or unset)")
+        check_option(self.batch_slides >= 1, "batch_slides", self.batch_slides, "an integer >= 1")
+        check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check_option(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
 
 
 @register

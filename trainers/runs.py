@@ -1,0 +1,132 @@
+"""Training run folders: what a rerun of ``slidekit train`` into an existing ``--out`` does.
+
+A run folder records its trainer and resolved config in ``config.json``. A rerun
+
+* with the same trainer and options resumes from ``state.pt``, or returns the checkpoint when
+  ``done.json`` says the run finished;
+* with a larger length (``epochs``; ``mixed-em``: ``rounds``) continues the run from its last
+  state to the new length, with a ``TrainingWarning``. Every learning-rate schedule in slidekit
+  is a function of (position, configured length), so the remaining epochs follow the schedule a
+  fresh run of the new length has from the epoch reached (a cosine schedule rises again: a warm
+  restart). The warning says so; ``restart=True`` gives a fresh run of the new length instead;
+* with fewer epochs than already trained, another trainer, or any other option changed
+  (``num_workers`` aside) is refused with one line (``TrainingError``) naming the differences.
+  ``restart=True`` (``slidekit train --restart``) deletes the old run's files and trains afresh.
+
+Only files slidekit's trainers write are ever deleted (``RUN_FILES`` and a trainer's
+``outputs``); anything else in the folder is left alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from slidekit.errors import TrainingError, TrainingWarning
+from slidekit.io import write_text_atomic
+
+RUN_FILES = ("config.json", "checkpoint.pt", "state.pt", "metrics.csv", "metrics.json", "done.json")
+FREE_OPTIONS = frozenset({"num_workers"})  # options that may change between a run and its rerun
+RESTART_HINT = "rerun with --restart (API: restart=True) to discard it and train afresh, or use another --out"
+
+
+def config_record(trainer: Any) -> dict:
+    """``{"trainer": name, **config}`` as it reads back from ``config.json`` (JSON types)."""
+    return json.loads(json.dumps({"trainer": trainer.name, **dataclasses.asdict(trainer.config)}, default=str))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"unreadable run record ({type(e).__name__}); {RESTART_HINT}", path) from None
+
+
+def _differences(old: dict, new: dict, skip: Iterable[str]) -> list[str]:
+    skip = set(skip)
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in skip and old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys]
+
+
+def begin_run(trainer: Any, out_dir: str | os.PathLike, length: int) -> str:
+    """Check ``out_dir`` against ``trainer`` before training and record its config.
+
+    ``length`` is the number of epochs (loop iterations) asked for. Returns ``"finished"``
+    (nothing to do), ``"resume"`` (``state.pt`` is there to continue from) or ``"fresh"``.
+    Raises TrainingError for a folder holding a different run. Idempotent.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = config_record(trainer)
+    length_key = getattr(trainer, "length_option", "epochs")
+    config_path, done_path, state_path = out / "config.json", out / "done.json", out / "state.pt"
+    recorded = _read_json(config_path) if config_path.exists() else None
+    if recorded is None:
+        if any((out / f).exists() for f in RUN_FILES):
+            raise TrainingError(f"holds training files but no config.json to check them against; {RESTART_HINT}", out)
+    else:
+        if not isinstance(recorded, dict):
+            raise TrainingError(f"config.json is not a run record; {RESTART_HINT}", out)
+        if recorded.get("trainer") != trainer.name:
+            raise TrainingError(f"holds a {recorded.get('trainer')!r} run, not {trainer.name!r}; {RESTART_HINT}", out)
+        skip = FREE_OPTIONS | set(getattr(trainer, "rerun_free_options", ())) | {length_key}
+        diffs = _differences(recorded, record, skip)
+        if diffs:
+            raise TrainingError(f"holds a {trainer.name!r} run with other options ({'; '.join(diffs[:4])}"
+                                f"{'; ...' if len(diffs) > 4 else ''}); {RESTART_HINT}", out)
+    done = _read_json(done_path) if done_path.exists() else None
+    if done is not None and (out / "checkpoint.pt").exists():
+        trained = int(done.get("epochs", -1)) if isinstance(done, dict) else -1
+        if trained == length:
+            return "finished"
+        if trained > length:
+            raise TrainingError(f"holds a finished run of {trained} epochs; cannot shorten it to {length}; "
+                                f"{RESTART_HINT}", out)
+        if not state_path.exists():
+            raise TrainingError(f"holds a finished run of {trained} epochs without state.pt, so it cannot be "
+                                f"continued to {length}; {RESTART_HINT}", out)
+        warnings.warn(TrainingWarning(
+            f"{out}: continuing a finished {trained}-epoch {trainer.name} run to {length} epochs; the "
+            f"remaining epochs follow the learning-rate schedule of a {length}-epoch run from epoch {trained} "
+            f"(use --restart for a fresh {length}-epoch run)"), stacklevel=2)
+        done_path.unlink()  # the folder no longer holds a finished run until the new length is reached
+    elif recorded is not None and recorded.get(length_key) != record.get(length_key) and state_path.exists():
+        warnings.warn(TrainingWarning(
+            f"{out}: resuming with {length_key} changed from {recorded.get(length_key)} to "
+            f"{record.get(length_key)}; the remaining epochs follow the new length's learning-rate schedule"),
+            stacklevel=2)
+    write_text_atomic(config_path, json.dumps(record, indent=2))
+    return "resume" if state_path.exists() else "fresh"
+
+
+def clear_run(out_dir: str | os.PathLike, extra: Iterable[str] = ()) -> list[Path]:
+    """Delete the files a training run wrote into ``out_dir`` (``RUN_FILES`` + ``extra`` names);
+    return what was removed. Nothing else in the folder is touched."""
+    out = Path(out_dir)
+    removed = []
+    for name in dict.fromkeys([*RUN_FILES, *extra]):
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    return removed
+
+
+def recorded_trainer(out_dir: str | os.PathLike) -> str | None:
+    """The trainer name recorded in ``out_dir/config.json`` (None when there is none)."""
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("trainer") if isinstance(rec, dict) else None
