@@ -7,15 +7,29 @@ process, so it can be handed to DataLoader workers.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from slidekit.errors import MissingMPPError, SlideError
+from slidekit.errors import CorruptTileError, MissingMPPError, MPPOverrideWarning, SlideError
+
+log = logging.getLogger("slidekit")
+
+# A plain image (PNG, JPEG, untiled TIFF) is decoded whole into memory, ~7 bytes per pixel at the
+# peak (RGBA, then RGB): 2**30 pixels (a 32k x 32k image) is ~7.5 GB. Larger images should be
+# tiled pyramids; raise the limit per call with ``open_slide(..., max_image_pixels=...)``.
+MAX_IMAGE_PIXELS = 1 << 30
+# ``read_whole`` refuses to decode more level pixels than this (2**35: ~185k x 185k px, minutes
+# of decoding) when no pyramid level is close to the requested pixel size.
+MAX_WHOLE_READ_PIXELS = 1 << 35
+# ``read_whole`` shows a progress bar (progress=None) when it decodes more than this many pixels.
+PROGRESS_PIXELS = 1 << 28
 
 BACKENDS = ("openslide", "tiffslide", "image")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -121,15 +135,34 @@ class _TiffSlideBackend:
 class _ImageBackend:
     """A plain image (PNG, JPEG, non-pyramidal TIFF) held in memory; one level."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_pixels: int | None = None) -> None:
         from PIL import Image, UnidentifiedImageError
 
-        Image.MAX_IMAGE_PIXELS = None
+        limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
         try:
-            with Image.open(path) as im:
-                self._arr = _to_rgb_on_white(np.asarray(im.convert("RGBA")))
+            with warnings.catch_warnings():
+                # Our own limit below replaces Pillow's bomb guard (whose limit is 89 Mpx).
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+                try:
+                    im = Image.open(path)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
+            with im:
+                if im.width * im.height > limit:
+                    raise SlideError(_too_big(im.width, im.height, limit), path)
+                im.load()
+                arr = np.asarray(im.convert("RGBA") if im.mode not in ("RGB", "L") else im)
+                self._arr = _to_rgb_on_white(arr)
+        except SlideError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise SlideError(f"image too large to decode ({e}); raise max_image_pixels if it is genuine",
+                             path) from None
         except UnidentifiedImageError as e:
             raise SlideError("not a slide or image that OpenSlide, tiffslide or Pillow can read", path) from e
+        except MemoryError:
+            raise SlideError("not enough memory to decode this image whole", path) from None
         except (OSError, SyntaxError, ValueError) as e:
             raise SlideError(f"cannot decode image ({e})", path) from e
         h, w = self._arr.shape[:2]
@@ -153,56 +186,30 @@ class _ImageBackend:
         self._arr = np.zeros((0, 0, 3), np.uint8)
 
 
+def _too_big(w: int, h: int, limit: int) -> str:
+    return (f"image is {w} x {h} = {w * h:,} pixels, over the limit of {limit:,} for images decoded whole "
+            "(a possible decompression bomb); pass max_image_pixels= if it is genuine")
+
+
 _BACKEND_CLASSES = {"openslide": _OpenSlideBackend, "tiffslide": _TiffSlideBackend, "image": _ImageBackend}
 
 
 def check_tiff_complete(path: Path) -> None:
-    """Raise SlideError when a TIFF-family file is truncated (a tile or strip lies past the end)."""
-    import tifffile
+    """Raise SlideError when a TIFF-family file is truncated (see ``tiffio.check_tiff_structure``)."""
+    from slidekit.tiffio import check_tiff_structure
 
-    size = path.stat().st_size
-    first_ifd = _first_ifd_offset(path)
-    if first_ifd is not None and first_ifd >= size:
-        raise SlideError(f"truncated file: its first image directory lies past the file's {size} "
-                         "bytes; the copy is incomplete", path)
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if not len(tif.pages):
-                raise SlideError("TIFF file holds no readable image", path)
-            for page in tif.pages:
-                offsets, counts = page.dataoffsets, page.databytecounts
-                if offsets and max(o + c for o, c in zip(offsets, counts)) > size:
-                    raise SlideError(
-                        f"truncated file: image data ends past the file's {size} bytes "
-                        f"(page {page.index}); the copy is incomplete", path)
-    except SlideError:
-        raise
-    except Exception as e:  # tifffile raises TiffFileError, ValueError, struct.error ...
-        raise SlideError(f"not a readable TIFF-family file ({e})", path) from e
+    check_tiff_structure(path)
 
 
-def _first_ifd_offset(path: Path) -> int | None:
-    """Offset of the first IFD from a TIFF/BigTIFF header, or None when it is not a TIFF."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:2] not in (b"II", b"MM") or len(head) < 8:
-        return None
-    order = "little" if head[:2] == b"II" else "big"
-    version = int.from_bytes(head[2:4], order)
-    if version == 42:
-        return int.from_bytes(head[4:8], order)
-    if version == 43 and len(head) >= 16:
-        return int.from_bytes(head[8:16], order)
-    return None
-
-
-def _open_backend(path: Path, backend: str | None) -> tuple[str, _Backend]:
+def _open_backend(path: Path, backend: str | None, max_pixels: int | None = None) -> tuple[str, _Backend]:
     if backend is not None:
         if backend not in BACKENDS:
             raise SlideError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", path)
+        if backend == "image":
+            return backend, _ImageBackend(path, max_pixels)
         return backend, _BACKEND_CLASSES[backend](path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return "image", _ImageBackend(path)
+        return "image", _ImageBackend(path, max_pixels)
     reasons = []
     for name in ("openslide", "tiffslide"):
         try:
@@ -213,11 +220,13 @@ def _open_backend(path: Path, backend: str | None) -> tuple[str, _Backend]:
         # A single-level, untiled TIFF is a plain image: keep it out of the tiled readers.
         if name == "tiffslide" and len(b.level_dimensions) == 1 and not _is_tiled(path):
             b.close()
-            return "image", _ImageBackend(path)
+            return "image", _ImageBackend(path, max_pixels)
         return name, b
     try:
-        return "image", _ImageBackend(path)
-    except SlideError:
+        return "image", _ImageBackend(path, max_pixels)
+    except SlideError as e:
+        if "pixels, over the limit" in str(e):
+            raise
         raise SlideError("not a slide or image that OpenSlide, tiffslide or Pillow can read "
                          f"({'; '.join(reasons)})", path) from None
 
@@ -235,11 +244,15 @@ def _is_tiled(path: Path) -> bool:
 class Slide:
     """A whole-slide image: level-0 geometry, pixel size and RGB reads on white.
 
-    Use ``open_slide`` to make one. Coordinates are level-0 pixels ``(x, y)``.
+    Use ``open_slide`` to make one. Coordinates are level-0 pixels ``(x, y)``. ``mpp`` is the
+    level-0 pixel size (x, y) in µm, or None for a slide opened with ``require_mpp=False`` that
+    has none (then every method that needs it raises MissingMPPError); ``mpp_source`` says where
+    it came from ("metadata", "fallback", "override") and ``metadata_mpp`` is the file's own.
     """
 
     def __init__(self, path: str | os.PathLike, mpp: float | tuple[float, float] | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, override_mpp: float | tuple[float, float] | None = None,
+                 require_mpp: bool = True, max_image_pixels: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError("file not found", self.path)
@@ -247,48 +260,76 @@ class Slide:
             raise SlideError("is a directory, not a slide file", self.path)
         if self.path.stat().st_size == 0:
             raise SlideError("file is empty", self.path)
+        fallback, override = self._check_mpp(mpp, "mpp"), self._check_mpp(override_mpp, "override_mpp")
         if self.path.suffix.lower() in TIFF_SUFFIXES:
             check_tiff_complete(self.path)
-        self.backend, self._handle = _open_backend(self.path, backend)
+        self._max_image_pixels = max_image_pixels
+        self.backend, self._handle = _open_backend(self.path, backend, max_image_pixels)
         self._pid = os.getpid()
         self._requested_backend = backend
-        if mpp is not None:
-            mx, my = (mpp, mpp) if np.isscalar(mpp) else mpp
-            if not (_float_or_none(mx) and _float_or_none(my)):
-                raise SlideError(f"invalid mpp {mpp!r}: must be a positive number", self.path)
-            self.mpp = (float(mx), float(my))
-            self.mpp_source = "user"
+        self._stored: dict[int, Any] = {}
+        self.metadata_mpp: tuple[float, float] | None = self._handle.mpp()
+        self.mpp: tuple[float, float] | None
+        if override is not None:
+            self.mpp, self.mpp_source = override, "override"
+            meta = self.metadata_mpp
+            if meta is not None and any(abs(o / m - 1) > 1e-3 for o, m in zip(override, meta)):
+                warnings.warn(MPPOverrideWarning(
+                    f"{self.path}: pixel size overridden: metadata says {meta[0]:.4g} x {meta[1]:.4g} µm/px, "
+                    f"using {override[0]:.4g} x {override[1]:.4g} µm/px as asked"), stacklevel=3)
+        elif self.metadata_mpp is not None:
+            self.mpp, self.mpp_source = self.metadata_mpp, "metadata"
+            if fallback is not None:
+                # The fallback is for slides without an MPP; the metadata wins (use override_mpp to force).
+                log.info("%s: metadata MPP %.4g used; fallback mpp %.4g ignored", self.path,
+                         self.metadata_mpp[0], fallback[0])
+        elif fallback is not None:
+            self.mpp, self.mpp_source = fallback, "fallback"
+        elif require_mpp:
+            self.close()
+            raise MissingMPPError(
+                "slide has no microns-per-pixel (MPP) in its metadata; pass mpp= (CLI: --slide-mpp)", self.path)
         else:
-            native = self._handle.mpp()
-            if native is None:
-                self.close()
-                raise MissingMPPError(
-                    "slide has no microns-per-pixel (MPP) in its metadata; pass mpp= (CLI: --slide-mpp)",
-                    self.path)
-            self.mpp = native
-            self.mpp_source = "metadata"
+            self.mpp, self.mpp_source = None, None
         self.dimensions: tuple[int, int] = tuple(self._handle.level_dimensions[0])
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
             tuple(d) for d in self._handle.level_dimensions)
         self.level_downsamples: tuple[float, ...] = tuple(self._handle.level_downsamples)
         self.properties: dict[str, str] = dict(self._handle.properties)
 
+    def _check_mpp(self, value: Any, name: str) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        mx, my = (value, value) if np.isscalar(value) else value
+        if not (_float_or_none(mx) and _float_or_none(my)):
+            raise SlideError(f"invalid {name} {value!r}: must be a positive number", self.path)
+        return float(mx), float(my)
+
+    def _need_mpp(self) -> tuple[float, float]:
+        if self.mpp is None:
+            raise MissingMPPError("slide has no microns-per-pixel (MPP) in its metadata and none was given; "
+                                  "pass mpp= (CLI: --slide-mpp)", self.path)
+        return self.mpp
+
     # -- pickling: a handle never crosses a process boundary -------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_handle"] = None
+        state["_stored"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_stored", {})
         self._pid = -1
 
     @property
     def handle(self) -> _Backend:
         """The backend handle for this process, reopened after fork/spawn or close()."""
         if self._handle is None or self._pid != os.getpid():
-            _, self._handle = _open_backend(self.path, self.backend)
+            _, self._handle = _open_backend(self.path, self.backend, getattr(self, "_max_image_pixels", None))
             self._pid = os.getpid()
+            self._stored = {}
         return self._handle
 
     @property
@@ -301,22 +342,63 @@ class Slide:
 
     def level_mpp(self, level: int) -> tuple[float, float]:
         """Pixel size (µm/px) of a pyramid level."""
+        mx, my = self._need_mpp()
         ds = self.level_downsamples[level]
-        return self.mpp[0] * ds, self.mpp[1] * ds
+        return mx * ds, my * ds
 
     def best_level_for_mpp(self, mpp: float, tolerance: float = 1e-3) -> int:
         """The coarsest level whose pixels are no larger than ``mpp`` (within a relative tolerance)."""
-        scale = mpp / self.mpp[0]
+        return self._best_level_for_downsample(mpp / self._need_mpp()[0], tolerance)
+
+    def _best_level_for_downsample(self, scale: float, tolerance: float = 1e-3) -> int:
         best = 0
         for i, ds in enumerate(self.level_downsamples):
             if ds <= scale * (1 + tolerance):
                 best = i
         return best
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def stored_tiles(self, level: int) -> Any:
+        """The level's stored tiles (``tiffio.StoredTiles``) for TIFF-family slides, else None."""
+        if level not in self._stored:
+            st = None
+            if self.backend != "image" and self.path.suffix.lower() in TIFF_SUFFIXES:
+                from slidekit.tiffio import StoredTiles, level_page
+
+                address = level_page(self.path, self.level_dimensions[level])
+                if address is not None:
+                    try:
+                        st = StoredTiles(self.path, address)
+                    except Exception:
+                        st = None
+            self._stored[level] = st
+        return self._stored[level]
+
+    def check_tiles(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> None:
+        """Raise CorruptTileError when a stored JPEG tile under the region is damaged.
+
+        Decoders only warn about corrupt JPEG data and return garbage; each stored tile is
+        checked once per process (see ``tiffio.jpeg_scan_problem``).
+        """
+        self.handle  # resets per-process caches after a fork
+        st = self.stored_tiles(level)
+        if st is None or not st.jpeg:
+            return
+        ds = self.level_downsamples[level]
+        lx, ly = int(location[0] // ds), int(location[1] // ds)
+        bad = st.verify_box(max(lx, 0), max(ly, 0), min(lx + size[0], st.width), min(ly + size[1], st.height))
+        if bad is not None:
+            (tx, ty), problem = bad
+            x0, y0 = round(tx * ds), round(ty * ds)
+            raise CorruptTileError(f"damaged tile at level-0 ({x0}, {y0}), level {level}: {problem}",
+                                   self.path, location=(x0, y0), level=level)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                    verify: bool = True) -> np.ndarray:
         """Read ``size`` (w, h) pixels of ``level`` whose top-left is level-0 ``location``.
 
-        Returns RGB uint8 (h, w, 3); transparent or out-of-slide areas are white.
+        Returns RGB uint8 (h, w, 3); transparent or out-of-slide areas are white. ``verify``
+        checks the stored JPEG tiles under the region (once each) and raises CorruptTileError
+        for a damaged one instead of returning what the decoder made of it.
         """
         if not 0 <= level < self.level_count:
             raise SlideError(f"level {level} out of range (slide has {self.level_count})", self.path)
@@ -328,52 +410,62 @@ class Slide:
         except SlideError:
             raise
         except Exception as e:  # decoder errors from corrupt tiles
-            raise SlideError(f"cannot read region at {tuple(location)} level {level}: {e}", self.path) from e
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SlideError(f"cannot read region at {tuple(location)} level {level}: {msg}", self.path) from None
+        if verify:
+            self.check_tiles(location, level, (w, h))
         return _to_rgb_on_white(arr)
 
     def read_scaled(self, location: tuple[int, int], size: tuple[int, int], mpp: float,
-                    tolerance: float = 1e-3) -> np.ndarray:
+                    tolerance: float = 1e-3, verify: bool = True) -> np.ndarray:
         """Read a region at an exact pixel size ``mpp`` (µm/px): ``size`` is (w, h) at that MPP.
 
         Reads from the best pyramid level and resamples (area averaging when shrinking), so
         the result is at the requested MPP, not at the nearest level's.
         """
         w, h = int(size[0]), int(size[1])
+        smx, smy = self._need_mpp()
         level = self.best_level_for_mpp(mpp, tolerance)
         ds = self.level_downsamples[level]
-        fx, fy = mpp / (self.mpp[0] * ds), mpp / (self.mpp[1] * ds)
+        fx, fy = mpp / (smx * ds), mpp / (smy * ds)
         if abs(fx - 1) <= tolerance and abs(fy - 1) <= tolerance:
-            return self.read_region(location, level, (w, h))
+            return self.read_region(location, level, (w, h), verify=verify)
         rw, rh = max(1, round(w * fx)), max(1, round(h * fy))
-        region = self.read_region(location, level, (rw, rh))
+        region = self.read_region(location, level, (rw, rh), verify=verify)
         interp = cv2.INTER_AREA if fx >= 1 else cv2.INTER_LINEAR
         return cv2.resize(region, (w, h), interpolation=interp)
 
-    def read_whole(self, mpp: float, max_pixels_per_read: int = 1 << 24) -> np.ndarray:
-        """The whole slide at a coarse pixel size ``mpp``, read in bands so memory stays bounded."""
-        W, H = self.dimensions
-        out_w = max(1, round(W * self.mpp[0] / mpp))
-        out_h = max(1, round(H * self.mpp[1] / mpp))
-        level = self.best_level_for_mpp(mpp)
-        lw, lh = self.level_dimensions[level]
-        ds = self.level_downsamples[level]
-        out = np.empty((out_h, out_w, 3), np.uint8)
-        rows_per_band = max(1, int(max_pixels_per_read / max(lw, 1) * out_h / max(lh, 1)))
-        for r0 in range(0, out_h, rows_per_band):
-            r1 = min(out_h, r0 + rows_per_band)
-            ly0, ly1 = round(r0 * lh / out_h), max(round(r1 * lh / out_h), round(r0 * lh / out_h) + 1)
-            band = self.read_region((0, int(ly0 * ds)), level, (lw, ly1 - ly0))
-            out[r0:r1] = cv2.resize(band, (out_w, r1 - r0), interpolation=cv2.INTER_AREA)
-        return out
+    def read_whole(self, mpp: float, max_pixels_per_read: int = 1 << 24, progress: bool | None = None,
+                   max_read_pixels: int | None = None) -> np.ndarray:
+        """The whole slide at a coarse pixel size ``mpp``, read in bands so memory stays bounded.
 
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        """RGB thumbnail whose longer side is at most ``max_size`` pixels."""
+        When the nearest level is much finer than ``mpp`` (a single-level slide), stored tiles are
+        decoded directly and shrunk band by band. ``progress``: a bar (None: only for big reads).
+        Refuses (SlideError) to decode more than ``max_read_pixels`` (default
+        ``MAX_WHOLE_READ_PIXELS``) level pixels.
+        """
+        mx, my = self._need_mpp()
         W, H = self.dimensions
-        factor = max(W, H) / max_size
-        return self.read_whole(self.mpp[0] * max(factor, 1.0))
+        return self._read_downsampled(max(1, round(W * mx / mpp)), max(1, round(H * my / mpp)),
+                                      mpp / mx, max_pixels_per_read, progress, max_read_pixels)
+
+    def _read_downsampled(self, out_w: int, out_h: int, scale: float, max_pixels_per_read: int = 1 << 24,
+                          progress: bool | None = None, max_read_pixels: int | None = None) -> np.ndarray:
+        from slidekit.whole import read_downsampled
+
+        return read_downsampled(self, out_w, out_h, scale, max_pixels_per_read, progress,
+                                MAX_WHOLE_READ_PIXELS if max_read_pixels is None else max_read_pixels)
+
+    def thumbnail(self, max_size: int = 1024, progress: bool | None = None) -> np.ndarray:
+        """RGB thumbnail whose longer side is at most ``max_size`` pixels (needs no MPP)."""
+        W, H = self.dimensions
+        factor = max(max(W, H) / max_size, 1.0)
+        return self._read_downsampled(max(1, round(W / factor)), max(1, round(H / factor)), factor,
+                                      progress=progress)
 
     def info(self) -> dict:
-        """A JSON-ready description: geometry, pixel size, backend and vendor."""
+        """A JSON-ready description: geometry, pixel size (None when unknown), backend and vendor."""
+        mpp = self.mpp
         return {
             "path": str(self.path),
             "backend": self.backend,
@@ -382,11 +474,12 @@ class Slide:
             "level_count": self.level_count,
             "level_dimensions": [list(d) for d in self.level_dimensions],
             "level_downsamples": [round(d, 4) for d in self.level_downsamples],
-            "mpp": list(self.mpp),
+            "mpp": None if mpp is None else list(mpp),
             "mpp_source": self.mpp_source,
-            "magnification": round(mpp_to_magnification(self.mpp[0]), 2),
-            "size_mm": [round(self.dimensions[0] * self.mpp[0] / 1000, 3),
-                        round(self.dimensions[1] * self.mpp[1] / 1000, 3)],
+            "metadata_mpp": None if self.metadata_mpp is None else list(self.metadata_mpp),
+            "magnification": None if mpp is None else round(mpp_to_magnification(mpp[0]), 2),
+            "size_mm": None if mpp is None else [round(self.dimensions[0] * mpp[0] / 1000, 3),
+                                                 round(self.dimensions[1] * mpp[1] / 1000, 3)],
         }
 
     def close(self) -> None:
@@ -402,17 +495,24 @@ class Slide:
         self.close()
 
     def __repr__(self) -> str:
+        mpp = "unknown" if self.mpp is None else f"{self.mpp[0]:.4g}"
         return (f"Slide({self.path.name!r}, {self.dimensions[0]}x{self.dimensions[1]}, "
-                f"mpp={self.mpp[0]:.4g}, levels={self.level_count}, backend={self.backend})")
+                f"mpp={mpp}, levels={self.level_count}, backend={self.backend})")
 
 
 def open_slide(path: str | os.PathLike, mpp: float | tuple[float, float] | None = None,
-               backend: str | None = None) -> Slide:
+               backend: str | None = None, override_mpp: float | tuple[float, float] | None = None,
+               require_mpp: bool = True, max_image_pixels: int | None = None) -> Slide:
     """Open a slide. ``backend``: "openslide" | "tiffslide" | "image" | None (auto).
 
-    A slide without an MPP in its metadata raises ``MissingMPPError`` unless ``mpp`` is given.
+    Pixel size: the slide's metadata; ``mpp`` is a fallback used only where the metadata has
+    none; ``override_mpp`` replaces the metadata (with an ``MPPOverrideWarning`` when they
+    differ). Without either, a slide lacking an MPP raises ``MissingMPPError`` unless
+    ``require_mpp=False`` (then ``slide.mpp`` is None). ``max_image_pixels`` raises the limit
+    for plain images decoded whole (``MAX_IMAGE_PIXELS``).
     """
-    return Slide(path, mpp=mpp, backend=backend)
+    return Slide(path, mpp=mpp, backend=backend, override_mpp=override_mpp, require_mpp=require_mpp,
+                 max_image_pixels=max_image_pixels)
 
 
 # 10x objective ~ 1.0 µm/px is the usual convention (20x ~ 0.5, 40x ~ 0.25).

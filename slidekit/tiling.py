@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from slidekit.errors import GridError, SlideError
+from slidekit.errors import BadTileWarning, CorruptTileError, GridError, SlideError
 from slidekit.io import atomic_path
 from slidekit.slide import TIFF_SUFFIXES, Slide, magnification_to_mpp
 from slidekit.tissue import TissueMask
@@ -111,8 +111,9 @@ class TileGrid:
             raise GridError(f"need size > 0 and 0 <= overlap < size (size={size}, overlap={overlap})")
         if mask is None and min_tissue > 0:
             raise GridError("min_tissue > 0 needs a tissue mask (pass mask=, or min_tissue=0)")
+        slide_mpp = slide._need_mpp()  # MissingMPPError for a slide opened with require_mpp=False
         grid = cls(coords=np.zeros((0, 2)), mpp=float(mpp), size=int(size), overlap=int(overlap),
-                   slide_dimensions=tuple(slide.dimensions), slide_mpp=tuple(slide.mpp),
+                   slide_dimensions=tuple(slide.dimensions), slide_mpp=tuple(slide_mpp),
                    slide_name=slide.name, slide_id=slide_fingerprint(slide.path),
                    min_tissue=float(min_tissue))
         cols, rows = _lattice(slide.dimensions, size, grid.stride, grid.scale)
@@ -188,53 +189,28 @@ def _lattice(dims: tuple[int, int], size: int, stride: int, scale: tuple[float, 
 
 
 class _NativeTiles:
-    """Direct decode of the stored tiles of one TIFF page (the fast path)."""
+    """Direct decode of the stored tiles of one pyramid level (the fast path), each JPEG tile
+    verified once (``tiffio.jpeg_scan_problem``) so a damaged tile is an error, not garbage."""
 
-    def __init__(self, path: Path, page_index: int, level_size: tuple[int, int], downsample: float) -> None:
-        import tifffile
-
-        self.path = path
-        self.page_index = page_index
-        self.level_w, self.level_h = level_size
-        self.downsample = downsample
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[page_index]
-            self.tile_w, self.tile_h = page.tilewidth, page.tilelength
-            self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-            self.counts = np.asarray(page.databytecounts, dtype=np.int64)
-            self.tiles_across = math.ceil(page.imagewidth / page.tilewidth)
-        self._local: dict[int, tuple] = {}
-
-    def _state(self) -> tuple:
-        # One tifffile handle and decoder per process; pread keeps the fd safe across threads.
-        pid = os.getpid()
-        if pid not in self._local:
-            import tifffile
-
-            tif = tifffile.TiffFile(self.path)
-            page = tif.pages[self.page_index]
-            self._local = {pid: (tif, page.decode, page.jpegtables, os.open(self.path, os.O_RDONLY))}
-        return self._local[pid]
-
-    def __getstate__(self) -> dict:
-        d = self.__dict__.copy()
-        d["_local"] = {}
-        return d
+    def __init__(self, slide_path: Path, stored, level: int, downsample: float) -> None:
+        self.path, self.stored, self.level, self.downsample = Path(slide_path), stored, level, downsample
+        self.level_w, self.level_h = stored.width, stored.height
+        self.tile_w, self.tile_h = stored.tile_w, stored.tile_h
 
     def read(self, x0: int, y0: int) -> np.ndarray:
         """Decode the stored tile whose level-0 top-left is (x0, y0)."""
-        _, decode, jpegtables, fd = self._state()
         lx, ly = round(x0 / self.downsample), round(y0 / self.downsample)
-        col, row = lx // self.tile_w, ly // self.tile_h
-        index = row * self.tiles_across + col
+        index = self.stored.index(lx // self.tile_w, ly // self.tile_h)
+        try:
+            tile = self.stored.decode(index)
+            problem = self.stored.verify(index, tile)
+        except Exception as e:  # a decoder error is a damaged tile too
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise CorruptTileError(f"damaged tile at level-0 ({x0}, {y0}), level {self.level}: {problem}",
+                                   self.path, location=(x0, y0), level=self.level)
         out_w = min(self.tile_w, self.level_w - lx)
         out_h = min(self.tile_h, self.level_h - ly)
-        count = int(self.counts[index])
-        if count == 0:
-            return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
-        data = os.pread(fd, count, int(self.offsets[index]))
-        segment = decode(data, index, jpegtables=jpegtables)[0]
-        tile = np.asarray(segment).reshape(self.tile_h, self.tile_w, -1)[..., :3]
         if out_w < self.tile_w or out_h < self.tile_h:  # padding past the image edge -> white glass
             tile = tile.copy()
             tile[out_h:] = 255
@@ -250,10 +226,10 @@ def native_tiles_for(slide: Slide, grid: TileGrid, tolerance: float = 1e-3) -> _
     ds = slide.level_downsamples[level]
     if abs(grid.mpp / (slide.mpp[0] * ds) - 1) > tolerance:
         return None
-    page_index = _page_for_level(slide.path, slide.level_dimensions[level], grid.size)
-    if page_index is None:
+    stored = slide.stored_tiles(level)
+    if stored is None or stored.tile_w != grid.size or stored.tile_h != grid.size:
         return None
-    native = _NativeTiles(slide.path, page_index, slide.level_dimensions[level], ds)
+    native = _NativeTiles(slide.path, stored, level, ds)
     if len(grid):
         lxy = grid.coords / ds
         if (np.abs(lxy - np.rint(lxy)) > 0.01).any() or (np.rint(lxy) % grid.size != 0).any():
@@ -262,40 +238,31 @@ def native_tiles_for(slide: Slide, grid: TileGrid, tolerance: float = 1e-3) -> _
         x, y = (int(v) for v in grid.coords[0])
         try:
             fast = native.read(x, y).astype(np.int16)
+            ref = slide.read_region((x, y), level, (grid.size, grid.size), verify=False).astype(np.int16)
+        except SlideError:
+            return native  # a damaged first tile: the native path reports it when it is read
         except Exception:
             return None
-        ref = slide.read_region((x, y), level, (grid.size, grid.size)).astype(np.int16)
         if np.abs(fast - ref).mean() > 2.0:
             return None
     return native
 
 
-def _page_for_level(path: Path, level_dims: tuple[int, int], tile_size: int) -> int | None:
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            for i, page in enumerate(tif.pages):
-                if (page.is_tiled and (page.imagewidth, page.imagelength) == tuple(level_dims)
-                        and page.tilewidth == tile_size and page.tilelength == tile_size
-                        and page.dtype == np.uint8 and page.samplesperpixel in (3, 4)
-                        and page.planarconfig == 1 and page.imagedepth == 1):
-                    return i
-    except Exception:
-        return None
-    return None
+BAD_TILE_MODES = ("raise", "skip")
 
 
 def read_tiles(slide: Slide, grid: TileGrid, workers: int = 0, chunk: int = 64,
-               progress: bool = False) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+               progress: bool = False, on_bad_tile: str = "raise") -> Iterator[tuple[tuple[int, int], np.ndarray]]:
     """Yield ``((x, y), tile)`` for every tile of ``grid`` in order; tiles are (size, size, 3) uint8.
 
     ``workers > 0`` reads chunks of tiles in that many threads (the decoders release the GIL).
+    A damaged tile raises CorruptTileError; with ``on_bad_tile="skip"`` it is left out with a
+    ``BadTileWarning`` naming its level-0 (x, y).
     """
     if tuple(slide.dimensions) != tuple(grid.slide_dimensions):
         raise GridError(f"grid was made for a {grid.slide_dimensions} slide, not {slide.dimensions}",
                         slide.path)
-    reader = TileReader(slide, grid)
+    reader = TileReader(slide, grid, on_bad_tile=on_bad_tile)
     n = len(grid)
     bar = None
     if progress:
@@ -303,37 +270,60 @@ def read_tiles(slide: Slide, grid: TileGrid, workers: int = 0, chunk: int = 64,
 
         bar = tqdm(total=n, unit="tile", desc=slide.name)
     starts = range(0, n, chunk)
+
+    def batch(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        asked = np.arange(s, min(n, s + chunk))
+        return (asked, *reader.read_batch(asked))
+
     try:
         if workers <= 0:
-            batches = (reader.read_batch(np.arange(s, min(n, s + chunk))) for s in starts)
-            yield from _emit(grid, batches, bar)
+            yield from _emit(slide, grid, (batch(s) for s in starts), bar)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                batches = pool.map(lambda s: reader.read_batch(np.arange(s, min(n, s + chunk))), starts)
-                yield from _emit(grid, batches, bar)
+                yield from _emit(slide, grid, pool.map(batch, starts), bar)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _emit(grid: TileGrid, batches: Iterator[tuple[np.ndarray, np.ndarray]], bar) -> Iterator:
-    for idx, tiles in batches:
+def _emit(slide: Slide, grid: TileGrid, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
+          bar) -> Iterator:
+    for asked, idx, tiles in batches:
+        warn_bad_tiles(slide, grid, np.setdiff1d(asked, idx))
         for i, tile in zip(idx, tiles):
             x, y = grid.coords[i]
             yield (int(x), int(y)), tile
         if bar is not None:
-            bar.update(len(idx))
+            bar.update(len(asked))
+
+
+def warn_bad_tiles(slide: Slide | Path | str, grid: TileGrid, skipped: np.ndarray) -> None:
+    """One ``BadTileWarning`` for tiles of ``grid`` that were skipped as damaged."""
+    if len(skipped) == 0:
+        return
+    import warnings
+
+    xy = ", ".join(f"({int(x)}, {int(y)})" for x, y in grid.coords[np.asarray(skipped)[:5]])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    path = getattr(slide, "path", slide)
+    warnings.warn(BadTileWarning(f"{path}: skipped {len(skipped)} damaged tile(s) at level-0 {xy}{more}"),
+                  stacklevel=3)
 
 
 class TileReader:
     """Reads tiles of one grid from one slide, using the native fast path when it applies.
 
-    Picklable: a DataLoader worker gets its own slide and TIFF handles.
+    ``on_bad_tile``: "raise" (default) raises CorruptTileError for a damaged tile; "skip" leaves
+    it out of ``read_batch`` (the caller compares indices and reports it). Picklable: a
+    DataLoader worker gets its own slide and TIFF handles.
     """
 
-    def __init__(self, slide: Slide, grid: TileGrid) -> None:
+    def __init__(self, slide: Slide, grid: TileGrid, on_bad_tile: str = "raise") -> None:
+        if on_bad_tile not in BAD_TILE_MODES:
+            raise ValueError(f"on_bad_tile must be one of {BAD_TILE_MODES}, not {on_bad_tile!r}")
         self.slide = slide
         self.grid = grid
+        self.on_bad_tile = on_bad_tile
         self.native = native_tiles_for(slide, grid)
 
     @property
@@ -342,35 +332,55 @@ class TileReader:
         return self.native is not None
 
     def read(self, i: int) -> np.ndarray:
-        """Tile ``i`` of the grid as (size, size, 3) uint8."""
+        """Tile ``i`` of the grid as (size, size, 3) uint8; CorruptTileError when it is damaged."""
         x, y = (int(v) for v in self.grid.coords[i])
         try:
             if self.native is not None:
                 return self.native.read(x, y)
             return self.slide.read_scaled((x, y), (self.grid.size, self.grid.size), self.grid.mpp)
+        except CorruptTileError as e:
+            if e.location == (x, y):
+                raise
+            # Name the grid tile that needs the damaged stored tile.
+            raise CorruptTileError(f"damaged data under the tile at level-0 ({x}, {y}): "
+                                   f"{str(e).split(': ', 1)[-1]}", self.slide.path, location=(x, y),
+                                   level=e.level) from None
         except SlideError:
             raise
         except Exception as e:
             raise SlideError(f"cannot read tile at ({x}, {y}): {e}", self.slide.path) from e
 
     def read_batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Tiles ``idx`` stacked as (k, size, size, 3) uint8."""
+        """(indices read, tiles (k, size, size, 3) uint8); damaged tiles are left out when
+        ``on_bad_tile="skip"``."""
         s = self.grid.size
+        idx = np.asarray(idx, dtype=np.int64)
         out = np.empty((len(idx), s, s, 3), np.uint8)
+        keep = np.ones(len(idx), bool)
         for j, i in enumerate(idx):
-            out[j] = self.read(int(i))
-        return idx, out
+            try:
+                out[j] = self.read(int(i))
+            except CorruptTileError:
+                if self.on_bad_tile != "skip":
+                    raise
+                keep[j] = False
+        if keep.all():
+            return idx, out
+        return idx[keep], out[keep]
 
 
 def make_grid(slide_path: str | os.PathLike, mpp: float = 0.5, size: int = 256, overlap: int = 0,
               min_tissue: float = 0.5, out: str | os.PathLike | None = None,
               slide_mpp: float | None = None, backend: str | None = None,
-              mask_mpp: float = 8.0) -> TileGrid:
-    """Open a slide, detect tissue (when ``min_tissue > 0``), build its grid and save it to ``out``."""
+              mask_mpp: float = 8.0, override_mpp: float | None = None) -> TileGrid:
+    """Open a slide, detect tissue (when ``min_tissue > 0``), build its grid and save it to ``out``.
+
+    ``slide_mpp`` is used only where the slide's metadata has no MPP; ``override_mpp`` replaces it.
+    """
     from slidekit.slide import open_slide
     from slidekit.tissue import tissue_mask
 
-    with open_slide(slide_path, mpp=slide_mpp, backend=backend) as slide:
+    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide:
         mask = tissue_mask(slide, mpp=mask_mpp) if min_tissue > 0 else None
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                    min_tissue=min_tissue)

@@ -50,7 +50,7 @@ def test_slide_without_mpp_is_an_error_unless_given(shared_data):
     with pytest.raises(sk.MissingMPPError, match="TCGA-CR-7395.*MPP"):
         sk.open_slide(path)
     with sk.open_slide(path, mpp=0.25) as s:
-        assert s.mpp == (0.25, 0.25) and s.mpp_source == "user"
+        assert s.mpp == (0.25, 0.25) and s.mpp_source == "fallback"
         assert s.level_count == 2
         assert s.read_region((100, 100), 1, (64, 64)).shape == (64, 64, 3)
 
