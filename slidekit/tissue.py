@@ -119,11 +119,20 @@ def mask_to_polygons(mask: np.ndarray) -> list[Polygon]:
     return [g for g in getattr(union, "geoms", [union]) if g.area > 0]
 
 
+#: Optical density -log10(v / 255) of each 8-bit value (0 read as 1).
+_OD_LUT = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(255.0))
+
+
 def _otsu(values: np.ndarray) -> float:
     try:
         return float(threshold_otsu(values)) if values.max() > values.min() else float(values.max())
     except ValueError:
         return float(values.max())
+
+
+#: Width (µm) of the rim around a pen stroke that is dropped with the ink; smallest stroke (µm²).
+PEN_HALO_UM = 24.0
+PEN_MIN_UM2 = 2_000.0
 
 
 def _pen_mask(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
@@ -133,14 +142,14 @@ def _pen_mask(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
     v = hsv[..., 2]
     green = (h >= 70) & (h < 180) & (s > 60)
     blue = (h >= 180) & (h < 250) & (s > 110) & (v > 40)
-    black = rgb.max(axis=2) < 40
+    black = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < 40
     return green | blue | black
 
 
 def tissue_mask(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0,
                 min_hole_um2: float = 20_000.0, closing_um: float = 32.0,
                 remove_pen: bool = True, min_saturation: int = 20, min_od: float = 0.05,
-                min_contrast: float = 0.02) -> TissueMask:
+                min_contrast: float = 0.02, progress: bool | None = None) -> TissueMask:
     """Detect tissue on the slide read whole at ``mpp`` µm/px.
 
     Tissue = saturation above its Otsu threshold (at least ``min_saturation``) with optical density
@@ -149,7 +158,7 @@ def tissue_mask(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0,
     of ``closing_um``; holes enclosed by tissue under ``min_hole_um2`` filled; regions under
     ``min_area_um2`` dropped. Raises TissueError when nothing is left.
     """
-    view = slide.read_whole(mpp)
+    view = slide.read_whole(mpp, progress=progress)  # progress: a bar (None: only for huge single-level reads)
     mask = detect_tissue(view, mpp, min_area_um2=min_area_um2, min_hole_um2=min_hole_um2,
                          closing_um=closing_um, remove_pen=remove_pen,
                          min_saturation=min_saturation, min_od=min_od, min_contrast=min_contrast)
@@ -167,16 +176,23 @@ def glass_colour(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
     scanned area, not glass seen by the camera) is left out. On a view with no glass at all this
     is the palest common tissue, so the relative-density rule only adds what is darker than that.
     """
-    px = rgb.reshape(-1, 3)
-    grey = px.astype(np.float32).mean(axis=1)
-    scanned = px.min(axis=1) < 254
-    levels = np.round(grey[scanned]).astype(np.intp)
+    r, g, b = (rgb[..., i].ravel() for i in range(3))
+    grey = (r.astype(np.uint16) + g + b + 1) // 3  # rounded mean, 0..255
+    scanned = np.minimum(np.minimum(r, g), b) < 254
+    levels = grey[scanned]
     if levels.size == 0:
         return np.full(3, 255.0, np.float32)
     near = np.convolve(np.bincount(levels, minlength=256), np.ones(7), mode="same")
     common = np.flatnonzero(near >= min_share * levels.size)
     level = int(common.max()) if common.size else int(np.argmax(near))
-    return np.median(px[scanned & (np.abs(grey - level) <= 3)].astype(np.float32), axis=0)
+    sel = scanned & (np.abs(grey.astype(np.int16) - level) <= 3)
+    return np.array([_median_u8(c[sel]) for c in (r, g, b)], np.float32)
+
+
+def _median_u8(values: np.ndarray) -> float:
+    """Median of uint8 values through their histogram (no sort of millions of pixels)."""
+    cum = np.cumsum(np.bincount(values, minlength=256))
+    return float(np.searchsorted(cum, (cum[-1] + 1) // 2))
 
 
 def _fill_enclosed_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
@@ -201,43 +217,56 @@ def detect_tissue(rgb: np.ndarray, mpp: float, min_area_um2: float = 20_000.0,
     blur = min(rgb.shape[:2]) >= 5
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     sat = cv2.medianBlur(hsv[..., 1], 5) if blur else hsv[..., 1]
-    log_rgb = np.log10(np.maximum(rgb.astype(np.float32), 1.0))
-    od = np.float32(np.log10(255.0)) - log_rgb.mean(axis=2)
+    od = (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]] + _OD_LUT[rgb[..., 2]]) / np.float32(3)
     od = cv2.medianBlur(od, 5) if blur else od
-    # Optical density against the glass instead of against 255: the glass of one scanner is 215,
-    # of another 244, and faint counterstain is only ~0.03-0.06 darker than that glass.
-    rel = np.float32(np.log10(np.maximum(glass_colour(rgb), 1.0)).mean()) - log_rgb.mean(axis=2)
-    rel = cv2.medianBlur(rel, 5) if blur else rel
+    # Optical density against the glass instead of against 255 (the glass of one scanner is 215,
+    # of another 244, and faint counterstain is only ~0.03-0.06 darker than its glass): the mean
+    # log ratio to the glass colour is the OD above the glass's own OD.
+    od_glass = float(_OD_LUT[np.round(glass_colour(rgb)).astype(np.intp)].mean())
     # Coloured (H&E), clearly absorbing (IHC), or darker than the glass (faint counterstain) counts
     # as tissue. Otsu picks the first two thresholds; the bounds keep it sane on views that are
     # nearly all tissue or nearly all glass, where Otsu would split the majority class in two.
     sat_t = float(np.clip(_otsu(sat), min_saturation, 60))
     od_t = float(np.clip(_otsu(od), min_od + 0.05, 0.3))
-    mask = ((sat > sat_t) & (od > min_od)) | (od > od_t) | (rel > min_contrast)
+    mask = ((sat > sat_t) & (od > min_od)) | (od > od_t) | (od > od_glass + min_contrast)
+    pen = np.zeros(mask.shape, bool)
     if remove_pen:
-        mask &= ~_pen_mask(rgb, hsv)
+        ink = _pen_mask(rgb, hsv)
+        mask &= ~ink
+        # The rim of a pen stroke is paler than the ink and not saturated enough to be called pen,
+        # but darker than the glass: a halo of PEN_HALO_UM around each stroke goes with it, and
+        # stays out after closing. Specks under PEN_MIN_UM2 (a dark nucleus, a stray pixel) only
+        # lose their own pixels, which closing may give back.
+        strokes = morphology.remove_small_objects(ink, max_size=max(1, round(PEN_MIN_UM2 / px_area)))
+        if strokes.any():
+            halo = max(1, round(PEN_HALO_UM / mpp))
+            disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))
+            pen = cv2.dilate(strokes.astype(np.uint8), disc) > 0
+            mask &= ~pen
     radius = max(1, round(closing_um / mpp / 2))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     # Pad before closing so tissue touching the border is not eroded by the implicit background.
     padded = np.pad(mask.astype(np.uint8), radius, mode="edge")
     mask = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[radius:-radius, radius:-radius] > 0
     mask = _fill_enclosed_holes(mask, max(1, round(min_hole_um2 / px_area)))
+    mask &= ~pen  # closing and hole filling must not bring the ink back
     mask = morphology.remove_small_objects(mask, max_size=max(1, round(min_area_um2 / px_area)))
     return mask.astype(bool)
 
 
 def save_tissue(slide_path: str, out_dir: str | os.PathLike, mask_mpp: float = 8.0,
                 min_area_um2: float = 20_000.0, slide_mpp: float | None = None,
-                backend: str | None = None) -> dict:
+                backend: str | None = None, override_mpp: float | None = None) -> dict:
     """Detect tissue and write ``mask.png``, ``tissue.geojson`` (QuPath annotations) and
-    ``tissue.json`` (summary) into ``out_dir``."""
+    ``tissue.json`` (summary) into ``out_dir``. ``slide_mpp`` is used only where the slide's
+    metadata has no MPP; ``override_mpp`` replaces the metadata's."""
     from slidekit.annotations import Annotation, write_geojson
     from slidekit.io import atomic_path, write_text_atomic
     from slidekit.slide import open_slide
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open_slide(slide_path, mpp=slide_mpp, backend=backend) as slide:
+    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide:
         mask = tissue_mask(slide, mpp=mask_mpp, min_area_um2=min_area_um2)
         area_px = slide.mpp[0] * slide.mpp[1]
         anns = [Annotation(p, label="Tissue", color=(80, 200, 120), kind="annotation",
