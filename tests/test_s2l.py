@@ -130,3 +130,15 @@ def test_s2l_rejects_bad_options_and_slides(tmp_path):
     with pytest.raises(ConfigError):
         S2LTrainer(_cfg(root, slides=["x.tif"], annotations=["x.geojson"])).fit(tmp_path / "r2", device="cpu",
                                                                                 progress=False)
+
+
+@pytest.mark.parametrize("opts, match", [
+    (dict(warmup_epochs=3, epochs=3), r"warmup_epochs \(3\) >= epochs \(3\), so the pseudo-label loss never starts"),
+    (dict(warmup_epochs=5, epochs=2), "warmup_epochs"),
+    (dict(warmup_epochs=0, epochs=3, ema_start=2), "first prediction average"),
+])
+def test_s2l_refuses_schedules_where_s2l_never_starts(tmp_path, opts, match):
+    from slidekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, **opts)

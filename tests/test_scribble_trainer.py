@@ -230,3 +230,63 @@ def test_slidekit_train_checkpoint_runs_in_heatmap(tmp_path):
     res = runner.invoke(main, ["train", "scribble", "--config", str(tmp_path / "missing.yaml"),
                                "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "config file not found" in res.output
+
+
+# -- silent label mistakes are refused (issue 13) -------------------------------------------------------
+
+def _scribble_geojson(path: Path, labels: list[str]) -> Path:
+    from shapely.geometry import LineString
+
+    from slidekit.annotations import Annotation, write_geojson
+
+    anns = [Annotation(LineString([(600 + 40 * i, 300), (600 + 40 * i, 600)]), label=lab)
+            for i, lab in enumerate(labels)]
+    return write_geojson(anns, path)
+
+
+def test_config_class_matching_no_annotation_is_an_error(tmp_path):
+    from conftest import synthetic_slide
+    from slidekit.errors import LabelError
+    from slidekit.errors import TrainingWarning
+
+    slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(512, 256, 400, 400))
+    geo = _scribble_geojson(tmp_path / "s.geojson", ["Background", "Tumor", "Stroma"])
+    cfg = trainers.make_config(ScribbleTrainer.Config, dict(
+        slides=[str(slide)], annotations=[str(geo)], classes=["Background", "Tumour"], crop=32, epochs=1))
+    with pytest.raises(LabelError, match=r"class\(es\) 'Tumour' of the config match no annotation in .*s.geojson; "
+                                         r"annotation classes found: 'Background' \(1\), 'Stroma' \(1\), 'Tumor' \(1\)"):
+        ScribbleTrainer(cfg).fit(tmp_path / "run", device="cpu", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # classes that are drawn but not in the config are ignored, and the user is told
+    from trainers.scribble import check_class_names
+
+    with pytest.warns(TrainingWarning, match="'Stroma' are not among"):
+        check_class_names(["Background", "Tumor"], [geo])
+
+
+def test_image_folder_class_without_pixels_is_an_error(tmp_path, one_torch_thread):
+    from slidekit.errors import LabelError
+
+    root = make_nuclei_folder(tmp_path / "d", n_images=1, size=48, full=True)
+    cfg = _config(root, classes=["background", "nucleus", "mitosis"], crop=32, epochs=1)
+    with pytest.raises(LabelError, match=r"'mitosis' \(index 2\) of the config have no labelled pixel"):
+        ScribbleTrainer(cfg).fit(tmp_path / "run", device="cpu", progress=False)
+
+
+def test_predict_images_accepts_numpy_hwc_as_read_region_returns(tmp_path, one_torch_thread):
+    from slidekit.errors import ConfigError
+    from slidekit.models import ModelSpec, build_model
+
+    spec = ModelSpec(arch="resnet-unet", task="segmentation", classes=["bg", "fg"], patch_size=32)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    img, _ = synthetic_nuclei(40, seed=1)                    # (H, W, 3) uint8, H != W below
+    img = img[:, :36]
+    ref = predict_images(model, spec, [torch.from_numpy(img).permute(2, 0, 1)])[0]
+    rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+    for form in ([img], img, [rgba], [Image.fromarray(img)]):
+        out = predict_images(model, spec, form)
+        assert len(out) == 1 and out[0].shape == (2, 40, 36)
+        assert torch.allclose(out[0], ref, atol=1e-6)
+    with pytest.raises(ConfigError, match="dtype"):
+        predict_images(model, spec, [img.astype(np.float32) / 255])

@@ -78,7 +78,8 @@ def _as_chw_uint8(img: Any, i: int) -> torch.Tensor:
         if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
             raise ConfigError(f"predict_images: image {i} has shape {arr.shape}; expected (H, W, 3) RGB "
                               "(or a (3, H, W) tensor)")
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        arr = np.ascontiguousarray(arr)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
     if t.ndim != 3 or t.shape[0] not in (3, 4):
         raise ConfigError(f"predict_images: image {i} has shape {tuple(t.shape)}; expected (3, H, W) or (H, W, 3)")
     if t.dtype != torch.uint8:  # a float image in 0..1 would be scaled by 1/255 again

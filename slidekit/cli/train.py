@@ -13,17 +13,21 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Trainer config (YAML or JSON).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory (checkpoint.pt, metrics.csv, ...). Rerunning resumes.")
+              help="Output directory (checkpoint.pt, metrics.csv, ...). Rerunning resumes or continues.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config option (repeatable).")
 @click.option("--init", default=None, help="Checkpoint whose encoder initialises the network.")
+@click.option("--restart", is_flag=True,
+              help="Delete the training outputs already in --out and train from scratch (a rerun otherwise "
+                   "resumes, continues to a larger epochs, or refuses a different config).")
 @click.option("--list", "list_only", is_flag=True, help="List the available trainers and exit.")
 @device_option
 @quiet_option
 @handle_errors
 @click.pass_context
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
-          overrides: tuple[str, ...], init: str | None, list_only: bool, device: str, quiet: bool) -> None:
+          overrides: tuple[str, ...], init: str | None, restart: bool, list_only: bool, device: str,
+          quiet: bool) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     import trainers
 
@@ -36,7 +40,7 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
         raise click.UsageError("--out is required")
     items = list(overrides) + ([f"init={init}"] if init else [])
     ckpt = trainers.train(name, config, out, overrides=items, device=device,
-                          progress=not (quiet or quiet_flag(ctx)))
+                          progress=not (quiet or quiet_flag(ctx)), restart=restart)
     click.echo(str(ckpt))
 
 
