@@ -35,7 +35,7 @@ def data_missing_reason(explicit: str | Path | None = None) -> str | None:
     if explicit is not None and str(explicit) != "":
         how = "given with --data"
     elif os.environ.get(ENV_VAR):
-        how = f"from ${ENV_VAR}"
+        how = f"from ${ENV_VAR} or --data"
     else:
         how = f"the default; set {ENV_VAR} or pass --data"
     return f"real data not found at {path} ({how})"
