@@ -307,18 +307,24 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
+def _type(obj: Any) -> str | None:
+    """A GeoJSON object's ``type`` when it is a string (a list or object there is malformed)."""
+    t = obj.get("type") if isinstance(obj, dict) else None
+    return t if isinstance(t, str) else None
+
+
 def _read_geojson(data: Any, path: Path, notes: _Notes) -> list[Annotation]:
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+    if isinstance(data, dict) and _type(data) == "FeatureCollection":
         features = data.get("features")
         if not isinstance(features, list):
             raise AnnotationError("FeatureCollection without a 'features' list", path)
-    elif isinstance(data, dict) and data.get("type") == "Feature":
+    elif isinstance(data, dict) and _type(data) == "Feature":
         features = [data]
-    elif isinstance(data, dict) and data.get("type") in _GEOMETRY_TYPES:
+    elif isinstance(data, dict) and _type(data) in _GEOMETRY_TYPES:
         features = [{"type": "Feature", "geometry": data, "properties": {}}]
     elif isinstance(data, list):
         features = [{"type": "Feature", "geometry": f, "properties": {}}
-                    if isinstance(f, dict) and f.get("type") in _GEOMETRY_TYPES else f for f in data]
+                    if isinstance(f, dict) and _type(f) in _GEOMETRY_TYPES else f for f in data]
     else:
         kind = data.get("type") if isinstance(data, dict) else type(data).__name__
         raise AnnotationError(f"not GeoJSON: expected a FeatureCollection, Feature, list or geometry, "
@@ -350,7 +356,9 @@ def _feature(f: Any, where: str, notes: _Notes) -> Annotation | None:
     if not isinstance(geom, dict):
         raise ValueError(f"{where} has no geometry")
     try:
-        geometry = shape(geom)
+        with warnings.catch_warnings():  # NaN coordinates: refused just below, with the feature named
+            warnings.simplefilter("ignore", RuntimeWarning)
+            geometry = shape(geom)
     except RecursionError:
         raise
     except Exception as e:  # shapely raises GeometryTypeError, ValueError, IndexError...
@@ -505,7 +513,7 @@ def _read_asap(root: ET.Element, notes: _Notes) -> list[Annotation]:
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: coordinate without numeric X/Y") from None
         coords.sort(key=lambda t: t[0])
-        pts = [(x, y) for _, x, y in coords]
+        pts = _finite([(x, y) for _, x, y in coords], where)
         geometry = _clean_geometry(_asap_geometry(kind, pts, where), where, notes)
         if geometry is None:
             continue
@@ -521,6 +529,13 @@ def _read_asap(root: ET.Element, notes: _Notes) -> list[Annotation]:
         out.append(Annotation(geometry, label=label, kind="annotation", color=color, name=a.get("Name"),
                               extra={"asapType": kind}))
     return out
+
+
+def _finite(pts: list[tuple[float, float]], where: str) -> list[tuple[float, float]]:
+    """XML vertices parse "nan" and "inf" as numbers; they are no place on a slide."""
+    if not all(math.isfinite(x) and math.isfinite(y) for x, y in pts):
+        raise ValueError(f"{where}: non-finite vertex coordinate (NaN or infinity)")
+    return pts
 
 
 def _asap_geometry(kind: str, pts: list[tuple[float, float]], where: str) -> BaseGeometry:
@@ -552,6 +567,7 @@ def _read_imagescope(root: ET.Element, notes: _Notes) -> list[Annotation]:
                 pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: vertex without numeric X/Y") from None
+            pts = _finite(pts, where)
             if len(pts) >= 3:
                 geometry: BaseGeometry = Polygon(pts)
             elif len(pts) == 2:

@@ -249,4 +249,6 @@ def write_cluster_geojson(store: str | os.PathLike, path: str | os.PathLike) -> 
     """Write the clusters of an embeddings store as QuPath tiles (GeoJSON, atomically)."""
     from slidekit.annotations import write_geojson
 
-    return write_geojson(cluster_annotations(open_embeddings(store)), path)
+    emb = open_embeddings(store)
+    # Edge tiles reach past the slide: clip them to its level-0 size.
+    return write_geojson(cluster_annotations(emb), path, bounds=tuple(emb.attrs["slide"]["dimensions"]))

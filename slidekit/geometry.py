@@ -384,3 +384,9 @@ def _draw(out: np.ndarray, fn: Any, value: int) -> None:
     scratch = np.zeros(out.shape, np.uint8)
     fn(scratch)
     out[scratch.astype(bool)] = value
+
+
+def is_invalid_polygon(g: BaseGeometry) -> bool:
+    """Whether ``g`` is a polygonal geometry that GEOS calls invalid (e.g. a self-intersecting
+    outline), i.e. one whose filled region depends on the fill rule."""
+    return g.geom_type in ("Polygon", "MultiPolygon") and not g.is_empty and not g.is_valid

@@ -435,8 +435,11 @@ class Heatmap:
         winner must also reach ``threshold``) regions, each at least ``min_area_um2``, with area µm²
         and mean/max probability.
 
-        Chunk by chunk: pieces from each chunk are merged along chunk edges with a union.
+        Chunk by chunk: pieces from each chunk are merged along chunk edges with a union. Polygons
+        are clipped to the slide (edge tiles reach past it) and to the heatmap's extent, so
+        areas and statistics count only pixels on the slide (``bounds``).
         """
+        from slidekit.geometry import clip_geometry
         C = self.prob.shape[0]
         names = self.classes
         multilabel = C > 1 and self.attrs.get("activation") == "sigmoid"
@@ -453,23 +456,42 @@ class Heatmap:
                 for poly in _polygons_by_chunk(hit, self.prob.chunks[2]):
                     pieces[k].append(affine_transform(poly, [1, 0, 0, 1, 0, r0]))
         px_um2 = self.mpp * self.mpp
-        area_scale = (self.scale[0] * self.scale[1])
+        (sx, sy), (ox, oy) = self.scale, self.origin
+        area_scale = sx * sy
+        region = self.bounds
         out = []
         for k in wanted:
             merged = unary_union(pieces[k]) if pieces[k] else None
             polys = [] if merged is None or merged.is_empty else getattr(merged, "geoms", [merged])
             for poly in polys:
+                geom, clipped = clip_geometry(self.to_level0(poly), region)
+                if geom.is_empty:
+                    continue
+                if clipped:  # back to heatmap pixels for the area and the statistics
+                    poly = affine_transform(geom, [1 / sx, 0, 0, 1 / sy, -ox / sx, -oy / sy])
                 area = poly.area * px_um2
                 if area < min_area_um2:
                     continue
                 mean, mx = self._stats(poly, k)
-                geom = self.to_level0(poly)
                 out.append(Annotation(geom, label=names[k], kind=kind,
                                       color=tuple(self.colors[k]) if self.colors else None,
                                       measurements={"Area µm^2": area, "Mean probability": mean,
                                                     "Max probability": mx,
                                                     "Area px (level 0)": poly.area * area_scale}))
         return out
+
+    @property
+    def bounds(self):
+        """The level-0 box holding this heatmap's pixels that lie on the slide (shapely)."""
+        from shapely.geometry import box
+
+        (sx, sy), (ox, oy) = self.scale, self.origin
+        H, W = self.shape
+        x1, y1 = ox + W * sx, oy + H * sy
+        dims = (self.attrs.get("slide") or {}).get("dimensions")
+        if dims:
+            x1, y1 = min(x1, float(dims[0])), min(y1, float(dims[1]))
+        return box(max(0.0, ox), max(0.0, oy), x1, y1)
 
     @staticmethod
     def _labels(p: np.ndarray, cov: np.ndarray, threshold: float) -> np.ndarray:

@@ -297,7 +297,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         t_pred = time.time() - t0
         hm.overlay(slide, out / "overlay.png")
         anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
-        write_geojson(anns, out / "predictions.geojson")
+        # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
+        write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)
         if tiles_geojson:
             coords, values = hm.tiles
             w, h = size * mpp / slide.mpp[0], size * mpp / slide.mpp[1]
@@ -306,7 +307,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
             tiles = (Annotation(box(x, y, x + w, y + h), kind="tile",
                                 measurements={c: float(v) for c, v in zip(hm.classes, vals)})
                      for (x, y), vals in zip(coords.tolist(), values.tolist()))
-            write_geojson(tiles, out / "tiles.geojson")
+            write_geojson(tiles, out / "tiles.geojson", bounds=slide.dimensions)  # edge tiles reach past it
         summary = {"slide": str(slide.path), "config_key": key, "config": {**run_cfg, **out_cfg},
                    "task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
                    "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,

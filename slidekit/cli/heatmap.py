@@ -96,11 +96,16 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
               help="Output QuPath GeoJSON (.geojson, or .geojson.gz to compress).")
 @click.option("--rename", multiple=True, metavar="OLD=NEW",
               help="Rename a class/group, e.g. --rename metastasis=Tumor (repeatable; NEW empty drops the class).")
+@click.option("--make-valid", is_flag=True,
+              help="Repair self-intersecting (invalid) polygons into the valid shapes QuPath and ASAP fill "
+                   "(non-zero winding rule). Without it they are written unchanged.")
 @click.pass_context
 @handle_errors
-def convert_cmd(ctx: click.Context, annotations: str, out: str, rename: tuple[str, ...]) -> None:
+def convert_cmd(ctx: click.Context, annotations: str, out: str, rename: tuple[str, ...], make_valid: bool) -> None:
     """Convert ASAP/ImageScope XML (or any GeoJSON form) into a QuPath-ready FeatureCollection."""
     from slidekit.annotations import read_annotations, write_geojson
+    from slidekit.geometry import is_invalid_polygon
+    from slidekit.geometry import make_valid as repair
 
     mapping = {}
     for r in rename:
@@ -109,13 +114,23 @@ def convert_cmd(ctx: click.Context, annotations: str, out: str, rename: tuple[st
         old, new = r.split("=", 1)
         mapping[old] = new or None
     anns = read_annotations(annotations)
+    invalid = repaired = 0
     for a in anns:
         if a.label in mapping:
             a.label = mapping[a.label]
+        if is_invalid_polygon(a.geometry):
+            invalid += 1
+            if make_valid:
+                a.geometry, changed = repair(a.geometry)
+                repaired += changed
     write_geojson(anns, out)
     if not quiet_flag(ctx):
+        if invalid and not make_valid:
+            click.echo(f"slidekit: note: {invalid} polygon(s) in {annotations} are invalid (self-intersecting); "
+                       "written as drawn (slidekit fills them by the non-zero rule, as QuPath and ASAP do); "
+                       "--make-valid repairs them", err=True)
         echo_json({"input": annotations, "output": out, "objects": len(anns),
-                   "classes": sorted({str(a.label) for a in anns})})
+                   "classes": sorted({str(a.label) for a in anns}), "invalid": invalid, "repaired": repaired})
 
 
 def register(group: click.Group) -> None:
