@@ -144,3 +144,56 @@ def test_hard_negatives_topped_up_with_highest_scoring(tmp_path):
     assert plain["hard_negative"].tolist() == [[0, 0]]
     topped = e_step(iter(slides), [False], tmp_path / "b.zarr", min_hard_negatives=3)
     assert topped["hard_negative"].tolist() == [[0, 0], [0, 3], [0, 1]]
+
+
+def _fake_rounds(out, cv_losses, chance=0.69, train_losses=None):
+    """A mixed-em output folder with per-round files and metrics, as the trainer leaves it."""
+    rows = []
+    for r, cv in enumerate(cv_losses):
+        rdir = out / "rounds" / f"r{r}"
+        rdir.mkdir(parents=True)
+        (rdir / "checkpoint.pt").write_text(f"round {r}")
+        (rdir / "morph_lgbm.json").write_text("{}")
+        rows.append({"round": r, "stage2_cv_loss": cv, "stage2_chance_loss": chance,
+                     "stage2_train_loss": (train_losses or [0.1 * (r + 1)] * len(cv_losses))[r]})
+    (out / "metrics.json").write_text(json.dumps(rows))
+
+
+@pytest.mark.parametrize("cv, train, match, selected", [
+    ([0.5, float("nan"), float("nan")], [0.3, 0.2, 0.25], "out-of-fold loss is NaN in every EM round", 1),
+    ([0.5, 0.72, 0.70], None, r"round 2's stage-2 loss 0.7 .* no better than chance \(0.69", 2),
+    ([0.5, float("nan")], [0.3, float("nan")], "no EM round has a finite stage-2 loss", 1),
+])
+def test_round_selection_on_nan_or_chance_level_loss_warns(tmp_path, cv, train, match, selected):
+    from slidekit.errors import TrainingWarning
+    from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
+
+    t = MixedEMTrainer(MixedEMConfig(slides="x.csv", rounds=len(cv) - 1))
+    t.out = tmp_path
+    _fake_rounds(tmp_path, cv, train_losses=train)
+    with pytest.warns(TrainingWarning, match=match):
+        ckpt = t._select()
+    sel = json.loads((tmp_path / "selected.json").read_text())
+    assert sel["selected_round"] == selected and sel["warnings"] and ckpt.read_text() == f"round {selected}"
+
+
+def test_round_selection_below_chance_is_quiet(tmp_path):
+    import warnings
+
+    from trainers.mixed_em import choose_round
+
+    rows = [{"round": 0, "stage2_cv_loss": 0.6, "stage2_chance_loss": 0.69},
+            {"round": 1, "stage2_cv_loss": 0.4, "stage2_chance_loss": 0.69}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_round(rows)["warnings"] == [] and choose_round(rows)["selected_round"] == 1
+
+
+def test_mixed_em_config_ranges():
+    from slidekit.errors import ConfigError
+    from trainers.base import load_config
+    from trainers.mixed_em import MixedEMConfig
+
+    for bad in ("ratio=2,1", "rounds=-1", "patch_size=0", "threshold=1.5", "selection=best"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(MixedEMConfig, None, [bad])

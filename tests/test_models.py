@@ -78,3 +78,36 @@ def test_transfer_encoder_copies_weights_between_architectures(tmp_path):
 def test_unknown_architecture_is_a_checkpoint_error():
     with pytest.raises(sk.CheckpointError, match="unknown architecture"):
         ModelSpec(arch="vit-huge")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("patch_size", "big", "'patch_size' must be an integer >= 1"),
+    ("patch_size", 0, "'patch_size' must be an integer >= 1"),
+    ("mpp", -0.5, "'mpp' must be a finite number > 0"),
+    ("mpp", [0.5], "'mpp' must be a finite number > 0"),
+    ("classes", "tumour", "'classes' must be a list of class names"),
+    ("colors", [[300, 0, 0], [0, 0, 0]], "'colors' must be one"),
+    ("mean", [0.5, 0.5], "'mean' must be three numbers"),
+    ("std", [0, 1, 1], "'std' must be > 0"),
+    ("task", "regression", "unknown task"),
+    ("output_stride", 0.5, "'output_stride' must be an integer"),
+    ("extra", [], "'extra' must be a mapping"),
+])
+def test_hand_edited_spec_is_one_line(tmp_path, field, value, match):
+    path = save_checkpoint(tmp_path / "ok.pt", build_model(ModelSpec()), ModelSpec())
+    payload = torch.load(path, weights_only=True)
+    payload["spec"][field] = value
+    edited = tmp_path / "edited.pt"
+    torch.save(payload, edited)
+    with pytest.raises(sk.CheckpointError, match=match) as err:
+        load_checkpoint(edited)
+    assert str(err.value).startswith(str(edited)) and "\n" not in str(err.value)
+
+
+def test_spec_that_is_not_a_mapping_is_one_line(tmp_path):
+    path = save_checkpoint(tmp_path / "ok.pt", build_model(ModelSpec()), ModelSpec())
+    payload = torch.load(path, weights_only=True)
+    payload["spec"] = "resnet18"
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(sk.CheckpointError, match="edited.pt: the model spec is a str, not a mapping"):
+        load_checkpoint(tmp_path / "edited.pt")

@@ -101,3 +101,23 @@ def test_trainers_registered():
 
 def test_size_class_consistent_with_labels():
     assert size_class(2500) == "macro"
+
+
+@pytest.mark.parametrize("rows, match", [
+    ("a.tif,macro\nb.tif,negative\na.tif,negative\n", r"line 4: slide 'a.tif' is listed under two labels \('macro' on line 2"),
+    ("a.tif,macro\n./a.tif,macro\n", r"line 3: slide './a.tif' is listed twice \(also on line 2\)"),
+    ("x/a.tif,macro\nx/a.svs,negative\n", "x/a.svs' is listed under two labels"),
+])
+def test_slide_table_refuses_a_slide_given_twice(tmp_path, rows, match):
+    (tmp_path / "t.csv").write_text("slide,label\n" + rows)
+    with pytest.raises(LabelError, match=match) as err:
+        read_slide_table(tmp_path / "t.csv")
+    assert "t.csv" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_morph_lgbm_reports_the_chance_loss():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 3))
+    _, m = fit_morph_lgbm(X, ["negative"] * 9 + ["macro"] * 3, classes=("negative", "positive"), cv_folds=3)
+    p = np.array([0.75, 0.25])
+    assert m["chance_loss"] == pytest.approx(-(p * np.log(p)).sum())

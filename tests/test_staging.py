@@ -157,3 +157,26 @@ def test_cli_stage_bad_csv_one_line(tmp_path):
     assert res.exit_code != 0
     assert "bad.csv" in res.output and "unknown node label" in res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("rows, match", [
+    ("patient_000_node_0.tif,macro\npatient_000_node_0.svs,macro\n",
+     r"line 3: node 'patient_000_node_0.svs' is the same node as 'patient_000_node_0.tif' \(node 0 of patient_000, line 2\)"),
+    ("patient_000_node_2.tif,macro\npatient_000_node_1.tif,negative\npatient_000_node_02.tif,micro\n",
+     r"'patient_000_node_02.tif' is the same node as 'patient_000_node_2.tif'"),
+])
+def test_a_node_spelt_two_ways_is_refused(tmp_path, rows, match):
+    nodes = _write(tmp_path / "nodes.csv", "patient,stage\n" + rows)
+    with pytest.raises(LabelError, match=match) as err:
+        stage_csv(nodes, tmp_path / "out.csv")
+    assert "nodes.csv" in str(err.value) and not (tmp_path / "out.csv").exists()
+    res = CliRunner().invoke(main, ["stage", str(nodes), "--out", str(tmp_path / "o.csv")])
+    assert res.exit_code != 0 and "same node" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_stage_table_refuses_the_same_node_twice():
+    # a pN1 patient (one macro node) must not become pN2 by counting node_1 as four
+    nodes = {"p_node_1.tif": "macro", "p_node_01.tif": "macro", "p_node_001.svs": "macro", "p_node_1.svs": "macro"}
+    with pytest.raises(LabelError, match="same node"):
+        stage_table(nodes)
+    assert stage_table({"p_node_1.tif": "macro", "p_node_2.tif": "negative"}) == {"p": "pN1"}
