@@ -252,7 +252,7 @@ class SlidePatchDataset(Dataset):
                  line_width_um: float = 4.0, transform: Callable | None = None, ignore: int = IGNORE) -> None:
         from slidekit.slide import Slide, open_slide
 
-        self.slide = slide if isinstance(slide, Slide) else open_slide(slide, mpp=grid.slide_mpp)
+        self.slide = slide if isinstance(slide, Slide) else open_slide(slide, override_mpp=grid.slide_mpp)  # the grid's MPP
         self.grid = grid
         self.annotations = list(annotations) if annotations is not None else None
         if self.annotations is not None and labels is None:

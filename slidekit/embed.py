@@ -78,7 +78,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                 grid: TileGrid | str | os.PathLike | None = None, min_tissue: float = 0.5,
                 slide_mpp: float | None = None, batch_size: int = 64, chunk_rows: int = 4096,
                 workers: int = 0, device: str = "auto", clusters: int | None = None,
-                geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True) -> Path:
+                geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
+                override_mpp: float | None = None) -> Path:
     """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
 
     The grid is the checkpoint's ``patch_size`` at its ``mpp`` over tissue (``min_tissue``), unless
@@ -101,7 +102,7 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
         enc = ResNetClassifier(spec.backbone, 0)
         enc.encoder.load_state_dict(net.encoder.state_dict())
         net = enc
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
+    with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide:
         if isinstance(grid, (str, os.PathLike)):
             grid = TileGrid.load(grid)
         if grid is None:

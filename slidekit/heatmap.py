@@ -194,6 +194,12 @@ class HeatmapWriter:
         for i, out in zip(idx, outputs):
             self._accumulate(int(i), out)
 
+    def skip(self, idx: np.ndarray) -> None:
+        """Record tiles ``idx`` as deliberately left out (damaged, ``on_bad_tile="skip"``): they get
+        no coverage and their values stay NaN; ``finish`` accepts them as not missing."""
+        old = set(self.root.attrs.get("skipped_tiles", []))
+        self.root.attrs["skipped_tiles"] = sorted(old | {int(i) for i in np.asarray(idx).ravel()})
+
     def _write_values(self, idx: np.ndarray, vals: np.ndarray) -> None:
         order = np.argsort(idx)
         idx, vals = idx[order], vals[order]
@@ -298,7 +304,10 @@ class HeatmapWriter:
                 for cr, cc in zip(*np.nonzero(np.asarray(part["flags"][:]) & ~self.done)):
                     self._flush(int(cr), int(cc))
                 del self.root["partial"]
-        missing = int(np.isnan(np.asarray(self.values[:])).any(axis=1).sum()) if len(self.grid) else 0
+        nan = np.isnan(np.asarray(self.values[:])).any(axis=1) if len(self.grid) else np.zeros(0, bool)
+        skipped = np.asarray(self.root.attrs.get("skipped_tiles", []), dtype=np.int64)
+        nan[skipped] = False
+        missing = int(nan.sum())
         if missing:
             raise HeatmapError(f"{missing} tiles have no outputs; the heatmap is incomplete", self.path)
         self.root.attrs["complete"] = True

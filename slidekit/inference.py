@@ -36,7 +36,7 @@ class _TileBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.index[b * self.batch_size:(b + 1) * self.batch_size]
-        _, tiles = self.reader.read_batch(idx)
+        idx, tiles = self.reader.read_batch(idx)  # damaged tiles are left out with on_bad_tile="skip"
         return torch.from_numpy(idx), torch.from_numpy(tiles)
 
 
@@ -44,11 +44,15 @@ class Predictor:
     """Runs ``model`` (logits) with ``spec`` (normalize/activate/task) over tiles of a grid.
 
     ``spec`` is a checkpoint's ModelSpec or a built-in's spec: the Predictor uses ``task``,
-    ``mean``/``std`` (through ``normalize``) and ``activate``.
+    ``mean``/``std`` (through ``normalize``) and ``activate``. A damaged tile fails the run
+    (CorruptTileError) unless ``on_bad_tile="skip"``: then it gets no output, ``bad_tiles`` lists
+    its grid index and a ``BadTileWarning`` says so.
     """
 
     def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "auto", batch_size: int = 32,
-                 workers: int = 2, amp: bool = True, channels_last: bool = True, progress: bool = False) -> None:
+                 workers: int = 2, amp: bool = True, channels_last: bool = True, progress: bool = False,
+                 on_bad_tile: str = "raise") -> None:
+        self.on_bad_tile, self.bad_tiles = on_bad_tile, np.zeros(0, np.int64)
         self.device = resolve_device(device)
         self.spec, self.batch_size, self.workers, self.progress = spec, int(batch_size), int(workers), progress
         self.cuda = self.device.type == "cuda"
@@ -75,7 +79,7 @@ class Predictor:
     def loader(self, slide: Any, grid: TileGrid, index: np.ndarray | None = None) -> torch.utils.data.DataLoader:
         """The DataLoader of uint8 tile batches (workers read with their own slide handles)."""
         index = np.arange(len(grid)) if index is None else np.asarray(index)
-        ds = _TileBatches(TileReader(slide, grid), index, self.batch_size)
+        ds = _TileBatches(TileReader(slide, grid, on_bad_tile=self.on_bad_tile), index, self.batch_size)
         kw = {"prefetch_factor": 4, "persistent_workers": False} if self.workers > 0 else {}
         return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
                                            pin_memory=self.cuda, **kw)
@@ -91,8 +95,12 @@ class Predictor:
 
             bar = tqdm(total=len(index), unit="tile", desc=getattr(slide, "name", "slide"), leave=False)
         pending = None
+        seen = []
         try:
             for idx, tiles in _clean_worker_errors(self.loader(slide, grid, index)):
+                seen.append(idx.numpy())
+                if len(idx) == 0:  # every tile of the batch was damaged and skipped
+                    continue
                 y = self.forward(tiles, output_size)
                 if self.cuda:
                     # Copy back asynchronously and consume the previous batch while this one runs.
@@ -108,6 +116,10 @@ class Predictor:
                 pending = current
             if pending is not None:
                 yield self._emit(pending, bar)
+            self.bad_tiles = np.setdiff1d(index, np.concatenate(seen) if seen else np.zeros(0, np.int64))
+            from slidekit.tiling import warn_bad_tiles
+
+            warn_bad_tiles(getattr(slide, "path", slide), grid, self.bad_tiles)
         finally:
             if bar is not None:
                 bar.close()
@@ -201,12 +213,22 @@ HEATMAP_OUTPUTS = ("heatmap.zarr", "heatmap.zarr.part", "overlay.png", "predicti
                    "summary.json")
 
 
+def _bad_tile_coords(hm: Any) -> list[list[int]]:
+    """Level-0 (x, y) of the tiles skipped as damaged (recorded in the heatmap store)."""
+    skipped = hm.attrs.get("skipped_tiles", [])
+    if not skipped:
+        return []
+    coords, _ = hm.tiles
+    return [[int(x), int(y)] for x, y in coords[np.asarray(skipped, dtype=np.int64)]]
+
+
 def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
                   mpp: float | None = None, size: int | None = None, overlap: int | None = None,
                   heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
                   workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
                   min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
-                  chunk: int = 256, progress: bool = True, loaded: tuple | None = None) -> dict:
+                  chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
+                  override_mpp: float | None = None, on_bad_tile: str = "raise") -> dict:
     """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
     ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
 
@@ -236,10 +258,11 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
 
         raise CheckpointError(f"a {spec.task!r} model makes no heatmap (need classification or segmentation)")
     run_cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "blend": blend,
-               "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp}
+               "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp,
+               "override_mpp": override_mpp}
     out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
     summary_path = out / "summary.json"
-    with open_slide(slide_path, mpp=slide_mpp) as slide, OutputLock(out):
+    with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
         run_cfg["slide_id"] = slide_fingerprint(slide.path)
         key = _config_key({**run_cfg, **out_cfg})
         # Only files slidekit wrote here may be replaced; another slide's folder is refused.
@@ -266,7 +289,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                 shutil.rmtree(hm_path)
         n_tiles = n_done_before = 0
         if hm is None:
-            mask = tissue_mask(slide)
+            mask = tissue_mask(slide, progress=None if progress else False)
             release_memory()
             grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                        min_tissue=min_tissue)
@@ -281,11 +304,14 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                                    mpp=heatmap_mpp or seg_mpp, blend=blend, chunk=chunk, attrs=meta)
             todo = writer.todo()
             n_tiles, n_done_before = len(grid), len(grid) - len(todo)
-            predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress)
+            predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
+                                  on_bad_tile=on_bad_tile)
             fsize = writer.footprint if spec.task == "segmentation" else None
             for idx, y in predictor.predict(slide, grid, todo, output_size=fsize):
                 writer.add(idx, y)
                 release_memory()
+            if len(predictor.bad_tiles):
+                writer.skip(predictor.bad_tiles)
             writer.finish()
             if hm_path.exists():
                 shutil.rmtree(hm_path)
@@ -313,6 +339,9 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                    "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,
                    "regions": len(anns), "region_area_mm2": sum(a.measurements["Area µm^2"] for a in anns) / 1e6,
                    "outputs": sorted(p.name for p in out.iterdir() if p.name in HEATMAP_OUTPUTS) + ["summary.json"],
-                   "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2)}
+                   "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2),
+                   "slide_mpp": {"used": list(slide.mpp), "source": slide.mpp_source,
+                                 "metadata": None if slide.metadata_mpp is None else list(slide.metadata_mpp)},
+                   "bad_tiles": _bad_tile_coords(hm)}
         write_text_atomic(summary_path, json.dumps(summary, indent=2))
     return summary

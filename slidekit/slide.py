@@ -141,9 +141,10 @@ class _ImageBackend:
         limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
         try:
             with warnings.catch_warnings():
-                # Our own limit below replaces Pillow's bomb guard (whose limit is 89 Mpx).
+                # Our own limit, checked on the header before decoding, replaces Pillow's bomb
+                # guard (89 Mpx) for this call only; Pillow's global setting is left as it was.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
                 try:
                     im = Image.open(path)
                 finally:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from typing import Any, Callable
 
 import click
 
-from slidekit.errors import SlidekitError
+from slidekit.errors import SlidekitError, SlidekitWarning
 
 
 class Context:
@@ -25,15 +26,28 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: str | None = None, _default: Callable = warnings.showwarning) -> None:
+    """slidekit warnings as one line on stderr (``slidekit: warning: ...``); others as Python shows them."""
+    if issubclass(category, SlidekitWarning):
+        click.echo(f"slidekit: warning: {message}", err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def handle_errors(func: Callable) -> Callable:
-    """Turn slidekit errors (and Ctrl-C) into one line and a non-zero exit, unless --debug."""
+    """Turn slidekit errors (and Ctrl-C) into one line and a non-zero exit, unless --debug;
+    print slidekit warnings as one line each."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         debug = bool(getattr(ctx.find_object(Context), "debug", False))
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", SlidekitWarning)
+                warnings.showwarning = _show_warning
+                return func(*args, **kwargs)
         except SlidekitError as e:
             if debug:
                 raise
@@ -65,7 +79,12 @@ def echo_json(data: Any) -> None:
 slide_argument = click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
 mpp_override_option = click.option(
     "--slide-mpp", "slide_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-    help="Pixel size (µm/px) of the slide's level 0, for slides without it in their metadata.")
+    help="Pixel size (µm/px) of level 0, used only for slides whose metadata has none.")
+force_mpp_option = click.option(
+    "--override-mpp", "override_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+    help="Pixel size (µm/px) of level 0 used INSTEAD of the slide's metadata (said on stderr, "
+         "recorded in outputs).")
+
 backend_option = click.option("--backend", type=click.Choice(["openslide", "tiffslide", "image"]),
                               default=None, help="Slide reader (default: automatic).")
 target_mpp_option = click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from slidekit.cli.common import (backend_option, echo_json, handle_errors, min_tissue_option,
+from slidekit.cli.common import (backend_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
                                  mpp_override_option, overlap_option, quiet_flag, quiet_option,
                                  size_option, slide_argument, target_mpp_option)
 
@@ -13,24 +13,29 @@ from slidekit.cli.common import (backend_option, echo_json, handle_errors, min_t
 @click.command()
 @slide_argument
 @mpp_override_option
+@force_mpp_option
 @backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
-def info(slide: str, slide_mpp: float | None, backend: str | None, as_json: bool) -> None:
-    """Show a slide's size, levels, pixel size and backend."""
+def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backend: str | None,
+         as_json: bool) -> None:
+    """Show a slide's size, levels, pixel size and backend (a slide without MPP shows "MPP: unknown")."""
     from slidekit.slide import open_slide
 
-    with open_slide(slide, mpp=slide_mpp, backend=backend) as s:
+    with open_slide(slide, mpp=slide_mpp, backend=backend, override_mpp=override_mpp, require_mpp=False) as s:
         d = s.info()
     if as_json:
         echo_json(d)
         return
     click.echo(f"{d['path']}")
     click.echo(f"  backend     {d['backend']} ({d['vendor'] or 'unknown vendor'})")
-    click.echo(f"  dimensions  {d['dimensions'][0]} x {d['dimensions'][1]} px "
-               f"({d['size_mm'][0]} x {d['size_mm'][1]} mm)")
-    click.echo(f"  mpp         {d['mpp'][0]:.4f} x {d['mpp'][1]:.4f} µm/px ({d['mpp_source']}), "
-               f"~{d['magnification']:g}x")
+    size = "" if d["size_mm"] is None else f" ({d['size_mm'][0]} x {d['size_mm'][1]} mm)"
+    click.echo(f"  dimensions  {d['dimensions'][0]} x {d['dimensions'][1]} px{size}")
+    if d["mpp"] is None:
+        click.echo("  MPP: unknown (not in the slide's metadata; give --slide-mpp to commands that need it)")
+    else:
+        click.echo(f"  mpp         {d['mpp'][0]:.4f} x {d['mpp'][1]:.4f} µm/px ({d['mpp_source']}), "
+                   f"~{d['magnification']:g}x")
     for i, (dim, ds) in enumerate(zip(d["level_dimensions"], d["level_downsamples"])):
         click.echo(f"  level {i}     {dim[0]} x {dim[1]} px, downsample {ds:g}")
 
@@ -53,15 +58,16 @@ def demo(out: Path) -> None:
 @click.option("--min-area", type=float, default=20_000.0, show_default=True,
               help="Smallest tissue region kept, µm².")
 @mpp_override_option
+@force_mpp_option
 @backend_option
 @handle_errors
 def tissue(slide: str, out: Path, mask_mpp: float, min_area: float, slide_mpp: float | None,
-           backend: str | None) -> None:
+           override_mpp: float | None, backend: str | None) -> None:
     """Detect tissue; write a mask PNG and tissue polygons as QuPath GeoJSON."""
     from slidekit.tissue import save_tissue
 
     summary = save_tissue(slide, out, mask_mpp=mask_mpp, min_area_um2=min_area, slide_mpp=slide_mpp,
-                          backend=backend)
+                          backend=backend, override_mpp=override_mpp)
     click.echo(f"{summary['regions']} tissue regions, {summary['area_mm2']:.3f} mm² -> {out}")
 
 
@@ -74,17 +80,18 @@ def tissue(slide: str, out: Path, mask_mpp: float, min_area: float, slide_mpp: f
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Grid file to write (.npz).")
 @mpp_override_option
+@force_mpp_option
 @backend_option
 @quiet_option
 @handle_errors
 @click.pass_context
 def tile(ctx: click.Context, slide: str, mpp: float, size: int, overlap: int, min_tissue: float,
-         out: Path, slide_mpp: float | None, backend: str | None, quiet: bool) -> None:
+         out: Path, slide_mpp: float | None, override_mpp: float | None, backend: str | None, quiet: bool) -> None:
     """Make a tile grid at a target MPP and save it."""
     from slidekit.tiling import make_grid
 
     grid = make_grid(slide, mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue,
-                     out=out, slide_mpp=slide_mpp, backend=backend)
+                     out=out, slide_mpp=slide_mpp, backend=backend, override_mpp=override_mpp)
     if not (quiet or quiet_flag(ctx)):
         click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
 

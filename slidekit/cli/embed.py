@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from slidekit.cli.common import (device_option, echo_json, handle_errors, min_tissue_option, mpp_override_option,
-                                 quiet_flag, quiet_option, workers_option)
+from slidekit.cli.common import (device_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
+                                 mpp_override_option, quiet_flag, quiet_option, workers_option)
 
 
 @click.command("embed")
@@ -26,18 +26,20 @@ from slidekit.cli.common import (device_option, echo_json, handle_errors, min_ti
 @workers_option
 @device_option
 @mpp_override_option
+@force_mpp_option
 @quiet_option
 @click.pass_context
 @handle_errors
 def embed(ctx: click.Context, slide: str, model: str, out: str, grid: str | None, clusters: int | None,
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, device: str,
-          slide_mpp: float | None, quiet: bool) -> None:
+          slide_mpp: float | None, override_mpp: float | None, quiet: bool) -> None:
     """Embed every tissue tile of SLIDE with the encoder of CKPT; reruns resume or skip."""
     from slidekit.embed import embed_slide, open_embeddings
 
     if geojson and not clusters:
         raise click.UsageError("--geojson needs --clusters K")
     path = embed_slide(slide, model, out, grid=grid, min_tissue=min_tissue, slide_mpp=slide_mpp,
+                       override_mpp=override_mpp,
                        batch_size=batch_size, workers=workers, device=device, clusters=clusters,
                        geojson=geojson, seed=seed, progress=not (quiet or quiet_flag(ctx)))
     emb = open_embeddings(path)

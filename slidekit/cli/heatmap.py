@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from slidekit.cli.common import (device_option, echo_json, fail, handle_errors, mpp_override_option,
-                                 quiet_flag)
+from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_option, handle_errors,
+                                 mpp_override_option, quiet_flag)
 
 
 @click.command("heatmap")
@@ -38,13 +38,18 @@ from slidekit.cli.common import (device_option, echo_json, fail, handle_errors, 
               help="Minimum tissue fraction of a tile to predict it.")
 @click.option("--tiles-geojson", is_flag=True, help="Also write tiles.geojson: one QuPath tile per prediction.")
 @mpp_override_option
+@force_mpp_option
+@click.option("--skip-bad-tiles", is_flag=True,
+              help="Skip damaged (undecodable) tiles with a warning and list them in summary.json "
+                   "(bad_tiles) instead of failing the slide.")
 @click.option("--quiet", "-q", "quiet_local", is_flag=True, help="No progress bars.")
 @click.pass_context
 @handle_errors
 def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: str | None, demo: bool,
                 mpp: float | None, size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
                 batch_size: int, workers: int, device: str, threshold: float, min_area_um2: float,
-                min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, quiet_local: bool) -> None:
+                min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, override_mpp: float | None,
+                skip_bad_tiles: bool, quiet_local: bool) -> None:
     """Predict a model over the tissue of each SLIDE and write a heatmap, an overlay and QuPath GeoJSON.
 
     Reruns skip finished slides (those with summary.json) and resume interrupted ones.
@@ -74,6 +79,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
                               heatmap_mpp=heatmap_mpp, blend=blend, batch_size=batch_size, workers=workers,
                               device=device, threshold=threshold, min_area_um2=min_area_um2,
                               min_tissue=min_tissue, tiles_geojson=tiles_geojson, slide_mpp=slide_mpp,
+                              override_mpp=override_mpp, on_bad_tile="skip" if skip_bad_tiles else "raise",
                               progress=not quiet)
         except Exception as e:
             from slidekit.errors import SlidekitError
