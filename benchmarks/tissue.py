@@ -104,7 +104,7 @@ def measure(path: Path, mask_mpp: float, fallback_mpp: float, repeat: int,
                 mask = sk.tissue_mask(slide, mpp=mask_mpp)
                 best = min(best, time.perf_counter() - t)
         except sk.TissueError as e:
-            row["error"] = str(e)
+            row["error"] = str(e).replace(str(path), path.name)
         view = slide.read_whole(mask_mpp)
     row["view"] = list(view.shape[:2])
     if mask is None:
