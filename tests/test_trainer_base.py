@@ -238,3 +238,40 @@ def test_cli_bad_options_are_one_line(tmp_path, option, match):
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert re.search(match, res.output), res.output
     assert not (tmp_path / "o" / "done.json").exists()
+
+
+class CosineToy(ToyTrainer):
+    """The toy with a per-epoch cosine schedule over ``epochs``, as the scribble trainers use."""
+
+    def fit(self, out_dir, device="cpu", progress=False):
+        import math
+
+        trainers.seed_everything(self.config.seed)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=self.config.lr)
+        n = self.config.epochs
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, n) / n)))
+
+        def epoch(i):
+            lr = opt.param_groups[0]["lr"]
+            loss = model(torch.randn(4, 2)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            return {"loss": loss.item(), "lr": lr}
+
+        return trainers.run_epochs(self, out_dir, model, ModelSpec(patch_size=16), epoch, optimizer=opt,
+                                   scheduler=sched, progress=progress)
+
+
+def test_continued_run_follows_the_new_lengths_schedule(tmp_path):
+    import math
+
+    CosineToy(ToyConfig(epochs=2, lr=1.0)).fit(tmp_path / "r")
+    with pytest.warns(TrainingWarning):
+        CosineToy(ToyConfig(epochs=4, lr=1.0)).fit(tmp_path / "r")
+    lrs = [row["lr"] for row in json.loads((tmp_path / "r" / "metrics.json").read_text())]
+    # epochs 0-1 ran under the 2-epoch cosine; epoch 2 onwards under the 4-epoch one (not at lr 0)
+    expected = [1.0, 0.5, 0.5 * (1 + math.cos(math.pi * 2 / 4)), 0.5 * (1 + math.cos(math.pi * 3 / 4))]
+    assert lrs == pytest.approx(expected)

@@ -395,6 +395,21 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _reevaluate_schedule(scheduler: Any, optimizer: torch.optim.Optimizer | None) -> None:
+    """Set the learning rate to the schedule's value at the position reached.
+
+    slidekit's schedules are functions of (position, configured length). The optimiser state
+    holds the rate of the run that was saved; a run continued to more epochs must train its next
+    epoch at the new length's rate (for an unchanged config both are the same).
+    """
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if optimizer is None or lambdas is None or not all(callable(f) for f in lambdas):
+        return
+    for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+        group["lr"] = base * f(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def _divergence(model: nn.Module, metrics: dict[str, Any]) -> str | None:
     """Why this epoch's result must not be kept (a NaN/inf loss or weight), or None."""
     for k, v in metrics.items():
@@ -440,6 +455,7 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
                 optimizer.load_state_dict(state.optimizer)
             if scheduler is not None and state.scheduler:
                 scheduler.load_state_dict(state.scheduler)
+                _reevaluate_schedule(scheduler, optimizer)
             if state.rng:
                 _set_rng_state(state.rng)
             if set_extra is not None and state.extra:
