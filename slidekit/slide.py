@@ -96,9 +96,31 @@ class _OpenSlideBackend:
         self._s.close()
 
 
+class _ZarrTaskNoise(logging.Filter):
+    """Drops asyncio's "Task was destroyed but it is pending!" records for zarr's read tasks.
+
+    After a tile fails to decode, zarr (under tiffslide) leaves its other read tasks pending; at
+    exit asyncio logs each one (~20 lines) after the one-line error that already said it all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Task was destroyed but it is pending" in msg and "zarr" in msg)
+
+
+def _quiet_zarr_tasks() -> None:
+    aio = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ZarrTaskNoise) for f in aio.filters):
+        aio.addFilter(_ZarrTaskNoise())
+        warnings.filterwarnings("ignore", message=r"coroutine 'concurrent_map\.<locals>\.run' was never awaited",
+                                category=RuntimeWarning)
+
+
 class _TiffSlideBackend:
     def __init__(self, path: Path) -> None:
         import tiffslide
+
+        _quiet_zarr_tasks()
 
         try:
             self._s = tiffslide.TiffSlide(str(path))
@@ -411,6 +433,7 @@ class Slide:
         except SlideError:
             raise
         except Exception as e:  # decoder errors from corrupt tiles
+            self.check_tiles(location, level, (w, h))  # names the damaged tile when it can
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SlideError(f"cannot read region at {tuple(location)} level {level}: {msg}", self.path) from None
         if verify:

@@ -209,3 +209,23 @@ def test_fallback_mpp_never_replaces_metadata_and_override_warns(shared_data):
     no_mpp = shared_data / "wsi" / "TCGA-CR-7395-01A-01-TS1.svs"
     with sk.open_slide(no_mpp, mpp=0.25) as s:
         assert s.mpp == (0.25, 0.25) and s.mpp_source == "fallback"
+
+
+def test_tiffslide_decode_error_is_one_line_without_asyncio_noise(tmp_path):
+    import subprocess
+    import sys
+
+    path = synthetic_slide(tmp_path / "broken.tif", tissue_box=(0, 0, 2048, 1536))
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[10], tif.pages[0].databytecounts[10]
+    data = bytearray(path.read_bytes())
+    data[offset + count // 2:offset + count // 2 + 2] = b"\xff\xa6"  # a marker libjpeg refuses
+    path.write_bytes(bytes(data))
+    script = ("import slidekit as sk\n"
+              f"s = sk.open_slide({str(path)!r}, backend='tiffslide')\n"
+              "try:\n    s.read_region((0, 0), 0, (2048, 1536))\n"
+              "except sk.CorruptTileError as e:\n    print('refused', e.location)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused (512, 256)" in proc.stdout
+    assert "Task was destroyed" not in proc.stderr and "never awaited" not in proc.stderr, proc.stderr[:500]
