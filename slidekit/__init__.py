@@ -1,7 +1,7 @@
 """slidekit: whole-slide images in, patches, trainers, heatmaps and QuPath GeoJSON out."""
 from slidekit.errors import (AnnotationError, CheckpointError, ConfigError, GridError, HeatmapError, LabelError,
                              MissingMPPError, SlideError, SlidekitError, TissueError)
-from slidekit.errors import BadTileWarning, CorruptTileError, MPPOverrideWarning, SlidekitWarning
+from slidekit.errors import AnnotationWarning, BadTileWarning, CorruptTileError, MPPOverrideWarning, SlidekitWarning
 from slidekit.slide import Slide, magnification_to_mpp, mpp_to_magnification, open_slide
 from slidekit.tiling import TileGrid, TileReader, read_tiles
 from slidekit.tissue import TissueMask, tissue_mask
@@ -14,7 +14,7 @@ __all__ = [
     "AnnotationError", "CheckpointError", "ConfigError", "GridError", "HeatmapError", "LabelError", "MissingMPPError",
     "SlideError", "SlidekitError", "TissueError", "Slide", "open_slide", "mpp_to_magnification",
     "magnification_to_mpp", "TileGrid", "TileReader", "read_tiles", "TissueMask", "tissue_mask",
-    "pn_stage", "weighted_kappa", "SlidekitWarning", "MPPOverrideWarning", "BadTileWarning", "CorruptTileError",
+    "pn_stage", "weighted_kappa", "SlidekitWarning", "MPPOverrideWarning", "BadTileWarning", "CorruptTileError", "AnnotationWarning",
     "Annotation", "read_annotations", "write_geojson", "rasterize",
     "load_checkpoint", "Predictor", "heatmap_slide", "Heatmap", "HeatmapWriter",
 ]

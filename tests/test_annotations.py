@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,131 @@ def test_imagescope_xml_monuseg_matches_its_masks(shared_data: Path) -> None:
     ours = rasterize(anns, box=(0, 0, mask.shape[1], mask.shape[0]), mpp=float(row["mpp_from_xml"])) > 0
     # The reference masks put pixel centres on integer coordinates; slidekit on half-integers (QuPath).
     assert (ours & mask).sum() / (ours | mask).sum() > 0.85
+
+
+# -- strict reading, repairs with a warning, every error naming the file (issue 13) -------------
+
+_POLY = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]}
+
+
+def _feature_with(**props) -> dict:
+    return {"type": "Feature", "id": "f-1", "geometry": json.loads(json.dumps(_POLY)), "properties": props}
+
+
+REFUSED = {
+    "deep.geojson": "[" * 100_000 + "]" * 100_000,  # RecursionError before
+    "listid.geojson": json.dumps({**_feature_with(), "id": [1, 2]}),  # TypeError: unhashable
+    "dictid.geojson": json.dumps({**_feature_with(), "id": {"a": 1}}),
+    "classobj.geojson": json.dumps(_feature_with(classification={"name": {"x": 1}, "color": [1, 2, 3]})),
+    "classnames.geojson": json.dumps(_feature_with(classification={"names": [{"x": 1}], "color": [1, 2, 3]})),
+    "nanvertex.geojson": '{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 0], [10, 10], [0, 0]]]}',
+    "infpoint.geojson": '{"type": "Point", "coordinates": [Infinity, 1]}',
+    "typelist.geojson": json.dumps({"type": ["Feature"], "geometry": _POLY}),
+    "bigint.geojson": '{"type": "Point", "coordinates": [' + "9" * 5000 + ", 1]}",
+    "nan.xml": '<Annotations><Annotation Name="L"><Regions><Region Id="7"><Vertices><Vertex X="nan" Y="1"/>'
+               '<Vertex X="5" Y="1"/><Vertex X="5" Y="5"/></Vertices></Region></Regions></Annotation></Annotations>',
+    "nan_asap.xml": '<ASAP_Annotations><Annotations><Annotation Name="a" Type="Polygon"><Coordinates>'
+                    '<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="inf" Y="0"/>'
+                    '<Coordinate Order="2" X="1" Y="1"/></Coordinates></Annotation></Annotations></ASAP_Annotations>',
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_malformed_input_is_one_line_naming_file_and_feature(tmp_path: Path, name: str) -> None:
+    p = tmp_path / name
+    p.write_text(REFUSED[name])
+    with pytest.raises(sk.AnnotationError) as e:
+        read_annotations(p)
+    msg = str(e.value)
+    assert name in msg and "\n" not in msg
+    if name.endswith(".geojson") and name not in ("deep.geojson", "bigint.geojson", "typelist.geojson"):
+        assert "feature 0" in msg
+    if name.endswith(".xml"):
+        assert "region 7" in msg or "annotation 0" in msg
+
+
+def test_every_malformed_property_names_the_file(tmp_path: Path) -> None:
+    # A probe over feature members x odd values: whatever is refused is an AnnotationError whose
+    # one line names the file; whatever is read can be written back and read again.
+    odd = [None, True, -1, 1.5, float("nan"), float("inf"), "x", "", [], {}, [1], {"x": 1}, [[]], [None, None]]
+    members = [("id",), ("geometry",), ("geometry", "type"), ("geometry", "coordinates"), ("properties",),
+               ("properties", "objectType"), ("properties", "classification"),
+               ("properties", "classification", "name"), ("properties", "classification", "color"),
+               ("properties", "measurements"), ("properties", "measurements", "a"), ("properties", "name"),
+               ("properties", "color"), ("properties", "isLocked"), ("nucleusGeometry",), ("type",)]
+    n = 0
+    for path in members:
+        for v in odd:
+            f = _feature_with(classification={"name": "T", "color": [1, 2, 3]}, measurements={"a": 1.0})
+            o = f
+            for k in path[:-1]:
+                o = o[k]
+            o[path[-1]] = v
+            n += 1
+            src = tmp_path / f"case{n}.geojson"
+            src.write_text(json.dumps(f))  # NaN / Infinity as Python's json writes them
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", sk.AnnotationWarning)
+                try:
+                    anns = read_annotations(src)
+                except sk.AnnotationError as e:
+                    assert src.name in str(e) and "\n" not in str(e), (path, v, str(e))
+                    continue
+                out = write_geojson(anns, tmp_path / f"out{n}.geojson")
+                assert len(read_annotations(out)) == len(anns)
+    assert n == len(members) * len(odd)
+
+
+def test_gzip_bomb_stops_at_the_limit(tmp_path: Path, monkeypatch) -> None:
+    import slidekit.annotations as A
+
+    bomb = tmp_path / "bomb.geojson.gz"
+    bomb.write_bytes(gzip.compress(b"[" + b" " * (8 << 20) + b"]"))  # 8 MiB inflating from ~8 KiB
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(A, "MAX_ANNOTATION_BYTES", 1 << 20)
+    with pytest.raises(sk.AnnotationError, match=r"bomb\.geojson\.gz: larger than 1 MiB once decompressed"):
+        read_annotations(bomb)
+    assert read_annotations(bomb, max_bytes=16 << 20) == []  # a deliberate, larger limit reads it
+
+
+def test_repairs_are_made_and_said(tmp_path: Path) -> None:
+    p = tmp_path / "fix.geojson"
+    hole_empty = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]], []]}
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": hole_empty, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": []}, "properties": {}},
+        {"type": "Feature", "geometry": _POLY, "properties": {"classification": {"name": "T", "color": [300, -5, 7]}}},
+    ]}))
+    with pytest.warns(sk.AnnotationWarning) as rec:
+        anns = read_annotations(p)
+    msg = " ".join(str(w.message) for w in rec)
+    assert "fix.geojson" in msg and "empty rings" in msg and "empty geometry dropped (feature 1)" in msg
+    assert "colours outside 0-255 clipped (feature 2)" in msg
+    assert len(anns) == 2 and anns[1].color == (255, 0, 7)
+    text = write_geojson(anns, tmp_path / "out.geojson").read_text()
+    assert "[]" not in text  # no empty ring written for QuPath to choke on
+    # ImageScope regions without vertices are dropped, with a word.
+    xml = tmp_path / "scope.xml"
+    xml.write_text('<Annotations><Annotation Name="Nuclei"><Regions><Region Id="1"><Vertices/></Region>'
+                   '<Region Id="2"><Vertices><Vertex X="0" Y="0"/><Vertex X="4" Y="0"/><Vertex X="4" Y="4"/>'
+                   '</Vertices></Region></Regions></Annotation></Annotations>')
+    with pytest.warns(sk.AnnotationWarning, match=r"scope\.xml: ImageScope regions without vertices dropped \(region 1\)"):
+        assert [a.name for a in read_annotations(xml)] == ["2"]
+
+
+def test_writing_refuses_or_repairs_and_names_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "w.geojson"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        nan_poly = Polygon([(0, 0), (float("nan"), 0), (10, 10)])
+    for bad, what in [(Annotation(nan_poly), "non-finite"), (Annotation(box(0, 0, 1, 1), label={"x": 1}), "class name"),
+                      (Annotation(box(0, 0, 1, 1), measurements={"a": "x"}), "measurement")]:
+        with pytest.raises(sk.AnnotationError) as e:
+            write_geojson([Annotation(box(0, 0, 1, 1)), bad], out)
+        assert "w.geojson" in str(e.value) and "object 1" in str(e.value) and what in str(e.value)
+        assert not out.exists()
+    odd = Annotation(box(0, 0, 1, 1), color=(256, 12, -1), extra={"score": float("nan"), "n": np.int64(3)})
+    with pytest.warns(sk.AnnotationWarning, match="w.geojson: .*colours outside 0-255 clipped.*non-finite"):
+        write_geojson([odd, Annotation(Polygon())], out)
+    (f,) = json.loads(out.read_text())["features"]
+    assert f["properties"]["color"] == [255, 12, 0] and f["properties"]["score"] is None and f["properties"]["n"] == 3
