@@ -132,6 +132,51 @@ def predicted_size_class(features: dict[str, float], threshold: float = 0.5) -> 
     return size_class(features.get(f"{_tag(threshold)}_max_diameter_um", 0.0))
 
 
+def annotation_features(annotations: Iterable[Any], slide_mpp: float | tuple[float, float],
+                        labels: Sequence[str | None] | None = None,
+                        exclude: Sequence[str | None] = ()) -> dict[str, float | str]:
+    """Lesion features of outlines drawn by hand (e.g. CAMELYON XML), in µm / µm²: ``n_regions``
+    (connected lesions), ``area_um2`` (their union), ``largest_area_um2``, ``max_diameter_um``
+    (largest Feret diameter of a lesion) and the CAMELYON17 ``size_class``.
+
+    Polygons are filled as QuPath and ASAP fill them, by the non-zero winding rule
+    (``slidekit.geometry``): a self-intersecting outline counts its overlapping loops once and
+    both lobes of a figure-eight, where ``Polygon.area`` would cancel them. ``labels`` keeps only
+    those classes (default: every polygon); ``exclude`` classes (e.g. CAMELYON's ``negative``)
+    are cut out of the lesions.
+    """
+    import shapely
+    from shapely.affinity import scale
+
+    from slidekit.geometry import filled_geometry
+
+    smx, smy = (slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp  # type: ignore[misc]
+    keep, cut = [], []
+    for a in annotations:
+        if a.geometry.geom_type not in ("Polygon", "MultiPolygon"):
+            continue
+        if a.label in exclude:
+            cut.append(filled_geometry(a.geometry))
+        elif labels is None or a.label in labels:
+            keep.append(filled_geometry(a.geometry))
+    region = shapely.union_all(keep) if keep else shapely.Polygon()
+    if cut and not region.is_empty:
+        region = region.difference(shapely.union_all(cut))
+    # Feret diameters and areas in µm: scale to µm first so anisotropic pixels are right.
+    region = scale(region, smx, smy, origin=(0, 0)) if not region.is_empty else region
+    parts = [g for g in shapely.get_parts(region) if g.area > 0]
+    diameters = []
+    for g in parts:
+        hull = np.asarray(g.convex_hull.exterior.coords if g.convex_hull.geom_type == "Polygon" else
+                          shapely.get_coordinates(g.convex_hull))
+        d = hull[:, None, :] - hull[None, :, :]
+        diameters.append(float(np.sqrt((d ** 2).sum(-1)).max()))
+    max_d = max(diameters, default=0.0)
+    return {"n_regions": float(len(parts)), "area_um2": float(region.area),
+            "largest_area_um2": max((float(g.area) for g in parts), default=0.0),
+            "max_diameter_um": max_d, "size_class": size_class(max_d)}
+
+
 def downsample(arr: Any, factor: int, band_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Block-reduce a 2-D array-like (numpy, zarr) by an integer ``factor``, band by band.
 
