@@ -1,6 +1,7 @@
 """The trainer protocol: typed configs, registry errors, metrics log, resume after interruption."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ def test_planted_state_payload_never_runs(tmp_path):
     out.mkdir()
     cfg = ToyConfig(epochs=2)
     # a folder that looks like this very run, interrupted: only state.pt was tampered with
-    (out / "config.json").write_text(json.dumps(trainers.runs.config_record(ToyTrainer(cfg))))
+    (out / "config.json").write_text(json.dumps({"trainer": "toy", **dataclasses.asdict(cfg)}))
     torch.save({"epoch": 1, "model": {}, "extra": _Payload(marker)}, out / "state.pt")
     with pytest.raises(CheckpointError) as err:
         ToyTrainer(cfg).fit(out)
