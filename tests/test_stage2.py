@@ -121,3 +121,19 @@ def test_morph_lgbm_reports_the_chance_loss():
     _, m = fit_morph_lgbm(X, ["negative"] * 9 + ["macro"] * 3, classes=("negative", "positive"), cv_folds=3)
     p = np.array([0.75, 0.25])
     assert m["chance_loss"] == pytest.approx(-(p * np.log(p)).sum())
+
+
+def test_morph_lgbm_follows_the_run_folder_rules(tmp_path):
+    """morph-lgbm into a folder holding another trainer's run is refused instead of overwriting it."""
+    import json
+
+    from slidekit.errors import TrainingError
+    from trainers.stage2 import MorphLGBMConfig, MorphLGBMTrainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"trainer": "scribble", "epochs": 3}))
+    (out / "metrics.json").write_text("[]")
+    with pytest.raises(TrainingError, match="holds a 'scribble' run, not 'morph-lgbm'"):
+        MorphLGBMTrainer(MorphLGBMConfig(slides=str(tmp_path / "t.csv"))).fit(out)
+    assert (out / "metrics.json").read_text() == "[]"

@@ -79,7 +79,8 @@ def begin_run(trainer: Any, out_dir: str | os.PathLike, length: int) -> str:
             raise TrainingError(f"holds a {trainer.name!r} run with other options ({'; '.join(diffs[:4])}"
                                 f"{'; ...' if len(diffs) > 4 else ''}); {RESTART_HINT}", out)
     done = _read_json(done_path) if done_path.exists() else None
-    if done is not None and (out / "checkpoint.pt").exists():
+    if done is not None and (out / str(done.get("checkpoint", "checkpoint.pt") if isinstance(done, dict)
+                                       else "checkpoint.pt")).exists():
         trained = int(done.get("epochs", -1)) if isinstance(done, dict) else -1
         if trained == length:
             return "finished"

@@ -30,6 +30,7 @@ from slidekit.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, 
 from slidekit.io import write_text_atomic
 from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
                            run_epochs, seed_everything)
+from trainers.runs import begin_run
 
 POSITIVE_WORDS = {"positive", "tumor", "tumour", "1", "true"}
 NEGATIVE_WORDS = {"negative", "normal", "0", "false"}
@@ -273,13 +274,17 @@ class MorphLGBMTrainer(Trainer):
     name = "morph-lgbm"
     consumes = frozenset({"slide_labels"})
     Config = MorphLGBMConfig
+    rerun_free_options = frozenset({"epochs", "batch_size", "lr"})  # not used by LightGBM
+    outputs = ("morph_lgbm.json",)
 
     def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
         c = self.config
         if not c.slides:
             raise ConfigError("morph-lgbm needs 'slides' (a CSV with slide,label,heatmap columns)")
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        # the run-folder rules of every trainer (trainers/runs.py); one fit counts as one epoch
+        if begin_run(self, out, 1) == "finished" and (out / "morph_lgbm.json").exists():
+            return out / "morph_lgbm.json"
         records = read_slide_table(c.slides)
         missing = [str(r.slide) for r in records if r.heatmap is None]
         if missing:
@@ -288,7 +293,10 @@ class MorphLGBMTrainer(Trainer):
         clf, metrics = fit_morph_lgbm(rows, [r.label for r in records], feature_names(c.thresholds), c.seed,
                                       c.n_estimators, c.num_leaves, c.learning_rate, c.min_child_samples, c.cv_folds)
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-        return clf.save(out / "morph_lgbm.json")
+        path = clf.save(out / "morph_lgbm.json")
+        write_text_atomic(out / "done.json", json.dumps({"trainer": self.name, "epochs": 1,
+                                                         "checkpoint": path.name}, indent=2))
+        return path
 
 
 # -------------------------------------------------------------------------------------- topk-mean
