@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 import cv2
 import numpy as np
 import shapely
-from shapely.geometry import LineString, MultiPolygon, Polygon, box as shapely_box
+from shapely.geometry import LineString, Polygon, box as shapely_box
 from shapely.geometry.base import BaseGeometry
 
 from slidekit.errors import AnnotationError, AnnotationWarning
