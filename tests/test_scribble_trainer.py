@@ -290,3 +290,28 @@ def test_predict_images_accepts_numpy_hwc_as_read_region_returns(tmp_path, one_t
         assert torch.allclose(out[0], ref, atol=1e-6)
     with pytest.raises(ConfigError, match="dtype"):
         predict_images(model, spec, [img.astype(np.float32) / 255])
+
+
+def test_cli_rerun_continues_refuses_and_restarts(tmp_path, one_torch_thread):
+    """Issue 13: `--set epochs=N` on a finished run trains on to N; a changed lr is refused; --restart."""
+    from click.testing import CliRunner
+
+    from slidekit.cli import main
+    from slidekit.models import read_checkpoint
+
+    root = make_nuclei_folder(tmp_path / "d", n_images=1, size=48)
+    base = ["train", "scribble", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet",
+            "--set", f"data={root}", "--set", "crop=32", "--set", "batch_size=4", "--set", "samples_per_image=4"]
+    run = CliRunner().invoke
+    assert run(main, base + ["--set", "epochs=1"]).exit_code == 0
+    res = run(main, base + ["--set", "epochs=2"])
+    assert res.exit_code == 0, res.output
+    assert "continuing a finished 1-epoch scribble run to 2 epochs" in res.output
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["extra"]["epoch"] == 2
+    res = run(main, base + ["--set", "epochs=2", "--set", "lr=0.01"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "lr: 0.001 -> 0.01" in res.output and "--restart" in res.output
+    res = run(main, base + ["--set", "epochs=1", "--set", "lr=0.01", "--restart"])
+    assert res.exit_code == 0, res.output
+    ck = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ck["extra"]["epoch"] == 1 and ck["spec"]["trainer_config"]["lr"] == 0.01
