@@ -508,6 +508,9 @@ class Slide:
 
     def close(self) -> None:
         """Release the backend handle (a later read reopens it)."""
+        for st in getattr(self, "_stored", {}).values():
+            if st is not None:
+                st.close()
         if self._handle is not None:
             self._handle.close()
             self._handle = None

@@ -185,6 +185,14 @@ class StoredTiles:
         d["_local"], d["verified"] = {}, set()
         return d
 
+    def close(self) -> None:
+        """Close this process's file handles (a later read reopens them)."""
+        state = self._local.pop(os.getpid(), None)
+        self._local = {}
+        if state is not None:
+            state[0].close()
+            os.close(state[3])
+
     def index(self, col: int, row: int) -> int:
         return row * self.across + col
 
