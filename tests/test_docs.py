@@ -11,7 +11,8 @@ Which blocks run, and how:
 - ```yaml blocks must parse. A yaml block whose first line is a comment naming a file
   (``# nuclei.yaml`` or ``# nuclei.yaml: what it is``) is a config file the docs refer to: it is
   written under that name into the folder before the following blocks run. This is the one
-  convention for showing config files in the docs.
+  convention for showing config files in the docs. When the page runs ``slidekit train T --config
+  NAME`` (in any block, run or not), the file must also load as trainer T's config.
 - Untagged blocks (diagrams, file layouts, sample output) are text and are not run.
 - Every block is its own test, with the id ``FILE:LINE``. Blocks of a file depend on the earlier
   ones (files they wrote, names they defined), so a test first runs any earlier block of its file
@@ -237,6 +238,7 @@ class DocRun:
                 target = self.workdir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
+                check_config_file(self.path, name, target)
         elif block.lang == "python":
             cwd = os.getcwd()
             os.chdir(self.workdir)
@@ -264,6 +266,17 @@ class DocRun:
             pytest.fail(f"{block.id}: exit {proc.returncode}\n--- script\n{script}\n--- stdout\n"
                         f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}", pytrace=False)
         return proc.stdout + proc.stderr
+
+
+def check_config_file(doc: Path, name: str, path: Path) -> None:
+    """A config file that the page trains with (``slidekit train T --config NAME``, in any block,
+    run or not) must load as trainer T's config: no unknown keys, every value valid."""
+    import trainers
+
+    used = re.findall(r"slidekit train ([\w-]+)\b[^\n]*--config\s+" + re.escape(name) + r"\b",
+                      doc.read_text(encoding="utf-8"))
+    for trainer in sorted(set(used)):
+        trainers.load_config(trainers.get(trainer).Config, path, [])
 
 
 def console_commands(text: str) -> list[tuple[str, list[str]]]:
@@ -357,6 +370,18 @@ def test_console_output_is_checked() -> None:
     check_shown_output("a   b\n", ["a b", "..."], "echo", blk)
     with pytest.raises(pytest.fail.Exception):
         check_shown_output("a c\n", ["a b"], "echo", blk)
+
+
+def test_config_file_is_checked_against_its_trainer(tmp_path: Path) -> None:
+    from slidekit.errors import ConfigError
+
+    doc = tmp_path / "p.md"
+    doc.write_text("```\nslidekit train scribble --config a.yaml --out runs/a\n```\n")
+    (tmp_path / "a.yaml").write_text("epochs: 2\ncrop: 64\n")
+    check_config_file(doc, "a.yaml", tmp_path / "a.yaml")
+    (tmp_path / "a.yaml").write_text("epochs: 2\ncrops: 64\n")   # a misspelt key
+    with pytest.raises(ConfigError):
+        check_config_file(doc, "a.yaml", tmp_path / "a.yaml")
 
 
 if __name__ == "__main__":  # list the blocks: python tests/test_docs.py
