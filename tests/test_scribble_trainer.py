@@ -246,8 +246,7 @@ def _scribble_geojson(path: Path, labels: list[str]) -> Path:
 
 def test_config_class_matching_no_annotation_is_an_error(tmp_path):
     from conftest import synthetic_slide
-    from slidekit.errors import LabelError
-    from slidekit.errors import TrainingWarning
+    from slidekit.errors import LabelError, TrainingWarning
 
     slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(512, 256, 400, 400))
     geo = _scribble_geojson(tmp_path / "s.geojson", ["Background", "Tumor", "Stroma"])
