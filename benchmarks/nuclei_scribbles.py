@@ -1,9 +1,10 @@
 """Scribble-supervised nuclei segmentation on MoNuSeg-style folders (the S2L paper's Table 2).
 
-    python benchmarks/nuclei_scribbles.py --data DIR [--eval-data DIR] --method {full,pce,s2l} \\
+    python benchmarks/nuclei_scribbles.py [--data DIR] [--eval-data DIR] --method {full,pce,s2l} \\
         --fraction 0.3 --seed 0 --json OUT.json
 
-Trains on every image in ``--data`` (``images/*.png`` + ``masks_instance/*.png``), generating the
+Trains on every image in ``--data`` (``images/*.png`` + ``masks_instance/*.png``; default: ``nuclei_monuseg``
+in the real-data folder, ``$SLIDEKIT_DATA`` or ``../shared/data``), generating the
 scribbles itself from the instance masks at ``--fraction`` (``slidekit.scribbles``); ``full``
 trains on the whole masks. Evaluates on ``--eval-data`` (same layout), or, without it, on a fixed
 seeded third of ``--data`` (training then uses the other two thirds). Prints and writes
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slidekit.data import list_images, load_image_folder  # noqa: E402
+from slidekit.datapaths import data_dir, data_missing_reason  # noqa: E402
 from slidekit.io import write_text_atomic  # noqa: E402
 from slidekit.models import load_checkpoint  # noqa: E402
 from slidekit.scribbles import IGNORE, generate_scribbles, segmentation_scores  # noqa: E402
@@ -88,7 +90,9 @@ def evaluate(ckpt_path: Path, data: Path, names: list[str], scale: float) -> dic
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a MoNuSeg-style folder, or the real-data folder holding nuclei_monuseg/ "
+                         "(default: $SLIDEKIT_DATA, else ../shared/data)")
     ap.add_argument("--eval-data", type=Path, default=None)
     ap.add_argument("--method", required=True, choices=sorted(METHODS))
     ap.add_argument("--fraction", type=float, default=0.3)
@@ -109,6 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the training folder and run here")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.data is None or not (args.data / "images").is_dir():
+        reason = data_missing_reason(args.data)
+        if reason is not None:
+            ap.error(reason)
+        args.data = data_dir(args.data) / "nuclei_monuseg"
+        if not (args.data / "images").is_dir():
+            ap.error(f"no MoNuSeg-style folder (images/, masks_instance/) at {args.data}")
     torch.set_num_threads(args.threads)
 
     import trainers

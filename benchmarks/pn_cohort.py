@@ -1,9 +1,9 @@
 """pN-staging benchmark on a composite cohort of real tissue: mixed-supervision EM vs pixel labels only.
 
-    python benchmarks/pn_cohort.py --seed 0 --json OUT.json
+    python benchmarks/pn_cohort.py --seed 0 --json OUT.json [--data DIR]
 
 No public CAMELYON slides are reachable here, so the cohort is composed from the real tissue in
-``../shared/data``:
+the real-data folder (``--data``, else ``$SLIDEKIT_DATA``, else ``../shared/data``):
 
 - normal tissue: a mosaic of tissue blocks from the two SVS slides (CMU-1 heart, TCGA-CR-7395);
 - lymphoid follicles (NCT-CRC-HE lymphocyte tile), the classic false positive in lymph nodes:
@@ -37,7 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data"
+from slidekit.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
+
+DATA = Path()  # the real-data folder; set by main() from --data / $SLIDEKIT_DATA / ../shared/data
 
 SLIDE_MPP = 4.0           # level 0 of the composite slides
 MODEL_MPP = 8.0
@@ -310,7 +312,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads (default: 2 on an idle 2-core machine, 1 when the cores are busy: "
                          "oversubscribed torch threads slow down several-fold)")
     ap.add_argument("--small", action="store_true", help="A tiny cohort (smoke test).")
+    add_data_argument(ap)
     args = ap.parse_args(argv)
+    global DATA
+    reason = data_missing_reason(args.data)
+    if reason is not None:
+        ap.error(reason)
+    DATA = data_dir(args.data)
 
     import tempfile
 

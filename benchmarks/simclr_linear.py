@@ -1,6 +1,6 @@
 """SimCLR vs random initialisation, judged by linear evaluation on real TCGA LUAD/LUSC tiles.
 
-    python benchmarks/simclr_linear.py --tiles DIR --init {random,simclr} --seed 0 --json OUT.json
+    python benchmarks/simclr_linear.py [--tiles DIR] [--data DIR] --init {random,simclr} --seed 0 --json OUT.json
 
 ``DIR`` holds a zip of tiles and ``labels.csv`` (``path_in_zip,split,label``), like
 ``../shared/data/patches_tcga_luadlusc_uni``. With ``--init simclr`` the encoder (ResNet-18) is
@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from slidekit.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 
 TILE_MPP = 0.5  # assumed pixel size of the archive's 256 px tiles
 
@@ -100,7 +101,9 @@ def recalibrate_bn(model, sources: list[dict], mpp: float, tile_size: int, crop_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiles", required=True, type=Path)
+    ap.add_argument("--tiles", type=Path, default=None,
+                    help="tile folder (default: patches_tcga_luadlusc_uni in the real-data folder)")
+    add_data_argument(ap)
     ap.add_argument("--init", required=True, choices=["random", "simclr"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", required=True, type=Path)
@@ -119,6 +122,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    # the extra unlabelled sources come from the real-data folder: --data, else the parent of an
+    # explicit --tiles, else $SLIDEKIT_DATA / ../shared/data
+    shared = args.tiles.resolve().parent if args.tiles is not None and args.data is None else data_dir(args.data)
+    if args.tiles is None:
+        reason = data_missing_reason(args.data)
+        if reason is not None:
+            ap.error(reason)
+        args.tiles = data_dir(args.data) / "patches_tcga_luadlusc_uni"
 
     import torch
 
@@ -141,7 +152,7 @@ def main() -> None:
     sources = [{"zip": str(zpath), "members": [r["path_in_zip"] for r in train], "image_mpp": TILE_MPP,
                 "name": "train tiles (labels unused)", "weight": 1.0}]
     if not args.no_extra:
-        sources += extra_sources(args.tiles.resolve().parent, TILE_MPP)
+        sources += extra_sources(shared, TILE_MPP)
     if args.init == "simclr":
         cfg = SimCLRConfig(sources=sources, mpp=mpp, tile_size=args.tile_size, crop_size=args.crop_size,
                            cap=None, epochs=1, steps_per_epoch=args.steps, batch_size=args.batch_size,

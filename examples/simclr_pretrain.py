@@ -1,10 +1,11 @@
 """SimCLR end to end on a laptop CPU: pre-train an encoder on unlabelled patches, embed a slide,
 cluster its tiles for QuPath, and hand the encoder to another network.
 
-    python examples/simclr_pretrain.py [--out simclr_example] [--steps 60]
+    python examples/simclr_pretrain.py [--out simclr_example] [--steps 60] [--data DIR]
 
-Patches come from the embedded demo slide (always there) plus, when ``../shared/data`` exists
-beside the checkout, the small real H&E slides and the MoNuSeg images: a few patches from each
+Patches come from the embedded demo slide (always there) plus, when the real-data folder exists
+(``--data``, else ``$SLIDEKIT_DATA``, else ``../shared/data`` beside the checkout), the small real
+H&E slides and the MoNuSeg images: a few patches from each
 source, balanced per batch. A real run would use many slides and many more steps (see
 docs/trainers/simclr.md); this one takes a few minutes.
 """
@@ -14,15 +15,18 @@ import argparse
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from slidekit.datapaths import add_data_argument, data_dir, data_missing_reason
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("simclr_example"))
     ap.add_argument("--steps", type=int, default=60)
+    add_data_argument(ap)
     args = ap.parse_args()
+    shared = data_dir(args.data)
+    if data_missing_reason(args.data) is not None:
+        print(f"{data_missing_reason(args.data)}: pre-training on the demo slide only")
 
     import torch
 
@@ -39,10 +43,10 @@ def main() -> None:
 
     # 1. Sources: the demo slide, plus real H&E when the shared data is there (capped per slide).
     sources = [{"slides": [str(demo)], "cap": 64, "min_tissue": 0.3}]
-    if (SHARED / "wsi").is_dir():
-        sources.append({"slides": [str(SHARED / "wsi" / "CMU-1-Small-Region.svs")], "cap": 64})
-    if (SHARED / "nuclei_monuseg" / "images").is_dir():
-        sources.append({"folder": str(SHARED / "nuclei_monuseg" / "images"), "image_mpp": 0.25, "cap": 4,
+    if (shared / "wsi").is_dir():
+        sources.append({"slides": [str(shared / "wsi" / "CMU-1-Small-Region.svs")], "cap": 64})
+    if (shared / "nuclei_monuseg" / "images").is_dir():
+        sources.append({"folder": str(shared / "nuclei_monuseg" / "images"), "image_mpp": 0.25, "cap": 4,
                         "weight": 0.5})
 
     # 2. Pre-train. The same run from the shell: `slidekit train simclr --config cfg.yaml --out DIR`.
