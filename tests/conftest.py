@@ -46,8 +46,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for rep in terminalreporter.stats.get("skipped", []):
         longrepr = getattr(rep, "longrepr", None)
         reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
-        if REAL_DATA_SKIP in reason:
-            reasons[reason.removeprefix("Skipped: ")] += 1
+        if REAL_DATA_SKIP in reason:  # grouped by the reason proper, without any " — detail"
+            reasons[reason.removeprefix("Skipped: ").split(" — ")[0]] += 1
     for reason, n in reasons.items():
         terminalreporter.write_line(f"real data: {n} test{'s' if n != 1 else ''} skipped: {reason}",
                                     yellow=True)

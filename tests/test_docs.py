@@ -45,14 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Placeholders in the docs and what the test uses for them. A placeholder is replaced where it stands
 # as a whole path (not inside a longer name). Each maps to a file under the real-data folder
 # ($SLIDEKIT_DATA, else ../shared/data) and, where any slide will do, to a fallback written by the
-# test when the real data is absent: "demo" is the embedded demo slide (real IHC tissue). A block
+# test when the real data is absent (see _fallback; "demo" is the embedded demo slide). A block
 # whose placeholder has no fallback is skipped without the real data (counted in the summary as a
 # real-data skip), and so are the later blocks of its file, which may depend on it.
 SUBSTITUTIONS: dict[str, tuple[str, str | None]] = {
     "slide.svs": ("wsi/CMU-1-Small-Region.svs", "demo"),          # any small slide
     "a.svs": ("wsi/CMU-1-Small-Region.svs", "demo"),              # two different slides
     "b.svs": ("wsi/OS-2-vsi.ome.tif", "demo-copy"),
-    "no_mpp.svs": ("wsi/TCGA-CR-7395-01A-01-TS1.svs", None),      # a real slide without MPP
+    "no_mpp.svs": ("wsi/TCGA-CR-7395-01A-01-TS1.svs", "demo-no-mpp"),   # a slide without MPP
     "export.geojson": ("qupath_geojson/03012023_JN.geojson", None),   # a real QuPath export
     "tumor_036.xml": ("camelyon/asap_xml/tumor_036.xml", None),   # a real CAMELYON16 ASAP file
     "../shared/data": ("", None),                                 # the data folder itself
@@ -148,11 +148,18 @@ def _params() -> list:
 # --- placeholders ----------------------------------------------------------------------------------
 
 def _fallback(kind: str, cache: Path) -> Path:
-    from slidekit.demo import write_demo_slide
+    """"demo": the demo slide; "demo-copy": a second one (another file name); "demo-no-mpp": its
+    pixels as a one-level tiled TIFF without resolution tags, i.e. without an MPP."""
+    import tifffile
 
-    path = cache / ("demo.tif" if kind == "demo" else "demo_copy.tif")
+    from slidekit.demo import demo_image, write_demo_slide
+
+    path = cache / f"{kind}.tif"
     if not path.exists():
-        write_demo_slide(path)
+        if kind == "demo-no-mpp":
+            tifffile.imwrite(path, demo_image()[0], tile=(256, 256), compression="jpeg", photometric="rgb")
+        else:
+            write_demo_slide(path)
     return path
 
 
@@ -209,7 +216,7 @@ class DocRun:
         for j in range(index):
             res = self.results.get(j, "")
             if res.startswith("skipped: "):
-                pytest.skip(f"{res[len('skipped: '):]} (needed by the earlier block {self.blocks[j].id})")
+                pytest.skip(f"{res[len('skipped: '):]} — needed by the earlier block {self.blocks[j].id}")
             if res.startswith("failed"):
                 pytest.fail(f"the earlier block {self.blocks[j].id} of this file failed", pytrace=False)
         self.results[index] = "failed"
