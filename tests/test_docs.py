@@ -55,6 +55,7 @@ SUBSTITUTIONS: dict[str, tuple[str, str | None]] = {
     "no_mpp.svs": ("wsi/TCGA-CR-7395-01A-01-TS1.svs", "demo-no-mpp"),   # a slide without MPP
     "export.geojson": ("qupath_geojson/03012023_JN.geojson", None),   # a real QuPath export
     "tumor_036.xml": ("camelyon/asap_xml/tumor_036.xml", None),   # a real CAMELYON16 ASAP file
+    "stage_labels.csv": ("camelyon/stage_labels.csv", None),      # the CAMELYON17 node labels
     "../shared/data": ("", None),                                 # the data folder itself
 }
 
