@@ -35,7 +35,7 @@ class Ledger:
         rec = {"time": round(time.time(), 3), "host": socket.gethostname(), "pid": os.getpid(), **record}
         line = (json.dumps(rec, default=str, ensure_ascii=False) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if _ends_torn(fd):
                 line = b"\n" + line

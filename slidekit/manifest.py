@@ -42,12 +42,40 @@ def _is_slide_file(p: Path) -> bool:
     return p.is_file() and not name.startswith(".") and name.endswith(SLIDE_SUFFIXES)
 
 
-def _expand(item: str | os.PathLike) -> list[dict]:
+def _heatmap_folder(p: Path) -> Path | None:
+    """The folder of a heatmap (``X/heatmap.zarr`` -> ``X``), or None when ``p`` holds none."""
+    if p.name == "heatmap.zarr" and p.is_dir():
+        return p.parent
+    return p if (p / "heatmap.zarr").is_dir() else None
+
+
+def _expand_heatmaps(p: Path, text: str) -> list[dict]:
+    """Heatmap inputs: a heatmap folder, or a cohort OUT whose subfolders hold heatmaps."""
+    if glob.has_magic(text):
+        found = [_heatmap_folder(Path(q)) for q in sorted(glob.glob(text, recursive=True))]
+        found = [q for q in found if q is not None]
+        if not found:
+            raise ManifestError("the pattern matches no heatmap folder", text)
+        return [{"slide": q} for q in found]
+    own = _heatmap_folder(p)
+    if own is not None:
+        return [{"slide": own}]
+    if p.is_dir():
+        found = sorted(q for q in p.iterdir() if q.is_dir() and _heatmap_folder(q) is not None)
+        if not found:
+            raise ManifestError("holds no heatmap.zarr, nor subfolders with one", p)
+        return [{"slide": q} for q in found]
+    return [{"slide": p}]
+
+
+def _expand(item: str | os.PathLike, kind: str = "slides") -> list[dict]:
     """One CLI/API item -> manifest rows ({'slide': Path, ...})."""
     text = str(item)
     p = Path(text)
     if p.suffix.lower() == ".csv" and p.is_file():
         return read_manifest(p)
+    if kind == "heatmaps":
+        return _expand_heatmaps(p, text)
     if p.is_dir():
         found = sorted(q for q in p.iterdir() if _is_slide_file(q))
         if not found:
@@ -135,13 +163,17 @@ def _safe(name: str) -> str:
     return s
 
 
-def read_slides(items: str | os.PathLike | Iterable[str | os.PathLike]) -> list[CohortSlide]:
-    """Slides of a cohort from paths, folders, globs and manifest CSVs (see module docstring)."""
+def read_slides(items: str | os.PathLike | Iterable[str | os.PathLike], kind: str = "slides") -> list[CohortSlide]:
+    """Slides of a cohort from paths, folders, globs and manifest CSVs (see module docstring).
+
+    ``kind="heatmaps"``: the inputs are heatmap folders (``slidekit heatmap`` outputs) instead of slides;
+    a folder whose subfolders hold heatmaps (a heatmap cohort's OUT) gives each of them.
+    """
     if isinstance(items, (str, os.PathLike)):
         items = [items]
     rows: list[dict] = []
     for item in items:
-        rows += _expand(item)
+        rows += _expand(item, kind)
     if not rows:
         raise ManifestError("no slides given")
     seen: dict[str, int] = {}

@@ -77,7 +77,7 @@ def test_embed_refuses_to_delete_an_existing_folder(tmp_path):
     from slidekit.embed import embed_slide
     from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
 
-    slide = synthetic_slide(tmp_path / "s.tif", width=512, height=512, tissue_box=(128, 128, 256, 256))
+    slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384))
     spec = ModelSpec(arch="resnet-encoder", task="embedding", classes=[], patch_size=32, mpp=2.0,
                      mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", trainer="simclr")
     model = save_checkpoint(tmp_path / "enc.pt", ResNetClassifier("resnet18", 0), spec)

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
+from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
 from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_option, handle_errors,
                                  mpp_override_option, quiet_flag)
 
 
 @click.command("heatmap")
-@click.argument("slides", nargs=-1, type=click.Path(dir_okay=False, path_type=str))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=str))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Output directory (one subdirectory per slide when several are given).")
+              help="Output directory (one subdirectory per slide, OUT/<slide id>/, for a cohort).")
 @click.option("--model", default=None, metavar="NAME|CKPT",
               help="Built-in model (hematoxylin, tissue) or a slidekit checkpoint. [default: hematoxylin]")
 @click.option("--demo", is_flag=True, help="Run on the embedded demo slide (written to OUT/demo.tif).")
@@ -43,16 +44,19 @@ from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_optio
               help="Skip damaged (undecodable) tiles with a warning and list them in summary.json "
                    "(bad_tiles) instead of failing the slide.")
 @click.option("--quiet", "-q", "quiet_local", is_flag=True, help="No progress bars.")
+@cohort_options
 @click.pass_context
 @handle_errors
 def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: str | None, demo: bool,
                 mpp: float | None, size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
                 batch_size: int, workers: int, device: str, threshold: float, min_area_um2: float,
                 min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, override_mpp: float | None,
-                skip_bad_tiles: bool, quiet_local: bool) -> None:
+                skip_bad_tiles: bool, quiet_local: bool, **cohort: object) -> None:
     """Predict a model over the tissue of each SLIDE and write a heatmap, an overlay and QuPath GeoJSON.
 
-    Reruns skip finished slides (those with summary.json) and resume interrupted ones.
+    SLIDES: slide files, folders, globs or manifest CSVs. One slide writes into OUT; a cohort
+    writes OUT/<slide id>/ per slide plus OUT/cohort.csv (see docs/cohorts.md).
+    Reruns skip finished slides and resume interrupted ones.
     """
     from slidekit.builtin_models import DEFAULT_MODEL
     from slidekit.inference import heatmap_slide, load_model, resolve_device
@@ -60,10 +64,9 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     quiet = quiet_local or quiet_flag(ctx)
     out_dir = Path(out)
     paths = list(slides)
-    if not paths and not demo:
+    if not paths and not demo and not cohort.get("manifest"):
         fail("give at least one SLIDE, or --demo")
     resolve_device(device)
-    loaded = load_model(model or DEFAULT_MODEL)
     if demo:
         from slidekit.demo import write_demo_slide
 
@@ -71,29 +74,21 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
         if not demo_path.exists():
             write_demo_slide(demo_path)
         paths.append(str(demo_path))
-    failures = 0
-    for path in paths:
-        target = out_dir if len(paths) == 1 else out_dir / Path(path).stem
-        try:
-            s = heatmap_slide(path, target, loaded=loaded, mpp=mpp, size=size, overlap=overlap,
-                              heatmap_mpp=heatmap_mpp, blend=blend, batch_size=batch_size, workers=workers,
-                              device=device, threshold=threshold, min_area_um2=min_area_um2,
-                              min_tissue=min_tissue, tiles_geojson=tiles_geojson, slide_mpp=slide_mpp,
-                              override_mpp=override_mpp, on_bad_tile="skip" if skip_bad_tiles else "raise",
-                              progress=not quiet)
-        except Exception as e:
-            from slidekit.errors import SlidekitError
-
-            if len(paths) == 1 or not isinstance(e, SlidekitError):
-                raise
-            failures += 1
-            click.echo(f"slidekit: error: {e}", err=True)
-            continue
-        if not quiet:
-            state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
-            click.echo(f"{Path(path).name}: {s['tiles']} tiles, {s['regions']} regions -> {target} [{state}]")
-    if failures:
-        fail(f"{failures} of {len(paths)} slides failed; the others are complete", 1)
+    options = dict(model=model, mpp=mpp, size=size, overlap=overlap, heatmap_mpp=heatmap_mpp, blend=blend,
+                   batch_size=batch_size, workers=workers, device=device, threshold=threshold,
+                   min_area_um2=min_area_um2, min_tissue=min_tissue, tiles_geojson=tiles_geojson,
+                   slide_mpp=slide_mpp, override_mpp=override_mpp,
+                   on_bad_tile="skip" if skip_bad_tiles else "raise")
+    if is_cohort(ctx, paths, cohort.get("manifest") or ()):
+        if ctx.get_parameter_source("workers") != click.core.ParameterSource.COMMANDLINE:
+            options["workers"] = 0  # each slide worker reads its own tiles; more processes oversubscribe
+        run_cohort_cli(ctx, "heatmap", paths, out, quiet, options)
+        return
+    options.pop("model")
+    s = heatmap_slide(paths[0], out_dir, loaded=load_model(model or DEFAULT_MODEL), progress=not quiet, **options)
+    if not quiet:
+        state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
+        click.echo(f"{Path(paths[0]).name}: {s['tiles']} tiles, {s['regions']} regions -> {out_dir} [{state}]")
 
 
 @click.command("convert")

@@ -1,0 +1,68 @@
+"""Cohort options shared by every per-slide command (heatmap, embed, tissue, tile, features), and
+the one call that runs such a command over a cohort (``slidekit.cohort.run_cohort``)."""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from slidekit.cli.common import fail
+
+COHORT_PARAMS = ("manifest", "engine", "jobs", "gpus", "shard", "ray_address", "retry_failed")
+
+
+def cohort_options(func: Callable) -> Callable:
+    """Add --manifest, --engine, --jobs, --gpus, --shard, --ray-address and --retry-failed."""
+    options = [
+        click.option("--manifest", "manifest", multiple=True, type=click.Path(dir_okay=False, path_type=str),
+                     help="Cohort manifest CSV: a 'slide' column, optional 'id' and 'slide_mpp' (repeatable)."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Cohort engine: worker processes on this machine, or Ray tasks."),
+        click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Slides processed at once (local worker processes, or Ray CPUs of a local runtime)."),
+        click.option("--gpus", default=None, metavar="0,1,...",
+                     help="One worker per listed GPU, each seeing only its GPU."),
+        click.option("--shard", default=None, metavar="i/N",
+                     help="Process only the i-th of N parts of the cohort (Slurm arrays: $SLURM_ARRAY_TASK_ID/N)."),
+        click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="Ray cluster to join (--engine ray); default: start a local Ray runtime."),
+        click.option("--retry-failed", is_flag=True, help="Run slides that failed in an earlier run again."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+    return func
+
+
+def is_cohort(ctx: click.Context, items: list[str], manifest: tuple[str, ...]) -> bool:
+    """Cohort mode: several inputs, a folder, glob or manifest, or any cohort option given."""
+    explicit = any(ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
+                   for p in COHORT_PARAMS if p in ctx.params)
+    many = len(items) > 1 or any(Path(i).is_dir() or glob.has_magic(i) or i.lower().endswith(".csv")
+                                 for i in items)
+    return bool(manifest) or explicit or many
+
+
+def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, quiet: bool,
+                   options: dict[str, Any]) -> None:
+    """Run ``task`` over the cohort; print the summary line; exit 1 when any slide failed."""
+    from slidekit.cohort import run_cohort
+
+    p = ctx.params
+    table = run_cohort(task, list(items) + list(p.get("manifest") or ()), out, engine=p["engine"], jobs=p["jobs"],
+                       gpus=p["gpus"], shard=p["shard"], ray_address=p["ray_address"],
+                       retry_failed=p["retry_failed"], progress=not quiet, debug=_debug(ctx), **options)
+    for row in table:
+        if row["status"] == "failed" and not quiet:
+            click.echo(f"slidekit: failed: {row['id']}: {row['error']}", err=True)
+    click.echo(table.summary())
+    if table.failed:
+        fail(f"{table.failed} of {len(table)} slides failed; see {table.csv}", 1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    from slidekit.cli.common import Context
+
+    obj = ctx.find_object(Context)
+    return bool(obj and obj.debug)
