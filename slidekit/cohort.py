@@ -38,8 +38,19 @@ MAX_WORKER_DEATHS = 2
 
 def config_key(task: str, options: dict) -> str:
     """Identity of what a task writes: the task and its result-affecting options."""
-    cfg = {k: v for k, v in options.items() if k not in _RUNTIME_OPTIONS}
+    cfg = {k: _file_identity(v) for k, v in options.items() if k not in _RUNTIME_OPTIONS}
     return hashlib.sha1(json.dumps([task, cfg], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_identity(value: Any) -> Any:
+    """A file option (a checkpoint) stands for its contents: path, size and mtime, so a model
+    retrained in place is a new configuration."""
+    if isinstance(value, (str, os.PathLike)) and len(str(value)) < 4096:
+        p = Path(value)
+        if p.is_file():
+            st = p.stat()
+            return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return value
 
 
 # -- the per-slide unit of work (runs in a worker process: local pool or Ray) ----------------------
@@ -143,7 +154,7 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     out = Path(out)
     everyone = list(slides) if _are_cohort_slides(slides) else read_slides(slides, kind=TASKS[task].inputs)
     mine = take_shard(everyone, shard)
-    key = config_key(task, options)
+    key = config_key(task, TASKS[task].effective_options(options))
     ledger = Ledger(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -18,8 +18,25 @@ class CohortTask:
     name: str
     setup: Callable[[dict], Any]
     run: Callable[[Any, CohortSlide, Path, dict, bool], dict]
+    api: str  # "module:function" of the single-slide call, whose defaults complete the options
     inputs: str = "slides"  # "heatmaps" for tasks that read heatmap folders instead of slides
-    uses_model: bool = False
+
+    def effective_options(self, options: dict) -> dict:
+        """The options with the API's defaults filled in (None means "the default", as on the CLI),
+        so the API and the CLI asking for the same thing get the same configuration key."""
+        import importlib
+        import inspect
+
+        module, func = self.api.split(":")
+        params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+        eff = {k: p.default for k, p in params.items()
+               if k in options or (p.default is not inspect.Parameter.empty and k not in _NOT_OPTIONS)}
+        eff.update({k: v for k, v in options.items() if v is not None})
+        return eff
+
+
+# Parameters of the API calls that are not options a user sets (the cohort runner sets them).
+_NOT_OPTIONS = frozenset({"out", "out_dir", "progress", "loaded", "chunk", "heatmaps", "slide_path", "model_path"})
 
 
 def _nothing(options: dict) -> None:
@@ -81,9 +98,9 @@ def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress
 
 
 TASKS: dict[str, CohortTask] = {t.name: t for t in (
-    CohortTask("heatmap", _heatmap_setup, _heatmap_run, uses_model=True),
-    CohortTask("embed", _nothing, _embed_run, uses_model=True),
-    CohortTask("tissue", _nothing, _tissue_run),
-    CohortTask("tile", _nothing, _tile_run),
-    CohortTask("features", _nothing, _features_run, inputs="heatmaps"),
+    CohortTask("heatmap", _heatmap_setup, _heatmap_run, "slidekit.inference:heatmap_slide"),
+    CohortTask("embed", _nothing, _embed_run, "slidekit.embed:embed_slide"),
+    CohortTask("tissue", _nothing, _tissue_run, "slidekit.tissue:save_tissue"),
+    CohortTask("tile", _nothing, _tile_run, "slidekit.tiling:make_grid"),
+    CohortTask("features", _nothing, _features_run, "slidekit.features:features_table", inputs="heatmaps"),
 )}

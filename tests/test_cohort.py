@@ -1,0 +1,250 @@
+"""Cohorts: manifests, the ledger, reruns, bad slides among good ones, killed workers, concurrent
+runners and shards, on the local engine and on a local Ray runtime."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from conftest import synthetic_slide
+from slidekit.cli import main
+from slidekit.cohort import run_cohort
+from slidekit.errors import ManifestError
+from slidekit.ledger import Ledger
+from slidekit.manifest import read_slides, shard, unique_ids
+
+FAST = dict(workers=0, device="cpu")
+SLIDEKIT = [sys.executable, "-m", "slidekit"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> list[Path]:
+    """Four small slides (two share a file stem) of different sizes."""
+    root = tmp_path_factory.mktemp("cohort")
+    return [synthetic_slide(root / "a" / "slide.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384)),
+            synthetic_slide(root / "b" / "slide.tif", width=1024, height=768, tissue_box=(128, 128, 640, 512), seed=1),
+            synthetic_slide(root / "c.tif", width=1536, height=1024, tissue_box=(256, 256, 1024, 512), seed=2),
+            synthetic_slide(root / "d.tif", width=1024, height=1024, tissue_box=(128, 256, 768, 512), seed=3)]
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _heatmaps(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    res = {}
+    for store in sorted(out.glob("*/heatmap.zarr")):
+        g = zarr.open_group(str(store), mode="r")
+        res[store.parent.name] = {k: np.asarray(g[k][:]) for k in ("prob", "coverage")}
+    return res
+
+
+def _done_counts(out: Path) -> Counter:
+    return Counter(r["id"] for r in Ledger(out).records() if r["status"] == "done")
+
+
+# -- manifests ------------------------------------------------------------------------------------
+
+def test_ids_unique_for_colliding_stems_and_stable_shards(cohort):
+    ids = [s.id for s in read_slides([str(p) for p in cohort])]
+    assert ids == ["a_slide", "b_slide", "c", "d"]
+    assert unique_ids([Path("x/a/s.svs"), Path("y/a/s.svs")]) == ["x_a_s", "y_a_s"]
+    slides = read_slides([str(p) for p in cohort])
+    parts = [shard(slides, f"{i}/3") for i in range(3)]
+    assert sorted(s.id for p in parts for s in p) == sorted(ids)  # a partition
+    assert [s.id for s in shard(slides, "1/3")] == [s.id for s in parts[1]]  # deterministic
+    with pytest.raises(ManifestError, match="i/N"):
+        shard(slides, "3/3")
+
+
+def test_manifest_columns_relative_paths_and_extra_columns(cohort, tmp_path):
+    m = tmp_path / "m.csv"
+    rel = os.path.relpath(cohort[2], tmp_path)
+    m.write_text(f"slide,id,slide_mpp,diagnosis\n{rel},case-7,0.25,LUAD\n{cohort[3]},,,LUSC\n")
+    s = read_slides(m)
+    assert [x.id for x in s] == ["case-7", "d"]
+    assert s[0].slide.resolve() == cohort[2].resolve() and s[0].slide_mpp == 0.25 and s[1].slide_mpp is None
+    assert s[0].extra == {"diagnosis": "LUAD"}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("path,id\nx.svs,a\n", "no 'slide' column"),
+    ("", "empty"),
+    ("slide\n", "lists no slides"),
+    ("slide,id\n{a},same\n{b},same\n", "duplicate output id"),
+    ("slide\n{a}\nmissing_1.svs\nmissing_2.svs\n", "2 slide path\\(s\\) do not exist: missing_1.svs"),
+    ("slide,slide_mpp\n{a},zero\n", "not a positive number"),
+])
+def test_bad_manifest_is_one_line_before_any_work(cohort, tmp_path, text, message):
+    m = tmp_path / "m.csv"
+    m.write_text(text.format(a=cohort[0], b=cohort[1]))
+    out = tmp_path / "OUT"
+    r = CliRunner().invoke(main, ["heatmap", "--manifest", str(m), "--out", str(out), "--quiet"])
+    assert r.exit_code != 0
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert ManifestError.__name__ and __import__("re").search(message, r.output), r.output
+    assert not out.exists()  # nothing started
+
+
+# -- runs, reruns, bad slides ---------------------------------------------------------------------
+
+def test_bad_slides_among_good_ones_and_reruns(cohort, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notaslide.svs").write_text("hello")
+    truncated = bad / "truncated.tif"
+    truncated.write_bytes(cohort[2].read_bytes()[:5000])
+    missing = bad / "missing.svs"
+    items = [str(p) for p in cohort[:2]] + [str(bad / "notaslide.svs"), str(truncated), str(missing)]
+    out = tmp_path / "OUT"
+    r = CliRunner().invoke(main, ["heatmap", *items, "--out", str(out), "--device", "cpu", "--quiet"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    rows = {row["id"]: row for row in _csv(out / "cohort.csv")}
+    assert [rows[i]["status"] for i in ("a_slide", "b_slide")] == ["done", "done"]
+    for i, word in (("notaslide", "notaslide.svs"), ("truncated", "truncated"), ("missing", "not found")):
+        assert rows[i]["status"] == "failed" and word in rows[i]["error"] and "\n" not in rows[i]["error"]
+        assert rows[i]["attempts"] == "1"
+    assert int(rows["a_slide"]["tiles"]) > 0 and rows["a_slide"]["seconds"]
+    summary = json.loads((out / "a_slide" / "summary.json").read_text())
+    assert summary["tiles"] == int(rows["a_slide"]["tiles"])
+
+    # A rerun does nothing new: done slides are skipped, failed ones stay failed (exit 1).
+    again = run_cohort("heatmap", items, out, progress=False, **FAST)
+    assert {r["id"]: r["status"] for r in again} == {"a_slide": "skipped", "b_slide": "skipped",
+                                                     "notaslide": "failed", "truncated": "failed", "missing": "failed"}
+    assert _done_counts(out) == Counter({"a_slide": 1, "b_slide": 1})
+    # --retry-failed tries them again (a repaired slide now succeeds).
+    missing.write_bytes(cohort[3].read_bytes())
+    third = run_cohort("heatmap", items, out, retry_failed=True, progress=False, **FAST)
+    st = {r["id"]: (r["status"], r.get("attempts")) for r in third}
+    assert st["missing"] == ("done", 2) and st["truncated"] == ("failed", 2) and st["a_slide"][0] == "skipped"
+    assert _done_counts(out)["a_slide"] == 1
+
+
+def test_changed_configuration_redoes_slides(cohort, tmp_path):
+    out = tmp_path / "OUT"
+    run_cohort("heatmap", [str(cohort[2])], out, progress=False, **FAST)
+    t = run_cohort("heatmap", [str(cohort[2])], out, threshold=0.3, progress=False, **FAST)
+    assert t[0]["status"] == "done" and t[0]["attempts"] == 2
+    assert json.loads((out / "c" / "summary.json").read_text())["config"]["threshold"] == 0.3
+
+
+def test_other_tasks_write_per_slide_folders(cohort, tmp_path):
+    t = run_cohort("tissue", [str(p) for p in cohort[2:]], tmp_path / "T", progress=False)
+    assert [r["status"] for r in t] == ["done", "done"]
+    assert (tmp_path / "T" / "c" / "tissue.geojson").exists() and float(t[0]["area_mm2"]) > 0
+    g = run_cohort("tile", [str(cohort[2])], tmp_path / "G", mpp=1.0, size=128, progress=False)
+    assert g[0]["tiles"] > 0 and (tmp_path / "G" / "c" / "grid.npz").exists()
+    h = run_cohort("heatmap", [str(cohort[2])], tmp_path / "H", progress=False, **FAST)
+    f = run_cohort("features", [str(tmp_path / "H")], tmp_path / "F", progress=False)
+    assert f[0]["id"] == "c" and f[0]["status"] == "done" and "size_class" in f[0]
+    assert h[0]["tiles"] > 0
+
+
+# -- faults: killed workers, concurrent runners ---------------------------------------------------
+
+def _wait_for_lock(out: Path, exclude_pid: int, timeout: float = 120) -> int:
+    """The pid of a worker holding a slide's lock (not ``exclude_pid``)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        for lock in out.glob("*/.slidekit.lock"):
+            try:
+                pid = json.loads(lock.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if pid != exclude_pid:
+                return pid
+        time.sleep(0.01)
+    raise AssertionError("no worker took a slide")
+
+
+def test_kill_minus_9_of_a_local_worker(cohort, tmp_path):
+    serial = tmp_path / "serial"
+    run_cohort("heatmap", [str(p) for p in cohort], serial, progress=False, **FAST)
+    out = tmp_path / "OUT"
+    cmd = SLIDEKIT + ["heatmap", *map(str, cohort), "--out", str(out), "--device", "cpu", "--jobs", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = _wait_for_lock(out, driver.pid)
+    os.kill(victim, signal.SIGKILL)
+    _, err = driver.communicate(timeout=300)
+    assert "Traceback" not in err
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = _csv(out / "cohort.csv")
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert set(_done_counts(out).values()) == {1}  # no slide done twice
+    assert any(int(r["attempts"]) == 2 for r in rows)  # the killed attempt was counted
+    a, b = _heatmaps(serial), _heatmaps(out)
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        for name in ("prob", "coverage"):
+            np.testing.assert_array_equal(a[k][name], b[k][name])
+
+
+def test_two_runners_with_overlapping_shards_process_each_slide_once(cohort, tmp_path):
+    out = tmp_path / "OUT"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = SLIDEKIT + ["heatmap", *map(str, cohort), "--out", str(out), "--device", "cpu", "--quiet"]
+    procs = [subprocess.Popen(base + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in (["--shard", "0/2"], [])]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert "Traceback" not in err
+    assert _done_counts(out) == Counter({"a_slide": 1, "b_slide": 1, "c": 1, "d": 1})
+    # A final no-op rerun sees every slide done.
+    assert all(r["status"] == "skipped" for r in run_cohort("heatmap", [str(p) for p in cohort], out,
+                                                            progress=False, **FAST))
+
+
+def test_ray_engine_survives_a_killed_worker(cohort, tmp_path):
+    pytest.importorskip("ray")
+    serial = tmp_path / "serial"
+    run_cohort("heatmap", [str(p) for p in cohort], serial, progress=False, **FAST)
+    out = tmp_path / "OUT"
+    result = {}
+
+    def go():
+        result["table"] = run_cohort("heatmap", [str(p) for p in cohort], out, engine="ray", jobs=2,
+                                     progress=False, **FAST)
+
+    t = threading.Thread(target=go)
+    t.start()
+    victim = _wait_for_lock(out, os.getpid(), timeout=180)
+    os.kill(victim, signal.SIGKILL)
+    t.join(timeout=300)
+    assert not t.is_alive()
+    assert [r["status"] for r in result["table"]] == ["done"] * 4
+    assert set(_done_counts(out).values()) == {1}
+    assert any(r["pid"] == victim for r in Ledger(out).records() if r["status"] == "running")
+    a, b = _heatmaps(serial), _heatmaps(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k]["prob"], b[k]["prob"])
+
+
+def test_ray_missing_gives_one_line(monkeypatch, cohort, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    r = CliRunner().invoke(main, ["heatmap", str(cohort[0]), "--out", str(tmp_path / "O"), "--engine", "ray"])
+    assert r.exit_code != 0 and "pip install 'slidekit[ray]'" in r.output and "Traceback" not in r.output
