@@ -67,9 +67,10 @@ def _heatmap_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, prog
 def _embed_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
     from slidekit.embed import embed_slide, open_embeddings
 
-    opts = {k: v for k, v in options.items() if k != "slide_mpp"}
-    store = embed_slide(slide.slide, out=out / "embeddings.zarr", progress=progress, **_mpp_options(slide, options),
-                        **opts)
+    opts = {k: v for k, v in options.items() if k not in ("slide_mpp", "geojson")}
+    geojson = out / "clusters.geojson" if options.get("geojson") else None
+    store = embed_slide(slide.slide, out=out / "embeddings.zarr", progress=progress, geojson=geojson,
+                        **_mpp_options(slide, options), **opts)
     emb = open_embeddings(store)
     return {"tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1])}
 

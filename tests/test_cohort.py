@@ -248,3 +248,39 @@ def test_ray_missing_gives_one_line(monkeypatch, cohort, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     r = CliRunner().invoke(main, ["heatmap", str(cohort[0]), "--out", str(tmp_path / "O"), "--engine", "ray"])
     assert r.exit_code != 0 and "pip install 'slidekit[ray]'" in r.output and "Traceback" not in r.output
+
+
+def test_every_per_slide_command_takes_a_cohort(cohort, tmp_path):
+    folder = cohort[2].parent  # holds c.tif and d.tif (and the a/, b/ subfolders, not scanned)
+
+    def run(*args):
+        r = CliRunner().invoke(main, [*args, "--quiet"])
+        assert r.exit_code == 0, r.output
+        return _csv(Path(args[args.index("--out") + 1]) / "cohort.csv")
+
+    rows = run("tissue", str(folder), "--out", str(tmp_path / "T"))
+    assert [r["id"] for r in rows] == ["c", "d"] and all(float(r["area_mm2"]) > 0 for r in rows)
+    rows = run("tile", str(cohort[2]), str(cohort[3]), "--out", str(tmp_path / "G"), "--mpp", "2", "--size", "64")
+    assert all(int(r["tiles"]) > 0 for r in rows) and (tmp_path / "G" / "d" / "grid.npz").exists()
+    run("heatmap", str(folder / "*.tif"), "--out", str(tmp_path / "H"), "--device", "cpu")
+    rows = run("features", str(tmp_path / "H"), "--out", str(tmp_path / "F"), "--jobs", "1")
+    assert [r["id"] for r in rows] == ["c", "d"] and "size_class" in rows[0]
+    assert (tmp_path / "F" / "c" / "features.csv").exists()
+
+
+def test_cohort_embed_writes_one_store_per_slide(cohort, tmp_path):
+    import torch
+
+    from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="resnet-encoder", task="embedding", classes=[], patch_size=32, mpp=4.0,
+                     mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", trainer="simclr")
+    model = save_checkpoint(tmp_path / "enc.pt", ResNetClassifier("resnet18", 0), spec)
+    r = CliRunner().invoke(main, ["embed", str(cohort[2]), str(cohort[3]), "--model", str(model), "--out",
+                                  str(tmp_path / "E"), "--device", "cpu", "--clusters", "2", "--geojson", "yes",
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = _csv(tmp_path / "E" / "cohort.csv")
+    assert [int(x["dim"]) for x in rows] == [512, 512]
+    assert (tmp_path / "E" / "d" / "embeddings.zarr").is_dir() and (tmp_path / "E" / "d" / "clusters.geojson").exists()

@@ -44,6 +44,17 @@ def is_cohort(ctx: click.Context, items: list[str], manifest: tuple[str, ...]) -
     return bool(manifest) or explicit or many
 
 
+# SLIDES of a per-slide command: slide files, folders, globs or manifest CSVs.
+slides_argument = click.argument("slides", nargs=-1, type=click.Path(path_type=str))
+
+
+def single_slide(ctx: click.Context, slides: tuple[str, ...], cohort: dict) -> bool:
+    """True for the classic one-slide call; False for a cohort; a usage error when nothing is given."""
+    if not slides and not cohort.get("manifest"):
+        raise click.UsageError("give a SLIDE (or several, a folder, a glob or --manifest CSV)")
+    return not is_cohort(ctx, list(slides), cohort.get("manifest") or ())
+
+
 def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, quiet: bool,
                    options: dict[str, Any]) -> None:
     """Run ``task`` over the cohort; print the summary line; exit 1 when any slide failed."""

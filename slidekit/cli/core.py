@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
 from slidekit.cli.common import (backend_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
                                  mpp_override_option, overlap_option, quiet_flag, quiet_option,
                                  size_option, slide_argument, target_mpp_option)
@@ -51,47 +52,62 @@ def demo(out: Path) -> None:
 
 
 @click.command()
-@slide_argument
+@slides_argument
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output directory (mask.png, tissue.geojson, tissue.json).")
+              help="Output directory (mask.png, tissue.geojson, tissue.json; OUT/<slide id>/ for a cohort).")
 @click.option("--mask-mpp", type=float, default=8.0, show_default=True, help="Working pixel size (µm/px).")
 @click.option("--min-area", type=float, default=20_000.0, show_default=True,
               help="Smallest tissue region kept, µm².")
 @mpp_override_option
 @force_mpp_option
 @backend_option
+@quiet_option
+@cohort_options
 @handle_errors
-def tissue(slide: str, out: Path, mask_mpp: float, min_area: float, slide_mpp: float | None,
-           override_mpp: float | None, backend: str | None) -> None:
-    """Detect tissue; write a mask PNG and tissue polygons as QuPath GeoJSON."""
+@click.pass_context
+def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: float, min_area: float,
+           slide_mpp: float | None, override_mpp: float | None, backend: str | None, quiet: bool,
+           **cohort: object) -> None:
+    """Detect tissue; write a mask PNG and tissue polygons as QuPath GeoJSON.
+
+    SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
     from slidekit.tissue import save_tissue
 
-    summary = save_tissue(slide, out, mask_mpp=mask_mpp, min_area_um2=min_area, slide_mpp=slide_mpp,
-                          backend=backend, override_mpp=override_mpp)
+    options = dict(mask_mpp=mask_mpp, min_area_um2=min_area, slide_mpp=slide_mpp, backend=backend,
+                   override_mpp=override_mpp)
+    if single_slide(ctx, slides, cohort):
+        summary = save_tissue(slides[0], out, **options)
+    else:
+        return run_cohort_cli(ctx, "tissue", list(slides), str(out), quiet or quiet_flag(ctx), options)
     click.echo(f"{summary['regions']} tissue regions, {summary['area_mm2']:.3f} mm² -> {out}")
 
 
 @click.command()
-@slide_argument
+@slides_argument
 @target_mpp_option
 @size_option
 @overlap_option
 @min_tissue_option
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Grid file to write (.npz).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Grid file to write (.npz); for a cohort, a folder (OUT/<slide id>/grid.npz).")
 @mpp_override_option
 @force_mpp_option
 @backend_option
 @quiet_option
+@cohort_options
 @handle_errors
 @click.pass_context
-def tile(ctx: click.Context, slide: str, mpp: float, size: int, overlap: int, min_tissue: float,
-         out: Path, slide_mpp: float | None, override_mpp: float | None, backend: str | None, quiet: bool) -> None:
-    """Make a tile grid at a target MPP and save it."""
+def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, overlap: int, min_tissue: float,
+         out: Path, slide_mpp: float | None, override_mpp: float | None, backend: str | None, quiet: bool,
+         **cohort: object) -> None:
+    """Make a tile grid at a target MPP and save it (one slide, or a cohort: see docs/cohorts.md)."""
     from slidekit.tiling import make_grid
 
-    grid = make_grid(slide, mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue,
-                     out=out, slide_mpp=slide_mpp, backend=backend, override_mpp=override_mpp)
+    options = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
+                   backend=backend, override_mpp=override_mpp)
+    if not single_slide(ctx, slides, cohort):
+        return run_cohort_cli(ctx, "tile", list(slides), str(out), quiet or quiet_flag(ctx), options)
+    grid = make_grid(slides[0], out=out, **options)
     if not (quiet or quiet_flag(ctx)):
         click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
 

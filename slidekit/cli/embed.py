@@ -5,21 +5,24 @@ from pathlib import Path
 
 import click
 
+from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
 from slidekit.cli.common import (device_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
                                  mpp_override_option, quiet_flag, quiet_option, workers_option)
 
 
 @click.command("embed")
-@click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
+@slides_argument
 @click.option("--model", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="slidekit checkpoint (e.g. from `slidekit train simclr`); its encoder embeds the tiles.")
 @click.option("--out", required=True, type=click.Path(path_type=str),
-              help="Output zarr store: features (N, D), coords (N, 2) level-0 x, y, clusters.")
+              help="Output zarr store: features (N, D), coords (N, 2) level-0 x, y, clusters "
+                   "(for a cohort: a folder, OUT/<slide id>/embeddings.zarr).")
 @click.option("--grid", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Saved tile grid (.npz from `slidekit tile`) [default: model's patch size and MPP over tissue].")
 @click.option("--clusters", type=click.IntRange(min=2), default=None, help="Add k-means clusters (k).")
 @click.option("--geojson", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Write the clusters as QuPath tile objects coloured by cluster (needs --clusters).")
+              help="Write the clusters as QuPath tile objects coloured by cluster (needs --clusters; "
+                   "for a cohort any value writes OUT/<slide id>/clusters.geojson).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
 @min_tissue_option
@@ -28,20 +31,27 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 @mpp_override_option
 @force_mpp_option
 @quiet_option
+@cohort_options
 @click.pass_context
 @handle_errors
-def embed(ctx: click.Context, slide: str, model: str, out: str, grid: str | None, clusters: int | None,
+def embed(ctx: click.Context, slides: tuple[str, ...], model: str, out: str, grid: str | None, clusters: int | None,
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, device: str,
-          slide_mpp: float | None, override_mpp: float | None, quiet: bool) -> None:
-    """Embed every tissue tile of SLIDE with the encoder of CKPT; reruns resume or skip."""
+          slide_mpp: float | None, override_mpp: float | None, quiet: bool, **cohort: object) -> None:
+    """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.
+
+    SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
     from slidekit.embed import embed_slide, open_embeddings
 
     if geojson and not clusters:
         raise click.UsageError("--geojson needs --clusters K")
-    path = embed_slide(slide, model, out, grid=grid, min_tissue=min_tissue, slide_mpp=slide_mpp,
-                       override_mpp=override_mpp,
-                       batch_size=batch_size, workers=workers, device=device, clusters=clusters,
-                       geojson=geojson, seed=seed, progress=not (quiet or quiet_flag(ctx)))
+    options = dict(model=model, min_tissue=min_tissue, slide_mpp=slide_mpp, override_mpp=override_mpp,
+                   batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
+    quiet = quiet or quiet_flag(ctx)
+    if not single_slide(ctx, slides, cohort):
+        if grid:
+            raise click.UsageError("--grid belongs to one slide; a cohort makes each slide's grid")
+        return run_cohort_cli(ctx, "embed", list(slides), out, quiet, {**options, "geojson": bool(geojson)})
+    path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, **options)
     emb = open_embeddings(path)
     echo_json({"out": str(Path(path)), "tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1]),
                "clusters": clusters, "geojson": geojson})

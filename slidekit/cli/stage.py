@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
 from slidekit.cli.common import handle_errors, quiet_flag, quiet_option
 
 
@@ -27,9 +28,10 @@ def stage(nodes: Path, out: Path, reference: Path | None) -> None:
 
 
 @click.command()
-@click.argument("heatmaps", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Feature table to write (CSV, one row per heatmap).")
+@click.argument("heatmaps", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Feature table to write (CSV, one row per heatmap); with cohort options, a folder "
+                   "(OUT/<id>/features.csv and the features joined into OUT/cohort.csv).")
 @click.option("--thresholds", default="0.5,0.9", show_default=True,
               help="Comma-separated probability thresholds.")
 @click.option("--channel", type=int, default=None,
@@ -37,17 +39,26 @@ def stage(nodes: Path, out: Path, reference: Path | None) -> None:
 @click.option("--mpp", "work_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Work on a view downsampled to this µm/px (default: the heatmap's own MPP).")
 @quiet_option
+@cohort_options
 @handle_errors
 @click.pass_context
 def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, thresholds: str,
-             channel: int | None, work_mpp: float | None, quiet: bool) -> None:
-    """Morphology features (µm, µm²) of slide heatmaps (HEATMAP_DIR with heatmap.zarr) to a CSV."""
+             channel: int | None, work_mpp: float | None, quiet: bool, **cohort: object) -> None:
+    """Morphology features (µm, µm²) of slide heatmaps (HEATMAP_DIR with heatmap.zarr) to a CSV.
+
+    With --manifest or any cohort option (--jobs, --engine, --shard, ...), runs as a cohort over the
+    heatmap folders (a heatmap cohort's OUT gives each of its slides); see docs/cohorts.md."""
     from slidekit.features import features_table
 
     try:
         ths = tuple(float(t) for t in thresholds.split(",") if t.strip())
     except ValueError:
         raise click.BadParameter(f"not a list of numbers: {thresholds!r}", param_hint="--thresholds")
+    if not heatmaps and not cohort.get("manifest"):
+        raise click.UsageError("give at least one HEATMAP folder (or --manifest CSV)")
+    if is_cohort(ctx, [], cohort.get("manifest") or ()):  # several heatmaps alone make one table
+        return run_cohort_cli(ctx, "features", [str(h) for h in heatmaps], str(out), quiet or quiet_flag(ctx),
+                              dict(thresholds=ths, channel=channel, work_mpp=work_mpp))
     rows = features_table(heatmaps, out=out, thresholds=ths, channel=channel, work_mpp=work_mpp,
                         progress=not (quiet or quiet_flag(ctx)))
     click.echo(f"{len(rows)} heatmaps, {len(rows[0]) if rows else 0} columns -> {out}")
