@@ -369,6 +369,14 @@ class TileReader:
         return idx[keep], out[keep]
 
 
+def _is_grid_file(path: str | os.PathLike) -> bool:
+    try:
+        TileGrid.load(path)
+        return True
+    except Exception:  # GridError, or not even a file
+        return False
+
+
 def make_grid(slide_path: str | os.PathLike, mpp: float = 0.5, size: int = 256, overlap: int = 0,
               min_tissue: float = 0.5, out: str | os.PathLike | None = None,
               slide_mpp: float | None = None, backend: str | None = None,
@@ -385,5 +393,8 @@ def make_grid(slide_path: str | os.PathLike, mpp: float = 0.5, size: int = 256, 
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                    min_tissue=min_tissue)
     if out is not None:
+        from slidekit.outputs import claim_path
+
+        claim_path(out, _is_grid_file(out), "a slidekit tile grid")  # never replace a user's file
         grid.save(out)
     return grid

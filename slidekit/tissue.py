@@ -260,17 +260,28 @@ def save_tissue(slide_path: str, out_dir: str | os.PathLike, mask_mpp: float = 8
     """Detect tissue and write ``mask.png``, ``tissue.geojson`` (QuPath annotations) and
     ``tissue.json`` (summary) into ``out_dir``. ``slide_mpp`` is used only where the slide's
     metadata has no MPP; ``override_mpp`` replaces the metadata's."""
+    from shapely.geometry import box
+
     from slidekit.annotations import Annotation, write_geojson
+    from slidekit.geometry import clip_geometry
     from slidekit.io import atomic_path, write_text_atomic
+    from slidekit.locks import OutputLock
+    from slidekit.outputs import OutputDir
     from slidekit.slide import open_slide
+    from slidekit.tiling import slide_fingerprint
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide:
+    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide, \
+            OutputLock(out):
+        # Only files slidekit wrote here may be replaced; another slide's folder is refused.
+        OutputDir(out, slide.path, slide_fingerprint(slide.path)).claim("mask.png", "tissue.geojson", "tissue.json")
         mask = tissue_mask(slide, mpp=mask_mpp, min_area_um2=min_area_um2)
         area_px = slide.mpp[0] * slide.mpp[1]
+        # A mask pixel at the edge may overhang the slide: regions are cut to the slide before measuring.
+        on_slide = box(0, 0, *slide.dimensions)
+        regions = [clip_geometry(p, on_slide)[0] for p in mask.polygons]
         anns = [Annotation(p, label="Tissue", color=(80, 200, 120), kind="annotation",
-                           measurements={"Area µm^2": p.area * area_px}) for p in mask.polygons]
+                           measurements={"Area µm^2": p.area * area_px}) for p in regions if not p.is_empty]
         with atomic_path(out / "mask.png") as tmp:
             mask.to_png(str(tmp.with_suffix(".png")))
             os.replace(tmp.with_suffix(".png"), tmp)

@@ -143,3 +143,35 @@ def test_second_heatmap_on_a_locked_folder_is_one_line(slides, tmp_path):
     assert r.exit_code != 0
     assert "node7:4242" in r.output and "Traceback" not in r.output
     assert not list(out.glob("heatmap.zarr*"))
+
+
+def test_tissue_and_tile_refuse_to_replace_foreign_files(slides, tmp_path):
+    from slidekit.tiling import make_grid
+    from slidekit.tissue import save_tissue
+
+    out = tmp_path / "T"
+    out.mkdir()
+    (out / "mask.png").write_text("my drawing")
+    with pytest.raises(OutputError, match="mask.png"):
+        save_tissue(str(slides[0]), out)
+    assert (out / "mask.png").read_text() == "my drawing"
+    notes = tmp_path / "notes.npz"
+    notes.write_text("not a grid")
+    with pytest.raises(OutputError, match="not a slidekit tile grid"):
+        make_grid(slides[0], mpp=2.0, size=64, out=notes)
+    assert notes.read_text() == "not a grid"
+    make_grid(slides[0], mpp=2.0, size=64, out=tmp_path / "g.npz")
+    make_grid(slides[0], mpp=4.0, size=64, out=tmp_path / "g.npz")  # its own grid: replaced
+
+
+def test_tissue_regions_stay_inside_the_slide(tmp_path):
+    from slidekit.annotations import read_annotations
+    from slidekit.tissue import save_tissue
+
+    # Tissue up to the right and bottom edges of a slide whose size is not a multiple of the mask pixel.
+    slide = synthetic_slide(tmp_path / "edge.tif", width=1000, height=700, tissue_box=(600, 300, 400, 400))
+    save_tissue(str(slide), tmp_path / "T", mask_mpp=8.0)
+    for a in read_annotations(tmp_path / "T" / "tissue.geojson"):
+        x0, y0, x1, y1 = a.geometry.bounds
+        assert x0 >= 0 and y0 >= 0 and x1 <= 1000 and y1 <= 700
+        assert a.measurements["Area µm^2"] == pytest.approx(a.geometry.area * 0.25, rel=1e-6)
