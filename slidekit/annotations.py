@@ -205,7 +205,8 @@ def write_geojson(annotations: Iterable[Annotation], path: str | os.PathLike, bo
     """Write a FeatureCollection QuPath imports, streaming feature by feature, atomically.
 
     ``bounds`` is the level-0 ``(width, height)`` of the slide or a shapely geometry (e.g. the
-    heatmap's coverage box): every geometry is clipped to it and objects left empty are dropped.
+    heatmap's coverage box): every geometry is clipped to it (silently: the caller asked) and
+    objects left empty are dropped (with a warning).
     Objects with empty geometries are dropped, empty rings removed, colours clipped to 0-255 and
     non-finite extra numbers written as null; one AnnotationWarning says what was changed. A path
     ending in ``.gz`` is gzip-compressed. Raises AnnotationError naming the file and the object
@@ -233,9 +234,11 @@ def write_geojson(annotations: Iterable[Annotation], path: str | os.PathLike, bo
                 f.write(text)
                 n += 1
             f.write("\n]}\n")
-    if counts.get("clipped") or counts.get("dropped"):
+    # Clipping to ``bounds`` is what the caller asked for (edge tiles always overhang a slide), so it
+    # is not warned about; an object dropped whole lay entirely outside, which is worth a word.
+    if counts.get("dropped"):
         b = shapely.bounds(clip_region(bounds))
-        notes.add(f"{counts['clipped']} objects clipped to the bounds and {counts['dropped']} outside them dropped",
+        notes.add(f"{counts['dropped']} objects entirely outside the bounds dropped ({counts['clipped']} clipped)",
                   f"x {b[0]:g}..{b[2]:g}, y {b[1]:g}..{b[3]:g}")
     notes.warn(path)
     return path
