@@ -101,7 +101,7 @@ def process_slide(task_name: str, options: dict, slide: CohortSlide, out: str, k
             return {**row, "status": "failed", "error": prev.get("error", ""), "note": "failed earlier"}
         attempt = int(prev.get("attempts", 0)) + 1
         ledger.append(id=slide.id, slide=str(slide.slide), status="running", attempt=attempt, config=key,
-                      worker=worker, took_over=bool(lock.took_over))
+                      worker=worker, took_over=bool(lock.took_over), gpu=os.environ.get("CUDA_VISIBLE_DEVICES"))
         t0 = time.time()
         try:
             figures = task.run(_context(task, options), slide, folder, options, False)
@@ -118,7 +118,7 @@ def process_slide(task_name: str, options: dict, slide: CohortSlide, out: str, k
                             worker=worker, seconds=seconds, figures=figures, rss_mb=round(rss_mb(), 1),
                             peak_rss_mb=round(peak_rss_mb(), 1))
         return {**row, **figures, "status": "done", "error": "", "seconds": seconds, "attempts": attempt,
-                "rss_mb": rec["rss_mb"], "peak_rss_mb": rec["peak_rss_mb"], "pid": os.getpid()}
+                "rss_mb": rec["rss_mb"], "peak_rss_mb": rec["peak_rss_mb"]}
     finally:
         lock.release()
 

@@ -284,3 +284,15 @@ def test_cohort_embed_writes_one_store_per_slide(cohort, tmp_path):
     rows = _csv(tmp_path / "E" / "cohort.csv")
     assert [int(x["dim"]) for x in rows] == [512, 512]
     assert (tmp_path / "E" / "d" / "embeddings.zarr").is_dir() and (tmp_path / "E" / "d" / "clusters.geojson").exists()
+
+
+def test_one_worker_per_listed_gpu_each_seeing_only_its_gpu(cohort, tmp_path):
+    # device="cpu": no GPU is needed to check that each worker was given exactly one of the listed ids.
+    t = run_cohort("heatmap", [str(p) for p in cohort], tmp_path / "OUT", gpus="3,5", progress=False, **FAST)
+    assert [r["status"] for r in t] == ["done"] * 4
+    running = [r for r in Ledger(tmp_path / "OUT").records() if r["status"] == "running"]
+    by_pid = {}
+    for r in running:
+        by_pid.setdefault(r["pid"], set()).add(r["gpu"])
+    assert all(len(g) == 1 for g in by_pid.values())  # a worker keeps its GPU
+    assert set().union(*by_pid.values()) <= {"3", "5"} and len(by_pid) <= 2
