@@ -121,6 +121,15 @@ def process_slide(task_name: str, options: dict, slide: CohortSlide, out: str, k
                 "rss_mb": rec["rss_mb"], "peak_rss_mb": rec["peak_rss_mb"]}
     finally:
         lock.release()
+        _drop_if_empty(folder)
+
+
+def _drop_if_empty(folder: Path) -> None:
+    """A slide that failed before writing anything leaves no empty folder behind."""
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
 
 
 def _figures(rec: dict) -> dict:
@@ -150,6 +159,8 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if int(jobs) < 1:
         raise ConfigError(f"jobs must be at least 1 (got {jobs})")
+    if ray_address is not None and engine != "ray":
+        raise ConfigError("--ray-address is for --engine ray; the local engine would ignore it")
     gpu_ids = _parse_gpus(gpus)
     out = Path(out)
     everyone = list(slides) if _are_cohort_slides(slides) else read_slides(slides, kind=TASKS[task].inputs)
