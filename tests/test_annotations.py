@@ -171,11 +171,16 @@ BAD = {
 
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_malformed_files_raise_annotation_error(tmp_path: Path, name: str) -> None:
+    assert name in _read_error(tmp_path, name, BAD[name])
+
+
+def _read_error(tmp_path: Path, name: str, text: str) -> str:
+    """The message of the AnnotationError that reading ``text`` as file ``name`` raises."""
     p = tmp_path / name
-    p.write_text(BAD[name])
+    p.write_text(text)
     with pytest.raises(sk.AnnotationError) as e:
         read_annotations(p)
-    assert name in str(e.value)
+    return str(e.value)
 
 
 def test_missing_file_and_cli_bad_input(tmp_path: Path) -> None:
@@ -278,11 +283,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_malformed_input_is_one_line_naming_file_and_feature(tmp_path: Path, name: str) -> None:
-    p = tmp_path / name
-    p.write_text(REFUSED[name])
-    with pytest.raises(sk.AnnotationError) as e:
-        read_annotations(p)
-    msg = str(e.value)
+    msg = _read_error(tmp_path, name, REFUSED[name])
     assert name in msg and "\n" not in msg
     if name.endswith(".geojson") and name not in ("deep.geojson", "bigint.geojson", "typelist.geojson"):
         assert "feature 0" in msg

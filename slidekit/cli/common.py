@@ -100,3 +100,8 @@ workers_option = click.option("--workers", type=click.IntRange(min=0), default=0
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
                              show_default=True, help="Where to run models.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def slide_reading_options(func: Callable) -> Callable:
+    """--slide-mpp (fallback), --override-mpp and --backend: how a command opens its slides."""
+    return mpp_override_option(force_mpp_option(backend_option(func)))

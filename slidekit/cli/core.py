@@ -6,16 +6,14 @@ from pathlib import Path
 import click
 
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import (backend_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
-                                 mpp_override_option, overlap_option, quiet_flag, quiet_option,
-                                 size_option, slide_argument, target_mpp_option)
+from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, overlap_option, quiet_flag,
+                                 quiet_option, size_option, slide_argument, slide_reading_options,
+                                 target_mpp_option)
 
 
 @click.command()
 @slide_argument
-@mpp_override_option
-@force_mpp_option
-@backend_option
+@slide_reading_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
 def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backend: str | None,
@@ -58,9 +56,7 @@ def demo(out: Path) -> None:
 @click.option("--mask-mpp", type=float, default=8.0, show_default=True, help="Working pixel size (µm/px).")
 @click.option("--min-area", type=float, default=20_000.0, show_default=True,
               help="Smallest tissue region kept, µm².")
-@mpp_override_option
-@force_mpp_option
-@backend_option
+@slide_reading_options
 @quiet_option
 @cohort_options
 @handle_errors
@@ -90,9 +86,7 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: flo
 @min_tissue_option
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Grid file to write (.npz); for a cohort, a folder (OUT/<slide id>/grid.npz).")
-@mpp_override_option
-@force_mpp_option
-@backend_option
+@slide_reading_options
 @quiet_option
 @cohort_options
 @handle_errors
