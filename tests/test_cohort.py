@@ -157,7 +157,8 @@ def test_other_tasks_write_per_slide_folders(cohort, tmp_path):
 # -- faults: killed workers, concurrent runners ---------------------------------------------------
 
 def _wait_for_lock(out: Path, exclude_pid: int, timeout: float = 120) -> int:
-    """The pid of a worker holding a slide's lock (not ``exclude_pid``)."""
+    """The pid of a worker in the middle of a slide: it holds the slide's lock and its `running`
+    record is in the ledger (not ``exclude_pid``)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         for lock in out.glob("*/.slidekit.lock"):
@@ -165,7 +166,8 @@ def _wait_for_lock(out: Path, exclude_pid: int, timeout: float = 120) -> int:
                 pid = json.loads(lock.read_text())["pid"]
             except (OSError, ValueError, KeyError):
                 continue
-            if pid != exclude_pid:
+            started = {(r["id"], r["pid"]) for r in Ledger(out).records() if r["status"] == "running"}
+            if pid != exclude_pid and (lock.parent.name, pid) in started:
                 return pid
         time.sleep(0.01)
     raise AssertionError("no worker took a slide")
