@@ -14,6 +14,10 @@ Which blocks run, and how:
   convention for showing config files in the docs. When the page runs ``slidekit train T --config
   NAME`` (in any block, run or not), the file must also load as trainer T's config.
 - Untagged blocks (diagrams, file layouts, sample output) are text and are not run.
+- Blocks too heavy for the default run (a full benchmark) are listed in ``SLOW`` (a substring of
+  the block -> why): they are marked ``slow`` and run only with ``pytest -m slow``, and no later
+  block may depend on them. Give such a block a small-settings variant beside it that runs by
+  default where one fits (seconds, not minutes).
 - Every block is its own test, with the id ``FILE:LINE``. Blocks of a file depend on the earlier
   ones (files they wrote, names they defined), so a test first runs any earlier block of its file
   that has not run yet; when one of those failed, this one fails too and says which.
@@ -77,6 +81,10 @@ SKIP_LINES: dict[str, str] = {
 # the block -> why. They run with `pytest -m slow`.
 SLOW: dict[str, str] = {
     "benchmarks/nuclei_scribbles.py": "a full MoNuSeg benchmark run (about 20 minutes on 2 cores)",
+    "benchmarks/pn_cohort.py --seed 0": "the full pN-staging benchmark (about 14 minutes on 2 cores)",
+    "benchmarks/pn_cohort.py --small": "the pN benchmark's smoke cohort still takes about 100 s on 2 "
+                                       "shared cores (cohort construction, fixed topk-mean epochs)",
+    "--init simclr --seed 0 --json simclr.json": "the SimCLR benchmark at its defaults (about 10 minutes)",
 }
 
 SHELL_LANGS = {"bash", "sh", "shell"}
