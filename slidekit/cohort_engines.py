@@ -53,10 +53,35 @@ def _configure_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _fix_malloc_threshold() -> None:
+    """Pin glibc's mmap threshold: left dynamic, it rises after the first large free and a worker's
+    peak RSS steps up once during its second slide (measured: ~100 MiB per worker)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(gpu_queue: Any, threads: int) -> None:
     if gpu_queue is not None:  # each worker sees only its GPU (before CUDA is first touched)
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
+    _fix_malloc_threshold()
     _configure_threads(threads)
+
+
+def physical_gpus(gpus: list[int]) -> list[str]:
+    """``--gpus`` indices as device ids: the i-th of CUDA_VISIBLE_DEVICES when it is set (Slurm
+    and containers restrict it), so a worker never lands on a GPU this job was not given."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return [str(g) for g in gpus]
+    bad = [g for g in gpus if g >= len(visible)]
+    if bad:
+        raise ConfigError(f"--gpus {','.join(map(str, gpus))}: this job sees only {len(visible)} GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={','.join(visible)}); indices count from 0 among them")
+    return [visible[g] for g in gpus]
 
 
 def _threads_per_job(jobs: int) -> int:
@@ -106,7 +131,7 @@ def _pool_round(task: str, options: dict, pending: list[CohortSlide], out: str, 
     gpu_queue = None
     if gpus:
         gpu_queue = ctx.Queue()
-        for g in gpus:
+        for g in physical_gpus(gpus):
             gpu_queue.put(g)
     threads = _threads_per_job(n)
     with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker,
@@ -161,6 +186,7 @@ def _ray_process_slide(threads: int, *args: Any) -> dict:
     """process_slide inside a Ray worker, with this worker's CPU share."""
     from slidekit.cohort import process_slide
 
+    _fix_malloc_threshold()
     _configure_threads(threads)
     return process_slide(*args)
 
@@ -169,10 +195,11 @@ def run_ray(task: str, options: dict, todo: Sequence[CohortSlide], out: str, key
             gpus: list[int] | None = None, ray_address: str | None = None, retry_failed: bool = False,
             progress: bool = True, debug: bool = False, settled: list[dict] | None = None,
             **_: Any) -> Iterator[dict]:
-    """Ray tasks, one per slide, each asking for its CPU share (and one GPU when ``gpus``); Ray retries a
-    task whose worker process or node died, and the slide's stale lock lets the retry take over.
-    ``ray_address``: "auto" or "HOST:PORT" joins a running cluster; None starts a local runtime of
-    ``jobs`` CPUs. At most twice the cluster's task slots are in flight, so the driver stays small."""
+    """Ray tasks, one per slide, each asking for one CPU plus one per DataLoader reader (``workers``)
+    and one GPU when ``gpus``; Ray retries a task whose worker process or node died, and the slide's
+    stale lock lets the retry take over. ``ray_address``: "auto" or "HOST:PORT" joins a running
+    cluster (where ``jobs`` > 1 caps the slides in flight); None starts a local runtime sized for
+    ``jobs`` slides at once. At most twice the task slots are in flight, so the driver stays small."""
     try:
         import ray
     except ImportError:
@@ -180,17 +207,21 @@ def run_ray(task: str, options: dict, todo: Sequence[CohortSlide], out: str, key
     from slidekit.cohort import MAX_WORKER_DEATHS
     from slidekit.ledger import Ledger
 
+    # A slide task asks for one CPU for its compute plus one per DataLoader reader process it starts.
+    cpus = 1 + int(options.get("workers") or 0)
     started = not ray.is_initialized()
     if started:
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": debug, "configure_logging": debug}
-        if ray_address is None:
-            kw["num_cpus"] = jobs
+        if ray_address is None:  # a local runtime sized for `jobs` slides at once
+            kw["num_cpus"] = jobs * cpus
             kw["num_gpus"] = len(gpus) if gpus else 0
         ray.init(address=ray_address, **kw)
     bar = _Progress(len(todo), settled or [], progress)
     try:
-        slots = max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", jobs)))
-        cpus = 1 if gpus or ray_address is None else max(1, int(ray.cluster_resources().get("CPU", 1)) // slots)
+        res = ray.cluster_resources()
+        slots = max(1, int(res.get("GPU", 0)) if gpus else int(res.get("CPU", cpus)) // cpus)
+        if ray_address is not None and jobs > 1:
+            slots = min(slots, jobs)  # on a cluster, --jobs caps the slides in flight
         remote = ray.remote(_ray_process_slide).options(num_cpus=cpus, num_gpus=1 if gpus else 0,
                                                         max_retries=MAX_WORKER_DEATHS, retry_exceptions=False)
         queue = list(todo)

@@ -298,3 +298,15 @@ def test_one_worker_per_listed_gpu_each_seeing_only_its_gpu(cohort, tmp_path):
         by_pid.setdefault(r["pid"], set()).add(r["gpu"])
     assert all(len(g) == 1 for g in by_pid.values())  # a worker keeps its GPU
     assert set().union(*by_pid.values()) <= {"3", "5"} and len(by_pid) <= 2
+
+
+def test_gpu_indices_count_among_the_visible_gpus(monkeypatch):
+    from slidekit.cohort_engines import physical_gpus
+    from slidekit.errors import ConfigError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert physical_gpus([0, 1]) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # e.g. what Slurm gave this job
+    assert physical_gpus([0, 1]) == ["4", "6"]
+    with pytest.raises(ConfigError, match="sees only 2 GPU"):
+        physical_gpus([2])
