@@ -97,8 +97,21 @@ min_tissue_option = click.option("--min-tissue", type=click.FloatRange(0, 1), de
                                  show_default=True, help="Minimum tissue fraction to keep a tile.")
 workers_option = click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                               help="Parallel readers (0: read in the main thread).")
-device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto",
-                             show_default=True, help="Where to run models.")
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a device that does not exist here before any work starts (one line naming the ones that do)."""
+    from slidekit.errors import ConfigError
+    from slidekit.models import resolve_device
+
+    try:
+        resolve_device(value)
+    except ConfigError as e:
+        fail(f"--device: {e}")  # one line, like every slidekit error (click's BadParameter adds usage lines)
+    return value
+
+
+device_option = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                             callback=_check_device,
+                             help="Where to run models (cuda:N: the N-th visible GPU).")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
 
