@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,50 +192,121 @@ def _lattice(dims: tuple[int, int], size: int, stride: int, scale: tuple[float, 
 
 class _NativeTiles:
     """Direct decode of the stored tiles of one pyramid level (the fast path), each JPEG tile
-    verified once (``tiffio.jpeg_scan_problem``) so a damaged tile is an error, not garbage."""
+    verified once (``tiffio.jpeg_scan_problem``) so a damaged tile is an error, not garbage.
 
-    def __init__(self, slide_path: Path, stored, level: int, downsample: float) -> None:
+    Grid tiles may be any size, overlap and offset on the level's pixel lattice: a grid tile is
+    cut from the stored tiles it touches, kept decoded in a small LRU cache (``capacity`` stored
+    tiles: one band of stored-tile rows as wide as the grid, for grid-order reads), so each
+    stored tile is decoded (and verified) once. ``decodes`` counts stored-tile decodes.
+    """
+
+    def __init__(self, slide_path: Path, stored, level: int, downsample: float, size: int | None = None,
+                 capacity: int = 0) -> None:
         self.path, self.stored, self.level, self.downsample = Path(slide_path), stored, level, downsample
         self.level_w, self.level_h = stored.width, stored.height
         self.tile_w, self.tile_h = stored.tile_w, stored.tile_h
+        self.size = int(size or self.tile_w)
+        self.capacity = int(capacity)
+        self.decodes = 0
+        self._cache: OrderedDict[int, tuple[np.ndarray | None, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def read(self, x0: int, y0: int) -> np.ndarray:
-        """Decode the stored tile whose level-0 top-left is (x0, y0)."""
-        lx, ly = round(x0 / self.downsample), round(y0 / self.downsample)
-        index = self.stored.index(lx // self.tile_w, ly // self.tile_h)
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        d["_cache"], d["_lock"], d["decodes"] = OrderedDict(), None, 0  # each process decodes its own
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def _decoded(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        """(stored tile ``index`` decoded, None) or (None, what is wrong with it)."""
+        if self.capacity:
+            with self._lock:
+                hit = self._cache.get(index)
+                if hit is not None:
+                    self._cache.move_to_end(index)
+                    return hit
         try:
             tile = self.stored.decode(index)
             problem = self.stored.verify(index, tile)
         except Exception as e:  # a decoder error is a damaged tile too
-            problem = f"{type(e).__name__}: {e}"
+            tile, problem = None, f"{type(e).__name__}: {e}"
+        self.decodes += 1
+        got = (None, problem) if problem else (tile, None)
+        if self.capacity:
+            with self._lock:
+                self._cache[index] = got
+                while len(self._cache) > self.capacity:
+                    self._cache.popitem(last=False)
+        return got
+
+    def _stored_tile(self, col: int, row: int) -> np.ndarray:
+        tile, problem = self._decoded(self.stored.index(col, row))
         if problem:
+            x0 = round(col * self.tile_w * self.downsample)
+            y0 = round(row * self.tile_h * self.downsample)
             raise CorruptTileError(f"damaged tile at level-0 ({x0}, {y0}), level {self.level}: {problem}",
                                    self.path, location=(x0, y0), level=self.level)
-        out_w = min(self.tile_w, self.level_w - lx)
-        out_h = min(self.tile_h, self.level_h - ly)
-        if out_w < self.tile_w or out_h < self.tile_h:  # padding past the image edge -> white glass
-            tile = tile.copy()
-            tile[out_h:] = 255
-            tile[:, out_w:] = 255
         return tile
+
+    def read(self, x0: int, y0: int) -> np.ndarray:
+        """The grid tile (size, size, 3) whose level-0 top-left is (x0, y0); white past the image."""
+        lx, ly = round(x0 / self.downsample), round(y0 / self.downsample)
+        s, tw, th = self.size, self.tile_w, self.tile_h
+        if s == tw == th and lx % tw == 0 and ly % th == 0:  # one stored tile: no copy unless at the edge
+            tile = self._stored_tile(lx // tw, ly // th)
+            out_w, out_h = min(tw, self.level_w - lx), min(th, self.level_h - ly)
+            if out_w < tw or out_h < th:  # padding past the image edge -> white glass
+                tile = tile.copy()
+                tile[out_h:] = 255
+                tile[:, out_w:] = 255
+            return tile
+        out = np.full((s, s, 3), 255, np.uint8)
+        x1, y1 = min(lx + s, self.level_w), min(ly + s, self.level_h)
+        for row in range(max(ly, 0) // th, (y1 - 1) // th + 1 if y1 > max(ly, 0) else 0):
+            for col in range(max(lx, 0) // tw, (x1 - 1) // tw + 1 if x1 > max(lx, 0) else 0):
+                tile = self._stored_tile(col, row)
+                ax0, ay0 = max(lx, col * tw), max(ly, row * th)
+                ax1, ay1 = min(x1, (col + 1) * tw), min(y1, (row + 1) * th)
+                out[ay0 - ly:ay1 - ly, ax0 - lx:ax1 - lx] = tile[ay0 - row * th:ay1 - row * th,
+                                                                 ax0 - col * tw:ax1 - col * tw]
+        return out
+
+
+# Most decoded stored tiles one fast-path reader keeps (per process): 64 MiB of 256² RGB tiles.
+NATIVE_CACHE_BYTES = 64 << 20
 
 
 def native_tiles_for(slide: Slide, grid: TileGrid, tolerance: float = 1e-3) -> _NativeTiles | None:
-    """A direct tile decoder when ``grid`` lines up with a stored TIFF tile grid, else None."""
-    if grid.overlap or slide.path.suffix.lower() not in TIFF_SUFFIXES or slide.backend == "image":
+    """A direct tile decoder when ``grid``'s pixels are a stored TIFF level's pixels (same MPP,
+    integer level coordinates; any tile size, overlap or offset), else None."""
+    if slide.path.suffix.lower() not in TIFF_SUFFIXES or slide.backend == "image":
         return None
     level = slide.best_level_for_mpp(grid.mpp, tolerance)
     ds = slide.level_downsamples[level]
-    if abs(grid.mpp / (slide.mpp[0] * ds) - 1) > tolerance:
+    if abs(grid.mpp / (slide.mpp[0] * ds) - 1) > tolerance or abs(grid.mpp / (slide.mpp[1] * ds) - 1) > tolerance:
         return None
     stored = slide.stored_tiles(level)
-    if stored is None or stored.tile_w != grid.size or stored.tile_h != grid.size:
+    if stored is None:
         return None
-    native = _NativeTiles(slide.path, stored, level, ds)
+    lxy = grid.coords / ds
+    if len(grid) and (np.abs(lxy - np.rint(lxy)) > 0.01).any():
+        return None
+    aligned = (grid.size == stored.tile_w == stored.tile_h and not grid.overlap
+               and not (np.rint(lxy) % grid.size).any())
+    capacity = 0
+    if not aligned and len(grid):
+        # Grid order is row-major: keep the stored tiles of one band of grid rows (the rows a grid
+        # tile spans, plus one) across the grid's width, so the next grid row finds them decoded.
+        lx = np.rint(lxy[:, 0]).astype(np.int64)
+        cols = (int(lx.max()) + grid.size - 1) // stored.tile_w - int(lx.min()) // stored.tile_w + 1
+        rows = -(-grid.size // stored.tile_h) + 1
+        cap = max(4, NATIVE_CACHE_BYTES // (stored.tile_w * stored.tile_h * 3))
+        capacity = int(min(cols * rows + cols, cap))
+    native = _NativeTiles(slide.path, stored, level, ds, grid.size, capacity)
     if len(grid):
-        lxy = grid.coords / ds
-        if (np.abs(lxy - np.rint(lxy)) > 0.01).any() or (np.rint(lxy) % grid.size != 0).any():
-            return None
         # Trust but verify: the first tile must match what the slide backend decodes.
         x, y = (int(v) for v in grid.coords[0])
         try:

@@ -68,11 +68,12 @@ def test_fast_path_decodes_stored_tiles_and_matches_read_region(tmp_path):
     assert TileReader(slide, grid1).fast
 
 
-def test_non_aligned_grids_use_the_general_path_and_stay_correct(tmp_path):
+def test_non_aligned_grids_are_cut_from_stored_tiles_and_stay_correct(tmp_path):
     path, rgb = _gradient_slide(tmp_path)
     slide = sk.open_slide(path)
     grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=200, overlap=40, min_tissue=0)
-    assert native_tiles_for(slide, grid) is None
+    assert native_tiles_for(slide, grid) is not None  # same pixels as level 0: no resampling
+    assert native_tiles_for(slide, sk.TileGrid.from_slide(slide, mpp=0.6, size=200, min_tissue=0)) is None
     for (x, y), tile in sk.read_tiles(slide, grid):
         h, w = min(200, 768 - y), min(200, 1024 - x)
         assert np.array_equal(tile[:h, :w], rgb[y:y + h, x:x + w])

@@ -1,0 +1,88 @@
+"""Each stored tile decoded once: overlapping and misaligned grids are cut from cached stored tiles."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import slidekit as sk
+from slidekit.demo import write_pyramid
+from slidekit.tiling import TileReader, native_tiles_for
+
+
+def _slide(tmp_path, w=1100, h=900, compression="jpeg"):
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(xx // 3 + yy) % 251, (yy // 2) % 253, (xx + yy // 5) % 247], axis=-1).astype(np.uint8)
+    kw = {"quality": 90} if compression == "jpeg" else {}
+    return write_pyramid(tmp_path / "s.tif", rgb, 0.5, tile=256, compression=compression, **kw), rgb
+
+
+def _touched(grid, size, tile=256, w=1100, h=900):
+    """Distinct stored tiles (col, row) the grid's tiles cover inside the image."""
+    out = set()
+    for x, y in grid.coords:
+        x1, y1 = min(x + size, w), min(y + size, h)
+        out |= {(c, r) for c in range(x // tile, (x1 - 1) // tile + 1) for r in range(y // tile, (y1 - 1) // tile + 1)}
+    return out
+
+
+@pytest.mark.parametrize("size,overlap", [(256, 64), (224, 0), (300, 100)])
+def test_overlapping_and_misaligned_grids_decode_each_stored_tile_once(tmp_path, size, overlap):
+    path, _ = _slide(tmp_path)
+    slide = sk.open_slide(path)
+    grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=size, overlap=overlap, min_tissue=0)
+    reader = TileReader(slide, grid)
+    assert reader.fast
+    reader.native.decodes = 0
+    reader.native._cache.clear()
+    tiles = reader.read_batch(np.arange(len(grid)))[1]
+    assert reader.native.decodes == len(_touched(grid, size))
+    # Same pixels as the slide backend's read_region (white past the image edge).
+    for i in (0, len(grid) // 2, len(grid) - 1):
+        x, y = (int(v) for v in grid.coords[i])
+        assert np.array_equal(tiles[i], slide.read_region((x, y), 0, (size, size)))
+
+
+def test_offset_grid_on_a_lossless_slide_is_exact(tmp_path):
+    path, rgb = _slide(tmp_path, compression="zlib")
+    slide = sk.open_slide(path)
+    grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
+    grid.coords = grid.coords + 100  # lines up with nothing
+    reader = TileReader(slide, grid)
+    assert reader.fast
+    for i, (x, y) in enumerate(grid.coords):
+        h, w = max(0, min(256, 900 - y)), max(0, min(256, 1100 - x))
+        t = reader.read(i)
+        assert np.array_equal(t[:h, :w], rgb[y:y + h, x:x + w])
+        assert (t[h:] == 255).all() and (t[:, w:] == 255).all()
+
+
+def test_aligned_grid_keeps_no_cache_and_workers_get_an_empty_one(tmp_path):
+    path, _ = _slide(tmp_path)
+    slide = sk.open_slide(path)
+    aligned = native_tiles_for(slide, sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0))
+    assert aligned.capacity == 0  # each stored tile is one grid tile: nothing to reuse
+    native = native_tiles_for(slide, sk.TileGrid.from_slide(slide, mpp=0.5, size=256, overlap=64, min_tissue=0))
+    assert native.capacity > 0 and len(native._cache) > 0
+    clone = pickle.loads(pickle.dumps(native))
+    assert len(clone._cache) == 0 and clone.decodes == 0
+    assert clone.read(0, 0).shape == (256, 256, 3)
+
+
+def test_a_damaged_stored_tile_names_every_grid_tile_over_it(tmp_path):
+    from tests.test_slide_faults import TILE, damaged_slide
+
+    path, _ = damaged_slide(tmp_path)
+    slide = sk.open_slide(path)
+    grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, overlap=64, min_tissue=0)
+    reader = TileReader(slide, grid)
+    assert reader.fast
+    idx, _ = TileReader(slide, grid, on_bad_tile="skip").read_batch(np.arange(len(grid)))
+    bad = np.setdiff1d(np.arange(len(grid)), idx)
+    over = [i for i, (x, y) in enumerate(grid.coords)
+            if x < TILE[0] + 256 and x + 256 > TILE[0] and y < TILE[1] + 256 and y + 256 > TILE[1]]
+    assert list(bad) == over
+    with pytest.raises(sk.CorruptTileError) as err:
+        reader.read(int(bad[-1]))
+    assert err.value.location == tuple(int(v) for v in grid.coords[bad[-1]])
