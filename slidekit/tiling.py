@@ -251,8 +251,9 @@ class _NativeTiles:
                                    self.path, location=(x0, y0), level=self.level)
         return tile
 
-    def read(self, x0: int, y0: int) -> np.ndarray:
-        """The grid tile (size, size, 3) whose level-0 top-left is (x0, y0); white past the image."""
+    def read(self, x0: int, y0: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The grid tile (size, size, 3) whose level-0 top-left is (x0, y0); white past the image.
+        ``out``: a (size, size, 3) uint8 array to cut a composed tile into (saves a copy)."""
         lx, ly = round(x0 / self.downsample), round(y0 / self.downsample)
         s, tw, th = self.size, self.tile_w, self.tile_h
         if s == tw == th and lx % tw == 0 and ly % th == 0:  # one stored tile: no copy unless at the edge
@@ -263,8 +264,10 @@ class _NativeTiles:
                 tile[out_h:] = 255
                 tile[:, out_w:] = 255
             return tile
-        out = np.full((s, s, 3), 255, np.uint8)
+        out = np.empty((s, s, 3), np.uint8) if out is None else out
         x1, y1 = min(lx + s, self.level_w), min(ly + s, self.level_h)
+        if x1 - lx < s or y1 - ly < s or lx < 0 or ly < 0:  # past the image edge -> white glass
+            out[...] = 255
         for row in range(max(ly, 0) // th, (y1 - 1) // th + 1 if y1 > max(ly, 0) else 0):
             for col in range(max(lx, 0) // tw, (x1 - 1) // tw + 1 if x1 > max(lx, 0) else 0):
                 tile = self._stored_tile(col, row)
@@ -404,12 +407,13 @@ class TileReader:
         """Whether stored tiles are decoded directly."""
         return self.native is not None
 
-    def read(self, i: int) -> np.ndarray:
-        """Tile ``i`` of the grid as (size, size, 3) uint8; CorruptTileError when it is damaged."""
+    def read(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tile ``i`` of the grid as (size, size, 3) uint8; CorruptTileError when it is damaged.
+        ``out`` may receive the tile (the fast path cuts composed tiles straight into it)."""
         x, y = (int(v) for v in self.grid.coords[i])
         try:
             if self.native is not None:
-                return self.native.read(x, y)
+                return self.native.read(x, y, out)
             return self.slide.read_scaled((x, y), (self.grid.size, self.grid.size), self.grid.mpp)
         except CorruptTileError as e:
             if e.location == (x, y):
@@ -432,7 +436,9 @@ class TileReader:
         keep = np.ones(len(idx), bool)
         for j, i in enumerate(idx):
             try:
-                out[j] = self.read(int(i))
+                tile = self.read(int(i), out[j])
+                if not np.may_share_memory(tile, out):  # not cut into place
+                    out[j] = tile
             except CorruptTileError:
                 if self.on_bad_tile != "skip":
                     raise
