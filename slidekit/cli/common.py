@@ -97,6 +97,8 @@ min_tissue_option = click.option("--min-tissue", type=click.FloatRange(0, 1), de
                                  show_default=True, help="Minimum tissue fraction to keep a tile.")
 workers_option = click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                               help="Parallel readers (0: read in the main thread).")
+
+
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """Refuse a device that does not exist here before any work starts (one line naming the ones that do)."""
     from slidekit.errors import ConfigError

@@ -20,21 +20,29 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
 @click.option("--restart", is_flag=True,
               help="Delete the training outputs already in --out and train from scratch (a rerun otherwise "
                    "resumes, continues to a larger epochs, or refuses a different config).")
-@click.option("--list", "list_only", is_flag=True, help="List the available trainers and exit.")
+@click.option("--list", "list_only", is_flag=True,
+              help="List the available trainers (plug-ins included), one line each, and exit.")
+@click.option("--show-config", is_flag=True,
+              help="Print every option of trainer NAME (type, default, help) as a complete YAML config, and exit.")
 @device_option
 @quiet_option
 @handle_errors
 @click.pass_context
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
           overrides: tuple[str, ...], init: str | None, restart: bool, list_only: bool, device: str,
-          quiet: bool) -> None:
+          quiet: bool, show_config: bool = False) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     import trainers
 
     if list_only or name is None:
-        for n in trainers.available():
-            cls = trainers.get(n)
-            click.echo(f"{n:12s} consumes: {', '.join(sorted(cls.consumes)) or '-'}")
+        from trainers.describe import list_trainers
+
+        click.echo("\n".join(list_trainers()))
+        return
+    if show_config:
+        from trainers.describe import show_config as render_config
+
+        click.echo(render_config(name), nl=False)
         return
     if out is None:
         raise click.UsageError("--out is required")

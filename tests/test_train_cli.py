@@ -1,0 +1,91 @@
+"""`slidekit train --list` (one line per trainer, plug-ins included) and `slidekit train NAME --show-config`."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import textwrap
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import trainers
+from slidekit.cli import main
+from trainers import base
+
+BUILTINS = ["mixed-em", "morph-lgbm", "s2l", "scribble", "simclr", "topk-mean"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_show_config_lists_every_field_with_type_default_and_help(tmp_path, name):
+    res = run("train", name, "--show-config")
+    assert res.exit_code == 0, res.output
+    cls = trainers.get(name).Config
+    lines = {ln.split(":", 1)[0]: ln for ln in res.output.splitlines() if not ln.startswith("#")}
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        assert f.name in lines, f"{name}: option {f.name} not shown"
+        value, _, note = lines[f.name].partition("# ")
+        type_name, _, help_ = note.partition(": ")
+        assert type_name.strip() and help_.strip(), f"{name}.{f.name}: no type or help in {lines[f.name]!r}"
+        shown = yaml.safe_load(value)[f.name]
+        # the declared default (None may mean "worked out from other options", e.g. simclr's lr)
+        want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert shown == (list(want) if isinstance(want, tuple) else want), f"{name}.{f.name}"
+    # The output is a complete config file that loads as the trainer's config, unchanged.
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(res.output)
+    loaded = trainers.load_config(cls, path)
+    assert dataclasses.asdict(loaded) == dataclasses.asdict(defaults)
+
+
+def test_list_one_line_per_trainer_with_what_it_does():
+    res = run("train", "--list")
+    assert res.exit_code == 0
+    lines = res.output.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == BUILTINS
+    for ln in lines:
+        assert "labels:" in ln and len(ln.split()) > 3  # a description, not only the name
+
+
+def test_list_includes_plugins(tmp_path, monkeypatch):
+    pkg = tmp_path / "site"
+    (pkg / "my_lister").mkdir(parents=True)
+    (pkg / "my_lister" / "__init__.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from trainers.base import Trainer, TrainerConfig
+
+        @dataclass
+        class Cfg(TrainerConfig):
+            depth: int = 3  # how deep the thing goes
+
+        class Lister(Trainer):
+            """A third-party trainer for the listing test."""
+            name = "lister"
+            consumes = frozenset({"images"})
+            Config = Cfg
+    '''))
+    dist = pkg / "my_lister-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-lister\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[slidekit.trainers]\nlister = my_lister:Lister\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_discovered", False)
+    try:
+        res = run("train", "--list")
+        line = next(ln for ln in res.output.splitlines() if ln.startswith("lister"))
+        assert "A third-party trainer for the listing test." in line and "plug-in: my_lister" in line
+        shown = run("train", "lister", "--show-config").output
+        assert "depth: 3" in shown and "how deep the thing goes" in shown
+    finally:
+        sys.modules.pop("my_lister", None)
+
+
+def test_show_config_of_unknown_trainer_is_one_line():
+    res = CliRunner().invoke(main, ["train", "nope", "--show-config"])
+    assert res.exit_code != 0 and res.output.strip().count("\n") == 0 and "available: " in res.output
