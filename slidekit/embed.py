@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slidekit.errors import CheckpointError, GridError, TissueError
+from slidekit.errors import GridError, TissueError
 from slidekit.locks import OutputLock
 from slidekit.outputs import claim_path
 from slidekit.tiling import TileGrid
@@ -79,29 +79,22 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                 slide_mpp: float | None = None, batch_size: int = 64, chunk_rows: int = 4096,
                 workers: int = 0, device: str = "auto", clusters: int | None = None,
                 geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
-                override_mpp: float | None = None) -> Path:
+                override_mpp: float | None = None, weights: str | os.PathLike | None = None,
+                patch_size: int | None = None, tile_mpp: float | None = None) -> Path:
     """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
 
     The grid is the checkpoint's ``patch_size`` at its ``mpp`` over tissue (``min_tissue``), unless
     ``grid`` (a TileGrid or a saved grid file) is given. ``clusters=k`` adds k-means clusters;
-    ``geojson`` then writes them as QuPath tiles. Returns the store path.
+    ``geojson`` then writes them as QuPath tiles. ``model`` may also be a torchvision ResNet state
+    dict or ``timm:NAME`` with ``weights`` (then ``tile_mpp`` is required; ``patch_size`` defaults
+    to 224): see ``slidekit.encoders.load_embedding_encoder``. Returns the store path.
     """
-    from slidekit.models import load_checkpoint
+    from slidekit.encoders import load_embedding_encoder
     from slidekit.slide import open_slide
     from slidekit.tissue import tissue_mask
 
-    out, model = Path(out), Path(model)
-    ckpt = load_checkpoint(model)
-    spec = ckpt.spec
-    if not hasattr(ckpt.model, "features"):
-        raise CheckpointError("model has no feature extractor", model)
-    net = ckpt.model
-    if spec.arch != "resnet-encoder":  # classifiers/segmenters: embed with their encoder only
-        from slidekit.models import ResNetClassifier
-
-        enc = ResNetClassifier(spec.backbone, 0)
-        enc.encoder.load_state_dict(net.encoder.state_dict())
-        net = enc
+    out = Path(out)
+    net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide:
         if isinstance(grid, (str, os.PathLike)):
             grid = TileGrid.load(grid)

@@ -27,7 +27,19 @@ from slidekit.io import atomic_path
 
 CHECKPOINT_FORMAT = "slidekit.checkpoint"
 CHECKPOINT_VERSION = 1
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+
+
+class _Backbones(tuple):
+    """The torchvision ResNets, and any ``timm:NAME`` (``"timm:convnext_tiny" in BACKBONES``)."""
+
+    def __contains__(self, name: object) -> bool:
+        from slidekit.encoders import is_backbone
+
+        return is_backbone(name)
+
+
+# Trainers check ``backbone in BACKBONES``; listing it names the choices, "timm:NAME" included.
+BACKBONES = _Backbones(("resnet18", "resnet34", "resnet50", "timm:NAME"))
 ARCHS = ("resnet-classifier", "resnet-unet", "resnet-encoder")
 TASKS = ("classification", "segmentation", "embedding")
 
@@ -59,6 +71,8 @@ class ModelSpec:
             raise CheckpointError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
         if self.backbone not in BACKBONES:
             raise CheckpointError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
+        if self.backbone == "timm:NAME":
+            raise CheckpointError("backbone 'timm:NAME' is a placeholder: name a timm model, e.g. timm:convnext_tiny")
         if self.activation not in ("softmax", "sigmoid", "none"):
             raise CheckpointError(f"unknown activation {self.activation!r}")
         if self.task not in TASKS:
@@ -156,7 +170,9 @@ class ResNetEncoder(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         expansion = 4 if backbone == "resnet50" else 1
+        self.backbone = backbone
         self.channels = [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        self.reductions = [2, 4, 8, 16, 32]
 
     @property
     def out_features(self) -> int:
@@ -174,11 +190,13 @@ class ResNetEncoder(nn.Module):
 
 
 class ResNetClassifier(nn.Module):
-    """Patch classifier: ResNet encoder, global average pooling, linear head."""
+    """Patch classifier: encoder (a ResNet, or any ``timm:NAME``), global average pooling, linear head."""
 
     def __init__(self, backbone: str = "resnet18", num_outputs: int = 2) -> None:
         super().__init__()
-        self.encoder = ResNetEncoder(backbone)
+        from slidekit.encoders import make_encoder
+
+        self.encoder = make_encoder(backbone)
         self.head = nn.Linear(self.encoder.out_features, num_outputs) if num_outputs else nn.Identity()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,11 +254,62 @@ class ResNetUNet(nn.Module):
         return self.head(y)
 
 
+class PyramidUNet(nn.Module):
+    """U-Net decoder over any encoder's feature pyramid (timm CNN stages, or a ViT's one token grid).
+
+    Skip connections join each finer stage; below the finest stage plain 2x upsampling blocks
+    reach the input size (for a ViT that is the whole decoder: a simple upsampling head).
+    """
+
+    def __init__(self, backbone: str, num_outputs: int = 2,
+                 decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)) -> None:
+        super().__init__()
+        from slidekit.encoders import make_encoder
+
+        self.encoder = make_encoder(backbone)
+        ch, red = list(self.encoder.channels), list(self.encoder.reductions)
+        n_plain = max(int(round(math.log2(red[0]))), 0)  # 2x steps from the finest stage to stride 1
+        widths = list(decoder_channels) + [decoder_channels[-1]] * (len(ch) - 1 + n_plain)
+        blocks, prev = [], ch[-1]
+        for i, skip in enumerate(reversed(ch[:-1])):
+            blocks.append(_UpBlock(prev, skip, widths[i]))
+            prev = widths[i]
+        for j in range(n_plain):
+            w = widths[len(ch) - 1 + j]
+            blocks.append(_UpBlock(prev, 0, w))
+            prev = w
+        self.n_skips = len(ch) - 1
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(prev, num_outputs, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder features (B, C), as for the classifier."""
+        return F.adaptive_avg_pool2d(self.encoder(x)[-1], 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(x)
+        y = feats[-1]
+        skips = list(reversed(feats[:-1]))
+        for i, block in enumerate(self.blocks):
+            y = block(y, skips[i] if i < self.n_skips else None)
+        if y.shape[-2:] != x.shape[-2:]:
+            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(y)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised network for ``spec`` (no pretrained weights are ever downloaded)."""
+    """A freshly initialised network for ``spec`` (no pretrained weights are ever downloaded).
+
+    The architecture names are historical: ``resnet-*`` heads sit on any backbone (``timm:NAME``
+    included); a U-Net on a timm backbone is a ``PyramidUNet``.
+    """
+    from slidekit.encoders import is_timm
+
     if spec.arch == "resnet-classifier":
         return ResNetClassifier(spec.backbone, spec.num_outputs)
     if spec.arch == "resnet-unet":
+        if is_timm(spec.backbone):
+            return PyramidUNet(spec.backbone, spec.num_outputs)
         return ResNetUNet(spec.backbone, spec.num_outputs)
     return ResNetClassifier(spec.backbone, 0)  # "resnet-encoder": features only
 

@@ -64,7 +64,7 @@ class TrainerConfig:
     batch_size: int = 16
     lr: float = 1e-3
     num_workers: int = 0
-    init: str | None = None  # a slidekit checkpoint whose encoder initialises the network
+    init: str | None = None  # weights for the encoder: slidekit checkpoint, torchvision or timm state dict
 
     def __post_init__(self) -> None:
         self.validate()
@@ -301,11 +301,12 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def init_encoder(model: nn.Module, init: str | None) -> None:
-    """Initialise ``model.encoder`` from a slidekit checkpoint (e.g. SimCLR), when one is given."""
+    """Initialise ``model.encoder`` from ``init``, when one is given: a slidekit checkpoint (e.g.
+    SimCLR), a torchvision ResNet state dict, or a timm weights file for a ``timm:NAME`` backbone."""
     if init:
-        from slidekit.models import transfer_encoder
+        from slidekit.encoders import init_from
 
-        transfer_encoder(init, model)
+        init_from(model, init)
 
 
 # -- logging, state and the epoch loop -----------------------------------------------------------

@@ -12,8 +12,15 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 
 @click.command("embed")
 @slides_argument
-@click.option("--model", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="slidekit checkpoint (e.g. from `slidekit train simclr`); its encoder embeds the tiles.")
+@click.option("--model", "--encoder", "model", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="slidekit checkpoint (e.g. from `slidekit train simclr`; its encoder embeds the tiles), "
+                   "a torchvision ResNet .pth, or timm:NAME with --weights.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Local weights file (.safetensors/.pth) for --model timm:NAME (never downloaded).")
+@click.option("--tile-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Tile pixel size in µm/px [default: the checkpoint's; required for a plain weights file].")
+@click.option("--patch-size", type=click.IntRange(min=1), default=None,
+              help="Tile size in pixels [default: the checkpoint's; 224 for a plain weights file].")
 @click.option("--out", required=True, type=click.Path(path_type=str),
               help="Output zarr store: features (N, D), coords (N, 2) level-0 x, y, clusters "
                    "(for a cohort: a folder, OUT/<slide id>/embeddings.zarr).")
@@ -34,7 +41,8 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 @cohort_options
 @click.pass_context
 @handle_errors
-def embed(ctx: click.Context, slides: tuple[str, ...], model: str, out: str, grid: str | None, clusters: int | None,
+def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tile_mpp: float | None,
+          patch_size: int | None, out: str, grid: str | None, clusters: int | None,
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, device: str,
           slide_mpp: float | None, override_mpp: float | None, quiet: bool, **cohort: object) -> None:
     """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.
@@ -44,7 +52,8 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, out: str, gri
 
     if geojson and not clusters:
         raise click.UsageError("--geojson needs --clusters K")
-    options = dict(model=model, min_tissue=min_tissue, slide_mpp=slide_mpp, override_mpp=override_mpp,
+    options = dict(model=model, weights=weights, tile_mpp=tile_mpp, patch_size=patch_size, min_tissue=min_tissue,
+                   slide_mpp=slide_mpp, override_mpp=override_mpp,
                    batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
     quiet = quiet or quiet_flag(ctx)
     if not single_slide(ctx, slides, cohort):

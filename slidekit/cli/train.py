@@ -16,7 +16,10 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
               help="Output directory (checkpoint.pt, metrics.csv, ...). Rerunning resumes or continues.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config option (repeatable).")
-@click.option("--init", default=None, help="Checkpoint whose encoder initialises the network.")
+@click.option("--init", default=None,
+              help="Encoder weights: a slidekit checkpoint, a torchvision ResNet .pth, or timm:NAME with --weights.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Local weights file (.safetensors/.pth) for --init timm:NAME (never downloaded).")
 @click.option("--restart", is_flag=True,
               help="Delete the training outputs already in --out and train from scratch (a rerun otherwise "
                    "resumes, continues to a larger epochs, or refuses a different config).")
@@ -29,7 +32,8 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
 @handle_errors
 @click.pass_context
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
-          overrides: tuple[str, ...], init: str | None, restart: bool, list_only: bool, device: str,
+          overrides: tuple[str, ...], init: str | None, weights: str | None,
+          restart: bool, list_only: bool, device: str,
           quiet: bool, show_config: bool = False) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     import trainers
@@ -46,7 +50,9 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
         return
     if out is None:
         raise click.UsageError("--out is required")
-    items = list(overrides) + ([f"init={init}"] if init else [])
+    from slidekit.encoders import init_overrides
+
+    items = list(overrides) + init_overrides(init, weights)
     ckpt = trainers.train(name, config, out, overrides=items, device=device,
                           progress=not (quiet or quiet_flag(ctx)), restart=restart)
     click.echo(str(ckpt))
