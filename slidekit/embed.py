@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,12 +183,19 @@ def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size
     done = int(root.attrs.get("rows_done", 0))
     feats = root["features"]
     predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress)
+    timer = predictor.timer
+    t_loop = time.perf_counter()
     # Rows are flushed one zarr chunk at a time, so rows_done always marks whole, written chunks.
     for begin in range(done, n, chunk_rows):
         stop = min(n, begin + chunk_rows)
-        parts = [y.reshape(len(idx), -1) for idx, y in predictor.predict(slide, grid, np.arange(begin, stop))]
-        feats[begin:stop] = np.concatenate(parts).astype(np.float32)
-        root.attrs["rows_done"] = stop
+        parts = []
+        for idx, y in predictor.predict(slide, grid, np.arange(begin, stop)):
+            with timer.stage("stitch"):
+                parts.append(y.reshape(len(idx), -1))
+        with timer.stage("write"):
+            feats[begin:stop] = np.concatenate(parts).astype(np.float32)
+            root.attrs["rows_done"] = stop
+    root.attrs["timing"] = timer.as_dict(time.perf_counter() - t_loop)  # this run's tiles
     root.attrs["complete"] = True
     if out.exists():
         shutil.rmtree(out)

@@ -23,6 +23,7 @@ from torch import nn
 
 from slidekit.models import resolve_device
 from slidekit.tiling import TileGrid, TileReader
+from slidekit.timing import GPUSampler, StageTimer
 
 
 class _TileBatches(torch.utils.data.Dataset):
@@ -46,7 +47,10 @@ class Predictor:
     ``spec`` is a checkpoint's ModelSpec or a built-in's spec: the Predictor uses ``task``,
     ``mean``/``std`` (through ``normalize``) and ``activate``. A damaged tile fails the run
     (CorruptTileError) unless ``on_bad_tile="skip"``: then it gets no output, ``bad_tiles`` lists
-    its grid index and a ``BadTileWarning`` says so.
+    its grid index and a ``BadTileWarning`` says so. ``timer`` (a ``StageTimer``) adds up the
+    read / transfer (host<->device copies and input normalisation) / model seconds of every
+    ``predict`` (CUDA stages timed with events, so the pipeline is not stalled) and, on CUDA, the
+    GPU utilisation sampled during the last one.
     """
 
     def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "auto", batch_size: int = 32,
@@ -61,20 +65,39 @@ class Predictor:
         self.model = model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.timer = StageTimer()
+        self._events: tuple | None = None
 
     def forward(self, tiles_uint8: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, S, S, 3) uint8 on any device -> probabilities on the device (float32)."""
+        marks = self._mark()
         x = tiles_uint8.to(self.device, non_blocking=True)
         x = self.spec.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        m1 = self._mark()
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             y = self.spec.activate(self.model(x).float())
             if y.ndim == 4 and output_size is not None and tuple(y.shape[-2:]) != tuple(output_size):
                 shrink = y.shape[-1] >= output_size[1]
                 y = F.interpolate(y, size=output_size, mode="area" if shrink else "bilinear",
                                   **({} if shrink else {"align_corners": False}))
-        return y.float()
+        y = y.float()
+        marks = (marks, m1, self._mark())
+        if self.cuda:
+            self._events = marks  # read once the batch's copy back has finished (``_emit``)
+        else:
+            self.timer.add("transfer", marks[1] - marks[0])
+            self.timer.add("model", marks[2] - marks[1])
+        return y
+
+    def _mark(self) -> Any:
+        """A point in time: a recorded CUDA event on CUDA (no sync), else ``perf_counter``."""
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
 
     def loader(self, slide: Any, grid: TileGrid, index: np.ndarray | None = None) -> torch.utils.data.DataLoader:
         """The DataLoader of uint8 tile batches (workers read with their own slide handles)."""
@@ -96,8 +119,18 @@ class Predictor:
             bar = tqdm(total=len(index), unit="tile", desc=getattr(slide, "name", "slide"), leave=False)
         pending = None
         seen = []
+        sampler = GPUSampler(self.device) if self.cuda else None
+        batches = _clean_worker_errors(self.loader(slide, grid, index))
         try:
-            for idx, tiles in _clean_worker_errors(self.loader(slide, grid, index)):
+            if sampler is not None:
+                sampler.__enter__()
+            while True:
+                t = time.perf_counter()
+                try:
+                    idx, tiles = next(batches)  # waiting here is the read stage (workers read ahead)
+                except StopIteration:
+                    break
+                self.timer.add("read", time.perf_counter() - t)
                 seen.append(idx.numpy())
                 if len(idx) == 0:  # every tile of the batch was damaged and skipped
                     continue
@@ -106,11 +139,11 @@ class Predictor:
                     # Copy back asynchronously and consume the previous batch while this one runs.
                     host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
                     host.copy_(y, non_blocking=True)
-                    event = torch.cuda.Event()
+                    event = torch.cuda.Event(enable_timing=True)
                     event.record()
-                    current = (idx, host, event)
+                    current = (idx, host, event, self._events)
                 else:
-                    current = (idx, y, None)
+                    current = (idx, y, None, None)
                 if pending is not None:
                     yield self._emit(pending, bar)
                 pending = current
@@ -121,14 +154,21 @@ class Predictor:
 
             warn_bad_tiles(getattr(slide, "path", slide), grid, self.bad_tiles)
         finally:
+            if sampler is not None:
+                sampler.__exit__(None, None, None)
+                self.timer.gpu = sampler.result()
             if bar is not None:
                 bar.close()
 
-    @staticmethod
-    def _emit(item: tuple, bar: Any) -> tuple[np.ndarray, np.ndarray]:
-        idx, y, event = item
+    def _emit(self, item: tuple, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+        idx, y, event, marks = item
         if event is not None:
             event.synchronize()
+            if marks is not None:  # CUDA events: upload+normalise, model, copy back
+                e0, e1, e2 = marks
+                self.timer.add("transfer", (e0.elapsed_time(e1) + e2.elapsed_time(event)) / 1000)
+                self.timer.add("model", e1.elapsed_time(e2) / 1000)
+        self.timer.tiles += len(idx)
         if bar is not None:
             bar.update(len(idx))
         return idx.numpy(), y.numpy()
@@ -288,6 +328,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
             if hm is None:  # from another configuration: it must not pass for this run's result
                 shutil.rmtree(hm_path)
         n_tiles = n_done_before = 0
+        timer, t_loop = StageTimer(), 0.0
         if hm is None:
             mask = tissue_mask(slide, progress=None if progress else False)
             release_memory()
@@ -306,21 +347,27 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
             n_tiles, n_done_before = len(grid), len(grid) - len(todo)
             predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
                                   on_bad_tile=on_bad_tile)
+            predictor.timer = timer
             fsize = writer.footprint if spec.task == "segmentation" else None
+            t_loop = time.perf_counter()
             for idx, y in predictor.predict(slide, grid, todo, output_size=fsize):
-                writer.add(idx, y)
-                release_memory()
+                with timer.stage("stitch"):
+                    writer.add(idx, y)
+                    release_memory()
+            t_loop = time.perf_counter() - t_loop
             if len(predictor.bad_tiles):
                 writer.skip(predictor.bad_tiles)
-            writer.finish()
-            if hm_path.exists():
-                shutil.rmtree(hm_path)
-            os.replace(part, hm_path)
+            with timer.stage("write"):
+                writer.finish()
+                if hm_path.exists():
+                    shutil.rmtree(hm_path)
+                os.replace(part, hm_path)
             hm = Heatmap(hm_path)
         else:
             n_tiles = int(hm.attrs["grid"]["tiles"])
             n_done_before = n_tiles
         t_pred = time.time() - t0
+        t_write = time.perf_counter()
         hm.overlay(slide, out / "overlay.png")
         anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
         # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
@@ -334,6 +381,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                                 measurements={c: float(v) for c, v in zip(hm.classes, vals)})
                      for (x, y), vals in zip(coords.tolist(), values.tolist()))
             write_geojson(tiles, out / "tiles.geojson", bounds=slide.dimensions)  # edge tiles reach past it
+        timer.add("write", time.perf_counter() - t_write)
         summary = {"slide": str(slide.path), "config_key": key, "config": {**run_cfg, **out_cfg},
                    "task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
                    "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,
@@ -342,6 +390,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                    "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2),
                    "slide_mpp": {"used": list(slide.mpp), "source": slide.mpp_source,
                                  "metadata": None if slide.metadata_mpp is None else list(slide.metadata_mpp)},
-                   "bad_tiles": _bad_tile_coords(hm)}
+                   "bad_tiles": _bad_tile_coords(hm),
+                   # Where the time went (this run's tiles; a resumed or reused heatmap has fewer).
+                   **timer.as_dict(t_loop)}
         write_text_atomic(summary_path, json.dumps(summary, indent=2))
     return summary

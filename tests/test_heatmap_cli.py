@@ -228,10 +228,10 @@ def test_unreadable_tile_in_a_worker_is_one_clean_error(slide_path: Path, monkey
 
     original = TileReader.read
 
-    def broken(self, i):
+    def broken(self, i, *args):
         if i == 3:
             raise SlideError("cannot read tile at (1, 2): corrupt JPEG data", self.slide.path)
-        return original(self, i)
+        return original(self, i, *args)
 
     monkeypatch.setattr(TileReader, "read", broken)  # forked workers inherit the patch
     spec = ModelSpec(classes=["r", "g", "b"], patch_size=64, mpp=2.0, activation="none")

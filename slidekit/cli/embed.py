@@ -62,6 +62,10 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
         return run_cohort_cli(ctx, "embed", list(slides), out, quiet, {**options, "geojson": bool(geojson)})
     path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, **options)
     emb = open_embeddings(path)
+    from slidekit.timing import format_split
+
+    if not quiet and format_split(emb.attrs.get("timing")):
+        click.echo(f"time: {format_split(emb.attrs.get('timing'))}", err=True)  # stdout stays JSON
     echo_json({"out": str(Path(path)), "tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1]),
                "clusters": clusters, "geojson": geojson})
 

@@ -89,6 +89,10 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     if not quiet:
         state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
         click.echo(f"{Path(paths[0]).name}: {s['tiles']} tiles, {s['regions']} regions -> {out_dir} [{state}]")
+        from slidekit.timing import format_split
+
+        if not s.get("skipped") and format_split(s):
+            click.echo(f"time: {format_split(s)}")  # where the time went: reading or the model?
 
 
 @click.command("convert")

@@ -1,0 +1,144 @@
+"""Where a long job's time went: wall seconds per stage, tiles/s and (on CUDA) GPU utilisation.
+
+``StageTimer`` adds up seconds for the stages of tile inference -- ``read`` (tile read + decode,
+as the consumer waits for it), ``transfer`` (host<->device copies), ``model``, ``stitch``
+(blending outputs into the heatmap) and ``write`` (output files) -- and renders the split as one
+line (``read 12% · model 81% · stitch 5% · write 2%``). ``GPUSampler`` samples the GPU's
+utilisation in a thread through nvidia-ml-py (``pynvml``) when it is installed; without it, or
+on CPU, it records nothing and says why in ``gpu["note"]``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+STAGES = ("read", "transfer", "model", "stitch", "write")
+
+
+class StageTimer:
+    """Wall seconds per stage (``STAGES``), tiles counted, and an optional GPU sampler's result."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.tiles = 0
+        self.gpu: dict | None = None
+        self._t0 = time.perf_counter()
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to ``stage`` (one of ``STAGES``)."""
+        if stage not in self.seconds:
+            raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
+        self.seconds[stage] += max(0.0, float(seconds))
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        """Time the ``with`` body into ``stage``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t)
+
+    def split(self) -> str:
+        """The stages' shares of their total, e.g. ``read 12% · model 81% · write 7%`` (stages
+        under 0.5 % left out; empty when nothing was timed)."""
+        total = sum(self.seconds.values())
+        if total <= 0:
+            return ""
+        parts = [f"{k} {100 * v / total:.0f}%" for k, v in self.seconds.items() if v / total >= 0.005]
+        return " · ".join(parts)
+
+    def as_dict(self, wall: float | None = None) -> dict[str, Any]:
+        """``{"stages": {stage: s}, "tiles_per_s": tiles / wall, "gpu": ...}`` for summaries
+        (``wall``: the seconds the tiles took; default: since the timer was made)."""
+        wall = time.perf_counter() - self._t0 if wall is None else wall
+        out: dict[str, Any] = {"stages": {k: round(v, 3) for k, v in self.seconds.items()},
+                               "tiles_per_s": round(self.tiles / wall, 2) if wall > 0 and self.tiles else None}
+        if self.gpu is not None:
+            out["gpu"] = self.gpu
+        return out
+
+
+def format_split(timing: dict | None) -> str:
+    """The one-line split of a summary's timing (``as_dict`` form), with tiles/s and GPU use."""
+    if not timing or not timing.get("stages"):
+        return ""
+    t = StageTimer()
+    t.seconds.update(timing["stages"])
+    line = t.split()
+    if timing.get("tiles_per_s"):
+        line += f" · {timing['tiles_per_s']:.0f} tiles/s"
+    gpu = timing.get("gpu") or {}
+    if gpu.get("mean_util") is not None:
+        line += f" · GPU {gpu['mean_util']:.0f}% busy"
+    return line
+
+
+class GPUSampler:
+    """Samples the utilisation of CUDA device ``index`` every ``interval`` s in a thread.
+
+    Use as a context manager; ``result()`` gives ``{"mean_util", "max_util", "samples"}`` (%), or
+    ``{"note": why not}`` when the device is not CUDA or nvidia-ml-py is missing or fails.
+    """
+
+    def __init__(self, device: Any, interval: float = 0.2) -> None:
+        self.device, self.interval = device, interval
+        self.samples: list[float] = []
+        self.note: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._nvml: Any = None
+
+    def _handle(self) -> Any:
+        import torch
+
+        dev = torch.device(self.device)
+        if dev.type != "cuda":
+            self.note = "not on CUDA"
+            return None
+        try:
+            import pynvml  # nvidia-ml-py, extra [gpu]
+        except ImportError:
+            self.note = "nvidia-ml-py not installed (pip install slidekit[gpu])"
+            return None
+        try:
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            # NVML counts every GPU; CUDA_VISIBLE_DEVICES renumbers them: match by PCI bus id.
+            props = torch.cuda.get_device_properties(index)
+            if all(hasattr(props, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+                bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+                return pynvml.nvmlDeviceGetHandleByPciBusId(bus)
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception as e:  # no driver, no permission ...
+            self.note = f"NVML unavailable ({type(e).__name__}: {e})"
+            return None
+
+    def _run(self, handle: Any) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append(float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+            except Exception as e:
+                self.note = f"NVML sampling failed ({type(e).__name__}: {e})"
+                return
+
+    def __enter__(self) -> "GPUSampler":
+        handle = self._handle()
+        if handle is not None:
+            self._thread = threading.Thread(target=self._run, args=(handle,), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> dict:
+        if not self.samples:
+            return {"note": self.note or "no samples (run shorter than the sampling interval)"}
+        return {"mean_util": round(sum(self.samples) / len(self.samples), 1), "max_util": max(self.samples),
+                "samples": len(self.samples)}
