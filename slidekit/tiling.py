@@ -459,16 +459,17 @@ def _is_grid_file(path: str | os.PathLike) -> bool:
 def make_grid(slide_path: str | os.PathLike, mpp: float = 0.5, size: int = 256, overlap: int = 0,
               min_tissue: float = 0.5, out: str | os.PathLike | None = None,
               slide_mpp: float | None = None, backend: str | None = None,
-              mask_mpp: float = 8.0, override_mpp: float | None = None) -> TileGrid:
+              mask_mpp: float = 8.0, override_mpp: float | None = None, tissue: dict | None = None) -> TileGrid:
     """Open a slide, detect tissue (when ``min_tissue > 0``), build its grid and save it to ``out``.
 
     ``slide_mpp`` is used only where the slide's metadata has no MPP; ``override_mpp`` replaces it.
+    ``tissue`` holds ``tissue_mask`` options (its ``mpp`` wins over ``mask_mpp``).
     """
     from slidekit.slide import open_slide
     from slidekit.tissue import tissue_mask
 
     with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide:
-        mask = tissue_mask(slide, mpp=mask_mpp) if min_tissue > 0 else None
+        mask = tissue_mask(slide, **{"mpp": mask_mpp, **(tissue or {})}) if min_tissue > 0 else None
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                    min_tissue=min_tissue)
     if out is not None:

@@ -120,3 +120,35 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 def slide_reading_options(func: Callable) -> Callable:
     """--slide-mpp (fallback), --override-mpp and --backend: how a command opens its slides."""
     return mpp_override_option(force_mpp_option(backend_option(func)))
+
+
+def tissue_detection_options(func: Callable) -> Callable:
+    """--tissue-mpp, --tissue-min-area and the detection thresholds (``slidekit.tissue.tissue_mask``),
+    gathered by ``tissue_kwargs`` into the ``tissue=`` dict the API calls take."""
+    opts = [
+        click.option("--tissue-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Pixel size (µm/px) tissue is detected at [default: 8]."),
+        click.option("--tissue-min-area", type=click.FloatRange(min=0), default=None,
+                     help="Smallest tissue region kept, µm² [default: 20000]."),
+        click.option("--tissue-min-saturation", type=click.IntRange(0, 255), default=None,
+                     help="Lowest saturation threshold of the tissue detector, 0-255 [default: 20]."),
+        click.option("--tissue-min-od", type=click.FloatRange(min=0), default=None,
+                     help="Lowest optical density of tissue [default: 0.05]."),
+        click.option("--tissue-min-contrast", type=click.FloatRange(min=0), default=None,
+                     help="Optical density above the glass's counted as tissue [default: 0.02]."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+TISSUE_OPTIONS = {"tissue_mpp": "mpp", "tissue_min_area": "min_area_um2", "tissue_min_saturation": "min_saturation",
+                  "tissue_min_od": "min_od", "tissue_min_contrast": "min_contrast"}
+
+
+def tissue_kwargs(params: dict) -> dict | None:
+    """Pop the tissue options out of a command's ``params``; the ``tissue_mask`` keyword arguments that
+    were given (None when none was: the defaults)."""
+    given = {TISSUE_OPTIONS[k]: params.pop(k) for k in list(params) if k in TISSUE_OPTIONS}
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None

@@ -8,7 +8,7 @@ import click
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
 from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, overlap_option, quiet_flag,
                                  quiet_option, size_option, slide_argument, slide_reading_options,
-                                 target_mpp_option)
+                                 target_mpp_option, tissue_detection_options, tissue_kwargs)
 
 
 @click.command()
@@ -84,26 +84,71 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: flo
 @size_option
 @overlap_option
 @min_tissue_option
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Grid file to write (.npz); for a cohort, a folder (OUT/<slide id>/grid.npz).")
+@click.option("--export", "export", type=click.Path(path_type=Path), default=None, metavar="DIR|FILE.zip",
+              help="Write the grid's tiles as images (tiles/x{X}_y{Y}.png, level-0 corners) with patches.csv "
+                   "(x, y, mpp, size, tissue_fraction[, label]) into a folder or a zip; reruns resume. One slide only.")
+@click.option("--format", "image_format", type=click.Choice(["png", "jpeg"]), default="png", show_default=True,
+              help="Image format of --export (png is lossless).")
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
+@click.option("--annotations", type=click.Path(dir_okay=False, path_type=str), default=None,
+              metavar="GEOJSON|XML", help="Label each tile from these annotations (QuPath GeoJSON, ASAP/ImageScope XML).")
+@click.option("--label-rule", type=click.Choice(["majority", "centre"]), default="majority", show_default=True,
+              help="majority: the class covering most of the tile (none when unlabelled area is larger); "
+                   "centre: the class under the tile's centre.")
+@click.option("--geojson", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the grid as QuPath tile objects (classified with --annotations), clipped to the slide.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads reading tiles for --export (0: read in the main thread).")
+@tissue_detection_options
 @slide_reading_options
 @quiet_option
 @cohort_options
 @handle_errors
 @click.pass_context
 def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, overlap: int, min_tissue: float,
-         out: Path, slide_mpp: float | None, override_mpp: float | None, backend: str | None, quiet: bool,
-         **cohort: object) -> None:
-    """Make a tile grid at a target MPP and save it (one slide, or a cohort: see docs/cohorts.md)."""
+         out: Path | None, export: Path | None, image_format: str, quality: int, annotations: str | None,
+         label_rule: str, geojson: Path | None, workers: int, slide_mpp: float | None, override_mpp: float | None,
+         backend: str | None, quiet: bool, **cohort: object) -> None:
+    """Make a tile grid at a target MPP and save it, export its tiles as images, or both
+    (one slide; a cohort makes grids only: see docs/cohorts.md)."""
     from slidekit.tiling import make_grid
 
+    tissue = tissue_kwargs(cohort)
+    quiet = quiet or quiet_flag(ctx)
     options = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
-                   backend=backend, override_mpp=override_mpp)
+                   backend=backend, override_mpp=override_mpp, tissue=tissue)
     if not single_slide(ctx, slides, cohort):
-        return run_cohort_cli(ctx, "tile", list(slides), str(out), quiet or quiet_flag(ctx), options)
-    grid = make_grid(slides[0], out=out, **options)
-    if not (quiet or quiet_flag(ctx)):
-        click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
+        if export or geojson or annotations:
+            raise click.UsageError("--export, --geojson and --annotations take one slide (with its own "
+                                   "annotations); run `slidekit tile` per slide")
+        if out is None:
+            raise click.UsageError("--out is required for a cohort")
+        return run_cohort_cli(ctx, "tile", list(slides), str(out), quiet, options)
+    if out is None and export is None and geojson is None:
+        raise click.UsageError("give --out (grid file), --export (tile images) and/or --geojson")
+    if out is not None:
+        grid = make_grid(slides[0], out=out, **options)
+        if not quiet:
+            click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
+    if export is not None:
+        from slidekit.patches import export_patches
+
+        s = export_patches(slides[0], export, image_format=image_format, quality=quality, annotations=annotations,
+                           label_rule=label_rule, geojson=geojson, workers=workers, progress=not quiet, **options)
+        if not quiet:
+            state = "skipped (finished earlier)" if s.get("skipped") else f"{s['tiles_resumed']} resumed"
+            click.echo(f"{s['tiles']} tiles -> {export} [{state}]")
+    elif geojson is not None:
+        from slidekit.annotations import read_annotations
+        from slidekit.patches import tile_labels, write_grid_geojson
+
+        grid = make_grid(slides[0], **options) if out is None else grid
+        labels = tile_labels(read_annotations(annotations), grid, label_rule)[0] if annotations else None
+        write_grid_geojson(grid, geojson, labels)
+        if not quiet:
+            click.echo(f"{len(grid)} tiles -> {geojson}")
 
 
 def register(group: click.Group) -> None:
