@@ -10,7 +10,7 @@ from slidekit.cli.common import Context
 
 # Each module registers its commands on `main`; one module per area keeps this file small.
 COMMAND_MODULES = ["slidekit.cli.core", "slidekit.cli.train", "slidekit.cli.stage", "slidekit.cli.heatmap",
-                   "slidekit.cli.embed"]
+                   "slidekit.cli.embed", "slidekit.cli.export"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,26 @@
+"""`slidekit export CKPT --to wsinfer DIR | torchscript FILE | onnx FILE`."""
+from __future__ import annotations
+
+import click
+
+from slidekit.cli.common import echo_json, handle_errors
+
+
+@click.command("export")
+@click.argument("ckpt", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--to", "to", required=True, nargs=2, type=(click.Choice(["wsinfer", "torchscript", "onnx"]), str),
+              metavar="FORMAT OUT",
+              help="wsinfer DIR (a QuPath WSInfer model folder), torchscript FILE or onnx FILE.")
+@handle_errors
+def export(ckpt: str, to: tuple[str, str]) -> None:
+    """Export checkpoint CKPT for QuPath's WSInfer extension or other runtimes (see docs/models.md)."""
+    from slidekit.model_export import export_model
+
+    fmt, out = to
+    path = export_model(ckpt, fmt, out)
+    echo_json({"format": fmt, "out": str(path)})
+
+
+def register(group: click.Group) -> None:
+    """Add `export` to the main group."""
+    group.add_command(export)
