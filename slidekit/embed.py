@@ -80,6 +80,7 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                 slide_mpp: float | None = None, batch_size: int = 64, chunk_rows: int = 4096,
                 workers: int = 0, device: str = "auto", clusters: int | None = None,
                 geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
+                tissue: dict | None = None,
                 override_mpp: float | None = None, weights: str | os.PathLike | None = None,
                 patch_size: int | None = None, tile_mpp: float | None = None) -> Path:
     """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
@@ -100,7 +101,7 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
         if isinstance(grid, (str, os.PathLike)):
             grid = TileGrid.load(grid)
         if grid is None:
-            mask = tissue_mask(slide) if min_tissue > 0 else None
+            mask = tissue_mask(slide, **(tissue or {})) if min_tissue > 0 else None  # tissue: tissue_mask options
             grid = TileGrid.from_slide(slide, mpp=spec.mpp, size=spec.patch_size, mask=mask,
                                        min_tissue=min_tissue)
         else:
@@ -114,6 +115,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                          "extent": list(grid.extent), "min_tissue": grid.min_tissue},
                 "spec": {"backbone": spec.backbone, "patch_size": spec.patch_size, "mpp": spec.mpp,
                          "mean": list(spec.mean), "std": list(spec.std), "trainer": spec.trainer}}
+        if tissue and grid.tissue is not None:  # recorded only when set: stores without it stay complete
+            meta["grid"]["tissue"] = dict(tissue)
         with OutputLock(out.parent, name=f".{out.name}.lock"):
             if not _is_complete(out, meta):
                 _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress)

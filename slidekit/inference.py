@@ -268,6 +268,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                   workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
                   min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
                   chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
+                  roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
+                  tissue: dict | None = None,
                   override_mpp: float | None = None, on_bad_tile: str = "raise") -> dict:
     """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
     ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
@@ -275,6 +277,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     A finished slide (``summary.json`` with the same configuration) is skipped; an interrupted
     one resumes from the chunks its ``heatmap.zarr.part`` store had finished (``chunk`` heatmap
     pixels square). ``loaded`` is a ``load_model`` result, to share one model across slides.
+    ``roi`` (GeoJSON/XML; only its polygons of ``roi_class`` when given) limits the prediction to
+    those regions (``slidekit.roi``); ``tissue`` holds ``tissue_mask`` options.
     """
     from slidekit.annotations import Annotation, write_geojson
     from slidekit.heatmap import Heatmap, HeatmapWriter
@@ -300,6 +304,18 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     run_cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "blend": blend,
                "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp,
                "override_mpp": override_mpp}
+    roi_anns = None
+    if roi is not None:  # recorded only when set, so runs without one keep their configuration key
+        from slidekit.roi import read_roi, roi_identity
+
+        roi_anns = read_roi(roi, roi_class)
+        run_cfg["roi"] = roi_identity(roi, roi_class)
+    elif roi_class:
+        from slidekit.errors import ConfigError
+
+        raise ConfigError(f"roi_class {roi_class!r} given without roi (the annotation file to take it from)")
+    if tissue:
+        run_cfg["tissue"] = dict(tissue)
     out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
     summary_path = out / "summary.json"
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
@@ -330,7 +346,11 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         n_tiles = n_done_before = 0
         timer, t_loop = StageTimer(), 0.0
         if hm is None:
-            mask = tissue_mask(slide, progress=None if progress else False)
+            mask = tissue_mask(slide, progress=None if progress else False, **(tissue or {}))
+            if roi_anns is not None:
+                from slidekit.roi import restrict_mask
+
+                mask = restrict_mask(mask, roi_anns, slide)
             release_memory()
             grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                        min_tissue=min_tissue)
@@ -359,6 +379,10 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                 writer.skip(predictor.bad_tiles)
             with timer.stage("write"):
                 writer.finish()
+                if roi_anns is not None:  # empty outside the ROI, also where edge tiles reach past it
+                    from slidekit.roi import clip_store_to_roi
+
+                    clip_store_to_roi(part, roi_anns, slide.mpp)
                 if hm_path.exists():
                     shutil.rmtree(hm_path)
                 os.replace(part, hm_path)

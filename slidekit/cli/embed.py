@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
+from slidekit.cli.common import tissue_detection_options, tissue_kwargs
 from slidekit.cli.common import (device_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
                                  mpp_override_option, quiet_flag, quiet_option, workers_option)
 
@@ -33,6 +34,7 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
 @min_tissue_option
+@tissue_detection_options
 @workers_option
 @device_option
 @mpp_override_option
@@ -55,6 +57,7 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     options = dict(model=model, weights=weights, tile_mpp=tile_mpp, patch_size=patch_size, min_tissue=min_tissue,
                    slide_mpp=slide_mpp, override_mpp=override_mpp,
                    batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
+    options["tissue"] = tissue_kwargs(cohort)
     quiet = quiet or quiet_flag(ctx)
     if not single_slide(ctx, slides, cohort):
         if grid:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
+from slidekit.cli.common import tissue_detection_options, tissue_kwargs
 from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_option, handle_errors,
                                  mpp_override_option, quiet_flag)
 
@@ -37,6 +38,12 @@ from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_optio
               help="Smallest polygon kept, in µm².")
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="Minimum tissue fraction of a tile to predict it.")
+@click.option("--roi", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML",
+              help="Predict only inside these annotations' polygons (intersected with tissue); the heatmap is "
+                   "empty outside them. One slide only.")
+@click.option("--roi-class", multiple=True, metavar="NAME",
+              help="Use only the --roi polygons of this class (repeatable); an error when none has it.")
+@tissue_detection_options
 @click.option("--tiles-geojson", is_flag=True, help="Also write tiles.geojson: one QuPath tile per prediction.")
 @mpp_override_option
 @force_mpp_option
@@ -62,6 +69,10 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     from slidekit.inference import heatmap_slide, load_model, resolve_device
 
     quiet = quiet_local or quiet_flag(ctx)
+    tissue = tissue_kwargs(cohort)
+    roi, roi_class = cohort.pop("roi"), list(cohort.pop("roi_class")) or None
+    if roi_class and roi is None:
+        raise click.UsageError("--roi-class needs --roi")
     out_dir = Path(out)
     paths = list(slides)
     if not paths and not demo and not cohort.get("manifest"):
@@ -79,6 +90,11 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
                    min_area_um2=min_area_um2, min_tissue=min_tissue, tiles_geojson=tiles_geojson,
                    slide_mpp=slide_mpp, override_mpp=override_mpp,
                    on_bad_tile="skip" if skip_bad_tiles else "raise")
+    options["tissue"] = tissue
+    if roi is not None:
+        if is_cohort(ctx, paths, cohort.get("manifest") or ()):
+            raise click.UsageError("--roi belongs to one slide (its annotations); run `slidekit heatmap` per slide")
+        options.update(roi=roi, roi_class=roi_class)
     if is_cohort(ctx, paths, cohort.get("manifest") or ()):
         if ctx.get_parameter_source("workers") != click.core.ParameterSource.COMMANDLINE:
             options["workers"] = 0  # each slide worker reads its own tiles; more processes oversubscribe
