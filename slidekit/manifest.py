@@ -77,7 +77,12 @@ def _expand(item: str | os.PathLike, kind: str = "slides") -> list[dict]:
     if kind == "heatmaps":
         return _expand_heatmaps(p, text)
     if p.is_dir():
-        found = sorted(q for q in p.iterdir() if _is_slide_file(q))
+        from slidekit.dicom import is_dicom_folder
+
+        if is_dicom_folder(p):  # a DICOM WSI series: the folder is one slide
+            return [{"slide": p}]
+        # slide files, and subfolders each holding a DICOM series
+        found = sorted(q for q in p.iterdir() if _is_slide_file(q) or (q.is_dir() and is_dicom_folder(q)))
         if not found:
             raise ManifestError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder", p)
         return [{"slide": q} for q in found]

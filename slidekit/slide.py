@@ -1,4 +1,4 @@
-"""One slide API over three backends: OpenSlide, tiffslide and plain images.
+"""One slide API over three backends: OpenSlide, tiffslide and plain images (DICOM WSI through OpenSlide).
 
 ``open_slide`` picks the backend (OpenSlide first, tiffslide when OpenSlide refuses the file,
 plain images through Pillow), checks the file is whole and has a pixel size, and returns a
@@ -279,15 +279,21 @@ class Slide:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError("file not found", self.path)
+        # A DICOM WSI folder opens through one file of its series (slidekit.dicom); self.path stays the folder.
+        self._source = self.path
         if self.path.is_dir():
-            raise SlideError("is a directory, not a slide file", self.path)
-        if self.path.stat().st_size == 0:
+            from slidekit.dicom import dicom_entry, is_dicom_folder
+
+            if not is_dicom_folder(self.path):
+                raise SlideError("is a directory, not a slide file (nor a DICOM WSI folder)", self.path)
+            self._source = dicom_entry(self.path)
+        if self._source.stat().st_size == 0:
             raise SlideError("file is empty", self.path)
         fallback, override = self._check_mpp(mpp, "mpp"), self._check_mpp(override_mpp, "override_mpp")
         if self.path.suffix.lower() in TIFF_SUFFIXES:
             check_tiff_complete(self.path)
         self._max_image_pixels = max_image_pixels
-        self.backend, self._handle = _open_backend(self.path, backend, max_image_pixels)
+        self.backend, self._handle = _open_backend(self._source, backend, max_image_pixels)
         self._pid = os.getpid()
         self._requested_backend = backend
         self._stored: dict[int, Any] = {}
@@ -350,7 +356,8 @@ class Slide:
     def handle(self) -> _Backend:
         """The backend handle for this process, reopened after fork/spawn or close()."""
         if self._handle is None or self._pid != os.getpid():
-            _, self._handle = _open_backend(self.path, self.backend, getattr(self, "_max_image_pixels", None))
+            _, self._handle = _open_backend(getattr(self, "_source", self.path), self.backend,
+                                            getattr(self, "_max_image_pixels", None))
             self._pid = os.getpid()
             self._stored = {}
         return self._handle

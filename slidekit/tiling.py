@@ -29,8 +29,13 @@ GRID_FORMAT = "slidekit.tilegrid/1"
 
 
 def slide_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap identity for a slide file: size plus hashes of its first and last 64 KiB."""
+    """A cheap identity for a slide file: size plus hashes of its first and last 64 KiB (for a
+    DICOM WSI folder: of the series file it opens through)."""
     p = Path(path)
+    if p.is_dir():
+        from slidekit.dicom import dicom_entry
+
+        p = dicom_entry(p)
     size = p.stat().st_size
     h = hashlib.sha1(str(size).encode())
     with open(p, "rb") as f:

@@ -36,11 +36,14 @@ def cohort_options(func: Callable) -> Callable:
 
 
 def is_cohort(ctx: click.Context, items: list[str], manifest: tuple[str, ...]) -> bool:
-    """Cohort mode: several inputs, a folder, glob or manifest, or any cohort option given."""
+    """Cohort mode: several inputs, a folder (other than one DICOM WSI series), glob or manifest,
+    or any cohort option given."""
+    from slidekit.dicom import is_dicom_folder
+
     explicit = any(ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
                    for p in COHORT_PARAMS if p in ctx.params)
-    many = len(items) > 1 or any(Path(i).is_dir() or glob.has_magic(i) or i.lower().endswith(".csv")
-                                 for i in items)
+    many = len(items) > 1 or any((Path(i).is_dir() and not is_dicom_folder(i)) or glob.has_magic(i)
+                                 or i.lower().endswith(".csv") for i in items)
     return bool(manifest) or explicit or many
 
 

@@ -76,7 +76,7 @@ def echo_json(data: Any) -> None:
 
 
 # Reusable typed options, so every command spells them the same way.
-slide_argument = click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
+slide_argument = click.argument("slide", type=click.Path(path_type=str))  # a file, or a DICOM WSI folder
 mpp_override_option = click.option(
     "--slide-mpp", "slide_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
     help="Pixel size (µm/px) of level 0, used only for slides whose metadata has none.")
