@@ -392,9 +392,11 @@ class Heatmap:
         return out, cov_out
 
     def overlay(self, slide, path: str | os.PathLike | None = None, max_size: int = 2048,
-                alpha: float = 0.5) -> np.ndarray:
+                alpha: float = 0.5, legend: bool = True) -> np.ndarray:
         """RGB overlay of the heatmap on the slide thumbnail (colour map for one class, class
-        colours by argmax for several); saved as PNG when ``path`` is given."""
+        colours by argmax for several); saved as PNG when ``path`` is given. ``legend`` adds a
+        panel below it (``slidekit.legend``: slide name, scale bar, colour key), also stored as
+        the PNG's ``slidekit.legend`` text."""
         H, W = self.shape
         factor = max(1, math.ceil(max(H, W) / max_size))
         vals, cov = self.view(factor)
@@ -429,12 +431,20 @@ class Heatmap:
             a = a.astype(np.float32)[..., None]
             band = out[r0:r1]
             band[:] = np.rint(band * (1 - a) + color * a).astype(np.uint8)
-        if path is not None:
-            from slidekit.io import atomic_path
+        info = None
+        if legend:
+            from slidekit.legend import draw_legend, legend_info
 
-            with atomic_path(path) as tmp:
-                ok, buf = cv2.imencode(".png", out[..., ::-1])
-                tmp.write_bytes(buf.tobytes())
+            seen = vals[:, cov > 0]
+            info = legend_info(self, slide.name, thumb_mpp, tw, (0.0, 1.0))
+            if info["kind"] == "colorbar" and seen.size:
+                info["observed"] = [round(float(seen.min()), 4), round(float(seen.max()), 4)]
+                info["label"] += f" (this slide {info['observed'][0]:.2f}-{info['observed'][1]:.2f})"
+            out = draw_legend(out, info)
+        if path is not None:
+            from slidekit.legend import save_png
+
+            save_png(out, path, info)
         return out
 
     def vectorize(self, threshold: float = 0.5, min_area_um2: float = 0.0, classes: list[str] | None = None,

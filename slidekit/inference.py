@@ -250,7 +250,7 @@ def _config_key(cfg: dict) -> str:
 
 # Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
 HEATMAP_OUTPUTS = ("heatmap.zarr", "heatmap.zarr.part", "overlay.png", "predictions.geojson", "tiles.geojson",
-                   "summary.json")
+                   "heatmap.tif", "summary.json")
 
 
 def _bad_tile_coords(hm: Any) -> list[list[int]]:
@@ -269,7 +269,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                   min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
                   chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
                   roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
-                  tissue: dict | None = None,
+                  tissue: dict | None = None, tiff: str | None = None,
                   override_mpp: float | None = None, on_bad_tile: str = "raise") -> dict:
     """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
     ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
@@ -278,7 +278,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     one resumes from the chunks its ``heatmap.zarr.part`` store had finished (``chunk`` heatmap
     pixels square). ``loaded`` is a ``load_model`` result, to share one model across slides.
     ``roi`` (GeoJSON/XML; only its polygons of ``roi_class`` when given) limits the prediction to
-    those regions (``slidekit.roi``); ``tissue`` holds ``tissue_mask`` options.
+    those regions (``slidekit.roi``); ``tissue`` holds ``tissue_mask`` options. ``tiff`` ("rgb" or
+    "values") also writes ``heatmap.tif``, a pyramidal TIFF at the heatmap MPP (``slidekit.heatmap_tiff``).
     """
     from slidekit.annotations import Annotation, write_geojson
     from slidekit.heatmap import Heatmap, HeatmapWriter
@@ -317,6 +318,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     if tissue:
         run_cfg["tissue"] = dict(tissue)
     out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
+    if tiff:  # recorded only when asked, so earlier runs keep their configuration key
+        out_cfg["tiff"] = tiff
     summary_path = out / "summary.json"
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
         run_cfg["slide_id"] = slide_fingerprint(slide.path)
@@ -393,6 +396,10 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         t_pred = time.time() - t0
         t_write = time.perf_counter()
         hm.overlay(slide, out / "overlay.png")
+        if tiff:
+            from slidekit.heatmap_tiff import write_heatmap_tiff
+
+            write_heatmap_tiff(hm, out / "heatmap.tif", mode=tiff)
         anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
         # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
         write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)

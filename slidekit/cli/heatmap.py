@@ -44,6 +44,9 @@ from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_optio
 @click.option("--roi-class", multiple=True, metavar="NAME",
               help="Use only the --roi polygons of this class (repeatable); an error when none has it.")
 @tissue_detection_options
+@click.option("--tiff", type=click.Choice(["rgb", "values"]), default=None,
+              help="Also write heatmap.tif: a pyramidal TIFF at the heatmap MPP with its physical pixel size, to "
+                   "open beside the slide (rgb: coloured as the overlay; values: float32 per class).")
 @click.option("--tiles-geojson", is_flag=True, help="Also write tiles.geojson: one QuPath tile per prediction.")
 @mpp_override_option
 @force_mpp_option
@@ -91,6 +94,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
                    slide_mpp=slide_mpp, override_mpp=override_mpp,
                    on_bad_tile="skip" if skip_bad_tiles else "raise")
     options["tissue"] = tissue
+    options["tiff"] = cohort.pop("tiff")
     if roi is not None:
         if is_cohort(ctx, paths, cohort.get("manifest") or ()):
             raise click.UsageError("--roi belongs to one slide (its annotations); run `slidekit heatmap` per slide")
