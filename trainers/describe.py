@@ -147,7 +147,7 @@ def show_config(name: str) -> str:
     """A complete YAML config for trainer ``name``: every option at its default, ``# type: help`` beside it."""
     trainer = get(name)
     rows = config_options(name)
-    lines = [f"# {name}: {_doc_line(trainer)}", f"# every option of `slidekit train {name}`, at its default"]
+    lines = [f"# {name}.yaml: {_doc_line(trainer)}", f"# every option of `slidekit train {name}`, at its default"]
     values = []
     for r in rows:
         text = yaml.safe_dump({r["name"]: r["default"]}, default_flow_style=True, width=10_000).strip()
