@@ -388,10 +388,18 @@ class Slide:
         return best
 
     def stored_tiles(self, level: int) -> Any:
-        """The level's stored tiles (``tiffio.StoredTiles``) for TIFF-family slides, else None."""
+        """The level's stored tiles (``tiffio.StoredTiles``) for TIFF-family slides and plain DICOM
+        WSI levels (``dicom.DicomStoredTiles``), else None."""
         if level not in self._stored:
             st = None
-            if self.backend != "image" and self.path.suffix.lower() in TIFF_SUFFIXES:
+            if self.backend == "openslide" and self.properties.get("openslide.vendor") == "dicom":
+                from slidekit.dicom import dicom_stored_tiles
+
+                try:
+                    st = dicom_stored_tiles(self._source, self.level_dimensions[level])
+                except Exception:  # an unusual layout: read through OpenSlide instead
+                    st = None
+            elif self.backend != "image" and self.path.suffix.lower() in TIFF_SUFFIXES:
                 from slidekit.tiffio import StoredTiles, level_page
 
                 address = level_page(self.path, self.level_dimensions[level])

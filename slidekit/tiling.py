@@ -288,9 +288,10 @@ NATIVE_CACHE_BYTES = 64 << 20
 
 
 def native_tiles_for(slide: Slide, grid: TileGrid, tolerance: float = 1e-3) -> _NativeTiles | None:
-    """A direct tile decoder when ``grid``'s pixels are a stored TIFF level's pixels (same MPP,
-    integer level coordinates; any tile size, overlap or offset), else None."""
-    if slide.path.suffix.lower() not in TIFF_SUFFIXES or slide.backend == "image":
+    """A direct tile decoder when ``grid``'s pixels are a stored TIFF (or DICOM) level's pixels (same
+    MPP, integer level coordinates; any tile size, overlap or offset), else None."""
+    dicom = slide.backend == "openslide" and slide.properties.get("openslide.vendor") == "dicom"
+    if (slide.path.suffix.lower() not in TIFF_SUFFIXES and not dicom) or slide.backend == "image":
         return None
     level = slide.best_level_for_mpp(grid.mpp, tolerance)
     ds = slide.level_downsamples[level]

@@ -115,3 +115,19 @@ def test_folders_that_are_not_one_dicom_series(cmu_dicom, tmp_path):
     shutil.copy(sorted(src.glob("*.dcm"))[0], two / "b.dcm")
     with pytest.raises(SlideError, match="holds 2 DICOM WSI series"):
         open_slide(two)
+
+
+def test_stored_frames_take_the_native_fast_path(cmu_dicom):
+    from slidekit.dicom import DicomStoredTiles
+    from slidekit.tiling import TileGrid, native_tiles_for, read_tiles
+
+    _, folder = cmu_dicom
+    with open_slide(folder) as slide:
+        assert isinstance(slide.stored_tiles(0), DicomStoredTiles)
+        for size in (256, 200):  # aligned with the 256² frames, and cut across them
+            grid = TileGrid.from_slide(slide, mpp=slide.mpp[0], size=size, min_tissue=0)
+            native = native_tiles_for(slide, grid)
+            assert native is not None
+            for (x, y), tile in read_tiles(slide, grid):
+                ref = slide.read_region((x, y), 0, (size, size), verify=False)
+                assert np.array_equal(tile, ref)
