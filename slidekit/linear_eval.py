@@ -169,8 +169,10 @@ def fine_tune(model: nn.Module | str | os.PathLike, train_images: Sequence[np.nd
 
 
 def _backbone_of(net: nn.Module) -> str:
-    """The torchvision backbone name of a slidekit network, from its encoder's shape."""
+    """The backbone name of a slidekit network (``timm:NAME`` or a torchvision ResNet)."""
     enc = net.encoder
+    if isinstance(getattr(enc, "backbone", None), str):  # encoders record their name (slidekit.encoders)
+        return enc.backbone
     if enc.channels[-1] == 2048:
         return "resnet50"
     return "resnet34" if len(enc.layer1) == 3 else "resnet18"

@@ -132,3 +132,16 @@ def test_embed_with_timm_encoder(tmp_path):
     emb = open_embeddings(out)
     assert emb.features.shape[1] == 320 and emb.coords.shape[0] > 0
     assert np.isfinite(np.asarray(emb.features[:])).all()
+
+
+def test_fine_tune_keeps_a_timm_backbone():
+    from slidekit.linear_eval import fine_tune
+
+    torch.manual_seed(0)
+    net = build_model(ModelSpec(arch="resnet-encoder", backbone=f"timm:{CNN}", task="embedding", classes=[],
+                                patch_size=32, activation="none"))
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(8)]
+    labels = ["a", "b"] * 4
+    out = fine_tune(net, imgs, labels, imgs[:4], labels[:4], epochs=1, batch_size=4, size=32)
+    assert len(out["predictions"]) == 4
