@@ -23,8 +23,9 @@ def read_roi(path: str | os.PathLike, classes: Sequence[str] | str | None = None
     """
     from slidekit.annotations import read_annotations
 
+    polygonal = ("Polygon", "MultiPolygon")
     anns = [a for a in read_annotations(path)
-            if a.geometry is not None and not a.geometry.is_empty and a.geometry.geom_type in ("Polygon", "MultiPolygon")]
+            if a.geometry is not None and not a.geometry.is_empty and a.geometry.geom_type in polygonal]
     if not anns:
         raise AnnotationError("holds no polygons to use as a region of interest", path)
     if classes:

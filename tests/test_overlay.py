@@ -9,7 +9,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from slidekit.cli import main
-from slidekit.errors import OutputError
 from slidekit.heatmap import Heatmap, HeatmapWriter
 from slidekit.heatmap_tiff import write_heatmap_tiff
 from slidekit.legend import read_legend

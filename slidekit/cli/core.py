@@ -93,7 +93,8 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: flo
               help="Image format of --export (png is lossless).")
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
 @click.option("--annotations", type=click.Path(dir_okay=False, path_type=str), default=None,
-              metavar="GEOJSON|XML", help="Label each tile from these annotations (QuPath GeoJSON, ASAP/ImageScope XML).")
+              metavar="GEOJSON|XML",
+              help="Label each tile from these annotations (QuPath GeoJSON, ASAP/ImageScope XML).")
 @click.option("--label-rule", type=click.Choice(["majority", "centre"]), default="majority", show_default=True,
               help="majority: the class covering most of the tile (none when unlabelled area is larger); "
                    "centre: the class under the tile's centre.")
