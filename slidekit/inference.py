@@ -60,6 +60,9 @@ class Predictor:
         self.device = resolve_device(device)
         self.spec, self.batch_size, self.workers, self.progress = spec, int(batch_size), int(workers), progress
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is not None:
+            # CUDA events and streams use the current device: make it the one asked for (cuda:N)
+            torch.cuda.set_device(self.device)
         self.amp = amp and self.cuda
         self.channels_last = channels_last and self.cuda
         self.model = model.to(self.device).eval()
