@@ -34,6 +34,7 @@ import torch
 import yaml
 from torch import nn
 
+from slidekit import distributed as dist
 from slidekit.errors import CheckpointError, ConfigError, TrainingError
 from slidekit.io import atomic_path, write_text_atomic
 from slidekit.models import ModelSpec, resolve_device, save_checkpoint  # noqa: F401 (re-exported)
@@ -64,6 +65,7 @@ class TrainerConfig:
     batch_size: int = 16
     lr: float = 1e-3
     num_workers: int = 0
+    sync_batchnorm: bool = False  # several ranks: batch norm over the global batch, not each rank's share
     init: str | None = None  # weights for the encoder: slidekit checkpoint, torchvision or timm state dict
 
     def __post_init__(self) -> None:
@@ -300,6 +302,15 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def seed_rank(seed: int, epoch: int, rank: int) -> None:
+    """Seed this rank's Python/NumPy/torch streams for ``epoch`` (several ranks: each rank its own
+    augmentation draws, the same ones again when the epoch is rerun after a resume)."""
+    s = int(np.random.default_rng([seed, epoch, rank, 7919]).integers(2**62))
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
 def init_encoder(model: nn.Module, init: str | None) -> None:
     """Initialise ``model.encoder`` from ``init``, when one is given: a slidekit checkpoint (e.g.
     SimCLR), a torchvision ResNet state dict, or a timm weights file for a ``timm:NAME`` backbone."""
@@ -432,6 +443,9 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
 
     After each epoch the slidekit checkpoint and the training state are saved atomically, so an
     interrupted run loses at most the epoch in progress. ``done.json`` marks a finished run.
+    With several ranks (``slidekit.distributed``) rank 0 decides the rerun rule and alone writes
+    files and shows progress; every rank loads the same ``state.pt``; float metrics are averaged
+    over ranks; each rank's random streams are reseeded from (seed, epoch, rank) every epoch.
     What a rerun into the same folder does (resume, continue to more epochs, refuse a different
     config) is ``trainers.runs.begin_run``'s rule. An epoch whose loss or weights are NaN/inf
     stops the run with a TrainingError; the previous epoch's checkpoint and state are kept.
@@ -439,11 +453,12 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
     out = Path(out_dir)
     ckpt_path, state_path, done_path = out / "checkpoint.pt", out / "state.pt", out / "done.json"
     epochs = trainer.config.epochs if epochs is None else epochs
-    if begin_run(trainer, out, epochs) == "finished":
+    if dist.on_main(lambda: begin_run(trainer, out, epochs)) == "finished":
         return ckpt_path
     spec.trainer = trainer.name
     spec.trainer_config = dataclasses.asdict(trainer.config)
-    log = MetricsLog(out)
+    main = dist.is_main()
+    log = MetricsLog(out) if main else None
     start = 0
     state = TrainState.load(state_path)
     if state is not None:
@@ -465,28 +480,36 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
             raise CheckpointError(f"cannot resume: training state does not fit this run "
                                   f"({' '.join(str(e).split())[:150]}); {RESTART_HINT}", state_path) from None
         start = state.epoch
-    log.truncate(start)
+    if log is not None:
+        log.truncate(start)
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=trainer.name, unit="epoch",
-               disable=not progress)
+               disable=not (progress and main))
     for epoch in bar:
         model.train()
-        metrics = train_epoch(epoch)
+        if dist.is_distributed():
+            seed_rank(getattr(trainer.config, "seed", 0), epoch, dist.rank())
+        metrics = dist.all_reduce_mean(train_epoch(epoch))
         why = _divergence(model, metrics)
         if why is not None:
             kept = f"epoch {epoch}'s checkpoint is kept" if epoch else "no checkpoint was written"
             raise TrainingError(f"training diverged in epoch {epoch + 1}: {why} (lr {trainer.config.lr} too "
                                 f"high?); {kept}", out)
-        log.log(epoch=epoch, **metrics)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
-        save_checkpoint(ckpt_path, model, spec, extra={"epoch": epoch + 1})
-        TrainState(epoch=epoch + 1, model=model.state_dict(),
-                   optimizer=optimizer.state_dict() if optimizer is not None else None,
-                   scheduler=scheduler.state_dict() if scheduler is not None else None,
-                   rng=_rng_state(), extra=get_extra() if get_extra else None).save(state_path)
-    write_text_atomic(done_path, json.dumps({"trainer": trainer.name, "epochs": epochs,
-                                             "checkpoint": ckpt_path.name}, indent=2))
+        extra = get_extra() if get_extra else None  # on every rank: it may hold a collective
+        if log is not None:
+            log.log(epoch=epoch, **metrics)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
+            save_checkpoint(ckpt_path, model, spec, extra={"epoch": epoch + 1})
+            TrainState(epoch=epoch + 1, model=model.state_dict(),
+                       optimizer=optimizer.state_dict() if optimizer is not None else None,
+                       scheduler=scheduler.state_dict() if scheduler is not None else None,
+                       rng=_rng_state(), extra=extra).save(state_path)
+        dist.barrier()  # no rank starts the next epoch before the state it would resume from exists
+    if main:
+        write_text_atomic(done_path, json.dumps({"trainer": trainer.name, "epochs": epochs,
+                                                 "checkpoint": ckpt_path.name}, indent=2))
+    dist.barrier()
     return ckpt_path
 
 
@@ -514,6 +537,6 @@ def train(name: str, config: str | os.PathLike | None, out_dir: str | os.PathLik
     """
     cls = get(name)
     cfg = load_config(cls.Config, config, overrides)
-    if restart:
+    if restart and dist.env_ranks()[0] == 0:  # several ranks: rank 0 clears; the others wait for it in fit
         restart_run(out_dir, cls)
     return cls(cfg).fit(out_dir, device=device, progress=progress)

@@ -46,10 +46,24 @@ def _read_json(path: Path) -> Any:
         raise TrainingError(f"unreadable run record ({type(e).__name__}); {RESTART_HINT}", path) from None
 
 
-def _differences(old: dict, new: dict, skip: Iterable[str]) -> list[str]:
+def _differences(old: dict, new: dict, skip: Iterable[str], defaults: dict | None = None) -> list[str]:
     skip = set(skip)
+    defaults = defaults or {}
+    # an option added to slidekit after the run was recorded, at its default, changes nothing
+    skip |= {k for k in new if k not in old and k in defaults and new[k] == defaults[k]}
     keys = [k for k in dict.fromkeys([*old, *new]) if k not in skip and old.get(k) != new.get(k)]
     return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys]
+
+
+def _defaults(trainer: Any) -> dict:
+    """The config's field defaults as they read back from JSON."""
+    out = {}
+    for f in dataclasses.fields(trainer.config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
 
 
 def begin_run(trainer: Any, out_dir: str | os.PathLike, length: int) -> str:
@@ -74,7 +88,7 @@ def begin_run(trainer: Any, out_dir: str | os.PathLike, length: int) -> str:
         if recorded.get("trainer") != trainer.name:
             raise TrainingError(f"holds a {recorded.get('trainer')!r} run, not {trainer.name!r}; {RESTART_HINT}", out)
         skip = FREE_OPTIONS | set(getattr(trainer, "rerun_free_options", ())) | {length_key}
-        diffs = _differences(recorded, record, skip)
+        diffs = _differences(recorded, record, skip, _defaults(trainer))
         if diffs:
             raise TrainingError(f"holds a {trainer.name!r} run with other options ({'; '.join(diffs[:4])}"
                                 f"{'; ...' if len(diffs) > 4 else ''}); {RESTART_HINT}", out)

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from slidekit import distributed as dist
 from slidekit.errors import ConfigError
 from trainers.base import check_option, register
-from trainers.scribble import ScribbleConfig, SegmentationTrainer, partial_cross_entropy, predict_images
+from trainers.scribble import (ScribbleConfig, SegmentationTrainer, global_partial_cross_entropy,
+                               predict_images)
 
 
 def ema_update(previous: torch.Tensor | None, prediction: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -108,7 +110,7 @@ class S2LTrainer(SegmentationTrainer):
         ema = batch["map:ema"].to(logits.device)
         pseudo = consistent_pseudo_labels(ema, batch["mask"].to(logits.device), cfg.threshold, cfg.ignore_index)
         self._pseudo_fraction = float((pseudo != cfg.ignore_index).float().mean())
-        return {"loss_up": cfg.lambda_up * partial_cross_entropy(logits, pseudo, cfg.ignore_index)}
+        return {"loss_up": cfg.lambda_up * global_partial_cross_entropy(logits, pseudo, cfg.ignore_index)}
 
     def after_epoch(self, epoch: int) -> dict[str, Any]:
         cfg = self.config
@@ -116,9 +118,15 @@ class S2LTrainer(SegmentationTrainer):
         if getattr(self, "_pseudo_fraction", None) is not None:
             out["pseudo_fraction"] = self._pseudo_fraction
         if epoch >= cfg.ema_start and (epoch + 1 - cfg.ema_start) % cfg.ema_every == 0:
-            preds = predict_images(self.model, self.spec, self.dataset.images, self.device)
-            for store, p in zip(self.ema, preds):
-                store.copy_(ema_update(store if self.ema_ready else None, p, cfg.ema_alpha))
+            # several ranks: image i is predicted by rank i % world and its average sent to all, so
+            # every rank holds the same averages (the weights are the same on every rank)
+            world, me = dist.world_size(), dist.rank()
+            mine = [i for i in range(len(self.ema)) if i % world == me]
+            preds = predict_images(self.model, self.spec, [self.dataset.images[i] for i in mine], self.device)
+            for i, p in zip(mine, preds):
+                self.ema[i].copy_(ema_update(self.ema[i] if self.ema_ready else None, p, cfg.ema_alpha))
+            for i, store in enumerate(self.ema):
+                dist.broadcast_tensor_(store, src=i % world)
             self.ema_ready = True
             conf = torch.cat([e.max(0).values.flatten() for e in self.ema])
             out["ema_consistent"] = float((conf > cfg.threshold).float().mean())

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidekit import distributed as dist
 from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.models import ModelSpec, build_model
 from slidekit.scribbles import IGNORE
@@ -41,6 +42,24 @@ def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_ind
         return logits.sum() * 0.0
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, weight=weight, reduction="sum")
     return total / n
+
+
+def global_partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                                 ignore_index: int = IGNORE) -> torch.Tensor:
+    """``partial_cross_entropy`` normalised by the labelled pixels of the **global** batch.
+
+    With several ranks, DDP averages the ranks' gradients; dividing each rank's summed loss by the
+    global labelled count (times the number of ranks) makes that average the gradient of one
+    process on the whole batch, even when the ranks' crops hold different numbers of labelled
+    pixels. One process: exactly ``partial_cross_entropy``.
+    """
+    if not dist.is_distributed():
+        return partial_cross_entropy(logits, target, ignore_index)
+    n_local = (target != ignore_index).sum()
+    n_all = float(dist.all_reduce_sum(n_local.double()))
+    if n_all == 0 or int(n_local) == 0:
+        return logits.sum() * 0.0
+    return partial_cross_entropy(logits, target, ignore_index) * (float(n_local) * dist.world_size() / n_all)
 
 
 def check_class_names(classes: Sequence[str], annotation_files: Sequence[str | os.PathLike]) -> None:
@@ -258,7 +277,8 @@ class SegmentationTrainer(Trainer):
     def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
         cfg = self.config
         seed_everything(cfg.seed)
-        dev = resolve_device(device)
+        dev = dist.init_from_env(resolve_device(device))
+        local_batch = dist.local_batch_size(cfg.batch_size)  # batch_size is the global batch
         self.device = dev
         self.dataset = self.build_dataset()
         self.spec = self.build_spec()
@@ -268,6 +288,7 @@ class SegmentationTrainer(Trainer):
         if dev.type == "cpu":
             model = model.to(memory_format=torch.channels_last)  # several times faster convs on CPU
         self.model = model
+        net = dist.wrap(model, dev, cfg.sync_batchnorm)  # DDP for several ranks, the model itself for one
         self.extra_maps(self.dataset)
         # Every parameter is optimised, the final 1x1 layer included.
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -278,19 +299,24 @@ class SegmentationTrainer(Trainer):
             sched = None
 
         def train_epoch(epoch: int) -> dict[str, Any]:
+            from tqdm.auto import tqdm
+
+            # every rank draws the epoch's global order and takes its share (slidekit.distributed)
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=cfg.batch_size, sampler=self.sampler(self.dataset, epoch),
+                self.dataset, batch_size=local_batch, sampler=dist.shard(self.sampler(self.dataset, epoch)),
                 num_workers=cfg.num_workers, drop_last=len(self.dataset) > cfg.batch_size,
                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             sums: dict[str, float] = {}
             n = 0
-            for batch in loader:
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                       disable=not (progress and dist.is_main()))
+            for batch in bar:
                 x = self.spec.normalize(batch["image"].to(dev))
                 if dev.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 target = batch["mask"].to(dev)
-                logits = model(x)
-                terms = {"loss_sp": partial_cross_entropy(logits, target, cfg.ignore_index)}
+                logits = net(x)
+                terms = {"loss_sp": global_partial_cross_entropy(logits, target, cfg.ignore_index)}
                 terms.update(self.extra_loss(epoch, batch, logits))
                 loss = sum(terms.values())
                 opt.zero_grad(set_to_none=True)
@@ -299,6 +325,7 @@ class SegmentationTrainer(Trainer):
                 n += 1
                 for k, v in {"loss": loss, **terms}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
+                bar.set_postfix(loss=f"{sums['loss'] / n:.4g}")
                 with torch.no_grad():
                     valid = target != cfg.ignore_index
                     if valid.any():

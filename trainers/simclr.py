@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from slidekit import distributed as dist
 from slidekit.errors import ConfigError
 from slidekit.models import ModelSpec, ResNetClassifier
 from slidekit.sampling import FixedRatioSampler
@@ -37,7 +38,7 @@ from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, r
                            run_epochs, seed_everything)
 from trainers.runs import begin_run
 from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, AugmentOptions, HistologyAugment,
-                                  ProjectionHead, nt_xent, scaled_lr, split_decay_groups, warmup_cosine)
+                                  ProjectionHead, nt_xent_distributed, scaled_lr, split_decay_groups, warmup_cosine)
 from trainers.simclr_data import PatchPool, build_sources
 
 DEFAULT_LR = {"lars": (0.3, "linear"), "adam": (1e-3, "none")}
@@ -48,7 +49,8 @@ class SimCLRConfig(TrainerConfig, AugmentOptions):
     """SimCLR options. ``lr``/``lr_scaling`` default by optimiser: LARS 0.3 x B/256, Adam 1e-3."""
 
     epochs: int = 100
-    batch_size: int = 128                 # pairs per step (2 x batch_size images)
+    batch_size: int = 128                 # pairs per step (2 x batch_size images), over all ranks
+    sync_batchnorm: bool = True           # several ranks: batch norm over the global batch (as the paper)
     lr: float | None = None
     lr_scaling: str | None = None         # linear (B/256) | sqrt (sqrt B) | none
     optimizer: str = "lars"               # lars | adam
@@ -143,6 +145,17 @@ def make_optimizer(params: nn.Module, cfg: SimCLRConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=lr)
 
 
+class _Net(nn.Module):
+    """Encoder + projection head as one module, so one DDP wrapper synchronises both."""
+
+    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.features(x))
+
+
 @register
 class SimCLRTrainer(Trainer):
     """Contrastive pre-training on unlabelled patches; writes an encoder checkpoint."""
@@ -154,16 +167,19 @@ class SimCLRTrainer(Trainer):
     def fit(self, out_dir: str | Path, device: str = "auto", progress: bool = True) -> Path:
         cfg: SimCLRConfig = self.config
         out = Path(out_dir)
-        if begin_run(self, out, cfg.epochs) == "finished":  # before the (slow) patch sources are built
+        dev = dist.init_from_env(resolve_device(device))
+        dist.local_batch_size(cfg.batch_size)  # the global batch must split evenly over the ranks
+        # before the (slow) patch sources are built; rank 0 decides, every rank follows
+        if dist.on_main(lambda: begin_run(self, out, cfg.epochs)) == "finished":
             return out / "checkpoint.pt"
         seed_everything(cfg.seed)
-        dev = resolve_device(device)
         augment = HistologyAugment(cfg.augment())
         sources = build_sources(cfg.source_specs(), cfg.mpp, cfg.tile_size, cfg.cap, cfg.seed)
         pool = PatchPool(sources, transform=augment.geometric, views=2)
         steps = cfg.steps_per_epoch or max(1, math.ceil(len(pool) / cfg.batch_size))
         sampler = FixedRatioSampler(pool.sizes, pool.weights, cfg.batch_size, steps, seed=cfg.seed)
-        loader = DataLoader(pool, batch_sampler=sampler, num_workers=cfg.num_workers,
+        # every rank draws the same global batches and takes every world-th item of each
+        loader = DataLoader(pool, batch_sampler=dist.shard(sampler, batches=True), num_workers=cfg.num_workers,
                             persistent_workers=cfg.num_workers > 0)
 
         model = ResNetClassifier(cfg.backbone, 0)
@@ -171,6 +187,7 @@ class SimCLRTrainer(Trainer):
         head = ProjectionHead(model.encoder.out_features, cfg.proj_hidden, cfg.proj_dim)
         model.to(dev)
         head.to(dev)
+        net = dist.wrap(_Net(model, head), dev, cfg.sync_batchnorm)
         optimizer = make_optimizer(nn.ModuleList([model, head]), cfg)
         total, warmup = cfg.epochs * steps, cfg.warmup_epochs * steps
         clock = {"start": time.monotonic()}
@@ -187,17 +204,21 @@ class SimCLRTrainer(Trainer):
             sampler.set_epoch(epoch)
             head.train()
             losses = []
-            for v1, v2 in tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress):
-                if cfg.time_budget_s and time.monotonic() - clock["start"] > cfg.time_budget_s:
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                       disable=not (progress and dist.is_main()))
+            for v1, v2 in bar:
+                # every rank stops at the same step (a rank alone in a collective would wait for the timeout)
+                if cfg.time_budget_s and dist.any_rank(time.monotonic() - clock["start"] > cfg.time_budget_s):
                     break
                 x = augment.photometric(torch.cat([v1, v2]).to(dev, non_blocking=True).float().div_(255))
-                z = head(model.features(x))
-                loss = nt_xent(z[: len(v1)], z[len(v1):], cfg.temperature)
+                z = net(x)
+                loss = nt_xent_distributed(z[: len(v1)], z[len(v1):], cfg.temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
             # no step (time budget spent): no loss to report, which is not a diverged NaN
             return {"loss": sum(losses) / len(losses) if losses else None, "steps": len(losses),
                     "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - clock["start"]}

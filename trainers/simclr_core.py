@@ -43,6 +43,31 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(logits, target)  # log-sum-exp inside: stable for small temperatures
 
 
+def nt_xent_distributed(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """NT-Xent with negatives from every rank: this rank's 2n anchors against the 2·world·n
+    projections gathered (with gradients) from all ranks.
+
+    The mean of the ranks' values is ``nt_xent`` of the concatenated batch, and under DDP (which
+    averages gradients over ranks) so is the gradient. One process: exactly ``nt_xent``.
+    """
+    from slidekit import distributed as dist
+
+    if not dist.is_distributed():
+        return nt_xent(z1, z2, temperature)
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"need two (N, D) projections of equal shape, got {tuple(z1.shape)}, {tuple(z2.shape)}")
+    n, r = z1.shape[0], dist.rank()
+    big_n = n * dist.world_size()
+    z = torch.cat([dist.all_gather_with_grad(F.normalize(z1.float(), dim=1)),
+                   dist.all_gather_with_grad(F.normalize(z2.float(), dim=1))])
+    mine = torch.arange(r * n, (r + 1) * n, device=z.device)
+    anchors = torch.cat([mine, mine + big_n])
+    logits = z[anchors] @ z.T / temperature
+    logits[torch.arange(2 * n, device=z.device), anchors] = float("-inf")  # never its own negative
+    target = torch.cat([mine + big_n, mine])
+    return F.cross_entropy(logits, target)
+
+
 class ProjectionHead(nn.Module):
     """SimCLR's MLP head: Linear -> BN -> ReLU -> Linear, hidden width = encoder width."""
 

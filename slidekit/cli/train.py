@@ -27,6 +27,9 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
               help="List the available trainers (plug-ins included), one line each, and exit.")
 @click.option("--show-config", is_flag=True,
               help="Print every option of trainer NAME (type, default, help) as a complete YAML config, and exit.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train on N local ranks (torch.distributed through torch's elastic launcher; one per GPU "
+                   "on CUDA, gloo on CPU); batch_size stays the global batch. See docs/distributed_training.md.")
 @device_option
 @quiet_option
 @handle_errors
@@ -34,7 +37,7 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
           overrides: tuple[str, ...], init: str | None, weights: str | None,
           restart: bool, list_only: bool, device: str,
-          quiet: bool, show_config: bool = False) -> None:
+          quiet: bool, show_config: bool = False, nproc: int | None = None) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     import trainers
 
@@ -50,12 +53,22 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
         return
     if out is None:
         raise click.UsageError("--out is required")
+    if nproc is not None:  # the ranks rerun this command without --nproc (and --restart, done here once)
+        from slidekit.distributed import launch
+
+        if restart:
+            trainers.restart_run(out, trainers.get(name))
+        launch(nproc, _rank_args(ctx, quiet or quiet_flag(ctx)))  # rank 0 prints the checkpoint
+        return
     from slidekit.encoders import init_overrides
 
     items = list(overrides) + init_overrides(init, weights)
     ckpt = trainers.train(name, config, out, overrides=items, device=device,
                           progress=not (quiet or quiet_flag(ctx)), restart=restart)
-    click.echo(str(ckpt))
+    from slidekit.distributed import is_main
+
+    if is_main():  # one line for a job of several ranks
+        click.echo(str(ckpt))
 
 
 def register(group: click.Group) -> None:

@@ -1,0 +1,295 @@
+"""torch.distributed training (issue 10): sharded samplers, NT-Xent over ranks, global batch norm,
+DDP trainers equal to one process on the global batch, rank-0-only writes, a dead rank.
+
+Several-rank tests run 2 CPU processes with gloo (torch.multiprocessing spawn, one thread each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from slidekit import distributed as sdist
+from slidekit.sampling import (ClassBalancedSampler, FixedRatioSampler, HardNegativeSampler, PerSlideCapSampler,
+                               UniformSampler, WeightedSampler)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), SLIDEKIT_DIST_TIMEOUT_S="60", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    sdist.init_from_env(torch.device("cpu"))
+    try:
+        globals()[fn_name](*args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn_name: str, *args: object, world: int = 2) -> None:
+    """Run module-level function ``fn_name(*args)`` on ``world`` gloo ranks; fail if any rank fails."""
+    mp.spawn(_worker, args=(world, _free_port(), fn_name, args), nprocs=world, join=True)
+
+
+# -- samplers: disjoint, equally long shares of one seeded epoch -----------------------------------
+
+def _samplers() -> dict:
+    rng = np.random.default_rng(3)
+    slides = rng.integers(0, 5, 103)
+    labels = rng.integers(0, 3, 103)
+    return {"uniform": UniformSampler(103, seed=1),
+            "uniform_draws": UniformSampler(103, num_samples=250, seed=1),
+            "per_slide_cap": PerSlideCapSampler(slides, max_per_slide=9, seed=2),
+            "class_balanced": ClassBalancedSampler(labels, seed=3),
+            "hard_negative": HardNegativeSampler(rng.random(103), seed=4),
+            "weighted": WeightedSampler(rng.random(103) + 0.1, seed=5)}
+
+
+@pytest.mark.parametrize("name", list(_samplers()))
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_sampler_splits_the_single_process_epoch(name: str, world: int) -> None:
+    sampler = _samplers()[name]
+    sampler.set_epoch(4)
+    epoch = list(sampler)
+    shards = [sdist.ShardedSampler(sampler, rank=r, world=world) for r in range(world)]
+    for s in shards:
+        s.set_epoch(4)
+    drawn = [list(s) for s in shards]
+    keep = len(epoch) - len(epoch) % world
+    assert {len(d) for d in drawn} == {keep // world} and all(len(s) == keep // world for s in shards)
+    # positions: rank r holds draws r, r + world, ...: disjoint, together the epoch's first `keep` draws
+    assert [d[k] for k in range(keep // world) for d in drawn] == epoch[:keep]
+    assert shards[0].dropped == len(epoch) % world
+    # batches of B on each rank are, together, the batches of world·B of one process
+    b = 4
+    for k in range(keep // (world * b)):
+        together = sorted(i for d in drawn for i in d[k * b:(k + 1) * b])
+        assert together == sorted(epoch[k * world * b:(k + 1) * world * b])
+    # another epoch is another draw, still shared the same way
+    for s in shards:
+        s.set_epoch(5)
+    assert [list(s) for s in shards] != drawn
+
+
+def test_sharded_batch_sampler_splits_every_global_batch_at_the_ratio() -> None:
+    sampler = FixedRatioSampler([20, 7, 60], [2, 1, 7], batch_size=20, num_batches=9, seed=0)
+    sampler.set_epoch(2)
+    batches = list(sampler)
+    shards = [sdist.ShardedBatchSampler(sampler, rank=r, world=2) for r in range(2)]
+    per_rank = [list(s) for s in shards]
+    for k, batch in enumerate(batches):
+        a, b = per_rank[0][k], per_rank[1][k]
+        assert len(a) == len(b) == 10
+        assert sorted(a + b) == sorted(batch)
+    assert all(len(s) == len(sampler) for s in shards)
+    with pytest.raises(Exception, match="does not split over 3 ranks"):
+        list(sdist.ShardedBatchSampler(sampler, rank=0, world=3))
+
+
+def test_one_process_is_untouched() -> None:
+    sampler = UniformSampler(10, seed=0)
+    assert sdist.shard(sampler) is sampler
+    t = torch.randn(3, 2, requires_grad=True)
+    assert sdist.all_gather_with_grad(t) is t
+    assert sdist.world_size() == 1 and sdist.is_main()
+
+
+def test_env_ranks_reads_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    assert sdist.env_ranks() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert sdist.env_ranks() == (0, 1, 0)  # srun without a rendezvous address: not a distributed run
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    assert sdist.env_ranks() == (5, 8, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert sdist.env_ranks() == (1, 2, 0)
+    assert sdist.backend_for(torch.device("cpu")) == "gloo" and sdist.backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+# -- NT-Xent with negatives from all ranks, global batch norm ---------------------------------------
+
+def _contrast_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5)).double()
+
+
+def _contrast_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)
+
+
+def _ntxent_rank(out: str) -> None:
+    from trainers.simclr_core import nt_xent_distributed
+
+    r, w = sdist.rank(), sdist.world_size()
+    x1, x2 = _contrast_data()
+    n = len(x1) // w
+    net = sdist.wrap(_contrast_net(), torch.device("cpu"), sync_batchnorm=True)
+    z = net(torch.cat([x1[r * n:(r + 1) * n], x2[r * n:(r + 1) * n]]))
+    loss = nt_xent_distributed(z[:n], z[n:], 0.2)
+    loss.backward()
+    mean_loss = sdist.all_reduce_mean({"loss": float(loss.detach())})["loss"]
+    grads = {k: p.grad.clone() for k, p in sdist.unwrap(net).named_parameters()}
+    torch.save({"loss": mean_loss, "grads": grads,
+                "running_mean": sdist.unwrap(net)[1].running_mean.clone()}, f"{out}/rank{r}.pt")
+
+
+def test_nt_xent_over_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    from trainers.simclr_core import nt_xent
+
+    run_ranks("_ntxent_rank", str(tmp_path))
+    x1, x2 = _contrast_data()
+    net = _contrast_net()
+    # one process: the concatenated batch in the ranks' order (views 1 of both ranks, then views 2)
+    z = net(torch.cat([x1, x2]))
+    loss = nt_xent(z[:8], z[8:], 0.2)
+    loss.backward()
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["loss"] == pytest.approx(float(loss.detach()), abs=1e-5)
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(got["grads"][k], p.grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["running_mean"], net[1].running_mean, atol=1e-6, rtol=0)
+
+
+# -- a DDP trainer equals one process on the global batch ------------------------------------------
+
+def _scribble_config(data: Path) -> dict:
+    return {"data": str(data), "labels": "scribbles", "crop": 64, "samples_per_image": 2, "batch_size": 4,
+            "epochs": 2, "augment": False, "lr": 1e-3, "sync_batchnorm": True, "seed": 0}
+
+
+def _float64() -> None:
+    """Train in float64 (this process only): the U-Net's float32 gradients differ by ~0.5% between
+    any two summation orders (2×2 batches vs one of 4), which would hide the arithmetic tested."""
+    from slidekit.models import ModelSpec
+
+    torch.set_default_dtype(torch.float64)
+    if not getattr(ModelSpec.normalize, "_float64", False):
+        normalize = ModelSpec.normalize
+
+        def as_double(self, batch):  # noqa: ANN001, ANN202
+            return normalize(self, batch).double()
+
+        as_double._float64 = True
+        ModelSpec.normalize = as_double
+
+
+def _scribble_rank(data: str, out: str) -> None:
+    from trainers.scribble import ScribbleConfig, ScribbleTrainer
+
+    _float64()
+
+    ScribbleTrainer(ScribbleConfig(**_scribble_config(Path(data)))).fit(out, device="cpu", progress=False)
+
+
+@pytest.mark.slow
+def test_two_rank_scribble_equals_one_rank_with_the_global_batch(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_scribble_trainer import make_nuclei_folder
+    from trainers.scribble import ScribbleConfig, ScribbleTrainer
+
+    from slidekit.models import ModelSpec
+
+    monkeypatch.setattr(ModelSpec, "normalize", ModelSpec.normalize)  # restored afterwards
+    _float64()
+    try:
+        _compare_scribble_runs(tmp_path)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _compare_scribble_runs(tmp_path: Path) -> None:
+    from test_scribble_trainer import make_nuclei_folder
+    from trainers.scribble import ScribbleConfig, ScribbleTrainer
+
+
+    data = make_nuclei_folder(tmp_path / "data", n_images=4, size=64)
+    torch.set_num_threads(1)
+    one = ScribbleTrainer(ScribbleConfig(**_scribble_config(data))).fit(tmp_path / "one", device="cpu",
+                                                                         progress=False)
+    run_ranks("_scribble_rank", str(data), str(tmp_path / "two"))
+    a, b = torch.load(one, weights_only=False), torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
+    assert a["spec"] == b["spec"] and a["extra"] == b["extra"] and a["format"] == b["format"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-9, rtol=1e-7, msg=k)
+    moved = max(float((a["state_dict"][k].float() - v.float()).abs().max())
+                for k, v in torch.load(tmp_path / "one" / "state.pt")["model"].items() if k in a["state_dict"])
+    assert moved == 0.0  # state.pt holds the final weights (sanity)
+    rows = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two")]
+    assert [r["epoch"] for r in rows[1]] == [0, 1]  # written once (rank 0), not once per rank
+    assert rows[1][-1]["loss"] == pytest.approx(rows[0][-1]["loss"], rel=1e-3)
+    assert (tmp_path / "two" / "done.json").exists()
+
+
+# -- launching, a dead rank, resume ------------------------------------------------------------------
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            out += [child, *_descendants(child)]
+    return out
+
+
+@pytest.mark.slow
+def test_nproc_launch_dead_rank_ends_the_job_and_a_rerun_resumes(tmp_path: Path) -> None:
+    from test_scribble_trainer import make_nuclei_folder
+
+    data = make_nuclei_folder(tmp_path / "data", n_images=4, size=64)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "slidekit", "train", "scribble", "--out", str(out), "--nproc", "2", "--quiet",
+           "--device", "cpu", *sum((["--set", f"{k}={v}"] for k, v in
+                                   {**_scribble_config(data), "epochs": 30}.items()), [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIDEKIT_DIST_TIMEOUT_S": "30"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "state.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    workers = [p for p in _descendants(proc.pid)
+               if "slidekit" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert len(workers) >= 2
+    os.kill(workers[-1], 9)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - started < 60
+    last = err.strip().splitlines()[-1]
+    assert "distributed training failed: rank" in last and "SIGKILL" in last and "resume" in last
+    assert not (out / "done.json").exists()
+    trained = torch.load(out / "state.pt", weights_only=True)["epoch"]
+    assert trained >= 1
+    # a rerun with fewer epochs to go (a larger length continues) resumes from the state reached
+    cmd[cmd.index("epochs=30")] = f"epochs={trained + 1}"
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == list(range(trained + 1))
+    assert json.loads((out / "done.json").read_text())["epochs"] == trained + 1
