@@ -203,6 +203,15 @@ def broadcast_tensor_(t: torch.Tensor, src: int) -> torch.Tensor:
     return t
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank. DDP sends them at the start of
+    each forward, so after the last training step each rank still holds its own; call this before
+    ranks predict with the model (eval-mode batch norm uses them)."""
+    if is_distributed():
+        for buf in unwrap(model).buffers():
+            broadcast_tensor_(buf, src=0)
+
+
 def any_rank(flag: bool) -> bool:
     """True when ``flag`` is true on any rank (e.g. a time budget spent: every rank stops together)."""
     if not is_distributed():

@@ -44,6 +44,7 @@ from slidekit.features import DEFAULT_THRESHOLDS, SIZE_CLASSES, features_from_vi
 from slidekit.io import atomic_path, write_text_atomic
 from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device, run_epochs,
                            seed_everything)
+from slidekit import distributed as dist
 from trainers.runs import begin_run
 from trainers.stage2 import fit_morph_lgbm, read_slide_table
 
@@ -319,10 +320,15 @@ class MixedEMTrainer(Trainer):
             raise ConfigError("mixed-em needs 'slides' (a CSV with slide,label[,mask] columns)")
         out = Path(out_dir)
         self.out = out
+        # Several ranks (slidekit.distributed): rank 0 decides the rerun rule and writes every file; the
+        # M-step is DDP over a sharded global batch; round heatmaps are split by slide across ranks.
+        self.device = dist.init_from_env(resolve_device(device))
+        dist.local_batch_size(c.batch_size)  # the global batch splits evenly over the ranks
         # Checked before anything is cached: grids, pixel labels and pseudo-labels belong to one config.
-        if begin_run(self, out, c.rounds + 1) == "finished":
-            return out / "checkpoint.pt" if (out / "selected.json").exists() else self._select()
-        (out / "selected.json").unlink(missing_ok=True)  # rewritten once the last round is done
+        if dist.on_main(lambda: begin_run(self, out, c.rounds + 1)) == "finished":
+            return dist.on_main(lambda: out / "checkpoint.pt" if (out / "selected.json").exists() else self._select())
+        if dist.is_main():
+            (out / "selected.json").unlink(missing_ok=True)  # rewritten once the last round is done
         records = read_slide_table(c.slides)
         self.pixel = [r for r in records if r.mask is not None]
         self.labelled = [r for r in records if r.mask is None]
@@ -330,8 +336,7 @@ class MixedEMTrainer(Trainer):
             raise LabelError("mixed-em needs at least one slide with a pixel mask", c.slides)
         if c.rounds > 0 and not self.labelled:
             raise LabelError("mixed-em needs slides with slide labels (rows without a mask)", c.slides)
-        self.out, self.progress = out, progress
-        self.device = resolve_device(device)
+        self.out, self.progress = out, progress and dist.is_main()
         self.gen = seed_everything(c.seed)
         from slidekit.models import ModelSpec, build_model
 
@@ -340,11 +345,14 @@ class MixedEMTrainer(Trainer):
                               extra={"trainer": "mixed-em"})
         self.model = build_model(self.spec).to(self.device)
         init_encoder(self.model, c.init)
+        self.net = dist.wrap(self.model, self.device, c.sync_batchnorm)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self._prepare()
+        dist.on_main(self._prepare)  # rank 0 writes the cached grids and pixel labels ...
+        if not dist.is_main():
+            self._prepare()  # ... which the other ranks then read (each with its own slide handles)
         run_epochs(self, out, self.model, self.spec, self._round, optimizer=self.opt, epochs=c.rounds + 1,
                    progress=progress)
-        return self._select()
+        return dist.on_main(self._select)
 
     # -- preparation: grids, readers, pixel labels (cached on disk) --------------------------
     def _prepare(self) -> None:
@@ -398,7 +406,7 @@ class MixedEMTrainer(Trainer):
             rows, steps, ratio = self.pixel_rows, c.init_steps, [1.0, 0.0, 0.0]
             pseudo = None
         else:
-            found = self._e_step(r)
+            found = dist.on_main(lambda: self._e_step(r))  # written once, by rank 0
             pos, neg = found["positive"], found["hard_negative"]
             n_pix = len(self.pixel)
             pos_rows = np.column_stack([pos[:, 0] + n_pix, pos[:, 1], np.full(len(pos), 1), np.arange(len(pos))])
@@ -411,13 +419,16 @@ class MixedEMTrainer(Trainer):
 
         ds = PatchTable(self.readers, rows, self.pixel_labels, pseudo)
         sampler = FixedRatioSampler(sizes, ratio, c.batch_size, steps, seed=c.seed * 1000 + r)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=c.num_workers,
-                                             collate_fn=_collate)
-        m_loss = soft_bce_steps(self.model, self.spec, self.opt, loader, self.device) if steps > 0 else None
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=dist.shard(sampler, batches=True),
+                                             num_workers=c.num_workers, collate_fn=_collate)
+        m_loss = soft_bce_steps(self.net, self.spec, self.opt, loader, self.device) if steps > 0 else None
         from slidekit.models import save_checkpoint
 
-        save_checkpoint(rdir / "checkpoint.pt", self.model, self.spec, extra={"round": r})
-        s2 = self._stage2(r, rdir)
+        dist.sync_buffers(self.model)  # every rank predicts with rank 0's batch-norm statistics
+        if dist.is_main():
+            save_checkpoint(rdir / "checkpoint.pt", self.model, self.spec, extra={"round": r})
+        paths = self._predict_round(r)
+        s2 = dist.on_main(lambda: self._stage2(r, rdir, paths))
         return {"round": r, "m_loss": m_loss, "n_pixel": sizes[0], "n_pseudo_positive": sizes[1],
                 "n_hard_negative": sizes[2], "stage2_train_loss": s2["train_loss"],
                 "stage2_cv_loss": s2["cv_loss"], "stage2_cv_accuracy": s2["cv_accuracy"],
@@ -434,15 +445,19 @@ class MixedEMTrainer(Trainer):
         c = self.config
         paths = []
         n_pix = len(self.pixel)
+        world, me = dist.world_size(), dist.rank()
         for i, _ in enumerate(tqdm(self.labelled, desc=f"round {r} heatmaps", unit="slide",
                                    disable=not self.progress, leave=False)):
             store = self.heatmap_dir(r, i) / "heatmap.zarr"
             paths.append(store.parent)
+            if i % world != me:  # several ranks: slide i is predicted by rank i % world
+                continue
             predict_heatmap(self.model, self.spec, self.slides[n_pix + i], store,
                             tile=c.predict_tile or 4 * c.patch_size, overlap=c.predict_overlap,
                             tissue_mpp=c.tissue_mpp, batch_size=c.predict_batch, device=self.device,
                             attrs={"round": r})
         self.model.train()
+        dist.barrier()  # every heatmap of the round is written
         return paths
 
     def _e_step(self, r: int) -> dict[str, np.ndarray]:
@@ -477,9 +492,8 @@ class MixedEMTrainer(Trainer):
                 np.savez(f, **found)
         return found
 
-    def _stage2(self, r: int, rdir: Path) -> dict[str, float]:
+    def _stage2(self, r: int, rdir: Path, paths: list[Path]) -> dict[str, float]:
         c = self.config
-        paths = self._predict_round(r)
         rows = [features_from_view(open_heatmap_view(p), c.stage2_thresholds, c.stage2_work_mpp) for p in paths]
         labels = [x.label for x in self.labelled]
         classes = SIZE_CLASSES if all(l in SIZE_CLASSES for l in labels) else ("negative", "positive")

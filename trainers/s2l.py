@@ -121,6 +121,7 @@ class S2LTrainer(SegmentationTrainer):
             # several ranks: image i is predicted by rank i % world and its average sent to all, so
             # every rank holds the same averages (the weights are the same on every rank)
             world, me = dist.world_size(), dist.rank()
+            dist.sync_buffers(self.model)  # every rank predicts with rank 0's batch-norm statistics
             mine = [i for i in range(len(self.ema)) if i % world == me]
             preds = predict_images(self.model, self.spec, [self.dataset.images[i] for i in mine], self.device)
             for i, p in zip(mine, preds):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slidekit.errors import ConfigError, LabelError
+from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
                                open_heatmap_view)
 from slidekit.io import write_text_atomic
@@ -322,25 +322,40 @@ def topk_mean_probs(model: torch.nn.Module, spec: Any, bags: np.ndarray | torch.
 
 def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Optimizer, bags: torch.Tensor,
                     labels: torch.Tensor, batch_slides: int, generator: torch.Generator) -> dict[str, float]:
-    """One epoch of BCE on slide labels with the slide probability = mean of K patch probabilities."""
+    """One epoch of BCE on slide labels with the slide probability = mean of K patch probabilities.
+
+    Several ranks (``model`` in DDP): ``batch_slides`` is the global batch; every rank draws the same
+    order and flips and takes every world-th slide of each batch; the loss is the sum over the
+    rank's slides divided by the global batch (times the ranks, which DDP averages), i.e. one
+    process's gradient. A last batch that does not split evenly over the ranks loses its remainder
+    (fewer than ``world`` slides an epoch; the trainer warns once).
+    """
+    from slidekit import distributed as dist
+
+    world, me = dist.world_size(), dist.rank()
     model.train()
     order = torch.randperm(len(bags), generator=generator)
     total, n = 0.0, 0
     for i in range(0, len(order), batch_slides):
         idx = order[i:i + batch_slides]
+        idx = idx[: len(idx) - len(idx) % world]
+        if not len(idx):
+            break
+        global_n = len(idx)
+        idx = idx[me::world]
         b = bags[idx]
         if torch.rand(1, generator=generator) < 0.5:  # flips: orientation carries no label
             b = b.flip(2)
         if torch.rand(1, generator=generator) < 0.5:
             b = b.flip(3)
         p = torch.sigmoid(bag_logits(model, spec, b)).mean(1).clamp(1e-6, 1 - 1e-6)
-        loss = F.binary_cross_entropy(p, labels[idx].float())
+        loss = F.binary_cross_entropy(p, labels[idx].float(), reduction="sum") * (world / global_n)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
-        n += len(idx)
-    return {"loss": total / max(n, 1)}
+        total += loss.item() * global_n / world
+        n += global_n
+    return {"loss": total / max(n, 1) * world}
 
 
 def read_bags(records: Sequence[SlideRecord], k: int, mpp: float, patch_size: int,
@@ -426,16 +441,25 @@ def fit_topk_mean(trainer: Trainer, out_dir: str | os.PathLike, bags: torch.Tens
     """Train the top-K mean classifier on prepared bags (S, K, P, P, 3) and slide labels (S,)."""
     from slidekit.models import build_model
 
+    from slidekit import distributed as dist
+
     c = trainer.config
     gen = seed_everything(c.seed)
-    dev = resolve_device(device)
+    dev = dist.init_from_env(resolve_device(device))
     spec = topk_mean_spec(c)
     model = build_model(spec).to(dev)
     init_encoder(model, c.init)
+    net = dist.wrap(model, dev, c.sync_batchnorm)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    dist.local_batch_size(c.batch_slides, "batch_slides")  # the global batch splits evenly over the ranks
+    left = len(bags) % c.batch_slides % dist.world_size()
+    if left and dist.is_main():
+        warnings.warn(TrainingWarning(f"topk-mean: the last batch of each epoch ({len(bags) % c.batch_slides} "
+                                      f"slides) does not split over {dist.world_size()} ranks; {left} slide(s) "
+                                      "of it are left out each epoch"), stacklevel=2)
     bags, labels = bags.to(dev), labels.to(dev)
     return run_epochs(trainer, out_dir, model, spec,
-                      lambda epoch: topk_mean_epoch(model, spec, opt, bags, labels, c.batch_slides, gen),
+                      lambda epoch: topk_mean_epoch(net, spec, opt, bags, labels, c.batch_slides, gen),
                       optimizer=opt, progress=progress)
 
 
