@@ -8,7 +8,8 @@
 1. Equivalence: the same ResNet-18 + projection head (global batch norm) and the same augmented
    views; one process computes NT-Xent on the whole batch of ``--pairs`` pairs, 2 ranks each
    take half the pairs (``nt_xent_distributed``: negatives gathered from both ranks, DDP).
-   Writes ``loss_max_abs_diff`` and ``grad_max_abs_diff`` (2 ranks vs one process).
+   Writes ``loss_max_abs_diff`` and ``grad_max_abs_diff`` (2 ranks vs one process, float32 as
+   trained) and the same in float64 (``*_float64``: what remains there is arithmetic, not rounding).
 2. Throughput: training steps (augmentation, forward, NT-Xent, backward, LARS) at a global batch
    of ``--pairs`` pairs, one thread per rank: ``images_per_s_1`` (1 rank) and ``images_per_s_2``
    (2 ranks; each rank's share of the global batch), counting 2 views per pair.
@@ -125,11 +126,17 @@ def rank_main(rank: int, world: int, port: int, work: str, args: dict) -> None:
     v = data["views"]
     loss, grads = grads_and_loss(dnet, v[0][rank * n:(rank + 1) * n], v[1][rank * n:(rank + 1) * n])
     dnet.zero_grad(set_to_none=True)
+    # the same in float64: what is left of the difference there is arithmetic, not rounding
+    net64 = dist.wrap(build(crop)[0].double(), torch.device("cpu"), sync_batchnorm=True)
+    loss64, grads64 = grads_and_loss(net64, v[0][rank * n:(rank + 1) * n].double(),
+                                     v[1][rank * n:(rank + 1) * n].double())
+    del net64
     cfg.batch_size = pairs
     opt = make_optimizer(torch.nn.ModuleList([net.model, net.head]), cfg)
     seconds = timed_steps(dnet, opt, augment, data["tiles"], pairs, args["steps"])
     if rank == 0:
-        torch.save({"loss": loss, "grads": grads, "seconds": seconds}, Path(work) / f"world{world}.pt")
+        torch.save({"loss": loss, "grads": grads, "loss64": loss64, "grads64": grads64, "seconds": seconds},
+                   Path(work) / f"world{world}.pt")
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -167,6 +174,9 @@ def main() -> None:
         "loss_max_abs_diff": abs(one["loss"] - two["loss"]),
         "grad_max_abs_diff": max(float((one["grads"][k] - two["grads"][k]).abs().max()) for k in one["grads"]),
         "grad_max_abs": max(float(g.abs().max()) for g in one["grads"].values()),
+        "loss_max_abs_diff_float64": abs(one["loss64"] - two["loss64"]),
+        "grad_max_abs_diff_float64": max(float((one["grads64"][k] - two["grads64"][k]).abs().max())
+                                         for k in one["grads64"]),
         "images_per_s_1": images / one["seconds"], "images_per_s_2": images / two["seconds"],
         "pairs_global": a.pairs, "crop": a.crop, "steps": a.steps, "threads_per_rank": 1,
         "backbone": "resnet18", "cpus_visible": os.cpu_count(), "torch": torch.__version__,

@@ -360,11 +360,14 @@ class MixedEMTrainer(Trainer):
         from slidekit.tiling import TileGrid, TileReader
         from slidekit.tissue import tissue_mask
 
+        from tqdm.auto import tqdm
+
         c = self.config
         gdir = self.out / "grids"
         gdir.mkdir(exist_ok=True)
         self.slides, self.grids, self.readers = [], [], []
-        for i, r in enumerate(self.pixel + self.labelled):
+        for i, r in enumerate(tqdm(self.pixel + self.labelled, desc="tissue grids", unit="slide", leave=False,
+                                   disable=not self.progress)):
             slide = open_slide(r.slide, mpp=c.slide_mpp)
             gpath = gdir / f"{i:05d}.npz"
             if gpath.exists():
@@ -388,7 +391,8 @@ class MixedEMTrainer(Trainer):
             with atomic_path(ppath) as tmp:
                 arr = zarr.open_array(str(tmp), mode="w", shape=(len(rows), P, P), chunks=(1, P, P), dtype="float16")
                 j = 0
-                for s, r in enumerate(self.pixel):
+                for s, r in enumerate(tqdm(self.pixel, desc="pixel labels", unit="slide", leave=False,
+                                           disable=not self.progress)):
                     mask, grid = _read_mask(r.mask), self.grids[s]
                     for t in range(len(grid)):
                         arr[j] = mask_patch(mask, grid.slide_dimensions, tuple(grid.coords[t]), grid.extent, P)
@@ -485,7 +489,11 @@ class MixedEMTrainer(Trainer):
                     p[rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = hm.prob[-1, rr0:rr1, cc0:cc1]
                 yield t, p
 
-        found = e_step((patches(i) for i in range(len(self.labelled))), [x.positive for x in self.labelled],
+        from tqdm.auto import tqdm
+
+        slides = tqdm(range(len(self.labelled)), desc=f"round {r} pseudo-labels", unit="slide", leave=False,
+                      disable=not self.progress)
+        found = e_step((patches(i) for i in slides), [x.positive for x in self.labelled],
                        rdir / "pseudo_labels.zarr", c.threshold, c.scale, c.floor, c.min_hard_negatives)
         with atomic_path(index_path) as tmp:
             with open(tmp, "wb") as f:

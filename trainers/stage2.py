@@ -359,7 +359,8 @@ def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Op
 
 
 def read_bags(records: Sequence[SlideRecord], k: int, mpp: float, patch_size: int,
-              slide_mpp: float | None = None, tissue_mpp: float = 8.0, min_tissue: float = 0.25) -> np.ndarray:
+              slide_mpp: float | None = None, tissue_mpp: float = 8.0, min_tissue: float = 0.25,
+              progress: bool = False) -> np.ndarray:
     """(S, K, P, P, 3) uint8: each slide's K tissue tiles (``patch_size`` px at ``mpp``) with the
     highest maximum pixel probability in its heatmap. Slides with fewer than K tiles repeat their
     best ones."""
@@ -368,8 +369,10 @@ def read_bags(records: Sequence[SlideRecord], k: int, mpp: float, patch_size: in
     from slidekit.tissue import tissue_mask
     from slidekit.topk import topk_from_heatmap
 
+    from tqdm.auto import tqdm
+
     bags = np.zeros((len(records), k, patch_size, patch_size, 3), np.uint8)
-    for s, r in enumerate(records):
+    for s, r in enumerate(tqdm(records, desc=f"top-{k} tiles", unit="slide", leave=False, disable=not progress)):
         if r.heatmap is None:
             raise LabelError(f"slide {r.slide} has no heatmap to pick its top-{k} tiles from")
         with open_slide(r.slide, mpp=slide_mpp) as slide:
@@ -423,7 +426,10 @@ class TopKMeanTrainer(Trainer):
         if not c.slides:
             raise ConfigError("topk-mean needs 'slides' (a CSV with slide,label,heatmap columns)")
         records = read_slide_table(c.slides)
-        bags = torch.from_numpy(read_bags(records, c.k, c.mpp, c.patch_size, c.slide_mpp))
+        from slidekit.distributed import env_ranks
+
+        bags = torch.from_numpy(read_bags(records, c.k, c.mpp, c.patch_size, c.slide_mpp,
+                                          progress=progress and env_ranks()[0] == 0))
         labels = torch.tensor([r.positive for r in records], dtype=torch.float32)
         return fit_topk_mean(self, out_dir, bags, labels, device=device, progress=progress)
 
