@@ -293,3 +293,57 @@ def test_nproc_launch_dead_rank_ends_the_job_and_a_rerun_resumes(tmp_path: Path)
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == list(range(trained + 1))
     assert json.loads((out / "done.json").read_text())["epochs"] == trained + 1
+
+
+# -- rank 0 decides reruns; progress per step; options added later -----------------------------------
+
+def _refused_rank(data: str, out: str) -> None:
+    from slidekit.errors import TrainingError
+    from trainers.scribble import ScribbleConfig, ScribbleTrainer
+
+    try:
+        ScribbleTrainer(ScribbleConfig(**_scribble_config(Path(data)))).fit(out, device="cpu", progress=False)
+    except TrainingError as e:
+        Path(out, f"refused{sdist.rank()}.txt").write_text(str(e))
+
+
+def test_a_refused_rerun_stops_every_rank(tmp_path: Path) -> None:
+    from test_scribble_trainer import make_nuclei_folder
+
+    data = make_nuclei_folder(tmp_path / "data", n_images=2, size=64)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"trainer": "s2l"}))
+    run_ranks("_refused_rank", str(data), str(out))  # no rank trains on alone, none hangs
+    messages = [(out / f"refused{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1] and "holds a 's2l' run, not 'scribble'" in messages[0]
+    assert (out / "config.json").read_text() == json.dumps({"trainer": "s2l"})  # nothing rewritten
+
+
+def test_scribble_progress_moves_per_step_with_loss(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from test_scribble_trainer import make_nuclei_folder
+    from trainers.scribble import ScribbleConfig, ScribbleTrainer
+
+    data = make_nuclei_folder(tmp_path / "data", n_images=2, size=64)
+    cfg = {**_scribble_config(data), "epochs": 1, "sync_batchnorm": False, "batch_size": 2}
+    ScribbleTrainer(ScribbleConfig(**cfg)).fit(tmp_path / "run", device="cpu", progress=True)
+    err = capfd.readouterr().err
+    assert "epoch 1/1" in err and "step" in err and "loss=" in err
+
+
+def test_a_run_recorded_before_a_new_option_resumes(tmp_path: Path) -> None:
+    from test_scribble_trainer import make_nuclei_folder
+    from trainers.runs import begin_run
+    from trainers.scribble import ScribbleConfig, ScribbleTrainer
+
+    data = make_nuclei_folder(tmp_path / "data", n_images=2, size=64)
+    trainer = ScribbleTrainer(ScribbleConfig(**{**_scribble_config(data), "sync_batchnorm": False}))
+    out = tmp_path / "run"
+    assert begin_run(trainer, out, 2) == "fresh"
+    record = json.loads((out / "config.json").read_text())
+    del record["sync_batchnorm"]  # as written before the option existed
+    (out / "config.json").write_text(json.dumps(record))
+    assert begin_run(trainer, out, 2) == "fresh"  # no "other options" refusal
+    trainer.config.sync_batchnorm = True  # not the default: a real difference
+    with pytest.raises(Exception, match="sync_batchnorm"):
+        begin_run(trainer, out, 2)
