@@ -347,3 +347,69 @@ def test_a_run_recorded_before_a_new_option_resumes(tmp_path: Path) -> None:
     trainer.config.sync_batchnorm = True  # not the default: a real difference
     with pytest.raises(Exception, match="sync_batchnorm"):
         begin_run(trainer, out, 2)
+
+
+# -- more trainers: 2 ranks equal 1 rank on the global batch (float64) --------------------------------
+
+def _compare_checkpoints(one: Path, two: Path) -> None:
+    a, b = torch.load(one / "checkpoint.pt", weights_only=False), torch.load(two / "checkpoint.pt", weights_only=False)
+    assert a["spec"] == b["spec"] and a["state_dict"].keys() == b["state_dict"].keys()
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, atol=1e-9, rtol=1e-7, msg=k)
+
+
+def _topk_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (6, 2, 32, 32, 3), generator=g, dtype=torch.uint8), torch.tensor([0., 1.] * 3)
+
+
+def _topk_run(out: str) -> None:
+    from trainers.stage2 import TopKMeanConfig, TopKMeanTrainer, fit_topk_mean
+
+    _float64()
+    # 6 slides in global batches of 4: the last batch (2 slides) splits over 2 ranks too
+    cfg = TopKMeanConfig(k=2, mpp=8.0, patch_size=32, epochs=2, lr=1e-3, batch_slides=4, sync_batchnorm=True)
+    fit_topk_mean(TopKMeanTrainer(cfg), out, *_topk_inputs(), device="cpu", progress=False)
+
+
+@pytest.mark.slow
+def test_two_rank_topk_mean_equals_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slidekit.models import ModelSpec
+
+    monkeypatch.setattr(ModelSpec, "normalize", ModelSpec.normalize)
+    try:
+        _topk_run(str(tmp_path / "one"))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    run_ranks("_topk_run", str(tmp_path / "two"))
+    _compare_checkpoints(tmp_path / "one", tmp_path / "two")
+
+
+def _s2l_run(data: str, out: str) -> None:
+    from trainers.s2l import S2LConfig, S2LTrainer
+
+    _float64()
+    cfg = {**_scribble_config(Path(data)), "epochs": 3, "warmup_epochs": 1, "ema_start": 0, "threshold": 0.5}
+    S2LTrainer(S2LConfig(**cfg)).fit(out, device="cpu", progress=False)
+
+
+@pytest.mark.slow
+def test_two_rank_s2l_keeps_the_same_averages_as_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_scribble_trainer import make_nuclei_folder
+
+    from slidekit.models import ModelSpec
+
+    data = make_nuclei_folder(tmp_path / "data", n_images=3, size=64)  # 3 images: ranks predict 2 and 1
+    monkeypatch.setattr(ModelSpec, "normalize", ModelSpec.normalize)
+    try:
+        _s2l_run(str(data), str(tmp_path / "one"))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    run_ranks("_s2l_run", str(data), str(tmp_path / "two"))
+    _compare_checkpoints(tmp_path / "one", tmp_path / "two")
+    ema = [torch.load(tmp_path / d / "state.pt", weights_only=True)["extra"]["ema"] for d in ("one", "two")]
+    assert len(ema[0]) == len(ema[1]) == 3
+    for a, b in zip(*ema):
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-7, equal_nan=True)
+    rows = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert rows[-1]["loss_up"] > 0  # the pseudo-label loss ran on both ranks

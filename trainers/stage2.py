@@ -349,7 +349,7 @@ def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Op
         if torch.rand(1, generator=generator) < 0.5:
             b = b.flip(3)
         p = torch.sigmoid(bag_logits(model, spec, b)).mean(1).clamp(1e-6, 1 - 1e-6)
-        loss = F.binary_cross_entropy(p, labels[idx].float(), reduction="sum") * (world / global_n)
+        loss = F.binary_cross_entropy(p, labels[idx].to(p.dtype), reduction="sum") * (world / global_n)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
