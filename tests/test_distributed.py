@@ -413,3 +413,33 @@ def test_two_rank_s2l_keeps_the_same_averages_as_one_rank(tmp_path: Path, monkey
         torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-7, equal_nan=True)
     rows = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert rows[-1]["loss_up"] > 0  # the pseudo-label loss ran on both ranks
+
+
+def _simclr_run(folder: str, out: str) -> None:
+    from trainers.simclr import SimCLRConfig, SimCLRTrainer
+
+    cfg = SimCLRConfig(folders=[folder], tile_size=32, crop_size=32, mpp=1.0, batch_size=8, epochs=2,
+                       steps_per_epoch=3, optimizer="lars", warmup_epochs=0, seed=0, time_budget_s=600.0)
+    SimCLRTrainer(cfg).fit(out, device="cpu", progress=False)
+
+
+@pytest.mark.slow
+def test_two_rank_simclr_trains_and_writes_once(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from slidekit.models import load_checkpoint
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"t{i}.png")
+    run_ranks("_simclr_run", str(folder), str(tmp_path / "run"))
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["steps"] == 3 and np.isfinite(r["loss"]) for r in rows)
+    # LARS scales the learning rate by the global batch (8 pairs), not a rank's 4
+    from trainers.simclr_core import scaled_lr, warmup_cosine
+
+    assert rows[0]["lr"] == pytest.approx(scaled_lr(0.3, 8, "linear") * warmup_cosine(3, 6, 0))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt.spec.arch == "resnet-encoder" and (tmp_path / "run" / "done.json").exists()
