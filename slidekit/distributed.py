@@ -318,7 +318,18 @@ def shard(sampler: Sampler, batches: bool = False) -> Sampler:
     for one process."""
     if world_size() == 1:
         return sampler
-    return ShardedBatchSampler(sampler) if batches else ShardedSampler(sampler)
+    if batches:
+        return ShardedBatchSampler(sampler)
+    sharded = ShardedSampler(sampler)
+    if sharded.dropped and is_main():
+        import warnings
+
+        from slidekit.errors import TrainingWarning
+
+        warnings.warn(TrainingWarning(f"an epoch of {len(sampler)} draws does not split evenly over {world_size()} "
+                                      f"ranks: the last {sharded.dropped} draw(s) of each epoch are left out"),
+                      stacklevel=2)
+    return sharded
 
 
 # -- models --------------------------------------------------------------------------------------

@@ -489,3 +489,18 @@ def test_two_rank_mixed_em_splits_heatmaps_and_writes_once(tmp_path: Path) -> No
     for r in (0, 1):  # every slide-labelled slide's heatmap, whichever rank predicted it
         assert len(list((out / "rounds" / f"r{r}" / "heatmaps").glob("*/heatmap.zarr"))) == 5
     assert (out / "rounds" / "r1" / "pseudo_labels.zarr").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_shard_warns_when_an_epoch_does_not_split_evenly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slidekit.errors import TrainingWarning
+
+    monkeypatch.setattr(sdist, "world_size", lambda: 2)
+    monkeypatch.setattr(sdist, "rank", lambda: 0)
+    monkeypatch.setattr(sdist, "_this_rank", lambda: 0)
+    with pytest.warns(TrainingWarning, match="last 1 draw"):
+        assert len(sdist.shard(UniformSampler(7, seed=0))) == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(sdist.shard(UniformSampler(8, seed=0))) == 4
