@@ -45,12 +45,11 @@ class _Progress:
 
 
 def _configure_threads(threads: int) -> None:
-    """One share of the CPUs per worker: torch intra-op threads and the BLAS/OpenMP pools."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
+    """One share of the CPUs per worker: torch intra-op threads and the BLAS/OpenMP pools (the
+    share is this process's budget: the slide jobs it runs split it with their DataLoader workers)."""
+    from slidekit.resources import configure_threads
 
-    torch.set_num_threads(threads)
+    configure_threads(threads, environ=True)
 
 
 def _fix_malloc_threshold() -> None:

@@ -82,14 +82,15 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                 geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
                 tissue: dict | None = None,
                 override_mpp: float | None = None, weights: str | os.PathLike | None = None,
-                patch_size: int | None = None, tile_mpp: float | None = None) -> Path:
+                patch_size: int | None = None, tile_mpp: float | None = None, threads: int | None = None) -> Path:
     """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
 
     The grid is the checkpoint's ``patch_size`` at its ``mpp`` over tissue (``min_tissue``), unless
     ``grid`` (a TileGrid or a saved grid file) is given. ``clusters=k`` adds k-means clusters;
     ``geojson`` then writes them as QuPath tiles. ``model`` may also be a torchvision ResNet state
     dict or ``timm:NAME`` with ``weights`` (then ``tile_mpp`` is required; ``patch_size`` defaults
-    to 224): see ``slidekit.encoders.load_embedding_encoder``. Returns the store path.
+    to 224): see ``slidekit.encoders.load_embedding_encoder``. ``threads``: CPUs to use (default:
+    those this process may use; see ``resources.configure_threads``). Returns the store path.
     """
     from slidekit.encoders import load_embedding_encoder
     from slidekit.slide import open_slide
@@ -119,6 +120,9 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
             meta["grid"]["tissue"] = dict(tissue)
         with OutputLock(out.parent, name=f".{out.name}.lock"):
             if not _is_complete(out, meta):
+                from slidekit.resources import configure_threads
+
+                configure_threads(threads, workers)  # main process: the CPUs the workers leave
                 _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress)
             if clusters:
                 _add_clusters(out, clusters, seed)

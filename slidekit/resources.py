@@ -58,3 +58,55 @@ def peak_rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# The CPU budget an earlier configure_threads call gave this process (a cohort worker's share).
+_BUDGET: int | None = None
+
+
+def configure_threads(threads: int | None = None, workers: int = 0, environ: bool = False) -> int:
+    """Fit this process's compute threads to the CPUs it may use; returns the main process's count.
+
+    ``threads`` CPUs in all (default: the last explicit budget, else ``available_cpus()``): each of
+    ``workers`` DataLoader workers gets one (``worker_threads``), the main process the rest (at
+    least one) for torch's intra-op pool and OpenCV. ``environ`` also sets OMP/MKL/OpenBLAS
+    variables for processes started later. torch's default (every core, whatever the affinity or
+    quota) plus busy workers oversubscribes a shared or Slurm-limited machine.
+    """
+    global _BUDGET
+    if threads is not None and int(threads) < 1:
+        from slidekit.errors import ConfigError
+
+        raise ConfigError(f"threads must be at least 1, not {threads}")
+    # ranks of one torchrun job on this machine share its CPUs (LOCAL_WORLD_SIZE; srun gives each task its own)
+    total = int(threads) if threads is not None else (
+        _BUDGET or max(1, available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))))
+    if threads is not None:
+        _BUDGET = total
+    main = max(1, total - max(0, int(workers)))
+    _set_threads(main)
+    if environ:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(main)
+    return main
+
+
+def worker_threads(_worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: one torch thread per worker. OpenCV's and OpenMP's pools
+    are left alone here: resizing them in a forked child of a parent that used them can hang."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass

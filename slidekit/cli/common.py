@@ -115,6 +115,9 @@ device_option = click.option("--device", default="auto", show_default=True, meta
                              callback=_check_device,
                              help="Where to run models (cuda:N: the N-th visible GPU).")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="CPUs to use: one per DataLoader worker, the rest for the model "
+                                   "[default: the CPUs this process may use (affinity, cgroup quota)].")
 
 
 def slide_reading_options(func: Callable) -> Callable:

@@ -8,7 +8,7 @@ import click
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
 from slidekit.cli.common import tissue_detection_options, tissue_kwargs
 from slidekit.cli.common import (device_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
-                                 mpp_override_option, quiet_flag, quiet_option, workers_option)
+                                 mpp_override_option, quiet_flag, quiet_option, threads_option, workers_option)
 
 
 @click.command("embed")
@@ -36,6 +36,7 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 @min_tissue_option
 @tissue_detection_options
 @workers_option
+@threads_option
 @device_option
 @mpp_override_option
 @force_mpp_option
@@ -45,7 +46,7 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 @handle_errors
 def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tile_mpp: float | None,
           patch_size: int | None, out: str, grid: str | None, clusters: int | None,
-          geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, device: str,
+          geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None, device: str,
           slide_mpp: float | None, override_mpp: float | None, quiet: bool, **cohort: object) -> None:
     """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.
 
@@ -62,8 +63,12 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     if not single_slide(ctx, slides, cohort):
         if grid:
             raise click.UsageError("--grid belongs to one slide; a cohort makes each slide's grid")
+        if threads is not None:
+            raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
+                                   "an equal share of the CPUs")
         return run_cohort_cli(ctx, "embed", list(slides), out, quiet, {**options, "geojson": bool(geojson)})
-    path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, **options)
+    path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, threads=threads,
+                       **options)
     emb = open_embeddings(path)
     from slidekit.timing import format_split
 

@@ -9,7 +9,7 @@ import click
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
 from slidekit.cli.common import tissue_detection_options, tissue_kwargs
 from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_option, handle_errors,
-                                 mpp_override_option, quiet_flag)
+                                 mpp_override_option, quiet_flag, threads_option)
 
 
 @click.command("heatmap")
@@ -31,6 +31,7 @@ from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_optio
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="DataLoader worker processes reading tiles (0: read in the main process).")
+@threads_option
 @device_option
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Probability at which regions become polygons in predictions.geojson.")
@@ -59,7 +60,7 @@ from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_optio
 @handle_errors
 def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: str | None, demo: bool,
                 mpp: float | None, size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
-                batch_size: int, workers: int, device: str, threshold: float, min_area_um2: float,
+                batch_size: int, workers: int, threads: int | None, device: str, threshold: float, min_area_um2: float,
                 min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, override_mpp: float | None,
                 skip_bad_tiles: bool, quiet_local: bool, **cohort: object) -> None:
     """Predict a model over the tissue of each SLIDE and write a heatmap, an overlay and QuPath GeoJSON.
@@ -100,12 +101,16 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
             raise click.UsageError("--roi belongs to one slide (its annotations); run `slidekit heatmap` per slide")
         options.update(roi=roi, roi_class=roi_class)
     if is_cohort(ctx, paths, cohort.get("manifest") or ()):
+        if threads is not None:
+            raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
+                                   "an equal share of the CPUs")
         if ctx.get_parameter_source("workers") != click.core.ParameterSource.COMMANDLINE:
             options["workers"] = 0  # each slide worker reads its own tiles; more processes oversubscribe
         run_cohort_cli(ctx, "heatmap", paths, out, quiet, options)
         return
     options.pop("model")
-    s = heatmap_slide(paths[0], out_dir, loaded=load_model(model or DEFAULT_MODEL), progress=not quiet, **options)
+    s = heatmap_slide(paths[0], out_dir, loaded=load_model(model or DEFAULT_MODEL), progress=not quiet,
+                      threads=threads, **options)
     if not quiet:
         state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
         click.echo(f"{Path(paths[0]).name}: {s['tiles']} tiles, {s['regions']} regions -> {out_dir} [{state}]")

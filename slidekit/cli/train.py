@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option
+from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option, threads_option
 
 
 @click.command()
@@ -31,13 +31,14 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
               help="Train on N local ranks (torch.distributed through torch's elastic launcher; one per GPU "
                    "on CUDA, gloo on CPU); batch_size stays the global batch. See docs/distributed_training.md.")
 @device_option
+@threads_option
 @quiet_option
 @handle_errors
 @click.pass_context
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
           overrides: tuple[str, ...], init: str | None, weights: str | None,
           restart: bool, list_only: bool, device: str,
-          quiet: bool, show_config: bool = False, nproc: int | None = None) -> None:
+          quiet: bool, show_config: bool = False, threads: int | None = None, nproc: int | None = None) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     import trainers
 
@@ -63,6 +64,10 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
     from slidekit.encoders import init_overrides
 
     items = list(overrides) + init_overrides(init, weights)
+    from slidekit.resources import configure_threads
+
+    # DataLoader workers run one thread each (torch sets that in its workers): the rest is the model's.
+    configure_threads(threads, _num_workers(config, items))
     ckpt = trainers.train(name, config, out, overrides=items, device=device,
                           progress=not (quiet or quiet_flag(ctx)), restart=restart)
     from slidekit.distributed import is_main
@@ -71,6 +76,46 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
         click.echo(str(ckpt))
 
 
+def _num_workers(config: Path | None, overrides: list[str]) -> int:
+    """The run's ``num_workers`` (last ``--set`` wins over the config file; 0 when unreadable here:
+    the trainer reports a bad config itself)."""
+    for item in reversed(overrides):
+        if item.split("=", 1)[0].strip() == "num_workers":
+            try:
+                return max(0, int(item.split("=", 1)[1]))
+            except ValueError:
+                return 0
+    if config is not None:
+        try:
+            import yaml
+
+            data = yaml.safe_load(config.read_text()) or {}
+            return max(0, int(data.get("num_workers", 0))) if isinstance(data, dict) else 0
+        except Exception:
+            return 0
+    return 0
+
+
 def register(group: click.Group) -> None:
     """Add `train` to the main group."""
     group.add_command(train)
+
+
+def _rank_args(ctx: click.Context, quiet: bool) -> list[str]:
+    """This `train` command line as each rank runs it: every option given, less --nproc/--restart."""
+    args = ["train", ctx.params["name"]]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name in ("nproc", "restart", "quiet") or value in (None, False, ()):
+            continue
+        if value == p.default:
+            continue
+        opt = max(p.opts, key=len)
+        if p.is_flag:
+            args.append(opt)
+        elif p.multiple:
+            for v in value:
+                args += [opt, str(v)]
+        else:
+            args += [opt, str(value)]
+    return args + (["--quiet"] if quiet else [])

@@ -1,0 +1,83 @@
+"""Threads that fit the machine: the main process gets the CPUs the DataLoader workers leave."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import slidekit as sk
+from slidekit import resources
+from tests.conftest import synthetic_slide
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(resources, "_BUDGET", None)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_workers_get_one_cpu_each_and_the_main_process_the_rest(monkeypatch):
+    assert resources.configure_threads(3, workers=1) == 2 and torch.get_num_threads() == 2
+    assert resources.configure_threads(2, workers=5) == 1 and torch.get_num_threads() == 1
+    with pytest.raises(sk.ConfigError):
+        resources.configure_threads(0)
+
+
+def test_default_budget_is_what_the_process_may_use_or_an_earlier_share(monkeypatch):
+    monkeypatch.setattr(resources, "available_cpus", lambda: 3)
+    torch.set_num_threads(7)
+    assert resources.configure_threads(None, workers=1) == 2 and torch.get_num_threads() == 2
+    resources.configure_threads(1)  # e.g. a cohort worker's share
+    assert resources.configure_threads(None, workers=0) == 1
+
+
+def _worker_state(_):
+    import cv2
+
+    return torch.tensor([torch.get_num_threads(), cv2.getNumThreads()])
+
+
+def test_predictor_workers_run_one_thread_each(tmp_path):
+    from slidekit.builtin_models import builtin_model
+
+    net, spec = builtin_model("hematoxylin")
+    path = synthetic_slide(tmp_path / "s.tif")
+    slide = sk.open_slide(path)
+    grid = sk.TileGrid.from_slide(slide, mpp=spec.mpp, size=spec.patch_size, min_tissue=0)
+    loader = sk.Predictor(net, spec, device="cpu", workers=1).loader(slide, grid)
+    assert loader.worker_init_fn is resources.worker_threads
+    torch.set_num_threads(2)
+    loader2 = torch.utils.data.DataLoader(_States(), batch_size=None, num_workers=1,
+                                          worker_init_fn=resources.worker_threads)
+    assert next(iter(loader2))[0].item() == 1
+
+
+class _States(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i):
+        return _worker_state(i)
+
+
+def test_heatmap_threads_set_the_main_process_pool(tmp_path):
+    path = synthetic_slide(tmp_path / "s.tif", tissue_box=(256, 256, 1280, 1024))
+    torch.set_num_threads(2)
+    sk.heatmap_slide(path, tmp_path / "hm", workers=0, progress=False, device="cpu", threads=1)
+    assert torch.get_num_threads() == 1
+
+
+def test_cli_threads_option_validates_and_train_reads_num_workers(tmp_path):
+    from slidekit.cli import main
+    from slidekit.cli.train import _num_workers
+
+    r = CliRunner().invoke(main, ["heatmap", "x.tif", "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert r.exit_code != 0 and "--threads" in r.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_workers: 3\nepochs: 1\n")
+    assert _num_workers(cfg, []) == 3
+    assert _num_workers(cfg, ["num_workers=1"]) == 1
+    assert _num_workers(None, []) == 0
