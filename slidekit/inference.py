@@ -64,6 +64,9 @@ class Predictor:
         self.device = resolve_device(device)
         self.spec, self.batch_size, self.workers, self.progress = spec, int(batch_size), int(workers), progress
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is not None:
+            # CUDA events and streams use the current device: make it the one asked for (cuda:N)
+            torch.cuda.set_device(self.device)
         self.amp = amp and self.cuda
         self.channels_last = channels_last and self.cuda
         self.model = model.to(self.device).eval()
@@ -257,7 +260,7 @@ def _config_key(cfg: dict) -> str:
 
 # Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
 HEATMAP_OUTPUTS = ("heatmap.zarr", "heatmap.zarr.part", "overlay.png", "predictions.geojson", "tiles.geojson",
-                   "summary.json")
+                   "heatmap.tif", "summary.json")
 
 
 def _bad_tile_coords(hm: Any) -> list[list[int]]:
@@ -275,6 +278,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                   workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
                   min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
                   chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
+                  roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
+                  tissue: dict | None = None, tiff: str | None = None,
                   override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None) -> dict:
     """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
     ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
@@ -282,6 +287,9 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     A finished slide (``summary.json`` with the same configuration) is skipped; an interrupted
     one resumes from the chunks its ``heatmap.zarr.part`` store had finished (``chunk`` heatmap
     pixels square). ``loaded`` is a ``load_model`` result, to share one model across slides.
+    ``roi`` (GeoJSON/XML; only its polygons of ``roi_class`` when given) limits the prediction to
+    those regions (``slidekit.roi``); ``tissue`` holds ``tissue_mask`` options. ``tiff`` ("rgb" or
+    "values") also writes ``heatmap.tif``, a pyramidal TIFF at the heatmap MPP (``slidekit.heatmap_tiff``).
     ``threads``: CPUs to use (default: those this process may use; see ``resources.configure_threads``).
     """
     from slidekit.annotations import Annotation, write_geojson
@@ -308,7 +316,21 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     run_cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "blend": blend,
                "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp,
                "override_mpp": override_mpp}
+    roi_anns = None
+    if roi is not None:  # recorded only when set, so runs without one keep their configuration key
+        from slidekit.roi import read_roi, roi_identity
+
+        roi_anns = read_roi(roi, roi_class)
+        run_cfg["roi"] = roi_identity(roi, roi_class)
+    elif roi_class:
+        from slidekit.errors import ConfigError
+
+        raise ConfigError(f"roi_class {roi_class!r} given without roi (the annotation file to take it from)")
+    if tissue:
+        run_cfg["tissue"] = dict(tissue)
     out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
+    if tiff:  # recorded only when asked, so earlier runs keep their configuration key
+        out_cfg["tiff"] = tiff
     summary_path = out / "summary.json"
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
         run_cfg["slide_id"] = slide_fingerprint(slide.path)
@@ -338,7 +360,11 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         n_tiles = n_done_before = 0
         timer, t_loop = StageTimer(), 0.0
         if hm is None:
-            mask = tissue_mask(slide, progress=None if progress else False)
+            mask = tissue_mask(slide, progress=None if progress else False, **(tissue or {}))
+            if roi_anns is not None:
+                from slidekit.roi import restrict_mask
+
+                mask = restrict_mask(mask, roi_anns, slide)
             release_memory()
             grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                        min_tissue=min_tissue)
@@ -370,6 +396,10 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                 writer.skip(predictor.bad_tiles)
             with timer.stage("write"):
                 writer.finish()
+                if roi_anns is not None:  # empty outside the ROI, also where edge tiles reach past it
+                    from slidekit.roi import clip_store_to_roi
+
+                    clip_store_to_roi(part, roi_anns, slide.mpp)
                 if hm_path.exists():
                     shutil.rmtree(hm_path)
                 os.replace(part, hm_path)
@@ -380,6 +410,10 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         t_pred = time.time() - t0
         t_write = time.perf_counter()
         hm.overlay(slide, out / "overlay.png")
+        if tiff:
+            from slidekit.heatmap_tiff import write_heatmap_tiff
+
+            write_heatmap_tiff(hm, out / "heatmap.tif", mode=tiff)
         anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
         # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
         write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)
