@@ -203,14 +203,13 @@ def _hwm_mib() -> float:
 
 
 def child(slide: str, out: str, workers: int) -> None:
-    import torch
-
-    torch.set_num_threads(2)
     from slidekit.inference import heatmap_slide
 
+    # Threads: slidekit's default (the CPUs this process may use, less one per worker).
     s = heatmap_slide(slide, out, model="hematoxylin", heatmap_mpp=1.0, workers=workers, progress=False)
     print(json.dumps({"tiles": s["tiles"], "heatmap_shape": s["heatmap_shape"], "regions": s["regions"],
-                      "peak_rss_main_mib": _hwm_mib()}))
+                      "peak_rss_main_mib": _hwm_mib(), "seconds": s["seconds"], "stages": s.get("stages"),
+                      "tiles_per_s": s.get("tiles_per_s")}))
 
 
 def main() -> None:
