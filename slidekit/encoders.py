@@ -177,7 +177,7 @@ def init_from(model: nn.Module, source: str | os.PathLike) -> list[str]:
     The network's own backbone decides how a plain file is read (torchvision or timm names).
     Returns the names of the loaded tensors.
     """
-    from slidekit.models import CHECKPOINT_FORMAT, transfer_encoder
+    from slidekit.models import transfer_encoder
 
     if not hasattr(model, "encoder"):
         raise CheckpointError("the network has no .encoder to initialise")
@@ -187,14 +187,22 @@ def init_from(model: nn.Module, source: str | os.PathLike) -> list[str]:
                               f"(--weights FILE); slidekit never downloads weights")
     if not path.is_file():
         raise CheckpointError("weights file not found", path)
-    if path.suffix.lower() != ".safetensors":
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            payload = None  # read_state_dict below names the problem in one line
-        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-            return transfer_encoder(path, model)
+    if _is_slidekit_checkpoint(path):
+        return transfer_encoder(path, model)
     return load_encoder_weights(model.encoder, read_state_dict(path), path)
+
+
+def _is_slidekit_checkpoint(path: Path) -> bool:
+    """Whether a weights file is a slidekit checkpoint (else a plain state dict or not weights at all)."""
+    from slidekit.models import CHECKPOINT_FORMAT
+
+    if path.suffix.lower() == ".safetensors":
+        return False
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False  # read_state_dict names the problem in one line
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
 
 
 def init_overrides(init: str | None, weights: str | None) -> list[str]:
@@ -223,7 +231,7 @@ def load_embedding_encoder(model: str | os.PathLike, weights: str | os.PathLike 
     about tiles, so ``mpp`` is then required; ``patch_size`` defaults to 224 and the
     normalisation is ImageNet's (what torchvision and most timm models were trained with).
     """
-    from slidekit.models import CHECKPOINT_FORMAT, ModelSpec, ResNetClassifier, load_checkpoint
+    from slidekit.models import ModelSpec, ResNetClassifier, load_checkpoint
 
     text = str(model)
     if is_timm(text):
@@ -237,13 +245,7 @@ def load_embedding_encoder(model: str | os.PathLike, weights: str | os.PathLike 
         path = Path(text)
         if not path.is_file():
             raise CheckpointError("model file not found", path)
-        payload = None
-        if path.suffix.lower() != ".safetensors":
-            try:
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                payload = None  # read_state_dict below names the problem in one line
-        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        if _is_slidekit_checkpoint(path):
             ckpt = load_checkpoint(path)
             spec, net = ckpt.spec, ckpt.model
             if not hasattr(net, "features"):

@@ -14,12 +14,7 @@ from slidekit.models import ModelSpec, build_model, load_checkpoint, save_checkp
 CNN, VIT = "convnext_atto", "vit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the shared cores crawl otherwise
 
 
 def timm_weights(path: Path, name: str, seed: int = 1) -> Path:

@@ -17,12 +17,7 @@ WSINFER_TRANSFORMS = {"Resize", "ToTensor", "Normalize"}
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the shared cores crawl otherwise
 
 
 @pytest.fixture(scope="module")
