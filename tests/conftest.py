@@ -86,3 +86,48 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def mixed_em_slides(root: Path) -> Path:
+    """Six small synthetic slides for mixed-em runs (macro/micro circles of tumour colour, one slide
+    with a pixel mask) and their slides.csv; returns the CSV's path."""
+    import cv2
+
+    from slidekit.demo import write_pyramid
+
+    rng = np.random.default_rng(0)
+    rows = ["slide,label,mask"]
+    for i, label in enumerate(["macro", "macro", "negative", "micro", "negative", "macro"]):
+        rgb = np.full((256, 256, 3), 244, np.uint8)
+        rgb[16:240, 16:240] = (rng.integers(0, 30, (224, 224, 3)) + [200, 120, 170]).astype(np.uint8)
+        m = np.zeros((256, 256), np.uint8)
+        if label != "negative":
+            cv2.circle(m, (128, 128), 60 if label == "macro" else 20, 1, -1)
+            rgb[m > 0] = [90, 40, 140]
+        write_pyramid(root / f"s{i}.tif", rgb, 4.0, tile=128, min_size=128)
+        mask = ""
+        if i == 0:
+            cv2.imwrite(str(root / "m0.png"), m * 255)
+            mask = "m0.png"
+        rows.append(f"s{i}.tif,{label},{mask}")
+    (root / "slides.csv").write_text("\n".join(rows) + "\n")
+    return root / "slides.csv"
+
+
+def install_trainer_plugin(tmp_path: Path, monkeypatch, package: str, source: str, entry_point: str) -> None:
+    """Install a third-party trainer package (``source`` is its __init__.py) with a ``slidekit.trainers``
+    entry point (``NAME = package:Class``) on sys.path, and make the registry look for it afresh."""
+    import textwrap
+
+    from trainers import base
+
+    pkg = tmp_path / "site"
+    (pkg / package).mkdir(parents=True)
+    (pkg / package / "__init__.py").write_text(textwrap.dedent(source))
+    dist = pkg / f"{package}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[slidekit.trainers]\n{entry_point}\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_discovered", False)

@@ -445,31 +445,6 @@ def test_two_rank_simclr_trains_and_writes_once(tmp_path: Path) -> None:
     assert ckpt.spec.arch == "resnet-encoder" and (tmp_path / "run" / "done.json").exists()
 
 
-def _mixed_em_slides(root: Path) -> Path:
-    """Six small synthetic slides (one with a pixel mask), as in test_mixed_em's tiny run."""
-    import cv2
-
-    from slidekit.demo import write_pyramid
-
-    rng = np.random.default_rng(0)
-    rows = ["slide,label,mask"]
-    for i, label in enumerate(["macro", "macro", "negative", "micro", "negative", "macro"]):
-        rgb = np.full((256, 256, 3), 244, np.uint8)
-        rgb[16:240, 16:240] = (rng.integers(0, 30, (224, 224, 3)) + [200, 120, 170]).astype(np.uint8)
-        m = np.zeros((256, 256), np.uint8)
-        if label != "negative":
-            cv2.circle(m, (128, 128), 60 if label == "macro" else 20, 1, -1)
-            rgb[m > 0] = [90, 40, 140]
-        write_pyramid(root / f"s{i}.tif", rgb, 4.0, tile=128, min_size=128)
-        mask = ""
-        if i == 0:
-            cv2.imwrite(str(root / "m0.png"), m * 255)
-            mask = "m0.png"
-        rows.append(f"s{i}.tif,{label},{mask}")
-    (root / "slides.csv").write_text("\n".join(rows) + "\n")
-    return root / "slides.csv"
-
-
 def _mixed_em_run(table: str, out: str) -> None:
     from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
 
@@ -480,7 +455,9 @@ def _mixed_em_run(table: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_mixed_em_splits_heatmaps_and_writes_once(tmp_path: Path) -> None:
-    table = _mixed_em_slides(tmp_path)
+    from conftest import mixed_em_slides
+
+    table = mixed_em_slides(tmp_path)
     run_ranks("_mixed_em_run", str(table), str(tmp_path / "out"))
     out = tmp_path / "out"
     rows = json.loads((out / "metrics.json").read_text())

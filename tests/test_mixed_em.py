@@ -101,28 +101,10 @@ def test_mask_patch_maps_level0_boxes():
 @pytest.mark.slow
 def test_tiny_mixed_em_run(tmp_path):
     """End to end on four small synthetic slides: rounds logged, a round selected, files written."""
-    import cv2
-
-    from slidekit.demo import write_pyramid
+    from conftest import mixed_em_slides
     from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
 
-    rng = np.random.default_rng(0)
-    rows = ["slide,label,mask"]
-    for i, label in enumerate(["macro", "macro", "negative", "micro", "negative", "macro"]):
-        rgb = np.full((256, 256, 3), 244, np.uint8)
-        rgb[16:240, 16:240] = (rng.integers(0, 30, (224, 224, 3)) + [200, 120, 170]).astype(np.uint8)
-        m = np.zeros((256, 256), np.uint8)
-        if label != "negative":
-            r = 60 if label == "macro" else 20
-            cv2.circle(m, (128, 128), r, 1, -1)
-            rgb[m > 0] = [90, 40, 140]
-        write_pyramid(tmp_path / f"s{i}.tif", rgb, 4.0, tile=128, min_size=128)
-        mask = ""
-        if i == 0:
-            cv2.imwrite(str(tmp_path / "m0.png"), m * 255)
-            mask = "m0.png"
-        rows.append(f"s{i}.tif,{label},{mask}")
-    (tmp_path / "slides.csv").write_text("\n".join(rows) + "\n")
+    mixed_em_slides(tmp_path)
     cfg = MixedEMConfig(slides=str(tmp_path / "slides.csv"), mpp=8.0, patch_size=32, rounds=1, init_steps=3,
                         round_steps=2, batch_size=10, predict_tile=128, min_tissue=0.1)
     ckpt = MixedEMTrainer(cfg).fit(tmp_path / "out", device="cpu", progress=False)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import trainers
-import trainers.base as base
+from conftest import install_trainer_plugin
 from slidekit.scribbles import IGNORE, foreground_iou, generate_scribbles
 from trainers.scribble import ScribbleTrainer, partial_cross_entropy, predict_images
 
@@ -94,23 +93,14 @@ def test_builtin_trainers_registered():
 
 
 def test_third_party_trainer_through_entry_point(tmp_path, monkeypatch):
-    pkg = tmp_path / "site"
-    (pkg / "my_plugin").mkdir(parents=True)
-    (pkg / "my_plugin" / "__init__.py").write_text(textwrap.dedent("""
+    install_trainer_plugin(tmp_path, monkeypatch, "my_plugin", """
         from trainers.base import Trainer
         class MyTrainer(Trainer):
             name = "mine"
             consumes = frozenset({"pixel_masks"})
             def fit(self, out_dir, device="auto", progress=True):
                 return out_dir
-    """))
-    dist = pkg / "my_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[slidekit.trainers]\nmine = my_plugin:MyTrainer\n")
-    monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_discovered", False)
+    """, "mine = my_plugin:MyTrainer")
     cls = trainers.get("mine")
     assert cls.__name__ == "MyTrainer" and cls.consumes == {"pixel_masks"}
     assert "mine" in trainers.available() and "scribble" in trainers.available()

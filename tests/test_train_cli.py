@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import textwrap
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
 import trainers
+from conftest import install_trainer_plugin
 from slidekit.cli import main
-from trainers import base
 
 BUILTINS = ["mixed-em", "morph-lgbm", "s2l", "scribble", "simclr", "topk-mean"]
 
@@ -53,9 +52,7 @@ def test_list_one_line_per_trainer_with_what_it_does():
 
 
 def test_list_includes_plugins(tmp_path, monkeypatch):
-    pkg = tmp_path / "site"
-    (pkg / "my_lister").mkdir(parents=True)
-    (pkg / "my_lister" / "__init__.py").write_text(textwrap.dedent('''
+    install_trainer_plugin(tmp_path, monkeypatch, "my_lister", '''
         from dataclasses import dataclass
         from trainers.base import Trainer, TrainerConfig
 
@@ -68,14 +65,7 @@ def test_list_includes_plugins(tmp_path, monkeypatch):
             name = "lister"
             consumes = frozenset({"images"})
             Config = Cfg
-    '''))
-    dist = pkg / "my_lister-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-lister\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[slidekit.trainers]\nlister = my_lister:Lister\n")
-    monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_discovered", False)
+    ''', "lister = my_lister:Lister")
     try:
         res = run("train", "--list")
         line = next(ln for ln in res.output.splitlines() if ln.startswith("lister"))
