@@ -94,11 +94,10 @@ def process_slide(task_name: str, options: dict, slide: CohortSlide, out: str, k
         return {**row, "status": "skipped", "error": f"being processed by {describe(rec)}"}
     try:
         # Decided again under the lock: another runner may have finished the slide meanwhile.
-        prev = ledger.state().get(slide.id, {})
-        if prev.get("status") == "done" and prev.get("config") == key and folder.is_dir():
-            return {**row, **_figures(prev), "status": "skipped", "error": "", "note": "done earlier"}
-        if prev.get("status") == "failed" and prev.get("config") == key and not retry_failed:
-            return {**row, "status": "failed", "error": prev.get("error", ""), "note": "failed earlier"}
+        prev = ledger.state(only=slide.id).get(slide.id, {})
+        settled = settled_row(slide, prev, key, folder, retry_failed)
+        if settled is not None:
+            return {**settled, "worker": worker}
         attempt = int(prev.get("attempts", 0)) + 1
         ledger.append(id=slide.id, slide=str(slide.slide), status="running", attempt=attempt, config=key,
                       worker=worker, took_over=bool(lock.took_over), gpu=os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -132,8 +131,19 @@ def _drop_if_empty(folder: Path) -> None:
         pass
 
 
-def _figures(rec: dict) -> dict:
-    return dict(rec.get("figures") or {})
+def settled_row(slide: CohortSlide, prev: dict, key: str, folder: Path, retry_failed: bool) -> dict | None:
+    """The row of a slide the ledger already answers (done, or failed and not to be retried, with
+    this configuration); None when it is to be processed."""
+    if prev.get("config") != key:
+        return None
+    row = {"id": slide.id, "slide": str(slide.slide), "attempts": prev.get("attempts", 0),
+           "worker": prev.get("worker")}
+    if prev.get("status") == "done" and folder.is_dir():
+        return {**row, **(prev.get("figures") or {}), "status": "skipped", "error": "", "note": "done earlier"}
+    if prev.get("status") == "failed" and not retry_failed:
+        return {**row, "status": "failed", "error": prev.get("error", ""),
+                "note": "failed earlier (rerun with --retry-failed)"}
+    return None
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -172,16 +182,11 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     state = ledger.state()
     todo, rows = [], {}
     for s in mine:  # settle what the ledger already answers, without a worker
-        prev = state.get(s.id, {})
-        if prev.get("status") == "done" and prev.get("config") == key and (out / s.id).is_dir():
-            rows[s.id] = {"id": s.id, "slide": str(s.slide), **_figures(prev), "status": "skipped", "error": "",
-                          "note": "done earlier", "attempts": prev.get("attempts", 0), "worker": prev.get("worker")}
-        elif prev.get("status") == "failed" and prev.get("config") == key and not retry_failed:
-            rows[s.id] = {"id": s.id, "slide": str(s.slide), "status": "failed", "error": prev.get("error", ""),
-                          "note": "failed earlier (rerun with --retry-failed)", "attempts": prev.get("attempts", 0),
-                          "worker": prev.get("worker")}
-        else:
+        settled = settled_row(s, state.get(s.id, {}), key, out / s.id, retry_failed)
+        if settled is None:
             todo.append(s)
+        else:
+            rows[s.id] = settled
     run = run_ray if engine == "ray" else run_local
     for row in run(task, options, todo, str(out), key, jobs=int(jobs), gpus=gpu_ids, ray_address=ray_address,
                    retry_failed=retry_failed, progress=progress, debug=debug, settled=list(rows.values())):

@@ -125,6 +125,7 @@ def _pool_round(task: str, options: dict, pending: list[CohortSlide], out: str, 
 
     from slidekit.cohort import MAX_WORKER_DEATHS, process_slide
     from slidekit.ledger import Ledger
+    from slidekit.locks import pid_alive
 
     ctx = mp.get_context("spawn")  # no forked torch/OpenSlide state in workers
     gpu_queue = None
@@ -156,7 +157,7 @@ def _pool_round(task: str, options: dict, pending: list[CohortSlide], out: str, 
     state = Ledger(out).state()
     for s in broken:  # the victim's last record is a `running` one whose process is gone
         rec = state.get(s.id, {})
-        if rec.get("status") == "running" and rec.get("config") == key and not _alive(rec.get("pid")):
+        if rec.get("status") == "running" and rec.get("config") == key and not pid_alive(rec.get("pid")):
             deaths[s.id] = deaths.get(s.id, 0) + 1
             if deaths[s.id] >= MAX_WORKER_DEATHS:
                 error = f"worker process died {deaths[s.id]} times on this slide (killed or out of memory)"
@@ -167,18 +168,6 @@ def _pool_round(task: str, options: dict, pending: list[CohortSlide], out: str, 
                        "attempts": rec.get("attempt"), "worker": rec.get("worker")}
                 bar.update(row)
                 yield row
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _ray_process_slide(threads: int, *args: Any) -> dict:

@@ -44,15 +44,18 @@ class Ledger:
             os.close(fd)
         return rec
 
-    def records(self) -> list[dict]:
-        """Every whole record, in order; torn or foreign lines are skipped with a warning."""
+    def records(self, only: str | None = None) -> list[dict]:
+        """Every whole record, in order; torn or foreign lines are skipped with a warning.
+        ``only``: just the records of that slide id (lines of other slides are not parsed)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return []
+        # Records are written by json.dumps with its default separators, so a slide's lines hold this.
+        needle = json.dumps({"id": only}, ensure_ascii=False)[1:-1].encode() if only is not None else b""
         out, bad = [], 0
         for raw in data.splitlines():
-            if not raw.strip():
+            if not raw.strip() or needle not in raw:
                 continue
             try:
                 rec = json.loads(raw)
@@ -60,7 +63,8 @@ class Ledger:
                 bad += 1
                 continue
             if isinstance(rec, dict) and "id" in rec and "status" in rec:
-                out.append(rec)
+                if only is None or rec["id"] == only:
+                    out.append(rec)
             else:
                 bad += 1
         if bad:
@@ -68,11 +72,12 @@ class Ledger:
                           SlidekitWarning, stacklevel=2)
         return out
 
-    def state(self) -> dict[str, dict]:
-        """Per slide id: its last record, with ``attempts`` (running records over all runs)."""
+    def state(self, only: str | None = None) -> dict[str, dict]:
+        """Per slide id: its last record, with ``attempts`` (running records over all runs).
+        ``only``: the state of that slide alone (what a worker reads for each slide it takes)."""
         latest: dict[str, dict] = {}
         attempts: dict[str, int] = {}
-        for rec in self.records():
+        for rec in self.records(only):
             if rec["status"] == "running":
                 attempts[rec["id"]] = attempts.get(rec["id"], 0) + 1
             latest[rec["id"]] = rec

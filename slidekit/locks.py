@@ -30,7 +30,10 @@ _held_guard = threading.Lock()
 _beat_thread: threading.Thread | None = None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: object) -> bool:
+    """Whether a process of this id exists on this host (False for anything that is not a pid)."""
+    if not isinstance(pid, int):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +64,7 @@ def is_stale(rec: dict, stale_after: float = STALE_AFTER_SECONDS) -> bool:
     if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
         if rec["pid"] == os.getpid():
             return False
-        return not _pid_alive(rec["pid"])
+        return not pid_alive(rec["pid"])
     return rec.get("heartbeat_age", 0.0) > stale_after
 
 
@@ -176,15 +179,9 @@ def _beat() -> None:
 
 
 def _start_heartbeat() -> None:
+    """One heartbeat thread per process (a forked child's copy of its parent's thread is not alive)."""
     global _beat_thread
-    if _beat_thread is None or not _beat_thread.is_alive() or _beat_thread_pid != os.getpid():
-        _set_beat_thread(threading.Thread(target=_beat, name="slidekit-lock-heartbeat", daemon=True))
-
-
-_beat_thread_pid = -1
-
-
-def _set_beat_thread(t: threading.Thread) -> None:
-    global _beat_thread, _beat_thread_pid
-    _beat_thread, _beat_thread_pid = t, os.getpid()
-    t.start()
+    with _held_guard:
+        if _beat_thread is None or not _beat_thread.is_alive():
+            _beat_thread = threading.Thread(target=_beat, name="slidekit-lock-heartbeat", daemon=True)
+            _beat_thread.start()
