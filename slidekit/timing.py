@@ -6,13 +6,18 @@ as the consumer waits for it), ``transfer`` (host<->device copies), ``model``, `
 line (``read 12% · model 81% · stitch 5% · write 2%``). ``GPUSampler`` samples the GPU's
 utilisation in a thread through nvidia-ml-py (``pynvml``) when it is installed; without it, or
 on CPU, it records nothing and says why in ``gpu["note"]``.
+
+Device work is asynchronous on CUDA: ``StageTimer(device)`` then times ``device_stage`` blocks
+and ``marks`` with CUDA events recorded on the stream (no synchronisation per step) and reads
+their elapsed times once they have completed (``resolve``; ``flush`` at the end of an epoch waits
+for the last one). Host waits (``iterate``: the consumer waiting for a DataLoader) are host time.
 """
 from __future__ import annotations
 
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 STAGES = ("read", "transfer", "model", "stitch", "write")
 
@@ -20,11 +25,13 @@ STAGES = ("read", "transfer", "model", "stitch", "write")
 class StageTimer:
     """Wall seconds per stage (``STAGES``), tiles counted, and an optional GPU sampler's result."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: Any = None) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.tiles = 0
         self.gpu: dict | None = None
         self._t0 = time.perf_counter()
+        self.cuda = device is not None and _device_type(device) == "cuda"
+        self._pending: list[tuple[str, Any, Any]] = []  # (stage, start event, end event) not yet read
 
     def add(self, stage: str, seconds: float) -> None:
         """Add ``seconds`` to ``stage`` (one of ``STAGES``)."""
@@ -40,6 +47,66 @@ class StageTimer:
             yield
         finally:
             self.add(stage, time.perf_counter() - t)
+
+    def iterate(self, iterable: Iterable, stage: str = "read") -> Iterator:
+        """Yield from ``iterable``, adding the host's wait for each item to ``stage``."""
+        it = iter(iterable)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.add(stage, time.perf_counter() - t)
+            yield item
+
+    def mark(self) -> Any:
+        """A point in time: a CUDA event recorded on the current stream (no sync), else perf_counter."""
+        if self.cuda:
+            import torch
+
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def add_span(self, stage: str, start: Any, end: Any) -> None:
+        """Add the time from mark ``start`` to mark ``end`` to ``stage`` (CUDA: once both completed)."""
+        if not self.cuda:
+            self.add(stage, end - start)
+            return
+        self._pending.append((stage, start, end))
+        if len(self._pending) > 64:  # read what has completed; never waits for the device
+            self.resolve()
+
+    @contextmanager
+    def device_stage(self, stage: str) -> Iterator[None]:
+        """Time the ``with`` body's device work into ``stage``: CUDA events on CUDA (read later,
+        without a per-step sync), host time otherwise."""
+        start = self.mark()
+        try:
+            yield
+        finally:
+            self.add_span(stage, start, self.mark())
+
+    def resolve(self, wait: bool = False) -> None:
+        """Add the spans whose end events have completed (``wait``: wait for all of them)."""
+        if not self._pending:
+            return
+        if wait:
+            self._pending[-1][2].synchronize()  # events complete in stream order
+        keep = []
+        for stage, start, end in self._pending:
+            if wait or end.query():
+                self.add(stage, start.elapsed_time(end) / 1000)
+            else:
+                keep.append((stage, start, end))
+        self._pending = keep
+
+    def flush(self) -> None:
+        """Wait for the device spans still pending and add them (once, at the end of a run or epoch)."""
+        self.resolve(wait=True)
 
     def split(self) -> str:
         """The stages' shares of their total, e.g. ``read 12% · model 81% · write 7%`` (stages
@@ -59,6 +126,12 @@ class StageTimer:
         if self.gpu is not None:
             out["gpu"] = self.gpu
         return out
+
+
+def _device_type(device: Any) -> str:
+    if isinstance(device, str):
+        return device.split(":", 1)[0]
+    return getattr(device, "type", str(device))
 
 
 def format_split(timing: dict | None) -> str:

@@ -87,7 +87,7 @@ def test_run_epochs_resumes_to_the_same_result(tmp_path):
     rows = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     csv_lines = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0] == "epoch,loss" and len(csv_lines) == 5
+    assert csv_lines[0] == "epoch,loss,write,wall" and len(csv_lines) == 5  # + the epoch's write/wall seconds
     spec = read_checkpoint(resumed)["spec"]
     assert spec["trainer"] == "toy" and spec["trainer_config"]["lr"] == 0.1
     # A finished run is skipped.

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import random
+import sys
+import time
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -346,6 +348,11 @@ class MetricsLog:
         writer.writerows(self.rows)
         write_text_atomic(self.out_dir / "metrics.csv", buf.getvalue())
 
+    def update_last(self, **metrics: Any) -> None:
+        """Add ``metrics`` to the last row and rewrite both files."""
+        row = self.rows.pop()
+        self.log(**{**row, **metrics})
+
     def truncate(self, epochs_done: int) -> None:
         """Forget rows of epochs that were not completed (resume after an interruption)."""
         self.rows = [r for r in self.rows if r.get("epoch", -1) < epochs_done]
@@ -438,7 +445,7 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
                train_epoch: Callable[[int], dict[str, Any]], optimizer: torch.optim.Optimizer | None = None,
                scheduler: Any = None, epochs: int | None = None, progress: bool = True,
                get_extra: Callable[[], dict] | None = None,
-               set_extra: Callable[[dict], None] | None = None) -> Path:
+               set_extra: Callable[[dict], None] | None = None, inputs: Any = None) -> Path:
     """The shared loop: resume, run ``train_epoch(epoch) -> metrics`` per epoch, log, checkpoint.
 
     After each epoch the slidekit checkpoint and the training state are saved atomically, so an
@@ -449,6 +456,12 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
     What a rerun into the same folder does (resume, continue to more epochs, refuse a different
     config) is ``trainers.runs.begin_run``'s rule. An epoch whose loss or weights are NaN/inf
     stops the run with a TrainingError; the previous epoch's checkpoint and state are kept.
+
+    Each epoch's row also says where its time went: ``write`` (checkpoint + state) and ``wall``
+    seconds, and, when ``inputs`` (the trainer's ``trainers.batches.BatchInputs``) timed the steps,
+    ``read``/``transfer``/``model`` seconds and ``samples_per_s``; the split of the whole run is
+    printed at the end (``progress``). A resume whose stain normalisation differs from the one the
+    run was trained with (same options, another reference file content) is refused.
     """
     out = Path(out_dir)
     ckpt_path, state_path, done_path = out / "checkpoint.pt", out / "state.pt", out / "done.json"
@@ -480,17 +493,29 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
             raise CheckpointError(f"cannot resume: training state does not fit this run "
                                   f"({' '.join(str(e).split())[:150]}); {RESTART_HINT}", state_path) from None
         start = state.epoch
+        from trainers.batches import check_same_stain
+
+        check_same_stain(ckpt_path, spec)
     if log is not None:
         log.truncate(start)
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=trainer.name, unit="epoch",
                disable=not (progress and main))
+    from trainers.batches import TIMING_KEYS, RunTiming, stage_metrics
+
+    total = RunTiming()  # the whole run's split, printed at the end
     for epoch in bar:
         model.train()
         if dist.is_distributed():
             seed_rank(getattr(trainer.config, "seed", 0), epoch, dist.rank())
-        metrics = dist.all_reduce_mean(train_epoch(epoch))
+        t0 = time.perf_counter()
+        timer = inputs.begin_epoch() if inputs is not None else None
+        metrics = train_epoch(epoch)
+        if timer is not None:
+            metrics.update(stage_metrics(timer, time.perf_counter() - t0))
+            total.add_epoch(timer, time.perf_counter() - t0)
+        metrics = dist.all_reduce_mean(metrics)
         why = _divergence(model, metrics)
         if why is not None:
             kept = f"epoch {epoch}'s checkpoint is kept" if epoch else "no checkpoint was written"
@@ -499,13 +524,20 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
         extra = get_extra() if get_extra else None  # on every rank: it may hold a collective
         if log is not None:
             log.log(epoch=epoch, **metrics)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()
+                             if isinstance(v, float) and k not in TIMING_KEYS})
+            t_write = time.perf_counter()
             save_checkpoint(ckpt_path, model, spec, extra={"epoch": epoch + 1})
             TrainState(epoch=epoch + 1, model=model.state_dict(),
                        optimizer=optimizer.state_dict() if optimizer is not None else None,
                        scheduler=scheduler.state_dict() if scheduler is not None else None,
                        rng=_rng_state(), extra=extra).save(state_path)
-        dist.barrier()  # no rank starts the next epoch before the state it would resume from exists
+            now = time.perf_counter()
+            total.timer.add("write", now - t_write)
+            log.update_last(write=round(now - t_write, 4), wall=round(now - t0, 4))
+        dist.barrier()
+    if main and progress and total.line():
+        print(f"time: {total.line()}", file=sys.stderr)  # where the time went: reading or the model?  # no rank starts the next epoch before the state it would resume from exists
     if main:
         write_text_atomic(done_path, json.dumps({"trainer": trainer.name, "epochs": epochs,
                                                  "checkpoint": ckpt_path.name}, indent=2))

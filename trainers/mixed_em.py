@@ -42,8 +42,8 @@ import zarr
 from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.features import DEFAULT_THRESHOLDS, SIZE_CLASSES, features_from_view, open_heatmap_view
 from slidekit.io import atomic_path, write_text_atomic
-from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device, run_epochs,
-                           seed_everything)
+from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
+from trainers.batches import BatchInputs, StainOptions, sample_images
 from slidekit import distributed as dist
 from trainers.runs import begin_run
 from trainers.stage2 import fit_morph_lgbm, read_slide_table
@@ -52,7 +52,7 @@ SOURCES = ("pixel", "pseudo_positive", "hard_negative")
 
 
 @dataclass
-class MixedEMConfig(TrainerConfig):
+class MixedEMConfig(StainOptions):
     """Options of ``mixed-em`` (paper defaults for T, V, floor and the 2:1:7 ratio)."""
 
     slides: str = ""
@@ -248,14 +248,16 @@ def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
-def soft_bce_steps(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Optimizer, loader: Any,
-                   device: torch.device) -> float:
-    """Run one pass of ``loader`` with soft-label binary cross-entropy; mean loss."""
+def soft_bce_steps(model: torch.nn.Module, inputs: BatchInputs, optimizer: torch.optim.Optimizer,
+                   loader: Any) -> float:
+    """Run one pass of ``loader`` with soft-label binary cross-entropy; mean loss. ``inputs``
+    prepares each batch on the device (stain normalisation/augmentation, ``spec.normalize``)."""
     model.train()
     total, n = 0.0, 0
-    for x, y in loader:
-        logits = model(spec.normalize(x.to(device)))[:, -1]
-        loss = F.binary_cross_entropy_with_logits(logits, y.to(device))
+    for x, y in inputs.batches(loader):
+        x, y = inputs(x, y)
+        logits = model(x)[:, -1]
+        loss = F.binary_cross_entropy_with_logits(logits, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -265,10 +267,12 @@ def soft_bce_steps(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Opt
 
 def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | os.PathLike, tile: int = 256,
                     overlap: int = 0, tissue_mpp: float = 8.0, min_tissue: float = 0.01, batch_size: int = 8,
-                    device: str | torch.device = "cpu", attrs: dict | None = None) -> Path:
+                    device: str | torch.device = "cpu", attrs: dict | None = None, timer: Any = None) -> Path:
     """Segmenter heatmap of ``slide`` at the model's MPP into the zarr ``store`` (skipped when a
     complete one exists, resumed when a partial one does), zero outside the tissue mask. Large
-    tiles: a fully convolutional network predicts a 256 px tile much faster than sixteen 64 px ones."""
+    tiles: a fully convolutional network predicts a 256 px tile much faster than sixteen 64 px ones.
+    The Predictor applies the stain normalisation of ``spec.stain``; its stage seconds are added
+    to ``timer`` (a StageTimer) when given."""
     from slidekit.heatmap import Heatmap, HeatmapWriter
     from slidekit.inference import Predictor
     from slidekit.tiling import TileGrid
@@ -297,6 +301,9 @@ def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | 
                 y[k] *= mask_patch(t_arr, grid.slide_dimensions, tuple(grid.coords[i]), grid.extent, y.shape[-1])
             w.add(idx, y)
         model.train(was_training)
+        if timer is not None:
+            for k, v in pred.timer.seconds.items():
+                timer.add(k, v)
     w.finish()
     return store
 
@@ -350,8 +357,11 @@ class MixedEMTrainer(Trainer):
         dist.on_main(self._prepare)  # rank 0 writes the cached grids and pixel labels ...
         if not dist.is_main():
             self._prepare()  # ... which the other ranks then read (each with its own slide handles)
+        rows = self.pixel_rows  # RandStainNA: fitted on pixel-labelled patches
+        self.inputs = BatchInputs(self.spec, self.device, c, fit_images=lambda: sample_images(
+            lambda i: self.readers[rows[i, 0]].read(rows[i, 1]), len(rows), seed=c.seed))
         run_epochs(self, out, self.model, self.spec, self._round, optimizer=self.opt, epochs=c.rounds + 1,
-                   progress=progress)
+                   progress=progress, inputs=self.inputs)
         return dist.on_main(self._select)
 
     # -- preparation: grids, readers, pixel labels (cached on disk) --------------------------
@@ -425,7 +435,7 @@ class MixedEMTrainer(Trainer):
         sampler = FixedRatioSampler(sizes, ratio, c.batch_size, steps, seed=c.seed * 1000 + r)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=dist.shard(sampler, batches=True),
                                              num_workers=c.num_workers, collate_fn=_collate)
-        m_loss = soft_bce_steps(self.net, self.spec, self.opt, loader, self.device) if steps > 0 else None
+        m_loss = soft_bce_steps(self.net, self.inputs, self.opt, loader) if steps > 0 else None
         from slidekit.models import save_checkpoint
 
         dist.sync_buffers(self.model)  # every rank predicts with rank 0's batch-norm statistics
@@ -459,7 +469,7 @@ class MixedEMTrainer(Trainer):
             predict_heatmap(self.model, self.spec, self.slides[n_pix + i], store,
                             tile=c.predict_tile or 4 * c.patch_size, overlap=c.predict_overlap,
                             tissue_mpp=c.tissue_mpp, batch_size=c.predict_batch, device=self.device,
-                            attrs={"round": r})
+                            attrs={"round": r}, timer=self.inputs.timer)
         self.model.train()
         dist.barrier()  # every heatmap of the round is written
         return paths

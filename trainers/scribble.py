@@ -29,8 +29,8 @@ from slidekit import distributed as dist
 from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.models import ModelSpec, build_model
 from slidekit.scribbles import IGNORE
-from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
-                           run_epochs, seed_everything)
+from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
+from trainers.batches import BatchInputs, StainOptions, model_input, sample_images, spec_normalizer
 
 
 def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
@@ -111,6 +111,8 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Any] | np
                    device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """Class probabilities (C, H, W) of whole uint8 RGB images, un-augmented, in eval mode.
 
+    The stain normalisation the model was trained with (``spec.stain``) is applied first.
+
     ``images``: a list of (3, H, W) tensors or (H, W, 3) NumPy arrays / PIL images (as
     ``Slide.read_region`` returns them; an alpha channel is dropped), or one such image.
     Images are reflect-padded to a multiple of 32 (the encoder's stride) and cropped back.
@@ -121,12 +123,13 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Any] | np
     if not isinstance(images, (list, tuple, np.ndarray, torch.Tensor)):
         images = [images]  # one PIL image
     images = [_as_chw_uint8(img, i) for i, img in enumerate(images)]
+    normalizer = spec_normalizer(spec)
     was_training = model.training
     model.eval()
     out = []
     for img in images:
         h, w = img.shape[-2:]
-        x = spec.normalize(img[None].to(device))
+        x = model_input(spec, img[None], device, normalizer)
         ph, pw = (-h) % 32, (-w) % 32
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
@@ -139,7 +142,7 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Any] | np
 
 
 @dataclass
-class ScribbleConfig(TrainerConfig):
+class ScribbleConfig(StainOptions):
     """Options of the ``scribble`` trainer (and the base of ``s2l``'s)."""
 
     data: str = ""  # image folder root (images/ + labels/)
@@ -288,6 +291,8 @@ class SegmentationTrainer(Trainer):
         if dev.type == "cpu":
             model = model.to(memory_format=torch.channels_last)  # several times faster convs on CPU
         self.model = model
+        self.inputs = BatchInputs(self.spec, dev, cfg, channels_last=dev.type == "cpu",
+                                  fit_images=self._fit_sample)
         net = dist.wrap(model, dev, cfg.sync_batchnorm)  # DDP for several ranks, the model itself for one
         self.extra_maps(self.dataset)
         # Every parameter is optimised, the final 1x1 layer included.
@@ -310,11 +315,8 @@ class SegmentationTrainer(Trainer):
             n = 0
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                        disable=not (progress and dist.is_main()))
-            for batch in bar:
-                x = self.spec.normalize(batch["image"].to(dev))
-                if dev.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                target = batch["mask"].to(dev)
+            for batch in self.inputs.batches(bar):
+                x, target = self.inputs(batch["image"], batch["mask"])
                 logits = net(x)
                 terms = {"loss_sp": global_partial_cross_entropy(logits, target, cfg.ignore_index)}
                 terms.update(self.extra_loss(epoch, batch, logits))
@@ -339,7 +341,14 @@ class SegmentationTrainer(Trainer):
             return metrics
 
         return run_epochs(self, out_dir, model, self.spec, train_epoch, opt, sched, progress=progress,
-                          get_extra=self.get_extra, set_extra=self.set_extra)
+                          get_extra=self.get_extra, set_extra=self.set_extra, inputs=self.inputs)
+
+    def _fit_sample(self) -> list:
+        """The training images RandStainNA is fitted on: whole images of an image folder, else patches."""
+        images = getattr(self.dataset, "images", None)
+        if images is not None:
+            return sample_images(images.__getitem__, len(images), seed=self.config.seed)
+        return sample_images(lambda i: self.dataset[i]["image"], len(self.dataset), seed=self.config.seed)
 
 
 @register

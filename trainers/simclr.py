@@ -34,8 +34,8 @@ from slidekit import distributed as dist
 from slidekit.errors import ConfigError
 from slidekit.models import ModelSpec, ResNetClassifier
 from slidekit.sampling import FixedRatioSampler
-from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
-                           run_epochs, seed_everything)
+from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
+from trainers.batches import BatchInputs, StainAugmentOptions, sample_images
 from trainers.runs import begin_run
 from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, AugmentOptions, HistologyAugment,
                                   ProjectionHead, nt_xent_distributed, scaled_lr, split_decay_groups, warmup_cosine)
@@ -45,8 +45,13 @@ DEFAULT_LR = {"lars": (0.3, "linear"), "adam": (1e-3, "none")}
 
 
 @dataclass
-class SimCLRConfig(TrainerConfig, AugmentOptions):
-    """SimCLR options. ``lr``/``lr_scaling`` default by optimiser: LARS 0.3 x B/256, Adam 1e-3."""
+class SimCLRConfig(StainAugmentOptions, AugmentOptions):
+    """SimCLR options. ``lr``/``lr_scaling`` default by optimiser: LARS 0.3 x B/256, Adam 1e-3.
+
+    ``stain_aug`` (HED jitter or RandStainNA) changes each view's stain on the device before the
+    colour jitter of the histology recipe, with its own draw per view: the two views of a patch
+    differ in stain as well, so the encoder learns to ignore stain differences between labs.
+    """
 
     epochs: int = 100
     batch_size: int = 128                 # pairs per step (2 x batch_size images), over all ranks
@@ -199,6 +204,10 @@ class SimCLRTrainer(Trainer):
             return warmup_cosine(step, total, warmup)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        spec = encoder_spec(cfg)
+        # stain augmentation of the uint8 views, then the recipe's photometric part (jitter, grey, blur)
+        inputs = BatchInputs(spec, dev, cfg, fit_images=lambda: sample_images(pool.patch, len(pool), seed=cfg.seed))
+        views = lambda x: augment.photometric(x.float().div_(255))  # noqa: E731
 
         def train_epoch(epoch: int) -> dict:
             sampler.set_epoch(epoch)
@@ -206,11 +215,11 @@ class SimCLRTrainer(Trainer):
             losses = []
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                        disable=not (progress and dist.is_main()))
-            for v1, v2 in bar:
+            for v1, v2 in inputs.batches(bar):
                 # every rank stops at the same step (a rank alone in a collective would wait for the timeout)
                 if cfg.time_budget_s and dist.any_rank(time.monotonic() - clock["start"] > cfg.time_budget_s):
                     break
-                x = augment.photometric(torch.cat([v1, v2]).to(dev, non_blocking=True).float().div_(255))
+                x = inputs(torch.cat([v1, v2]), normalize=views)
                 z = net(x)
                 loss = nt_xent_distributed(z[: len(v1)], z[len(v1):], cfg.temperature)
                 optimizer.zero_grad(set_to_none=True)
@@ -223,11 +232,10 @@ class SimCLRTrainer(Trainer):
             return {"loss": sum(losses) / len(losses) if losses else None, "steps": len(losses),
                     "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - clock["start"]}
 
-        spec = encoder_spec(cfg)
         spec.extra = {"simclr": {
             "sources": [{"name": s.name, "weight": s.weight, "patches": len(s), "groups": len(s.per_group)}
                         for s in sources],
             "crop_size": cfg.crop_size, "steps_per_epoch": steps}}
         return run_epochs(self, out, model, spec, train_epoch, optimizer=optimizer, scheduler=scheduler,
                           progress=progress, get_extra=lambda: {"head": head.state_dict()},
-                          set_extra=lambda extra: head.load_state_dict(extra["head"]))
+                          set_extra=lambda extra: head.load_state_dict(extra["head"]), inputs=inputs)

@@ -30,6 +30,7 @@ from slidekit.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, 
 from slidekit.io import write_text_atomic
 from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
                            run_epochs, seed_everything)
+from trainers.batches import BatchInputs, StainOptions, model_input, sample_images
 from trainers.runs import begin_run
 
 POSITIVE_WORDS = {"positive", "tumor", "tumour", "1", "true"}
@@ -301,10 +302,13 @@ class MorphLGBMTrainer(Trainer):
 
 # -------------------------------------------------------------------------------------- topk-mean
 
-def bag_logits(model: torch.nn.Module, spec: Any, bags: torch.Tensor) -> torch.Tensor:
-    """(S, K, H, W, 3) uint8 bags -> (S, K) patch logits of the positive class."""
+def bag_logits(model: torch.nn.Module, spec: Any, bags: torch.Tensor, inputs: BatchInputs | None = None) -> torch.Tensor:
+    """(S, K, H, W, 3) uint8 bags -> (S, K) patch logits of the positive class. ``inputs`` prepares
+    training batches (stain normalisation + augmentation); without it the patches get the stain
+    normalisation of ``spec.stain`` and ``spec.normalize`` (evaluation)."""
     S, K = bags.shape[:2]
-    logits = model(spec.normalize(bags.reshape(S * K, *bags.shape[2:])))
+    patches = bags.reshape(S * K, *bags.shape[2:])
+    logits = model(inputs(patches) if inputs is not None else model_input(spec, patches))
     return logits[:, -1].reshape(S, K)
 
 
@@ -321,7 +325,8 @@ def topk_mean_probs(model: torch.nn.Module, spec: Any, bags: np.ndarray | torch.
 
 
 def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Optimizer, bags: torch.Tensor,
-                    labels: torch.Tensor, batch_slides: int, generator: torch.Generator) -> dict[str, float]:
+                    labels: torch.Tensor, batch_slides: int, generator: torch.Generator,
+                    inputs: BatchInputs | None = None) -> dict[str, float]:
     """One epoch of BCE on slide labels with the slide probability = mean of K patch probabilities.
 
     Several ranks (``model`` in DDP): ``batch_slides`` is the global batch; every rank draws the same
@@ -336,7 +341,8 @@ def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Op
     model.train()
     order = torch.randperm(len(bags), generator=generator)
     total, n = 0.0, 0
-    for i in range(0, len(order), batch_slides):
+    starts = range(0, len(order), batch_slides)
+    for i in (inputs.batches(starts) if inputs is not None else starts):  # timed steps (read: ~0, bags in memory)
         idx = order[i:i + batch_slides]
         idx = idx[: len(idx) - len(idx) % world]
         if not len(idx):
@@ -348,7 +354,7 @@ def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Op
             b = b.flip(2)
         if torch.rand(1, generator=generator) < 0.5:
             b = b.flip(3)
-        p = torch.sigmoid(bag_logits(model, spec, b)).mean(1).clamp(1e-6, 1 - 1e-6)
+        p = torch.sigmoid(bag_logits(model, spec, b, inputs)).mean(1).clamp(1e-6, 1 - 1e-6)
         loss = F.binary_cross_entropy(p, labels[idx].to(p.dtype), reduction="sum") * (world / global_n)
         optimizer.zero_grad()
         loss.backward()
@@ -388,7 +394,7 @@ def read_bags(records: Sequence[SlideRecord], k: int, mpp: float, patch_size: in
 
 
 @dataclass
-class TopKMeanConfig(TrainerConfig):
+class TopKMeanConfig(StainOptions):
     """topk-mean: a slide table with ``heatmap`` and ``label`` (negative vs any tumour)."""
 
     slides: str = ""
@@ -463,10 +469,12 @@ def fit_topk_mean(trainer: Trainer, out_dir: str | os.PathLike, bags: torch.Tens
         warnings.warn(TrainingWarning(f"topk-mean: the last batch of each epoch ({len(bags) % c.batch_slides} "
                                       f"slides) does not split over {dist.world_size()} ranks; {left} slide(s) "
                                       "of it are left out each epoch"), stacklevel=2)
+    flat = bags.reshape(-1, *bags.shape[2:])  # RandStainNA: fitted on a sample of the bags' patches
+    inputs = BatchInputs(spec, dev, c, fit_images=lambda: sample_images(flat.__getitem__, len(flat), seed=c.seed))
     bags, labels = bags.to(dev), labels.to(dev)
     return run_epochs(trainer, out_dir, model, spec,
-                      lambda epoch: topk_mean_epoch(net, spec, opt, bags, labels, c.batch_slides, gen),
-                      optimizer=opt, progress=progress)
+                      lambda epoch: topk_mean_epoch(net, spec, opt, bags, labels, c.batch_slides, gen, inputs),
+                      optimizer=opt, progress=progress, inputs=inputs)
 
 
 def slide_accuracy(pred: Sequence[str], ref: Sequence[str]) -> float:
