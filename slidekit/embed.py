@@ -82,7 +82,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                 geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
                 tissue: dict | None = None,
                 override_mpp: float | None = None, weights: str | os.PathLike | None = None,
-                patch_size: int | None = None, tile_mpp: float | None = None, threads: int | None = None) -> Path:
+                patch_size: int | None = None, tile_mpp: float | None = None, threads: int | None = None,
+                stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> Path:
     """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
 
     The grid is the checkpoint's ``patch_size`` at its ``mpp`` over tissue (``min_tissue``), unless
@@ -90,14 +91,18 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
     ``geojson`` then writes them as QuPath tiles. ``model`` may also be a torchvision ResNet state
     dict or ``timm:NAME`` with ``weights`` (then ``tile_mpp`` is required; ``patch_size`` defaults
     to 224): see ``slidekit.encoders.load_embedding_encoder``. ``threads``: CPUs to use (default:
-    those this process may use; see ``resources.configure_threads``). Returns the store path.
+    those this process may use; see ``resources.configure_threads``). ``stain_norm``/``stain_ref``:
+    stain normalisation, as for ``heatmap_slide`` (default: the checkpoint's; "none" turns it off);
+    the store's ``stain`` attribute records it. Returns the store path.
     """
     from slidekit.encoders import load_embedding_encoder
+    from slidekit.inference import resolve_stain
     from slidekit.slide import open_slide
     from slidekit.tissue import tissue_mask
 
     out = Path(out)
     net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
+    stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide:
         if isinstance(grid, (str, os.PathLike)):
             grid = TileGrid.load(grid)
@@ -118,12 +123,16 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                          "mean": list(spec.mean), "std": list(spec.std), "trainer": spec.trainer}}
         if tissue and grid.tissue is not None:  # recorded only when set: stores without it stay complete
             meta["grid"]["tissue"] = dict(tissue)
+        if stain_info["key"] is not None:  # likewise: a store made with other tiles is recomputed
+            meta["stain"] = {"method": stain_info["method"], "source": stain_info["source"],
+                             "key": stain_info["key"]}
         with OutputLock(out.parent, name=f".{out.name}.lock"):
             if not _is_complete(out, meta):
                 from slidekit.resources import configure_threads
 
                 configure_threads(threads, workers)  # main process: the CPUs the workers leave
-                _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress)
+                _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress,
+                         stain)
             if clusters:
                 _add_clusters(out, clusters, seed)
     if geojson is not None:
@@ -160,7 +169,7 @@ def _is_complete(out: Path, meta: dict) -> bool:
 
 
 def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size: int, chunk_rows: int,
-             workers: int, device: str, progress: bool) -> None:
+             workers: int, device: str, progress: bool, stain: object = None) -> None:
     import zarr
 
     from slidekit.inference import Predictor
@@ -189,7 +198,8 @@ def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size
         root.attrs.update({**json.loads(json.dumps(meta)), "rows_done": 0, "complete": False})
     done = int(root.attrs.get("rows_done", 0))
     feats = root["features"]
-    predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress)
+    predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
+                          stain=stain)
     timer = predictor.timer
     t_loop = time.perf_counter()
     # Rows are flushed one zarr chunk at a time, so rows_done always marks whole, written chunks.
@@ -203,6 +213,9 @@ def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size
             feats[begin:stop] = np.concatenate(parts).astype(np.float32)
             root.attrs["rows_done"] = stop
     root.attrs["timing"] = timer.as_dict(time.perf_counter() - t_loop)  # this run's tiles
+    root.attrs["decode"] = predictor.decode
+    if predictor.stain is not None:  # this run's tiles left as read (too little stain to estimate)
+        root.attrs["stain_unchanged_tiles"] = predictor.stain_unchanged
     root.attrs["complete"] = True
     if out.exists():
         shutil.rmtree(out)

@@ -110,3 +110,8 @@ class TrainingError(SlidekitError):
 class TrainingWarning(SlidekitWarning):
     """A training choice the user should know about (a run extended to more epochs, a stage-2
     selection made on a missing or chance-level loss)."""
+
+
+class StainWarning(SlidekitWarning):
+    """A stain normalisation choice the user should know about: one that differs from (or turns
+    off) the checkpoint's, or an export whose model expects normalised tiles it cannot make."""

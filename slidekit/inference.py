@@ -1,9 +1,11 @@
 """Batched inference of a model over a tile grid, and the whole-slide heatmap job.
 
 ``Predictor`` reads tiles in DataLoader workers (each with its own slide handle through a
-pickled ``TileReader``), pins the uint8 batches, normalises them on the device, runs the model
-(mixed precision and channels-last on CUDA) and keeps one batch in flight while the caller
-consumes the previous one. ``heatmap_slide`` is the job behind ``slidekit heatmap``: slide in,
+pickled ``TileReader``), pins the uint8 batches, stain-normalises (when asked, or when the
+checkpoint carries a stain reference) and normalises them on the device, runs the model (mixed
+precision and channels-last on CUDA) and keeps one batch in flight while the caller consumes the
+previous one. On CUDA, aligned stored JPEG tiles travel compressed and are decoded on the GPU
+(``slidekit.gpu_decode``; ``Predictor.decode`` says which path was taken and why). ``heatmap_slide`` is the job behind ``slidekit heatmap``: slide in,
 ``heatmap.zarr``, ``overlay.png``, ``predictions.geojson`` and ``summary.json`` out, resumable.
 """
 from __future__ import annotations
@@ -51,12 +53,22 @@ class Predictor:
     read / transfer (host<->device copies and input normalisation) / model seconds of every
     ``predict`` (CUDA stages timed with events, so the pipeline is not stalled) and, on CUDA, the
     GPU utilisation sampled during the last one.
+
+    ``stain``: a ``StainNormalizer`` applied to the uint8 batch on the device before
+    ``spec.normalize`` (its time counted in "transfer"); None: the checkpoint's (``spec.stain``)
+    when it has one; False: none, even where the checkpoint has one. ``stain_unchanged`` counts
+    the tiles it left unchanged (too little stain to estimate). ``gpu_decode=False`` keeps the
+    decode on the CPU on CUDA too.
     """
 
     def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "auto", batch_size: int = 32,
                  workers: int = 2, amp: bool = True, channels_last: bool = True, progress: bool = False,
-                 on_bad_tile: str = "raise", threads: int | None = None) -> None:
+                 on_bad_tile: str = "raise", threads: int | None = None, stain: Any = None,
+                 gpu_decode: bool = True) -> None:
         self.on_bad_tile, self.bad_tiles = on_bad_tile, np.zeros(0, np.int64)
+        self.stain, self.stain_unchanged = checkpoint_stain(spec) if stain is None else (stain or None), 0
+        self.gpu_decode = gpu_decode
+        self.decode = {"path": "cpu", "reason": "nothing read yet"}
         if threads is not None:  # else the process's thread settings stay as they are
             from slidekit.resources import configure_threads
 
@@ -79,6 +91,10 @@ class Predictor:
         """(B, S, S, 3) uint8 on any device -> probabilities on the device (float32)."""
         marks = self._mark()
         x = tiles_uint8.to(self.device, non_blocking=True)
+        if self.stain is not None:
+            before = self.stain.unchanged_tiles
+            x = self.stain(x)
+            self.stain_unchanged += self.stain.unchanged_tiles - before
         x = self.spec.normalize(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -107,9 +123,18 @@ class Predictor:
         return time.perf_counter()
 
     def loader(self, slide: Any, grid: TileGrid, index: np.ndarray | None = None) -> torch.utils.data.DataLoader:
-        """The DataLoader of uint8 tile batches (workers read with their own slide handles)."""
+        """The DataLoader of uint8 tile batches (workers read with their own slide handles), or,
+        on the GPU decode path (``self.decode["path"] == "gpu"``), of ``gpu_decode.StreamBatches``."""
+        from slidekit import gpu_decode
+
         index = np.arange(len(grid)) if index is None else np.asarray(index)
-        ds = _TileBatches(TileReader(slide, grid, on_bad_tile=self.on_bad_tile), index, self.batch_size)
+        reader = TileReader(slide, grid, on_bad_tile=self.on_bad_tile)
+        path, why = gpu_decode.decode_path(reader, self.device)
+        if path == "gpu" and not self.gpu_decode:
+            path, why = "cpu", "GPU decode turned off (gpu_decode=False)"
+        self.decode = {"path": path, "reason": why}
+        self._reader = reader
+        ds = (gpu_decode.StreamBatches if path == "gpu" else _TileBatches)(reader, index, self.batch_size)
         from slidekit.resources import worker_threads
 
         kw = ({"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": worker_threads}
@@ -131,15 +156,26 @@ class Predictor:
         seen = []
         sampler = GPUSampler(self.device) if self.cuda else None
         batches = _clean_worker_errors(self.loader(slide, grid, index))
+        decoder = None
+        if self.decode["path"] == "gpu":  # workers hand over JPEG streams; decoded here on the GPU
+            from slidekit import gpu_decode
+
+            decoder = gpu_decode.StreamDecoder(self._reader, self.device, self.decode["reason"])
         try:
             if sampler is not None:
                 sampler.__enter__()
             while True:
                 t = time.perf_counter()
                 try:
-                    idx, tiles = next(batches)  # waiting here is the read stage (workers read ahead)
+                    item = next(batches)  # waiting here is the read stage (workers read ahead)
                 except StopIteration:
                     break
+                if decoder is None:
+                    idx, tiles = item
+                else:  # the GPU decode counts as reading too
+                    idx, tiles = decoder.decode(item)
+                    if decoder.path != "gpu":
+                        self.decode = {"path": "cpu", "reason": decoder.why}
                 self.timer.add("read", time.perf_counter() - t)
                 seen.append(idx.numpy())
                 if len(idx) == 0:  # every tile of the batch was damaged and skipped
@@ -182,6 +218,49 @@ class Predictor:
         if bar is not None:
             bar.update(len(idx))
         return idx.numpy(), y.numpy()
+
+
+def checkpoint_stain(spec: Any) -> Any:
+    """The ``StainNormalizer`` a checkpoint's spec carries (``spec.stain``), or None."""
+    d = getattr(spec, "stain", None)
+    if not d:
+        return None
+    from slidekit.stain import StainNormalizer
+
+    return StainNormalizer.from_dict(d)
+
+
+def resolve_stain(spec: Any, stain_norm: str | None, stain_ref: str | os.PathLike | None) -> tuple[Any, dict]:
+    """The normaliser a run uses and what to record of it: ``(normaliser | False | None, info)``.
+
+    Nothing asked: the checkpoint's (source "checkpoint"), if it has one. ``stain_norm="none"``
+    turns a checkpoint's off (False: the Predictor then applies none). A choice that differs from
+    the checkpoint's says so (``StainWarning``). ``info``: ``{"method", "source", "key"}`` (key: a
+    digest of the reference, for configuration keys; None when nothing is applied).
+    """
+    import warnings
+
+    from slidekit.errors import ConfigError, StainWarning
+
+    ckpt = getattr(spec, "stain", None) or None
+    if stain_norm is None and stain_ref is not None:
+        raise ConfigError(f"stain_ref {str(stain_ref)!r} given without stain_norm (macenko or reinhard)")
+    if stain_norm is None:
+        norm, source = checkpoint_stain(spec), "checkpoint" if ckpt else None
+    else:
+        from slidekit.stain import normalizer_from_options
+
+        norm, source = normalizer_from_options(stain_norm, stain_ref), "option"
+        if ckpt and (norm is None or norm.to_dict() != ckpt):
+            what = "no stain normalisation" if norm is None else f"{norm.method} normalisation to {stain_ref}"
+            warnings.warn(f"{what} instead of the checkpoint's {ckpt.get('method')} normalisation, "
+                          "which the model was trained behind", StainWarning, stacklevel=3)
+        if norm is None:
+            norm, source = (False, "option") if ckpt else (None, None)
+    info = {"method": norm.method if norm else None, "source": source,
+            "key": hashlib.sha1(json.dumps(norm.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+            if norm else ("none" if norm is False else None)}
+    return norm, info
 
 
 def _clean_worker_errors(batches: Any) -> Iterator:
@@ -280,7 +359,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                   chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
                   roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
                   tissue: dict | None = None, tiff: str | None = None,
-                  override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None) -> dict:
+                  override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None,
+                  stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> dict:
     """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
     ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
 
@@ -291,6 +371,10 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     those regions (``slidekit.roi``); ``tissue`` holds ``tissue_mask`` options. ``tiff`` ("rgb" or
     "values") also writes ``heatmap.tif``, a pyramidal TIFF at the heatmap MPP (``slidekit.heatmap_tiff``).
     ``threads``: CPUs to use (default: those this process may use; see ``resources.configure_threads``).
+    ``stain_norm`` ("none", "macenko", "reinhard") with ``stain_ref`` (an image or a saved
+    reference) stain-normalises the tiles; by default the checkpoint's own normalisation applies,
+    and "none" turns it off (``resolve_stain``). ``summary.json`` records it (``stain``) and the
+    decode path taken (``decode``).
     """
     from slidekit.annotations import Annotation, write_geojson
     from slidekit.heatmap import Heatmap, HeatmapWriter
@@ -313,9 +397,12 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         from slidekit.errors import CheckpointError
 
         raise CheckpointError(f"a {spec.task!r} model makes no heatmap (need classification or segmentation)")
+    stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
     run_cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "blend": blend,
                "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp,
                "override_mpp": override_mpp}
+    if stain_info["key"] is not None:  # recorded only when normalising (or turned off): older keys hold
+        run_cfg["stain"] = stain_info["key"]
     roi_anns = None
     if roi is not None:  # recorded only when set, so runs without one keep their configuration key
         from slidekit.roi import read_roi, roi_identity
@@ -359,6 +446,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                 shutil.rmtree(hm_path)
         n_tiles = n_done_before = 0
         timer, t_loop = StageTimer(), 0.0
+        decode, unchanged = None, 0
         if hm is None:
             mask = tissue_mask(slide, progress=None if progress else False, **(tissue or {}))
             if roi_anns is not None:
@@ -383,7 +471,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
 
             configure_threads(threads, workers)  # main process: the CPUs the workers leave
             predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
-                                  on_bad_tile=on_bad_tile)
+                                  on_bad_tile=on_bad_tile, stain=stain)
             predictor.timer = timer
             fsize = writer.footprint if spec.task == "segmentation" else None
             t_loop = time.perf_counter()
@@ -392,6 +480,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                     writer.add(idx, y)
                     release_memory()
             t_loop = time.perf_counter() - t_loop
+            decode, unchanged = predictor.decode, predictor.stain_unchanged
             if len(predictor.bad_tiles):
                 writer.skip(predictor.bad_tiles)
             with timer.stage("write"):
@@ -436,6 +525,10 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                    "slide_mpp": {"used": list(slide.mpp), "source": slide.mpp_source,
                                  "metadata": None if slide.metadata_mpp is None else list(slide.metadata_mpp)},
                    "bad_tiles": _bad_tile_coords(hm),
+                   # unchanged_tiles: tiles of this run left as read (too little stain to estimate)
+                   "stain": {"method": stain_info["method"], "source": stain_info["source"],
+                             "unchanged_tiles": unchanged if stain else None},
+                   "decode": decode,  # None when the heatmap was there already
                    # Where the time went (this run's tiles; a resumed or reused heatmap has fewer).
                    **timer.as_dict(t_loop)}
         write_text_atomic(summary_path, json.dumps(summary, indent=2))

@@ -13,6 +13,12 @@ Two input conventions, because the runtimes differ:
   normalised tensor and returns logits. Only patch classifiers fit (WSInfer scores patches); a
   sigmoid classifier becomes two logits ``[0, z]`` for classes ``["not C", "C"]`` (softmax of
   those is exactly ``[1 - sigmoid(z), sigmoid(z)]``).
+
+A checkpoint trained on stain-normalised tiles (``ModelSpec.stain``) exports as well, but no
+runtime here applies the normalisation: the reference is written next to the export
+(``stain_reference.json`` in a WSInfer folder, ``FILE.stain_reference.json`` beside a file; a
+``slidekit.stain.StainNormalizer.load``-able JSON) and a ``StainWarning`` says the exported model
+expects normalised tiles.
 """
 from __future__ import annotations
 
@@ -180,8 +186,40 @@ def export_wsinfer(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
+STAIN_REFERENCE = "stain_reference.json"
+
+
 def export_model(ckpt: str | os.PathLike, to: str, out: str | os.PathLike) -> Path:
-    """Export checkpoint ``ckpt`` as ``to`` (wsinfer | torchscript | onnx) to ``out``."""
+    """Export checkpoint ``ckpt`` as ``to`` (wsinfer | torchscript | onnx) to ``out`` (and its stain
+    reference beside it, with a ``StainWarning``, when the checkpoint has one)."""
     if to not in FORMATS:
         raise ConfigError(f"unknown export format {to!r}; known: {', '.join(FORMATS)}")
-    return {"wsinfer": export_wsinfer, "torchscript": export_torchscript, "onnx": export_onnx}[to](ckpt, out)
+    path = {"wsinfer": export_wsinfer, "torchscript": export_torchscript, "onnx": export_onnx}[to](ckpt, out)
+    export_stain_reference(ckpt, to, path)
+    return path
+
+
+def stain_reference_path(to: str, out: str | os.PathLike) -> Path:
+    """Where the stain reference of an export to ``out`` goes."""
+    out = Path(out)
+    return out / STAIN_REFERENCE if to == "wsinfer" else out.with_name(f"{out.name}.{STAIN_REFERENCE}")
+
+
+def export_stain_reference(ckpt: str | os.PathLike, to: str, out: str | os.PathLike) -> Path | None:
+    """Write the checkpoint's stain reference beside the export ``out`` and warn that the exported
+    model expects tiles normalised to it; None (and nothing written) without one."""
+    import warnings
+
+    from slidekit.errors import StainWarning
+    from slidekit.models import read_checkpoint
+
+    stain = read_checkpoint(ckpt).get("spec", {}).get("stain")
+    if not stain:
+        return None
+    from slidekit.stain import StainNormalizer
+
+    ref = StainNormalizer.from_dict(stain, path=ckpt, error=CheckpointError).save(stain_reference_path(to, out))
+    warnings.warn(f"{ckpt}: the model was trained on {stain.get('method')}-normalised tiles, which {to} cannot "
+                  f"apply: normalise tiles to {ref} before they reach the exported model", StainWarning,
+                  stacklevel=2)
+    return ref

@@ -63,6 +63,9 @@ class ModelSpec:
     trainer_config: dict = field(default_factory=dict)
     slidekit_version: str = ""
     extra: dict = field(default_factory=dict)
+    # The stain normaliser the model was trained behind (``StainNormalizer.to_dict()``): inference
+    # applies the same one by default. None: none (every checkpoint written before it existed).
+    stain: dict | None = None
 
     def __post_init__(self) -> None:
         # A spec may come from a hand-edited checkpoint: every field is checked, so a bad one is a
@@ -97,6 +100,8 @@ class ModelSpec:
         for key in ("trainer_config", "extra"):
             if not isinstance(getattr(self, key), dict):
                 raise CheckpointError(f"spec {key!r} must be a mapping, got {getattr(self, key)!r}")
+        if self.stain is not None:
+            self.stain = _check_stain(self.stain)
         if not self.colors:
             from slidekit.annotations import default_color
 
@@ -144,6 +149,22 @@ class ModelSpec:
             raise CheckpointError(f"the model spec is a {type(d).__name__}, not a mapping")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_stain(d: Any) -> dict:
+    """A checkpoint's stain reference, checked by rebuilding its normaliser (CheckpointError when bad)."""
+    from slidekit.errors import ConfigError
+
+    if not isinstance(d, dict):
+        raise CheckpointError(f"spec 'stain' must be a stain normaliser's mapping or None, got {d!r:.80}")
+    from slidekit.stain import StainNormalizer
+
+    try:
+        StainNormalizer.from_dict(d)
+    except (CheckpointError, ConfigError, KeyError, TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"spec 'stain' is not a valid stain reference ({msg[:200]})") from None
+    return d
 
 
 def _is_number(v: Any) -> bool:

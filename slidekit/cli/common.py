@@ -120,6 +120,24 @@ threads_option = click.option("--threads", type=click.IntRange(min=1), default=N
                                    "[default: the CPUs this process may use (affinity, cgroup quota)].")
 
 
+def stain_options(func: Callable) -> Callable:
+    """--stain-norm and --stain-ref: stain normalisation of the tiles a model sees (``slidekit.stain``)."""
+    func = click.option("--stain-ref", default=None, type=click.Path(dir_okay=False, path_type=str),
+                        metavar="IMG|JSON",
+                        help="Stain reference: an H&E image to fit to, or a saved reference (.json).")(func)
+    return click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default=None,
+                        help="Stain-normalise tiles to --stain-ref on the device [default: the checkpoint's "
+                             "normalisation, if it was trained with one; none turns that off].")(func)
+
+
+def check_stain_options(stain_norm: str | None, stain_ref: str | None) -> None:
+    """Refuse a bad --stain-norm/--stain-ref pair before any slide is read (one line)."""
+    if stain_norm is not None or stain_ref is not None:
+        from slidekit.stain import normalizer_from_options
+
+        normalizer_from_options(stain_norm, stain_ref)
+
+
 def slide_reading_options(func: Callable) -> Callable:
     """--slide-mpp (fallback), --override-mpp and --backend: how a command opens its slides."""
     return mpp_override_option(force_mpp_option(backend_option(func)))

@@ -7,8 +7,9 @@ import click
 
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
 from slidekit.cli.common import tissue_detection_options, tissue_kwargs
-from slidekit.cli.common import (device_option, echo_json, force_mpp_option, handle_errors, min_tissue_option,
-                                 mpp_override_option, quiet_flag, quiet_option, threads_option, workers_option)
+from slidekit.cli.common import (check_stain_options, device_option, echo_json, force_mpp_option, handle_errors,
+                                 min_tissue_option, mpp_override_option, quiet_flag, quiet_option, stain_options,
+                                 threads_option, workers_option)
 
 
 @click.command("embed")
@@ -35,6 +36,7 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
 @min_tissue_option
 @tissue_detection_options
+@stain_options
 @workers_option
 @threads_option
 @device_option
@@ -47,7 +49,8 @@ from slidekit.cli.common import (device_option, echo_json, force_mpp_option, han
 def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tile_mpp: float | None,
           patch_size: int | None, out: str, grid: str | None, clusters: int | None,
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None, device: str,
-          slide_mpp: float | None, override_mpp: float | None, quiet: bool, **cohort: object) -> None:
+          slide_mpp: float | None, override_mpp: float | None, quiet: bool, stain_norm: str | None,
+          stain_ref: str | None, **cohort: object) -> None:
     """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.
 
     SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
@@ -55,8 +58,9 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
 
     if geojson and not clusters:
         raise click.UsageError("--geojson needs --clusters K")
+    check_stain_options(stain_norm, stain_ref)
     options = dict(model=model, weights=weights, tile_mpp=tile_mpp, patch_size=patch_size, min_tissue=min_tissue,
-                   slide_mpp=slide_mpp, override_mpp=override_mpp,
+                   slide_mpp=slide_mpp, override_mpp=override_mpp, stain_norm=stain_norm, stain_ref=stain_ref,
                    batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
     options["tissue"] = tissue_kwargs(cohort)
     quiet = quiet or quiet_flag(ctx)

@@ -8,8 +8,8 @@ import click
 
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
 from slidekit.cli.common import tissue_detection_options, tissue_kwargs
-from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_option, handle_errors,
-                                 mpp_override_option, quiet_flag, threads_option)
+from slidekit.cli.common import (check_stain_options, device_option, echo_json, fail, force_mpp_option,
+                                 handle_errors, mpp_override_option, quiet_flag, stain_options, threads_option)
 
 
 @click.command("heatmap")
@@ -45,6 +45,7 @@ from slidekit.cli.common import (device_option, echo_json, fail, force_mpp_optio
 @click.option("--roi-class", multiple=True, metavar="NAME",
               help="Use only the --roi polygons of this class (repeatable); an error when none has it.")
 @tissue_detection_options
+@stain_options
 @click.option("--tiff", type=click.Choice(["rgb", "values"]), default=None,
               help="Also write heatmap.tif: a pyramidal TIFF at the heatmap MPP with its physical pixel size, to "
                    "open beside the slide (rgb: coloured as the overlay; values: float32 per class).")
@@ -62,7 +63,8 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
                 mpp: float | None, size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
                 batch_size: int, workers: int, threads: int | None, device: str, threshold: float, min_area_um2: float,
                 min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, override_mpp: float | None,
-                skip_bad_tiles: bool, quiet_local: bool, **cohort: object) -> None:
+                skip_bad_tiles: bool, quiet_local: bool, stain_norm: str | None, stain_ref: str | None,
+                **cohort: object) -> None:
     """Predict a model over the tissue of each SLIDE and write a heatmap, an overlay and QuPath GeoJSON.
 
     SLIDES: slide files, folders, globs or manifest CSVs. One slide writes into OUT; a cohort
@@ -82,6 +84,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     if not paths and not demo and not cohort.get("manifest"):
         fail("give at least one SLIDE, or --demo")
     resolve_device(device)
+    check_stain_options(stain_norm, stain_ref)
     if demo:
         from slidekit.demo import write_demo_slide
 
@@ -93,7 +96,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
                    batch_size=batch_size, workers=workers, device=device, threshold=threshold,
                    min_area_um2=min_area_um2, min_tissue=min_tissue, tiles_geojson=tiles_geojson,
                    slide_mpp=slide_mpp, override_mpp=override_mpp,
-                   on_bad_tile="skip" if skip_bad_tiles else "raise")
+                   on_bad_tile="skip" if skip_bad_tiles else "raise", stain_norm=stain_norm, stain_ref=stain_ref)
     options["tissue"] = tissue
     options["tiff"] = cohort.pop("tiff")
     if roi is not None:
