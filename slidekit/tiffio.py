@@ -245,16 +245,36 @@ def jpeg_scan_problem(data: bytes, decode, reference: np.ndarray) -> str | None:
     early: libjpeg's "extraneous bytes before marker") and that appending bytes does not (else it
     ran out of data: libjpeg's "premature end of data segment").
     """
+    problem, variants = jpeg_scan_variants(data)
+    if problem or not variants:
+        return problem
+    changed, longer = variants
+    if np.array_equal(decode(changed), reference):
+        return JPEG_STOPPED_EARLY
+    if not np.array_equal(decode(longer), reference):
+        return JPEG_RAN_OUT
+    return None
+
+
+JPEG_STOPPED_EARLY = "JPEG scan ends before its data does (corrupt entropy data)"
+JPEG_RAN_OUT = "JPEG scan needs more data than it has (corrupt entropy data)"
+
+
+def jpeg_scan_variants(data: bytes) -> tuple[str | None, list[bytes]]:
+    """The marker checks of ``jpeg_scan_problem`` (problem or None) and the two variant streams
+    whose decodes it compares with the stream's own: ``[last entropy bytes changed, bytes
+    appended]`` (empty when the stream has too little entropy data, or is progressive). The
+    first must decode differently, the second identically (the GPU decode path batches them)."""
     buf = np.frombuffer(data, np.uint8)
     if len(buf) < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
-        return "not a JPEG stream"
+        return "not a JPEG stream", []
     if buf[-2] != 0xFF or buf[-1] != 0xD9:
-        return "JPEG stream does not end with its end-of-image marker"
+        return "JPEG stream does not end with its end-of-image marker", []
     # Walk the header segments to the (single, baseline) scan.
     pos, scan_start = 2, None
     while pos + 4 <= len(buf):
         if buf[pos] != 0xFF:
-            return f"bad JPEG marker structure at byte {pos}"
+            return f"bad JPEG marker structure at byte {pos}", []
         marker = int(buf[pos + 1])
         if marker == 0xFF:
             pos += 1
@@ -264,21 +284,21 @@ def jpeg_scan_problem(data: bytes, decode, reference: np.ndarray) -> str | None:
             scan_start = pos + 2 + length
             break
         if marker in (0xC2, 0xC6, 0xCA):
-            return None  # progressive: not used in TIFF tiles; libjpeg's own checks only
+            return None, []  # progressive: not used in TIFF tiles; libjpeg's own checks only
         pos += 2 + length
     if scan_start is None or scan_start >= len(buf) - 2:
-        return "JPEG stream has no scan data"
+        return "JPEG stream has no scan data", []
     scan = buf[scan_start:-2]
     ff = np.flatnonzero(scan[:-1] == 0xFF)
     if len(ff) and scan[-1] == 0xFF:
-        return "JPEG scan data ends with a stray 0xFF"
+        return "JPEG scan data ends with a stray 0xFF", []
     after = scan[ff + 1] if len(ff) else np.zeros(0, np.uint8)
     ok = (after == 0x00) | ((after >= 0xD0) & (after <= 0xD7))
     if not ok.all():
-        return f"unexpected marker 0xFF{int(after[~ok][0]):02X} inside JPEG scan data"
+        return f"unexpected marker 0xFF{int(after[~ok][0]):02X} inside JPEG scan data", []
     rst = after[after != 0x00].astype(np.int64) - 0xD0
     if len(rst) and (rst != np.arange(len(rst)) % 8).any():
-        return "JPEG restart markers out of sequence (data lost or damaged)"
+        return "JPEG restart markers out of sequence (data lost or damaged)", []
     # Bytes that are entropy data proper: not 0xFF, not a stuffed 0x00, not a RST code.
     marker_bytes = np.zeros(len(scan), bool)
     if len(ff):
@@ -286,15 +306,11 @@ def jpeg_scan_problem(data: bytes, decode, reference: np.ndarray) -> str | None:
         marker_bytes[ff + 1] = True
     candidates = np.flatnonzero(~marker_bytes)
     if len(candidates) < 3:
-        return None
+        return None, []
     end = scan_start + len(scan)
     changed = bytearray(data)
     for i in candidates[-3:-1]:  # the last byte may be mostly padding bits
         v = changed[scan_start + i] ^ 0x55
         changed[scan_start + i] = v if v != 0xFF else 0xFE
-    if np.array_equal(decode(bytes(changed)), reference):
-        return "JPEG scan ends before its data does (corrupt entropy data)"
     longer = bytes(data[:end]) + b"\x5a" * 64 + b"\xff\xd9"
-    if not np.array_equal(decode(longer), reference):
-        return "JPEG scan needs more data than it has (corrupt entropy data)"
-    return None
+    return None, [bytes(changed), longer]
