@@ -1,0 +1,190 @@
+"""Stain normalisation in the inference path: Predictor, heatmap, embed, checkpoints, CLI, export."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from slidekit.cli import main
+from slidekit.errors import CheckpointError, StainWarning
+from slidekit.heatmap import Heatmap
+from slidekit.inference import heatmap_slide
+from slidekit.models import ModelSpec, ResNetClassifier, load_checkpoint, read_checkpoint, save_checkpoint
+from slidekit.stain import StainNormalizer
+from slidekit.tiling import TileGrid, TileReader
+
+SPEC = dict(arch="resnet-classifier", backbone="resnet18", classes=["a", "b"], patch_size=64, mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small stained slide, a reference image of other colours, and a tiny classifier checkpoint."""
+    from PIL import Image
+    from skimage.data import immunohistochemistry
+
+    from slidekit.demo import write_pyramid
+
+    root = tmp_path_factory.mktemp("stain")
+    rgb = immunohistochemistry()[:384, :384]
+    slide = write_pyramid(root / "s.tif", rgb, 0.5, tile=128, min_size=128)
+    # The reference: the same tissue with its stains shifted (bluer, paler), so normalising changes tiles.
+    ref = np.clip(rgb.astype(float) * [0.8, 0.9, 1.15] + [20, 10, 0], 0, 255).astype(np.uint8)
+    Image.fromarray(ref).save(root / "ref.png")
+    torch.manual_seed(0)
+    net = ResNetClassifier("resnet18", 2).eval()
+    ckpt = save_checkpoint(root / "plain.pt", net, ModelSpec(**SPEC))
+    norm = StainNormalizer.load(root / "ref.png", method="macenko")
+    stained = save_checkpoint(root / "stained.pt", net, ModelSpec(**SPEC, stain=norm.to_dict()))
+    return {"root": root, "slide": slide, "ref": root / "ref.png", "ckpt": ckpt, "stained": stained, "net": net}
+
+
+@pytest.fixture(scope="module")
+def runs(files: dict) -> dict:
+    """Heatmaps of the plain checkpoint without and with --stain-norm macenko (made once)."""
+    return {"plain": _run(files, files["root"] / "plain"),
+            "norm": _run(files, files["root"] / "norm", stain_norm="macenko", stain_ref=files["ref"])}
+
+
+def _values(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    return Heatmap(out / "heatmap.zarr").tiles
+
+
+def _run(files: dict, out: Path, model: str = "ckpt", **kw) -> dict:
+    return heatmap_slide(files["slide"], out, model=files[model], workers=0, device="cpu", progress=False,
+                         min_tissue=0.0, batch_size=16, **kw)
+
+
+def test_heatmap_stain_norm_is_the_normaliser_then_the_model(files: dict, runs: dict) -> None:
+    plain, s = runs["plain"], runs["norm"]
+    assert plain["stain"]["method"] is None and s["stain"]["source"] == "option"
+    assert s["stain"]["method"] == "macenko" and isinstance(s["stain"]["unchanged_tiles"], int)
+    coords, got = _values(files["root"] / "norm")
+    _, without = _values(files["root"] / "plain")
+    assert np.abs(got - without).max() > 1e-4  # normalising changed what the model saw
+    # By hand: the grid's tiles, the normaliser, then the model.
+    from slidekit.slide import open_slide
+
+    ck = load_checkpoint(files["ckpt"])
+    with open_slide(files["slide"]) as slide:
+        grid = TileGrid.from_slide(slide, mpp=0.5, size=64, mask=None, min_tissue=0.0)
+        order = {tuple(c): i for i, c in enumerate(grid.coords.tolist())}
+        _, tiles = TileReader(slide, grid).read_batch(np.array([order[tuple(c)] for c in coords.tolist()]))
+    x = StainNormalizer.load(files["ref"], method="macenko")(torch.from_numpy(tiles))
+    with torch.inference_mode():
+        want = ck.spec.activate(ck.model(ck.spec.normalize(x))).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_checkpoint_stain_applies_by_default_and_none_turns_it_off(files: dict, runs: dict,
+                                                                   tmp_path: Path) -> None:
+    from slidekit.inference import resolve_stain
+
+    spec = load_checkpoint(files["stained"]).spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StainWarning)  # the checkpoint's own reference: nothing to say
+        s = _run(files, tmp_path / "ckpt", model="stained")
+        ref_json = StainNormalizer.load(files["ref"]).save(tmp_path / "ref.json")
+        norm, info = resolve_stain(spec, "macenko", ref_json)
+    assert norm.to_dict() == spec.stain and info["source"] == "option"
+    assert s["stain"]["source"] == "checkpoint" and s["stain"]["method"] == "macenko"
+    np.testing.assert_allclose(_values(tmp_path / "ckpt")[1], _values(files["root"] / "norm")[1], atol=1e-6)
+    out = tmp_path / "ckpt"  # the same folder: turning it off must recompute, not reuse
+    with pytest.warns(StainWarning, match="instead of the checkpoint's macenko") as rec:
+        off = _run(files, out, model="stained", stain_norm="none")
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    assert not off.get("skipped") and off["stain"] == {"method": None, "source": "option", "unchanged_tiles": None}
+    np.testing.assert_allclose(_values(out)[1], _values(files["root"] / "plain")[1], atol=1e-6)
+    with pytest.warns(StainWarning, match="reinhard normalisation"):
+        resolve_stain(spec, "reinhard", files["ref"])
+
+
+def test_a_rerun_with_another_normalisation_is_not_reused(files: dict, tmp_path: Path) -> None:
+    out = tmp_path / "hm"
+    first = _run(files, out)
+    assert _run(files, out).get("skipped")  # same options: the finished slide is skipped
+    second = _run(files, out, stain_norm="reinhard", stain_ref=files["ref"])
+    assert not second.get("skipped") and second["config_key"] != first["config_key"]
+    assert json.loads((out / "summary.json").read_text())["stain"]["method"] == "reinhard"
+    assert _run(files, out, stain_norm="reinhard", stain_ref=files["ref"]).get("skipped")
+    from slidekit.inference import resolve_stain
+
+    keys = {m: resolve_stain(load_checkpoint(files["ckpt"]).spec, m, files["ref"])[1]["key"]
+            for m in ("macenko", "reinhard")}
+    assert len(set(keys.values())) == 2  # each reference enters the configuration key
+
+
+def test_embed_applies_the_normalisation_and_records_it(files: dict, tmp_path: Path) -> None:
+    from slidekit.embed import embed_slide, open_embeddings
+
+    kw = dict(workers=0, device="cpu", progress=False, min_tissue=0.0)
+    plain = open_embeddings(embed_slide(files["slide"], files["ckpt"], tmp_path / "e.zarr", **kw))
+    f0 = np.asarray(plain.features[:])
+    norm = open_embeddings(embed_slide(files["slide"], files["ckpt"], tmp_path / "e.zarr", stain_norm="macenko",
+                                       stain_ref=files["ref"], **kw))  # same store: recomputed, not reused
+    assert norm.attrs["stain"]["method"] == "macenko" and "stain_unchanged_tiles" in norm.attrs
+    assert np.abs(np.asarray(norm.features[:]) - f0).max() > 1e-4
+    ck = open_embeddings(embed_slide(files["slide"], files["stained"], tmp_path / "c.zarr", **kw))
+    np.testing.assert_allclose(np.asarray(ck.features[:]), np.asarray(norm.features[:]), atol=1e-5)
+
+
+def test_old_checkpoints_load_and_a_bad_stain_is_a_checkpoint_error(files: dict, tmp_path: Path) -> None:
+    payload = read_checkpoint(files["ckpt"])
+    payload["spec"].pop("stain", None)  # as written before the field existed
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").spec.stain is None
+    assert load_checkpoint(files["stained"]).spec.stain["method"] == "macenko"
+    for bad in ({"method": "vahadane"}, {"method": "macenko", "version": 1}, "macenko"):
+        payload["spec"]["stain"] = bad
+        torch.save(payload, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match="stain") as e:
+            load_checkpoint(tmp_path / "bad.pt")
+        assert "bad.pt" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stain-norm", "macenko"], "--stain-ref"),
+    (["--stain-ref", "REF"], "--stain-norm"),
+    (["--stain-norm", "reinhard", "--stain-ref", "missing.png"], "not found"),
+])
+def test_cli_stain_options_fail_in_one_line(files: dict, tmp_path: Path, args: list, message: str) -> None:
+    args = [a.replace("REF", str(files["ref"])) for a in args]
+    for cmd in (["heatmap", str(files["slide"]), "--out", str(tmp_path / "o")],
+                ["embed", str(files["slide"]), "--model", str(files["ckpt"]), "--out", str(tmp_path / "e.zarr")]):
+        r = CliRunner().invoke(main, cmd + args)
+        assert r.exit_code != 0
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e.zarr").exists()
+
+
+def test_cli_heatmap_with_stain_norm_writes_it_in_the_summary(files: dict, tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["heatmap", str(files["slide"]), "--out", str(tmp_path / "o"), "--model",
+                                  str(files["stained"]), "--workers", "0", "--device", "cpu", "--min-tissue", "0",
+                                  "-q", "--stain-norm", "none"])
+    assert r.exit_code == 0, r.output
+    warns = [line for line in r.output.splitlines() if line.startswith("slidekit: warning:")]
+    assert len(warns) == 1 and "checkpoint's macenko" in warns[0]
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["stain"]["source"] == "option"
+
+
+def test_export_of_a_stained_checkpoint_warns_and_writes_the_reference(files: dict, tmp_path: Path) -> None:
+    from slidekit.model_export import export_model
+
+    with pytest.warns(StainWarning, match="normalised tiles") as rec:
+        export_model(files["stained"], "wsinfer", tmp_path / "ws")
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    ref = tmp_path / "ws" / "stain_reference.json"
+    assert str(ref) in str(rec[0].message)
+    assert StainNormalizer.load(ref).to_dict() == load_checkpoint(files["stained"]).spec.stain
+    r = CliRunner().invoke(main, ["export", str(files["stained"]), "--to", "torchscript", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0 and r.output.count("slidekit: warning:") == 1
+    assert (tmp_path / "m.pt.stain_reference.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StainWarning)  # a checkpoint without stain: nothing said or written
+        export_model(files["ckpt"], "torchscript", tmp_path / "p.pt")
+    assert not (tmp_path / "p.pt.stain_reference.json").exists()
