@@ -164,22 +164,67 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack((116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)), dim=-1)
 
 
+def _lab_from_f(f: torch.Tensor) -> torch.Tensor:
+    """LAB from the CIE f(X/Xn), f(Y/Yn), f(Z/Zn), channels last (written into one new tensor)."""
+    fx, fy, fz = f.unbind(-1)
+    lab = torch.empty_like(f)
+    torch.mul(fy, 116.0, out=lab[..., 0]).sub_(16.0)
+    torch.sub(fx, fy, out=lab[..., 1]).mul_(500.0)
+    torch.sub(fy, fz, out=lab[..., 2]).mul_(200.0)
+    return lab
+
+
+_LIN_LUT: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rgb_u8_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """``rgb_to_lab`` of uint8 pixels (..., 3) in float32, faster: the sRGB linearisation is a
+    256-entry table and the white point is folded into the matrix (the same numbers within 1e-4)."""
+    if rgb.device not in _LIN_LUT:
+        v = torch.arange(256, dtype=torch.float64) / 255.0
+        lut = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+        mat = torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64) / torch.tensor(_WHITE, dtype=torch.float64)[:, None]
+        _LIN_LUT[rgb.device] = (lut.float().unsqueeze(1).to(rgb.device), mat.T.float().contiguous().to(rgb.device))
+    lut, mat = _LIN_LUT[rgb.device]
+    xyz = torch.nn.functional.embedding(rgb.long(), lut).squeeze(-1) @ mat
+    small = xyz <= 0.008856
+    if bool(small.any()):   # dark pixels only: most tiles skip the second branch
+        f = torch.where(small, 7.787 * xyz + 16.0 / 116.0, xyz.clamp(min=0.008856).pow_(1.0 / 3.0))
+    else:
+        f = xyz.pow_(1.0 / 3.0)
+    return _lab_from_f(f)
+
+
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1] of CIE LAB, channels last; skimage.color.lab2rgb's formulas (clipped)."""
     L, a, b = lab.unbind(-1)
-    fy = (L + 16.0) / 116.0
-    f = torch.stack((fy + a / 500.0, fy, (fy - b / 200.0).clamp(min=0.0)), dim=-1)
-    xyz = torch.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787)
-    white = torch.tensor(_WHITE, dtype=lab.dtype, device=lab.device)
-    mat = torch.linalg.inv(torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64)).to(lab.dtype).to(lab.device)
-    lin = (xyz * white) @ mat.T
-    rgb = torch.where(lin > 0.0031308, 1.055 * lin.clamp(min=1e-12) ** (1.0 / 2.4) - 0.055, 12.92 * lin)
-    return rgb.clamp(0.0, 1.0)
+    f = torch.empty_like(lab)
+    fy = torch.add(L, 16.0, out=f[..., 1]).div_(116.0)
+    torch.add(fy, a, alpha=1.0 / 500.0, out=f[..., 0])
+    torch.sub(fy, b, alpha=1.0 / 200.0, out=f[..., 2]).clamp_(min=0.0)
+    small = f <= 0.2068966
+    xyz = f * f * f
+    if bool(small.any()):
+        xyz = torch.where(small, (f - 16.0 / 116.0) / 7.787, xyz)
+    mat = torch.linalg.inv(torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64)).T
+    mat = (mat * torch.tensor(_WHITE, dtype=torch.float64)[:, None]).to(lab.dtype).to(lab.device)
+    lin = xyz @ mat
+    small = lin <= 0.0031308
+    rgb = lin.clamp(min=0.0031308).pow_(1.0 / 2.4).mul_(1.055).sub_(0.055)
+    if bool(small.any()):
+        rgb = torch.where(small, 12.92 * lin, rgb)
+    return rgb.clamp_(0.0, 1.0)
 
 
 def lab_stats(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image LAB mean and (unbiased, as torchstain) std over all pixels: (B, 3) each."""
     return lab.mean(dim=1), lab.std(dim=1)
+
+
+def no_autocast(device: torch.device):
+    """Full float32 inside a caller's autocast region (the Predictor's AMP on CUDA): in float16 the
+    OD covariance, least squares and LAB maths would lose whole uint8 levels."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +358,8 @@ class StainNormalizer:
         step = b if rgb.device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (h * w))
         parts, ok = [], []
         for i in range(0, b, step):
-            out, good = self._normalise(rgb[i:i + step])
+            with no_autocast(rgb.device):
+                out, good = self._normalise(rgb[i:i + step])
             parts.append(out)
             ok.append(good)
         out, good = (parts[0], ok[0]) if len(parts) == 1 else (torch.cat(parts), torch.cat(ok))
@@ -330,7 +376,7 @@ class StainNormalizer:
         ok = enough_stain(mask)
         ref = self._tensors(rgb.device)
         if self.method == "reinhard":
-            lab = rgb_to_lab(rgb.float().div_(255.0))
+            lab = rgb_u8_to_lab(rgb)
             mean, std = lab_stats(lab)
             ok = ok & torch.isfinite(mean).all(dim=1) & (std > 0).all(dim=1)
             scale = ref["lab_std"] / std.clamp(min=1e-6)                              # (B, 3)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .stain import enough_stain, from_bhwc, lab_stats, lab_to_rgb, rgb_to_lab, stained_mask, to_bhwc, to_uint8
+from .stain import (enough_stain, from_bhwc, lab_stats, lab_to_rgb, no_autocast, rgb_u8_to_lab, stained_mask,
+                    to_bhwc, to_uint8)
 
 STAIN_AUGMENTS = ("none", "hed", "randstainna")
 DEFAULT_STRENGTH = 0.05
@@ -71,9 +72,10 @@ def hed_shift(batch: torch.Tensor, alpha: Sequence[float] | torch.Tensor,
     a = _per_image(alpha, "alpha", b, bhwc.device)
     c = _per_image(beta, "beta", b, bhwc.device)
     to_hed, to_rgb = _hed_matrices(bhwc.device)
-    od = bhwc.reshape(b, h * w, 3).float().div_(255.0).clamp_(min=_MIN_RGB).log_().neg_()
-    hed = (od @ to_hed).mul_(a.unsqueeze(1)).add_(c.unsqueeze(1))
-    rgb = (hed @ to_rgb).neg_().exp_().mul_(255.0)
+    with no_autocast(bhwc.device):
+        od = bhwc.reshape(b, h * w, 3).float().div_(255.0).clamp_(min=_MIN_RGB).log_().neg_()
+        hed = (od @ to_hed).mul_(a.unsqueeze(1)).add_(c.unsqueeze(1))
+        rgb = (hed @ to_rgb).neg_().exp_().mul_(255.0)
     return from_bhwc(to_uint8(rgb).reshape(b, h, w, 3), channels_first)
 
 
@@ -145,7 +147,7 @@ class RandStainNA:
             rgb = rgb.reshape(1, -1, 3)
             if not bool(enough_stain(stained_mask(rgb))[0]):
                 continue
-            m, s = lab_stats(rgb_to_lab(rgb.double() / 255.0))
+            m, s = lab_stats(rgb_u8_to_lab(rgb).double())
             means.append(m[0])
             stds.append(s[0])
         if len(means) < 2:
@@ -169,11 +171,12 @@ class RandStainNA:
         mu_t = st["mean_mean"] + st["mean_std"] * z[0]
         # A template std can come out <= 0 in a wide distribution: floor it at a tenth of the mean std.
         sd_t = torch.maximum(st["std_mean"] + st["std_std"] * z[1], 0.1 * st["std_mean"])
-        lab = rgb_to_lab(rgb.float().div_(255.0))
-        mean, std = lab_stats(lab)
-        scale = sd_t / std.clamp(min=1e-6)
-        lab = lab.mul_(scale.unsqueeze(1)).add_((mu_t - mean * scale).unsqueeze(1))
-        out = to_uint8(lab_to_rgb(lab).mul_(255.0))
+        with no_autocast(rgb.device):
+            lab = rgb_u8_to_lab(rgb)
+            mean, std = lab_stats(lab)
+            scale = sd_t / std.clamp(min=1e-6)
+            lab = lab.mul_(scale.unsqueeze(1)).add_((mu_t - mean * scale).unsqueeze(1))
+            out = to_uint8(lab_to_rgb(lab).mul_(255.0))
         keep = ~enough_stain(stained_mask(rgb))
         if bool(keep.any()):
             out = torch.where(keep[:, None, None], rgb, out)

@@ -265,3 +265,12 @@ def test_normalizer_from_options(tmp_path, reference):
     assert normalizer_from_options("reinhard", path).method == "reinhard"
     with pytest.raises(ConfigError, match="a reinhard reference, but --stain-norm is macenko"):
         normalizer_from_options("macenko", path)
+
+
+@pytest.mark.parametrize("method", STAIN_METHODS)
+def test_autocast_does_not_lower_precision(reference, tiles, method):
+    """Inside the caller's autocast (the Predictor's AMP) the normaliser still computes in float32."""
+    norm = StainNormalizer.fit(reference, method)
+    plain = norm(tiles[:3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(norm(tiles[:3]), plain)

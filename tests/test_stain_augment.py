@@ -142,3 +142,10 @@ def test_cuda_batch_cpu_generator(tiles):
         gpu = aug(tiles.cuda(), gen(5))
         assert gpu.device.type == "cuda"
         assert (gpu.cpu().float() - aug(tiles, gen(5)).float()).abs().max() <= 1
+
+
+def test_autocast_does_not_lower_precision(tiles):
+    plain = [hed_shift(tiles, (1.1, 0.9, 1.0), (0.02, 0.0, 0.0)), RandStainNA()(tiles, gen(2))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(hed_shift(tiles, (1.1, 0.9, 1.0), (0.02, 0.0, 0.0)), plain[0])
+        assert torch.equal(RandStainNA()(tiles, gen(2)), plain[1])
