@@ -1,0 +1,323 @@
+"""Stain normalisation and augmentation in the trainers (issue 11 item 3): options validated in one
+line and listed by --show-config; the training batch is normalised on the device, then augmented
+(training only); the normaliser is recorded in ModelSpec.stain and applied by every prediction
+made inside the trainers; a changed stain option or reference is a different run."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import trainers
+from slidekit.errors import ConfigError, TrainingError, TrainingWarning
+from test_scribble_trainer import make_nuclei_folder, synthetic_nuclei
+from trainers.scribble import ScribbleTrainer, predict_images
+
+STAIN_TRAINERS = ["scribble", "s2l", "mixed-em", "topk-mean"]
+STAIN_FIELDS = ("stain_norm", "stain_ref", "stain_aug", "stain_aug_strength")
+
+
+# -- temporary stand-ins for slidekit.stain / slidekit.stain_augment (until they are committed) --
+
+def _fake_modules() -> tuple[types.ModuleType, types.ModuleType]:
+    stain = types.ModuleType("slidekit.stain")
+    aug = types.ModuleType("slidekit.stain_augment")
+
+    class StainNormalizer:
+        def __init__(self, method: str, mean: list[float]) -> None:
+            self.method, self.mean, self.unchanged_tiles = method, list(mean), 0
+
+        @classmethod
+        def fit(cls, image, method="macenko"):
+            return cls(method, [float(v) for v in np.asarray(image, np.float64).reshape(-1, 3).mean(0)])
+
+        @classmethod
+        def load(cls, path, method="macenko"):
+            from pathlib import Path
+
+            p = Path(path)
+            if not p.exists():
+                raise ConfigError(f"{p}: stain reference not found")
+            if p.suffix == ".json":
+                return cls.from_dict(json.loads(p.read_text()))
+            return cls.fit(np.asarray(Image.open(p).convert("RGB")), method)
+
+        def save(self, path):
+            from pathlib import Path
+
+            Path(path).write_text(json.dumps(self.to_dict()))
+
+        def to_dict(self):
+            return {"method": self.method, "mean": self.mean, "version": 1}
+
+        @classmethod
+        def from_dict(cls, d):
+            return cls(d["method"], d["mean"])
+
+        def __call__(self, batch):  # shift each channel's mean of each image to the reference's
+            last = batch.shape[-1] == 3
+            x = batch.float()
+            dims = (1, 2) if last else (2, 3)
+            target = torch.tensor(self.mean, device=x.device).view((1, 1, 1, 3) if last else (1, 3, 1, 1))
+            x = x - x.mean(dims, keepdim=True) + target
+            return x.round().clamp(0, 255).to(torch.uint8)
+
+    def normalizer_from_options(stain_norm, stain_ref):
+        if stain_norm in (None, "none"):
+            return None
+        if not stain_ref:
+            raise ConfigError(f"stain normalisation {stain_norm!r} needs a reference")
+        return StainNormalizer.load(stain_ref, method=stain_norm)
+
+    class HEDJitter:
+        def __init__(self, strength=0.05):
+            self.strength = strength
+
+        def __call__(self, batch, generator=None):
+            noise = torch.randint(-3, 4, batch.shape, device=batch.device)
+            return (batch.int() + noise).clamp(0, 255).to(torch.uint8)
+
+    class RandStainNA(HEDJitter):
+        def fit(self, images):
+            self.fitted = list(images)
+            return self
+
+    def augmenter_from_options(kind, strength=0.05, images=None):
+        if kind == "none":
+            return None
+        if kind == "hed":
+            return HEDJitter(strength)
+        if kind == "randstainna":
+            r = RandStainNA(strength)
+            return r.fit(images) if images is not None else r
+        raise ConfigError(f"unknown stain augmentation {kind!r}")
+
+    stain.StainNormalizer, stain.normalizer_from_options = StainNormalizer, normalizer_from_options
+    stain.STAIN_METHODS = ("macenko", "reinhard")
+    aug.HEDJitter, aug.RandStainNA, aug.augmenter_from_options = HEDJitter, RandStainNA, augmenter_from_options
+    aug.STAIN_AUGMENTS = ("none", "hed", "randstainna")
+    return stain, aug
+
+
+@pytest.fixture
+def stain(monkeypatch, tmp_path):
+    """(slidekit.stain, slidekit.stain_augment, reference image path)."""
+    import slidekit
+    import trainers.batches
+
+    mod, aug = _fake_modules()
+    monkeypatch.setitem(sys.modules, "slidekit.stain", mod)
+    monkeypatch.setitem(sys.modules, "slidekit.stain_augment", aug)
+    monkeypatch.setattr(slidekit, "stain", mod, raising=False)
+    monkeypatch.setattr(slidekit, "stain_augment", aug, raising=False)
+    trainers.batches._normalizer_from_json.cache_clear()
+    ref, _ = synthetic_nuclei(64, seed=7)
+    ref = np.clip(ref.astype(int) + [-40, 10, -30], 0, 255).astype(np.uint8)  # another lab's colours
+    path = tmp_path / "ref.png"
+    Image.fromarray(ref).save(path)
+    yield mod, aug, path
+    trainers.batches._normalizer_from_json.cache_clear()
+
+
+def scribble_config(root, **kw):
+    opts = dict(data=str(root), classes=["bg", "nucleus"], crop=32, epochs=1, batch_size=4, samples_per_image=4)
+    return trainers.make_config(ScribbleTrainer.Config, {**opts, **kw})
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", STAIN_TRAINERS)
+@pytest.mark.parametrize("override, words", [
+    ("stain_norm=vahadane", "'stain_norm' must be one of none, macenko, reinhard"),
+    ("stain_norm=macenko", "'stain_ref' must be a reference image or JSON"),
+    ("stain_ref=ref.png", "'stain_ref' must be empty while stain_norm is 'none'"),
+    ("stain_aug=jitter", "'stain_aug' must be one of none, hed, randstainna"),
+    ("stain_aug_strength=0", "'stain_aug_strength' must be a number in (0, 1]"),
+    ("stain_aug_strength=1.5", "'stain_aug_strength' must be a number in (0, 1]"),
+])
+def test_invalid_stain_options_are_one_line_config_errors(name, override, words):
+    with pytest.raises(ConfigError) as e:
+        trainers.load_config(trainers.get(name).Config, None, [override])
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_simclr_has_stain_augmentation_only():
+    cfg = trainers.load_config(trainers.get("simclr").Config, None, ["stain_aug=hed", "stain_aug_strength=0.1"])
+    assert cfg.stain_aug == "hed" and cfg.stain_aug_strength == 0.1
+    with pytest.raises(ConfigError, match="'stain_aug' must be one of"):
+        trainers.load_config(trainers.get("simclr").Config, None, ["stain_aug=macenko"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        trainers.load_config(trainers.get("simclr").Config, None, ["stain_norm=macenko"])
+
+
+def test_show_config_lists_the_stain_options():
+    from slidekit.cli import main
+
+    for name in [*STAIN_TRAINERS, "simclr"]:
+        res = CliRunner().invoke(main, ["train", name, "--show-config"])
+        assert res.exit_code == 0, res.output
+        shown = {ln.split(":", 1)[0] for ln in res.output.splitlines() if not ln.startswith("#")}
+        want = STAIN_FIELDS if name != "simclr" else ("stain_aug", "stain_aug_strength")
+        assert set(want) <= shown, name
+        assert name != "simclr" or "stain_norm" not in shown
+    assert "stain_norm: none" in CliRunner().invoke(main, ["train", "scribble", "--show-config"]).output
+
+
+def test_cli_bad_stain_option_and_missing_reference_are_one_line(tmp_path, stain):
+    from slidekit.cli import main
+
+    root = make_nuclei_folder(tmp_path / "d", n_images=1, size=64)
+    base = ["train", "scribble", "--out", str(tmp_path / "run"), "--device", "cpu", "-q",
+            "--set", f"data={root}", "--set", "crop=32", "--set", "classes=bg,nucleus"]
+    res = CliRunner().invoke(main, [*base, "--set", "stain_norm=reinhard"])
+    assert res.exit_code != 0 and res.output.strip().count("\n") == 0 and "stain_ref" in res.output
+    res = CliRunner().invoke(main, [*base, "--set", "stain_norm=reinhard", "--set",
+                                    f"stain_ref={tmp_path / 'missing.png'}"])
+    assert res.exit_code != 0 and res.output.strip().count("\n") == 0 and "missing.png" in res.output
+
+
+# -- training --------------------------------------------------------------------------------------
+
+def test_training_with_stain_norm_feeds_normalised_batches_and_records_spec_stain(tmp_path, stain,
+                                                                                monkeypatch):
+    mod, _, ref = stain
+    outputs: list[torch.Tensor] = []
+    real_call = mod.StainNormalizer.__call__
+
+    def spy(self, batch):
+        out = real_call(self, batch)
+        outputs.append(out.clone())
+        return out
+
+    monkeypatch.setattr(mod.StainNormalizer, "__call__", spy)
+    seen: list[torch.Tensor] = []
+    import trainers.scribble as scribble_mod
+
+    real_build = scribble_mod.build_model
+
+    def build(spec):
+        model = real_build(spec)
+        model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        return model
+
+    monkeypatch.setattr(scribble_mod, "build_model", build)
+    root = make_nuclei_folder(tmp_path / "d", n_images=2, size=64)
+    cfg = scribble_config(root, stain_norm="reinhard", stain_ref=str(ref), augment=False)
+    ckpt = ScribbleTrainer(cfg).fit(tmp_path / "run", device="cpu", progress=False)
+    assert len(seen) == 2 and len(outputs) == 2  # 8 crops in batches of 4: every batch normalised
+    from slidekit.models import ModelSpec, read_checkpoint
+
+    spec = ModelSpec.from_dict(read_checkpoint(ckpt)["spec"])
+    want = mod.normalizer_from_options("reinhard", ref).to_dict()
+    assert spec.stain == want
+    for x, normalised in zip(seen, outputs):  # the network saw the normalised batch, not the raw one
+        torch.testing.assert_close(x, spec.normalize(normalised))
+
+
+def test_stain_augmentation_runs_in_training_steps_only(tmp_path, stain, monkeypatch):
+    _, aug, _ = stain
+    calls: list[int] = []
+    make = aug.augmenter_from_options
+
+    def counting(kind, strength=0.05, images=None):
+        inner = make(kind, strength, images)
+        return lambda batch, generator=None: calls.append(len(batch)) or inner(batch, generator)
+
+    monkeypatch.setattr(aug, "augmenter_from_options", counting)
+    root = make_nuclei_folder(tmp_path / "d", n_images=2, size=64)
+    cfg = scribble_config(root, stain_aug="hed", stain_aug_strength=0.1)
+    trainer = ScribbleTrainer(cfg)
+    ckpt = trainer.fit(tmp_path / "run", device="cpu", progress=False)
+    assert calls == [4, 4]  # each training batch once
+    from slidekit.models import load_checkpoint
+
+    ck = load_checkpoint(ckpt)
+    assert ck.spec.stain is None  # augmentation is not part of the model
+    img, _ = synthetic_nuclei(64, seed=3)
+    predict_images(ck.model, ck.spec, [img])
+    assert calls == [4, 4]  # predictions are never augmented
+
+
+def test_randstainna_is_fitted_on_normalised_training_images(tmp_path, stain, monkeypatch):
+    mod, aug, ref = stain
+    given = {}
+    make = aug.augmenter_from_options
+
+    def recording(kind, strength=0.05, images=None):
+        given["images"] = images
+        return make(kind, strength, images)
+
+    monkeypatch.setattr(aug, "augmenter_from_options", recording)
+    root = make_nuclei_folder(tmp_path / "d", n_images=2, size=64)
+    cfg = scribble_config(root, stain_aug="randstainna", stain_norm="reinhard", stain_ref=str(ref))
+    ScribbleTrainer(cfg).fit(tmp_path / "run", device="cpu", progress=False)
+    images = given["images"]
+    assert len(images) == 2 and all(i.shape == (64, 64, 3) and i.dtype == np.uint8 for i in images)
+    norm = mod.normalizer_from_options("reinhard", ref)
+    raw = np.array(Image.open(root / "images" / "s0.png").convert("RGB"))
+    np.testing.assert_array_equal(images[0], norm(torch.from_numpy(raw)[None])[0].numpy())
+
+
+# -- predictions inside trainers ----------------------------------------------------------------
+
+def test_predict_images_applies_the_spec_stain(stain):
+    mod, _, ref = stain
+    from slidekit.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="resnet-unet", task="segmentation", classes=["bg", "fg"], patch_size=64)
+    model = build_model(spec).eval()
+    img, _ = synthetic_nuclei(64, seed=1)
+    raw = predict_images(model, spec, [img])[0]
+    norm = mod.normalizer_from_options("reinhard", ref)
+    spec.stain = norm.to_dict()
+    got = predict_images(model, spec, [img])[0]
+    with torch.no_grad():
+        x = spec.normalize(norm(torch.from_numpy(img).permute(2, 0, 1)[None]))
+        want = spec.activate(model(x))[0]
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, raw)
+
+
+def test_topk_mean_trains_normalised_and_its_probabilities_apply_spec_stain(tmp_path, stain):
+    mod, _, ref = stain
+    from slidekit.models import load_checkpoint
+    from trainers.stage2 import TopKMeanConfig, TopKMeanTrainer, fit_topk_mean, topk_mean_probs
+
+    bags = np.random.default_rng(0).integers(100, 255, size=(4, 2, 32, 32, 3)).astype(np.uint8)
+    labels = torch.tensor([1, 0, 1, 0], dtype=torch.float32)
+    cfg = TopKMeanConfig(k=2, mpp=8.0, patch_size=32, epochs=1, batch_slides=2, stain_norm="macenko",
+                         stain_ref=str(ref))
+    ck = load_checkpoint(fit_topk_mean(TopKMeanTrainer(cfg), tmp_path / "tk", torch.from_numpy(bags), labels,
+                                       device="cpu", progress=False))
+    norm = mod.normalizer_from_options("macenko", ref)
+    assert ck.spec.stain == norm.to_dict()
+    probs = topk_mean_probs(ck.model, ck.spec, bags)
+    with torch.inference_mode():
+        x = ck.spec.normalize(norm(torch.from_numpy(bags.reshape(8, 32, 32, 3))))
+        want = torch.sigmoid(ck.model(x)[:, 0]).reshape(4, 2).mean(1).numpy()
+    np.testing.assert_allclose(probs, want, rtol=1e-5)
+
+
+# -- reruns --------------------------------------------------------------------------------------
+
+def test_a_changed_stain_option_or_reference_is_another_run(tmp_path, stain):
+    _, _, ref = stain
+    root = make_nuclei_folder(tmp_path / "d", n_images=1, size=64)
+    ScribbleTrainer(scribble_config(root)).fit(tmp_path / "a", device="cpu", progress=False)
+    with pytest.raises(TrainingError, match="stain_aug: 'none' -> 'hed'"):
+        ScribbleTrainer(scribble_config(root, stain_aug="hed")).fit(tmp_path / "a", device="cpu", progress=False)
+    # same options, but the reference file now holds other colours: resuming would mix two normalisations
+    ScribbleTrainer(scribble_config(root, stain_norm="reinhard", stain_ref=str(ref))).fit(
+        tmp_path / "b", device="cpu", progress=False)
+    img = np.array(Image.open(ref))
+    Image.fromarray(255 - img).save(ref)
+    with pytest.raises(TrainingError, match="stain normalisation differs"), pytest.warns(TrainingWarning):
+        ScribbleTrainer(scribble_config(root, stain_norm="reinhard", stain_ref=str(ref), epochs=2)).fit(
+            tmp_path / "b", device="cpu", progress=False)
