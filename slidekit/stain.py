@@ -236,11 +236,15 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 class StainNormalizer:
     """Macenko or Reinhard normalisation of uint8 batches to a fitted reference (see the module doc)."""
 
-    def __init__(self, method: str, params: dict[str, Any]) -> None:
+    def __init__(self, method: str, params: dict[str, Any], *, path: str | os.PathLike | None = None,
+                 error: type[SlidekitError] = ConfigError) -> None:
+        """From fitted values (as ``to_dict`` holds them); bad values raise ``error`` naming ``path``."""
         if method not in STAIN_METHODS:
-            raise ConfigError(f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_METHODS)}")
+            raise error(f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_METHODS)}", path)
         self.method = method
         self.params = params
+        self._check(path, error)
+        #: Tiles returned unchanged (too few stained pixels) over this normaliser's calls so far.
         self.unchanged_tiles = 0
         self._cache: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
@@ -267,9 +271,7 @@ class StainNormalizer:
         else:
             mean, std = lab_stats(rgb_to_lab(rgb.double() / 255.0))
             params = {"lab_mean": mean[0].tolist(), "lab_std": std[0].tolist()}
-        norm = cls(method, params)
-        norm._check(path, ConfigError)
-        return norm
+        return cls(method, params, path=path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, method: str = "macenko") -> "StainNormalizer":
@@ -306,9 +308,7 @@ class StainNormalizer:
         missing = [k for k in keys if k not in d]
         if missing:
             raise error(f"stain reference ({d['method']}) lacks {', '.join(missing)}", path)
-        norm = cls(d["method"], {k: d[k] for k in keys})
-        norm._check(path, error)
-        return norm
+        return cls(d["method"], {k: d[k] for k in keys}, path=path, error=error)
 
     def _check(self, path: str | os.PathLike | None, error: type[SlidekitError]) -> None:
         """Refuse values that would give NaN or nonsense."""

@@ -274,3 +274,10 @@ def test_autocast_does_not_lower_precision(reference, tiles, method):
     plain = norm(tiles[:3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(norm(tiles[:3]), plain)
+
+
+def test_constructor_checks_values():
+    with pytest.raises(ConfigError, match="lab_std must be positive"):
+        StainNormalizer("reinhard", {"lab_mean": [60.0, 20.0, -10.0], "lab_std": [15.0, 0.0, 6.0]})
+    with pytest.raises(CheckpointError, match="unknown stain normalisation 'vahadane'"):
+        StainNormalizer("vahadane", {}, error=CheckpointError)
