@@ -153,17 +153,6 @@ def concentrations(he: torch.Tensor, od: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- LAB (skimage's)
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """CIE LAB (L in [0, 100]) of RGB in [0, 1], channels last; skimage.color.rgb2lab's formulas."""
-    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    mat = torch.tensor(_XYZ_FROM_RGB, dtype=rgb.dtype, device=rgb.device)
-    white = torch.tensor(_WHITE, dtype=rgb.dtype, device=rgb.device)
-    xyz = (lin @ mat.T) / white
-    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
-    fx, fy, fz = f.unbind(-1)
-    return torch.stack((116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)), dim=-1)
-
-
 def _lab_from_f(f: torch.Tensor) -> torch.Tensor:
     """LAB from the CIE f(X/Xn), f(Y/Yn), f(Z/Zn), channels last (written into one new tensor)."""
     fx, fy, fz = f.unbind(-1)
@@ -178,8 +167,9 @@ _LIN_LUT: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def rgb_u8_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """``rgb_to_lab`` of uint8 pixels (..., 3) in float32, faster: the sRGB linearisation is a
-    256-entry table and the white point is folded into the matrix (the same numbers within 1e-4)."""
+    """CIE LAB (L in [0, 100]) of uint8 sRGB pixels (..., 3), float32: skimage.color.rgb2lab's
+    formulas (within 1e-4), the sRGB linearisation as a 256-entry table, the white point folded
+    into the matrix."""
     if rgb.device not in _LIN_LUT:
         v = torch.arange(256, dtype=torch.float64) / 255.0
         lut = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
@@ -269,7 +259,7 @@ class StainNormalizer:
             params = {"stain_matrix": he[0].tolist(), "max_concentrations": max_c.tolist(),
                       "io": IO, "alpha": ALPHA, "beta": BETA}
         else:
-            mean, std = lab_stats(rgb_to_lab(rgb.double() / 255.0))
+            mean, std = lab_stats(rgb_u8_to_lab(rgb).double())
             params = {"lab_mean": mean[0].tolist(), "lab_std": std[0].tolist()}
         return cls(method, params, path=path)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from slidekit import stain as stain_mod
 from slidekit.errors import CheckpointError, ConfigError
-from slidekit.stain import STAIN_METHODS, StainNormalizer, lab_to_rgb, normalizer_from_options, rgb_to_lab
+from slidekit.stain import STAIN_METHODS, StainNormalizer, lab_to_rgb, normalizer_from_options, rgb_u8_to_lab
 from slidekit.stain_augment import hed_shift
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the shared cores crawl otherwise
@@ -103,12 +103,14 @@ def test_lab_conversion_matches_skimage():
     from skimage.color import lab2rgb, rgb2lab
 
     rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 256, (4096, 3)).astype(np.uint8)
-    lab = rgb_to_lab(torch.from_numpy(rgb).double() / 255.0).numpy()
-    np.testing.assert_allclose(lab, rgb2lab(rgb[None])[0], atol=1e-4)
-    back = lab_to_rgb(torch.from_numpy(lab)).numpy()
-    np.testing.assert_allclose(back, lab2rgb(lab[None])[0], atol=1e-4)
-    np.testing.assert_allclose(back * 255.0, rgb, atol=1e-3)
+    dark = np.stack(np.meshgrid(*[np.arange(0, 16, 3)] * 3), -1).reshape(-1, 3)   # both formula branches
+    rgb = np.concatenate([rng.integers(0, 256, (4096, 3)), dark]).astype(np.uint8)
+    lab = rgb_u8_to_lab(torch.from_numpy(rgb))
+    assert lab.dtype == torch.float32
+    np.testing.assert_allclose(lab.numpy(), rgb2lab(rgb[None])[0], atol=1e-4)
+    back = lab_to_rgb(lab).numpy()
+    np.testing.assert_allclose(back, lab2rgb(lab.double().numpy()[None])[0], atol=1e-5)
+    np.testing.assert_allclose(back * 255.0, rgb, atol=2e-3)
 
 
 # ----------------------------------------------------------------------------- behaviour
