@@ -87,8 +87,8 @@ def test_macenko_fit_matches_torchstain(reference):
 def test_normalised_tiles_match_torchstain(shared_data, reference, tiles, method):
     """Per tile within 0.6 uint8 levels on average, 1 at most: torchstain truncates to integers where
     slidekit rounds, which alone accounts for about 0.5."""
-    batch = torch.cat([tiles, torch.from_numpy(np.stack([t[:224, :224] for t in luad_tiles(shared_data)]))
-                       ]) if luad_tiles(shared_data) else tiles
+    luad = luad_tiles(shared_data)
+    batch = torch.cat([tiles, torch.from_numpy(np.stack([t[:224, :224] for t in luad]))]) if luad else tiles
     norm = StainNormalizer.fit(reference, method)
     ts = torchstain_normalizer(method, reference)
     out = norm(batch)
