@@ -30,7 +30,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from slidekit.demo import write_pyramid
 
     root = tmp_path_factory.mktemp("stain")
-    rgb = immunohistochemistry()[:384, :384]
+    rgb = immunohistochemistry()[:256, :256]
     slide = write_pyramid(root / "s.tif", rgb, 0.5, tile=128, min_size=128)
     # The reference: the same tissue with its stains shifted (bluer, paler), so normalising changes tiles.
     ref = np.clip(rgb.astype(float) * [0.8, 0.9, 1.15] + [20, 10, 0], 0, 255).astype(np.uint8)
@@ -56,7 +56,7 @@ def _values(out: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _run(files: dict, out: Path, model: str = "ckpt", **kw) -> dict:
     return heatmap_slide(files["slide"], out, model=files[model], workers=0, device="cpu", progress=False,
-                         min_tissue=0.0, batch_size=16, **kw)
+                         min_tissue=0.0, batch_size=16, tissue={"mpp": 2.0, "min_area_um2": 100.0}, **kw)
 
 
 def test_heatmap_stain_norm_is_the_normaliser_then_the_model(files: dict, runs: dict) -> None:
@@ -165,7 +165,7 @@ def test_cli_stain_options_fail_in_one_line(files: dict, tmp_path: Path, args: l
 def test_cli_heatmap_with_stain_norm_writes_it_in_the_summary(files: dict, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["heatmap", str(files["slide"]), "--out", str(tmp_path / "o"), "--model",
                                   str(files["stained"]), "--workers", "0", "--device", "cpu", "--min-tissue", "0",
-                                  "-q", "--stain-norm", "none"])
+                                  "--tissue-mpp", "2", "--tissue-min-area", "100", "-q", "--stain-norm", "none"])
     assert r.exit_code == 0, r.output
     warns = [line for line in r.output.splitlines() if line.startswith("slidekit: warning:")]
     assert len(warns) == 1 and "checkpoint's macenko" in warns[0]
