@@ -188,3 +188,18 @@ def test_export_of_a_stained_checkpoint_warns_and_writes_the_reference(files: di
         warnings.simplefilter("error", StainWarning)  # a checkpoint without stain: nothing said or written
         export_model(files["ckpt"], "torchscript", tmp_path / "p.pt")
     assert not (tmp_path / "p.pt.stain_reference.json").exists()
+
+
+def test_cohort_runs_pass_the_stain_options_and_redo_slides_when_they_change(files: dict, tmp_path: Path) -> None:
+    import shutil
+
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(files["slide"], tmp_path / name)
+    args = ["heatmap", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--out", str(tmp_path / "o"), "--model",
+            str(files["ckpt"]), "--device", "cpu", "--min-tissue", "0", "--tissue-mpp", "2", "--tissue-min-area",
+            "100", "-q", "--stain-ref", str(files["ref"]), "--stain-norm"]
+    for method in ("macenko", "reinhard"):
+        r = CliRunner().invoke(main, args + [method])
+        assert r.exit_code == 0 and "2 done" in r.output, r.output
+        summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "o").glob("*/summary.json"))]
+        assert [s["stain"]["method"] for s in summaries] == [method, method]
