@@ -6,8 +6,10 @@
 Prints and writes: model-only patches/s (random uint8 batches already on the device),
 end-to-end patches/s (Predictor: tile read + decode in DataLoader workers, host->device copy,
 model), their ratio, the stage split (read / transfer / model), GPU utilisation (nvidia-ml-py)
-and the decode path a CUDA run would take (``slidekit.gpu_decode``). Runs on CPU too (use tiny
-settings there, e.g. ``--size 2048 --max-tiles 32 --batch-size 8``).
+and the decode path the run took with the reason (``Predictor.decode``; on CUDA the workers hand
+JPEG streams to the GPU, ``slidekit.gpu_decode``). On CUDA a second end-to-end run decodes on the
+CPU (``gpu_decode=False``) for comparison (``--no-cpu-decode`` skips it). Runs on CPU too (use
+tiny settings there, e.g. ``--size 2048 --max-tiles 32 --batch-size 8``).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-tiles", type=int, default=None, help="read only the first N tiles")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-cpu-decode", action="store_true", help="on CUDA, skip the CPU-decode comparison run")
     args = ap.parse_args()
 
     import torchvision
@@ -84,20 +87,32 @@ def main() -> None:
         torch.cuda.synchronize()
     model_rate = n_batches * args.batch_size / (time.perf_counter() - t)
 
-    pred.timer = StageTimer()  # the end-to-end run only
-    t = time.perf_counter()
-    with GPUSampler(device) as gpu:
-        n = sum(len(idx) for idx, _ in pred.predict(slide, grid))
-    wall = time.perf_counter() - t
-    timing = pred.timer.as_dict(wall)
-    timing["gpu"] = gpu.result()
+    def end_to_end(gpu_decode: bool) -> tuple[int, float, dict, dict]:
+        pred.gpu_decode = gpu_decode
+        pred.timer = StageTimer()  # the end-to-end run only
+        t = time.perf_counter()
+        with GPUSampler(device) as gpu:
+            n = sum(len(idx) for idx, _ in pred.predict(slide, grid))
+        wall = time.perf_counter() - t
+        timing = pred.timer.as_dict(wall)
+        timing["gpu"] = gpu.result()
+        return n, wall, timing, dict(pred.decode)
+
+    n, wall, timing, decode = end_to_end(True)
+    cpu_decode = None
+    if device.type == "cuda" and not args.no_cpu_decode:
+        n2, wall2, timing2, decode2 = end_to_end(False)
+        cpu_decode = {"end_to_end_patches_per_s": round(n2 / wall2, 1), "stages": timing2["stages"],
+                      "split": format_split(timing2), "gpu": timing2["gpu"], "decode": decode2}
     results = {
         "slide": f"synthetic {args.size}^2 JPEG q85, 224 px stored tiles", "slide_build_s": round(build_s, 1),
         "device": str(device), "cpus": available_cpus(), "workers": args.workers, "batch_size": args.batch_size,
         "tiles": n, "model_only_patches_per_s": round(model_rate, 1),
         "end_to_end_patches_per_s": round(n / wall, 1), "ratio_end_to_end_to_model": round(n / wall / model_rate, 3),
         "stages": timing["stages"], "split": format_split(timing), "gpu": timing["gpu"],
-        "decode_path": list(decode_path(reader, device if device.type == "cuda" else torch.device("cuda"))),
+        "decode": decode,  # the path this run took, and why
+        "decode_path_on_cuda": list(decode_path(reader, device if device.type == "cuda" else torch.device("cuda"))),
+        "cpu_decode_run": cpu_decode,
         "amp": pred.amp, "channels_last": pred.channels_last, "load_avg_1min": os.getloadavg()[0],
     }
     for k, v in results.items():
