@@ -31,6 +31,7 @@ class StageTimer:
         self.gpu: dict | None = None
         self._t0 = time.perf_counter()
         self.cuda = device is not None and _device_type(device) == "cuda"
+        self.device = device  # CUDA: events are recorded on this device's current stream (cuda:N)
         self._pending: list[tuple[str, Any, Any]] = []  # (stage, start event, end event) not yet read
 
     def add(self, stage: str, seconds: float) -> None:
@@ -67,7 +68,7 @@ class StageTimer:
             import torch
 
             e = torch.cuda.Event(enable_timing=True)
-            e.record()
+            e.record(torch.cuda.current_stream(torch.device(self.device)))
             return e
         return time.perf_counter()
 

@@ -321,3 +321,41 @@ def test_a_changed_stain_option_or_reference_is_another_run(tmp_path, stain):
     with pytest.raises(TrainingError, match="stain normalisation differs"), pytest.warns(TrainingWarning):
         ScribbleTrainer(scribble_config(root, stain_norm="reinhard", stain_ref=str(ref), epochs=2)).fit(
             tmp_path / "b", device="cpu", progress=False)
+
+
+def test_simclr_stain_augments_each_uint8_view_before_its_colour_jitter(tmp_path, stain, monkeypatch):
+    _, aug, _ = stain
+    from trainers.simclr import SimCLRConfig, SimCLRTrainer
+    from trainers.simclr_core import HistologyAugment
+
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i in range(8):
+        img, _ = synthetic_nuclei(32, n=3, seed=i)
+        Image.fromarray(img).save(folder / f"t{i}.png")
+    augmented, jittered = [], []
+    make = aug.augmenter_from_options
+
+    def recording(kind, strength=0.05, images=None):
+        inner = make(kind, strength, images)
+
+        def call(batch, generator=None):
+            assert batch.dtype == torch.uint8  # the stain is changed on uint8 views
+            out = inner(batch, generator)
+            augmented.append(out.clone())
+            return out
+        return call
+
+    monkeypatch.setattr(aug, "augmenter_from_options", recording)
+    real = HistologyAugment.photometric
+    monkeypatch.setattr(HistologyAugment, "photometric",
+                        lambda self, x, generator=None: jittered.append(x.clone()) or real(self, x, generator))
+    cfg = SimCLRConfig(folders=[str(folder)], tile_size=32, crop_size=32, mpp=1.0, batch_size=4, epochs=1,
+                       steps_per_epoch=2, optimizer="adam", warmup_epochs=0, stain_aug="hed")
+    SimCLRTrainer(cfg).fit(tmp_path / "run", device="cpu", progress=False)
+    assert len(augmented) == 2 and len(jittered) == 2  # two steps, 2 x 4 views each
+    for a, j in zip(augmented, jittered):
+        assert a.shape[0] == 8
+        torch.testing.assert_close(j, a.float() / 255)  # the colour jitter gets the stain-augmented views
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rows[0]["samples_per_s"] > 0 and rows[0]["model"] > 0  # simclr's epochs are timed too
