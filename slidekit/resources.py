@@ -69,7 +69,8 @@ def configure_threads(threads: int | None = None, workers: int = 0, environ: boo
 
     ``threads`` CPUs in all (default: the last explicit budget, else ``available_cpus()``): each of
     ``workers`` DataLoader workers gets one (``worker_threads``), the main process the rest (at
-    least one) for torch's intra-op pool and OpenCV. ``environ`` also sets OMP/MKL/OpenBLAS
+    least one) for torch's intra-op pool and OpenCV. Without ``threads``, a user's
+    ``OMP_NUM_THREADS`` caps the main process's count (it is never raised past it). ``environ`` also sets OMP/MKL/OpenBLAS
     variables for processes started later. torch's default (every core, whatever the affinity or
     quota) plus busy workers oversubscribes a shared or Slurm-limited machine.
     """
@@ -84,11 +85,37 @@ def configure_threads(threads: int | None = None, workers: int = 0, environ: boo
     if threads is not None:
         _BUDGET = total
     main = max(1, total - max(0, int(workers)))
+    user = _env_threads()
+    if threads is None and user is not None:  # the user's OMP_NUM_THREADS caps the default, never raised
+        main = min(main, user)
     _set_threads(main)
     if environ:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(main)
     return main
+
+
+def _env_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it is a positive integer (the user's own thread count), else None."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def prefer_passive_waits() -> bool:
+    """Let idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``) unless the user
+    set a policy; True when it takes effect. OpenMP reads it once, when torch loads it: call this
+    before importing torch (the CLI does). Spinning threads burn the cores that other processes on
+    a shared machine need: a scribble training on a busy 2-core machine spent 4x the CPU time (66 s
+    against 17 s) and 4x the wall time with two spinning threads (benchmarks/threads.py)."""
+    import sys
+
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 def worker_threads(_worker_id: int = 0) -> None:

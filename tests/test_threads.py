@@ -27,11 +27,40 @@ def test_workers_get_one_cpu_each_and_the_main_process_the_rest(monkeypatch):
 
 
 def test_default_budget_is_what_the_process_may_use_or_an_earlier_share(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(resources, "available_cpus", lambda: 3)
     torch.set_num_threads(7)
     assert resources.configure_threads(None, workers=1) == 2 and torch.get_num_threads() == 2
     resources.configure_threads(1)  # e.g. a cohort worker's share
     assert resources.configure_threads(None, workers=0) == 1
+
+
+def test_a_users_omp_num_threads_caps_the_default_and_threads_overrides_it(monkeypatch):
+    monkeypatch.setattr(resources, "available_cpus", lambda: 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resources.configure_threads(None, workers=0) == 1 and torch.get_num_threads() == 1
+    assert resources.configure_threads(3, workers=0) == 3  # --threads is explicit: it wins
+    monkeypatch.setattr(resources, "_BUDGET", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # a cap, never a raise past what the process may use
+    assert resources.configure_threads(None, workers=1) == 2
+
+
+def test_cli_lets_idle_openmp_threads_sleep_unless_the_user_chose(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, slidekit.cli; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
+    # torch already loaded: OpenMP has read its settings, so nothing is changed
+    code = "import torch, os, slidekit.cli; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
 
 
 def _worker_state(_):

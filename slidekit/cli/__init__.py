@@ -7,6 +7,9 @@ import click
 
 from slidekit import __version__
 from slidekit.cli.common import Context
+from slidekit.resources import prefer_passive_waits
+
+prefer_passive_waits()  # before any command loads torch: idle OpenMP threads sleep instead of spinning
 
 # Each module registers its commands on `main`; one module per area keeps this file small.
 COMMAND_MODULES = ["slidekit.cli.core", "slidekit.cli.train", "slidekit.cli.stage", "slidekit.cli.heatmap",
