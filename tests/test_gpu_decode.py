@@ -110,7 +110,7 @@ def test_predictor_streams_jpeg_bytes_through_workers_and_decodes_them_in_the_ma
 def test_the_gpu_path_catches_damaged_tiles_as_the_cpu_path_does(tmp_path, monkeypatch):
     import tifffile
 
-    from conftest import synthetic_slide
+    from tests.conftest import synthetic_slide
     from slidekit.errors import BadTileWarning, CorruptTileError
     from slidekit.inference import Predictor
 
@@ -161,7 +161,7 @@ def test_a_failing_gpu_decode_falls_back_to_the_cpu_and_says_why(tmp_path, monke
 
 
 def test_heatmap_summary_records_the_decode_path(tmp_path, monkeypatch):
-    from conftest import synthetic_slide
+    from tests.conftest import synthetic_slide
     from slidekit.inference import heatmap_slide
 
     path = synthetic_slide(tmp_path / "s.tif")
