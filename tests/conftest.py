@@ -7,6 +7,7 @@ with a reason containing ``REAL_DATA_SKIP``); the terminal summary counts those 
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,12 @@ import numpy as np
 import pytest
 
 from slidekit.datapaths import ENV_VAR, data_dir, data_missing_reason
+
+# tests/ is a package (tests/__init__.py: torchstain installs a top-level `tests` that would shadow
+# it); test modules that import helpers as `from conftest import ...` / `from test_x import ...`
+# find them through this path entry.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: Every skip for want of real data says this, so the summary can count them.
 REAL_DATA_SKIP = "real data not found"
