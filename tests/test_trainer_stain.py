@@ -5,8 +5,6 @@ made inside the trainers; a changed stain option or reference is a different run
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -16,109 +14,23 @@ from PIL import Image
 
 import trainers
 from slidekit.errors import ConfigError, TrainingError, TrainingWarning
-from test_scribble_trainer import make_nuclei_folder, synthetic_nuclei
+from tests.test_scribble_trainer import make_nuclei_folder, synthetic_nuclei
 from trainers.scribble import ScribbleTrainer, predict_images
 
 STAIN_TRAINERS = ["scribble", "s2l", "mixed-em", "topk-mean"]
 STAIN_FIELDS = ("stain_norm", "stain_ref", "stain_aug", "stain_aug_strength")
 
 
-# -- temporary stand-ins for slidekit.stain / slidekit.stain_augment (until they are committed) --
-
-def _fake_modules() -> tuple[types.ModuleType, types.ModuleType]:
-    stain = types.ModuleType("slidekit.stain")
-    aug = types.ModuleType("slidekit.stain_augment")
-
-    class StainNormalizer:
-        def __init__(self, method: str, mean: list[float]) -> None:
-            self.method, self.mean, self.unchanged_tiles = method, list(mean), 0
-
-        @classmethod
-        def fit(cls, image, method="macenko"):
-            return cls(method, [float(v) for v in np.asarray(image, np.float64).reshape(-1, 3).mean(0)])
-
-        @classmethod
-        def load(cls, path, method="macenko"):
-            from pathlib import Path
-
-            p = Path(path)
-            if not p.exists():
-                raise ConfigError(f"{p}: stain reference not found")
-            if p.suffix == ".json":
-                return cls.from_dict(json.loads(p.read_text()))
-            return cls.fit(np.asarray(Image.open(p).convert("RGB")), method)
-
-        def save(self, path):
-            from pathlib import Path
-
-            Path(path).write_text(json.dumps(self.to_dict()))
-
-        def to_dict(self):
-            return {"method": self.method, "mean": self.mean, "version": 1}
-
-        @classmethod
-        def from_dict(cls, d):
-            return cls(d["method"], d["mean"])
-
-        def __call__(self, batch):  # shift each channel's mean of each image to the reference's
-            last = batch.shape[-1] == 3
-            x = batch.float()
-            dims = (1, 2) if last else (2, 3)
-            target = torch.tensor(self.mean, device=x.device).view((1, 1, 1, 3) if last else (1, 3, 1, 1))
-            x = x - x.mean(dims, keepdim=True) + target
-            return x.round().clamp(0, 255).to(torch.uint8)
-
-    def normalizer_from_options(stain_norm, stain_ref):
-        if stain_norm in (None, "none"):
-            return None
-        if not stain_ref:
-            raise ConfigError(f"stain normalisation {stain_norm!r} needs a reference")
-        return StainNormalizer.load(stain_ref, method=stain_norm)
-
-    class HEDJitter:
-        def __init__(self, strength=0.05):
-            self.strength = strength
-
-        def __call__(self, batch, generator=None):
-            noise = torch.randint(-3, 4, batch.shape, device=batch.device)
-            return (batch.int() + noise).clamp(0, 255).to(torch.uint8)
-
-    class RandStainNA(HEDJitter):
-        def fit(self, images):
-            self.fitted = list(images)
-            return self
-
-    def augmenter_from_options(kind, strength=0.05, images=None):
-        if kind == "none":
-            return None
-        if kind == "hed":
-            return HEDJitter(strength)
-        if kind == "randstainna":
-            r = RandStainNA(strength)
-            return r.fit(images) if images is not None else r
-        raise ConfigError(f"unknown stain augmentation {kind!r}")
-
-    stain.StainNormalizer, stain.normalizer_from_options = StainNormalizer, normalizer_from_options
-    stain.STAIN_METHODS = ("macenko", "reinhard")
-    aug.HEDJitter, aug.RandStainNA, aug.augmenter_from_options = HEDJitter, RandStainNA, augmenter_from_options
-    aug.STAIN_AUGMENTS = ("none", "hed", "randstainna")
-    return stain, aug
-
-
 @pytest.fixture
-def stain(monkeypatch, tmp_path):
-    """(slidekit.stain, slidekit.stain_augment, reference image path)."""
-    import slidekit
+def stain(tmp_path):
+    """(slidekit.stain, slidekit.stain_augment, a reference image of another lab's colours)."""
+    import slidekit.stain as mod
+    import slidekit.stain_augment as aug
     import trainers.batches
 
-    mod, aug = _fake_modules()
-    monkeypatch.setitem(sys.modules, "slidekit.stain", mod)
-    monkeypatch.setitem(sys.modules, "slidekit.stain_augment", aug)
-    monkeypatch.setattr(slidekit, "stain", mod, raising=False)
-    monkeypatch.setattr(slidekit, "stain_augment", aug, raising=False)
     trainers.batches._normalizer_from_json.cache_clear()
     ref, _ = synthetic_nuclei(64, seed=7)
-    ref = np.clip(ref.astype(int) + [-40, 10, -30], 0, 255).astype(np.uint8)  # another lab's colours
+    ref = np.clip(ref.astype(int) + [-40, 10, -30], 0, 255).astype(np.uint8)
     path = tmp_path / "ref.png"
     Image.fromarray(ref).save(path)
     yield mod, aug, path
@@ -298,6 +210,8 @@ def test_topk_mean_trains_normalised_and_its_probabilities_apply_spec_stain(tmp_
                                        device="cpu", progress=False))
     norm = mod.normalizer_from_options("macenko", ref)
     assert ck.spec.stain == norm.to_dict()
+    flat = torch.from_numpy(bags.reshape(8, 32, 32, 3))
+    assert not torch.equal(norm(flat), flat)  # the normalisation changes these patches
     probs = topk_mean_probs(ck.model, ck.spec, bags)
     with torch.inference_mode():
         x = ck.spec.normalize(norm(torch.from_numpy(bags.reshape(8, 32, 32, 3))))
@@ -359,3 +273,30 @@ def test_simclr_stain_augments_each_uint8_view_before_its_colour_jitter(tmp_path
         torch.testing.assert_close(j, a.float() / 255)  # the colour jitter gets the stain-augmented views
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert rows[0]["samples_per_s"] > 0 and rows[0]["model"] > 0  # simclr's epochs are timed too
+
+
+def test_mixed_em_round_heatmaps_are_predicted_through_spec_stain(tmp_path, stain, monkeypatch):
+    mod, _, ref = stain
+    from conftest import synthetic_slide
+    from slidekit.heatmap import Heatmap
+    from slidekit.models import ModelSpec, build_model
+    from slidekit.slide import open_slide
+    from slidekit.timing import StageTimer
+    from trainers.mixed_em import predict_heatmap
+
+    calls: list[int] = []
+    real_call = mod.StainNormalizer.__call__
+    monkeypatch.setattr(mod.StainNormalizer, "__call__",
+                        lambda self, batch: calls.append(len(batch)) or real_call(self, batch))
+    spec = ModelSpec(arch="resnet-unet", task="segmentation", classes=["tumour"], patch_size=64, mpp=2.0,
+                     activation="sigmoid")
+    spec.stain = mod.normalizer_from_options("reinhard", ref).to_dict()
+    model = build_model(spec)
+    path = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 256, 512, 256))
+    with open_slide(path) as slide:
+        timer = StageTimer()
+        store = predict_heatmap(model, spec, slide, tmp_path / "hm.zarr", tile=64, tissue_mpp=8.0,
+                                min_tissue=0.1, batch_size=4, device="cpu", timer=timer)
+    assert Heatmap(store) is not None
+    assert sum(calls) > 0  # every tile of the E-step heatmap went through the model's normalisation
+    assert timer.seconds["model"] > 0  # and the prediction's time is counted in the round's stages

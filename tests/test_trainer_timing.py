@@ -11,7 +11,7 @@ import torch
 
 import trainers
 from slidekit.timing import StageTimer
-from test_scribble_trainer import make_nuclei_folder
+from tests.test_scribble_trainer import make_nuclei_folder
 from trainers.scribble import ScribbleTrainer
 from trainers.stage2 import TopKMeanConfig, TopKMeanTrainer, fit_topk_mean
 
