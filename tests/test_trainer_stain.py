@@ -50,8 +50,8 @@ def scribble_config(root, **kw):
     ("stain_norm=macenko", "'stain_ref' must be a reference image or JSON"),
     ("stain_ref=ref.png", "'stain_ref' must be empty while stain_norm is 'none'"),
     ("stain_aug=jitter", "'stain_aug' must be one of none, hed, randstainna"),
-    ("stain_aug_strength=0", "'stain_aug_strength' must be a number in (0, 1]"),
-    ("stain_aug_strength=1.5", "'stain_aug_strength' must be a number in (0, 1]"),
+    ("stain_aug_strength=0", "'stain_aug_strength' must be a number in (0, 1)"),
+    ("stain_aug_strength=1", "'stain_aug_strength' must be a number in (0, 1)"),
 ])
 def test_invalid_stain_options_are_one_line_config_errors(name, override, words):
     with pytest.raises(ConfigError) as e:

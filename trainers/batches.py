@@ -30,19 +30,20 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from slidekit.stain import STAIN_METHODS
+from slidekit.stain_augment import STAIN_AUGMENTS as STAIN_AUGS
 from slidekit.timing import StageTimer
 from trainers.base import TrainerConfig, check_option
 
-STAIN_NORMS = ("none", "macenko", "reinhard")
-STAIN_AUGS = ("none", "hed", "randstainna")
+STAIN_NORMS = ("none", *STAIN_METHODS)
 RANDSTAIN_FIT_IMAGES = 32  # training images (or patches) RandStainNA's statistics are fitted on
 
 
 def _check_stain_aug(cfg: Any) -> None:
     check_option(cfg.stain_aug in STAIN_AUGS, "stain_aug", cfg.stain_aug, f"one of {', '.join(STAIN_AUGS)}")
     s = cfg.stain_aug_strength
-    check_option(isinstance(s, (int, float)) and math.isfinite(s) and 0 < s <= 1, "stain_aug_strength", s,
-                 "a number in (0, 1]")
+    check_option(isinstance(s, (int, float)) and math.isfinite(s) and 0 < s < 1, "stain_aug_strength", s,
+                 "a number in (0, 1)")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class StainOptions(TrainerConfig):
     stain_norm: str = "none"  # stain normalisation of every input: none | macenko | reinhard (to stain_ref)
     stain_ref: str = ""  # stain reference: an image (PNG/JPEG/TIFF) or a JSON saved by StainNormalizer
     stain_aug: str = "none"  # stain augmentation while training: none | hed | randstainna
-    stain_aug_strength: float = 0.05  # stain augmentation strength (HED: jitter range of each channel)
+    stain_aug_strength: float = 0.05  # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
 
     def validate(self) -> None:
         super().validate()
@@ -72,7 +73,7 @@ class StainAugmentOptions(TrainerConfig):
     """Stain augmentation only (``simclr``: its views are not normalised)."""
 
     stain_aug: str = "none"  # stain augmentation of each view, before the colour jitter: none | hed | randstainna
-    stain_aug_strength: float = 0.05  # stain augmentation strength (HED: jitter range of each channel)
+    stain_aug_strength: float = 0.05  # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
 
     def validate(self) -> None:
         super().validate()
