@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--scale", type=float, default=0.5)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--steps-per-epoch", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--strengths", default="0.5,0.7", help="the two HED shift strengths of the test copies")
