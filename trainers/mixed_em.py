@@ -434,7 +434,8 @@ class MixedEMTrainer(Trainer):
         ds = PatchTable(self.readers, rows, self.pixel_labels, pseudo)
         sampler = FixedRatioSampler(sizes, ratio, c.batch_size, steps, seed=c.seed * 1000 + r)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=dist.shard(sampler, batches=True),
-                                             num_workers=c.num_workers, collate_fn=_collate)
+                                             num_workers=c.num_workers, collate_fn=_collate,
+                                             pin_memory=self.device.type == "cuda")
         m_loss = soft_bce_steps(self.net, self.inputs, self.opt, loader) if steps > 0 else None
         from slidekit.models import save_checkpoint
 

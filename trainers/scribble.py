@@ -310,7 +310,8 @@ class SegmentationTrainer(Trainer):
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=local_batch, sampler=dist.shard(self.sampler(self.dataset, epoch)),
                 num_workers=cfg.num_workers, drop_last=len(self.dataset) > cfg.batch_size,
-                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                pin_memory=dev.type == "cuda")  # pinned batches: the copy to the GPU is asynchronous
             sums: dict[str, float] = {}
             n = 0
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,

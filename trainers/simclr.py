@@ -185,7 +185,7 @@ class SimCLRTrainer(Trainer):
         sampler = FixedRatioSampler(pool.sizes, pool.weights, cfg.batch_size, steps, seed=cfg.seed)
         # every rank draws the same global batches and takes every world-th item of each
         loader = DataLoader(pool, batch_sampler=dist.shard(sampler, batches=True), num_workers=cfg.num_workers,
-                            persistent_workers=cfg.num_workers > 0)
+                            persistent_workers=cfg.num_workers > 0, pin_memory=dev.type == "cuda")
 
         model = ResNetClassifier(cfg.backbone, 0)
         init_encoder(model, cfg.init)
