@@ -85,3 +85,25 @@ def test_topk_mean_metrics_hold_the_stage_split_and_quiet_prints_nothing(tmp_pat
     rows = json.loads((tmp_path / "tk" / "metrics.json").read_text())
     check_rows(rows, samples_per_epoch=8)  # 4 slides x 2 patches
     assert "time: " not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::slidekit.errors.TrainingWarning")  # the toy cohort's round choice is arbitrary
+def test_mixed_em_rounds_hold_the_stage_split_with_stain_options(tmp_path):
+    from PIL import Image
+
+    from conftest import mixed_em_slides
+    from slidekit.models import load_checkpoint
+    from slidekit.stain import normalizer_from_options
+    from tests.test_scribble_trainer import synthetic_nuclei
+    from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
+
+    mixed_em_slides(tmp_path)
+    Image.fromarray(synthetic_nuclei(64, seed=5)[0]).save(tmp_path / "ref.png")
+    cfg = MixedEMConfig(slides=str(tmp_path / "slides.csv"), mpp=8.0, patch_size=32, rounds=1, init_steps=3,
+                        round_steps=2, batch_size=10, predict_tile=128, min_tissue=0.1, stain_norm="reinhard",
+                        stain_ref=str(tmp_path / "ref.png"), stain_aug="hed")
+    ckpt = MixedEMTrainer(cfg).fit(tmp_path / "out", device="cpu", progress=False)
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    check_rows(rows)  # M-step + round heatmaps (read/transfer/model), round and run checkpoints (write)
+    assert load_checkpoint(ckpt).spec.stain == normalizer_from_options("reinhard", tmp_path / "ref.png").to_dict()

@@ -534,7 +534,8 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
                        rng=_rng_state(), extra=extra).save(state_path)
             now = time.perf_counter()
             total.timer.add("write", now - t_write)
-            log.update_last(write=round(now - t_write, 4), wall=round(now - t0, 4))
+            written = now - t_write + (timer.seconds["write"] if timer is not None else 0.0)  # + the epoch's own
+            log.update_last(write=round(written, 4), wall=round(now - t0, 4))
         dist.barrier()
     if main and progress and total.line():
         print(f"time: {total.line()}", file=sys.stderr)  # where the time went: reading or the model?  # no rank starts the next epoch before the state it would resume from exists

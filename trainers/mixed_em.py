@@ -441,7 +441,8 @@ class MixedEMTrainer(Trainer):
 
         dist.sync_buffers(self.model)  # every rank predicts with rank 0's batch-norm statistics
         if dist.is_main():
-            save_checkpoint(rdir / "checkpoint.pt", self.model, self.spec, extra={"round": r})
+            with self.inputs.timer.stage("write"):
+                save_checkpoint(rdir / "checkpoint.pt", self.model, self.spec, extra={"round": r})
         paths = self._predict_round(r)
         s2 = dist.on_main(lambda: self._stage2(r, rdir, paths))
         return {"round": r, "m_loss": m_loss, "n_pixel": sizes[0], "n_pseudo_positive": sizes[1],

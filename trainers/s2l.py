@@ -123,7 +123,8 @@ class S2LTrainer(SegmentationTrainer):
             world, me = dist.world_size(), dist.rank()
             dist.sync_buffers(self.model)  # every rank predicts with rank 0's batch-norm statistics
             mine = [i for i in range(len(self.ema)) if i % world == me]
-            preds = predict_images(self.model, self.spec, [self.dataset.images[i] for i in mine], self.device)
+            with self.inputs.timer.device_stage("model"):  # the averages' predictions: part of the epoch's model time
+                preds = predict_images(self.model, self.spec, [self.dataset.images[i] for i in mine], self.device)
             for i, p in zip(mine, preds):
                 self.ema[i].copy_(ema_update(self.ema[i] if self.ema_ready else None, p, cfg.ema_alpha))
             for i, store in enumerate(self.ema):
