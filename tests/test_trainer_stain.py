@@ -300,3 +300,22 @@ def test_mixed_em_round_heatmaps_are_predicted_through_spec_stain(tmp_path, stai
     assert Heatmap(store) is not None
     assert sum(calls) > 0  # every tile of the E-step heatmap went through the model's normalisation
     assert timer.seconds["model"] > 0  # and the prediction's time is counted in the round's stages
+
+
+def test_train_cli_stain_flags_are_the_config_options(tmp_path, stain):
+    from slidekit.cli import main
+    from slidekit.models import load_checkpoint
+
+    _, _, ref = stain
+    root = make_nuclei_folder(tmp_path / "d", n_images=1, size=64)
+    res = CliRunner().invoke(main, ["train", "scribble", "--out", str(tmp_path / "run"), "--device", "cpu", "-q",
+                                    "--set", f"data={root}", "--set", "crop=32", "--set", "classes=bg,nucleus",
+                                    "--set", "epochs=1", "--set", "samples_per_image=4", "--set", "batch_size=4",
+                                    "--stain-norm", "reinhard", "--stain-ref", str(ref), "--stain-aug", "hed"])
+    assert res.exit_code == 0, res.output
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["stain_norm"], recorded["stain_ref"], recorded["stain_aug"]) == ("reinhard", str(ref), "hed")
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt").spec.stain["method"] == "reinhard"
+    res = CliRunner().invoke(main, ["train", "simclr", "--out", str(tmp_path / "s"), "--stain-norm", "macenko",
+                                    "--stain-ref", str(ref)])
+    assert res.exit_code != 0 and res.output.strip().count("\n") == 0 and "stain_norm" in res.output

@@ -20,6 +20,13 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
               help="Encoder weights: a slidekit checkpoint, a torchvision ResNet .pth, or timm:NAME with --weights.")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Local weights file (.safetensors/.pth) for --init timm:NAME (never downloaded).")
+@click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default=None,
+              help="Stain-normalise every training batch to --stain-ref (recorded in the checkpoint, so "
+                   "heatmap/embed apply it too); same as --set stain_norm=...")
+@click.option("--stain-ref", default=None, type=click.Path(dir_okay=False, path_type=str), metavar="IMG|JSON",
+              help="Stain reference for --stain-norm: an H&E image, or a saved reference (.json).")
+@click.option("--stain-aug", type=click.Choice(["none", "hed", "randstainna"]), default=None,
+              help="Stain augmentation while training (HED jitter or RandStainNA); same as --set stain_aug=...")
 @click.option("--restart", is_flag=True,
               help="Delete the training outputs already in --out and train from scratch (a rerun otherwise "
                    "resumes, continues to a larger epochs, or refuses a different config).")
@@ -38,7 +45,8 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
           overrides: tuple[str, ...], init: str | None, weights: str | None,
           restart: bool, list_only: bool, device: str,
-          quiet: bool, show_config: bool = False, threads: int | None = None, nproc: int | None = None) -> None:
+          quiet: bool, show_config: bool = False, threads: int | None = None, nproc: int | None = None,
+          stain_norm: str | None = None, stain_ref: str | None = None, stain_aug: str | None = None) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     import trainers
 
@@ -64,6 +72,9 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
     from slidekit.encoders import init_overrides
 
     items = list(overrides) + init_overrides(init, weights)
+    # the stain flags are config options (trainers/batches.py); given here, they win over --config/--set
+    items += [f"{k}={v}" for k, v in (("stain_norm", stain_norm), ("stain_ref", stain_ref),
+                                      ("stain_aug", stain_aug)) if v is not None]
     from slidekit.resources import configure_threads
 
     # DataLoader workers run one thread each (torch sets that in its workers): the rest is the model's.
