@@ -37,8 +37,10 @@ MAX_WORKER_DEATHS = 2
 
 
 def config_key(task: str, options: dict) -> str:
-    """Identity of what a task writes: the task and its result-affecting options."""
-    cfg = {k: _file_identity(v) for k, v in options.items() if k not in _RUNTIME_OPTIONS}
+    """Identity of what a task writes: the task and its result-affecting options. An option left
+    unset (None) is left out, so an option added in a later version does not invalidate the
+    ledgers of earlier runs that never set it."""
+    cfg = {k: _file_identity(v) for k, v in options.items() if k not in _RUNTIME_OPTIONS and v is not None}
     return hashlib.sha1(json.dumps([task, cfg], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
