@@ -23,7 +23,10 @@ STAGES = ("read", "transfer", "model", "stitch", "write")
 
 
 class StageTimer:
-    """Wall seconds per stage (``STAGES``), tiles counted, and an optional GPU sampler's result."""
+    """Wall seconds per stage (``STAGES``), tiles counted, and an optional GPU sampler's result.
+
+    ``device``: where ``device_stage``/``mark`` spans run; a CUDA device times them with events.
+    """
 
     def __init__(self, device: Any = None) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
@@ -77,6 +80,8 @@ class StageTimer:
         if not self.cuda:
             self.add(stage, end - start)
             return
+        if stage not in self.seconds:  # checked now, not when the events are read
+            raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
         self._pending.append((stage, start, end))
         if len(self._pending) > 64:  # read what has completed; never waits for the device
             self.resolve()
