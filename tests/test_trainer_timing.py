@@ -62,6 +62,22 @@ def test_stage_timer_reads_cuda_events_without_a_sync_per_span():
     assert t.seconds["model"] > 0 and not t._pending
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA events, GPU sampling)")
+def test_scribble_on_cuda_times_device_stages_with_events(tmp_path):
+    root = make_nuclei_folder(tmp_path / "data", n_images=2, size=64)
+    cfg = trainers.make_config(ScribbleTrainer.Config, dict(data=str(root), classes=["bg", "nucleus"], crop=32,
+                                                            epochs=1, batch_size=4, samples_per_image=4))
+    ScribbleTrainer(cfg).fit(tmp_path / "run", device="cuda", progress=False)
+    rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    check_rows(rows)
+    assert rows[0]["transfer"] > 0
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return
+    assert 0 <= rows[0].get("gpu_util", -1) <= 100 or rows[0]["wall"] < 0.2  # sampled every 0.2 s
+
+
 def test_scribble_metrics_hold_the_stage_split_and_the_run_prints_it(tmp_path, capsys):
     root = make_nuclei_folder(tmp_path / "data", n_images=2, size=64)
     cfg = trainers.make_config(ScribbleTrainer.Config, dict(data=str(root), classes=["bg", "nucleus"], crop=32,

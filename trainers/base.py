@@ -14,6 +14,7 @@ different config (``trainers/runs.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib
@@ -511,7 +512,8 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
             seed_rank(getattr(trainer.config, "seed", 0), epoch, dist.rank())
         t0 = time.perf_counter()
         timer = inputs.begin_epoch() if inputs is not None else None
-        metrics = train_epoch(epoch)
+        with inputs.sampling_gpu() if inputs is not None else contextlib.nullcontext():
+            metrics = train_epoch(epoch)
         if timer is not None:
             metrics.update(stage_metrics(timer, time.perf_counter() - t0))
             total.add_epoch(timer, time.perf_counter() - t0)

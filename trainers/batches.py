@@ -16,13 +16,15 @@ never sees raw ones.
 ``BatchInputs.batches`` times an epoch's steps into a ``slidekit.timing.StageTimer``: ``read``
 (waiting for the DataLoader), ``transfer`` (step 1-4 above) and ``model`` (forward, backward,
 optimiser step); ``trainers.base.run_epochs`` adds ``write`` (checkpoint and state) and logs them
-per epoch with ``samples_per_s``. On CUDA the device stages are timed with CUDA events, read
-once completed, never with a per-step synchronisation.
+per epoch with ``samples_per_s`` (and, on CUDA with nvidia-ml-py, ``gpu_util``: the GPU's mean
+utilisation in %). On CUDA the device stages are timed with CUDA events, read once completed,
+never with a per-step synchronisation.
 """
 from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -32,7 +34,7 @@ import torch
 
 from slidekit.stain import STAIN_METHODS
 from slidekit.stain_augment import STAIN_AUGMENTS as STAIN_AUGS
-from slidekit.timing import StageTimer
+from slidekit.timing import GPUSampler, StageTimer
 from trainers.base import TrainerConfig, check_option
 
 STAIN_NORMS = ("none", *STAIN_METHODS)
@@ -171,6 +173,17 @@ class BatchInputs:
         self.timer = StageTimer(self.device)
         return self.timer
 
+    @contextmanager
+    def sampling_gpu(self) -> Iterator[None]:
+        """On CUDA, sample the GPU's utilisation during the ``with`` body into ``timer.gpu``
+        (nvidia-ml-py; ``slidekit.timing.GPUSampler``); elsewhere nothing."""
+        if not self.timer.cuda:
+            yield
+            return
+        with GPUSampler(self.device) as sampler:
+            yield
+        self.timer.gpu = sampler.result()
+
     def batches(self, loader: Iterable) -> Iterator:
         """Yield the loader's batches, timing the wait for each (``read``), then the step after it:
         up to the end of ``__call__`` is ``transfer``, the rest (forward, backward, step) ``model``."""
@@ -222,29 +235,36 @@ def stage_metrics(timer: StageTimer, wall: float) -> dict[str, float]:
     if timer.seconds.get("stitch"):
         out["stitch"] = round(timer.seconds["stitch"], 4)
     out["samples_per_s"] = round(timer.tiles / wall, 3) if wall > 0 and timer.tiles else 0.0
+    if (timer.gpu or {}).get("mean_util") is not None:  # CUDA with nvidia-ml-py
+        out["gpu_util"] = timer.gpu["mean_util"]
     return out
 
 
-TIMING_KEYS = frozenset({"read", "transfer", "model", "stitch", "write", "wall", "samples_per_s"})
+TIMING_KEYS = frozenset({"read", "transfer", "model", "stitch", "write", "wall", "samples_per_s", "gpu_util"})
 
 
 class RunTiming:
     """The stage seconds of a whole run (its epochs added up) and its one-line split."""
 
     def __init__(self) -> None:
-        self.timer, self.train_seconds = StageTimer(), 0.0
+        self.timer, self.train_seconds, self.gpu_busy = StageTimer(), 0.0, []
 
     def add_epoch(self, timer: StageTimer, seconds: float) -> None:
         for k, v in timer.seconds.items():
             self.timer.add(k, v)
         self.timer.tiles += timer.tiles
         self.train_seconds += seconds
+        if (timer.gpu or {}).get("mean_util") is not None:
+            self.gpu_busy.append((timer.gpu["mean_util"], seconds))
 
     def line(self) -> str:
         """``read 3% · transfer 2% · model 90% · write 5% · 52.1 samples/s`` (empty: nothing timed)."""
         line = self.timer.split()
         if line and self.timer.tiles and self.train_seconds > 0:
             line += f" · {self.timer.tiles / self.train_seconds:.1f} samples/s"
+        if line and self.gpu_busy:  # time-weighted over the epochs
+            busy = sum(u * s for u, s in self.gpu_busy) / max(sum(s for _, s in self.gpu_busy), 1e-9)
+            line += f" · GPU {busy:.0f}% busy"
         return line
 
 
