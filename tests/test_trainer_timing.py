@@ -71,11 +71,8 @@ def test_scribble_on_cuda_times_device_stages_with_events(tmp_path):
     rows = json.loads((tmp_path / "run" / "metrics.json").read_text())
     check_rows(rows)
     assert rows[0]["transfer"] > 0
-    try:
-        import pynvml  # noqa: F401
-    except ImportError:
-        return
-    assert 0 <= rows[0].get("gpu_util", -1) <= 100 or rows[0]["wall"] < 0.2  # sampled every 0.2 s
+    # nvidia-ml-py samples every 0.2 s: a utilisation in % when the epoch lasted long enough for a sample
+    assert "gpu_util" not in rows[0] or 0 <= rows[0]["gpu_util"] <= 100
 
 
 def test_scribble_metrics_hold_the_stage_split_and_the_run_prints_it(tmp_path, capsys):
