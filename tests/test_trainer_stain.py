@@ -319,3 +319,18 @@ def test_train_cli_stain_flags_are_the_config_options(tmp_path, stain):
     res = CliRunner().invoke(main, ["train", "simclr", "--out", str(tmp_path / "s"), "--stain-norm", "macenko",
                                     "--stain-ref", str(ref)])
     assert res.exit_code != 0 and res.output.strip().count("\n") == 0 and "stain_norm" in res.output
+
+
+def test_a_missing_reference_fails_before_any_slide_is_read(tmp_path):
+    from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
+    from trainers.stage2 import TopKMeanConfig, TopKMeanTrainer
+
+    (tmp_path / "slides.csv").write_text("slide,label\nnot_there.svs,negative\nalso_not.svs,macro\n")
+    missing = str(tmp_path / "lab_b.png")
+    for trainer in (TopKMeanTrainer(TopKMeanConfig(slides=str(tmp_path / "slides.csv"), stain_norm="macenko",
+                                                   stain_ref=missing)),
+                    MixedEMTrainer(MixedEMConfig(slides=str(tmp_path / "slides.csv"), stain_norm="macenko",
+                                                 stain_ref=missing))):
+        with pytest.raises(ConfigError, match="lab_b.png") as e:  # not an error about the slides
+            trainer.fit(tmp_path / trainer.name, device="cpu", progress=False)
+        assert "\n" not in str(e.value)

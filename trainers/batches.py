@@ -82,6 +82,16 @@ class StainAugmentOptions(TrainerConfig):
         _check_stain_aug(self)
 
 
+def check_stain_reference(config: Any) -> None:
+    """Load ``config``'s stain reference now (ConfigError naming the file when it is missing or
+    unreadable), before a trainer spends minutes reading its data."""
+    norm = getattr(config, "stain_norm", "none")
+    if norm and norm != "none":
+        from slidekit.stain import normalizer_from_options
+
+        normalizer_from_options(norm, getattr(config, "stain_ref", "") or None)
+
+
 @lru_cache(maxsize=8)
 def _normalizer_from_json(text: str) -> Any:
     from slidekit.stain import StainNormalizer

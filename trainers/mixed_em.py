@@ -43,7 +43,7 @@ from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.features import DEFAULT_THRESHOLDS, SIZE_CLASSES, features_from_view, open_heatmap_view
 from slidekit.io import atomic_path, write_text_atomic
 from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
-from trainers.batches import BatchInputs, StainOptions, sample_images
+from trainers.batches import BatchInputs, StainOptions, check_stain_reference, sample_images
 from slidekit import distributed as dist
 from trainers.runs import begin_run
 from trainers.stage2 import fit_morph_lgbm, read_slide_table
@@ -336,6 +336,7 @@ class MixedEMTrainer(Trainer):
             return dist.on_main(lambda: out / "checkpoint.pt" if (out / "selected.json").exists() else self._select())
         if dist.is_main():
             (out / "selected.json").unlink(missing_ok=True)  # rewritten once the last round is done
+        check_stain_reference(c)  # before any slide is read
         records = read_slide_table(c.slides)
         self.pixel = [r for r in records if r.mask is not None]
         self.labelled = [r for r in records if r.mask is None]

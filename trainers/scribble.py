@@ -30,7 +30,8 @@ from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.models import ModelSpec, build_model
 from slidekit.scribbles import IGNORE
 from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
-from trainers.batches import BatchInputs, StainOptions, model_input, sample_images, spec_normalizer
+from trainers.batches import (BatchInputs, StainOptions, check_stain_reference, model_input, sample_images,
+                              spec_normalizer)
 
 
 def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
@@ -283,6 +284,7 @@ class SegmentationTrainer(Trainer):
         dev = dist.init_from_env(resolve_device(device))
         local_batch = dist.local_batch_size(cfg.batch_size)  # batch_size is the global batch
         self.device = dev
+        check_stain_reference(cfg)  # a missing reference fails before the data is read
         self.dataset = self.build_dataset()
         self.spec = self.build_spec()
         model = build_model(self.spec)

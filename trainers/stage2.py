@@ -30,7 +30,7 @@ from slidekit.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, 
 from slidekit.io import write_text_atomic
 from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
                            run_epochs, seed_everything)
-from trainers.batches import BatchInputs, StainOptions, model_input, sample_images
+from trainers.batches import BatchInputs, StainOptions, check_stain_reference, model_input, sample_images
 from trainers.runs import begin_run
 
 POSITIVE_WORDS = {"positive", "tumor", "tumour", "1", "true"}
@@ -432,6 +432,7 @@ class TopKMeanTrainer(Trainer):
         if not c.slides:
             raise ConfigError("topk-mean needs 'slides' (a CSV with slide,label,heatmap columns)")
         records = read_slide_table(c.slides)
+        check_stain_reference(c)  # before the slides' top-K tiles are read
         from slidekit.distributed import env_ranks
 
         bags = torch.from_numpy(read_bags(records, c.k, c.mpp, c.patch_size, c.slide_mpp,
