@@ -8,7 +8,9 @@ looks in both, so ``slidekit train NAME`` runs either the same way.
 Every trainer writes into its output directory:
 ``config.json`` (the resolved config), ``checkpoint.pt`` (slidekit checkpoint, refreshed every
 epoch), ``state.pt`` (optimiser/epoch/RNG state for resuming), ``metrics.csv`` and
-``metrics.json`` (one row per epoch) and, last, ``done.json``; a rerun resumes from
+``metrics.json`` (one row per epoch, with where its time went: ``read``/``transfer``/``model``/
+``write``/``wall`` seconds and ``samples_per_s``, see ``trainers.batches``) and, last,
+``done.json``; a rerun resumes from
 ``state.pt``, returns the finished checkpoint, continues to a larger ``epochs`` or refuses a
 different config (``trainers/runs.py``).
 """
