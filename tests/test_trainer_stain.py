@@ -123,6 +123,8 @@ def test_training_with_stain_norm_feeds_normalised_batches_and_records_spec_stai
     cfg = scribble_config(root, stain_norm="reinhard", stain_ref=str(ref), augment=False)
     ckpt = ScribbleTrainer(cfg).fit(tmp_path / "run", device="cpu", progress=False)
     assert len(seen) == 2 and len(outputs) == 2  # 8 crops in batches of 4: every batch normalised
+    row = json.loads((tmp_path / "run" / "metrics.json").read_text())[0]
+    assert 0 <= row["stain_unchanged"] <= 8  # the crops the normaliser left as they were, reported
     from slidekit.models import ModelSpec, read_checkpoint
 
     spec = ModelSpec.from_dict(read_checkpoint(ckpt)["spec"])
@@ -334,3 +336,22 @@ def test_a_missing_reference_fails_before_any_slide_is_read(tmp_path):
         with pytest.raises(ConfigError, match="lab_b.png") as e:  # not an error about the slides
             trainer.fit(tmp_path / trainer.name, device="cpu", progress=False)
         assert "\n" not in str(e.value)
+
+
+def test_glass_tiles_left_unnormalised_are_counted_per_epoch(stain):
+    _, _, ref = stain
+    from slidekit.models import ModelSpec
+    from trainers.batches import BatchInputs, StainOptions
+
+    spec = ModelSpec(patch_size=32)
+    inputs = BatchInputs(spec, "cpu", StainOptions(stain_norm="reinhard", stain_ref=str(ref)))
+    tissue = np.stack([synthetic_nuclei(32, n=4, seed=i)[0] for i in range(2)])
+    glass = np.full((2, 32, 32, 3), 246, np.uint8)
+    batch = torch.from_numpy(np.concatenate([tissue, glass]))
+    inputs.begin_epoch()
+    for b in inputs.batches([batch]):
+        x = inputs(b)
+    torch.testing.assert_close(x[2:], spec.normalize(batch[2:]))  # glass as it was
+    assert inputs.epoch_metrics(1.0)["stain_unchanged"] == 2
+    inputs.begin_epoch()
+    assert inputs.epoch_metrics(1.0)["stain_unchanged"] == 0  # per epoch

@@ -505,7 +505,7 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
 
     bar = tqdm(range(start, epochs), initial=start, total=epochs, desc=trainer.name, unit="epoch",
                disable=not (progress and main))
-    from trainers.batches import TIMING_KEYS, RunTiming, stage_metrics
+    from trainers.batches import TIMING_KEYS, RunTiming
 
     total = RunTiming()  # the whole run's split, printed at the end
     for epoch in bar:
@@ -517,7 +517,7 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
         with inputs.sampling_gpu() if inputs is not None else contextlib.nullcontext():
             metrics = train_epoch(epoch)
         if timer is not None:
-            metrics.update(stage_metrics(timer, time.perf_counter() - t0))
+            metrics.update(inputs.epoch_metrics(time.perf_counter() - t0))
             total.add_epoch(timer, time.perf_counter() - t0)
         metrics = dist.all_reduce_mean(metrics)
         why = _divergence(model, metrics)

@@ -181,7 +181,16 @@ class BatchInputs:
     def begin_epoch(self) -> StageTimer:
         """A fresh timer for the epoch (``run_epochs`` calls it before each epoch)."""
         self.timer = StageTimer(self.device)
+        self._unchanged = self.normalizer.unchanged_tiles if self.normalizer is not None else 0
         return self.timer
+
+    def epoch_metrics(self, wall: float) -> dict[str, float]:
+        """The epoch's stage seconds and samples/s (``stage_metrics``) and, with a normaliser,
+        ``stain_unchanged``: the tiles it left as they were (too little stain to estimate: glass)."""
+        out = stage_metrics(self.timer, wall)
+        if self.normalizer is not None:
+            out["stain_unchanged"] = self.normalizer.unchanged_tiles - getattr(self, "_unchanged", 0)
+        return out
 
     @contextmanager
     def sampling_gpu(self) -> Iterator[None]:
@@ -250,7 +259,8 @@ def stage_metrics(timer: StageTimer, wall: float) -> dict[str, float]:
     return out
 
 
-TIMING_KEYS = frozenset({"read", "transfer", "model", "stitch", "write", "wall", "samples_per_s", "gpu_util"})
+TIMING_KEYS = frozenset({"read", "transfer", "model", "stitch", "write", "wall", "samples_per_s", "gpu_util",
+                         "stain_unchanged"})
 
 
 class RunTiming:
