@@ -140,7 +140,9 @@ def _time_torchstain(tiles: torch.Tensor, ref: np.ndarray, reps: int) -> dict:
         return {"torchstain": "not installed (dev extra)"}
     chw = [t.permute(2, 0, 1).contiguous() for t in tiles]
     ref_chw = torch.from_numpy(np.ascontiguousarray(ref)).permute(2, 0, 1).contiguous()
-    out: dict = {"torchstain_version": getattr(torchstain, "__version__", "?")}
+    from importlib.metadata import version  # torchstain.__version__ lags its releases
+
+    out: dict = {"torchstain_version": version("torchstain")}
     mac = torchstain.normalizers.MacenkoNormalizer(backend="torch")
     mac.fit(ref_chw)
     rei = torchstain.normalizers.ReinhardNormalizer(backend="torch")
