@@ -85,7 +85,7 @@ SLOW: dict[str, str] = {
     "benchmarks/pn_cohort.py --small": "the pN benchmark's smoke cohort still takes about 100 s on 2 "
                                        "shared cores (cohort construction, fixed topk-mean epochs)",
     "--init simclr --seed 0 --json simclr.json": "the SimCLR benchmark at its defaults (about 10 minutes)",
-    "benchmarks/stain.py --json stain.json": "the full stain benchmark (four trainings, about 20 minutes on 2 cores)",
+    "benchmarks/stain.py --json stain.json": "the full stain benchmark (four trainings, 8 minutes on 2 idle cores)",
 }
 
 SHELL_LANGS = {"bash", "sh", "shell"}
