@@ -95,6 +95,12 @@ def configure_threads(threads: int | None = None, workers: int = 0, environ: boo
     return main
 
 
+def cpu_budget() -> int:
+    """CPUs this process's own thread pools may use: the explicit ``--threads``/``configure_threads``
+    budget when one was given, else ``available_cpus()`` (never the machine's core count)."""
+    return _BUDGET or available_cpus()
+
+
 def _env_threads() -> int | None:
     """``OMP_NUM_THREADS`` when it is a positive integer (the user's own thread count), else None."""
     try:

@@ -8,7 +8,6 @@ that would decode more than a stated number of pixels is refused with one line.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -82,7 +81,9 @@ def _from_stored_tiles(st, lw: int, lh: int, out_w: int, out_h: int, bar) -> np.
     # Output row r averages level rows [edges[r], edges[r + 1]), the same split as _from_regions.
     edges = np.round(np.arange(out_h + 1) * lh / out_h).astype(np.int64)
     buf, buf_y0, r_next = None, 0, 0
-    workers = max(1, min(8, os.cpu_count() or 1))
+    from slidekit.resources import cpu_budget
+
+    workers = max(1, min(8, cpu_budget()))  # the CPUs this process may use, not the machine's
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for trow in range(st.down):
             y0, y1 = trow * st.tile_h, min((trow + 1) * st.tile_h, lh)

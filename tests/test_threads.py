@@ -110,3 +110,53 @@ def test_cli_threads_option_validates_and_train_reads_num_workers(tmp_path):
     assert _num_workers(cfg, []) == 3
     assert _num_workers(cfg, ["num_workers=1"]) == 1
     assert _num_workers(None, []) == 0
+
+
+def test_cpu_budget_is_the_explicit_budget_else_what_the_process_may_use(monkeypatch):
+    monkeypatch.setattr(resources, "available_cpus", lambda: 3)
+    assert resources.cpu_budget() == 3
+    resources.configure_threads(1)
+    assert resources.cpu_budget() == 1
+
+
+def test_overview_decode_pool_follows_the_budget_not_the_machine(tmp_path, monkeypatch):
+    import tifffile
+
+    import slidekit.whole as whole
+
+    rgb = np.random.default_rng(0).integers(120, 255, size=(1024, 1024, 3), dtype=np.uint8)
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    sizes = []
+    real_pool = whole.ThreadPoolExecutor
+
+    def recording_pool(max_workers):
+        sizes.append(max_workers)
+        return real_pool(max_workers=max_workers)
+
+    monkeypatch.setattr(whole, "ThreadPoolExecutor", recording_pool)
+    monkeypatch.setattr(resources, "available_cpus", lambda: 3)
+    with sk.open_slide(path) as slide:
+        slide.read_whole(8.0)
+        resources.configure_threads(1)  # e.g. --threads 1
+        slide.read_whole(4.0)
+    assert sizes == [3, 1]
+
+
+def test_threads_option_on_every_computing_command(tmp_path):
+    from slidekit.cli import main
+    from slidekit.demo import write_demo_slide
+
+    demo = write_demo_slide(tmp_path / "demo.tif")
+    torch.set_num_threads(2)
+    r = CliRunner().invoke(main, ["tissue", str(demo), "--out", str(tmp_path / "t"), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    r = CliRunner().invoke(main, ["tile", str(demo), "--out", str(tmp_path / "g.npz"), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == 1
+    for cmd in (["tissue", str(demo), str(demo)], ["tile", str(demo), str(demo)], ["features", str(tmp_path)]):
+        r = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "c"), "--threads", "1", "--jobs", "1"])
+        assert r.exit_code != 0 and "--threads is for one slide" in r.output, (cmd, r.output)

@@ -64,6 +64,9 @@ def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, qu
     from slidekit.cohort import run_cohort
 
     p = ctx.params
+    if p.get("threads") is not None:
+        raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
+                               "an equal share of the CPUs")
     table = run_cohort(task, list(items) + list(p.get("manifest") or ()), out, engine=p["engine"], jobs=p["jobs"],
                        gpus=p["gpus"], shard=p["shard"], ray_address=p["ray_address"],
                        retry_failed=p["retry_failed"], progress=not quiet, debug=_debug(ctx), **options)

@@ -8,7 +8,7 @@ import click
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
 from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, overlap_option, quiet_flag,
                                  quiet_option, size_option, slide_argument, slide_reading_options,
-                                 target_mpp_option, tissue_detection_options, tissue_kwargs)
+                                 target_mpp_option, threads_option, tissue_detection_options, tissue_kwargs)
 
 
 @click.command()
@@ -57,21 +57,25 @@ def demo(out: Path) -> None:
 @click.option("--min-area", type=float, default=20_000.0, show_default=True,
               help="Smallest tissue region kept, µm².")
 @slide_reading_options
+@threads_option
 @quiet_option
 @cohort_options
 @handle_errors
 @click.pass_context
 def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: float, min_area: float,
-           slide_mpp: float | None, override_mpp: float | None, backend: str | None, quiet: bool,
-           **cohort: object) -> None:
+           slide_mpp: float | None, override_mpp: float | None, backend: str | None, threads: int | None,
+           quiet: bool, **cohort: object) -> None:
     """Detect tissue; write a mask PNG and tissue polygons as QuPath GeoJSON.
 
     SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
+    from slidekit.resources import configure_threads
     from slidekit.tissue import save_tissue
 
     options = dict(mask_mpp=mask_mpp, min_area_um2=min_area, slide_mpp=slide_mpp, backend=backend,
                    override_mpp=override_mpp)
     if single_slide(ctx, slides, cohort):
+        if threads is not None:  # else the libraries keep their own defaults
+            configure_threads(threads)
         summary = save_tissue(slides[0], out, **options)
     else:
         return run_cohort_cli(ctx, "tissue", list(slides), str(out), quiet or quiet_flag(ctx), options)
@@ -104,6 +108,7 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: flo
               help="Threads reading tiles for --export (0: read in the main thread).")
 @tissue_detection_options
 @slide_reading_options
+@threads_option
 @quiet_option
 @cohort_options
 @handle_errors
@@ -111,9 +116,10 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: flo
 def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, overlap: int, min_tissue: float,
          out: Path | None, export: Path | None, image_format: str, quality: int, annotations: str | None,
          label_rule: str, geojson: Path | None, workers: int, slide_mpp: float | None, override_mpp: float | None,
-         backend: str | None, quiet: bool, **cohort: object) -> None:
+         backend: str | None, threads: int | None, quiet: bool, **cohort: object) -> None:
     """Make a tile grid at a target MPP and save it, export its tiles as images, or both
     (one slide; a cohort makes grids only: see docs/cohorts.md)."""
+    from slidekit.resources import configure_threads
     from slidekit.tiling import make_grid
 
     tissue = tissue_kwargs(cohort)
@@ -129,6 +135,8 @@ def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, ove
         return run_cohort_cli(ctx, "tile", list(slides), str(out), quiet, options)
     if out is None and export is None and geojson is None:
         raise click.UsageError("give --out (grid file), --export (tile images) and/or --geojson")
+    if threads is not None:  # else the libraries keep their own defaults
+        configure_threads(threads)
     if out is not None:
         grid = make_grid(slides[0], out=out, **options)
         if not quiet:

@@ -67,9 +67,6 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     if not single_slide(ctx, slides, cohort):
         if grid:
             raise click.UsageError("--grid belongs to one slide; a cohort makes each slide's grid")
-        if threads is not None:
-            raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
-                                   "an equal share of the CPUs")
         return run_cohort_cli(ctx, "embed", list(slides), out, quiet, {**options, "geojson": bool(geojson)})
     path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, threads=threads,
                        **options)

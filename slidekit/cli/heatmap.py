@@ -104,9 +104,6 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
             raise click.UsageError("--roi belongs to one slide (its annotations); run `slidekit heatmap` per slide")
         options.update(roi=roi, roi_class=roi_class)
     if is_cohort(ctx, paths, cohort.get("manifest") or ()):
-        if threads is not None:
-            raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
-                                   "an equal share of the CPUs")
         if ctx.get_parameter_source("workers") != click.core.ParameterSource.COMMANDLINE:
             options["workers"] = 0  # each slide worker reads its own tiles; more processes oversubscribe
         run_cohort_cli(ctx, "heatmap", paths, out, quiet, options)

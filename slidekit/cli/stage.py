@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
-from slidekit.cli.common import handle_errors, quiet_flag, quiet_option
+from slidekit.cli.common import handle_errors, quiet_flag, quiet_option, threads_option
 
 
 @click.command()
@@ -38,12 +38,14 @@ def stage(nodes: Path, out: Path, reference: Path | None) -> None:
               help="Heatmap channel holding the tumour probability (default: the last one).")
 @click.option("--mpp", "work_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Work on a view downsampled to this µm/px (default: the heatmap's own MPP).")
+@threads_option
 @quiet_option
 @cohort_options
 @handle_errors
 @click.pass_context
 def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, thresholds: str,
-             channel: int | None, work_mpp: float | None, quiet: bool, **cohort: object) -> None:
+             channel: int | None, work_mpp: float | None, threads: int | None, quiet: bool,
+             **cohort: object) -> None:
     """Morphology features (µm, µm²) of slide heatmaps (HEATMAP_DIR with heatmap.zarr) to a CSV.
 
     With --manifest or any cohort option (--jobs, --engine, --shard, ...), runs as a cohort over the
@@ -59,6 +61,10 @@ def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, threshol
     if is_cohort(ctx, [], cohort.get("manifest") or ()):  # several heatmaps alone make one table
         return run_cohort_cli(ctx, "features", [str(h) for h in heatmaps], str(out), quiet or quiet_flag(ctx),
                               dict(thresholds=ths, channel=channel, work_mpp=work_mpp))
+    from slidekit.resources import configure_threads
+
+    if threads is not None:  # else the libraries keep their own defaults
+        configure_threads(threads)
     rows = features_table(heatmaps, out=out, thresholds=ths, channel=channel, work_mpp=work_mpp,
                         progress=not (quiet or quiet_flag(ctx)))
     click.echo(f"{len(rows)} heatmaps, {len(rows[0]) if rows else 0} columns -> {out}")
