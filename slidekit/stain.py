@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -164,19 +165,27 @@ def _lab_from_f(f: torch.Tensor) -> torch.Tensor:
     return lab
 
 
-_LIN_LUT: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+@lru_cache(maxsize=None)
+def _to_lab_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sRGB linearisation of the 256 uint8 values and the RGB -> XYZ/white matrix, on ``device``."""
+    v = torch.arange(256, dtype=torch.float64) / 255.0
+    lut = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+    mat = torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64) / torch.tensor(_WHITE, dtype=torch.float64)[:, None]
+    return lut.float().unsqueeze(1).to(device), mat.T.float().contiguous().to(device)
+
+
+@lru_cache(maxsize=None)
+def _from_lab_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The XYZ*white -> linear RGB matrix (transposed for ``xyz @ m``), on ``device``."""
+    mat = torch.linalg.inv(torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64)).T
+    return (mat * torch.tensor(_WHITE, dtype=torch.float64)[:, None]).to(dtype).to(device)
 
 
 def rgb_u8_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """CIE LAB (L in [0, 100]) of uint8 sRGB pixels (..., 3), float32: skimage.color.rgb2lab's
     formulas (within 1e-4), the sRGB linearisation as a 256-entry table, the white point folded
     into the matrix."""
-    if rgb.device not in _LIN_LUT:
-        v = torch.arange(256, dtype=torch.float64) / 255.0
-        lut = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
-        mat = torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64) / torch.tensor(_WHITE, dtype=torch.float64)[:, None]
-        _LIN_LUT[rgb.device] = (lut.float().unsqueeze(1).to(rgb.device), mat.T.float().contiguous().to(rgb.device))
-    lut, mat = _LIN_LUT[rgb.device]
+    lut, mat = _to_lab_tables(rgb.device)
     xyz = torch.nn.functional.embedding(rgb.long(), lut).squeeze(-1) @ mat
     small = xyz <= 0.008856
     if bool(small.any()):   # dark pixels only: most tiles skip the second branch
@@ -197,9 +206,7 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     xyz = f * f * f
     if bool(small.any()):
         xyz = torch.where(small, (f - 16.0 / 116.0) / 7.787, xyz)
-    mat = torch.linalg.inv(torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64)).T
-    mat = (mat * torch.tensor(_WHITE, dtype=torch.float64)[:, None]).to(lab.dtype).to(lab.device)
-    lin = xyz @ mat
+    lin = xyz @ _from_lab_matrix(lab.device, lab.dtype)
     small = lin <= 0.0031308
     rgb = lin.clamp(min=0.0031308).pow_(1.0 / 2.4).mul_(1.055).sub_(0.055)
     if bool(small.any()):
@@ -210,6 +217,17 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
 def lab_stats(lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image LAB mean and (unbiased, as torchstain) std over all pixels: (B, 3) each."""
     return lab.mean(dim=1), lab.std(dim=1)
+
+
+def reinhard_transfer(rgb: torch.Tensor, target_mean: torch.Tensor, target_std: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 (B, N, 3) moved in LAB so that each image's channel means and stds become the target's
+    ((3,) for one reference, (B, 3) for one template per image); also the images' own mean and std."""
+    lab = rgb_u8_to_lab(rgb)
+    mean, std = lab_stats(lab)
+    scale = target_std / std.clamp(min=1e-6)                                          # (B, 3)
+    lab = lab.mul_(scale.unsqueeze(1)).add_((target_mean - mean * scale).unsqueeze(1))
+    return to_uint8(lab_to_rgb(lab).mul_(255.0)), mean, std
 
 
 def no_autocast(device: torch.device):
@@ -369,12 +387,8 @@ class StainNormalizer:
         ok = enough_stain(mask)
         ref = self._tensors(rgb.device)
         if self.method == "reinhard":
-            lab = rgb_u8_to_lab(rgb)
-            mean, std = lab_stats(lab)
-            ok = ok & torch.isfinite(mean).all(dim=1) & (std > 0).all(dim=1)
-            scale = ref["lab_std"] / std.clamp(min=1e-6)                              # (B, 3)
-            lab = lab.mul_(scale.unsqueeze(1)).add_((ref["lab_mean"] - mean * scale).unsqueeze(1))
-            return to_uint8(lab_to_rgb(lab).mul_(255.0)), ok
+            out, mean, std = reinhard_transfer(rgb, ref["lab_mean"], ref["lab_std"])
+            return out, ok & torch.isfinite(mean).all(dim=1) & (std > 0).all(dim=1)
         he, conc = macenko_stains(optical_density(rgb, io), mask, float(self.params.get("alpha", ALPHA)))
         max_c = masked_percentile(conc.flatten(0, 1), None, 99.0).reshape(-1, 2)       # (B, 2)
         ok = ok & torch.isfinite(he).flatten(1).all(dim=1) & torch.isfinite(max_c).all(dim=1) & (max_c > 0).all(dim=1)

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
-from .stain import (enough_stain, from_bhwc, lab_stats, lab_to_rgb, no_autocast, rgb_u8_to_lab, stained_mask,
-                    to_bhwc, to_uint8)
+from .stain import (enough_stain, from_bhwc, lab_stats, no_autocast, reinhard_transfer, rgb_u8_to_lab,
+                    stained_mask, to_bhwc, to_uint8)
 
 STAIN_AUGMENTS = ("none", "hed", "randstainna")
 DEFAULT_STRENGTH = 0.05
@@ -44,7 +45,9 @@ DEFAULT_LAB_STATS: dict[str, list[float]] = {
 }
 
 
+@lru_cache(maxsize=None)
 def _hed_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """skimage's RGB <-> HED matrices on ``device`` (made once per device, not per batch)."""
     from skimage.color import hed_from_rgb, rgb_from_hed
 
     return (torch.tensor(np.asarray(hed_from_rgb), dtype=torch.float32, device=device),
@@ -79,15 +82,12 @@ def hed_shift(batch: torch.Tensor, alpha: Sequence[float] | torch.Tensor,
     return from_bhwc(to_uint8(rgb).reshape(b, h, w, 3), channels_first)
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    """U(0, 1) drawn on the generator's device (a CPU generator for any batch device)."""
+def _draw(sample: Callable[..., torch.Tensor], shape: tuple[int, ...], generator: torch.Generator | None
+          ) -> torch.Tensor:
+    """``torch.rand``/``torch.randn`` drawn on the generator's device (a CPU generator serves any
+    batch device)."""
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(shape, generator=generator, device=device)
-
-
-def _normal(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=device)
+    return sample(shape, generator=generator, device=device)
 
 
 def _check_strength(strength: float, what: str) -> float:
@@ -106,7 +106,7 @@ class HEDJitter:
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Jittered uint8 batch, same shape/layout/device; reproducible from ``generator``."""
         b = to_bhwc(batch)[0].shape[0]
-        u = _uniform((2, b, 3), generator).to(batch.device) * 2.0 - 1.0
+        u = _draw(torch.rand, (2, b, 3), generator).to(batch.device) * 2.0 - 1.0
         return hed_shift(batch, 1.0 + self.strength * u[0], self.strength * u[1])
 
     def __repr__(self) -> str:
@@ -167,16 +167,12 @@ class RandStainNA:
         b, h, w, _ = bhwc.shape
         rgb = bhwc.reshape(b, h * w, 3)
         st = {k: torch.tensor(v, dtype=torch.float32, device=rgb.device) for k, v in self.stats.items()}
-        z = _normal((2, b, 3), generator).to(rgb.device) * self.std_scale
+        z = _draw(torch.randn, (2, b, 3), generator).to(rgb.device) * self.std_scale
         mu_t = st["mean_mean"] + st["mean_std"] * z[0]
         # A template std can come out <= 0 in a wide distribution: floor it at a tenth of the mean std.
         sd_t = torch.maximum(st["std_mean"] + st["std_std"] * z[1], 0.1 * st["std_mean"])
         with no_autocast(rgb.device):
-            lab = rgb_u8_to_lab(rgb)
-            mean, std = lab_stats(lab)
-            scale = sd_t / std.clamp(min=1e-6)
-            lab = lab.mul_(scale.unsqueeze(1)).add_((mu_t - mean * scale).unsqueeze(1))
-            out = to_uint8(lab_to_rgb(lab).mul_(255.0))
+            out = reinhard_transfer(rgb, mu_t, sd_t)[0]
         keep = ~enough_stain(stained_mask(rgb))
         if bool(keep.any()):
             out = torch.where(keep[:, None, None], rgb, out)
