@@ -26,15 +26,11 @@ def stain(tmp_path):
     """(slidekit.stain, slidekit.stain_augment, a reference image of another lab's colours)."""
     import slidekit.stain as mod
     import slidekit.stain_augment as aug
-    import trainers.batches
-
-    trainers.batches._normalizer_from_json.cache_clear()
     ref, _ = synthetic_nuclei(64, seed=7)
     ref = np.clip(ref.astype(int) + [-40, 10, -30], 0, 255).astype(np.uint8)
     path = tmp_path / "ref.png"
     Image.fromarray(ref).save(path)
     yield mod, aug, path
-    trainers.batches._normalizer_from_json.cache_clear()
 
 
 def scribble_config(root, **kw):
@@ -355,3 +351,25 @@ def test_glass_tiles_left_unnormalised_are_counted_per_epoch(stain):
     assert inputs.epoch_metrics(1.0)["stain_unchanged"] == 2
     inputs.begin_epoch()
     assert inputs.epoch_metrics(1.0)["stain_unchanged"] == 0  # per epoch
+
+
+def test_randstainna_sample_of_slides_is_the_patches_as_read_not_colour_jittered(tmp_path):
+    from conftest import synthetic_slide
+    from shapely.geometry import LineString
+
+    from slidekit.annotations import Annotation, write_geojson
+    from trainers.scribble import ScribbleTrainer
+
+    slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 128, 640, 512))
+    geo = write_geojson([Annotation(LineString([(400, 200), (400, 600)]), label="Tumour"),
+                         Annotation(LineString([(700, 200), (700, 600)]), label="Background")], tmp_path / "s.geojson")
+    cfg = trainers.make_config(ScribbleTrainer.Config, dict(
+        slides=[str(slide), str(slide)], annotations=[str(geo), str(geo)], classes=["Background", "Tumour"],
+        crop=64, epochs=1))
+    t = ScribbleTrainer(cfg)
+    t.dataset = t.build_dataset()  # augment=True: flips, rotations and colour jitter on training samples
+    parts = t.dataset.datasets
+    raw = {p.reader.read(j).tobytes() for p in parts for j in range(len(p))}
+    sample = t._fit_sample()
+    assert len(sample) == min(len(t.dataset), 32) >= 2
+    assert all(img.tobytes() in raw for img in sample)  # every sampled patch exactly as the slide gives it

@@ -517,9 +517,12 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
         with inputs.sampling_gpu() if inputs is not None else contextlib.nullcontext():
             metrics = train_epoch(epoch)
         if timer is not None:
-            metrics.update(inputs.epoch_metrics(time.perf_counter() - t0))
-            total.add_epoch(timer, time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            metrics.update(inputs.epoch_metrics(wall))
+            total.add_epoch(timer, wall)
         metrics = dist.all_reduce_mean(metrics)
+        if "samples_per_s" in metrics:  # each rank counted its own samples: the job's rate is their sum
+            metrics["samples_per_s"] *= dist.world_size()
         why = _divergence(model, metrics)
         if why is not None:
             kept = f"epoch {epoch}'s checkpoint is kept" if epoch else "no checkpoint was written"
@@ -540,9 +543,10 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
             total.timer.add("write", now - t_write)
             written = now - t_write + (timer.seconds["write"] if timer is not None else 0.0)  # + the epoch's own
             log.update_last(write=round(written, 4), wall=round(now - t0, 4))
-        dist.barrier()
-    if main and progress and total.line():
-        print(f"time: {total.line()}", file=sys.stderr)  # where the time went: reading or the model?  # no rank starts the next epoch before the state it would resume from exists
+        dist.barrier()  # no rank starts the next epoch before the state it would resume from exists
+    line = total.line(dist.world_size())
+    if main and progress and line:
+        print(f"time: {line}", file=sys.stderr)  # where the time went: reading or the model?
     if main:
         write_text_atomic(done_path, json.dumps({"trainer": trainer.name, "epochs": epochs,
                                                  "checkpoint": ckpt_path.name}, indent=2))

@@ -26,7 +26,6 @@ import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -82,37 +81,27 @@ class StainAugmentOptions(TrainerConfig):
         _check_stain_aug(self)
 
 
-def check_stain_reference(config: Any) -> None:
+def check_stain_reference(config: Any) -> Any:
     """Load ``config``'s stain reference now (ConfigError naming the file when it is missing or
-    unreadable), before a trainer spends minutes reading its data."""
+    unreadable), before a trainer spends minutes reading its data; the normaliser (or None), to
+    hand to ``BatchInputs`` so that the reference is read once."""
     norm = getattr(config, "stain_norm", "none")
     if norm and norm != "none":
         from slidekit.stain import normalizer_from_options
 
-        normalizer_from_options(norm, getattr(config, "stain_ref", "") or None)
-
-
-@lru_cache(maxsize=8)
-def _normalizer_from_json(text: str) -> Any:
-    from slidekit.stain import StainNormalizer
-
-    return StainNormalizer.from_dict(json.loads(text))
-
-
-def spec_normalizer(spec: Any) -> Any:
-    """The stain normaliser a checkpoint's spec records (``spec.stain``), or None."""
-    stain = getattr(spec, "stain", None)
-    if not stain:
-        return None
-    return _normalizer_from_json(json.dumps(stain, sort_keys=True))
+        return normalizer_from_options(norm, getattr(config, "stain_ref", "") or None)
+    return None
 
 
 def model_input(spec: Any, images: torch.Tensor, device: torch.device | str | None = None,
                 normalizer: Any = None) -> torch.Tensor:
     """uint8 (B, H, W, 3) or (B, 3, H, W) -> the network's float input on ``device``: the stain
-    normalisation of ``spec.stain`` (or ``normalizer``), then ``spec.normalize``. No augmentation."""
+    normalisation of ``spec.stain`` (or ``normalizer``; callers looping over batches build it once
+    with ``checkpoint_stain``), then ``spec.normalize``. No augmentation."""
+    from slidekit.inference import checkpoint_stain
+
     x = images if device is None else images.to(device, non_blocking=True)
-    norm = normalizer if normalizer is not None else spec_normalizer(spec)
+    norm = normalizer if normalizer is not None else checkpoint_stain(spec)
     if norm is not None:
         x = norm(x)
     return spec.normalize(x)
@@ -140,17 +129,14 @@ class BatchInputs:
     ``spec.stain`` is set to the normaliser's ``to_dict()`` (None without one). ``fit_images``
     (a callable giving a list of uint8 images) is called only when RandStainNA needs a sample to
     fit on. ``channels_last``: memory format of the prepared batch (faster convolutions on CPU).
+    ``normalizer``: the one ``check_stain_reference(config)`` already loaded (else loaded here).
     """
 
     def __init__(self, spec: Any, device: torch.device | str, config: Any = None,
-                 fit_images: Callable[[], Sequence[Any]] | None = None, channels_last: bool = False) -> None:
+                 fit_images: Callable[[], Sequence[Any]] | None = None, channels_last: bool = False,
+                 normalizer: Any = None) -> None:
         self.spec, self.device, self.channels_last = spec, torch.device(device), channels_last
-        norm, ref = getattr(config, "stain_norm", "none"), getattr(config, "stain_ref", "")
-        self.normalizer = None
-        if norm and norm != "none":
-            from slidekit.stain import normalizer_from_options
-
-            self.normalizer = normalizer_from_options(norm, ref or None)
+        self.normalizer = normalizer if normalizer is not None else check_stain_reference(config)
         if spec is not None:
             spec.stain = self.normalizer.to_dict() if self.normalizer is not None else None
         self.augmenter = None
@@ -170,6 +156,7 @@ class BatchInputs:
         self.timer = StageTimer(self.device)
         self._start: Any = None
         self._ready: Any = None
+        self._unchanged = 0  # the normaliser's count when the epoch began
 
     def prepare_eval(self, image: Any) -> np.ndarray:
         """One (H, W, 3) uint8 image, stain-normalised when a normaliser is set (no augmentation)."""
@@ -189,7 +176,7 @@ class BatchInputs:
         ``stain_unchanged``: the tiles it left as they were (too little stain to estimate: glass)."""
         out = stage_metrics(self.timer, wall)
         if self.normalizer is not None:
-            out["stain_unchanged"] = self.normalizer.unchanged_tiles - getattr(self, "_unchanged", 0)
+            out["stain_unchanged"] = self.normalizer.unchanged_tiles - self._unchanged
         return out
 
     @contextmanager
@@ -277,11 +264,12 @@ class RunTiming:
         if (timer.gpu or {}).get("mean_util") is not None:
             self.gpu_busy.append((timer.gpu["mean_util"], seconds))
 
-    def line(self) -> str:
-        """``read 3% · transfer 2% · model 90% · write 5% · 52.1 samples/s`` (empty: nothing timed)."""
+    def line(self, ranks: int = 1) -> str:
+        """``read 3% · transfer 2% · model 90% · write 5% · 52.1 samples/s`` (empty: nothing timed);
+        samples/s of the whole job when ``ranks`` ranks each timed their own share."""
         line = self.timer.split()
         if line and self.timer.tiles and self.train_seconds > 0:
-            line += f" · {self.timer.tiles / self.train_seconds:.1f} samples/s"
+            line += f" · {ranks * self.timer.tiles / self.train_seconds:.1f} samples/s"
         if line and self.gpu_busy:  # time-weighted over the epochs
             busy = sum(u * s for u, s in self.gpu_busy) / max(sum(s for _, s in self.gpu_busy), 1e-9)
             line += f" · GPU {busy:.0f}% busy"

@@ -336,7 +336,7 @@ class MixedEMTrainer(Trainer):
             return dist.on_main(lambda: out / "checkpoint.pt" if (out / "selected.json").exists() else self._select())
         if dist.is_main():
             (out / "selected.json").unlink(missing_ok=True)  # rewritten once the last round is done
-        check_stain_reference(c)  # before any slide is read
+        normalizer = check_stain_reference(c)  # before any slide is read
         records = read_slide_table(c.slides)
         self.pixel = [r for r in records if r.mask is not None]
         self.labelled = [r for r in records if r.mask is None]
@@ -359,7 +359,7 @@ class MixedEMTrainer(Trainer):
         if not dist.is_main():
             self._prepare()  # ... which the other ranks then read (each with its own slide handles)
         rows = self.pixel_rows  # RandStainNA: fitted on pixel-labelled patches
-        self.inputs = BatchInputs(self.spec, self.device, c, fit_images=lambda: sample_images(
+        self.inputs = BatchInputs(self.spec, self.device, c, normalizer=normalizer, fit_images=lambda: sample_images(
             lambda i: self.readers[rows[i, 0]].read(rows[i, 1]), len(rows), seed=c.seed))
         run_epochs(self, out, self.model, self.spec, self._round, optimizer=self.opt, epochs=c.rounds + 1,
                    progress=progress, inputs=self.inputs)

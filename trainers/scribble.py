@@ -30,8 +30,7 @@ from slidekit.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.models import ModelSpec, build_model
 from slidekit.scribbles import IGNORE
 from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
-from trainers.batches import (BatchInputs, StainOptions, check_stain_reference, model_input, sample_images,
-                              spec_normalizer)
+from trainers.batches import BatchInputs, StainOptions, check_stain_reference, model_input, sample_images
 
 
 def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
@@ -124,7 +123,9 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Any] | np
     if not isinstance(images, (list, tuple, np.ndarray, torch.Tensor)):
         images = [images]  # one PIL image
     images = [_as_chw_uint8(img, i) for i, img in enumerate(images)]
-    normalizer = spec_normalizer(spec)
+    from slidekit.inference import checkpoint_stain
+
+    normalizer = checkpoint_stain(spec)  # once for all the images
     was_training = model.training
     model.eval()
     out = []
@@ -284,7 +285,7 @@ class SegmentationTrainer(Trainer):
         dev = dist.init_from_env(resolve_device(device))
         local_batch = dist.local_batch_size(cfg.batch_size)  # batch_size is the global batch
         self.device = dev
-        check_stain_reference(cfg)  # a missing reference fails before the data is read
+        normalizer = check_stain_reference(cfg)  # a missing reference fails before the data is read
         self.dataset = self.build_dataset()
         self.spec = self.build_spec()
         model = build_model(self.spec)
@@ -294,7 +295,7 @@ class SegmentationTrainer(Trainer):
             model = model.to(memory_format=torch.channels_last)  # several times faster convs on CPU
         self.model = model
         self.inputs = BatchInputs(self.spec, dev, cfg, channels_last=dev.type == "cpu",
-                                  fit_images=self._fit_sample)
+                                  fit_images=self._fit_sample, normalizer=normalizer)
         net = dist.wrap(model, dev, cfg.sync_batchnorm)  # DDP for several ranks, the model itself for one
         self.extra_maps(self.dataset)
         # Every parameter is optimised, the final 1x1 layer included.
@@ -347,11 +348,21 @@ class SegmentationTrainer(Trainer):
                           get_extra=self.get_extra, set_extra=self.set_extra, inputs=self.inputs)
 
     def _fit_sample(self) -> list:
-        """The training images RandStainNA is fitted on: whole images of an image folder, else patches."""
+        """The training images RandStainNA is fitted on: whole images of an image folder, else the
+        slides' patches as read (not through the training transform, whose colour jitter would
+        widen the fitted spread)."""
         images = getattr(self.dataset, "images", None)
         if images is not None:
             return sample_images(images.__getitem__, len(images), seed=self.config.seed)
-        return sample_images(lambda i: self.dataset[i]["image"], len(self.dataset), seed=self.config.seed)
+        from bisect import bisect_right
+
+        parts, ends = self.dataset.datasets, self.dataset.cumulative_sizes  # a ConcatDataset of slides
+
+        def raw_patch(i: int) -> Any:
+            k = bisect_right(ends, i)
+            return parts[k].reader.read(i - (ends[k - 1] if k else 0))
+
+        return sample_images(raw_patch, len(self.dataset), seed=self.config.seed)
 
 
 @register

@@ -302,25 +302,29 @@ class MorphLGBMTrainer(Trainer):
 
 # -------------------------------------------------------------------------------------- topk-mean
 
-def bag_logits(model: torch.nn.Module, spec: Any, bags: torch.Tensor, inputs: BatchInputs | None = None) -> torch.Tensor:
+def bag_logits(model: torch.nn.Module, spec: Any, bags: torch.Tensor, inputs: BatchInputs | None = None,
+               normalizer: Any = None) -> torch.Tensor:
     """(S, K, H, W, 3) uint8 bags -> (S, K) patch logits of the positive class. ``inputs`` prepares
     training batches (stain normalisation + augmentation); without it the patches get the stain
-    normalisation of ``spec.stain`` and ``spec.normalize`` (evaluation)."""
+    normalisation of ``normalizer`` or ``spec.stain``, and ``spec.normalize`` (evaluation)."""
     S, K = bags.shape[:2]
     patches = bags.reshape(S * K, *bags.shape[2:])
-    logits = model(inputs(patches) if inputs is not None else model_input(spec, patches))
+    logits = model(inputs(patches) if inputs is not None else model_input(spec, patches, normalizer=normalizer))
     return logits[:, -1].reshape(S, K)
 
 
 def topk_mean_probs(model: torch.nn.Module, spec: Any, bags: np.ndarray | torch.Tensor,
                     batch_slides: int = 4) -> np.ndarray:
     """Slide probabilities: the mean of the sigmoid patch probabilities of each bag's K patches."""
+    from slidekit.inference import checkpoint_stain
+
     model.eval()
     out = []
     bags = torch.as_tensor(bags)
+    normalizer = checkpoint_stain(spec)  # once for all the batches
     with torch.inference_mode():
         for i in range(0, len(bags), batch_slides):
-            out.append(torch.sigmoid(bag_logits(model, spec, bags[i:i + batch_slides])).mean(1))
+            out.append(torch.sigmoid(bag_logits(model, spec, bags[i:i + batch_slides], normalizer=normalizer)).mean(1))
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

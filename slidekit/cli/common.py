@@ -120,14 +120,22 @@ threads_option = click.option("--threads", type=click.IntRange(min=1), default=N
                                    "[default: the CPUs this process may use (affinity, cgroup quota)].")
 
 
-def stain_options(func: Callable) -> Callable:
-    """--stain-norm and --stain-ref: stain normalisation of the tiles a model sees (``slidekit.stain``)."""
-    func = click.option("--stain-ref", default=None, type=click.Path(dir_okay=False, path_type=str),
-                        metavar="IMG|JSON",
-                        help="Stain reference: an H&E image to fit to, or a saved reference (.json).")(func)
-    return click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default=None,
-                        help="Stain-normalise tiles to --stain-ref on the device [default: the checkpoint's "
-                             "normalisation, if it was trained with one; none turns that off].")(func)
+STAIN_NORM_HELP = ("Stain-normalise tiles to --stain-ref on the device [default: the checkpoint's "
+                   "normalisation, if it was trained with one; none turns that off].")
+
+
+def stain_options(func: Callable | None = None, *, norm_help: str = STAIN_NORM_HELP) -> Callable:
+    """--stain-norm and --stain-ref: stain normalisation of the tiles a model sees (``slidekit.stain``);
+    ``@stain_options`` or ``@stain_options(norm_help=...)``."""
+    def decorate(f: Callable) -> Callable:
+        f = click.option("--stain-ref", default=None, type=click.Path(dir_okay=False, path_type=str),
+                         metavar="IMG|JSON",
+                         help="Stain reference: an H&E image to fit to, or a saved reference (.json).")(f)
+        # the methods of slidekit.stain.STAIN_METHODS, spelt out: importing it would load torch at start-up
+        return click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default=None,
+                            help=norm_help)(f)
+
+    return decorate if func is None else decorate(func)
 
 
 def check_stain_options(stain_norm: str | None, stain_ref: str | None) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option, threads_option
+from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option, stain_options, threads_option
 
 
 @click.command()
@@ -20,11 +20,8 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_
               help="Encoder weights: a slidekit checkpoint, a torchvision ResNet .pth, or timm:NAME with --weights.")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Local weights file (.safetensors/.pth) for --init timm:NAME (never downloaded).")
-@click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default=None,
-              help="Stain-normalise every training batch to --stain-ref (recorded in the checkpoint, so "
-                   "heatmap/embed apply it too); same as --set stain_norm=...")
-@click.option("--stain-ref", default=None, type=click.Path(dir_okay=False, path_type=str), metavar="IMG|JSON",
-              help="Stain reference for --stain-norm: an H&E image, or a saved reference (.json).")
+@stain_options(norm_help="Stain-normalise every training batch to --stain-ref (recorded in the checkpoint, so "
+                          "heatmap/embed apply it too); same as --set stain_norm=...")
 @click.option("--stain-aug", type=click.Choice(["none", "hed", "randstainna"]), default=None,
               help="Stain augmentation while training (HED jitter or RandStainNA); same as --set stain_aug=...")
 @click.option("--restart", is_flag=True,
@@ -91,7 +88,7 @@ def _num_workers(config: Path | None, overrides: list[str]) -> int:
     """The run's ``num_workers`` (last ``--set`` wins over the config file; 0 when unreadable here:
     the trainer reports a bad config itself)."""
     for item in reversed(overrides):
-        if item.split("=", 1)[0].strip() == "num_workers":
+        if item.split("=", 1)[0].strip().replace("-", "_") == "num_workers":  # as load_config reads keys
             try:
                 return max(0, int(item.split("=", 1)[1]))
             except ValueError:
