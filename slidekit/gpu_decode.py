@@ -16,7 +16,7 @@ checked once per run against the CPU decode of the first tile (colour conversion
 upsampling differ slightly between decoders); a larger difference, or an nvJPEG failure, sends
 the batch and the rest of the run to the CPU decode, with the reason recorded
 (``Predictor.decode``, ``summary.json`` ``decode``). ``BatchDecoder`` is the same for a caller
-without workers (``benchmarks/gpu_heatmap.py``).
+with its own read loop and no DataLoader workers.
 """
 from __future__ import annotations
 
@@ -203,14 +203,19 @@ class StreamDecoder:
                 x, y = (int(v) for v in self.reader.grid.coords[idx[j]])
                 raise CorruptTileError(f"damaged tile at level-0 ({x}, {y}), level {native.level}: {problems[j]}",
                                        self.reader.slide.path, location=(x, y), level=native.level)
-        got, tiles = idx[keep], tiles[torch.from_numpy(keep).to(self.device)]
+        if keep.all():
+            got = idx
+        else:  # an index tensor: a boolean mask would wait for the GPU and copy the whole batch
+            got, tiles = idx[keep], tiles[torch.from_numpy(np.flatnonzero(keep)).to(self.device)]
+        # White past the image edge before the check: the CPU read of an edge tile is white there.
+        tiles = _white_edges(self.reader, got, tiles)
         if not self._checked and len(got):
             self._checked = True
             ref = torch.from_numpy(self.reader.read(int(got[0]))).to(self.device)
             diff = (tiles[0].short() - ref.short()).abs().float().mean().item()
             if diff > GPU_DECODE_TOLERANCE:
                 raise ValueError(f"the GPU decode differs from the CPU's by {diff:.1f}/255 on average")
-        return torch.from_numpy(got), _white_edges(self.reader, got, tiles)
+        return torch.from_numpy(got), tiles
 
 
 def _white_edges(reader: TileReader, keep: np.ndarray, tiles: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,25 @@ def test_predictor_streams_jpeg_bytes_through_workers_and_decodes_them_in_the_ma
     assert np.abs(got.astype(int) - ref.astype(int)).mean() < 1  # the same JPEGs, another decoder
 
 
+def test_a_run_starting_at_an_edge_tile_keeps_the_gpu_path(tmp_path, monkeypatch):
+    """The one-tile GPU-vs-CPU check compares after the edge is whitened (the CPU read is white past
+    the image; the stored tile holds padding there)."""
+    from slidekit.inference import Predictor
+
+    slide = sk.open_slide(_slide(tmp_path))
+    grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
+    edge = [i for i, (x, y) in enumerate(grid.coords) if x + 256 > 900 or y + 256 > 700]
+    cpu_idx, ref = _pixels(Predictor(torch.nn.Identity(), _Pixels(), device="cpu", batch_size=4, workers=0),
+                           slide, grid)
+    _force_gpu_path(monkeypatch)
+    gpu = Predictor(torch.nn.Identity(), _Pixels(), device="cpu", batch_size=4, workers=0)
+    out = list(gpu.predict(slide, grid, index=np.array(edge)))
+    assert gpu.decode["path"] == "gpu", gpu.decode
+    got = np.concatenate([(y * 255).round().astype(np.uint8).transpose(0, 2, 3, 1) for _, y in out])
+    want = ref[np.searchsorted(cpu_idx, np.concatenate([i for i, _ in out]))]
+    assert np.abs(got.astype(int) - want.astype(int)).mean() < 1
+
+
 def test_the_gpu_path_catches_damaged_tiles_as_the_cpu_path_does(tmp_path, monkeypatch):
     import tifffile
 
