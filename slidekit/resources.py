@@ -79,9 +79,7 @@ def configure_threads(threads: int | None = None, workers: int = 0, environ: boo
         from slidekit.errors import ConfigError
 
         raise ConfigError(f"threads must be at least 1, not {threads}")
-    # ranks of one torchrun job on this machine share its CPUs (LOCAL_WORLD_SIZE; srun gives each task its own)
-    total = int(threads) if threads is not None else (
-        _BUDGET or max(1, available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))))
+    total = int(threads) if threads is not None else cpu_budget()
     if threads is not None:
         _BUDGET = total
     main = max(1, total - max(0, int(workers)))
@@ -97,8 +95,10 @@ def configure_threads(threads: int | None = None, workers: int = 0, environ: boo
 
 def cpu_budget() -> int:
     """CPUs this process's own thread pools may use: the explicit ``--threads``/``configure_threads``
-    budget when one was given, else ``available_cpus()`` (never the machine's core count)."""
-    return _BUDGET or available_cpus()
+    budget when one was given, else its share of ``available_cpus()`` (never the machine's core count)."""
+    # ranks of one torchrun job on this machine share its CPUs (LOCAL_WORLD_SIZE; srun gives each task its own)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return _BUDGET or max(1, available_cpus() // ranks)
 
 
 def _env_threads() -> int | None:

@@ -160,3 +160,10 @@ def test_threads_option_on_every_computing_command(tmp_path):
     for cmd in (["tissue", str(demo), str(demo)], ["tile", str(demo), str(demo)], ["features", str(tmp_path)]):
         r = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "c"), "--threads", "1", "--jobs", "1"])
         assert r.exit_code != 0 and "--threads is for one slide" in r.output, (cmd, r.output)
+
+
+def test_cpu_budget_is_a_local_rank_share_like_the_thread_default(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(resources, "available_cpus", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks on this machine
+    assert resources.cpu_budget() == 2 == resources.configure_threads(None, workers=0)

@@ -72,7 +72,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     Reruns skip finished slides and resume interrupted ones.
     """
     from slidekit.builtin_models import DEFAULT_MODEL
-    from slidekit.inference import heatmap_slide, load_model, resolve_device
+    from slidekit.inference import heatmap_slide, load_model
 
     quiet = quiet_local or quiet_flag(ctx)
     tissue = tissue_kwargs(cohort)
@@ -83,7 +83,6 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     paths = list(slides)
     if not paths and not demo and not cohort.get("manifest"):
         fail("give at least one SLIDE, or --demo")
-    resolve_device(device)
     check_stain_options(stain_norm, stain_ref)
     if demo:
         from slidekit.demo import write_demo_slide
