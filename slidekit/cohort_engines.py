@@ -208,14 +208,18 @@ def run_ray(task: str, options: dict, todo: Sequence[CohortSlide], out: str, key
     try:
         res = ray.cluster_resources()
         slots = max(1, int(res.get("GPU", 0)) if gpus else int(res.get("CPU", cpus)) // cpus)
+        # Submitted beyond what runs at once (2 x slots) so that Ray starts the next slide without a
+        # round trip; but on a cluster with --jobs, Ray would run every task submitted: the cap is then
+        # what is submitted.
+        depth = 2 * slots
         if ray_address is not None and jobs > 1:
-            slots = min(slots, jobs)  # on a cluster, --jobs caps the slides in flight
+            slots = depth = min(slots, jobs)  # on a cluster, --jobs caps the slides in flight
         remote = ray.remote(_ray_process_slide).options(num_cpus=cpus, num_gpus=1 if gpus else 0,
                                                         max_retries=MAX_WORKER_DEATHS, retry_exceptions=False)
         queue = list(todo)
         inflight: dict[Any, CohortSlide] = {}
         while queue or inflight:
-            while queue and len(inflight) < 2 * slots:
+            while queue and len(inflight) < depth:
                 s = queue.pop(0)
                 ref = remote.remote(cpus, task, options, s, out, key, retry_failed, debug)
                 inflight[ref] = s
