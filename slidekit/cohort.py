@@ -14,8 +14,6 @@ size); Ray, when asked for, schedules the same per-slide function as Ray tasks.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import socket
 import time
@@ -26,6 +24,7 @@ from typing import Any, Iterable, Sequence
 from slidekit.cohort_table import CohortTable
 from slidekit.cohort_tasks import TASKS, CohortTask
 from slidekit.errors import ConfigError, LockedError, SlidekitError
+from slidekit.io import config_digest
 from slidekit.ledger import Ledger
 from slidekit.manifest import CohortSlide, read_slides, shard as take_shard
 
@@ -41,7 +40,7 @@ def config_key(task: str, options: dict) -> str:
     unset (None) is left out, so an option added in a later version does not invalidate the
     ledgers of earlier runs that never set it."""
     cfg = {k: _file_identity(v) for k, v in options.items() if k not in _RUNTIME_OPTIONS and v is not None}
-    return hashlib.sha1(json.dumps([task, cfg], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return config_digest([task, cfg])
 
 
 def _file_identity(value: Any) -> Any:

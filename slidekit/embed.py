@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from slidekit.errors import GridError, TissueError
+from slidekit.io import file_identity
 from slidekit.locks import OutputLock
 from slidekit.outputs import claim_path
 from slidekit.tiling import TileGrid
@@ -70,11 +71,6 @@ def open_embeddings(path: str | os.PathLike) -> Embeddings:
     return Embeddings(path, root["features"], np.asarray(root["coords"][:]), clusters, attrs)
 
 
-def _model_identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
-
-
 def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike,
                 grid: TileGrid | str | os.PathLike | None = None, min_tissue: float = 0.5,
                 slide_mpp: float | None = None, batch_size: int = 64, chunk_rows: int = 4096,
@@ -114,7 +110,7 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
             grid.check_slide(slide)
         if len(grid) == 0:
             raise TissueError(f"no tile has {min_tissue:.0%} tissue at {grid.mpp} µm/px", slide.path)
-        meta = {"format": EMBED_FORMAT, "model": _model_identity(model),
+        meta = {"format": EMBED_FORMAT, "model": file_identity(model),
                 "slide": {"name": grid.slide_name, "id": grid.slide_id,
                           "dimensions": list(grid.slide_dimensions), "mpp": list(grid.slide_mpp)},
                 "grid": {"mpp": grid.mpp, "size": grid.size, "overlap": grid.overlap, "tiles": len(grid),

@@ -10,7 +10,6 @@ previous one. On CUDA, aligned stored JPEG tiles travel compressed and are decod
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidekit.io import config_digest, file_identity
 from slidekit.models import resolve_device
 from slidekit.tiling import TileGrid, TileReader
 from slidekit.timing import GPUSampler, StageTimer
@@ -258,7 +258,7 @@ def resolve_stain(spec: Any, stain_norm: str | None, stain_ref: str | os.PathLik
         if norm is None:
             norm, source = (False, "option") if ckpt else (None, None)
     info = {"method": norm.method if norm else None, "source": source,
-            "key": hashlib.sha1(json.dumps(norm.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+            "key": config_digest(norm.to_dict())
             if norm else ("none" if norm is False else None)}
     return norm, info
 
@@ -307,8 +307,7 @@ def load_model(model: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module
         raise CheckpointError(f"neither a built-in model ({', '.join(BUILTINS)}) nor an existing checkpoint file",
                               p)
     ckpt = load_checkpoint(model, map_location="cpu")
-    st = p.stat()
-    ident = f"checkpoint:{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    ident = f"checkpoint:{file_identity(p)}"
     return ckpt.model, ckpt.spec, ident
 
 
@@ -331,10 +330,6 @@ def release_memory() -> None:
 
 
 _TRIM = None
-
-
-def _config_key(cfg: dict) -> str:
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
@@ -421,7 +416,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     summary_path = out / "summary.json"
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
         run_cfg["slide_id"] = slide_fingerprint(slide.path)
-        key = _config_key({**run_cfg, **out_cfg})
+        key = config_digest({**run_cfg, **out_cfg})
         # Only files slidekit wrote here may be replaced; another slide's folder is refused.
         owned = OutputDir(out, slide.path, run_cfg["slide_id"])
         owned.claim(*HEATMAP_OUTPUTS)
@@ -438,7 +433,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         if hm_path.exists():
             try:
                 hm = Heatmap(hm_path)
-                if hm.attrs.get("run_key") != _config_key(run_cfg):
+                if hm.attrs.get("run_key") != config_digest(run_cfg):
                     hm = None
             except Exception:
                 hm = None
@@ -462,7 +457,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                 raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
             out.mkdir(parents=True, exist_ok=True)
             seg_mpp = mpp * spec.output_stride if spec.task == "segmentation" else None
-            meta = {"run_key": _config_key(run_cfg), "model": ident, "activation": getattr(spec, "activation", "none")}
+            meta = {"run_key": config_digest(run_cfg), "model": ident, "activation": getattr(spec, "activation", "none")}
             writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
                                    mpp=heatmap_mpp or seg_mpp, blend=blend, chunk=chunk, attrs=meta)
             todo = writer.todo()

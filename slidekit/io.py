@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -39,3 +41,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def file_identity(path: str | os.PathLike) -> str:
+    """``path:size:mtime`` (whole seconds) of an input file: what a rerun compares to notice that a
+    model, annotation file or ROI changed in place."""
+    p = Path(path)
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def config_digest(value: object) -> str:
+    """A short, stable digest of a JSON-able configuration (sorted keys; other objects by ``str``)."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -36,7 +36,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from slidekit.errors import AnnotationError, GridError
-from slidekit.io import atomic_path, write_text_atomic
+from slidekit.io import atomic_path, config_digest, file_identity, write_text_atomic
 
 FORMAT = "slidekit.patches/1"
 LABEL_RULES = ("majority", "centre")
@@ -225,12 +225,6 @@ def _read_json(path: Path) -> dict | None:
 # The export
 
 
-def _config_key(cfg: dict) -> str:
-    import hashlib
-
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def grid_tile_annotations(grid: Any, labels: list[str] | None = None) -> Iterable:
     """The grid's tiles as QuPath tile objects (classified by ``labels`` when given), with their tissue fraction."""
     from shapely.geometry import box
@@ -297,14 +291,13 @@ def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, mpp: 
         slide_id = slide_fingerprint(slide.path)
         ann_id = None
         if annotations is not None:
-            st = Path(annotations).stat()
-            ann_id = f"{Path(annotations).resolve()}:{st.st_size}:{int(st.st_mtime)}"
+            ann_id = file_identity(annotations)
         cfg = {"format": FORMAT, "slide_id": slide_id, "mpp": float(mpp), "size": int(size), "overlap": int(overlap),
                "min_tissue": float(min_tissue), "image_format": image_format,
                "quality": int(quality) if image_format == "jpeg" else None, "annotations": ann_id,
                "label_rule": label_rule if annotations is not None else None, "tissue": tissue or {},
                "slide_mpp": list(slide.mpp) if slide.mpp else None}
-        key = _config_key(cfg)
+        key = config_digest(cfg)
         sink = _ZipSink(dest, slide, slide_id) if is_zip else _FolderSink(dest, slide, slide_id)
         done = sink.finished()
         if done is not None and done.get("config_key") == key:

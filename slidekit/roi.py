@@ -8,12 +8,12 @@ pixel whose centre lies outside the ROI: the heatmap, its overlay and its polygo
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from slidekit.errors import AnnotationError, TissueError
+from slidekit.io import file_identity
 
 
 def read_roi(path: str | os.PathLike, classes: Sequence[str] | str | None = None) -> list:
@@ -42,10 +42,8 @@ def read_roi(path: str | os.PathLike, classes: Sequence[str] | str | None = None
 
 def roi_identity(path: str | os.PathLike, classes: Sequence[str] | str | None) -> str:
     """What a rerun compares: the file (path, size, time) and the classes."""
-    p = Path(path)
-    st = p.stat()
     wanted = [classes] if isinstance(classes, str) else sorted(classes or [])
-    return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}:{','.join(wanted)}"
+    return f"{file_identity(path)}:{','.join(wanted)}"
 
 
 def restrict_mask(mask: Any, roi: list, slide: Any) -> Any:
