@@ -161,3 +161,14 @@ def test_cli_export_quiet_and_cohort_refusal(tmp_path, slide):
     res = CliRunner().invoke(main, ["tile", str(slide), str(slide), "--out", str(tmp_path / "c"),
                                     "--export", str(tmp_path / "x")])
     assert res.exit_code != 0 and "one slide" in res.output
+
+
+def test_export_options_without_export_are_refused_not_ignored(tmp_path, slide):
+    grid = str(tmp_path / "g.npz")
+    res = CliRunner().invoke(main, ["tile", str(slide), "--out", grid, "--format", "jpeg", "--quality", "80"])
+    assert res.exit_code != 0 and "--format, --quality apply only with --export" in res.output
+    res = CliRunner().invoke(main, ["tile", str(slide), "--out", grid, "--annotations", "a.geojson"])
+    assert res.exit_code != 0 and "--annotations applies only with --export or --geojson" in res.output
+    assert not (tmp_path / "g.npz").exists()
+    res = CliRunner().invoke(main, ["tile", str(slide), "--out", grid, "-q"])
+    assert res.exit_code == 0 and (tmp_path / "g.npz").exists()

@@ -135,6 +135,15 @@ def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, ove
         return run_cohort_cli(ctx, "tile", list(slides), str(out), quiet, options)
     if out is None and export is None and geojson is None:
         raise click.UsageError("give --out (grid file), --export (tile images) and/or --geojson")
+    if export is None:  # options that would otherwise be ignored without a word
+        given = [f"--{n.replace('image_format', 'format')}" for n in ("image_format", "quality", "workers")
+                 if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if annotations and geojson is None:
+            given.append("--annotations")
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise click.UsageError(f"{', '.join(given)} {verb} only with --export"
+                                   f"{' or --geojson' if given == ['--annotations'] else ''}")
     if threads is not None:  # else the libraries keep their own defaults
         configure_threads(threads)
     if out is not None:
