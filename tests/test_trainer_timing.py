@@ -26,7 +26,11 @@ def check_rows(rows: list[dict], samples_per_epoch: int | None = None) -> None:
         # the stages are disjoint parts of the epoch: together no longer than it (rounding aside)
         assert sum(r[k] for k in STAGE_KEYS) <= r["wall"] + 0.01, r
         if samples_per_epoch is not None:  # samples/s counts the samples the epoch trained on
-            assert r["samples_per_s"] * (r["wall"] - r["write"]) == pytest.approx(samples_per_epoch, rel=0.25)
+            # the rate is taken over the training part of the epoch, which lies between the timed stages
+            # and the whole epoch less its write (bookkeeping between them can be long on a busy machine)
+            timed = sum(r[k] for k in ("read", "transfer", "model"))
+            assert r["samples_per_s"] * timed <= samples_per_epoch * 1.05, r
+            assert r["samples_per_s"] * (r["wall"] - r["write"]) >= samples_per_epoch * 0.98, r
 
 
 def test_stage_timer_times_host_waits_and_device_spans_on_cpu():
