@@ -107,9 +107,9 @@ def test_cli_threads_option_validates_and_train_reads_num_workers(tmp_path):
     assert r.exit_code != 0 and "--threads" in r.output
     cfg = tmp_path / "c.yaml"
     cfg.write_text("num_workers: 3\nepochs: 1\n")
-    assert _num_workers(cfg, []) == 3
-    assert _num_workers(cfg, ["num_workers=1"]) == 1
-    assert _num_workers(None, []) == 0
+    assert _num_workers("scribble", cfg, []) == 3
+    assert _num_workers("scribble", cfg, ["num_workers=1"]) == 1
+    assert _num_workers("scribble", None, []) == 0
 
 
 def test_cpu_budget_is_the_explicit_budget_else_what_the_process_may_use(monkeypatch):

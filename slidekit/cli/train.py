@@ -69,13 +69,14 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
     from slidekit.encoders import init_overrides
 
     items = list(overrides) + init_overrides(init, weights)
-    # the stain flags are config options (trainers/batches.py); given here, they win over --config/--set
+    # the stain flags are config options (trainers/batches.py): given here, they win over --config
+    # (and giving one again with --set is refused as given twice)
     items += [f"{k}={v}" for k, v in (("stain_norm", stain_norm), ("stain_ref", stain_ref),
                                       ("stain_aug", stain_aug)) if v is not None]
     from slidekit.resources import configure_threads
 
     # DataLoader workers run one thread each (torch sets that in its workers): the rest is the model's.
-    configure_threads(threads, _num_workers(config, items))
+    configure_threads(threads, _num_workers(name, config, items))
     ckpt = trainers.train(name, config, out, overrides=items, device=device,
                           progress=not (quiet or quiet_flag(ctx)), restart=restart)
     from slidekit.distributed import is_main
@@ -84,24 +85,12 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
         click.echo(str(ckpt))
 
 
-def _num_workers(config: Path | None, overrides: list[str]) -> int:
-    """The run's ``num_workers`` (last ``--set`` wins over the config file; 0 when unreadable here:
-    the trainer reports a bad config itself)."""
-    for item in reversed(overrides):
-        if item.split("=", 1)[0].strip().replace("-", "_") == "num_workers":  # as load_config reads keys
-            try:
-                return max(0, int(item.split("=", 1)[1]))
-            except ValueError:
-                return 0
-    if config is not None:
-        try:
-            import yaml
+def _num_workers(name: str, config: Path | None, overrides: list[str]) -> int:
+    """The run's ``num_workers``, read from the config the trainer builds (a bad config is refused
+    here with the trainer's own error)."""
+    import trainers
 
-            data = yaml.safe_load(config.read_text()) or {}
-            return max(0, int(data.get("num_workers", 0))) if isinstance(data, dict) else 0
-        except Exception:
-            return 0
-    return 0
+    return trainers.load_config(trainers.get(name).Config, config, overrides).num_workers
 
 
 def register(group: click.Group) -> None:
