@@ -61,15 +61,29 @@ def decode_path(reader: TileReader, device: Any) -> tuple[str, str]:
 
 def jpeg_stream(reader: TileReader, i: int) -> bytes:
     """Grid tile ``i``'s stored JPEG as a complete stream (the TIFF's JPEG tables spliced in)."""
-    native = reader.native
-    x, y = (int(v) for v in reader.grid.coords[i])
-    lx, ly = round(x / native.downsample), round(y / native.downsample)
-    index = native.stored.index(lx // native.tile_w, ly // native.tile_h)
-    data = native.stored.raw(index)
-    tables = native.stored._state()[2]
+    return _complete_stream(reader.native.stored, _stored_index(reader, i))
+
+
+def _complete_stream(stored: Any, index: int) -> bytes:
+    data = stored.raw(index)
+    tables = stored._state()[2]
     if tables:  # tables: SOI ... EOI; the tile: SOI ... EOI -> SOI + tables body + tile body
         data = data[:2] + bytes(tables)[2:-2] + data[2:]
     return data
+
+
+def _level_origin(reader: TileReader, i: int) -> tuple[int, int]:
+    """Grid tile ``i``'s top-left corner in pixels of the level the fast path reads."""
+    native = reader.native
+    x, y = (int(v) for v in reader.grid.coords[i])
+    return round(x / native.downsample), round(y / native.downsample)
+
+
+def _stored_index(reader: TileReader, i: int) -> int:
+    """The stored tile that grid tile ``i`` is (aligned grid: one stored tile per grid tile)."""
+    native = reader.native
+    lx, ly = _level_origin(reader, i)
+    return native.stored.index(lx // native.tile_w, ly // native.tile_h)
 
 
 class BatchDecoder:
@@ -118,11 +132,12 @@ class StreamBatches(torch.utils.data.Dataset):
         parts, problems = [], []
         stored = self.reader.native.stored
         for i in idx:
-            if int(stored.counts[_stored_index(self.reader, int(i))]) == 0:  # never written: white
+            k = _stored_index(self.reader, int(i))
+            if int(stored.counts[k]) == 0:  # never written: white
                 parts += [b"", b"", b""]
                 problems.append(None)
                 continue
-            data = jpeg_stream(self.reader, int(i))
+            data = _complete_stream(stored, k)
             problem, variants = jpeg_scan_variants(data)
             parts += [data, *(variants or [b"", b""])] if not problem else [b"", b"", b""]
             problems.append(problem)
@@ -130,13 +145,6 @@ class StreamBatches(torch.utils.data.Dataset):
         offsets[1:] = np.cumsum([len(p) for p in parts])
         flat = np.frombuffer(b"".join(parts), np.uint8).copy()
         return torch.from_numpy(idx), torch.from_numpy(flat), torch.from_numpy(offsets), problems
-
-
-def _stored_index(reader: TileReader, i: int) -> int:
-    native = reader.native
-    x, y = (int(v) for v in reader.grid.coords[i])
-    lx, ly = round(x / native.downsample), round(y / native.downsample)
-    return native.stored.index(lx // native.tile_w, ly // native.tile_h)
 
 
 class StreamDecoder:
@@ -222,8 +230,7 @@ def _white_edges(reader: TileReader, keep: np.ndarray, tiles: torch.Tensor) -> t
     """White past the image edge, as on the CPU path."""
     native = reader.native
     for j, i in enumerate(keep):
-        x, y = (int(v) for v in reader.grid.coords[i])
-        lx, ly = round(x / native.downsample), round(y / native.downsample)
+        lx, ly = _level_origin(reader, int(i))
         w, h = min(native.tile_w, native.level_w - lx), min(native.tile_h, native.level_h - ly)
         if w < native.tile_w or h < native.tile_h:
             tiles[j, h:] = 255
