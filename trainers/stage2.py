@@ -436,13 +436,13 @@ class TopKMeanTrainer(Trainer):
         if not c.slides:
             raise ConfigError("topk-mean needs 'slides' (a CSV with slide,label,heatmap columns)")
         records = read_slide_table(c.slides)
-        check_stain_reference(c)  # before the slides' top-K tiles are read
+        normalizer = check_stain_reference(c)  # before the slides' top-K tiles are read
         from slidekit.distributed import env_ranks
 
         bags = torch.from_numpy(read_bags(records, c.k, c.mpp, c.patch_size, c.slide_mpp,
                                           progress=progress and env_ranks()[0] == 0))
         labels = torch.tensor([r.positive for r in records], dtype=torch.float32)
-        return fit_topk_mean(self, out_dir, bags, labels, device=device, progress=progress)
+        return fit_topk_mean(self, out_dir, bags, labels, device=device, progress=progress, normalizer=normalizer)
 
 
 def topk_mean_spec(c: TopKMeanConfig):
@@ -454,8 +454,9 @@ def topk_mean_spec(c: TopKMeanConfig):
 
 
 def fit_topk_mean(trainer: Trainer, out_dir: str | os.PathLike, bags: torch.Tensor, labels: torch.Tensor,
-                  device: str = "auto", progress: bool = True) -> Path:
-    """Train the top-K mean classifier on prepared bags (S, K, P, P, 3) and slide labels (S,)."""
+                  device: str = "auto", progress: bool = True, normalizer: Any = None) -> Path:
+    """Train the top-K mean classifier on prepared bags (S, K, P, P, 3) and slide labels (S,).
+    ``normalizer``: the stain normaliser ``check_stain_reference`` already loaded (else loaded here)."""
     from slidekit.models import build_model
 
     from slidekit import distributed as dist
@@ -475,7 +476,8 @@ def fit_topk_mean(trainer: Trainer, out_dir: str | os.PathLike, bags: torch.Tens
                                       f"slides) does not split over {dist.world_size()} ranks; {left} slide(s) "
                                       "of it are left out each epoch"), stacklevel=2)
     flat = bags.reshape(-1, *bags.shape[2:])  # RandStainNA: fitted on a sample of the bags' patches
-    inputs = BatchInputs(spec, dev, c, fit_images=lambda: sample_images(flat.__getitem__, len(flat), seed=c.seed))
+    inputs = BatchInputs(spec, dev, c, normalizer=normalizer,
+                         fit_images=lambda: sample_images(flat.__getitem__, len(flat), seed=c.seed))
     bags, labels = bags.to(dev), labels.to(dev)
     return run_epochs(trainer, out_dir, model, spec,
                       lambda epoch: topk_mean_epoch(net, spec, opt, bags, labels, c.batch_slides, gen, inputs),
