@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, StainWarning
 from .stain import (enough_stain, from_bhwc, lab_stats, no_autocast, reinhard_transfer, rgb_u8_to_lab,
                     stained_mask, to_bhwc, to_uint8)
 
@@ -197,8 +197,6 @@ def augmenter_from_options(kind: str, strength: float = DEFAULT_STRENGTH, images
         return HEDJitter(strength)
     _check_strength(strength, "randstainna")
     if strength != DEFAULT_STRENGTH:
-        from .errors import StainWarning  # added alongside this module (inference side)
-
         warnings.warn(f"stain augmentation randstainna ignores strength {strength} (its spread comes from "
                       f"the training images' LAB statistics)", StainWarning, stacklevel=2)
     return RandStainNA() if images is None else RandStainNA.fit(images)
