@@ -16,9 +16,10 @@ Modes:
 - ``before``: the thread handling before ``configure_threads`` existed: no call sets torch's or
   OpenCV's pools (torch's default intra-op threads: OpenMP's count of the CPUs in the affinity
   mask; OpenCV's default), and DataLoader workers get no ``worker_init_fn`` (torch itself sets one
-  thread in each worker). Run through this script's launcher, which replaces
-  ``resources.configure_threads`` and ``resources.worker_threads`` by no-ops before the CLI starts;
-  the rest of the code is today's.
+  thread in each worker), and OpenMP's default (spinning) wait policy. Run through this script's
+  launcher, which replaces ``resources.configure_threads`` and ``resources.worker_threads`` by
+  no-ops before the CLI starts, and imports torch first, so that ``prefer_passive_waits`` finds
+  torch loaded and leaves ``OMP_WAIT_POLICY`` unset; the rest of the code is today's.
 - ``after``: the plain CLI with its defaults (no ``--threads``).
 
 Workloads: a short scribble training (CLI, a folder of ``--images`` MoNuSeg images halved to
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from slidekit.datapaths import add_data_argument, require_data_dir  # noqa: E402
 
 # "before": today's CLI with the thread configuration of de18aab undone (see the docstring).
+# torch is imported first on purpose: the CLI's prefer_passive_waits then sets no wait policy.
 BEFORE_LAUNCHER = (
     "import torch, slidekit.resources as r\n"
     "r.configure_threads = lambda threads=None, workers=0, environ=False: torch.get_num_threads()\n"
