@@ -3,7 +3,7 @@
     python benchmarks/cohort.py [--work DIR] [--sizes 16384 14336 ...] [--order largest-first|shuffled]
                                 [--modes serial local ray] [--json OUT.json]
 
-Slides: 12 synthetic pyramidal JPEG TIFFs at 0.5 µm/px (``slidekit.demo.write_pyramid``) of mixed
+Slides: 12 synthetic pyramidal JPEG TIFFs at 0.5 µm/px (``slidekit.slides.demo.write_pyramid``) of mixed
 sizes, 4,096² to 16,384² px by default (2 x 2 mm to 8 x 8 mm of glass), each holding one
 section with a wobbling outline (about half the slide) filled with scikit-image's IHC image
 (colonic glands), mirrored and tiled, so tissue detection and the haematoxylin map find real
@@ -107,7 +107,7 @@ def synthetic_slide(size: int, seed: int) -> np.ndarray:
 
 def make_slides(work: Path, sizes: list[int]) -> tuple[list[Path], float]:
     """Write (or reuse) one slide per size; returns the paths and the seconds spent writing."""
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     work.mkdir(parents=True, exist_ok=True)
     paths, t0 = [], time.time()
@@ -139,12 +139,12 @@ MODES = {"serial": ("local", 1), "local": ("local", 2), "ray": ("ray", 2)}
 
 def child(mode: str, manifest: str, out: str) -> None:
     """Run one mode; print one JSON line (start, end, counts)."""
-    from slidekit.cohort import run_cohort
+    from slidekit.cohort.run import run_cohort
 
     engine, jobs = MODES[mode]
     if mode == "serial":  # in this process: give torch and BLAS every available CPU
-        from slidekit.cohort_engines import _configure_threads
-        from slidekit.resources import available_cpus
+        from slidekit.base.resources import available_cpus
+        from slidekit.cohort.engines import _configure_threads
 
         _configure_threads(available_cpus())
     t0 = time.time()
@@ -156,7 +156,7 @@ def child(mode: str, manifest: str, out: str) -> None:
 
 def analyse(out: Path, t0: float, t1: float, jobs: int, n_slides: int) -> dict:
     """Figures of one run from its ledger (see the module docstring)."""
-    from slidekit.ledger import Ledger
+    from slidekit.cohort.ledger import Ledger
 
     recs = Ledger(out).records()
     by_worker: dict[str, list[dict]] = {}
@@ -306,7 +306,7 @@ def main() -> None:
         args.work = Path(tmp.name)
     work = args.work.resolve()
     result: dict = {"load_before": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
-    from slidekit.resources import available_cpus
+    from slidekit.base.resources import available_cpus
 
     result["available_cpus"] = available_cpus()
     slides, write_s = make_slides(work / "slides", args.sizes)

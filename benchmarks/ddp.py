@@ -55,9 +55,9 @@ def load_tiles(tiles: Path, n: int, size: int) -> torch.Tensor:
 
 
 def build(crop: int):
+    from slidekit.models.networks import ResNetClassifier
     from trainers.simclr import SimCLRConfig, _Net, make_optimizer
     from trainers.simclr_core import HistologyAugment, ProjectionHead
-    from slidekit.models import ResNetClassifier
 
     torch.manual_seed(0)
     model = ResNetClassifier("resnet18", 0)
@@ -76,7 +76,7 @@ def views(tiles: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 def grads_and_loss(net, v1: torch.Tensor, v2: torch.Tensor) -> tuple[float, dict]:
-    from slidekit import distributed as dist
+    from slidekit.base import distributed as dist
     from trainers.simclr_core import nt_xent_distributed
 
     z = net(torch.cat([v1, v2]))
@@ -88,7 +88,7 @@ def grads_and_loss(net, v1: torch.Tensor, v2: torch.Tensor) -> tuple[float, dict
 
 def timed_steps(net, opt, augment, tiles: torch.Tensor, pairs: int, steps: int) -> float:
     """Seconds for ``steps`` training steps on this rank's share of ``pairs`` pairs (after 1 warm-up)."""
-    from slidekit import distributed as dist
+    from slidekit.base import distributed as dist
     from trainers.simclr_core import nt_xent_distributed
 
     n = pairs // dist.world_size()
@@ -114,7 +114,7 @@ def rank_main(rank: int, world: int, port: int, work: str, args: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from slidekit import distributed as dist
+    from slidekit.base import distributed as dist
 
     if world > 1:
         dist.init_from_env(torch.device("cpu"))

@@ -7,7 +7,7 @@ Prints and writes: model-only patches/s (random uint8 batches already on the dev
 end-to-end patches/s (Predictor: tile read + decode in DataLoader workers, host->device copy,
 model), their ratio, the stage split (read / transfer / model), GPU utilisation (nvidia-ml-py)
 and the decode path the run took with the reason (``Predictor.decode``; on CUDA the workers hand
-JPEG streams to the GPU, ``slidekit.gpu_decode``). On CUDA a second end-to-end run decodes on the
+JPEG streams to the GPU, ``slidekit.infer.gpu_decode``). On CUDA a second end-to-end run decodes on the
 CPU (``gpu_decode=False``) for comparison (``--no-cpu-decode`` skips it). Runs on CPU too (use
 tiny settings there, e.g. ``--size 2048 --max-tiles 32 --batch-size 8``).
 """
@@ -28,7 +28,7 @@ def build_slide(path: Path, size: int) -> Path:
     """A size² JPEG pyramid (224 px stored tiles) from the scikit-image IHC image, tiled."""
     from skimage import data
 
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     ihc = data.immunohistochemistry()
     reps = -(-size // ihc.shape[0])
@@ -52,11 +52,11 @@ def main() -> None:
     import torchvision
 
     import slidekit as sk
-    from slidekit.builtin_models import BuiltinSpec
-    from slidekit.gpu_decode import decode_path
-    from slidekit.models import resolve_device
-    from slidekit.resources import available_cpus, configure_threads
-    from slidekit.timing import GPUSampler, StageTimer, format_split
+    from slidekit.base.devices import resolve_device
+    from slidekit.base.resources import available_cpus, configure_threads
+    from slidekit.base.timing import GPUSampler, StageTimer, format_split
+    from slidekit.infer.gpu_decode import decode_path
+    from slidekit.models.builtin import BuiltinSpec
 
     device = resolve_device(args.device)
     configure_threads(args.threads, args.workers)

@@ -15,7 +15,7 @@
    (the child's RSS plus each worker's private memory, so pages forked workers share count once)
    from /proc every 50 ms; the child also reports its own exact peak RSS (VmHWM).
 
-The 40,960² slide would need 5 GB of RAM to build with ``slidekit.demo.write_pyramid`` (it takes
+The 40,960² slide would need 5 GB of RAM to build with ``slidekit.slides.demo.write_pyramid`` (it takes
 the whole level-0 array), so the slides are streamed tile by tile into the same format (tiled
 JPEG pyramid, 2x levels, MPP in the resolution tags) with tifffile.
 """
@@ -96,12 +96,14 @@ def write_sparse_pyramid(path: Path, size: int, tile: int = 256, seed: int = 0) 
 def throughput(device: str, n_tiles: int, batch_size: int, workers: int, tmp: Path) -> dict:
     import torch
 
-    from slidekit.demo import write_pyramid
-    from slidekit.heatmap import HeatmapWriter
-    from slidekit.inference import Predictor
-    from slidekit.models import ModelSpec, ResNetClassifier, load_checkpoint, save_checkpoint
-    from slidekit.slide import open_slide
-    from slidekit.tiling import TileGrid
+    from slidekit.infer.heatmap import HeatmapWriter
+    from slidekit.infer.predictor import Predictor
+    from slidekit.models.checkpoint import load_checkpoint, save_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.models.spec import ModelSpec
+    from slidekit.regions.tiling import TileGrid
+    from slidekit.slides.demo import write_pyramid
+    from slidekit.slides.slide import open_slide
 
     torch.manual_seed(0)
     spec = ModelSpec(arch="resnet-classifier", classes=["normal", "tumor"], patch_size=224, mpp=0.5)
@@ -203,7 +205,7 @@ def _hwm_mib() -> float:
 
 
 def child(slide: str, out: str, workers: int) -> None:
-    from slidekit.inference import heatmap_slide
+    from slidekit.infer.predictor import heatmap_slide
 
     # Threads: slidekit's default (the CPUs this process may use, less one per worker).
     s = heatmap_slide(slide, out, model="hematoxylin", heatmap_mpp=1.0, workers=workers, progress=False)

@@ -5,7 +5,7 @@
 
 Trains on every image in ``--data`` (``images/*.png`` + ``masks_instance/*.png``; default: ``nuclei_monuseg``
 in the real-data folder, ``$SLIDEKIT_DATA`` or ``../shared/data``), generating the
-scribbles itself from the instance masks at ``--fraction`` (``slidekit.scribbles``); ``full``
+scribbles itself from the instance masks at ``--fraction`` (``slidekit.annotations.scribbles``); ``full``
 trains on the whole masks. Evaluates on ``--eval-data`` (same layout), or, without it, on a fixed
 seeded third of ``--data`` (training then uses the other two thirds). Prints and writes
 ``{"method", "fraction", "seed", "iou", "mdice", "train_seconds", ...}``.
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slidekit.data import list_images, load_image_folder  # noqa: E402
-from slidekit.datapaths import data_dir, data_missing_reason  # noqa: E402
-from slidekit.io import write_text_atomic  # noqa: E402
-from slidekit.models import load_checkpoint  # noqa: E402
-from slidekit.scribbles import IGNORE, generate_scribbles, segmentation_scores  # noqa: E402
+from slidekit.annotations.scribbles import IGNORE, generate_scribbles, segmentation_scores  # noqa: E402
+from slidekit.base.datapaths import data_dir, data_missing_reason  # noqa: E402
+from slidekit.base.io import write_text_atomic  # noqa: E402
+from slidekit.data.datasets import list_images, load_image_folder  # noqa: E402
+from slidekit.models.checkpoint import load_checkpoint  # noqa: E402
 
 SPLIT_SEED = 20240613  # the default train/eval split never changes with --seed
 METHODS = {"full": "scribble", "pce": "scribble", "s2l": "s2l"}

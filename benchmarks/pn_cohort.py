@@ -16,7 +16,7 @@ the real-data folder (``--data``, else ``$SLIDEKIT_DATA``, else ``../shared/data
   slide and every held-out slide from centre B, whose stain differs (HED stain shift plus a
   slight blur), so pixel labels alone do not transfer.
 
-Slides are pyramidal JPEG TIFFs at 4 µm/px (slidekit.demo.write_pyramid); models work at 8 µm/px
+Slides are pyramidal JPEG TIFFs at 4 µm/px (slidekit.slides.demo.write_pyramid); models work at 8 µm/px
 on 64 px patches so the whole benchmark fits a 2-core CPU. It runs (a) ``mixed-em`` (pixel masks +
 node labels, EM rounds, ``morph-lgbm`` stage 2, round selected by the lowest stage-2 loss) and
 (b) the same trainer's round 0, i.e. pixel labels only + the same stage 2, stages the held-out
@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from slidekit.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
+from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 
 DATA = Path()  # the real-data folder; set by main() from --data / $SLIDEKIT_DATA / ../shared/data
 
@@ -53,7 +53,7 @@ SIZE_RANGES_UM = {"itc": (50.0, 180.0), "micro": (300.0, 1800.0), "macro": (2100
 # ----------------------------------------------------------------------------------- materials
 
 def _tissue_blocks(rgb: np.ndarray, block: int, min_tissue: float = 0.97) -> list[np.ndarray]:
-    from slidekit.tissue import detect_tissue
+    from slidekit.regions.tissue import detect_tissue
 
     mask = detect_tissue(rgb, SLIDE_MPP, min_area_um2=0)
     mask = getattr(mask, "array", mask)
@@ -71,7 +71,7 @@ def load_materials(block: int = 48) -> tuple[list[np.ndarray], list[np.ndarray],
     the NCT-CRC-HE lymphocyte tile."""
     import cv2
 
-    from slidekit.slide import open_slide
+    from slidekit.slides.slide import open_slide
 
     normal = []
     for name, mpp in (("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.5)):
@@ -156,7 +156,7 @@ def stain_shift(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
 def make_slide(label: str, normal: list, tumour: list, lymphoid: list, rng: np.random.Generator,
                centre: str) -> tuple[np.ndarray, np.ndarray]:
     """(rgb, tumour mask) at SLIDE_MPP of one lymph-node slide with a lesion of class ``label``."""
-    from slidekit.features import size_class
+    from slidekit.slidelevel.features import size_class
 
     W, H = int(SLIDE_UM[0] / SLIDE_MPP), int(SLIDE_UM[1] / SLIDE_MPP)
     yy, xx = np.mgrid[0:H, 0:W]
@@ -209,7 +209,7 @@ def make_slide(label: str, normal: list, tumour: list, lymphoid: list, rng: np.r
 
 def pick_patients(n_by_stage: dict[str, int], rng: np.random.Generator, exclude: set) -> list[tuple[str, list[str]]]:
     """Real CAMELYON17 patients (their five node labels), ``n_by_stage`` of each stage."""
-    from slidekit.staging import read_label_csv
+    from slidekit.slidelevel.staging import read_label_csv
 
     table = read_label_csv(DATA / "camelyon" / "stage_labels.csv")
     by_patient = table.nodes_by_patient()
@@ -226,7 +226,7 @@ def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dic
     """Write slides, masks and tables under ``out``; returns the cohort description."""
     import cv2
 
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     done = out / "cohort.json"
     if done.exists():
@@ -273,8 +273,8 @@ def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dic
 
 def predict_heatmaps(ckpt: Path, records: list[dict], out: Path, tile: int) -> list[Path]:
     """Heatmaps of ``records`` with a segmenter checkpoint, at the model's MPP (resumable)."""
-    from slidekit.models import load_checkpoint
-    from slidekit.slide import open_slide
+    from slidekit.models.checkpoint import load_checkpoint
+    from slidekit.slides.slide import open_slide
     from trainers.mixed_em import predict_heatmap
 
     ck = load_checkpoint(ckpt)
@@ -289,7 +289,7 @@ def predict_heatmaps(ckpt: Path, records: list[dict], out: Path, tile: int) -> l
 
 def stage_and_score(records: list[dict], node_pred: list[str]) -> tuple[float, float, dict]:
     """(kappa over patients, slide accuracy, per-patient stages) for predicted node labels."""
-    from slidekit.staging import pn_stage, weighted_kappa
+    from slidekit.slidelevel.staging import pn_stage, weighted_kappa
 
     pats: dict[str, list[tuple[str, str]]] = {}
     for rec, p in zip(records, node_pred):
@@ -381,7 +381,7 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
           f"(stage-2 losses {[round(l, 4) for l in sel['losses']]})", flush=True)
 
     # evaluate round 0 (pixel labels only) and the selected round on the held-out patients
-    from slidekit.features import features_from_view, open_heatmap_view
+    from slidekit.slidelevel.features import features_from_view, open_heatmap_view
     from trainers.stage2 import MorphClassifier
 
     results = {}
@@ -437,8 +437,8 @@ def run_topk_mean(em_dir: Path, rnd: int, cohort: dict, mixed: dict, seed: int) 
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from slidekit.features import predicted_size_class
-    from trainers.stage2 import (SlideRecord, TopKMeanConfig, TopKMeanTrainer, read_bags, topk_mean_probs)
+    from slidekit.slidelevel.features import predicted_size_class
+    from trainers.stage2 import SlideRecord, TopKMeanConfig, TopKMeanTrainer, read_bags, topk_mean_probs
 
     def recs(items, hms):
         return [SlideRecord(Path(r["slide"]), r["label"], heatmap=h) for r, h in zip(items, hms)]
@@ -450,8 +450,8 @@ def run_topk_mean(em_dir: Path, rnd: int, cohort: dict, mixed: dict, seed: int) 
     train_recs = recs(cohort["train"], train_hms)
     bags = torch.from_numpy(read_bags(train_recs, cfg.k, cfg.mpp, cfg.patch_size))
     labels = torch.tensor([r.positive for r in train_recs], dtype=torch.float32)
+    from slidekit.models.checkpoint import load_checkpoint
     from trainers.stage2 import fit_topk_mean
-    from slidekit.models import load_checkpoint
 
     ckpt = fit_topk_mean(TopKMeanTrainer(cfg), em_dir.parent / "topk_mean", bags, labels, device="cpu",
                          progress=False)

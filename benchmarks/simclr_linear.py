@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from slidekit.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
+from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 
 TILE_MPP = 0.5  # assumed pixel size of the archive's 256 px tiles
 
@@ -134,8 +134,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from slidekit.linear_eval import linear_eval
-    from slidekit.models import ResNetClassifier, load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.slidelevel.linear_eval import linear_eval
     from trainers.base import seed_everything
     from trainers.simclr import SimCLRConfig, SimCLRTrainer
 

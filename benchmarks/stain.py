@@ -14,7 +14,7 @@ is skipped with one line when that default is absent).
     several times, as ``none`` (no stain option), ``norm`` (``stain_norm: macenko`` to a training
     image, carried by the checkpoint so test inputs are normalised too) and ``aug_*``
     (``stain_aug: hed`` / ``randstainna``). Each model is scored (foreground IoU) on the held-out
-    images as they are and on stain-shifted copies: ``slidekit.stain_augment.hed_shift`` with fixed,
+    images as they are and on stain-shifted copies: ``slidekit.stain.augment.hed_shift`` with fixed,
     seeded per-image perturbations (another lab's staining) at two strengths. ``iou_shifted_*`` is
     the mean over the strengths. ``shift_loss_halved``: the better of norm/aug recovers at least half
     of ``iou_original - iou_shifted_none``.
@@ -41,9 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.nuclei_scribbles import default_split, evaluate, write_training_folder  # noqa: E402
-from slidekit.data import list_images, load_image_folder  # noqa: E402
-from slidekit.datapaths import data_dir, data_missing_reason  # noqa: E402
-from slidekit.io import write_text_atomic  # noqa: E402
+from slidekit.base.datapaths import data_dir, data_missing_reason  # noqa: E402
+from slidekit.base.io import write_text_atomic  # noqa: E402
+from slidekit.data.datasets import list_images, load_image_folder  # noqa: E402
 
 SHIFT_SEED = 20261130  # the shifted test copies never change between runs
 TILE_SEED = 7
@@ -72,7 +72,7 @@ def write_shifted_folder(data: Path, names: list[str], strength: float, seed: in
     mean absolute RGB change."""
     from PIL import Image
 
-    from slidekit.stain_augment import hed_shift
+    from slidekit.stain.augment import hed_shift
 
     _, imgs, _ = load_image_folder(data, masks=None, names=names, scale=1.0)
     alpha, beta = shift_params(len(names), strength, seed)
@@ -117,7 +117,7 @@ def _rate(fn, n_images: int, reps: int) -> float:
 
 def time_normalizers(tiles: torch.Tensor, ref: np.ndarray, threads: int, reps: int) -> dict:
     """Images/s of slidekit's batched normalisers and of torchstain's per-image ones."""
-    from slidekit.stain import StainNormalizer
+    from slidekit.stain.normalize import StainNormalizer
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -177,7 +177,7 @@ def train_and_score(variant: str, options: dict, run_dir: str, threads: int, eva
         ckpt = trainer.fit(Path(run_dir), device="cpu", progress=False)
     train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     scores = {name: evaluate(ckpt, Path(folder), eval_names, scale) for name, folder in eval_sets.items()}
-    from slidekit.models import load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
 
     stain = load_checkpoint(ckpt).spec.stain
     return {"variant": variant, "iou": {k: v["iou"] for k, v in scores.items()},

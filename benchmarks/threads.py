@@ -1,5 +1,5 @@
 """Threads that fit the machine: wall time of `slidekit train scribble` and `slidekit heatmap`
-before and after ``slidekit.resources.configure_threads``, idle, loaded and on one CPU.
+before and after ``slidekit.base.resources.configure_threads``, idle, loaded and on one CPU.
 
     python benchmarks/threads.py [--data DIR] [--json OUT] [--repeat 2] [--only train,heatmap]
 
@@ -46,12 +46,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slidekit.datapaths import add_data_argument, require_data_dir  # noqa: E402
+from slidekit.base.datapaths import add_data_argument, require_data_dir  # noqa: E402
 
 # "before": today's CLI with the thread configuration of de18aab undone (see the docstring).
 # torch is imported first on purpose: the CLI's prefer_passive_waits then sets no wait policy.
 BEFORE_LAUNCHER = (
-    "import torch, slidekit.resources as r\n"
+    "import torch, slidekit.base.resources as r\n"
     "r.configure_threads = lambda threads=None, workers=0, environ=False: torch.get_num_threads()\n"
     "r.worker_threads = lambda worker_id=0: None\n"
     "from slidekit.cli import main\n"
@@ -65,8 +65,8 @@ def scribble_folder(data: Path, out: Path, n_images: int) -> Path:
     """``n_images`` MoNuSeg images halved (0.25 -> 0.5 µm/px) with scribbles (30 % of each nucleus)."""
     from PIL import Image
 
-    from slidekit.data import list_images, load_image_folder
-    from slidekit.scribbles import generate_scribbles
+    from slidekit.annotations.scribbles import generate_scribbles
+    from slidekit.data.datasets import list_images, load_image_folder
 
     src = data / "nuclei_monuseg"
     names = list_images(src / "images")[:n_images]
@@ -83,7 +83,7 @@ def synthetic_slide(path: Path, size: int = 8192) -> Path:
     """A pyramidal JPEG TIFF of real tissue texture (the scikit-image IHC image tiled), 0.5 µm/px."""
     from skimage import data
 
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     ihc = data.immunohistochemistry()
     reps = -(-size // ihc.shape[0])

@@ -25,7 +25,7 @@ import numpy as np
 def build_slide(path: Path, size: int) -> Path:
     from skimage import data
 
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     ihc = data.immunohistochemistry()
     reps = -(-size // ihc.shape[0])

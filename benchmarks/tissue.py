@@ -127,8 +127,8 @@ def fmt(v: float | None) -> str:
 
 
 def main() -> None:
-    from slidekit.datapaths import add_data_argument, data_dir
-    from slidekit.demo import demo_image, write_demo_slide
+    from slidekit.base.datapaths import add_data_argument, data_dir
+    from slidekit.slides.demo import demo_image, write_demo_slide
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_argument(ap)

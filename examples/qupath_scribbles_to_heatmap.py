@@ -33,7 +33,8 @@ def demo_scribbles(slide_path: Path, out: Path, classes: tuple[str, str], n_per_
     from skimage.color import rgb2hed
 
     import slidekit as sk
-    from slidekit.annotations import Annotation, write_geojson
+    from slidekit.annotations.formats import write_geojson
+    from slidekit.annotations.objects import Annotation
 
     rng = np.random.default_rng(seed)
     mpp = 4.0
@@ -81,10 +82,10 @@ def main() -> None:
     import yaml
 
     import trainers
-    from slidekit.inference import heatmap_slide
+    from slidekit.infer.predictor import heatmap_slide
 
     if args.slide is None:
-        from slidekit.demo import write_demo_slide
+        from slidekit.slides.demo import write_demo_slide
 
         args.slide = args.out / "demo.tif"
         if not args.slide.exists():

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from slidekit.datapaths import add_data_argument, data_dir, data_missing_reason
+from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason
 
 
 def main() -> None:
@@ -31,9 +31,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from slidekit.demo import write_demo_slide
-    from slidekit.embed import embed_slide, open_embeddings
-    from slidekit.models import ResNetUNet, transfer_encoder
+    from slidekit.models.checkpoint import transfer_encoder
+    from slidekit.models.networks import ResNetUNet
+    from slidekit.slidelevel.embed import embed_slide, open_embeddings
+    from slidekit.slides.demo import write_demo_slide
     from trainers.simclr import SimCLRConfig, SimCLRTrainer
 
     out = args.out

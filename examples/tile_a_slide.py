@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 import slidekit as sk
-from slidekit.demo import write_demo_slide
+from slidekit.slides.demo import write_demo_slide
 
 
 def main() -> None:

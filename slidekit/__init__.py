@@ -1,14 +1,15 @@
 """slidekit: whole-slide images in, patches, trainers, heatmaps and QuPath GeoJSON out."""
-from slidekit.errors import (AnnotationError, CheckpointError, ConfigError, GridError, HeatmapError, LabelError,
-                             MissingMPPError, SlideError, SlidekitError, TissueError)
-from slidekit.errors import AnnotationWarning, BadTileWarning, CorruptTileError, MPPOverrideWarning, SlidekitWarning
-from slidekit.slide import Slide, magnification_to_mpp, mpp_to_magnification, open_slide
-from slidekit.tiling import TileGrid, TileReader, read_tiles
-from slidekit.tissue import TissueMask, tissue_mask
-from slidekit.staging import pn_stage, weighted_kappa
-from slidekit.annotations import Annotation, rasterize, read_annotations, write_geojson
-
-__version__ = "0.1.0"
+from slidekit.annotations.formats import read_annotations, write_geojson
+from slidekit.annotations.geometry import rasterize
+from slidekit.annotations.objects import Annotation
+from slidekit.base.errors import (AnnotationError, AnnotationWarning, BadTileWarning, CheckpointError, ConfigError,
+                                  CorruptTileError, GridError, HeatmapError, LabelError, MissingMPPError,
+                                  MPPOverrideWarning, SlideError, SlidekitError, SlidekitWarning, TissueError)
+from slidekit.base.version import __version__  # noqa: E402
+from slidekit.regions.tiling import TileGrid, TileReader, read_tiles
+from slidekit.regions.tissue import TissueMask, tissue_mask
+from slidekit.slidelevel.staging import pn_stage, weighted_kappa
+from slidekit.slides.slide import Slide, magnification_to_mpp, mpp_to_magnification, open_slide
 
 __all__ = [
     "AnnotationError", "CheckpointError", "ConfigError", "GridError", "HeatmapError", "LabelError", "MissingMPPError",
@@ -20,8 +21,8 @@ __all__ = [
 ]
 
 # torch-heavy parts load on first use, so `import slidekit` stays light.
-_LAZY = {"load_checkpoint": "slidekit.models", "Predictor": "slidekit.inference",
-         "heatmap_slide": "slidekit.inference", "Heatmap": "slidekit.heatmap", "HeatmapWriter": "slidekit.heatmap"}
+_LAZY = {"load_checkpoint": "slidekit.models.networks", "Predictor": "slidekit.infer.predictor",
+         "heatmap_slide": "slidekit.infer.predictor", "Heatmap": "slidekit.infer.heatmap", "HeatmapWriter": "slidekit.infer.heatmap"}
 
 
 def __getattr__(name: str):

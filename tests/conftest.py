@@ -1,6 +1,6 @@
 """Shared fixtures: the real data (skipped when absent) and synthetic slides.
 
-Real data is found by ``slidekit.datapaths``: ``pytest --data DIR``, else ``$SLIDEKIT_DATA``, else
+Real data is found by ``slidekit.base.datapaths``: ``pytest --data DIR``, else ``$SLIDEKIT_DATA``, else
 ``../shared/data`` beside the checkout. Tests needing it take the ``shared_data`` fixture (or skip
 with a reason containing ``REAL_DATA_SKIP``); the terminal summary counts those skips.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slidekit.datapaths import ENV_VAR, data_dir, data_missing_reason
+from slidekit.base.datapaths import ENV_VAR, data_dir, data_missing_reason
 
 # tests/ is a package (tests/__init__.py: torchstain installs a top-level `tests` that would shadow
 # it); test modules that import helpers as `from conftest import ...` / `from test_x import ...`
@@ -33,7 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     # `--data DIR` becomes $SLIDEKIT_DATA, so that fixtures, module-level checks and the subprocesses
-    # of tests (CLI runs, docs blocks) all resolve the same folder through slidekit.datapaths.
+    # of tests (CLI runs, docs blocks) all resolve the same folder through slidekit.base.datapaths.
     if config.getoption("--data"):
         os.environ[ENV_VAR] = str(Path(config.getoption("--data")).resolve())
 
@@ -63,7 +63,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 @pytest.fixture(scope="session")
 def demo_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded demo slide (real IHC tissue on glass), written once per session."""
-    from slidekit.demo import write_demo_slide
+    from slidekit.slides.demo import write_demo_slide
 
     return write_demo_slide(tmp_path_factory.mktemp("demo") / "demo.tif")
 
@@ -72,7 +72,7 @@ def synthetic_slide(path: Path, width: int = 2048, height: int = 1536, mpp: floa
                     tissue_box: tuple[int, int, int, int] | None = (512, 256, 1024, 768),
                     tile: int = 256, compression: str = "jpeg", seed: int = 0) -> Path:
     """A pyramidal TIFF: white glass with a pink noisy 'tissue' rectangle at a known level-0 box."""
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     rng = np.random.default_rng(seed)
     rgb = np.full((height, width, 3), 245, np.uint8)
@@ -100,7 +100,7 @@ def mixed_em_slides(root: Path) -> Path:
     with a pixel mask) and their slides.csv; returns the CSV's path."""
     import cv2
 
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     rng = np.random.default_rng(0)
     rows = ["slide,label,mask"]

@@ -15,7 +15,9 @@ import pytest
 from shapely.geometry import LineString, Point, Polygon, box
 
 import slidekit as sk
-from slidekit.annotations import Annotation, rasterize, read_annotations, write_geojson
+from slidekit.annotations.formats import read_annotations, write_geojson
+from slidekit.annotations.geometry import rasterize
+from slidekit.annotations.objects import Annotation
 
 
 def _same_measurements(a: dict, b: dict) -> bool:
@@ -324,7 +326,7 @@ def test_every_malformed_property_names_the_file(tmp_path: Path) -> None:
 
 
 def test_gzip_bomb_stops_at_the_limit(tmp_path: Path, monkeypatch) -> None:
-    import slidekit.annotations as A
+    import slidekit.annotations.formats as A
 
     bomb = tmp_path / "bomb.geojson.gz"
     bomb.write_bytes(gzip.compress(b"[" + b" " * (8 << 20) + b"]"))  # 8 MiB inflating from ~8 KiB

@@ -69,7 +69,7 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, shared_data):
 
 
 def test_failed_tissue_run_leaves_no_output(tmp_path):
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     blank = write_pyramid(tmp_path / "blank.tif", np.full((600, 600, 3), 240, np.uint8), 0.5)
     out = tmp_path / "out"

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-
 from conftest import synthetic_slide
+
+from slidekit.base.errors import ManifestError
 from slidekit.cli import main
-from slidekit.cohort import run_cohort
-from slidekit.errors import ManifestError
-from slidekit.ledger import Ledger
-from slidekit.manifest import read_slides, shard, unique_ids
+from slidekit.cohort.ledger import Ledger
+from slidekit.cohort.manifest import read_slides, shard, unique_ids
+from slidekit.cohort.run import run_cohort
 
 FAST = dict(workers=0, device="cpu")
 SLIDEKIT = [sys.executable, "-m", "slidekit"]
@@ -273,7 +273,9 @@ def test_every_per_slide_command_takes_a_cohort(cohort, tmp_path):
 def test_cohort_embed_writes_one_store_per_slide(cohort, tmp_path):
     import torch
 
-    from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
+    from slidekit.models.checkpoint import save_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.models.spec import ModelSpec
 
     torch.manual_seed(0)
     spec = ModelSpec(arch="resnet-encoder", task="embedding", classes=[], patch_size=32, mpp=4.0,
@@ -301,8 +303,8 @@ def test_one_worker_per_listed_gpu_each_seeing_only_its_gpu(cohort, tmp_path):
 
 
 def test_gpu_indices_count_among_the_visible_gpus(monkeypatch):
-    from slidekit.cohort_engines import physical_gpus
-    from slidekit.errors import ConfigError
+    from slidekit.base.errors import ConfigError
+    from slidekit.cohort.engines import physical_gpus
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert physical_gpus([0, 1]) == ["0", "1"]

@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_slide
 from PIL import Image
 from shapely.geometry import LineString, Polygon
 
-from slidekit.annotations import Annotation, write_geojson
-from slidekit.data import ImageFolderDataset, JointAugment, SlidePatchDataset, load_image_folder
-from slidekit.errors import LabelError
-from conftest import synthetic_slide
+from slidekit.annotations.formats import write_geojson
+from slidekit.annotations.objects import Annotation
+from slidekit.base.errors import LabelError
+from slidekit.data.datasets import ImageFolderDataset, JointAugment, SlidePatchDataset, load_image_folder
 
 
 def _folder(root: Path, n: int = 3, size: int = 40, seed: int = 0) -> Path:
@@ -138,8 +139,8 @@ def test_slide_patches_in_worker_processes(tmp_path):
 
 def test_tile_labels_and_errors(tmp_path):
     slide, geo = _slide_with_scribbles(tmp_path)
-    from slidekit.slide import open_slide
-    from slidekit.tiling import TileGrid
+    from slidekit.regions.tiling import TileGrid
+    from slidekit.slides.slide import open_slide
 
     s = open_slide(slide)
     grid = TileGrid.from_slide(s, mpp=2.0, size=64, mask=None, min_tissue=0)

@@ -1,4 +1,4 @@
-"""Where the real data is found (slidekit.datapaths), and the test summary's line about it."""
+"""Where the real data is found (slidekit.base.datapaths), and the test summary's line about it."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from slidekit.datapaths import DEFAULT_DATA, ENV_VAR, data_dir, data_missing_reason, require_data_dir
-from slidekit.errors import SlidekitError
+from slidekit.base.datapaths import DEFAULT_DATA, ENV_VAR, data_dir, data_missing_reason, require_data_dir
+from slidekit.base.errors import SlidekitError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import slidekit as sk
-from slidekit.demo import write_pyramid
-from slidekit.tiling import TileReader, native_tiles_for
+from slidekit.regions.tiling import TileReader, native_tiles_for
+from slidekit.slides.demo import write_pyramid
 
 
 def _slide(tmp_path, w=1100, h=900, compression="jpeg"):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from slidekit.base.devices import available_devices, resolve_device
+from slidekit.base.errors import ConfigError
 from slidekit.cli import main
-from slidekit.errors import ConfigError
-from slidekit.models import available_devices, resolve_device
 
 
 def _fake_gpus(monkeypatch, n: int) -> None:

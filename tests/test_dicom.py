@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slidekit.errors import SlideError
-from slidekit.slide import open_slide
+from slidekit.base.errors import SlideError
+from slidekit.slides.slide import open_slide
 
 CMU = "wsi/CMU-1-Small-Region.svs"
 
@@ -25,7 +25,7 @@ def dicomize(src: Path, out: Path) -> Path:
     from wsidicomizer import WsiDicomizer
     from wsidicomizer.wsidicomizer import SourceIdentifier
 
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     with open_slide(src) as s:
         pyramid = write_pyramid(out.parent / f"{out.name}-source.tif", s.read_region((0, 0), 0, s.dimensions),
@@ -38,7 +38,7 @@ def dicomize(src: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cmu_dicom(tmp_path_factory) -> tuple[Path, Path]:
-    from slidekit.datapaths import data_dir, data_missing_reason
+    from slidekit.base.datapaths import data_dir, data_missing_reason
 
     reason = data_missing_reason()
     if reason is not None:
@@ -72,7 +72,7 @@ def test_folder_and_file_open_with_source_geometry_mpp_and_pixels(cmu_dicom):
 
 
 def test_dicom_folder_pickles_tiles_and_fingerprints(cmu_dicom):
-    from slidekit.tiling import TileGrid, read_tiles
+    from slidekit.regions.tiling import TileGrid, read_tiles
 
     _, folder = cmu_dicom
     slide = open_slide(folder)
@@ -89,7 +89,7 @@ def test_cohort_counts_a_dicom_folder_as_one_slide(cmu_dicom, tmp_path):
     from click.testing import CliRunner
 
     from slidekit.cli import main
-    from slidekit.manifest import read_slides
+    from slidekit.cohort.manifest import read_slides
 
     src, folder = cmu_dicom
     cohort = tmp_path / "cohort"
@@ -118,8 +118,8 @@ def test_folders_that_are_not_one_dicom_series(cmu_dicom, tmp_path):
 
 
 def test_stored_frames_take_the_native_fast_path(cmu_dicom):
-    from slidekit.dicom import DicomStoredTiles
-    from slidekit.tiling import TileGrid, native_tiles_for, read_tiles
+    from slidekit.regions.tiling import TileGrid, native_tiles_for, read_tiles
+    from slidekit.slides.dicom import DicomStoredTiles
 
     _, folder = cmu_dicom
     with open_slide(folder) as slide:

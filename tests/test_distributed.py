@@ -19,9 +19,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from slidekit import distributed as sdist
-from slidekit.sampling import (ClassBalancedSampler, FixedRatioSampler, HardNegativeSampler, PerSlideCapSampler,
-                               UniformSampler, WeightedSampler)
+from slidekit.base import distributed as sdist
+from slidekit.data.sampling import (ClassBalancedSampler, FixedRatioSampler, HardNegativeSampler, PerSlideCapSampler,
+                                    UniformSampler, WeightedSampler)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def _scribble_config(data: Path) -> dict:
 def _float64() -> None:
     """Train in float64 (this process only): the U-Net's float32 gradients differ by ~0.5% between
     any two summation orders (2×2 batches vs one of 4), which would hide the arithmetic tested."""
-    from slidekit.models import ModelSpec
+    from slidekit.models.spec import ModelSpec
 
     torch.set_default_dtype(torch.float64)
     if not getattr(ModelSpec.normalize, "_float64", False):
@@ -208,9 +208,9 @@ def _scribble_rank(data: str, out: str) -> None:
 def test_two_rank_scribble_equals_one_rank_with_the_global_batch(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from test_scribble_trainer import make_nuclei_folder
-    from trainers.scribble import ScribbleConfig, ScribbleTrainer
 
-    from slidekit.models import ModelSpec
+    from slidekit.models.spec import ModelSpec
+    from trainers.scribble import ScribbleConfig, ScribbleTrainer
 
     monkeypatch.setattr(ModelSpec, "normalize", ModelSpec.normalize)  # restored afterwards
     _float64()
@@ -222,6 +222,7 @@ def test_two_rank_scribble_equals_one_rank_with_the_global_batch(tmp_path: Path,
 
 def _compare_scribble_runs(tmp_path: Path) -> None:
     from test_scribble_trainer import make_nuclei_folder
+
     from trainers.scribble import ScribbleConfig, ScribbleTrainer
 
 
@@ -298,7 +299,7 @@ def test_nproc_launch_dead_rank_ends_the_job_and_a_rerun_resumes(tmp_path: Path)
 # -- rank 0 decides reruns; progress per step; options added later -----------------------------------
 
 def _refused_rank(data: str, out: str) -> None:
-    from slidekit.errors import TrainingError
+    from slidekit.base.errors import TrainingError
     from trainers.scribble import ScribbleConfig, ScribbleTrainer
 
     try:
@@ -322,6 +323,7 @@ def test_a_refused_rerun_stops_every_rank(tmp_path: Path) -> None:
 
 def test_scribble_progress_moves_per_step_with_loss(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     from test_scribble_trainer import make_nuclei_folder
+
     from trainers.scribble import ScribbleConfig, ScribbleTrainer
 
     data = make_nuclei_folder(tmp_path / "data", n_images=2, size=64)
@@ -333,6 +335,7 @@ def test_scribble_progress_moves_per_step_with_loss(tmp_path: Path, capfd: pytes
 
 def test_a_run_recorded_before_a_new_option_resumes(tmp_path: Path) -> None:
     from test_scribble_trainer import make_nuclei_folder
+
     from trainers.runs import begin_run
     from trainers.scribble import ScribbleConfig, ScribbleTrainer
 
@@ -374,7 +377,7 @@ def _topk_run(out: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_topk_mean_equals_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from slidekit.models import ModelSpec
+    from slidekit.models.spec import ModelSpec
 
     monkeypatch.setattr(ModelSpec, "normalize", ModelSpec.normalize)
     try:
@@ -397,7 +400,7 @@ def _s2l_run(data: str, out: str) -> None:
 def test_two_rank_s2l_keeps_the_same_averages_as_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from test_scribble_trainer import make_nuclei_folder
 
-    from slidekit.models import ModelSpec
+    from slidekit.models.spec import ModelSpec
 
     data = make_nuclei_folder(tmp_path / "data", n_images=3, size=64)  # 3 images: ranks predict 2 and 1
     monkeypatch.setattr(ModelSpec, "normalize", ModelSpec.normalize)
@@ -427,7 +430,7 @@ def _simclr_run(folder: str, out: str) -> None:
 def test_two_rank_simclr_trains_and_writes_once(tmp_path: Path) -> None:
     from PIL import Image
 
-    from slidekit.models import load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
 
     folder = tmp_path / "tiles"
     folder.mkdir()
@@ -469,7 +472,7 @@ def test_two_rank_mixed_em_splits_heatmaps_and_writes_once(tmp_path: Path) -> No
 
 
 def test_shard_warns_when_an_epoch_does_not_split_evenly(monkeypatch: pytest.MonkeyPatch) -> None:
-    from slidekit.errors import TrainingWarning
+    from slidekit.base.errors import TrainingWarning
 
     monkeypatch.setattr(sdist, "world_size", lambda: 2)
     monkeypatch.setattr(sdist, "rank", lambda: 0)

@@ -23,7 +23,7 @@ Which blocks run, and how:
   that has not run yet; when one of those failed, this one fails too and says which.
 - The folder holds links to the checkout's ``.venv``, ``benchmarks`` and ``examples`` so that
   commands written for the repository root work; the venv's ``bin`` is first on PATH (``slidekit``,
-  ``python``) and ``SLIDEKIT_DATA`` points at the real-data folder (slidekit.datapaths).
+  ``python``) and ``SLIDEKIT_DATA`` points at the real-data folder (slidekit.base.datapaths).
 
 New Markdown files under docs/ are picked up automatically.
 """
@@ -41,8 +41,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slidekit.datapaths import data_dir, data_missing_reason
-from slidekit.errors import SlidekitWarning
+from slidekit.base.datapaths import data_dir, data_missing_reason
+from slidekit.base.errors import SlidekitWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def _fallback(kind: str, cache: Path) -> Path:
     pixels as a one-level tiled TIFF without resolution tags, i.e. without an MPP."""
     import tifffile
 
-    from slidekit.demo import demo_image, write_demo_slide
+    from slidekit.slides.demo import demo_image, write_demo_slide
 
     path = cache / f"{kind}.tif"
     if not path.exists():
@@ -390,7 +390,7 @@ def test_console_output_is_checked() -> None:
 
 
 def test_config_file_is_checked_against_its_trainer(tmp_path: Path) -> None:
-    from slidekit.errors import ConfigError
+    from slidekit.base.errors import ConfigError
 
     doc = tmp_path / "p.md"
     doc.write_text("```\nslidekit train scribble --config a.yaml --out runs/a\n```\n")

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import synthetic_slide
 
 from slidekit.cli import main
-from slidekit.embed import embed_slide, open_embeddings
-from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
-from slidekit.slide import open_slide
-from slidekit.tiling import TileGrid, TileReader
-from slidekit.tissue import tissue_mask
-
-from conftest import synthetic_slide
+from slidekit.models.checkpoint import save_checkpoint
+from slidekit.models.networks import ResNetClassifier
+from slidekit.models.spec import ModelSpec
+from slidekit.regions.tiling import TileGrid, TileReader
+from slidekit.regions.tissue import tissue_mask
+from slidekit.slidelevel.embed import embed_slide, open_embeddings
+from slidekit.slides.slide import open_slide
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_features_aligned_with_grid_coordinates(slide_and_model, tmp_path):
         grid = TileGrid.from_slide(slide, mpp=2.0, size=32, mask=tissue_mask(slide), min_tissue=0.5)
         assert np.array_equal(emb.coords, grid.coords)
         assert emb.features.shape == (len(grid), 512) and emb.features.chunks[0] == 7
-        from slidekit.models import load_checkpoint
+        from slidekit.models.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(model_path)
         reader = TileReader(slide, grid)

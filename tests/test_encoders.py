@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from slidekit.encoders import TimmEncoder, init_from, load_embedding_encoder, read_state_dict
-from slidekit.errors import CheckpointError, ConfigError
-from slidekit.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from slidekit.base.errors import CheckpointError, ConfigError
+from slidekit.models.backbones import TimmEncoder
+from slidekit.models.checkpoint import load_checkpoint, save_checkpoint
+from slidekit.models.networks import build_model
+from slidekit.models.spec import ModelSpec
+from slidekit.models.weights import init_from, load_embedding_encoder, read_state_dict
 
 CNN, VIT = "convnext_atto", "vit_tiny_patch16_224"
 
@@ -114,9 +117,8 @@ def test_cli_train_with_timm_init(tmp_path):
 
 
 def test_embed_with_timm_encoder(tmp_path):
+    from slidekit.slidelevel.embed import embed_slide, open_embeddings
     from tests.conftest import synthetic_slide
-
-    from slidekit.embed import embed_slide, open_embeddings
 
     slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384))
     w = timm_weights(tmp_path / "w.safetensors", CNN)
@@ -130,7 +132,7 @@ def test_embed_with_timm_encoder(tmp_path):
 
 
 def test_fine_tune_keeps_a_timm_backbone():
-    from slidekit.linear_eval import fine_tune
+    from slidekit.slidelevel.linear_eval import fine_tune
 
     torch.manual_seed(0)
     net = build_model(ModelSpec(arch="resnet-encoder", backbone=f"timm:{CNN}", task="embedding", classes=[],

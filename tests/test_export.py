@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from slidekit.errors import CheckpointError
-from slidekit.model_export import export_model
-from slidekit.models import ModelSpec, build_model, save_checkpoint
+from slidekit.base.errors import CheckpointError
+from slidekit.models.checkpoint import save_checkpoint
+from slidekit.models.export import export_model
+from slidekit.models.networks import build_model
+from slidekit.models.spec import ModelSpec
 from tests.conftest import synthetic_slide
 
 WSINFER_TRANSFORMS = {"Resize", "ToTensor", "Normalize"}
@@ -23,9 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the shared
 @pytest.fixture(scope="module")
 def tiles_and_predict(tmp_path_factory):
     """Tiles of a synthetic slide, and a function running slidekit's Predictor over the same tiles."""
-    from slidekit.inference import Predictor
-    from slidekit.slide import open_slide
-    from slidekit.tiling import TileGrid, read_tiles
+    from slidekit.infer.predictor import Predictor
+    from slidekit.regions.tiling import TileGrid, read_tiles
+    from slidekit.slides.slide import open_slide
 
     root = tmp_path_factory.mktemp("export")
     path = synthetic_slide(root / "s.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384))

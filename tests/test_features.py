@@ -6,9 +6,9 @@ import pytest
 from click.testing import CliRunner
 
 from slidekit.cli import main
-from slidekit.features import (downsample, feature_names, features_from_view, features_table,
-                               heatmap_features, HeatmapView, open_heatmap_view, predicted_size_class,
-                               read_table, size_class)
+from slidekit.slidelevel.features import (HeatmapView, downsample, feature_names, features_from_view, features_table,
+                                          heatmap_features, open_heatmap_view, predicted_size_class, read_table,
+                                          size_class)
 
 
 def disc_map(diameter_um: float, mpp: float, field_um: float = 4000.0, p_in: float = 0.95,
@@ -92,8 +92,8 @@ def test_view_features_match_in_memory():
 
 
 def _write_heatmap(path, p, mpp=4.0, tile=100):
-    from slidekit.heatmap import HeatmapWriter
-    from slidekit.tiling import TileGrid
+    from slidekit.infer.heatmap import HeatmapWriter
+    from slidekit.regions.tiling import TileGrid
 
     n = p.shape[0] // tile
     cs, rs = np.meshgrid(np.arange(n), np.arange(n))

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+from conftest import synthetic_slide
 from shapely.geometry import LineString, MultiPoint, Point, Polygon, box
 
 import slidekit as sk
-from conftest import synthetic_slide
-from slidekit.annotations import Annotation, rasterize, read_annotations, write_geojson
-from slidekit.errors import AnnotationWarning
-from slidekit.geometry import filled_area, filled_geometry, make_valid
+from slidekit.annotations.formats import read_annotations, write_geojson
+from slidekit.annotations.geometry import filled_area, filled_geometry, make_valid, rasterize
+from slidekit.annotations.objects import Annotation
+from slidekit.base.errors import AnnotationWarning
 
 
 def winding_oracle(ring: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -203,7 +204,7 @@ def _all_coords(path: Path) -> np.ndarray:
 
 
 def test_heatmap_geojson_stays_on_the_slide(tmp_path: Path) -> None:
-    from slidekit.inference import heatmap_slide
+    from slidekit.infer.predictor import heatmap_slide
 
     W, H = 1000, 700  # not a multiple of the 256-px tiles nor of the 32-px heatmap pixels
     slide = synthetic_slide(tmp_path / "edge.tif", width=W, height=H, tissue_box=(500, 300, 500, 400))
@@ -222,8 +223,10 @@ def test_heatmap_geojson_stays_on_the_slide(tmp_path: Path) -> None:
 def test_embed_cluster_tiles_stay_on_the_slide(tmp_path: Path, one_torch_thread) -> None:
     import torch
 
-    from slidekit.embed import embed_slide
-    from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
+    from slidekit.models.checkpoint import save_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.models.spec import ModelSpec
+    from slidekit.slidelevel.embed import embed_slide
 
     W, H = 600, 500
     slide = synthetic_slide(tmp_path / "edge.tif", width=W, height=H, tissue_box=(200, 200, 400, 300))
@@ -245,7 +248,7 @@ def test_embed_cluster_tiles_stay_on_the_slide(tmp_path: Path, one_torch_thread)
 def test_annotation_areas_follow_the_fill_rule(shared_data: Path) -> None:
     import csv
 
-    from slidekit.features import annotation_features
+    from slidekit.slidelevel.features import annotation_features
 
     eight = Annotation(Polygon(EIGHT), label="Tumor")
     f = annotation_features([eight], slide_mpp=0.5)

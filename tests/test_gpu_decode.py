@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import slidekit as sk
-from slidekit.demo import write_pyramid
-from slidekit.gpu_decode import BatchDecoder, decode_path, jpeg_stream
-from slidekit.tiling import TileReader
+from slidekit.infer.gpu_decode import BatchDecoder, decode_path, jpeg_stream
+from slidekit.regions.tiling import TileReader
+from slidekit.slides.demo import write_pyramid
 
 
 def _slide(tmp_path, compression="jpeg"):
@@ -67,7 +67,7 @@ class _Pixels:
 
 def _force_gpu_path(monkeypatch) -> list:
     """decode_path decides as on cuda:0; the decoder runs on the CPU and logs (streams, device)."""
-    from slidekit import gpu_decode
+    from slidekit.infer import gpu_decode
 
     choose, decode, calls = gpu_decode.decode_path, gpu_decode.decode_jpeg_batch, []
     monkeypatch.setattr(gpu_decode, "decode_path", lambda reader, device: choose(reader, torch.device("cuda", 0)))
@@ -87,7 +87,7 @@ def _pixels(pred, slide, grid) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_predictor_streams_jpeg_bytes_through_workers_and_decodes_them_in_the_main_process(tmp_path, monkeypatch):
-    from slidekit.inference import Predictor
+    from slidekit.infer.predictor import Predictor
 
     slide = sk.open_slide(_slide(tmp_path))
     grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
@@ -110,7 +110,7 @@ def test_predictor_streams_jpeg_bytes_through_workers_and_decodes_them_in_the_ma
 def test_a_run_starting_at_an_edge_tile_keeps_the_gpu_path(tmp_path, monkeypatch):
     """The one-tile GPU-vs-CPU check compares after the edge is whitened (the CPU read is white past
     the image; the stored tile holds padding there)."""
-    from slidekit.inference import Predictor
+    from slidekit.infer.predictor import Predictor
 
     slide = sk.open_slide(_slide(tmp_path))
     grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
@@ -129,9 +129,9 @@ def test_a_run_starting_at_an_edge_tile_keeps_the_gpu_path(tmp_path, monkeypatch
 def test_the_gpu_path_catches_damaged_tiles_as_the_cpu_path_does(tmp_path, monkeypatch):
     import tifffile
 
+    from slidekit.base.errors import BadTileWarning, CorruptTileError
+    from slidekit.infer.predictor import Predictor
     from tests.conftest import synthetic_slide
-    from slidekit.errors import BadTileWarning, CorruptTileError
-    from slidekit.inference import Predictor
 
     path = synthetic_slide(tmp_path / "damaged.tif", width=1024, height=768, tissue_box=(0, 0, 1024, 768))
     with tifffile.TiffFile(path) as tif:  # zero 200 bytes in the middle of the tile at (512, 256)
@@ -156,8 +156,8 @@ def test_the_gpu_path_catches_damaged_tiles_as_the_cpu_path_does(tmp_path, monke
 
 
 def test_a_failing_gpu_decode_falls_back_to_the_cpu_and_says_why(tmp_path, monkeypatch):
-    from slidekit import gpu_decode
-    from slidekit.inference import Predictor
+    from slidekit.infer import gpu_decode
+    from slidekit.infer.predictor import Predictor
 
     slide = sk.open_slide(_slide(tmp_path))
     grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
@@ -180,8 +180,8 @@ def test_a_failing_gpu_decode_falls_back_to_the_cpu_and_says_why(tmp_path, monke
 
 
 def test_heatmap_summary_records_the_decode_path(tmp_path, monkeypatch):
+    from slidekit.infer.predictor import heatmap_slide
     from tests.conftest import synthetic_slide
-    from slidekit.inference import heatmap_slide
 
     path = synthetic_slide(tmp_path / "s.tif")
     kw = dict(workers=0, device="cpu", progress=False)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from slidekit.heatmap import Heatmap, HeatmapWriter, blend_window, heatmap_geometry
-from slidekit.tiling import TileGrid
+from slidekit.infer.heatmap import Heatmap, HeatmapWriter, blend_window, heatmap_geometry
+from slidekit.regions.tiling import TileGrid
 
 
 def make_grid(dims=(1000, 700), mpp=1.0, slide_mpp=0.5, size=64, overlap=16, keep=None) -> TileGrid:

@@ -9,17 +9,19 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import synthetic_slide
 from shapely.geometry import box
 
-from conftest import synthetic_slide
-from slidekit.annotations import read_annotations
-from slidekit.builtin_models import Hematoxylin, builtin_model
+from slidekit.annotations.formats import read_annotations
 from slidekit.cli import main
-from slidekit.heatmap import Heatmap, HeatmapWriter
-from slidekit.inference import Predictor, heatmap_slide
-from slidekit.models import ModelSpec, ResNetClassifier, ResNetUNet, save_checkpoint
-from slidekit.slide import open_slide
-from slidekit.tiling import TileGrid, TileReader
+from slidekit.infer.heatmap import Heatmap, HeatmapWriter
+from slidekit.infer.predictor import Predictor, heatmap_slide
+from slidekit.models.builtin import Hematoxylin, builtin_model
+from slidekit.models.checkpoint import save_checkpoint
+from slidekit.models.networks import ResNetClassifier, ResNetUNet
+from slidekit.models.spec import ModelSpec
+from slidekit.regions.tiling import TileGrid, TileReader
+from slidekit.slides.slide import open_slide
 
 TISSUE_BOX = (512, 256, 1024, 768)  # level-0 x, y, w, h of the synthetic slide's tissue
 
@@ -201,8 +203,8 @@ class RedChannel(torch.nn.Module):
 
 
 def test_end_to_end_stitching_recovers_position_encoded_in_the_slide(tmp_path: Path) -> None:
-    from slidekit.builtin_models import BuiltinSpec
-    from slidekit.demo import write_pyramid
+    from slidekit.models.builtin import BuiltinSpec
+    from slidekit.slides.demo import write_pyramid
 
     # Red encodes level-0 x (constant over 8-px columns), so every tile sees its own position.
     W, H = 2048, 1024
@@ -224,7 +226,7 @@ def test_end_to_end_stitching_recovers_position_encoded_in_the_slide(tmp_path: P
 
 
 def test_unreadable_tile_in_a_worker_is_one_clean_error(slide_path: Path, monkeypatch) -> None:
-    from slidekit.errors import SlideError
+    from slidekit.base.errors import SlideError
 
     original = TileReader.read
 

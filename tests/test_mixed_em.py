@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import zarr
 
-from slidekit.sampling import FixedRatioSampler, ratio_counts
+from slidekit.data.sampling import FixedRatioSampler, ratio_counts
 from trainers.mixed_em import e_step, mask_patch, pseudo_label, select_round
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,6 +101,7 @@ def test_mask_patch_maps_level0_boxes():
 def test_tiny_mixed_em_run(tmp_path):
     """End to end on four small synthetic slides: rounds logged, a round selected, files written."""
     from conftest import mixed_em_slides
+
     from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
 
     mixed_em_slides(tmp_path)
@@ -148,7 +148,7 @@ def _fake_rounds(out, cv_losses, chance=0.69, train_losses=None):
     ([0.5, float("nan")], [0.3, float("nan")], "no EM round has a finite stage-2 loss", 1),
 ])
 def test_round_selection_on_nan_or_chance_level_loss_warns(tmp_path, cv, train, match, selected):
-    from slidekit.errors import TrainingWarning
+    from slidekit.base.errors import TrainingWarning
     from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
 
     t = MixedEMTrainer(MixedEMConfig(slides="x.csv", rounds=len(cv) - 1))
@@ -174,8 +174,8 @@ def test_round_selection_below_chance_is_quiet(tmp_path):
 
 
 def test_mixed_em_config_ranges():
-    from slidekit.errors import ConfigError
-    from trainers.base import load_config
+    from slidekit.base.errors import ConfigError
+    from trainers.config import load_config
     from trainers.mixed_em import MixedEMConfig
 
     for bad in ("ratio=2,1", "rounds=-1", "patch_size=0", "threshold=1.5", "selection=best"):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import slidekit as sk
-from slidekit.models import (CHECKPOINT_FORMAT, ModelSpec, ResNetClassifier, ResNetUNet, build_model,
-                             load_checkpoint, save_checkpoint, transfer_encoder)
+from slidekit.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, transfer_encoder
+from slidekit.models.networks import ResNetClassifier, ResNetUNet, build_model
+from slidekit.models.spec import ModelSpec
 
 
 def test_networks_shapes():

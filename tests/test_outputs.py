@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import synthetic_slide
+
+from slidekit.base.errors import LockedError, OutputError
+from slidekit.base.locks import LOCK_NAME, OutputLock, read_lock
 from slidekit.cli import main
-from slidekit.errors import LockedError, OutputError
-from slidekit.inference import heatmap_slide
-from slidekit.locks import LOCK_NAME, OutputLock, read_lock
+from slidekit.infer.predictor import heatmap_slide
 
 FAST = dict(workers=0, device="cpu", progress=False, batch_size=16)
 
@@ -74,8 +74,10 @@ def test_cli_heatmap_same_stem_slides_get_distinct_folders(slides, tmp_path):
 
 
 def test_embed_refuses_to_delete_an_existing_folder(tmp_path):
-    from slidekit.embed import embed_slide
-    from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
+    from slidekit.models.checkpoint import save_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.models.spec import ModelSpec
+    from slidekit.slidelevel.embed import embed_slide
 
     slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384))
     spec = ModelSpec(arch="resnet-encoder", task="embedding", classes=[], patch_size=32, mpp=2.0,
@@ -147,8 +149,8 @@ def test_second_heatmap_on_a_locked_folder_is_one_line(slides, tmp_path):
 
 
 def test_tissue_and_tile_refuse_to_replace_foreign_files(slides, tmp_path):
-    from slidekit.tiling import make_grid
-    from slidekit.tissue import save_tissue
+    from slidekit.regions.tiling import make_grid
+    from slidekit.regions.tissue import save_tissue
 
     out = tmp_path / "T"
     out.mkdir()
@@ -166,8 +168,8 @@ def test_tissue_and_tile_refuse_to_replace_foreign_files(slides, tmp_path):
 
 
 def test_tissue_regions_stay_inside_the_slide(tmp_path):
-    from slidekit.annotations import read_annotations
-    from slidekit.tissue import save_tissue
+    from slidekit.annotations.formats import read_annotations
+    from slidekit.regions.tissue import save_tissue
 
     # Tissue up to the right and bottom edges of a slide whose size is not a multiple of the mask pixel.
     slide = synthetic_slide(tmp_path / "edge.tif", width=1000, height=700, tissue_box=(600, 300, 400, 400))

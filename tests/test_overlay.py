@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from conftest import synthetic_slide
 from PIL import Image
 
 from slidekit.cli import main
-from slidekit.heatmap import Heatmap, HeatmapWriter
-from slidekit.heatmap_tiff import write_heatmap_tiff
-from slidekit.legend import read_legend
-from slidekit.slide import open_slide
-from slidekit.tiling import TileGrid
-
-from conftest import synthetic_slide
+from slidekit.infer.heatmap import Heatmap, HeatmapWriter
+from slidekit.infer.heatmap_tiff import write_heatmap_tiff
+from slidekit.infer.legend import read_legend
+from slidekit.regions.tiling import TileGrid
+from slidekit.slides.slide import open_slide
 
 CLASSES = ["background", "Tumor", "Stroma"]
 COLORS = [(255, 255, 255), (220, 20, 60), (30, 144, 255)]

@@ -11,17 +11,17 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import synthetic_slide
 from shapely.geometry import box
 
-import slidekit.patches as patches
-from slidekit.annotations import Annotation, write_geojson
+import slidekit.regions.patches as patches
+from slidekit.annotations.formats import write_geojson
+from slidekit.annotations.objects import Annotation
+from slidekit.base.errors import OutputError
 from slidekit.cli import main
-from slidekit.errors import OutputError
-from slidekit.patches import export_patches
-from slidekit.slide import open_slide
-from slidekit.tiling import make_grid, read_tiles
-
-from conftest import synthetic_slide
+from slidekit.regions.patches import export_patches
+from slidekit.regions.tiling import make_grid, read_tiles
+from slidekit.slides.slide import open_slide
 
 OPTS = dict(mpp=0.5, size=256, min_tissue=0.5, progress=False)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import synthetic_slide
 from shapely.geometry import box
 
-from slidekit.annotations import Annotation, write_geojson
+from slidekit.annotations.formats import write_geojson
+from slidekit.annotations.objects import Annotation
 from slidekit.cli import main
-from slidekit.heatmap import Heatmap
-
-from conftest import synthetic_slide
+from slidekit.infer.heatmap import Heatmap
 
 ROI = (600, 300, 1000, 700)  # level-0 box inside the synthetic tissue (512, 256)-(1536, 1024)
 
@@ -73,7 +73,9 @@ def test_tissue_options_reach_the_detector(tmp_path, slide):
     assert run("tile", slide, "--out", tmp_path / "g.npz", "--tissue-mpp", "4").exit_code == 0
     res = run("heatmap", slide, "--out", tmp_path / "hm", "--tissue-min-area", "1000000", "--workers", "0", "-q")
     assert res.exit_code != 0 and "no tissue" in res.output
-    from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
+    from slidekit.models.checkpoint import save_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.models.spec import ModelSpec
 
     spec = ModelSpec(arch="resnet-encoder", task="embedding", classes=[], patch_size=32, mpp=2.0,
                      mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", trainer="simclr")

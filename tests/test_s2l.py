@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from test_scribble_trainer import make_nuclei_folder
 
 import trainers
-from slidekit.scribbles import IGNORE
-from test_scribble_trainer import make_nuclei_folder
+from slidekit.annotations.scribbles import IGNORE
 from trainers.s2l import S2LTrainer, consistent_pseudo_labels, ema_update
 
 
@@ -52,7 +52,7 @@ def _cfg(root, **kw):
 def test_s2l_run_trains_every_layer_and_stores_averages_at_image_size(tmp_path):
     root = make_nuclei_folder(tmp_path / "d", n_images=2, size=48)
     t = S2LTrainer(_cfg(root))
-    from slidekit.models import build_model
+    from slidekit.models.networks import build_model
 
     torch.manual_seed(0)
     ckpt = t.fit(tmp_path / "run", device="cpu", progress=False)
@@ -83,7 +83,7 @@ def test_s2l_crops_carry_their_own_averages(tmp_path):
     t.ema[0][0] = torch.arange(h * w, dtype=torch.float32).view(h, w)
     img_code = t.dataset.images[0].clone()
     t.dataset.images[0] = (torch.arange(h * w) % 251).view(1, h, w).repeat(3, 1, 1).to(torch.uint8)
-    from slidekit.data import JointAugment
+    from slidekit.data.datasets import JointAugment
 
     ds.transform = JointAugment(color_jitter=None)
     torch.manual_seed(3)
@@ -122,7 +122,7 @@ def test_s2l_resume_restores_averages(tmp_path):
 
 
 def test_s2l_rejects_bad_options_and_slides(tmp_path):
-    from slidekit.errors import ConfigError
+    from slidekit.base.errors import ConfigError
 
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=32)
     with pytest.raises(ConfigError, match="threshold"):
@@ -138,7 +138,7 @@ def test_s2l_rejects_bad_options_and_slides(tmp_path):
     (dict(warmup_epochs=0, epochs=3, ema_start=2), "first prediction average"),
 ])
 def test_s2l_refuses_schedules_where_s2l_never_starts(tmp_path, opts, match):
-    from slidekit.errors import ConfigError
+    from slidekit.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path, **opts)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import install_trainer_plugin
 from PIL import Image
 
 import trainers
-from conftest import install_trainer_plugin
-from slidekit.scribbles import IGNORE, foreground_iou, generate_scribbles
+from slidekit.annotations.scribbles import IGNORE, foreground_iou, generate_scribbles
 from trainers.scribble import ScribbleTrainer, partial_cross_entropy, predict_images
 
 
@@ -123,12 +123,12 @@ def test_tiny_training_run_improves_iou(tmp_path):
     root = make_nuclei_folder(tmp_path / "d", fraction=1.0)
     trainer = ScribbleTrainer(_config(root, crop=48, batch_size=8, samples_per_image=16, epochs=10,
                                       lr_schedule="constant"))
-    from slidekit.models import build_model
+    from slidekit.models.networks import build_model
 
     torch.manual_seed(0)
     before = folder_iou(build_model(trainer.build_spec()), trainer.build_spec(), root)
     ckpt = trainer.fit(tmp_path / "run", device="cpu", progress=False)
-    from slidekit.models import load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt)
     after = folder_iou(loaded.model, loaded.spec, root)
@@ -171,7 +171,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
 def test_bad_labels_are_reported(tmp_path):
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=32)
     Image.fromarray(np.full((32, 32), 7, np.uint8)).save(root / "scribbles" / "s0.png")
-    from slidekit.errors import ConfigError
+    from slidekit.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="outside"):
         ScribbleTrainer(_config(root)).fit(tmp_path / "run", device="cpu", progress=False)
@@ -183,7 +183,9 @@ def test_encoder_transfer_to_patch_classifier(tmp_path):
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=64)
     ckpt = ScribbleTrainer(_config(root, epochs=1, samples_per_image=4, crop=32)).fit(
         tmp_path / "run", device="cpu", progress=False)
-    from slidekit.models import ModelSpec, ResNetClassifier, build_model, load_checkpoint, transfer_encoder
+    from slidekit.models.checkpoint import load_checkpoint, transfer_encoder
+    from slidekit.models.networks import ResNetClassifier, build_model
+    from slidekit.models.spec import ModelSpec
 
     seg = load_checkpoint(ckpt).model
     clf = build_model(ModelSpec(arch="resnet-classifier", classes=["a", "b", "c"]))
@@ -198,8 +200,8 @@ def test_encoder_transfer_to_patch_classifier(tmp_path):
 
 def test_slidekit_train_checkpoint_runs_in_heatmap(tmp_path):
     from click.testing import CliRunner
-
     from conftest import synthetic_slide
+
     from slidekit.cli import main
 
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=64)
@@ -227,7 +229,8 @@ def test_slidekit_train_checkpoint_runs_in_heatmap(tmp_path):
 def _scribble_geojson(path: Path, labels: list[str]) -> Path:
     from shapely.geometry import LineString
 
-    from slidekit.annotations import Annotation, write_geojson
+    from slidekit.annotations.formats import write_geojson
+    from slidekit.annotations.objects import Annotation
 
     anns = [Annotation(LineString([(600 + 40 * i, 300), (600 + 40 * i, 600)]), label=lab)
             for i, lab in enumerate(labels)]
@@ -236,7 +239,8 @@ def _scribble_geojson(path: Path, labels: list[str]) -> Path:
 
 def test_config_class_matching_no_annotation_is_an_error(tmp_path):
     from conftest import synthetic_slide
-    from slidekit.errors import LabelError, TrainingWarning
+
+    from slidekit.base.errors import LabelError, TrainingWarning
 
     slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(512, 256, 400, 400))
     geo = _scribble_geojson(tmp_path / "s.geojson", ["Background", "Tumor", "Stroma"])
@@ -254,7 +258,7 @@ def test_config_class_matching_no_annotation_is_an_error(tmp_path):
 
 
 def test_image_folder_class_without_pixels_is_an_error(tmp_path, one_torch_thread):
-    from slidekit.errors import LabelError
+    from slidekit.base.errors import LabelError
 
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=48, full=True)
     cfg = _config(root, classes=["background", "nucleus", "mitosis"], crop=32, epochs=1)
@@ -263,8 +267,9 @@ def test_image_folder_class_without_pixels_is_an_error(tmp_path, one_torch_threa
 
 
 def test_predict_images_accepts_numpy_hwc_as_read_region_returns(tmp_path, one_torch_thread):
-    from slidekit.errors import ConfigError
-    from slidekit.models import ModelSpec, build_model
+    from slidekit.base.errors import ConfigError
+    from slidekit.models.networks import build_model
+    from slidekit.models.spec import ModelSpec
 
     spec = ModelSpec(arch="resnet-unet", task="segmentation", classes=["bg", "fg"], patch_size=32)
     torch.manual_seed(0)
@@ -286,7 +291,7 @@ def test_cli_rerun_continues_refuses_and_restarts(tmp_path, one_torch_thread):
     from click.testing import CliRunner
 
     from slidekit.cli import main
-    from slidekit.models import read_checkpoint
+    from slidekit.models.checkpoint import read_checkpoint
 
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=48)
     base = ["train", "scribble", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet",

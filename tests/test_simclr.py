@@ -8,17 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import synthetic_slide
 from PIL import Image
 from torch import nn
 
-from slidekit.errors import ConfigError
-from slidekit.models import ResNetUNet, load_checkpoint, transfer_encoder
-from slidekit.sampling import FixedRatioSampler
+from slidekit.base.errors import ConfigError
+from slidekit.data.sampling import FixedRatioSampler
+from slidekit.models.checkpoint import load_checkpoint, transfer_encoder
+from slidekit.models.networks import ResNetUNet
 from trainers.simclr_core import (LARS, AugmentConfig, HistologyAugment, color_jitter, gaussian_blur, nt_xent,
                                   split_decay_groups, warmup_cosine)
 from trainers.simclr_data import PatchPool, build_sources
-
-from conftest import synthetic_slide
 
 
 def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
@@ -296,7 +296,9 @@ def test_lars_run_init_and_time_budget(texture_folder, tmp_path):
 
     first = tmp_path / "a" / "checkpoint.pt"
     first.parent.mkdir()
-    from slidekit.models import ModelSpec, ResNetClassifier, save_checkpoint
+    from slidekit.models.checkpoint import save_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.models.spec import ModelSpec
 
     src = ResNetClassifier("resnet18", 0)
     save_checkpoint(first, src, ModelSpec(arch="resnet-encoder", classes=[], task="embedding"))

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 import slidekit as sk
-from slidekit.tiling import TileReader
+from slidekit.regions.tiling import TileReader
 from tests.conftest import synthetic_slide
 
 TILE = (512, 256)  # level-0 (x, y) of the damaged tile: tile row 1, column 2
@@ -151,7 +151,7 @@ def test_level0_of_2_31_pixels_is_one_clear_error(tmp_path):
 def test_png_bomb_is_refused_and_the_limit_can_be_raised(tmp_path):
     from PIL import Image
 
-    import slidekit.slide as slide_mod
+    import slidekit.slides.slide as slide_mod
 
     png = tmp_path / "bomb.png"
     Image.new("RGB", (3000, 2000), (250, 250, 250)).save(png)
@@ -173,7 +173,7 @@ def test_read_whole_of_a_single_level_slide_reads_stored_tiles_with_progress(tmp
         assert slide.level_count == 1
         view = slide.read_whole(8.0, progress=True)
         ref = slide._read_downsampled(view.shape[1], view.shape[0], 16.0, progress=False)
-        import slidekit.whole as whole
+        import slidekit.slides.whole as whole
 
         direct = whole._from_regions(slide, 0, 3072, 2048, view.shape[1], view.shape[0], 1 << 24, None)
         assert view.shape == (128, 192, 3)

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from slidekit.errors import LabelError
-from slidekit.features import heatmap_features, size_class
+from slidekit.base.errors import LabelError
+from slidekit.slidelevel.features import heatmap_features, size_class
 from trainers.stage2 import (MorphClassifier, TopKMeanConfig, TopKMeanTrainer, fit_morph_lgbm, fit_topk_mean,
                              read_slide_table, topk_mean_probs)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +63,7 @@ def test_topk_mean_trains_and_averages_k_patches(tmp_path):
                          progress=False)
     import json
 
-    from slidekit.models import load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
 
     losses = [r["loss"] for r in json.loads((tmp_path / "tk" / "metrics.json").read_text())]
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -127,7 +126,7 @@ def test_morph_lgbm_follows_the_run_folder_rules(tmp_path):
     """morph-lgbm into a folder holding another trainer's run is refused instead of overwriting it."""
     import json
 
-    from slidekit.errors import TrainingError
+    from slidekit.base.errors import TrainingError
     from trainers.stage2 import MorphLGBMConfig, MorphLGBMTrainer
 
     out = tmp_path / "run"

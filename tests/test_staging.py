@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from sklearn.metrics import cohen_kappa_score
 
 from slidekit import LabelError, pn_stage, weighted_kappa
+from slidekit.base.datapaths import data_dir, data_missing_reason
 from slidekit.cli import main
-from slidekit.datapaths import data_dir, data_missing_reason
-from slidekit.staging import PN_STAGES, read_label_csv, stage_csv, stage_table
+from slidekit.slidelevel.staging import PN_STAGES, read_label_csv, stage_csv, stage_table
 
 CAMELYON = data_dir() / "camelyon" / "stage_labels.csv"
 needs_camelyon = pytest.mark.skipif(not CAMELYON.exists(),

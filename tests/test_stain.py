@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from slidekit import stain as stain_mod
-from slidekit.errors import CheckpointError, ConfigError
-from slidekit.stain import STAIN_METHODS, StainNormalizer, lab_to_rgb, normalizer_from_options, rgb_u8_to_lab
-from slidekit.stain_augment import hed_shift
+from slidekit.base.errors import CheckpointError, ConfigError
+from slidekit.stain import normalize as stain_mod
+from slidekit.stain.augment import hed_shift
+from slidekit.stain.normalize import STAIN_METHODS, StainNormalizer, lab_to_rgb, normalizer_from_options, rgb_u8_to_lab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the shared cores crawl otherwise
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from slidekit.base.errors import CheckpointError, StainWarning
 from slidekit.cli import main
-from slidekit.errors import CheckpointError, StainWarning
-from slidekit.heatmap import Heatmap
-from slidekit.inference import heatmap_slide
-from slidekit.models import ModelSpec, ResNetClassifier, load_checkpoint, read_checkpoint, save_checkpoint
-from slidekit.stain import StainNormalizer
-from slidekit.tiling import TileGrid, TileReader
+from slidekit.infer.heatmap import Heatmap
+from slidekit.infer.predictor import heatmap_slide
+from slidekit.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from slidekit.models.networks import ResNetClassifier
+from slidekit.models.spec import ModelSpec
+from slidekit.regions.tiling import TileGrid, TileReader
+from slidekit.stain.normalize import StainNormalizer
 
 SPEC = dict(arch="resnet-classifier", backbone="resnet18", classes=["a", "b"], patch_size=64, mpp=0.5)
 
@@ -27,7 +29,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from PIL import Image
     from skimage.data import immunohistochemistry
 
-    from slidekit.demo import write_pyramid
+    from slidekit.slides.demo import write_pyramid
 
     root = tmp_path_factory.mktemp("stain")
     rgb = immunohistochemistry()[:256, :256]
@@ -67,7 +69,7 @@ def test_heatmap_stain_norm_is_the_normaliser_then_the_model(files: dict, runs: 
     _, without = _values(files["root"] / "plain")
     assert np.abs(got - without).max() > 1e-4  # normalising changed what the model saw
     # By hand: the grid's tiles, the normaliser, then the model.
-    from slidekit.slide import open_slide
+    from slidekit.slides.slide import open_slide
 
     ck = load_checkpoint(files["ckpt"])
     with open_slide(files["slide"]) as slide:
@@ -82,7 +84,7 @@ def test_heatmap_stain_norm_is_the_normaliser_then_the_model(files: dict, runs: 
 
 def test_checkpoint_stain_applies_by_default_and_none_turns_it_off(files: dict, runs: dict,
                                                                    tmp_path: Path) -> None:
-    from slidekit.inference import resolve_stain
+    from slidekit.infer.predictor import resolve_stain
 
     spec = load_checkpoint(files["stained"]).spec
     with warnings.catch_warnings():
@@ -111,7 +113,7 @@ def test_a_rerun_with_another_normalisation_is_not_reused(files: dict, tmp_path:
     assert not second.get("skipped") and second["config_key"] != first["config_key"]
     assert json.loads((out / "summary.json").read_text())["stain"]["method"] == "reinhard"
     assert _run(files, out, stain_norm="reinhard", stain_ref=files["ref"]).get("skipped")
-    from slidekit.inference import resolve_stain
+    from slidekit.infer.predictor import resolve_stain
 
     keys = {m: resolve_stain(load_checkpoint(files["ckpt"]).spec, m, files["ref"])[1]["key"]
             for m in ("macenko", "reinhard")}
@@ -119,7 +121,7 @@ def test_a_rerun_with_another_normalisation_is_not_reused(files: dict, tmp_path:
 
 
 def test_embed_applies_the_normalisation_and_records_it(files: dict, tmp_path: Path) -> None:
-    from slidekit.embed import embed_slide, open_embeddings
+    from slidekit.slidelevel.embed import embed_slide, open_embeddings
 
     kw = dict(workers=0, device="cpu", progress=False, min_tissue=0.0)
     plain = open_embeddings(embed_slide(files["slide"], files["ckpt"], tmp_path / "e.zarr", **kw))
@@ -173,7 +175,7 @@ def test_cli_heatmap_with_stain_norm_writes_it_in_the_summary(files: dict, tmp_p
 
 
 def test_export_of_a_stained_checkpoint_warns_and_writes_the_reference(files: dict, tmp_path: Path) -> None:
-    from slidekit.model_export import export_model
+    from slidekit.models.export import export_model
 
     with pytest.warns(StainWarning, match="normalised tiles") as rec:
         export_model(files["stained"], "wsinfer", tmp_path / "ws")

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import slidekit as sk
-from slidekit import resources
+from slidekit.base import resources
 from tests.conftest import synthetic_slide
 
 
@@ -70,7 +70,7 @@ def _worker_state(_):
 
 
 def test_predictor_workers_run_one_thread_each(tmp_path):
-    from slidekit.builtin_models import builtin_model
+    from slidekit.models.builtin import builtin_model
 
     net, spec = builtin_model("hematoxylin")
     path = synthetic_slide(tmp_path / "s.tif")
@@ -122,7 +122,7 @@ def test_cpu_budget_is_the_explicit_budget_else_what_the_process_may_use(monkeyp
 def test_overview_decode_pool_follows_the_budget_not_the_machine(tmp_path, monkeypatch):
     import tifffile
 
-    import slidekit.whole as whole
+    import slidekit.slides.whole as whole
 
     rgb = np.random.default_rng(0).integers(120, 255, size=(1024, 1024, 3), dtype=np.uint8)
     path = tmp_path / "flat.tif"
@@ -146,7 +146,7 @@ def test_overview_decode_pool_follows_the_budget_not_the_machine(tmp_path, monke
 
 def test_threads_option_on_every_computing_command(tmp_path):
     from slidekit.cli import main
-    from slidekit.demo import write_demo_slide
+    from slidekit.slides.demo import write_demo_slide
 
     demo = write_demo_slide(tmp_path / "demo.tif")
     torch.set_num_threads(2)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import slidekit as sk
-from slidekit.demo import write_pyramid
-from slidekit.tiling import TileReader, native_tiles_for
+from slidekit.regions.tiling import TileReader, native_tiles_for
+from slidekit.slides.demo import write_pyramid
 from tests.conftest import synthetic_slide
 
 

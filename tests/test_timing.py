@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import slidekit as sk
-from slidekit.timing import STAGES, GPUSampler, StageTimer, format_split
+from slidekit.base.timing import STAGES, GPUSampler, StageTimer, format_split
 from tests.conftest import synthetic_slide
 
 
@@ -55,7 +55,7 @@ def test_heatmap_summary_has_stage_seconds_and_the_cli_prints_the_split(tmp_path
 def test_predictor_times_read_transfer_and_model_per_tile():
     from torch import nn
 
-    from slidekit.builtin_models import builtin_model
+    from slidekit.models.builtin import builtin_model
 
     net, spec = builtin_model("hematoxylin")
     p = sk.Predictor(net, spec, device="cpu", workers=0, batch_size=4)

@@ -7,8 +7,8 @@ import pytest
 
 import slidekit as sk
 from benchmarks.tissue import score_mask
-from slidekit.demo import demo_image, write_pyramid
-from slidekit.tissue import detect_tissue, glass_colour, mask_to_polygons
+from slidekit.regions.tissue import detect_tissue, glass_colour, mask_to_polygons
+from slidekit.slides.demo import demo_image, write_pyramid
 from tests.conftest import synthetic_slide
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slidekit.errors import LabelError
-from slidekit.topk import (read_score_table, tile_max_scores, topk_from_scores, topk_indices, topk_mean)
+from slidekit.base.errors import LabelError
+from slidekit.slidelevel.topk import read_score_table, tile_max_scores, topk_from_scores, topk_indices, topk_mean
 
 
 def test_topk_indices_order_ties_nan():
@@ -46,7 +46,7 @@ def test_score_table(tmp_path):
 def test_topk_from_heatmap_on_disk(tmp_path):
     from test_features import _write_heatmap  # pytest puts tests/ on sys.path (rootdir-relative)
 
-    from slidekit.topk import topk_from_heatmap
+    from slidekit.slidelevel.topk import topk_from_heatmap
 
     p = np.zeros((300, 300), np.float32)
     p[250, 120] = 0.9

@@ -7,9 +7,9 @@ import sys
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import install_trainer_plugin
 
 import trainers
-from conftest import install_trainer_plugin
 from slidekit.cli import main
 
 BUILTINS = ["mixed-em", "morph-lgbm", "s2l", "scribble", "simclr", "topk-mean"]
@@ -54,7 +54,8 @@ def test_list_one_line_per_trainer_with_what_it_does():
 def test_list_includes_plugins(tmp_path, monkeypatch):
     install_trainer_plugin(tmp_path, monkeypatch, "my_lister", '''
         from dataclasses import dataclass
-        from trainers.base import Trainer, TrainerConfig
+        from trainers.base import Trainer
+        from trainers.config import TrainerConfig
 
         @dataclass
         class Cfg(TrainerConfig):

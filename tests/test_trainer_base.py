@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 
 import trainers
-from slidekit.errors import CheckpointError, ConfigError, TrainingError, TrainingWarning
-from slidekit.models import ModelSpec, read_checkpoint
+from slidekit.base.errors import CheckpointError, ConfigError, TrainingError, TrainingWarning
+from slidekit.models.checkpoint import read_checkpoint
+from slidekit.models.spec import ModelSpec
 
 
 @dataclass

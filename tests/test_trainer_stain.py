@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import trainers
-from slidekit.errors import ConfigError, TrainingError, TrainingWarning
+from slidekit.base.errors import ConfigError, TrainingError, TrainingWarning
 from tests.test_scribble_trainer import make_nuclei_folder, synthetic_nuclei
 from trainers.scribble import ScribbleTrainer, predict_images
 
@@ -23,9 +23,9 @@ STAIN_FIELDS = ("stain_norm", "stain_ref", "stain_aug", "stain_aug_strength")
 
 @pytest.fixture
 def stain(tmp_path):
-    """(slidekit.stain, slidekit.stain_augment, a reference image of another lab's colours)."""
-    import slidekit.stain as mod
-    import slidekit.stain_augment as aug
+    """(slidekit.stain.normalize, slidekit.stain.augment, a reference image of another lab's colours)."""
+    import slidekit.stain.augment as aug
+    import slidekit.stain.normalize as mod
     ref, _ = synthetic_nuclei(64, seed=7)
     ref = np.clip(ref.astype(int) + [-40, 10, -30], 0, 255).astype(np.uint8)
     path = tmp_path / "ref.png"
@@ -121,7 +121,8 @@ def test_training_with_stain_norm_feeds_normalised_batches_and_records_spec_stai
     assert len(seen) == 2 and len(outputs) == 2  # 8 crops in batches of 4: every batch normalised
     row = json.loads((tmp_path / "run" / "metrics.json").read_text())[0]
     assert 0 <= row["stain_unchanged"] <= 8  # the crops the normaliser left as they were, reported
-    from slidekit.models import ModelSpec, read_checkpoint
+    from slidekit.models.checkpoint import read_checkpoint
+    from slidekit.models.spec import ModelSpec
 
     spec = ModelSpec.from_dict(read_checkpoint(ckpt)["spec"])
     want = mod.normalizer_from_options("reinhard", ref).to_dict()
@@ -145,7 +146,7 @@ def test_stain_augmentation_runs_in_training_steps_only(tmp_path, stain, monkeyp
     trainer = ScribbleTrainer(cfg)
     ckpt = trainer.fit(tmp_path / "run", device="cpu", progress=False)
     assert calls == [4, 4]  # each training batch once
-    from slidekit.models import load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
 
     ck = load_checkpoint(ckpt)
     assert ck.spec.stain is None  # augmentation is not part of the model
@@ -178,7 +179,8 @@ def test_randstainna_is_fitted_on_normalised_training_images(tmp_path, stain, mo
 
 def test_predict_images_applies_the_spec_stain(stain):
     mod, _, ref = stain
-    from slidekit.models import ModelSpec, build_model
+    from slidekit.models.networks import build_model
+    from slidekit.models.spec import ModelSpec
 
     torch.manual_seed(0)
     spec = ModelSpec(arch="resnet-unet", task="segmentation", classes=["bg", "fg"], patch_size=64)
@@ -197,7 +199,7 @@ def test_predict_images_applies_the_spec_stain(stain):
 
 def test_topk_mean_trains_normalised_and_its_probabilities_apply_spec_stain(tmp_path, stain):
     mod, _, ref = stain
-    from slidekit.models import load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
     from trainers.stage2 import TopKMeanConfig, TopKMeanTrainer, fit_topk_mean, topk_mean_probs
 
     bags = np.random.default_rng(0).integers(100, 255, size=(4, 2, 32, 32, 3)).astype(np.uint8)
@@ -276,10 +278,12 @@ def test_simclr_stain_augments_each_uint8_view_before_its_colour_jitter(tmp_path
 def test_mixed_em_round_heatmaps_are_predicted_through_spec_stain(tmp_path, stain, monkeypatch):
     mod, _, ref = stain
     from conftest import synthetic_slide
-    from slidekit.heatmap import Heatmap
-    from slidekit.models import ModelSpec, build_model
-    from slidekit.slide import open_slide
-    from slidekit.timing import StageTimer
+
+    from slidekit.base.timing import StageTimer
+    from slidekit.infer.heatmap import Heatmap
+    from slidekit.models.networks import build_model
+    from slidekit.models.spec import ModelSpec
+    from slidekit.slides.slide import open_slide
     from trainers.mixed_em import predict_heatmap
 
     calls: list[int] = []
@@ -302,7 +306,7 @@ def test_mixed_em_round_heatmaps_are_predicted_through_spec_stain(tmp_path, stai
 
 def test_train_cli_stain_flags_are_the_config_options(tmp_path, stain):
     from slidekit.cli import main
-    from slidekit.models import load_checkpoint
+    from slidekit.models.checkpoint import load_checkpoint
 
     _, _, ref = stain
     root = make_nuclei_folder(tmp_path / "d", n_images=1, size=64)
@@ -336,7 +340,7 @@ def test_a_missing_reference_fails_before_any_slide_is_read(tmp_path):
 
 def test_glass_tiles_left_unnormalised_are_counted_per_epoch(stain):
     _, _, ref = stain
-    from slidekit.models import ModelSpec
+    from slidekit.models.spec import ModelSpec
     from trainers.batches import BatchInputs, StainOptions
 
     spec = ModelSpec(patch_size=32)
@@ -357,7 +361,8 @@ def test_randstainna_sample_of_slides_is_the_patches_as_read_not_colour_jittered
     from conftest import synthetic_slide
     from shapely.geometry import LineString
 
-    from slidekit.annotations import Annotation, write_geojson
+    from slidekit.annotations.formats import write_geojson
+    from slidekit.annotations.objects import Annotation
     from trainers.scribble import ScribbleTrainer
 
     slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 128, 640, 512))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trainers
-from slidekit.timing import StageTimer
+from slidekit.base.timing import StageTimer
 from tests.test_scribble_trainer import make_nuclei_folder
 from trainers.scribble import ScribbleTrainer
 from trainers.stage2 import TopKMeanConfig, TopKMeanTrainer, fit_topk_mean
@@ -105,13 +105,13 @@ def test_topk_mean_metrics_hold_the_stage_split_and_quiet_prints_nothing(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::slidekit.errors.TrainingWarning")  # the toy cohort's round choice is arbitrary
+@pytest.mark.filterwarnings("ignore::slidekit.base.errors.TrainingWarning")  # the toy cohort's round choice is arbitrary
 def test_mixed_em_rounds_hold_the_stage_split_with_stain_options(tmp_path):
+    from conftest import mixed_em_slides
     from PIL import Image
 
-    from conftest import mixed_em_slides
-    from slidekit.models import load_checkpoint
-    from slidekit.stain import normalizer_from_options
+    from slidekit.models.checkpoint import load_checkpoint
+    from slidekit.stain.normalize import normalizer_from_options
     from tests.test_scribble_trainer import synthetic_nuclei
     from trainers.mixed_em import MixedEMConfig, MixedEMTrainer
 

@@ -3,9 +3,9 @@
 Every trainer prepares its uint8 batches the same way, here (``BatchInputs``):
 
 1. copy to the device;
-2. stain normalisation (``stain_norm`` to ``stain_ref``; ``slidekit.stain``), recorded in the
+2. stain normalisation (``stain_norm`` to ``stain_ref``; ``slidekit.stain.normalize``), recorded in the
    checkpoint as ``ModelSpec.stain`` so that inference applies the same normalisation;
-3. stain augmentation (``stain_aug``: HED jitter or RandStainNA; ``slidekit.stain_augment``),
+3. stain augmentation (``stain_aug``: HED jitter or RandStainNA; ``slidekit.stain.augment``),
    while training only;
 4. the model's input normalisation (``spec.normalize``).
 
@@ -13,7 +13,7 @@ Predictions made inside trainers (s2l's averages, mixed-em's heatmaps, evaluatio
 ``model_input``, which applies ``spec.stain`` the same way: a model trained on normalised tiles
 never sees raw ones.
 
-``BatchInputs.batches`` times an epoch's steps into a ``slidekit.timing.StageTimer``: ``read``
+``BatchInputs.batches`` times an epoch's steps into a ``slidekit.base.timing.StageTimer``: ``read``
 (waiting for the DataLoader), ``transfer`` (step 1-4 above) and ``model`` (forward, backward,
 optimiser step); ``trainers.base.run_epochs`` adds ``write`` (checkpoint and state) and logs them
 per epoch with ``samples_per_s`` (and, on CUDA with nvidia-ml-py, ``gpu_util``: the GPU's mean
@@ -31,10 +31,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from slidekit.stain import STAIN_METHODS
-from slidekit.stain_augment import STAIN_AUGMENTS as STAIN_AUGS
-from slidekit.timing import GPUSampler, StageTimer
-from trainers.base import TrainerConfig, check_option
+from slidekit.base.errors import ConfigError, TrainingError
+from slidekit.base.timing import GPUSampler, StageTimer
+from slidekit.infer.predictor import checkpoint_stain
+from slidekit.models.checkpoint import read_checkpoint
+from slidekit.stain.augment import STAIN_AUGMENTS as STAIN_AUGS, augmenter_from_options
+from slidekit.stain.normalize import STAIN_METHODS, normalizer_from_options
+from trainers.config import TrainerConfig, check_option
+from trainers.runs import RESTART_HINT
 
 STAIN_NORMS = ("none", *STAIN_METHODS)
 RANDSTAIN_FIT_IMAGES = 32  # training images (or patches) RandStainNA's statistics are fitted on
@@ -87,8 +91,6 @@ def check_stain_reference(config: Any) -> Any:
     hand to ``BatchInputs`` so that the reference is read once."""
     norm = getattr(config, "stain_norm", "none")
     if norm and norm != "none":
-        from slidekit.stain import normalizer_from_options
-
         return normalizer_from_options(norm, getattr(config, "stain_ref", "") or None)
     return None
 
@@ -98,8 +100,6 @@ def model_input(spec: Any, images: torch.Tensor, device: torch.device | str | No
     """uint8 (B, H, W, 3) or (B, 3, H, W) -> the network's float input on ``device``: the stain
     normalisation of ``spec.stain`` (or ``normalizer``; callers looping over batches build it once
     with ``checkpoint_stain``), then ``spec.normalize``. No augmentation."""
-    from slidekit.inference import checkpoint_stain
-
     x = images if device is None else images.to(device, non_blocking=True)
     norm = normalizer if normalizer is not None else checkpoint_stain(spec)
     if norm is not None:
@@ -142,13 +142,9 @@ class BatchInputs:
         self.augmenter = None
         kind = getattr(config, "stain_aug", "none")
         if kind and kind != "none":
-            from slidekit.stain_augment import augmenter_from_options
-
             images = None
             if kind == "randstainna":
                 if fit_images is None:
-                    from slidekit.errors import ConfigError
-
                     raise ConfigError("stain_aug 'randstainna' needs training images to fit on; this trainer "
                                       "gives none")
                 images = [self.prepare_eval(img) for img in fit_images()]  # fitted after normalisation
@@ -182,7 +178,7 @@ class BatchInputs:
     @contextmanager
     def sampling_gpu(self) -> Iterator[None]:
         """On CUDA, sample the GPU's utilisation during the ``with`` body into ``timer.gpu``
-        (nvidia-ml-py; ``slidekit.timing.GPUSampler``); elsewhere nothing."""
+        (nvidia-ml-py; ``slidekit.base.timing.GPUSampler``); elsewhere nothing."""
         if not self.timer.cuda:
             yield
             return
@@ -284,9 +280,6 @@ def check_same_stain(ckpt_path: Any, spec: Any) -> None:
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.exists():
         return
-    from slidekit.errors import TrainingError
-    from slidekit.models import read_checkpoint
-    from trainers.runs import RESTART_HINT
 
     recorded = (read_checkpoint(ckpt_path).get("spec") or {}).get("stain")
     current = getattr(spec, "stain", None)

@@ -10,7 +10,7 @@ e.g. SimCLR). Every later round ``r``:
   negative with an all-zero label. Pseudo-labels live on disk (zarr), never all in RAM.
 - **M-step**: the model keeps training from its previous weights with soft-label binary
   cross-entropy, every batch drawn at the fixed ratio ``ratio`` (2:1:7) between pixel labels,
-  positive pseudo-labels and hard negatives (``slidekit.sampling.FixedRatioSampler``).
+  positive pseudo-labels and hard negatives (``slidekit.data.sampling.FixedRatioSampler``).
 
 After every round (round 0 included) the model predicts a heatmap of every slide-labelled slide
 and the stage-2 classifier (``morph-lgbm``: LightGBM on heatmap morphology) is fitted on them; its
@@ -39,12 +39,24 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from slidekit.errors import ConfigError, LabelError, TrainingWarning
-from slidekit.features import DEFAULT_THRESHOLDS, SIZE_CLASSES, features_from_view, open_heatmap_view
-from slidekit.io import atomic_path, write_text_atomic
-from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
+from slidekit.base import distributed as dist
+from slidekit.base.devices import resolve_device
+from slidekit.base.errors import ConfigError, LabelError, TrainingWarning
+from slidekit.base.io import atomic_path, write_text_atomic
+from slidekit.data.sampling import FixedRatioSampler
+from slidekit.infer.heatmap import Heatmap, HeatmapWriter
+from slidekit.infer.predictor import Predictor
+from slidekit.models.checkpoint import save_checkpoint
+from slidekit.models.networks import build_model
+from slidekit.models.spec import ModelSpec
+from slidekit.regions.tiling import TileGrid, TileReader
+from slidekit.regions.tissue import tissue_mask
+from slidekit.slidelevel.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
+                                          open_heatmap_view, write_table)
+from slidekit.slides.slide import open_slide
+from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
 from trainers.batches import BatchInputs, StainOptions, check_stain_reference, sample_images
-from slidekit import distributed as dist
+from trainers.config import check_option
 from trainers.runs import begin_run
 from trainers.stage2 import fit_morph_lgbm, read_slide_table
 
@@ -273,11 +285,6 @@ def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | 
     tiles: a fully convolutional network predicts a 256 px tile much faster than sixteen 64 px ones.
     The Predictor applies the stain normalisation of ``spec.stain``; its stage seconds are added
     to ``timer`` (a StageTimer) when given."""
-    from slidekit.heatmap import Heatmap, HeatmapWriter
-    from slidekit.inference import Predictor
-    from slidekit.tiling import TileGrid
-    from slidekit.tissue import tissue_mask
-
     store = Path(store)
     if store.exists():
         try:
@@ -327,7 +334,7 @@ class MixedEMTrainer(Trainer):
             raise ConfigError("mixed-em needs 'slides' (a CSV with slide,label[,mask] columns)")
         out = Path(out_dir)
         self.out = out
-        # Several ranks (slidekit.distributed): rank 0 decides the rerun rule and writes every file; the
+        # Several ranks (slidekit.base.distributed): rank 0 decides the rerun rule and writes every file; the
         # M-step is DDP over a sharded global batch; round heatmaps are split by slide across ranks.
         self.device = dist.init_from_env(resolve_device(device))
         dist.local_batch_size(c.batch_size)  # the global batch splits evenly over the ranks
@@ -346,7 +353,6 @@ class MixedEMTrainer(Trainer):
             raise LabelError("mixed-em needs slides with slide labels (rows without a mask)", c.slides)
         self.out, self.progress = out, progress and dist.is_main()
         self.gen = seed_everything(c.seed)
-        from slidekit.models import ModelSpec, build_model
 
         self.spec = ModelSpec(arch="resnet-unet", backbone=c.backbone, task="segmentation", classes=["tumour"],
                               patch_size=c.patch_size, mpp=c.mpp, activation="sigmoid",
@@ -367,10 +373,6 @@ class MixedEMTrainer(Trainer):
 
     # -- preparation: grids, readers, pixel labels (cached on disk) --------------------------
     def _prepare(self) -> None:
-        from slidekit.slide import open_slide
-        from slidekit.tiling import TileGrid, TileReader
-        from slidekit.tissue import tissue_mask
-
         from tqdm.auto import tqdm
 
         c = self.config
@@ -430,7 +432,6 @@ class MixedEMTrainer(Trainer):
             sizes = [len(self.pixel_rows), len(pos), len(neg)]
             steps, ratio = c.round_steps, list(c.ratio)
             pseudo = zarr.open_array(str(rdir / "pseudo_labels.zarr"), mode="r")
-        from slidekit.sampling import FixedRatioSampler
 
         ds = PatchTable(self.readers, rows, self.pixel_labels, pseudo)
         sampler = FixedRatioSampler(sizes, ratio, c.batch_size, steps, seed=c.seed * 1000 + r)
@@ -438,7 +439,6 @@ class MixedEMTrainer(Trainer):
                                              num_workers=c.num_workers, collate_fn=_collate,
                                              pin_memory=self.device.type == "cuda")
         m_loss = soft_bce_steps(self.net, self.inputs, self.opt, loader) if steps > 0 else None
-        from slidekit.models import save_checkpoint
 
         dist.sync_buffers(self.model)  # every rank predicts with rank 0's batch-norm statistics
         if dist.is_main():
@@ -487,8 +487,6 @@ class MixedEMTrainer(Trainer):
                 return {"positive": z["positive"], "hard_negative": z["hard_negative"]}
 
         def patches(i: int):
-            from slidekit.heatmap import Heatmap
-
             hm = Heatmap(self.heatmap_dir(r - 1, i) / "heatmap.zarr")
             grid, P = self.grids[len(self.pixel) + i], c.patch_size
             (sx, sy), (ox, oy) = hm.scale, hm.origin
@@ -518,11 +516,9 @@ class MixedEMTrainer(Trainer):
         rows = [features_from_view(open_heatmap_view(p), c.stage2_thresholds, c.stage2_work_mpp) for p in paths]
         labels = [x.label for x in self.labelled]
         classes = SIZE_CLASSES if all(l in SIZE_CLASSES for l in labels) else ("negative", "positive")
-        from slidekit.features import feature_names
 
         clf, metrics = fit_morph_lgbm(rows, labels, feature_names(c.stage2_thresholds), seed=c.seed, classes=classes)
         clf.save(rdir / "morph_lgbm.json")
-        from slidekit.features import write_table
 
         write_table(rdir / "features.csv", [{"slide": str(x.slide), "label": x.label, **f}
                                              for x, f in zip(self.labelled, rows)])

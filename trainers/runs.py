@@ -26,8 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from slidekit.errors import TrainingError, TrainingWarning
-from slidekit.io import write_text_atomic
+from slidekit.base.errors import TrainingError, TrainingWarning
+from slidekit.base.io import write_text_atomic
 
 RUN_FILES = ("config.json", "checkpoint.pt", "state.pt", "metrics.csv", "metrics.json", "done.json")
 FREE_OPTIONS = frozenset({"num_workers"})  # options that may change between a run and its rerun

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from slidekit import distributed as dist
-from slidekit.errors import ConfigError
-from trainers.base import check_option, register
-from trainers.scribble import (ScribbleConfig, SegmentationTrainer, global_partial_cross_entropy,
-                               predict_images)
+from slidekit.base import distributed as dist
+from slidekit.base.errors import ConfigError
+from trainers.base import register
+from trainers.config import check_option
+from trainers.scribble import ScribbleConfig, SegmentationTrainer, global_partial_cross_entropy, predict_images
 
 
 def ema_update(previous: torch.Tensor | None, prediction: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -9,7 +9,7 @@ gives a zero loss (and zero gradient) instead of PyTorch's NaN. Labels come from
   are rasterised ``line_width_um`` wide, patch by patch, at ``mpp``.
 
 The encoder of the written checkpoint initialises downstream patch classifiers through
-``slidekit.models.transfer_encoder`` (or any trainer's ``init`` option).
+``slidekit.models.networks.transfer_encoder`` (or any trainer's ``init`` option).
 """
 from __future__ import annotations
 
@@ -25,12 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slidekit import distributed as dist
-from slidekit.errors import ConfigError, LabelError, TrainingWarning
-from slidekit.models import ModelSpec, build_model
-from slidekit.scribbles import IGNORE
-from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
+from slidekit.annotations.formats import read_annotations
+from slidekit.annotations.scribbles import IGNORE
+from slidekit.base import distributed as dist
+from slidekit.base.devices import resolve_device
+from slidekit.base.errors import ConfigError, LabelError, TrainingWarning
+from slidekit.data.datasets import ImageFolderDataset, JointAugment, SlidePatchDataset
+from slidekit.infer.predictor import checkpoint_stain
+from slidekit.models.networks import build_model
+from slidekit.models.spec import BACKBONES, ModelSpec
+from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
 from trainers.batches import BatchInputs, StainOptions, check_stain_reference, model_input, sample_images
+from trainers.config import check_option
 
 
 def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE,
@@ -66,8 +72,6 @@ def check_class_names(classes: Sequence[str], annotation_files: Sequence[str | o
     """LabelError when a class of the config names no annotation in any of the files (a typo or a
     QuPath class spelt differently would otherwise train a class the network never sees); a
     TrainingWarning for annotation classes the config leaves out (they are ignored)."""
-    from slidekit.annotations import read_annotations
-
     found: dict[str | None, int] = {}
     for path in annotation_files:
         for a in read_annotations(path):
@@ -123,7 +127,6 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Any] | np
     if not isinstance(images, (list, tuple, np.ndarray, torch.Tensor)):
         images = [images]  # one PIL image
     images = [_as_chw_uint8(img, i) for i, img in enumerate(images)]
-    from slidekit.inference import checkpoint_stain
 
     normalizer = checkpoint_stain(spec)  # once for all the images
     was_training = model.training
@@ -168,7 +171,6 @@ class ScribbleConfig(StainOptions):
 
     def validate(self) -> None:
         super().validate()
-        from slidekit.models import BACKBONES
 
         check_option(len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes), "classes",
                      self.classes, "two or more distinct class names")
@@ -198,14 +200,12 @@ class SegmentationTrainer(Trainer):
     # -- data ------------------------------------------------------------------------------------
     def build_dataset(self) -> Any:
         cfg = self.config
-        from slidekit.data import JointAugment
 
         aug = JointAugment() if cfg.augment else None
         if cfg.slides:
             return self._slide_dataset(aug)
         if not cfg.data:
             raise ConfigError(f"trainer {self.name!r}: set `data` (an image folder) or `slides`")
-        from slidekit.data import ImageFolderDataset
 
         ds = ImageFolderDataset.from_folder(cfg.data, images=cfg.images, masks=cfg.labels, scale=cfg.scale,
                                             crop=cfg.crop, samples_per_image=cfg.samples_per_image,
@@ -229,7 +229,6 @@ class SegmentationTrainer(Trainer):
         cfg = self.config
         from torch.utils.data import ConcatDataset
 
-        from slidekit.data import SlidePatchDataset
 
         if len(cfg.annotations) != len(cfg.slides):
             raise ConfigError("give one annotation file per slide (`annotations` and `slides` differ in length)")
@@ -309,7 +308,7 @@ class SegmentationTrainer(Trainer):
         def train_epoch(epoch: int) -> dict[str, Any]:
             from tqdm.auto import tqdm
 
-            # every rank draws the epoch's global order and takes its share (slidekit.distributed)
+            # every rank draws the epoch's global order and takes its share (slidekit.base.distributed)
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=local_batch, sampler=dist.shard(self.sampler(self.dataset, epoch)),
                 num_workers=cfg.num_workers, drop_last=len(self.dataset) > cfg.batch_size,

@@ -4,7 +4,7 @@ Unlabelled patches from many sources (slides through a capped TileGrid, image fo
 tiles; see ``trainers/simclr_data.py``) are drawn source-balanced, augmented twice with the
 histology recipe, encoded by a ResNet and a projection head, and pulled together with NT-Xent.
 The projection head is discarded: the checkpoint is the encoder alone (``arch="resnet-encoder"``,
-``task="embedding"``), which other trainers accept as ``--init`` (``slidekit.models.transfer_encoder``)
+``task="embedding"``), which other trainers accept as ``--init`` (``slidekit.models.networks.transfer_encoder``)
 and ``slidekit embed`` turns into per-tile features.
 
 Example config (YAML)::
@@ -30,15 +30,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from slidekit import distributed as dist
-from slidekit.errors import ConfigError
-from slidekit.models import ModelSpec, ResNetClassifier
-from slidekit.sampling import FixedRatioSampler
-from trainers.base import Trainer, check_option, init_encoder, register, resolve_device, run_epochs, seed_everything
+from slidekit.base import distributed as dist
+from slidekit.base.devices import resolve_device
+from slidekit.base.errors import ConfigError
+from slidekit.data.sampling import FixedRatioSampler
+from slidekit.models.networks import ResNetClassifier
+from slidekit.models.spec import ModelSpec
+from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
 from trainers.batches import BatchInputs, StainAugmentOptions, sample_images
+from trainers.config import check_option
 from trainers.runs import begin_run
-from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, AugmentOptions, HistologyAugment,
-                                  ProjectionHead, nt_xent_distributed, scaled_lr, split_decay_groups, warmup_cosine)
+from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, AugmentOptions, HistologyAugment, ProjectionHead,
+                                  nt_xent_distributed, scaled_lr, split_decay_groups, warmup_cosine)
 from trainers.simclr_data import PatchPool, build_sources
 
 DEFAULT_LR = {"lars": (0.3, "linear"), "adam": (1e-3, "none")}

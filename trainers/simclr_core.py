@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from slidekit.data import RandomRot90
+from slidekit.base import distributed as dist
+from slidekit.data.datasets import RandomRot90
 
 # (brightness, contrast, saturation, hue) as in the paper's presets.
 JITTER_PRESETS: dict[str, tuple[float, float, float, float] | None] = {
@@ -50,8 +51,6 @@ def nt_xent_distributed(z1: torch.Tensor, z2: torch.Tensor, temperature: float =
     The mean of the ranks' values is ``nt_xent`` of the concatenated batch, and under DDP (which
     averages gradients over ranks) so is the gradient. One process: exactly ``nt_xent``.
     """
-    from slidekit import distributed as dist
-
     if not dist.is_distributed():
         return nt_xent(z1, z2, temperature)
     if z1.shape != z2.shape or z1.ndim != 2:

@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from slidekit.data import IMAGE_SUFFIXES
-from slidekit.errors import ConfigError, SlideError, TissueError
+from slidekit.base.errors import ConfigError, SlideError, TissueError
+from slidekit.data.datasets import IMAGE_SUFFIXES
+from slidekit.regions.tiling import TileGrid, TileReader
+from slidekit.regions.tissue import tissue_mask
+from slidekit.slides.slide import open_slide
 
 SOURCE_KINDS = ("slides", "folder", "zip")
 SOURCE_KEYS = {"slides", "folder", "zip", "pattern", "members", "mpp", "size", "cap", "min_tissue",
@@ -71,10 +74,6 @@ def _cap(items: list, cap: int | None, rng: np.random.Generator) -> list:
 
 def slide_source(spec: dict, defaults: dict, rng: np.random.Generator, index: int) -> PatchSource:
     """Tiles of every slide in ``spec["slides"]`` (paths or globs), at most ``cap`` per slide."""
-    from slidekit.slide import open_slide
-    from slidekit.tiling import TileGrid, TileReader
-    from slidekit.tissue import tissue_mask
-
     paths: list[str] = []
     for p in spec["slides"] if isinstance(spec["slides"], (list, tuple)) else [spec["slides"]]:
         hits = sorted(glob.glob(str(p))) if glob.has_magic(str(p)) else [str(p)]

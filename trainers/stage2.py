@@ -3,7 +3,7 @@
 - ``topk-mean``: the K tiles of a slide with the highest maximum pixel probability (K = 16) go
   through a patch CNN; the slide probability is the mean of the K patch probabilities, trained
   with binary cross-entropy on slide labels (negative vs any tumour).
-- ``morph-lgbm``: LightGBM on the heatmap's morphology features (``slidekit.features``),
+- ``morph-lgbm``: LightGBM on the heatmap's morphology features (``slidekit.slidelevel.features``),
   predicting the CAMELYON17 node label negative / itc / micro / macro.
 
 Both read a slide table: a CSV with columns ``slide,label`` and optionally ``heatmap`` (a heatmap
@@ -24,13 +24,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slidekit.errors import ConfigError, LabelError, TrainingWarning
-from slidekit.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
-                               open_heatmap_view)
-from slidekit.io import write_text_atomic
-from trainers.base import (Trainer, TrainerConfig, check_option, init_encoder, register, resolve_device,
-                           run_epochs, seed_everything)
+from slidekit.base import distributed as dist
+from slidekit.base.devices import resolve_device
+from slidekit.base.distributed import env_ranks
+from slidekit.base.errors import CheckpointError, ConfigError, LabelError, TrainingWarning
+from slidekit.base.io import write_text_atomic
+from slidekit.infer.predictor import checkpoint_stain
+from slidekit.models.networks import build_model
+from slidekit.models.spec import BACKBONES, ModelSpec
+from slidekit.regions.tiling import TileGrid, TileReader
+from slidekit.regions.tissue import tissue_mask
+from slidekit.slidelevel.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
+                                          open_heatmap_view)
+from slidekit.slidelevel.topk import topk_from_heatmap
+from slidekit.slides.slide import open_slide
+from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
 from trainers.batches import BatchInputs, StainOptions, check_stain_reference, model_input, sample_images
+from trainers.config import TrainerConfig, check_option
 from trainers.runs import begin_run
 
 POSITIVE_WORDS = {"positive", "tumor", "tumour", "1", "true"}
@@ -157,7 +167,6 @@ class MorphClassifier:
     def load(cls, path: str | os.PathLike) -> "MorphClassifier":
         import lightgbm as lgb
 
-        from slidekit.errors import CheckpointError
 
         path = Path(path)
         try:
@@ -316,8 +325,6 @@ def bag_logits(model: torch.nn.Module, spec: Any, bags: torch.Tensor, inputs: Ba
 def topk_mean_probs(model: torch.nn.Module, spec: Any, bags: np.ndarray | torch.Tensor,
                     batch_slides: int = 4) -> np.ndarray:
     """Slide probabilities: the mean of the sigmoid patch probabilities of each bag's K patches."""
-    from slidekit.inference import checkpoint_stain
-
     model.eval()
     out = []
     bags = torch.as_tensor(bags)
@@ -339,8 +346,6 @@ def topk_mean_epoch(model: torch.nn.Module, spec: Any, optimizer: torch.optim.Op
     process's gradient. A last batch that does not split evenly over the ranks loses its remainder
     (fewer than ``world`` slides an epoch; the trainer warns once).
     """
-    from slidekit import distributed as dist
-
     world, me = dist.world_size(), dist.rank()
     model.train()
     order = torch.randperm(len(bags), generator=generator)
@@ -374,11 +379,6 @@ def read_bags(records: Sequence[SlideRecord], k: int, mpp: float, patch_size: in
     """(S, K, P, P, 3) uint8: each slide's K tissue tiles (``patch_size`` px at ``mpp``) with the
     highest maximum pixel probability in its heatmap. Slides with fewer than K tiles repeat their
     best ones."""
-    from slidekit.slide import open_slide
-    from slidekit.tiling import TileGrid, TileReader
-    from slidekit.tissue import tissue_mask
-    from slidekit.topk import topk_from_heatmap
-
     from tqdm.auto import tqdm
 
     bags = np.zeros((len(records), k, patch_size, patch_size, 3), np.uint8)
@@ -412,7 +412,6 @@ class TopKMeanConfig(StainOptions):
 
     def validate(self) -> None:
         super().validate()
-        from slidekit.models import BACKBONES
 
         check_option(self.k >= 1, "k", self.k, "an integer >= 1")
         check_option(self.patch_size >= 32, "patch_size", self.patch_size, "an integer >= 32 (px)")
@@ -437,7 +436,6 @@ class TopKMeanTrainer(Trainer):
             raise ConfigError("topk-mean needs 'slides' (a CSV with slide,label,heatmap columns)")
         records = read_slide_table(c.slides)
         normalizer = check_stain_reference(c)  # before the slides' top-K tiles are read
-        from slidekit.distributed import env_ranks
 
         bags = torch.from_numpy(read_bags(records, c.k, c.mpp, c.patch_size, c.slide_mpp,
                                           progress=progress and env_ranks()[0] == 0))
@@ -446,8 +444,6 @@ class TopKMeanTrainer(Trainer):
 
 
 def topk_mean_spec(c: TopKMeanConfig):
-    from slidekit.models import ModelSpec
-
     return ModelSpec(arch="resnet-classifier", backbone=c.backbone, task="classification", classes=["tumour"],
                      patch_size=c.patch_size, mpp=c.mpp, activation="sigmoid",
                      extra={"stage2": "topk-mean", "k": c.k})
@@ -457,10 +453,6 @@ def fit_topk_mean(trainer: Trainer, out_dir: str | os.PathLike, bags: torch.Tens
                   device: str = "auto", progress: bool = True, normalizer: Any = None) -> Path:
     """Train the top-K mean classifier on prepared bags (S, K, P, P, 3) and slide labels (S,).
     ``normalizer``: the stain normaliser ``check_stain_reference`` already loaded (else loaded here)."""
-    from slidekit.models import build_model
-
-    from slidekit import distributed as dist
-
     c = trainer.config
     gen = seed_everything(c.seed)
     dev = dist.init_from_env(resolve_device(device))

@@ -1,4 +1,8 @@
-"""`slidekit` command line: a thin skin over the Python API (one API call per command)."""
+"""`slidekit` command line: a thin skin over the Python API (one API call per command).
+
+Imports: anything in slidekit and the trainers; a command module loads torch-heavy modules inside
+the command, so `slidekit --help` and slide commands start without torch.
+"""
 from __future__ import annotations
 
 import importlib
@@ -6,8 +10,8 @@ import importlib
 import click
 
 from slidekit import __version__
+from slidekit.base.resources import prefer_passive_waits
 from slidekit.cli.common import Context
-from slidekit.resources import prefer_passive_waits
 
 prefer_passive_waits()  # before any command loads torch: idle OpenMP threads sleep instead of spinning
 

@@ -1,5 +1,5 @@
 """Cohort options shared by every per-slide command (heatmap, embed, tissue, tile, features), and
-the one call that runs such a command over a cohort (``slidekit.cohort.run_cohort``)."""
+the one call that runs such a command over a cohort (``slidekit.cohort.run.run_cohort``)."""
 from __future__ import annotations
 
 import glob
@@ -8,7 +8,9 @@ from typing import Any, Callable
 
 import click
 
-from slidekit.cli.common import fail
+from slidekit.cli.common import Context, fail
+from slidekit.cohort.run import run_cohort
+from slidekit.slides.dicom import is_dicom_folder
 
 COHORT_PARAMS = ("manifest", "engine", "jobs", "gpus", "shard", "ray_address", "retry_failed")
 
@@ -38,8 +40,6 @@ def cohort_options(func: Callable) -> Callable:
 def is_cohort(ctx: click.Context, items: list[str], manifest: tuple[str, ...]) -> bool:
     """Cohort mode: several inputs, a folder (other than one DICOM WSI series), glob or manifest,
     or any cohort option given."""
-    from slidekit.dicom import is_dicom_folder
-
     explicit = any(ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
                    for p in COHORT_PARAMS if p in ctx.params)
     many = len(items) > 1 or any((Path(i).is_dir() and not is_dicom_folder(i)) or glob.has_magic(i)
@@ -61,8 +61,6 @@ def single_slide(ctx: click.Context, slides: tuple[str, ...], cohort: dict) -> b
 def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, quiet: bool,
                    options: dict[str, Any]) -> None:
     """Run ``task`` over the cohort; print the summary line; exit 1 when any slide failed."""
-    from slidekit.cohort import run_cohort
-
     p = ctx.params
     if p.get("threads") is not None:
         raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
@@ -79,7 +77,5 @@ def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, qu
 
 
 def _debug(ctx: click.Context) -> bool:
-    from slidekit.cli.common import Context
-
     obj = ctx.find_object(Context)
     return bool(obj and obj.debug)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from slidekit.errors import SlidekitError, SlidekitWarning
+from slidekit.base.errors import ConfigError, SlidekitError, SlidekitWarning
 
 
 class Context:
@@ -101,8 +101,7 @@ workers_option = click.option("--workers", type=click.IntRange(min=0), default=0
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """Refuse a device that does not exist here before any work starts (one line naming the ones that do)."""
-    from slidekit.errors import ConfigError
-    from slidekit.models import resolve_device
+    from slidekit.base.devices import resolve_device
 
     try:
         resolve_device(value)
@@ -125,13 +124,13 @@ STAIN_NORM_HELP = ("Stain-normalise tiles to --stain-ref on the device [default:
 
 
 def stain_options(func: Callable | None = None, *, norm_help: str = STAIN_NORM_HELP) -> Callable:
-    """--stain-norm and --stain-ref: stain normalisation of the tiles a model sees (``slidekit.stain``);
+    """--stain-norm and --stain-ref: stain normalisation of the tiles a model sees (``slidekit.stain.normalize``);
     ``@stain_options`` or ``@stain_options(norm_help=...)``."""
     def decorate(f: Callable) -> Callable:
         f = click.option("--stain-ref", default=None, type=click.Path(dir_okay=False, path_type=str),
                          metavar="IMG|JSON",
                          help="Stain reference: an H&E image to fit to, or a saved reference (.json).")(f)
-        # the methods of slidekit.stain.STAIN_METHODS, spelt out: importing it would load torch at start-up
+        # the methods of slidekit.stain.normalize.STAIN_METHODS, spelt out: importing it would load torch at start-up
         return click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default=None,
                             help=norm_help)(f)
 
@@ -141,7 +140,7 @@ def stain_options(func: Callable | None = None, *, norm_help: str = STAIN_NORM_H
 def check_stain_options(stain_norm: str | None, stain_ref: str | None) -> None:
     """Refuse a bad --stain-norm/--stain-ref pair before any slide is read (one line)."""
     if stain_norm is not None or stain_ref is not None:
-        from slidekit.stain import normalizer_from_options
+        from slidekit.stain.normalize import normalizer_from_options
 
         normalizer_from_options(stain_norm, stain_ref)
 
@@ -152,7 +151,7 @@ def slide_reading_options(func: Callable) -> Callable:
 
 
 def tissue_detection_options(func: Callable) -> Callable:
-    """--tissue-mpp, --tissue-min-area and the detection thresholds (``slidekit.tissue.tissue_mask``),
+    """--tissue-mpp, --tissue-min-area and the detection thresholds (``slidekit.regions.tissue.tissue_mask``),
     gathered by ``tissue_kwargs`` into the ``tissue=`` dict the API calls take."""
     opts = [
         click.option("--tissue-mpp", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -5,10 +5,17 @@ from pathlib import Path
 
 import click
 
+from slidekit.annotations.formats import read_annotations
+from slidekit.base.resources import configure_threads
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, overlap_option, quiet_flag,
-                                 quiet_option, size_option, slide_argument, slide_reading_options,
-                                 target_mpp_option, threads_option, tissue_detection_options, tissue_kwargs)
+from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, overlap_option, quiet_flag, quiet_option,
+                                 size_option, slide_argument, slide_reading_options, target_mpp_option, threads_option,
+                                 tissue_detection_options, tissue_kwargs)
+from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
+from slidekit.regions.tiling import make_grid
+from slidekit.regions.tissue import save_tissue
+from slidekit.slides.demo import write_demo_slide
+from slidekit.slides.slide import open_slide
 
 
 @click.command()
@@ -19,8 +26,6 @@ from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, ov
 def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backend: str | None,
          as_json: bool) -> None:
     """Show a slide's size, levels, pixel size and backend (a slide without MPP shows "MPP: unknown")."""
-    from slidekit.slide import open_slide
-
     with open_slide(slide, mpp=slide_mpp, backend=backend, override_mpp=override_mpp, require_mpp=False) as s:
         d = s.info()
     if as_json:
@@ -44,8 +49,6 @@ def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backen
 @handle_errors
 def demo(out: Path) -> None:
     """Write the demo slide (real IHC tissue from scikit-image, on white glass) to OUT."""
-    from slidekit.demo import write_demo_slide
-
     click.echo(str(write_demo_slide(out)))
 
 
@@ -68,9 +71,6 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: flo
     """Detect tissue; write a mask PNG and tissue polygons as QuPath GeoJSON.
 
     SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
-    from slidekit.resources import configure_threads
-    from slidekit.tissue import save_tissue
-
     options = dict(mask_mpp=mask_mpp, min_area_um2=min_area, slide_mpp=slide_mpp, backend=backend,
                    override_mpp=override_mpp)
     if single_slide(ctx, slides, cohort):
@@ -119,9 +119,6 @@ def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, ove
          backend: str | None, threads: int | None, quiet: bool, **cohort: object) -> None:
     """Make a tile grid at a target MPP and save it, export its tiles as images, or both
     (one slide; a cohort makes grids only: see docs/cohorts.md)."""
-    from slidekit.resources import configure_threads
-    from slidekit.tiling import make_grid
-
     tissue = tissue_kwargs(cohort)
     quiet = quiet or quiet_flag(ctx)
     options = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
@@ -151,17 +148,12 @@ def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, ove
         if not quiet:
             click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
     if export is not None:
-        from slidekit.patches import export_patches
-
         s = export_patches(slides[0], export, image_format=image_format, quality=quality, annotations=annotations,
                            label_rule=label_rule, geojson=geojson, workers=workers, progress=not quiet, **options)
         if not quiet:
             state = "skipped (finished earlier)" if s.get("skipped") else f"{s['tiles_resumed']} resumed"
             click.echo(f"{s['tiles']} tiles -> {export} [{state}]")
     elif geojson is not None:
-        from slidekit.annotations import read_annotations
-        from slidekit.patches import tile_labels, write_grid_geojson
-
         grid = make_grid(slides[0], **options) if out is None else grid
         labels = tile_labels(read_annotations(annotations), grid, label_rule)[0] if annotations else None
         write_grid_geojson(grid, geojson, labels)

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import click
 
+from slidekit.base.timing import format_split
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import tissue_detection_options, tissue_kwargs
 from slidekit.cli.common import (check_stain_options, device_option, echo_json, force_mpp_option, handle_errors,
                                  min_tissue_option, mpp_override_option, quiet_flag, quiet_option, stain_options,
-                                 threads_option, workers_option)
+                                 threads_option, tissue_detection_options, tissue_kwargs, workers_option)
 
 
 @click.command("embed")
@@ -54,7 +54,7 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.
 
     SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
-    from slidekit.embed import embed_slide, open_embeddings
+    from slidekit.slidelevel.embed import embed_slide, open_embeddings
 
     if geojson and not clusters:
         raise click.UsageError("--geojson needs --clusters K")
@@ -71,7 +71,6 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, threads=threads,
                        **options)
     emb = open_embeddings(path)
-    from slidekit.timing import format_split
 
     if not quiet and format_split(emb.attrs.get("timing")):
         click.echo(f"time: {format_split(emb.attrs.get('timing'))}", err=True)  # stdout stays JSON

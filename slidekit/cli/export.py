@@ -14,7 +14,7 @@ from slidekit.cli.common import echo_json, handle_errors
 @handle_errors
 def export(ckpt: str, to: tuple[str, str]) -> None:
     """Export checkpoint CKPT for QuPath's WSInfer extension or other runtimes (see docs/models.md)."""
-    from slidekit.model_export import export_model
+    from slidekit.models.export import export_model
 
     fmt, out = to
     path = export_model(ckpt, fmt, out)

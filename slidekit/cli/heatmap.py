@@ -6,10 +6,14 @@ from pathlib import Path
 
 import click
 
+from slidekit.annotations.formats import read_annotations, write_geojson
+from slidekit.annotations.geometry import is_invalid_polygon, make_valid as repair
+from slidekit.base.timing import format_split
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
-from slidekit.cli.common import tissue_detection_options, tissue_kwargs
-from slidekit.cli.common import (check_stain_options, device_option, echo_json, fail, force_mpp_option,
-                                 handle_errors, mpp_override_option, quiet_flag, stain_options, threads_option)
+from slidekit.cli.common import (check_stain_options, device_option, echo_json, fail, force_mpp_option, handle_errors,
+                                 mpp_override_option, quiet_flag, stain_options, threads_option,
+                                 tissue_detection_options, tissue_kwargs)
+from slidekit.slides.demo import write_demo_slide
 
 
 @click.command("heatmap")
@@ -71,8 +75,8 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     writes OUT/<slide id>/ per slide plus OUT/cohort.csv (see docs/cohorts.md).
     Reruns skip finished slides and resume interrupted ones.
     """
-    from slidekit.builtin_models import DEFAULT_MODEL
-    from slidekit.inference import heatmap_slide, load_model
+    from slidekit.infer.predictor import heatmap_slide, load_model
+    from slidekit.models.builtin import DEFAULT_MODEL
 
     quiet = quiet_local or quiet_flag(ctx)
     tissue = tissue_kwargs(cohort)
@@ -85,8 +89,6 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
         fail("give at least one SLIDE, or --demo")
     check_stain_options(stain_norm, stain_ref)
     if demo:
-        from slidekit.demo import write_demo_slide
-
         demo_path = out_dir / "demo.tif"
         if not demo_path.exists():
             write_demo_slide(demo_path)
@@ -113,7 +115,6 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     if not quiet:
         state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
         click.echo(f"{Path(paths[0]).name}: {s['tiles']} tiles, {s['regions']} regions -> {out_dir} [{state}]")
-        from slidekit.timing import format_split
 
         if not s.get("skipped") and format_split(s):
             click.echo(f"time: {format_split(s)}")  # where the time went: reading or the model?
@@ -132,10 +133,6 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
 @handle_errors
 def convert_cmd(ctx: click.Context, annotations: str, out: str, rename: tuple[str, ...], make_valid: bool) -> None:
     """Convert ASAP/ImageScope XML (or any GeoJSON form) into a QuPath-ready FeatureCollection."""
-    from slidekit.annotations import read_annotations, write_geojson
-    from slidekit.geometry import is_invalid_polygon
-    from slidekit.geometry import make_valid as repair
-
     mapping = {}
     for r in rename:
         if "=" not in r:

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import click
 
+from slidekit.base.resources import configure_threads
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
 from slidekit.cli.common import handle_errors, quiet_flag, quiet_option, threads_option
+from slidekit.slidelevel.features import features_table
+from slidekit.slidelevel.staging import stage_csv
 
 
 @click.command()
@@ -18,8 +21,6 @@ from slidekit.cli.common import handle_errors, quiet_flag, quiet_option, threads
 @handle_errors
 def stage(nodes: Path, out: Path, reference: Path | None) -> None:
     """Stage patients (pN, CAMELYON17 rules) from the node labels in NODES (CSV: patient,stage)."""
-    from slidekit.staging import stage_csv
-
     r = stage_csv(nodes, out, reference=reference)
     counts = ", ".join(f"{k} {v}" for k, v in r["stages"].items())
     click.echo(f"{r['patients']} patients from {r['nodes']} nodes ({counts}) -> {out}")
@@ -50,8 +51,6 @@ def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, threshol
 
     With --manifest or any cohort option (--jobs, --engine, --shard, ...), runs as a cohort over the
     heatmap folders (a heatmap cohort's OUT gives each of its slides); see docs/cohorts.md."""
-    from slidekit.features import features_table
-
     try:
         ths = tuple(float(t) for t in thresholds.split(",") if t.strip())
     except ValueError:
@@ -61,7 +60,6 @@ def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, threshol
     if is_cohort(ctx, [], cohort.get("manifest") or ()):  # several heatmaps alone make one table
         return run_cohort_cli(ctx, "features", [str(h) for h in heatmaps], str(out), quiet or quiet_flag(ctx),
                               dict(thresholds=ths, channel=channel, work_mpp=work_mpp))
-    from slidekit.resources import configure_threads
 
     if threads is not None:  # else the libraries keep their own defaults
         configure_threads(threads)

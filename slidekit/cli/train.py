@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from slidekit.base.resources import configure_threads
 from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option, stain_options, threads_option
 
 
@@ -60,26 +61,25 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
     if out is None:
         raise click.UsageError("--out is required")
     if nproc is not None:  # the ranks rerun this command without --nproc (and --restart, done here once)
-        from slidekit.distributed import launch
+        from slidekit.base.distributed import launch
 
         if restart:
             trainers.restart_run(out, trainers.get(name))
         launch(nproc, _rank_args(ctx, quiet or quiet_flag(ctx)))  # rank 0 prints the checkpoint
         return
-    from slidekit.encoders import init_overrides
+    from slidekit.models.weights import init_overrides
 
     items = list(overrides) + init_overrides(init, weights)
     # the stain flags are config options (trainers/batches.py): given here, they win over --config
     # (and giving one again with --set is refused as given twice)
     items += [f"{k}={v}" for k, v in (("stain_norm", stain_norm), ("stain_ref", stain_ref),
                                       ("stain_aug", stain_aug)) if v is not None]
-    from slidekit.resources import configure_threads
 
     # DataLoader workers run one thread each (torch sets that in its workers): the rest is the model's.
     configure_threads(threads, _num_workers(name, config, items))
     ckpt = trainers.train(name, config, out, overrides=items, device=device,
                           progress=not (quiet or quiet_flag(ctx)), restart=restart)
-    from slidekit.distributed import is_main
+    from slidekit.base.distributed import is_main
 
     if is_main():  # one line for a job of several ranks
         click.echo(str(ckpt))

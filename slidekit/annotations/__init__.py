@@ -1,0 +1,15 @@
+"""Annotations: the QuPath object model (``objects``), QuPath GeoJSON and ASAP/ImageScope XML in
+and out (``formats``), the fill rule, clipping and rasterising (``geometry``), scribbles from
+instance masks and segmentation scores (``scribbles``).
+
+Imports: ``slidekit.base`` only (annotations are level-0 geometry; they need no slide). Never
+loads torch.
+"""
+from slidekit.annotations.formats import read_annotations, write_geojson
+from slidekit.annotations.geometry import clip_annotations, filled_area, filled_geometry, make_valid, rasterize
+from slidekit.annotations.objects import KINDS, Annotation, default_color
+from slidekit.annotations.scribbles import generate_scribbles, object_dice, segmentation_scores
+
+__all__ = ["Annotation", "KINDS", "default_color", "read_annotations", "write_geojson", "rasterize",
+           "clip_annotations", "filled_area", "filled_geometry", "make_valid", "generate_scribbles",
+           "object_dice", "segmentation_scores"]

@@ -1,0 +1,13 @@
+"""One command over many slides: cohorts in (``manifest``), the per-slide tasks (``tasks``), the
+per-slide unit of work (``process``), the engines that run it (``engines``: local processes,
+Ray), the append-only ledger (``ledger``), ``cohort.csv`` (``table``), and ``run_cohort`` (``run``).
+
+Imports: every stage below; the torch-loading tasks are imported when a slide runs. ``run_cohort``
+itself never loads torch.
+"""
+from slidekit.cohort.manifest import CohortSlide, read_slides, shard
+from slidekit.cohort.run import ENGINES, run_cohort
+from slidekit.cohort.table import CohortTable
+from slidekit.cohort.tasks import TASKS
+
+__all__ = ["run_cohort", "ENGINES", "TASKS", "CohortSlide", "CohortTable", "read_slides", "shard"]

@@ -1,0 +1,12 @@
+"""Training data: seeded samplers (``sampling``) and torch datasets over slides and image folders
+(``datasets``).
+
+Imports: ``slidekit.base``, ``slidekit.slides``, ``slidekit.annotations``, ``slidekit.regions``. Loads torch.
+"""
+from slidekit.data.datasets import ImageFolderDataset, JointAugment, SlidePatchDataset, load_image_folder
+from slidekit.data.sampling import (ClassBalancedSampler, FixedRatioSampler, HardNegativeSampler, PerSlideCapSampler,
+                                    UniformSampler, WeightedSampler)
+
+__all__ = ["SlidePatchDataset", "ImageFolderDataset", "JointAugment", "load_image_folder", "UniformSampler",
+           "PerSlideCapSampler", "WeightedSampler", "ClassBalancedSampler", "HardNegativeSampler",
+           "FixedRatioSampler"]

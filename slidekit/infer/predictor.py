@@ -1,0 +1,506 @@
+"""Batched inference of a model over a tile grid, and the whole-slide heatmap job.
+
+``Predictor`` reads tiles in DataLoader workers (each with its own slide handle through a
+pickled ``TileReader``), pins the uint8 batches, stain-normalises (when asked, or when the
+checkpoint carries a stain reference) and normalises them on the device, runs the model (mixed
+precision and channels-last on CUDA) and keeps one batch in flight while the caller consumes the
+previous one. On CUDA, aligned stored JPEG tiles travel compressed and are decoded on the GPU
+(``slidekit.infer.gpu_decode``; ``Predictor.decode`` says which path was taken and why). ``heatmap_slide`` is the job behind ``slidekit heatmap``: slide in,
+``heatmap.zarr``, ``overlay.png``, ``predictions.geojson`` and ``summary.json`` out, resumable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slidekit.annotations.formats import write_geojson
+from slidekit.annotations.objects import Annotation
+from slidekit.base.devices import resolve_device
+from slidekit.base.errors import CheckpointError, ConfigError, SlidekitError, StainWarning, TissueError
+from slidekit.base.io import config_digest, file_identity, write_text_atomic
+from slidekit.base.locks import OutputLock
+from slidekit.base.outputs import OutputDir
+from slidekit.base.resources import configure_threads, worker_threads
+from slidekit.base.timing import GPUSampler, StageTimer
+from slidekit.infer import gpu_decode
+from slidekit.infer.heatmap import Heatmap, HeatmapWriter
+from slidekit.infer.heatmap_tiff import write_heatmap_tiff
+from slidekit.models.builtin import BUILTINS, builtin_model
+from slidekit.models.checkpoint import load_checkpoint
+from slidekit.regions.roi import clip_store_to_roi, read_roi, restrict_mask, roi_identity
+from slidekit.regions.tiling import TileGrid, TileReader, warn_bad_tiles
+from slidekit.regions.tissue import tissue_mask
+from slidekit.slides.identity import slide_fingerprint
+from slidekit.slides.slide import open_slide
+from slidekit.stain.normalize import StainNormalizer, normalizer_from_options
+
+
+class _TileBatches(torch.utils.data.Dataset):
+    """Item ``b`` is batch ``b`` of ``index``: (tile indices, (k, s, s, 3) uint8 tiles)."""
+
+    def __init__(self, reader: TileReader, index: np.ndarray, batch_size: int) -> None:
+        self.reader, self.index, self.batch_size = reader, np.asarray(index, np.int64), batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.index) // self.batch_size)
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.index[b * self.batch_size:(b + 1) * self.batch_size]
+        idx, tiles = self.reader.read_batch(idx)  # damaged tiles are left out with on_bad_tile="skip"
+        return torch.from_numpy(idx), torch.from_numpy(tiles)
+
+
+class Predictor:
+    """Runs ``model`` (logits) with ``spec`` (normalize/activate/task) over tiles of a grid.
+
+    ``spec`` is a checkpoint's ModelSpec or a built-in's spec: the Predictor uses ``task``,
+    ``mean``/``std`` (through ``normalize``) and ``activate``. A damaged tile fails the run
+    (CorruptTileError) unless ``on_bad_tile="skip"``: then it gets no output, ``bad_tiles`` lists
+    its grid index and a ``BadTileWarning`` says so. ``timer`` (a ``StageTimer``) adds up the
+    read / transfer (host<->device copies and input normalisation) / model seconds of every
+    ``predict`` (CUDA stages timed with events, so the pipeline is not stalled) and, on CUDA, the
+    GPU utilisation sampled during the last one.
+
+    ``stain``: a ``StainNormalizer`` applied to the uint8 batch on the device before
+    ``spec.normalize`` (its time counted in "transfer"); None: the checkpoint's (``spec.stain``)
+    when it has one; False: none, even where the checkpoint has one. ``stain_unchanged`` counts
+    the tiles it left unchanged (too little stain to estimate). ``gpu_decode=False`` keeps the
+    decode on the CPU on CUDA too.
+    """
+
+    def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "auto", batch_size: int = 32,
+                 workers: int = 2, amp: bool = True, channels_last: bool = True, progress: bool = False,
+                 on_bad_tile: str = "raise", threads: int | None = None, stain: Any = None,
+                 gpu_decode: bool = True) -> None:
+        self.on_bad_tile, self.bad_tiles = on_bad_tile, np.zeros(0, np.int64)
+        self.stain, self.stain_unchanged = checkpoint_stain(spec) if stain is None else (stain or None), 0
+        self.gpu_decode = gpu_decode
+        self.decode = {"path": "cpu", "reason": "nothing read yet"}
+        if threads is not None:  # else the process's thread settings stay as they are
+
+            configure_threads(threads, workers)
+        self.device = resolve_device(device)
+        self.spec, self.batch_size, self.workers, self.progress = spec, int(batch_size), int(workers), progress
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is not None:
+            # CUDA events and streams use the current device: make it the one asked for (cuda:N)
+            torch.cuda.set_device(self.device)
+        self.amp = amp and self.cuda
+        self.channels_last = channels_last and self.cuda
+        self.model = model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.timer = StageTimer()
+        self._events: tuple | None = None
+
+    def forward(self, tiles_uint8: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, S, S, 3) uint8 on any device -> probabilities on the device (float32)."""
+        marks = self._mark()
+        x = tiles_uint8.to(self.device, non_blocking=True)
+        if self.stain is not None:
+            before = self.stain.unchanged_tiles
+            x = self.stain(x)
+            self.stain_unchanged += self.stain.unchanged_tiles - before
+        x = self.spec.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        m1 = self._mark()
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            y = self.spec.activate(self.model(x).float())
+            if y.ndim == 4 and output_size is not None and tuple(y.shape[-2:]) != tuple(output_size):
+                shrink = y.shape[-1] >= output_size[1]
+                y = F.interpolate(y, size=output_size, mode="area" if shrink else "bilinear",
+                                  **({} if shrink else {"align_corners": False}))
+        y = y.float()
+        marks = (marks, m1, self._mark())
+        if self.cuda:
+            self._events = marks  # read once the batch's copy back has finished (``_emit``)
+        else:
+            self.timer.add("transfer", marks[1] - marks[0])
+            self.timer.add("model", marks[2] - marks[1])
+        return y
+
+    def _mark(self) -> Any:
+        """A point in time: a recorded CUDA event on CUDA (no sync), else ``perf_counter``."""
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def loader(self, slide: Any, grid: TileGrid, index: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+        """The DataLoader of uint8 tile batches (workers read with their own slide handles), or,
+        on the GPU decode path (``self.decode["path"] == "gpu"``), of ``gpu_decode.StreamBatches``."""
+        index = np.arange(len(grid)) if index is None else np.asarray(index)
+        reader = TileReader(slide, grid, on_bad_tile=self.on_bad_tile)
+        path, why = gpu_decode.decode_path(reader, self.device)
+        if path == "gpu" and not self.gpu_decode:
+            path, why = "cpu", "GPU decode turned off (gpu_decode=False)"
+        self.decode = {"path": path, "reason": why}
+        self._reader = reader
+        ds = (gpu_decode.StreamBatches if path == "gpu" else _TileBatches)(reader, index, self.batch_size)
+
+        kw = ({"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": worker_threads}
+              if self.workers > 0 else {})
+        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
+                                           pin_memory=self.cuda, **kw)
+
+    def predict(self, slide: Any, grid: TileGrid, index: np.ndarray | None = None,
+                output_size: tuple[int, int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(tile indices, outputs)``: (k, C) probabilities or (k, C, h, w) maps
+        (resized on the device to ``output_size`` when given), in grid order."""
+        index = np.arange(len(grid)) if index is None else np.asarray(index)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(index), unit="tile", desc=getattr(slide, "name", "slide"), leave=False)
+        pending = None
+        seen = []
+        sampler = GPUSampler(self.device) if self.cuda else None
+        batches = _clean_worker_errors(self.loader(slide, grid, index))
+        decoder = None
+        if self.decode["path"] == "gpu":  # workers hand over JPEG streams; decoded here on the GPU
+
+            decoder = gpu_decode.StreamDecoder(self._reader, self.device, self.decode["reason"])
+        try:
+            if sampler is not None:
+                sampler.__enter__()
+            while True:
+                t = time.perf_counter()
+                try:
+                    item = next(batches)  # waiting here is the read stage (workers read ahead)
+                except StopIteration:
+                    break
+                if decoder is None:
+                    idx, tiles = item
+                else:  # the GPU decode counts as reading too
+                    idx, tiles = decoder.decode(item)
+                    if decoder.path != "gpu":
+                        self.decode = {"path": "cpu", "reason": decoder.why}
+                self.timer.add("read", time.perf_counter() - t)
+                seen.append(idx.numpy())
+                if len(idx) == 0:  # every tile of the batch was damaged and skipped
+                    continue
+                y = self.forward(tiles, output_size)
+                if self.cuda:
+                    # Copy back asynchronously and consume the previous batch while this one runs.
+                    host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+                    host.copy_(y, non_blocking=True)
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    current = (idx, host, event, self._events)
+                else:
+                    current = (idx, y, None, None)
+                if pending is not None:
+                    yield self._emit(pending, bar)
+                pending = current
+            if pending is not None:
+                yield self._emit(pending, bar)
+            self.bad_tiles = np.setdiff1d(index, np.concatenate(seen) if seen else np.zeros(0, np.int64))
+
+            warn_bad_tiles(getattr(slide, "path", slide), grid, self.bad_tiles)
+        finally:
+            if sampler is not None:
+                sampler.__exit__(None, None, None)
+                self.timer.gpu = sampler.result()
+            if bar is not None:
+                bar.close()
+
+    def _emit(self, item: tuple, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+        idx, y, event, marks = item
+        if event is not None:
+            event.synchronize()
+            if marks is not None:  # CUDA events: upload+normalise, model, copy back
+                e0, e1, e2 = marks
+                self.timer.add("transfer", (e0.elapsed_time(e1) + e2.elapsed_time(event)) / 1000)
+                self.timer.add("model", e1.elapsed_time(e2) / 1000)
+        self.timer.tiles += len(idx)
+        if bar is not None:
+            bar.update(len(idx))
+        return idx.numpy(), y.numpy()
+
+
+def checkpoint_stain(spec: Any) -> Any:
+    """The ``StainNormalizer`` a checkpoint's spec carries (``spec.stain``), or None."""
+    d = getattr(spec, "stain", None)
+    if not d:
+        return None
+
+    return StainNormalizer.from_dict(d)
+
+
+def resolve_stain(spec: Any, stain_norm: str | None, stain_ref: str | os.PathLike | None) -> tuple[Any, dict]:
+    """The normaliser a run uses and what to record of it: ``(normaliser | False | None, info)``.
+
+    Nothing asked: the checkpoint's (source "checkpoint"), if it has one. ``stain_norm="none"``
+    turns a checkpoint's off (False: the Predictor then applies none). A choice that differs from
+    the checkpoint's says so (``StainWarning``). ``info``: ``{"method", "source", "key"}`` (key: a
+    digest of the reference, for configuration keys; None when nothing is applied).
+    """
+    import warnings
+
+    ckpt = getattr(spec, "stain", None) or None
+    if stain_norm is None and stain_ref is not None:
+        raise ConfigError(f"stain_ref {str(stain_ref)!r} given without stain_norm (macenko or reinhard)")
+    if stain_norm is None:
+        norm, source = checkpoint_stain(spec), "checkpoint" if ckpt else None
+    else:
+        norm, source = normalizer_from_options(stain_norm, stain_ref), "option"
+        if ckpt and (norm is None or norm.to_dict() != ckpt):
+            what = "no stain normalisation" if norm is None else f"{norm.method} normalisation to {stain_ref}"
+            warnings.warn(f"{what} instead of the checkpoint's {ckpt.get('method')} normalisation, "
+                          "which the model was trained behind", StainWarning, stacklevel=3)
+        if norm is None:
+            norm, source = (False, "option") if ckpt else (None, None)
+    info = {"method": norm.method if norm else None, "source": source,
+            "key": config_digest(norm.to_dict())
+            if norm else ("none" if norm is False else None)}
+    return norm, info
+
+
+def _clean_worker_errors(batches: Any) -> Iterator:
+    """Re-raise a slidekit error from a DataLoader worker as itself, with its one-line message
+    (DataLoader re-raises it with the worker's whole traceback folded into the message)."""
+    it = iter(batches)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except SlidekitError as e:
+            msg = str(e)
+            if "Original Traceback" not in msg:
+                raise
+            last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+            prefix = f"{type(e).__module__}.{type(e).__name__}: "
+            clean = type(e).__new__(type(e))
+            Exception.__init__(clean, last[len(prefix):] if last.startswith(prefix) else last)
+            clean.path = getattr(e, "path", None)
+            raise clean from None
+        yield item
+
+
+# ---------------------------------------------------------------------------------------------
+# The heatmap job
+
+
+def load_model(model: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, Any, str]:
+    """(network, spec, identity) for a built-in name or a checkpoint path."""
+    if str(model) in BUILTINS:
+        net, spec = builtin_model(str(model))
+        return net, spec, f"builtin:{model}"
+
+    p = Path(model)
+    if not p.exists():
+        raise CheckpointError(f"neither a built-in model ({', '.join(BUILTINS)}) nor an existing checkpoint file",
+                              p)
+    ckpt = load_checkpoint(model, map_location="cpu")
+    ident = f"checkpoint:{file_identity(p)}"
+    return ckpt.model, ckpt.spec, ident
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Batches of float temporaries freed by torch stay in glibc's heap otherwise, and the resident
+    size of a long run creeps up with the number of batches rather than staying flat.
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
+# Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
+HEATMAP_OUTPUTS = ("heatmap.zarr", "heatmap.zarr.part", "overlay.png", "predictions.geojson", "tiles.geojson",
+                   "heatmap.tif", "summary.json")
+
+
+def _bad_tile_coords(hm: Any) -> list[list[int]]:
+    """Level-0 (x, y) of the tiles skipped as damaged (recorded in the heatmap store)."""
+    skipped = hm.attrs.get("skipped_tiles", [])
+    if not skipped:
+        return []
+    coords, _ = hm.tiles
+    return [[int(x), int(y)] for x, y in coords[np.asarray(skipped, dtype=np.int64)]]
+
+
+def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
+                  mpp: float | None = None, size: int | None = None, overlap: int | None = None,
+                  heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
+                  workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
+                  min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
+                  chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
+                  roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
+                  tissue: dict | None = None, tiff: str | None = None,
+                  override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None,
+                  stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> dict:
+    """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
+    ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
+
+    A finished slide (``summary.json`` with the same configuration) is skipped; an interrupted
+    one resumes from the chunks its ``heatmap.zarr.part`` store had finished (``chunk`` heatmap
+    pixels square). ``loaded`` is a ``load_model`` result, to share one model across slides.
+    ``roi`` (GeoJSON/XML; only its polygons of ``roi_class`` when given) limits the prediction to
+    those regions (``slidekit.regions.roi``); ``tissue`` holds ``tissue_mask`` options. ``tiff`` ("rgb" or
+    "values") also writes ``heatmap.tif``, a pyramidal TIFF at the heatmap MPP (``slidekit.infer.heatmap_tiff``).
+    ``threads``: CPUs to use (default: those this process may use; see ``resources.configure_threads``).
+    ``stain_norm`` ("none", "macenko", "reinhard") with ``stain_ref`` (an image or a saved
+    reference) stain-normalises the tiles; by default the checkpoint's own normalisation applies,
+    and "none" turns it off (``resolve_stain``). ``summary.json`` records it (``stain``) and the
+    decode path taken (``decode``).
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    resolve_device(device)  # fail on a missing GPU before anything is written
+    net, spec, ident = loaded if loaded is not None else load_model(model)
+    size = int(size or spec.patch_size)
+    mpp = float(mpp or spec.mpp)
+    if overlap is None:
+        overlap = size // 4 if spec.task == "segmentation" else 0
+    if spec.task not in ("classification", "segmentation"):
+        raise CheckpointError(f"a {spec.task!r} model makes no heatmap (need classification or segmentation)")
+    stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
+    run_cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "blend": blend,
+               "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp,
+               "override_mpp": override_mpp}
+    if stain_info["key"] is not None:  # recorded only when normalising (or turned off): older keys hold
+        run_cfg["stain"] = stain_info["key"]
+    roi_anns = None
+    if roi is not None:  # recorded only when set, so runs without one keep their configuration key
+
+        roi_anns = read_roi(roi, roi_class)
+        run_cfg["roi"] = roi_identity(roi, roi_class)
+    elif roi_class:
+        raise ConfigError(f"roi_class {roi_class!r} given without roi (the annotation file to take it from)")
+    if tissue:
+        run_cfg["tissue"] = dict(tissue)
+    out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
+    if tiff:  # recorded only when asked, so earlier runs keep their configuration key
+        out_cfg["tiff"] = tiff
+    summary_path = out / "summary.json"
+    with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
+        run_cfg["slide_id"] = slide_fingerprint(slide.path)
+        key = config_digest({**run_cfg, **out_cfg})
+        # Only files slidekit wrote here may be replaced; another slide's folder is refused.
+        owned = OutputDir(out, slide.path, run_cfg["slide_id"])
+        owned.claim(*HEATMAP_OUTPUTS)
+        if summary_path.exists():
+            try:
+                old = json.loads(summary_path.read_text())
+                if old.get("config_key") == key:
+                    return {**old, "skipped": True}
+            except (OSError, ValueError):
+                pass
+            summary_path.unlink()  # stale: another configuration; redo what changed
+        hm_path, part = out / "heatmap.zarr", out / "heatmap.zarr.part"
+        hm = None
+        if hm_path.exists():
+            try:
+                hm = Heatmap(hm_path)
+                if hm.attrs.get("run_key") != config_digest(run_cfg):
+                    hm = None
+            except Exception:
+                hm = None
+            if hm is None:  # from another configuration: it must not pass for this run's result
+                shutil.rmtree(hm_path)
+        n_tiles = n_done_before = 0
+        timer, t_loop = StageTimer(), 0.0
+        decode, unchanged = None, 0
+        if hm is None:
+            mask = tissue_mask(slide, progress=None if progress else False, **(tissue or {}))
+            if roi_anns is not None:
+                mask = restrict_mask(mask, roi_anns, slide)
+            release_memory()
+            grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
+                                       min_tissue=min_tissue)
+            if len(grid) == 0:
+                raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
+            out.mkdir(parents=True, exist_ok=True)
+            seg_mpp = mpp * spec.output_stride if spec.task == "segmentation" else None
+            meta = {"run_key": config_digest(run_cfg), "model": ident, "activation": getattr(spec, "activation", "none")}
+            writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
+                                   mpp=heatmap_mpp or seg_mpp, blend=blend, chunk=chunk, attrs=meta)
+            todo = writer.todo()
+            n_tiles, n_done_before = len(grid), len(grid) - len(todo)
+
+            configure_threads(threads, workers)  # main process: the CPUs the workers leave
+            predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
+                                  on_bad_tile=on_bad_tile, stain=stain)
+            predictor.timer = timer
+            fsize = writer.footprint if spec.task == "segmentation" else None
+            t_loop = time.perf_counter()
+            for idx, y in predictor.predict(slide, grid, todo, output_size=fsize):
+                with timer.stage("stitch"):
+                    writer.add(idx, y)
+                    release_memory()
+            t_loop = time.perf_counter() - t_loop
+            decode, unchanged = predictor.decode, predictor.stain_unchanged
+            if len(predictor.bad_tiles):
+                writer.skip(predictor.bad_tiles)
+            with timer.stage("write"):
+                writer.finish()
+                if roi_anns is not None:  # empty outside the ROI, also where edge tiles reach past it
+
+                    clip_store_to_roi(part, roi_anns, slide.mpp)
+                if hm_path.exists():
+                    shutil.rmtree(hm_path)
+                os.replace(part, hm_path)
+            hm = Heatmap(hm_path)
+        else:
+            n_tiles = int(hm.attrs["grid"]["tiles"])
+            n_done_before = n_tiles
+        t_pred = time.time() - t0
+        t_write = time.perf_counter()
+        hm.overlay(slide, out / "overlay.png")
+        if tiff:
+            write_heatmap_tiff(hm, out / "heatmap.tif", mode=tiff)
+        anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
+        # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
+        write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)
+        if tiles_geojson:
+            coords, values = hm.tiles
+            w, h = size * mpp / slide.mpp[0], size * mpp / slide.mpp[1]
+            from shapely.geometry import box
+
+            tiles = (Annotation(box(x, y, x + w, y + h), kind="tile",
+                                measurements={c: float(v) for c, v in zip(hm.classes, vals)})
+                     for (x, y), vals in zip(coords.tolist(), values.tolist()))
+            write_geojson(tiles, out / "tiles.geojson", bounds=slide.dimensions)  # edge tiles reach past it
+        timer.add("write", time.perf_counter() - t_write)
+        summary = {"slide": str(slide.path), "config_key": key, "config": {**run_cfg, **out_cfg},
+                   "task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
+                   "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,
+                   "regions": len(anns), "region_area_mm2": sum(a.measurements["Area µm^2"] for a in anns) / 1e6,
+                   "outputs": sorted(p.name for p in out.iterdir() if p.name in HEATMAP_OUTPUTS) + ["summary.json"],
+                   "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2),
+                   "slide_mpp": {"used": list(slide.mpp), "source": slide.mpp_source,
+                                 "metadata": None if slide.metadata_mpp is None else list(slide.metadata_mpp)},
+                   "bad_tiles": _bad_tile_coords(hm),
+                   # unchanged_tiles: tiles of this run left as read (too little stain to estimate)
+                   "stain": {"method": stain_info["method"], "source": stain_info["source"],
+                             "unchanged_tiles": unchanged if stain else None},
+                   "decode": decode,  # None when the heatmap was there already
+                   # Where the time went (this run's tiles; a resumed or reused heatmap has fewer).
+                   **timer.as_dict(t_loop)}
+        write_text_atomic(summary_path, json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,213 @@
+"""Encoder weights from outside slidekit: plain weight files for torchvision and timm backbones.
+
+A backbone is named ``resnet18``/``resnet34``/``resnet50`` (torchvision) or ``timm:NAME`` (any timm
+model). Networks are always built with random weights (``pretrained=False``: nothing is ever
+downloaded); weights come from a local file given by the user:
+
+- a slidekit checkpoint (its ``.encoder``),
+- a plain torchvision state dict (``resnet50-*.pth``: ``conv1.*``, ``layer1.*``, ``fc.*``),
+- a timm state dict (``.safetensors`` or ``.pth``) for a ``timm:NAME`` backbone.
+
+``TimmEncoder`` returns a feature pyramid (list of NCHW maps, finest first) like ``ResNetEncoder``:
+every stage of a CNN (through timm's ``forward_intermediates``), or the last block's patch-token
+grid of a ViT (one map at the patch stride). Its parameter names are timm's own, so a timm
+weights file loads into it unchanged (the classifier head is left out).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slidekit.base.errors import CheckpointError, ConfigError
+from slidekit.models.backbones import TimmEncoder, is_timm
+from slidekit.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, transfer_encoder
+from slidekit.models.networks import ResNetClassifier
+from slidekit.models.spec import ModelSpec
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+# -- weight files ---------------------------------------------------------------------------------
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a plain weights file (.safetensors, or a torch file read with weights_only=True).
+
+    A dict wrapping the weights under ``state_dict`` or ``model`` is unwrapped and a DataParallel
+    ``module.`` prefix removed. CheckpointError (one line naming the file) when missing or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("weights file not found", path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle/header errors of every kind
+        raise CheckpointError(f"not a readable weights file ({type(e).__name__}: {' '.join(str(e).split())[:160]})",
+                              path) from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict) and "format" not in sd:
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("not a state dict of tensors", path)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def detect_torchvision_resnet(sd: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet a state dict belongs to (by block counts), or None."""
+    if "conv1.weight" not in sd or "layer4.0.conv1.weight" not in sd:
+        return None
+    bottleneck = "layer1.0.conv3.weight" in sd
+    blocks = len({k.split(".")[1] for k in sd if k.startswith("layer3.")})
+    if bottleneck:
+        return "resnet50" if blocks == 6 else None  # resnet101/152 are not among slidekit's backbones
+    return {2: "resnet18", 6: "resnet34"}.get(blocks)
+
+
+def load_encoder_weights(encoder: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike) -> list[str]:
+    """Load a plain state dict into ``encoder``: every encoder tensor must be present and fit.
+
+    Classifier tensors (``fc.*`` of torchvision, timm's classifier) are left out; any other key
+    the encoder lacks, or a missing or misshapen tensor, is a CheckpointError naming the file.
+    """
+    backbone = encoder.backbone
+    if isinstance(encoder, TimmEncoder):
+        target, drop = encoder.model, _timm_classifier_prefixes(encoder.model)
+    else:
+        found = detect_torchvision_resnet(sd)
+        if found is None:
+            raise CheckpointError("not a slidekit checkpoint, nor a torchvision ResNet state dict "
+                                  "(for timm weights use --init timm:NAME --weights FILE)", path)
+        if found != backbone:
+            raise CheckpointError(f"these are {found} weights but the network's backbone is {backbone} "
+                                  f"(set backbone={found})", path)
+        target, drop = encoder, ("fc.",)
+    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
+    own = target.state_dict()
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or bad:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                 f"{len(bad)} of another shape (e.g. {bad[0]})" if bad else ""]
+        raise CheckpointError(f"weights do not fit {backbone}: " + ", ".join(p for p in parts if p), path)
+    target.load_state_dict(sd)
+    return list(sd)
+
+
+def _timm_classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    cls = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    names = [cls] if isinstance(cls, str) else list(cls or [])
+    return tuple(f"{n}." for n in names) or ("head.", "fc.", "classifier.")
+
+
+def init_from(model: nn.Module, source: str | os.PathLike) -> list[str]:
+    """Initialise ``model.encoder`` from a slidekit checkpoint or a plain weights file.
+
+    The network's own backbone decides how a plain file is read (torchvision or timm names).
+    Returns the names of the loaded tensors.
+    """
+    if not hasattr(model, "encoder"):
+        raise CheckpointError("the network has no .encoder to initialise")
+    path = Path(source)
+    if is_timm(str(source)):
+        raise CheckpointError(f"{source} names a model, not a weights file: give the weights as a file "
+                              f"(--weights FILE); slidekit never downloads weights")
+    if not path.is_file():
+        raise CheckpointError("weights file not found", path)
+    if _is_slidekit_checkpoint(path):
+        return transfer_encoder(path, model)
+    return load_encoder_weights(model.encoder, read_state_dict(path), path)
+
+
+def _is_slidekit_checkpoint(path: Path) -> bool:
+    """Whether a weights file is a slidekit checkpoint (else a plain state dict or not weights at all)."""
+    if path.suffix.lower() == ".safetensors":
+        return False
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False  # read_state_dict names the problem in one line
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def init_overrides(init: str | None, weights: str | None) -> list[str]:
+    """``--init``/``--weights`` of ``slidekit train`` as config overrides.
+
+    ``--init timm:NAME --weights FILE`` sets ``backbone=timm:NAME`` and ``init=FILE``; any other
+    ``--init`` is a weights file (slidekit checkpoint or torchvision state dict).
+    """
+    if init and is_timm(init):
+        if not weights:
+            raise ConfigError(f"--init {init} needs --weights FILE (slidekit never downloads weights)")
+        if not Path(weights).is_file():
+            raise CheckpointError("weights file not found", weights)
+        return [f"backbone={init}", f"init={weights}"]
+    if weights:
+        raise ConfigError("--weights belongs with --init timm:NAME (other --init values are the weights file)")
+    return [f"init={init}"] if init else []
+
+
+def load_embedding_encoder(model: str | os.PathLike, weights: str | os.PathLike | None = None,
+                           patch_size: int | None = None, mpp: float | None = None) -> tuple[nn.Module, Any, Path]:
+    """The feature extractor ``embed`` runs: (network with ``.features``, its ModelSpec, weights path).
+
+    ``model`` is a slidekit checkpoint (its encoder; its patch size and MPP unless given), a
+    torchvision ResNet state dict, or ``timm:NAME`` with ``weights``. A plain file says nothing
+    about tiles, so ``mpp`` is then required; ``patch_size`` defaults to 224 and the
+    normalisation is ImageNet's (what torchvision and most timm models were trained with).
+    """
+    text = str(model)
+    if is_timm(text):
+        if weights is None:
+            raise ConfigError(f"{text} needs --weights FILE (slidekit never downloads weights)")
+        backbone, path = text, Path(weights)
+        sd = read_state_dict(path)
+    else:
+        if weights is not None:
+            raise ConfigError("--weights belongs with a timm:NAME model")
+        path = Path(text)
+        if not path.is_file():
+            raise CheckpointError("model file not found", path)
+        if _is_slidekit_checkpoint(path):
+            ckpt = load_checkpoint(path)
+            spec, net = ckpt.spec, ckpt.model
+            if not hasattr(net, "features"):
+                raise CheckpointError("model has no feature extractor", path)
+            if spec.arch != "resnet-encoder":  # classifiers/segmenters: embed with their encoder only
+                enc = ResNetClassifier(spec.backbone, 0)
+                enc.encoder.load_state_dict(net.encoder.state_dict())
+                net = enc
+            if patch_size is not None or mpp is not None:
+                spec = ModelSpec.from_dict({**_asdict(spec), "patch_size": patch_size or spec.patch_size,
+                                            "mpp": mpp or spec.mpp})
+            return net.eval(), spec, path
+        sd = read_state_dict(path)
+        backbone = detect_torchvision_resnet(sd)
+        if backbone is None:
+            raise CheckpointError("not a slidekit checkpoint, nor a torchvision ResNet state dict "
+                                  "(for timm weights use timm:NAME with --weights FILE)", path)
+    if mpp is None:
+        raise ConfigError(f"{path.name} holds weights only: give the tile size in µm/px (--tile-mpp)")
+    net = ResNetClassifier(backbone, 0)
+    load_encoder_weights(net.encoder, sd, path)
+    spec = ModelSpec(arch="resnet-encoder", backbone=backbone, task="embedding", classes=[],
+                     patch_size=int(patch_size or 224), mpp=float(mpp), activation="none",
+                     extra={"weights": path.name})
+    return net.eval(), spec, path
+
+
+def _asdict(spec: Any) -> dict:
+    from dataclasses import asdict
+
+    return asdict(spec)

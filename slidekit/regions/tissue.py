@@ -1,0 +1,293 @@
+"""Tissue detection on a coarse view of the slide.
+
+The slide is read whole at a coarse pixel size (default 8 µm/px, a few megapixels even for a
+large resection). Tissue is what is coloured (HSV saturation above an Otsu threshold) and absorbs
+light, or absorbs clearly (optical density above its Otsu threshold), or absorbs more than the
+slide's own glass (optical density relative to the glass colour above ``min_contrast``: this finds
+faint haematoxylin-only counterstain, which is nearly grey and nearly as bright as the glass).
+Pen ink (blue, green, black) is removed by its colour, then the mask is closed, holes enclosed by
+tissue are filled up to a size and small regions dropped, with every area given in µm² so the
+result does not depend on the working resolution.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from shapely.affinity import affine_transform
+from shapely.geometry import Polygon
+from skimage import morphology
+from skimage.filters import threshold_otsu
+
+from slidekit.annotations.formats import write_geojson
+from slidekit.annotations.geometry import clip_geometry
+from slidekit.annotations.objects import Annotation
+from slidekit.base.errors import TissueError
+from slidekit.base.io import atomic_path, write_text_atomic
+from slidekit.base.locks import OutputLock
+from slidekit.base.outputs import OutputDir
+from slidekit.slides.identity import slide_fingerprint
+from slidekit.slides.slide import Slide, open_slide
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask at a coarse pixel size ``mpp``, with level-0 polygons.
+
+    ``array[r, c]`` covers level-0 pixels ``[c*s, (c+1)*s) x [r*s, (r+1)*s)`` with
+    ``s = mpp / slide_mpp``.
+    """
+
+    array: np.ndarray
+    mpp: float
+    slide_mpp: tuple[float, float]
+    _polygons: list[Polygon] | None = field(default=None, repr=False)
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Level-0 pixels per mask pixel along x and y."""
+        return self.mpp / self.slide_mpp[0], self.mpp / self.slide_mpp[1]
+
+    @property
+    def polygons(self) -> list[Polygon]:
+        """Tissue regions as shapely polygons in level-0 pixels, holes kept."""
+        if self._polygons is None:
+            sx, sy = self.scale
+            polys = mask_to_polygons(self.array)
+            self._polygons = [affine_transform(p, [sx, 0, 0, sy, 0, 0]) for p in polys]
+        return self._polygons
+
+    @property
+    def area_um2(self) -> float:
+        """Tissue area in µm²."""
+        return float(self.array.sum()) * self.mpp * self.mpp
+
+    def fraction(self, box: tuple[float, float, float, float]) -> float:
+        """Fraction of a level-0 box ``(x, y, w, h)`` that is tissue (area-weighted)."""
+        return float(self.fractions(np.array([box], dtype=np.float64))[0])
+
+    def fractions(self, boxes: np.ndarray) -> np.ndarray:
+        """Tissue fraction of many level-0 boxes (N, 4) at once, via a summed-area table."""
+        sx, sy = self.scale
+        integral = cv2.integral(self.array.astype(np.uint8)).astype(np.float64)
+        H, W = self.array.shape
+
+        def area_upto(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+            # Sum of the mask over [0, xs) x [0, ys) in fractional mask pixels (bilinear on the SAT).
+            xs, ys = np.clip(xs, 0, W), np.clip(ys, 0, H)
+            x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
+            x1, y1 = np.minimum(x0 + 1, W), np.minimum(y0 + 1, H)
+            fx, fy = xs - x0, ys - y0
+            return ((1 - fx) * (1 - fy) * integral[y0, x0] + fx * (1 - fy) * integral[y0, x1]
+                    + (1 - fx) * fy * integral[y1, x0] + fx * fy * integral[y1, x1])
+
+        x, y, w, h = (boxes[:, i] for i in range(4))
+        mx0, my0, mx1, my1 = x / sx, y / sy, (x + w) / sx, (y + h) / sy
+        total = (area_upto(mx1, my1) - area_upto(mx0, my1) - area_upto(mx1, my0) + area_upto(mx0, my0))
+        return np.clip(total / np.maximum((mx1 - mx0) * (my1 - my0), 1e-12), 0.0, 1.0)
+
+    def to_png(self, path: str) -> None:
+        """Save the mask as an 8-bit PNG (255 = tissue)."""
+        cv2.imwrite(str(path), self.array.astype(np.uint8) * 255)
+
+
+def mask_to_polygons(mask: np.ndarray) -> list[Polygon]:
+    """Exact pixel-edge outlines of a boolean mask, in mask-pixel coordinates.
+
+    Pixel ``(r, c)`` is the square ``[c, c+1) x [r, r+1)``; polygons keep their holes, their
+    areas equal the pixel counts, and pixels touching only at a corner stay apart. Row runs are
+    merged into rectangles and unioned (GEOS).
+    """
+    import shapely
+
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return []
+    H, W = m.shape
+    p = np.zeros((H, W + 2), np.int8)
+    p[:, 1:-1] = m
+    d = np.diff(p, axis=1)
+    rows, c0 = np.nonzero(d == 1)
+    _, c1 = np.nonzero(d == -1)
+    # Stack identical runs of consecutive rows into one rectangle (blocky maps become a few boxes).
+    key = c0 * (W + 1) + c1
+    order = np.lexsort((rows, key))
+    rows, c0, c1, key = rows[order], c0[order], c1[order], key[order]
+    new = np.ones(len(rows), bool)
+    new[1:] = (key[1:] != key[:-1]) | (rows[1:] != rows[:-1] + 1)
+    start = np.flatnonzero(new)
+    end = np.append(start[1:], len(rows)) - 1
+    boxes = shapely.box(c0[start], rows[start], c1[start], rows[end] + 1)
+    union = shapely.simplify(shapely.union_all(boxes), 0)
+    return [g for g in getattr(union, "geoms", [union]) if g.area > 0]
+
+
+#: Optical density -log10(v / 255) of each 8-bit value (0 read as 1).
+_OD_LUT = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(255.0))
+
+
+def _otsu(values: np.ndarray) -> float:
+    try:
+        return float(threshold_otsu(values)) if values.max() > values.min() else float(values.max())
+    except ValueError:
+        return float(values.max())
+
+
+#: Width (µm) of the rim around a pen stroke that is dropped with the ink; smallest stroke (µm²).
+PEN_HALO_UM = 24.0
+PEN_MIN_UM2 = 2_000.0
+
+
+def _pen_mask(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
+    """Pen ink: strongly saturated blue/green/cyan, or near-black marker."""
+    h = hsv[..., 0].astype(np.int16) * 2  # OpenCV hue is 0..179
+    s = hsv[..., 1]
+    v = hsv[..., 2]
+    green = (h >= 70) & (h < 180) & (s > 60)
+    blue = (h >= 180) & (h < 250) & (s > 110) & (v > 40)
+    black = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) < 40
+    return green | blue | black
+
+
+def tissue_mask(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0,
+                min_hole_um2: float = 20_000.0, closing_um: float = 32.0,
+                remove_pen: bool = True, min_saturation: int = 20, min_od: float = 0.05,
+                min_contrast: float = 0.02, progress: bool | None = None) -> TissueMask:
+    """Detect tissue on the slide read whole at ``mpp`` µm/px.
+
+    Tissue = saturation above its Otsu threshold (at least ``min_saturation``) with optical density
+    above ``min_od``, or optical density above its own Otsu threshold, or optical density relative
+    to the glass colour (``glass_colour``) above ``min_contrast``; minus pen ink; closed with a disc
+    of ``closing_um``; holes enclosed by tissue under ``min_hole_um2`` filled; regions under
+    ``min_area_um2`` dropped. Raises TissueError when nothing is left.
+    """
+    view = slide.read_whole(mpp, progress=progress)  # progress: a bar (None: only for huge single-level reads)
+    mask = detect_tissue(view, mpp, min_area_um2=min_area_um2, min_hole_um2=min_hole_um2,
+                         closing_um=closing_um, remove_pen=remove_pen,
+                         min_saturation=min_saturation, min_od=min_od, min_contrast=min_contrast)
+    if not mask.any():
+        raise TissueError("no tissue found (the slide looks blank at this threshold)", slide.path)
+    return TissueMask(array=mask, mpp=mpp, slide_mpp=slide.mpp)
+
+
+def glass_colour(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
+    """The glass's RGB colour in a coarse view: the brightest common colour.
+
+    The brightest grey level holding at least ``min_share`` of the scanned pixels within ±3 levels
+    (glass transmits the most light, and it is common on any slide that shows an edge of the
+    section); its per-channel median. Scanner fill (every channel >= 254: painted outside the
+    scanned area, not glass seen by the camera) is left out. On a view with no glass at all this
+    is the palest common tissue, so the relative-density rule only adds what is darker than that.
+    """
+    r, g, b = (rgb[..., i].ravel() for i in range(3))
+    grey = (r.astype(np.uint16) + g + b + 1) // 3  # rounded mean, 0..255
+    scanned = np.minimum(np.minimum(r, g), b) < 254
+    levels = grey[scanned]
+    if levels.size == 0:
+        return np.full(3, 255.0, np.float32)
+    near = np.convolve(np.bincount(levels, minlength=256), np.ones(7), mode="same")
+    common = np.flatnonzero(near >= min_share * levels.size)
+    level = int(common.max()) if common.size else int(np.argmax(near))
+    sel = scanned & (np.abs(grey.astype(np.int16) - level) <= 3)
+    return np.array([_median_u8(c[sel]) for c in (r, g, b)], np.float32)
+
+
+def _median_u8(values: np.ndarray) -> float:
+    """Median of uint8 values through their histogram (no sort of millions of pixels)."""
+    cum = np.cumsum(np.bincount(values, minlength=256))
+    return float(np.searchsorted(cum, (cum[-1] + 1) // 2))
+
+
+def _fill_enclosed_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """Fill background regions of at most ``max_px`` pixels that tissue encloses.
+
+    Glass touching the view's edge is not enclosed (on a crop it is the glass beside the section),
+    so it is never filled, whatever its size.
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    H, W = mask.shape
+    x, y, w, h, area = (stats[:, i] for i in range(5))
+    fill = (area <= max_px) & (x > 0) & (y > 0) & (x + w < W) & (y + h < H)
+    fill[0] = False  # label 0 is the tissue itself
+    return mask | fill[labels]
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float, min_area_um2: float = 20_000.0,
+                  min_hole_um2: float = 20_000.0, closing_um: float = 32.0, remove_pen: bool = True,
+                  min_saturation: int = 20, min_od: float = 0.05, min_contrast: float = 0.02) -> np.ndarray:
+    """Tissue mask (bool) of an RGB image whose pixels are ``mpp`` µm wide."""
+    px_area = mpp * mpp
+    blur = min(rgb.shape[:2]) >= 5
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    sat = cv2.medianBlur(hsv[..., 1], 5) if blur else hsv[..., 1]
+    od = (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]] + _OD_LUT[rgb[..., 2]]) / np.float32(3)
+    od = cv2.medianBlur(od, 5) if blur else od
+    # Optical density against the glass instead of against 255 (the glass of one scanner is 215,
+    # of another 244, and faint counterstain is only ~0.03-0.06 darker than its glass): the mean
+    # log ratio to the glass colour is the OD above the glass's own OD.
+    od_glass = float(_OD_LUT[np.round(glass_colour(rgb)).astype(np.intp)].mean())
+    # Coloured (H&E), clearly absorbing (IHC), or darker than the glass (faint counterstain) counts
+    # as tissue. Otsu picks the first two thresholds; the bounds keep it sane on views that are
+    # nearly all tissue or nearly all glass, where Otsu would split the majority class in two.
+    sat_t = float(np.clip(_otsu(sat), min_saturation, 60))
+    od_t = float(np.clip(_otsu(od), min_od + 0.05, 0.3))
+    mask = ((sat > sat_t) & (od > min_od)) | (od > od_t) | (od > od_glass + min_contrast)
+    pen = np.zeros(mask.shape, bool)
+    if remove_pen:
+        ink = _pen_mask(rgb, hsv)
+        mask &= ~ink
+        # The rim of a pen stroke is paler than the ink and not saturated enough to be called pen,
+        # but darker than the glass: a halo of PEN_HALO_UM around each stroke goes with it, and
+        # stays out after closing. Specks under PEN_MIN_UM2 (a dark nucleus, a stray pixel) only
+        # lose their own pixels, which closing may give back.
+        strokes = morphology.remove_small_objects(ink, max_size=max(1, round(PEN_MIN_UM2 / px_area)))
+        if strokes.any():
+            halo = max(1, round(PEN_HALO_UM / mpp))
+            disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))
+            pen = cv2.dilate(strokes.astype(np.uint8), disc) > 0
+            mask &= ~pen
+    radius = max(1, round(closing_um / mpp / 2))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    # Pad before closing so tissue touching the border is not eroded by the implicit background.
+    padded = np.pad(mask.astype(np.uint8), radius, mode="edge")
+    mask = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[radius:-radius, radius:-radius] > 0
+    mask = _fill_enclosed_holes(mask, max(1, round(min_hole_um2 / px_area)))
+    mask &= ~pen  # closing and hole filling must not bring the ink back
+    mask = morphology.remove_small_objects(mask, max_size=max(1, round(min_area_um2 / px_area)))
+    return mask.astype(bool)
+
+
+def save_tissue(slide_path: str, out_dir: str | os.PathLike, mask_mpp: float = 8.0,
+                min_area_um2: float = 20_000.0, slide_mpp: float | None = None,
+                backend: str | None = None, override_mpp: float | None = None) -> dict:
+    """Detect tissue and write ``mask.png``, ``tissue.geojson`` (QuPath annotations) and
+    ``tissue.json`` (summary) into ``out_dir``. ``slide_mpp`` is used only where the slide's
+    metadata has no MPP; ``override_mpp`` replaces the metadata's."""
+    from shapely.geometry import box
+
+
+    out = Path(out_dir)
+    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide, \
+            OutputLock(out):
+        # Only files slidekit wrote here may be replaced; another slide's folder is refused.
+        OutputDir(out, slide.path, slide_fingerprint(slide.path)).claim("mask.png", "tissue.geojson", "tissue.json")
+        mask = tissue_mask(slide, mpp=mask_mpp, min_area_um2=min_area_um2)
+        area_px = slide.mpp[0] * slide.mpp[1]
+        # A mask pixel at the edge may overhang the slide: regions are cut to the slide before measuring.
+        on_slide = box(0, 0, *slide.dimensions)
+        regions = [clip_geometry(p, on_slide)[0] for p in mask.polygons]
+        anns = [Annotation(p, label="Tissue", color=(80, 200, 120), kind="annotation",
+                           measurements={"Area µm^2": p.area * area_px}) for p in regions if not p.is_empty]
+        with atomic_path(out / "mask.png") as tmp:
+            mask.to_png(str(tmp.with_suffix(".png")))
+            os.replace(tmp.with_suffix(".png"), tmp)
+        write_geojson(anns, out / "tissue.geojson")
+        summary = {"slide": str(slide.path), "mask_mpp": mask_mpp, "mask_shape": list(mask.array.shape),
+                   "regions": len(anns), "area_mm2": mask.area_um2 / 1e6,
+                   "fraction": float(mask.array.mean())}
+        write_text_atomic(out / "tissue.json", json.dumps(summary, indent=2))
+    return summary

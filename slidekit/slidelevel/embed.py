@@ -1,0 +1,268 @@
+"""Per-tile embeddings of a slide, chunked on disk, with optional k-means clusters for QuPath.
+
+``embed_slide`` tiles a slide at the checkpoint's patch size and MPP (tissue tiles only), runs the
+encoder over every tile with the batched ``Predictor`` and stores a zarr group::
+
+    features  (N, D) float32, chunked by rows    the pooled encoder output of each tile
+    coords    (N, 2) int64                       level-0 (x, y) top-left corners, same row order
+    clusters  (N,)   int32 (optional)            k-means cluster of each tile
+
+The attributes hold the slide identity, the grid geometry and the model's identity. Work is
+resumable: rows are written chunk by chunk into ``OUT.partial`` (its ``rows_done`` attribute
+counts finished rows) and the store is renamed to ``OUT`` only when complete, so a rerun
+continues where an interrupted one stopped and a finished store is never recomputed. Ciga et al.
+use such clusters to find artefacts and tissue regions without labels; ``write_cluster_geojson``
+turns them into QuPath ``tile`` objects coloured by cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slidekit.annotations.formats import write_geojson
+from slidekit.annotations.objects import Annotation
+from slidekit.base.errors import GridError, TissueError
+from slidekit.base.io import file_identity
+from slidekit.base.locks import OutputLock
+from slidekit.base.outputs import claim_path
+from slidekit.base.resources import configure_threads
+from slidekit.infer.predictor import Predictor, resolve_stain
+from slidekit.models.weights import load_embedding_encoder
+from slidekit.regions.tiling import TileGrid
+from slidekit.regions.tissue import tissue_mask
+from slidekit.slides.slide import open_slide
+
+EMBED_FORMAT = "slidekit.embeddings/1"
+# Distinct colours for clusters (tab20-like), repeated when k is larger.
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+           (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210),
+           (199, 199, 199), (219, 219, 141), (158, 218, 229)]
+
+
+@dataclass
+class Embeddings:
+    """An opened embeddings store: features (zarr, lazy), coords, clusters (or None), attrs."""
+
+    path: Path
+    features: object
+    coords: np.ndarray
+    clusters: np.ndarray | None
+    attrs: dict
+
+    @property
+    def tile_extent(self) -> tuple[float, float]:
+        """Tile width and height in level-0 pixels."""
+        return tuple(self.attrs["grid"]["extent"])
+
+
+def open_embeddings(path: str | os.PathLike) -> Embeddings:
+    """Open a finished store written by ``embed_slide``."""
+    import zarr
+
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        attrs = dict(root.attrs)
+    except Exception as e:
+        raise GridError(f"not an embeddings store ({type(e).__name__}: {e})", path) from None
+    if attrs.get("format") != EMBED_FORMAT or not attrs.get("complete"):
+        raise GridError("not a complete slidekit embeddings store", path)
+    clusters = np.asarray(root["clusters"][:]) if "clusters" in root else None
+    return Embeddings(path, root["features"], np.asarray(root["coords"][:]), clusters, attrs)
+
+
+def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike,
+                grid: TileGrid | str | os.PathLike | None = None, min_tissue: float = 0.5,
+                slide_mpp: float | None = None, batch_size: int = 64, chunk_rows: int = 4096,
+                workers: int = 0, device: str = "auto", clusters: int | None = None,
+                geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
+                tissue: dict | None = None,
+                override_mpp: float | None = None, weights: str | os.PathLike | None = None,
+                patch_size: int | None = None, tile_mpp: float | None = None, threads: int | None = None,
+                stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> Path:
+    """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
+
+    The grid is the checkpoint's ``patch_size`` at its ``mpp`` over tissue (``min_tissue``), unless
+    ``grid`` (a TileGrid or a saved grid file) is given. ``clusters=k`` adds k-means clusters;
+    ``geojson`` then writes them as QuPath tiles. ``model`` may also be a torchvision ResNet state
+    dict or ``timm:NAME`` with ``weights`` (then ``tile_mpp`` is required; ``patch_size`` defaults
+    to 224): see ``slidekit.models.weights.load_embedding_encoder``. ``threads``: CPUs to use (default:
+    those this process may use; see ``resources.configure_threads``). ``stain_norm``/``stain_ref``:
+    stain normalisation, as for ``heatmap_slide`` (default: the checkpoint's; "none" turns it off);
+    the store's ``stain`` attribute records it. Returns the store path.
+    """
+    out = Path(out)
+    net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
+    stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
+    with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide:
+        if isinstance(grid, (str, os.PathLike)):
+            grid = TileGrid.load(grid)
+        if grid is None:
+            mask = tissue_mask(slide, **(tissue or {})) if min_tissue > 0 else None  # tissue: tissue_mask options
+            grid = TileGrid.from_slide(slide, mpp=spec.mpp, size=spec.patch_size, mask=mask,
+                                       min_tissue=min_tissue)
+        else:
+            grid.check_slide(slide)
+        if len(grid) == 0:
+            raise TissueError(f"no tile has {min_tissue:.0%} tissue at {grid.mpp} µm/px", slide.path)
+        meta = {"format": EMBED_FORMAT, "model": file_identity(model),
+                "slide": {"name": grid.slide_name, "id": grid.slide_id,
+                          "dimensions": list(grid.slide_dimensions), "mpp": list(grid.slide_mpp)},
+                "grid": {"mpp": grid.mpp, "size": grid.size, "overlap": grid.overlap, "tiles": len(grid),
+                         "extent": list(grid.extent), "min_tissue": grid.min_tissue},
+                "spec": {"backbone": spec.backbone, "patch_size": spec.patch_size, "mpp": spec.mpp,
+                         "mean": list(spec.mean), "std": list(spec.std), "trainer": spec.trainer}}
+        if tissue and grid.tissue is not None:  # recorded only when set: stores without it stay complete
+            meta["grid"]["tissue"] = dict(tissue)
+        if stain_info["key"] is not None:  # likewise: a store made with other tiles is recomputed
+            meta["stain"] = {"method": stain_info["method"], "source": stain_info["source"],
+                             "key": stain_info["key"]}
+        with OutputLock(out.parent, name=f".{out.name}.lock"):
+            if not _is_complete(out, meta):
+                configure_threads(threads, workers)  # main process: the CPUs the workers leave
+                _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress,
+                         stain)
+            if clusters:
+                _add_clusters(out, clusters, seed)
+    if geojson is not None:
+        if not clusters:
+            raise GridError("writing cluster GeoJSON needs clusters=k")
+        write_cluster_geojson(out, geojson)
+    return out
+
+
+def _is_embeddings_store(path: Path) -> bool:
+    """Whether ``path`` is a store slidekit's embed wrote (finished or not)."""
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == EMBED_FORMAT
+    except Exception:
+        return False
+
+
+def _is_complete(out: Path, meta: dict) -> bool:
+    if not out.exists():
+        return False
+    # Only a store slidekit wrote may be replaced: a user's folder or file is never deleted.
+    claim_path(out, _is_embeddings_store(out), "a slidekit embeddings store")
+    try:
+        emb = open_embeddings(out)
+    except GridError:
+        shutil.rmtree(out)  # our own unfinished store: recompute
+        return False
+    same = {k: emb.attrs.get(k) for k in meta} == json.loads(json.dumps(meta))
+    if not same:
+        shutil.rmtree(out)  # our store of another slide, grid or model: recompute
+    return same
+
+
+def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size: int, chunk_rows: int,
+             workers: int, device: str, progress: bool, stain: object = None) -> None:
+    import zarr
+
+
+    partial = out.with_name(out.name + ".partial")
+    root = None
+    claim_path(partial, _is_embeddings_store(partial), "a slidekit embeddings store")
+    if partial.exists():
+        try:
+            root = zarr.open_group(str(partial), mode="r+")
+            if {k: root.attrs.get(k) for k in meta} != json.loads(json.dumps(meta)):
+                root = None
+        except Exception:
+            root = None
+        if root is None:
+            shutil.rmtree(partial)
+    n = len(grid)
+    dim = net.encoder.out_features
+    chunk_rows = max(1, min(chunk_rows, max(n, 1)))
+    if root is None:
+        root = zarr.open_group(str(partial), mode="w")
+        root.create_array("features", shape=(n, dim), chunks=(chunk_rows, dim), dtype="float32")
+        root.create_array("coords", shape=(n, 2), chunks=(max(1, min(n, 65536)), 2), dtype="int64")
+        if n:
+            root["coords"][:] = grid.coords
+        root.attrs.update({**json.loads(json.dumps(meta)), "rows_done": 0, "complete": False})
+    done = int(root.attrs.get("rows_done", 0))
+    feats = root["features"]
+    predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
+                          stain=stain)
+    timer = predictor.timer
+    t_loop = time.perf_counter()
+    # Rows are flushed one zarr chunk at a time, so rows_done always marks whole, written chunks.
+    for begin in range(done, n, chunk_rows):
+        stop = min(n, begin + chunk_rows)
+        parts = []
+        for idx, y in predictor.predict(slide, grid, np.arange(begin, stop)):
+            with timer.stage("stitch"):
+                parts.append(y.reshape(len(idx), -1))
+        with timer.stage("write"):
+            feats[begin:stop] = np.concatenate(parts).astype(np.float32)
+            root.attrs["rows_done"] = stop
+    root.attrs["timing"] = timer.as_dict(time.perf_counter() - t_loop)  # this run's tiles
+    root.attrs["decode"] = predictor.decode
+    if predictor.stain is not None:  # this run's tiles left as read (too little stain to estimate)
+        root.attrs["stain_unchanged_tiles"] = predictor.stain_unchanged
+    root.attrs["complete"] = True
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+
+
+def _add_clusters(out: Path, k: int, seed: int) -> None:
+    """k-means over the stored features (mini-batch, chunk by chunk); skipped when already there."""
+    import zarr
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    root = zarr.open_group(str(out), mode="r+")
+    if root.attrs.get("clusters_k") == k and "clusters" in root:
+        return
+    feats = root["features"]
+    n = feats.shape[0]
+    if n < k:
+        raise GridError(f"cannot make {k} clusters from {n} tiles", out)
+    step = feats.chunks[0]
+    if n <= 50_000:
+        x = np.asarray(feats[:])
+        labels = KMeans(k, n_init=4, random_state=seed).fit_predict(x)
+    else:  # never hold a huge slide's features at once
+        km = MiniBatchKMeans(k, random_state=seed, batch_size=4096, n_init=3)
+        for s in range(0, n, step):
+            km.partial_fit(np.asarray(feats[s:s + step]))
+        labels = np.concatenate([km.predict(np.asarray(feats[s:s + step])) for s in range(0, n, step)])
+    if "clusters" in root:
+        del root["clusters"]
+    root.attrs["clusters_k"] = None
+    root.create_array("clusters", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype="int32")
+    root["clusters"][:] = labels.astype(np.int32)
+    root.attrs["clusters_k"] = int(k)  # written last: marks the clusters as complete
+
+
+def cluster_annotations(emb: Embeddings) -> list:
+    """One QuPath ``tile`` object per tile, classified ``cluster N`` and coloured by cluster."""
+    from shapely.geometry import box
+
+
+    if emb.clusters is None:
+        raise GridError("the embeddings store has no clusters", emb.path)
+    w, h = emb.tile_extent
+    out = []
+    for (x, y), c in zip(emb.coords.tolist(), emb.clusters.tolist()):
+        out.append(Annotation(box(x, y, x + w, y + h), label=f"cluster {c}", kind="tile",
+                              color=PALETTE[c % len(PALETTE)], measurements={"cluster": c}))
+    return out
+
+
+def write_cluster_geojson(store: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Write the clusters of an embeddings store as QuPath tiles (GeoJSON, atomically)."""
+    emb = open_embeddings(store)
+    # Edge tiles reach past the slide: clip them to its level-0 size.
+    return write_geojson(cluster_annotations(emb), path, bounds=tuple(emb.attrs["slide"]["dimensions"]))
