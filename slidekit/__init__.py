@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 # torch-heavy parts load on first use, so `import slidekit` stays light.
-_LAZY = {"load_checkpoint": "slidekit.models.networks", "Predictor": "slidekit.infer.predictor",
+_LAZY = {"load_checkpoint": "slidekit.models.checkpoint", "Predictor": "slidekit.infer.predictor",
          "heatmap_slide": "slidekit.infer.predictor", "Heatmap": "slidekit.infer.heatmap", "HeatmapWriter": "slidekit.infer.heatmap"}
 
 

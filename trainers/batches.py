@@ -35,7 +35,8 @@ from slidekit.base.errors import ConfigError, TrainingError
 from slidekit.base.timing import GPUSampler, StageTimer
 from slidekit.infer.predictor import checkpoint_stain
 from slidekit.models.checkpoint import read_checkpoint
-from slidekit.stain.augment import STAIN_AUGMENTS as STAIN_AUGS, augmenter_from_options
+from slidekit.stain import augment as stain_augment
+from slidekit.stain.augment import STAIN_AUGMENTS as STAIN_AUGS
 from slidekit.stain.normalize import STAIN_METHODS, normalizer_from_options
 from trainers.config import TrainerConfig, check_option
 from trainers.runs import RESTART_HINT
@@ -148,7 +149,8 @@ class BatchInputs:
                     raise ConfigError("stain_aug 'randstainna' needs training images to fit on; this trainer "
                                       "gives none")
                 images = [self.prepare_eval(img) for img in fit_images()]  # fitted after normalisation
-            self.augmenter = augmenter_from_options(kind, float(config.stain_aug_strength), images=images)
+            # looked up on the module at call time, so a test (or a plug-in) can wrap it
+            self.augmenter = stain_augment.augmenter_from_options(kind, float(config.stain_aug_strength), images=images)
         self.timer = StageTimer(self.device)
         self._start: Any = None
         self._ready: Any = None

@@ -13,7 +13,7 @@ from slidekit.base.errors import SlidekitError
 
 ENV_VAR = "SLIDEKIT_DATA"
 #: ``../shared/data`` relative to the repository root (the checkout holding ``slidekit/``).
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def data_dir(explicit: str | Path | None = None) -> Path:
