@@ -8,8 +8,11 @@ loads torch.
 from slidekit.annotations.formats import read_annotations, write_geojson
 from slidekit.annotations.geometry import clip_annotations, filled_area, filled_geometry, make_valid, rasterize
 from slidekit.annotations.objects import KINDS, Annotation, default_color
-from slidekit.annotations.scribbles import generate_scribbles, object_dice, segmentation_scores
+from slidekit.base.lazy import lazy_exports
 
 __all__ = ["Annotation", "KINDS", "default_color", "read_annotations", "write_geojson", "rasterize",
            "clip_annotations", "filled_area", "filled_geometry", "make_valid", "generate_scribbles",
            "object_dice", "segmentation_scores"]
+# scribbles loads scikit-image: on first use only, so reading annotations stays quick to start.
+__getattr__, __dir__ = lazy_exports(__name__, {"generate_scribbles": ".scribbles", "object_dice": ".scribbles",
+                                               "segmentation_scores": ".scribbles"})
