@@ -154,3 +154,51 @@ def test_cli_export(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "torchscript_model.pt"]
     res = CliRunner().invoke(main, ["export", str(tmp_path / "missing.pt"), "--to", "onnx", str(tmp_path / "m.onnx")])
     assert res.exit_code != 0 and "checkpoint file not found" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("to,name", [("torchscript", "m.pt"), ("onnx", "m.onnx")])
+def test_export_refuses_what_slidekit_did_not_write(tmp_path, to, name):
+    """A folder (or a user's own file) at the export path is refused with one line, and kept; a
+    file slidekit exported there before is replaced."""
+    from click.testing import CliRunner
+
+    from slidekit.cli import main
+
+    if to == "onnx":
+        pytest.importorskip("onnx")
+    ckpt, _, _ = _checkpoint(tmp_path / "c.pt")
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "mine.txt").write_text("user data")
+    res = CliRunner().invoke(main, ["export", str(ckpt), "--to", to, str(folder)])
+    assert res.exit_code != 0 and "not" in res.output and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert (folder / "mine.txt").read_text() == "user data"
+    own = tmp_path / f"own.{name}"
+    own.write_bytes(b"my own model")
+    res = CliRunner().invoke(main, ["export", str(ckpt), "--to", to, str(own)])
+    assert res.exit_code != 0 and own.read_bytes() == b"my own model", res.output
+    out = tmp_path / f"ours.{name}"
+    for _ in range(2):  # a rerun replaces slidekit's own export
+        res = CliRunner().invoke(main, ["export", str(ckpt), "--to", to, str(out)])
+        assert res.exit_code == 0, res.output
+
+
+def test_wsinfer_export_keeps_a_users_files(tmp_path):
+    from click.testing import CliRunner
+
+    from slidekit.cli import main
+
+    ckpt, _, _ = _checkpoint(tmp_path / "c.pt")
+    for names in (["config.json"], ["config.json", "torchscript_model.pt"], ["torchscript_model.pt"]):
+        folder = tmp_path / "-".join(names)
+        folder.mkdir()
+        for n in names:
+            (folder / n).write_text(f"my {n}")
+        res = CliRunner().invoke(main, ["export", str(ckpt), "--to", "wsinfer", str(folder)])
+        assert res.exit_code != 0 and "refusing" in res.output and "Traceback" not in res.output, res.output
+        assert all((folder / n).read_text() == f"my {n}" for n in names)
+    out = tmp_path / "m"
+    for _ in range(2):
+        res = CliRunner().invoke(main, ["export", str(ckpt), "--to", "wsinfer", str(out)])
+        assert res.exit_code == 0, res.output

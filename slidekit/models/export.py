@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch import nn
 
 from slidekit.base.errors import CheckpointError, ConfigError, StainWarning
 from slidekit.base.io import atomic_path
+from slidekit.base.outputs import claim_path
 from slidekit.models.checkpoint import load_checkpoint, read_checkpoint
 from slidekit.stain.normalize import StainNormalizer
 
@@ -104,11 +106,32 @@ def _spec_json(spec: Any) -> str:
     return json.dumps(asdict(spec), default=list)
 
 
+def _is_our_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript file slidekit's export wrote (it carries ``slidekit_spec.json``)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/extra/slidekit_spec.json") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_our_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file slidekit's export wrote (metadata ``slidekit_spec``)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file at all (a folder, text, another format): not ours
+        return False
+    return any(e.key == "slidekit_spec" for e in model.metadata_props)
+
+
 def export_torchscript(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A standalone TorchScript file: [0, 1] float RGB (B, 3, S, S) in, the Predictor's outputs out."""
+    out = Path(out)
+    claim_path(out, _is_our_torchscript(out), "a TorchScript file slidekit exported")
     c = _load(ckpt)
     traced = _trace(_Standalone(c.model, c.spec), _example(c.spec))
-    out = Path(out)
     with atomic_path(out) as tmp:
         _save_ts(traced, tmp, c.spec)
     return out
@@ -120,9 +143,10 @@ def export_onnx(ckpt: str | os.PathLike, out: str | os.PathLike, opset: int = 18
         import onnx
     except ImportError:
         raise ConfigError("ONNX export needs the onnx extra: pip install 'slidekit[onnx]'") from None
+    out = Path(out)
+    claim_path(out, _is_our_onnx(out), "an ONNX file slidekit exported")
     c = _load(ckpt)
     module = _Standalone(c.model, c.spec).eval()
-    out = Path(out)
     with atomic_path(out) as tmp:
         import warnings
 
@@ -178,6 +202,11 @@ def export_wsinfer(ckpt: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError("the WSInfer output must be a folder", out_dir)
+    # The config is ours only beside a model slidekit wrote (the model is written first); a user's
+    # own WSInfer folder is refused before anything in it is replaced.
+    ours = _is_our_torchscript(out_dir / WSINFER_MODEL)
+    claim_path(out_dir / WSINFER_MODEL, ours, "a WSInfer model slidekit exported")
+    claim_path(out_dir / WSINFER_CONFIG, ours, "the config of a WSInfer model slidekit exported")
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / WSINFER_MODEL) as tmp:
         _save_ts(traced, tmp, spec)
