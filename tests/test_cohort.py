@@ -312,3 +312,110 @@ def test_gpu_indices_count_among_the_visible_gpus(monkeypatch):
     assert physical_gpus([0, 1]) == ["4", "6"]
     with pytest.raises(ConfigError, match="sees only 2 GPU"):
         physical_gpus([2])
+
+
+# -- what "done" means on a rerun: the outputs and the slide that run saw (issues 19.3, 25.1) ------
+
+def test_rerun_checks_outputs_and_the_slide_file(cohort, tmp_path):
+    src = tmp_path / "slides"
+    src.mkdir()
+    c, d = src / "c.tif", src / "d.tif"
+    c.write_bytes(cohort[2].read_bytes())
+    d.write_bytes(cohort[3].read_bytes())
+    out = tmp_path / "OUT"
+    first = run_cohort("tissue", [str(c), str(d)], out, progress=False)
+    assert [r["status"] for r in first] == ["done", "done"]
+    again = run_cohort("tissue", [str(c), str(d)], out, progress=False)
+    assert [r["note"] for r in again] == ["done earlier"] * 2
+    # An output deleted and another truncated: both slides are redone, and the table says why.
+    (out / "c" / "tissue.geojson").unlink()
+    (out / "d" / "tissue.json").write_text("{}")
+    third = {r["id"]: r for r in run_cohort("tissue", [str(c), str(d)], out, progress=False)}
+    assert third["c"]["status"] == "done" and "tissue.geojson missing" in third["c"]["note"]
+    assert third["d"]["status"] == "done" and "tissue.json changed" in third["d"]["note"]
+    assert (out / "c" / "tissue.geojson").exists()
+    # A replaced slide file (same path, another scan) is redone.
+    c.write_bytes(cohort[0].read_bytes())
+    fourth = {r["id"]: r for r in run_cohort("tissue", [str(c), str(d)], out, progress=False)}
+    assert fourth["c"]["status"] == "done" and "slide file changed" in fourth["c"]["note"]
+    assert fourth["d"]["note"] == "done earlier"
+    rows = {r["id"]: r for r in _csv(out / "cohort.csv")}
+    assert "slide file changed" in rows["c"]["note"]
+
+
+def test_a_done_record_written_by_hand_is_not_done(cohort, tmp_path):
+    out = tmp_path / "OUT"
+    run_cohort("tissue", [str(cohort[2])], out, progress=False)
+    key = Ledger(out).state()["c"]["config"]
+    Ledger(out).append(id="d", slide=str(cohort[3]), status="done", attempt=1, config=key,
+                       figures={"area_mm2": 123.0})
+    t = {r["id"]: r for r in run_cohort("tissue", [str(cohort[2]), str(cohort[3])], out, progress=False)}
+    assert t["d"]["status"] == "done" and "lists no outputs" in t["d"]["note"]
+    assert float(t["d"]["area_mm2"]) != 123.0 and t["c"]["note"] == "done earlier"
+
+
+# -- malformed ledger records and locks (issue 19.5, 19.7) -----------------------------------------
+
+def test_malformed_ledger_record_and_locks_fail_or_retake_one_slide(cohort, tmp_path):
+    items = [str(p) for p in cohort]
+    out = tmp_path / "OUT"
+    run_cohort("tissue", items, out, progress=False)
+    key = Ledger(out).state()["c"]["config"]
+    Ledger(out).append(id="a_slide", slide=items[0], status="done", config=key, figures=[1, 2])
+    (out / "b_slide" / ".slidekit.lock").write_text("[1, 2]")
+    (out / "c" / ".slidekit.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": 0, "token": "x"}))
+    (out / "d" / ".slidekit.lock").mkdir()
+    (out / "d" / "tissue.geojson").unlink()  # so that d is redone and must take its lock
+    (out / "c" / "tissue.geojson").unlink()
+    (out / "b_slide" / "tissue.geojson").unlink()
+    with pytest.warns(Warning, match="cohort.jsonl"):
+        t = {r["id"]: r for r in run_cohort("tissue", items, out, progress=False, retry_failed=True)}
+    assert t["a_slide"]["status"] in ("done", "skipped")
+    assert t["d"]["status"] == "failed" and ".slidekit.lock" in t["d"]["error"] and "directory" in t["d"]["error"]
+    # b's lock of the wrong shape is judged by its age (fresh: not taken over); c's pid 0 is taken over.
+    assert t["b_slide"]["status"] == "skipped" and "being processed" in t["b_slide"]["note"]
+    assert t["c"]["status"] in ("done", "skipped") and not (out / "c" / ".slidekit.lock").exists()
+
+
+def test_locks_naming_no_process_are_taken_over(tmp_path):
+    from slidekit.base.locks import OutputLock, read_lock, is_stale
+    for pid in (0, -1, -12345):
+        folder = tmp_path / f"p{pid}"
+        folder.mkdir()
+        (folder / ".slidekit.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": pid, "token": "t"}))
+        assert is_stale(read_lock(folder / ".slidekit.lock"))
+        with OutputLock(folder) as lock:
+            assert lock.took_over is not None
+
+
+def test_ledger_path_that_is_a_directory_is_one_line(cohort, tmp_path):
+    out = tmp_path / "OUT"
+    (out / "cohort.jsonl").mkdir(parents=True)
+    r = CliRunner().invoke(main, ["tissue", str(cohort[2]), str(cohort[3]), "--out", str(out), "--quiet"])
+    assert r.exit_code != 0 and "cohort.jsonl" in r.output and "directory" in r.output
+    assert "Traceback" not in r.output
+
+
+# -- kill -9 of the driver (issue 19.6) -------------------------------------------------------------
+
+def test_kill_minus_9_of_the_driver_ends_its_workers(cohort, tmp_path):
+    out = tmp_path / "OUT"
+    cmd = SLIDEKIT + ["heatmap", *map(str, cohort), "--out", str(out), "--device", "cpu", "--jobs", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = _wait_for_lock(out, driver.pid)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    t0 = time.time()
+    while time.time() - t0 < 10:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{worker}/stat") as f:  # a zombie (reaped by init soon) is gone too
+            if f.read().split(")")[-1].split()[0] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("a worker outlived its killed driver by 10 s")

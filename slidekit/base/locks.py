@@ -32,8 +32,8 @@ _beat_thread: threading.Thread | None = None
 
 def pid_alive(pid: object) -> bool:
     """Whether a process of this id exists on this host (False for anything that is not a pid)."""
-    if not isinstance(pid, int):
-        return False
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False  # kill(0 or -n, 0) would ask about a whole process group, not a process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,9 +51,14 @@ def read_lock(path: str | os.PathLike) -> dict | None:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise LockedError(f"{path.name} is a directory, not a lock file; remove it to process this slide",
+                          path.parent) from None
     try:
         rec = json.loads(text)
     except ValueError:  # a half-written lock of a crashed creator: judged by its age alone
+        rec = {}
+    if not isinstance(rec, dict):  # valid JSON of another shape: not a lock record, judged by its age
         rec = {}
     rec["heartbeat_age"] = age
     return rec
@@ -61,7 +66,10 @@ def read_lock(path: str | os.PathLike) -> dict | None:
 
 def is_stale(rec: dict, stale_after: float = STALE_AFTER_SECONDS) -> bool:
     """Whether a lock record's owner is gone: dead pid on this host, or an old heartbeat."""
-    if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
+    pid = rec.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid <= 0:
+        return True  # no process has such an id: a damaged or forged lock
+    if rec.get("host") == socket.gethostname() and isinstance(pid, int):
         if rec["pid"] == os.getpid():
             return False
         return not pid_alive(rec["pid"])

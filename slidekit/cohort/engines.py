@@ -4,7 +4,11 @@ the pool is ``concurrent.futures.ProcessPoolExecutor`` fed slide by slide, and R
 scheduler places Ray tasks with their CPU/GPU requests and retries those whose worker died."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -65,7 +69,30 @@ def _fix_malloc_threshold() -> None:
         pass
 
 
+def _die_with_parent() -> None:
+    """End this worker when its driver dies, even by ``kill -9`` (which runs no cleanup): on Linux
+    the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); everywhere, a daemon
+    thread notices the parent is gone (``getppid`` changes once a process is reparented)."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="slidekit-parent-watchdog", daemon=True).start()
+
+
 def _init_worker(gpu_queue: Any, threads: int) -> None:
+    _die_with_parent()
     if gpu_queue is not None:  # each worker sees only its GPU (before CUDA is first touched)
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
     _fix_malloc_threshold()

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from slidekit.base.errors import SlidekitWarning
+from slidekit.base.errors import OutputError, SlidekitWarning
 
 LEDGER_NAME = "cohort.jsonl"
 FINAL = ("done", "failed", "skipped")
@@ -51,6 +51,9 @@ class Ledger:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return []
+        except IsADirectoryError:
+            raise OutputError("is a directory, not a cohort ledger; move it away to run a cohort into this "
+                              "folder", self.path) from None
         # Records are written by json.dumps with its default separators, so a slide's lines hold this.
         needle = json.dumps({"id": only}, ensure_ascii=False)[1:-1].encode() if only is not None else b""
         out, bad = [], 0
@@ -62,13 +65,15 @@ class Ledger:
             except ValueError:
                 bad += 1
                 continue
-            if isinstance(rec, dict) and "id" in rec and "status" in rec:
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str) and isinstance(rec.get("status"), str) \
+                    and isinstance(rec.get("figures", {}), dict):
                 if only is None or rec["id"] == only:
                     out.append(rec)
             else:
                 bad += 1
         if bad:
-            warnings.warn(f"{self.path}: skipped {bad} unreadable line(s) (a writer was interrupted)",
+            warnings.warn(f"{self.path}: skipped {bad} unreadable or malformed line(s) (a writer was "
+                          "interrupted, or the file was edited); those slides are retaken",
                           SlidekitWarning, stacklevel=2)
         return out
 

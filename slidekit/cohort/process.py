@@ -3,6 +3,7 @@ the slide's folder lock, run the task, record the attempt in the ledger; and wha
 from the ledger without a worker."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from slidekit.base.errors import LockedError, SlidekitError
-from slidekit.base.io import config_digest
-from slidekit.base.locks import OutputLock, describe, read_lock
+from slidekit.base.io import config_digest, file_identity, write_text_atomic
+from slidekit.base.outputs import MARKER
+from slidekit.base.locks import LOCK_NAME, OutputLock, describe, read_lock
 from slidekit.base.resources import peak_rss_mb, rss_mb
 from slidekit.cohort.ledger import Ledger
 from slidekit.cohort.manifest import CohortSlide
@@ -75,15 +77,23 @@ def process_slide(task_name: str, options: dict, slide: CohortSlide, out: str, k
     row = {"id": slide.id, "slide": str(slide.slide), "worker": worker}
     try:
         lock = OutputLock(folder).acquire()
-    except LockedError:
-        rec = read_lock(folder / ".slidekit.lock") or {}
-        return {**row, "status": "skipped", "error": f"being processed by {describe(rec)}"}
+    except LockedError as e:
+        try:
+            rec = read_lock(folder / LOCK_NAME) or {}
+        except LockedError:  # the lock path is a directory: this slide fails, the run goes on
+            return {**row, "status": "failed", "error": f"{folder / LOCK_NAME}: {str(e).splitlines()[0]}"}
+        return {**row, "status": "skipped", "note": f"being processed by {describe(rec)}"}
     try:
         # Decided again under the lock: another runner may have finished the slide meanwhile.
         prev = ledger.state(only=slide.id).get(slide.id, {})
         settled = settled_row(slide, prev, key, folder, retry_failed)
         if settled is not None:
             return {**settled, "worker": worker}
+        why = redo_reason(slide, prev, key, folder)
+        if why:
+            row["note"] = why
+            if why.startswith(_REPLACED):
+                _release_to_new_scan(folder, slide)
         attempt = int(prev.get("attempts", 0)) + 1
         ledger.append(id=slide.id, slide=str(slide.slide), status="running", attempt=attempt, config=key,
                       worker=worker, took_over=bool(lock.took_over), gpu=os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -101,7 +111,8 @@ def process_slide(task_name: str, options: dict, slide: CohortSlide, out: str, k
         seconds = round(time.time() - t0, 3)
         rec = ledger.append(id=slide.id, slide=str(slide.slide), status="done", attempt=attempt, config=key,
                             worker=worker, seconds=seconds, figures=figures, rss_mb=round(rss_mb(), 1),
-                            peak_rss_mb=round(peak_rss_mb(), 1))
+                            peak_rss_mb=round(peak_rss_mb(), 1), outputs=output_listing(folder),
+                            input=slide_identity(slide))
         return {**row, **figures, "status": "done", "error": "", "seconds": seconds, "attempts": attempt,
                 "rss_mb": rec["rss_mb"], "peak_rss_mb": rec["peak_rss_mb"]}
     finally:
@@ -124,12 +135,79 @@ def settled_row(slide: CohortSlide, prev: dict, key: str, folder: Path, retry_fa
         return None
     row = {"id": slide.id, "slide": str(slide.slide), "attempts": prev.get("attempts", 0),
            "worker": prev.get("worker")}
-    if prev.get("status") == "done" and folder.is_dir():
-        return {**row, **(prev.get("figures") or {}), "status": "skipped", "error": "", "note": "done earlier"}
+    if prev.get("status") == "done" and redo_reason(slide, prev, key, folder) is None:
+        return {**row, **prev["figures"], "status": "skipped", "error": "", "note": "done earlier"}
     if prev.get("status") == "failed" and not retry_failed:
         return {**row, "status": "failed", "error": prev.get("error", ""),
                 "note": "failed earlier (rerun with --retry-failed)"}
     return None
+
+
+def output_listing(folder: Path) -> dict[str, int]:
+    """The files slidekit wrote in a slide's folder (relative path -> size): everything under the
+    names its ``.slidekit.json`` marker lists, and the marker (a folder without a marker: every
+    file but the lock). What a rerun compares to know that the outputs are still the ones the run
+    wrote; names and sizes catch deleted, emptied and truncated files without rereading chunks."""
+    try:
+        names = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    if isinstance(names, list):
+        roots = [folder / MARKER] + [folder / str(n) for n in names]
+    else:
+        roots = [p for p in folder.iterdir() if not p.name.startswith(LOCK_NAME)] if folder.is_dir() else []
+    listing = {}
+    for root in roots:
+        for p in ([root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []):
+            if p.is_file():
+                listing[p.relative_to(folder).as_posix()] = p.stat().st_size
+    return listing
+
+
+def slide_identity(slide: CohortSlide) -> str | None:
+    """The slide file's size and mtime (``file_identity``), or None when it cannot be read."""
+    try:
+        return file_identity(slide.slide)
+    except OSError:
+        return None
+
+
+def redo_reason(slide: CohortSlide, prev: dict, key: str, folder: Path) -> str | None:
+    """Why a slide the ledger calls done with this configuration must be done again (one line for
+    the table's note), or None when its outputs and its slide file are the ones that run saw."""
+    if prev.get("status") != "done" or prev.get("config") != key:
+        return None
+    if not isinstance(prev.get("figures"), dict) or not isinstance(prev.get("outputs"), dict) \
+            or not prev["outputs"]:
+        return "redone: its done record lists no outputs (written by hand or by an older version)"
+    if prev.get("input") != slide_identity(slide):
+        return _REPLACED + " since it was done (size or modification time)"
+    now = output_listing(folder)
+    if now != prev["outputs"]:
+        gone = sorted(set(prev["outputs"]) - set(now))
+        changed = sorted(k for k in prev["outputs"] if k in now and now[k] != prev["outputs"][k])
+        added = sorted(set(now) - set(prev["outputs"]))
+        what = (f"{gone[0]} missing" if gone else f"{changed[0]} changed size" if changed
+                else f"{added[0]} appeared")
+        return f"redone: its outputs are not the ones that run wrote ({what})"
+    return None
+
+
+_REPLACED = "redone: the slide file changed"
+
+
+def _release_to_new_scan(folder: Path, slide: CohortSlide) -> None:
+    """The ledger says this cohort wrote ``folder`` for the file now replaced at the same path: let
+    the new scan's job replace those outputs (the marker keeps listing them as slidekit's, without
+    the old fingerprint that would otherwise refuse the new file as another slide)."""
+    marker = folder / MARKER
+    try:
+        state = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(state, dict) and Path(str(state.get("slide", ""))).resolve() == Path(slide.slide).resolve():
+        state["slide_id"] = None
+        write_text_atomic(marker, json.dumps(state, indent=1))
 
 
 def worker_name() -> str:

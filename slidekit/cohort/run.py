@@ -76,7 +76,7 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
                    retry_failed=retry_failed, progress=progress, debug=debug, settled=list(rows.values())):
         rows[row["id"]] = row
     ordered = [rows[s.id] for s in mine if s.id in rows]
-    return finish_table(out, everyone, ordered, key, wall=time.time() - t0)
+    return finish_table(out, everyone, ordered, key, wall=time.time() - t0, started=t0)
 
 
 def _are_cohort_slides(slides: Any) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from slidekit.base.io import write_text_atomic
-from slidekit.cohort.ledger import Ledger
+from slidekit.cohort.ledger import FINAL, Ledger
 from slidekit.cohort.manifest import CohortSlide
 
 FIRST_COLUMNS = ["id", "slide", "status", "error", "seconds", "attempts", "worker", "note"]
@@ -42,27 +42,36 @@ class CohortTable(list):
 
 def _row_from_ledger(s: CohortSlide, rec: dict | None, key: str) -> dict:
     if rec is None:
-        return {"id": s.id, "slide": str(s.slide), "status": "skipped", "error": "not processed yet"}
+        return {"id": s.id, "slide": str(s.slide), "status": "skipped", "error": "", "note": "not processed yet"}
     status = rec["status"]
     row = {"id": s.id, "slide": str(s.slide), "error": rec.get("error", ""), "seconds": rec.get("seconds"),
            "attempts": rec.get("attempts"), "worker": f"{rec.get('host')}:{rec.get('pid')}",
            **(rec.get("figures") or {})}
     if status == "running":
-        return {**row, "status": "skipped", "error": f"in progress or interrupted ({row['worker']})"}
+        return {**row, "status": "skipped", "error": "", "note": f"in progress or interrupted ({row['worker']})"}
     if rec.get("config") != key:
-        return {**row, "status": "skipped", "error": f"last {status} with another configuration"}
+        return {**row, "status": "skipped", "error": "", "note": f"last {status} with another configuration"}
     return {**row, "status": status}
 
 
 def finish_table(out: str | os.PathLike, everyone: Sequence[CohortSlide], rows: list[dict], key: str,
-                 wall: float) -> CohortTable:
-    """Write ``OUT/cohort.csv`` (whole manifest) atomically and return this run's table."""
+                 wall: float, started: float | None = None) -> CohortTable:
+    """Write ``OUT/cohort.csv`` (whole manifest) atomically and return this run's table. ``started``:
+    when this run began; a slide it found held by another runner and that runner finished since
+    shows its final record from the ledger."""
     out = Path(out)
     state = Ledger(out).state()
     mine = {r["id"]: r for r in rows}
     table_rows, result = [], CohortTable()
     for s in everyone:
         row = dict(mine[s.id]) if s.id in mine else _row_from_ledger(s, state.get(s.id), key)
+        if s.id in mine and str(row.get("note", "")).startswith("being processed") \
+                and state.get(s.id, {}).get("status") in FINAL and started is not None \
+                and float(state[s.id].get("time", 0)) >= started:
+            # Another runner held the slide when we looked and has finished it since: the file shows
+            # the ledger's final state (this run's own result still says it skipped the slide).
+            row = {**_row_from_ledger(s, state[s.id], key), "note": "done by another runner"
+                   if state[s.id]["status"] == "done" else "handled by another runner"}
         if row.get("attempts") is None:
             row["attempts"] = state.get(s.id, {}).get("attempts", 0)
         row = {**row, **{k: v for k, v in s.extra.items() if k not in row}}
