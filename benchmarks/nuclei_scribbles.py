@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.seeds import add_seeds_argument, run_seeds  # noqa: E402
 from slidekit.annotations.scribbles import IGNORE, generate_scribbles, segmentation_scores  # noqa: E402
 from slidekit.base.datapaths import data_dir, data_missing_reason  # noqa: E402
 from slidekit.base.io import write_text_atomic  # noqa: E402
@@ -112,7 +113,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the training folder and run here")
     ap.add_argument("--quiet", action="store_true")
+    add_seeds_argument(ap)
+    ap.add_argument("--baseline", default=None, choices=sorted(METHODS),
+                    help="with --seeds: also run this method on each seed and pair --method against it "
+                         "(diff_* = method - baseline IoU; its values as baseline_iou_per_seed ...)")
     args = ap.parse_args(argv)
+    if args.baseline and not args.seeds:
+        ap.error("--baseline pairs methods over --seeds; give --seeds too")
+    if args.seeds:
+        variants = {"baseline_": ["--method", args.baseline]} if args.baseline else None
+        return run_seeds(main, argv, args.seeds,
+                         ["iou", "mdice"], pair=("iou", "baseline_iou") if args.baseline else None,
+                         variants=variants, json_out=args.json, seed_dirs=("--workdir",))
     if args.data is None or not (args.data / "images").is_dir():
         reason = data_missing_reason(args.data)
         if reason is not None:

@@ -37,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.seeds import add_seeds_argument, run_seeds  # noqa: E402
 from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 
 DATA = Path()  # the real-data folder; set by main() from --data / $SLIDEKIT_DATA / ../shared/data
@@ -313,7 +314,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "oversubscribed torch threads slow down several-fold)")
     ap.add_argument("--small", action="store_true", help="A tiny cohort (smoke test).")
     add_data_argument(ap)
+    add_seeds_argument(ap)
     args = ap.parse_args(argv)
+    if args.seeds:  # the mixed-EM run of issue 22: mixed vs pixel labels only, paired by seed
+        return run_seeds(main, argv, args.seeds, ["kappa_mixed", "kappa_pixel_only", "slide_accuracy_mixed",
+                                                  "slide_accuracy_pixel_only", "topk_mean.kappa"],
+                         pair=("kappa_mixed", "kappa_pixel_only"), json_out=args.json, seed_dirs=("--work",))
     global DATA
     reason = data_missing_reason(args.data)
     if reason is not None:

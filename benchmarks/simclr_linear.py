@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.seeds import add_seeds_argument, run_seeds  # noqa: E402
 from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 
 TILE_MPP = 0.5  # assumed pixel size of the archive's 256 px tiles
@@ -99,7 +100,7 @@ def recalibrate_bn(model, sources: list[dict], mpp: float, tile_size: int, crop_
     model.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiles", type=Path, default=None,
                     help="tile folder (default: patches_tcga_luadlusc_uni in the real-data folder)")
@@ -121,7 +122,18 @@ def main() -> None:
                          "patches (no gradient steps) before evaluating")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
+    add_seeds_argument(ap)
+    ap.add_argument("--baseline", default=None, choices=["random", "simclr"],
+                    help="with --seeds: also run this --init on each seed and pair --init against it "
+                         "(diff_* = init - baseline accuracy; its values as baseline_accuracy_per_seed ...)")
+    args = ap.parse_args(argv)
+    if args.baseline and not args.seeds:
+        ap.error("--baseline pairs --init values over --seeds; give --seeds too")
+    if args.seeds:
+        return run_seeds(main, argv, args.seeds, ["accuracy", "macro_f1"],
+                         pair=("accuracy", "baseline_accuracy") if args.baseline else None,
+                         variants={"baseline_": ["--init", args.baseline]} if args.baseline else None,
+                         json_out=args.json, seed_dirs=("--work",))
     # the extra unlabelled sources come from the real-data folder: --data, else the parent of an
     # explicit --tiles, else $SLIDEKIT_DATA / ../shared/data
     shared = args.tiles.resolve().parent if args.tiles is not None and args.data is None else data_dir(args.data)
@@ -190,6 +202,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.nuclei_scribbles import default_split, evaluate, write_training_folder  # noqa: E402
+from benchmarks.seeds import add_seeds_argument, run_seeds  # noqa: E402
 from slidekit.base.datapaths import data_dir, data_missing_reason  # noqa: E402
 from slidekit.base.io import write_text_atomic  # noqa: E402
 from slidekit.data.datasets import list_images, load_image_folder  # noqa: E402
@@ -232,10 +233,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--bench-threads", type=int, default=1)
     ap.add_argument("--bench-reps", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the folders and runs here")
+    add_seeds_argument(ap)
     args = ap.parse_args(argv)
     data = resolve_data(ap, args.data)
     if data is None:
         return None
+    if args.seeds:  # stain normalisation vs no stain option on the shifted test copies, paired by seed
+        return run_seeds(main, argv, args.seeds, ["iou_original", "iou_shifted_none", "iou_shifted_norm",
+                                                  "iou_shifted_aug", "iou_recovered"],
+                         pair=("iou_shifted_norm", "iou_shifted_none"), json_out=args.json,
+                         seed_dirs=("--workdir",))
     strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
     augs = [a.strip() for a in args.aug.split(",") if a.strip()]
     names = list_images(data / "images")
