@@ -142,3 +142,49 @@ def test_fine_tune_keeps_a_timm_backbone():
     labels = ["a", "b"] * 4
     out = fine_tune(net, imgs, labels, imgs[:4], labels[:4], epochs=1, batch_size=4, size=32)
     assert len(out["predictions"]) == 4
+
+
+def _nan_weights(path: Path, value: float = float("nan")) -> Path:
+    """``timm_weights`` with one value of the stem made non-finite."""
+    import timm
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in timm.create_model(CNN, pretrained=False).state_dict().items()}
+    sd["stem.0.weight"].view(-1)[3] = value
+    save_file(sd, str(path)) if path.suffix == ".safetensors" else torch.save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix,value", [(".safetensors", float("nan")), (".pth", float("inf"))])
+def test_non_finite_weights_are_refused_on_load(tmp_path, suffix, value):
+    w = _nan_weights(tmp_path / f"w{suffix}", value)
+    with pytest.raises(CheckpointError, match=r"stem\.0\.weight.*non-finite") as e:
+        read_state_dict(w)
+    assert str(w) in str(e.value) and "\n" not in str(e.value)
+    model = build_model(ModelSpec(task="classification", backbone=f"timm:{CNN}", classes=["a", "b"]))
+    with pytest.raises(CheckpointError, match="non-finite"):
+        init_from(model, w)
+    with torch.no_grad():  # a slidekit checkpoint holding NaN is refused the same way
+        next(model.parameters()).view(-1)[0] = float("nan")
+    save_checkpoint(tmp_path / "c.pt", model, ModelSpec(task="classification", backbone=f"timm:{CNN}",
+                                                         classes=["a", "b"]))
+    with pytest.raises(CheckpointError, match="non-finite") as e:
+        load_checkpoint(tmp_path / "c.pt")
+    assert "c.pt" in str(e.value)
+
+
+def test_non_finite_features_are_never_written(tmp_path, monkeypatch):
+    """Past the loaders (here: their check switched off), NaN outputs stop the run with an error and the
+    store stays incomplete."""
+    import slidekit.models.weights as weights
+    from slidekit.slidelevel.embed import embed_slide, open_embeddings
+    from tests.conftest import synthetic_slide
+
+    slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384))
+    w = _nan_weights(tmp_path / "w.safetensors")
+    monkeypatch.setattr(weights, "check_finite", lambda sd, path: None)
+    with pytest.raises(CheckpointError, match="non-finite outputs"):
+        embed_slide(slide, f"timm:{CNN}", tmp_path / "e.zarr", weights=w, tile_mpp=2.0, patch_size=32,
+                    device="cpu", progress=False)
+    with pytest.raises(Exception):
+        open_embeddings(tmp_path / "e.zarr")

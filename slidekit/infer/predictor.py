@@ -34,6 +34,7 @@ from slidekit.base.timing import GPUSampler, StageTimer
 from slidekit.infer import gpu_decode
 from slidekit.infer.heatmap import Heatmap, HeatmapWriter
 from slidekit.infer.heatmap_tiff import write_heatmap_tiff
+from slidekit.infer.ome_zarr import write_heatmap_ome_zarr
 from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.models.checkpoint import load_checkpoint
 from slidekit.regions.roi import clip_store_to_roi, read_roi, restrict_mask, roi_identity
@@ -224,10 +225,18 @@ class Predictor:
                 e0, e1, e2 = marks
                 self.timer.add("transfer", (e0.elapsed_time(e1) + e2.elapsed_time(event)) / 1000)
                 self.timer.add("model", e1.elapsed_time(e2) / 1000)
+        out = y.numpy()
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            # Never write NaN features or scores as if they were results (weights the loaders
+            # refuse are one cause; a network that overflows on some input is another).
+            raise CheckpointError(f"the model gave non-finite outputs (NaN or Inf) for "
+                                  f"{int((~np.isfinite(out)).reshape(len(out), -1).any(1).sum())} of {len(out)} "
+                                  f"tiles of a batch (tile {int(idx[0])} on); its weights are broken or it "
+                                  "overflows; nothing of this batch was written")
         self.timer.tiles += len(idx)
         if bar is not None:
             bar.update(len(idx))
-        return idx.numpy(), y.numpy()
+        return idx.numpy(), out
 
 
 def checkpoint_stain(spec: Any) -> Any:
@@ -332,7 +341,7 @@ _TRIM = None
 
 # Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
 HEATMAP_OUTPUTS = ("heatmap.zarr", "heatmap.zarr.part", "overlay.png", "predictions.geojson", "tiles.geojson",
-                   "heatmap.tif", "summary.json")
+                   "heatmap.tif", "heatmap.ome.zarr", "summary.json")
 
 
 def _bad_tile_coords(hm: Any) -> list[list[int]]:
@@ -351,7 +360,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                   min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
                   chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
                   roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
-                  tissue: dict | None = None, tiff: str | None = None,
+                  tissue: dict | None = None, tiff: str | None = None, ome_zarr: bool = False,
                   override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None,
                   stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> dict:
     """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
@@ -362,7 +371,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     pixels square). ``loaded`` is a ``load_model`` result, to share one model across slides.
     ``roi`` (GeoJSON/XML; only its polygons of ``roi_class`` when given) limits the prediction to
     those regions (``slidekit.regions.roi``); ``tissue`` holds ``tissue_mask`` options. ``tiff`` ("rgb" or
-    "values") also writes ``heatmap.tif``, a pyramidal TIFF at the heatmap MPP (``slidekit.infer.heatmap_tiff``).
+    "values") also writes ``heatmap.tif``, a pyramidal TIFF at the heatmap MPP (``slidekit.infer.heatmap_tiff``); ``ome_zarr``
+    also writes ``heatmap.ome.zarr``, an OME-Zarr (NGFF 0.4) multiscale image (``slidekit.infer.ome_zarr``).
     ``threads``: CPUs to use (default: those this process may use; see ``resources.configure_threads``).
     ``stain_norm`` ("none", "macenko", "reinhard") with ``stain_ref`` (an image or a saved
     reference) stain-normalises the tiles; by default the checkpoint's own normalisation applies,
@@ -397,6 +407,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
     if tiff:  # recorded only when asked, so earlier runs keep their configuration key
         out_cfg["tiff"] = tiff
+    if ome_zarr:
+        out_cfg["ome_zarr"] = True
     summary_path = out / "summary.json"
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
         run_cfg["slide_id"] = slide_fingerprint(slide.path)
@@ -474,6 +486,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         hm.overlay(slide, out / "overlay.png")
         if tiff:
             write_heatmap_tiff(hm, out / "heatmap.tif", mode=tiff)
+        if ome_zarr:
+            write_heatmap_ome_zarr(hm, out / "heatmap.ome.zarr")
         anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
         # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
         write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)

@@ -42,6 +42,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, spec: ModelSpec,
     return path
 
 
+def check_finite(tensors: dict[str, Any], path: str | os.PathLike) -> None:
+    """CheckpointError naming the file and the first tensor holding NaN or Inf: such weights give
+    NaN features and scores without a word, so they are refused when read."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or Inf); "
+                                  "refusing weights that would give NaN outputs", path)
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """The raw checkpoint dict after format and version checks (CheckpointError otherwise)."""
     path = Path(path)
@@ -56,6 +66,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint format version {payload.get('version')} is not supported "
                               f"by this slidekit (reads version {CHECKPOINT_VERSION})", path)
+    if isinstance(payload.get("state_dict"), dict):
+        check_finite(payload["state_dict"], path)
     return payload
 
 

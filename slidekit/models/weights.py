@@ -24,7 +24,7 @@ from torch import nn
 
 from slidekit.base.errors import CheckpointError, ConfigError
 from slidekit.models.backbones import TimmEncoder, is_timm
-from slidekit.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, transfer_encoder
+from slidekit.models.checkpoint import CHECKPOINT_FORMAT, check_finite, load_checkpoint, transfer_encoder
 from slidekit.models.networks import ResNetClassifier
 from slidekit.models.spec import ModelSpec
 
@@ -59,6 +59,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError("not a state dict of tensors", path)
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    check_finite(sd, path)
     return sd
 
 
