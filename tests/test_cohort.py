@@ -87,6 +87,8 @@ def test_manifest_columns_relative_paths_and_extra_columns(cohort, tmp_path):
     ("slide,id\n{a},same\n{b},same\n", "duplicate output id"),
     ("slide\n{a}\nmissing_1.svs\nmissing_2.svs\n", "2 slide path\\(s\\) do not exist: missing_1.svs"),
     ("slide,slide_mpp\n{a},zero\n", "not a positive number"),
+    ("slide,status\n{a},tumour\n", "column\\(s\\) status would collide"),
+    ("slide,regions,error,diagnosis\n{a},3,none,LUAD\n", "regions, error would collide"),
 ])
 def test_bad_manifest_is_one_line_before_any_work(cohort, tmp_path, text, message):
     m = tmp_path / "m.csv"
@@ -290,8 +292,9 @@ def test_cohort_embed_writes_one_store_per_slide(cohort, tmp_path):
     assert (tmp_path / "E" / "d" / "embeddings.zarr").is_dir() and (tmp_path / "E" / "d" / "clusters.geojson").exists()
 
 
-def test_one_worker_per_listed_gpu_each_seeing_only_its_gpu(cohort, tmp_path):
+def test_one_worker_per_listed_gpu_each_seeing_only_its_gpu(cohort, tmp_path, monkeypatch):
     # device="cpu": no GPU is needed to check that each worker was given exactly one of the listed ids.
+    monkeypatch.setattr("slidekit.cohort.run.cuda_device_count", lambda: 8)
     t = run_cohort("heatmap", [str(p) for p in cohort], tmp_path / "OUT", gpus="3,5", progress=False, **FAST)
     assert [r["status"] for r in t] == ["done"] * 4
     running = [r for r in Ledger(tmp_path / "OUT").records() if r["status"] == "running"]
@@ -300,6 +303,17 @@ def test_one_worker_per_listed_gpu_each_seeing_only_its_gpu(cohort, tmp_path):
         by_pid.setdefault(r["pid"], set()).add(r["gpu"])
     assert all(len(g) == 1 for g in by_pid.values())  # a worker keeps its GPU
     assert set().union(*by_pid.values()) <= {"3", "5"} and len(by_pid) <= 2
+
+
+def test_gpus_without_cuda_is_one_line(cohort, tmp_path, monkeypatch):
+    monkeypatch.setattr("slidekit.cohort.run.cuda_device_count", lambda: 0)
+    r = CliRunner().invoke(main, ["tissue", str(cohort[2]), str(cohort[3]), "--out", str(tmp_path / "O"),
+                                  "--gpus", "0", "--quiet"])
+    assert r.exit_code != 0 and "no CUDA GPU" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "O" / "cohort.jsonl").exists()
+    monkeypatch.setattr("slidekit.cohort.run.cuda_device_count", lambda: 2)
+    with pytest.raises(Exception, match="sees only 2 GPU"):
+        run_cohort("tissue", [str(cohort[2])], tmp_path / "P", gpus="2", progress=False)
 
 
 def test_gpu_indices_count_among_the_visible_gpus(monkeypatch):

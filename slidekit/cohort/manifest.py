@@ -28,6 +28,12 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mr
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
+# Columns slidekit writes into OUT/cohort.csv (the table's own and the tasks' figures): a manifest
+# may not bring its own column of one of these names.
+RESERVED_COLUMNS = frozenset({"status", "error", "seconds", "attempts", "worker", "note", "rss_mb", "peak_rss_mb",
+                              "tiles", "regions", "area_mm2", "tissue_fraction", "dim"})
+
+
 @dataclass
 class CohortSlide:
     """One slide of a cohort: output id, path, fallback MPP and the manifest's other columns."""
@@ -109,6 +115,12 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         raise ManifestError(f"the manifest has no 'slide' column (columns: {', '.join(columns)})", path)
     if not rows:
         raise ManifestError("the manifest lists no slides", path)
+    taken = [c for c in columns if c in RESERVED_COLUMNS]
+    if taken:
+        # Refused rather than renamed: a script reading cohort.csv's `status` must get slidekit's
+        # status whatever the manifest held, and the user's column must not vanish either.
+        raise ManifestError(f"column(s) {', '.join(taken)} would collide with the columns slidekit writes into "
+                            "cohort.csv; rename them (e.g. case_status) and run again", path)
     out, missing = [], []
     for i, row in enumerate(rows, start=2):
         if None in row:

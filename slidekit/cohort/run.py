@@ -56,6 +56,8 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     if ray_address is not None and engine != "ray":
         raise ConfigError("--ray-address is for --engine ray; the local engine would ignore it")
     gpu_ids = _parse_gpus(gpus)
+    if gpu_ids and engine == "local":
+        _check_local_gpus(gpu_ids)
     out = Path(out)
     everyone = list(slides) if _are_cohort_slides(slides) else read_slides(slides, kind=TASKS[task].inputs)
     mine = take_shard(everyone, shard)
@@ -93,3 +95,20 @@ def _parse_gpus(gpus: Sequence[int] | str | None) -> list[int] | None:
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise ConfigError(f"--gpus {gpus!r}: expected distinct, non-negative GPU indices")
     return ids
+
+
+def _check_local_gpus(ids: list[int]) -> None:
+    """The listed GPUs exist here (a Ray cluster's GPUs are the cluster's to place)."""
+    count = cuda_device_count()
+    if count == 0:  # the workers would run on the CPU while the ledger records a GPU
+        raise ConfigError(f"--gpus {','.join(map(str, ids))}: no CUDA GPU is available here; leave out --gpus "
+                          "to run on the CPU (with --jobs N for N worker processes)")
+    if max(ids) >= count:
+        raise ConfigError(f"--gpus {','.join(map(str, ids))}: this machine (or job) sees only {count} GPU(s)")
+
+
+def cuda_device_count() -> int:
+    """How many CUDA GPUs this process sees (torch is loaded only when ``--gpus`` is given)."""
+    import torch  # heavy: a cohort run without --gpus never loads it in the driver
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
