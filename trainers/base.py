@@ -49,7 +49,7 @@ from trainers.runs import RESTART_HINT, begin_run, clear_run, recorded_trainer
 LABEL_KINDS = frozenset({"images", "scribbles", "pixel_masks", "slide_labels"})
 ENTRY_POINT_GROUP = "slidekit.trainers"
 BUILTIN_MODULES = ("trainers.scribble", "trainers.s2l", "trainers.simclr", "trainers.mixed_em",
-                   "trainers.stage2")
+                   "trainers.stage2", "trainers.mil")
 
 
 class Trainer:

@@ -1,0 +1,149 @@
+"""MIL networks, the `mil` trainer with patient-level CV, deploy and attention outputs."""
+from __future__ import annotations
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from slidekit.models.mil import MIL_ARCHS, build_mil, load_mil_checkpoint
+from slidekit.slidelevel.mil_deploy import deploy, score_file
+from trainers.base import available, train
+
+
+def _write_bag(path, n, positive, rng, d=8, witness=0.05):
+    feats = rng.normal(0, 1, (n, d)).astype(np.float32)
+    lesion = np.zeros(n, bool)
+    if positive:
+        lesion[rng.choice(n, max(1, int(n * witness)), replace=False)] = True
+        feats[lesion, 0] += 4.0  # the witness direction
+    side = int(np.ceil(np.sqrt(n)))
+    coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * 64
+    with h5py.File(path, "w") as f:
+        f["features"] = feats
+        f["coords"] = coords
+        f["coords"].attrs["patch_size_level0"] = 64
+    return lesion
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    rng = np.random.default_rng(0)
+    rows, lesions = [], {}
+    for i in range(24):
+        label = "tumour" if i % 2 else "normal"
+        p = tmp_path / f"s{i}.h5"
+        lesions[p.stem] = _write_bag(p, 60 + i, label == "tumour", rng)
+        rows.append({"slide": f"s{i}.tif", "label": label, "patient": f"p{i // 2}", "features": p.name})
+    table = tmp_path / "slides.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return table, lesions
+
+
+@pytest.mark.parametrize("arch", MIL_ARCHS)
+def test_networks_shapes_and_streaming(arch):
+    torch.manual_seed(0)
+    model = build_mil(arch, 8, 3).eval()
+    x = torch.randn(37, 8)
+    out = model(x, label=1)
+    assert out.logits.shape == (3,)
+    if arch in ("abmil", "clam", "transmil"):
+        assert out.attention.shape == (37,)
+        assert torch.isclose(out.attention.sum(), torch.tensor(1.0), atol=1e-5)
+    if arch == "clam":
+        assert out.instance_loss is not None and torch.isfinite(out.instance_loss)
+    if model.streamable:  # chunked scoring gives the same slide logits and attention
+        with torch.no_grad():
+            whole = model(x)
+            parts = model.forward_chunks(iter(x.split(10)))
+        assert torch.allclose(whole.logits, parts.logits, atol=1e-5)
+        if whole.attention is not None:
+            assert torch.allclose(whole.attention, parts.attention, atol=1e-6)
+
+
+def test_trainer_registered():
+    assert "mil" in available()
+
+
+@pytest.mark.slow
+def test_cv_train_deploy(cohort, tmp_path):
+    table, lesions = cohort
+    out = tmp_path / "run"
+    ckpt = train("mil", None, out, {"slides": str(table), "arch": "abmil", "folds": 3, "epochs": 25,
+                                    "patience": 25, "lr": 3e-3, "bootstrap": 50}, device="cpu", progress=False)
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["folds"]) == 3 and m["patients"] == 12
+    assert m["overall"]["auc"] > 0.85, m["overall"]
+    lo, hi = m["ci95"]["auc"]
+    assert lo <= m["overall"]["auc"] <= hi
+    with open(out / "oof.csv") as f:
+        oof = list(csv.DictReader(f))
+    assert len(oof) == 24
+    by_patient = {}
+    for r in oof:  # patient-level folds: both slides of a patient in one fold
+        by_patient.setdefault(r["patient"], set()).add(r["fold"])
+    assert all(len(v) == 1 for v in by_patient.values())
+    model, mil = load_mil_checkpoint(ckpt)
+    assert mil["classes"] == ["normal", "tumour"] and mil["arch"] == "abmil"
+    # attention ranks witness tiles first on positive slides
+    s = score_file(model, tmp_path / "s1.h5", chunk_rows=7)
+    assert s.attention is not None and lesions["s1"][np.argmax(s.attention)]
+    files = [tmp_path / "s1.h5", tmp_path / "s2.h5", tmp_path / "missing.h5"]
+    table_out = deploy(ckpt, files, tmp_path / "cohort.csv", progress=False)
+    with open(table_out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert float(rows[0]["p_tumour"]) > float(rows[1]["p_tumour"])
+    # a rerun of the finished run returns the checkpoint without training
+    mtime = ckpt.stat().st_mtime
+    again = train("mil", None, out, {"slides": str(table), "arch": "abmil", "folds": 3, "epochs": 25,
+                                     "patience": 25, "lr": 3e-3, "bootstrap": 50}, device="cpu", progress=False)
+    assert again == ckpt and ckpt.stat().st_mtime == mtime
+
+
+def test_attention_heatmap_geojson_and_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from slidekit.annotations import read_annotations
+    from slidekit.cli import main
+    from slidekit.infer.heatmap import Heatmap
+    from slidekit.models.mil import save_mil_checkpoint
+    from slidekit.slides.demo import write_pyramid
+
+    rng = np.random.default_rng(1)
+    slide = write_pyramid(tmp_path / "s.tif", rng.integers(0, 255, (640, 640, 3), dtype=np.uint8), mpp=1.0)
+    feats = tmp_path / "s.h5"
+    _write_bag(feats, 100, True, rng)  # 10 x 10 tiles of 64 px
+    torch.manual_seed(0)
+    ckpt = save_mil_checkpoint(tmp_path / "m.pt", build_mil("abmil", 8, 2).eval(),
+                               {"arch": "abmil", "in_dim": 8, "classes": ["normal", "tumour"], "hidden": 128})
+    r = CliRunner().invoke(main, ["mil-attention", str(feats), "--slide", str(slide), "--checkpoint", str(ckpt),
+                                  "--out", str(tmp_path / "att")])
+    assert r.exit_code == 0, r.output
+    model, _ = load_mil_checkpoint(ckpt)
+    s = score_file(model, feats)
+    hm = Heatmap(tmp_path / "att" / "attention.zarr")
+    assert hm.classes == ["attention", "normal", "tumour"]
+    objs = read_annotations(tmp_path / "att" / "tiles.geojson")
+    assert len(objs) == 100 and all(o.kind == "tile" for o in objs)
+    top = max(objs, key=lambda o: o.measurements["attention"])
+    assert top.measurements["attention"] == pytest.approx(1.0) and top.measurements["attention_rank"] == 1
+    i = int(np.argmax(s.attention))
+    assert top.geometry.bounds[:2] == tuple(float(v) for v in s.coords[i])
+    assert (tmp_path / "att" / "attention.png").exists()
+    # deploy through the CLI: a missing file is a failed row and a non-zero exit
+    r = CliRunner().invoke(main, ["mil-deploy", str(feats), str(tmp_path / "nope.h5"), "--checkpoint", str(ckpt),
+                                  "--out", str(tmp_path / "cohort.csv"), "--quiet"])
+    assert r.exit_code == 1 and "1 failed" in r.output
+    # a pooling network has no attention: one line, non-zero exit
+    save_mil_checkpoint(tmp_path / "mean.pt", build_mil("meanpool", 8, 2),
+                        {"arch": "meanpool", "in_dim": 8, "classes": ["normal", "tumour"], "hidden": 128})
+    r = CliRunner().invoke(main, ["mil-attention", str(feats), "--slide", str(slide), "--checkpoint",
+                                  str(tmp_path / "mean.pt"), "--out", str(tmp_path / "att2")])
+    assert r.exit_code != 0 and "no attention" in r.output

@@ -1,0 +1,285 @@
+"""``mil``: attention-MIL slide classifiers on feature stores, with patient-level cross-validation.
+
+The slide table is a CSV ``slide,label[,patient][,features]``; ``features`` names the slide's
+feature file (else ``features_dir/<slide stem>.h5``). Slides of one patient stay in one fold
+(``StratifiedGroupKFold``). In each of ``folds`` folds the held-out fold is the test set; one
+patient-grouped inner split of the rest is the validation set for early stopping (best
+validation loss, ``patience`` epochs). Class weights balance the loss. Per fold and over
+all out-of-fold predictions: AUC (one-vs-rest macro for more than two classes), balanced accuracy
+and quadratic weighted kappa over ``classes`` in their order, with bootstrap 95% intervals.
+
+Outputs: ``fold_K.pt`` per fold, ``checkpoint.pt`` (the fold with the lowest validation loss),
+``oof.csv`` (each slide's out-of-fold probabilities), ``metrics.json``, ``done.json``. A rerun
+skips finished folds. Training runs on one device, one bag per step: bags differ in length and
+the networks are small, so DDP would mostly add communication (not used; say so if asked).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+
+from slidekit.base.devices import resolve_device
+from slidekit.base.errors import ConfigError, LabelError
+from slidekit.base.io import write_text_atomic
+from slidekit.models.mil import MIL_ARCHS, build_mil, load_mil_checkpoint, save_mil_checkpoint
+from slidekit.slidelevel.mil_deploy import read_bag
+from slidekit.slidelevel.staging import weighted_kappa
+from trainers.base import Trainer, register, seed_everything
+from trainers.config import TrainerConfig, check_option
+from trainers.runs import begin_run
+
+
+@dataclass
+class MILConfig(TrainerConfig):
+    """mil: a slide table + feature files."""
+
+    slides: str = ""
+    features_dir: str | None = None
+    arch: str = "abmil"
+    classes: list[str] | None = None  # class order (kappa); default: sorted labels
+    hidden: int = 128
+    dropout: float = 0.1
+    instance_k: int = 8  # clam: top/bottom-k attended instances of the clustering loss; topk_mean: k
+    instance_weight: float = 0.3  # clam: weight of the instance loss
+    folds: int = 5
+    epochs: int = 40
+    patience: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    class_weights: bool = True
+    bootstrap: int = 1000
+
+    def validate(self) -> None:
+        super().validate()
+        check_option(self.arch in MIL_ARCHS, "arch", self.arch, f"one of {', '.join(MIL_ARCHS)}")
+        check_option(self.folds >= 2, "folds", self.folds, "an integer >= 2")
+        check_option(self.patience >= 1, "patience", self.patience, "an integer >= 1")
+        check_option(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1")
+        check_option(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        check_option(self.bootstrap >= 0, "bootstrap", self.bootstrap, "an integer >= 0")
+
+
+@dataclass
+class Slide:
+    slide: str
+    label: str
+    patient: str
+    features: Path
+
+
+def read_mil_table(path: str | os.PathLike, features_dir: str | None = None) -> list[Slide]:
+    """Rows of a MIL slide table; LabelError naming the file and line for a bad one."""
+    path = Path(path)
+    if not path.exists():
+        raise LabelError("slide table not found", path)
+    out, seen = [], set()
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        if "slide" not in cols or "label" not in cols:
+            raise LabelError(f"slide table needs columns 'slide' and 'label', has {cols}", path)
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if not row["slide"] or not row["label"]:
+                raise LabelError(f"line {line}: empty slide or label", path)
+            if row["slide"] in seen:
+                raise LabelError(f"line {line}: slide {row['slide']!r} is listed twice", path)
+            seen.add(row["slide"])
+            if row.get("features"):
+                feat = Path(row["features"])
+                feat = feat if feat.is_absolute() else path.parent / feat
+            elif features_dir:
+                feat = Path(features_dir) / f"{Path(row['slide']).stem}.h5"
+            else:
+                raise LabelError(f"line {line}: no 'features' column value and no features_dir", path)
+            if not feat.exists():
+                raise LabelError(f"line {line}: feature file {feat} not found", path)
+            out.append(Slide(row["slide"], row["label"], row.get("patient") or row["slide"], feat))
+    if not out:
+        raise LabelError("slide table has no rows", path)
+    return out
+
+
+def slide_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """AUC, balanced accuracy and quadratic weighted kappa of integer labels ``y`` against ``probs``."""
+    pred = probs.argmax(1)
+    out = {"balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+           "kappa": float(weighted_kappa([classes[i] for i in y], [classes[i] for i in pred], classes))}
+    if len(set(y.tolist())) < 2:
+        out["auc"] = float("nan")
+    elif len(classes) == 2:
+        out["auc"] = float(roc_auc_score(y, probs[:, 1]))
+    else:
+        out["auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=range(len(classes))))
+    return out
+
+
+def bootstrap_ci(y: np.ndarray, probs: np.ndarray, classes: list[str], n: int, seed: int) -> dict[str, list[float]]:
+    """Percentile 95% intervals of ``slide_metrics`` over ``n`` resamples of the slides."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if len(set(y[idx].tolist())) < 2:
+            continue
+        for k, v in slide_metrics(y[idx], probs[idx], classes).items():
+            draws.setdefault(k, []).append(v)
+    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+
+
+def _bag_loss(model, x, y: int, weights: torch.Tensor | None, c: MILConfig) -> torch.Tensor:
+    out = model(x, label=y)
+    loss = F.cross_entropy(out.logits[None], torch.tensor([y], device=x.device), weight=weights)
+    if out.instance_loss is not None:
+        loss = (1 - c.instance_weight) * loss + c.instance_weight * out.instance_loss
+    return loss
+
+
+def evaluate(model, bags: list[torch.Tensor], y: np.ndarray, weights=None) -> tuple[float, np.ndarray]:
+    """Mean loss and (n, C) probabilities of ``bags``."""
+    model.eval()
+    losses, probs = [], []
+    with torch.no_grad():
+        for x, t in zip(bags, y):
+            logits = model(x).logits
+            losses.append(float(F.cross_entropy(logits[None], torch.tensor([int(t)], device=x.device), weight=weights)))
+            probs.append(torch.softmax(logits, -1).cpu().numpy())
+    return float(np.mean(losses)) if losses else float("nan"), np.stack(probs)
+
+
+def train_fold(c: MILConfig, bags: list[torch.Tensor], y: np.ndarray, train: np.ndarray, val: np.ndarray,
+               n_classes: int, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """Train on ``train`` with early stopping on ``val``; the best-validation weights are returned."""
+    seed_everything(seed)
+    model = build_mil(c.arch, bags[0].shape[1], n_classes, c.hidden, c.dropout, c.instance_k).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    counts = np.bincount(y[train], minlength=n_classes).astype(np.float64)
+    weights = (torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+               if c.class_weights else None)
+    rng = np.random.default_rng(seed)
+    best, best_state, best_epoch, history = float("inf"), None, 0, []
+    for epoch in range(c.epochs):
+        model.train()
+        total = 0.0
+        for i in rng.permutation(train):
+            loss = _bag_loss(model, bags[i], int(y[i]), weights, c)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        val_loss, _ = evaluate(model, [bags[i] for i in val], y[val], weights)
+        history.append({"epoch": epoch, "loss": total / len(train), "val_loss": val_loss})
+        if val_loss < best - 1e-6:
+            best, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= c.patience:
+            break
+    model.load_state_dict(best_state)
+    return model, {"best_epoch": best_epoch, "val_loss": best, "epochs_run": len(history), "history": history}
+
+
+def _splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int):
+    """(train, val, test) index arrays per fold; val: one patient-grouped inner split of train."""
+    if len(set(groups.tolist())) < folds:
+        raise ConfigError(f"{folds} folds need at least {folds} patients, have {len(set(groups.tolist()))}")
+    outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for rest, test in outer.split(np.zeros(len(y)), y, groups):
+        inner = StratifiedGroupKFold(n_splits=max(2, min(folds - 1, len(set(groups[rest].tolist())))),
+                                     shuffle=True, random_state=seed + 1)
+        tr, va = next(inner.split(np.zeros(len(rest)), y[rest], groups[rest]))
+        yield rest[tr], rest[va], test
+
+
+@register
+class MILTrainer(Trainer):
+    """Attention-MIL (or pooling) slide classifier with patient-level k-fold cross-validation."""
+
+    name = "mil"
+    consumes = frozenset({"slide_labels"})
+    Config = MILConfig
+    rerun_free_options = frozenset({"batch_size", "num_workers", "bootstrap"})
+    outputs = ("oof.csv",)
+
+    def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
+        c = self.config
+        if not c.slides:
+            raise ConfigError("mil needs 'slides' (a CSV with slide,label[,patient][,features] columns)")
+        out = Path(out_dir)
+        if begin_run(self, out, c.epochs) == "finished" and (out / "checkpoint.pt").exists():
+            return out / "checkpoint.pt"
+        dev = resolve_device(device)
+        rows = read_mil_table(c.slides, c.features_dir)
+        classes = list(c.classes) if c.classes else sorted({r.label for r in rows})
+        unknown = sorted({r.label for r in rows} - set(classes))
+        if unknown:
+            raise LabelError(f"labels {unknown} are not in classes {classes}", c.slides)
+        y = np.array([classes.index(r.label) for r in rows])
+        groups = np.array([r.patient for r in rows])
+        feats = [read_bag(r.features) for r in rows]
+        bags = [torch.as_tensor(np.asarray(b.features, np.float32), device=dev) for b in feats]
+        encoders = {json.dumps(getattr(b, "encoder", {}) or {}, sort_keys=True) for b in feats}
+        if len(encoders) > 1:
+            raise LabelError(f"feature files come from {len(encoders)} different encoders; one model needs one",
+                             c.slides)
+        encoder = json.loads(encoders.pop())
+        if len({b.shape[1] for b in bags}) > 1:
+            raise LabelError("feature files have different feature widths", c.slides)
+        probs = np.full((len(rows), len(classes)), np.nan)
+        fold_of = np.full(len(rows), -1)
+        folds: list[dict] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(list(enumerate(_splits(y, groups, c.folds, c.seed))), desc="mil folds", unit="fold",
+                   disable=not progress)
+        mil_desc = {"arch": c.arch, "in_dim": int(bags[0].shape[1]), "classes": classes, "hidden": c.hidden,
+                    "dropout": c.dropout, "instance_k": c.instance_k, "encoder": encoder,
+                    "trainer_config": {k: getattr(c, k) for k in c.__dataclass_fields__}}
+        for k, (tr, va, te) in bar:
+            path = out / f"fold_{k}.pt"
+            record_path = out / f"fold_{k}.json"
+            if path.exists() and record_path.exists():  # a rerun skips finished folds
+                model, _ = load_mil_checkpoint(path)
+                model.to(dev)
+                info = json.loads(record_path.read_text())
+            else:
+                model, info = train_fold(c, bags, y, tr, va, len(classes), c.seed * 1000 + k, dev)
+                save_mil_checkpoint(path, model, {**mil_desc, "fold": k})
+                write_text_atomic(record_path, json.dumps(info))
+            _, p = evaluate(model, [bags[i] for i in te], y[te])
+            probs[te], fold_of[te] = p, k
+            folds.append({"fold": k, "test_slides": len(te), **{kk: info[kk] for kk in ("best_epoch", "val_loss",
+                                                                                          "epochs_run")},
+                          **slide_metrics(y[te], p, classes)})
+        overall = slide_metrics(y, probs, classes)
+        ci = bootstrap_ci(y, probs, classes, c.bootstrap, c.seed)
+        metrics = {"arch": c.arch, "classes": classes, "slides": len(rows), "patients": len(set(groups.tolist())),
+                   "folds": folds, "overall": overall, "ci95": ci,
+                   "mean_over_folds": {m: float(np.nanmean([f[m] for f in folds])) for m in overall}}
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["slide", "patient", "label", "fold", *[f"p_{cl}" for cl in classes]])
+        for r, f, p in zip(rows, fold_of, probs):
+            w.writerow([r.slide, r.patient, r.label, int(f), *[round(float(v), 6) for v in p]])
+        write_text_atomic(out / "oof.csv", buf.getvalue())
+        best = min(folds, key=lambda f: f["val_loss"])["fold"]
+        ckpt = out / "checkpoint.pt"
+        best_model, _ = load_mil_checkpoint(out / f"fold_{best}.pt")
+        save_mil_checkpoint(ckpt, best_model, {**mil_desc, "fold": best})
+        write_text_atomic(out / "done.json", json.dumps({"trainer": self.name, "epochs": c.epochs,
+                                                         "checkpoint": ckpt.name, "best_fold": best}, indent=2))
+        if progress:
+            print(f"mil {c.arch}: AUC {overall['auc']:.3f} (95% CI {ci.get('auc', [float('nan')] * 2)[0]:.3f}-"
+                  f"{ci.get('auc', [float('nan')] * 2)[1]:.3f}), balanced accuracy "
+                  f"{overall['balanced_accuracy']:.3f}, kappa {overall['kappa']:.3f}", flush=True)
+        return ckpt
