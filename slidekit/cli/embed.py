@@ -26,6 +26,9 @@ from slidekit.cli.common import (check_stain_options, device_option, echo_json, 
 @click.option("--out", required=True, type=click.Path(path_type=str),
               help="Output zarr store: features (N, D), coords (N, 2) level-0 x, y, clusters "
                    "(for a cohort: a folder, OUT/<slide id>/embeddings.zarr).")
+@click.option("--h5", "features_h5", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the HDF5 feature file TRIDENT and CLAM read (features, coords + their attributes; "
+                   "a cohort always writes OUT/<slide id>/features.h5).")
 @click.option("--grid", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Saved tile grid (.npz from `slidekit tile`) [default: model's patch size and MPP over tissue].")
 @click.option("--clusters", type=click.IntRange(min=2), default=None, help="Add k-means clusters (k).")
@@ -47,7 +50,7 @@ from slidekit.cli.common import (check_stain_options, device_option, echo_json, 
 @click.pass_context
 @handle_errors
 def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tile_mpp: float | None,
-          patch_size: int | None, out: str, grid: str | None, clusters: int | None,
+          patch_size: int | None, out: str, features_h5: str | None, grid: str | None, clusters: int | None,
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None, device: str,
           slide_mpp: float | None, override_mpp: float | None, quiet: bool, stain_norm: str | None,
           stain_ref: str | None, **cohort: object) -> None:
@@ -67,15 +70,17 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     if not single_slide(ctx, slides, cohort):
         if grid:
             raise click.UsageError("--grid belongs to one slide; a cohort makes each slide's grid")
+        if features_h5:
+            raise click.UsageError("--h5 belongs to one slide; a cohort writes OUT/<slide id>/features.h5")
         return run_cohort_cli(ctx, "embed", list(slides), out, quiet, {**options, "geojson": bool(geojson)})
     path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, threads=threads,
-                       **options)
+                       features_h5=features_h5, **options)
     emb = open_embeddings(path)
 
     if not quiet and format_split(emb.attrs.get("timing")):
         click.echo(f"time: {format_split(emb.attrs.get('timing'))}", err=True)  # stdout stays JSON
     echo_json({"out": str(Path(path)), "tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1]),
-               "clusters": clusters, "geojson": geojson})
+               "clusters": clusters, "geojson": geojson, "h5": features_h5})
 
 
 def register(group: click.Group) -> None:

@@ -73,7 +73,7 @@ def _embed_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: b
     opts = {k: v for k, v in options.items() if k not in ("slide_mpp", "geojson")}
     geojson = out / "clusters.geojson" if options.get("geojson") else None
     store = embed_slide(slide.slide, out=out / "embeddings.zarr", progress=progress, geojson=geojson,
-                        **_mpp_options(slide, options), **opts)
+                        features_h5=out / "features.h5", **_mpp_options(slide, options), **opts)
     emb = open_embeddings(store)
     return {"tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1])}
 

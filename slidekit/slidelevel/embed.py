@@ -36,6 +36,7 @@ from slidekit.infer.predictor import Predictor, resolve_stain
 from slidekit.models.weights import load_embedding_encoder
 from slidekit.regions.tiling import TileGrid
 from slidekit.regions.tissue import tissue_mask
+from slidekit.slidelevel.feature_store import write_feature_store
 from slidekit.slides.slide import open_slide
 
 EMBED_FORMAT = "slidekit.embeddings/1"
@@ -86,7 +87,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                 tissue: dict | None = None,
                 override_mpp: float | None = None, weights: str | os.PathLike | None = None,
                 patch_size: int | None = None, tile_mpp: float | None = None, threads: int | None = None,
-                stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> Path:
+                stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None,
+                features_h5: str | os.PathLike | None = None) -> Path:
     """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
 
     The grid is the checkpoint's ``patch_size`` at its ``mpp`` over tissue (``min_tissue``), unless
@@ -96,7 +98,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
     to 224): see ``slidekit.models.weights.load_embedding_encoder``. ``threads``: CPUs to use (default:
     those this process may use; see ``resources.configure_threads``). ``stain_norm``/``stain_ref``:
     stain normalisation, as for ``heatmap_slide`` (default: the checkpoint's; "none" turns it off);
-    the store's ``stain`` attribute records it. Returns the store path.
+    the store's ``stain`` attribute records it. ``features_h5``: also write the HDF5 feature file
+    TRIDENT and CLAM read (``slidekit.slidelevel.feature_store``). Returns the store path.
     """
     out = Path(out)
     net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
@@ -131,6 +134,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                          stain)
             if clusters:
                 _add_clusters(out, clusters, seed)
+            if features_h5 is not None:
+                write_feature_store(open_embeddings(out), features_h5)
     if geojson is not None:
         if not clusters:
             raise GridError("writing cluster GeoJSON needs clusters=k")

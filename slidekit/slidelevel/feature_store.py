@@ -1,0 +1,340 @@
+"""The feature store: per-slide tile features in HDF5 that TRIDENT, CLAM and slidekit all read.
+
+One file per slide (h5py)::
+
+    features  (N, D) float32   one row per tile, the encoder's feature
+    coords    (N, 2) int64     level-0 (x, y) top-left corner of each tile, same row order
+
+The attributes of ``coords`` are those TRIDENT and CLAM write (``patch_size``, ``patch_size_level0``,
+``level0_magnification``, ``target_magnification``, ``overlap``, ``name`` / ``patch_level``,
+``downsample``, ``level_dim``, ``downsampled_level_dim``), so their MIL and heatmap code reads the file
+unchanged. CLAM's attributes describe the tile at level 0 (``patch_level`` 0, ``patch_size`` = the
+tile's level-0 extent), which is what CLAM needs to draw a tile's footprint. slidekit adds to the
+file's root attributes ``format``, ``encoder`` (JSON: name, weights file identity, feature width,
+µm/px, tokens), ``slide`` (name, fingerprint) and ``complete``.
+
+Writing is atomic and resumable: ``FeatureWriter`` appends row chunks to ``OUT.partial`` (its
+``rows_done`` attribute counts the rows written), a rerun with the same identity continues there,
+and the file is renamed to ``OUT`` only when complete. ``read_features`` reads slidekit, TRIDENT,
+CLAM and STAMP files (``feats``/``coords``); ``iter_feature_chunks`` streams a bag row chunk by
+row chunk for bags bigger than memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from slidekit.base.errors import GridError, SlidekitWarning
+from slidekit.base.outputs import claim_path
+
+FEATURES_FORMAT = "slidekit.features/1"
+FEATURE_SUFFIXES = (".h5", ".hdf5")
+
+
+@dataclass
+class FeatureBag:
+    """One slide's bag of tile features as read from a feature file.
+
+    ``patch_size_level0`` is the tile's side in level-0 pixels (0 when the file does not say);
+    ``encoder`` what the file says about its encoder (empty when nothing); ``slide`` the slide name.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray
+    patch_size_level0: int
+    encoder: dict = field(default_factory=dict)
+    slide: str | None = None
+    path: Path | None = None
+    source: str = "slidekit"  # which tool's layout: slidekit, trident, clam, stamp
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+def _open(path: Path):
+    if not path.is_file():
+        raise GridError("feature file not found", path)
+    try:
+        return h5py.File(path, "r")
+    except Exception as e:  # not HDF5, truncated, locked
+        raise GridError(f"not a readable HDF5 feature file ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+                        path) from None
+
+
+def _layout(f, path: Path) -> tuple[str, str]:
+    """(features dataset name, source) of an open file; GridError for anything else."""
+    fmt = f.attrs.get("format")
+    if fmt is not None and str(fmt).startswith("slidekit.features"):
+        if str(fmt) != FEATURES_FORMAT:
+            raise GridError(f"feature file format {fmt} is not {FEATURES_FORMAT} (written by another slidekit)", path)
+        if not bool(f.attrs.get("complete", False)):
+            raise GridError("unfinished slidekit feature file (rerun the embed)", path)
+        return "features", "slidekit"
+    if "coords" not in f:
+        raise GridError(f"not a feature file: no 'coords' dataset (has {sorted(f.keys())[:6]})", path)
+    if "features" in f:
+        return "features", ("trident" if "patch_size_level0" in f["coords"].attrs else "clam")
+    if "feats" in f:
+        return "feats", "stamp"
+    raise GridError(f"not a feature file: no 'features' or 'feats' dataset (has {sorted(f.keys())[:6]})", path)
+
+
+def _check_shapes(f, name: str, path: Path) -> tuple[int, int]:
+    feats, coords = f[name], f["coords"]
+    if feats.ndim != 2:
+        raise GridError(f"'{name}' has shape {feats.shape}, not (N, D)", path)
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != feats.shape[0]:
+        raise GridError(f"'coords' has shape {coords.shape}; '{name}' has {feats.shape[0]} rows", path)
+    return int(feats.shape[0]), int(feats.shape[1])
+
+
+def _attr(attrs, key: str):
+    v = attrs.get(key)
+    if isinstance(v, np.ndarray) and v.size == 1:
+        v = v.item()
+    if isinstance(v, bytes):
+        v = v.decode()
+    return v
+
+
+def _coords_level0(f, source: str, path: Path, slide_mpp: float | None) -> tuple[np.ndarray, int]:
+    """Level-0 integer corners and the tile's level-0 side of any supported layout."""
+    ds = f["coords"]
+    a = ds.attrs
+    coords = np.asarray(ds[:])
+    if source == "stamp" and str(_attr(a, "unit") or "").lower() in ("um", "µm", "micron", "microns"):
+        # STAMP 2 stores corners and tile size in µm: level 0 needs the slide's µm/px.
+        if slide_mpp is None:
+            raise GridError("STAMP coords are in µm: give the slide's µm/px (slide_mpp=)", path)
+        tile_um = _attr(a, "tile_size_um") or _attr(f.attrs, "tile_size_um")
+        side = int(round(float(tile_um) / slide_mpp)) if tile_um else 0
+        return np.rint(coords / slide_mpp).astype(np.int64), side
+    if source == "stamp":
+        warnings.warn(f"{path}: STAMP file without a coords unit: its coords are taken as level-0 pixels",
+                      SlidekitWarning, stacklevel=3)
+    if np.issubdtype(coords.dtype, np.floating):
+        if not np.all(np.isfinite(coords)) or np.any(np.abs(coords - np.rint(coords)) > 1e-3):
+            raise GridError("coords are not whole level-0 pixels", path)
+        coords = np.rint(coords)
+    side = _attr(a, "patch_size_level0")
+    if side is None and source == "clam":
+        size, level = _attr(a, "patch_size"), _attr(a, "patch_level")
+        down = a.get("downsample")
+        if size is not None and down is not None:
+            side = float(size) * float(np.asarray(down).reshape(-1)[0])
+        elif size is not None and level in (0, None):
+            side = size if level == 0 else None
+    return coords.astype(np.int64), int(round(float(side))) if side is not None else 0
+
+
+def _encoder_info(f, source: str) -> dict:
+    if source == "slidekit":
+        return json.loads(f.attrs["encoder"])
+    info = {}
+    for key in ("encoder", "extractor", "feat_extractor", "model"):  # what other tools record, if anything
+        v = _attr(f.attrs, key) or _attr(f[("feats" if source == "stamp" else "features")].attrs, key)
+        if v is not None:
+            info["name"] = str(v)
+            break
+    return info
+
+
+def read_features(path: str | os.PathLike, slide_mpp: float | None = None) -> FeatureBag:
+    """Read one slide's features: a slidekit, TRIDENT or CLAM file (``features``/``coords``) or a
+    STAMP file (``feats``/``coords``). ``slide_mpp`` converts STAMP's µm coords to level-0 pixels.
+
+    Anything else (not HDF5, other datasets, mismatched rows, non-finite features) is a GridError
+    naming the file. A file that does not give the tile size leaves ``patch_size_level0`` 0 and says so.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        name, source = _layout(f, path)
+        _check_shapes(f, name, path)
+        feats = np.asarray(f[name][:], dtype=np.float32)
+        coords, side = _coords_level0(f, source, path, slide_mpp)
+        encoder = _encoder_info(f, source)
+        slide = _attr(f.attrs, "slide_name") if source == "slidekit" else _attr(f["coords"].attrs, "name")
+    if not np.all(np.isfinite(feats)):
+        raise GridError(f"{int((~np.isfinite(feats)).any(axis=1).sum())} feature rows are not finite", path)
+    if side == 0:
+        warnings.warn(f"{path}: the file does not say the tile size; patch_size_level0 is 0 (unknown)",
+                      SlidekitWarning, stacklevel=2)
+    return FeatureBag(feats, coords, side, encoder, None if slide is None else str(slide), path, source)
+
+
+def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536,
+                        slide_mpp: float | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (features (n, D) float32, coords (n, 2) int64) of at most ``rows`` rows at a time.
+
+    Only one chunk is in memory: for bags bigger than memory. The same layouts and checks as
+    ``read_features`` (coords are read whole: 16 bytes a tile).
+    """
+    path = Path(path)
+    if rows < 1:
+        raise ValueError("rows must be >= 1")
+    with _open(path) as f:
+        name, source = _layout(f, path)
+        n, _ = _check_shapes(f, name, path)
+        coords, _side = _coords_level0(f, source, path, slide_mpp)
+        ds = f[name]
+        for begin in range(0, n, rows):
+            x = np.asarray(ds[begin:begin + rows], dtype=np.float32)
+            if not np.all(np.isfinite(x)):
+                raise GridError(f"feature rows {begin}-{begin + len(x) - 1} hold non-finite values", path)
+            yield x, coords[begin:begin + rows]
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def tool_attrs(patch_size: int, patch_size_level0: int, slide_mpp: float, tile_mpp: float,
+               slide_dimensions: tuple[int, int], name: str, overlap: int = 0) -> dict:
+    """The ``coords`` attributes TRIDENT and CLAM write, for a tile grid at level 0.
+
+    Magnifications follow the usual 10 / (µm/px) rule (0.25 µm/px = 40x), as TRIDENT records them.
+    """
+    w, h = (int(v) for v in slide_dimensions)
+    return {"patch_size": int(patch_size), "patch_size_level0": int(patch_size_level0),
+            "level0_magnification": float(round(10.0 / slide_mpp, 3)),
+            "target_magnification": float(round(10.0 / tile_mpp, 3)), "overlap": int(overlap), "name": str(name),
+            "savetodir": "", "patch_level": 0, "downsample": np.array([1.0, 1.0]),
+            "level_dim": np.array([w, h], dtype=np.int64), "downsampled_level_dim": np.array([w, h], dtype=np.int64)}
+
+
+class FeatureWriter:
+    """Append a slide's features chunk by chunk into ``OUT.partial``; ``close()`` renames it to ``OUT``.
+
+    ``identity`` (JSON-able: encoder, slide, grid) is stored; a ``.partial`` left by an interrupted
+    run with the same identity and rows is continued (``rows_done`` says where), any other is
+    replaced. ``coords`` are written whole at the start (all tiles are known up front).
+    """
+
+    def __init__(self, out: str | os.PathLike, coords: np.ndarray, dim: int, encoder: dict, slide: dict,
+                 coords_attrs: dict, identity: dict | None = None, chunk_rows: int = 4096) -> None:
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.n, self.dim = int(len(coords)), int(dim)
+        key = json.dumps({"encoder": encoder, "slide": slide, "identity": identity or {}, "n": self.n,
+                          "dim": self.dim}, sort_keys=True, default=str)
+        self.f = None
+        if self.partial.exists():
+            try:
+                f = h5py.File(self.partial, "r+")
+                if f.attrs.get("identity_key") == key and f["features"].shape == (self.n, self.dim):
+                    self.f = f
+                else:
+                    f.close()
+            except Exception:
+                self.f = None
+            if self.f is None:
+                self.partial.unlink()
+        if self.f is None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            f = h5py.File(self.partial, "w")
+            f.attrs.update({"format": FEATURES_FORMAT, "complete": False, "rows_done": 0, "identity_key": key,
+                            "encoder": json.dumps(encoder, default=str), "slide": json.dumps(slide, default=str),
+                            "slide_name": str(slide.get("name", ""))})
+            chunk = (max(1, min(chunk_rows, max(self.n, 1))), self.dim)
+            f.create_dataset("features", shape=(self.n, self.dim), dtype="float32", chunks=chunk if self.n else None)
+            c = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(self.n, 2))
+            c.attrs.update(coords_attrs)
+            f.flush()
+            self.f = f
+
+    @property
+    def rows_done(self) -> int:
+        """Rows already written (an interrupted run's rows count)."""
+        return int(self.f.attrs["rows_done"])
+
+    def write(self, begin: int, rows: np.ndarray) -> None:
+        """Write rows ``begin:begin+len(rows)`` (the next rows: appends only)."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if begin != self.rows_done or rows.shape[1:] != (self.dim,) or begin + len(rows) > self.n:
+            raise ValueError(f"rows {begin}+{len(rows)} do not follow {self.rows_done} of {self.n}")
+        if not np.all(np.isfinite(rows)):
+            raise GridError(f"the encoder gave non-finite features for rows {begin}-{begin + len(rows) - 1}",
+                            self.out)
+        self.f["features"][begin:begin + len(rows)] = rows
+        self.f.attrs["rows_done"] = begin + len(rows)
+        self.f.flush()  # rows_done never runs ahead of the rows on disk
+
+    def close(self) -> Path:
+        """Mark complete and rename into place (all rows must be written)."""
+        if self.rows_done != self.n:
+            self.f.close()
+            raise ValueError(f"only {self.rows_done} of {self.n} rows written")
+        self.f.attrs["complete"] = True
+        self.f.close()
+        os.replace(self.partial, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        """Close without finishing (the .partial stays for a rerun to continue)."""
+        if self.f:
+            self.f.close()
+
+
+def is_complete_store(path: str | os.PathLike, identity_of: dict | None = None) -> bool:
+    """Whether ``path`` is a finished slidekit feature file (with the same encoder/slide when given)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FEATURES_FORMAT or not bool(f.attrs.get("complete")):
+                return False
+            if identity_of is not None:
+                key = json.loads(f.attrs["identity_key"])
+                return all(json.loads(json.dumps(key.get(k), sort_keys=True, default=str))
+                           == json.loads(json.dumps(v, sort_keys=True, default=str)) for k, v in identity_of.items())
+            return True
+    except Exception:
+        return False
+
+
+def _is_slidekit_h5(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("format", "")).startswith("slidekit.features")
+    except Exception:
+        return False
+
+
+def write_feature_store(emb, out: str | os.PathLike, encoder: dict | None = None,
+                        chunk_rows: int | None = None) -> Path:
+    """Write an embeddings store (``slidekit.slidelevel.embed.open_embeddings``) as an HDF5 feature
+    file, chunk by chunk (flat in memory), atomically and resumably; an existing file for the
+    same slide, grid and encoder is kept. Returns the path."""
+    out = Path(out)
+    if out.suffix.lower() not in FEATURE_SUFFIXES:
+        raise GridError(f"a feature file is .h5 or .hdf5, not '{out.suffix}'", out)
+    a = emb.attrs
+    g, s, spec = a["grid"], a["slide"], a["spec"]
+    side = int(round(float(g["extent"][0])))
+    enc = {"name": spec.get("backbone"), "weights": a.get("model"), "dim": int(emb.features.shape[1]),
+           "mpp": spec.get("mpp"), "patch_size": spec.get("patch_size"), "mean": spec.get("mean"),
+           "std": spec.get("std"), "tokens": spec.get("tokens", "pooled"), **(encoder or {})}
+    slide = {"name": s["name"], "fingerprint": s["id"], "dimensions": s["dimensions"], "mpp": s["mpp"]}
+    identity = {"grid": g, "stain": a.get("stain")}
+    claim_path(out, _is_slidekit_h5(out), "a slidekit feature file")
+    if is_complete_store(out, {"encoder": enc, "slide": slide, "identity": identity}):
+        return out
+    attrs = tool_attrs(g["size"], side, float(s["mpp"][0]), float(g["mpp"]), tuple(s["dimensions"]),
+                       Path(str(s["name"])).stem, overlap=int(g.get("overlap") or 0))
+    step = int(chunk_rows or emb.features.chunks[0])
+    w = FeatureWriter(out, emb.coords, emb.features.shape[1], enc, slide, attrs, identity, chunk_rows=step)
+    try:
+        for begin in range(w.rows_done, w.n, step):
+            w.write(begin, np.asarray(emb.features[begin:begin + step]))
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
