@@ -172,3 +172,23 @@ def test_export_options_without_export_are_refused_not_ignored(tmp_path, slide):
     assert not (tmp_path / "g.npz").exists()
     res = CliRunner().invoke(main, ["tile", str(slide), "--out", grid, "-q"])
     assert res.exit_code == 0 and (tmp_path / "g.npz").exists()
+
+
+def test_rerun_refuses_a_tiles_link_out_of_the_export_folder(tmp_path, slide):
+    """After a first export, ``tiles`` swapped for a link to a folder elsewhere: a rerun (changed
+    configuration, so it would clear and rewrite the tiles) is refused with one line, and the linked
+    folder is left as it was."""
+    out = tmp_path / "out"
+    export_patches(slide, out, **OPTS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("user data")
+    import shutil
+
+    shutil.rmtree(out / "tiles")
+    (out / "tiles").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(OutputError, match="link to outside"):
+        export_patches(slide, out, **{**OPTS, "size": 128})
+    res = CliRunner().invoke(main, ["tile", str(slide), "--export", str(out), "--size", "128", "-q"])
+    assert res.exit_code != 0 and "link to outside" in res.output and "Traceback" not in res.output, res.output
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]

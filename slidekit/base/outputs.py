@@ -64,6 +64,13 @@ class OutputDir:
 
     def claim(self, *names: str) -> None:
         """Allow writing (and replacing) ``names``; refuse when one exists and is not slidekit's."""
+        # A name swapped for a link out of the folder (``tiles -> /elsewhere``) would have a rerun
+        # write, or clear, through it into files slidekit never owned: refused, whatever the marker says.
+        links = [n for n in names if (self.path / n).is_symlink()
+                 and not (self.path / n).resolve().is_relative_to(self.path.resolve())]
+        if links:
+            raise OutputError(f"{', '.join(links)} is a link to outside the output folder; refusing to write "
+                              "through it (remove the link or choose another output folder)", self.path)
         foreign = [n for n in names if (self.path / n).exists() and not self.owns(n)]
         if foreign:
             raise OutputError(f"{', '.join(foreign)} already exist(s) and slidekit did not write them; refusing "
