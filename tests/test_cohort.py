@@ -154,6 +154,10 @@ def test_other_tasks_write_per_slide_folders(cohort, tmp_path):
     f = run_cohort("features", [str(tmp_path / "H")], tmp_path / "F", progress=False)
     assert f[0]["id"] == "c" and f[0]["status"] == "done" and "size_class" in f[0]
     assert h[0]["tiles"] > 0
+    # The heatmap cohort's OUT is a cohort by itself: no cohort option needed.
+    r = CliRunner().invoke(main, ["features", str(tmp_path / "H"), "--out", str(tmp_path / "F2"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert [row["id"] for row in _csv(tmp_path / "F2" / "cohort.csv")] == ["c"]
 
 
 # -- faults: killed workers, concurrent runners ---------------------------------------------------

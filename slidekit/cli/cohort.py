@@ -69,7 +69,7 @@ def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, qu
                        gpus=p["gpus"], shard=p["shard"], ray_address=p["ray_address"],
                        retry_failed=p["retry_failed"], progress=not quiet, debug=_debug(ctx), **options)
     for row in table:
-        if row["status"] == "failed" and not quiet:
+        if row["status"] == "failed":  # one line per failed slide, with --quiet too
             click.echo(f"slidekit: failed: {row['id']}: {row['error']}", err=True)
     click.echo(table.summary())
     if table.failed:

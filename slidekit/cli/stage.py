@@ -57,7 +57,11 @@ def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, threshol
         raise click.BadParameter(f"not a list of numbers: {thresholds!r}", param_hint="--thresholds")
     if not heatmaps and not cohort.get("manifest"):
         raise click.UsageError("give at least one HEATMAP folder (or --manifest CSV)")
-    if is_cohort(ctx, [], cohort.get("manifest") or ()):  # several heatmaps alone make one table
+    # Several heatmap folders alone make one table; a folder of per-slide outputs (a heatmap
+    # cohort's OUT, holding no heatmap.zarr itself) is a cohort by itself.
+    outputs_folder = any(Path(h).is_dir() and not (Path(h) / "heatmap.zarr").is_dir()
+                         and not str(h).rstrip("/").endswith(".zarr") for h in heatmaps)
+    if outputs_folder or is_cohort(ctx, [], cohort.get("manifest") or ()):
         return run_cohort_cli(ctx, "features", [str(h) for h in heatmaps], str(out), quiet or quiet_flag(ctx),
                               dict(thresholds=ths, channel=channel, work_mpp=work_mpp))
 
