@@ -146,11 +146,31 @@ def read_annotations(path: str | os.PathLike, max_bytes: int | None = None) -> l
             raise AnnotationError("JSON nested too deeply to be GeoJSON", path) from None
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or a 5000-digit number
             raise AnnotationError(f"not valid JSON ({_one_line(e)})", path) from None
+        if _nested_deeper(data, MAX_JSON_NESTING):
+            # json reads ~1000 levels, but copying, pickling (cohort workers) and writing the
+            # properties back recurse per level and die with RecursionError far sooner.
+            raise AnnotationError(f"JSON nested more than {MAX_JSON_NESTING} levels deep (GeoJSON needs "
+                                  "about 6; properties that deep are not annotations)", path)
         out = _read_geojson(data, path, notes)
     else:
         raise AnnotationError("neither GeoJSON nor ASAP/ImageScope XML", path)
     notes.warn(path)
     return out
+
+
+MAX_JSON_NESTING = 64
+
+
+def _nested_deeper(data: Any, limit: int) -> bool:
+    """Whether lists/objects in ``data`` nest more than ``limit`` levels (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _one_line(e: BaseException) -> str:
