@@ -114,6 +114,8 @@ def test_bad_slides_among_good_ones_and_reruns(cohort, tmp_path):
     out = tmp_path / "OUT"
     r = CliRunner().invoke(main, ["heatmap", *items, "--out", str(out), "--device", "cpu", "--quiet"])
     assert r.exit_code == 1 and "Traceback" not in r.output
+    for i in ("notaslide", "truncated", "missing"):  # --quiet still names each failed slide, one line each
+        assert sum(line.startswith(f"slidekit: failed: {i}:") for line in r.output.splitlines()) == 1
     rows = {row["id"]: row for row in _csv(out / "cohort.csv")}
     assert [rows[i]["status"] for i in ("a_slide", "b_slide")] == ["done", "done"]
     for i, word in (("notaslide", "notaslide.svs"), ("truncated", "truncated"), ("missing", "not found")):
@@ -437,3 +439,12 @@ def test_kill_minus_9_of_the_driver_ends_its_workers(cohort, tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         raise AssertionError("a worker outlived its killed driver by 10 s")
+
+
+def test_unprocessed_slides_are_a_note_not_an_error_and_demo_takes_q(cohort, tmp_path):
+    run_cohort("tissue", [str(p) for p in cohort], tmp_path / "OUT", shard="0/2", progress=False)
+    rows = _csv(tmp_path / "OUT" / "cohort.csv")
+    waiting = [r for r in rows if r["note"] == "not processed yet"]
+    assert waiting and all(r["status"] == "skipped" and r["error"] == "" for r in waiting)
+    r = CliRunner().invoke(main, ["demo", str(tmp_path / "demo.tif"), "-q"])
+    assert r.exit_code == 0 and (tmp_path / "demo.tif").exists()

@@ -46,10 +46,11 @@ def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backen
 
 @click.command()
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@quiet_option
 @handle_errors
-def demo(out: Path) -> None:
+def demo(out: Path, quiet: bool) -> None:
     """Write the demo slide (real IHC tissue from scikit-image, on white glass) to OUT."""
-    click.echo(str(write_demo_slide(out)))
+    click.echo(str(write_demo_slide(out)))  # no progress to hide: -q is taken like every command's
 
 
 @click.command()
