@@ -53,6 +53,9 @@ from slidekit.slides.demo import write_demo_slide
 @click.option("--tiff", type=click.Choice(["rgb", "values"]), default=None,
               help="Also write heatmap.tif: a pyramidal TIFF at the heatmap MPP with its physical pixel size, to "
                    "open beside the slide (rgb: coloured as the overlay; values: float32 per class).")
+@click.option("--ome-zarr", "ome_zarr", is_flag=True,
+              help="Also write heatmap.ome.zarr: an OME-Zarr (NGFF 0.4) multiscale image in µm, for napari, vizarr "
+                   "or QuPath's OME-Zarr reader.")
 @click.option("--tiles-geojson", is_flag=True, help="Also write tiles.geojson: one QuPath tile per prediction.")
 @mpp_override_option
 @force_mpp_option
@@ -100,6 +103,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
                    on_bad_tile="skip" if skip_bad_tiles else "raise", stain_norm=stain_norm, stain_ref=stain_ref)
     options["tissue"] = tissue
     options["tiff"] = cohort.pop("tiff")
+    options["ome_zarr"] = cohort.pop("ome_zarr")
     if roi is not None:
         if is_cohort(ctx, paths, cohort.get("manifest") or ()):
             raise click.UsageError("--roi belongs to one slide (its annotations); run `slidekit heatmap` per slide")

@@ -341,7 +341,10 @@ _TRIM = None
 
 # Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
 HEATMAP_OUTPUTS = ("heatmap.zarr", "heatmap.zarr.part", "overlay.png", "predictions.geojson", "tiles.geojson",
-                   "heatmap.tif", "heatmap.ome.zarr", "summary.json")
+                   "heatmap.tif", "heatmap.ome.zarr", "bad_tiles.geojson", "summary.json")
+
+# Skipped tiles whose reason is re-read for the damage record (each costs one region read).
+MAX_BAD_TILE_REASONS = 10_000
 
 
 def _bad_tile_coords(hm: Any) -> list[list[int]]:
