@@ -1,0 +1,315 @@
+"""Nuclei of a whole slide as QuPath detections: the job behind ``slidekit cells``.
+
+A segmentation model (a checkpoint, or the built-in ``hematoxylin`` with a threshold) runs over the
+slide's tissue at its µm/px on overlapping tiles (``Predictor``). Each tile's foreground
+probability is split into instances by a distance-transform watershed (scikit-image), and a
+nucleus is kept by the one tile whose *core* (the tile less half the overlap on each side that has
+a neighbour) holds its centroid, so every nucleus is written exactly once across seams. Nuclei
+cut by the tile edge lie, whole, in the neighbour that owns them (the overlap must exceed a
+nucleus diameter).
+
+Outputs in ``out_dir``: ``cells.geojson.gz`` (QuPath ``detection`` features, streamed band by
+band), ``cells.csv`` (one row per nucleus: centroid in level-0 px and µm, the measurements),
+``regions.csv`` with ``roi`` (counts and densities per ROI polygon) and ``summary.json``. Work is
+kept per tile row (band) in ``cells.part/``: an interrupted run resumes from the bands it had
+finished.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.color import rgb2hed
+from skimage.feature import peak_local_max
+from skimage.measure import approximate_polygon, find_contours, regionprops
+from skimage.segmentation import watershed
+
+from slidekit.base.devices import resolve_device
+from slidekit.base.errors import CheckpointError, ConfigError, TissueError
+from slidekit.base.io import atomic_path, config_digest, write_text_atomic
+from slidekit.base.locks import OutputLock
+from slidekit.base.outputs import OutputDir
+from slidekit.base.resources import configure_threads
+from slidekit.base.timing import StageTimer
+from slidekit.infer.predictor import Predictor, load_model, release_memory
+from slidekit.regions.roi import read_roi, restrict_mask, roi_identity
+from slidekit.regions.tiling import TileGrid, TileReader
+from slidekit.regions.tissue import tissue_mask
+from slidekit.slides.identity import slide_fingerprint
+from slidekit.slides.slide import open_slide
+
+CELL_OUTPUTS = ("cells.geojson.gz", "cells.csv", "regions.csv", "cells.part", "summary.json")
+COLUMNS = ["id", "x", "y", "x_um", "y_um", "area_um2", "perimeter_um", "circularity", "solidity",
+           "eccentricity", "hematoxylin_od", "eosin_od"]
+# QuPath measurement names for the columns after the centroid
+MEASURE_NAMES = {"area_um2": "Area µm^2", "perimeter_um": "Perimeter µm", "circularity": "Circularity",
+                 "solidity": "Solidity", "eccentricity": "Eccentricity", "hematoxylin_od": "Hematoxylin OD mean",
+                 "eosin_od": "Eosin OD mean"}
+
+
+def split_instances(prob: np.ndarray, threshold: float = 0.5, min_distance: int = 3,
+                    min_area_px: int = 8) -> np.ndarray:
+    """Label image of nuclei from a foreground probability map: threshold, then a watershed on the
+    distance transform seeded at its maxima (at least ``min_distance`` px apart) splits touching
+    nuclei. Pieces under ``min_area_px`` are dropped."""
+    fg = prob >= threshold
+    if not fg.any():
+        return np.zeros(prob.shape, np.int32)
+    dist = ndi.distance_transform_edt(fg)
+    comp, _ = ndi.label(fg)
+    peaks = peak_local_max(dist, min_distance=max(1, int(min_distance)), labels=comp, exclude_border=False)
+    markers = np.zeros(prob.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    # components without a peak (tiny or flat) still get one seed
+    missing = np.setdiff1d(np.unique(comp[comp > 0]), np.unique(comp[markers > 0]))
+    if len(missing):
+        cms = ndi.center_of_mass(fg, comp, missing)
+        base = len(peaks)
+        for j, (k, c) in enumerate(zip(missing, cms)):
+            ys, xs = np.nonzero(comp == k)
+            i = int(np.argmin((ys - c[0]) ** 2 + (xs - c[1]) ** 2))
+            markers[ys[i], xs[i]] = base + j + 1
+    labels = watershed(-dist, markers, mask=fg)
+    if min_area_px > 1:
+        areas = np.bincount(labels.ravel())
+        small = areas < min_area_px
+        small[0] = False
+        labels[small[labels]] = 0
+    return labels.astype(np.int32)
+
+
+def measure_instances(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> Iterator[dict]:
+    """Per nucleus of ``labels``: centroid (px), contour (px, (x, y)) and measurements in µm
+    (``mpp`` µm per pixel of ``labels``); mean H and E optical density from ``rgb2hed``."""
+    hed = rgb2hed(rgb)
+    for p in regionprops(labels):
+        y0, x0, y1, x1 = p.bbox
+        m = np.pad(p.image, 1)
+        cs = find_contours(m.astype(np.float32), 0.5)
+        if not cs:
+            continue
+        c = approximate_polygon(max(cs, key=len), tolerance=0.5)
+        xy = np.column_stack([c[:, 1] + x0 - 1 + 0.5, c[:, 0] + y0 - 1 + 0.5])
+        area = float(p.area) * mpp * mpp
+        per = float(p.perimeter) * mpp
+        pix = hed[y0:y1, x0:x1][p.image]
+        yield {"centroid": (float(p.centroid[1]) + 0.5, float(p.centroid[0]) + 0.5), "contour": xy,
+               "area_um2": area, "perimeter_um": per,
+               "circularity": float(min(1.0, 4 * np.pi * area / per ** 2)) if per > 0 else 0.0,
+               "solidity": float(p.solidity), "eccentricity": float(p.eccentricity),
+               "hematoxylin_od": float(pix[:, 0].mean()), "eosin_od": float(pix[:, 1].mean())}
+
+
+def _cores(grid: TileGrid) -> np.ndarray:
+    """(N, 4) core box (x0, y0, x1, y1) of each tile in tile pixels: half the overlap is cut off on
+    each side that has a neighbouring tile in the grid; sides without one keep the tile's edge."""
+    idx = grid.indices
+    have = {tuple(v) for v in idx.tolist()}
+    h = grid.overlap / 2
+    out = np.zeros((len(grid), 4))
+    for i, (c, r) in enumerate(idx.tolist()):
+        out[i] = [h if (c - 1, r) in have else -np.inf, h if (c, r - 1) in have else -np.inf,
+                  grid.size - h if (c + 1, r) in have else np.inf, grid.size - h if (c, r + 1) in have else np.inf]
+    return out
+
+
+def tile_nuclei(prob: np.ndarray, rgb: np.ndarray, core: np.ndarray, mpp: float, threshold: float,
+                min_distance: int, min_area_px: int) -> list[dict]:
+    """The nuclei of one tile that it owns (centroid in ``core``)."""
+    labels = split_instances(prob, threshold, min_distance, min_area_px)
+    n = int(labels.max())
+    if n == 0:
+        return []
+    # ownership first (cheap centroids), so only owned nuclei are traced and measured
+    with np.errstate(invalid="ignore", divide="ignore"):  # labels dropped as too small: NaN, not owned
+        cy, cx = np.array(ndi.center_of_mass(labels > 0, labels, np.arange(1, n + 1))).reshape(-1, 2).T + 0.5
+    own = (core[0] <= cx) & (cx < core[2]) & (core[1] <= cy) & (cy < core[3])
+    lut = np.where(np.concatenate([[False], own]), np.arange(n + 1), 0).astype(np.int32)
+    return list(measure_instances(lut[labels], rgb, mpp))
+
+
+def _feature(n: dict, nid: int) -> dict:
+    ring = [[round(float(a), 2), round(float(b), 2)] for a, b in n["xy0"]]
+    ring.append(ring[0])
+    return {"type": "Feature", "id": f"nucleus-{nid}", "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "detection", "classification": {"name": "Nucleus", "color": [40, 40, 200]},
+                           "measurements": {MEASURE_NAMES[k]: round(n[k], 4) for k in MEASURE_NAMES}}}
+
+
+def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
+                mpp: float | None = None, size: int | None = None, overlap: int | None = None,
+                threshold: float = 0.5, min_distance_um: float = 2.0, min_area_um2: float = 10.0,
+                channel: int | None = None, batch_size: int = 16, workers: int = 0, device: str = "auto",
+                min_tissue: float = 0.05, roi: str | os.PathLike | None = None, tissue: dict | None = None,
+                slide_mpp: float | None = None, progress: bool = True, loaded: tuple | None = None,
+                threads: int | None = None) -> dict:
+    """Detect every nucleus in the tissue of one slide; write ``cells.geojson.gz``, ``cells.csv``
+    (+ ``regions.csv`` with ``roi``) and ``summary.json`` in ``out_dir`` (see the module docstring).
+
+    ``min_tissue=0`` (without ``roi``) tiles the whole slide without tissue detection.
+    ``channel``: the output channel holding the nucleus probability (default: the last). A
+    finished slide with the same configuration is skipped; an interrupted one resumes per tile row.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    resolve_device(device)
+    net, spec, ident = loaded if loaded is not None else load_model(model)
+    if spec.task != "segmentation":
+        raise CheckpointError(f"a {spec.task!r} model finds no nuclei (need a segmentation model)")
+    size = int(size or spec.patch_size)
+    mpp = float(mpp or spec.mpp)
+    overlap = int(size // 4 if overlap is None else overlap)
+    if not 0 < overlap < size:
+        raise ConfigError(f"overlap must be between 1 and size-1 px (got {overlap}); nuclei on seams need it")
+    cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "threshold": threshold,
+           "min_distance_um": min_distance_um, "min_area_um2": min_area_um2, "channel": channel,
+           "min_tissue": min_tissue, "slide_mpp": slide_mpp, "tissue": tissue}
+    roi_anns = None
+    if roi is not None:
+        roi_anns = read_roi(roi, None)
+        cfg["roi"] = roi_identity(roi, None)
+    summary_path, part = out / "summary.json", out / "cells.part"
+    with open_slide(slide_path, mpp=slide_mpp) as slide, OutputLock(out):
+        cfg["slide_id"] = slide_fingerprint(slide.path)
+        key = config_digest(cfg)
+        owned = OutputDir(out, slide.path, cfg["slide_id"])
+        owned.claim(*CELL_OUTPUTS)
+        if summary_path.exists():
+            try:
+                old = json.loads(summary_path.read_text())
+                if old.get("config_key") == key:
+                    return {**old, "skipped": True}
+            except (OSError, ValueError):
+                pass
+            summary_path.unlink()
+        if part.exists() and not (part / f"{key}.key").exists():
+            shutil.rmtree(part)  # bands of another configuration
+        part.mkdir(parents=True, exist_ok=True)
+        (part / f"{key}.key").touch()
+        timer = StageTimer()
+        t_tissue = time.perf_counter()
+        # min_tissue=0 without an ROI: the whole slide is tiled, no tissue detection (asked for)
+        mask = (None if min_tissue == 0 and roi_anns is None else
+                tissue_mask(slide, progress=None if progress else False, **(tissue or {})))
+        if roi_anns is not None:
+            mask = restrict_mask(mask, roi_anns, slide)
+        t_tissue = time.perf_counter() - t_tissue
+        grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask, min_tissue=min_tissue)
+        if len(grid) == 0:
+            raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
+        cores, rows = _cores(grid), grid.indices[:, 1]
+        bands = np.unique(rows)
+        done = {int(p.stem.split("-")[1]) for p in part.glob("band-*.csv")}
+        todo_bands = [int(b) for b in bands if int(b) not in done]
+        configure_threads(threads, workers)
+        predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=False)
+        predictor.timer = timer
+        reader = TileReader(slide, grid)
+        sx, sy = grid.scale
+        md, ma = max(1, round(min_distance_um / mpp)), max(1, round(min_area_um2 / mpp ** 2))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(grid), initial=int(np.isin(rows, list(done)).sum()), unit="tile",
+                       desc=slide.name, leave=False)
+        t_loop = time.perf_counter()
+        for b in todo_bands:
+            index = np.nonzero(rows == b)[0]
+            nuclei = []
+            for idx, y in predictor.predict(slide, grid, index, output_size=(size, size)):
+                with timer.stage("stitch"):  # instances: watershed, ownership, measures
+                    for i, probs in zip(idx.tolist(), y):
+                        ch = probs.shape[0] - 1 if channel is None else channel
+                        rgb = reader.read(i)
+                        x0, y0 = grid.coords[i]
+                        for n in tile_nuclei(probs[ch], rgb, cores[i], mpp, threshold, md, ma):
+                            n["xy0"] = n["contour"] * (sx, sy) + (x0, y0)
+                            cx, cy = n["centroid"]
+                            n["x"], n["y"] = x0 + cx * sx, y0 + cy * sy
+                            nuclei.append(n)
+                if bar is not None:
+                    bar.update(len(idx))
+            with timer.stage("write"), atomic_path(part / f"band-{b:06d}.csv") as tmp:
+                _write_band(tmp, nuclei, slide.mpp)
+            release_memory()
+        t_loop = time.perf_counter() - t_loop
+        if bar is not None:
+            bar.close()
+        with timer.stage("write"):
+            n_cells, per_region = _assemble(out, part, bands, roi_anns, slide.mpp)
+        shutil.rmtree(part)
+        summary = {"slide": str(slide.path), "config_key": key, "config": cfg, "tiles": len(grid),
+                   "bands": len(bands), "bands_resumed": len(bands) - len(todo_bands), "nuclei": n_cells,
+                   "instances": "distance-transform watershed; ownership by centroid in the tile core",
+                   "regions": per_region,
+                   "outputs": sorted(p.name for p in out.iterdir() if p.name in CELL_OUTPUTS) + ["summary.json"],
+                   "seconds": round(time.time() - t0, 2), "tissue_seconds": round(t_tissue, 2), **timer.as_dict(t_loop)}
+        write_text_atomic(summary_path, json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_band(path: Path, nuclei: list[dict], slide_mpp: tuple[float, float]) -> None:
+    """One band: a CSV row per nucleus plus its polygon (level-0 px) as JSON in the last column."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        for n in nuclei:
+            ring = json.dumps([[round(float(a), 2), round(float(b), 2)] for a, b in n["xy0"]])
+            w.writerow([n["x"], n["y"], n["x"] * slide_mpp[0], n["y"] * slide_mpp[1]]
+                       + [n[k] for k in MEASURE_NAMES] + [ring])
+
+
+def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp: tuple) -> tuple[int, list]:
+    """Stream the bands into cells.csv and cells.geojson.gz (one band in memory at a time)."""
+    counts = None
+    if roi_anns is not None:
+        from shapely.geometry import Point
+        from shapely.prepared import prep
+
+        polys = [(a, prep(a.geometry)) for a in roi_anns]
+        counts = [0] * len(polys)
+    nid = 0
+    with atomic_path(out / "cells.csv") as tcsv, atomic_path(out / "cells.geojson.gz") as tgj:
+        with open(tcsv, "w", newline="") as fc, gzip.open(tgj, "wt", compresslevel=5) as fg:
+            wc = csv.writer(fc)
+            wc.writerow(COLUMNS)
+            fg.write('{"type": "FeatureCollection", "features": [\n')
+            first = True
+            for b in bands:
+                with open(part / f"band-{int(b):06d}.csv", newline="") as fb:
+                    for row in csv.reader(fb):
+                        nid += 1
+                        vals = [float(v) for v in row[:-1]]
+                        wc.writerow([nid] + [round(v, 4) for v in vals])
+                        n = dict(zip(["x", "y", "x_um", "y_um"] + list(MEASURE_NAMES), vals))
+                        n["xy0"] = json.loads(row[-1])
+                        fg.write(("" if first else ",\n") + json.dumps(_feature(n, nid)))
+                        first = False
+                        if counts is not None:
+                            pt = Point(n["x"], n["y"])
+                            for j, (_, pp) in enumerate(polys):
+                                if pp.contains(pt):
+                                    counts[j] += 1
+            fg.write("\n]}\n")
+    regions = []
+    if counts is not None:
+        with atomic_path(out / "regions.csv") as tr:
+            with open(tr, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["region", "class", "nuclei", "area_mm2", "nuclei_per_mm2"])
+                for j, ((a, _), c) in enumerate(zip(polys, counts)):
+                    area = a.geometry.area * slide_mpp[0] * slide_mpp[1] / 1e6
+                    dens = c / area if area > 0 else 0.0
+                    w.writerow([j, (a.label or a.name or ""), c, round(area, 6), round(dens, 2)])
+                    regions.append({"region": j, "class": (a.label or a.name or ""), "nuclei": c, "area_mm2": area,
+                                    "nuclei_per_mm2": dens})
+    return nid, regions
