@@ -82,10 +82,12 @@ def test_unknown_architecture_is_a_checkpoint_error():
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("patch_size", "big", "'patch_size' must be an integer >= 1"),
-    ("patch_size", 0, "'patch_size' must be an integer >= 1"),
-    ("mpp", -0.5, "'mpp' must be a finite number > 0"),
-    ("mpp", [0.5], "'mpp' must be a finite number > 0"),
+    ("patch_size", "big", "'patch_size' must be an integer between 1 and 8192"),
+    ("patch_size", 0, "'patch_size' must be an integer between 1 and 8192"),
+    ("patch_size", 100_000, "'patch_size' must be an integer between 1 and 8192"),  # allocator crash before
+    ("mpp", -0.5, "'mpp' must be a finite number >= 0.01"),
+    ("mpp", [0.5], "'mpp' must be a finite number >= 0.01"),
+    ("mpp", 1e-6, "'mpp' must be a finite number >= 0.01"),  # a million-fold upsampling before
     ("classes", "tumour", "'classes' must be a list of class names"),
     ("colors", [[300, 0, 0], [0, 0, 0]], "'colors' must be one"),
     ("mean", [0.5, 0.5], "'mean' must be three numbers"),

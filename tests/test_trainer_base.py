@@ -223,7 +223,10 @@ def test_configs_refuse_out_of_range_values_and_repeated_keys(tmp_path):
     assert "\n" not in str(err.value) and "broken.yaml: cannot parse" in str(err.value)
 
 
-@pytest.mark.parametrize("option, match", [("crop=0", "'crop' must be an integer >= 32"),
+@pytest.mark.parametrize("option, match", [("crop=0", "'crop' must be an integer 32..8192"),
+                                           ("crop=100000", "'crop' must be an integer 32..8192"),
+                                           ("samples_per_image=100000000", "'samples_per_image' must be an "
+                                                                           "integer 1..100000"),
                                            ("scale=0", "'scale' must be a number > 0"),
                                            ("lr=inf", "'lr'.*finite"),
                                            ("epochs=-1", "'epochs' must be an integer >= 1"),

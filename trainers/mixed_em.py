@@ -48,7 +48,7 @@ from slidekit.infer.heatmap import Heatmap, HeatmapWriter
 from slidekit.infer.predictor import Predictor
 from slidekit.models.checkpoint import save_checkpoint
 from slidekit.models.networks import build_model
-from slidekit.models.spec import ModelSpec
+from slidekit.models.spec import MAX_PATCH_SIZE, ModelSpec
 from slidekit.regions.tiling import TileGrid, TileReader
 from slidekit.regions.tissue import tissue_mask
 from slidekit.slidelevel.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
@@ -94,7 +94,8 @@ class MixedEMConfig(StainOptions):
     def validate(self) -> None:
         super().validate()
         check_option(self.rounds >= 0, "rounds", self.rounds, "an integer >= 0")
-        check_option(self.patch_size >= 32, "patch_size", self.patch_size, "an integer >= 32 (px)")
+        check_option(32 <= self.patch_size <= MAX_PATCH_SIZE, "patch_size", self.patch_size,
+                     f"an integer 32..{MAX_PATCH_SIZE} (px)")
         for key in ("mpp", "tissue_mpp", "scale"):
             check_option(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
         check_option(self.slide_mpp is None or self.slide_mpp > 0, "slide_mpp", self.slide_mpp, "> 0 (or unset)")

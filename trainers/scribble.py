@@ -33,7 +33,7 @@ from slidekit.base.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.data.datasets import ImageFolderDataset, JointAugment, SlidePatchDataset
 from slidekit.infer.predictor import checkpoint_stain
 from slidekit.models.networks import build_model
-from slidekit.models.spec import BACKBONES, ModelSpec
+from slidekit.models.spec import BACKBONES, MAX_PATCH_SIZE, ModelSpec
 from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
 from trainers.batches import BatchInputs, StainOptions, check_stain_reference, model_input, sample_images
 from trainers.config import check_option
@@ -146,6 +146,10 @@ def predict_images(model: nn.Module, spec: ModelSpec, images: Sequence[Any] | np
     return out
 
 
+# More random crops of one image per epoch than this is a typo (an epoch of 1e8 crops per image).
+MAX_SAMPLES_PER_IMAGE = 100_000
+
+
 @dataclass
 class ScribbleConfig(StainOptions):
     """Options of the ``scribble`` trainer (and the base of ``s2l``'s)."""
@@ -178,10 +182,11 @@ class ScribbleConfig(StainOptions):
                      f"outside the class indices 0..{len(self.classes) - 1}")
         check_option(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
         # the encoder downsamples 32 times; a smaller crop leaves nothing for its last stage
-        check_option(self.crop >= 32, "crop", self.crop, "an integer >= 32 (px)")
+        check_option(32 <= self.crop <= MAX_PATCH_SIZE, "crop", self.crop, f"an integer 32..{MAX_PATCH_SIZE} (px)")
         for key in ("scale", "image_mpp", "mpp", "line_width_um"):
             check_option(getattr(self, key) > 0, key, getattr(self, key), "a number > 0")
-        check_option(self.samples_per_image >= 1, "samples_per_image", self.samples_per_image, "an integer >= 1")
+        check_option(1 <= self.samples_per_image <= MAX_SAMPLES_PER_IMAGE, "samples_per_image", self.samples_per_image,
+                     f"an integer 1..{MAX_SAMPLES_PER_IMAGE}")
         check_option(self.patches_per_epoch >= 1, "patches_per_epoch", self.patches_per_epoch, "an integer >= 1")
         check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         check_option(self.lr_schedule in ("cosine", "constant"), "lr_schedule", self.lr_schedule,

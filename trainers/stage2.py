@@ -31,7 +31,7 @@ from slidekit.base.errors import CheckpointError, ConfigError, LabelError, Train
 from slidekit.base.io import write_text_atomic
 from slidekit.infer.predictor import checkpoint_stain
 from slidekit.models.networks import build_model
-from slidekit.models.spec import BACKBONES, ModelSpec
+from slidekit.models.spec import BACKBONES, MAX_PATCH_SIZE, ModelSpec
 from slidekit.regions.tiling import TileGrid, TileReader
 from slidekit.regions.tissue import tissue_mask
 from slidekit.slidelevel.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
@@ -414,7 +414,8 @@ class TopKMeanConfig(StainOptions):
         super().validate()
 
         check_option(self.k >= 1, "k", self.k, "an integer >= 1")
-        check_option(self.patch_size >= 32, "patch_size", self.patch_size, "an integer >= 32 (px)")
+        check_option(32 <= self.patch_size <= MAX_PATCH_SIZE, "patch_size", self.patch_size,
+                     f"an integer 32..{MAX_PATCH_SIZE} (px)")
         check_option(self.mpp > 0, "mpp", self.mpp, "a number > 0")
         check_option(self.slide_mpp is None or self.slide_mpp > 0, "slide_mpp", self.slide_mpp, "> 0 (or unset)")
         check_option(self.batch_slides >= 1, "batch_slides", self.batch_slides, "an integer >= 1")

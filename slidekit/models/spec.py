@@ -75,10 +75,10 @@ class ModelSpec:
         if self.task != "embedding" and not self.classes:
             raise CheckpointError(f"a {self.task} spec needs at least one class")
         self.classes = list(self.classes)
-        _check_int(self.patch_size, "patch_size", 1)
+        _check_int(self.patch_size, "patch_size", 1, MAX_PATCH_SIZE)
         _check_int(self.output_stride, "output_stride", 1)
-        if not _is_number(self.mpp) or not self.mpp > 0:
-            raise CheckpointError(f"spec 'mpp' must be a finite number > 0, got {self.mpp!r}")
+        if not _is_number(self.mpp) or not self.mpp >= MIN_MPP:
+            raise CheckpointError(f"spec 'mpp' must be a finite number >= {MIN_MPP} (µm/px), got {self.mpp!r}")
         for key in ("mean", "std"):
             v = getattr(self, key)
             if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_number(x) for x in v):
@@ -156,6 +156,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_int(v: Any, key: str, minimum: int) -> None:
-    if not _is_int(v) or v < minimum:
-        raise CheckpointError(f"spec {key!r} must be an integer >= {minimum}, got {v!r}")
+# Sizes past these are typos, not models: refused up front, where they would otherwise end in the
+# allocator (a 100000 px crop, a 1e-6 µm/px spec that upsamples a slide a million times).
+MAX_PATCH_SIZE = 8192
+MIN_MPP = 0.01
+
+
+def _check_int(v: Any, key: str, minimum: int, maximum: int | None = None) -> None:
+    if not _is_int(v) or v < minimum or (maximum is not None and v > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise CheckpointError(f"spec {key!r} must be an integer {bound}, got {v!r}")
