@@ -64,7 +64,15 @@ def _heatmap_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, prog
     opts = {k: v for k, v in options.items() if k not in ("model", "slide_mpp")}
     s = heatmap_slide(slide.slide, out, loaded=loaded, progress=progress, **_mpp_options(slide, options), **opts)
     return {"tiles": s["tiles"], "regions": s["regions"], "area_mm2": round(s["region_area_mm2"], 6),
-            "slide_seconds": s["seconds"]}
+            "slide_seconds": s["seconds"], "bad_tiles": len(s.get("bad_tiles") or [])}
+
+
+def _cells_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
+    from slidekit.infer.cells import cells_slide
+
+    opts = {k: v for k, v in options.items() if k not in ("model", "slide_mpp")}
+    s = cells_slide(slide.slide, out, loaded=loaded, progress=progress, **_mpp_options(slide, options), **opts)
+    return {"tiles": s["tiles"], "nuclei": s["nuclei"], "slide_seconds": s["seconds"]}
 
 
 def _embed_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
@@ -97,6 +105,7 @@ def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress
 
 TASKS: dict[str, CohortTask] = {t.name: t for t in (
     CohortTask("heatmap", _heatmap_setup, _heatmap_run, "slidekit.infer.predictor:heatmap_slide"),
+    CohortTask("cells", _heatmap_setup, _cells_run, "slidekit.infer.cells:cells_slide"),
     CohortTask("embed", _nothing, _embed_run, "slidekit.slidelevel.embed:embed_slide"),
     CohortTask("tissue", _nothing, _tissue_run, "slidekit.regions.tissue:save_tissue"),
     CohortTask("tile", _nothing, _tile_run, "slidekit.regions.tiling:make_grid"),
