@@ -86,3 +86,64 @@ def test_a_damaged_stored_tile_names_every_grid_tile_over_it(tmp_path):
     with pytest.raises(sk.CorruptTileError) as err:
         reader.read(int(bad[-1]))
     assert err.value.location == tuple(int(v) for v in grid.coords[bad[-1]])
+
+
+def test_first_read_is_one_strict_decode_per_stored_tile_with_the_same_pixels(tmp_path, monkeypatch):
+    import imagecodecs
+    import simplejpeg
+
+    path, _ = _slide(tmp_path)
+    slide = sk.open_slide(path)
+    grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
+    reader = TileReader(slide, grid)
+    st = reader.native.stored
+    assert st.strict and st.check == "strict"  # the first-tile check against the backend agreed
+    calls = []
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", lambda *a, **k: pytest.fail("a second decoder ran"))
+    tiles = reader.read_batch(np.arange(len(grid)))[1]
+    assert len(calls) == len(grid)  # one decode per stored tile, check included
+    monkeypatch.undo()
+    tables = st._state()[2]
+    for i in range(len(grid)):
+        ref = np.asarray(imagecodecs.jpeg8_decode(st.raw(i), tables=tables))[..., :3]
+        h, w = min(256, 900 - 256 * (i // st.across)), min(256, 1100 - 256 * (i % st.across))
+        assert np.array_equal(tiles[i][:h, :w], ref[:h, :w])
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_damaged_tile_is_caught_by_the_strict_decode_and_by_the_variant_fallback(tmp_path, strict):
+    from slidekit.slides.tiffio import StoredTiles
+
+    path, _ = _slide(tmp_path)
+    st = StoredTiles(path, ("page", 0))
+    if not strict:
+        st.use_variant_check("test: fallback")
+    assert st.check == ("strict" if strict else "variants")
+    data = bytearray(st.raw(5))
+    mid = len(data) // 2
+    data[mid:mid + 40] = bytes(np.random.default_rng(2).integers(0, 255, 40, dtype=np.uint8))
+    st.raw = lambda i: bytes(data) if i == 5 else StoredTiles.raw(st, i)
+    tile, problem = st.decode_checked(5)
+    assert tile is None and problem
+    tile, problem = st.decode_checked(4)
+    assert problem is None and tile.shape == (256, 256, 3)
+
+
+def test_rgb_coded_tiles_the_backend_disagrees_with_fall_back_to_the_variant_check(tmp_path, monkeypatch):
+    import slidekit.slides.tiffio as tiffio
+
+    path, _ = _slide(tmp_path)
+    real = tiffio.strict_decode
+
+    def swapped(stream, w, h):  # a decoder guessing the wrong colour space: channels come out wrong
+        tile, problem = real(stream, w, h)
+        return (None if tile is None else np.ascontiguousarray(tile[..., ::-1])), problem
+
+    monkeypatch.setattr(tiffio, "strict_decode", swapped)
+    slide = sk.open_slide(path)
+    grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=256, min_tissue=0)
+    native = native_tiles_for(slide, grid)
+    assert native is not None and native.stored.check == "variants"
+    assert "first tile" in native.stored.check_reason

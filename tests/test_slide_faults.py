@@ -229,3 +229,44 @@ def test_tiffslide_decode_error_is_one_line_without_asyncio_noise(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "refused (512, 256)" in proc.stdout
     assert "Task was destroyed" not in proc.stderr and "never awaited" not in proc.stderr, proc.stderr[:500]
+
+
+def _random_bytes_ome(tmp_path):
+    """An OME-TIFF (SubIFD pyramid, JPEG tiles) whose level-0 tile at (768, 256) is random bytes."""
+    from skimage import data as skdata
+
+    rgb = np.tile(skdata.immunohistochemistry(), (3, 3, 1))[:1536, :1536]
+    path = tmp_path / "rnd.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(rgb, tile=(256, 256), subifds=1, compression="jpeg", photometric="rgb",
+                 resolution=(20000, 20000), resolutionunit="CENTIMETER",
+                 metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        tw.write(rgb[::2, ::2], tile=(256, 256), subfiletype=1, compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        off, cnt = tif.pages[0].dataoffsets[9], tif.pages[0].databytecounts[9]
+    data = bytearray(path.read_bytes())
+    data[off + 20:off + cnt - 2] = np.random.default_rng(3).integers(0, 256, cnt - 22, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_random_bytes_in_an_ome_tile_are_one_line_and_skipped_into_a_damage_record(tmp_path):
+    import subprocess
+    import sys
+
+    path = _random_bytes_ome(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "slidekit", "heatmap", str(path), "--out", str(tmp_path / "a"),
+                           "--workers", "0", "-q", "--device", "cpu", "--min-tissue", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "rnd.ome.tif: damaged tile at level-0 (768, 256)" in proc.stderr
+    with pytest.warns(sk.BadTileWarning):
+        s = sk.heatmap_slide(path, tmp_path / "b", workers=0, device="cpu", progress=False,
+                             min_tissue=0, on_bad_tile="skip")
+    boxes = [r["box"] for r in s["bad_tile_records"]]
+    assert boxes and all(x0 < 1024 and x1 > 768 and y0 < 512 and y1 > 256 for x0, y0, x1, y1 in boxes)  # each meets it
+    assert [b[:2] for b in boxes] == s["bad_tiles"]
+    assert all("(768, 256)" in r["reason"] for r in s["bad_tile_records"])
+    feats = json.loads((tmp_path / "b" / "bad_tiles.geojson").read_text())["features"]
+    assert len(feats) == len(boxes) and feats[0]["properties"]["objectType"] == "tile"
+    assert "bad_tiles.geojson" in s["outputs"]

@@ -356,6 +356,24 @@ def _bad_tile_coords(hm: Any) -> list[list[int]]:
     return [[int(x), int(y)] for x, y in coords[np.asarray(skipped, dtype=np.int64)]]
 
 
+def bad_tile_records(slide: Any, coords: list[list[int]], w: float, h: float) -> list[dict]:
+    """The damage record: one {"box": level-0 [x0, y0, x1, y1], "reason"} per skipped tile; the
+    reason is what the tile check says when the tile's region is read again."""
+    records = []
+    for i, (x, y) in enumerate(coords):
+        reason = f"damaged (reason not re-read: more than {MAX_BAD_TILE_REASONS:,} skipped tiles)"
+        if i < MAX_BAD_TILE_REASONS:
+            try:
+                slide.read_region((x, y), 0, (max(1, round(w)), max(1, round(h))))
+                reason = "damaged when read in the run (sound when read again)"
+            except SlidekitError as e:
+                reason = str(e).split(": ", 1)[-1]
+            except Exception as e:  # noqa: BLE001 - a decoder error is the reason itself
+                reason = f"{type(e).__name__}: {e}"
+        records.append({"box": [int(x), int(y), int(round(x + w)), int(round(y + h))], "reason": reason})
+    return records
+
+
 def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
                   mpp: float | None = None, size: int | None = None, overlap: int | None = None,
                   heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
@@ -415,6 +433,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
     summary_path = out / "summary.json"
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
         run_cfg["slide_id"] = slide_fingerprint(slide.path)
+        slide.skip_bad_tiles = on_bad_tile == "skip"  # whole-slide overviews show damaged tiles grey, warned
         key = config_digest({**run_cfg, **out_cfg})
         # Only files slidekit wrote here may be replaced; another slide's folder is refused.
         owned = OutputDir(out, slide.path, run_cfg["slide_id"])
@@ -503,6 +522,15 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                                 measurements={c: float(v) for c, v in zip(hm.classes, vals)})
                      for (x, y), vals in zip(coords.tolist(), values.tolist()))
             write_geojson(tiles, out / "tiles.geojson", bounds=slide.dimensions)  # edge tiles reach past it
+        bad_coords = _bad_tile_coords(hm)
+        records = bad_tile_records(slide, bad_coords, size * mpp / slide.mpp[0], size * mpp / slide.mpp[1])
+        if records:  # the damaged regions as QuPath tile objects, each named by its reason
+            from shapely.geometry import box
+
+            write_geojson((Annotation(box(*r["box"]), label="Damaged", kind="tile", name=r["reason"])
+                           for r in records), out / "bad_tiles.geojson", bounds=slide.dimensions)
+        elif (out / "bad_tiles.geojson").exists():
+            (out / "bad_tiles.geojson").unlink()  # from an earlier run that skipped tiles
         timer.add("write", time.perf_counter() - t_write)
         summary = {"slide": str(slide.path), "config_key": key, "config": {**run_cfg, **out_cfg},
                    "task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
@@ -512,7 +540,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                    "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2),
                    "slide_mpp": {"used": list(slide.mpp), "source": slide.mpp_source,
                                  "metadata": None if slide.metadata_mpp is None else list(slide.metadata_mpp)},
-                   "bad_tiles": _bad_tile_coords(hm),
+                   "bad_tiles": bad_coords,  # level-0 corners; bad_tile_records has boxes and reasons
+                   "bad_tile_records": records,
                    # unchanged_tiles: tiles of this run left as read (too little stain to estimate)
                    "stain": {"method": stain_info["method"], "source": stain_info["source"],
                              "unchanged_tiles": unchanged if stain else None},

@@ -158,6 +158,8 @@ class DicomStoredTiles(StoredTiles):
         self.down = math.ceil(self.height / self.tile_h)
         self._local: dict[int, tuple] = {}
         self.verified: set[int] = set()
+        # Frames are complete JPEG streams: one strict decode, confirmed by the first-tile check.
+        self.strict, self.check_reason = True, "DICOM JPEG frames: strict decode"
 
     def _state(self) -> tuple:
         pid = os.getpid()

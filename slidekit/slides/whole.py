@@ -8,13 +8,14 @@ that would decode more than a stated number of pixels is refused with one line.
 """
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cv2
 import numpy as np
 
-from slidekit.base.errors import SlideError
+from slidekit.base.errors import BadTileWarning, CorruptTileError, SlideError
 from slidekit.base.resources import cpu_budget
 
 # ``read_whole`` shows a progress bar (progress=None) when it decodes more than this many pixels.
@@ -41,8 +42,18 @@ def read_downsampled(slide: Any, out_w: int, out_h: int, scale: float, max_pixel
     try:
         st = slide.stored_tiles(level) if lw / out_w >= 2 and lh / out_h >= 2 else None
         if st is not None and _native_agrees(slide, st, level):
-            return _from_stored_tiles(st, lw, lh, out_w, out_h, bar)
-        return _from_regions(slide, level, lw, lh, out_w, out_h, max_pixels_per_read, bar)
+            return _from_stored_tiles(st, lw, lh, out_w, out_h, bar, slide, level)
+        try:
+            return _from_regions(slide, level, lw, lh, out_w, out_h, max_pixels_per_read, bar)
+        except SlideError:
+            # The backend fails on a damaged tile: where bad tiles are skipped, decode the stored
+            # tiles instead (the damaged one grey, warned), else the one-line error stands.
+            st = slide.stored_tiles(level) if getattr(slide, "skip_bad_tiles", False) else None
+            if st is None:
+                raise
+            if bar is not None:
+                bar.reset()
+            return _from_stored_tiles(st, lw, lh, out_w, out_h, bar, slide, level)
     finally:
         if bar is not None:
             bar.close()
@@ -75,7 +86,23 @@ def _native_agrees(slide: Any, st, level: int) -> bool:
         return False
 
 
-def _from_stored_tiles(st, lw: int, lh: int, out_w: int, out_h: int, bar) -> np.ndarray:
+def _overview_tile(st, col: int, row: int, slide: Any, level: int) -> np.ndarray:
+    """Stored tile (col, row) for an overview. One that cannot be decoded is a CorruptTileError,
+    or, where the caller skips bad tiles (``slide.skip_bad_tiles``), mid-grey with a warning: grey
+    counts as tissue, so the grid keeps the tile and the tile read reports and records it."""
+    try:
+        return st.decode(st.index(col, row))
+    except Exception as e:  # decoder errors of a damaged stored tile
+        ds = slide.level_downsamples[level]
+        x0, y0 = round(col * st.tile_w * ds), round(row * st.tile_h * ds)
+        msg = f"damaged tile at level-0 ({x0}, {y0}), level {level}: {type(e).__name__}: {e}"
+        if not getattr(slide, "skip_bad_tiles", False):
+            raise CorruptTileError(msg, slide.path, location=(x0, y0), level=level) from e
+        warnings.warn(f"{slide.path}: overview: {msg} (shown grey)", BadTileWarning, stacklevel=2)
+        return np.full((st.tile_h, st.tile_w, 3), 128, np.uint8)
+
+
+def _from_stored_tiles(st, lw: int, lh: int, out_w: int, out_h: int, bar, slide: Any, level: int) -> np.ndarray:
     out = np.empty((out_h, out_w, 3), np.uint8)
     # Output row r averages level rows [edges[r], edges[r + 1]), the same split as _from_regions.
     edges = np.round(np.arange(out_h + 1) * lh / out_h).astype(np.int64)
@@ -85,7 +112,7 @@ def _from_stored_tiles(st, lw: int, lh: int, out_w: int, out_h: int, bar) -> np.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for trow in range(st.down):
             y0, y1 = trow * st.tile_h, min((trow + 1) * st.tile_h, lh)
-            tiles = list(pool.map(lambda c: st.decode(st.index(c, trow)), range(st.across)))
+            tiles = list(pool.map(lambda c: _overview_tile(st, c, trow, slide, level), range(st.across)))
             band = np.concatenate(tiles, axis=1)[: y1 - y0, :lw]
             buf = band if buf is None else np.concatenate([buf, band], axis=0)
             r_stop = int(np.searchsorted(edges, y1, side="right")) - 1
