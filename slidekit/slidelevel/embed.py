@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,8 @@ from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import claim_path
 from slidekit.base.resources import configure_threads
 from slidekit.infer.predictor import Predictor, resolve_stain
+from slidekit.models.registry import ENCODERS, load_registered_encoder
+from slidekit.models.spec import ModelSpec
 from slidekit.models.weights import load_embedding_encoder
 from slidekit.regions.tiling import TileGrid
 from slidekit.regions.tissue import tissue_mask
@@ -102,7 +104,13 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
     TRIDENT and CLAM read (``slidekit.slidelevel.feature_store``). Returns the store path.
     """
     out = Path(out)
-    net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
+    if str(model) in ENCODERS:  # a named encoder: its own tile geometry and normalisation unless given
+        net, spec, model = load_registered_encoder(str(model), weights)
+        if patch_size or tile_mpp:
+            spec = ModelSpec.from_dict({**asdict(spec), "patch_size": patch_size or spec.patch_size,
+                                        "mpp": tile_mpp or spec.mpp})
+    else:
+        net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
     stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
     with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide:
         if isinstance(grid, (str, os.PathLike)):
