@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slidekit.base.errors import CheckpointError, ConfigError
+from slidekit.base.errors import CheckpointError, ConfigError, StainWarning
 from slidekit.stain import normalize as stain_mod
 from slidekit.stain.augment import hed_shift
 from slidekit.stain.normalize import STAIN_METHODS, StainNormalizer, lab_to_rgb, normalizer_from_options, rgb_u8_to_lab
@@ -244,6 +245,14 @@ def test_bad_reference_files(tmp_path):
                         "lab_mean"),
                        ({"method": "reinhard", "version": 1, "lab_mean": [1, 2, 3], "lab_std": [1, 0, 1]},
                         "positive"),
+                       # absurd statistics no RGB image gives were accepted (issue 19 item 12)
+                       ({"method": "reinhard", "version": 1, "lab_mean": [1e6, 2, 3], "lab_std": [1, 1, 1]},
+                        "lab_mean .* outside what any RGB image gives"),
+                       ({"method": "reinhard", "version": 1, "lab_mean": [50, 2, 3], "lab_std": [1, 1e9, 1]},
+                        "lab_std .* outside"),
+                       ({"method": "macenko", "version": 1, "stain_matrix": [[0.6, 0.2], [0.7, 0.8], [0.4, 0.5]],
+                         "max_concentrations": [2e7, 1], "io": 240, "alpha": 1, "beta": 0.15},
+                        "max_concentrations .* outside"),
                        ({"method": "macenko", "version": 1, "stain_matrix": [[0.6, 0.2], [0.7, "x"], [0.4, 0.5]],
                          "max_concentrations": [2, 1], "io": 240, "alpha": 1, "beta": 0.15}, "stain_matrix")]:
         bad_json.write_text(json.dumps(d))
@@ -276,6 +285,20 @@ def test_autocast_does_not_lower_precision(reference, tiles, method):
     plain = norm(tiles[:3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(norm(tiles[:3]), plain)
+
+
+def test_noise_reference_image_warns(tmp_path, reference):
+    """A noise image fits (its pixels are 'stained'), but is no H&E: a StainWarning naming it; a real
+    H&E reference fits without one."""
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(noise)
+    for method in ("macenko", "reinhard"):
+        with pytest.warns(StainWarning, match="noise.png.*two-stain") as rec:
+            StainNormalizer.load(noise, method)
+        assert len(rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StainWarning)
+        StainNormalizer.fit(reference, "macenko")
 
 
 def test_constructor_checks_values():
