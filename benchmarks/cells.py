@@ -25,32 +25,13 @@ import torch
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
+from slidekit.annotations.scribbles import object_dice
 from slidekit.base.datapaths import data_dir
 from slidekit.infer.cells import cells_slide, split_instances
 from slidekit.models.builtin import builtin_model
 from slidekit.slides.demo import write_pyramid
 
 MPP = 0.25
-
-
-def object_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Object-level Dice (Sirinukunwattana et al.): area-weighted best-match Dice both ways."""
-    def one_way(s: np.ndarray, g: np.ndarray) -> float:
-        ids = np.unique(s[s > 0])
-        if len(ids) == 0:
-            return 0.0
-        total, acc = sum((s == i).sum() for i in ids), 0.0
-        for i in ids:
-            m = s == i
-            hit = g[m]
-            hit = hit[hit > 0]
-            if len(hit) == 0:
-                continue
-            j = np.bincount(hit).argmax()
-            o = g == j
-            acc += m.sum() * 2 * (m & o).sum() / (m.sum() + o.sum())
-        return acc / total
-    return 0.5 * (one_way(a, b) + one_way(b, a))
 
 
 def aji(pred: np.ndarray, gt: np.ndarray) -> float:
