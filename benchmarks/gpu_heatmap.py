@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-tiles", type=int, default=None, help="read only the first N tiles")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--model", default="resnet50", choices=["resnet50", "vit_b"],
+                    help="random-weight network: torchvision ResNet-50 or timm ViT-B/16")
     ap.add_argument("--no-cpu-decode", action="store_true", help="on CUDA, skip the CPU-decode comparison run")
     args = ap.parse_args()
 
@@ -60,8 +62,13 @@ def main() -> None:
 
     device = resolve_device(args.device)
     configure_threads(args.threads, args.workers)
-    net = torchvision.models.resnet50(weights=None, num_classes=2)
-    spec = BuiltinSpec(name="resnet50", classes=["a", "b"], colors=[(0, 0, 0), (255, 0, 0)],
+    if args.model == "vit_b":
+        import timm
+
+        net = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=2)
+    else:
+        net = torchvision.models.resnet50(weights=None, num_classes=2)
+    spec = BuiltinSpec(name=args.model, classes=["a", "b"], colors=[(0, 0, 0), (255, 0, 0)],
                        patch_size=224, mpp=0.5, activation="softmax")
     tmp = tempfile.TemporaryDirectory()
     t = time.perf_counter()
@@ -113,6 +120,9 @@ def main() -> None:
         "decode": decode,  # the path this run took, and why
         "decode_path_on_cuda": list(decode_path(reader, device if device.type == "cuda" else torch.device("cuda"))),
         "cpu_decode_run": cpu_decode,
+        "model": args.model,
+        "peak_gpu_memory_mib": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                                if device.type == "cuda" else None),
         "amp": pred.amp, "channels_last": pred.channels_last, "load_avg_1min": os.getloadavg()[0],
     }
     for k, v in results.items():

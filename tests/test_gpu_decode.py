@@ -190,3 +190,18 @@ def test_heatmap_summary_records_the_decode_path(tmp_path, monkeypatch):
     overlap = heatmap_slide(path, tmp_path / "overlap", **kw)["decode"]  # segmentation: size/4 overlap
     assert overlap == {"path": "cpu", "reason": "grid tiles are cut from several stored tiles (overlap or misaligned)"}
     assert heatmap_slide(path, tmp_path / "aligned", overlap=0, **kw)["decode"]["path"] == "gpu"
+
+
+def test_gpu_check_without_cuda_exits_0_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--json", str(tmp_path / "o.json")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().count("\n") == 0 and "no CUDA" in proc.stdout
+    assert not (tmp_path / "o.json").exists()  # nothing measured, nothing written

@@ -1,0 +1,106 @@
+"""The GPU check in one command: ResNet-50 and ViT-B (random weights) over a synthetic slide on
+the GPU decode path and the CPU decode path, plus nvJPEG's verdict on the damage-check streams.
+
+    python benchmarks/gpu_check.py --json OUT [--size 40000] [--max-tiles 20000]
+
+Each model runs ``benchmarks/gpu_heatmap.py`` (the Predictor loop behind ``slidekit heatmap``) in
+its own process: patches/s model-only and end to end, the stage split, GPU utilisation, the
+decode path taken and why, the CPU-decode comparison run and peak GPU memory. ``nvjpeg`` decodes,
+for seeded damaged and sound stored tiles, each stream and the two variants of
+``tiffio.jpeg_scan_variants`` on the GPU and says whether the GPU check agrees with the CPU's
+strict decode. Without CUDA it prints one line and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def nvjpeg_verdict(path: Path, n: int = 200, seed: int = 0) -> dict:
+    """How the GPU damage check (nvJPEG decodes of each stream and its two variants) judges
+    ``n`` seeded damaged tiles and ``n`` sound ones, against the CPU's strict decode."""
+    import torch
+    from torchvision.io import decode_jpeg
+
+    from tiling import damage  # benchmarks/tiling.py: the same seeded damages
+
+    from slidekit.slides.tiffio import StoredTiles, jpeg_scan_variants, strict_decode
+
+    st = StoredTiles(path, ("page", 0))
+    rng = np.random.default_rng(seed)
+    out = {"sound_refused": 0, "damaged": n, "damaged_caught_gpu": 0, "damaged_caught_cpu_strict": 0,
+           "gpu_decoder_errors": 0}
+
+    def gpu_problem(stream: bytes) -> bool:
+        problem, variants = jpeg_scan_variants(stream)
+        if problem:
+            return True
+        if not variants:
+            return False
+        try:
+            imgs = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in [stream, *variants]],
+                               device="cuda")
+        except RuntimeError:
+            out["gpu_decoder_errors"] += 1
+            return True
+        ref, changed, longer = imgs
+        return bool(torch.equal(changed, ref) or not torch.equal(longer, ref))
+
+    for index in rng.integers(0, len(st.offsets), n):
+        good = st.stream(int(index))
+        out["sound_refused"] += gpu_problem(good)
+        bad = st.stream(int(index), damage(st.raw(int(index)), rng))
+        out["damaged_caught_gpu"] += gpu_problem(bad)
+        out["damaged_caught_cpu_strict"] += strict_decode(bad, st.tile_w, st.tile_h)[1] is not None
+    st.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--size", type=int, default=40000)
+    ap.add_argument("--max-tiles", type=int, default=20000, help="tiles per run (keeps the check under 8 min)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=8)
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check")
+        return
+    sys.path.insert(0, str(HERE))
+    t0 = time.perf_counter()
+    results: dict = {"device": torch.cuda.get_device_name(0), "size": args.size, "max_tiles": args.max_tiles,
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in ("resnet50", "vit_b"):
+            out = Path(tmp) / f"{model}.json"
+            cmd = [sys.executable, str(HERE / "gpu_heatmap.py"), "--device", "cuda", "--model", model,
+                   "--size", str(args.size), "--max-tiles", str(args.max_tiles), "--batch-size",
+                   str(args.batch_size), "--workers", str(args.workers), "--json", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            results[model] = (json.loads(out.read_text()) if proc.returncode == 0 and out.exists()
+                              else {"error": proc.stderr.strip().splitlines()[-1:]})
+        from gpu_heatmap import build_slide
+
+        small = build_slide(Path(tmp) / "verdict.tif", 4480)
+        results["nvjpeg"] = nvjpeg_verdict(small)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
