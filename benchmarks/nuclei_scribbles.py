@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         variants = {"baseline_": ["--method", args.baseline]} if args.baseline else None
         return run_seeds(main, argv, args.seeds,
                          ["iou", "mdice"], pair=("iou", "baseline_iou") if args.baseline else None,
-                         variants=variants, json_out=args.json, seed_dirs=("--workdir",))
+                         variants=variants, json_out=args.json, drop=("--baseline",), seed_dirs=("--workdir",))
     if args.data is None or not (args.data / "images").is_dir():
         reason = data_missing_reason(args.data)
         if reason is not None:

@@ -124,7 +124,7 @@ def summarise(runs: Sequence[Mapping], seeds: Sequence[int], metrics: Sequence[s
 def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, seeds: Sequence[int],
               metrics: Sequence[str], pair: tuple[str, str] | None = None,
               variants: Mapping[str, Sequence[str]] | None = None, json_out: Path | None = None,
-              seed_dirs: Sequence[str] = ()) -> dict:
+              seed_dirs: Sequence[str] = (), drop: Sequence[str] = ()) -> dict:
     """Run ``main`` once per seed (and per variant), pair by seed, write ``json_out``; returns the summary.
 
     ``main`` is the benchmark's own entry point taking an argv list; each call gets the user's
@@ -133,11 +133,12 @@ def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, s
     main run's metrics keep their names; a variant ``prefix``'s are stored as ``prefix + metric``
     in each seed's result before summarising. A work-folder option named in ``seed_dirs``
     (``--work DIR``) becomes ``DIR/seedS`` (``DIR/seedS_prefix`` for a variant), so seeds never
-    share (or resume from) one another's cached runs.
+    share (or resume from) one another's cached runs. Options in ``drop`` (one value each, such as
+    ``--baseline``) belong to the multi-seed run and are not handed down.
     """
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seeds: each seed once (got {list(seeds)})")
-    base = strip_options(sys.argv[1:] if argv is None else argv)
+    base = strip_options(sys.argv[1:] if argv is None else argv, {**_OWN, **{d: 1 for d in drop}})
     variants = {"": [], **(variants or {})}
     with tempfile.TemporaryDirectory(prefix="seeds_") as tmp:
         runs = []
@@ -145,7 +146,7 @@ def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, s
             merged: dict = {}
             for prefix, extra in variants.items():
                 if json_out is not None:
-                    stem = json_out.name[:-5] if json_out.name.endswith(".json") else json_out.name
+                    stem = json_out.name.removesuffix(".json")
                     tag = f".{prefix.rstrip('_')}" if prefix else ""
                     path = json_out.with_name(f"{stem}.seed{seed}{tag}.json")
                 else:

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return run_seeds(main, argv, args.seeds, ["accuracy", "macro_f1"],
                          pair=("accuracy", "baseline_accuracy") if args.baseline else None,
                          variants={"baseline_": ["--init", args.baseline]} if args.baseline else None,
-                         json_out=args.json, seed_dirs=("--work",))
+                         json_out=args.json, drop=("--baseline",), seed_dirs=("--work",))
     # the extra unlabelled sources come from the real-data folder: --data, else the parent of an
     # explicit --tiles, else $SLIDEKIT_DATA / ../shared/data
     shared = args.tiles.resolve().parent if args.tiles is not None and args.data is None else data_dir(args.data)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.seeds import add_seeds_argument, mean_sd, run_seeds, strip_options, summarise, with_seed_dirs
+from benchmarks.seeds import (
+    add_seeds_argument,
+    mean_sd,
+    run_seeds,
+    strip_options,
+    summarise,
+    with_seed_dirs,
+)
 
 
 def test_mean_sd_is_the_sample_sd():
@@ -78,10 +85,11 @@ def _fake_benchmark(calls: list):
 def test_run_seeds_runs_each_method_per_seed_and_writes_the_summary(tmp_path, capsys):
     calls = []
     out_path = tmp_path / "out.json"
-    out = run_seeds(_fake_benchmark(calls), ["--method", "s2l", "--seeds", "0", "1", "2", "--work", str(tmp_path / "w"),
-                                            "--json", str(out_path)], [0, 1, 2], ["iou", "mdice"],
+    argv = ["--method", "s2l", "--baseline", "pce", "--seeds", "0", "1", "2", "--work", str(tmp_path / "w"),
+            "--json", str(out_path)]
+    out = run_seeds(_fake_benchmark(calls), argv, [0, 1, 2], ["iou", "mdice"],
                     pair=("iou", "baseline_iou"), variants={"baseline_": ["--method", "pce"]}, json_out=out_path,
-                    seed_dirs=("--work",))
+                    seed_dirs=("--work",), drop=("--baseline",))
     assert [(m, s) for m, s, _ in calls] == [("s2l", 0), ("pce", 0), ("s2l", 1), ("pce", 1), ("s2l", 2), ("pce", 2)]
     assert calls[0][2] == tmp_path / "w" / "seed0" and calls[1][2] == tmp_path / "w" / "seed0_baseline"
     written = json.loads(out_path.read_text())
