@@ -284,6 +284,8 @@ def test_nproc_launch_dead_rank_ends_the_job_and_a_rerun_resumes(tmp_path: Path)
     assert proc.returncode != 0 and time.monotonic() - started < 60
     last = err.strip().splitlines()[-1]
     assert "distributed training failed: rank" in last and "SIGKILL" in last and "resume" in last
+    # just that line: no torch traceback of the surviving rank or launcher log (51 lines with -q before)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (out / "done.json").exists()
     trained = torch.load(out / "state.pt", weights_only=True)["epoch"]
     assert trained >= 1

@@ -19,10 +19,13 @@ What is global and what is per rank:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
 import pickle
 import signal
+import sys
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -438,6 +441,23 @@ def _failure_line(error: Any) -> str:
     return ", ".join(parts) or str(error).splitlines()[0]
 
 
+LAUNCHED_ENV = "SLIDEKIT_LAUNCHED_RANK"
+
+
+@contextlib.contextmanager
+def peer_lost() -> Iterator[None]:
+    """In a rank ``launch`` started: a torch.distributed error (a peer rank died, the store went
+    away) ends this rank with exit 1 and no traceback; ``launch`` reports the rank that failed first."""
+    if os.environ.get(LAUNCHED_ENV) != "1":
+        yield
+        return
+    try:
+        yield
+    except torch.distributed.DistError:
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def launch(nproc: int, module_args: Sequence[str]) -> None:
     """Run ``python -m slidekit <module_args>`` as ``nproc`` local ranks through torch's elastic
     launcher (what ``torchrun --standalone --nproc-per-node N -m slidekit ...`` does).
@@ -452,6 +472,12 @@ def launch(nproc: int, module_args: Sequence[str]) -> None:
 
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module",
                        "slidekit", *module_args])
+    # The launcher logs each stopped rank and the failure summary (dozens of lines); the one-line
+    # TrainingError below says it all. The ranks learn they were launched here (see peer_lost).
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)
+    os.environ[LAUNCHED_ENV] = "1"
     try:
         run(args)
     except ChildFailedError as e:
@@ -459,3 +485,6 @@ def launch(nproc: int, module_args: Sequence[str]) -> None:
                             "rerun the same command to resume from the last finished epoch") from None
     except SlidekitError:
         raise
+    finally:
+        elastic_log.setLevel(level)
+        os.environ.pop(LAUNCHED_ENV, None)

@@ -77,9 +77,11 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
 
     # DataLoader workers run one thread each (torch sets that in its workers): the rest is the model's.
     configure_threads(threads, _num_workers(name, config, items))
-    ckpt = trainers.train(name, config, out, overrides=items, device=device,
-                          progress=not (quiet or quiet_flag(ctx)), restart=restart)
-    from slidekit.base.distributed import is_main
+    from slidekit.base.distributed import is_main, peer_lost
+
+    with peer_lost():  # a launched rank whose peer died ends quietly: the launcher says which rank and why
+        ckpt = trainers.train(name, config, out, overrides=items, device=device,
+                              progress=not (quiet or quiet_flag(ctx)), restart=restart)
 
     if is_main():  # one line for a job of several ranks
         click.echo(str(ckpt))
