@@ -16,7 +16,9 @@ from slidekit.cli.common import (check_stain_options, device_option, echo_json, 
 @slides_argument
 @click.option("--model", "--encoder", "model", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="slidekit checkpoint (e.g. from `slidekit train simclr`; its encoder embeds the tiles), "
-                   "a torchvision ResNet .pth, or timm:NAME with --weights.")
+                   "a torchvision ResNet .pth, timm:NAME with --weights, or a named encoder (uni, uni2-h, "
+                   "virchow2, h-optimus-0/1, prov-gigapath, resnet18/34/50; docs/models.md) with --weights "
+                   "or $SLIDEKIT_MODELS.")
 @click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Local weights file (.safetensors/.pth) for --model timm:NAME (never downloaded).")
 @click.option("--tile-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
