@@ -25,10 +25,7 @@ from slidekit.base.io import write_text_atomic
 from slidekit.infer.heatmap import Heatmap, HeatmapWriter
 from slidekit.models.mil import MILOutput, load_mil_checkpoint, score_bag
 from slidekit.regions.tiling import TileGrid
-try:  # items 1-2 of issue 21 (the feature store) land beside this module
-    from slidekit.slidelevel import feature_store
-except ImportError:  # pragma: no cover - until feature_store.py is committed
-    feature_store = None
+from slidekit.slidelevel import feature_store
 
 DEFAULT_CHUNK = 4096
 
@@ -45,32 +42,13 @@ class BagScore:
     patch_size_level0: int
 
 
-class _Bag:
-    def __init__(self, path: Path) -> None:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            self.features = np.asarray(f["features"][:], np.float32).reshape(-1, f["features"].shape[-1])
-            self.coords = np.asarray(f["coords"][:], np.int64).reshape(-1, 2)
-            self.patch_size_level0 = int(f["coords"].attrs.get("patch_size_level0", 256))
-        self.slide, self.path, self.encoder = path.stem, path, {}
-
-
 def read_bag(path: str | os.PathLike):
     """The feature bag of one file (``feature_store.read_features``)."""
-    path = Path(path)
-    if feature_store is not None:
-        return feature_store.read_features(path)
-    return _Bag(path)  # stop-gap until the feature store lands: plain `features`/`coords` datasets
+    return feature_store.read_features(Path(path))
 
 
 def _iter_chunks(path: Path, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    if feature_store is not None:
-        yield from feature_store.iter_feature_chunks(path, rows)
-        return
-    bag = _Bag(path)
-    for i in range(0, len(bag.features), rows):
-        yield bag.features[i:i + rows], bag.coords[i:i + rows]
+    yield from feature_store.iter_feature_chunks(path, rows)
 
 
 def _probs(logits: torch.Tensor) -> np.ndarray:
