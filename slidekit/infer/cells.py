@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from skimage.segmentation import watershed
 
 from slidekit.base.devices import resolve_device
 from slidekit.base.errors import CheckpointError, ConfigError, TissueError
-from slidekit.base.io import atomic_path, config_digest, write_text_atomic
+from slidekit.base.io import atomic_path, config_digest, finished_summary, write_text_atomic
 from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import OutputDir
 from slidekit.base.resources import configure_threads
@@ -183,14 +182,9 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
         key = config_digest(cfg)
         owned = OutputDir(out, slide.path, cfg["slide_id"])
         owned.claim(*CELL_OUTPUTS)
-        if summary_path.exists():
-            try:
-                old = json.loads(summary_path.read_text())
-                if old.get("config_key") == key:
-                    return {**old, "skipped": True}
-            except (OSError, ValueError):
-                pass
-            summary_path.unlink()
+        done = finished_summary(summary_path, key)  # a stale summary is removed: redo what changed
+        if done is not None:
+            return done
         if part.exists() and not (part / f"{key}.key").exists():
             shutil.rmtree(part)  # bands of another configuration
         part.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from slidekit.annotations.formats import write_geojson
 from slidekit.annotations.objects import Annotation
 from slidekit.base.devices import resolve_device
 from slidekit.base.errors import CheckpointError, ConfigError, SlidekitError, StainWarning, TissueError
-from slidekit.base.io import config_digest, file_identity, write_text_atomic
+from slidekit.base.io import config_digest, file_identity, finished_summary, write_text_atomic
 from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import OutputDir
 from slidekit.base.resources import configure_threads, worker_threads
@@ -438,14 +438,9 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         # Only files slidekit wrote here may be replaced; another slide's folder is refused.
         owned = OutputDir(out, slide.path, run_cfg["slide_id"])
         owned.claim(*HEATMAP_OUTPUTS)
-        if summary_path.exists():
-            try:
-                old = json.loads(summary_path.read_text())
-                if old.get("config_key") == key:
-                    return {**old, "skipped": True}
-            except (OSError, ValueError):
-                pass
-            summary_path.unlink()  # stale: another configuration; redo what changed
+        done = finished_summary(summary_path, key)  # a stale summary is removed: redo what changed
+        if done is not None:
+            return done
         hm_path, part = out / "heatmap.zarr", out / "heatmap.zarr.part"
         hm = None
         if hm_path.exists():

@@ -25,7 +25,7 @@ from torch import nn
 from slidekit.base.errors import CheckpointError, ConfigError
 from slidekit.models.networks import ResNetClassifier
 from slidekit.models.spec import ModelSpec
-from slidekit.models.weights import load_encoder_weights, read_state_dict
+from slidekit.models.weights import key_mismatch, load_encoder_weights, read_state_dict
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
@@ -198,16 +198,10 @@ def load_registered_encoder(name: str, weights: str | os.PathLike | None = None,
 def _load_exact(model: nn.Module, sd: dict, path: Path, name: str) -> None:
     """Every tensor present with its shape, no other keys (the head, if any, is left out); assign=True
     materialises the meta-built model from the file's tensors without a second copy."""
-    own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc."))}
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or extra or shape:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
-                 f"{len(shape)} of another shape (e.g. {shape[0]})" if shape else ""]
-        raise CheckpointError(f"not {name} weights: " + ", ".join(p for p in parts if p), path)
+    mismatch = key_mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise CheckpointError(f"not {name} weights: {mismatch}", path)
     model.load_state_dict(sd, assign=True)
     for n, b in model.named_buffers():  # non-persistent buffers (none in these ViTs) would stay meta
         if b.is_meta:

@@ -93,17 +93,23 @@ def load_encoder_weights(encoder: nn.Module, sd: dict[str, torch.Tensor], path: 
                                   f"(set backbone={found})", path)
         target, drop = encoder, ("fc.",)
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
-    own = target.state_dict()
+    mismatch = key_mismatch(target.state_dict(), sd)
+    if mismatch:
+        raise CheckpointError(f"weights do not fit {backbone}: {mismatch}", path)
+    target.load_state_dict(sd)
+    return list(sd)
+
+
+def key_mismatch(own: dict, sd: dict) -> str | None:
+    """How a state dict ``sd`` differs from a network's own ``own`` (missing, unexpected and
+    misshapen tensors, each with an example), or None when every tensor fits."""
     missing = [k for k in own if k not in sd]
     extra = [k for k in sd if k not in own]
     bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or extra or bad:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
-                 f"{len(bad)} of another shape (e.g. {bad[0]})" if bad else ""]
-        raise CheckpointError(f"weights do not fit {backbone}: " + ", ".join(p for p in parts if p), path)
-    target.load_state_dict(sd)
-    return list(sd)
+    parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+             f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+             f"{len(bad)} of another shape (e.g. {bad[0]})" if bad else ""]
+    return ", ".join(p for p in parts if p) or None
 
 
 def _timm_classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
