@@ -12,7 +12,7 @@ from conftest import install_trainer_plugin
 import trainers
 from slidekit.cli import main
 
-BUILTINS = ["mixed-em", "morph-lgbm", "s2l", "scribble", "simclr", "topk-mean"]
+BUILTINS = ["mil", "mixed-em", "morph-lgbm", "s2l", "scribble", "simclr", "topk-mean"]
 
 
 def run(*args: str):
