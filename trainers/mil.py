@@ -43,21 +43,21 @@ from trainers.runs import begin_run
 class MILConfig(TrainerConfig):
     """mil: a slide table + feature files."""
 
-    slides: str = ""
-    features_dir: str | None = None
-    arch: str = "abmil"
+    slides: str = ""  # CSV of slide,label[,patient][,features]; features default to features_dir/<slide stem>.h5
+    features_dir: str | None = None  # folder of per-slide feature files (slidekit, TRIDENT, CLAM or STAMP HDF5)
+    arch: str = "abmil"  # MIL model: abmil, clam, transmil, meanpool, maxpool or topk_mean
     classes: list[str] | None = None  # class order (kappa); default: sorted labels
-    hidden: int = 128
-    dropout: float = 0.1
+    hidden: int = 128  # width of the attention / projection layers
+    dropout: float = 0.1  # dropout on the projected instance features
     instance_k: int = 8  # clam: top/bottom-k attended instances of the clustering loss; topk_mean: k
     instance_weight: float = 0.3  # clam: weight of the instance loss
-    folds: int = 5
-    epochs: int = 40
-    patience: int = 8
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    class_weights: bool = True
-    bootstrap: int = 1000
+    folds: int = 5  # cross-validation folds, split by patient
+    epochs: int = 40  # maximum epochs per fold
+    patience: int = 8  # stop a fold after this many epochs without a better validation loss
+    lr: float = 2e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    class_weights: bool = True  # weight the loss by inverse class frequency
+    bootstrap: int = 1000  # bootstrap resamples of the out-of-fold AUC/kappa confidence intervals (0: none)
 
     def validate(self) -> None:
         super().validate()
