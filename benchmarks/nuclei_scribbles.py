@@ -8,7 +8,11 @@ in the real-data folder, ``$SLIDEKIT_DATA`` or ``../shared/data``), generating t
 scribbles itself from the instance masks at ``--fraction`` (``slidekit.annotations.scribbles``); ``full``
 trains on the whole masks. Evaluates on ``--eval-data`` (same layout), or, without it, on a fixed
 seeded third of ``--data`` (training then uses the other two thirds). Prints and writes
-``{"method", "fraction", "seed", "iou", "mdice", "train_seconds", ...}``.
+``{"method", "fraction", "seed", "iou", "mdice", "pixel_dice", "object_dice", "train_seconds", ...}``:
+``mdice`` is the S2L paper's mDice, the object-level Dice (``object_dice`` is the same value under
+its plain name); ``pixel_dice`` is the foreground Dice, averaged over images like ``iou``.
+``--validate`` trains on part of the training images and scores on the rest (a fixed seeded third
+of them), never on the held-out test images: the mode for choosing settings.
 
 CPU budget (2 cores, no GPU, no ImageNet weights): images are halved (0.25 -> 0.5 µm/px), a
 ResNet18 U-Net (random init) trains on random 128-px crops, batch 8, ``--steps-per-epoch`` 20 x
@@ -33,8 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.seeds import add_seeds_argument, run_seeds  # noqa: E402
-from slidekit.annotations.scribbles import IGNORE, generate_scribbles, segmentation_scores  # noqa: E402
+from benchmarks.seeds import add_baseline_argument, add_seeds_argument, run_with_baseline  # noqa: E402
+from slidekit.annotations.scribbles import IGNORE, foreground_iou, generate_scribbles, segmentation_scores  # noqa: E402
 from slidekit.base.datapaths import data_dir, data_missing_reason  # noqa: E402
 from slidekit.base.io import write_text_atomic  # noqa: E402
 from slidekit.data.datasets import list_images, load_image_folder  # noqa: E402
@@ -73,8 +77,34 @@ def write_training_folder(data: Path, names: list[str], method: str, fraction: f
     return {"labelled_pixel_fraction": float(np.mean(labelled))}
 
 
+def pixel_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Foreground Dice of one image, 2·IoU / (1 + IoU) (1.0 when both are empty, like the IoU)."""
+    iou = foreground_iou(pred, gt)
+    return 2 * iou / (1 + iou)
+
+
+def scores(preds: list[np.ndarray], gts: list[np.ndarray]) -> dict:
+    """``segmentation_scores`` (iou, mdice = object Dice) plus ``pixel_dice``, ``object_dice`` and
+    the per-image IoU, all means over images."""
+    out = segmentation_scores(preds, gts)
+    out["pixel_dice"] = float(np.mean([pixel_dice(p, g) for p, g in zip(preds, gts)]))
+    out["object_dice"] = out["mdice"]
+    out["iou_per_image"] = [round(foreground_iou(p, g), 4) for p, g in zip(preds, gts)]
+    return out
+
+
+def s2l_log(run_dir: Path) -> dict:
+    """The S2L run's pseudo-label figures: consistent share when L_up starts and at the end."""
+    path = run_dir / "metrics.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    ema = [r["ema_consistent"] for r in rows if r.get("ema_consistent") is not None]
+    pseudo = [r["pseudo_fraction"] for r in rows if r.get("pseudo_fraction") is not None]
+    return {"ema_consistent_first": ema[0] if ema else None, "ema_consistent_last": ema[-1] if ema else None,
+            "pseudo_fraction_last": pseudo[-1] if pseudo else None}
+
+
 def evaluate(ckpt_path: Path, data: Path, names: list[str], scale: float) -> dict:
-    """Mean foreground IoU and object Dice at the masks' full resolution."""
+    """Mean foreground IoU, pixel Dice and object Dice at the masks' full resolution."""
     from trainers.scribble import predict_images
 
     ckpt = load_checkpoint(ckpt_path)
@@ -86,7 +116,7 @@ def evaluate(ckpt_path: Path, data: Path, names: list[str], scale: float) -> dic
         probs = predict_images(model, ckpt.spec, [torch.from_numpy(img).permute(2, 0, 1).contiguous()])[0]
         probs = F.interpolate(probs[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
         preds.append((probs.argmax(0) == 1).numpy())
-    return segmentation_scores(preds, gts)
+    return scores(preds, gts)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,22 +139,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup-epochs", type=int, default=10)
     ap.add_argument("--ema-every", type=int, default=1)
     ap.add_argument("--ema-start", type=int, default=6)
+    ap.add_argument("--ema-alpha", type=float, default=0.2, help="S2L: α of the prediction average")
+    ap.add_argument("--threshold", type=float, default=0.8, help="S2L: τ, the consistency threshold")
+    ap.add_argument("--lambda-up", type=float, default=0.5, help="S2L: λ, weight of the pseudo-label loss")
+    ap.add_argument("--validate", action="store_true",
+                    help="train on two thirds of the training images, score on the other third (the "
+                         "held-out test images are not used): for choosing settings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the training folder and run here")
     ap.add_argument("--quiet", action="store_true")
     add_seeds_argument(ap)
-    ap.add_argument("--baseline", default=None, choices=sorted(METHODS),
-                    help="with --seeds: also run this method on each seed and pair --method against it "
-                         "(diff_* = method - baseline IoU; its values as baseline_iou_per_seed ...)")
+    add_baseline_argument(ap, "--method", METHODS, "iou")
     args = ap.parse_args(argv)
-    if args.baseline and not args.seeds:
-        ap.error("--baseline pairs methods over --seeds; give --seeds too")
-    if args.seeds:
-        variants = {"baseline_": ["--method", args.baseline]} if args.baseline else None
-        return run_seeds(main, argv, args.seeds,
-                         ["iou", "mdice"], pair=("iou", "baseline_iou") if args.baseline else None,
-                         variants=variants, json_out=args.json, drop=("--baseline",), seed_dirs=("--workdir",))
+    summary = run_with_baseline(ap, args, main, argv, "--method", ["iou", "mdice", "pixel_dice", "object_dice"],
+                                seed_dirs=("--workdir",))
+    if summary is not None:
+        return summary
     if args.data is None or not (args.data / "images").is_dir():
         reason = data_missing_reason(args.data)
         if reason is not None:
@@ -142,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dir = args.data
     else:
         train_names, eval_names, eval_dir = names, list_images(args.eval_data / "images"), args.eval_data
+    if args.validate:  # settings are chosen on part of the training images, never on the test ones
+        train_names, eval_names = default_split(train_names)
+        eval_dir = args.data
 
     with tempfile.TemporaryDirectory(prefix="nuclei_scribbles_") as tmp:
         work = args.workdir or Path(tmp)
@@ -154,16 +188,21 @@ def main(argv: list[str] | None = None) -> dict:
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone=args.backbone,
                        crop=args.crop, scale=1.0, image_mpp=0.25 / args.scale, samples_per_image=per_image)
         if args.method == "s2l":
-            options.update(warmup_epochs=args.warmup_epochs, ema_every=args.ema_every, ema_start=args.ema_start)
+            options.update(warmup_epochs=args.warmup_epochs, ema_every=args.ema_every, ema_start=args.ema_start,
+                           ema_alpha=args.ema_alpha, threshold=args.threshold, lambda_up=args.lambda_up)
         trainer = cls(trainers.make_config(cls.Config, options))
         run_dir = work / f"run_{args.method}_{args.fraction}_{args.seed}"
         t0, c0 = time.perf_counter(), time.process_time()
         ckpt = trainer.fit(run_dir, device=args.device, progress=not args.quiet)
         train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-        scores = evaluate(ckpt, eval_dir, eval_names, args.scale)
+        found = evaluate(ckpt, eval_dir, eval_names, args.scale)
+        log = s2l_log(run_dir) if args.method == "s2l" else {}
 
-    result = {"method": args.method, "fraction": args.fraction, "seed": args.seed, "iou": scores["iou"],
-              "mdice": scores["mdice"], "train_seconds": round(train_seconds, 1),
+    result = {"method": args.method, "fraction": args.fraction, "seed": args.seed, "iou": found["iou"],
+              "mdice": found["mdice"], "pixel_dice": found["pixel_dice"], "object_dice": found["object_dice"],
+              "iou_per_image": found["iou_per_image"], "eval_images": eval_names,
+              "evaluated_on": "validation" if args.validate else "test", **log,
+              "train_seconds": round(train_seconds, 1),
               "train_cpu_seconds": round(train_cpu, 1), "load_average": list(os.getloadavg()),
               "n_train": len(train_names), "n_eval": len(eval_names), **label_stats,
               "config": {k: v for k, v in vars(args).items() if k not in ("data", "eval_data", "json", "workdir")

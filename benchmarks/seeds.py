@@ -13,6 +13,9 @@ written next to ``--json OUT`` as ``OUT.seedS.json``), and :func:`summarise` wri
 
 Variants (e.g. a baseline method run on the same seeds) are extra argument lists; a variant's
 metrics are stored under its prefix (``baseline_iou``), so they pair with the main run's by seed.
+:func:`add_baseline_argument` + :func:`run_with_baseline` are the ``--baseline`` wiring the
+benchmarks share: ``--baseline B`` with ``--seeds`` also runs ``OPTION B`` on every seed and pairs
+the main run's first metric against it.
 """
 from __future__ import annotations
 
@@ -173,3 +176,30 @@ def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, s
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json_out, text + "\n")
     return out
+
+
+def add_baseline_argument(ap: argparse.ArgumentParser, option: str, choices: Sequence[str], metric: str) -> None:
+    """``--baseline B``: with ``--seeds``, also run ``OPTION B`` per seed and pair against it."""
+    ap.add_argument("--baseline", default=None, choices=sorted(choices),
+                    help=f"with --seeds: also run this {option} on each seed and pair {option} against it "
+                         f"(diff_* = {option.lstrip('-')} - baseline {metric}; its values as "
+                         f"baseline_{metric}_per_seed ...)")
+
+
+def run_with_baseline(ap: argparse.ArgumentParser, args: argparse.Namespace, main: Callable[[list[str]], object],
+                      argv: Sequence[str] | None, option: str, metrics: Sequence[str],
+                      seed_dirs: Sequence[str] = ()) -> dict | None:
+    """The multi-seed run of a benchmark with ``--seeds``/``--baseline``; ``None`` for a plain run.
+
+    ``--baseline`` without ``--seeds`` is refused (``ap.error``). With a baseline, the variant
+    ``baseline_`` re-runs ``main`` with ``option args.baseline`` and ``metrics[0]`` is paired
+    (``diff_* = metric - baseline_metric``). ``args.json`` is the summary's path.
+    """
+    if args.baseline and not args.seeds:
+        ap.error(f"--baseline pairs {option} values over --seeds; give --seeds too")
+    if not args.seeds:
+        return None
+    first = metrics[0]
+    return run_seeds(main, argv, args.seeds, metrics, pair=(first, f"baseline_{first}") if args.baseline else None,
+                     variants={"baseline_": [option, args.baseline]} if args.baseline else None,
+                     json_out=args.json, drop=("--baseline",), seed_dirs=seed_dirs)

@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.seeds import add_seeds_argument, run_seeds  # noqa: E402
+from benchmarks.seeds import add_baseline_argument, add_seeds_argument, run_with_baseline  # noqa: E402
 from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 
 TILE_MPP = 0.5  # assumed pixel size of the archive's 256 px tiles
@@ -123,17 +123,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     add_seeds_argument(ap)
-    ap.add_argument("--baseline", default=None, choices=["random", "simclr"],
-                    help="with --seeds: also run this --init on each seed and pair --init against it "
-                         "(diff_* = init - baseline accuracy; its values as baseline_accuracy_per_seed ...)")
+    add_baseline_argument(ap, "--init", ["random", "simclr"], "accuracy")
     args = ap.parse_args(argv)
-    if args.baseline and not args.seeds:
-        ap.error("--baseline pairs --init values over --seeds; give --seeds too")
-    if args.seeds:
-        return run_seeds(main, argv, args.seeds, ["accuracy", "macro_f1"],
-                         pair=("accuracy", "baseline_accuracy") if args.baseline else None,
-                         variants={"baseline_": ["--init", args.baseline]} if args.baseline else None,
-                         json_out=args.json, drop=("--baseline",), seed_dirs=("--work",))
+    summary = run_with_baseline(ap, args, main, argv, "--init", ["accuracy", "macro_f1"], seed_dirs=("--work",))
+    if summary is not None:
+        return summary
     # the extra unlabelled sources come from the real-data folder: --data, else the parent of an
     # explicit --tiles, else $SLIDEKIT_DATA / ../shared/data
     shared = args.tiles.resolve().parent if args.tiles is not None and args.data is None else data_dir(args.data)

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.seeds import (
+    add_baseline_argument,
     add_seeds_argument,
     mean_sd,
     run_seeds,
+    run_with_baseline,
     strip_options,
     summarise,
     with_seed_dirs,
@@ -106,6 +108,52 @@ def test_run_seeds_runs_each_method_per_seed_and_writes_the_summary(tmp_path, ca
     assert (tmp_path / "out.seed1.json").is_file() and (tmp_path / "out.seed1.baseline.json").is_file()
     for key in ("iou_mean", "iou_sd", "mdice_mean", "mdice_sd", "baseline_iou_mean", "diff_sd"):
         assert written[key] is not None
+
+
+def _baseline_parser():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", default="s2l")
+    ap.add_argument("--json", type=Path)
+    add_seeds_argument(ap)
+    add_baseline_argument(ap, "--method", ["pce", "s2l"], "iou")
+    return ap
+
+
+def test_run_with_baseline_pairs_the_first_metric_and_refuses_a_baseline_without_seeds(tmp_path):
+    ap = _baseline_parser()
+    assert run_with_baseline(ap, ap.parse_args([]), None, [], "--method", ["iou"]) is None  # a plain run
+    with pytest.raises(SystemExit) as e:  # ap.error: exit status 2
+        run_with_baseline(ap, ap.parse_args(["--baseline", "pce"]), None, [], "--method", ["iou"])
+    assert e.value.code == 2
+    calls = []
+    argv = ["--method", "s2l", "--baseline", "pce", "--seeds", "1", "2", "--json", str(tmp_path / "o.json")]
+    out = run_with_baseline(ap, ap.parse_args(argv), _fake_benchmark(calls), argv, "--method", ["iou", "mdice"])
+    assert [(m, s) for m, s, _ in calls] == [("s2l", 1), ("pce", 1), ("s2l", 2), ("pce", 2)]
+    assert out["diff_of"] == "iou - baseline_iou"
+    assert out["diff_per_seed"] == pytest.approx([0.05, -0.05])
+    assert out["baseline_mdice_per_seed"] == pytest.approx([0.7, 0.7])
+    assert json.loads((tmp_path / "o.json").read_text())["diff_wins"] == 1
+    # no baseline: per-seed values only, nothing paired
+    argv = ["--seeds", "0", "--json", str(tmp_path / "p.json")]
+    out = run_with_baseline(ap, ap.parse_args(argv), _fake_benchmark([]), argv, "--method", ["iou"])
+    assert out["iou_per_seed"] == pytest.approx([0.55]) and "diff_mean" not in out
+
+
+def test_nuclei_scores_add_pixel_and_object_dice():
+    import numpy as np
+
+    from benchmarks.nuclei_scribbles import pixel_dice, scores
+
+    gt = np.zeros((8, 8), np.uint16)
+    gt[1:3, 1:3] = 1          # two nuclei of 4 px
+    gt[5:7, 5:7] = 2
+    pred = gt > 0
+    pred[5:7, 5:8] = True     # the second one 2 px too large: IoU 8/10
+    assert pixel_dice(pred, gt) == pytest.approx(2 * 0.8 / 1.8)
+    out = scores([pred, gt > 0], [gt, gt])
+    assert out["iou"] == pytest.approx(0.9) and out["iou_per_image"] == [0.8, 1.0]
+    assert out["pixel_dice"] == pytest.approx((2 * 0.8 / 1.8 + 1.0) / 2)
+    assert out["object_dice"] == out["mdice"] and 0 < out["mdice"] < 1
 
 
 def test_run_seeds_refuses_a_repeated_seed(tmp_path):
