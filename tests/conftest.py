@@ -126,7 +126,7 @@ def install_trainer_plugin(tmp_path: Path, monkeypatch, package: str, source: st
     entry point (``NAME = package:Class``) on sys.path, and make the registry look for it afresh."""
     import textwrap
 
-    from trainers import base
+    from trainers import registry
 
     pkg = tmp_path / "site"
     (pkg / package).mkdir(parents=True)
@@ -136,5 +136,5 @@ def install_trainer_plugin(tmp_path: Path, monkeypatch, package: str, source: st
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package.replace('_', '-')}\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(f"[slidekit.trainers]\n{entry_point}\n")
     monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_discovered", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_discovered", False)

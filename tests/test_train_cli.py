@@ -80,3 +80,42 @@ def test_list_includes_plugins(tmp_path, monkeypatch):
 def test_show_config_of_unknown_trainer_is_one_line():
     res = CliRunner().invoke(main, ["train", "nope", "--show-config"])
     assert res.exit_code != 0 and res.output.strip().count("\n") == 0 and "available: " in res.output
+
+
+def test_the_catalogue_read_from_source_matches_the_imported_trainers():
+    from trainers import catalog
+
+    from_source = {e.name: e for e in catalog.builtin_entries()}
+    imported = {n: catalog.entry_of(trainers.get(n)) for n in trainers.available()
+                if trainers.get(n).__module__ in catalog.BUILTIN_MODULES}
+    assert from_source == imported
+
+
+def test_a_builtin_whose_source_says_too_little_is_imported(tmp_path, monkeypatch):
+    from trainers import catalog
+
+    (tmp_path / "computed_trainer.py").write_text(
+        "from trainers.base import Trainer, register\n\n"
+        "@register\nclass Computed(Trainer):\n    \"\"\"Its name is computed.\"\"\"\n"
+        "    name = 'comp' + 'uted'\n    consumes = frozenset({'images'})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert catalog._registered_classes("computed_trainer") is None
+    monkeypatch.setattr(catalog, "BUILTIN_MODULES", ("computed_trainer",))
+    try:
+        (entry,) = catalog.builtin_entries()
+        assert entry.name == "computed" and entry.summary == "Its name is computed."
+    finally:
+        from trainers import registry
+
+        registry._REGISTRY.pop("computed", None)
+        sys.modules.pop("computed_trainer", None)
+
+
+def test_train_list_loads_neither_torch_nor_a_trainer(tmp_path):
+    import subprocess
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom slidekit.cli import main\n"
+            "res = CliRunner().invoke(main, ['train', '--list'])\nassert res.exit_code == 0, res.output\n"
+            "print(sorted(m for m in ('torch', 'lightgbm', 'timm', 'sklearn', 'trainers.base', 'trainers.scribble') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

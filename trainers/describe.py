@@ -1,4 +1,4 @@
-"""What a trainer offers, for people: ``slidekit train --list`` and ``slidekit train NAME --show-config``.
+"""What a trainer offers, for people: ``slidekit train NAME --show-config`` (``--list`` is in ``catalog``).
 
 Each option's one-line help is the trailing comment of its field in the config dataclass (the
 project writes a field's meaning there), else ``field(metadata={"help": ...})``, else the shared
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from trainers.base import BUILTIN_MODULES, Trainer, available, get
+from trainers.registry import get
 
 # Help for the options every trainer has (TrainerConfig), where its source has no comment.
 COMMON_HELP = {
@@ -157,16 +157,3 @@ def show_config(name: str) -> str:
         note = f"{r['type']}" + (f": {r['help']}" if r["help"] else "")
         lines.append(f"{v:<{width}}# {note}")
     return "\n".join(lines) + "\n"
-
-
-def list_trainers() -> list[str]:
-    """One line per registered trainer, built-in and plug-in: name, labels it consumes, what it does."""
-    names = available()
-    width = max((len(n) for n in names), default=0) + 2
-    out = []
-    for n in names:
-        cls: type[Trainer] = get(n)
-        origin = "" if cls.__module__ in BUILTIN_MODULES else f" [plug-in: {cls.__module__}]"
-        consumes = ", ".join(sorted(cls.consumes)) or "-"
-        out.append(f"{n:<{width}}{_doc_line(cls)} (labels: {consumes}){origin}")
-    return out

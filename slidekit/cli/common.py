@@ -101,6 +101,8 @@ workers_option = click.option("--workers", type=click.IntRange(min=0), default=0
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """Refuse a device that does not exist here before any work starts (one line naming the ones that do)."""
+    if value in ("auto", "cpu"):  # always exist: no need to load torch to say so (``train --list`` stays fast)
+        return value
     from slidekit.base.devices import resolve_device
 
     try:

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import click
 
+import trainers
 from slidekit.base.resources import configure_threads
 from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option, stain_options, threads_option
+from trainers.catalog import list_trainers
+from trainers.describe import show_config as render_config
 
 
 @click.command()
@@ -46,16 +49,10 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
           quiet: bool, show_config: bool = False, threads: int | None = None, nproc: int | None = None,
           stain_norm: str | None = None, stain_ref: str | None = None, stain_aug: str | None = None) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
-    import trainers
-
     if list_only or name is None:
-        from trainers.describe import list_trainers
-
         click.echo("\n".join(list_trainers()))
         return
     if show_config:
-        from trainers.describe import show_config as render_config
-
         click.echo(render_config(name), nl=False)
         return
     if out is None:
@@ -90,8 +87,6 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
 def _num_workers(name: str, config: Path | None, overrides: list[str]) -> int:
     """The run's ``num_workers``, read from the config the trainer builds (a bad config is refused
     here with the trainer's own error)."""
-    import trainers
-
     return trainers.load_config(trainers.get(name).Config, config, overrides).num_workers
 
 
