@@ -27,11 +27,13 @@ LAYERS = [
     "slidekit.slidelevel",   # embeddings, top-K, features, staging, MIL inputs
     "trainers",              # the plug-in trainers
     "slidekit.cohort",       # one command over many slides
+    "slidekit.view",         # the local web viewer (starlette, uvicorn)
     "slidekit",              # the public API (the package's __init__)
     "slidekit.cli",          # the command line
     "slidekit.__main__",
 ]
-HEAVY_THIRD_PARTY = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "lightgbm", "ray")
+HEAVY_THIRD_PARTY = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "lightgbm", "ray",
+                     "starlette", "uvicorn")  # the viewer's server: only `slidekit view` loads it
 MAX_TOP_LEVEL_ENTRIES = 12
 
 
