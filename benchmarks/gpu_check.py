@@ -3,12 +3,14 @@ the GPU decode path and the CPU decode path, plus nvJPEG's verdict on the damage
 
     python benchmarks/gpu_check.py --json OUT [--size 40000] [--max-tiles 20000]
 
-Each model runs ``benchmarks/gpu_heatmap.py`` (the Predictor loop behind ``slidekit heatmap``) in
-its own process: patches/s model-only and end to end, the stage split, GPU utilisation, the
+The synthetic slide is built once (``slide_build_s``); each model runs ``benchmarks/gpu_heatmap.py``
+(the Predictor loop behind ``slidekit heatmap``) on it in its own process: patches/s model-only and end to end, the stage split, GPU utilisation, the
 decode path taken and why, the CPU-decode comparison run and peak GPU memory. ``nvjpeg`` decodes,
 for seeded damaged and sound stored tiles, each stream and the two variants of
 ``tiffio.jpeg_scan_variants`` on the GPU and says whether the GPU check agrees with the CPU's
-strict decode. Without CUDA it prints one line and exits 0.
+strict decode, and what the check costs there: nvJPEG milliseconds per tile for the streams alone
+and with their variants (the GPU path decodes three streams per stored tile to check it; the CPU
+paths decode once, strictly). Without CUDA it prints one line and exits 0.
 """
 from __future__ import annotations
 
@@ -55,7 +57,19 @@ def nvjpeg_verdict(path: Path, n: int = 200, seed: int = 0) -> dict:
         ref, changed, longer = imgs
         return bool(torch.equal(changed, ref) or not torch.equal(longer, ref))
 
-    for index in rng.integers(0, len(st.offsets), n):
+    sample = rng.integers(0, len(st.offsets), n)
+    streams = [st.stream(int(i)) for i in sample]
+    with_variants = [b for s in streams for b in [s, *(jpeg_scan_variants(s)[1] or [])]]
+    for name, batch in (("stream_only", streams), ("with_variants", with_variants)):
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in batch]
+        decode_jpeg(tensors[:8], device="cuda")  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        decode_jpeg(tensors, device="cuda")
+        torch.cuda.synchronize()
+        out[f"nvjpeg_ms_per_tile_{name}"] = round((time.perf_counter() - t) * 1000 / n, 3)
+
+    for index in sample:
         good = st.stream(int(index))
         out["sound_refused"] += gpu_problem(good)
         bad = st.stream(int(index), damage(st.raw(int(index)), rng))
@@ -83,17 +97,20 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict = {"device": torch.cuda.get_device_name(0), "size": args.size, "max_tiles": args.max_tiles,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from gpu_heatmap import build_slide
+
     with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        slide = build_slide(Path(tmp) / "bench.tif", args.size)
+        results["slide_build_s"] = round(time.perf_counter() - t, 1)
         for model in ("resnet50", "vit_b"):
             out = Path(tmp) / f"{model}.json"
             cmd = [sys.executable, str(HERE / "gpu_heatmap.py"), "--device", "cuda", "--model", model,
-                   "--size", str(args.size), "--max-tiles", str(args.max_tiles), "--batch-size",
+                   "--slide", str(slide), "--size", str(args.size), "--max-tiles", str(args.max_tiles), "--batch-size",
                    str(args.batch_size), "--workers", str(args.workers), "--json", str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             results[model] = (json.loads(out.read_text()) if proc.returncode == 0 and out.exists()
                               else {"error": proc.stderr.strip().splitlines()[-1:]})
-        from gpu_heatmap import build_slide
-
         small = build_slide(Path(tmp) / "verdict.tif", 4480)
         results["nvjpeg"] = nvjpeg_verdict(small)
     results["seconds"] = round(time.perf_counter() - t0, 1)

@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-tiles", type=int, default=None, help="read only the first N tiles")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--slide", type=Path, default=None,
+                    help="reuse a slide build_slide wrote (gpu_check builds the 40k² slide once for both models)")
     ap.add_argument("--model", default="resnet50", choices=["resnet50", "vit_b"],
                     help="random-weight network: torchvision ResNet-50 or timm ViT-B/16")
     ap.add_argument("--no-cpu-decode", action="store_true", help="on CUDA, skip the CPU-decode comparison run")
@@ -72,8 +74,8 @@ def main() -> None:
                        patch_size=224, mpp=0.5, activation="softmax")
     tmp = tempfile.TemporaryDirectory()
     t = time.perf_counter()
-    path = build_slide(Path(tmp.name) / "bench.tif", args.size)
-    build_s = time.perf_counter() - t
+    path = args.slide if args.slide else build_slide(Path(tmp.name) / "bench.tif", args.size)
+    build_s = time.perf_counter() - t if not args.slide else None
     slide = sk.open_slide(path)
     grid = sk.TileGrid.from_slide(slide, mpp=0.5, size=224, min_tissue=0)
     if args.max_tiles:
@@ -112,7 +114,8 @@ def main() -> None:
         cpu_decode = {"end_to_end_patches_per_s": round(n2 / wall2, 1), "stages": timing2["stages"],
                       "split": format_split(timing2), "gpu": timing2["gpu"], "decode": decode2}
     results = {
-        "slide": f"synthetic {args.size}^2 JPEG q85, 224 px stored tiles", "slide_build_s": round(build_s, 1),
+        "slide": (f"{args.slide} (--slide; built with --size {args.size})" if args.slide
+                  else f"synthetic {args.size}^2 JPEG q85, 224 px stored tiles"), "slide_build_s": None if build_s is None else round(build_s, 1),
         "device": str(device), "cpus": available_cpus(), "workers": args.workers, "batch_size": args.batch_size,
         "tiles": n, "model_only_patches_per_s": round(model_rate, 1),
         "end_to_end_patches_per_s": round(n / wall, 1), "ratio_end_to_end_to_model": round(n / wall / model_rate, 3),
