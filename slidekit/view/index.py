@@ -66,8 +66,8 @@ class Index:
             hm = find_heatmap(target)
             if hm is not None:
                 item["heatmap"] = hm.name
-            item["geojson"] = [{"name": g.name, "url": url("/geojson", self.root.rel(g)), "bytes": g.stat().st_size}
-                               for g in geojson_files(target)]
+            item["geojson"] = [{"name": g.name, "url": url("/geojson", rel_g), "bytes": g.stat().st_size}
+                               for g in geojson_files(target) if (rel_g := self._inside(g))]
             try:
                 summary = json.loads((target / "summary.json").read_text())
             except (OSError, ValueError):
@@ -75,15 +75,21 @@ class Index:
             item["summary"] = {k: summary[k] for k in SUMMARY_FIGURES if k in summary}
             if self.mode == "cohort" and target.parent == self.root.path:
                 item["cohort"] = self.root.name
-        elif target.is_file() or target.is_dir():
-            classify(target)  # a slide (file or DICOM folder), else one-line error
+        elif classify(target) == "slide":  # a slide file or DICOM folder (else a one-line error)
             slide = target
         else:
-            raise OutputError("is neither a slide nor a slidekit output folder", target)
+            raise OutputError("is a cohort folder, not one slide's", target)
         item.update(_slide=slide, slide_name=slide.name, dzi=url("/dzi", rel, ".dzi"),
                     overlay=url("/overlay", rel, ".png") if item["heatmap"] else None,
                     thumbnail=url("/thumb", rel, ".jpg"))
         return item
+
+    def _inside(self, path: Path) -> str | None:
+        """The request path of ``path`` when it resolves under PATH (None for a link out of it)."""
+        try:
+            return self.root.rel(self.root.resolve(self.root.rel_unresolved(path)))
+        except (Refused, ValueError):
+            return None
 
     def cohort(self) -> dict:
         """The table of a cohort OUT: ``columns`` of cohort.csv (less ``HIDDEN_COLUMNS``) and one row per

@@ -59,6 +59,10 @@ class ServedRoot:
             raise Refused(404, "not found")
         return target
 
+    def rel_unresolved(self, path: Path) -> str:
+        """The request path naming ``path`` (under PATH as spelt, links not followed)."""
+        return Path(self.name, Path(os.path.abspath(path)).relative_to(self.path)).as_posix()
+
     def rel(self, target: Path) -> str:
         """The request path of ``target`` (a path under PATH)."""
         return Path(self.name, target.resolve().relative_to(self.path)).as_posix().rstrip("/.") or self.name
