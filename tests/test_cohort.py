@@ -296,6 +296,29 @@ def test_cohort_embed_writes_one_store_per_slide(cohort, tmp_path):
     rows = _csv(tmp_path / "E" / "cohort.csv")
     assert [int(x["dim"]) for x in rows] == [512, 512]
     assert (tmp_path / "E" / "d" / "embeddings.zarr").is_dir() and (tmp_path / "E" / "d" / "clusters.geojson").exists()
+    from slidekit.slidelevel.embed import open_embeddings
+    from slidekit.slidelevel.feature_store import read_features
+
+    for sid in ("c", "d"):  # the cohort path writes each slide's HDF5 feature file
+        bag = read_features(tmp_path / "E" / sid / "features.h5")
+        emb = open_embeddings(tmp_path / "E" / sid / "embeddings.zarr")
+        assert np.array_equal(bag.coords, emb.coords) and np.array_equal(bag.features, emb.features[:])
+    # d as a version before the feature store left it: done, its outputs listed without features.h5
+    ledger = Ledger(tmp_path / "E")
+    rec = ledger.state(only="d")["d"]
+    (tmp_path / "E" / "d" / "features.h5").unlink()
+    ledger.append(**{k: v for k, v in rec.items() if k not in ("time", "host", "pid", "attempts", "outputs")},
+                  outputs={k: v for k, v in rec["outputs"].items() if k != "features.h5"})
+    zarr_rows = (tmp_path / "E" / "d" / "embeddings.zarr" / "zarr.json").stat().st_mtime_ns
+    r = CliRunner().invoke(main, ["embed", str(cohort[2]), str(cohort[3]), "--model", str(model), "--out",
+                                  str(tmp_path / "E"), "--device", "cpu", "--clusters", "2", "--geojson", "yes",
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = {x["id"]: x for x in _csv(tmp_path / "E" / "cohort.csv")}
+    assert rows["c"]["note"] == "done earlier"
+    assert rows["d"]["status"] == "done" and "features.h5 missing" in rows["d"]["note"]
+    assert np.array_equal(read_features(tmp_path / "E" / "d" / "features.h5").coords, emb.coords)
+    assert (tmp_path / "E" / "d" / "embeddings.zarr" / "zarr.json").stat().st_mtime_ns == zarr_rows  # kept
 
 
 def test_one_worker_per_listed_gpu_each_seeing_only_its_gpu(cohort, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from slidekit.base.errors import LockedError, SlidekitError
 from slidekit.base.io import config_digest, file_identity, write_text_atomic
@@ -86,10 +86,10 @@ def process_slide(task_name: str, options: dict, slide: CohortSlide, out: str, k
     try:
         # Decided again under the lock: another runner may have finished the slide meanwhile.
         prev = ledger.state(only=slide.id).get(slide.id, {})
-        settled = settled_row(slide, prev, key, folder, retry_failed)
+        settled = settled_row(slide, prev, key, folder, retry_failed, task.required)
         if settled is not None:
             return {**settled, "worker": worker}
-        why = redo_reason(slide, prev, key, folder)
+        why = redo_reason(slide, prev, key, folder, task.required)
         if why:
             row["note"] = why
             if why.startswith(_REPLACED):
@@ -128,14 +128,16 @@ def _drop_if_empty(folder: Path) -> None:
         pass
 
 
-def settled_row(slide: CohortSlide, prev: dict, key: str, folder: Path, retry_failed: bool) -> dict | None:
+def settled_row(slide: CohortSlide, prev: dict, key: str, folder: Path, retry_failed: bool,
+                required: Sequence[str] = ()) -> dict | None:
     """The row of a slide the ledger already answers (done, or failed and not to be retried, with
-    this configuration); None when it is to be processed."""
+    this configuration); None when it is to be processed. ``required``: the outputs a done slide
+    must have in its folder (the task's ``required``)."""
     if prev.get("config") != key:
         return None
     row = {"id": slide.id, "slide": str(slide.slide), "attempts": prev.get("attempts", 0),
            "worker": prev.get("worker")}
-    if prev.get("status") == "done" and redo_reason(slide, prev, key, folder) is None:
+    if prev.get("status") == "done" and redo_reason(slide, prev, key, folder, required) is None:
         return {**row, **prev["figures"], "status": "skipped", "error": "", "note": "done earlier"}
     if prev.get("status") == "failed" and not retry_failed:
         return {**row, "status": "failed", "error": prev.get("error", ""),
@@ -172,11 +174,16 @@ def slide_identity(slide: CohortSlide) -> str | None:
         return None
 
 
-def redo_reason(slide: CohortSlide, prev: dict, key: str, folder: Path) -> str | None:
+def redo_reason(slide: CohortSlide, prev: dict, key: str, folder: Path, required: Sequence[str] = ()) -> str | None:
     """Why a slide the ledger calls done with this configuration must be done again (one line for
-    the table's note), or None when its outputs and its slide file are the ones that run saw."""
+    the table's note), or None when its outputs and its slide file are the ones that run saw and
+    every ``required`` output is there (a slide done by a version that did not write one yet, e.g.
+    an embed before the feature store, gets it now)."""
     if prev.get("status") != "done" or prev.get("config") != key:
         return None
+    missing = [name for name in required if not (folder / name).exists()]
+    if missing:
+        return f"redone: {missing[0]} missing (done earlier without it, or deleted since)"
     if not isinstance(prev.get("figures"), dict) or not isinstance(prev.get("outputs"), dict) \
             or not prev["outputs"]:
         return "redone: its done record lists no outputs (written by hand or by an older version)"

@@ -68,7 +68,7 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     state = ledger.state()
     todo, rows = [], {}
     for s in mine:  # settle what the ledger already answers, without a worker
-        settled = settled_row(s, state.get(s.id, {}), key, out / s.id, retry_failed)
+        settled = settled_row(s, state.get(s.id, {}), key, out / s.id, retry_failed, TASKS[task].required)
         if settled is None:
             todo.append(s)
         else:

@@ -23,6 +23,7 @@ class CohortTask:
     run: Callable[[Any, CohortSlide, Path, dict, bool], dict]
     api: str  # "module:function" of the single-slide call, whose defaults complete the options
     inputs: str = "slides"  # "heatmaps" for tasks that read heatmap folders instead of slides
+    required: tuple[str, ...] = ()  # outputs a slide done earlier must have, else it is redone
 
     def effective_options(self, options: dict) -> dict:
         """The options with the API's defaults filled in (None means "the default", as on the CLI),
@@ -106,7 +107,8 @@ def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress
 TASKS: dict[str, CohortTask] = {t.name: t for t in (
     CohortTask("heatmap", _heatmap_setup, _heatmap_run, "slidekit.infer.predictor:heatmap_slide"),
     CohortTask("cells", _heatmap_setup, _cells_run, "slidekit.infer.cells:cells_slide"),
-    CohortTask("embed", _nothing, _embed_run, "slidekit.slidelevel.embed:embed_slide"),
+    CohortTask("embed", _nothing, _embed_run, "slidekit.slidelevel.embed:embed_slide",
+               required=("embeddings.zarr", "features.h5")),
     CohortTask("tissue", _nothing, _tissue_run, "slidekit.regions.tissue:save_tissue"),
     CohortTask("tile", _nothing, _tile_run, "slidekit.regions.tiling:make_grid"),
     CohortTask("features", _nothing, _features_run, "slidekit.slidelevel.features:features_table", inputs="heatmaps"),
