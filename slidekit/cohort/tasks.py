@@ -68,6 +68,12 @@ def _heatmap_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, prog
             "slide_seconds": s["seconds"], "bad_tiles": len(s.get("bad_tiles") or [])}
 
 
+def _cells_setup(options: dict) -> Any:
+    from slidekit.infer.cells import load_cells_model
+
+    return load_cells_model(options.get("model") or "hematoxylin")
+
+
 def _cells_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
     from slidekit.infer.cells import cells_slide
 
@@ -106,7 +112,7 @@ def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress
 
 TASKS: dict[str, CohortTask] = {t.name: t for t in (
     CohortTask("heatmap", _heatmap_setup, _heatmap_run, "slidekit.infer.predictor:heatmap_slide"),
-    CohortTask("cells", _heatmap_setup, _cells_run, "slidekit.infer.cells:cells_slide"),
+    CohortTask("cells", _cells_setup, _cells_run, "slidekit.infer.cells:cells_slide"),
     CohortTask("embed", _nothing, _embed_run, "slidekit.slidelevel.embed:embed_slide",
                required=("embeddings.zarr", "features.h5")),
     CohortTask("tissue", _nothing, _tissue_run, "slidekit.regions.tissue:save_tissue"),

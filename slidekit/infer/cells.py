@@ -2,14 +2,16 @@
 
 A segmentation model (a checkpoint, or the built-in ``hematoxylin`` with a threshold) runs over the
 slide's tissue at its µm/px on overlapping tiles (``Predictor``). Each tile's foreground
-probability is split into instances by a distance-transform watershed (scikit-image), and a
-nucleus is kept by the one tile whose *core* (the tile less half the overlap on each side that has
-a neighbour) holds its centroid, so every nucleus is written exactly once across seams. Nuclei
-cut by the tile edge lie, whole, in the neighbour that owns them (the overlap must exceed a
-nucleus diameter).
+probability is split into instances (scikit-image watershed): seeded by the foreground minus the
+outline when the model has an outline class (``boundary``, ``contour``, ``border``, ``edge``),
+else by the maxima of the distance transform. A nucleus is kept by the one tile whose *core* (the
+tile less half the overlap on each side that has a neighbour) holds its centroid, so every nucleus
+is written exactly once across seams. Nuclei cut by the tile edge lie, whole, in the neighbour
+that owns them (the overlap must exceed a nucleus diameter).
 
-Outputs in ``out_dir``: ``cells.geojson.gz`` (QuPath ``detection`` features, streamed band by
-band), ``cells.csv`` (one row per nucleus: centroid in level-0 px and µm, the measurements),
+Outputs in ``out_dir``: ``cells.geojson`` (QuPath ``detection`` features, streamed band by band;
+``cells.geojson.gz`` above ``GZIP_ABOVE_NUCLEI`` nuclei or with ``gzip=True``; QuPath reads
+both), ``cells.csv`` (one row per nucleus: centroid in level-0 px and µm, the measurements),
 ``regions.csv`` with ``roi`` (counts and densities per ROI polygon) and ``summary.json``. Work is
 kept per tile row (band) in ``cells.part/``: an interrupted run resumes from the bands it had
 finished.
@@ -25,11 +27,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
-from skimage.measure import approximate_polygon, find_contours, regionprops
+from skimage.measure import find_contours
 from skimage.segmentation import watershed
 
 from slidekit.base.devices import resolve_device
@@ -40,72 +43,195 @@ from slidekit.base.outputs import OutputDir
 from slidekit.base.resources import configure_threads
 from slidekit.base.timing import StageTimer
 from slidekit.infer.predictor import Predictor, load_model, release_memory
+from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.regions.roi import read_roi, restrict_mask, roi_identity
 from slidekit.regions.tiling import TileGrid, TileReader
 from slidekit.regions.tissue import tissue_mask
 from slidekit.slides.identity import slide_fingerprint
 from slidekit.slides.slide import open_slide
 
-CELL_OUTPUTS = ("cells.geojson.gz", "cells.csv", "regions.csv", "cells.part", "summary.json")
+CELL_OUTPUTS = ("cells.geojson", "cells.geojson.gz", "cells.csv", "regions.csv", "cells.part", "summary.json")
 COLUMNS = ["id", "x", "y", "x_um", "y_um", "area_um2", "perimeter_um", "circularity", "solidity",
            "eccentricity", "hematoxylin_od", "eosin_od"]
 # QuPath measurement names for the columns after the centroid
 MEASURE_NAMES = {"area_um2": "Area µm^2", "perimeter_um": "Perimeter µm", "circularity": "Circularity",
                  "solidity": "Solidity", "eccentricity": "Eccentricity", "hematoxylin_od": "Hematoxylin OD mean",
                  "eosin_od": "Eosin OD mean"}
+# ``gzip=None`` (auto): GeoJSON of more nuclei than this is written gzip-compressed. A nucleus takes
+# about 0.7 kB of GeoJSON, so the plain file stays under ~15 MB (quick to open and to diff).
+GZIP_ABOVE_NUCLEI = 20_000
+SPLITS = ("auto", "boundary", "distance")
+
+
+BOUNDARY_NAMES = frozenset({"boundary", "contour", "border", "edge", "nucleus boundary", "nuclear boundary"})
+
+
+def boundary_class(classes: list[str]) -> int | None:
+    """Index of the class that marks nucleus outlines (named boundary, contour, border or edge), or None."""
+    hits = [i for i, c in enumerate(classes) if c.strip().lower() in BOUNDARY_NAMES]
+    return hits[-1] if hits else None
 
 
 def split_instances(prob: np.ndarray, threshold: float = 0.5, min_distance: int = 3,
-                    min_area_px: int = 8) -> np.ndarray:
-    """Label image of nuclei from a foreground probability map: threshold, then a watershed on the
-    distance transform seeded at its maxima (at least ``min_distance`` px apart) splits touching
-    nuclei. Pieces under ``min_area_px`` are dropped."""
+                    min_area_px: int = 8, boundary: np.ndarray | None = None) -> np.ndarray:
+    """Label image of nuclei from a foreground probability map ``prob``.
+
+    Without ``boundary``: threshold, then a watershed on the distance transform seeded at its
+    maxima (at least ``min_distance`` px apart) splits touching nuclei. With ``boundary`` (the
+    probability of a nucleus-outline class, same shape; ``prob`` then covers nucleus and outline):
+    the seeds are the connected pieces of the foreground minus the outline, grown back over the
+    foreground by a watershed on the outline probability. Pieces under ``min_area_px`` are dropped.
+    """
     fg = prob >= threshold
     if not fg.any():
         return np.zeros(prob.shape, np.int32)
-    dist = ndi.distance_transform_edt(fg)
-    comp, _ = ndi.label(fg)
-    peaks = peak_local_max(dist, min_distance=max(1, int(min_distance)), labels=comp, exclude_border=False)
-    markers = np.zeros(prob.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # components without a peak (tiny or flat) still get one seed
-    missing = np.setdiff1d(np.unique(comp[comp > 0]), np.unique(comp[markers > 0]))
+    comp, n = ndi.label(fg)
+    areas = np.bincount(comp.ravel())
+    keep = areas >= max(1, min_area_px)
+    keep[0] = False
+    if not keep[1:].any():
+        return np.zeros(prob.shape, np.int32)
+    if not keep[1:].all():  # small specks out first: less for the watershed and the seeds to do
+        fg = keep[comp]
+        comp, n = ndi.label(fg)
+    if boundary is not None:
+        markers, m = ndi.label(fg & (boundary < threshold))
+        if m:  # specks of interior (a dip in the outline probability) seed no nucleus of their own
+            tiny = np.bincount(markers.ravel()) < max(1, min_area_px // 4)
+            tiny[0] = False
+            if tiny.any():
+                markers[tiny[markers]] = 0
+        elevation = boundary
+    else:
+        dist = ndi.distance_transform_edt(fg)
+        # one call over the tile, not one per component (``labels=`` loops over components in Python);
+        # a component whose peaks all lost to a neighbour's gets its own seed below
+        peaks = peak_local_max(dist, min_distance=max(1, int(min_distance)), exclude_border=False)
+        markers = np.zeros(prob.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        m = len(peaks)
+        elevation = -dist
+    # components without a seed (tiny, flat, or all outline) still get one: their innermost pixel
+    seeded = np.zeros(n + 1, bool)
+    seeded[comp[markers > 0]] = True
+    missing = np.nonzero(~seeded[1:])[0] + 1
     if len(missing):
-        cms = ndi.center_of_mass(fg, comp, missing)
-        base = len(peaks)
-        for j, (k, c) in enumerate(zip(missing, cms)):
-            ys, xs = np.nonzero(comp == k)
-            i = int(np.argmin((ys - c[0]) ** 2 + (xs - c[1]) ** 2))
-            markers[ys[i], xs[i]] = base + j + 1
-    labels = watershed(-dist, markers, mask=fg)
+        score = -elevation if boundary is None else ndi.distance_transform_edt(fg)
+        pos = np.array(ndi.maximum_position(score, comp, missing), dtype=np.intp).reshape(-1, 2)
+        markers[pos[:, 0], pos[:, 1]] = np.arange(m + 1, m + 1 + len(missing))
+    labels = watershed(elevation, markers, mask=fg)
     if min_area_px > 1:
-        areas = np.bincount(labels.ravel())
-        small = areas < min_area_px
+        sizes = np.bincount(labels.ravel())
+        small = sizes < min_area_px
         small[0] = False
-        labels[small[labels]] = 0
+        if small.any():
+            labels[small[labels]] = 0
     return labels.astype(np.int32)
 
 
-def measure_instances(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> Iterator[dict]:
+# skimage.measure.perimeter (4-connectivity) weights, indexed by the neighbourhood code
+_PERIM_W = np.zeros(50)
+_PERIM_W[[5, 7, 15, 17, 25, 27]] = 1
+_PERIM_W[[21, 33]] = np.sqrt(2)
+_PERIM_W[[13, 23]] = (1 + np.sqrt(2)) / 2
+
+
+def label_perimeters(labels: np.ndarray, n: int) -> np.ndarray:
+    """Perimeter (px) of labels 1..n, each exactly as ``skimage.measure.perimeter`` of its own mask
+    (4-connectivity), for all labels in one vectorised pass."""
+    L = np.pad(labels, 1)
+    c = L[1:-1, 1:-1]
+    # border pixel: in a label, with a 4-neighbour outside it
+    b = (c > 0) & ((L[:-2, 1:-1] != c) | (L[2:, 1:-1] != c) | (L[1:-1, :-2] != c) | (L[1:-1, 2:] != c))
+    B = np.pad(b, 1)
+    code = b.astype(np.int64)
+    H, W = labels.shape
+    for dy, dx, w in ((-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)):
+        sl = (slice(1 + dy, 1 + dy + H), slice(1 + dx, 1 + dx + W))
+        code += w * (B[sl] & (L[sl] == c))
+    return np.bincount(c[b].ravel(), _PERIM_W[code[b]], minlength=n + 1)[1:]
+
+
+def measure_instances(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> list[dict]:
     """Per nucleus of ``labels``: centroid (px), contour (px, (x, y)) and measurements in µm
-    (``mpp`` µm per pixel of ``labels``); mean H and E optical density from ``rgb2hed``."""
-    hed = rgb2hed(rgb)
-    for p in regionprops(labels):
-        y0, x0, y1, x1 = p.bbox
-        m = np.pad(p.image, 1)
-        cs = find_contours(m.astype(np.float32), 0.5)
+    (``mpp`` µm per pixel of ``labels``); mean H and E optical density from ``rgb2hed``.
+
+    Area and perimeter are those of ``regionprops`` (pixel count; 4-connectivity perimeter), and
+    so is eccentricity (the ellipse with the same second moments); solidity is the outline's area
+    over its convex hull's. Sums per label are computed for all nuclei at once; only the outline
+    is traced per nucleus (on its bounding box).
+    """
+    n = int(labels.max())
+    if n == 0:
+        return []
+    flat = labels.ravel()
+    yy, xx = np.indices(labels.shape, dtype=np.float64)
+
+    def per_label(w: np.ndarray | None) -> np.ndarray:
+        return np.bincount(flat, None if w is None else w.ravel(), minlength=n + 1)[1:]
+
+    area = per_label(None)
+    with np.errstate(invalid="ignore", divide="ignore"):  # labels without pixels: skipped below
+        cx, cy = per_label(xx) / area, per_label(yy) / area
+        vxx, vyy = per_label(xx * xx) / area - cx ** 2, per_label(yy * yy) / area - cy ** 2
+        vxy = per_label(xx * yy) / area - cx * cy
+        hed = rgb2hed(rgb)
+        h_od, e_od = per_label(hed[..., 0]) / area, per_label(hed[..., 1]) / area
+    half = np.sqrt(((vxx - vyy) / 2) ** 2 + vxy ** 2)
+    l1, l2 = (vxx + vyy) / 2 + half, np.maximum((vxx + vyy) / 2 - half, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ecc = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
+    perimeter = label_perimeters(labels, n)
+    out = []
+    for k, sl in enumerate(ndi.find_objects(labels)):
+        if sl is None or area[k] == 0:
+            continue
+        y0, x0 = sl[0].start, sl[1].start
+        cs = find_contours(np.pad(labels[sl] == k + 1, 1).astype(np.float32), 0.5)
         if not cs:
             continue
-        c = approximate_polygon(max(cs, key=len), tolerance=0.5)
-        xy = np.column_stack([c[:, 1] + x0 - 1 + 0.5, c[:, 0] + y0 - 1 + 0.5])
-        area = float(p.area) * mpp * mpp
-        per = float(p.perimeter) * mpp
-        pix = hed[y0:y1, x0:x1][p.image]
-        yield {"centroid": (float(p.centroid[1]) + 0.5, float(p.centroid[0]) + 0.5), "contour": xy,
-               "area_um2": area, "perimeter_um": per,
-               "circularity": float(min(1.0, 4 * np.pi * area / per ** 2)) if per > 0 else 0.0,
-               "solidity": float(p.solidity), "eccentricity": float(p.eccentricity),
-               "hematoxylin_od": float(pix[:, 0].mean()), "eosin_od": float(pix[:, 1].mean())}
+        c = max(cs, key=len)[:, ::-1].astype(np.float32)  # (x, y) in the padded crop
+        hull = float(cv2.contourArea(cv2.convexHull(c)))
+        simple = cv2.approxPolyDP(c, 0.5, True)[:, 0].astype(np.float64)
+        xy = simple + (x0 - 1 + 0.5, y0 - 1 + 0.5)
+        a_um, per = float(area[k]) * mpp * mpp, float(perimeter[k]) * mpp
+        out.append({"centroid": (float(cx[k]) + 0.5, float(cy[k]) + 0.5), "contour": xy,
+                    "area_um2": a_um, "perimeter_um": per,
+                    "circularity": float(min(1.0, 4 * np.pi * a_um / per ** 2)) if per > 0 else 0.0,
+                    "solidity": float(min(1.0, cv2.contourArea(c) / hull)) if hull > 0 else 1.0,
+                    "eccentricity": float(ecc[k]), "hematoxylin_od": float(h_od[k]), "eosin_od": float(e_od[k])})
+    return out
+
+
+def nucleus_channels(classes: list[str], channel: int | None = None, split: str = "auto") -> tuple[int, int | None]:
+    """(nucleus channel, outline channel or None) of a model with ``classes``.
+
+    ``split``: ``auto`` uses an outline class (:func:`boundary_class`) when the model has one, else
+    the distance-transform watershed; ``boundary`` requires one; ``distance`` ignores it.
+    ``channel`` (default: the last class that is not the outline) holds the nucleus probability.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
+    b = None if split == "distance" else boundary_class(classes)
+    if split == "boundary" and b is None:
+        raise ConfigError(f"split 'boundary' needs a model with an outline class ({', '.join(sorted(BOUNDARY_NAMES))}); "
+                          f"this one has {classes}")
+    others = [i for i in range(len(classes)) if i != b]
+    if not others:
+        raise ConfigError(f"the model's only class {classes[0]!r} is an outline class: no nucleus class")
+    ch = others[-1] if channel is None else int(channel)
+    if not 0 <= ch < len(classes) or ch == b:
+        raise ConfigError(f"channel {ch} is not a nucleus class of the model (classes: {classes})")
+    return ch, b
+
+
+def load_cells_model(model: str | os.PathLike) -> tuple[Any, Any, str]:
+    """(network, spec, identity) for ``cells_slide``: a checkpoint, or a built-in at full resolution
+    (output stride 1: a nucleus needs every pixel; the heatmap built-ins pool by 8)."""
+    if str(model) in BUILTINS:
+        net, spec = builtin_model(str(model), stride=1, patch_size=256)
+        return net, spec, f"builtin:{model}-stride1"
+    return load_model(model)
 
 
 def _cores(grid: TileGrid) -> np.ndarray:
@@ -122,9 +248,9 @@ def _cores(grid: TileGrid) -> np.ndarray:
 
 
 def tile_nuclei(prob: np.ndarray, rgb: np.ndarray, core: np.ndarray, mpp: float, threshold: float,
-                min_distance: int, min_area_px: int) -> list[dict]:
+                min_distance: int, min_area_px: int, boundary: np.ndarray | None = None) -> list[dict]:
     """The nuclei of one tile that it owns (centroid in ``core``)."""
-    labels = split_instances(prob, threshold, min_distance, min_area_px)
+    labels = split_instances(prob, threshold, min_distance, min_area_px, boundary)
     n = int(labels.max())
     if n == 0:
         return []
@@ -133,7 +259,7 @@ def tile_nuclei(prob: np.ndarray, rgb: np.ndarray, core: np.ndarray, mpp: float,
         cy, cx = np.array(ndi.center_of_mass(labels > 0, labels, np.arange(1, n + 1))).reshape(-1, 2).T + 0.5
     own = (core[0] <= cx) & (cx < core[2]) & (core[1] <= cy) & (cy < core[3])
     lut = np.where(np.concatenate([[False], own]), np.arange(n + 1), 0).astype(np.int32)
-    return list(measure_instances(lut[labels], rgb, mpp))
+    return measure_instances(lut[labels], rgb, mpp)
 
 
 def _feature(n: dict, nid: int) -> dict:
@@ -150,28 +276,32 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
                 channel: int | None = None, batch_size: int = 16, workers: int = 0, device: str = "auto",
                 min_tissue: float = 0.05, roi: str | os.PathLike | None = None, tissue: dict | None = None,
                 slide_mpp: float | None = None, progress: bool = True, loaded: tuple | None = None,
-                threads: int | None = None) -> dict:
-    """Detect every nucleus in the tissue of one slide; write ``cells.geojson.gz``, ``cells.csv``
-    (+ ``regions.csv`` with ``roi``) and ``summary.json`` in ``out_dir`` (see the module docstring).
+                threads: int | None = None, split: str = "auto", gzip: bool | None = None) -> dict:
+    """Detect every nucleus in the tissue of one slide; write ``cells.geojson`` (or
+    ``cells.geojson.gz``), ``cells.csv`` (+ ``regions.csv`` with ``roi``) and ``summary.json`` in
+    ``out_dir`` (see the module docstring).
 
     ``min_tissue=0`` (without ``roi``) tiles the whole slide without tissue detection.
-    ``channel``: the output channel holding the nucleus probability (default: the last). A
-    finished slide with the same configuration is skipped; an interrupted one resumes per tile row.
+    ``channel``: the output channel holding the nucleus probability (default: the last class that
+    is not an outline class). ``split``: how touching nuclei are split (:func:`nucleus_channels`).
+    ``gzip``: compress the GeoJSON; None (default) compresses above ``GZIP_ABOVE_NUCLEI`` nuclei.
+    A finished slide with the same configuration is skipped; an interrupted one resumes per tile row.
     """
     t0 = time.time()
     out = Path(out_dir)
     resolve_device(device)
-    net, spec, ident = loaded if loaded is not None else load_model(model)
+    net, spec, ident = loaded if loaded is not None else load_cells_model(model)
     if spec.task != "segmentation":
         raise CheckpointError(f"a {spec.task!r} model finds no nuclei (need a segmentation model)")
     size = int(size or spec.patch_size)
     mpp = float(mpp or spec.mpp)
     overlap = int(size // 4 if overlap is None else overlap)
+    ch, bch = nucleus_channels(list(spec.classes), channel, split)
     if not 0 < overlap < size:
         raise ConfigError(f"overlap must be between 1 and size-1 px (got {overlap}); nuclei on seams need it")
     cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "threshold": threshold,
            "min_distance_um": min_distance_um, "min_area_um2": min_area_um2, "channel": channel,
-           "min_tissue": min_tissue, "slide_mpp": slide_mpp, "tissue": tissue}
+           "min_tissue": min_tissue, "slide_mpp": slide_mpp, "tissue": tissue, "split": split, "gzip": gzip}
     roi_anns = None
     if roi is not None:
         roi_anns = read_roi(roi, None)
@@ -223,10 +353,11 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
             for idx, y in predictor.predict(slide, grid, index, output_size=(size, size)):
                 with timer.stage("stitch"):  # instances: watershed, ownership, measures
                     for i, probs in zip(idx.tolist(), y):
-                        ch = probs.shape[0] - 1 if channel is None else channel
                         rgb = reader.read(i)
                         x0, y0 = grid.coords[i]
-                        for n in tile_nuclei(probs[ch], rgb, cores[i], mpp, threshold, md, ma):
+                        # with an outline class, a nucleus is its interior and its outline
+                        fg, edge = (probs[ch], None) if bch is None else (probs[ch] + probs[bch], probs[bch])
+                        for n in tile_nuclei(fg, rgb, cores[i], mpp, threshold, md, ma, edge):
                             n["xy0"] = n["contour"] * (sx, sy) + (x0, y0)
                             cx, cy = n["centroid"]
                             n["x"], n["y"] = x0 + cx * sx, y0 + cy * sy
@@ -240,11 +371,13 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
         if bar is not None:
             bar.close()
         with timer.stage("write"):
-            n_cells, per_region = _assemble(out, part, bands, roi_anns, slide.mpp)
+            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide.mpp, gzip)
         shutil.rmtree(part)
         summary = {"slide": str(slide.path), "config_key": key, "config": cfg, "tiles": len(grid),
                    "bands": len(bands), "bands_resumed": len(bands) - len(todo_bands), "nuclei": n_cells,
-                   "instances": "distance-transform watershed; ownership by centroid in the tile core",
+                   "instances": (f"watershed from the foreground minus the outline class {spec.classes[bch]!r}" if bch is not None
+                                 else "distance-transform watershed") + "; ownership by centroid in the tile core",
+                   "geojson": geojson,
                    "regions": per_region,
                    "outputs": sorted(p.name for p in out.iterdir() if p.name in CELL_OUTPUTS) + ["summary.json"],
                    "seconds": round(time.time() - t0, 2), "tissue_seconds": round(t_tissue, 2), **timer.as_dict(t_loop)}
@@ -262,8 +395,20 @@ def _write_band(path: Path, nuclei: list[dict], slide_mpp: tuple[float, float]) 
                        + [n[k] for k in MEASURE_NAMES] + [ring])
 
 
-def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp: tuple) -> tuple[int, list]:
-    """Stream the bands into cells.csv and cells.geojson.gz (one band in memory at a time)."""
+def _geojson_name(part: Path, bands: np.ndarray, gzip_: bool | None) -> str:
+    """``cells.geojson.gz`` when asked, or (auto) when the bands hold more than GZIP_ABOVE_NUCLEI nuclei."""
+    if gzip_ is None:
+        n = 0
+        for b in bands:
+            with open(part / f"band-{int(b):06d}.csv", "rb") as f:
+                n += sum(1 for _ in f)
+        gzip_ = n > GZIP_ABOVE_NUCLEI
+    return "cells.geojson.gz" if gzip_ else "cells.geojson"
+
+
+def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp: tuple,
+              gzip_: bool | None = None) -> tuple[int, list, str]:
+    """Stream the bands into cells.csv and the GeoJSON (one band in memory at a time)."""
     counts = None
     if roi_anns is not None:
         from shapely.geometry import Point
@@ -272,8 +417,12 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
         polys = [(a, prep(a.geometry)) for a in roi_anns]
         counts = [0] * len(polys)
     nid = 0
-    with atomic_path(out / "cells.csv") as tcsv, atomic_path(out / "cells.geojson.gz") as tgj:
-        with open(tcsv, "w", newline="") as fc, gzip.open(tgj, "wt", compresslevel=5) as fg:
+    name = _geojson_name(part, bands, gzip_)
+    other = out / ("cells.geojson" if name.endswith(".gz") else "cells.geojson.gz")
+    other.unlink(missing_ok=True)  # an earlier run's file in the other form would look current
+    with atomic_path(out / "cells.csv") as tcsv, atomic_path(out / name) as tgj:
+        with open(tcsv, "w", newline="") as fc, (gzip.open(tgj, "wt", compresslevel=5, encoding="utf-8")
+                                                 if name.endswith(".gz") else open(tgj, "w", encoding="utf-8")) as fg:
             wc = csv.writer(fc)
             wc.writerow(COLUMNS)
             fg.write('{"type": "FeatureCollection", "features": [\n')
@@ -306,4 +455,4 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
                     w.writerow([j, (a.label or a.name or ""), c, round(area, 6), round(dens, 2)])
                     regions.append({"region": j, "class": (a.label or a.name or ""), "nuclei": c, "area_mm2": area,
                                     "nuclei_per_mm2": dens})
-    return nid, regions
+    return nid, regions, name
