@@ -100,16 +100,33 @@ def test_first_read_is_one_strict_decode_per_stored_tile_with_the_same_pixels(tm
     assert st.strict and st.check == "strict"  # the first-tile check against the backend agreed
     calls = []
     real = simplejpeg.decode_jpeg
-    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(k.get("buffer")) or real(*a, **k))
     monkeypatch.setattr(imagecodecs, "jpeg8_decode", lambda *a, **k: pytest.fail("a second decoder ran"))
     tiles = reader.read_batch(np.arange(len(grid)))[1]
     assert len(calls) == len(grid)  # one decode per stored tile, check included
+    assert all(b is not None for b in calls)  # each decoded straight into its place in the batch
     monkeypatch.undo()
     tables = st._state()[2]
     for i in range(len(grid)):
         ref = np.asarray(imagecodecs.jpeg8_decode(st.raw(i), tables=tables))[..., :3]
         h, w = min(256, 900 - 256 * (i // st.across)), min(256, 1100 - 256 * (i % st.across))
         assert np.array_equal(tiles[i][:h, :w], ref[:h, :w])
+
+
+def test_strict_decode_into_a_buffer_fills_it_and_names_a_tile_of_another_size(tmp_path):
+    from slidekit.slides.tiffio import StoredTiles, strict_decode
+
+    path, _ = _slide(tmp_path)
+    st = StoredTiles(path, ("page", 0))
+    stream = st.stream(0)
+    alone, problem = strict_decode(stream, 256, 256)
+    buf = np.zeros((256, 256, 3), np.uint8)
+    into, problem_into = strict_decode(stream, 256, 256, out=buf)
+    assert problem is None and problem_into is None and np.shares_memory(into, buf)
+    assert np.array_equal(buf, alone)
+    small = np.zeros((128, 128, 3), np.uint8)
+    tile, why = strict_decode(stream, 128, 128, out=small)
+    assert tile is None and "256x256, not 128x128" in why
 
 
 @pytest.mark.parametrize("strict", [True, False])
@@ -137,7 +154,7 @@ def test_rgb_coded_tiles_the_backend_disagrees_with_fall_back_to_the_variant_che
     path, _ = _slide(tmp_path)
     real = tiffio.strict_decode
 
-    def swapped(stream, w, h):  # a decoder guessing the wrong colour space: channels come out wrong
+    def swapped(stream, w, h, out=None):  # a decoder guessing the wrong colour space: channels come out wrong
         tile, problem = real(stream, w, h)
         return (None if tile is None else np.ascontiguousarray(tile[..., ::-1])), problem
 

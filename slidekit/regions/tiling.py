@@ -209,15 +209,17 @@ class _NativeTiles:
         self.__dict__.update(d)
         self._lock = threading.Lock()
 
-    def _decoded(self, index: int) -> tuple[np.ndarray | None, str | None]:
-        """(stored tile ``index`` decoded, None) or (None, what is wrong with it)."""
+    def _decoded(self, index: int, out: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
+        """(stored tile ``index`` decoded, None) or (None, what is wrong with it). Without a cache,
+        ``out`` (a tile-sized array) may receive the pixels: the decoder writes into the batch."""
         if self.capacity:
             with self._lock:
                 hit = self._cache.get(index)
                 if hit is not None:
                     self._cache.move_to_end(index)
                     return hit
-        got = self.stored.decode_checked(index)  # one strict decode, or decode + variant check
+        # one strict decode, or decode + variant check; a cached tile must own its pixels
+        got = self.stored.decode_checked(index, None if self.capacity else out)
         self.decodes += 1
         if self.capacity:
             with self._lock:
@@ -226,8 +228,8 @@ class _NativeTiles:
                     self._cache.popitem(last=False)
         return got
 
-    def _stored_tile(self, col: int, row: int) -> np.ndarray:
-        tile, problem = self._decoded(self.stored.index(col, row))
+    def _stored_tile(self, col: int, row: int, out: np.ndarray | None = None) -> np.ndarray:
+        tile, problem = self._decoded(self.stored.index(col, row), out)
         if problem:
             x0 = round(col * self.tile_w * self.downsample)
             y0 = round(row * self.tile_h * self.downsample)
@@ -241,10 +243,11 @@ class _NativeTiles:
         lx, ly = round(x0 / self.downsample), round(y0 / self.downsample)
         s, tw, th = self.size, self.tile_w, self.tile_h
         if s == tw == th and lx % tw == 0 and ly % th == 0:  # one stored tile: no copy unless at the edge
-            tile = self._stored_tile(lx // tw, ly // th)
+            into = out if out is not None and out.flags.c_contiguous and out.shape == (th, tw, 3) else None
+            tile = self._stored_tile(lx // tw, ly // th, into)
             out_w, out_h = min(tw, self.level_w - lx), min(th, self.level_h - ly)
             if out_w < tw or out_h < th:  # padding past the image edge -> white glass
-                tile = tile.copy()
+                tile = tile if tile is into else tile.copy()
                 tile[out_h:] = 255
                 tile[:, out_w:] = 255
             return tile

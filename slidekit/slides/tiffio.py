@@ -239,15 +239,16 @@ class StoredTiles:
             return data[:2] + bytes(tables[2:-2]) + data[2:]
         return data
 
-    def decode_checked(self, index: int) -> tuple[np.ndarray | None, str | None]:
+    def decode_checked(self, index: int, out: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
         """(tile, None) or (None, what is wrong with it): one strict decode where ``strict``,
-        else a decode plus ``verify``. Decoder errors are problems, never raised."""
+        else a decode plus ``verify``. Decoder errors are problems, never raised. ``out`` may
+        receive the strict decode's pixels (see ``strict_decode``)."""
         try:
             if not self.strict or int(self.counts[index]) == 0:
                 tile = self.decode(index)
                 problem = self.verify(index, tile)
                 return (None, problem) if problem else (tile, None)
-            return strict_decode(self.stream(index), self.tile_w, self.tile_h)
+            return strict_decode(self.stream(index), self.tile_w, self.tile_h, out)
         except Exception as e:  # a decoder error is a damaged tile too
             return None, f"{type(e).__name__}: {e}"
 
@@ -280,13 +281,15 @@ class StoredTiles:
         return None
 
 
-def strict_decode(stream: bytes, width: int, height: int) -> tuple[np.ndarray | None, str | None]:
+def strict_decode(stream: bytes, width: int, height: int,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray | None, str | None]:
     """Decode a complete baseline JPEG stream once, strictly: libjpeg's warnings about corrupt
     data (which other decoders drop) are problems: a stray marker, a scan that stops before its
     data or runs out of it (the facts ``jpeg_scan_problem`` tests with two more decodes; on 1,000
     seeded random damages the full marker walk of ``jpeg_scan_variants`` caught none that this
     missed, so only the stream's two ends are checked here).
-    (tile (height, width, 3), None) or (None, problem)."""
+    (tile (height, width, 3), None) or (None, problem). ``out``, a C-contiguous (height, width, 3)
+    uint8 array, receives the pixels (the batch a reader fills: no copy), and is the tile returned."""
     import simplejpeg
 
     if stream[:2] != b"\xff\xd8":
@@ -294,7 +297,13 @@ def strict_decode(stream: bytes, width: int, height: int) -> tuple[np.ndarray | 
     if stream[-2:] != b"\xff\xd9":
         return None, "JPEG stream does not end with its end-of-image marker"
     try:
-        tile = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
+        if out is not None:  # the header first, so that a tile of another size is named as such
+            h, w = simplejpeg.decode_jpeg_header(stream)[:2]
+            if (h, w) != (height, width):
+                return None, f"JPEG tile is {w}x{h}, not {width}x{height}"
+            tile = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True, buffer=out)
+        else:
+            tile = simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=True)
     except ValueError as e:
         return None, f"corrupt JPEG data ({e})"
     if tile.shape[:2] != (height, width):
