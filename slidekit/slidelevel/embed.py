@@ -7,7 +7,8 @@ encoder over every tile with the batched ``Predictor`` and stores a zarr group::
     coords    (N, 2) int64                       level-0 (x, y) top-left corners, same row order
     clusters  (N,)   int32 (optional)            k-means cluster of each tile
 
-The attributes hold the slide identity, the grid geometry and the model's identity. Work is
+The attributes hold the slide identity, the grid geometry and the model's identity (``encoder``:
+which tokens make the feature, and the registry name of a named encoder). Work is
 resumable: rows are written chunk by chunk into ``OUT.partial`` (its ``rows_done`` attribute
 counts finished rows) and the store is renamed to ``OUT`` only when complete, so a rerun
 continues where an interrupted one stopped and a finished store is never recomputed. Ciga et al.
@@ -140,6 +141,7 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
                 configure_threads(threads, workers)  # main process: the CPUs the workers leave
                 _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress,
                          stain)
+            _record_encoder(out, _encoder_record(spec))
             if clusters:
                 _add_clusters(out, clusters, seed)
             if features_h5 is not None:
@@ -149,6 +151,27 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
             raise GridError("writing cluster GeoJSON needs clusters=k")
         write_cluster_geojson(out, geojson)
     return out
+
+
+def _encoder_record(spec: ModelSpec) -> dict:
+    """How the encoder makes a tile's feature: a registry entry's token rule (``cls``, ``cls+mean``;
+    ``pooled`` for its ResNets) and name; ``pooled`` (global average of the last feature map: for a
+    timm ViT the mean of its patch tokens) for checkpoints, torchvision files and ``timm:NAME``."""
+    extra = spec.extra or {}
+    rec = {"tokens": str(extra.get("tokens") or "pooled")}
+    if extra.get("encoder"):
+        rec["registry"] = str(extra["encoder"])
+    return rec
+
+
+def _record_encoder(out: Path, record: dict) -> None:
+    """Write the store's ``encoder`` attribute (not part of its identity, so stores made before it
+    existed are completed in place rather than recomputed)."""
+    import zarr
+
+    root = zarr.open_group(str(out), mode="r+")
+    if dict(root.attrs).get("encoder") != record:
+        root.attrs["encoder"] = record
 
 
 def _is_embeddings_store(path: Path) -> bool:

@@ -11,7 +11,9 @@ The attributes of ``coords`` are those TRIDENT and CLAM write (``patch_size``, `
 unchanged. CLAM's attributes describe the tile at level 0 (``patch_level`` 0, ``patch_size`` = the
 tile's level-0 extent), which is what CLAM needs to draw a tile's footprint. slidekit adds to the
 file's root attributes ``format``, ``encoder`` (JSON: name, weights file identity, feature width,
-µm/px, tokens), ``slide`` (name, fingerprint) and ``complete``.
+µm/px, ``tokens``: ``cls`` / ``cls+mean`` as the registry entry makes the feature, ``pooled`` for a
+global-average-pooled CNN or ViT; ``registry``: the named encoder), ``slide`` (name, fingerprint)
+and ``complete``.
 
 Writing is atomic and resumable: ``FeatureWriter`` appends row chunks to ``OUT.partial`` (its
 ``rows_done`` attribute counts the rows written), a rerun with the same identity continues there,
@@ -171,6 +173,37 @@ def read_features(path: str | os.PathLike, slide_mpp: float | None = None) -> Fe
     return FeatureBag(feats, coords, side, encoder, None if slide is None else str(slide), path, source)
 
 
+@dataclass
+class FeatureInfo:
+    """What a feature file holds, read without its features: rows, width, tile size, encoder, slide."""
+
+    rows: int
+    dim: int
+    patch_size_level0: int
+    encoder: dict
+    slide: str | None
+    path: Path
+    source: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the features as float32 (what a bag takes in memory)."""
+        return self.rows * self.dim * 4
+
+
+def feature_info(path: str | os.PathLike, slide_mpp: float | None = None) -> FeatureInfo:
+    """The layout checks of ``read_features`` and what the file says, without reading the features
+    (the coords are read: 16 bytes a tile): to plan memory, or to name a bag before streaming it."""
+    path = Path(path)
+    with _open(path) as f:
+        name, source = _layout(f, path)
+        rows, dim = _check_shapes(f, name, path)
+        _, side = _coords_level0(f, source, path, slide_mpp)
+        encoder = _encoder_info(f, source)
+        slide = _attr(f.attrs, "slide_name") if source == "slidekit" else _attr(f["coords"].attrs, "name")
+    return FeatureInfo(rows, dim, side, encoder, None if slide is None else str(slide), path, source)
+
+
 def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536,
                         slide_mpp: float | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (features (n, D) float32, coords (n, 2) int64) of at most ``rows`` rows at a time.
@@ -319,9 +352,13 @@ def write_feature_store(emb, out: str | os.PathLike, encoder: dict | None = None
     a = emb.attrs
     g, s, spec = a["grid"], a["slide"], a["spec"]
     side = int(round(float(g["extent"][0])))
+    # The token rule embed recorded. A store made before it did: a ResNet/checkpoint encoder was pooled;
+    # for a timm ViT it cannot be told (a named encoder's class token or a pooled timm:NAME): rerun embed.
+    made = a.get("encoder") or {"tokens": "unrecorded" if str(spec.get("backbone")).startswith("timm:") else "pooled"}
     enc = {"name": spec.get("backbone"), "weights": a.get("model"), "dim": int(emb.features.shape[1]),
            "mpp": spec.get("mpp"), "patch_size": spec.get("patch_size"), "mean": spec.get("mean"),
-           "std": spec.get("std"), "tokens": spec.get("tokens", "pooled"), **(encoder or {})}
+           "std": spec.get("std"), "tokens": made.get("tokens", "pooled"),
+           **({"registry": made["registry"]} if made.get("registry") else {}), **(encoder or {})}
     slide = {"name": s["name"], "fingerprint": s["id"], "dimensions": s["dimensions"], "mpp": s["mpp"]}
     identity = {"grid": g, "stain": a.get("stain")}
     claim_path(out, _is_slidekit_h5(out), "a slidekit feature file")
