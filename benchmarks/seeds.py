@@ -95,8 +95,11 @@ def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def summarise(runs: Sequence[Mapping], seeds: Sequence[int], metrics: Sequence[str],
-              pair: tuple[str, str] | None = None) -> dict:
+              pair: tuple[str, str] | None = None, pairs: Mapping[str, tuple[str, str]] | None = None) -> dict:
     """First seed's result plus ``*_per_seed``/``*_mean``/``*_sd`` and the paired ``diff_*``.
+
+    ``pairs`` names further pairs: ``{"vs_full": (a, b)}`` writes ``diff_vs_full_per_seed``,
+    ``_mean``, ``_sd``, ``_wins`` and ``_of`` the same way (``pair`` keeps the plain ``diff_*``).
 
     ``runs[i]`` is seed ``seeds[i]``'s result; a metric is a (dotted) key of each run. A dotted
     metric's summary keys use ``_`` for the dots (``topk_mean.kappa`` -> ``topk_mean_kappa_mean``).
@@ -110,15 +113,16 @@ def summarise(runs: Sequence[Mapping], seeds: Sequence[int], metrics: Sequence[s
         per[m] = [float(_get(r, m)) for r in runs]
         out[f"{name}_per_seed"] = per[m]
         out[f"{name}_mean"], out[f"{name}_sd"] = mean_sd(per[m])
-    if pair is not None:
-        a, b = pair
+    named = {"": pair} if pair is not None else {}
+    for name, (a, b) in {**named, **(pairs or {})}.items():
         av = per.get(a) or [float(_get(r, a)) for r in runs]
         bv = per.get(b) or [float(_get(r, b)) for r in runs]
         diff = [x - y for x, y in zip(av, bv)]
-        out["diff_of"] = f"{a} - {b}"
-        out["diff_per_seed"] = diff
-        out["diff_mean"], out["diff_sd"] = mean_sd(diff)
-        out["diff_wins"] = sum(d >= 0 for d in diff)
+        key = f"diff_{name}_" if name else "diff_"
+        out[f"{key}of"] = f"{a} - {b}"
+        out[f"{key}per_seed"] = diff
+        out[f"{key}mean"], out[f"{key}sd"] = mean_sd(diff)
+        out[f"{key}wins"] = sum(d >= 0 for d in diff)
     out["seeds"] = list(seeds)
     out["runs"] = [dict(r) for r in runs]
     return out
@@ -127,7 +131,8 @@ def summarise(runs: Sequence[Mapping], seeds: Sequence[int], metrics: Sequence[s
 def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, seeds: Sequence[int],
               metrics: Sequence[str], pair: tuple[str, str] | None = None,
               variants: Mapping[str, Sequence[str]] | None = None, json_out: Path | None = None,
-              seed_dirs: Sequence[str] = (), drop: Sequence[str] = ()) -> dict:
+              seed_dirs: Sequence[str] = (), drop: Sequence[str] = (),
+              pairs: Mapping[str, tuple[str, str]] | None = None) -> dict:
     """Run ``main`` once per seed (and per variant), pair by seed, write ``json_out``; returns the summary.
 
     ``main`` is the benchmark's own entry point taking an argv list; each call gets the user's
@@ -137,7 +142,8 @@ def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, s
     in each seed's result before summarising. A work-folder option named in ``seed_dirs``
     (``--work DIR``) becomes ``DIR/seedS`` (``DIR/seedS_prefix`` for a variant), so seeds never
     share (or resume from) one another's cached runs. Options in ``drop`` (one value each, such as
-    ``--baseline``) belong to the multi-seed run and are not handed down.
+    ``--baseline``) belong to the multi-seed run and are not handed down. ``pairs``: further
+    named pairs (see :func:`summarise`).
     """
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seeds: each seed once (got {list(seeds)})")
@@ -168,7 +174,7 @@ def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, s
                     merged = {**result, **merged}
             runs.append(merged)
     all_metrics = [*metrics, *(p + m for p in variants if p for m in metrics)]
-    out = summarise(runs, seeds, all_metrics, pair)
+    out = summarise(runs, seeds, all_metrics, pair, pairs)
     text = json.dumps(out, indent=1, default=float)
     print(json.dumps({k: v for k, v in out.items() if k.endswith(("_per_seed", "_mean", "_sd"))
                       or k.startswith("diff")}, indent=1, default=float))

@@ -52,6 +52,31 @@ def test_summarise_pairs_by_seed_and_keeps_the_first_seed_keys():
     assert out["seeds"] == [0, 1, 2] and [r["other"] for r in out["runs"]] == ["a", "b", "c"]
 
 
+def test_summarise_writes_named_extra_pairs_beside_the_plain_diff():
+    runs = [{"accuracy_scribble": 0.8, "accuracy_random": 0.7, "accuracy_full": 0.85},
+            {"accuracy_scribble": 0.75, "accuracy_random": 0.7, "accuracy_full": 0.7}]
+    out = summarise(runs, [0, 1], ["accuracy_scribble", "accuracy_random"],
+                    pair=("accuracy_scribble", "accuracy_random"),
+                    pairs={"vs_full": ("accuracy_scribble", "accuracy_full")})
+    assert out["diff_per_seed"] == pytest.approx([0.1, 0.05]) and out["diff_wins"] == 2
+    assert out["diff_vs_full_of"] == "accuracy_scribble - accuracy_full"
+    assert out["diff_vs_full_per_seed"] == pytest.approx([-0.05, 0.05])  # a pair of metrics not summarised
+    assert out["diff_vs_full_mean"] == pytest.approx(0.0)
+    assert out["diff_vs_full_sd"] == pytest.approx(math.sqrt(0.005))
+    assert out["diff_vs_full_wins"] == 1
+    assert "accuracy_full_per_seed" not in out
+
+
+def test_scribble_transfer_reports_every_init_with_scribble_first():
+    from benchmarks.scribble_transfer import INITS, PAIRS, per_seed_metrics
+
+    keys = per_seed_metrics()
+    assert keys[0] == "accuracy_scribble"  # the paired metric leads
+    assert {f"accuracy_{i}" for i in INITS} | {f"macro_f1_{i}" for i in INITS} == set(keys)
+    assert "ft_accuracy_full" in per_seed_metrics(fine_tune=True)
+    assert all(a in keys and b in keys for a, b in PAIRS.values())
+
+
 def test_summarise_refuses_a_seed_count_mismatch():
     with pytest.raises(ValueError):
         summarise([{"iou": 0.5}], [0, 1], ["iou"])
@@ -161,7 +186,7 @@ def test_run_seeds_refuses_a_repeated_seed(tmp_path):
         run_seeds(_fake_benchmark([]), [], [0, 0], ["iou"])
 
 
-@pytest.mark.parametrize("name", ["nuclei_scribbles", "pn_cohort", "simclr_linear", "stain"])
+@pytest.mark.parametrize("name", ["nuclei_scribbles", "pn_cohort", "simclr_linear", "stain", "scribble_transfer"])
 def test_each_benchmark_offers_seeds(name, capsys):
     mod = importlib.import_module(f"benchmarks.{name}")
     with pytest.raises(SystemExit) as e:
