@@ -147,3 +147,33 @@ def test_attention_heatmap_geojson_and_cli(tmp_path):
     r = CliRunner().invoke(main, ["mil-attention", str(feats), "--slide", str(slide), "--checkpoint",
                                   str(tmp_path / "mean.pt"), "--out", str(tmp_path / "att2")])
     assert r.exit_code != 0 and "no attention" in r.output
+
+
+def test_bags_beyond_the_cache_are_read_per_use_and_train_the_same(cohort, tmp_path, monkeypatch):
+    """Bags past ``bag_cache_mb`` stay on disk and are read at each use; the run is the same run."""
+    import trainers.mil as tm
+    from slidekit.base.errors import ConfigError
+
+    table, _ = cohort
+    paths = sorted(table.parent.glob("s*.h5"), key=lambda p: int(p.stem[1:]))
+    sizes = [tm.feature_info(p).nbytes for p in paths]
+    bags = tm.Bags(paths, sizes[0] + sizes[1], torch.device("cpu"))
+    assert sorted(bags.resident) == [0, 1]  # the first two fit the budget, no more
+    assert torch.equal(bags[5], torch.as_tensor(tm.read_features(paths[5]).features)) and bags.file_reads == 1
+    bags[0]
+    assert bags.file_reads == 1  # a held bag is not read again
+
+    reads = []
+    real = tm.read_features
+    monkeypatch.setattr(tm, "read_features", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    cfg = {"slides": str(table), "arch": "abmil", "folds": 2, "epochs": 2, "patience": 2, "bootstrap": 0}
+    train("mil", None, tmp_path / "held", cfg, device="cpu", progress=False)
+    assert len(reads) == 24  # default cache: every bag read once
+    reads.clear()
+    train("mil", None, tmp_path / "disk", {**cfg, "bag_cache_mb": 0}, device="cpu", progress=False)
+    assert len(reads) > 24 * 2  # nothing held: each bag read at every use (2 epochs of train/val, test)
+    assert (tmp_path / "held" / "oof.csv").read_text() == (tmp_path / "disk" / "oof.csv").read_text()
+
+    monkeypatch.setattr(tm, "_free_memory_bytes", lambda: 100)  # a bag larger than the free memory
+    with pytest.raises(ConfigError, match=r"s\d+\.h5: its bag \(\d+ tiles x 8"):
+        tm.Bags(paths, None, torch.device("cpu"))

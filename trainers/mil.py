@@ -11,7 +11,10 @@ and quadratic weighted kappa over ``classes`` in their order, with bootstrap 95%
 Outputs: ``fold_K.pt`` per fold, ``checkpoint.pt`` (the fold with the lowest validation loss),
 ``oof.csv`` (each slide's out-of-fold probabilities), ``metrics.json``, ``done.json``. A rerun
 skips finished folds. Training runs on one device, one bag per step: bags differ in length and
-the networks are small, so DDP would mostly add communication (not used; say so if asked).
+the networks are small, so DDP would mostly add communication (not used; say so if asked). Bags
+are held in memory up to ``bag_cache_mb`` (default: a quarter of the free memory); the others are
+read from their feature files each time they are used, so the cohort need not fit in memory (one
+bag must: a bag larger than the free memory is refused before training).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from slidekit.base.devices import resolve_device
 from slidekit.base.errors import ConfigError, LabelError
 from slidekit.base.io import write_text_atomic
 from slidekit.models.mil import MIL_ARCHS, build_mil, load_mil_checkpoint, save_mil_checkpoint
-from slidekit.slidelevel.mil_deploy import read_bag
+from slidekit.slidelevel.feature_store import feature_info, read_features
 from slidekit.slidelevel.staging import weighted_kappa
 from trainers.base import Trainer, register, seed_everything
 from trainers.config import TrainerConfig, check_option
@@ -58,6 +62,7 @@ class MILConfig(TrainerConfig):
     weight_decay: float = 1e-4  # AdamW weight decay
     class_weights: bool = True  # weight the loss by inverse class frequency
     bootstrap: int = 1000  # bootstrap resamples of the out-of-fold AUC/kappa confidence intervals (0: none)
+    bag_cache_mb: int | None = None  # MB of bags held in memory; the rest are read from their files at each use (default: a quarter of the free memory)
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +72,8 @@ class MILConfig(TrainerConfig):
         check_option(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1")
         check_option(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
         check_option(self.bootstrap >= 0, "bootstrap", self.bootstrap, "an integer >= 0")
+        check_option(self.bag_cache_mb is None or self.bag_cache_mb >= 0, "bag_cache_mb", self.bag_cache_mb,
+                     "an integer >= 0, or null for a quarter of the free memory")
 
 
 @dataclass
@@ -110,6 +117,76 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None) -> 
     return out
 
 
+def _free_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo, capped by the cgroup's memory.max (None where neither is readable)."""
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cap != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = min(free or 1 << 62, max(int(cap) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+class Bags:
+    """The cohort's bags as float32 tensors: the first ones held in memory up to ``cache_bytes``, the
+    others read from their feature files at each use (one at a time), so training never needs the
+    whole cohort in memory. A bag is one training step and cannot be split: a bag larger than the
+    free memory is refused with one line before training starts."""
+
+    def __init__(self, paths: list[Path], cache_bytes: int | None, device: torch.device) -> None:
+        self.paths, self.device = list(paths), device
+        self.info = [feature_info(p) for p in self.paths]
+        free = _free_memory_bytes()
+        if cache_bytes is None:
+            cache_bytes = (free // 4) if free is not None else 1 << 30
+        biggest = max(self.info, key=lambda i: i.nbytes)
+        if free is not None and biggest.nbytes > free:
+            raise ConfigError(f"{biggest.path}: its bag ({biggest.rows} tiles x {biggest.dim}, "
+                              f"{biggest.nbytes / 2**20:.0f} MB) is larger than the free memory "
+                              f"({free / 2**20:.0f} MB); MIL training holds one whole bag per step")
+        self.resident: dict[int, torch.Tensor] = {}
+        budget = int(cache_bytes)
+        for i, inf in enumerate(self.info):
+            if inf.nbytes <= budget:
+                self.resident[i] = self._read(i)
+                budget -= inf.nbytes
+        self.file_reads = 0  # bags read from their files after the start (not held)
+
+    @property
+    def dims(self) -> set[int]:
+        return {i.dim for i in self.info}
+
+    @property
+    def encoders(self) -> set[str]:
+        return {json.dumps(i.encoder or {}, sort_keys=True) for i in self.info}
+
+    def _read(self, i: int) -> torch.Tensor:
+        return torch.as_tensor(read_features(self.paths[i]).features, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = int(i)
+        if i in self.resident:
+            return self.resident[i]
+        self.file_reads += 1
+        return self._read(i)
+
+    def select(self, idx) -> Iterator[torch.Tensor]:
+        """The bags of ``idx`` one after another (a bag not held is read when reached)."""
+        return (self[i] for i in idx)
+
+
 def slide_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float]:
     """AUC, balanced accuracy and quadratic weighted kappa of integer labels ``y`` against ``probs``."""
     pred = probs.argmax(1)
@@ -145,8 +222,8 @@ def _bag_loss(model, x, y: int, weights: torch.Tensor | None, c: MILConfig) -> t
     return loss
 
 
-def evaluate(model, bags: list[torch.Tensor], y: np.ndarray, weights=None) -> tuple[float, np.ndarray]:
-    """Mean loss and (n, C) probabilities of ``bags``."""
+def evaluate(model, bags, y: np.ndarray, weights=None) -> tuple[float, np.ndarray]:
+    """Mean loss and (n, C) probabilities of ``bags`` (any iterable of bag tensors)."""
     model.eval()
     losses, probs = [], []
     with torch.no_grad():
@@ -157,11 +234,11 @@ def evaluate(model, bags: list[torch.Tensor], y: np.ndarray, weights=None) -> tu
     return float(np.mean(losses)) if losses else float("nan"), np.stack(probs)
 
 
-def train_fold(c: MILConfig, bags: list[torch.Tensor], y: np.ndarray, train: np.ndarray, val: np.ndarray,
+def train_fold(c: MILConfig, bags: Bags, y: np.ndarray, train: np.ndarray, val: np.ndarray,
                n_classes: int, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Train on ``train`` with early stopping on ``val``; the best-validation weights are returned."""
     seed_everything(seed)
-    model = build_mil(c.arch, bags[0].shape[1], n_classes, c.hidden, c.dropout, c.instance_k).to(device)
+    model = build_mil(c.arch, bags.info[0].dim, n_classes, c.hidden, c.dropout, c.instance_k).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     counts = np.bincount(y[train], minlength=n_classes).astype(np.float64)
     weights = (torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
@@ -177,7 +254,7 @@ def train_fold(c: MILConfig, bags: list[torch.Tensor], y: np.ndarray, train: np.
             loss.backward()
             opt.step()
             total += float(loss.detach())
-        val_loss, _ = evaluate(model, [bags[i] for i in val], y[val], weights)
+        val_loss, _ = evaluate(model, bags.select(val), y[val], weights)
         history.append({"epoch": epoch, "loss": total / len(train), "val_loss": val_loss})
         if val_loss < best - 1e-6:
             best, best_epoch = val_loss, epoch
@@ -207,7 +284,7 @@ class MILTrainer(Trainer):
     name = "mil"
     consumes = frozenset({"slide_labels"})
     Config = MILConfig
-    rerun_free_options = frozenset({"batch_size", "num_workers", "bootstrap"})
+    rerun_free_options = frozenset({"batch_size", "num_workers", "bootstrap", "bag_cache_mb"})
     outputs = ("oof.csv",)
 
     def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
@@ -225,15 +302,16 @@ class MILTrainer(Trainer):
             raise LabelError(f"labels {unknown} are not in classes {classes}", c.slides)
         y = np.array([classes.index(r.label) for r in rows])
         groups = np.array([r.patient for r in rows])
-        feats = [read_bag(r.features) for r in rows]
-        bags = [torch.as_tensor(np.asarray(b.features, np.float32), device=dev) for b in feats]
-        encoders = {json.dumps(getattr(b, "encoder", {}) or {}, sort_keys=True) for b in feats}
+        cache = None if c.bag_cache_mb is None else int(c.bag_cache_mb) * 2**20
+        bags = Bags([r.features for r in rows], cache, dev)
+        encoders = bags.encoders
         if len(encoders) > 1:
             raise LabelError(f"feature files come from {len(encoders)} different encoders; one model needs one",
                              c.slides)
         encoder = json.loads(encoders.pop())
-        if len({b.shape[1] for b in bags}) > 1:
+        if len(bags.dims) > 1:
             raise LabelError("feature files have different feature widths", c.slides)
+        in_dim = bags.dims.pop()
         probs = np.full((len(rows), len(classes)), np.nan)
         fold_of = np.full(len(rows), -1)
         folds: list[dict] = []
@@ -241,7 +319,7 @@ class MILTrainer(Trainer):
 
         bar = tqdm(list(enumerate(_splits(y, groups, c.folds, c.seed))), desc="mil folds", unit="fold",
                    disable=not progress)
-        mil_desc = {"arch": c.arch, "in_dim": int(bags[0].shape[1]), "classes": classes, "hidden": c.hidden,
+        mil_desc = {"arch": c.arch, "in_dim": int(in_dim), "classes": classes, "hidden": c.hidden,
                     "dropout": c.dropout, "instance_k": c.instance_k, "encoder": encoder,
                     "trainer_config": {k: getattr(c, k) for k in c.__dataclass_fields__}}
         for k, (tr, va, te) in bar:
@@ -255,7 +333,7 @@ class MILTrainer(Trainer):
                 model, info = train_fold(c, bags, y, tr, va, len(classes), c.seed * 1000 + k, dev)
                 save_mil_checkpoint(path, model, {**mil_desc, "fold": k})
                 write_text_atomic(record_path, json.dumps(info))
-            _, p = evaluate(model, [bags[i] for i in te], y[te])
+            _, p = evaluate(model, bags.select(te), y[te])
             probs[te], fold_of[te] = p, k
             folds.append({"fold": k, "test_slides": len(te), **{kk: info[kk] for kk in ("best_epoch", "val_loss",
                                                                                           "epochs_run")},

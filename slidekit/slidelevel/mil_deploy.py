@@ -63,8 +63,9 @@ def score_file(model: torch.nn.Module, path: str | os.PathLike, chunk_rows: int 
     """Score one feature file: streamed ``chunk_rows`` rows at a time where the network allows
     (only one chunk of features in memory), else (TransMIL) read whole. ``bag``: already read."""
     path = Path(path)
-    name, side = path.stem, 0
     if bag is None and getattr(model, "streamable", False):
+        info = feature_store.feature_info(path)  # the bag's name and tile size, features left on disk
+        name, side = str(info.slide or path.stem), int(info.patch_size_level0)
         coords: list[np.ndarray] = []
 
         def chunks() -> Iterator[torch.Tensor]:
@@ -129,10 +130,9 @@ def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike
     ``attention.zarr`` (+ ``attention.png`` overlay with legend) and ``tiles.geojson`` (QuPath
     tile objects, measurements ``attention``, ``attention_rank`` and ``score_<class>``)."""
     model, mil = load_mil_checkpoint(checkpoint)
-    bag = read_bag(features)  # one slide, read whole: its tile size and name are needed too
-    if bag.patch_size_level0 <= 0:
+    if feature_store.feature_info(features).patch_size_level0 <= 0:
         raise SlidekitError("the feature file does not say its tile size; attention tiles need it", features)
-    s = score_file(model, features, chunk_rows, bag=bag)
+    s = score_file(model, features, chunk_rows)  # streamed where the network allows
     if s.attention is None:
         raise SlidekitError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
     classes = list(mil["classes"])
