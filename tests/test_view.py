@@ -61,6 +61,13 @@ def outputs(tmp_path_factory) -> dict:
     return {"root": root, "slide": slide, "out": out, "cohort": root / "COH"}
 
 
+@pytest.fixture
+def shared_data_or_none():
+    from slidekit.base.datapaths import data_dir, data_missing_reason
+
+    return None if data_missing_reason() is not None else data_dir()
+
+
 @pytest.fixture(scope="module")
 def client(outputs) -> TestClient:
     return TestClient(build_app(outputs["out"]), base_url="http://127.0.0.1")
@@ -258,6 +265,29 @@ def test_a_slide_file_alone(outputs):
     assert item["heatmap"] is None and item["overlay"] is None and item["geojson"] == []
     assert c.get("/dzi/s.tif.dzi").status_code == 200
     assert c.get("/dzi/b.tif.dzi").status_code == 403  # beside PATH is outside it
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_openslide_and_tiffslide_tiles_agree(outputs, shared_data_or_none, real):
+    slide = outputs["slide"]
+    if real:
+        if shared_data_or_none is None:
+            pytest.skip("real data not found")
+        slide = shared_data_or_none / "wsi" / "CMU-1-Small-Region.svs"
+    tiles = {}
+    for backend in ("openslide", "tiffslide"):
+        c = TestClient(build_app(slide, backend=backend), base_url="http://127.0.0.1")
+        item = c.get(f"/api/item/{slide.name}").json()
+        top = c.get(f"/dzi/{slide.name}.dzi").text
+        assert f'Width="{item["width"]}"' in top
+        level = max(0, int(np.ceil(np.log2(max(item["width"], item["height"])))) - 1)  # a 2x-down level
+        got = [np.asarray(Image.open(io.BytesIO(c.get(f"/dzi/{slide.name}_files/{lv}/1_1.jpeg").content)), np.float32)
+               for lv in (level, level + 1)]
+        with c.app.state.viewer.slides.use(slide) as dz:
+            assert dz.slide.backend == backend
+        tiles[backend] = got
+    for a, b in zip(tiles["openslide"], tiles["tiffslide"]):
+        assert a.shape == b.shape and np.abs(a - b).mean() < 3
 
 
 def test_recorded_slide_is_found_by_fingerprint(outputs, tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 
 from slidekit.base.errors import ConfigError, SlidekitError, SlidekitWarning
 from slidekit.infer.heatmap import Heatmap
+from slidekit.slides.slide import open_slide
 from slidekit.view.index import Index, public
 from slidekit.view.overlay import GEOJSON_SUFFIXES, find_heatmap, render_overlay
 from slidekit.view.paths import Refused
@@ -74,9 +75,9 @@ class _Lru(OrderedDict):
 class Viewer:
     """The state behind the app: PATH's index, the open slides, rendered overlays, tile statistics."""
 
-    def __init__(self, path: str | Path, open_slides: int = 8) -> None:
+    def __init__(self, path: str | Path, open_slides: int = 8, backend: str | None = None) -> None:
         self.index = Index(path)
-        self.slides = SlideCache(open_slides)
+        self.slides = SlideCache(open_slides, opener=lambda p: open_slide(p, backend=backend, require_mpp=False))
         self.overlays = _Lru(8)
         self.thumbs = _Lru(1024)
         self.tiles_served = 0
@@ -198,13 +199,15 @@ ROUTES = [
 ]
 
 
-def build_app(path: str | Path, allowed_hosts: list[str] | None = None, open_slides: int = 8) -> Starlette:
+def build_app(path: str | Path, allowed_hosts: list[str] | None = None, open_slides: int = 8,
+              backend: str | None = None) -> Starlette:
     """The viewer app for PATH (a slide, a per-slide output folder or a cohort OUT folder).
 
     Raises SlideError / OutputError (one line) when PATH is none of these. ``allowed_hosts``: the
-    Host names it answers to (default: the loopback names); ``open_slides``: the LRU's size.
+    Host names it answers to (default: the loopback names); ``open_slides``: the LRU's size;
+    ``backend``: the slide reader of tiles ("openslide", "tiffslide", "image"; default: automatic).
     """
-    viewer = Viewer(path, open_slides=open_slides)
+    viewer = Viewer(path, open_slides=open_slides, backend=backend)
     hosts = list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_HOSTS)
     routes = [*ROUTES, Mount("/static", app=StaticFiles(directory=STATIC), name="static")]
     @contextlib.asynccontextmanager
@@ -242,8 +245,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000,
-                open_slides: int = 8) -> tuple[uvicorn.Server, socket.socket, str]:
+def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000, open_slides: int = 8,
+                backend: str | None = None) -> tuple[uvicorn.Server, socket.socket, str]:
     """(server, bound socket, URL) for PATH, not started: ``server.run(sockets=[sock])`` serves until
     ``server.should_exit`` (tests run it in a thread). A host other than loopback is warned about."""
     if _is_loopback(host):
@@ -252,7 +255,7 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000,
         warnings.warn(SlidekitWarning(f"serving on {host}: anyone who can reach this machine can see these slides"),
                       stacklevel=2)
         hosts = ["*"]
-    app = build_app(path, allowed_hosts=hosts, open_slides=open_slides)
+    app = build_app(path, allowed_hosts=hosts, open_slides=open_slides, backend=backend)
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
@@ -261,9 +264,10 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, open_slides: int = 8,
-          on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve the viewer of PATH until Ctrl-C; ``on_ready(url)`` is called once the port is bound."""
-    server, sock, address = make_server(path, host, port, open_slides)
+          backend: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve the viewer of PATH until Ctrl-C (``build_app``'s options); ``on_ready(url)`` is called
+    once the port is bound."""
+    server, sock, address = make_server(path, host, port, open_slides, backend)
     if on_ready is not None:
         on_ready(address)
     try:
