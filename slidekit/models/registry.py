@@ -4,7 +4,8 @@
 ``prov-gigapath``, ``resnet18``/``34``/``50``) to an ``EncoderEntry``: the timm architecture and
 keyword arguments (LayerScale ``init_values``, SwiGLU MLP, register tokens, patch size), input size
 and µm/px, mean/std, which tokens form the feature, the feature width, licence, where a user obtains
-the weights and the published parameter count. ``build_encoder(name)`` returns the network with
+the weights and the published parameter count, each figure with where it was read
+(``params_source``, ``licence_source``; "not verified" where it could not be checked). ``build_encoder(name)`` returns the network with
 random weights (``pretrained=False``; under ``torch.device("meta")`` nothing is allocated);
 ``load_registered_encoder`` loads a local weights file into it (``--encoder NAME --weights FILE``,
 or the file found under ``$SLIDEKIT_MODELS``). Nothing is ever downloaded.
@@ -46,7 +47,9 @@ class EncoderEntry:
     dim: int = 1024
     params: int = 0  # published parameter count (without a classification head)
     params_tolerance: float = 0.01  # how exactly the count is published (1.1B: two digits)
+    params_source: str = ""  # where the count is published, or why it is not a published figure
     licence: str = ""
+    licence_source: str = ""  # where the licence was read, or "not verified"
     source: str = ""  # where a user obtains the weights
     files: tuple = ("pytorch_model.bin", "model.safetensors")  # names the weights file is published under
 
@@ -60,43 +63,71 @@ def _swiglu(**kw) -> dict:
 ENCODERS: dict[str, EncoderEntry] = {
     "uni": EncoderEntry("vit_large_patch16_224", dict(img_size=224, patch_size=16, init_values=1e-5,
                                                       num_classes=0, dynamic_img_size=True),
-                        dim=1024, params=303_350_784, licence="CC-BY-NC-ND-4.0 (gated)",
+                        dim=1024, params=300_000_000, params_tolerance=0.02,
+                        params_source="UNI paper (Chen et al., Nature Medicine 2024): ViT-L/16, 0.3B parameters",
+                        licence="CC-BY-NC-ND-4.0 (gated, non-commercial academic use)",
+                        licence_source="not verified here against the model card",
                         source="https://huggingface.co/MahmoodLab/UNI"),
     "uni2-h": EncoderEntry("vit_giant_patch14_224", dict(img_size=224, patch_size=14, depth=24, num_heads=24,
                                                          init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2,
                                                          num_classes=0, no_embed_class=True, reg_tokens=8,
                                                          dynamic_img_size=True, swiglu=True),
-                           dim=1536, params=681_000_000, licence="CC-BY-NC-ND-4.0 (gated)",
+                           dim=1536, params=681_394_176,
+                           params_source="not published (MahmoodLab's README names the architecture, ViT-h/14-reg8, "
+                                         "without a count): the count of the model card's timm kwargs",
+                           licence="CC-BY-NC-ND-4.0 (gated)", licence_source="not verified here against the model card",
                            source="https://huggingface.co/MahmoodLab/UNI2-h"),
     "virchow2": EncoderEntry("vit_huge_patch14_224", dict(img_size=224, init_values=1e-5, num_classes=0,
                                                           mlp_ratio=5.3375, global_pool="", reg_tokens=4,
                                                           dynamic_img_size=True, swiglu=True),
-                             tokens="cls+mean", dim=2560, params=632_000_000, licence="CC-BY-NC-ND-4.0 (gated)",
+                             tokens="cls+mean", dim=2560, params=632_000_000,
+                             params_source="Virchow2 paper (arXiv 2408.00738): a 632 million parameter ViT",
+                             licence="CC-BY-NC-ND-4.0 (gated)",
+                             licence_source="huggingface.co/paige-ai/Virchow2 (License: cc-by-nc-nd-4.0)",
                              source="https://huggingface.co/paige-ai/Virchow2"),
     "h-optimus-0": EncoderEntry("vit_giant_patch14_reg4_dinov2", dict(img_size=224, init_values=1e-5, num_classes=0,
                                                                       dynamic_img_size=False),
-                                mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, dim=1536, params=1_100_000_000,
-                                params_tolerance=0.05, licence="Apache-2.0",
+                                mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, dim=1536, params=1_135_000_000,
+                                params_tolerance=0.005,
+                                params_source="huggingface.co/bioptimus/H-optimus-0: pytorch_model.bin of 4.54 GB "
+                                              "(float32: 1.135 B parameters; the card says 1.1B)",
+                                licence="Apache-2.0",
+                                licence_source="huggingface.co/bioptimus/H-optimus-0 (License: apache-2.0)",
                                 source="https://huggingface.co/bioptimus/H-optimus-0"),
     "h-optimus-1": EncoderEntry("vit_giant_patch14_reg4_dinov2", dict(img_size=224, init_values=1e-5, num_classes=0,
                                                                       dynamic_img_size=False),
                                 mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, dim=1536, params=1_100_000_000,
                                 params_tolerance=0.05,
+                                params_source="not verified here: Hugging Face lists it at 1B; H-optimus-0's "
+                                              "architecture (the card's timm kwargs)",
                                 licence="non-commercial Bioptimus licence (gated; see the model card)",
+                                licence_source="not verified here against the model card",
                                 source="https://huggingface.co/bioptimus/H-optimus-1"),
     "prov-gigapath": EncoderEntry("vit_giant_patch14_dinov2", dict(img_size=224, in_chans=3, patch_size=16,
                                                                    embed_dim=1536, depth=40, num_heads=24,
                                                                    init_values=1e-5, mlp_ratio=5.33334,
                                                                    num_classes=0),
-                                  dim=1536, params=1_134_000_000, licence="Apache-2.0 (gated)",
+                                  dim=1536, params=1_130_000_000, params_tolerance=0.01,
+                                  params_source="tile encoder ViT-g/14 of about 1.13 B parameters (Prov-GigaPath, "
+                                                "Xu et al., Nature 2024, as summarised by bio.rodeo; not the card)",
+                                  licence="Apache-2.0 (gated)", licence_source="not verified here against the model card",
                                   source="https://huggingface.co/prov-gigapath/prov-gigapath"),
-    "resnet18": EncoderEntry("resnet18", tokens="pooled", dim=512, params=11_176_512, licence="BSD-3-Clause",
+    "resnet18": EncoderEntry("resnet18", tokens="pooled", dim=512, params=11_176_512,
+                             params_source="torchvision docs: num_params 11,689,512, less the 513,000 of the "
+                                           "1000-class fc", licence="BSD-3-Clause",
+                             licence_source="torchvision (timm's resnet18.tv_in1k card: bsd-3-clause)",
                              source="torchvision ResNet18_Weights.IMAGENET1K_V1 (resnet18-f37072fd.pth)",
                              files=("resnet18-f37072fd.pth",)),
-    "resnet34": EncoderEntry("resnet34", tokens="pooled", dim=512, params=21_284_672, licence="BSD-3-Clause",
+    "resnet34": EncoderEntry("resnet34", tokens="pooled", dim=512, params=21_284_672,
+                             params_source="torchvision docs: num_params 21,797,672, less the 1000-class fc "
+                                           "(not re-read here)", licence="BSD-3-Clause",
+                             licence_source="torchvision (not re-read here)",
                              source="torchvision ResNet34_Weights.IMAGENET1K_V1 (resnet34-b627a593.pth)",
                              files=("resnet34-b627a593.pth",)),
-    "resnet50": EncoderEntry("resnet50", tokens="pooled", dim=2048, params=23_508_032, licence="BSD-3-Clause",
+    "resnet50": EncoderEntry("resnet50", tokens="pooled", dim=2048, params=23_508_032,
+                             params_source="torchvision docs: num_params 25,557,032, less the 2,049,000 of the "
+                                           "1000-class fc (not re-read here)", licence="BSD-3-Clause",
+                             licence_source="torchvision (not re-read here)",
                              source="torchvision ResNet50_Weights.IMAGENET1K_V2 (resnet50-11ad3fa6.pth)",
                              files=("resnet50-11ad3fa6.pth", "resnet50-0676ba61.pth")),
 }
