@@ -1,27 +1,40 @@
 """pN-staging benchmark on a composite cohort of real tissue: mixed-supervision EM vs pixel labels only.
 
-    python benchmarks/pn_cohort.py --seed 0 --json OUT.json [--data DIR]
+    python benchmarks/pn_cohort.py --seeds 0 1 2 --json OUT.json [--data DIR] [--work DIR]
+    python benchmarks/pn_cohort.py --seed 0 --json OUT.json            # one seed
 
 No public CAMELYON slides are reachable here, so the cohort is composed from the real tissue in
 the real-data folder (``--data``, else ``$SLIDEKIT_DATA``, else ``../shared/data``):
 
-- normal tissue: a mosaic of tissue blocks from the two SVS slides (CMU-1 heart, TCGA-CR-7395);
+- normal tissue: a mosaic of tissue blocks from the SVS slides (CMU-1 heart, TCGA-CR-7395);
 - lymphoid follicles (NCT-CRC-HE lymphocyte tile), the classic false positive in lymph nodes:
   0-1 per pixel-labelled slide, 2-5 per slide-labelled or held-out node;
 - lesions: a mosaic of the MoNuSeg H&E images (tumour tissue of 8 organs), pasted as irregular
   blobs of a controlled largest diameter in µm: ITC 50-180 µm, micro 0.3-1.8 mm, macro 2.1-2.4 mm;
 - patients: 5 nodes each, the node-label lists of real CAMELYON17 patients
-  (``camelyon/stage_labels.csv``), drawn stratified by pN stage: 12 for training, 24 held out;
-- two centres: six pixel-labelled positive slides from centre A; every slide-labelled training
+  (``camelyon/stage_labels.csv``), drawn stratified by pN stage;
+- two centres: a few pixel-labelled positive slides from centre A; every slide-labelled training
   slide and every held-out slide from centre B, whose stain differs (HED stain shift plus a
   slight blur), so pixel labels alone do not transfer.
 
+``--regime cross-centre`` (the default; issue 22): 4 pixel-labelled slides (2 micro, 2 macro),
+16 training patients (80 node slides) and ``--test-patients`` (60) held-out patients; besides the
+stain, each centre has its own real tissue source (``CENTRE_SOURCES``): centre A the CMU-1 slide
+and the MoNuSeg training images (TCGA FFPE "DX" slides), centre B TCGA-CR-7395 and the MoNuSeg
+test images (mostly frozen "TS" / "BS" sections), as Camelyon16 (one hospital's masks) against
+Camelyon17 (other hospitals' node labels). ``--regime v1`` is the first benchmark: 6 pixel
+slides, 12 training and 24 held-out patients, both centres cut from the same tissue.
+
 Slides are pyramidal JPEG TIFFs at 4 µm/px (slidekit.slides.demo.write_pyramid); models work at 8 µm/px
 on 64 px patches so the whole benchmark fits a 2-core CPU. It runs (a) ``mixed-em`` (pixel masks +
-node labels, EM rounds, ``morph-lgbm`` stage 2, round selected by the lowest stage-2 loss) and
-(b) the same trainer's round 0, i.e. pixel labels only + the same stage 2, stages the held-out
-patients and scores them with the quadratic weighted kappa. It also trains ``topk-mean`` on the
-selected round's heatmaps. Prints and writes JSON.
+node labels, EM rounds, ``morph-lgbm`` stage 2, round selected by the lowest stage-2 out-of-fold
+loss on the training slides) and (b) the same trainer's round 0, i.e. pixel labels only + the same
+stage 2, stages the held-out patients and scores them with the quadratic weighted kappa. It also
+trains ``topk-mean`` on the selected round's heatmaps. The E-step choices (``--threshold``,
+``--pseudo-top-k``, ``--positive-negatives``, ``--min-hard-negatives``, ``--select-from``) are
+passed to the trainer; ``--eval-rounds all`` scores every round on the held-out patients and
+``round_rules`` in the JSON gives the held-out kappa of the round each selection rule would keep
+(a diagnostic: nothing is selected on the held-out patients). Prints and writes JSON.
 """
 from __future__ import annotations
 
@@ -67,20 +80,27 @@ def _tissue_blocks(rgb: np.ndarray, block: int, min_tissue: float = 0.97) -> lis
     return out
 
 
-def load_materials(block: int = 48) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+NORMAL_SLIDES = {"CMU-1-Small-Region.svs": None, "TCGA-CR-7395-01A-01-TS1.svs": 0.5}  # name -> --mpp
+
+
+def load_materials(block: int = 48, normal_slides: tuple[str, ...] = tuple(NORMAL_SLIDES),
+                   monuseg_split: str | None = None) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """(normal, tumour, lymphoid) blocks at SLIDE_MPP from the real slides, the MoNuSeg images and
-    the NCT-CRC-HE lymphocyte tile."""
+    the NCT-CRC-HE lymphocyte tile. ``normal_slides`` picks the SVS slides of the normal tissue and
+    ``monuseg_split`` (``train`` / ``test``, None: both) the MoNuSeg images of the tumour tissue."""
     import cv2
 
     from slidekit.slides.slide import open_slide
 
     normal = []
-    for name, mpp in (("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.5)):
-        with open_slide(DATA / "wsi" / name, mpp=mpp) as s:
+    for name in normal_slides:
+        with open_slide(DATA / "wsi" / name, mpp=NORMAL_SLIDES[name]) as s:
             normal += _tissue_blocks(s.read_whole(SLIDE_MPP), block)
     tumour = []
     with open(DATA / "nuclei_monuseg" / "index.csv") as f:
         for row in csv.DictReader(f):
+            if monuseg_split is not None and row["monuseg_split"] != monuseg_split:
+                continue
             img = cv2.cvtColor(cv2.imread(str(DATA / "nuclei_monuseg" / row["image"])), cv2.COLOR_BGR2RGB)
             mpp = float(row["mpp_from_xml"] or 0.25)
             n = max(block, int(round(img.shape[0] * mpp / SLIDE_MPP)))
@@ -155,8 +175,9 @@ def stain_shift(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
 
 
 def make_slide(label: str, normal: list, tumour: list, lymphoid: list, rng: np.random.Generator,
-               centre: str) -> tuple[np.ndarray, np.ndarray]:
-    """(rgb, tumour mask) at SLIDE_MPP of one lymph-node slide with a lesion of class ``label``."""
+               centre: str, follicles_range: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb, tumour mask) at SLIDE_MPP of one lymph-node slide with a lesion of class ``label``;
+    ``follicles_range`` (lo, hi): rng.integers(lo, hi) follicles (default: 2-5 in centre B, 0-1 in A)."""
     from slidekit.slidelevel.features import size_class
 
     W, H = int(SLIDE_UM[0] / SLIDE_MPP), int(SLIDE_UM[1] / SLIDE_MPP)
@@ -170,7 +191,9 @@ def make_slide(label: str, normal: list, tumour: list, lymphoid: list, rng: np.r
     # Lymphoid follicles: dense lymphocytes, the classic false positive in lymph nodes. Centre A's
     # pixel-labelled slides show almost none, centre B's nodes several.
     follicles = np.zeros((H, W), bool)
-    for _ in range(rng.integers(2, 6) if centre == "B" else rng.integers(0, 2)):
+    if follicles_range is None:
+        follicles_range = (2, 6) if centre == "B" else (0, 2)
+    for _ in range(rng.integers(*follicles_range)):
         b = blob(rng.uniform(250, 700) / SLIDE_MPP, rng, rng.uniform(0.7, 1.0))
         bh, bw = b.shape
         y0, x0 = rng.integers(0, H - bh), rng.integers(0, W - bw)
@@ -201,7 +224,7 @@ def make_slide(label: str, normal: list, tumour: list, lymphoid: list, rng: np.r
 
         got = max((r.feret_diameter_max for r in regionprops(cc(mask))), default=0) * SLIDE_MPP
         if size_class(got) != label:
-            return make_slide(label, normal, tumour, lymphoid, rng, centre)
+            return make_slide(label, normal, tumour, lymphoid, rng, centre, follicles_range)
         del soft
     if centre == "B":
         rgb = stain_shift(rgb, tissue)
@@ -223,8 +246,11 @@ def pick_patients(n_by_stage: dict[str, int], rng: np.random.Generator, exclude:
     return out
 
 
-def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dict) -> dict:
-    """Write slides, masks and tables under ``out``; returns the cohort description."""
+def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dict, regime: str = "v1") -> dict:
+    """Write slides, masks and tables under ``out``; returns the cohort description.
+
+    ``regime`` ``v1``: both centres cut from the same tissue (only centre B's stain differs);
+    ``cross-centre``: each centre has its own real tissue source as well (see ``CENTRE_SOURCES``)."""
     import cv2
 
     from slidekit.slides.demo import write_pyramid
@@ -233,7 +259,11 @@ def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dic
     if done.exists():
         return json.loads(done.read_text())
     rng = np.random.default_rng(seed)
-    normal, tumour, lymphoid = load_materials()
+    if regime == "v1":
+        materials = dict.fromkeys("AB", load_materials())
+    else:
+        materials = {c: load_materials(normal_slides=src["normal"], monuseg_split=src["tumour"])
+                     for c, src in CENTRE_SOURCES.items()}
     slides_dir, masks_dir = out / "slides", out / "masks"
     slides_dir.mkdir(parents=True, exist_ok=True)
     masks_dir.mkdir(exist_ok=True)
@@ -243,7 +273,7 @@ def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dic
     cohort = {"pixel": [], "train": [], "test": []}
 
     def write(name: str, label: str, centre: str, with_mask: bool) -> dict:
-        rgb, mask = make_slide(label, normal, tumour, lymphoid, rng, centre)
+        rgb, mask = make_slide(label, *materials[centre], rng, centre)
         path = slides_dir / f"{name}.tif"
         write_pyramid(path, rgb, SLIDE_MPP, tile=256, min_size=256)
         rec = {"slide": str(path), "label": label, "centre": centre}
@@ -266,8 +296,53 @@ def build_cohort(out: Path, seed: int, n_train: dict, n_test: dict, n_pixel: dic
                 rec = write(f"{p}_node_{j}", lab, "B", False)
                 rec["patient"] = p
                 cohort[split].append(rec)
+    cohort["regime"] = regime
     done.write_text(json.dumps(cohort, indent=1))
     return cohort
+
+
+# the cross-centre regime's tissue per centre: centre A (pixel masks) has FFPE diagnostic tissue
+# (the CMU-1 heart slide, the MoNuSeg training images: TCGA "DX" slides), centre B (node labels
+# and held-out nodes) frozen / other sections (TCGA-CR-7395 "TS", the MoNuSeg test images: mostly
+# "TS"/"BS"), on top of centre B's stain shift and follicles
+CENTRE_SOURCES = {"A": {"normal": ("CMU-1-Small-Region.svs",), "tumour": "train"},
+                  "B": {"normal": ("TCGA-CR-7395-01A-01-TS1.svs",), "tumour": "test"}}
+
+
+def allocate(n: int, available: dict[str, int]) -> dict[str, int]:
+    """``n`` patients split over the stages in proportion to ``available`` (largest remainder,
+    ties to the stage listed first), at least one of each available stage when ``n`` allows and
+    never more than are available."""
+    total = sum(available.values())
+    if n > total:
+        raise ValueError(f"{n} patients asked for, {total} available")
+    quota = {k: n * v / total for k, v in available.items()}
+    out = {k: min(int(q), available[k]) for k, q in quota.items()}
+    if n >= sum(v > 0 for v in available.values()):
+        for k, v in available.items():
+            if v and not out[k]:
+                out[k] = 1
+    while sum(out.values()) > n:  # the minimum of one pushed the total over: take from the largest
+        k = max(out, key=lambda j: (out[j] - quota[j], out[j]))
+        out[k] -= 1
+    for k in sorted(available, key=lambda j: -(quota[j] - out[j])):
+        if sum(out.values()) >= n:
+            break
+        if out[k] < available[k]:
+            out[k] += 1
+    while sum(out.values()) < n:  # every remainder used: fill wherever patients are left
+        k = next(j for j in available if out[j] < available[j])
+        out[k] += 1
+    return out
+
+
+def stage_counts() -> dict[str, int]:
+    """Patients per pN stage in the CAMELYON17 label table (STAGE_ORDER order)."""
+    from slidekit.slidelevel.staging import read_label_csv
+
+    table = read_label_csv(DATA / "camelyon" / "stage_labels.csv")
+    stages = list(table.patients.values())
+    return {s: stages.count(s) for s in STAGE_ORDER}
 
 
 # ------------------------------------------------------------------------------------ pipeline
@@ -313,6 +388,26 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads (default: 2 on an idle 2-core machine, 1 when the cores are busy: "
                          "oversubscribed torch threads slow down several-fold)")
     ap.add_argument("--small", action="store_true", help="A tiny cohort (smoke test).")
+    ap.add_argument("--regime", choices=("cross-centre", "v1"), default="cross-centre",
+                    help="cross-centre (default): 4 pixel-labelled slides whose tissue source and stain differ "
+                         "from the slide-labelled and held-out nodes', --test-patients held out; v1: the first "
+                         "benchmark (6 pixel slides, one tissue source, 24 held-out patients)")
+    ap.add_argument("--test-patients", type=int, default=60, help="held-out patients (cross-centre regime)")
+    ap.add_argument("--train-patients", type=int, default=16,
+                    help="slide-labelled training patients, 5 nodes each (cross-centre regime)")
+    ap.add_argument("--threshold", type=float, default=0.4, help="mixed-em E-step threshold T")
+    ap.add_argument("--pseudo-top-k", type=int, default=0,
+                    help="mixed-em: positive pseudo-labels from each positive slide's k best patches only (0: all)")
+    ap.add_argument("--positive-negatives", type=float, default=0.0,
+                    help="mixed-em: positive-slide patches below this max probability become hard negatives (0: off)")
+    ap.add_argument("--min-hard-negatives", type=int, default=200, help="mixed-em min_hard_negatives")
+    ap.add_argument("--select-from", type=int, choices=(0, 1), default=1,
+                    help="mixed-em select_from: 0 lets round 0 (pixel labels only) win the round selection")
+    ap.add_argument("--no-topk-mean", dest="topk_mean", action="store_false",
+                    help="skip the topk-mean comparison (its key is then null): for quick ablations")
+    ap.add_argument("--eval-rounds", choices=("selected", "all"), default="selected",
+                    help="held-out heatmaps of round 0 and the selected round only, or of every round (a "
+                         "diagnostic of the round-selection rules; never used to select anything)")
     add_data_argument(ap)
     add_seeds_argument(ap)
     args = ap.parse_args(argv)
@@ -352,12 +447,16 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
         n_train = {"pN0": 1, "pN0(i+)": 0, "pN1mi": 1, "pN1": 1, "pN2": 0}
         n_test = {"pN0": 1, "pN0(i+)": 0, "pN1mi": 0, "pN1": 1, "pN2": 0}
         n_pixel = {"micro": 1, "macro": 1}
-    else:
+    elif args.regime == "v1":
         n_train = {"pN0": 3, "pN0(i+)": 1, "pN1mi": 3, "pN1": 3, "pN2": 2}
         n_test = {"pN0": 6, "pN0(i+)": 3, "pN1mi": 5, "pN1": 7, "pN2": 3}
         n_pixel = {"itc": 1, "micro": 2, "macro": 3}
+    else:  # cross-centre: stratified by stage over the 100 CAMELYON17 patients
+        n_train, n_test = regime_split(stage_counts(), args.train_patients, args.test_patients)
+        n_pixel = {"micro": 2, "macro": 2}
     print(f"building cohort in {work} ...", flush=True)
-    cohort = build_cohort(work / "cohort", args.seed, n_train, n_test, n_pixel)
+    cohort = build_cohort(work / "cohort", args.seed, n_train, n_test, n_pixel,
+                          args.regime)
     t_cohort = time.time() - t_start
     print(f"cohort: {len(cohort['pixel'])} pixel-labelled (centre A), {len(cohort['train'])} training and "
           f"{len(cohort['test'])} held-out node slides (centre B) in {t_cohort:.0f} s", flush=True)
@@ -375,8 +474,10 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
 
     cfg = MixedEMConfig(slides=str(table), mpp=MODEL_MPP, patch_size=PATCH, rounds=args.rounds,
                         init_steps=args.init_steps, round_steps=args.round_steps, batch_size=10, lr=1e-3,
-                        seed=args.seed, predict_batch=4, predict_tile=PREDICT_TILE, min_hard_negatives=200,
-                        stage2_work_mpp=MODEL_MPP)
+                        seed=args.seed, predict_batch=4, predict_tile=PREDICT_TILE,
+                        min_hard_negatives=args.min_hard_negatives, stage2_work_mpp=MODEL_MPP,
+                        threshold=args.threshold, pseudo_top_k=args.pseudo_top_k,
+                        positive_negatives=args.positive_negatives, select_from=args.select_from)
     em_dir = work / "mixed_em"
     t0 = time.time()
     MixedEMTrainer(cfg).fit(em_dir, device="cpu", progress=False)
@@ -392,24 +493,38 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
 
     results = {}
     test = cohort["test"]
-    truth = [r["label"] for r in test]
-    for tag, rnd in (("pixel_only", 0), ("mixed", sel["selected_round"])):
+    t0 = time.time()
+    evaluated = {}
+    todo = [0, sel["selected_round"]]
+    if args.eval_rounds == "all":
+        todo = list(range(len(metrics)))
+    for rnd in dict.fromkeys(todo):
         rdir = em_dir / "rounds" / f"r{rnd}"
         hms = predict_heatmaps(rdir / "checkpoint.pt", test, work / "test_heatmaps" / f"r{rnd}", PREDICT_TILE)
         feats = [features_from_view(open_heatmap_view(p), work_mpp=MODEL_MPP) for p in hms]
         clf = MorphClassifier.load(rdir / "morph_lgbm.json")
         pred = clf.predict(feats)
         kappa, acc, stages = stage_and_score(test, pred)
-        results[tag] = {"kappa": kappa, "slide_accuracy": acc, "round": rnd, "heatmaps": hms, "features": feats,
-                        "stages": stages, "pred": pred}
-        print(f"{tag:10s} round {rnd}: kappa {kappa:.4f}, slide accuracy {acc:.3f}", flush=True)
+        evaluated[rnd] = {"kappa": kappa, "slide_accuracy": acc, "round": rnd, "heatmaps": hms, "features": feats,
+                          "stages": stages, "pred": pred}
+    for tag, rnd in (("pixel_only", 0), ("mixed", sel["selected_round"])):
+        results[tag] = evaluated[rnd]
+        print(f"{tag:10s} round {rnd}: kappa {results[tag]['kappa']:.4f}, "
+              f"slide accuracy {results[tag]['slide_accuracy']:.3f}", flush=True)
+    t_eval = time.time() - t0
+    heldout_rounds = [{"round": r, "kappa": v["kappa"], "slide_accuracy": v["slide_accuracy"]}
+                      for r, v in sorted(evaluated.items())]
+    rules = round_rules(metrics, {r: v["kappa"] for r, v in evaluated.items()})
 
     # topk-mean on the selected round's heatmaps
     t0 = time.time()
-    topk = run_topk_mean(em_dir, sel["selected_round"], cohort, results["mixed"], args.seed)
-    print(f"topk-mean: slide AUC {topk['auc']:.3f}, binary accuracy {topk['binary_accuracy']:.3f}, "
-          f"kappa (with morphology size rule) {topk['kappa']:.4f} in {time.time() - t0:.0f} s", flush=True)
+    topk = None
+    if args.topk_mean:
+        topk = run_topk_mean(em_dir, sel["selected_round"], cohort, results["mixed"], args.seed)
+        print(f"topk-mean: slide AUC {topk['auc']:.3f}, binary accuracy {topk['binary_accuracy']:.3f}, "
+              f"kappa (with morphology size rule) {topk['kappa']:.4f} in {time.time() - t0:.0f} s", flush=True)
 
+    t_topk = time.time() - t0
     out = {
         "kappa_mixed": results["mixed"]["kappa"],
         "kappa_pixel_only": results["pixel_only"]["kappa"],
@@ -430,12 +545,47 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
                         for p, (r, _) in results["mixed"]["stages"].items()},
         "load_average": os.getloadavg(),
         "threads": args.threads,
+        "regime": cohort.get("regime", "v1"),
+        "options": {k: getattr(args, k) for k in ("rounds", "init_steps", "round_steps", "threshold",
+                                                   "pseudo_top_k", "positive_negatives", "min_hard_negatives",
+                                                   "select_from", "eval_rounds")},
+        # held-out kappa of every evaluated round and of the round each selection rule would keep:
+        # a diagnostic only (the trainer selects from slide labels of the training slides alone)
+        "heldout_per_round": heldout_rounds,
+        "round_rules": rules,
+        "cpu_seconds": time.process_time(),  # this process's CPU time: about the wall time on an idle core
+        "seconds_stages": {"cohort": t_cohort, "mixed_em": t_em, "heldout_eval": t_eval, "topk_mean": t_topk},
     }
     print(json.dumps({k: v for k, v in out.items() if k not in ("per_round", "test_stages")}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1, default=float))
     return out
+
+
+def regime_split(counts: dict[str, int], n_train: int, n_test: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Training and held-out patients per stage, each stratified over what is left."""
+    train = allocate(n_train, counts)
+    test = allocate(n_test, {k: counts[k] - train[k] for k in counts})
+    return train, test
+
+
+def round_rules(metrics: list[dict], heldout_kappa: dict[int, float]) -> dict[str, dict]:
+    """The round each selection rule keeps (from the per-round training metrics only) and, where
+    that round was evaluated, its held-out kappa. Rules: the trainer's default (out-of-fold stage-2
+    loss over the EM rounds), the same with round 0 competing, the in-sample loss, the highest
+    out-of-fold accuracy (EM rounds, first on ties), and simply the last round."""
+    from trainers.mixed_em import choose_round
+
+    rows = sorted(metrics, key=lambda r: r["round"])
+    acc = [float(r.get("stage2_cv_accuracy") or float("nan")) for r in rows]
+    em = [i for i in range(1, len(rows)) if acc[i] == acc[i]]
+    picks = {"cv_loss": choose_round(rows, "cv_loss", 1)["selected_round"],
+             "cv_loss_with_round0": choose_round(rows, "cv_loss", 0)["selected_round"],
+             "train_loss": choose_round(rows, "train_loss", 1)["selected_round"],
+             "cv_accuracy": max(em, key=lambda i: (acc[i], -i)) if em else len(rows) - 1,
+             "last": len(rows) - 1}
+    return {k: {"round": r, "kappa": heldout_kappa.get(r)} for k, r in picks.items()}
 
 
 def run_topk_mean(em_dir: Path, rnd: int, cohort: dict, mixed: dict, seed: int) -> dict:

@@ -181,3 +181,52 @@ def test_mixed_em_config_ranges():
     for bad in ("ratio=2,1", "rounds=-1", "patch_size=0", "threshold=1.5", "selection=best"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(MixedEMConfig, None, [bad])
+
+
+def test_top_k_keeps_each_positive_slides_best_patches(tmp_path):
+    def patch(v):
+        return np.full((2, 2), v, np.float32)
+
+    # slide 0 positive: four patches pass T, the two best (tiles 2 and 0) are kept, in tile order;
+    # slide 1 negative: unaffected by top_k
+    slides = [[(0, patch(0.8)), (1, patch(0.5)), (2, patch(0.9)), (3, patch(0.45)), (4, patch(0.1))],
+              [(0, patch(0.6)), (1, patch(0.2))]]
+    found = e_step(iter(slides), [True, False], tmp_path / "k.zarr", top_k=2)
+    assert found["positive"].tolist() == [[0, 0], [0, 2]]
+    assert found["hard_negative"].tolist() == [[1, 0]]
+    arr = zarr.open_array(str(tmp_path / "k.zarr"), mode="r")
+    np.testing.assert_allclose(np.asarray(arr[1], np.float32), pseudo_label(patch(0.9), True), atol=1e-3)
+    assert e_step(iter(slides), [True, False], tmp_path / "all.zarr")["positive"].shape == (4, 2)
+
+
+def test_positive_slide_negatives_below_their_threshold(tmp_path):
+    def patch(v):
+        return np.full((2, 2), v, np.float32)
+
+    slides = [[(0, patch(0.8)), (1, patch(0.02)), (2, patch(0.2))]]
+    plain = e_step(iter(slides), [True], tmp_path / "a.zarr")
+    assert plain["hard_negative"].shape == (0, 2)       # the paper's rule: negatives from negative slides only
+    found = e_step(iter(slides), [True], tmp_path / "b.zarr", positive_negatives=0.05)
+    assert found["positive"].tolist() == [[0, 0]] and found["hard_negative"].tolist() == [[0, 1]]
+
+
+def test_round_zero_may_win_the_selection_when_asked():
+    from trainers.mixed_em import choose_round
+
+    rows = [{"round": 0, "stage2_cv_loss": 0.3, "stage2_chance_loss": 0.69},
+            {"round": 1, "stage2_cv_loss": 0.4, "stage2_chance_loss": 0.69}]
+    assert choose_round(rows)["selected_round"] == 1
+    chosen = choose_round(rows, first=0)
+    assert chosen["selected_round"] == 0 and chosen["select_from"] == 0
+
+
+def test_new_e_step_options_are_checked():
+    from slidekit.base.errors import ConfigError
+    from trainers.config import load_config
+    from trainers.mixed_em import MixedEMConfig
+
+    for bad in ("pseudo_top_k=-1", "positive_negatives=0.5", "select_from=2"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(MixedEMConfig, None, [bad])
+    cfg = load_config(MixedEMConfig, None, ["pseudo_top_k=4", "positive_negatives=0.05", "select_from=0"])
+    assert (cfg.pseudo_top_k, cfg.positive_negatives, cfg.select_from) == (4, 0.05, 0)

@@ -8,6 +8,9 @@ e.g. SimCLR). Every later round ``r``:
   dropped. In positive slides a kept patch gets the soft pseudo-label ``min(scale * p, 1)``
   (V = 4), values below ``floor`` (0.01) set to 0; in negative slides a kept patch is a hard
   negative with an all-zero label. Pseudo-labels live on disk (zarr), never all in RAM.
+  Options beyond the paper (off by default): ``pseudo_top_k`` keeps only each positive slide's
+  k best patches as positive pseudo-labels, ``positive_negatives`` makes positive-slide patches
+  far below T hard negatives too, ``min_hard_negatives`` tops the hard negatives up.
 - **M-step**: the model keeps training from its previous weights with soft-label binary
   cross-entropy, every batch drawn at the fixed ratio ``ratio`` (2:1:7) between pixel labels,
   positive pseudo-labels and hard negatives (``slidekit.data.sampling.FixedRatioSampler``).
@@ -16,7 +19,8 @@ After every round (round 0 included) the model predicts a heatmap of every slide
 and the stage-2 classifier (``morph-lgbm``: LightGBM on heatmap morphology) is fitted on them; its
 loss is logged. The EM round (>= 1) with the lowest stage-2 loss is selected (the paper's
 convergence criterion): ``checkpoint.pt`` and ``morph_lgbm.json`` are that round's, and
-``selected.json`` names it. Per-round files are under ``rounds/r<N>/``.
+``selected.json`` names it (``select_from: 0`` lets round 0 compete). Per-round files are under
+``rounds/r<N>/``.
 
 Input: a slide table (``slide,label[,mask]``): rows with a ``mask`` (an image covering the whole
 slide, any resolution, > 0 = tumour) are pixel-labelled; the others need a slide label
@@ -83,6 +87,8 @@ class MixedEMConfig(StainOptions):
     scale: float = 4.0
     floor: float = 0.01
     min_hard_negatives: int = 0  # top up hard negatives with the highest-scoring negative patches (0: paper rule)
+    pseudo_top_k: int = 0       # keep only each positive slide's k highest-scoring kept patches as pseudo-labels (0: all)
+    positive_negatives: float = 0.0  # positive-slide patches with max prob below this become hard negatives (0: none)
     weight_decay: float = 1e-4
     predict_batch: int = 8
     predict_tile: int = 0       # heatmap tiles (px at ``mpp``); 0: 4 x patch_size (large tiles predict faster)
@@ -90,6 +96,7 @@ class MixedEMConfig(StainOptions):
     stage2_thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
     stage2_work_mpp: float | None = None
     selection: str = "cv_loss"  # stage-2 loss that selects the round: "cv_loss" or "train_loss"
+    select_from: int = 1        # first round the selection may keep (0: the pixel-labels-only round 0 may win)
 
     def validate(self) -> None:
         super().validate()
@@ -106,9 +113,13 @@ class MixedEMConfig(StainOptions):
                      "three numbers >= 0 (pixel : pseudo-positive : hard-negative), not all 0")
         for key in ("threshold", "floor", "min_tissue"):
             check_option(0 <= getattr(self, key) <= 1, key, getattr(self, key), "in [0, 1]")
+        check_option(self.pseudo_top_k >= 0, "pseudo_top_k", self.pseudo_top_k, "an integer >= 0")
+        check_option(0 <= self.positive_negatives <= self.threshold, "positive_negatives", self.positive_negatives,
+                     "in [0, threshold]")
         check_option(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         check_option(self.selection in ("cv_loss", "train_loss"), "selection", self.selection,
                      "cv_loss or train_loss")
+        check_option(self.select_from in (0, 1), "select_from", self.select_from, "0 or 1")
 
 
 # --------------------------------------------------------------------------------- the E-step
@@ -129,7 +140,8 @@ def pseudo_label(prob: np.ndarray, positive: bool, threshold: float = 0.4, scale
 
 
 def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, threshold: float = 0.4,
-           scale: float = 4.0, floor: float = 0.01, min_hard_negatives: int = 0) -> dict[str, np.ndarray]:
+           scale: float = 4.0, floor: float = 0.01, min_hard_negatives: int = 0, top_k: int = 0,
+           positive_negatives: float = 0.0) -> dict[str, np.ndarray]:
     """Apply ``pseudo_label`` to an iterable of ``(key, prob map)`` per slide and store the result.
 
     ``patch_probs[s]`` yields ``(tile index, (P, P) prob)`` for slide ``s``. Writes the positive
@@ -139,6 +151,12 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
     ``min_hard_negatives`` (0 = the paper's rule only) tops the hard negatives up with the
     highest-scoring remaining patches of negative slides: once a model has learnt to stay below
     T on most negatives, a handful of hard negatives would otherwise fill 7/10 of every batch.
+
+    ``top_k`` (0 = all) keeps only the ``top_k`` kept patches of each positive slide with the
+    highest maximum probability as positive pseudo-labels: a small lesion covers a few patches,
+    and the rest of what passes T in a positive slide is mostly look-alike tissue (follicles).
+    ``positive_negatives`` (0 = off, the paper's rule: negatives from negative slides only) makes
+    every patch of a positive slide whose maximum probability is below it a hard negative too.
     """
     out = Path(out)
     pos_rows: list[tuple[int, int]] = []
@@ -160,19 +178,32 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
             pending.clear()
 
         for s, (items, positive) in enumerate(zip(patch_probs, positives)):
+            kept: list[tuple[float, int, np.ndarray]] = []  # (max prob, tile, label) of this positive slide
             for tile, prob in items:
                 y = pseudo_label(prob, positive, threshold, scale, floor)
                 if y is None:
+                    top = float(np.max(prob)) if prob.size else 0.0
                     if not positive and min_hard_negatives:
-                        spare.append((float(np.max(prob)) if prob.size else 0.0, s, int(tile)))
+                        spare.append((top, s, int(tile)))
+                    elif positive and top < positive_negatives:
+                        neg_rows.append((s, int(tile)))
                     continue
                 if not positive:
                     neg_rows.append((s, int(tile)))
+                    continue
+                if top_k:  # ranked once the slide is done (one slide's patches at most in RAM)
+                    kept.append((float(np.max(prob)), int(tile), y))
                     continue
                 pending.append(y)
                 pos_rows.append((s, int(tile)))
                 if len(pending) >= 256:  # bounded memory: write in blocks
                     flush()
+            if kept:
+                kept.sort(key=lambda v: (-v[0], v[1]))
+                for _, tile, y in sorted(kept[:top_k], key=lambda v: v[1]):
+                    pending.append(y)
+                    pos_rows.append((s, tile))
+                flush()
         flush()
         if len(neg_rows) < min_hard_negatives and spare:
             spare.sort(key=lambda v: (-v[0], v[1], v[2]))
@@ -506,7 +537,8 @@ class MixedEMTrainer(Trainer):
         slides = tqdm(range(len(self.labelled)), desc=f"round {r} pseudo-labels", unit="slide", leave=False,
                       disable=not self.progress)
         found = e_step((patches(i) for i in slides), [x.positive for x in self.labelled],
-                       rdir / "pseudo_labels.zarr", c.threshold, c.scale, c.floor, c.min_hard_negatives)
+                       rdir / "pseudo_labels.zarr", c.threshold, c.scale, c.floor, c.min_hard_negatives,
+                       c.pseudo_top_k, c.positive_negatives)
         with atomic_path(index_path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **found)
@@ -527,7 +559,7 @@ class MixedEMTrainer(Trainer):
 
     def _select(self) -> Path:
         rows = json.loads((self.out / "metrics.json").read_text())
-        choice = choose_round(rows, self.config.selection)
+        choice = choose_round(rows, self.config.selection, self.config.select_from)
         for message in choice["warnings"]:
             warnings.warn(TrainingWarning(f"{self.out}: {message}"), stacklevel=2)
         src = self.out / "rounds" / f"r{choice['selected_round']}"
@@ -538,7 +570,7 @@ class MixedEMTrainer(Trainer):
         return self.out / "checkpoint.pt"
 
 
-def choose_round(rows: Sequence[dict], selection: str = "cv_loss") -> dict[str, Any]:
+def choose_round(rows: Sequence[dict], selection: str = "cv_loss", first: int = 1) -> dict[str, Any]:
     """The round to keep from the per-round metrics, with the warnings a user must see.
 
     ``selection`` names the stage-2 loss (``cv_loss``: out-of-fold; ``train_loss``: in-sample).
@@ -546,27 +578,28 @@ def choose_round(rows: Sequence[dict], selection: str = "cv_loss") -> dict[str, 
     the in-sample loss decides, with a warning; when no loss is finite the last round is kept,
     with a warning; and a selected loss no better than chance (the log loss of always predicting
     the class frequencies, ``stage2_chance_loss``) is warned about: the round choice is then arbitrary.
-    Returns the content of ``selected.json``.
+    ``first`` is the first round that may be kept (1: an EM round, as in the paper; 0: round 0,
+    pixel labels only, competes too). Returns the content of ``selected.json``.
     """
     rows = sorted(rows, key=lambda r: r["round"])
     key = "stage2_cv_loss" if selection == "cv_loss" else "stage2_train_loss"
     num = lambda v: math.nan if v is None else float(v)  # noqa: E731
     losses = [num(r.get(key)) for r in rows]
     notes = []
-    if len(rows) > 1 and not any(math.isfinite(v) for v in losses[1:]):
+    if len(rows) > 1 and not any(math.isfinite(v) for v in losses[first:]):
         if key == "stage2_cv_loss":
             notes.append("the stage-2 out-of-fold loss is NaN in every EM round (too few slide-labelled slides "
                          "per class for cross-validation); the round was selected on the in-sample loss instead, "
                          "which hardly tells rounds apart")
             key = "stage2_train_loss"
             losses = [num(r.get(key)) for r in rows]
-    sel = select_round(losses)
-    if len(rows) > 1 and not any(math.isfinite(v) for v in losses[1:]):
+    sel = select_round(losses, first)
+    if len(rows) > 1 and not any(math.isfinite(v) for v in losses[first:]):
         notes.append(f"no EM round has a finite stage-2 loss ({key}); round {sel} was kept without a criterion")
     chance = num(rows[sel].get("stage2_chance_loss")) if rows else math.nan
     if math.isfinite(losses[sel] if rows else math.nan) and math.isfinite(chance) and losses[sel] >= chance - 1e-6:
         notes.append(f"the selected round {sel}'s stage-2 loss {losses[sel]:.4g} ({key}) is no better than chance "
                      f"({chance:.4g}: always predicting the class frequencies); stage 2 does not tell the slides "
                      "apart, so the round choice is arbitrary")
-    return {"selected_round": sel, "selection": key, "losses": losses, "chance_loss": chance,
+    return {"selected_round": sel, "selection": key, "select_from": first, "losses": losses, "chance_loss": chance,
             "rounds": len(losses) - 1, "warnings": notes}
