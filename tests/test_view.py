@@ -21,7 +21,7 @@ pytest.importorskip("starlette", reason="starlette is not installed (pip install
 pytest.importorskip("httpx", reason="httpx (starlette's TestClient) is not installed (pip install -e .[dev])")
 from starlette.testclient import TestClient  # noqa: E402
 
-from slidekit.base.errors import OutputError, SlideError  # noqa: E402
+from slidekit.base.errors import ConfigError, OutputError, SlideError  # noqa: E402
 from slidekit.cli import main  # noqa: E402
 from slidekit.infer.heatmap import Heatmap  # noqa: E402
 from slidekit.slides.slide import open_slide  # noqa: E402
@@ -304,6 +304,35 @@ def test_recorded_slide_is_found_by_fingerprint(outputs, tmp_path, monkeypatch):
     (tmp_path / "s.tif").symlink_to(outputs["slide"])
     item = TestClient(build_app(moved), base_url="http://127.0.0.1").get("/api/item/OUT").json()
     assert item["width"] == W
+
+
+def test_a_folder_with_only_a_heatmap_store_and_slide_given(outputs, tmp_path):
+    """mil-attention writes attention.zarr, attention.png and tiles.geojson and no marker: the store
+    names its slide (file name, fingerprint); --slide gives it where that is not enough."""
+    from slidekit.infer.heatmap import HeatmapWriter
+    from slidekit.regions.tiling import TileGrid
+
+    with open_slide(outputs["slide"]) as s:
+        grid = TileGrid.from_slide(s, mpp=2.0, size=64, min_tissue=0)
+    att = outputs["root"] / "ATT"
+    w = HeatmapWriter(att / "attention.zarr", grid, "classification", ["attention"])
+    w.add(np.arange(len(grid)), np.linspace(0, 1, len(grid), dtype=np.float32)[:, None])
+    w.finish()
+    item = TestClient(build_app(att), base_url="http://127.0.0.1").get("/api/item/ATT").json()
+    assert item["heatmap"] == "attention.zarr" and item["slide_name"] == "s.tif" and item["width"] == W
+    assert item["overlay_meta"]["legend"]["label"] == "attention"
+    # moved away from its slide: the page says so and names --slide; --slide shows it
+    moved = tmp_path / "ATT"
+    import shutil
+    shutil.copytree(att, moved)
+    r = TestClient(build_app(moved), base_url="http://127.0.0.1").get("/api/item/ATT")
+    assert r.status_code == 422 and "give it with --slide" in r.json()["error"]
+    c = TestClient(build_app(moved, slide=outputs["slide"]), base_url="http://127.0.0.1")
+    assert c.get("/api/item/ATT").json()["width"] == W
+    with pytest.warns(UserWarning, match="not the slide"):
+        TestClient(build_app(moved, slide=outputs["root"] / "b.tif"), base_url="http://127.0.0.1").get("/api/item/ATT")
+    with pytest.raises(ConfigError, match="--slide is for one slide's output folder"):
+        build_app(outputs["cohort"], slide=outputs["slide"])
 
 
 def test_slide_lru_closes_the_least_recent_after_its_last_reader(outputs):

@@ -42,8 +42,8 @@ from slidekit.base.errors import ConfigError, SlidekitError, SlidekitWarning
 from slidekit.infer.heatmap import Heatmap
 from slidekit.slides.slide import open_slide
 from slidekit.view.index import Index, public
-from slidekit.view.overlay import GEOJSON_SUFFIXES, find_heatmap, render_overlay
-from slidekit.view.paths import Refused
+from slidekit.view.overlay import GEOJSON_SUFFIXES, render_overlay
+from slidekit.view.paths import Refused, find_heatmap
 from slidekit.view.tiles import SlideCache
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -75,8 +75,9 @@ class _Lru(OrderedDict):
 class Viewer:
     """The state behind the app: PATH's index, the open slides, rendered overlays, tile statistics."""
 
-    def __init__(self, path: str | Path, open_slides: int = 8, backend: str | None = None) -> None:
-        self.index = Index(path)
+    def __init__(self, path: str | Path, open_slides: int = 8, backend: str | None = None,
+                 slide: str | Path | None = None) -> None:
+        self.index = Index(path, slide)
         self.slides = SlideCache(open_slides, opener=lambda p: open_slide(p, backend=backend, require_mpp=False))
         self.overlays = _Lru(8)
         self.thumbs = _Lru(1024)
@@ -200,14 +201,15 @@ ROUTES = [
 
 
 def build_app(path: str | Path, allowed_hosts: list[str] | None = None, open_slides: int = 8,
-              backend: str | None = None) -> Starlette:
+              backend: str | None = None, slide: str | Path | None = None) -> Starlette:
     """The viewer app for PATH (a slide, a per-slide output folder or a cohort OUT folder).
 
     Raises SlideError / OutputError (one line) when PATH is none of these. ``allowed_hosts``: the
     Host names it answers to (default: the loopback names); ``open_slides``: the LRU's size;
-    ``backend``: the slide reader of tiles ("openslide", "tiffslide", "image"; default: automatic).
+    ``backend``: the slide reader of tiles ("openslide", "tiffslide", "image"; default: automatic);
+    ``slide``: the slide of a per-slide output folder that does not record where it is.
     """
-    viewer = Viewer(path, open_slides=open_slides, backend=backend)
+    viewer = Viewer(path, open_slides=open_slides, backend=backend, slide=slide)
     hosts = list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_HOSTS)
     routes = [*ROUTES, Mount("/static", app=StaticFiles(directory=STATIC), name="static")]
     @contextlib.asynccontextmanager
@@ -246,7 +248,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000, open_slides: int = 8,
-                backend: str | None = None) -> tuple[uvicorn.Server, socket.socket, str]:
+                backend: str | None = None, slide: str | Path | None = None) -> tuple[uvicorn.Server, socket.socket, str]:
     """(server, bound socket, URL) for PATH, not started: ``server.run(sockets=[sock])`` serves until
     ``server.should_exit`` (tests run it in a thread). A host other than loopback is warned about."""
     if _is_loopback(host):
@@ -255,7 +257,7 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000, ope
         warnings.warn(SlidekitWarning(f"serving on {host}: anyone who can reach this machine can see these slides"),
                       stacklevel=2)
         hosts = ["*"]
-    app = build_app(path, allowed_hosts=hosts, open_slides=open_slides, backend=backend)
+    app = build_app(path, allowed_hosts=hosts, open_slides=open_slides, backend=backend, slide=slide)
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
@@ -264,10 +266,11 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000, ope
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, open_slides: int = 8,
-          backend: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+          backend: str | None = None, slide: str | Path | None = None,
+          on_ready: Callable[[str], None] | None = None) -> None:
     """Serve the viewer of PATH until Ctrl-C (``build_app``'s options); ``on_ready(url)`` is called
     once the port is bound."""
-    server, sock, address = make_server(path, host, port, open_slides, backend)
+    server, sock, address = make_server(path, host, port, open_slides, backend, slide)
     if on_ready is not None:
         on_ready(address)
     try:

@@ -13,9 +13,10 @@ import threading
 from pathlib import Path
 from urllib.parse import quote
 
-from slidekit.base.errors import OutputError
-from slidekit.view.overlay import find_heatmap, geojson_files
-from slidekit.view.paths import Refused, ServedRoot, classify, is_output_folder, read_cohort_csv, recorded_slide
+from slidekit.base.errors import ConfigError, OutputError, SlideError
+from slidekit.view.overlay import geojson_files
+from slidekit.view.paths import (Refused, ServedRoot, classify, find_heatmap, is_output_folder, read_cohort_csv,
+                                 recorded_slide)
 
 # summary.json figures shown beside a slide (the rest stay in the file)
 SUMMARY_FIGURES = ("task", "classes", "tiles", "regions", "region_area_mm2", "nuclei", "heatmap_mpp", "seconds")
@@ -31,9 +32,16 @@ def url(prefix: str, rel: str, suffix: str = "") -> str:
 class Index:
     """PATH's mode ("cohort", "output" or "slide") and its items."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, slide: str | Path | None = None) -> None:
         self.mode = classify(path)  # one-line typed error for a missing/unreadable PATH
         self.root = ServedRoot(Path(path).resolve())
+        self.slide = None  # the slide of PATH given by the caller (--slide), for folders that do not record it
+        if slide is not None:
+            if self.mode != "output":
+                raise ConfigError(f"--slide is for one slide's output folder; {path} is a {self.mode}")
+            if classify(slide) != "slide":
+                raise SlideError("is a folder of outputs, not a slide", slide)
+            self.slide = Path(slide).resolve()
         self._items: dict[Path, dict] = {}
         self._lock = threading.Lock()
 
@@ -62,7 +70,7 @@ class Index:
         item: dict = {"key": rel, "name": target.name, "heatmap": None, "geojson": [], "summary": {},
                       "cohort": None}
         if target.is_dir() and is_output_folder(target):
-            slide = recorded_slide(target)
+            slide = recorded_slide(target, self.slide if target == self.root.path else None)
             hm = find_heatmap(target)
             if hm is not None:
                 item["heatmap"] = hm.name

@@ -18,19 +18,10 @@ from PIL import Image
 
 from slidekit.infer.heatmap import Heatmap
 from slidekit.infer.legend import legend_info
+from slidekit.view.paths import find_heatmap
 
-# The stores a slidekit command leaves in a slide's folder: heatmap, MIL attention.
-HEATMAP_STORES = ("heatmap.zarr", "attention.zarr")
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
 MAX_OVERLAY_SIZE = 2048  # px on the longer side of the overlay PNG
-
-
-def find_heatmap(folder: Path) -> Path | None:
-    """The first finished heatmap store of ``folder`` (None when it has none)."""
-    for name in HEATMAP_STORES:
-        if (folder / name).is_dir() and not (folder / f"{name}.part").exists():
-            return folder / name
-    return None
 
 
 def geojson_files(folder: Path) -> list[Path]:

@@ -15,15 +15,20 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from slidekit.base.errors import OutputError, SlideError
+import zarr
+
+from slidekit.base.errors import OutputError, SlideError, SlidekitWarning
 from slidekit.base.outputs import MARKER
 from slidekit.slides.identity import slide_fingerprint
 from slidekit.slides.slide import open_slide
 
 COHORT_CSV = "cohort.csv"
+# The stores a slidekit command leaves in a slide's folder: heatmap, MIL attention.
+HEATMAP_STORES = ("heatmap.zarr", "attention.zarr")
 
 
 class Refused(Exception):
@@ -68,13 +73,23 @@ class ServedRoot:
         return Path(self.name, target.resolve().relative_to(self.path)).as_posix().rstrip("/.") or self.name
 
 
+def find_heatmap(folder: Path) -> Path | None:
+    """The first finished heatmap store of ``folder`` (None when it has none)."""
+    for name in HEATMAP_STORES:
+        if (folder / name).is_dir() and not (folder / f"{name}.part").exists():
+            return folder / name
+    return None
+
+
 def is_output_folder(path: Path) -> bool:
-    """A per-slide output folder of slidekit (its marker, or a summary.json naming its slide)."""
-    return path.is_dir() and ((path / MARKER).is_file() or (path / "summary.json").is_file())
+    """A per-slide output folder of slidekit: its marker, a summary.json, or a heatmap store
+    (``mil-attention`` writes only ``attention.zarr`` and its overlay)."""
+    return path.is_dir() and ((path / MARKER).is_file() or (path / "summary.json").is_file()
+                              or find_heatmap(path) is not None)
 
 
 def _record(folder: Path) -> dict:
-    """The folder's own record of its slide: {"slide": path, "slide_id": fingerprint or None}."""
+    """The folder's own record of its slide: {"slide": path or name, "slide_id": fingerprint or None}."""
     for name in (MARKER, "summary.json"):
         try:
             data = json.loads((folder / name).read_text())
@@ -83,7 +98,16 @@ def _record(folder: Path) -> dict:
         if isinstance(data, dict) and data.get("slide"):
             ident = data.get("slide_id") or (data.get("config") or {}).get("slide_id")
             return {"slide": str(data["slide"]), "slide_id": ident}
-    raise OutputError(f"records no slide (no readable {MARKER} or summary.json)", folder)
+    store = find_heatmap(folder)  # a heatmap store names its slide (file name and fingerprint)
+    if store is not None:
+        try:
+            slide = zarr.open_group(str(store), mode="r").attrs.get("slide")
+        except Exception:  # zarr raises several kinds for a damaged store; then it records nothing
+            slide = None
+        if isinstance(slide, dict) and slide.get("name"):
+            return {"slide": str(slide["name"]), "slide_id": slide.get("id")}
+    raise OutputError(f"records no slide (no readable {MARKER}, summary.json or heatmap store); "
+                      "give it with --slide", folder)
 
 
 def find_slide(recorded: str, near: list[Path], fingerprint: str | None, folder: Path) -> Path:
@@ -108,11 +132,21 @@ def find_slide(recorded: str, near: list[Path], fingerprint: str | None, folder:
         except OSError:
             continue
     raise OutputError(f"records slide {recorded}, which is not found (looked in the working directory and "
-                      f"beside the output folder)", folder)
+                      f"beside the output folder; give it with --slide)", folder)
 
 
-def recorded_slide(folder: Path) -> Path:
-    """The slide a per-slide output folder belongs to."""
+def recorded_slide(folder: Path, given: Path | None = None) -> Path:
+    """The slide a per-slide output folder belongs to; ``given`` (``--slide``) instead of its record,
+    with a warning when the folder records another slide's fingerprint."""
+    if given is not None:
+        try:
+            rec = _record(folder)
+        except OutputError:
+            rec = {}
+        if rec.get("slide_id") and rec["slide_id"] != slide_fingerprint(given):
+            warnings.warn(SlidekitWarning(f"{given}: not the slide {folder} records ({rec['slide']}: another "
+                                          "fingerprint); showing it as asked"), stacklevel=2)
+        return given
     rec = _record(folder)
     return find_slide(rec["slide"], [folder, folder.parent, folder.parent.parent], rec["slide_id"], folder)
 
