@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mpp", type=float, default=1.0, help="µm/px both image sets are seen at")
     ap.add_argument("--crop", type=int, default=96, help="pre-training crop (px)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--steps-per-epoch", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--backbone", default="resnet18")

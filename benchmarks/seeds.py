@@ -11,6 +11,9 @@ written next to ``--json OUT`` as ``OUT.seedS.json``), and :func:`summarise` wri
   ``diff_wins`` (seeds where ``a >= b``), with ``diff_of`` naming the pair,
 * ``seeds`` and ``runs`` (each seed's whole result).
 
+Seeds run as separate processes (each ``--seed S --json OUT.seedS.json``, a variant's
+``OUT.seedS.PREFIX.json``) are summarised the same way by :func:`combine_seed_files`.
+
 Variants (e.g. a baseline method run on the same seeds) are extra argument lists; a variant's
 metrics are stored under its prefix (``baseline_iou``), so they pair with the main run's by seed.
 :func:`add_baseline_argument` + :func:`run_with_baseline` are the ``--baseline`` wiring the
@@ -150,35 +153,59 @@ def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, s
     base = strip_options(sys.argv[1:] if argv is None else argv, {**_OWN, **{d: 1 for d in drop}})
     variants = {"": [], **(variants or {})}
     with tempfile.TemporaryDirectory(prefix="seeds_") as tmp:
-        runs = []
+        files = json_out if json_out is not None else Path(tmp) / "seeds.json"
         for seed in seeds:
-            merged: dict = {}
             for prefix, extra in variants.items():
-                if json_out is not None:
-                    stem = json_out.name.removesuffix(".json")
-                    tag = f".{prefix.rstrip('_')}" if prefix else ""
-                    path = json_out.with_name(f"{stem}.seed{seed}{tag}.json")
-                else:
-                    path = Path(tmp) / f"seed{seed}_{prefix or 'main'}.json"
+                path = seed_result_path(files, seed, prefix)
                 print(f"[seeds] seed {seed}{' ' + prefix.rstrip('_') if prefix else ''}: "
                       f"{' '.join(base + list(extra))}", flush=True)
                 main([*with_seed_dirs(base, seed_dirs, f"seed{seed}" + (f"_{prefix.rstrip('_')}" if prefix else "")),
                       *extra, "--seed", str(seed), "--json", str(path)])
                 if not path.is_file():  # e.g. the data was missing and the benchmark skipped itself
                     raise SystemExit(f"seed {seed}: the run wrote no result ({path}); see its output above")
-                result = json.loads(path.read_text())
-                if prefix:
-                    merged.update({prefix + m: _get(result, m) for m in metrics})
-                    merged[prefix.rstrip("_")] = result
-                else:
-                    merged = {**result, **merged}
-            runs.append(merged)
-    all_metrics = [*metrics, *(p + m for p in variants if p for m in metrics)]
+        return combine_seed_files(files, seeds, metrics, [p for p in variants if p], pair, pairs,
+                                  write=json_out is not None)
+
+
+def seed_result_path(json_out: Path, seed: int, prefix: str = "") -> Path:
+    """Where one seed's run writes its result: ``OUT.seedS.json``, a variant's ``OUT.seedS.PREFIX.json``."""
+    stem = json_out.name.removesuffix(".json")
+    tag = f".{prefix.rstrip('_')}" if prefix else ""
+    return json_out.with_name(f"{stem}.seed{seed}{tag}.json")
+
+
+def merge_variants(main_result: Mapping, variant_results: Mapping[str, Mapping], metrics: Sequence[str]) -> dict:
+    """One seed's record: the main run's result, each variant's metrics as ``prefix + metric`` and
+    its whole result under ``prefix`` less its trailing ``_`` (``baseline``)."""
+    merged = dict(main_result)
+    for prefix, result in variant_results.items():
+        merged.update({prefix + m: _get(result, m) for m in metrics})
+        merged[prefix.rstrip("_")] = dict(result)
+    return merged
+
+
+def combine_seed_files(json_out: Path, seeds: Sequence[int], metrics: Sequence[str], prefixes: Sequence[str] = (),
+                       pair: tuple[str, str] | None = None, pairs: Mapping[str, tuple[str, str]] | None = None,
+                       write: bool = True) -> dict:
+    """The multi-seed summary from the per-seed files (:func:`seed_result_path`), written to ``json_out``.
+
+    :func:`run_seeds` ends with it; called alone, it summarises seeds that were run as separate
+    processes (``--seed S --json OUT.seedS[.PREFIX].json`` each). A missing file is an error.
+    """
+    runs = []
+    for seed in seeds:
+        paths = {p: seed_result_path(json_out, seed, p) for p in ["", *prefixes]}
+        missing = [str(q) for q in paths.values() if not q.is_file()]
+        if missing:
+            raise SystemExit(f"seed {seed}: no result at {', '.join(missing)}")
+        loaded = {p: json.loads(q.read_text()) for p, q in paths.items()}
+        runs.append(merge_variants(loaded.pop(""), loaded, metrics))
+    all_metrics = [*metrics, *(p + m for p in prefixes for m in metrics)]
     out = summarise(runs, seeds, all_metrics, pair, pairs)
     text = json.dumps(out, indent=1, default=float)
     print(json.dumps({k: v for k, v in out.items() if k.endswith(("_per_seed", "_mean", "_sd"))
                       or k.startswith("diff")}, indent=1, default=float))
-    if json_out is not None:
+    if write:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(json_out, text + "\n")
     return out

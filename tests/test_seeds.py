@@ -13,6 +13,7 @@ import pytest
 from benchmarks.seeds import (
     add_baseline_argument,
     add_seeds_argument,
+    combine_seed_files,
     mean_sd,
     run_seeds,
     run_with_baseline,
@@ -179,6 +180,23 @@ def test_nuclei_scores_add_pixel_and_object_dice():
     assert out["iou"] == pytest.approx(0.9) and out["iou_per_image"] == [0.8, 1.0]
     assert out["pixel_dice"] == pytest.approx((2 * 0.8 / 1.8 + 1.0) / 2)
     assert out["object_dice"] == out["mdice"] and 0 < out["mdice"] < 1
+
+
+def test_combine_seed_files_summarises_seeds_run_as_separate_processes(tmp_path):
+    main = _fake_benchmark([])
+    out_path = tmp_path / "o.json"
+    for seed in (0, 1, 2):  # what three (or six) separate processes write
+        main(["--method", "s2l", "--seed", str(seed), "--json", str(tmp_path / f"o.seed{seed}.json")])
+        main(["--method", "pce", "--seed", str(seed), "--json", str(tmp_path / f"o.seed{seed}.baseline.json")])
+    out = combine_seed_files(out_path, [0, 1, 2], ["iou"], ["baseline_"], pair=("iou", "baseline_iou"))
+    expected = run_seeds(_fake_benchmark([]), ["--method", "s2l"], [0, 1, 2], ["iou"], pair=("iou", "baseline_iou"),
+                         variants={"baseline_": ["--method", "pce"]}, json_out=tmp_path / "r.json")
+    for key in ("iou_per_seed", "baseline_iou_per_seed", "diff_per_seed", "diff_mean", "diff_sd", "diff_wins"):
+        assert out[key] == pytest.approx(expected[key])
+    assert json.loads(out_path.read_text())["runs"][2]["baseline"]["method"] == "pce"
+    (tmp_path / "o.seed1.baseline.json").unlink()
+    with pytest.raises(SystemExit, match="seed 1: no result"):
+        combine_seed_files(out_path, [0, 1, 2], ["iou"], ["baseline_"])
 
 
 def test_run_seeds_refuses_a_repeated_seed(tmp_path):
