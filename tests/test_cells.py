@@ -86,10 +86,30 @@ def test_each_nucleus_once_across_seams_and_resume(disc_slide, tmp_path):
     (tmp_path / "o" / "summary.json").unlink()
     part = tmp_path / "o" / "cells.part"
     part.mkdir()
-    (part / f"{s['config_key']}.key").touch()
+    (part / f"{s['config_key']}.{cells_mod.BAND_FORMAT}.key").touch()
     (part / "band-000000.csv").write_text("")  # band 0 'finished' with no nuclei
     resumed = cells_slide(path, tmp_path / "o", **kw)
     assert resumed["bands_resumed"] == 1 and resumed["nuclei"] < n
+
+
+def test_roi_counts_per_region(disc_slide, tmp_path):
+    path, n = disc_slide
+    kw = dict(mpp=MPP, size=64, overlap=16, threshold=0.3, min_tissue=0.0, progress=False, loaded=_loaded(),
+              min_distance_um=3.0)
+    whole = cells_slide(path, tmp_path / "all", **kw)
+    rows = list(csv.DictReader(open(tmp_path / "all" / "cells.csv")))
+    ring = [[0, 0], [160, 0], [160, 320], [0, 320], [0, 0]]  # the left half, level-0 px
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {
+        "type": "Polygon", "coordinates": [ring]}, "properties": {"objectType": "annotation", "name": "left"}}]}))
+    s = cells_slide(path, tmp_path / "roi", roi=roi, **{**kw, "min_tissue": 0.01, "tissue": {"min_area_um2": 1.0}})
+    inside = sum(float(r["x"]) < 160 for r in rows)
+    assert whole["nuclei"] == n and s["regions"][0]["nuclei"] == inside == s["nuclei"]
+    (region,) = list(csv.DictReader(open(tmp_path / "roi" / "regions.csv")))
+    assert int(region["nuclei"]) == inside and float(region["area_mm2"]) == pytest.approx(160 * 320 * MPP ** 2 / 1e6)
+    gj = json.loads((tmp_path / "roi" / "cells.geojson").read_text(encoding="utf-8"))
+    ring0 = gj["features"][0]["geometry"]["coordinates"][0]
+    assert ring0[0] == ring0[-1] and len(gj["features"]) == inside  # closed rings, one per nucleus
 
 
 def test_bad_input_one_line(tmp_path, disc_slide):

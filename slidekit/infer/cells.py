@@ -60,6 +60,7 @@ MEASURE_NAMES = {"area_um2": "Area µm^2", "perimeter_um": "Perimeter µm", "cir
 # about 0.7 kB of GeoJSON, so the plain file stays under ~15 MB (quick to open and to diff).
 GZIP_ABOVE_NUCLEI = 20_000
 SPLITS = ("auto", "boundary", "distance")
+BAND_FORMAT = "bands2"  # band files of cells.part/: measurements, then the closed outline as JSON
 
 
 BOUNDARY_NAMES = frozenset({"boundary", "contour", "border", "edge", "nucleus boundary", "nuclear boundary"})
@@ -267,12 +268,15 @@ def tile_nuclei(prob: np.ndarray, rgb: np.ndarray, core: np.ndarray, mpp: float,
     return measure_instances(lut[labels], rgb, mpp)
 
 
-def _feature(n: dict, nid: int) -> dict:
-    ring = [[round(float(a), 2), round(float(b), 2)] for a, b in n["xy0"]]
-    ring.append(ring[0])
-    return {"type": "Feature", "id": f"nucleus-{nid}", "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "detection", "classification": {"name": "Nucleus", "color": [40, 40, 200]},
-                           "measurements": {MEASURE_NAMES[k]: round(n[k], 4) for k in MEASURE_NAMES}}}
+_FEATURE_HEAD = '{"type": "Feature", "id": "nucleus-%d", "geometry": {"type": "Polygon", "coordinates": [%s]}, '
+_FEATURE_PROPS = ('"properties": {"objectType": "detection", "classification": {"name": "Nucleus", '
+                  '"color": [40, 40, 200]}, "measurements": %s}}')
+
+
+def _feature_json(nid: int, ring_json: str, measures: dict) -> str:
+    """One QuPath detection as GeoJSON text: ``ring_json`` is the closed outline (level-0 px) as JSON,
+    already rounded by the band writer (formatted, not parsed and dumped again: millions of nuclei)."""
+    return (_FEATURE_HEAD % (nid, ring_json)) + (_FEATURE_PROPS % json.dumps(measures))
 
 
 def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
@@ -320,10 +324,11 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
         done = finished_summary(summary_path, key)  # a stale summary is removed: redo what changed
         if done is not None:
             return done
-        if part.exists() and not (part / f"{key}.key").exists():
+        band_key = part / f"{key}.{BAND_FORMAT}.key"  # bands of another configuration or format: redone
+        if part.exists() and not band_key.exists():
             shutil.rmtree(part)  # bands of another configuration
         part.mkdir(parents=True, exist_ok=True)
-        (part / f"{key}.key").touch()
+        band_key.touch()
         timer = StageTimer()
         t_tissue = time.perf_counter()
         # min_tissue=0 without an ROI: the whole slide is tiled, no tissue detection (asked for)
@@ -395,7 +400,8 @@ def _write_band(path: Path, nuclei: list[dict], slide_mpp: tuple[float, float]) 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         for n in nuclei:
-            ring = json.dumps([[round(float(a), 2), round(float(b), 2)] for a, b in n["xy0"]])
+            xy = np.round(np.asarray(n["xy0"], np.float64), 2)
+            ring = json.dumps(np.concatenate([xy, xy[:1]]).tolist())  # closed, as GeoJSON wants
             w.writerow([n["x"], n["y"], n["x"] * slide_mpp[0], n["y"] * slide_mpp[1]]
                        + [n[k] for k in MEASURE_NAMES] + [ring])
 
@@ -416,10 +422,11 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
     """Stream the bands into cells.csv and the GeoJSON (one band in memory at a time)."""
     counts = None
     if roi_anns is not None:
-        from shapely.geometry import Point
-        from shapely.prepared import prep
+        import shapely
 
-        polys = [(a, prep(a.geometry)) for a in roi_anns]
+        polys = [(a, a.geometry) for a in roi_anns]
+        for _, g in polys:
+            shapely.prepare(g)
         counts = [0] * len(polys)
     nid = 0
     name = _geojson_name(part, bands, gzip_)
@@ -432,21 +439,25 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
             wc.writerow(COLUMNS)
             fg.write('{"type": "FeatureCollection", "features": [\n')
             first = True
+            names = list(MEASURE_NAMES.values())
             for b in bands:
                 with open(part / f"band-{int(b):06d}.csv", newline="") as fb:
-                    for row in csv.reader(fb):
-                        nid += 1
-                        vals = [float(v) for v in row[:-1]]
-                        wc.writerow([nid] + [round(v, 4) for v in vals])
-                        n = dict(zip(["x", "y", "x_um", "y_um"] + list(MEASURE_NAMES), vals))
-                        n["xy0"] = json.loads(row[-1])
-                        fg.write(("" if first else ",\n") + json.dumps(_feature(n, nid)))
-                        first = False
-                        if counts is not None:
-                            pt = Point(n["x"], n["y"])
-                            for j, (_, pp) in enumerate(polys):
-                                if pp.contains(pt):
-                                    counts[j] += 1
+                    rows = list(csv.reader(fb))
+                keep = None
+                if counts is not None and rows:  # one vectorised point-in-polygon test per band and region
+                    xy = np.array([[float(r[0]), float(r[1])] for r in rows])
+                    hits = np.array([shapely.contains_xy(g, xy[:, 0], xy[:, 1]) for _, g in polys])
+                    for j in range(len(polys)):
+                        counts[j] += int(hits[j].sum())
+                    keep = hits.any(axis=0)  # tiles reach past the ROI: nuclei centred outside it are not written
+                for i, row in enumerate(rows):
+                    if keep is not None and not keep[i]:
+                        continue
+                    nid += 1
+                    vals = [round(float(v), 4) for v in row[:-1]]
+                    wc.writerow([nid] + vals)
+                    fg.write(("" if first else ",\n") + _feature_json(nid, row[-1], dict(zip(names, vals[4:]))))
+                    first = False
             fg.write("\n]}\n")
     regions = []
     if counts is not None:
