@@ -410,3 +410,15 @@ def test_the_page_and_openseadragon_ship_with_the_package(client):
     assert client.get("/static/openseadragon/images/home_rest.png").status_code == 200
     lic = Path(__file__).resolve().parents[1] / "slidekit/view/static/openseadragon/LICENSE.txt"
     assert "Redistribution and use in source and binary forms" in lic.read_text()
+
+
+def test_another_address_than_loopback_is_warned_about(outputs):
+    from slidekit.base.errors import SlidekitWarning
+
+    with pytest.warns(SlidekitWarning, match="anyone who can reach this machine can see these slides"):
+        server, sock, address = make_server(outputs["out"], host="0.0.0.0", port=0)
+    sock.close()
+    assert address.startswith("http://0.0.0.0:")
+    _, sock, address = make_server(outputs["out"], port=0)  # the default: loopback, no warning
+    sock.close()
+    assert address.startswith("http://127.0.0.1:") and sock.family == socket.AF_INET

@@ -260,7 +260,9 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000, ope
     app = build_app(path, allowed_hosts=hosts, open_slides=open_slides, backend=backend, slide=slide)
     sock = bind(host, port)
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    # lifespan off: serve() closes the slides itself, and uvicorn's lifespan task, still waiting when
+    # Ctrl-C ends the loop, would log a traceback for a normal stop
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     return uvicorn.Server(config), sock, f"http://{shown}:{bound}/"
 
@@ -275,5 +277,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, open_slid
         on_ready(address)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn stops gracefully, then passes Ctrl-C on: the normal end here
+        pass
     finally:
         sock.close()
+        server.config.app.state.viewer.slides.close()
