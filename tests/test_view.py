@@ -422,3 +422,23 @@ def test_another_address_than_loopback_is_warned_about(outputs):
     _, sock, address = make_server(outputs["out"], port=0)  # the default: loopback, no warning
     sock.close()
     assert address.startswith("http://127.0.0.1:") and sock.family == socket.AF_INET
+
+
+def test_cli_serves_until_ctrl_c(outputs):
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "slidekit", "view", str(outputs["out"]), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline().strip()  # printed once the port is bound
+        assert line.startswith("slidekit view: http://127.0.0.1:") and line.endswith("(Ctrl-C to stop)"), line
+        url = line.split()[2]
+        with urllib.request.urlopen(url + "api/info", timeout=30) as r:
+            assert json.load(r)["mode"] == "output"
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(30) == 0 and "Traceback" not in rest and rest.strip() == "", rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
