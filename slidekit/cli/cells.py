@@ -27,7 +27,7 @@ from slidekit.cli.common import device_option, handle_errors, quiet_flag, thread
 @click.option("--min-area", "min_area_um2", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Smallest nucleus kept, µm².")
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="Smallest tissue fraction of a tile; 0 tiles the whole slide without tissue detection.")
+              help="Smallest tissue fraction of a tile; 0 (without --roi) tiles the whole slide, no tissue detection.")
 @click.option("--roi", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML",
               help="Only inside these polygons; also writes regions.csv (counts and densities per polygon).")
 @click.option("--split", type=click.Choice(["auto", "boundary", "distance"]), default="auto", show_default=True,
