@@ -249,6 +249,7 @@ def test_cohort_table_and_its_slides(outputs):
     assert rows["bad"]["status"] == "failed" and rows["bad"]["_item"] is None and rows["bad"]["error"]
     thumb = Image.open(io.BytesIO(c.get(rows["s"]["_thumb"]).content))
     assert thumb.format == "JPEG" and max(thumb.size) == 192
+    assert len(c.app.state.viewer.slides) == 0  # thumbnails do not push viewed slides out of the LRU
     item = c.get("/api/item/COH/b").json()
     assert item["cohort"] == "COH" and (item["width"], item["height"]) == (1024, 768)
     assert c.get("/dzi/COH/b_files/10/0_0.jpeg").status_code == 200

@@ -78,7 +78,8 @@ class Viewer:
     def __init__(self, path: str | Path, open_slides: int = 8, backend: str | None = None,
                  slide: str | Path | None = None) -> None:
         self.index = Index(path, slide)
-        self.slides = SlideCache(open_slides, opener=lambda p: open_slide(p, backend=backend, require_mpp=False))
+        self._open = lambda p: open_slide(p, backend=backend, require_mpp=False)
+        self.slides = SlideCache(open_slides, opener=self._open)
         self.overlays = _Lru(8)
         self.thumbs = _Lru(1024)
         self.tiles_served = 0
@@ -137,8 +138,10 @@ class Viewer:
         slide = self.index.slide_path(self.resolve(rel))
 
         def make() -> bytes:
-            with self.slides.use(slide) as dz:
-                rgb = dz.slide.thumbnail(THUMB_SIZE, progress=False)
+            # opened on its own, not through the LRU: a cohort table's hundred thumbnails would
+            # otherwise push out the slides being viewed
+            with self._open(slide) as s:
+                rgb = s.thumbnail(THUMB_SIZE, progress=False)
             return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=80, colorspace="RGB")
 
         return self.thumbs.get_or(slide, make)
