@@ -443,3 +443,20 @@ def test_cli_serves_until_ctrl_c(outputs):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_damaged_or_unfinished_heatmap_is_said_not_hidden(outputs, tmp_path):
+    import shutil
+
+    out = tmp_path / "OUT"
+    shutil.copytree(outputs["out"], out, symlinks=True)
+    (out / "heatmap.zarr" / "zarr.json").write_text("{ damaged")
+    c = TestClient(build_app(out, slide=outputs["slide"]), base_url="http://127.0.0.1")
+    item = c.get("/api/item/OUT").json()
+    assert item["width"] == W and item["overlay"] is None  # the slide still shows
+    assert len(item["notes"]) == 1 and item["notes"][0].startswith("no overlay: ") and "heatmap.zarr" in item["notes"][0]
+    assert c.get("/overlay/OUT.png").status_code == 422
+    shutil.rmtree(out / "heatmap.zarr")
+    (out / "heatmap.zarr.part").mkdir()
+    item = TestClient(build_app(out, slide=outputs["slide"]), base_url="http://127.0.0.1").get("/api/item/OUT").json()
+    assert item["heatmap"] is None and item["notes"] == ["heatmap.zarr is unfinished (an interrupted run?); not shown"]

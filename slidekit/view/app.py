@@ -120,7 +120,10 @@ class Viewer:
             slide = dz.slide
             item.update(width=dz.width, height=dz.height, mpp=None if slide.mpp is None else list(slide.mpp))
         if item["heatmap"]:
-            item["overlay_meta"] = self._overlay(target)[1]
+            try:
+                item["overlay_meta"] = self._overlay(target)[1]
+            except SlidekitError as e:  # a damaged store: show the slide and say why there is no overlay
+                item.update(overlay=None, notes=[*item["notes"], f"no overlay: {e}"])
         return item
 
     def _overlay(self, target: Path) -> tuple[bytes, dict]:

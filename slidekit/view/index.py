@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 from slidekit.base.errors import ConfigError, OutputError, SlideError
 from slidekit.view.overlay import geojson_files
-from slidekit.view.paths import (Refused, ServedRoot, classify, find_heatmap, is_output_folder, read_cohort_csv,
-                                 recorded_slide)
+from slidekit.view.paths import (HEATMAP_STORES, Refused, ServedRoot, classify, find_heatmap, is_output_folder,
+                                 read_cohort_csv, recorded_slide)
 
 # summary.json figures shown beside a slide (the rest stay in the file)
 SUMMARY_FIGURES = ("task", "classes", "tiles", "regions", "region_area_mm2", "nuclei", "heatmap_mpp", "seconds")
@@ -68,12 +68,14 @@ class Index:
     def _describe(self, target: Path) -> dict:
         rel = self.root.rel(target)
         item: dict = {"key": rel, "name": target.name, "heatmap": None, "geojson": [], "summary": {},
-                      "cohort": None}
+                      "cohort": None, "notes": []}
         if target.is_dir() and is_output_folder(target):
             slide = recorded_slide(target, self.slide if target == self.root.path else None)
             hm = find_heatmap(target)
             if hm is not None:
                 item["heatmap"] = hm.name
+            item["notes"] = [f"{n} is unfinished (an interrupted run?); not shown" for n in HEATMAP_STORES
+                             if (target / f"{n}.part").exists()]
             item["geojson"] = [{"name": g.name, "url": url("/geojson", rel_g), "bytes": g.stat().st_size}
                                for g in geojson_files(target) if (rel_g := self._inside(g))]
             try:

@@ -98,6 +98,7 @@ async function showItem(rel) {
   $("slide-name").textContent = item.slide_name;
   $("back").hidden = !item.cohort;
   showFacts(item);
+  $("message").textContent = item.notes.join("; ");
   $("slide").hidden = false;
   if (state.viewer) state.viewer.destroy();
   state.overlay = null;
