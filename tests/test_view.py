@@ -354,6 +354,7 @@ def test_deepzoom_levels():
     class Fake:
         dimensions = (1000, 300)
         level_downsamples = (1.0,)
+        backend = "openslide"
 
     dz = DeepZoom(Fake())
     assert dz.max_level == 10 and dz.level_size(10) == (1000, 300) and dz.level_size(0) == (1, 1)
@@ -460,3 +461,18 @@ def test_a_damaged_or_unfinished_heatmap_is_said_not_hidden(outputs, tmp_path):
     (out / "heatmap.zarr.part").mkdir()
     item = TestClient(build_app(out, slide=outputs["slide"]), base_url="http://127.0.0.1").get("/api/item/OUT").json()
     assert item["heatmap"] is None and item["notes"] == ["heatmap.zarr is unfinished (an interrupted run?); not shown"]
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_tiles_read_from_many_threads_are_the_serial_ones(outputs, backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = SlideCache(opener=lambda p: open_slide(p, backend=backend))
+    keys = [(lv, c, r) for lv in (9, 10, 11) for c in range(3) for r in range(3)]
+    with cache.use(outputs["slide"]) as dz:
+        serial = {k: dz.tile_rgb(*k) for k in keys}
+        with ThreadPoolExecutor(8) as pool:
+            parallel = dict(zip(keys * 3, pool.map(lambda k: dz.tile_rgb(*k), keys * 3)))
+    cache.close()
+    for k in keys:
+        np.testing.assert_array_equal(parallel[k], serial[k])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,6 +38,9 @@ class DeepZoom:
         self.max_level = max(0, math.ceil(math.log2(max(self.width, self.height))))
         self._overview: np.ndarray | None = None
         self._lock = threading.Lock()
+        # OpenSlide handles are safe to read from many threads at once; tiffslide's have not always
+        # been (Bayer-Group/tiffslide#14), so its reads of one slide take turns.
+        self._read_lock = threading.Lock() if slide.backend == "tiffslide" else nullcontext()
 
     def level_size(self, level: int) -> tuple[int, int]:
         """(w, h) of a DeepZoom level."""
@@ -71,7 +74,8 @@ class DeepZoom:
         """The slide at most ``OVERVIEW_SIZE`` px on its longer side (read once, kept)."""
         with self._lock:
             if self._overview is None:
-                self._overview = self.slide.thumbnail(OVERVIEW_SIZE, progress=False)
+                with self._read_lock:
+                    self._overview = self.slide.thumbnail(OVERVIEW_SIZE, progress=False)
             return self._overview
 
     def tile_rgb(self, level: int, col: int, row: int) -> np.ndarray:
@@ -92,7 +96,8 @@ class DeepZoom:
         level_idx = max((i for i, d in enumerate(downs) if d <= scale * 1.001), default=0)
         ds = downs[level_idx]
         rw, rh = max(1, math.ceil(tw * scale / ds)), max(1, math.ceil(th * scale / ds))
-        region = self.slide.read_region((round(x0 * scale), round(y0 * scale)), level_idx, (rw, rh), verify=False)
+        with self._read_lock:
+            region = self.slide.read_region((round(x0 * scale), round(y0 * scale)), level_idx, (rw, rh), verify=False)
         if (rw, rh) != (tw, th):
             region = cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA)
         return region
