@@ -468,7 +468,7 @@ def test_tiles_read_from_many_threads_are_the_serial_ones(outputs, backend):
     from concurrent.futures import ThreadPoolExecutor
 
     cache = SlideCache(opener=lambda p: open_slide(p, backend=backend))
-    keys = [(lv, c, r) for lv in (9, 10, 11) for c in range(3) for r in range(3)]
+    keys = [(lv, c, r) for lv in (10, 11) for c in range(3) for r in range(3)] + [(7, 0, 0), (9, 1, 1)]
     with cache.use(outputs["slide"]) as dz:
         serial = {k: dz.tile_rgb(*k) for k in keys}
         with ThreadPoolExecutor(8) as pool:
