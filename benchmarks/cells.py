@@ -119,13 +119,35 @@ def write_synthetic(path: Path, size: int, texture: np.ndarray) -> Path:
     return path
 
 
+def _rss_mib() -> float:
+    """This process's resident size now (Linux /proc), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _synthetic_child(slide: str, out: str, result: str) -> None:
-    """One cells_slide run in this (fresh) process: its figures and its own peak RSS."""
+    """One cells_slide run in this (fresh) process: its figures, its own peak RSS and its RSS
+    sampled every 5 s (where memory goes if it grows)."""
+    import threading
+
+    samples, stop = [], threading.Event()
+    t0 = time.time()
+
+    def sample() -> None:
+        while not stop.wait(5.0):
+            samples.append((round(time.time() - t0), round(_rss_mib(), 1)))
+
+    samples.append((0, round(_rss_mib(), 1)))  # after the imports
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     s = cells_slide(slide, out, threshold=0.3, progress=False, threads=1)
+    stop.set()
+    th.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     fig = {"nuclei": s["nuclei"], "tiles": s["tiles"], "seconds": s["seconds"], "stages": s["stages"],
            "nuclei_per_s": round(s["nuclei"] / s["seconds"], 1), "peak_rss_mib": round(peak, 1),
-           "geojson": s["geojson"], "geojson_mib": round((Path(out) / s["geojson"]).stat().st_size / 2**20, 1)}
+           "geojson": s["geojson"], "geojson_mib": round((Path(out) / s["geojson"]).stat().st_size / 2**20, 1),
+           "rss_mib_at_start": samples[0][1], "rss_mib_samples": samples[::max(1, len(samples) // 40)]}
     Path(result).write_text(json.dumps(fig))
 
 

@@ -243,3 +243,14 @@ def test_cells_cohort_rows_per_slide_outputs_and_rerun(disc_slide, tmp_path):
     assert res.exit_code == 0, res.output
     assert "2 skipped" in res.output
     assert [(r["status"], r["note"]) for r in csv.DictReader(open(out / "cohort.csv"))] == [("done", "done earlier")] * 2
+
+
+def test_chunked_bands_give_the_same_nuclei(disc_slide, tmp_path, monkeypatch):
+    path, n = disc_slide
+    kw = dict(mpp=MPP, size=64, overlap=16, threshold=0.3, min_tissue=0.0, progress=False, loaded=_loaded(),
+              min_distance_um=3.0)
+    cells_slide(path, tmp_path / "one", **kw)
+    monkeypatch.setattr(cells_mod, "CHUNK_TILES", 2)  # a band of 7 tiles in 4 chunks, each its own sub-grid
+    s = cells_slide(path, tmp_path / "chunks", **kw)
+    assert s["nuclei"] == n
+    assert (tmp_path / "one" / "cells.csv").read_text() == (tmp_path / "chunks" / "cells.csv").read_text()

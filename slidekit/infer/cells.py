@@ -60,6 +60,9 @@ MEASURE_NAMES = {"area_um2": "Area µm^2", "perimeter_um": "Perimeter µm", "cir
 # about 0.7 kB of GeoJSON, so the plain file stays under ~15 MB (quick to open and to diff).
 GZIP_ABOVE_NUCLEI = 20_000
 SPLITS = ("auto", "boundary", "distance")
+# Tiles of a band run in chunks of this many (see cells_slide): the tile readers' caches and the
+# nuclei in memory do not grow with the slide's width.
+CHUNK_TILES = 24
 BAND_FORMAT = "bands2"  # band files of cells.part/: measurements, then the closed outline as JSON
 
 
@@ -347,7 +350,6 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
         configure_threads(threads, workers)
         predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=False)
         predictor.timer = timer
-        reader = TileReader(slide, grid)
         sx, sy = grid.scale
         md, ma = max(1, round(min_distance_um / mpp)), max(1, round(min_area_um2 / mpp ** 2))
         bar = None
@@ -359,23 +361,34 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
         t_loop = time.perf_counter()
         for b in todo_bands:
             index = np.nonzero(rows == b)[0]
-            nuclei = []
-            for idx, y in predictor.predict(slide, grid, index, output_size=(size, size)):
-                with timer.stage("stitch"):  # instances: watershed, ownership, measures
-                    for i, probs in zip(idx.tolist(), y):
-                        rgb = reader.read(i)
-                        x0, y0 = grid.coords[i]
-                        # with an outline class, a nucleus is its interior and its outline
-                        fg, edge = (probs[ch], None) if bch is None else (probs[ch] + probs[bch], probs[bch])
-                        for n in tile_nuclei(fg, rgb, cores[i], mpp, threshold, md, ma, edge):
-                            n["xy0"] = n["contour"] * (sx, sy) + (x0, y0)
-                            cx, cy = n["centroid"]
-                            n["x"], n["y"] = x0 + cx * sx, y0 + cy * sy
-                            nuclei.append(n)
-                if bar is not None:
-                    bar.update(len(idx))
-            with timer.stage("write"), atomic_path(part / f"band-{b:06d}.csv") as tmp:
-                _write_band(tmp, nuclei, slide.mpp)
+            with atomic_path(part / f"band-{b:06d}.csv") as tmp, open(tmp, "w", newline="") as fband:
+                wband = csv.writer(fband)
+                # a band in chunks of CHUNK_TILES tiles, each its own sub-grid: the tile readers'
+                # decoded-tile caches (sized to their grid's width) and the nuclei held stay the same
+                # whatever the slide's width, so memory is flat from 8k² to 40k² and beyond
+                for c0 in range(0, len(index), CHUNK_TILES):
+                    chunk = index[c0:c0 + CHUNK_TILES]
+                    sub = grid.subset(chunk)
+                    reader = TileReader(slide, sub)
+                    nuclei = []
+                    for sidx, y in predictor.predict(slide, sub, output_size=(size, size)):
+                        with timer.stage("stitch"):  # instances: watershed, ownership, measures
+                            for j, probs in zip(sidx.tolist(), y):
+                                i = int(chunk[j])
+                                rgb = reader.read(j)
+                                x0, y0 = grid.coords[i]
+                                # with an outline class, a nucleus is its interior and its outline
+                                fg, edge = (probs[ch], None) if bch is None else (probs[ch] + probs[bch], probs[bch])
+                                for n in tile_nuclei(fg, rgb, cores[i], mpp, threshold, md, ma, edge):
+                                    n["xy0"] = n["contour"] * (sx, sy) + (x0, y0)
+                                    cx, cy = n["centroid"]
+                                    n["x"], n["y"] = x0 + cx * sx, y0 + cy * sy
+                                    nuclei.append(n)
+                        if bar is not None:
+                            bar.update(len(sidx))
+                    with timer.stage("write"):
+                        _write_rows(wband, nuclei, slide.mpp)
+                    del reader, nuclei
             release_memory()
         t_loop = time.perf_counter() - t_loop
         if bar is not None:
@@ -395,15 +408,14 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
     return summary
 
 
-def _write_band(path: Path, nuclei: list[dict], slide_mpp: tuple[float, float]) -> None:
-    """One band: a CSV row per nucleus plus its polygon (level-0 px) as JSON in the last column."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        for n in nuclei:
-            xy = np.round(np.asarray(n["xy0"], np.float64), 2)
-            ring = json.dumps(np.concatenate([xy, xy[:1]]).tolist())  # closed, as GeoJSON wants
-            w.writerow([n["x"], n["y"], n["x"] * slide_mpp[0], n["y"] * slide_mpp[1]]
-                       + [n[k] for k in MEASURE_NAMES] + [ring])
+def _write_rows(w: Any, nuclei: list[dict], slide_mpp: tuple[float, float]) -> None:
+    """Band rows (csv writer ``w``): per nucleus the centroid, the measurements and its closed
+    outline (level-0 px) as JSON in the last column."""
+    for n in nuclei:
+        xy = np.round(np.asarray(n["xy0"], np.float64), 2)
+        ring = json.dumps(np.concatenate([xy, xy[:1]]).tolist())  # closed, as GeoJSON wants
+        w.writerow([n["x"], n["y"], n["x"] * slide_mpp[0], n["y"] * slide_mpp[1]]
+                   + [n[k] for k in MEASURE_NAMES] + [ring])
 
 
 def _geojson_name(part: Path, bands: np.ndarray, gzip_: bool | None) -> str:
