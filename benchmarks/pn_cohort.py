@@ -347,12 +347,28 @@ def stage_counts() -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------ pipeline
 
-def predict_heatmaps(ckpt: Path, records: list[dict], out: Path, tile: int) -> list[Path]:
-    """Heatmaps of ``records`` with a segmenter checkpoint, at the model's MPP (resumable)."""
+def _predict_share(ckpt: Path, records: list[dict], out: Path, tile: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    predict_heatmaps(ckpt, records, out, tile)
+
+
+def predict_heatmaps(ckpt: Path, records: list[dict], out: Path, tile: int, workers: int = 1) -> list[Path]:
+    """Heatmaps of ``records`` with a segmenter checkpoint, at the model's MPP (resumable).
+    ``workers`` > 1: the slides are shared out over that many processes (one torch thread each;
+    every slide's heatmap is the same as from one process)."""
     from slidekit.models.checkpoint import load_checkpoint
     from slidekit.slides.slide import open_slide
     from trainers.mixed_em import predict_heatmap
 
+    if workers > 1 and len(records) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for f in [pool.submit(_predict_share, ckpt, records[k::workers], out, tile) for k in range(workers)]:
+                f.result()
     ck = load_checkpoint(ckpt)
     paths = []
     for rec in records:
@@ -381,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="Write the result here.")
     ap.add_argument("--work", type=Path, default=None, help="Work directory (default: a temp dir).")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=None, help="EM rounds (default: 3 in v1, 2 cross-centre)")
     ap.add_argument("--init-steps", type=int, default=150)
     ap.add_argument("--round-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0,
@@ -403,17 +419,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min-hard-negatives", type=int, default=200, help="mixed-em min_hard_negatives")
     ap.add_argument("--select-from", type=int, choices=(0, 1), default=1,
                     help="mixed-em select_from: 0 lets round 0 (pixel labels only) win the round selection")
-    ap.add_argument("--no-topk-mean", dest="topk_mean", action="store_false",
-                    help="skip the topk-mean comparison (its key is then null): for quick ablations")
+    ap.add_argument("--topk-mean", action=argparse.BooleanOptionalAction, default=None,
+                    help="also train and score topk-mean (default: in the v1 regime only; when off, the "
+                         "topk_mean key is null)")
+    ap.add_argument("--eval-workers", type=int, default=1,
+                    help="processes predicting the held-out heatmaps (same heatmaps, sooner on spare cores)")
     ap.add_argument("--eval-rounds", choices=("selected", "all"), default="selected",
                     help="held-out heatmaps of round 0 and the selected round only, or of every round (a "
                          "diagnostic of the round-selection rules; never used to select anything)")
     add_data_argument(ap)
     add_seeds_argument(ap)
     args = ap.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.regime == "v1" else 2
+    if args.topk_mean is None:
+        args.topk_mean = args.regime == "v1"
     if args.seeds:  # the mixed-EM run of issue 22: mixed vs pixel labels only, paired by seed
         return run_seeds(main, argv, args.seeds, ["kappa_mixed", "kappa_pixel_only", "slide_accuracy_mixed",
-                                                  "slide_accuracy_pixel_only", "topk_mean.kappa"],
+                                                  "slide_accuracy_pixel_only"] + ["topk_mean.kappa"] * args.topk_mean,
                          pair=("kappa_mixed", "kappa_pixel_only"), json_out=args.json, seed_dirs=("--work",))
     global DATA
     reason = data_missing_reason(args.data)
@@ -500,7 +523,8 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
         todo = list(range(len(metrics)))
     for rnd in dict.fromkeys(todo):
         rdir = em_dir / "rounds" / f"r{rnd}"
-        hms = predict_heatmaps(rdir / "checkpoint.pt", test, work / "test_heatmaps" / f"r{rnd}", PREDICT_TILE)
+        hms = predict_heatmaps(rdir / "checkpoint.pt", test, work / "test_heatmaps" / f"r{rnd}", PREDICT_TILE,
+                               args.eval_workers)
         feats = [features_from_view(open_heatmap_view(p), work_mpp=MODEL_MPP) for p in hms]
         clf = MorphClassifier.load(rdir / "morph_lgbm.json")
         pred = clf.predict(feats)
@@ -548,12 +572,13 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
         "regime": cohort.get("regime", "v1"),
         "options": {k: getattr(args, k) for k in ("rounds", "init_steps", "round_steps", "threshold",
                                                    "pseudo_top_k", "positive_negatives", "min_hard_negatives",
-                                                   "select_from", "eval_rounds")},
+                                                   "select_from", "eval_rounds", "topk_mean")},
         # held-out kappa of every evaluated round and of the round each selection rule would keep:
         # a diagnostic only (the trainer selects from slide labels of the training slides alone)
         "heldout_per_round": heldout_rounds,
         "round_rules": rules,
         "cpu_seconds": time.process_time(),  # this process's CPU time: about the wall time on an idle core
+        "cpu_seconds_workers": _children_cpu(),  # the --eval-workers processes' CPU time
         "seconds_stages": {"cohort": t_cohort, "mixed_em": t_em, "heldout_eval": t_eval, "topk_mean": t_topk},
     }
     print(json.dumps({k: v for k, v in out.items() if k not in ("per_round", "test_stages")}, indent=1))
@@ -561,6 +586,13 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1, default=float))
     return out
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def regime_split(counts: dict[str, int], n_train: int, n_test: int) -> tuple[dict[str, int], dict[str, int]]:
