@@ -16,14 +16,18 @@ Each seed draws a new cohort and runs ``slidekit train mil`` (patient-level stra
 CV) for meanpool, topk_mean, abmil, clam and transmil; AUC is over the out-of-fold predictions.
 ``attention_auc``: on each positive slide, how well the out-of-fold ABMIL model's attention ranks
 lesion tiles (>= 50% lesion) above the others (ROC AUC), averaged over positive slides.
-Keys: ``auc_<method>`` (mean over seeds), ``auc_<method>_sd``, ``auc_<method>_per_seed``, the
-same for ``attention_auc``, and ``witness_rate`` (mean fraction of lesion tiles on positives).
+Keys: ``auc_<method>`` (mean over seeds; also as ``auc_<method>_mean``), ``auc_<method>_sd``,
+``auc_<method>_per_seed``, the same for ``attention_auc`` and ``witness_rate`` (mean fraction of
+lesion tiles on positives), the seeds harness's paired ``diff_*`` of ABMIL - mean pooling
+(``diff_per_seed``, ``diff_mean``, ``diff_sd``, ``diff_wins``), ``seconds_<method>`` (all seeds),
+``wall_s``, ``date``, ``cpus`` and ``load_average_at_end`` (the machine may be shared).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +41,7 @@ import benchmarks.pn_cohort as pn  # noqa: E402
 from benchmarks.seeds import mean_sd  # noqa: E402
 from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 from slidekit.base.io import write_text_atomic  # noqa: E402
+from slidekit.base.resources import available_cpus  # noqa: E402
 
 TILE = 32
 METHODS = ("meanpool", "topk_mean", "abmil", "clam", "transmil")
@@ -99,6 +104,19 @@ def tile_features(slides, threads: int = 1) -> tuple[list[np.ndarray], list[np.n
     return [((f - mu) / sd).astype(np.float32) for f in feats], fracs, coords
 
 
+RESULT_OPTIONS = ("slides", "grid", "witness", "epochs", "patience", "lr")
+
+
+def _cached(work: Path, seed: int, args) -> dict | None:
+    """A finished seed's result in ``work`` made with the same options (a rerun with --work reuses it)."""
+    try:
+        r = json.loads((work / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = r.get("options") == {k: getattr(args, k) for k in RESULT_OPTIONS} and r.get("seed") == seed
+    return r if same else None
+
+
 def run_seed(materials, seed: int, args, work: Path) -> dict:
     import h5py
     from sklearn.metrics import roc_auc_score
@@ -107,6 +125,12 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
     from slidekit.slidelevel.mil_deploy import score_file
     from trainers.base import train
 
+    done = _cached(work, seed, args)
+    if done is not None:
+        print(f"seed {seed}: reusing {work / 'result.json'}", flush=True)
+        return done
+    materials = materials()
+    t_seed = time.perf_counter()
     rng = np.random.default_rng(seed)
     slides = compose(materials, args.slides, args.grid, args.witness, rng)
     feats, fracs, coords = tile_features(slides)
@@ -152,6 +176,9 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
         print(f"seed {seed} {arch}: AUC {result[f'auc_{arch}']:.3f} ({result[f'seconds_{arch}']} s)", flush=True)
     print(f"seed {seed}: attention AUC {result['attention_auc']:.3f}, witness rate {result['witness_rate']:.3f}",
           flush=True)
+    result["seconds"] = round(time.perf_counter() - t_seed, 1)
+    result["options"] = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    write_text_atomic(work / "result.json", json.dumps(result, indent=1))
     return result
 
 
@@ -165,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--patience", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="work folder (default: a temporary one); a rerun into it reuses finished seeds")
+    ap.add_argument("--note", default=None, help="a line stored as the result's 'note' (e.g. how it was run)")
     add_data_argument(ap)
     args = ap.parse_args(argv)
     why = data_missing_reason(args.data)
@@ -175,7 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     import tempfile
 
     t0 = time.perf_counter()
-    materials = pn.load_materials(48)
+    loaded: list = []
+
+    def materials():  # loaded once, and only when a seed is not cached
+        if not loaded:
+            loaded.append(pn.load_materials(48))
+        return loaded[0]
+
     with tempfile.TemporaryDirectory(prefix="mil_bench_") as tmp:
         work = args.work or Path(tmp)
         runs = [run_seed(materials, s, args, work / f"seed{s}") for s in args.seeds]
@@ -186,9 +221,22 @@ def main(argv: list[str] | None = None) -> dict:
         values = [r[key] for r in runs]
         out[key], out[f"{key}_sd"] = mean_sd(values)
         out[f"{key}_per_seed"] = values
-    out["auc_meanpool"] = out["auc_meanpool"]
+        out[f"{key}_mean"] = out[key]  # the seeds harness's name for the same mean (benchmarks/seeds.py)
     out["abmil_minus_meanpool"] = out["auc_abmil"] - out["auc_meanpool"]
+    diff = [r["auc_abmil"] - r["auc_meanpool"] for r in runs]  # paired by seed, as the harness pairs
+    out["diff_of"] = "auc_abmil - auc_meanpool"
+    out["diff_per_seed"] = diff
+    out["diff_mean"], out["diff_sd"] = mean_sd(diff)
+    out["diff_wins"] = sum(d >= 0 for d in diff)
+    for arch in METHODS:
+        out[f"seconds_{arch}"] = round(sum(r[f"seconds_{arch}"] for r in runs), 1)
+    out["seconds_per_seed"] = [r.get("seconds") for r in runs]  # each seed's own run (a reused seed: its first)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["date"] = time.strftime("%Y-%m-%d", time.gmtime())
+    out["cpus"] = available_cpus()
+    out["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    if args.note:
+        out["note"] = args.note
     out["runs"] = runs
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
     if args.json:
