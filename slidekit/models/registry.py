@@ -60,6 +60,13 @@ def _swiglu(**kw) -> dict:
     return {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU, **kw}
 
 
+def _hoptimus(**kw) -> EncoderEntry:
+    """H-optimus-0 and -1: one ViT-g/14 with 4 registers, Bioptimus's mean/std (their cards' timm kwargs)."""
+    return EncoderEntry("vit_giant_patch14_reg4_dinov2", dict(img_size=224, init_values=1e-5, num_classes=0,
+                                                              dynamic_img_size=False),
+                        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, dim=1536, **kw)
+
+
 ENCODERS: dict[str, EncoderEntry] = {
     "uni": EncoderEntry("vit_large_patch16_224", dict(img_size=224, patch_size=16, init_values=1e-5,
                                                       num_classes=0, dynamic_img_size=True),
@@ -85,24 +92,18 @@ ENCODERS: dict[str, EncoderEntry] = {
                              licence="CC-BY-NC-ND-4.0 (gated)",
                              licence_source="huggingface.co/paige-ai/Virchow2 (License: cc-by-nc-nd-4.0)",
                              source="https://huggingface.co/paige-ai/Virchow2"),
-    "h-optimus-0": EncoderEntry("vit_giant_patch14_reg4_dinov2", dict(img_size=224, init_values=1e-5, num_classes=0,
-                                                                      dynamic_img_size=False),
-                                mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, dim=1536, params=1_135_000_000,
-                                params_tolerance=0.005,
-                                params_source="huggingface.co/bioptimus/H-optimus-0: pytorch_model.bin of 4.54 GB "
-                                              "(float32: 1.135 B parameters; the card says 1.1B)",
-                                licence="Apache-2.0",
-                                licence_source="huggingface.co/bioptimus/H-optimus-0 (License: apache-2.0)",
-                                source="https://huggingface.co/bioptimus/H-optimus-0"),
-    "h-optimus-1": EncoderEntry("vit_giant_patch14_reg4_dinov2", dict(img_size=224, init_values=1e-5, num_classes=0,
-                                                                      dynamic_img_size=False),
-                                mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, dim=1536, params=1_100_000_000,
-                                params_tolerance=0.05,
-                                params_source="not verified here: Hugging Face lists it at 1B; H-optimus-0's "
-                                              "architecture (the card's timm kwargs)",
-                                licence="non-commercial Bioptimus licence (gated; see the model card)",
-                                licence_source="not verified here against the model card",
-                                source="https://huggingface.co/bioptimus/H-optimus-1"),
+    "h-optimus-0": _hoptimus(params=1_135_000_000, params_tolerance=0.005,
+                             params_source="huggingface.co/bioptimus/H-optimus-0: pytorch_model.bin of 4.54 GB "
+                                           "(float32: 1.135 B parameters)",
+                             licence="Apache-2.0",
+                             licence_source="huggingface.co/bioptimus/H-optimus-0 (License: apache-2.0)",
+                             source="https://huggingface.co/bioptimus/H-optimus-0"),
+    "h-optimus-1": _hoptimus(params=1_100_000_000, params_tolerance=0.05,
+                             params_source="not verified here: Hugging Face lists it at 1B; H-optimus-0's "
+                                           "architecture (the card's timm kwargs)",
+                             licence="non-commercial Bioptimus licence (gated; see the model card)",
+                             licence_source="not verified here against the model card",
+                             source="https://huggingface.co/bioptimus/H-optimus-1"),
     "prov-gigapath": EncoderEntry("vit_giant_patch14_dinov2", dict(img_size=224, in_chans=3, patch_size=16,
                                                                    embed_dim=1536, depth=40, num_heads=24,
                                                                    init_values=1e-5, mlp_ratio=5.33334,
