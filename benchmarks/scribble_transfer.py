@@ -23,7 +23,8 @@ Both image sets are seen at ``--mpp`` (default 1 µm/px: MoNuSeg's 0.25 µm/px i
 the tiles' assumed 0.5 µm/px at half, 128 px). Writes per seed ``accuracy_<init>``,
 ``macro_f1_<init>``, and with ``--seeds`` (benchmarks/seeds.py) their ``_per_seed``/``_mean``/``_sd``,
 ``diff_*`` = scribble - random accuracy and ``diff_vs_full_*`` = scribble - full accuracy
-(``diff_full_vs_random_*``: full - random). Sized for a 2-core CPU (about 15 min for 3 seeds idle).
+(``diff_full_vs_random_*``: full - random). Sized for a 2-core CPU: about 300 CPU s per seed
+(measured under load), so about 15 min for 3 seeds on an idle machine. Figures: docs/trainers/scribble.md.
 """
 from __future__ import annotations
 
