@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +33,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
+def _wait(barrier: object) -> None:
+    try:
+        barrier.wait(timeout=120)  # type: ignore[attr-defined]
+    except threading.BrokenBarrierError:
+        pass  # another rank failed; mp.spawn reports it
+
+
+def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple, together: object) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), SLIDEKIT_DIST_TIMEOUT_S="60", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -40,12 +48,18 @@ def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None
     try:
         globals()[fn_name](*args)
     finally:
+        # Rank 0 hosts the TCP store: if it tears its group down (or exits) while another rank still
+        # holds one, gloo's threads on that rank can abort ("terminate called without an active
+        # exception"). Every rank finishes, then every rank destroys, then they leave together.
+        _wait(together)
         torch.distributed.destroy_process_group()
+        _wait(together)
 
 
 def run_ranks(fn_name: str, *args: object, world: int = 2) -> None:
     """Run module-level function ``fn_name(*args)`` on ``world`` gloo ranks; fail if any rank fails."""
-    mp.spawn(_worker, args=(world, _free_port(), fn_name, args), nprocs=world, join=True)
+    together = mp.get_context("spawn").Barrier(world)
+    mp.spawn(_worker, args=(world, _free_port(), fn_name, args, together), nprocs=world, join=True)
 
 
 # -- samplers: disjoint, equally long shares of one seeded epoch -----------------------------------
