@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.threads = max(1, min(2, cores)) if os.getloadavg()[0] < 0.75 * cores else 1
     torch.set_num_threads(args.threads)
     t_start = time.time()
+    # CPU clocks at this run's start: with --seeds every seed runs in this one process
+    args.cpu_start = (time.process_time(), _children_cpu())
     work = args.work or Path(tempfile.mkdtemp(prefix="pn_cohort_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -577,8 +579,10 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
         # a diagnostic only (the trainer selects from slide labels of the training slides alone)
         "heldout_per_round": heldout_rounds,
         "round_rules": rules,
-        "cpu_seconds": time.process_time(),  # this process's CPU time: about the wall time on an idle core
-        "cpu_seconds_workers": _children_cpu(),  # the --eval-workers processes' CPU time
+        # this run's CPU time in this process (about its wall time on an idle core) and in the
+        # --eval-workers processes; a run of several seeds counts each seed's own
+        "cpu_seconds": time.process_time() - args.cpu_start[0],
+        "cpu_seconds_workers": _children_cpu() - args.cpu_start[1],
         "seconds_stages": {"cohort": t_cohort, "mixed_em": t_em, "heldout_eval": t_eval, "topk_mean": t_topk},
     }
     print(json.dumps({k: v for k, v in out.items() if k not in ("per_round", "test_stages")}, indent=1))
