@@ -454,11 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     # CPU clocks at this run's start: with --seeds every seed runs in this one process
-    args.cpu_start = (time.process_time(), _children_cpu())
+    cpu_start = (time.process_time(), _children_cpu())
     work = args.work or Path(tempfile.mkdtemp(prefix="pn_cohort_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return run(args, work, t_start)
+        return run(args, work, t_start, cpu_start)
     finally:
         if args.work is None:  # a temporary work directory is removed; --work keeps everything
             import shutil
@@ -466,8 +466,9 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
-    """The benchmark proper, in ``work``."""
+def run(args: argparse.Namespace, work: Path, t_start: float, cpu_start: tuple[float, float]) -> dict:
+    """The benchmark proper, in ``work``; ``t_start`` and ``cpu_start`` (process, workers) are the
+    clocks at the run's start."""
     if args.small:
         n_train = {"pN0": 1, "pN0(i+)": 0, "pN1mi": 1, "pN1": 1, "pN2": 0}
         n_test = {"pN0": 1, "pN0(i+)": 0, "pN1mi": 0, "pN1": 1, "pN2": 0}
@@ -581,8 +582,8 @@ def run(args: argparse.Namespace, work: Path, t_start: float) -> dict:
         "round_rules": rules,
         # this run's CPU time in this process (about its wall time on an idle core) and in the
         # --eval-workers processes; a run of several seeds counts each seed's own
-        "cpu_seconds": time.process_time() - args.cpu_start[0],
-        "cpu_seconds_workers": _children_cpu() - args.cpu_start[1],
+        "cpu_seconds": time.process_time() - cpu_start[0],
+        "cpu_seconds_workers": _children_cpu() - cpu_start[1],
         "seconds_stages": {"cohort": t_cohort, "mixed_em": t_em, "heldout_eval": t_eval, "topk_mean": t_topk},
     }
     print(json.dumps({k: v for k, v in out.items() if k not in ("per_round", "test_stages")}, indent=1))
