@@ -47,6 +47,12 @@ class GridError(SlidekitError):
     """A tile grid file is malformed or does not belong to the slide it is used with."""
 
 
+class FeatureError(GridError):
+    """A per-slide feature file (slidekit, TRIDENT, CLAM or STAMP HDF5) is missing, malformed,
+    unfinished or holds non-finite features. A ``GridError`` too, so ``except GridError`` still
+    catches it."""
+
+
 class HeatmapError(SlidekitError):
     """A heatmap store is missing, incomplete or not a slidekit heatmap."""
 
