@@ -121,3 +121,8 @@ class TrainingWarning(SlidekitWarning):
 class StainWarning(SlidekitWarning):
     """A stain normalisation choice the user should know about: one that differs from (or turns
     off) the checkpoint's, or an export whose model expects normalised tiles it cannot make."""
+
+
+class OutputWarning(SlidekitWarning):
+    """A rerun found an output that no longer verifies (deleted, emptied or changed since it was
+    written) and redoes the slide."""

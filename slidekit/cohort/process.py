@@ -19,6 +19,7 @@ from slidekit.base.resources import peak_rss_mb, rss_mb
 from slidekit.cohort.ledger import Ledger
 from slidekit.cohort.manifest import CohortSlide
 from slidekit.cohort.tasks import TASKS, CohortTask
+from slidekit.regions.job import SUMMARY, verify_folder
 
 # Options that change how fast a slide is done, not what is written: not part of the config key.
 _RUNTIME_OPTIONS = frozenset({"workers", "batch_size", "device", "progress"})
@@ -197,6 +198,10 @@ def redo_reason(slide: CohortSlide, prev: dict, key: str, folder: Path, required
         what = (f"{gone[0]} missing" if gone else f"{changed[0]} changed size" if changed
                 else f"{added[0]} appeared")
         return f"redone: its outputs are not the ones that run wrote ({what})"
+    if (folder / SUMMARY).exists():  # a job of the shared runner: every output it recorded verifies
+        problem = verify_folder(folder)
+        if problem:
+            return f"redone: its outputs are not the ones that run wrote ({problem})"
     return None
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -35,19 +35,17 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from slidekit.base.devices import resolve_device
-from slidekit.base.errors import CheckpointError, ConfigError, TissueError
-from slidekit.base.io import atomic_path, config_digest, finished_summary, write_text_atomic
-from slidekit.base.locks import OutputLock
-from slidekit.base.outputs import OutputDir
+from slidekit.base.errors import CheckpointError, ConfigError
+from slidekit.base.io import atomic_path
 from slidekit.base.resources import configure_threads
 from slidekit.base.timing import StageTimer
 from slidekit.infer.predictor import Predictor, load_model, release_memory
 from slidekit.models.builtin import BUILTINS, builtin_model
-from slidekit.regions.roi import read_roi, restrict_mask, roi_identity
+from slidekit.regions.job import JobContext, SlideJob, run_job
+from slidekit.regions.masks import Region, Roi, Tissue
+from slidekit.regions.options import ReadOptions, TissueOptions
+from slidekit.regions.roi import roi_identity
 from slidekit.regions.tiling import TileGrid, TileReader
-from slidekit.regions.tissue import tissue_mask
-from slidekit.slides.identity import slide_fingerprint
-from slidekit.slides.slide import open_slide
 
 CELL_OUTPUTS = ("cells.geojson", "cells.geojson.gz", "cells.csv", "regions.csv", "cells.part", "summary.json")
 COLUMNS = ["id", "x", "y", "x_um", "y_um", "area_um2", "perimeter_um", "circularity", "solidity",
@@ -282,52 +280,31 @@ def _feature_json(nid: int, ring_json: str, measures: dict) -> str:
     return (_FEATURE_HEAD % (nid, ring_json)) + (_FEATURE_PROPS % json.dumps(measures))
 
 
-def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
-                mpp: float | None = None, size: int | None = None, overlap: int | None = None,
-                threshold: float = 0.5, min_distance_um: float = 2.0, min_area_um2: float = 10.0,
-                channel: int | None = None, batch_size: int = 16, workers: int = 0, device: str = "auto",
-                min_tissue: float = 0.05, roi: str | os.PathLike | None = None, tissue: dict | None = None,
-                slide_mpp: float | None = None, progress: bool = True, loaded: tuple | None = None,
-                threads: int | None = None, split: str = "auto", gzip: bool | None = None) -> dict:
-    """Detect every nucleus in the tissue of one slide; write ``cells.geojson`` (or
-    ``cells.geojson.gz``), ``cells.csv`` (+ ``regions.csv`` with ``roi``) and ``summary.json`` in
-    ``out_dir`` (see the module docstring).
+class CellsJob(SlideJob):
+    """The job behind ``slidekit cells`` (see :func:`cells_slide`); the runner writes the summary."""
 
-    ``min_tissue=0`` (without ``roi``) tiles the whole slide without tissue detection.
-    ``channel``: the output channel holding the nucleus probability (default: the last class that
-    is not an outline class). ``split``: how touching nuclei are split (:func:`nucleus_channels`).
-    ``gzip``: compress the GeoJSON; None (default) compresses above ``GZIP_ABOVE_NUCLEI`` nuclei.
-    A finished slide with the same configuration is skipped; an interrupted one resumes per tile row.
-    """
-    t0 = time.time()
-    out = Path(out_dir)
-    resolve_device(device)
-    net, spec, ident = loaded if loaded is not None else load_cells_model(model)
-    if spec.task != "segmentation":
-        raise CheckpointError(f"a {spec.task!r} model finds no nuclei (need a segmentation model)")
-    size = int(size or spec.patch_size)
-    mpp = float(mpp or spec.mpp)
-    overlap = int(size // 4 if overlap is None else overlap)
-    ch, bch = nucleus_channels(list(spec.classes), channel, split)
-    if not 0 < overlap < size:
-        raise ConfigError(f"overlap must be between 1 and size-1 px (got {overlap}); nuclei on seams need it")
-    cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "threshold": threshold,
-           "min_distance_um": min_distance_um, "min_area_um2": min_area_um2, "channel": channel,
-           "min_tissue": min_tissue, "slide_mpp": slide_mpp, "tissue": tissue, "split": split, "gzip": gzip}
-    roi_anns = None
-    if roi is not None:
-        roi_anns = read_roi(roi, None)
-        cfg["roi"] = roi_identity(roi, None)
-    summary_path, part = out / "summary.json", out / "cells.part"
-    with open_slide(slide_path, mpp=slide_mpp) as slide, OutputLock(out):
-        cfg["slide_id"] = slide_fingerprint(slide.path)
-        key = config_digest(cfg)
-        owned = OutputDir(out, slide.path, cfg["slide_id"])
-        owned.claim(*CELL_OUTPUTS)
-        done = finished_summary(summary_path, key)  # a stale summary is removed: redo what changed
-        if done is not None:
-            return done
-        band_key = part / f"{key}.{BAND_FORMAT}.key"  # bands of another configuration or format: redone
+    name = "cells"
+    outputs = tuple(n for n in CELL_OUTPUTS if n != "summary.json")
+
+    def __init__(self, loaded: tuple, *, cfg: dict, reading: ReadOptions, region: Region, roi: Any,
+                 run: dict) -> None:
+        self.net, self.spec, self.ident = loaded
+        self.cfg, self.reading, self.region, self.roi, self.opts = cfg, reading, region, roi, run
+
+    def config(self) -> dict:
+        return dict(self.cfg)
+
+    def figures(self, summary: dict) -> dict:
+        return {"tiles": summary["tiles"], "nuclei": summary["nuclei"], "slide_seconds": summary["seconds"]}
+
+    def run(self, ctx: JobContext) -> dict:
+        t0 = time.time()
+        slide, out, spec, cfg, o = ctx.slide, ctx.out, self.spec, self.cfg, self.opts
+        mpp, size, overlap, min_tissue = cfg["mpp"], cfg["size"], cfg["overlap"], cfg["min_tissue"]
+        ch, bch = nucleus_channels(list(spec.classes), cfg["channel"], cfg["split"])
+        roi_anns = self.roi.annotations() if self.roi is not None else None
+        part = out / "cells.part"
+        band_key = part / f"{ctx.key}.{BAND_FORMAT}.key"  # bands of another configuration or format: redone
         if part.exists() and not band_key.exists():
             shutil.rmtree(part)  # bands of another configuration
         part.mkdir(parents=True, exist_ok=True)
@@ -335,25 +312,24 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
         timer = StageTimer()
         t_tissue = time.perf_counter()
         # min_tissue=0 without an ROI: the whole slide is tiled, no tissue detection (asked for)
-        mask = (None if min_tissue == 0 and roi_anns is None else
-                tissue_mask(slide, progress=None if progress else False, **(tissue or {})))
-        if roi_anns is not None:
-            mask = restrict_mask(mask, roi_anns, slide)
+        whole = min_tissue == 0 and roi_anns is None
+        if not whole:
+            ctx.mask()
         t_tissue = time.perf_counter() - t_tissue
-        grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask, min_tissue=min_tissue)
-        if len(grid) == 0:
-            raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
+        grid = ctx.grid(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, whole_slide=whole)
         cores, rows = _cores(grid), grid.indices[:, 1]
         bands = np.unique(rows)
         done = {int(p.stem.split("-")[1]) for p in part.glob("band-*.csv")}
         todo_bands = [int(b) for b in bands if int(b) not in done]
-        configure_threads(threads, workers)
-        predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=False)
+        configure_threads(o["threads"], o["workers"])
+        predictor = Predictor(self.net, spec, device=o["device"], batch_size=o["batch_size"], workers=o["workers"],
+                              progress=False)
         predictor.timer = timer
         sx, sy = grid.scale
-        md, ma = max(1, round(min_distance_um / mpp)), max(1, round(min_area_um2 / mpp ** 2))
+        md = max(1, round(cfg["min_distance_um"] / mpp))
+        ma = max(1, round(cfg["min_area_um2"] / mpp ** 2))
         bar = None
-        if progress:
+        if ctx.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(grid), initial=int(np.isin(rows, list(done)).sum()), unit="tile",
@@ -379,7 +355,7 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
                                 x0, y0 = grid.coords[i]
                                 # with an outline class, a nucleus is its interior and its outline
                                 fg, edge = (probs[ch], None) if bch is None else (probs[ch] + probs[bch], probs[bch])
-                                for n in tile_nuclei(fg, rgb, cores[i], mpp, threshold, md, ma, edge):
+                                for n in tile_nuclei(fg, rgb, cores[i], mpp, cfg["threshold"], md, ma, edge):
                                     n["xy0"] = n["contour"] * (sx, sy) + (x0, y0)
                                     cx, cy = n["centroid"]
                                     n["x"], n["y"] = x0 + cx * sx, y0 + cy * sy
@@ -394,18 +370,81 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model
         if bar is not None:
             bar.close()
         with timer.stage("write"):
-            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide.mpp, gzip)
+            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide.mpp, cfg["gzip"])
         shutil.rmtree(part)
-        summary = {"slide": str(slide.path), "config_key": key, "config": cfg, "tiles": len(grid),
-                   "bands": len(bands), "bands_resumed": len(bands) - len(todo_bands), "nuclei": n_cells,
-                   "instances": (f"watershed from the foreground minus the outline class {spec.classes[bch]!r}" if bch is not None
-                                 else "distance-transform watershed") + "; ownership by centroid in the tile core",
-                   "geojson": geojson,
-                   "regions": per_region,
-                   "outputs": sorted(p.name for p in out.iterdir() if p.name in CELL_OUTPUTS) + ["summary.json"],
-                   "seconds": round(time.time() - t0, 2), "tissue_seconds": round(t_tissue, 2), **timer.as_dict(t_loop)}
-        write_text_atomic(summary_path, json.dumps(summary, indent=2))
-    return summary
+        return {"tiles": len(grid), "bands": len(bands), "bands_resumed": len(bands) - len(todo_bands),
+                "nuclei": n_cells,
+                "instances": (f"watershed from the foreground minus the outline class {spec.classes[bch]!r}"
+                              if bch is not None else "distance-transform watershed")
+                + "; ownership by centroid in the tile core",
+                "geojson": geojson, "regions": per_region,
+                "seconds": round(time.time() - t0, 2), "tissue_seconds": round(t_tissue, 2),
+                **timer.as_dict(t_loop)}
+
+
+def cells_job(*, model: str | os.PathLike = "hematoxylin", loaded: tuple | None = None,
+              mpp: float | None = None, size: int | None = None, overlap: int | None = None,
+              threshold: float = 0.5, min_distance_um: float = 2.0, min_area_um2: float = 10.0,
+              channel: int | None = None, batch_size: int = 16, workers: int = 0, device: str = "auto",
+              min_tissue: float = 0.05, roi: str | os.PathLike | None = None, tissue: dict | None = None,
+              slide_mpp: float | None = None, override_mpp: float | None = None, threads: int | None = None,
+              split: str = "auto", gzip: bool | None = None) -> CellsJob:
+    """A :class:`CellsJob` from :func:`cells_slide`'s keyword arguments (checked before any slide is opened)."""
+    resolve_device(device)
+    loaded = loaded if loaded is not None else load_cells_model(model)
+    net, spec, ident = loaded
+    if spec.task != "segmentation":
+        raise CheckpointError(f"a {spec.task!r} model finds no nuclei (need a segmentation model)")
+    size = int(size or spec.patch_size)
+    mpp = float(mpp or spec.mpp)
+    overlap = int(size // 4 if overlap is None else overlap)
+    nucleus_channels(list(spec.classes), channel, split)  # a bad channel or split is refused here
+    if not 0 < overlap < size:
+        raise ConfigError(f"overlap must be between 1 and size-1 px (got {overlap}); nuclei on seams need it")
+    cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "threshold": threshold,
+           "min_distance_um": min_distance_um, "min_area_um2": min_area_um2, "channel": channel,
+           "min_tissue": min_tissue, "slide_mpp": slide_mpp, "tissue": tissue, "split": split, "gzip": gzip}
+    if override_mpp is not None:  # recorded only when set, so earlier runs keep their configuration key
+        cfg["override_mpp"] = override_mpp
+    region: Region = Tissue(TissueOptions.of(tissue))
+    roi_src = None
+    if roi is not None:
+        roi_src = Roi(roi, None)
+        roi_src.annotations()  # a bad ROI file is one line before the slide is opened
+        cfg["roi"] = roi_identity(roi, None)
+        region = region & roi_src
+    return CellsJob(loaded, cfg=cfg, reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp),
+                    region=region, roi=roi_src,
+                    run={"batch_size": batch_size, "workers": workers, "device": device, "threads": threads})
+
+
+def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
+                **options: Any) -> dict:
+    """Detect every nucleus in the tissue of one slide; write ``cells.geojson`` (or
+    ``cells.geojson.gz``), ``cells.csv`` (+ ``regions.csv`` with ``roi``) and ``summary.json`` in
+    ``out_dir`` (see the module docstring).
+
+    Parameters
+    ----------
+    slide_path
+        The slide file.
+    out_dir
+        The slide's output folder.
+    progress
+        Show a progress bar.
+    **options
+        :func:`cells_job`'s options: ``model`` or ``loaded``; tiles ``mpp``, ``size``, ``overlap``,
+        ``min_tissue`` (0 without ``roi`` tiles the whole slide without tissue detection); nuclei
+        ``threshold``, ``min_distance_um``, ``min_area_um2``, ``channel`` (the output channel of
+        the nucleus probability; default the last class that is not an outline class), ``split``
+        (:func:`nucleus_channels`); region ``tissue``, ``roi``; reading ``slide_mpp``,
+        ``override_mpp``; running ``batch_size``, ``workers``, ``device``, ``threads``; ``gzip``
+        (compress the GeoJSON; None compresses above ``GZIP_ABOVE_NUCLEI`` nuclei).
+
+    A finished slide whose outputs all verify is skipped (``regions.job``); an interrupted one
+    resumes per tile row.
+    """
+    return run_job(cells_job(**options), slide_path, out_dir, progress=progress)
 
 
 def _write_rows(w: Any, nuclei: list[dict], slide_mpp: tuple[float, float]) -> None:

@@ -10,7 +10,6 @@ previous one. On CUDA, aligned stored JPEG tiles travel compressed and are decod
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -25,10 +24,8 @@ from torch import nn
 from slidekit.annotations.formats import write_geojson
 from slidekit.annotations.objects import Annotation
 from slidekit.base.devices import resolve_device
-from slidekit.base.errors import CheckpointError, ConfigError, SlidekitError, StainWarning, TissueError
-from slidekit.base.io import config_digest, file_identity, finished_summary, write_text_atomic
-from slidekit.base.locks import OutputLock
-from slidekit.base.outputs import OutputDir
+from slidekit.base.errors import CheckpointError, ConfigError, SlidekitError, StainWarning
+from slidekit.base.io import config_digest, file_identity
 from slidekit.base.resources import configure_threads, worker_threads
 from slidekit.base.timing import GPUSampler, StageTimer
 from slidekit.infer import gpu_decode
@@ -37,11 +34,11 @@ from slidekit.infer.heatmap_tiff import write_heatmap_tiff
 from slidekit.infer.ome_zarr import write_heatmap_ome_zarr
 from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.models.checkpoint import load_checkpoint
-from slidekit.regions.roi import clip_store_to_roi, read_roi, restrict_mask, roi_identity
+from slidekit.regions.job import JobContext, SlideJob, run_job
+from slidekit.regions.masks import Region, Roi, Tissue
+from slidekit.regions.options import ReadOptions, TileOptions, TissueOptions
+from slidekit.regions.roi import clip_store_to_roi
 from slidekit.regions.tiling import TileGrid, TileReader, warn_bad_tiles
-from slidekit.regions.tissue import tissue_mask
-from slidekit.slides.identity import slide_fingerprint
-from slidekit.slides.slide import open_slide
 from slidekit.stain.normalize import StainNormalizer, normalizer_from_options
 
 
@@ -374,107 +371,94 @@ def bad_tile_records(slide: Any, coords: list[list[int]], w: float, h: float) ->
     return records
 
 
-def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, model: str | os.PathLike = "hematoxylin",
-                  mpp: float | None = None, size: int | None = None, overlap: int | None = None,
-                  heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
-                  workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
-                  min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
-                  chunk: int = 256, progress: bool = True, loaded: tuple | None = None,
-                  roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
-                  tissue: dict | None = None, tiff: str | None = None, ome_zarr: bool = False,
-                  override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None,
-                  stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> dict:
-    """Predict ``model`` over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
-    ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
+class HeatmapJob(SlideJob):
+    """The job behind ``slidekit heatmap``: predict a model over a slide's region and write
+    ``heatmap.zarr``, ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``, ``heatmap.tif``,
+    ``heatmap.ome.zarr``, ``bad_tiles.geojson``); the runner (``regions.job``) writes the summary.
 
-    A finished slide (``summary.json`` with the same configuration) is skipped; an interrupted
-    one resumes from the chunks its ``heatmap.zarr.part`` store had finished (``chunk`` heatmap
-    pixels square). ``loaded`` is a ``load_model`` result, to share one model across slides.
-    ``roi`` (GeoJSON/XML; only its polygons of ``roi_class`` when given) limits the prediction to
-    those regions (``slidekit.regions.roi``); ``tissue`` holds ``tissue_mask`` options. ``tiff`` ("rgb" or
-    "values") also writes ``heatmap.tif``, a pyramidal TIFF at the heatmap MPP (``slidekit.infer.heatmap_tiff``); ``ome_zarr``
-    also writes ``heatmap.ome.zarr``, an OME-Zarr (NGFF 0.4) multiscale image (``slidekit.infer.ome_zarr``).
-    ``threads``: CPUs to use (default: those this process may use; see ``resources.configure_threads``).
-    ``stain_norm`` ("none", "macenko", "reinhard") with ``stain_ref`` (an image or a saved
-    reference) stain-normalises the tiles; by default the checkpoint's own normalisation applies,
-    and "none" turns it off (``resolve_stain``). ``summary.json`` records it (``stain``) and the
-    decode path taken (``decode``).
+    ``options`` are :func:`heatmap_slide`'s keyword arguments; ``loaded`` a ``load_model`` result.
     """
-    t0 = time.time()
-    out = Path(out_dir)
-    resolve_device(device)  # fail on a missing GPU before anything is written
-    net, spec, ident = loaded if loaded is not None else load_model(model)
-    size = int(size or spec.patch_size)
-    mpp = float(mpp or spec.mpp)
-    if overlap is None:
-        overlap = size // 4 if spec.task == "segmentation" else 0
-    if spec.task not in ("classification", "segmentation"):
-        raise CheckpointError(f"a {spec.task!r} model makes no heatmap (need classification or segmentation)")
-    stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
-    run_cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "blend": blend,
-               "heatmap_mpp": heatmap_mpp, "min_tissue": min_tissue, "slide_mpp": slide_mpp,
-               "override_mpp": override_mpp}
-    if stain_info["key"] is not None:  # recorded only when normalising (or turned off): older keys hold
-        run_cfg["stain"] = stain_info["key"]
-    roi_anns = None
-    if roi is not None:  # recorded only when set, so runs without one keep their configuration key
 
-        roi_anns = read_roi(roi, roi_class)
-        run_cfg["roi"] = roi_identity(roi, roi_class)
-    elif roi_class:
-        raise ConfigError(f"roi_class {roi_class!r} given without roi (the annotation file to take it from)")
-    if tissue:
-        run_cfg["tissue"] = dict(tissue)
-    out_cfg = {"threshold": threshold, "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson}
-    if tiff:  # recorded only when asked, so earlier runs keep their configuration key
-        out_cfg["tiff"] = tiff
-    if ome_zarr:
-        out_cfg["ome_zarr"] = True
-    summary_path = out / "summary.json"
-    with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide, OutputLock(out):
-        run_cfg["slide_id"] = slide_fingerprint(slide.path)
-        slide.skip_bad_tiles = on_bad_tile == "skip"  # whole-slide overviews show damaged tiles grey, warned
-        key = config_digest({**run_cfg, **out_cfg})
-        # Only files slidekit wrote here may be replaced; another slide's folder is refused.
-        owned = OutputDir(out, slide.path, run_cfg["slide_id"])
-        owned.claim(*HEATMAP_OUTPUTS)
-        done = finished_summary(summary_path, key)  # a stale summary is removed: redo what changed
-        if done is not None:
-            return done
+    name = "heatmap"
+    outputs = tuple(n for n in HEATMAP_OUTPUTS if n != "summary.json")
+
+    def __init__(self, loaded: tuple, *, tiles: TileOptions, reading: ReadOptions, region: Region,
+                 output: dict, predict: dict, roi: Any = None, stain: tuple = (None, {"key": None})) -> None:
+        self.net, self.spec, self.ident = loaded
+        spec = self.spec
+        if spec.task not in ("classification", "segmentation"):
+            raise CheckpointError(f"a {spec.task!r} model makes no heatmap (need classification or segmentation)")
+        size = int(tiles.size or spec.patch_size)
+        overlap = tiles.overlap if tiles.overlap is not None else (size // 4 if spec.task == "segmentation" else 0)
+        self.tiles = TileOptions(mpp=float(tiles.mpp or spec.mpp), size=size, overlap=int(overlap),
+                                 min_tissue=tiles.min_tissue)
+        self.reading, self.region, self.roi = reading, region, roi
+        self.output, self.predict_opts = output, predict
+        self.stain, self.stain_info = stain
+        t = self.tiles
+        run_cfg = {"model": self.ident, "mpp": t.mpp, "size": t.size, "overlap": t.overlap,
+                   "blend": output["blend"], "heatmap_mpp": output["heatmap_mpp"], "min_tissue": t.min_tissue,
+                   "slide_mpp": reading.slide_mpp, "override_mpp": reading.override_mpp}
+        if self.stain_info["key"] is not None:  # recorded only when normalising (or turned off): older keys hold
+            run_cfg["stain"] = self.stain_info["key"]
+        run_cfg.update(region.config())  # "roi", "tissue": recorded only when set, so older keys hold
+        self.run_cfg = run_cfg
+        out_cfg = {"threshold": output["threshold"], "min_area_um2": output["min_area_um2"],
+                   "tiles_geojson": output["tiles_geojson"]}
+        if output["tiff"]:  # recorded only when asked, so earlier runs keep their configuration key
+            out_cfg["tiff"] = output["tiff"]
+        if output["ome_zarr"]:
+            out_cfg["ome_zarr"] = True
+        self.out_cfg = out_cfg
+
+    def config(self) -> dict:
+        return {**self.run_cfg, **self.out_cfg}
+
+    def figures(self, summary: dict) -> dict:
+        return {"tiles": summary["tiles"], "regions": summary["regions"],
+                "area_mm2": round(summary["region_area_mm2"], 6), "slide_seconds": summary["seconds"],
+                "bad_tiles": len(summary.get("bad_tiles") or [])}
+
+    def _reusable(self, hm_path: Path, run_key: str) -> Any:
+        """The finished heatmap store of this prediction configuration, else None (removed)."""
+        if not hm_path.exists():
+            return None
+        try:
+            hm = Heatmap(hm_path)
+            if hm.attrs.get("run_key") == run_key:
+                return hm
+        except Exception:  # noqa: BLE001 - an unreadable store is redone, never used
+            pass
+        shutil.rmtree(hm_path)  # from another configuration: it must not pass for this run's result
+        return None
+
+    def run(self, ctx: JobContext) -> dict:
+        t0 = time.time()
+        slide, out, spec, t = ctx.slide, ctx.out, self.spec, self.tiles
+        o, p = self.output, self.predict_opts
+        slide.skip_bad_tiles = p["on_bad_tile"] == "skip"  # whole-slide overviews show damaged tiles grey, warned
+        run_key = config_digest({**self.run_cfg, "slide_id": ctx.slide_id})
         hm_path, part = out / "heatmap.zarr", out / "heatmap.zarr.part"
-        hm = None
-        if hm_path.exists():
-            try:
-                hm = Heatmap(hm_path)
-                if hm.attrs.get("run_key") != config_digest(run_cfg):
-                    hm = None
-            except Exception:
-                hm = None
-            if hm is None:  # from another configuration: it must not pass for this run's result
-                shutil.rmtree(hm_path)
+        hm = self._reusable(hm_path, run_key)
         n_tiles = n_done_before = 0
         timer, t_loop = StageTimer(), 0.0
         decode, unchanged = None, 0
         if hm is None:
-            mask = tissue_mask(slide, progress=None if progress else False, **(tissue or {}))
-            if roi_anns is not None:
-                mask = restrict_mask(mask, roi_anns, slide)
+            ctx.mask()
             release_memory()
-            grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
-                                       min_tissue=min_tissue)
-            if len(grid) == 0:
-                raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
+            grid = ctx.grid(mpp=t.mpp, size=t.size, overlap=t.overlap, min_tissue=t.min_tissue)
             out.mkdir(parents=True, exist_ok=True)
-            seg_mpp = mpp * spec.output_stride if spec.task == "segmentation" else None
-            meta = {"run_key": config_digest(run_cfg), "model": ident, "activation": getattr(spec, "activation", "none")}
+            seg_mpp = t.mpp * spec.output_stride if spec.task == "segmentation" else None
+            meta = {"run_key": run_key, "model": self.ident, "activation": getattr(spec, "activation", "none")}
             writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
-                                   mpp=heatmap_mpp or seg_mpp, blend=blend, chunk=chunk, attrs=meta)
+                                   mpp=o["heatmap_mpp"] or seg_mpp, blend=o["blend"], chunk=o["chunk"], attrs=meta)
             todo = writer.todo()
             n_tiles, n_done_before = len(grid), len(grid) - len(todo)
 
-            configure_threads(threads, workers)  # main process: the CPUs the workers leave
-            predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
-                                  on_bad_tile=on_bad_tile, stain=stain)
+            configure_threads(p["threads"], p["workers"])  # main process: the CPUs the workers leave
+            predictor = Predictor(self.net, spec, device=p["device"], batch_size=p["batch_size"],
+                                  workers=p["workers"], progress=ctx.progress, on_bad_tile=p["on_bad_tile"],
+                                  stain=self.stain)
             predictor.timer = timer
             fsize = writer.footprint if spec.task == "segmentation" else None
             t_loop = time.perf_counter()
@@ -488,9 +472,8 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                 writer.skip(predictor.bad_tiles)
             with timer.stage("write"):
                 writer.finish()
-                if roi_anns is not None:  # empty outside the ROI, also where edge tiles reach past it
-
-                    clip_store_to_roi(part, roi_anns, slide.mpp)
+                if self.roi is not None:  # empty outside the ROI, also where edge tiles reach past it
+                    clip_store_to_roi(part, self.roi.annotations(), slide.mpp)
                 if hm_path.exists():
                     shutil.rmtree(hm_path)
                 os.replace(part, hm_path)
@@ -501,16 +484,16 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         t_pred = time.time() - t0
         t_write = time.perf_counter()
         hm.overlay(slide, out / "overlay.png")
-        if tiff:
-            write_heatmap_tiff(hm, out / "heatmap.tif", mode=tiff)
-        if ome_zarr:
+        if o["tiff"]:
+            write_heatmap_tiff(hm, out / "heatmap.tif", mode=o["tiff"])
+        if o["ome_zarr"]:
             write_heatmap_ome_zarr(hm, out / "heatmap.ome.zarr")
-        anns = hm.vectorize(threshold=threshold, min_area_um2=min_area_um2)
+        anns = hm.vectorize(threshold=o["threshold"], min_area_um2=o["min_area_um2"])
         # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
         write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)
-        if tiles_geojson:
+        w, h = t.size * t.mpp / slide.mpp[0], t.size * t.mpp / slide.mpp[1]
+        if o["tiles_geojson"]:
             coords, values = hm.tiles
-            w, h = size * mpp / slide.mpp[0], size * mpp / slide.mpp[1]
             from shapely.geometry import box
 
             tiles = (Annotation(box(x, y, x + w, y + h), kind="tile",
@@ -518,7 +501,7 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
                      for (x, y), vals in zip(coords.tolist(), values.tolist()))
             write_geojson(tiles, out / "tiles.geojson", bounds=slide.dimensions)  # edge tiles reach past it
         bad_coords = _bad_tile_coords(hm)
-        records = bad_tile_records(slide, bad_coords, size * mpp / slide.mpp[0], size * mpp / slide.mpp[1])
+        records = bad_tile_records(slide, bad_coords, w, h)
         if records:  # the damaged regions as QuPath tile objects, each named by its reason
             from shapely.geometry import box
 
@@ -527,21 +510,78 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, mod
         elif (out / "bad_tiles.geojson").exists():
             (out / "bad_tiles.geojson").unlink()  # from an earlier run that skipped tiles
         timer.add("write", time.perf_counter() - t_write)
-        summary = {"slide": str(slide.path), "config_key": key, "config": {**run_cfg, **out_cfg},
-                   "task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
-                   "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,
-                   "regions": len(anns), "region_area_mm2": sum(a.measurements["Area µm^2"] for a in anns) / 1e6,
-                   "outputs": sorted(p.name for p in out.iterdir() if p.name in HEATMAP_OUTPUTS) + ["summary.json"],
-                   "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2),
-                   "slide_mpp": {"used": list(slide.mpp), "source": slide.mpp_source,
-                                 "metadata": None if slide.metadata_mpp is None else list(slide.metadata_mpp)},
-                   "bad_tiles": bad_coords,  # level-0 corners; bad_tile_records has boxes and reasons
-                   "bad_tile_records": records,
-                   # unchanged_tiles: tiles of this run left as read (too little stain to estimate)
-                   "stain": {"method": stain_info["method"], "source": stain_info["source"],
-                             "unchanged_tiles": unchanged if stain else None},
-                   "decode": decode,  # None when the heatmap was there already
-                   # Where the time went (this run's tiles; a resumed or reused heatmap has fewer).
-                   **timer.as_dict(t_loop)}
-        write_text_atomic(summary_path, json.dumps(summary, indent=2))
-    return summary
+        return {"task": spec.task, "classes": list(spec.classes), "tiles": n_tiles,
+                "tiles_resumed": n_done_before, "heatmap_shape": list(hm.shape), "heatmap_mpp": hm.mpp,
+                "regions": len(anns), "region_area_mm2": sum(a.measurements["Area µm^2"] for a in anns) / 1e6,
+                "seconds": round(time.time() - t0, 2), "predict_seconds": round(t_pred, 2),
+                "slide_mpp": {"used": list(slide.mpp), "source": slide.mpp_source,
+                              "metadata": None if slide.metadata_mpp is None else list(slide.metadata_mpp)},
+                "bad_tiles": bad_coords,  # level-0 corners; bad_tile_records has boxes and reasons
+                "bad_tile_records": records,
+                # unchanged_tiles: tiles of this run left as read (too little stain to estimate)
+                "stain": {"method": self.stain_info["method"], "source": self.stain_info["source"],
+                          "unchanged_tiles": unchanged if self.stain else None},
+                "decode": decode,  # None when the heatmap was there already
+                # Where the time went (this run's tiles; a resumed or reused heatmap has fewer).
+                **timer.as_dict(t_loop)}
+
+
+def heatmap_job(*, model: str | os.PathLike = "hematoxylin", loaded: tuple | None = None,
+                mpp: float | None = None, size: int | None = None, overlap: int | None = None,
+                heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
+                workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
+                min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
+                chunk: int = 256, roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
+                tissue: dict | None = None, tiff: str | None = None, ome_zarr: bool = False,
+                override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None,
+                stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> HeatmapJob:
+    """A :class:`HeatmapJob` from :func:`heatmap_slide`'s keyword arguments (checked here, before
+    any slide is opened or anything written)."""
+    resolve_device(device)  # fail on a missing GPU before anything is written
+    loaded = loaded if loaded is not None else load_model(model)
+    if roi is None and roi_class:
+        raise ConfigError(f"roi_class {roi_class!r} given without roi (the annotation file to take it from)")
+    roi_src = Roi(roi, roi_class) if roi is not None else None
+    if roi_src is not None:
+        roi_src.annotations()  # a bad ROI file is one line before the slide is opened
+    region: Region = Tissue(TissueOptions.of(tissue))
+    if roi_src is not None:
+        region = region & roi_src
+    return HeatmapJob(loaded, tiles=TileOptions(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue),
+                      reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp), region=region,
+                      output={"heatmap_mpp": heatmap_mpp, "blend": blend, "threshold": threshold,
+                              "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson, "chunk": chunk,
+                              "tiff": tiff, "ome_zarr": ome_zarr},
+                      predict={"batch_size": batch_size, "workers": workers, "device": device,
+                               "on_bad_tile": on_bad_tile, "threads": threads},
+                      roi=roi_src, stain=resolve_stain(loaded[1], stain_norm, stain_ref))
+
+
+def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
+                  **options: Any) -> dict:
+    """Predict a model over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
+    ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
+
+    Parameters
+    ----------
+    slide_path
+        The slide file.
+    out_dir
+        The slide's output folder.
+    progress
+        Show progress bars.
+    **options
+        :func:`heatmap_job`'s options: ``model`` (a checkpoint or a built-in name) or ``loaded`` (a
+        ``load_model`` result, to share one model across slides); tiles ``mpp``, ``size``,
+        ``overlap``, ``min_tissue``; slide reading ``slide_mpp``, ``override_mpp``; region
+        ``tissue`` (``tissue_mask`` options), ``roi`` (GeoJSON/XML) and ``roi_class``; outputs
+        ``heatmap_mpp``, ``blend``, ``chunk``, ``threshold``, ``min_area_um2``, ``tiles_geojson``,
+        ``tiff`` ("rgb" or "values": ``heatmap.tif``), ``ome_zarr`` (``heatmap.ome.zarr``); running
+        ``batch_size``, ``workers``, ``device``, ``threads``, ``on_bad_tile``; stain ``stain_norm``
+        ("none", "macenko", "reinhard") and ``stain_ref`` (default: the checkpoint's own).
+
+    A finished slide (a summary of the same configuration whose outputs all verify) is skipped; an
+    output deleted, emptied or changed since is redone (``regions.job``); an interrupted run resumes
+    from the chunks its ``heatmap.zarr.part`` store had finished.
+    """
+    return run_job(heatmap_job(**options), slide_path, out_dir, progress=progress)
