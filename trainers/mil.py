@@ -23,21 +23,19 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from slidekit.base.devices import resolve_device
-from slidekit.base.errors import ConfigError, LabelError
+from slidekit.base.errors import ConfigError, LabelError, TrainingError
 from slidekit.base.io import write_text_atomic
 from slidekit.models.mil import MIL_ARCHS, build_mil, load_mil_checkpoint, save_mil_checkpoint
 from slidekit.slidelevel.feature_store import feature_info, read_features
-from slidekit.slidelevel.staging import weighted_kappa
+from slidekit.slidelevel.mil_tasks import DEFAULT_TASK, Classification, MILTask, get_mil_task
 from trainers.base import Trainer, register, seed_everything
 from trainers.config import TrainerConfig, check_option
 from trainers.runs import begin_run
@@ -48,6 +46,7 @@ class MILConfig(TrainerConfig):
     """mil: a slide table + feature files."""
 
     slides: str = ""  # CSV of slide,label[,patient][,features]; features default to features_dir/<slide stem>.h5
+    task: str = DEFAULT_TASK  # what the head predicts (slidekit.slidelevel.mil_tasks): classification, or a registered task
     features_dir: str | None = None  # folder of per-slide feature files (slidekit, TRIDENT, CLAM or STAMP HDF5)
     arch: str = "abmil"  # MIL model: abmil, clam, transmil, meanpool, maxpool or topk_mean
     classes: list[str] | None = None  # class order (kappa); default: sorted labels
@@ -61,16 +60,21 @@ class MILConfig(TrainerConfig):
     lr: float = 2e-4  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
     class_weights: bool = True  # weight the loss by inverse class frequency
+    bags_per_step: int = 1  # bags whose outputs one loss (and optimiser step) sees together
     bootstrap: int = 1000  # bootstrap resamples of the out-of-fold AUC/kappa confidence intervals (0: none)
     bag_cache_mb: int | None = None  # MB of bags held in memory; the rest are read from their files at each use (default: a quarter of the free memory)
 
     def validate(self) -> None:
         super().validate()
         check_option(self.arch in MIL_ARCHS, "arch", self.arch, f"one of {', '.join(MIL_ARCHS)}")
+        task = get_mil_task(self.task)  # ConfigError naming the known tasks
+        check_option(self.arch != "clam" or task.instance_label is not MILTask.instance_label, "arch", self.arch,
+                     f"not clam for task {self.task!r} (its instance loss needs slide classes)")
         check_option(self.folds >= 2, "folds", self.folds, "an integer >= 2")
         check_option(self.patience >= 1, "patience", self.patience, "an integer >= 1")
         check_option(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1")
         check_option(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        check_option(self.bags_per_step >= 1, "bags_per_step", self.bags_per_step, "an integer >= 1")
         check_option(self.bootstrap >= 0, "bootstrap", self.bootstrap, "an integer >= 0")
         check_option(self.bag_cache_mb is None or self.bag_cache_mb >= 0, "bag_cache_mb", self.bag_cache_mb,
                      "an integer >= 0, or null for a quarter of the free memory")
@@ -82,10 +86,18 @@ class Slide:
     label: str
     patient: str
     features: Path
+    values: dict[str, str] = field(default_factory=dict)  # the task's target columns as written
 
 
-def read_mil_table(path: str | os.PathLike, features_dir: str | None = None) -> list[Slide]:
-    """Rows of a MIL slide table; LabelError naming the file and line for a bad one."""
+def _names(cols) -> str:
+    cols = [repr(c) for c in cols]
+    return cols[0] if len(cols) == 1 else f"{', '.join(cols[:-1])} and {cols[-1]}"
+
+
+def read_mil_table(path: str | os.PathLike, features_dir: str | None = None,
+                   target_columns: tuple[str, ...] = ("label",)) -> list[Slide]:
+    """Rows of a MIL slide table; LabelError naming the file and line for a bad one.
+    ``target_columns``: the columns the task reads its targets from (classification: ``label``)."""
     path = Path(path)
     if not path.exists():
         raise LabelError("slide table not found", path)
@@ -93,12 +105,12 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None) -> 
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = [c.strip() for c in reader.fieldnames or []]
-        if "slide" not in cols or "label" not in cols:
-            raise LabelError(f"slide table needs columns 'slide' and 'label', has {cols}", path)
+        if any(c not in cols for c in ("slide", *target_columns)):
+            raise LabelError(f"slide table needs columns {_names(('slide', *target_columns))}, has {cols}", path)
         for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            if not row["slide"] or not row["label"]:
-                raise LabelError(f"line {line}: empty slide or label", path)
+            if not row["slide"] or not all(row[c] for c in target_columns):
+                raise LabelError(f"line {line}: empty slide or {' or '.join(target_columns)}", path)
             if row["slide"] in seen:
                 raise LabelError(f"line {line}: slide {row['slide']!r} is listed twice", path)
             seen.add(row["slide"])
@@ -111,7 +123,8 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None) -> 
                 raise LabelError(f"line {line}: no 'features' column value and no features_dir", path)
             if not feat.exists():
                 raise LabelError(f"line {line}: feature file {feat} not found", path)
-            out.append(Slide(row["slide"], row["label"], row.get("patient") or row["slide"], feat))
+            out.append(Slide(row["slide"], row.get("label", ""), row.get("patient") or row["slide"], feat,
+                             {c: row[c] for c in target_columns}))
     if not out:
         raise LabelError("slide table has no rows", path)
     return out
@@ -189,84 +202,77 @@ class Bags:
 
 def slide_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float]:
     """AUC, balanced accuracy and quadratic weighted kappa of integer labels ``y`` against ``probs``."""
-    pred = probs.argmax(1)
-    out = {"balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-           "kappa": float(weighted_kappa([classes[i] for i in y], [classes[i] for i in pred], classes))}
-    if len(set(y.tolist())) < 2:
-        out["auc"] = float("nan")
-    elif len(classes) == 2:
-        out["auc"] = float(roc_auc_score(y, probs[:, 1]))
-    else:
-        out["auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=range(len(classes))))
-    return out
+    return Classification(classes).metrics(y, probs)
 
 
 def bootstrap_ci(y: np.ndarray, probs: np.ndarray, classes: list[str], n: int, seed: int) -> dict[str, list[float]]:
     """Percentile 95% intervals of ``slide_metrics`` over ``n`` resamples of the slides."""
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if len(set(y[idx].tolist())) < 2:
-            continue
-        for k, v in slide_metrics(y[idx], probs[idx], classes).items():
-            draws.setdefault(k, []).append(v)
-    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+    return Classification(classes).bootstrap_ci(y, probs, n, seed)
 
 
-def _bag_loss(model, x, y: int, weights: torch.Tensor | None, c: MILConfig) -> torch.Tensor:
-    out = model(x, label=y)
-    loss = F.cross_entropy(out.logits[None], torch.tensor([y], device=x.device), weight=weights)
-    if out.instance_loss is not None:
-        loss = (1 - c.instance_weight) * loss + c.instance_weight * out.instance_loss
-    return loss
+def _batch_loss(model, bags, idx, targets: np.ndarray, task: MILTask, loss, c: MILConfig,
+                device: torch.device) -> torch.Tensor:
+    """The task's loss over the outputs of the bags ``idx`` together (+ CLAM's instance loss, averaged)."""
+    outs = [model(bags[i], label=task.instance_label(targets[i])) for i in idx]
+    value = loss(torch.stack([o.logits for o in outs]), task.targets_tensor(targets[idx], device))
+    inst = [o.instance_loss for o in outs if o.instance_loss is not None]
+    if inst:
+        value = (1 - c.instance_weight) * value + c.instance_weight * torch.stack(inst).mean()
+    return value
 
 
-def evaluate(model, bags, y: np.ndarray, weights=None) -> tuple[float, np.ndarray]:
-    """Mean loss and (n, C) probabilities of ``bags`` (any iterable of bag tensors)."""
+def evaluate(model, bags, targets: np.ndarray, task: MILTask, loss) -> tuple[float, np.ndarray]:
+    """The task's evaluation loss and ``task.predict`` rows of ``bags`` (any iterable of bag tensors)."""
     model.eval()
-    losses, probs = [], []
+    outs = []
     with torch.no_grad():
-        for x, t in zip(bags, y):
-            logits = model(x).logits
-            losses.append(float(F.cross_entropy(logits[None], torch.tensor([int(t)], device=x.device), weight=weights)))
-            probs.append(torch.softmax(logits, -1).cpu().numpy())
-    return float(np.mean(losses)) if losses else float("nan"), np.stack(probs)
+        for x in bags:
+            outs.append(model(x).logits)
+        if not outs:
+            return float("nan"), np.zeros((0, len(task.output_columns)))
+        outputs = torch.stack(outs)
+        value = task.evaluation_loss(loss, outputs, task.targets_tensor(targets, outputs.device))
+        return value, task.predict(outputs)
 
 
-def train_fold(c: MILConfig, bags: Bags, y: np.ndarray, train: np.ndarray, val: np.ndarray,
-               n_classes: int, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, train: np.ndarray, val: np.ndarray,
+               task: MILTask, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """Train on ``train`` with early stopping on ``val``; the best-validation weights are returned."""
     seed_everything(seed)
-    model = build_mil(c.arch, bags.info[0].dim, n_classes, c.hidden, c.dropout, c.instance_k).to(device)
+    model = build_mil(c.arch, bags.info[0].dim, task.out_dim, c.hidden, c.dropout, c.instance_k).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    counts = np.bincount(y[train], minlength=n_classes).astype(np.float64)
-    weights = (torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-               if c.class_weights else None)
+    loss_fn = task.make_loss(targets[train], device, c)
     rng = np.random.default_rng(seed)
     best, best_state, best_epoch, history = float("inf"), None, 0, []
+    step = int(c.bags_per_step)
     for epoch in range(c.epochs):
         model.train()
         total = 0.0
-        for i in rng.permutation(train):
-            loss = _bag_loss(model, bags[i], int(y[i]), weights, c)
+        order = rng.permutation(train)
+        for b in range(0, len(order), step):
+            idx = order[b:b + step]
+            loss = _batch_loss(model, bags, idx, targets, task, loss_fn, c, device)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss.detach())
-        val_loss, _ = evaluate(model, bags.select(val), y[val], weights)
+            total += float(loss.detach()) * len(idx) if step > 1 else float(loss.detach())
+        val_loss, _ = evaluate(model, bags.select(val), targets[val], task, loss_fn)
         history.append({"epoch": epoch, "loss": total / len(train), "val_loss": val_loss})
         if val_loss < best - 1e-6:
             best, best_epoch = val_loss, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= c.patience:
             break
+    if best_state is None:
+        raise TrainingError(f"the validation loss was never finite ({history[-1]['val_loss'] if history else 'none'}): "
+                            "training diverged (lower lr?); no checkpoint was written")
     model.load_state_dict(best_state)
     return model, {"best_epoch": best_epoch, "val_loss": best, "epochs_run": len(history), "history": history}
 
 
 def _splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int):
-    """(train, val, test) index arrays per fold; val: one patient-grouped inner split of train."""
+    """(train, val, test) index arrays per fold, stratified by ``y`` (the task's key); val: one
+    patient-grouped inner split of train."""
     if len(set(groups.tolist())) < folds:
         raise ConfigError(f"{folds} folds need at least {folds} patients, have {len(set(groups.tolist()))}")
     outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -295,12 +301,10 @@ class MILTrainer(Trainer):
         if begin_run(self, out, c.epochs) == "finished" and (out / "checkpoint.pt").exists():
             return out / "checkpoint.pt"
         dev = resolve_device(device)
-        rows = read_mil_table(c.slides, c.features_dir)
-        classes = list(c.classes) if c.classes else sorted({r.label for r in rows})
-        unknown = sorted({r.label for r in rows} - set(classes))
-        if unknown:
-            raise LabelError(f"labels {unknown} are not in classes {classes}", c.slides)
-        y = np.array([classes.index(r.label) for r in rows])
+        task = get_mil_task(c.task)()
+        rows = read_mil_table(c.slides, c.features_dir, task.target_columns)
+        targets = task.setup([r.values for r in rows], c)
+        strata = task.stratify(targets)
         groups = np.array([r.patient for r in rows])
         cache = None if c.bag_cache_mb is None else int(c.bag_cache_mb) * 2**20
         bags = Bags([r.features for r in rows], cache, dev)
@@ -312,16 +316,19 @@ class MILTrainer(Trainer):
         if len(bags.dims) > 1:
             raise LabelError("feature files have different feature widths", c.slides)
         in_dim = bags.dims.pop()
-        probs = np.full((len(rows), len(classes)), np.nan)
+        columns = task.output_columns
+        preds = np.full((len(rows), len(columns)), np.nan)
         fold_of = np.full(len(rows), -1)
         folds: list[dict] = []
         from tqdm.auto import tqdm
 
-        bar = tqdm(list(enumerate(_splits(y, groups, c.folds, c.seed))), desc="mil folds", unit="fold",
+        bar = tqdm(list(enumerate(_splits(strata, groups, c.folds, c.seed))), desc="mil folds", unit="fold",
                    disable=not progress)
-        mil_desc = {"arch": c.arch, "in_dim": int(in_dim), "classes": classes, "hidden": c.hidden,
+        task_fields = task.checkpoint_fields()
+        mil_desc = {"arch": c.arch, "in_dim": int(in_dim), **task_fields, "hidden": c.hidden,
                     "dropout": c.dropout, "instance_k": c.instance_k, "encoder": encoder,
-                    "trainer_config": {k: getattr(c, k) for k in c.__dataclass_fields__}}
+                    "trainer_config": {k: getattr(c, k) for k in c.__dataclass_fields__},
+                    "task": task.name, "out_dim": int(task.out_dim)}
         for k, (tr, va, te) in bar:
             path = out / f"fold_{k}.pt"
             record_path = out / f"fold_{k}.json"
@@ -330,25 +337,28 @@ class MILTrainer(Trainer):
                 model.to(dev)
                 info = json.loads(record_path.read_text())
             else:
-                model, info = train_fold(c, bags, y, tr, va, len(classes), c.seed * 1000 + k, dev)
+                model, info = train_fold(c, bags, targets, tr, va, task, c.seed * 1000 + k, dev)
                 save_mil_checkpoint(path, model, {**mil_desc, "fold": k})
                 write_text_atomic(record_path, json.dumps(info))
-            _, p = evaluate(model, bags.select(te), y[te])
-            probs[te], fold_of[te] = p, k
+            loss_fn = task.make_loss(targets[tr], dev, c)
+            _, p = evaluate(model, bags.select(te), targets[te], task, loss_fn)
+            preds[te], fold_of[te] = p, k
             folds.append({"fold": k, "test_slides": len(te), **{kk: info[kk] for kk in ("best_epoch", "val_loss",
                                                                                           "epochs_run")},
-                          **slide_metrics(y[te], p, classes)})
-        overall = slide_metrics(y, probs, classes)
-        ci = bootstrap_ci(y, probs, classes, c.bootstrap, c.seed)
-        metrics = {"arch": c.arch, "classes": classes, "slides": len(rows), "patients": len(set(groups.tolist())),
+                          **task.metrics(targets[te], p)})
+        overall = task.metrics(targets, preds)
+        ci = task.bootstrap_ci(targets, preds, c.bootstrap, c.seed)
+        metrics = {"arch": c.arch, **({} if task.name == DEFAULT_TASK else {"task": task.name}), **task_fields,
+                   "slides": len(rows), "patients": len(set(groups.tolist())),
                    "folds": folds, "overall": overall, "ci95": ci,
                    "mean_over_folds": {m: float(np.nanmean([f[m] for f in folds])) for m in overall}}
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["slide", "patient", "label", "fold", *[f"p_{cl}" for cl in classes]])
-        for r, f, p in zip(rows, fold_of, probs):
-            w.writerow([r.slide, r.patient, r.label, int(f), *[round(float(v), 6) for v in p]])
+        w.writerow(["slide", "patient", *task.target_columns, "fold", *columns])
+        for r, f, p in zip(rows, fold_of, preds):
+            w.writerow([r.slide, r.patient, *[r.values[col] for col in task.target_columns], int(f),
+                        *[round(float(v), 6) for v in p]])
         write_text_atomic(out / "oof.csv", buf.getvalue())
         best = min(folds, key=lambda f: f["val_loss"])["fold"]
         ckpt = out / "checkpoint.pt"
@@ -357,7 +367,5 @@ class MILTrainer(Trainer):
         write_text_atomic(out / "done.json", json.dumps({"trainer": self.name, "epochs": c.epochs,
                                                          "checkpoint": ckpt.name, "best_fold": best}, indent=2))
         if progress:
-            print(f"mil {c.arch}: AUC {overall['auc']:.3f} (95% CI {ci.get('auc', [float('nan')] * 2)[0]:.3f}-"
-                  f"{ci.get('auc', [float('nan')] * 2)[1]:.3f}), balanced accuracy "
-                  f"{overall['balanced_accuracy']:.3f}, kappa {overall['kappa']:.3f}", flush=True)
+            print(f"mil {c.arch}: {task.summary(overall, ci)}", flush=True)
         return ckpt

@@ -273,7 +273,9 @@ def score_bag(model: nn.Module, chunks: Iterator[torch.Tensor] | torch.Tensor) -
 
 def save_mil_checkpoint(path, model: nn.Module, mil: dict, extra: dict | None = None):
     """Write a MIL network in slidekit's checkpoint format: ``mil`` describes it (arch, in_dim,
-    classes, hidden, dropout, instance_k, encoder of the features, trainer config)."""
+    the task's fields (``task``, ``out_dim``: the head size; classification: ``classes``), hidden,
+    dropout, instance_k, encoder of the features, trainer config). A description without ``task``
+    is a classifier of ``len(classes)`` outputs."""
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "mil",
                "mil": {**mil, "slidekit_version": __version__},
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -290,7 +292,8 @@ def load_mil_checkpoint(path) -> tuple[nn.Module, dict]:
     if payload.get("kind") != "mil" or not isinstance(mil, dict):
         raise CheckpointError("not a MIL checkpoint (train one with `slidekit train mil`)", path)
     try:
-        model = build_mil(mil["arch"], int(mil["in_dim"]), len(mil["classes"]), int(mil.get("hidden", 128)),
+        out_dim = int(mil["out_dim"]) if mil.get("out_dim") is not None else len(mil["classes"])
+        model = build_mil(mil["arch"], int(mil["in_dim"]), out_dim, int(mil.get("hidden", 128)),
                           float(mil.get("dropout", 0.1)), int(mil.get("instance_k", 8)))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
