@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 from slidekit.base.errors import OutputError
 from slidekit.base.io import write_text_atomic
@@ -29,7 +30,7 @@ class OutputDir:
         self._marker = self.path / MARKER
         self._state = self._read()
         owner = self._state.get("slide_id")
-        if owner and owner != slide_id:
+        if owner and owner != slide_id and not _same_slide(owner, self.slide_path):
             raise OutputError(f"holds the results of another slide ({self._state.get('slide')}); "
                               f"refusing to mix in {self.slide_path} (choose another output folder)", self.path)
 
@@ -76,11 +77,33 @@ class OutputDir:
             raise OutputError(f"{', '.join(foreign)} already exist(s) and slidekit did not write them; refusing "
                               "to replace them (move them away or choose another output folder)", self.path)
         new = [n for n in names if not self.owns(n)]
-        if new or not self._state.get("slide_id"):
+        if new or self._state.get("slide_id") != self.slide_id:  # (an old-form fingerprint is brought up to date)
             self.path.mkdir(parents=True, exist_ok=True)
             self._state = {"slide": self.slide_path, "slide_id": self.slide_id,
                            "files": sorted(set(self._state["files"]) | set(names))}
             write_text_atomic(self._marker, json.dumps(self._state, indent=1))
+
+
+# How a recorded fingerprint is compared with a slide file: ``slides.identity`` registers
+# ``same_slide`` here when imported (``base`` sits below ``slides`` and cannot import it). Every
+# caller got its ``slide_id`` from ``slides.identity``, so the rule is in place whenever one is compared.
+_slide_matcher: list[Callable[[str, str], bool]] = []
+
+
+def register_slide_matcher(func: Callable[[str, str], bool]) -> None:
+    """Set the rule ``func(recorded_fingerprint, slide_path) -> bool`` (``slides.identity.same_slide``)."""
+    _slide_matcher[:] = [func]
+
+
+def _same_slide(recorded: str, slide_path: str) -> bool:
+    """Either fingerprint form names this slide (an old record is recomputed in the old form);
+    False when no rule is registered or the slide cannot be read."""
+    if not _slide_matcher:
+        return False
+    try:
+        return bool(_slide_matcher[0](recorded, slide_path))
+    except OSError:
+        return False
 
 
 def claim_path(path: str | os.PathLike, is_ours: bool, what: str) -> None:

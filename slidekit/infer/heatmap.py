@@ -16,6 +16,13 @@ Memory stays flat as slides grow: ``HeatmapWriter`` holds only the chunks still 
 (those touched by the current band of tiles, capped by ``max_open_bytes``; colder partial
 chunks spill to ``partial/`` in the store) and divides each chunk as soon as its last tile
 arrives. Finished chunks are flagged in the store, so an interrupted run resumes.
+
+Damage is found, not read as data (stores marked ``store_checks``, written since slidekit checks
+them): every chunk of ``prob`` and ``coverage`` carries a checksum (zstd frame checksum), every
+finished chunk is on disk (empty ones too), so ``Heatmap`` compares the finished-chunk record with a
+listing of the store (cheap: no chunk is read) and refuses a store with chunks missing; a chunk
+whose bytes changed, a NaN in ``prob``, or metadata that cannot be parsed or declares a shape the
+slide cannot have is a ``HeatmapError`` naming the store and the problem.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 from shapely.affinity import affine_transform
 from shapely.ops import unary_union
 
@@ -40,6 +48,9 @@ from slidekit.regions.tiling import TileGrid
 from slidekit.regions.tissue import mask_to_polygons
 
 HEATMAP_FORMAT = "slidekit.heatmap/1"
+# attrs["store_checks"] of stores whose chunks carry checksums and whose finished chunks are all on disk
+STORE_CHECKS = 1
+CHECKED = [ZstdCodec(level=0, checksum=True)]  # a changed chunk fails its checksum instead of decoding
 
 
 def blend_window(h: int, w: int, blend: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
@@ -110,7 +121,9 @@ class HeatmapWriter:
                          "coords_sha1": hashlib.sha1(np.ascontiguousarray(grid.coords).tobytes()).hexdigest()},
                 **(attrs or {})}
         self.root = self._open(meta)
-        self.prob, self.coverage = self.root["prob"], self.root["coverage"]
+        # every finished chunk is written, empty ones too: a chunk missing on disk is then damage
+        self.prob = self.root["prob"].with_config({"write_empty_chunks": True})
+        self.coverage = self.root["coverage"].with_config({"write_empty_chunks": True})
         self.values = self.root["tiles/values"]
         self.done = np.asarray(self.root["chunk_done"][:])
         self._open_chunks: OrderedDict = OrderedDict()
@@ -133,17 +146,20 @@ class HeatmapWriter:
             shutil.rmtree(self.path)
         root = zarr.open_group(str(self.path), mode="w")
         cs, C = self.cs, self.C
-        root.create_array("prob", shape=(C, self.H, self.W), chunks=(C, cs, cs), dtype="float32", fill_value=0.0)
-        root.create_array("coverage", shape=(self.H, self.W), chunks=(cs, cs), dtype="bool", fill_value=False)
+        root.create_array("prob", shape=(C, self.H, self.W), chunks=(C, cs, cs), dtype="float32", fill_value=0.0,
+                          compressors=CHECKED)
+        root.create_array("coverage", shape=(self.H, self.W), chunks=(cs, cs), dtype="bool", fill_value=False,
+                          compressors=CHECKED)
         n = len(self.grid)
-        root.create_array("tiles/coords", shape=(n, 2), chunks=(max(1, min(n, 65536)), 2), dtype="int64")
+        root.create_array("tiles/coords", shape=(n, 2), chunks=(max(1, min(n, 65536)), 2), dtype="int64",
+                          compressors=CHECKED)
         if n:
             root["tiles/coords"][:] = self.grid.coords
         root.create_array("tiles/values", shape=(n, C), chunks=(max(1, min(n, 4096)), C), dtype="float32",
-                          fill_value=float("nan"))
+                          fill_value=float("nan"), compressors=CHECKED)
         nr, nc = -(-self.H // cs), -(-self.W // cs)
         root.create_array("chunk_done", shape=(nr, nc), chunks=(nr, nc), dtype="bool", fill_value=False)
-        root.attrs.update({**_jsonable(meta), "complete": False})
+        root.attrs.update({**_jsonable(meta), "complete": False, "store_checks": STORE_CHECKS})
         return root
 
     # -- planning -------------------------------------------------------------------------
@@ -298,6 +314,8 @@ class HeatmapWriter:
             cov[rows[ok], cols[ok]] = True
             self.prob[:] = lattice
             self.coverage[:] = cov
+            self.done[:] = True
+            self.root["chunk_done"][:] = True
         else:
             for cr, cc in list(self._open_chunks):
                 self._flush(cr, cc)
@@ -326,22 +344,144 @@ def _jsonable(v):
     return v
 
 
+def _why(e: BaseException) -> str:
+    """``Type: first 160 characters of the message`` on one line."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}".rstrip(": ")
+
+
+# a heatmap may reach past its slide by edge tiles, never by more than this (level-0 px, factor)
+_SLACK_PX, _SLACK_FACTOR = 65536, 2.0
+MAX_HEATMAP_PIXELS = 1 << 34  # 16 Gpx per class: more than any slide at any heatmap MPP
+
+
+class CheckedArray:
+    """A zarr array of a heatmap store, read through checks: a chunk that cannot be read (its
+    checksum fails, it does not decompress) or NaN values (``finite=True``) are a ``HeatmapError``
+    naming the store and the array, never garbage or a raw zarr error. Slices like the array;
+    other attributes (``shape``, ``chunks``, ``dtype``, ...) are the array's."""
+
+    def __init__(self, arr, name: str, store: Path, finite: bool = False) -> None:
+        self._arr, self._name, self._store, self._finite = arr, name, store, finite
+
+    def __getattr__(self, attr: str):
+        return getattr(self._arr, attr)
+
+    def __len__(self) -> int:
+        return int(self._arr.shape[0])
+
+    def __getitem__(self, key) -> np.ndarray:
+        try:
+            out = np.asarray(self._arr[key])
+        except Exception as e:  # zarr/numcodecs raise RuntimeError, ValueError, ... for a damaged chunk
+            raise HeatmapError(f"{self._name} cannot be read: a chunk is damaged ({_why(e)})", self._store) from None
+        if self._finite and out.dtype.kind == "f" and not np.isfinite(out).all():
+            raise HeatmapError(f"{self._name} holds NaN or infinite values; the store is damaged", self._store)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self[...]
+        return a if dtype is None else a.astype(dtype)
+
+
 class Heatmap:
-    """A finished heatmap store (read-only): ``prob`` (C, H, W), ``coverage`` (H, W), tile table."""
+    """A finished heatmap store (read-only): ``prob`` (C, H, W), ``coverage`` (H, W), tile table.
+
+    Opening checks what is cheap to check (metadata readable, shapes consistent with each other and
+    with the slide, finished chunks all on disk); reads check each chunk as it is read (checksum,
+    no NaN). ``verify()`` reads the whole store once. Each problem is a ``HeatmapError`` naming the
+    store and the problem."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        if not self.path.is_dir():
+            raise HeatmapError("heatmap store not found" if not self.path.exists()
+                               else "not a heatmap store (a file, not a zarr folder)", self.path)
         try:
             self.root = zarr.open_group(str(self.path), mode="r")
             self.attrs = dict(self.root.attrs)
         except Exception as e:
-            raise HeatmapError(f"not a heatmap store ({type(e).__name__})", self.path) from None
+            raise HeatmapError(f"not a heatmap store, or its zarr.json is damaged ({_why(e)})", self.path) from None
         if self.attrs.get("format") != HEATMAP_FORMAT:
             raise HeatmapError("not a slidekit heatmap (no format marker)", self.path)
         if not self.attrs.get("complete"):
             raise HeatmapError("heatmap is incomplete (interrupted run?)", self.path)
-        self.prob = self.root["prob"]
-        self.coverage = self.root["coverage"]
+        self.prob = CheckedArray(self._array("prob"), "prob", self.path, finite=True)
+        self.coverage = CheckedArray(self._array("coverage"), "coverage", self.path)
+        self._check_shapes()
+        if self.attrs.get("store_checks"):
+            self._check_chunks()
+
+    def _array(self, name: str):
+        try:
+            arr = self.root[name]
+        except KeyError:
+            raise HeatmapError(f"incomplete: array {name} is missing", self.path) from None
+        except Exception as e:  # a truncated or edited zarr.json of the array
+            raise HeatmapError(f"array {name} has damaged metadata ({name}/zarr.json: {_why(e)})",
+                               self.path) from None
+        if not isinstance(arr, zarr.Array):
+            raise HeatmapError(f"{name} is not an array", self.path)
+        return arr
+
+    def _check_shapes(self) -> None:
+        """Shapes agree with the attributes and fit the slide; a damaged or edited declaration
+        would otherwise allocate terabytes."""
+        bad = lambda why: HeatmapError(f"damaged metadata: {why}", self.path)  # noqa: E731
+        try:
+            H, W = (int(v) for v in self.attrs["shape"])
+            C = len(self.attrs["classes"])
+            (sx, sy), (ox, oy) = (tuple(float(v) for v in self.attrs[k]) for k in ("scale", "origin"))
+            mpp = float(self.attrs["mpp"])
+        except (KeyError, TypeError, ValueError):
+            raise bad("the attributes lack shape, classes, scale, origin or mpp") from None
+        if not (math.isfinite(sx * sy * mpp) and sx > 0 and sy > 0 and mpp > 0):
+            raise bad(f"scale {sx, sy} and mpp {mpp} must be positive numbers")
+        if tuple(self.prob.shape) != (C, H, W):
+            raise bad(f"prob is declared {tuple(self.prob.shape)}, the heatmap is ({C}, {H}, {W})")
+        if tuple(self.coverage.shape) != (H, W):
+            raise bad(f"coverage is declared {tuple(self.coverage.shape)}, the heatmap is ({H}, {W})")
+        if H * W > MAX_HEATMAP_PIXELS:
+            raise bad(f"shape {H} x {W} is larger than any slide's heatmap")
+        dims = (self.attrs.get("slide") or {}).get("dimensions")
+        if dims:
+            W0, H0 = (float(v) for v in dims)
+            if (ox + W * sx > _SLACK_FACTOR * W0 + _SLACK_PX) or (oy + H * sy > _SLACK_FACTOR * H0 + _SLACK_PX):
+                raise bad(f"shape {H} x {W} at scale {sx:g} x {sy:g} reaches far past the "
+                          f"{int(W0)} x {int(H0)} slide")
+
+    def _check_chunks(self) -> None:
+        """Every chunk the writer recorded as finished is on disk (a listing, no chunk is read)."""
+        try:
+            done = np.asarray(self.root["chunk_done"][:], bool)
+        except Exception as e:
+            raise HeatmapError(f"its record of finished chunks (chunk_done) cannot be read ({_why(e)})",
+                               self.path) from None
+        ch, cw = self.prob.chunks[1:]
+        H, W = self.shape
+        want = (-(-H // ch), -(-W // cw))
+        if done.shape != want:
+            raise HeatmapError(f"damaged metadata: chunk_done is {done.shape}, the heatmap has {want} chunks",
+                               self.path)
+        missing = []
+        for name, lead in (("prob", (0,)), ("coverage", ())):
+            arr = self.prob._arr if name == "prob" else self.coverage._arr
+            present = _listing(self.path / name)
+            enc = arr.metadata.encode_chunk_key
+            missing += [(name, int(r), int(c)) for r, c in zip(*np.nonzero(done))
+                        if enc((*lead, int(r), int(c))) not in present]
+        if missing:  # (chunks no tile touched were never finished: they hold the fill value by design)
+            n = len({(r, c) for _, r, c in missing})
+            first = ", ".join(f"{name} chunk ({r}, {c})" for name, r, c in missing[:3])
+            raise HeatmapError(f"incomplete: {n} chunks missing ({first}; a partial copy or deleted files?)",
+                               self.path)
+
+    def verify(self) -> "Heatmap":
+        """Read the whole store once, chunk row by chunk row (checksums, NaN); returns self."""
+        for r0, r1 in self._bands():
+            self.prob[:, r0:r1, :]
+            self.coverage[r0:r1, :]
+        self.tiles
+        return self
 
     task = property(lambda self: self.attrs["task"])
     classes = property(lambda self: list(self.attrs["classes"]))
@@ -354,7 +494,8 @@ class Heatmap:
     @property
     def tiles(self) -> tuple[np.ndarray, np.ndarray]:
         """(coords (N, 2) level-0, values (N, C)) of every predicted tile."""
-        return np.asarray(self.root["tiles/coords"][:]), np.asarray(self.root["tiles/values"][:])
+        return (CheckedArray(self._array("tiles/coords"), "tiles/coords", self.path)[:],
+                CheckedArray(self._array("tiles/values"), "tiles/values", self.path)[:])
 
     def to_level0(self, geom):
         """Map a shapely geometry from heatmap pixel to level-0 coordinates."""
@@ -538,6 +679,17 @@ class Heatmap:
                     n += v.size
                     mx = max(mx, float(v.max()))
         return (total / n if n else 0.0), (mx if n else 0.0)
+
+
+def _listing(folder: Path) -> set[str]:
+    """The chunk keys present under an array's folder (``c/0/1/2``), from one directory walk."""
+    keys = set()
+    for dirpath, _dirs, files in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        for f in files:
+            if f != "zarr.json":
+                keys.add(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
+    return keys
 
 
 def _polygons_by_chunk(mask: np.ndarray, cw: int) -> list:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import threading
 import time
@@ -89,6 +90,22 @@ class Viewer:
     def resolve(self, rel: str) -> Path:
         return self.index.root.resolve(rel)
 
+    def public_message(self, e: SlidekitError) -> str:
+        """An error's one line as the browser gets it: the file it names as its request path under
+        PATH (or only its name, for a file elsewhere), never the server's absolute paths."""
+        msg, root = str(e), self.index.root
+        if e.path is not None and msg.startswith(f"{e.path}: "):
+            p = Path(e.path)
+            try:
+                shown = root.rel_unresolved(p) if Path(os.path.abspath(p)).is_relative_to(root.path) else p.name
+            except ValueError:
+                shown = p.name
+            msg = f"{shown}: {msg[len(str(e.path)) + 2:]}"
+        for prefix in {str(root.path.parent), os.path.abspath(root.path.parent)}:
+            if prefix not in ("/", ""):
+                msg = msg.replace(prefix + os.sep, "")
+        return msg
+
     def stats(self) -> dict:
         with self._stats_lock:
             ms = np.array(self.tile_ms, np.float64)
@@ -123,7 +140,7 @@ class Viewer:
             try:
                 item["overlay_meta"] = self._overlay(target)[1]
             except SlidekitError as e:  # a damaged store: show the slide and say why there is no overlay
-                item.update(overlay=None, notes=[*item["notes"], f"no overlay: {e}"])
+                item.update(overlay=None, notes=[*item["notes"], f"no overlay: {self.public_message(e)}"])
         return item
 
     def _overlay(self, target: Path) -> tuple[bytes, dict]:
@@ -167,8 +184,8 @@ def _answer(func: Callable[..., Response]) -> Callable[[Request], Response]:
             return PlainTextResponse(str(e), status_code=e.status, headers=HEADERS)
         except IndexError as e:  # a tile the pyramid does not have
             return PlainTextResponse(str(e), status_code=404, headers=HEADERS)
-        except SlidekitError as e:  # the one line, without server paths beyond what the message names
-            return JSONResponse({"error": str(e)}, status_code=422, headers=HEADERS)
+        except SlidekitError as e:  # the one line, without the server's absolute paths
+            return JSONResponse({"error": viewer.public_message(e)}, status_code=422, headers=HEADERS)
 
     endpoint.__name__ = func.__name__
     return endpoint

@@ -23,7 +23,7 @@ import zarr
 
 from slidekit.base.errors import OutputError, SlideError, SlidekitWarning
 from slidekit.base.outputs import MARKER
-from slidekit.slides.identity import slide_fingerprint
+from slidekit.slides.identity import same_slide
 from slidekit.slides.slide import open_slide
 
 COHORT_CSV = "cohort.csv"
@@ -127,7 +127,7 @@ def find_slide(recorded: str, near: list[Path], fingerprint: str | None, folder:
         if p.is_absolute() or fingerprint is None:
             return c
         try:
-            if slide_fingerprint(c) == fingerprint:
+            if same_slide(fingerprint, c):
                 return c
         except OSError:
             continue
@@ -143,7 +143,7 @@ def recorded_slide(folder: Path, given: Path | None = None) -> Path:
             rec = _record(folder)
         except OutputError:
             rec = {}
-        if rec.get("slide_id") and rec["slide_id"] != slide_fingerprint(given):
+        if rec.get("slide_id") and not same_slide(rec["slide_id"], given):
             warnings.warn(SlidekitWarning(f"{given}: not the slide {folder} records ({rec['slide']}: another "
                                           "fingerprint); showing it as asked"), stacklevel=2)
         return given
