@@ -198,3 +198,86 @@ def test_an_output_folder_with_an_old_fingerprint_still_belongs_to_its_slide(hea
     other = synthetic_slide(tmp_path / "o.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384), seed=3)
     with pytest.raises(OutputError, match="another slide"):
         OutputDir(out, other, slide_fingerprint(other))
+
+
+# --------------------------------------------------------------------------- hand-edited or foreign locks (item 5)
+
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("locks")
+    return [synthetic_slide(root / f"{n}.tif", width=1024, height=768, tissue_box=(256, 128, 512, 384), seed=i)
+            for i, n in enumerate(("a", "b"))]
+
+
+def _lock(folder: Path, pid: int, host: str | None = None) -> Path:
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / ".slidekit.lock"
+    p.write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "token": "t", "created": 0}))
+    return p
+
+
+def test_a_lock_with_an_absurd_pid_is_taken_over_and_the_cohort_goes_on(two_slides, tmp_path):
+    from slidekit.base.locks import is_stale, pid_alive, read_lock
+    from slidekit.cohort.run import run_cohort
+
+    out = tmp_path / "OUT"
+    lock = _lock(out / "a", 2**40)
+    assert not pid_alive(2**40) and is_stale(read_lock(lock))
+    rows = {r["id"]: r for r in run_cohort("tissue", [str(s) for s in two_slides], out, progress=False)}
+    assert rows["a"]["status"] == "done" and rows["b"]["status"] == "done", rows
+
+
+def test_a_symlinked_lock_is_refused_in_one_line_without_reading_it(two_slides, tmp_path):
+    import time
+
+    from slidekit.base.errors import LockedError
+    from slidekit.base.locks import OutputLock
+    from slidekit.cohort.run import run_cohort
+
+    out = tmp_path / "OUT"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / ".slidekit.lock").symlink_to("/dev/zero")
+    t0 = time.monotonic()
+    with pytest.raises(LockedError, match="symbolic link"):
+        OutputLock(out / "a").acquire()
+    rows = {r["id"]: r for r in run_cohort("tissue", [str(s) for s in two_slides], out, progress=False)}
+    assert time.monotonic() - t0 < 60
+    assert rows["a"]["status"] == "failed" and "symbolic link" in rows["a"]["error"], rows
+    assert rows["b"]["status"] == "done"  # the next slide is processed
+    assert (out / "a" / ".slidekit.lock").is_symlink()  # refused, never followed or removed
+
+
+def test_a_heartbeat_far_in_the_future_is_stale_and_said(two_slides, tmp_path):
+    import os
+    import time
+
+    from slidekit.base.errors import SlidekitWarning
+    from slidekit.base.locks import OutputLock, describe, read_lock, stale_reason
+    from slidekit.cohort.run import run_cohort
+
+    out = tmp_path / "OUT"
+    lock = _lock(out / "a", 4242, host="another-node")
+    future = time.time() + 3600
+    os.utime(lock, (future, future))
+    rec = read_lock(lock)
+    assert "in the future" in stale_reason(rec) and "in the future" in describe(rec)
+    rows = {r["id"]: r for r in run_cohort("tissue", [str(s) for s in two_slides], out, progress=False)}
+    assert rows["a"]["status"] == "done", rows  # not "being processed" on every rerun
+    os.utime(_lock(out / "c", 4242, host="another-node"), (future, future))
+    with pytest.warns(SlidekitWarning, match="in the future"):
+        with OutputLock(out / "c") as held:
+            assert "future" in held.took_over["stale_reason"]
+    near = time.time() + 60  # a small skew is not a takeover
+    os.utime(_lock(out / "d", 4242, host="another-node"), (near, near))
+    assert stale_reason(read_lock(out / "d" / ".slidekit.lock")) is None
+
+
+def test_an_oversized_lock_file_is_read_only_in_part(tmp_path):
+    from slidekit.base.locks import MAX_LOCK_BYTES, read_lock
+
+    p = tmp_path / ".slidekit.lock"
+    p.write_bytes(b"{" + b" " * (10 * MAX_LOCK_BYTES))
+    rec = read_lock(p)
+    assert set(rec) == {"heartbeat_age"}  # judged by its age alone
