@@ -150,7 +150,7 @@ def test_second_heatmap_on_a_locked_folder_is_one_line(slides, tmp_path):
 
 def test_tissue_and_tile_refuse_to_replace_foreign_files(slides, tmp_path):
     from slidekit.regions.tiling import make_grid
-    from slidekit.regions.tissue import save_tissue
+    from slidekit.regions.tissue_job import save_tissue
 
     out = tmp_path / "T"
     out.mkdir()
@@ -169,7 +169,7 @@ def test_tissue_and_tile_refuse_to_replace_foreign_files(slides, tmp_path):
 
 def test_tissue_regions_stay_inside_the_slide(tmp_path):
     from slidekit.annotations.formats import read_annotations
-    from slidekit.regions.tissue import save_tissue
+    from slidekit.regions.tissue_job import save_tissue
 
     # Tissue up to the right and bottom edges of a slide whose size is not a multiple of the mask pixel.
     slide = synthetic_slide(tmp_path / "edge.tif", width=1000, height=700, tissue_box=(600, 300, 400, 400))

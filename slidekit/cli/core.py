@@ -8,12 +8,12 @@ import click
 from slidekit.annotations.formats import read_annotations
 from slidekit.base.resources import configure_threads
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, overlap_option, quiet_flag, quiet_option,
-                                 size_option, slide_argument, slide_reading_options, target_mpp_option, threads_option,
+from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, option, quiet_flag, quiet_option,
+                                 slide_argument, slide_reading_options, threads_option, tile_geometry_options,
                                  tissue_detection_options, tissue_kwargs)
 from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
 from slidekit.regions.tiling import make_grid
-from slidekit.regions.tissue import save_tissue
+from slidekit.regions.tissue_job import save_tissue
 from slidekit.slides.demo import write_demo_slide
 from slidekit.slides.slide import open_slide
 
@@ -21,7 +21,8 @@ from slidekit.slides.slide import open_slide
 @click.command()
 @slide_argument
 @slide_reading_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@option("json")
+@quiet_option
 @handle_errors
 def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backend: str | None,
          as_json: bool) -> None:
@@ -48,65 +49,55 @@ def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backen
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @quiet_option
 @handle_errors
-def demo(out: Path, quiet: bool) -> None:
+def demo(out: Path) -> None:
     """Write the demo slide (real IHC tissue from scikit-image, on white glass) to OUT."""
     click.echo(str(write_demo_slide(out)))  # no progress to hide: -q is taken like every command's
 
 
 @click.command()
 @slides_argument
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output directory (mask.png, tissue.geojson, tissue.json; OUT/<slide id>/ for a cohort).")
-@click.option("--mask-mpp", type=float, default=8.0, show_default=True, help="Working pixel size (µm/px).")
-@click.option("--min-area", type=float, default=20_000.0, show_default=True,
-              help="Smallest tissue region kept, µm².")
+@option("out", type=click.Path(file_okay=False, path_type=Path), required=True,
+        detail="directory (mask.png, tissue.geojson, tissue.json; OUT/<slide id>/ for a cohort).")
+@tissue_detection_options(detector=False, aliases={"tissue_mpp": ("--mask-mpp",), "tissue_min_area": ("--min-area",)})
 @slide_reading_options
 @threads_option
 @quiet_option
 @cohort_options
 @handle_errors
 @click.pass_context
-def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: float, min_area: float,
-           slide_mpp: float | None, override_mpp: float | None, backend: str | None, threads: int | None,
-           quiet: bool, **cohort: object) -> None:
+def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, tissue_mpp: float | None,
+           tissue_min_area: float | None, slide_mpp: float | None, override_mpp: float | None, backend: str | None,
+           threads: int | None, **cohort: object) -> None:
     """Detect tissue; write a mask PNG and tissue polygons as QuPath GeoJSON.
 
     SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
-    options = dict(mask_mpp=mask_mpp, min_area_um2=min_area, slide_mpp=slide_mpp, backend=backend,
-                   override_mpp=override_mpp)
+    options = dict(mask_mpp=8.0 if tissue_mpp is None else tissue_mpp,
+                   min_area_um2=20_000.0 if tissue_min_area is None else tissue_min_area,
+                   slide_mpp=slide_mpp, backend=backend, override_mpp=override_mpp)
     if single_slide(ctx, slides, cohort):
         if threads is not None:  # else the libraries keep their own defaults
             configure_threads(threads)
         summary = save_tissue(slides[0], out, **options)
     else:
-        return run_cohort_cli(ctx, "tissue", list(slides), str(out), quiet or quiet_flag(ctx), options)
+        return run_cohort_cli(ctx, "tissue", list(slides), str(out), quiet_flag(ctx), options)
     click.echo(f"{summary['regions']} tissue regions, {summary['area_mm2']:.3f} mm² -> {out}")
 
 
 @click.command()
 @slides_argument
-@target_mpp_option
-@size_option
-@overlap_option
-@min_tissue_option
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Grid file to write (.npz); for a cohort, a folder (OUT/<slide id>/grid.npz).")
-@click.option("--export", "export", type=click.Path(path_type=Path), default=None, metavar="DIR|FILE.zip",
-              help="Write the grid's tiles as images (tiles/x{X}_y{Y}.png, level-0 corners) with patches.csv "
-                   "(x, y, mpp, size, tissue_fraction[, label]) into a folder or a zip; reruns resume. One slide only.")
-@click.option("--format", "image_format", type=click.Choice(["png", "jpeg"]), default="png", show_default=True,
-              help="Image format of --export (png is lossless).")
-@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
-@click.option("--annotations", type=click.Path(dir_okay=False, path_type=str), default=None,
-              metavar="GEOJSON|XML",
-              help="Label each tile from these annotations (QuPath GeoJSON, ASAP/ImageScope XML).")
-@click.option("--label-rule", type=click.Choice(["majority", "centre"]), default="majority", show_default=True,
-              help="majority: the class covering most of the tile (none when unlabelled area is larger); "
-                   "centre: the class under the tile's centre.")
-@click.option("--geojson", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the grid as QuPath tile objects (classified with --annotations), clipped to the slide.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Threads reading tiles for --export (0: read in the main thread).")
+@tile_geometry_options(tile_mpp=0.5, tile_size=256, overlap=0,  # tile has no model to take them from
+                       aliases={"tile_mpp": ("--mpp",), "tile_size": ("--size",)})
+@min_tissue_option(0.5, "[0.5 here: a tile kept for training or export is mostly tissue]")
+@option("out", type=click.Path(path_type=Path), default=None,
+        detail="grid file to write (.npz); for a cohort, a folder (OUT/<slide id>/grid.npz).")
+@option("export")
+@option("image_format")
+@option("quality")
+@option("annotations")
+@option("label_rule")
+@option("geojson", type=click.Path(dir_okay=False, path_type=Path),
+        detail="the grid (classified with --annotations), clipped to the slide.")
+@option("reader_threads", detail="For --export.", aliases=("--workers",))
 @tissue_detection_options
 @slide_reading_options
 @threads_option
@@ -114,14 +105,16 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, mask_mpp: flo
 @cohort_options
 @handle_errors
 @click.pass_context
-def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, overlap: int, min_tissue: float,
-         out: Path | None, export: Path | None, image_format: str, quality: int, annotations: str | None,
-         label_rule: str, geojson: Path | None, workers: int, slide_mpp: float | None, override_mpp: float | None,
-         backend: str | None, threads: int | None, quiet: bool, **cohort: object) -> None:
+def tile(ctx: click.Context, slides: tuple[str, ...], tile_mpp: float, tile_size: int, overlap: int,
+         min_tissue: float, out: Path | None, export: Path | None, image_format: str, quality: int,
+         annotations: str | None, label_rule: str, geojson: Path | None, reader_threads: int,
+         slide_mpp: float | None, override_mpp: float | None, backend: str | None, threads: int | None,
+         **cohort: object) -> None:
     """Make a tile grid at a target MPP and save it, export its tiles as images, or both
     (one slide; a cohort makes grids only: see docs/cohorts.md)."""
     tissue = tissue_kwargs(cohort)
-    quiet = quiet or quiet_flag(ctx)
+    quiet = quiet_flag(ctx)
+    mpp, size = tile_mpp, tile_size
     options = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
                    backend=backend, override_mpp=override_mpp, tissue=tissue)
     if not single_slide(ctx, slides, cohort):
@@ -134,7 +127,8 @@ def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, ove
     if out is None and export is None and geojson is None:
         raise click.UsageError("give --out (grid file), --export (tile images) and/or --geojson")
     if export is None:  # options that would otherwise be ignored without a word
-        given = [f"--{n.replace('image_format', 'format')}" for n in ("image_format", "quality", "workers")
+        given = [f"--{n.replace('image_format', 'format').replace('_', '-')}"
+                 for n in ("image_format", "quality", "reader_threads")
                  if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
         if annotations and geojson is None:
             given.append("--annotations")
@@ -150,7 +144,8 @@ def tile(ctx: click.Context, slides: tuple[str, ...], mpp: float, size: int, ove
             click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
     if export is not None:
         s = export_patches(slides[0], export, image_format=image_format, quality=quality, annotations=annotations,
-                           label_rule=label_rule, geojson=geojson, workers=workers, progress=not quiet, **options)
+                           label_rule=label_rule, geojson=geojson, workers=reader_threads, progress=not quiet,
+                           **options)
         if not quiet:
             state = "skipped (finished earlier)" if s.get("skipped") else f"{s['tiles_resumed']} resumed"
             click.echo(f"{s['tiles']} tiles -> {export} [{state}]")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from slidekit.cohort.manifest import CohortSlide
 from slidekit.regions.tiling import make_grid
-from slidekit.regions.tissue import save_tissue
+from slidekit.regions.tissue_job import save_tissue
 from slidekit.slidelevel.features import features_table
 
 
@@ -94,9 +94,11 @@ def _embed_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: b
 
 
 def _tissue_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
+    from slidekit.regions.tissue_job import TissueJob
+
     opts = {k: v for k, v in options.items() if k != "slide_mpp"}
-    s = save_tissue(str(slide.slide), out, **_mpp_options(slide, options), **opts)
-    return {"regions": s["regions"], "area_mm2": round(s["area_mm2"], 6), "tissue_fraction": round(s["fraction"], 4)}
+    s = save_tissue(str(slide.slide), out, progress=progress, **_mpp_options(slide, options), **opts)
+    return TissueJob.figures(TissueJob.__new__(TissueJob), s)
 
 
 def _tile_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
@@ -111,11 +113,11 @@ def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress
 
 
 TASKS: dict[str, CohortTask] = {t.name: t for t in (
-    CohortTask("heatmap", _heatmap_setup, _heatmap_run, "slidekit.infer.predictor:heatmap_slide"),
-    CohortTask("cells", _cells_setup, _cells_run, "slidekit.infer.cells:cells_slide"),
+    CohortTask("heatmap", _heatmap_setup, _heatmap_run, "slidekit.infer.predictor:heatmap_job"),
+    CohortTask("cells", _cells_setup, _cells_run, "slidekit.infer.cells:cells_job"),
     CohortTask("embed", _nothing, _embed_run, "slidekit.slidelevel.embed:embed_slide",
                required=("embeddings.zarr", "features.h5")),
-    CohortTask("tissue", _nothing, _tissue_run, "slidekit.regions.tissue:save_tissue"),
+    CohortTask("tissue", _nothing, _tissue_run, "slidekit.regions.tissue_job:save_tissue"),
     CohortTask("tile", _nothing, _tile_run, "slidekit.regions.tiling:make_grid"),
     CohortTask("features", _nothing, _features_run, "slidekit.slidelevel.features:features_table", inputs="heatmaps"),
 )}

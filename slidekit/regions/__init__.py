@@ -3,10 +3,18 @@
 
 Imports: ``slidekit.base``, ``slidekit.slides``, ``slidekit.annotations``. Never loads torch.
 """
-from slidekit.regions.patches import export_patches
-from slidekit.regions.roi import read_roi
+from slidekit.regions.job import JobContext, SlideJob, run_job, verify_folder
+from slidekit.regions.masks import Intersect, MaskImage, Region, Roi, Subtract, Tissue, WholeSlide, build_region
+from slidekit.regions.options import ReadOptions, TileOptions, TissueOptions
+from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
+from slidekit.regions.roi import read_roi, restrict_mask
 from slidekit.regions.tiling import TileGrid, TileReader, make_grid, read_tiles
-from slidekit.regions.tissue import TissueMask, detect_tissue, mask_to_polygons, save_tissue, tissue_mask
+from slidekit.regions.tissue import TissueMask, detect_tissue, glass_colour, mask_to_polygons, tissue_mask
+from slidekit.regions.tissue_job import TissueJob, save_tissue
 
-__all__ = ["TissueMask", "tissue_mask", "detect_tissue", "mask_to_polygons", "save_tissue", "TileGrid",
-           "TileReader", "read_tiles", "make_grid", "read_roi", "export_patches"]
+__all__ = ["TissueMask", "tissue_mask", "detect_tissue", "glass_colour", "mask_to_polygons", "save_tissue",
+           "TileGrid", "TileReader", "read_tiles", "make_grid", "read_roi", "restrict_mask", "export_patches",
+           "tile_labels", "write_grid_geojson",
+           "SlideJob", "JobContext", "run_job", "verify_folder", "TissueJob",
+           "Region", "Tissue", "Roi", "MaskImage", "WholeSlide", "Intersect", "Subtract", "build_region",
+           "ReadOptions", "TissueOptions", "TileOptions"]

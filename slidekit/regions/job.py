@@ -31,6 +31,7 @@ from slidekit.base.outputs import OutputDir
 from slidekit.base.verify import check_output, output_record
 from slidekit.regions.masks import Region, build_region
 from slidekit.regions.options import ReadOptions
+from slidekit.regions.tiling import TileGrid
 from slidekit.regions.tissue import TissueMask
 from slidekit.slides.identity import slide_fingerprint
 
@@ -92,8 +93,6 @@ class JobContext:
 
         Raises TissueError naming the slide when no tile has ``min_tissue`` of region.
         """
-        from slidekit.regions.tiling import TileGrid
-
         mask = None if whole_slide else self.mask()
         grid = TileGrid.from_slide(self.slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                    min_tissue=min_tissue if mask is not None else 0.0)

@@ -18,8 +18,11 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from slidekit.base.errors import TissueError
+from slidekit.annotations.geometry import rasterize
+from slidekit.base.errors import ConfigError, TissueError
+from slidekit.base.io import file_identity
 from slidekit.regions.options import TissueOptions
+from slidekit.regions.roi import read_roi, roi_identity
 from slidekit.regions.tissue import TissueMask, tissue_mask
 
 
@@ -107,13 +110,9 @@ class Roi(Region):
 
     def annotations(self) -> list:
         """The file's polygonal objects of the asked classes (``regions.roi.read_roi``)."""
-        from slidekit.regions.roi import read_roi
-
         return read_roi(self.path, self.classes)
 
     def build(self, slide: Any, like: TissueMask | None = None, progress: bool | None = None) -> TissueMask:
-        from slidekit.annotations.geometry import rasterize
-
         base = like if like is not None else WholeSlide(self.mpp).build(slide)
         H, W = base.array.shape
         sx, sy = base.scale
@@ -123,8 +122,6 @@ class Roi(Region):
         return TissueMask(array=inside, mpp=base.mpp, slide_mpp=base.slide_mpp)
 
     def config(self) -> dict:
-        from slidekit.regions.roi import roi_identity
-
         return {"roi": roi_identity(self.path, self.classes)}
 
 
@@ -136,8 +133,6 @@ class MaskImage(Region):
     path: str | os.PathLike
 
     def build(self, slide: Any, like: TissueMask | None = None, progress: bool | None = None) -> TissueMask:
-        from slidekit.base.errors import ConfigError
-
         img = cv2.imread(str(self.path), cv2.IMREAD_GRAYSCALE)
         if img is None:
             raise ConfigError(f"{self.path}: not a readable mask image")
@@ -147,8 +142,6 @@ class MaskImage(Region):
         return _onto(mask, like)
 
     def config(self) -> dict:
-        from slidekit.base.io import file_identity
-
         return {"mask": file_identity(self.path)}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from slidekit.base.errors import ConfigError
+from slidekit.slides.slide import open_slide
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,6 @@ class ReadOptions:
 
     def open(self, path: str | os.PathLike) -> Any:
         """Open ``path`` with these options (``slides.slide.open_slide``)."""
-        from slidekit.slides.slide import open_slide
-
         return open_slide(path, mpp=self.slide_mpp, backend=self.backend, override_mpp=self.override_mpp)
 
 

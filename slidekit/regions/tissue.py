@@ -11,10 +11,7 @@ result does not depend on the working resolution.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,15 +20,8 @@ from shapely.geometry import Polygon
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
-from slidekit.annotations.formats import write_geojson
-from slidekit.annotations.geometry import clip_geometry
-from slidekit.annotations.objects import Annotation
 from slidekit.base.errors import TissueError
-from slidekit.base.io import atomic_path, write_text_atomic
-from slidekit.base.locks import OutputLock
-from slidekit.base.outputs import OutputDir
-from slidekit.slides.identity import slide_fingerprint
-from slidekit.slides.slide import Slide, open_slide
+from slidekit.slides.slide import Slide
 
 
 @dataclass
@@ -259,35 +249,3 @@ def detect_tissue(rgb: np.ndarray, mpp: float, min_area_um2: float = 20_000.0,
     mask &= ~pen  # closing and hole filling must not bring the ink back
     mask = morphology.remove_small_objects(mask, max_size=max(1, round(min_area_um2 / px_area)))
     return mask.astype(bool)
-
-
-def save_tissue(slide_path: str, out_dir: str | os.PathLike, mask_mpp: float = 8.0,
-                min_area_um2: float = 20_000.0, slide_mpp: float | None = None,
-                backend: str | None = None, override_mpp: float | None = None) -> dict:
-    """Detect tissue and write ``mask.png``, ``tissue.geojson`` (QuPath annotations) and
-    ``tissue.json`` (summary) into ``out_dir``. ``slide_mpp`` is used only where the slide's
-    metadata has no MPP; ``override_mpp`` replaces the metadata's."""
-    from shapely.geometry import box
-
-
-    out = Path(out_dir)
-    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide, \
-            OutputLock(out):
-        # Only files slidekit wrote here may be replaced; another slide's folder is refused.
-        OutputDir(out, slide.path, slide_fingerprint(slide.path)).claim("mask.png", "tissue.geojson", "tissue.json")
-        mask = tissue_mask(slide, mpp=mask_mpp, min_area_um2=min_area_um2)
-        area_px = slide.mpp[0] * slide.mpp[1]
-        # A mask pixel at the edge may overhang the slide: regions are cut to the slide before measuring.
-        on_slide = box(0, 0, *slide.dimensions)
-        regions = [clip_geometry(p, on_slide)[0] for p in mask.polygons]
-        anns = [Annotation(p, label="Tissue", color=(80, 200, 120), kind="annotation",
-                           measurements={"Area µm^2": p.area * area_px}) for p in regions if not p.is_empty]
-        with atomic_path(out / "mask.png") as tmp:
-            mask.to_png(str(tmp.with_suffix(".png")))
-            os.replace(tmp.with_suffix(".png"), tmp)
-        write_geojson(anns, out / "tissue.geojson")
-        summary = {"slide": str(slide.path), "mask_mpp": mask_mpp, "mask_shape": list(mask.array.shape),
-                   "regions": len(anns), "area_mm2": mask.area_um2 / 1e6,
-                   "fraction": float(mask.array.mean())}
-        write_text_atomic(out / "tissue.json", json.dumps(summary, indent=2))
-    return summary
