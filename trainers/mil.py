@@ -31,10 +31,10 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from slidekit.base.devices import resolve_device
-from slidekit.base.errors import ConfigError, LabelError, TrainingError
+from slidekit.base.errors import ConfigError, FeatureError, LabelError, TrainingError
 from slidekit.base.io import write_text_atomic
 from slidekit.models.mil import MIL_ARCHS, build_mil, load_mil_checkpoint, save_mil_checkpoint
-from slidekit.slidelevel.feature_store import feature_info, read_features
+from slidekit.slidelevel.feature_store import FeatureInfo, compare_provenance, feature_info, read_features
 from slidekit.slidelevel.mil_tasks import DEFAULT_TASK, Classification, MILTask, get_mil_task
 from trainers.base import Trainer, register, seed_everything
 from trainers.config import TrainerConfig, check_option
@@ -101,7 +101,7 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None,
     path = Path(path)
     if not path.exists():
         raise LabelError("slide table not found", path)
-    out, seen = [], set()
+    out, seen, files = [], set(), {}
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = [c.strip() for c in reader.fieldnames or []]
@@ -123,6 +123,10 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None,
                 raise LabelError(f"line {line}: no 'features' column value and no features_dir", path)
             if not feat.exists():
                 raise LabelError(f"line {line}: feature file {feat} not found", path)
+            other = files.setdefault(feat.resolve(), (line, row["slide"]))
+            if other[0] != line:
+                raise LabelError(f"line {line}: feature file {feat} is also slide {other[1]!r}'s (line {other[0]}): "
+                                 "one bag under two slides could sit in a training and a test fold", path)
             out.append(Slide(row["slide"], row.get("label", ""), row.get("patient") or row["slide"], feat,
                              {c: row[c] for c in target_columns}))
     if not out:
@@ -158,6 +162,9 @@ class Bags:
     def __init__(self, paths: list[Path], cache_bytes: int | None, device: torch.device) -> None:
         self.paths, self.device = list(paths), device
         self.info = [feature_info(p) for p in self.paths]
+        empty = [i.path for i in self.info if i.rows == 0]
+        if empty:
+            raise FeatureError(f"the feature file holds no tiles (an empty bag){_and_more(len(empty))}", empty[0])
         free = _free_memory_bytes()
         if cache_bytes is None:
             cache_bytes = (free // 4) if free is not None else 1 << 30
@@ -270,6 +277,34 @@ def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, train: np.ndarray,
     return model, {"best_epoch": best_epoch, "val_loss": best, "epochs_run": len(history), "history": history}
 
 
+def _and_more(n: int) -> str:
+    return f" (and {n - 1} more file(s))" if n > 1 else ""
+
+
+def _one_encoder(bags: Bags, table) -> tuple[dict, int]:
+    """The cohort's one feature width and encoder record; FeatureError naming a file of each
+    when the feature files differ (one model takes the features of one encoder)."""
+    dims: dict[int, list[Path]] = {}
+    for i in bags.info:
+        dims.setdefault(i.dim, []).append(i.path)
+    if len(dims) > 1:
+        (d1, f1), (d2, f2) = sorted(dims.items(), key=lambda kv: -len(kv[1]))[:2]
+        raise FeatureError(f"the cohort's feature files have {len(dims)} widths: {len(f1)} file(s) {d1} wide (e.g. "
+                           f"{f1[0]}), {len(f2)} {d2} wide (e.g. {f2[0]}); one model takes one encoder's features",
+                           table)
+    groups: dict[str, list[FeatureInfo]] = {}
+    for i in bags.info:
+        groups.setdefault(json.dumps(i.encoder or {}, sort_keys=True), []).append(i)
+    if len(groups) > 1:
+        (_, g1), (_, g2) = sorted(groups.items(), key=lambda kv: -len(kv[1]))[:2]
+        diff, unknown = compare_provenance(g2[0].encoder, g1[0].encoder, against=f"{g1[0].path.name}'s")
+        what = "; ".join(diff) if diff else f"their encoder records differ ({', '.join(unknown) or 'other fields'})"
+        raise FeatureError(f"the cohort's feature files come from {len(groups)} different encoders: {g2[0].path} "
+                           f"({len(g2)} file(s) like it) against {g1[0].path} ({len(g1)} file(s)): {what}; "
+                           "one model takes one encoder's features", table)
+    return json.loads(next(iter(groups))), next(iter(dims))
+
+
 def _splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int):
     """(train, val, test) index arrays per fold, stratified by ``y`` (the task's key); val: one
     patient-grouped inner split of train."""
@@ -308,14 +343,7 @@ class MILTrainer(Trainer):
         groups = np.array([r.patient for r in rows])
         cache = None if c.bag_cache_mb is None else int(c.bag_cache_mb) * 2**20
         bags = Bags([r.features for r in rows], cache, dev)
-        encoders = bags.encoders
-        if len(encoders) > 1:
-            raise LabelError(f"feature files come from {len(encoders)} different encoders; one model needs one",
-                             c.slides)
-        encoder = json.loads(encoders.pop())
-        if len(bags.dims) > 1:
-            raise LabelError("feature files have different feature widths", c.slides)
-        in_dim = bags.dims.pop()
+        encoder, in_dim = _one_encoder(bags, c.slides)
         columns = task.output_columns
         preds = np.full((len(rows), len(columns)), np.nan)
         fold_of = np.full(len(rows), -1)

@@ -34,6 +34,7 @@ from slidekit.base.version import __version__
 from slidekit.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 
 MIL_ARCHS = ("meanpool", "maxpool", "topk_mean", "abmil", "clam", "transmil")
+ATTENTION_ARCHS = ("abmil", "clam", "transmil")  # the networks with per-tile attention
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from slidekit.base.errors import GridError, SlidekitWarning
+from slidekit.base.errors import FeatureError, SlidekitWarning
 from slidekit.base.outputs import claim_path
 
 FEATURES_FORMAT = "slidekit.features/1"
@@ -55,6 +55,7 @@ class FeatureBag:
     slide: str | None = None
     path: Path | None = None
     source: str = "slidekit"  # which tool's layout: slidekit, trident, clam, stamp
+    slide_record: dict = field(default_factory=dict)  # slidekit files: name, fingerprint, dimensions, mpp
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -64,38 +65,38 @@ class FeatureBag:
 
 def _open(path: Path):
     if not path.is_file():
-        raise GridError("feature file not found", path)
+        raise FeatureError("feature file not found", path)
     try:
         return h5py.File(path, "r")
     except Exception as e:  # not HDF5, truncated, locked
-        raise GridError(f"not a readable HDF5 feature file ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+        raise FeatureError(f"not a readable HDF5 feature file ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
                         path) from None
 
 
 def _layout(f, path: Path) -> tuple[str, str]:
-    """(features dataset name, source) of an open file; GridError for anything else."""
+    """(features dataset name, source) of an open file; FeatureError for anything else."""
     fmt = f.attrs.get("format")
     if fmt is not None and str(fmt).startswith("slidekit.features"):
         if str(fmt) != FEATURES_FORMAT:
-            raise GridError(f"feature file format {fmt} is not {FEATURES_FORMAT} (written by another slidekit)", path)
+            raise FeatureError(f"feature file format {fmt} is not {FEATURES_FORMAT} (written by another slidekit)", path)
         if not bool(f.attrs.get("complete", False)):
-            raise GridError("unfinished slidekit feature file (rerun the embed)", path)
+            raise FeatureError("unfinished slidekit feature file (rerun the embed)", path)
         return "features", "slidekit"
     if "coords" not in f:
-        raise GridError(f"not a feature file: no 'coords' dataset (has {sorted(f.keys())[:6]})", path)
+        raise FeatureError(f"not a feature file: no 'coords' dataset (has {sorted(f.keys())[:6]})", path)
     if "features" in f:
         return "features", ("trident" if "patch_size_level0" in f["coords"].attrs else "clam")
     if "feats" in f:
         return "feats", "stamp"
-    raise GridError(f"not a feature file: no 'features' or 'feats' dataset (has {sorted(f.keys())[:6]})", path)
+    raise FeatureError(f"not a feature file: no 'features' or 'feats' dataset (has {sorted(f.keys())[:6]})", path)
 
 
 def _check_shapes(f, name: str, path: Path) -> tuple[int, int]:
     feats, coords = f[name], f["coords"]
     if feats.ndim != 2:
-        raise GridError(f"'{name}' has shape {feats.shape}, not (N, D)", path)
+        raise FeatureError(f"'{name}' has shape {feats.shape}, not (N, D)", path)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != feats.shape[0]:
-        raise GridError(f"'coords' has shape {coords.shape}; '{name}' has {feats.shape[0]} rows", path)
+        raise FeatureError(f"'coords' has shape {coords.shape}; '{name}' has {feats.shape[0]} rows", path)
     return int(feats.shape[0]), int(feats.shape[1])
 
 
@@ -116,7 +117,7 @@ def _coords_level0(f, source: str, path: Path, slide_mpp: float | None) -> tuple
     if source == "stamp" and str(_attr(a, "unit") or "").lower() in ("um", "µm", "micron", "microns"):
         # STAMP 2 stores corners and tile size in µm: level 0 needs the slide's µm/px.
         if slide_mpp is None:
-            raise GridError("STAMP coords are in µm: give the slide's µm/px (slide_mpp=)", path)
+            raise FeatureError("STAMP coords are in µm: give the slide's µm/px (slide_mpp=)", path)
         tile_um = _attr(a, "tile_size_um") or _attr(f.attrs, "tile_size_um")
         side = int(round(float(tile_um) / slide_mpp)) if tile_um else 0
         return np.rint(coords / slide_mpp).astype(np.int64), side
@@ -125,7 +126,7 @@ def _coords_level0(f, source: str, path: Path, slide_mpp: float | None) -> tuple
                       SlidekitWarning, stacklevel=3)
     if np.issubdtype(coords.dtype, np.floating):
         if not np.all(np.isfinite(coords)) or np.any(np.abs(coords - np.rint(coords)) > 1e-3):
-            raise GridError("coords are not whole level-0 pixels", path)
+            raise FeatureError("coords are not whole level-0 pixels", path)
         coords = np.rint(coords)
     side = _attr(a, "patch_size_level0")
     if side is None and source == "clam":
@@ -138,9 +139,26 @@ def _coords_level0(f, source: str, path: Path, slide_mpp: float | None) -> tuple
     return coords.astype(np.int64), int(round(float(side))) if side is not None else 0
 
 
-def _encoder_info(f, source: str) -> dict:
+def _json_attr(f, key: str, path: Path) -> dict:
+    """A slidekit file's JSON root attribute ``key`` as a dict; FeatureError when missing or garbled."""
+    raw = _attr(f.attrs, key)
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise FeatureError(f"slidekit feature file whose '{key}' record is {'missing' if raw is None else 'garbled'}",
+                        path)
+    return value
+
+
+def _slide_record(f, source: str, path: Path) -> dict:
+    return _json_attr(f, "slide", path) if source == "slidekit" else {}
+
+
+def _encoder_info(f, source: str, path: Path | None = None) -> dict:
     if source == "slidekit":
-        return json.loads(f.attrs["encoder"])
+        return _json_attr(f, "encoder", path)
     info = {}
     for key in ("encoder", "extractor", "feat_extractor", "model"):  # what other tools record, if anything
         v = _attr(f.attrs, key) or _attr(f[("feats" if source == "stamp" else "features")].attrs, key)
@@ -154,7 +172,7 @@ def read_features(path: str | os.PathLike, slide_mpp: float | None = None) -> Fe
     """Read one slide's features: a slidekit, TRIDENT or CLAM file (``features``/``coords``) or a
     STAMP file (``feats``/``coords``). ``slide_mpp`` converts STAMP's µm coords to level-0 pixels.
 
-    Anything else (not HDF5, other datasets, mismatched rows, non-finite features) is a GridError
+    Anything else (not HDF5, other datasets, mismatched rows, non-finite features) is a FeatureError
     naming the file. A file that does not give the tile size leaves ``patch_size_level0`` 0 and says so.
     """
     path = Path(path)
@@ -163,14 +181,15 @@ def read_features(path: str | os.PathLike, slide_mpp: float | None = None) -> Fe
         _check_shapes(f, name, path)
         feats = np.asarray(f[name][:], dtype=np.float32)
         coords, side = _coords_level0(f, source, path, slide_mpp)
-        encoder = _encoder_info(f, source)
+        encoder = _encoder_info(f, source, path)
+        record = _slide_record(f, source, path)
         slide = _attr(f.attrs, "slide_name") if source == "slidekit" else _attr(f["coords"].attrs, "name")
     if not np.all(np.isfinite(feats)):
-        raise GridError(f"{int((~np.isfinite(feats)).any(axis=1).sum())} feature rows are not finite", path)
+        raise FeatureError(f"{int((~np.isfinite(feats)).any(axis=1).sum())} feature rows are not finite", path)
     if side == 0:
         warnings.warn(f"{path}: the file does not say the tile size; patch_size_level0 is 0 (unknown)",
                       SlidekitWarning, stacklevel=2)
-    return FeatureBag(feats, coords, side, encoder, None if slide is None else str(slide), path, source)
+    return FeatureBag(feats, coords, side, encoder, None if slide is None else str(slide), path, source, record)
 
 
 @dataclass
@@ -184,6 +203,7 @@ class FeatureInfo:
     slide: str | None
     path: Path
     source: str
+    slide_record: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -199,9 +219,10 @@ def feature_info(path: str | os.PathLike, slide_mpp: float | None = None) -> Fea
         name, source = _layout(f, path)
         rows, dim = _check_shapes(f, name, path)
         _, side = _coords_level0(f, source, path, slide_mpp)
-        encoder = _encoder_info(f, source)
+        encoder = _encoder_info(f, source, path)
+        record = _slide_record(f, source, path)
         slide = _attr(f.attrs, "slide_name") if source == "slidekit" else _attr(f["coords"].attrs, "name")
-    return FeatureInfo(rows, dim, side, encoder, None if slide is None else str(slide), path, source)
+    return FeatureInfo(rows, dim, side, encoder, None if slide is None else str(slide), path, source, record)
 
 
 def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536,
@@ -222,8 +243,88 @@ def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536,
         for begin in range(0, n, rows):
             x = np.asarray(ds[begin:begin + rows], dtype=np.float32)
             if not np.all(np.isfinite(x)):
-                raise GridError(f"feature rows {begin}-{begin + len(x) - 1} hold non-finite values", path)
+                raise FeatureError(f"feature rows {begin}-{begin + len(x) - 1} hold non-finite values", path)
             yield x, coords[begin:begin + rows]
+
+
+# -- provenance ---------------------------------------------------------------------------------
+
+#: what a feature file's ``encoder`` record and a model's must agree on: (key, what the user calls it)
+PROVENANCE_FIELDS = (("name", "encoder"), ("weights", "encoder weights"), ("mpp", "µm/px"),
+                     ("patch_size", "patch size"), ("tokens", "token rule"))
+
+
+def _weights_match(a, b) -> bool:
+    """Weights identities (``path:size:mtime``) match when equal, or for a copy of the same file
+    elsewhere (same file name and size; a copy need not keep the path or the mtime)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = a.rsplit(":", 2), b.rsplit(":", 2)
+    return len(pa) == 3 and len(pb) == 3 and Path(pa[0]).name == Path(pb[0]).name and pa[1] == pb[1]
+
+
+def _same(key: str, a, b) -> bool:
+    if key == "weights":
+        return _weights_match(a, b)
+    if key == "mpp":
+        try:
+            return bool(np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-3, atol=0))
+        except (TypeError, ValueError):
+            return a == b
+    if key == "patch_size":
+        try:
+            return int(a) == int(b)
+        except (TypeError, ValueError):
+            return a == b
+    return str(a) == str(b)
+
+
+def _known(value) -> bool:
+    return value not in (None, "", "unrecorded")
+
+
+def compare_provenance(recorded: dict, expected: dict, against: str = "the model's") -> tuple[list[str], list[str]]:
+    """A feature file's ``encoder`` record against what a model was trained on (its checkpoint's
+    ``encoder``): ``(mismatches, unchecked)``. A mismatch reads ``µm/px 2.0 (the model's: 0.5)``;
+    ``unchecked`` names the fields either side does not record (a TRIDENT, CLAM or STAMP file; a
+    model trained on such files)."""
+    mismatches, unchecked = [], []
+    for key, label in PROVENANCE_FIELDS:
+        a, b = (recorded or {}).get(key), (expected or {}).get(key)
+        if not (_known(a) and _known(b)):
+            unchecked.append(label)
+        elif not _same(key, a, b):
+            show = (lambda v: Path(str(v).rsplit(":", 2)[0]).name) if key == "weights" else repr
+            mismatches.append(f"{label} {show(a)} ({against}: {show(b)})")
+    return mismatches, unchecked
+
+
+def check_features_for_model(info: FeatureInfo, in_dim: int, encoder: dict) -> list[str]:
+    """Check one feature file (``feature_info``) against a model taking ``in_dim`` features from
+    ``encoder``: FeatureError naming the file for another width or another encoder identity; returns
+    what could not be checked (empty for a slidekit file scored by a model trained on slidekit files)."""
+    if int(info.dim) != int(in_dim):
+        raise FeatureError(f"features are {info.dim} wide; the model takes {in_dim} (features of another encoder?)",
+                        info.path)
+    mismatches, unchecked = compare_provenance(info.encoder, encoder)
+    if mismatches:
+        raise FeatureError(f"features from another encoder or tile geometry than the model's: {'; '.join(mismatches)}",
+                        info.path)
+    return unchecked
+
+
+def check_features_for_slide(info: FeatureInfo, slide_path: str | os.PathLike, fingerprint: str) -> list[str]:
+    """FeatureError when the file records another slide's fingerprint than ``fingerprint`` (that of
+    ``slide_path``); returns ``["slide fingerprint"]`` when the file records none."""
+    recorded = (info.slide_record or {}).get("fingerprint")
+    if not recorded:
+        return ["slide fingerprint"]
+    if str(recorded) != str(fingerprint):
+        raise FeatureError(f"features of slide {info.slide_record.get('name') or info.slide!r} (fingerprint "
+                        f"{recorded}), not of {slide_path} (fingerprint {fingerprint})", info.path)
+    return []
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -293,7 +394,7 @@ class FeatureWriter:
         if begin != self.rows_done or rows.shape[1:] != (self.dim,) or begin + len(rows) > self.n:
             raise ValueError(f"rows {begin}+{len(rows)} do not follow {self.rows_done} of {self.n}")
         if not np.all(np.isfinite(rows)):
-            raise GridError(f"the encoder gave non-finite features for rows {begin}-{begin + len(rows) - 1}",
+            raise FeatureError(f"the encoder gave non-finite features for rows {begin}-{begin + len(rows) - 1}",
                             self.out)
         self.f["features"][begin:begin + len(rows)] = rows
         self.f.attrs["rows_done"] = begin + len(rows)
@@ -348,7 +449,7 @@ def write_feature_store(emb, out: str | os.PathLike, encoder: dict | None = None
     same slide, grid and encoder is kept. Returns the path."""
     out = Path(out)
     if out.suffix.lower() not in FEATURE_SUFFIXES:
-        raise GridError(f"a feature file is .h5 or .hdf5, not '{out.suffix}'", out)
+        raise FeatureError(f"a feature file is .h5 or .hdf5, not '{out.suffix}'", out)
     a = emb.attrs
     g, s, spec = a["grid"], a["slide"], a["spec"]
     side = int(round(float(g["extent"][0])))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,26 +21,33 @@ import torch
 from shapely.geometry import box
 
 from slidekit.annotations import Annotation, write_geojson
-from slidekit.base.errors import SlidekitError
+from slidekit.base.errors import FeatureError
+from slidekit.base.errors import SlidekitError, SlidekitWarning
 from slidekit.base.io import write_text_atomic
+from slidekit.base.outputs import OutputDir
 from slidekit.infer.heatmap import Heatmap, HeatmapWriter
-from slidekit.models.mil import MILOutput, load_mil_checkpoint, score_bag
+from slidekit.models.mil import ATTENTION_ARCHS, MILOutput, load_mil_checkpoint, score_bag
 from slidekit.regions.tiling import TileGrid
 from slidekit.slidelevel import feature_store
+from slidekit.slidelevel.mil_tasks import Classification, MILTask, task_from_checkpoint
+from slidekit.slides.identity import slide_fingerprint
 
 DEFAULT_CHUNK = 4096
 
 
 @dataclass
 class BagScore:
-    """One slide's MIL result: class probabilities, attention and per-tile class scores."""
+    """One slide's MIL result: the task's predictions (classification: class probabilities),
+    attention and per-tile scores."""
 
     slide: str
-    probs: np.ndarray  # (C,)
+    probs: np.ndarray  # (P,) the task's predictions (classification: class probabilities)
     attention: np.ndarray | None  # (N,)
-    scores: np.ndarray | None  # (N, C) per-tile class probabilities
+    scores: np.ndarray | None  # (N, C) per-tile scores (classification: class probabilities)
     coords: np.ndarray  # (N, 2) level-0
     patch_size_level0: int
+    outputs: np.ndarray | None = None  # (out_dim,) the head's raw outputs
+    score_names: list[str] | None = None  # names of the ``scores`` columns
 
 
 def read_bag(path: str | os.PathLike):
@@ -51,21 +59,17 @@ def _iter_chunks(path: Path, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray
     yield from feature_store.iter_feature_chunks(path, rows)
 
 
-def _probs(logits: torch.Tensor) -> np.ndarray:
-    if logits.numel() == 1:
-        p = torch.sigmoid(logits.reshape(1))
-        return torch.cat([1 - p, p]).numpy()
-    return torch.softmax(logits, -1).numpy()
-
-
 def score_file(model: torch.nn.Module, path: str | os.PathLike, chunk_rows: int = DEFAULT_CHUNK,
-               bag=None) -> BagScore:
+               bag=None, task: MILTask | None = None) -> BagScore:
     """Score one feature file: streamed ``chunk_rows`` rows at a time where the network allows
-    (only one chunk of features in memory), else (TransMIL) read whole. ``bag``: already read."""
+    (only one chunk of features in memory), else (TransMIL) read whole. ``bag``: already read.
+    ``task`` turns the head's outputs into predictions (default: classification's softmax)."""
     path = Path(path)
     if bag is None and getattr(model, "streamable", False):
         info = feature_store.feature_info(path)  # the bag's name and tile size, features left on disk
         name, side = str(info.slide or path.stem), int(info.patch_size_level0)
+        if info.rows == 0:
+            raise FeatureError("the feature file holds no tiles (an empty bag)", path)
         coords: list[np.ndarray] = []
 
         def chunks() -> Iterator[torch.Tensor]:
@@ -77,35 +81,65 @@ def score_file(model: torch.nn.Module, path: str | os.PathLike, chunk_rows: int 
         xy = np.concatenate(coords) if coords else np.zeros((0, 2), np.int64)
     else:
         bag = read_bag(path) if bag is None else bag
+        if len(bag) == 0:
+            raise FeatureError("the feature file holds no tiles (an empty bag)", path)
         out = score_bag(model, torch.as_tensor(np.asarray(bag.features, np.float32)))
         xy, side, name = np.asarray(bag.coords), int(bag.patch_size_level0), str(bag.slide or path.stem)
-    scores = torch.softmax(out.scores, -1).numpy() if out.scores is not None else None
-    return BagScore(name, _probs(out.logits), None if out.attention is None else out.attention.numpy(),
-                    scores, xy, side)
+    task = task or Classification([str(i) for i in range(max(int(out.logits.numel()), 2))])
+    names, scores = task.tile_outputs(out.scores) if out.scores is not None else (None, None)
+    return BagScore(name, task.predict(out.logits[None])[0], None if out.attention is None else out.attention.numpy(),
+                    scores, xy, side, out.logits.numpy(), names)
+
+
+def _unchecked_warning(unchecked: dict[str, list[Path]], what: str) -> None:
+    """One warning for the files whose records could not be compared (foreign layouts)."""
+    if not unchecked:
+        return
+    files = sorted({str(p) for ps in unchecked.values() for p in ps})
+    warnings.warn(f"{len(files)} feature file(s) without slidekit's records ({', '.join(files[:3])}"
+                  f"{', ...' if len(files) > 3 else ''}): {', '.join(unchecked)} not checked against {what}",
+                  SlidekitWarning, stacklevel=3)
+
+
+def _failure(path: Path, e: BaseException) -> str:
+    """One line naming the file: slidekit errors name it already; anything else gets it added."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, SlidekitError):
+        return msg if e.path is not None else f"{path}: {msg}"
+    return f"{path}: {type(e).__name__}: {msg}"
 
 
 def deploy(checkpoint: str | os.PathLike, feature_files: Sequence[str | os.PathLike], out_csv: str | os.PathLike,
            chunk_rows: int = DEFAULT_CHUNK, progress: bool = True) -> Path:
     """Score ``feature_files`` with a MIL checkpoint into ``out_csv`` (written atomically).
 
-    One row per file: ``slide, status, features, tiles, p_<class>..., predicted``; a file that
-    cannot be read is a ``failed`` row with its error (the others are still scored)."""
+    One row per file: ``slide, status, features, tiles``, then the task's columns (classification:
+    ``p_<class>..., predicted``). Each file is checked against what the model was trained on
+    (feature width; encoder name, weights, µm/px, patch size and token rule where both record
+    them): a mismatch, or a file that cannot be read or scored, is a ``failed`` row naming the file
+    and the problem, and the others are still scored; the table always has every file's row. Files
+    without slidekit's records (TRIDENT, CLAM, STAMP) are scored with one warning naming what
+    could not be checked."""
     model, mil = load_mil_checkpoint(checkpoint)
-    classes = list(mil["classes"])
-    rows = []
+    task = task_from_checkpoint(mil, checkpoint)
+    in_dim, encoder = int(mil["in_dim"]), mil.get("encoder") or {}
+    rows: list[dict] = []
+    unchecked: dict[str, list[Path]] = {}
     from tqdm.auto import tqdm
 
     for f in tqdm(list(feature_files), desc="mil-deploy", unit="slide", disable=not progress):
         try:
-            s = score_file(model, f, chunk_rows)
-        except (SlidekitError, OSError, ValueError) as e:
-            rows.append({"slide": Path(f).stem, "status": "failed", "features": str(f), "error": str(e)})
+            info = feature_store.feature_info(f)
+            for field in feature_store.check_features_for_model(info, in_dim, encoder):
+                unchecked.setdefault(field, []).append(Path(f))
+            s = score_file(model, f, chunk_rows, task=task)
+        except Exception as e:  # one slide's failure is its row: the table keeps every slide
+            rows.append({"slide": Path(f).stem, "status": "failed", "features": str(f), "error": _failure(Path(f), e)})
             continue
-        row = {"slide": s.slide, "status": "done", "features": str(f), "tiles": len(s.coords)}
-        row.update({f"p_{c}": round(float(p), 6) for c, p in zip(classes, s.probs)})
-        row["predicted"] = classes[int(np.argmax(s.probs))]
-        rows.append(row)
-    keys = ["slide", "status", "features", "tiles", *[f"p_{c}" for c in classes], "predicted", "error"]
+        rows.append({"slide": s.slide, "status": "done", "features": str(f), "tiles": len(s.coords),
+                     **task.deploy_row(s.probs)})
+    _unchecked_warning(unchecked, f"the model ({checkpoint})")
+    keys = ["slide", "status", "features", "tiles", *task.deploy_columns, "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
@@ -124,24 +158,42 @@ def _tile_grid(score: BagScore, slide) -> TileGrid:
                     slide_name=getattr(slide, "name", score.slide), slide_id=score.slide)
 
 
+ATTENTION_OUTPUTS = ("attention.zarr", "attention.png", "tiles.geojson")
+
+
 def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike, slide, out_dir: str | os.PathLike,
                       chunk_rows: int = DEFAULT_CHUNK) -> dict[str, Path]:
     """Write one slide's attention (normalised to [0, 1] by its maximum) and per-tile class scores:
     ``attention.zarr`` (+ ``attention.png`` overlay with legend) and ``tiles.geojson`` (QuPath
-    tile objects, measurements ``attention``, ``attention_rank`` and ``score_<class>``)."""
+    tile objects, measurements ``attention``, ``attention_rank`` and ``score_<class>``).
+
+    Refused before anything is written (FeatureError naming the file): features recorded for
+    another slide than ``slide`` (fingerprint), of another width or encoder identity than the
+    model's. A file without those records is used with one warning naming what was not checked.
+    ``out_dir`` follows the output rule of every command: files slidekit did not write there (or
+    another slide's) are not replaced."""
     model, mil = load_mil_checkpoint(checkpoint)
-    if feature_store.feature_info(features).patch_size_level0 <= 0:
-        raise SlidekitError("the feature file does not say its tile size; attention tiles need it", features)
-    s = score_file(model, features, chunk_rows)  # streamed where the network allows
+    task = task_from_checkpoint(mil, checkpoint)
+    info = feature_store.feature_info(features)
+    if info.patch_size_level0 <= 0:
+        raise FeatureError("the feature file does not say its tile size; attention tiles need it", features)
+    unchecked = feature_store.check_features_for_model(info, int(mil["in_dim"]), mil.get("encoder") or {})
+    slide_id = slide_fingerprint(slide.path)
+    unchecked += feature_store.check_features_for_slide(info, slide.path, slide_id)
+    if mil["arch"] not in ATTENTION_ARCHS:
+        raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
+    _unchecked_warning({u: [Path(features)] for u in unchecked}, f"the model ({checkpoint}) and the slide")
+    owned = OutputDir(out_dir, slide.path, slide_id)
+    owned.claim(*ATTENTION_OUTPUTS)
+    s = score_file(model, features, chunk_rows, task=task)  # streamed where the network allows
     if s.attention is None:
-        raise SlidekitError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
-    classes = list(mil["classes"])
+        raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
+    names = list(s.score_names or [])
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     att = s.attention / max(float(s.attention.max()), 1e-12)
     grid = _tile_grid(s, slide)
     values = att[:, None] if s.scores is None else np.concatenate([att[:, None], s.scores], axis=1)
-    writer = HeatmapWriter(out / "attention.zarr", grid, "classification", ["attention", *classes],
+    writer = HeatmapWriter(out / "attention.zarr", grid, "classification", ["attention", *names],
                            attrs={"mil": {"arch": mil["arch"], "checkpoint": str(checkpoint)}})
     writer.add(np.arange(len(att)), values.astype(np.float32))
     hm: Heatmap = writer.finish()
@@ -153,8 +205,7 @@ def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike
     for i, (x, y) in enumerate(s.coords.tolist()):
         meas = {"attention": float(att[i]), "attention_rank": int(rank[i])}
         if s.scores is not None:
-            meas.update({f"score_{c}": float(v) for c, v in zip(classes, s.scores[i])})
+            meas.update({f"score_{c}": float(v) for c, v in zip(names, s.scores[i])})
         objs.append(Annotation(box(x, y, x + ps, y + ps), label="attention", kind="tile", measurements=meas))
     write_geojson(objs, out / "tiles.geojson", bounds=tuple(slide.dimensions))
     return {"heatmap": out / "attention.zarr", "overlay": out / "attention.png", "geojson": out / "tiles.geojson"}
-
