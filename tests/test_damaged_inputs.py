@@ -281,3 +281,24 @@ def test_an_oversized_lock_file_is_read_only_in_part(tmp_path):
     p.write_bytes(b"{" + b" " * (10 * MAX_LOCK_BYTES))
     rec = read_lock(p)
     assert set(rec) == {"heartbeat_age"}  # judged by its age alone
+
+
+# --------------------------------------------------------------------------- integer weights (item 6)
+
+def test_integer_weights_are_refused_in_one_line(heatmap_out, tmp_path):
+    import torch
+    import torchvision
+
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "r18_int64.pth"
+    torch.save({k: v.to(torch.int64) for k, v in sd.items()}, path)
+    r = _cli("embed", str(heatmap_out["slide"]), "--model", "resnet18", "--weights", str(path),
+             "--out", str(tmp_path / "emb.zarr"), "--device", "cpu", "-q")
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code != 0 and len(lines) == 1, r.output
+    assert "r18_int64.pth" in lines[0] and "not floating point" in lines[0] and "Traceback" not in r.output
+    from slidekit.models.weights import read_state_dict
+
+    ok = tmp_path / "r18.pth"
+    torch.save(sd, ok)  # float weights with their int64 num_batches_tracked load as before
+    assert set(read_state_dict(ok)) == set(sd)

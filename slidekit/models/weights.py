@@ -59,8 +59,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError("not a state dict of tensors", path)
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
+    check_floating(sd, path)
     check_finite(sd, path)
     return sd
+
+
+# integer or bool tensors a network legitimately holds (counters, index tables, masks)
+INTEGER_BUFFERS = ("num_batches_tracked", "relative_position_index", "position_ids", "index", "indices", "mask")
+
+
+def check_floating(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """CheckpointError naming the file and the first weight tensor that is not floating point: a
+    network's weights are floats, and integer ones with the right keys and shapes would load (cast)
+    into a network that gives all-zero or meaningless features without a word."""
+    bad = [k for k, v in sd.items() if not (v.is_floating_point() or v.is_complex())
+           and not k.rsplit(".", 1)[-1].endswith(INTEGER_BUFFERS)]
+    if bad:
+        raise CheckpointError(f"tensor {bad[0]!r} is {str(sd[bad[0]].dtype).removeprefix('torch.')}, not floating "
+                              f"point ({len(bad)} such tensors): not network weights (refusing weights that would "
+                              "give all-zero features)", path)
 
 
 def detect_torchvision_resnet(sd: dict[str, torch.Tensor]) -> str | None:
