@@ -210,7 +210,7 @@ def test_geojson_gzip_by_size_or_option(disc_slide, tmp_path, monkeypatch):
     monkeypatch.setattr(cells_mod, "GZIP_ABOVE_NUCLEI", n)
     assert cells_slide(path, tmp_path / "b", **kw)["geojson"] == "cells.geojson"
     res = CliRunner().invoke(main, ["cells", str(path), "--model", "hematoxylin", "--out", str(tmp_path / "c"),
-                                    "--mpp", "0.5", "--size", "64", "--overlap", "16", "--min-tissue", "0", "--gzip", "--quiet"])
+                                    "--tile-mpp", "0.5", "--tile-size", "64", "--overlap", "16", "--min-tissue", "0", "--gzip", "--quiet"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "c" / "cells.geojson.gz").exists() and not (tmp_path / "c" / "cells.geojson").exists()
 
@@ -238,7 +238,7 @@ def test_cells_cohort_rows_per_slide_outputs_and_rerun(disc_slide, tmp_path):
     assert [r["status"] for r in again] == ["skipped", "skipped"]
     # the CLI takes the same cohort (and skips it too)
     res = CliRunner().invoke(main, ["cells", str(a), str(b), "--model", "hematoxylin", "--out", str(out),
-                                    "--mpp", "0.5", "--size", "64", "--overlap", "16", "--threshold", "0.3",
+                                    "--tile-mpp", "0.5", "--tile-size", "64", "--overlap", "16", "--threshold", "0.3",
                                     "--min-distance", "3", "--min-tissue", "0", "--device", "cpu", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "2 skipped" in res.output

@@ -40,7 +40,7 @@ def test_tissue_writes_mask_and_geojson(tmp_path, demo_slide):
 
 def test_tile_writes_a_grid_that_loads(tmp_path, demo_slide):
     out = tmp_path / "grid.npz"
-    res = run("tile", str(demo_slide), "--mpp", "1.0", "--size", "128", "--min-tissue", "0.5",
+    res = run("tile", str(demo_slide), "--tile-mpp", "1.0", "--tile-size", "128", "--min-tissue", "0.5",
               "--out", str(out), "--quiet")
     assert res.exit_code == 0, res.output
     grid = sk.TileGrid.load(out)

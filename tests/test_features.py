@@ -116,7 +116,7 @@ def test_heatmap_on_disk_and_cli(tmp_path):
     assert [r["size_class"] for r in rows] == ["macro", "itc"]
     out = tmp_path / "features.csv"
     res = CliRunner().invoke(main, ["features", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
-                                    "--mpp", "4", "-q"])
+                                    "--work-mpp", "4", "-q"])
     assert res.exit_code == 0, res.output
     table = read_table(out)
     assert [r["size_class"] for r in table] == ["macro", "itc"]

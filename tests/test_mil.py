@@ -123,7 +123,7 @@ def test_attention_heatmap_geojson_and_cli(tmp_path):
     torch.manual_seed(0)
     ckpt = save_mil_checkpoint(tmp_path / "m.pt", build_mil("abmil", 8, 2).eval(),
                                {"arch": "abmil", "in_dim": 8, "classes": ["normal", "tumour"], "hidden": 128})
-    r = CliRunner().invoke(main, ["mil-attention", str(feats), "--slide", str(slide), "--checkpoint", str(ckpt),
+    r = CliRunner().invoke(main, ["mil-attention", str(feats), "--slide", str(slide), "--model", str(ckpt),
                                   "--out", str(tmp_path / "att")])
     assert r.exit_code == 0, r.output
     model, _ = load_mil_checkpoint(ckpt)
@@ -138,13 +138,13 @@ def test_attention_heatmap_geojson_and_cli(tmp_path):
     assert top.geometry.bounds[:2] == tuple(float(v) for v in s.coords[i])
     assert (tmp_path / "att" / "attention.png").exists()
     # deploy through the CLI: a missing file is a failed row and a non-zero exit
-    r = CliRunner().invoke(main, ["mil-deploy", str(feats), str(tmp_path / "nope.h5"), "--checkpoint", str(ckpt),
+    r = CliRunner().invoke(main, ["mil-deploy", str(feats), str(tmp_path / "nope.h5"), "--model", str(ckpt),
                                   "--out", str(tmp_path / "cohort.csv"), "--quiet"])
     assert r.exit_code == 1 and "1 failed" in r.output
     # a pooling network has no attention: one line, non-zero exit
     save_mil_checkpoint(tmp_path / "mean.pt", build_mil("meanpool", 8, 2),
                         {"arch": "meanpool", "in_dim": 8, "classes": ["normal", "tumour"], "hidden": 128})
-    r = CliRunner().invoke(main, ["mil-attention", str(feats), "--slide", str(slide), "--checkpoint",
+    r = CliRunner().invoke(main, ["mil-attention", str(feats), "--slide", str(slide), "--model",
                                   str(tmp_path / "mean.pt"), "--out", str(tmp_path / "att2")])
     assert r.exit_code != 0 and "no attention" in r.output
 

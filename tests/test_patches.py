@@ -132,7 +132,7 @@ def test_grid_geojson_is_qupath_tiles_inside_the_slide(tmp_path):
     s = synthetic_slide(tmp_path / "edge.tif", width=1000, height=800, tissue_box=(500, 0, 500, 800))
     anns = [Annotation(box(500, 0, 1000, 400), label="Tumor")]
     path = _ann_file(tmp_path, anns)
-    res = CliRunner().invoke(main, ["tile", str(s), "--mpp", "0.5", "--size", "256", "--geojson",
+    res = CliRunner().invoke(main, ["tile", str(s), "--tile-mpp", "0.5", "--tile-size", "256", "--geojson",
                                     str(tmp_path / "grid.geojson"), "--annotations", str(path), "-q"])
     assert res.exit_code == 0, res.output
     feats = json.loads((tmp_path / "grid.geojson").read_text())["features"]
@@ -189,6 +189,6 @@ def test_rerun_refuses_a_tiles_link_out_of_the_export_folder(tmp_path, slide):
     (out / "tiles").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(OutputError, match="link to outside"):
         export_patches(slide, out, **{**OPTS, "size": 128})
-    res = CliRunner().invoke(main, ["tile", str(slide), "--export", str(out), "--size", "128", "-q"])
+    res = CliRunner().invoke(main, ["tile", str(slide), "--export", str(out), "--tile-size", "128", "-q"])
     assert res.exit_code != 0 and "link to outside" in res.output and "Traceback" not in res.output, res.output
     assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]

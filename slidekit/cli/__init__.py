@@ -11,7 +11,7 @@ import click
 
 from slidekit import __version__
 from slidekit.base.resources import prefer_passive_waits
-from slidekit.cli.common import Context
+from slidekit.cli.common import Context, debug_option, quiet_option, version_option
 
 prefer_passive_waits()  # before any command loads torch: idle OpenMP threads sleep instead of spinning
 
@@ -22,13 +22,13 @@ COMMAND_MODULES = ["slidekit.cli.core", "slidekit.cli.train", "slidekit.cli.stag
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="slidekit")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter.")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@version_option(__version__)
+@quiet_option
+@debug_option
 @click.pass_context
-def main(ctx: click.Context, quiet: bool, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool) -> None:
     """slidekit: whole-slide images to patches, models, heatmaps and QuPath GeoJSON."""
-    ctx.obj = Context(quiet=quiet, debug=debug)
+    ctx.ensure_object(Context).debug = debug  # --quiet (here or on the command) is set by its option
 
 
 for _name in COMMAND_MODULES:

@@ -6,44 +6,37 @@ from pathlib import Path
 import click
 
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import device_option, handle_errors, quiet_flag, threads_option
+from slidekit.cli.common import (device_option, handle_errors, min_tissue_option, option, quiet_flag, quiet_option,
+                                 slide_reading_options, threads_option, tile_geometry_options)
 
 
 @click.command("cells")
 @slides_argument
-@click.option("--model", required=True, metavar="NAME|CKPT",
-              help="A segmentation checkpoint (e.g. from `slidekit train s2l`) or the built-in hematoxylin.")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Output directory (OUT/<slide id>/ per slide plus OUT/cohort.csv for a cohort).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Tile pixel size in µm/px [default: the model's].")
-@click.option("--size", type=click.IntRange(min=16), default=None, help="Tile size in px [default: the model's].")
-@click.option("--overlap", type=click.IntRange(min=1), default=None,
-              help="Tile overlap in px; must exceed a nucleus diameter [default: size/4].")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Foreground probability of a nucleus pixel.")
-@click.option("--min-distance", "min_distance_um", type=click.FloatRange(min=0), default=2.0, show_default=True,
-              help="Smallest distance between two nucleus centres (watershed seeds), µm.")
-@click.option("--min-area", "min_area_um2", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="Smallest nucleus kept, µm².")
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="Smallest tissue fraction of a tile; 0 (without --roi) tiles the whole slide, no tissue detection.")
-@click.option("--roi", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML",
-              help="Only inside these polygons; also writes regions.csv (counts and densities per polygon).")
-@click.option("--split", type=click.Choice(["auto", "boundary", "distance"]), default="auto", show_default=True,
-              help="Touching nuclei: seeds from the model's outline class (boundary/contour/border/edge) when it "
-                   "has one (auto), always (boundary), or from the distance transform (distance).")
-@click.option("--gzip/--no-gzip", "gzip", default=None,
-              help="Write cells.geojson.gz / plain cells.geojson [default: gzip above 20000 nuclei].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@option("model", required=True,
+        detail="a segmentation checkpoint (e.g. from `slidekit train s2l`) or the built-in hematoxylin.")
+@option("out", type=click.Path(file_okay=False, path_type=str), required=True,
+        detail="directory (OUT/<slide id>/ per slide plus OUT/cohort.csv for a cohort).")
+@tile_geometry_options(min_size=16, min_overlap=1, aliases={"tile_mpp": ("--mpp",), "tile_size": ("--size",)},
+                       overlap_detail="Must exceed a nucleus diameter [default: size/4].")
+@option("threshold", detail="a nucleus pixel.")
+@option("min_distance")
+@option("min_area", default=10.0, detail="nuclei [10 here: a nucleus, not a region].")
+@min_tissue_option(0.05, "[0.05 here: nuclei at the edge of the tissue count]; 0 (without --roi) tiles the "
+                         "whole slide, no tissue detection.")
+@option("roi", detail="Also writes regions.csv (counts and densities per polygon).")
+@option("split")
+@option("gzip")
+@option("batch_size", default=16, detail="[16 here: cells_slide's default]")
+@option("workers")
 @threads_option
 @device_option
-@click.option("--quiet", "-q", "quiet_local", is_flag=True, help="No progress bars.")
+@slide_reading_options(backend=False)  # cells_slide reads through the automatic reader
+@quiet_option
 @cohort_options
 @click.pass_context
 @handle_errors
-def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str, quiet_local: bool,
+def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str, tile_mpp: float | None,
+              tile_size: int | None, override_mpp: float | None,
               manifest: tuple[str, ...], engine: str, jobs: int, gpus: str | None, shard: str | None,
               ray_address: str | None, retry_failed: bool, **options: object) -> None:
     """Detect every nucleus in the tissue of each SLIDE; write OUT/cells.geojson (.gz when large; open
@@ -52,7 +45,11 @@ def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str,
     Reruns skip finished slides and resume interrupted ones."""
     from slidekit.infer.cells import cells_slide
 
-    quiet = quiet_local or quiet_flag(ctx)
+    quiet = quiet_flag(ctx)
+    if override_mpp is not None:  # cells_slide has no override_mpp keyword yet (the shared slide-reading options)
+        raise click.UsageError("--override-mpp is not supported by `slidekit cells` yet; give --slide-mpp for slides "
+                               "without an MPP")
+    options.update(mpp=tile_mpp, size=tile_size)
     if not single_slide(ctx, slides, {"manifest": manifest}):
         if options.get("roi") is not None:
             raise click.UsageError("--roi belongs to one slide (its annotations); run `slidekit cells` per slide")

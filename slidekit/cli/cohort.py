@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from slidekit.cli.common import Context, fail
+from slidekit.cli.common import Context, cohort_options, fail
 from slidekit.cohort.run import run_cohort
 from slidekit.slides.dicom import is_dicom_folder
 
+__all__ = ["cohort_options", "is_cohort", "run_cohort_cli", "single_slide", "slides_argument"]
+
 COHORT_PARAMS = ("manifest", "engine", "jobs", "gpus", "shard", "ray_address", "retry_failed")
-
-
-def cohort_options(func: Callable) -> Callable:
-    """Add --manifest, --engine, --jobs, --gpus, --shard, --ray-address and --retry-failed."""
-    options = [
-        click.option("--manifest", "manifest", multiple=True, type=click.Path(dir_okay=False, path_type=str),
-                     help="Cohort manifest CSV: a 'slide' column, optional 'id' and 'slide_mpp' (repeatable)."),
-        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                     help="Cohort engine: worker processes on this machine, or Ray tasks."),
-        click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Slides processed at once (local worker processes, or Ray CPUs of a local runtime)."),
-        click.option("--gpus", default=None, metavar="0,1,...",
-                     help="One worker per listed GPU, each seeing only its GPU."),
-        click.option("--shard", default=None, metavar="i/N",
-                     help="Process only the i-th of N parts of the cohort (Slurm arrays: $SLURM_ARRAY_TASK_ID/N)."),
-        click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
-                     help="Ray cluster to join (--engine ray); default: start a local Ray runtime."),
-        click.option("--retry-failed", is_flag=True, help="Run slides that failed in an earlier run again."),
-    ]
-    for opt in reversed(options):
-        func = opt(func)
-    return func
 
 
 def is_cohort(ctx: click.Context, items: list[str], manifest: tuple[str, ...]) -> bool:

@@ -5,9 +5,11 @@ import functools
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from slidekit.base.errors import ConfigError, SlidekitError, SlidekitWarning
 
@@ -75,28 +77,7 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-# Reusable typed options, so every command spells them the same way.
 slide_argument = click.argument("slide", type=click.Path(path_type=str))  # a file, or a DICOM WSI folder
-mpp_override_option = click.option(
-    "--slide-mpp", "slide_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-    help="Pixel size (µm/px) of level 0, used only for slides whose metadata has none.")
-force_mpp_option = click.option(
-    "--override-mpp", "override_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-    help="Pixel size (µm/px) of level 0 used INSTEAD of the slide's metadata (said on stderr, "
-         "recorded in outputs).")
-
-backend_option = click.option("--backend", type=click.Choice(["openslide", "tiffslide", "image"]),
-                              default=None, help="Slide reader (default: automatic).")
-target_mpp_option = click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=0.5,
-                                 show_default=True, help="Target pixel size of tiles (µm/px).")
-size_option = click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
-                           help="Tile size in pixels at the target MPP.")
-overlap_option = click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
-                              help="Overlap between neighbouring tiles, in target pixels.")
-min_tissue_option = click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5,
-                                 show_default=True, help="Minimum tissue fraction to keep a tile.")
-workers_option = click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-                              help="Parallel readers (0: read in the main thread).")
 
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -112,13 +93,336 @@ def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value
 
 
-device_option = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
-                             callback=_check_device,
-                             help="Where to run models (cuda:N: the N-th visible GPU).")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-threads_option = click.option("--threads", type=click.IntRange(min=1), default=None,
-                              help="CPUs to use: one per DataLoader worker, the rest for the model "
-                                   "[default: the CPUs this process may use (affinity, cgroup quota)].")
+def check_stain_options(stain_norm: str | None, stain_ref: str | None) -> None:
+    """Refuse a bad --stain-norm/--stain-ref pair before any slide is read (one line)."""
+    if stain_norm is not None or stain_ref is not None:
+        from slidekit.stain.normalize import normalizer_from_options
+
+        normalizer_from_options(stain_norm, stain_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI vocabulary: every option of every command is made here, by ``option(KEY)`` from one entry of
+# ``VOCABULARY`` (one spelling, one meaning, one type per idea) or by a named factory built on it. Commands
+# choose a default (where theirs legitimately differs: the help says why), a ``detail`` appended to the help,
+# ``required`` and old spellings (``aliases``: hidden, warn once, see ``AliasOption``). tests/test_cli_vocabulary.py
+# walks every command and holds this to account.
+# ---------------------------------------------------------------------------------------------------------------
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+# key -> (flags [and the Python name], the idea (the help's fixed first part), click keyword arguments)
+VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
+    # run, output, chatter
+    "out": (("--out", "out"), "Output:", dict(type=click.Path(path_type=str))),
+    "quiet": (("--quiet", "-q", "quiet"), "No progress bars or chatter.",
+              dict(is_flag=True, expose_value=False)),  # callback: _set_quiet (quiet_flag reads it)
+    "debug": (("--debug",), "Show tracebacks on errors.", dict(is_flag=True)),
+    "version": (("--version",), "Show the version and exit.", {}),
+    "json": (("--json", "as_json"), "Print JSON.", dict(is_flag=True)),
+    "device": (("--device",), "Where to run models (cuda:N: the N-th visible GPU).",
+               dict(default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N", callback=_check_device)),
+    "threads": (("--threads",), "CPUs to use: one per DataLoader worker, the rest for the model [default: the CPUs "
+                "this process may use (affinity, cgroup quota)].", dict(type=click.IntRange(min=1), default=None)),
+    "workers": (("--workers",), "DataLoader worker processes reading tiles (0: read in the main process).",
+                dict(type=click.IntRange(min=0), default=0, show_default=True)),
+    "reader_threads": (("--reader-threads",), "Threads reading tiles (0: read in the main thread).",
+                       dict(type=click.IntRange(min=0), default=0, show_default=True)),
+    "batch_size": (("--batch-size",), "Tiles per model batch.",
+                   dict(type=click.IntRange(min=1), show_default=True)),
+    # how slides are read
+    "slide_mpp": (("--slide-mpp", "slide_mpp"),
+                  "Pixel size (µm/px) of level 0, used only for slides whose metadata has none.",
+                  dict(type=_POSITIVE, default=None)),
+    "override_mpp": (("--override-mpp", "override_mpp"), "Pixel size (µm/px) of level 0 used INSTEAD of the slide's "
+                     "metadata (said on stderr, recorded in outputs).", dict(type=_POSITIVE, default=None)),
+    "backend": (("--backend",), "Slide reader (default: automatic).",
+                dict(type=click.Choice(["openslide", "tiffslide", "image"]), default=None)),
+    "slide": (("--slide", "slide"), "The slide these outputs come from:",
+              dict(type=click.Path(path_type=str), default=None)),
+    # the tile grid
+    "tile_mpp": (("--tile-mpp", "tile_mpp"), "Tile pixel size in µm/px.", dict(type=_POSITIVE, default=None)),
+    "tile_size": (("--tile-size", "tile_size"), "Tile size in pixels at --tile-mpp.",
+                  dict(type=click.IntRange(min=1), default=None)),
+    "overlap": (("--overlap",), "Overlap between neighbouring tiles, in tile pixels.",
+                dict(type=click.IntRange(min=0), default=None)),
+    "min_tissue": (("--min-tissue",), "Smallest tissue fraction of a tile to keep it.",
+                   dict(type=click.FloatRange(0, 1), show_default=True)),
+    "grid": (("--grid",), "Saved tile grid (.npz from `slidekit tile`)",
+             dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
+    "geojson": (("--geojson",), "Also write tiles as QuPath tile objects:",
+                dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
+    # tissue detection (slidekit.regions.tissue.tissue_mask)
+    "tissue_mpp": (("--tissue-mpp", "tissue_mpp"), "Pixel size (µm/px) tissue is detected at [default: 8].",
+                   dict(type=_POSITIVE, default=None)),
+    "tissue_min_area": (("--tissue-min-area", "tissue_min_area"), "Smallest tissue region kept, µm² [default: 20000].",
+                        dict(type=click.FloatRange(min=0), default=None)),
+    "tissue_min_saturation": (("--tissue-min-saturation",),
+                              "Lowest saturation threshold of the tissue detector, 0-255 [default: 20].",
+                              dict(type=click.IntRange(0, 255), default=None)),
+    "tissue_min_od": (("--tissue-min-od",), "Lowest optical density of tissue [default: 0.05].",
+                      dict(type=click.FloatRange(min=0), default=None)),
+    "tissue_min_contrast": (("--tissue-min-contrast",),
+                            "Optical density above the glass's counted as tissue [default: 0.02].",
+                            dict(type=click.FloatRange(min=0), default=None)),
+    # regions and annotations
+    "roi": (("--roi",), "Work only inside these annotations' polygons (one slide only).",
+            dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML")),
+    "roi_class": (("--roi-class",), "Use only the --roi polygons of this class (repeatable); an error when none "
+                  "has it.", dict(multiple=True, metavar="NAME")),
+    "annotations": (("--annotations",), "Label each tile from these annotations (QuPath GeoJSON, ASAP/ImageScope XML).",
+                    dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML")),
+    "label_rule": (("--label-rule",), "majority: the class covering most of the tile (none when unlabelled area is "
+                   "larger); centre: the class under the tile's centre.",
+                   dict(type=click.Choice(["majority", "centre"]), default="majority", show_default=True)),
+    # models
+    "model": (("--model", "model"), "The trained model to run:", dict(default=None, metavar="NAME|CKPT")),
+    "weights": (("--weights",), "Local weights file (.safetensors/.pth) for timm:NAME or a named encoder (never "
+                "downloaded).", dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
+    "init": (("--init",), "Encoder weights to start training from: a slidekit checkpoint, a torchvision ResNet "
+             ".pth, or timm:NAME with --weights.", dict(default=None)),
+    "stain_norm": (("--stain-norm",), "Stain normalisation:",
+                   # slidekit.stain.normalize.STAIN_METHODS, spelt out: importing it would load torch at start-up
+                   dict(type=click.Choice(["none", "macenko", "reinhard"]), default=None)),
+    "stain_ref": (("--stain-ref",), "Stain reference: an H&E image to fit to, or a saved reference (.json).",
+                  dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="IMG|JSON")),
+    "stain_aug": (("--stain-aug",), "Stain augmentation while training (HED jitter or RandStainNA); same as "
+                  "--set stain_aug=...", dict(type=click.Choice(["none", "hed", "randstainna"]), default=None)),
+    # what model outputs become
+    "threshold": (("--threshold",), "Foreground probability threshold:",
+                  dict(type=click.FloatRange(0, 1), default=0.5, show_default=True)),
+    "min_area": (("--min-area", "min_area_um2"), "Smallest object kept, µm²:",
+                 dict(type=click.FloatRange(min=0), show_default=True)),
+    "heatmap_mpp": (("--heatmap-mpp",), "Segmentation heatmap pixel size in µm/px [default: the model's output "
+                    "resolution].", dict(type=_POSITIVE, default=None)),
+    "work_mpp": (("--work-mpp", "work_mpp"), "Work on a view downsampled to this µm/px (default: the heatmap's own "
+                 "MPP).", dict(type=_POSITIVE, default=None)),
+    "blend": (("--blend",), "How overlapping segmentation outputs are weighted.",
+              dict(type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True)),
+    "tiff": (("--tiff",), "Also write heatmap.tif: a pyramidal TIFF at the heatmap MPP with its physical pixel size, "
+             "to open beside the slide (rgb: coloured as the overlay; values: float32 per class).",
+             dict(type=click.Choice(["rgb", "values"]), default=None)),
+    "ome_zarr": (("--ome-zarr", "ome_zarr"), "Also write heatmap.ome.zarr: an OME-Zarr (NGFF 0.4) multiscale image "
+                 "in µm, for napari, vizarr or QuPath's OME-Zarr reader.", dict(is_flag=True)),
+    "tiles_geojson": (("--tiles-geojson",), "Also write tiles.geojson: one QuPath tile per prediction.",
+                      dict(is_flag=True)),
+    "skip_bad_tiles": (("--skip-bad-tiles",), "Skip damaged (undecodable) tiles with a warning and list them in "
+                       "summary.json (bad_tiles) instead of failing the slide.", dict(is_flag=True)),
+    "demo": (("--demo",), "Run on the embedded demo slide (written to OUT/demo.tif).", dict(is_flag=True)),
+    "min_distance": (("--min-distance", "min_distance_um"), "Smallest distance between two nucleus centres "
+                     "(watershed seeds), µm.", dict(type=click.FloatRange(min=0), default=2.0, show_default=True)),
+    "split": (("--split",), "Touching nuclei: seeds from the model's outline class (boundary/contour/border/edge) "
+              "when it has one (auto), always (boundary), or from the distance transform (distance).",
+              dict(type=click.Choice(["auto", "boundary", "distance"]), default="auto", show_default=True)),
+    "gzip": (("--gzip/--no-gzip", "gzip"), "Write cells.geojson.gz / plain cells.geojson [default: gzip above "
+             "20000 nuclei].", dict(default=None)),
+    "h5": (("--h5", "features_h5"), "Also write the HDF5 feature file TRIDENT and CLAM read (features, coords + "
+           "their attributes; a cohort always writes OUT/<slide id>/features.h5).",
+           dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
+    "clusters": (("--clusters",), "Add k-means clusters (k).", dict(type=click.IntRange(min=2), default=None)),
+    "seed": (("--seed",), "Random seed (k-means).", dict(type=int, default=0, show_default=True)),
+    "export": (("--export", "export"), "Write the grid's tiles as images (tiles/x{X}_y{Y}.png, level-0 corners) with "
+               "patches.csv (x, y, mpp, size, tissue_fraction[, label]) into a folder or a zip; reruns resume. One "
+               "slide only.", dict(type=click.Path(path_type=Path), default=None, metavar="DIR|FILE.zip")),
+    "image_format": (("--format", "image_format"), "Image format of --export (png is lossless).",
+                     dict(type=click.Choice(["png", "jpeg"]), default="png", show_default=True)),
+    "quality": (("--quality",), "JPEG quality.", dict(type=click.IntRange(1, 100), default=90, show_default=True)),
+    "thresholds": (("--thresholds",), "Comma-separated probability thresholds.",
+                   dict(default="0.5,0.9", show_default=True)),
+    "channel": (("--channel",), "Heatmap channel holding the tumour probability (default: the last one).",
+                dict(type=int, default=None)),
+    "chunk_rows": (("--chunk-rows",), "Feature rows read at a time (streamed bags; TransMIL reads a bag whole).",
+                   dict(type=click.IntRange(min=1), default=4096, show_default=True)),
+    "reference": (("--reference",), "Reference CSV with patient stages; prints the quadratic weighted kappa.",
+                  dict(type=click.Path(dir_okay=False, path_type=Path), default=None)),
+    "rename": (("--rename",), "Rename a class/group, e.g. --rename metastasis=Tumor (repeatable; NEW empty drops "
+               "the class).", dict(multiple=True, metavar="OLD=NEW")),
+    "make_valid": (("--make-valid",), "Repair self-intersecting (invalid) polygons into the valid shapes QuPath "
+                   "and ASAP fill (non-zero winding rule). Without it they are written unchanged.",
+                   dict(is_flag=True)),
+    "to": (("--to", "to"), "wsinfer DIR (a QuPath WSInfer model folder), torchscript FILE or onnx FILE.",
+           dict(nargs=2, type=(click.Choice(["wsinfer", "torchscript", "onnx"]), str), metavar="FORMAT OUT")),
+    # training
+    "config": (("--config", "config"), "Trainer config (YAML or JSON).",
+               dict(type=click.Path(dir_okay=False, path_type=Path), default=None)),
+    "set": (("--set", "overrides"), "Override a config option (repeatable).", dict(multiple=True, metavar="KEY=VALUE")),
+    "restart": (("--restart",), "Delete the training outputs already in --out and train from scratch (a rerun "
+                "otherwise resumes, continues to a larger epochs, or refuses a different config).", dict(is_flag=True)),
+    "list": (("--list", "list_only"), "List the available trainers (plug-ins included), one line each, and exit.",
+             dict(is_flag=True)),
+    "show_config": (("--show-config",), "Print every option of trainer NAME (type, default, help) as a complete YAML "
+                    "config, and exit.", dict(is_flag=True)),
+    "nproc": (("--nproc",), "Train on N local ranks (torch.distributed through torch's elastic launcher; one per GPU "
+              "on CUDA, gloo on CPU); batch_size stays the global batch. See docs/distributed_training.md.",
+              dict(type=click.IntRange(min=1), default=None)),
+    # the viewer
+    "port": (("--port",), "Port to serve on (0: any free port).",
+             dict(type=click.IntRange(0, 65535), default=8000, show_default=True)),
+    "host": (("--host",), "Address to bind. Anything but loopback lets other machines see the slides (warned).",
+             dict(default="127.0.0.1", show_default=True)),
+    "open_slides": (("--open-slides",), "Slides kept open at once (least recently viewed closed first).",
+                    dict(type=click.IntRange(min=1), default=8, show_default=True)),
+    # cohorts (slidekit.cli.cohort)
+    "manifest": (("--manifest", "manifest"), "Cohort manifest CSV: a 'slide' column, optional 'id' and 'slide_mpp' "
+                 "(repeatable).", dict(multiple=True, type=click.Path(dir_okay=False, path_type=str))),
+    "engine": (("--engine",), "Cohort engine: worker processes on this machine, or Ray tasks.",
+               dict(type=click.Choice(["local", "ray"]), default="local", show_default=True)),
+    "jobs": (("--jobs",), "Slides processed at once (local worker processes, or Ray CPUs of a local runtime).",
+             dict(type=click.IntRange(min=1), default=1, show_default=True)),
+    "gpus": (("--gpus",), "One worker per listed GPU, each seeing only its GPU.", dict(default=None, metavar="0,1,...")),
+    "shard": (("--shard",), "Process only the i-th of N parts of the cohort (Slurm arrays: $SLURM_ARRAY_TASK_ID/N).",
+              dict(default=None, metavar="i/N")),
+    "ray_address": (("--ray-address",), "Ray cluster to join (--engine ray); default: start a local Ray runtime.",
+                    dict(default=None, metavar="auto|HOST:PORT")),
+    "retry_failed": (("--retry-failed",), "Run slides that failed in an earlier run again.", dict(is_flag=True)),
+}
+
+_ALIAS_META = "slidekit.cli.alias"
+
+
+class VocabOption(click.Option):
+    """An option made by ``option()`` from ``VOCABULARY[key]``: ``vocab_key`` and ``idea`` say which idea it is
+    (tests/test_cli_vocabulary.py reads them); ``aliases`` are its old spellings on this command. A value given
+    under an old spelling (``AliasOption``) arrives here as if given under this name."""
+
+    def __init__(self, *args: Any, vocab_key: str, idea: str, aliases: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.vocab_key, self.idea, self.aliases = vocab_key, idea, tuple(aliases)
+
+    def consume_value(self, ctx: click.Context, opts: Any) -> Any:
+        value, source = super().consume_value(ctx, opts)
+        key = (_ALIAS_META, id(ctx), self.name)
+        if key in ctx.meta:  # an old spelling was given (aliases are processed first: see AliasOption)
+            alias, alias_value = ctx.meta.pop(key)
+            if source == ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{alias} is the old spelling of {self.opts[0]}: give one of them")
+            return alias_value, ParameterSource.COMMANDLINE
+        return value, source
+
+
+class AliasOption(click.Option):
+    """A hidden old spelling of a ``VocabOption`` (``alias_of``: its Python name). Given on the command line it
+    warns once (``slidekit: warning: --tile-mpp is now --mpp``) and hands its value to the option it names;
+    click processes options given on the command line before those that were not, so the canonical option,
+    when not given itself, always finds the value waiting."""
+
+    def __init__(self, param_decls: Any, *, alias_of: str, canonical: str, **kwargs: Any) -> None:
+        (alias,) = param_decls
+        name = f"alias__{alias.lstrip('-').replace('-', '_')}__{alias_of}"
+        super().__init__([alias, name], hidden=True, expose_value=False, callback=self._given, **kwargs)
+        self.alias, self.alias_of, self.canonical = alias, alias_of, canonical
+
+    def _given(self, ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if ctx.get_parameter_source(self.name) != ParameterSource.COMMANDLINE:
+            return
+        key = (_ALIAS_META, id(ctx), self.alias_of)
+        if ctx.get_parameter_source(self.alias_of) == ParameterSource.COMMANDLINE or key in ctx.meta:
+            raise click.UsageError(f"{self.alias} is the old spelling of {self.canonical}: give one of them")
+        warned = ctx.find_root().meta.setdefault("slidekit.cli.warned", set())
+        if self.alias not in warned:
+            warned.add(self.alias)
+            click.echo(f"slidekit: warning: {self.alias} is now {self.canonical}", err=True)
+        ctx.meta[key] = (self.alias, value)
+
+
+def option(key: str, *, detail: str | None = None, aliases: tuple[str, ...] = (), **overrides: Any) -> Callable:
+    """The option ``VOCABULARY[key]`` as a click decorator: ``detail`` is appended to its help, ``overrides``
+    (default, required, show_default, a narrower range of the same type, ...) are this command's, ``aliases`` its
+    old spellings here (hidden; they warn once)."""
+    decls, idea, kwargs = VOCABULARY[key]
+    kwargs = {**kwargs, **overrides}
+    help_text = idea if not detail else f"{idea} {detail}"
+    canonical = click.option(*decls, cls=VocabOption, vocab_key=key, idea=idea, aliases=aliases, help=help_text,
+                             **kwargs)
+    flag = decls[0].split("/")[0]
+    name = next((d for d in decls if not d.startswith("-")), flag.lstrip("-").replace("-", "_"))
+    alias_kwargs = {k: kwargs[k] for k in ("type", "multiple", "nargs", "is_flag") if k in kwargs}
+
+    def decorate(func: Callable) -> Callable:
+        for alias in aliases:
+            func = click.option(alias, cls=AliasOption, alias_of=name, canonical=flag, **alias_kwargs)(func)
+        return canonical(func)
+
+    return decorate
+
+
+def options(*decorators: Callable) -> Callable:
+    """Several option decorators as one (listed in the order they show in --help)."""
+    def decorate(func: Callable) -> Callable:
+        for d in reversed(decorators):
+            func = d(func)
+        return func
+
+    return decorate
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    if value is True:
+        ctx.ensure_object(Context).quiet = True
+
+
+# The shared options by name (each is ``option(KEY)``; commands pass their own default/detail where they must).
+quiet_option = option("quiet", callback=_set_quiet)  # every command, and the group: read it with quiet_flag(ctx)
+debug_option = option("debug")
+device_option = option("device")
+threads_option = option("threads")
+slide_mpp_option = option("slide_mpp")        # a fallback for slides whose metadata has no MPP
+override_mpp_option = option("override_mpp")  # replaces the metadata's MPP
+backend_option = option("backend")
+
+
+def version_option(version: str) -> Callable:
+    """--version (click's, marked as part of the vocabulary)."""
+    decls, idea, _ = VOCABULARY["version"]
+    return click.version_option(version, *decls, prog_name="slidekit", cls=VocabOption, vocab_key="version",
+                                idea=idea, help=idea)
+
+
+def slide_reading_options(func: Callable | None = None, *, backend: bool = True) -> Callable:
+    """--slide-mpp (fallback), --override-mpp and (where the API reads through a chosen reader) --backend: how a
+    command opens its slides. ``@slide_reading_options`` or ``@slide_reading_options(backend=False)``."""
+    decorators = [slide_mpp_option, override_mpp_option] + ([backend_option] if backend else [])
+    return options(*decorators) if func is None else options(*decorators)(func)
+
+
+def tile_geometry_options(*, tile_mpp: float | None = None, tile_size: int | None = None,
+                          overlap: int | None = None, with_overlap: bool = True, min_size: int = 1,
+                          min_overlap: int = 0,
+                          detail: str = "[default: the model's]", overlap_detail: str | None = None,
+                          aliases: dict[str, tuple[str, ...]] | None = None) -> Callable:
+    """--tile-mpp, --tile-size and (``with_overlap``) --overlap: the tile grid a command works on (heatmap, cells,
+    embed, tile). Old spellings: --mpp/--size (heatmap, cells, tile, embed), --patch-size (embed)."""
+    aliases = aliases or {}
+    shown = tile_mpp is not None  # a command without a model gives its own defaults, and says so
+    why = "[{} here: no model to take it from]"
+    decorators = [
+        option("tile_mpp", default=tile_mpp, show_default=shown, detail=why.format(tile_mpp) if shown else detail,
+               aliases=aliases.get("tile_mpp", ())),
+        option("tile_size", default=tile_size, show_default=shown,
+               detail=why.format(tile_size) if shown else detail, type=click.IntRange(min=min_size),
+               aliases=aliases.get("tile_size", ()))]
+    if with_overlap:
+        decorators.append(option("overlap", default=overlap, show_default=shown,
+                                 detail=why.format(overlap) if shown else overlap_detail,
+                                 type=click.IntRange(min=min_overlap)))
+    return options(*decorators)
+
+
+def min_tissue_option(default: float, why: str) -> Callable:
+    """--min-tissue with this command's default and the reason for it (defaults differ by what a tile is for)."""
+    return option("min_tissue", default=default, detail=why)
+
+
+def tissue_detection_options(func: Callable | None = None, *, detector: bool = True,
+                             aliases: dict[str, tuple[str, ...]] | None = None) -> Callable:
+    """--tissue-mpp, --tissue-min-area and (``detector``) the detection thresholds
+    (``slidekit.regions.tissue.tissue_mask``), gathered by ``tissue_kwargs`` into the ``tissue=`` dict the API
+    calls take."""
+    aliases = aliases or {}
+    keys = ["tissue_mpp", "tissue_min_area"] + (
+        ["tissue_min_saturation", "tissue_min_od", "tissue_min_contrast"] if detector else [])
+    decorate = options(*(option(k, aliases=aliases.get(k, ())) for k in keys))
+    return decorate if func is None else decorate(func)
 
 
 STAIN_NORM_HELP = ("Stain-normalise tiles to --stain-ref on the device [default: the checkpoint's "
@@ -128,48 +432,14 @@ STAIN_NORM_HELP = ("Stain-normalise tiles to --stain-ref on the device [default:
 def stain_options(func: Callable | None = None, *, norm_help: str = STAIN_NORM_HELP) -> Callable:
     """--stain-norm and --stain-ref: stain normalisation of the tiles a model sees (``slidekit.stain.normalize``);
     ``@stain_options`` or ``@stain_options(norm_help=...)``."""
-    def decorate(f: Callable) -> Callable:
-        f = click.option("--stain-ref", default=None, type=click.Path(dir_okay=False, path_type=str),
-                         metavar="IMG|JSON",
-                         help="Stain reference: an H&E image to fit to, or a saved reference (.json).")(f)
-        # the methods of slidekit.stain.normalize.STAIN_METHODS, spelt out: importing it would load torch at start-up
-        return click.option("--stain-norm", type=click.Choice(["none", "macenko", "reinhard"]), default=None,
-                            help=norm_help)(f)
-
+    decorate = options(option("stain_norm", detail=norm_help), option("stain_ref"))
     return decorate if func is None else decorate(func)
 
 
-def check_stain_options(stain_norm: str | None, stain_ref: str | None) -> None:
-    """Refuse a bad --stain-norm/--stain-ref pair before any slide is read (one line)."""
-    if stain_norm is not None or stain_ref is not None:
-        from slidekit.stain.normalize import normalizer_from_options
-
-        normalizer_from_options(stain_norm, stain_ref)
-
-
-def slide_reading_options(func: Callable) -> Callable:
-    """--slide-mpp (fallback), --override-mpp and --backend: how a command opens its slides."""
-    return mpp_override_option(force_mpp_option(backend_option(func)))
-
-
-def tissue_detection_options(func: Callable) -> Callable:
-    """--tissue-mpp, --tissue-min-area and the detection thresholds (``slidekit.regions.tissue.tissue_mask``),
-    gathered by ``tissue_kwargs`` into the ``tissue=`` dict the API calls take."""
-    opts = [
-        click.option("--tissue-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Pixel size (µm/px) tissue is detected at [default: 8]."),
-        click.option("--tissue-min-area", type=click.FloatRange(min=0), default=None,
-                     help="Smallest tissue region kept, µm² [default: 20000]."),
-        click.option("--tissue-min-saturation", type=click.IntRange(0, 255), default=None,
-                     help="Lowest saturation threshold of the tissue detector, 0-255 [default: 20]."),
-        click.option("--tissue-min-od", type=click.FloatRange(min=0), default=None,
-                     help="Lowest optical density of tissue [default: 0.05]."),
-        click.option("--tissue-min-contrast", type=click.FloatRange(min=0), default=None,
-                     help="Optical density above the glass's counted as tissue [default: 0.02]."),
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
+def cohort_options(func: Callable) -> Callable:
+    """--manifest, --engine, --jobs, --gpus, --shard, --ray-address and --retry-failed (slidekit.cli.cohort)."""
+    return options(*(option(k) for k in ("manifest", "engine", "jobs", "gpus", "shard", "ray_address",
+                                         "retry_failed")))(func)
 
 
 TISSUE_OPTIONS = {"tissue_mpp": "mpp", "tissue_min_area": "min_area_um2", "tissue_min_saturation": "min_saturation",

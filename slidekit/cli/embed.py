@@ -7,54 +7,46 @@ import click
 
 from slidekit.base.timing import format_split
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import (check_stain_options, device_option, echo_json, force_mpp_option, handle_errors,
-                                 min_tissue_option, mpp_override_option, quiet_flag, quiet_option, stain_options,
-                                 threads_option, tissue_detection_options, tissue_kwargs, workers_option)
+from slidekit.cli.common import (check_stain_options, device_option, echo_json, handle_errors, min_tissue_option,
+                                 option, quiet_flag, quiet_option, slide_reading_options, stain_options,
+                                 threads_option, tile_geometry_options, tissue_detection_options, tissue_kwargs)
 
 
 @click.command("embed")
 @slides_argument
-@click.option("--model", "--encoder", "model", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="slidekit checkpoint (e.g. from `slidekit train simclr`; its encoder embeds the tiles), "
-                   "a torchvision ResNet .pth, timm:NAME with --weights, or a named encoder (uni, uni2-h, "
-                   "virchow2, h-optimus-0/1, prov-gigapath, resnet18/34/50; docs/models.md) with --weights "
-                   "or $SLIDEKIT_MODELS.")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Local weights file (.safetensors/.pth) for --model timm:NAME (never downloaded).")
-@click.option("--tile-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Tile pixel size in µm/px [default: the checkpoint's; required for a plain weights file].")
-@click.option("--patch-size", type=click.IntRange(min=1), default=None,
-              help="Tile size in pixels [default: the checkpoint's; 224 for a plain weights file].")
-@click.option("--out", required=True, type=click.Path(path_type=str),
-              help="Output zarr store: features (N, D), coords (N, 2) level-0 x, y, clusters "
-                   "(for a cohort: a folder, OUT/<slide id>/embeddings.zarr).")
-@click.option("--h5", "features_h5", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Also write the HDF5 feature file TRIDENT and CLAM read (features, coords + their attributes; "
-                   "a cohort always writes OUT/<slide id>/features.h5).")
-@click.option("--grid", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Saved tile grid (.npz from `slidekit tile`) [default: model's patch size and MPP over tissue].")
-@click.option("--clusters", type=click.IntRange(min=2), default=None, help="Add k-means clusters (k).")
-@click.option("--geojson", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Write the clusters as QuPath tile objects coloured by cluster (needs --clusters; "
-                   "for a cohort any value writes OUT/<slide id>/clusters.geojson).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="k-means seed.")
-@min_tissue_option
+@option("model", required=True, aliases=("--encoder",),
+        detail="a slidekit checkpoint (e.g. from `slidekit train simclr`; its encoder embeds the tiles), a "
+               "torchvision ResNet .pth, timm:NAME with --weights, or a named encoder (uni, uni2-h, virchow2, "
+               "h-optimus-0/1, prov-gigapath, resnet18/34/50; docs/models.md) with --weights or $SLIDEKIT_MODELS.")
+@option("weights")
+@tile_geometry_options(detail="[default: the checkpoint's; --tile-mpp is required for a plain weights file, "
+                              "--tile-size is 224 for one]",
+                       aliases={"tile_size": ("--patch-size",)}, with_overlap=False)
+@option("out", required=True,
+        detail="zarr store: features (N, D), coords (N, 2) level-0 x, y, clusters (for a cohort: a folder, "
+               "OUT/<slide id>/embeddings.zarr).")
+@option("h5")
+@option("grid", detail="[default: the model's tile size and MPP over tissue].")
+@option("clusters")
+@option("geojson", detail="the clusters, coloured by cluster (needs --clusters; for a cohort any value writes "
+                          "OUT/<slide id>/clusters.geojson).")
+@option("batch_size", default=64, detail="[64 here: embed_slide's default]")
+@option("seed")
+@min_tissue_option(0.5, "[0.5 here: a feature describes a tile that is mostly tissue]")
 @tissue_detection_options
 @stain_options
-@workers_option
+@option("workers")
 @threads_option
 @device_option
-@mpp_override_option
-@force_mpp_option
+@slide_reading_options(backend=False)  # embed_slide reads through the automatic reader
 @quiet_option
 @cohort_options
 @click.pass_context
 @handle_errors
 def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tile_mpp: float | None,
-          patch_size: int | None, out: str, features_h5: str | None, grid: str | None, clusters: int | None,
+          tile_size: int | None, out: str, features_h5: str | None, grid: str | None, clusters: int | None,
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None, device: str,
-          slide_mpp: float | None, override_mpp: float | None, quiet: bool, stain_norm: str | None,
+          slide_mpp: float | None, override_mpp: float | None, stain_norm: str | None,
           stain_ref: str | None, **cohort: object) -> None:
     """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.
 
@@ -64,11 +56,11 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     if geojson and not clusters:
         raise click.UsageError("--geojson needs --clusters K")
     check_stain_options(stain_norm, stain_ref)
-    options = dict(model=model, weights=weights, tile_mpp=tile_mpp, patch_size=patch_size, min_tissue=min_tissue,
+    options = dict(model=model, weights=weights, tile_mpp=tile_mpp, patch_size=tile_size, min_tissue=min_tissue,
                    slide_mpp=slide_mpp, override_mpp=override_mpp, stain_norm=stain_norm, stain_ref=stain_ref,
                    batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
     options["tissue"] = tissue_kwargs(cohort)
-    quiet = quiet or quiet_flag(ctx)
+    quiet = quiet_flag(ctx)
     if not single_slide(ctx, slides, cohort):
         if grid:
             raise click.UsageError("--grid belongs to one slide; a cohort makes each slide's grid")

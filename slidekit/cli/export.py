@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import click
 
-from slidekit.cli.common import echo_json, handle_errors
+from slidekit.cli.common import echo_json, handle_errors, option, quiet_option
 
 
 @click.command("export")
 @click.argument("ckpt", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--to", "to", required=True, nargs=2, type=(click.Choice(["wsinfer", "torchscript", "onnx"]), str),
-              metavar="FORMAT OUT",
-              help="wsinfer DIR (a QuPath WSInfer model folder), torchscript FILE or onnx FILE.")
+@option("to", required=True)
+@quiet_option
 @handle_errors
 def export(ckpt: str, to: tuple[str, str]) -> None:
     """Export checkpoint CKPT for QuPath's WSInfer extension or other runtimes (see docs/models.md)."""

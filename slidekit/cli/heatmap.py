@@ -10,67 +10,48 @@ from slidekit.annotations.formats import read_annotations, write_geojson
 from slidekit.annotations.geometry import is_invalid_polygon, make_valid as repair
 from slidekit.base.timing import format_split
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
-from slidekit.cli.common import (check_stain_options, device_option, echo_json, fail, force_mpp_option, handle_errors,
-                                 mpp_override_option, quiet_flag, stain_options, threads_option,
-                                 tissue_detection_options, tissue_kwargs)
+from slidekit.cli.common import (check_stain_options, device_option, echo_json, fail, handle_errors, min_tissue_option,
+                                 option, quiet_flag, quiet_option, slide_reading_options, stain_options,
+                                 threads_option, tile_geometry_options, tissue_detection_options, tissue_kwargs)
 from slidekit.slides.demo import write_demo_slide
 
 
 @click.command("heatmap")
 @click.argument("slides", nargs=-1, type=click.Path(path_type=str))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Output directory (one subdirectory per slide, OUT/<slide id>/, for a cohort).")
-@click.option("--model", default=None, metavar="NAME|CKPT",
-              help="Built-in model (hematoxylin, tissue) or a slidekit checkpoint. [default: hematoxylin]")
-@click.option("--demo", is_flag=True, help="Run on the embedded demo slide (written to OUT/demo.tif).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Tile pixel size in µm/px [default: the model's].")
-@click.option("--size", type=click.IntRange(min=8), default=None, help="Tile size in pixels [default: the model's].")
-@click.option("--overlap", type=click.IntRange(min=0), default=None,
-              help="Tile overlap in pixels [default: size/4 for segmentation, 0 for classification].")
-@click.option("--heatmap-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Segmentation heatmap pixel size in µm/px [default: the model's output resolution].")
-@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True,
-              help="How overlapping segmentation outputs are weighted.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="DataLoader worker processes reading tiles (0: read in the main process).")
+@option("out", type=click.Path(file_okay=False, path_type=str), required=True,
+        detail="directory (one subdirectory per slide, OUT/<slide id>/, for a cohort).")
+@option("model", detail="a built-in model (hematoxylin, tissue) or a slidekit checkpoint. [default: hematoxylin]")
+@option("demo")
+@tile_geometry_options(overlap_detail="[default: size/4 for segmentation, 0 for classification]",
+                       aliases={"tile_mpp": ("--mpp",), "tile_size": ("--size",)}, min_size=8)
+@option("heatmap_mpp")
+@option("blend")
+@option("batch_size", default=32, detail="[32 here: heatmap_slide's default]")
+@option("workers", default=2, detail="[2 here: reading tiles is what a heatmap waits on; a cohort uses 0 unless "
+                                      "given, as each slide worker reads its own tiles]")
 @threads_option
 @device_option
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Probability at which regions become polygons in predictions.geojson.")
-@click.option("--min-area", "min_area_um2", type=click.FloatRange(min=0), default=1000.0, show_default=True,
-              help="Smallest polygon kept, in µm².")
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="Minimum tissue fraction of a tile to predict it.")
-@click.option("--roi", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML",
-              help="Predict only inside these annotations' polygons (intersected with tissue); the heatmap is "
-                   "empty outside them. One slide only.")
-@click.option("--roi-class", multiple=True, metavar="NAME",
-              help="Use only the --roi polygons of this class (repeatable); an error when none has it.")
+@option("threshold", detail="where regions become polygons in predictions.geojson.")
+@option("min_area", default=1000.0, detail="polygons in predictions.geojson [1000 here: tumour regions, not cells].")
+@min_tissue_option(0.1, "[0.1 here: tiles at the edge of the tissue are predicted too]")
+@option("roi", detail="Intersected with tissue; the heatmap is empty outside them.")
+@option("roi_class")
 @tissue_detection_options
 @stain_options
-@click.option("--tiff", type=click.Choice(["rgb", "values"]), default=None,
-              help="Also write heatmap.tif: a pyramidal TIFF at the heatmap MPP with its physical pixel size, to "
-                   "open beside the slide (rgb: coloured as the overlay; values: float32 per class).")
-@click.option("--ome-zarr", "ome_zarr", is_flag=True,
-              help="Also write heatmap.ome.zarr: an OME-Zarr (NGFF 0.4) multiscale image in µm, for napari, vizarr "
-                   "or QuPath's OME-Zarr reader.")
-@click.option("--tiles-geojson", is_flag=True, help="Also write tiles.geojson: one QuPath tile per prediction.")
-@mpp_override_option
-@force_mpp_option
-@click.option("--skip-bad-tiles", is_flag=True,
-              help="Skip damaged (undecodable) tiles with a warning and list them in summary.json "
-                   "(bad_tiles) instead of failing the slide.")
-@click.option("--quiet", "-q", "quiet_local", is_flag=True, help="No progress bars.")
+@option("tiff")
+@option("ome_zarr")
+@option("tiles_geojson")
+@slide_reading_options(backend=False)  # heatmap_slide reads through the automatic reader
+@option("skip_bad_tiles")
+@quiet_option
 @cohort_options
 @click.pass_context
 @handle_errors
 def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: str | None, demo: bool,
-                mpp: float | None, size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
+                tile_mpp: float | None, tile_size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
                 batch_size: int, workers: int, threads: int | None, device: str, threshold: float, min_area_um2: float,
                 min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, override_mpp: float | None,
-                skip_bad_tiles: bool, quiet_local: bool, stain_norm: str | None, stain_ref: str | None,
+                skip_bad_tiles: bool, stain_norm: str | None, stain_ref: str | None,
                 **cohort: object) -> None:
     """Predict a model over the tissue of each SLIDE and write a heatmap, an overlay and QuPath GeoJSON.
 
@@ -81,7 +62,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     from slidekit.infer.predictor import heatmap_slide, load_model
     from slidekit.models.builtin import DEFAULT_MODEL
 
-    quiet = quiet_local or quiet_flag(ctx)
+    quiet = quiet_flag(ctx)
     tissue = tissue_kwargs(cohort)
     roi, roi_class = cohort.pop("roi"), list(cohort.pop("roi_class")) or None
     if roi_class and roi is None:
@@ -96,7 +77,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
         if not demo_path.exists():
             write_demo_slide(demo_path)
         paths.append(str(demo_path))
-    options = dict(model=model, mpp=mpp, size=size, overlap=overlap, heatmap_mpp=heatmap_mpp, blend=blend,
+    options = dict(model=model, mpp=tile_mpp, size=tile_size, overlap=overlap, heatmap_mpp=heatmap_mpp, blend=blend,
                    batch_size=batch_size, workers=workers, device=device, threshold=threshold,
                    min_area_um2=min_area_um2, min_tissue=min_tissue, tiles_geojson=tiles_geojson,
                    slide_mpp=slide_mpp, override_mpp=override_mpp,
@@ -126,13 +107,11 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
 
 @click.command("convert")
 @click.argument("annotations", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Output QuPath GeoJSON (.geojson, or .geojson.gz to compress).")
-@click.option("--rename", multiple=True, metavar="OLD=NEW",
-              help="Rename a class/group, e.g. --rename metastasis=Tumor (repeatable; NEW empty drops the class).")
-@click.option("--make-valid", is_flag=True,
-              help="Repair self-intersecting (invalid) polygons into the valid shapes QuPath and ASAP fill "
-                   "(non-zero winding rule). Without it they are written unchanged.")
+@option("out", required=True, type=click.Path(dir_okay=False, path_type=str),
+        detail="QuPath GeoJSON (.geojson, or .geojson.gz to compress).")
+@option("rename")
+@option("make_valid")
+@quiet_option
 @click.pass_context
 @handle_errors
 def convert_cmd(ctx: click.Context, annotations: str, out: str, rename: tuple[str, ...], make_valid: bool) -> None:

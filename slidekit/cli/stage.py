@@ -7,17 +7,17 @@ import click
 
 from slidekit.base.resources import configure_threads
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
-from slidekit.cli.common import handle_errors, quiet_flag, quiet_option, threads_option
+from slidekit.cli.common import handle_errors, option, quiet_flag, quiet_option, threads_option
 from slidekit.slidelevel.features import features_table
 from slidekit.slidelevel.staging import stage_csv
 
 
 @click.command()
 @click.argument("nodes", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Submission CSV to write (patient rows followed by their node rows).")
-@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Reference CSV with patient stages; prints the quadratic weighted kappa.")
+@option("out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+        detail="submission CSV to write (patient rows followed by their node rows).")
+@option("reference")
+@quiet_option
 @handle_errors
 def stage(nodes: Path, out: Path, reference: Path | None) -> None:
     """Stage patients (pN, CAMELYON17 rules) from the node labels in NODES (CSV: patient,stage)."""
@@ -30,23 +30,19 @@ def stage(nodes: Path, out: Path, reference: Path | None) -> None:
 
 @click.command()
 @click.argument("heatmaps", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Feature table to write (CSV, one row per heatmap); with cohort options, a folder "
-                   "(OUT/<id>/features.csv and the features joined into OUT/cohort.csv).")
-@click.option("--thresholds", default="0.5,0.9", show_default=True,
-              help="Comma-separated probability thresholds.")
-@click.option("--channel", type=int, default=None,
-              help="Heatmap channel holding the tumour probability (default: the last one).")
-@click.option("--mpp", "work_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Work on a view downsampled to this µm/px (default: the heatmap's own MPP).")
+@option("out", type=click.Path(path_type=Path), required=True,
+        detail="feature table to write (CSV, one row per heatmap); with cohort options, a folder "
+               "(OUT/<id>/features.csv and the features joined into OUT/cohort.csv).")
+@option("thresholds")
+@option("channel")
+@option("work_mpp", aliases=("--mpp",))
 @threads_option
 @quiet_option
 @cohort_options
 @handle_errors
 @click.pass_context
 def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, thresholds: str,
-             channel: int | None, work_mpp: float | None, threads: int | None, quiet: bool,
-             **cohort: object) -> None:
+             channel: int | None, work_mpp: float | None, threads: int | None, **cohort: object) -> None:
     """Morphology features (µm, µm²) of slide heatmaps (HEATMAP_DIR with heatmap.zarr) to a CSV.
 
     With --manifest or any cohort option (--jobs, --engine, --shard, ...), runs as a cohort over the
@@ -62,13 +58,13 @@ def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, threshol
     outputs_folder = any(Path(h).is_dir() and not (Path(h) / "heatmap.zarr").is_dir()
                          and not str(h).rstrip("/").endswith(".zarr") for h in heatmaps)
     if outputs_folder or is_cohort(ctx, [], cohort.get("manifest") or ()):
-        return run_cohort_cli(ctx, "features", [str(h) for h in heatmaps], str(out), quiet or quiet_flag(ctx),
+        return run_cohort_cli(ctx, "features", [str(h) for h in heatmaps], str(out), quiet_flag(ctx),
                               dict(thresholds=ths, channel=channel, work_mpp=work_mpp))
 
     if threads is not None:  # else the libraries keep their own defaults
         configure_threads(threads)
     rows = features_table(heatmaps, out=out, thresholds=ths, channel=channel, work_mpp=work_mpp,
-                        progress=not (quiet or quiet_flag(ctx)))
+                        progress=not quiet_flag(ctx))
     click.echo(f"{len(rows)} heatmaps, {len(rows[0]) if rows else 0} columns -> {out}")
 
 

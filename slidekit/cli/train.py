@@ -7,37 +7,27 @@ import click
 
 import trainers
 from slidekit.base.resources import configure_threads
-from slidekit.cli.common import device_option, handle_errors, quiet_flag, quiet_option, stain_options, threads_option
+from slidekit.cli.common import (device_option, handle_errors, option, quiet_flag, quiet_option, stain_options,
+                                 threads_option)
 from trainers.catalog import list_trainers
 from trainers.describe import show_config as render_config
 
 
 @click.command()
 @click.argument("name", required=False)
-@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Trainer config (YAML or JSON).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory (checkpoint.pt, metrics.csv, ...). Rerunning resumes or continues.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config option (repeatable).")
-@click.option("--init", default=None,
-              help="Encoder weights: a slidekit checkpoint, a torchvision ResNet .pth, or timm:NAME with --weights.")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=str),
-              help="Local weights file (.safetensors/.pth) for --init timm:NAME (never downloaded).")
+@option("config")
+@option("out", type=click.Path(file_okay=False, path_type=Path), default=None,
+        detail="directory (checkpoint.pt, metrics.csv, ...). Rerunning resumes or continues.")
+@option("set")
+@option("init")
+@option("weights", detail="With --init timm:NAME.")
 @stain_options(norm_help="Stain-normalise every training batch to --stain-ref (recorded in the checkpoint, so "
                           "heatmap/embed apply it too); same as --set stain_norm=...")
-@click.option("--stain-aug", type=click.Choice(["none", "hed", "randstainna"]), default=None,
-              help="Stain augmentation while training (HED jitter or RandStainNA); same as --set stain_aug=...")
-@click.option("--restart", is_flag=True,
-              help="Delete the training outputs already in --out and train from scratch (a rerun otherwise "
-                   "resumes, continues to a larger epochs, or refuses a different config).")
-@click.option("--list", "list_only", is_flag=True,
-              help="List the available trainers (plug-ins included), one line each, and exit.")
-@click.option("--show-config", is_flag=True,
-              help="Print every option of trainer NAME (type, default, help) as a complete YAML config, and exit.")
-@click.option("--nproc", type=click.IntRange(min=1), default=None,
-              help="Train on N local ranks (torch.distributed through torch's elastic launcher; one per GPU "
-                   "on CUDA, gloo on CPU); batch_size stays the global batch. See docs/distributed_training.md.")
+@option("stain_aug")
+@option("restart")
+@option("list")
+@option("show_config")
+@option("nproc")
 @device_option
 @threads_option
 @quiet_option
@@ -45,8 +35,7 @@ from trainers.describe import show_config as render_config
 @click.pass_context
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
           overrides: tuple[str, ...], init: str | None, weights: str | None,
-          restart: bool, list_only: bool, device: str,
-          quiet: bool, show_config: bool = False, threads: int | None = None, nproc: int | None = None,
+          restart: bool, list_only: bool, device: str, show_config: bool = False, threads: int | None = None, nproc: int | None = None,
           stain_norm: str | None = None, stain_ref: str | None = None, stain_aug: str | None = None) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     if list_only or name is None:
@@ -62,7 +51,7 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
 
         if restart:
             trainers.restart_run(out, trainers.get(name))
-        launch(nproc, _rank_args(ctx, quiet or quiet_flag(ctx)))  # rank 0 prints the checkpoint
+        launch(nproc, _rank_args(ctx, quiet_flag(ctx)))  # rank 0 prints the checkpoint
         return
     from slidekit.models.weights import init_overrides
 
@@ -78,7 +67,7 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
 
     with peer_lost():  # a launched rank whose peer died ends quietly: the launcher says which rank and why
         ckpt = trainers.train(name, config, out, overrides=items, device=device,
-                              progress=not (quiet or quiet_flag(ctx)), restart=restart)
+                              progress=not quiet_flag(ctx), restart=restart)
 
     if is_main():  # one line for a job of several ranks
         click.echo(str(ckpt))

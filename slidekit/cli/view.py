@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import click
 
-from slidekit.cli.common import backend_option, handle_errors, quiet_flag
+from slidekit.cli.common import backend_option, handle_errors, option, quiet_flag, quiet_option
 
 
 @click.command("view")
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="Port to serve on (0: any free port).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind. Anything but loopback lets other machines see the slides (warned).")
-@click.option("--open-slides", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Slides kept open at once (least recently viewed closed first).")
-@click.option("--slide", "slide", type=click.Path(path_type=str), default=None,
-              help="The slide of a per-slide output folder that does not record it (e.g. from mil-attention), or "
-                   "that has moved [default: the one the folder records].")
-@backend_option
+@option("port")
+@option("host")
+@option("open_slides")
+@option("slide", detail="that of a per-slide output folder that does not record it (e.g. from mil-attention), or "
+                        "that has moved [default: the one the folder records].")
+@backend_option  # serve() reads each slide's own MPP: it takes no --slide-mpp/--override-mpp
+@quiet_option
 @click.pass_context
 @handle_errors
 def view_cmd(ctx: click.Context, path: str, port: int, host: str, open_slides: int, backend: str | None,
