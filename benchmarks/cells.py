@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import cv2
-
 import numpy as np
 import torch
 from PIL import Image
@@ -157,9 +156,11 @@ def synthetic_runs(sizes: list[int], texture: np.ndarray, tmp: Path) -> dict:
     for size in sizes:
         t = time.time()
         slide = write_synthetic(tmp / f"synthetic_{size}.tif", size, texture)
-        print(f"synthetic {size}^2 written in {time.time() - t:.0f} s ({slide.stat().st_size / 2**20:.0f} MiB)", flush=True)
+        print(f"synthetic {size}^2 written in {time.time() - t:.0f} s ({slide.stat().st_size / 2**20:.0f} MiB)",
+              flush=True)
         res = tmp / f"synthetic_{size}.json"
-        subprocess.run([sys.executable, __file__, "--json", str(res), "--child", str(slide), str(tmp / f"cells_{size}"), str(res)],
+        subprocess.run([sys.executable, __file__, "--json", str(res), "--child", str(slide), str(tmp / f"cells_{size}"),
+                        str(res)],
                        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         out[str(size)] = json.loads(res.read_text())
         print(size, out[str(size)], flush=True)
@@ -199,7 +200,8 @@ def main() -> None:
                 prob = spec.activate(net(x)).numpy()[0, -1]
             whole = split_instances(prob, args.threshold, max(1, round(2.0 / MPP)), max(1, round(10.0 / MPP ** 2)))
             rows.append({"image": img.stem, "nuclei": s["nuclei"], "whole_image_nuclei": int(len(np.unique(whole)) - 1),
-                         "seam_object_dice": float(object_dice(tiled, whole)), "object_dice": float(object_dice(tiled, gt)),
+                         "seam_object_dice": float(object_dice(tiled, whole)),
+                         "object_dice": float(object_dice(tiled, gt)),
                          "aji": aji(tiled, gt)})
             print(rows[-1], flush=True)
         texture = np.asarray(Image.open(sorted((root / "images").glob("*.png"))[0]).convert("RGB"))

@@ -151,7 +151,8 @@ def child(mode: str, manifest: str, out: str) -> None:
     table = run_cohort("heatmap", [manifest], out, engine=engine, jobs=jobs, progress=False,
                        model="hematoxylin", workers=0)
     t1 = time.time()
-    print(json.dumps({"t0": t0, "t1": t1, "counts": table.counts, "failed": [r for r in table if r["status"] != "done"]}))
+    print(json.dumps({"t0": t0, "t1": t1, "counts": table.counts,
+                      "failed": [r for r in table if r["status"] != "done"]}))
 
 
 def analyse(out: Path, t0: float, t1: float, jobs: int, n_slides: int) -> dict:
@@ -188,7 +189,8 @@ def analyse(out: Path, t0: float, t1: float, jobs: int, n_slides: int) -> dict:
             "peak_rss_ratio": round(last["peak_rss_mb"] / first["peak_rss_mb"], 3),
             # glibc raises its mmap threshold after the first large free, so the peak steps up
             # once during the second slide; growth after that is last / second.
-            "peak_rss_ratio_vs_second": round(last["peak_rss_mb"] / ends[1]["peak_rss_mb"], 3) if len(ends) > 1 else None,
+            "peak_rss_ratio_vs_second": (round(last["peak_rss_mb"] / ends[1]["peak_rss_mb"], 3)
+                                         if len(ends) > 1 else None),
         }
     overhead_total = wall - compute / jobs
     parts = {k: v / jobs for k, v in parts.items()}

@@ -4,8 +4,9 @@ the GPU decode path and the CPU decode path, plus nvJPEG's verdict on the damage
     python benchmarks/gpu_check.py --json OUT [--size 40000] [--max-tiles 20000]
 
 The synthetic slide is built once (``slide_build_s``); each model runs ``benchmarks/gpu_heatmap.py``
-(the Predictor loop behind ``slidekit heatmap``) on it in its own process: patches/s model-only and end to end, the stage split, GPU utilisation, the
-decode path taken and why, the CPU-decode comparison run and peak GPU memory. ``nvjpeg`` decodes,
+(the Predictor loop behind ``slidekit heatmap``) on it in its own process: patches/s model-only and end to end,
+the stage split, GPU utilisation, the decode path taken and why, the CPU-decode comparison run and peak GPU
+memory. ``nvjpeg`` decodes,
 for seeded damaged and sound stored tiles, each stream and the two variants of
 ``tiffio.jpeg_scan_variants`` on the GPU and says whether the GPU check agrees with the CPU's
 strict decode, and what the check costs there: nvJPEG milliseconds per tile for the streams alone
@@ -31,9 +32,8 @@ def nvjpeg_verdict(path: Path, n: int = 200, seed: int = 0) -> dict:
     """How the GPU damage check (nvJPEG decodes of each stream and its two variants) judges
     ``n`` seeded damaged tiles and ``n`` sound ones, against the CPU's strict decode."""
     import torch
-    from torchvision.io import decode_jpeg
-
     from tiling import damage  # benchmarks/tiling.py: the same seeded damages
+    from torchvision.io import decode_jpeg
 
     from slidekit.slides.tiffio import StoredTiles, jpeg_scan_variants, strict_decode
 

@@ -115,7 +115,8 @@ def main() -> None:
                       "split": format_split(timing2), "gpu": timing2["gpu"], "decode": decode2}
     results = {
         "slide": (f"{args.slide} (--slide; built with --size {args.size})" if args.slide
-                  else f"synthetic {args.size}^2 JPEG q85, 224 px stored tiles"), "slide_build_s": None if build_s is None else round(build_s, 1),
+                  else f"synthetic {args.size}^2 JPEG q85, 224 px stored tiles"),
+        "slide_build_s": None if build_s is None else round(build_s, 1),
         "device": str(device), "cpus": available_cpus(), "workers": args.workers, "batch_size": args.batch_size,
         "tiles": n, "model_only_patches_per_s": round(model_rate, 1),
         "end_to_end_patches_per_s": round(n / wall, 1), "ratio_end_to_end_to_model": round(n / wall / model_rate, 3),

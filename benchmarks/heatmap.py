@@ -10,9 +10,9 @@
    (what ``slidekit heatmap`` does per tile). Same device, batch size and threads; model-only is
    the mean of a run before and one after the end-to-end run.
 2. Peak memory: ``slidekit heatmap`` (built-in ``hematoxylin``, heatmap at 1 µm/px) on pyramidal
-   TIFFs of 8,192² and 40,960² px at 0.25 µm/px with sparse tissue (five round blobs, ~4 % of the area, each with a haematoxylin-dense core),
-   run in a child process; the parent samples the memory of the child and its DataLoader workers
-   (the child's RSS plus each worker's private memory, so pages forked workers share count once)
+   TIFFs of 8,192² and 40,960² px at 0.25 µm/px with sparse tissue (five round blobs, ~4 % of the area, each
+   with a haematoxylin-dense core), run in a child process; the parent samples the memory of the child and its
+   DataLoader workers (the child's RSS plus each worker's private memory, so pages forked workers share count once)
    from /proc every 50 ms; the child also reports its own exact peak RSS (VmHWM).
 
 The 40,960² slide would need 5 GB of RAM to build with ``slidekit.slides.demo.write_pyramid`` (it takes

@@ -18,7 +18,8 @@ CPU budget (2 cores, no GPU, no ImageNet weights): images are halved (0.25 -> 0.
 ResNet18 U-Net (random init) trains on random 128-px crops, batch 8, ``--steps-per-epoch`` 20 x
 ``--epochs`` 24 (480 steps), AdamW 1e-3 with a cosine decay. S2L: warm-up 10 epochs, EMA of
 whole-image predictions every epoch from epoch 6, α 0.2, τ 0.8, λ 0.5. ``train_cpu_seconds`` is
-the process CPU time: the wall time on an otherwise idle machine at ``--threads 1``. Predictions are upsampled back to full resolution for scoring.
+the process CPU time: the wall time on an otherwise idle machine at ``--threads 1``. Predictions are upsampled back
+to full resolution for scoring.
 """
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ def make_slide(label: str, normal: list, tumour: list, lymphoid: list, rng: np.r
         lesions = [rng.uniform(lo, hi)]
         if label == "itc":
             lesions += list(rng.uniform(lo, hi, size=rng.integers(0, 3)))
-        for k, d_um in enumerate(lesions):
+        for d_um in lesions:
             for _ in range(50):
                 aspect = rng.uniform(0.55, 0.75) if label == "macro" else None
                 b = blob(d_um / SLIDE_MPP, rng, aspect, 0.35 if label == "macro" else np.pi)
@@ -511,7 +511,7 @@ def run(args: argparse.Namespace, work: Path, t_start: float, cpu_start: tuple[f
     sel = json.loads((em_dir / "selected.json").read_text())
     metrics = json.loads((em_dir / "metrics.json").read_text())
     print(f"mixed-em: {args.rounds} rounds in {t_em:.0f} s, selected round {sel['selected_round']} "
-          f"(stage-2 losses {[round(l, 4) for l in sel['losses']]})", flush=True)
+          f"(stage-2 losses {[round(loss, 4) for loss in sel['losses']]})", flush=True)
 
     # evaluate round 0 (pixel labels only) and the selected round on the held-out patients
     from slidekit.slidelevel.features import features_from_view, open_heatmap_view

@@ -132,7 +132,7 @@ def summarise(runs: Sequence[Mapping], seeds: Sequence[int], metrics: Sequence[s
 
 
 def run_seeds(main: Callable[[list[str]], object], argv: Sequence[str] | None, seeds: Sequence[int],
-              metrics: Sequence[str], pair: tuple[str, str] | None = None,
+              metrics: Sequence[str], *, pair: tuple[str, str] | None = None,
               variants: Mapping[str, Sequence[str]] | None = None, json_out: Path | None = None,
               seed_dirs: Sequence[str] = (), drop: Sequence[str] = (),
               pairs: Mapping[str, tuple[str, str]] | None = None) -> dict:

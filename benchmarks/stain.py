@@ -126,7 +126,7 @@ def time_normalizers(tiles: torch.Tensor, ref: np.ndarray, threads: int, reps: i
         out: dict = {"threads": threads, "tiles": int(tiles.shape[0]), "tile_px": int(tiles.shape[1]), "reps": reps}
         for method in ("macenko", "reinhard"):
             norm = StainNormalizer.fit(ref, method=method)
-            out[f"slidekit_{method}_images_per_s"] = round(_rate(lambda: norm(tiles), len(tiles), reps), 1)
+            out[f"slidekit_{method}_images_per_s"] = round(_rate(lambda norm=norm: norm(tiles), len(tiles), reps), 1)
             out[f"slidekit_{method}_unchanged_tiles"] = int(norm.unchanged_tiles)
         out.update(_time_torchstain(tiles, ref, reps))
     finally:

@@ -149,7 +149,9 @@ class TrainState:
 
 def _rng_state() -> dict:
     """RNG states as plain data (NumPy's key array as a tensor) so ``weights_only`` loading works."""
-    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state()  # legacy=True: always the tuple form
+    assert isinstance(state, tuple)
+    name, key, pos, has_gauss, gauss = state
     return {"python": random.getstate(),
             "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
@@ -192,7 +194,7 @@ def _divergence(model: nn.Module, metrics: dict[str, Any]) -> str | None:
 
 
 def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, spec: ModelSpec,
-               train_epoch: Callable[[int], dict[str, Any]], optimizer: torch.optim.Optimizer | None = None,
+               train_epoch: Callable[[int], dict[str, Any]], *, optimizer: torch.optim.Optimizer | None = None,
                scheduler: Any = None, epochs: int | None = None, progress: bool = True,
                get_extra: Callable[[], dict] | None = None,
                set_extra: Callable[[dict], None] | None = None, inputs: Any = None) -> Path:

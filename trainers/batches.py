@@ -59,7 +59,8 @@ class StainOptions(TrainerConfig):
     stain_norm: str = "none"  # stain normalisation of every input: none | macenko | reinhard (to stain_ref)
     stain_ref: str = ""  # stain reference: an image (PNG/JPEG/TIFF) or a JSON saved by StainNormalizer
     stain_aug: str = "none"  # stain augmentation while training: none | hed | randstainna
-    stain_aug_strength: float = 0.05  # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
+    # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
+    stain_aug_strength: float = 0.05
 
     def validate(self) -> None:
         super().validate()
@@ -79,7 +80,8 @@ class StainAugmentOptions(TrainerConfig):
     """Stain augmentation only (``simclr``: its views are not normalised)."""
 
     stain_aug: str = "none"  # stain augmentation of each view, before the colour jitter: none | hed | randstainna
-    stain_aug_strength: float = 0.05  # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
+    # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
+    stain_aug_strength: float = 0.05
 
     def validate(self) -> None:
         super().validate()
@@ -119,7 +121,7 @@ def sample_images(get: Callable[[int], Any], n: int, count: int = RANDSTAIN_FIT_
     """Up to ``count`` of ``n`` items ``get(i)`` (images or patches), chosen with a seeded draw, as
     (H, W, 3) uint8 arrays: the sample RandStainNA's statistics are fitted on."""
     rng = np.random.default_rng(seed)
-    idx = rng.choice(n, size=min(n, count), replace=False) if n else []
+    idx = rng.choice(n, size=min(n, count), replace=False) if n else np.empty(0, np.int64)
     return [_as_hwc_uint8(get(int(i))) for i in sorted(idx)]
 
 
@@ -239,8 +241,9 @@ def stage_metrics(timer: StageTimer, wall: float) -> dict[str, float]:
     if timer.seconds.get("stitch"):
         out["stitch"] = round(timer.seconds["stitch"], 4)
     out["samples_per_s"] = round(timer.tiles / wall, 3) if wall > 0 and timer.tiles else 0.0
-    if (timer.gpu or {}).get("mean_util") is not None:  # CUDA with nvidia-ml-py
-        out["gpu_util"] = timer.gpu["mean_util"]
+    gpu = timer.gpu or {}
+    if gpu.get("mean_util") is not None:  # CUDA with nvidia-ml-py
+        out["gpu_util"] = gpu["mean_util"]
     return out
 
 
@@ -252,15 +255,17 @@ class RunTiming:
     """The stage seconds of a whole run (its epochs added up) and its one-line split."""
 
     def __init__(self) -> None:
-        self.timer, self.train_seconds, self.gpu_busy = StageTimer(), 0.0, []
+        self.timer, self.train_seconds = StageTimer(), 0.0
+        self.gpu_busy: list[tuple[float, float]] = []
 
     def add_epoch(self, timer: StageTimer, seconds: float) -> None:
         for k, v in timer.seconds.items():
             self.timer.add(k, v)
         self.timer.tiles += timer.tiles
         self.train_seconds += seconds
-        if (timer.gpu or {}).get("mean_util") is not None:
-            self.gpu_busy.append((timer.gpu["mean_util"], seconds))
+        gpu = timer.gpu or {}
+        if gpu.get("mean_util") is not None:
+            self.gpu_busy.append((gpu["mean_util"], seconds))
 
     def line(self, ranks: int = 1) -> str:
         """``read 3% · transfer 2% · model 90% · write 5% · 52.1 samples/s`` (empty: nothing timed);

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from trainers.registry import BUILTIN_MODULES, ENTRY_POINT_GROUP, available, get
+from trainers.registry import BUILTIN_MODULES, ENTRY_POINT_GROUP, Trainer, available, get
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,11 @@ def _registered_classes(module: str) -> list[TrainerEntry] | None:
         if not any(isinstance(d, ast.Name) and d.id == "register" for d in node.decorator_list):
             continue
         attrs = _literal_attrs(node)
-        if not isinstance(attrs.get("name"), str) or not isinstance(attrs.get("consumes"), (set, frozenset)):
+        name, consumes = attrs.get("name"), attrs.get("consumes")
+        if not isinstance(name, str) or not isinstance(consumes, (set, frozenset)):
             return None
         doc = (ast.get_docstring(node) or "").strip()
-        entries.append(TrainerEntry(attrs["name"], doc.splitlines()[0] if doc else "",
-                                    frozenset(attrs["consumes"]), module))
+        entries.append(TrainerEntry(name, doc.splitlines()[0] if doc else "", frozenset(consumes), module))
     return entries
 
 
@@ -75,7 +75,7 @@ def _imported(module: str) -> list[TrainerEntry]:
     return [entry_of(get(name)) for name in available() if get(name).__module__ == module]
 
 
-def entry_of(cls: type) -> TrainerEntry:
+def entry_of(cls: type[Trainer]) -> TrainerEntry:
     """The catalogue entry of an imported trainer class."""
     doc = (cls.__doc__ or "").strip()
     return TrainerEntry(cls.name, doc.splitlines()[0] if doc else "", frozenset(cls.consumes), cls.__module__,

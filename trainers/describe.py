@@ -127,8 +127,8 @@ def config_options(name: str) -> list[dict]:
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
             default = None
         help_ = (f.metadata.get("help") or comments.get(f.name) or COMMON_HELP.get(f.name)

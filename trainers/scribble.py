@@ -216,12 +216,13 @@ class SegmentationTrainer(Trainer):
                                             crop=cfg.crop, samples_per_image=cfg.samples_per_image,
                                             transform=aug, ignore=cfg.ignore_index)
         label_dir = Path(cfg.data) / cfg.labels
+        assert ds.masks is not None  # from_folder read the label images
         bad = [i for i, m in enumerate(ds.masks)
                if ((m != cfg.ignore_index) & ((m < 0) | (m >= len(cfg.classes)))).any()]
         if bad:
             raise ConfigError(f"label images {[ds.names[i] for i in bad[:3]]} hold values outside 0.."
                               f"{len(cfg.classes) - 1} and {cfg.ignore_index} (ignore)", label_dir)
-        present = set()
+        present: set[int] = set()
         for m in ds.masks:
             present.update(int(v) for v in torch.unique(m).tolist())
         missing = [f"{c!r} (index {i})" for i, c in enumerate(cfg.classes) if i not in present]
@@ -328,7 +329,10 @@ class SegmentationTrainer(Trainer):
                 logits = net(x)
                 terms = {"loss_sp": global_partial_cross_entropy(logits, target, cfg.ignore_index)}
                 terms.update(self.extra_loss(epoch, batch, logits))
-                loss = sum(terms.values())
+                values = list(terms.values())
+                loss = values[0]
+                for v in values[1:]:
+                    loss = loss + v
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -348,8 +352,8 @@ class SegmentationTrainer(Trainer):
             metrics.update(self.after_epoch(epoch))
             return metrics
 
-        return run_epochs(self, out_dir, model, self.spec, train_epoch, opt, sched, progress=progress,
-                          get_extra=self.get_extra, set_extra=self.set_extra, inputs=self.inputs)
+        return run_epochs(self, out_dir, model, self.spec, train_epoch, optimizer=opt, scheduler=sched,
+                          progress=progress, get_extra=self.get_extra, set_extra=self.set_extra, inputs=self.inputs)
 
     def _fit_sample(self) -> list:
         """The training images RandStainNA is fitted on: whole images of an image folder, else the

@@ -21,6 +21,7 @@ Example config (YAML)::
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,8 +41,18 @@ from trainers.base import Trainer, init_encoder, register, run_epochs, seed_ever
 from trainers.batches import BatchInputs, StainAugmentOptions, sample_images
 from trainers.config import check_option
 from trainers.runs import begin_run
-from trainers.simclr_core import (JITTER_PRESETS, LARS, AugmentConfig, AugmentOptions, HistologyAugment, ProjectionHead,
-                                  nt_xent_distributed, scaled_lr, split_decay_groups, warmup_cosine)
+from trainers.simclr_core import (
+    JITTER_PRESETS,
+    LARS,
+    AugmentConfig,
+    AugmentOptions,
+    HistologyAugment,
+    ProjectionHead,
+    nt_xent_distributed,
+    scaled_lr,
+    split_decay_groups,
+    warmup_cosine,
+)
 from trainers.simclr_data import PatchPool, build_sources
 
 DEFAULT_LR = {"lars": (0.3, "linear"), "adam": (1e-3, "none")}
@@ -137,12 +148,13 @@ def encoder_spec(cfg: SimCLRConfig) -> ModelSpec:
     gave better linear evaluation than whole patches shrunk to ``crop_size``).
     """
     return ModelSpec(arch="resnet-encoder", backbone=cfg.backbone, task="embedding", classes=[],
-                     patch_size=cfg.tile_size, mpp=cfg.mpp, mean=tuple(cfg.mean), std=tuple(cfg.std),
+                     patch_size=cfg.tile_size, mpp=cfg.mpp, mean=cfg.mean, std=cfg.std,
                      activation="none")
 
 
 def make_optimizer(params: nn.Module, cfg: SimCLRConfig) -> torch.optim.Optimizer:
     """LARS (weights adapted and decayed; biases and norm parameters neither) or AdamW."""
+    assert cfg.lr is not None  # SimCLRConfig.__post_init__ set the optimiser's default
     lr = scaled_lr(float(cfg.lr), cfg.batch_size, str(cfg.lr_scaling))
     groups = split_decay_groups(params)
     if cfg.optimizer == "lars":
@@ -156,7 +168,7 @@ def make_optimizer(params: nn.Module, cfg: SimCLRConfig) -> torch.optim.Optimize
 class _Net(nn.Module):
     """Encoder + projection head as one module, so one DDP wrapper synchronises both."""
 
-    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+    def __init__(self, model: ResNetClassifier, head: nn.Module) -> None:
         super().__init__()
         self.model, self.head = model, head
 
@@ -172,7 +184,7 @@ class SimCLRTrainer(Trainer):
     consumes = frozenset({"images"})
     Config = SimCLRConfig
 
-    def fit(self, out_dir: str | Path, device: str = "auto", progress: bool = True) -> Path:
+    def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
         cfg: SimCLRConfig = self.config
         out = Path(out_dir)
         dev = dist.init_from_env(resolve_device(device))

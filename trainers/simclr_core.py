@@ -232,8 +232,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Te
 
 def split_decay_groups(model: nn.Module) -> list[dict]:
     """Two parameter groups: weights (adapted, decayed) and biases/normalisation (neither)."""
-    adapt, plain = [], []
-    for name, p in model.named_parameters():
+    adapt: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (plain if p.ndim <= 1 else adapt).append(p)  # biases, BN/GN/LN scales and shifts are 1-D

@@ -33,8 +33,16 @@ from shapely.geometry import LineString, MultiPoint, Point, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 
 from slidekit.annotations.geometry import bounds_geometry, clip_annotations
-from slidekit.annotations.objects import (KINDS, Annotation, Notes, as_text, clean_geometry, feature_out, parse_hex,
-                                          parse_rgb)
+from slidekit.annotations.objects import (
+    KINDS,
+    Annotation,
+    Notes,
+    as_text,
+    clean_geometry,
+    feature_out,
+    parse_hex,
+    parse_rgb,
+)
 from slidekit.base.errors import AnnotationError
 from slidekit.base.io import atomic_path
 
@@ -62,7 +70,8 @@ def write_geojson(annotations: Iterable[Annotation], path: str | os.PathLike, bo
     for what cannot be written (non-finite coordinates, a class name that is not a string...).
     """
     path = Path(path)
-    notes, counts = Notes(), {}
+    notes = Notes()
+    counts: dict[str, int] = {}
     items = annotations if bounds is None else clip_annotations(annotations, bounds, counts)
     opener = gzip.open if path.suffix == ".gz" else open
     n = 0
@@ -240,10 +249,11 @@ def _feature(f: Any, where: str, notes: Notes) -> Annotation | None:
     if not isinstance(props, dict):
         raise ValueError(f"{where}: 'properties' is not an object")
     fid = f.get("id")
-    legacy = isinstance(fid, str) and fid in _LEGACY_IDS
+    legacy_kind = _LEGACY_IDS.get(fid) if isinstance(fid, str) else None
+    legacy = legacy_kind is not None
     kind = props.get("objectType")
     if kind is None and legacy:
-        kind = _LEGACY_IDS[fid]
+        kind = legacy_kind
     if kind is None and props.get("type") in KINDS:  # some non-QuPath writers
         kind = props["type"]
     kind = kind if isinstance(kind, str) and kind in KINDS else "annotation"
@@ -349,10 +359,10 @@ def _read_asap(root: ET.Element, notes: Notes) -> list[Annotation]:
     for i, a in enumerate(root.iter("Annotation")):
         where = f"annotation {i} ({a.get('Name')})"
         kind = (a.get("Type") or "Polygon")
-        coords = []
+        coords: list[tuple[float, float, float]] = []
         for c in a.iter("Coordinate"):
-            try:
-                coords.append((float(c.get("Order", len(coords))), float(c.get("X")), float(c.get("Y"))))
+            try:  # a missing X/Y is "": ValueError
+                coords.append((float(c.get("Order", len(coords))), float(c.get("X", "")), float(c.get("Y", ""))))
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: coordinate without numeric X/Y") from None
         coords.sort(key=lambda t: t[0])
@@ -407,7 +417,7 @@ def _read_imagescope(root: ET.Element, notes: Notes) -> list[Annotation]:
         for region in layer.iter("Region"):
             where = f"region {region.get('Id')}"
             try:
-                pts = [(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")]
+                pts = [(float(v.get("X", "")), float(v.get("Y", ""))) for v in region.iter("Vertex")]
             except (TypeError, ValueError):
                 raise ValueError(f"{where}: vertex without numeric X/Y") from None
             pts = _finite(pts, where)

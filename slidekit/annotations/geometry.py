@@ -195,7 +195,7 @@ def clip_annotations(annotations: Iterable[Annotation], bounds: Any,
 # Rasterising
 
 
-def rasterize(annotations: Iterable[Annotation], box: tuple[float, float, float, float], mpp: float,
+def rasterize(annotations: Iterable[Annotation], box: tuple[float, float, float, float], mpp: float, *,
               labels: Mapping[str | None, int] | None = None, slide_mpp: float | tuple[float, float] | None = None,
               fill: int = 0, line_width_um: float = 4.0, point_radius_um: float | None = None,
               dtype: Any = None, fill_rule: str = "nonzero") -> np.ndarray:
@@ -216,7 +216,12 @@ def rasterize(annotations: Iterable[Annotation], box: tuple[float, float, float,
     """
     _check_rule(fill_rule)
     x0, y0, bw, bh = (float(v) for v in box)
-    smx, smy = (mpp, mpp) if slide_mpp is None else ((slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp)
+    if slide_mpp is None:
+        smx, smy = mpp, mpp
+    elif isinstance(slide_mpp, (tuple, list, np.ndarray)):
+        smx, smy = slide_mpp
+    else:
+        smx = smy = slide_mpp
     sx, sy = mpp / smx, mpp / smy  # level-0 px per output px
     W, H = max(1, round(bw / sx)), max(1, round(bh / sy))
     values = [fill] + (list(labels.values()) if labels else [1])
@@ -254,7 +259,7 @@ def rasterize(annotations: Iterable[Annotation], box: tuple[float, float, float,
         value = 1 if key is ... else labels[key]  # type: ignore[index]
         for ann in anns:
             if key is ... or ann.label == key:
-                _paint(out, ann.geometry, value, x0, y0, sx, sy, width_px, radius_px, fill_rule)
+                _paint(out, ann.geometry, value, (x0, y0, sx, sy), width_px, radius_px, fill_rule)
     return out
 
 
@@ -281,13 +286,16 @@ def _to_px(coords: Any, x0: float, y0: float, sx: float, sy: float) -> np.ndarra
     return np.rint(px * (1 << _SHIFT)).astype(np.int32)
 
 
-def _paint(out: np.ndarray, g: BaseGeometry, value: int, x0: float, y0: float, sx: float, sy: float,
+def _paint(out: np.ndarray, g: BaseGeometry, value: int, xform: tuple[float, float, float, float],
            width_px: int, radius_px: int, rule: str) -> None:
+    """Paint ``g`` into ``out``; ``xform`` is ``(x0, y0, sx, sy)``: pixel (r, c) covers level-0
+    ``[x0 + c sx, x0 + (c+1) sx) x [y0 + r sy, ...)``."""
     gt = g.geom_type
     if gt in ("MultiPolygon", "MultiLineString", "MultiPoint", "GeometryCollection"):
         for part in g.geoms:
-            _paint(out, part, value, x0, y0, sx, sy, width_px, radius_px, rule)
+            _paint(out, part, value, xform, width_px, radius_px, rule)
         return
+    x0, y0, sx, sy = xform
     H, W = out.shape
     if gt == "Polygon":
         if g.is_empty:

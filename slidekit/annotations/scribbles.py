@@ -85,7 +85,7 @@ def generate_scribbles(instances: np.ndarray, fraction: float = 1.0,
 
     boxes = ndi.find_objects(inst.astype(np.int64, copy=False))
     ids = [i + 1 for i, b in enumerate(boxes) if b is not None]
-    keep = rng.choice(ids, size=_n_keep(len(ids), fraction), replace=False) if ids else []
+    keep = rng.choice(ids, size=_n_keep(len(ids), fraction), replace=False) if ids else np.empty(0, np.int64)
     fg_lines = np.zeros(inst.shape, bool)
     for obj in keep:
         box = boxes[obj - 1]

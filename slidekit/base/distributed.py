@@ -26,6 +26,7 @@ import os
 import pickle
 import signal
 import sys
+from collections.abc import Sized
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -143,7 +144,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     """``obj`` of rank ``src`` on every rank."""
     if not is_distributed():
         return obj
-    box = [obj if rank() == src else None]
+    box: list[Any] = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
@@ -233,14 +234,14 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
         ctx.n = t.shape[0]
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         r = dist.get_rank()
@@ -275,14 +276,14 @@ class ShardedSampler(Sampler[int]):
     @property
     def dropped(self) -> int:
         """Draws of each epoch that no rank sees (fewer than ``world``)."""
-        return len(self.sampler) % self.world
+        return _length(self.sampler) % self.world
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.world
+        return _length(self.sampler) // self.world
 
     def __iter__(self) -> Iterator[int]:
         idx = list(self.sampler)
@@ -307,13 +308,20 @@ class ShardedBatchSampler(Sampler[list[int]]):
             self.batch_sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)
+        return _length(self.batch_sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batch_sampler:
             if len(batch) % self.world:
                 raise ConfigError(f"a global batch of {len(batch)} does not split over {self.world} ranks")
             yield list(batch)[self.rank::self.world]
+
+
+def _length(sampler: Sampler) -> int:
+    """``len(sampler)``: torch's ``Sampler`` does not declare ``__len__``; the samplers sharded here have it."""
+    if not isinstance(sampler, Sized):
+        raise TypeError(f"{type(sampler).__name__} has no len(): a sharded sampler needs a fixed length")
+    return len(sampler)
 
 
 def shard(sampler: Sampler, batches: bool = False) -> Sampler:
@@ -328,7 +336,7 @@ def shard(sampler: Sampler, batches: bool = False) -> Sampler:
         import warnings
 
 
-        warnings.warn(TrainingWarning(f"an epoch of {len(sampler)} draws does not split evenly over {world_size()} "
+        warnings.warn(TrainingWarning(f"an epoch of {_length(sampler)} draws does not split evenly over {world_size()} "
                                       f"ranks: the last {sharded.dropped} draw(s) of each epoch are left out"),
                       stacklevel=2)
     return sharded
@@ -338,13 +346,13 @@ def shard(sampler: Sampler, batches: bool = False) -> Sampler:
 
 class _AllReduceWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
         return t
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
@@ -375,7 +383,8 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = stats[:c] / n
         # two passes (mean, then squared deviations): E[x²] − E[x]² cancels badly in float32
         var = _AllReduceWithGrad.apply(((x - mean.view(shape)) ** 2).sum(dims)) / n
-        if self.track_running_stats and self.running_mean is not None:
+        if (self.track_running_stats and self.running_mean is not None and self.running_var is not None
+                and self.num_batches_tracked is not None):
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)

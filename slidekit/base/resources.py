@@ -19,10 +19,10 @@ def _cgroup_cpu_limit() -> float | None:
     except (OSError, ValueError):
         pass
     try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        if quota > 0 and period > 0:
-            return quota / period
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
     except (OSError, ValueError):
         pass
     return None
@@ -72,8 +72,8 @@ def configure_threads(threads: int | None = None, workers: int = 0, environ: boo
     ``threads`` CPUs in all (default: the last explicit budget, else ``available_cpus()``): each of
     ``workers`` DataLoader workers gets one (``worker_threads``), the main process the rest (at
     least one) for torch's intra-op pool and OpenCV. Without ``threads``, a user's
-    ``OMP_NUM_THREADS`` caps the main process's count (it is never raised past it). ``environ`` also sets OMP/MKL/OpenBLAS
-    variables for processes started later. torch's default (every core, whatever the affinity or
+    ``OMP_NUM_THREADS`` caps the main process's count (it is never raised past it). ``environ`` also sets
+    OMP/MKL/OpenBLAS variables for processes started later. torch's default (every core, whatever the affinity or
     quota) plus busy workers oversubscribes a shared or Slurm-limited machine.
     """
     global _BUDGET

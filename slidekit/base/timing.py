@@ -188,8 +188,10 @@ class GPUSampler:
             index = dev.index if dev.index is not None else torch.cuda.current_device()
             # NVML counts every GPU; CUDA_VISIBLE_DEVICES renumbers them: match by PCI bus id.
             props = torch.cuda.get_device_properties(index)
-            if all(hasattr(props, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
-                bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+            # older torch builds lack the PCI fields (and their stubs do not declare them)
+            pci = [getattr(props, a, None) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")]
+            if None not in pci:
+                bus = f"{pci[0]:08X}:{pci[1]:02X}:{pci[2]:02X}.0"
                 return pynvml.nvmlDeviceGetHandleByPciBusId(bus)
             return pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception as e:  # no driver, no permission ...

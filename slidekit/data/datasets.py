@@ -147,7 +147,8 @@ def load_image_folder(root: str | os.PathLike, images: str = "images", masks: st
     names = list(names) if names is not None else list_images(root / images)
     if not names:
         raise LabelError("no images found", root / images)
-    imgs, msks = [], [] if masks else None
+    imgs: list[np.ndarray] = []
+    msks: list[np.ndarray] = []
     for name in names:
         ipath = _find(root / images, name)
         if ipath is None:
@@ -165,7 +166,7 @@ def load_image_folder(root: str | os.PathLike, images: str = "images", masks: st
             elif mask_kind not in ("labels", "instances"):
                 raise ValueError(f"unknown mask_kind {mask_kind!r}")
             msks.append(_resize(m, shape, nearest=True))
-    return names, imgs, msks
+    return names, imgs, (msks if masks else None)
 
 
 class ImageFolderDataset(Dataset):
@@ -178,6 +179,8 @@ class ImageFolderDataset(Dataset):
     that worker processes see in-place updates) are cropped and augmented with the image and
     returned as ``map:NAME``; padding there is NaN.
     """
+
+    names: list[str]  # the images' file stems; set by from_folder
 
     def __init__(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray] | None = None,
                  crop: int | None = None, samples_per_image: int = 1, transform: Callable | None = None,
@@ -254,7 +257,8 @@ class SlidePatchDataset(Dataset):
     def __init__(self, slide: Any, grid: Any, annotations: Sequence[Any] | None = None,
                  labels: dict[str | None, int] | None = None, tile_labels: Sequence[int] | None = None,
                  line_width_um: float = 4.0, transform: Callable | None = None, ignore: int = IGNORE) -> None:
-        self.slide = slide if isinstance(slide, Slide) else open_slide(slide, override_mpp=grid.slide_mpp)  # the grid's MPP
+        # the grid's MPP
+        self.slide = slide if isinstance(slide, Slide) else open_slide(slide, override_mpp=grid.slide_mpp)
         self.grid = grid
         self.annotations = list(annotations) if annotations is not None else None
         if self.annotations is not None and labels is None:
@@ -266,7 +270,7 @@ class SlidePatchDataset(Dataset):
         self.line_width_um = line_width_um
         self.transform = transform
         self.ignore = ignore
-        self._reader = None
+        self._reader: TileReader | None = None
 
     @classmethod
     def from_annotations(cls, slide_path: str | os.PathLike, annotation_path: str | os.PathLike,
@@ -283,6 +287,7 @@ class SlidePatchDataset(Dataset):
         slide = open_slide(slide_path, mpp=slide_mpp)
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=None, min_tissue=0)
         if only_annotated:
+            assert slide.mpp is not None  # open_slide requires one
             pad = kwargs.get("line_width_um", 4.0) / min(slide.mpp)
             tree = STRtree([a.geometry.buffer(pad) if a.geometry.geom_type in ("LineString", "Point",
                                                                                  "MultiLineString") else a.geometry

@@ -85,7 +85,7 @@ class PerSlideCapSampler(_Seeded):
 class WeightedSampler(_Seeded):
     """``num_samples`` draws with replacement, index ``i`` with probability ∝ ``weights[i]``."""
 
-    def __init__(self, weights: Sequence[float], num_samples: int | None = None, seed: int = 0) -> None:
+    def __init__(self, weights: Sequence[float] | np.ndarray, num_samples: int | None = None, seed: int = 0) -> None:
         super().__init__(seed)
         w = np.asarray(weights, dtype=np.float64)
         if w.ndim != 1 or len(w) == 0 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from slidekit.base.errors import CorruptTileError
-from slidekit.regions.tiling import TileReader
+from slidekit.regions.tiling import TileReader, _NativeTiles
 from slidekit.slides.tiffio import JPEG_RAN_OUT, JPEG_STOPPED_EARLY, jpeg_scan_variants
 
 # Mean absolute difference (0-255) allowed between the GPU and CPU decodes of the check tile.
@@ -62,7 +62,7 @@ def decode_path(reader: TileReader, device: Any) -> tuple[str, str]:
 
 def jpeg_stream(reader: TileReader, i: int) -> bytes:
     """Grid tile ``i``'s stored JPEG as a complete stream (the TIFF's JPEG tables spliced in)."""
-    return _complete_stream(reader.native.stored, _stored_index(reader, i))
+    return _complete_stream(_native(reader).stored, _stored_index(reader, i))
 
 
 def _complete_stream(stored: Any, index: int) -> bytes:
@@ -73,16 +73,24 @@ def _complete_stream(stored: Any, index: int) -> bytes:
     return data
 
 
+def _native(reader: TileReader) -> _NativeTiles:
+    """``reader``'s stored-tile view; only readers ``decode_path`` sends to the GPU get here."""
+    native = reader.native
+    if native is None:
+        raise ValueError("the grid does not read stored tiles directly: no GPU decode path")
+    return native
+
+
 def _level_origin(reader: TileReader, i: int) -> tuple[int, int]:
     """Grid tile ``i``'s top-left corner in pixels of the level the fast path reads."""
-    native = reader.native
+    native = _native(reader)
     x, y = (int(v) for v in reader.grid.coords[i])
     return round(x / native.downsample), round(y / native.downsample)
 
 
 def _stored_index(reader: TileReader, i: int) -> int:
     """The stored tile that grid tile ``i`` is (aligned grid: one stored tile per grid tile)."""
-    native = reader.native
+    native = _native(reader)
     lx, ly = _level_origin(reader, i)
     return native.stored.index(lx // native.tile_w, ly // native.tile_h)
 
@@ -106,8 +114,8 @@ class BatchDecoder:
             got, tiles = self._gpu.decode(StreamBatches(self.reader, idx, max(len(idx), 1))[0])
             self.path, self.why = self._gpu.path, self._gpu.why
             return got.numpy(), tiles
-        got, tiles = self.reader.read_batch(idx)
-        return got, torch.from_numpy(tiles).to(self.device)
+        read, cpu_tiles = self.reader.read_batch(idx)
+        return read, torch.from_numpy(cpu_tiles).to(self.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +136,9 @@ class StreamBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         idx = self.index[b * self.batch_size:(b + 1) * self.batch_size]
-        parts, problems = [], []
-        stored = self.reader.native.stored
+        parts: list[bytes] = []
+        problems: list[str | None] = []
+        stored = _native(self.reader).stored
         for i in idx:
             k = _stored_index(self.reader, int(i))
             if int(stored.counts[k]) == 0:  # never written: white
@@ -204,7 +213,7 @@ class StreamDecoder:
         if not keep.all():
             j = int(np.flatnonzero(~keep)[0])
             if self.reader.on_bad_tile != "skip":
-                native = self.reader.native
+                native = _native(self.reader)
                 x, y = (int(v) for v in self.reader.grid.coords[idx[j]])
                 raise CorruptTileError(f"damaged tile at level-0 ({x}, {y}), level {native.level}: {problems[j]}",
                                        self.reader.slide.path, location=(x, y), level=native.level)
@@ -225,7 +234,7 @@ class StreamDecoder:
 
 def _white_edges(reader: TileReader, keep: np.ndarray, tiles: torch.Tensor) -> torch.Tensor:
     """White past the image edge, as on the CPU path."""
-    native = reader.native
+    native = _native(reader)
     for j, i in enumerate(keep):
         lx, ly = _level_origin(reader, int(i))
         w, h = min(native.tile_w, native.level_w - lx), min(native.tile_h, native.level_h - ly)

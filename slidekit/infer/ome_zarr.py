@@ -60,7 +60,7 @@ def write_ome_zarr(values: Any, path: str | os.PathLike, mpp: float, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        opts = dict(dtype="float32", fill_value=np.nan)
+        opts: dict[str, Any] = dict(dtype="float32", fill_value=np.nan)
         shapes = [(C, H, W)]
         while max(shapes[-1][1:]) // 2 >= min_size:
             _, h, w = shapes[-1]
@@ -79,8 +79,8 @@ def write_ome_zarr(values: Any, path: str | os.PathLike, mpp: float, *,
                 half = _halve(np.asarray(prev[:, r0:r0 + band, :]))
                 nxt[:, r0 // 2:r0 // 2 + half.shape[1], :] = half
         ox, oy = origin_um
-        datasets = []
-        for i, s in enumerate(shapes):
+        datasets: list[dict[str, Any]] = []
+        for i in range(len(shapes)):
             ds = 2.0 ** i  # each pixel of level i covers 2^i x 2^i map pixels (odd edges padded)
             datasets.append({"path": str(i), "coordinateTransformations": [
                 {"type": "scale", "scale": [1.0, mpp * ds, mpp * ds]},

@@ -52,7 +52,7 @@ class TimmEncoder(nn.Module):
         return list(self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True))
 
 
-def _create_timm(name: str) -> nn.Module:
+def _create_timm(name: str) -> Any:  # a timm model: feature_info, forward_intermediates
     import timm
 
     if not timm.is_model(name):
@@ -65,7 +65,7 @@ def _create_timm(name: str) -> nn.Module:
         return timm.create_model(name, pretrained=False, num_classes=0)
 
 
-def make_encoder(backbone: str) -> nn.Module:
+def make_encoder(backbone: str) -> TimmEncoder | ResNetEncoder:
     """A randomly initialised encoder for a backbone name (``resnet*`` or ``timm:NAME``)."""
     if is_timm(backbone):
         return TimmEncoder(backbone)

@@ -14,6 +14,7 @@ GPU when one is used). Input is RGB in [0, 1] (mean 0, std 1), output is one map
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class Tissue(nn.Module):
         return F.avg_pool2d(y, self.stride) if self.stride > 1 else y
 
 
-BUILTINS = {
+BUILTINS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "hematoxylin": (Hematoxylin, dict(classes=["Hematoxylin"], colors=[(64, 64, 200)], mpp=0.5)),
     "tissue": (Tissue, dict(classes=["Tissue"], colors=[(80, 200, 120)], mpp=2.0)),
 }

@@ -97,11 +97,12 @@ def transfer_encoder(src: nn.Module | Checkpoint | str | os.PathLike, dst: nn.Mo
     if isinstance(src, (str, os.PathLike)):
         src = load_checkpoint(src)
     src_model = src.model if isinstance(src, Checkpoint) else src
-    if not hasattr(src_model, "encoder") or not hasattr(dst, "encoder"):
+    src_enc, dst_enc = getattr(src_model, "encoder", None), getattr(dst, "encoder", None)
+    if not isinstance(src_enc, nn.Module) or not isinstance(dst_enc, nn.Module):
         raise CheckpointError("both networks need an .encoder to transfer weights")
-    state = src_model.encoder.state_dict()
+    state = src_enc.state_dict()
     try:
-        dst.encoder.load_state_dict(state)
+        dst_enc.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"encoders differ (different backbones?): {str(e)[:200]}") from None
     return list(state)

@@ -47,6 +47,9 @@ WSINFER_SPEC_VERSION = "1.0"
 class _Standalone(nn.Module):
     """[0, 1] float RGB -> the checkpoint's activated outputs (normalisation inside)."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, spec: Any) -> None:
         super().__init__()
         self.model = model

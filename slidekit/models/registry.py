@@ -5,8 +5,8 @@
 keyword arguments (LayerScale ``init_values``, SwiGLU MLP, register tokens, patch size), input size
 and µm/px, mean/std, which tokens form the feature, the feature width, licence, where a user obtains
 the weights and the published parameter count, each figure with where it was read
-(``params_source``, ``licence_source``; "not verified" where it could not be checked). ``build_encoder(name)`` returns the network with
-random weights (``pretrained=False``; under ``torch.device("meta")`` nothing is allocated);
+(``params_source``, ``licence_source``; "not verified" where it could not be checked). ``build_encoder(name)``
+returns the network with random weights (``pretrained=False``; under ``torch.device("meta")`` nothing is allocated);
 ``load_registered_encoder`` loads a local weights file into it (``--encoder NAME --weights FILE``,
 or the file found under ``$SLIDEKIT_MODELS``). Nothing is ever downloaded.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,7 +112,8 @@ ENCODERS: dict[str, EncoderEntry] = {
                                   dim=1536, params=1_130_000_000, params_tolerance=0.01,
                                   params_source="tile encoder ViT-g/14 of about 1.13 B parameters (Prov-GigaPath, "
                                                 "Xu et al., Nature 2024, as summarised by bio.rodeo; not the card)",
-                                  licence="Apache-2.0 (gated)", licence_source="not verified here against the model card",
+                                  licence="Apache-2.0 (gated)",
+                                  licence_source="not verified here against the model card",
                                   source="https://huggingface.co/prov-gigapath/prov-gigapath"),
     "resnet18": EncoderEntry("resnet18", tokens="pooled", dim=512, params=11_176_512,
                              params_source="torchvision docs: num_params 11,689,512, less the 513,000 of the "
@@ -139,7 +141,8 @@ class FoundationEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, tokens: str, dim: int) -> None:
         super().__init__()
-        self.model, self.tokens, self.out_features = model, tokens, dim
+        self.model: Any = model  # a timm model: forward_features, num_prefix_tokens
+        self.tokens, self.out_features = tokens, dim
 
     @property
     def encoder(self) -> "FoundationEncoder":  # what embed reads .out_features from (not a submodule)
@@ -163,7 +166,7 @@ def _entry(name: str) -> EncoderEntry:
     return ENCODERS[name]
 
 
-def build_encoder(name: str, **overrides) -> nn.Module:
+def build_encoder(name: str, **overrides) -> ResNetClassifier | FoundationEncoder:
     """The named encoder with random weights (timm ``pretrained=False``; ResNets ``weights=None``).
 
     ``overrides`` change timm keyword arguments (e.g. ``depth=2`` for a small test variant).

@@ -98,8 +98,9 @@ class ModelSpec:
                            for c in self.colors)):
             raise CheckpointError(f"spec 'colors' must be one (R, G, B) of integers 0-255 per class, "
                                   f"got {self.colors!r}")
-        self.colors = [tuple(int(v) for v in c) for c in self.colors]
-        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        self.colors = [(int(c[0]), int(c[1]), int(c[2])) for c in self.colors]  # three each, checked above
+        self.mean = (float(self.mean[0]), float(self.mean[1]), float(self.mean[2]))
+        self.std = (float(self.std[0]), float(self.std[1]), float(self.std[2]))
         if not self.slidekit_version:
             self.slidekit_version = __version__
 

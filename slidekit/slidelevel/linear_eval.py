@@ -9,7 +9,7 @@ instead, for comparison.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +18,12 @@ from torch import nn
 from slidekit.base.errors import LabelError
 from slidekit.models.checkpoint import load_checkpoint
 from slidekit.models.networks import ResNetClassifier
+from slidekit.models.spec import ModelSpec
 
 
-def _as_model(model: nn.Module | str | os.PathLike) -> tuple[nn.Module, object | None]:
+def _as_model(model: Any) -> tuple[Any, ModelSpec | None]:
+    """(network, its spec or None) of a network, a loaded checkpoint or a checkpoint path; the network
+    is ``Any``: callers use the slidekit networks' ``.features`` and ``.encoder``."""
     if isinstance(model, (str, os.PathLike)):
         ckpt = load_checkpoint(model)
         return ckpt.model, ckpt.spec
@@ -104,7 +107,7 @@ def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, tes
 
 
 def linear_eval(model: nn.Module | str | os.PathLike, train_images: Sequence[np.ndarray],
-                train_labels: Sequence, test_images: Sequence[np.ndarray], test_labels: Sequence,
+                train_labels: Sequence, test_images: Sequence[np.ndarray], test_labels: Sequence, *,
                 size: int | None = None, C: float = 1.0, batch_size: int = 64,
                 device: str | torch.device = "cpu", **norm: Sequence[float]) -> dict:
     """Frozen-encoder linear evaluation: features of both splits, then ``linear_probe``."""
@@ -114,7 +117,7 @@ def linear_eval(model: nn.Module | str | os.PathLike, train_images: Sequence[np.
 
 
 def fine_tune(model: nn.Module | str | os.PathLike, train_images: Sequence[np.ndarray],
-              train_labels: Sequence, test_images: Sequence[np.ndarray], test_labels: Sequence,
+              train_labels: Sequence, test_images: Sequence[np.ndarray], test_labels: Sequence, *,
               size: int | None = None, epochs: int = 10, lr: float = 1e-4, batch_size: int = 32,
               augment: bool = True, seed: int = 0, device: str | torch.device = "cpu",
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict:
@@ -169,7 +172,7 @@ def fine_tune(model: nn.Module | str | os.PathLike, train_images: Sequence[np.nd
 
 def _backbone_of(net: nn.Module) -> str:
     """The backbone name of a slidekit network (``timm:NAME`` or a torchvision ResNet)."""
-    enc = net.encoder
+    enc: Any = net.encoder  # a TimmEncoder, ResNetEncoder or a registry encoder: read by duck typing
     if isinstance(getattr(enc, "backbone", None), str):  # encoders record their name (slidekit.models.weights)
         return enc.backbone
     if enc.channels[-1] == 2048:

@@ -191,10 +191,10 @@ def read_label_csv(path: str | os.PathLike, want: str = "both") -> LabelTable:
                              f"{','.join(row)!r}", path)
         name, label = row[0].strip(), row[1].strip()
         try:
-            if _PATIENT_RE.match(name):
+            if m := _PATIENT_RE.match(name):
                 if want == "nodes":
                     continue
-                patient = _PATIENT_RE.match(name).group("patient")
+                patient = m.group("patient")
                 if patient in table.patients:
                     raise LabelError(f"patient {name!r} listed twice")
                 table.patients[patient] = normalise_stage(label)

@@ -112,7 +112,7 @@ def _from_stored_tiles(st, lw: int, lh: int, out_w: int, out_h: int, bar, slide:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for trow in range(st.down):
             y0, y1 = trow * st.tile_h, min((trow + 1) * st.tile_h, lh)
-            tiles = list(pool.map(lambda c: _overview_tile(st, c, trow, slide, level), range(st.across)))
+            tiles = list(pool.map(lambda c, trow=trow: _overview_tile(st, c, trow, slide, level), range(st.across)))
             band = np.concatenate(tiles, axis=1)[: y1 - y0, :lw]
             buf = band if buf is None else np.concatenate([buf, band], axis=0)
             r_stop = int(np.searchsorted(edges, y1, side="right")) - 1

@@ -28,8 +28,17 @@ import numpy as np
 import torch
 
 from slidekit.base.errors import ConfigError, StainWarning
-from slidekit.stain.normalize import (enough_stain, from_bhwc, lab_stats, no_autocast, reinhard_transfer, rgb_u8_to_lab,
-                                      stained_mask, to_bhwc, to_uint8)
+from slidekit.stain.normalize import (
+    enough_stain,
+    from_bhwc,
+    lab_stats,
+    no_autocast,
+    reinhard_transfer,
+    rgb_u8_to_lab,
+    stained_mask,
+    to_bhwc,
+    to_uint8,
+)
 
 STAIN_AUGMENTS = ("none", "hed", "randstainna")
 DEFAULT_STRENGTH = 0.05
@@ -123,12 +132,12 @@ class RandStainNA:
     KEYS = ("mean_mean", "mean_std", "std_mean", "std_std")
 
     def __init__(self, stats: dict[str, Sequence[float]] | None = None, std_scale: float = 1.0) -> None:
-        stats = DEFAULT_LAB_STATS if stats is None else stats
+        src = DEFAULT_LAB_STATS if stats is None else stats
         try:
-            self.stats = {k: [float(v) for v in stats[k]] for k in self.KEYS}
+            self.stats = {k: [float(v) for v in src[k]] for k in self.KEYS}
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"RandStainNA: stats need {', '.join(self.KEYS)} (3 numbers each), got "
-                              f"{sorted(stats) if isinstance(stats, dict) else type(stats).__name__}") from None
+                              f"{sorted(src) if isinstance(src, dict) else type(src).__name__}") from None
         bad = [k for k, v in self.stats.items() if len(v) != 3 or not all(map(math.isfinite, v))
                or (k != "mean_mean" and min(v) < 0)]
         if bad or not math.isfinite(std_scale) or std_scale < 0:

@@ -267,7 +267,8 @@ class StainNormalizer:
             raise ConfigError(f"unknown stain normalisation {method!r}; choose one of {', '.join(STAIN_METHODS)}", path)
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
-            raise ConfigError(f"stain reference must be an (H, W, 3) uint8 RGB image, got {arr.dtype} {arr.shape}", path)
+            raise ConfigError(f"stain reference must be an (H, W, 3) uint8 RGB image, got {arr.dtype} {arr.shape}",
+                              path)
         rgb = torch.from_numpy(np.array(arr, copy=True)).reshape(1, -1, 3)   # a writable copy
         mask = stained_mask(rgb)
         if not bool(enough_stain(mask)[0]):
@@ -294,7 +295,8 @@ class StainNormalizer:
             try:
                 d = json.loads(path.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"not a stain reference JSON ({type(exc).__name__}: {exc})".splitlines()[0], path) from None
+                msg = f"not a stain reference JSON ({type(exc).__name__}: {exc})".splitlines()[0]
+                raise ConfigError(msg, path) from None
             return cls.from_dict(d, path=path)
         return cls.fit(read_rgb(path), method, path=path)
 
@@ -455,7 +457,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
                 raise ConfigError("stain reference image is greyscale, an RGB H&E image is needed", path)
             arr = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise ConfigError(f"cannot read stain reference image ({type(exc).__name__}: {exc})".splitlines()[0], path) from None
+        msg = f"cannot read stain reference image ({type(exc).__name__}: {exc})".splitlines()[0]
+        raise ConfigError(msg, path) from None
     return arr
 
 
