@@ -3,10 +3,17 @@
 
 Imports: ``slidekit.base``, ``slidekit.slides``, ``slidekit.annotations``, ``slidekit.regions``. Loads torch.
 """
-from slidekit.data.datasets import ImageFolderDataset, JointAugment, SlidePatchDataset, load_image_folder
-from slidekit.data.sampling import (ClassBalancedSampler, FixedRatioSampler, HardNegativeSampler, PerSlideCapSampler,
-                                    UniformSampler, WeightedSampler)
+from slidekit.data.datasets import ImageFolderDataset, JointAugment, SlidePatchDataset, list_images, load_image_folder
+from slidekit.data.sampling import (
+    ClassBalancedSampler,
+    FixedRatioSampler,
+    HardNegativeSampler,
+    PerSlideCapSampler,
+    UniformSampler,
+    WeightedSampler,
+    ratio_counts,
+)
 
-__all__ = ["SlidePatchDataset", "ImageFolderDataset", "JointAugment", "load_image_folder", "UniformSampler",
-           "PerSlideCapSampler", "WeightedSampler", "ClassBalancedSampler", "HardNegativeSampler",
-           "FixedRatioSampler"]
+__all__ = ["SlidePatchDataset", "ImageFolderDataset", "JointAugment", "load_image_folder", "list_images",
+           "UniformSampler", "PerSlideCapSampler", "WeightedSampler", "ClassBalancedSampler", "HardNegativeSampler",
+           "FixedRatioSampler", "ratio_counts"]

@@ -1,18 +1,44 @@
-"""From slide maps to slide decisions: patch embeddings (``embed``), top-K tiles (``topk``),
-morphology features of heatmaps (``features``), pN staging and weighted kappa (``staging``),
-linear evaluation of frozen features (``linear_eval``).
+"""From slide maps to slide decisions: patch embeddings (``embed``), per-slide HDF5 feature files
+(``feature_store``), top-K tiles (``topk``), morphology features of heatmaps (``features``), pN staging
+and weighted kappa (``staging``), linear evaluation of frozen features (``linear_eval``), MIL scoring and
+attention maps of feature files (``mil_deploy``).
 
-Imports: every stage below (``base`` to ``infer``). ``embed`` and ``linear_eval`` load torch
-(re-exported lazily here, as are ``features`` and ``topk``, which load zarr and scikit-image);
-``staging`` loads neither.
+Imports: every stage below (``base`` to ``infer``). ``embed``, ``linear_eval`` and ``mil_deploy`` load
+torch (re-exported lazily here, as are ``features`` and ``topk``, which load zarr and scikit-image,
+and ``feature_store``, which loads h5py); ``staging`` loads none of them.
 """
-from slidekit.base.lazy import lazy_exports
-from slidekit.slidelevel.staging import pn_stage, stage_table, weighted_kappa
+from __future__ import annotations
 
-__all__ = ["features_table", "heatmap_features", "pn_stage", "stage_table", "weighted_kappa", "TopK",
-           "topk_from_heatmap", "topk_from_scores", "topk_mean", "embed_slide", "open_embeddings", "linear_eval"]
-# embed and linear_eval load torch, features and topk zarr and scikit-image: on first use only.
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "embed_slide": ".embed", "open_embeddings": ".embed", "linear_eval": ".linear_eval",
-    "features_table": ".features", "heatmap_features": ".features", "TopK": ".topk",
-    "topk_from_heatmap": ".topk", "topk_from_scores": ".topk", "topk_mean": ".topk"})
+from slidekit.base.lazy import lazy_exports
+from slidekit.slidelevel.staging import (
+    NODE_LABELS,
+    PN_STAGES,
+    LabelTable,
+    pn_stage,
+    read_label_csv,
+    score_against,
+    stage_csv,
+    stage_table,
+    weighted_kappa,
+    write_submission,
+)
+
+# embed, linear_eval and mil_deploy load torch, features and topk zarr and scikit-image, feature_store
+# h5py: on first use only.
+_LAZY = {name: ".embed" for name in ("embed_slide", "open_embeddings", "Embeddings", "write_cluster_geojson")}
+_LAZY.update({name: ".feature_store" for name in (
+    "read_features", "iter_feature_chunks", "feature_info", "FeatureBag", "FeatureInfo", "FeatureWriter",
+    "write_feature_store", "is_complete_store", "FEATURE_SUFFIXES")})
+_LAZY.update({name: ".features" for name in (
+    "features_table", "heatmap_features", "annotation_features", "size_class", "predicted_size_class",
+    "SIZE_CLASSES", "HeatmapView", "open_heatmap_view", "features_from_view")})
+# linear_eval's function of the same name is not re-exported: importing the module anywhere rebinds
+# slidekit.slidelevel.linear_eval to the module, so that name would change meaning with import order.
+_LAZY.update({name: ".linear_eval" for name in ("linear_probe", "fine_tune", "extract_features")})
+_LAZY.update({name: ".mil_deploy" for name in ("deploy", "score_file", "read_bag", "BagScore", "attention_outputs")})
+_LAZY.update({name: ".topk" for name in ("TopK", "topk_from_heatmap", "topk_from_scores", "topk_mean",
+                                         "read_score_table")})
+
+__all__ = ["pn_stage", "stage_table", "stage_csv", "weighted_kappa", "read_label_csv", "write_submission",
+           "score_against", "LabelTable", "PN_STAGES", "NODE_LABELS", *_LAZY]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -5,9 +5,13 @@ synthetic pyramids (``demo``).
 
 Imports: ``slidekit.base`` only. Never loads torch.
 """
-from slidekit.slides.demo import write_demo_slide, write_pyramid
+from slidekit.slides.demo import DEMO_MPP, demo_image, write_demo_slide, write_pyramid
+from slidekit.slides.dicom import DicomStoredTiles, is_dicom_folder
 from slidekit.slides.identity import slide_fingerprint
-from slidekit.slides.slide import Slide, magnification_to_mpp, mpp_to_magnification, open_slide
+from slidekit.slides.slide import BACKENDS, Slide, magnification_to_mpp, mpp_to_magnification, open_slide
+from slidekit.slides.tiffio import StoredTiles, check_tiff_structure
+from slidekit.slides.whole import read_downsampled
 
-__all__ = ["Slide", "open_slide", "mpp_to_magnification", "magnification_to_mpp", "slide_fingerprint",
-           "write_demo_slide", "write_pyramid"]
+__all__ = ["Slide", "open_slide", "BACKENDS", "mpp_to_magnification", "magnification_to_mpp", "slide_fingerprint",
+           "check_tiff_structure", "StoredTiles", "is_dicom_folder", "DicomStoredTiles", "read_downsampled",
+           "write_demo_slide", "write_pyramid", "demo_image", "DEMO_MPP"]

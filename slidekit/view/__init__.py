@@ -11,5 +11,7 @@ or the CLI; starlette and uvicorn at module top, so nothing below imports this p
 imports it only inside ``slidekit view``.
 """
 from slidekit.view.app import build_app, make_server, serve
+from slidekit.view.paths import Refused, ServedRoot
+from slidekit.view.tiles import DeepZoom, SlideCache
 
-__all__ = ["build_app", "make_server", "serve"]
+__all__ = ["build_app", "make_server", "serve", "ServedRoot", "Refused", "DeepZoom", "SlideCache"]
