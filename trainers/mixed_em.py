@@ -53,10 +53,17 @@ from slidekit.infer.predictor import Predictor
 from slidekit.models.checkpoint import save_checkpoint
 from slidekit.models.networks import build_model
 from slidekit.models.spec import MAX_PATCH_SIZE, ModelSpec
+from slidekit.regions.masks import Tissue, build_region
+from slidekit.regions.options import TissueOptions
 from slidekit.regions.tiling import TileGrid, TileReader
-from slidekit.regions.tissue import tissue_mask
-from slidekit.slidelevel.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
-                                          open_heatmap_view, write_table)
+from slidekit.slidelevel.features import (
+    DEFAULT_THRESHOLDS,
+    SIZE_CLASSES,
+    feature_names,
+    features_from_view,
+    open_heatmap_view,
+    write_table,
+)
 from slidekit.slides.slide import open_slide
 from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
 from trainers.batches import BatchInputs, StainOptions, check_stain_reference, sample_images
@@ -87,8 +94,9 @@ class MixedEMConfig(StainOptions):
     scale: float = 4.0
     floor: float = 0.01
     min_hard_negatives: int = 0  # top up hard negatives with the highest-scoring negative patches (0: paper rule)
-    pseudo_top_k: int = 0       # keep only each positive slide's k highest-scoring kept patches as pseudo-labels (0: all)
-    positive_negatives: float = 0.0  # positive-slide patches with max prob below this become hard negatives (0: none)
+    pseudo_top_k: int = 0  # keep only each positive slide's k highest-scoring kept patches as pseudo-labels (0: all)
+    # positive-slide patches with max prob below this become hard negatives (0: none)
+    positive_negatives: float = 0.0
     weight_decay: float = 1e-4
     predict_batch: int = 8
     predict_tile: int = 0       # heatmap tiles (px at ``mpp``); 0: 4 x patch_size (large tiles predict faster)
@@ -139,7 +147,7 @@ def pseudo_label(prob: np.ndarray, positive: bool, threshold: float = 0.4, scale
     return y
 
 
-def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, threshold: float = 0.4,
+def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, *, threshold: float = 0.4,
            scale: float = 4.0, floor: float = 0.01, min_hard_negatives: int = 0, top_k: int = 0,
            positive_negatives: float = 0.0) -> dict[str, np.ndarray]:
     """Apply ``pseudo_label`` to an iterable of ``(key, prob map)`` per slide and store the result.
@@ -163,7 +171,8 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
     neg_rows: list[tuple[int, int]] = []
     spare: list[tuple[float, int, int]] = []  # (max prob, slide, tile) of dropped negative-slide patches
     with atomic_path(out) as tmp:
-        arr, pending = None, []
+        arr: Any = None
+        pending: list[np.ndarray] = []
 
         def flush() -> None:
             nonlocal arr
@@ -217,7 +226,7 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
 def select_round(losses: Sequence[float], first: int = 1) -> int:
     """Index of the lowest loss among rounds ``first..`` (NaN losses never win); falls back to
     round 0 when there is no later round or no finite loss."""
-    cand = [(l, i) for i, l in enumerate(losses) if i >= first and l is not None and math.isfinite(l)]
+    cand = [(loss, i) for i, loss in enumerate(losses) if i >= first and loss is not None and math.isfinite(loss)]
     if not cand:
         return 0 if len(losses) <= first else len(losses) - 1
     return min(cand)[1]
@@ -274,12 +283,12 @@ class PatchTable(torch.utils.data.Dataset):
         s, t, src, r = (int(v) for v in self.rows[i])
         img = self.readers[s].read(t)
         if src == 0:
-            y = np.asarray(self.pixel_labels[r], np.float32)
+            lab = np.asarray(self.pixel_labels[r], np.float32)
         elif src == 1:
-            y = np.asarray(self.pseudo_labels[r], np.float32)
+            lab = np.asarray(self.pseudo_labels[r], np.float32)
         else:
-            y = np.zeros(img.shape[:2], np.float32)
-        x, y = torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(y)
+            lab = np.zeros(img.shape[:2], np.float32)
+        x, y = torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(lab)
         if self.augment:
             k = int(torch.randint(4, (1,)))
             x, y = torch.rot90(x, k, (0, 1)), torch.rot90(y, k, (0, 1))
@@ -309,7 +318,7 @@ def soft_bce_steps(model: torch.nn.Module, inputs: BatchInputs, optimizer: torch
     return total / max(n, 1)
 
 
-def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | os.PathLike, tile: int = 256,
+def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | os.PathLike, *, tile: int = 256,
                     overlap: int = 0, tissue_mpp: float = 8.0, min_tissue: float = 0.01, batch_size: int = 8,
                     device: str | torch.device = "cpu", attrs: dict | None = None, timer: Any = None) -> Path:
     """Segmenter heatmap of ``slide`` at the model's MPP into the zarr ``store`` (skipped when a
@@ -324,7 +333,7 @@ def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | 
             return store
         except Exception:
             pass
-    tissue = tissue_mask(slide, mpp=tissue_mpp)
+    tissue = build_region(Tissue(TissueOptions({"mpp": tissue_mpp})), slide)
     grid = TileGrid.from_slide(slide, mpp=spec.mpp, size=tile, overlap=overlap, mask=tissue, min_tissue=min_tissue)
     w = HeatmapWriter(store, grid, "segmentation", spec.classes, mpp=spec.mpp,
                       blend="gaussian" if overlap else "constant", attrs=attrs)
@@ -341,8 +350,8 @@ def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | 
             w.add(idx, y)
         model.train(was_training)
         if timer is not None:
-            for k, v in pred.timer.seconds.items():
-                timer.add(k, v)
+            for stage, secs in pred.timer.seconds.items():
+                timer.add(stage, secs)
     w.finish()
     return store
 
@@ -420,14 +429,15 @@ class MixedEMTrainer(Trainer):
                 grid.check_slide(slide)
             else:
                 grid = TileGrid.from_slide(slide, mpp=c.mpp, size=c.patch_size, overlap=0,
-                                           mask=tissue_mask(slide, mpp=c.tissue_mpp), min_tissue=c.min_tissue)
+                                           mask=build_region(Tissue(TissueOptions({"mpp": c.tissue_mpp})), slide),
+                                           min_tissue=c.min_tissue)
                 grid.save(gpath)
             self.slides.append(slide)
             self.grids.append(grid)
             self.readers.append(TileReader(slide, grid))
         n_pix = len(self.pixel)
         ppath = self.out / "pixel_labels.zarr"
-        rows = []
+        rows: list[tuple[int, int, int, int]] = []
         for s in range(n_pix):
             rows += [(s, t, 0, len(rows) + k) for k, t in enumerate(range(len(self.grids[s])))]
         self.pixel_rows = np.asarray(rows, np.int64).reshape(-1, 4)
@@ -537,18 +547,19 @@ class MixedEMTrainer(Trainer):
         slides = tqdm(range(len(self.labelled)), desc=f"round {r} pseudo-labels", unit="slide", leave=False,
                       disable=not self.progress)
         found = e_step((patches(i) for i in slides), [x.positive for x in self.labelled],
-                       rdir / "pseudo_labels.zarr", c.threshold, c.scale, c.floor, c.min_hard_negatives,
-                       c.pseudo_top_k, c.positive_negatives)
+                       rdir / "pseudo_labels.zarr", threshold=c.threshold, scale=c.scale, floor=c.floor,
+                       min_hard_negatives=c.min_hard_negatives, top_k=c.pseudo_top_k,
+                       positive_negatives=c.positive_negatives)
         with atomic_path(index_path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **found)
+                np.savez(f, **found)  # type: ignore[arg-type]  # numpy's stub: **kwds may not hold allow_pickle
         return found
 
     def _stage2(self, r: int, rdir: Path, paths: list[Path]) -> dict[str, float]:
         c = self.config
         rows = [features_from_view(open_heatmap_view(p), c.stage2_thresholds, c.stage2_work_mpp) for p in paths]
         labels = [x.label for x in self.labelled]
-        classes = SIZE_CLASSES if all(l in SIZE_CLASSES for l in labels) else ("negative", "positive")
+        classes = SIZE_CLASSES if all(lab in SIZE_CLASSES for lab in labels) else ("negative", "positive")
 
         clf, metrics = fit_morph_lgbm(rows, labels, feature_names(c.stage2_thresholds), seed=c.seed, classes=classes)
         clf.save(rdir / "morph_lgbm.json")

@@ -31,8 +31,9 @@ from torch.utils.data import Dataset
 
 from slidekit.base.errors import ConfigError, SlideError, TissueError
 from slidekit.data.datasets import IMAGE_SUFFIXES
+from slidekit.regions.masks import Tissue, build_region
+from slidekit.regions.options import TissueOptions
 from slidekit.regions.tiling import TileGrid, TileReader
-from slidekit.regions.tissue import tissue_mask
 from slidekit.slides.slide import open_slide
 
 SOURCE_KINDS = ("slides", "folder", "zip")
@@ -87,7 +88,8 @@ def slide_source(spec: dict, defaults: dict, rng: np.random.Generator, index: in
     for p in paths:
         slide = open_slide(p, mpp=spec.get("slide_mpp"))
         try:
-            mask = tissue_mask(slide, mpp=float(spec.get("tissue_mpp", 8.0))) if min_tissue > 0 else None
+            region = Tissue(TissueOptions({"mpp": float(spec.get("tissue_mpp", 8.0))}))
+            mask = build_region(region, slide) if min_tissue > 0 else None
         except TissueError:
             continue  # a slide without tissue gives no patches
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, mask=mask, min_tissue=min_tissue)

@@ -32,10 +32,16 @@ from slidekit.base.io import write_text_atomic
 from slidekit.infer.predictor import checkpoint_stain
 from slidekit.models.networks import build_model
 from slidekit.models.spec import BACKBONES, MAX_PATCH_SIZE, ModelSpec
+from slidekit.regions.masks import Tissue, build_region
+from slidekit.regions.options import TissueOptions
 from slidekit.regions.tiling import TileGrid, TileReader
-from slidekit.regions.tissue import tissue_mask
-from slidekit.slidelevel.features import (DEFAULT_THRESHOLDS, SIZE_CLASSES, feature_names, features_from_view,
-                                          open_heatmap_view)
+from slidekit.slidelevel.features import (
+    DEFAULT_THRESHOLDS,
+    SIZE_CLASSES,
+    feature_names,
+    features_from_view,
+    open_heatmap_view,
+)
 from slidekit.slidelevel.topk import topk_from_heatmap
 from slidekit.slides.slide import open_slide
 from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
@@ -75,6 +81,11 @@ def normalise_slide_label(label: str) -> str:
     raise LabelError(f"unknown slide label {label!r}; expected negative, itc, micro, macro or positive")
 
 
+def _relative_to(table: Path, v: str) -> Path:
+    """A path of the slide table: absolute as written, else relative to the table's folder."""
+    return Path(v) if Path(v).is_absolute() else table.parent / v
+
+
 def read_slide_table(path: str | os.PathLike) -> list[SlideRecord]:
     """Read a slide table CSV (``slide,label[,mask][,heatmap]``); LabelError for a bad file."""
     path = Path(path)
@@ -95,8 +106,9 @@ def read_slide_table(path: str | os.PathLike) -> list[SlideRecord]:
                 label = normalise_slide_label(row.get("label", ""))
             except LabelError as e:
                 raise LabelError(f"line {line}: {e}", path) from None
-            rel = lambda v: None if not v else (Path(v) if Path(v).is_absolute() else path.parent / v)  # noqa: E731
-            record = SlideRecord(rel(row["slide"]), label, rel(row.get("mask")), rel(row.get("heatmap")))
+            mask, heatmap = row.get("mask"), row.get("heatmap")
+            record = SlideRecord(_relative_to(path, row["slide"]), label, _relative_to(path, mask) if mask else None,
+                                 _relative_to(path, heatmap) if heatmap else None)
             key = slide_identity(record.slide)
             if key in seen:
                 first_line, first = seen[key]
@@ -189,7 +201,7 @@ class _BoosterWrapper:
         return p if p.ndim == 2 else np.column_stack([1 - p, p])
 
 
-def fit_morph_lgbm(rows: Sequence[dict] | np.ndarray, labels: Sequence[str], columns: list[str] | None = None,
+def fit_morph_lgbm(rows: Sequence[dict] | np.ndarray, labels: Sequence[str], columns: list[str] | None = None, *,
                    seed: int = 0, n_estimators: int = 150, num_leaves: int = 7, learning_rate: float = 0.05,
                    min_child_samples: int = 3, cv_folds: int = 4,
                    classes: Sequence[str] = SIZE_CLASSES) -> tuple[MorphClassifier, dict[str, float]]:
@@ -217,8 +229,8 @@ def fit_morph_lgbm(rows: Sequence[dict] | np.ndarray, labels: Sequence[str], col
     if bad:
         raise LabelError(f"labels {bad} are not among the stage-2 classes {classes}")
     y = np.array([classes.index(v) for v in norm])
-    params = dict(seed=seed, n_estimators=n_estimators, num_leaves=num_leaves, learning_rate=learning_rate,
-                  min_child_samples=min_child_samples)
+    params: dict[str, Any] = dict(seed=seed, n_estimators=n_estimators, num_leaves=num_leaves,
+                                  learning_rate=learning_rate, min_child_samples=min_child_samples)
 
     def fit(Xf: np.ndarray, yf: np.ndarray) -> MorphClassifier:
         present = sorted(set(yf.tolist()))
@@ -299,9 +311,12 @@ class MorphLGBMTrainer(Trainer):
         missing = [str(r.slide) for r in records if r.heatmap is None]
         if missing:
             raise LabelError(f"{len(missing)} row(s) have no heatmap (first: {missing[0]})", c.slides)
-        rows = [features_from_view(open_heatmap_view(r.heatmap), c.thresholds, c.work_mpp) for r in records]
-        clf, metrics = fit_morph_lgbm(rows, [r.label for r in records], feature_names(c.thresholds), c.seed,
-                                      c.n_estimators, c.num_leaves, c.learning_rate, c.min_child_samples, c.cv_folds)
+        heatmaps = [r.heatmap for r in records if r.heatmap is not None]  # every one, checked above
+        rows = [features_from_view(open_heatmap_view(h), c.thresholds, c.work_mpp) for h in heatmaps]
+        clf, metrics = fit_morph_lgbm(rows, [r.label for r in records], feature_names(c.thresholds), seed=c.seed,
+                                      n_estimators=c.n_estimators, num_leaves=c.num_leaves,
+                                      learning_rate=c.learning_rate, min_child_samples=c.min_child_samples,
+                                      cv_folds=c.cv_folds)
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
         path = clf.save(out / "morph_lgbm.json")
         write_text_atomic(out / "done.json", json.dumps({"trainer": self.name, "epochs": 1,
@@ -387,7 +402,8 @@ def read_bags(records: Sequence[SlideRecord], k: int, mpp: float, patch_size: in
             raise LabelError(f"slide {r.slide} has no heatmap to pick its top-{k} tiles from")
         with open_slide(r.slide, mpp=slide_mpp) as slide:
             grid = TileGrid.from_slide(slide, mpp=mpp, size=patch_size, overlap=0,
-                                       mask=tissue_mask(slide, mpp=tissue_mpp), min_tissue=min_tissue)
+                                       mask=build_region(Tissue(TissueOptions({"mpp": tissue_mpp})), slide),
+                                       min_tissue=min_tissue)
             if not len(grid):
                 raise LabelError(f"no tissue tiles of {patch_size} px at {mpp} µm/px", r.slide)
             top = topk_from_heatmap(r.heatmap, k=k, coords=grid.coords, tile_size0=grid.extent)

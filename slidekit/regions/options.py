@@ -59,7 +59,8 @@ class TissueOptions:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.options) - self._KNOWN)
         if unknown:
-            raise ConfigError(f"unknown tissue option(s) {', '.join(unknown)} (known: {', '.join(sorted(self._KNOWN))})")
+            known = ", ".join(sorted(self._KNOWN))
+            raise ConfigError(f"unknown tissue option(s) {', '.join(unknown)} (known: {known})")
 
     @classmethod
     def of(cls, value: "TissueOptions | Mapping[str, Any] | None") -> "TissueOptions":

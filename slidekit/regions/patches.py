@@ -42,8 +42,9 @@ from slidekit.base.errors import AnnotationError, GridError
 from slidekit.base.io import atomic_path, config_digest, file_identity, write_text_atomic
 from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import OutputDir, claim_path
+from slidekit.regions.masks import Tissue, build_region
+from slidekit.regions.options import TissueOptions
 from slidekit.regions.tiling import TileGrid, read_tiles
-from slidekit.regions.tissue import tissue_mask
 from slidekit.slides.identity import slide_fingerprint
 from slidekit.slides.slide import open_slide
 
@@ -297,10 +298,11 @@ def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, mpp: 
         if done is not None and done.get("config_key") == key:
             if geojson is not None and not Path(geojson).exists():
                 grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap,
-                                           mask=tissue_mask(slide, **(tissue or {})), min_tissue=min_tissue)
+                                           mask=build_region(Tissue(TissueOptions.of(tissue)), slide),
+                                           min_tissue=min_tissue)
                 write_grid_geojson(grid, geojson, _labels_of(dest, is_zip) if annotations else None)
             return {**done, "skipped": True}
-        mask = tissue_mask(slide, progress=None if progress else False, **(tissue or {}))
+        mask = build_region(Tissue(TissueOptions.of(tissue)), slide, progress=None if progress else False)
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask, min_tissue=min_tissue)
         if len(grid) == 0:
             raise GridError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)

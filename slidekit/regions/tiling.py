@@ -19,10 +19,12 @@ from typing import Iterator
 
 import numpy as np
 
-from slidekit.base.errors import BadTileWarning, CorruptTileError, GridError, SlideError
+from slidekit.base.errors import BadTileWarning, ConfigError, CorruptTileError, GridError, SlideError
 from slidekit.base.io import atomic_path
 from slidekit.base.outputs import claim_path
-from slidekit.regions.tissue import TissueMask, tissue_mask
+from slidekit.regions.masks import Tissue, build_region
+from slidekit.regions.options import TissueOptions
+from slidekit.regions.tissue import TissueMask
 from slidekit.slides.identity import slide_fingerprint
 from slidekit.slides.slide import TIFF_SUFFIXES, Slide, magnification_to_mpp, open_slide
 
@@ -103,6 +105,7 @@ class TileGrid:
         if mask is None and min_tissue > 0:
             raise GridError("min_tissue > 0 needs a tissue mask (pass mask=, or min_tissue=0)")
         slide_mpp = slide._need_mpp()  # MissingMPPError for a slide opened with require_mpp=False
+        check_tile_geometry(slide, float(mpp), int(size), int(overlap))
         grid = cls(coords=np.zeros((0, 2)), mpp=float(mpp), size=int(size), overlap=int(overlap),
                    slide_dimensions=tuple(slide.dimensions), slide_mpp=tuple(slide_mpp),
                    slide_name=slide.name, slide_id=slide_fingerprint(slide.path),
@@ -168,6 +171,37 @@ class TileGrid:
                    slide_dimensions=tuple(meta["slide_dimensions"]), slide_mpp=tuple(meta["slide_mpp"]),
                    slide_name=meta["slide_name"], slide_id=meta["slide_id"], tissue=tissue,
                    min_tissue=meta["min_tissue"], meta=meta.get("meta", {}))
+
+
+MPP_RANGE = (1e-3, 1e3)  # µm/px a tile (or a slide's pixel) can plausibly have
+MAX_READ_TILE = 16384  # px on a side of one tile as read from the slide's level
+MAX_GRID_TILES = 1 << 25  # tiles of one grid (a 100k² px slide has ~150k tiles of 256 px)
+
+
+def check_tile_geometry(slide: Slide, mpp: float, size: int, overlap: int = 0) -> None:
+    """ConfigError naming the slide when tiles of ``size`` px at ``mpp`` µm/px are absurd for it:
+    an MPP outside ``MPP_RANGE``, a tile smaller than one level-0 pixel, a tile larger than
+    ``MAX_READ_TILE`` px at the level it is read from, or more than ``MAX_GRID_TILES`` tiles.
+    Checked before any array is sized by them (a 1e-6 µm/px tile would otherwise ask for TiBs)."""
+    lo, hi = MPP_RANGE
+    if not (math.isfinite(mpp) and lo <= mpp <= hi):
+        raise ConfigError(f"tile pixel size {mpp:g} µm/px is outside {lo:g}-{hi:g} µm/px", slide.path)
+    smx, smy = slide._need_mpp()
+    level0 = min(size * mpp / smx, size * mpp / smy)  # level-0 px per tile side
+    if level0 < 1:
+        raise ConfigError(f"a {size} px tile at {mpp:g} µm/px covers {level0:.3g} level-0 px of this slide "
+                          f"({smx:.4g} µm/px): less than one pixel (choose a larger tile MPP or size)", slide.path)
+    lmx, lmy = slide.level_mpp(slide.best_level_for_mpp(mpp))
+    read = max(size * mpp / lmx, size * mpp / lmy)
+    if read > MAX_READ_TILE:
+        raise ConfigError(f"a {size} px tile at {mpp:g} µm/px is {read:.0f} px at the level it is read from "
+                          f"(more than {MAX_READ_TILE}; choose a smaller tile MPP or size)", slide.path)
+    stride = size - overlap
+    cols, rows = _lattice(slide.dimensions, size, stride, (mpp / smx, mpp / smy))
+    if cols * rows > MAX_GRID_TILES:
+        raise ConfigError(f"{size} px tiles at {mpp:g} µm/px would make {cols} x {rows} tiles of this "
+                          f"{slide.dimensions[0]} x {slide.dimensions[1]} px slide (more than {MAX_GRID_TILES}; "
+                          "choose a larger tile MPP or size)", slide.path)
 
 
 def _lattice(dims: tuple[int, int], size: int, stride: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -465,7 +499,8 @@ def make_grid(slide_path: str | os.PathLike, mpp: float = 0.5, size: int = 256, 
     ``tissue`` holds ``tissue_mask`` options (its ``mpp`` wins over ``mask_mpp``).
     """
     with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide:
-        mask = tissue_mask(slide, **{"mpp": mask_mpp, **(tissue or {})}) if min_tissue > 0 else None
+        mask = (build_region(Tissue(TissueOptions({"mpp": mask_mpp, **(tissue or {})})), slide)
+                if min_tissue > 0 else None)
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
                                    min_tissue=min_tissue)
     if out is not None:

@@ -37,8 +37,9 @@ from slidekit.infer.predictor import Predictor, resolve_stain
 from slidekit.models.registry import ENCODERS, load_registered_encoder
 from slidekit.models.spec import ModelSpec
 from slidekit.models.weights import load_embedding_encoder
+from slidekit.regions.masks import Tissue, build_region
+from slidekit.regions.options import TissueOptions
 from slidekit.regions.tiling import TileGrid
-from slidekit.regions.tissue import tissue_mask
 from slidekit.slidelevel.feature_store import write_feature_store
 from slidekit.slides.slide import open_slide
 
@@ -117,7 +118,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
         if isinstance(grid, (str, os.PathLike)):
             grid = TileGrid.load(grid)
         if grid is None:
-            mask = tissue_mask(slide, **(tissue or {})) if min_tissue > 0 else None  # tissue: tissue_mask options
+            # tissue: tissue_mask options
+            mask = build_region(Tissue(TissueOptions.of(tissue)), slide) if min_tissue > 0 else None
             grid = TileGrid.from_slide(slide, mpp=spec.mpp, size=spec.patch_size, mask=mask,
                                        min_tissue=min_tissue)
         else:
