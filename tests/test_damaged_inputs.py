@@ -302,3 +302,62 @@ def test_integer_weights_are_refused_in_one_line(heatmap_out, tmp_path):
     ok = tmp_path / "r18.pth"
     torch.save(sd, ok)  # float weights with their int64 num_batches_tracked load as before
     assert set(read_state_dict(ok)) == set(sd)
+
+
+# --------------------------------------------------------------------------- absurd sizes (item 8)
+
+@pytest.fixture(scope="module")
+def mpp_slides(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("mpp")
+    box = (256, 128, 512, 384)
+    return {"ok": synthetic_slide(root / "ok.tif", width=1024, height=768, tissue_box=box),
+            "huge_mpp": synthetic_slide(root / "huge_mpp.tif", width=1024, height=768, tissue_box=box, mpp=9e9)}
+
+
+def _one_line_naming(r, name: str, says: str) -> None:
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert len(lines) == 1 and name in lines[0] and says in lines[0], r.output
+
+
+def test_a_slide_with_an_absurd_metadata_mpp_is_one_line(mpp_slides, tmp_path):
+    r = _cli("tile", str(mpp_slides["huge_mpp"]), "--out", str(tmp_path / "g.npz"), "-q")
+    _one_line_naming(r, "huge_mpp.tif", "implausible")
+    from slidekit.base.errors import MissingMPPError
+    from slidekit.slides.slide import open_slide
+
+    with open_slide(mpp_slides["huge_mpp"], require_mpp=False) as s:  # still opens for a look (info, viewer)
+        assert s.mpp is None and s.metadata_mpp[0] == pytest.approx(9e9)
+        with pytest.raises(MissingMPPError, match="implausible"):
+            s.read_whole(100.0)
+    with open_slide(mpp_slides["huge_mpp"], override_mpp=0.5) as s:
+        assert s.mpp == (0.5, 0.5)
+
+
+def test_an_absurd_tile_mpp_is_one_line_before_any_allocation(mpp_slides, tmp_path):
+    r = _cli("tile", str(mpp_slides["ok"]), "--tile-mpp", "1e-6", "--out", str(tmp_path / "g.npz"), "-q")
+    _one_line_naming(r, "ok.tif", "outside 0.001-1000 µm/px")
+
+
+@pytest.mark.parametrize("mpp, size, says", [(0.01, 16, "less than one pixel"),
+                                              (500.0, 256, "at the level it is read from"),
+                                              (1e4, 256, "outside 0.001-1000")])
+def test_tile_geometry_is_checked_against_the_slide(mpp_slides, mpp, size, says):
+    from slidekit.base.errors import ConfigError
+    from slidekit.regions.tiling import TileGrid
+    from slidekit.slides.slide import open_slide
+
+    with open_slide(mpp_slides["ok"]) as s:
+        with pytest.raises(ConfigError, match=says) as e:
+            TileGrid.from_slide(s, mpp=mpp, size=size, min_tissue=0)
+        assert "ok.tif" in str(e.value)
+        assert len(TileGrid.from_slide(s, mpp=0.5, size=256, min_tissue=0)) == 12
+
+
+def test_an_absurd_given_mpp_is_refused(mpp_slides):
+    from slidekit.base.errors import SlideError
+    from slidekit.slides.slide import open_slide
+
+    for kw in ({"override_mpp": 1e-6}, {"mpp": 9e9}):
+        with pytest.raises(SlideError, match="must lie within"):
+            open_slide(mpp_slides["ok"], **kw)

@@ -63,6 +63,14 @@ def _to_rgb_on_white(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+MPP_RANGE = (1e-3, 1e3)  # µm/px: from electron-microscope-fine to millimetre pixels
+
+
+def plausible_mpp(mpp: tuple[float, float]) -> bool:
+    """Whether a pixel size (x, y) in µm lies within ``MPP_RANGE``."""
+    return all(math.isfinite(v) and MPP_RANGE[0] <= v <= MPP_RANGE[1] for v in mpp)
+
+
 def _float_or_none(value: Any) -> float | None:
     try:
         v = float(value)
@@ -303,6 +311,20 @@ class Slide:
                 warnings.warn(MPPOverrideWarning(
                     f"{self.path}: pixel size overridden: metadata says {meta[0]:.4g} x {meta[1]:.4g} µm/px, "
                     f"using {override[0]:.4g} x {override[1]:.4g} µm/px as asked"), stacklevel=3)
+        elif self.metadata_mpp is not None and not plausible_mpp(self.metadata_mpp):
+            # damaged or foreign metadata (an SVS saying 9e9 µm/px): not a pixel size to size arrays by
+            why = (f"metadata pixel size {self.metadata_mpp[0]:.4g} x {self.metadata_mpp[1]:.4g} µm/px is implausible "
+                   f"(outside {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} µm/px: damaged metadata?)")
+            if fallback is not None:
+                self.mpp, self.mpp_source = fallback, "fallback"
+                warnings.warn(MPPOverrideWarning(f"{self.path}: {why}; using the given {fallback[0]:.4g} µm/px"),
+                              stacklevel=3)
+            elif require_mpp:
+                self.close()
+                raise SlideError(f"{why}; give the right one with --override-mpp (API: override_mpp=)", self.path)
+            else:
+                self.mpp, self.mpp_source = None, None
+                self._mpp_problem = why
         elif self.metadata_mpp is not None:
             self.mpp, self.mpp_source = self.metadata_mpp, "metadata"
             if fallback is not None:
@@ -329,9 +351,15 @@ class Slide:
         mx, my = (value, value) if np.isscalar(value) else value
         if not (_float_or_none(mx) and _float_or_none(my)):
             raise SlideError(f"invalid {name} {value!r}: must be a positive number", self.path)
+        if not plausible_mpp((float(mx), float(my))):
+            raise SlideError(f"invalid {name} {value!r}: a pixel size must lie within {MPP_RANGE[0]:g}-"
+                             f"{MPP_RANGE[1]:g} µm/px", self.path)
         return float(mx), float(my)
 
     def _need_mpp(self) -> tuple[float, float]:
+        if self.mpp is None and getattr(self, "_mpp_problem", None):
+            raise MissingMPPError(f"{self._mpp_problem}; give the right one with --override-mpp "
+                                  "(API: override_mpp=)", self.path)
         if self.mpp is None:
             raise MissingMPPError("slide has no microns-per-pixel (MPP) in its metadata and none was given; "
                                   "pass mpp= (CLI: --slide-mpp)", self.path)
