@@ -179,3 +179,52 @@ def test_training_refuses_degenerate_cohorts(setup):
     with pytest.raises(FeatureError, match="2 different encoders: .*mixed.h5"):
         run("mixed", [*rows, {**rows[0], "slide": "m", "features": "mixed.h5", "patient": "p99"}])
     assert json.loads((tmp / "typo" / "metrics.json").read_text())["classes"] == ["Tumour", "normal", "tumour"]
+
+
+def _attending_model(tmp, witness_dim=0):
+    """An ABMIL whose attention logit is 10 * tanh(relu(x[witness_dim])): tiles with a large feature
+    there take (nearly) all the attention, tiles with 0 there none."""
+    model = build_mil("abmil", 8, 2, hidden=8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.embed.net[0].weight.copy_(torch.eye(8))
+        model.attention.v[0].weight[0, witness_dim] = 1.0
+        model.attention.u[0].bias.fill_(20.0)  # gate open
+        model.attention.w.weight[0, 0] = 10.0
+    return save_mil_checkpoint(tmp / "attend.pt", model, {"arch": "abmil", "in_dim": 8, "hidden": 8,
+                                                          "classes": ["normal", "tumour"], "encoder": ENCODER})
+
+
+def test_attention_overlay_shows_the_attended_tiles(tmp_path):
+    """attention.png colours the attended tiles and leaves the others as the slide (item 4), by pixels."""
+    from PIL import Image
+
+    from slidekit.infer.heatmap import Heatmap
+    from slidekit.infer.legend import read_legend
+
+    grey = np.full((640, 640, 3), 200, np.uint8)
+    slide = write_pyramid(tmp_path / "grey.tif", grey, mpp=1.0)
+    n, side = 100, 10
+    coords = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.int64) * SIDE
+    feats = np.zeros((n, 8), np.float32)
+    lesion = [23, 24, 33, 34]  # tiles (3, 2), (4, 2), (3, 3), (4, 3): level-0 x 192-320, y 128-256
+    feats[lesion, 0] = 5.0
+    record = {"name": slide.name, "fingerprint": slide_fingerprint(slide)}
+    w = FeatureWriter(tmp_path / "g.h5", coords, 8, ENCODER, record, tool_attrs(32, SIDE, 1.0, 2.0, (640, 640), "g"))
+    w.write(0, feats)
+    h5 = w.close()
+    r = _invoke("mil-attention", h5, "--slide", slide, "--checkpoint", _attending_model(tmp_path), "--out",
+                tmp_path / "att", "--quiet")
+    assert r.exit_code == 0, r.output
+    hm = Heatmap(tmp_path / "att" / "attention.zarr")
+    assert hm.classes == ["attention"]
+    png = tmp_path / "att" / "attention.png"
+    legend = read_legend(png)
+    assert legend["kind"] == "colorbar" and legend["label"].startswith("attention")
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)[:640, :640]  # the slide part, above the legend
+    diff = np.abs(img - 200).sum(-1)
+    inside = diff[128 + 8:256 - 8, 192 + 8:320 - 8]
+    outside = np.concatenate([diff[:120].ravel(), diff[264:].ravel(), diff[:, :184].ravel(), diff[:, 328:].ravel()])
+    assert np.median(inside) > 60, np.median(inside)  # coloured where the attention is
+    assert np.percentile(outside, 99) < 12, np.percentile(outside, 99)  # the bare slide elsewhere

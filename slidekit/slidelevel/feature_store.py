@@ -35,6 +35,7 @@ import numpy as np
 
 from slidekit.base.errors import FeatureError, SlidekitWarning
 from slidekit.base.outputs import claim_path
+from slidekit.slides.identity import same_slide, slide_fingerprint
 
 FEATURES_FORMAT = "slidekit.features/1"
 FEATURE_SUFFIXES = (".h5", ".hdf5")
@@ -315,15 +316,17 @@ def check_features_for_model(info: FeatureInfo, in_dim: int, encoder: dict) -> l
     return unchecked
 
 
-def check_features_for_slide(info: FeatureInfo, slide_path: str | os.PathLike, fingerprint: str) -> list[str]:
-    """FeatureError when the file records another slide's fingerprint than ``fingerprint`` (that of
-    ``slide_path``); returns ``["slide fingerprint"]`` when the file records none."""
+def check_features_for_slide(info: FeatureInfo, slide_path: str | os.PathLike) -> list[str]:
+    """FeatureError when the file records another slide's fingerprint than that of ``slide_path``
+    (either fingerprint form, ``slides.identity.same_slide``); returns ``["slide fingerprint"]``
+    when the file records none."""
     recorded = (info.slide_record or {}).get("fingerprint")
     if not recorded:
         return ["slide fingerprint"]
-    if str(recorded) != str(fingerprint):
+    if not same_slide(str(recorded), slide_path):
         raise FeatureError(f"features of slide {info.slide_record.get('name') or info.slide!r} (fingerprint "
-                        f"{recorded}), not of {slide_path} (fingerprint {fingerprint})", info.path)
+                           f"{recorded}), not of {slide_path} (fingerprint {slide_fingerprint(slide_path)})",
+                           info.path)
     return []
 
 

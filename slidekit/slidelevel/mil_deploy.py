@@ -164,8 +164,10 @@ ATTENTION_OUTPUTS = ("attention.zarr", "attention.png", "tiles.geojson")
 def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike, slide, out_dir: str | os.PathLike,
                       chunk_rows: int = DEFAULT_CHUNK) -> dict[str, Path]:
     """Write one slide's attention (normalised to [0, 1] by its maximum) and per-tile class scores:
-    ``attention.zarr`` (+ ``attention.png`` overlay with legend) and ``tiles.geojson`` (QuPath
-    tile objects, measurements ``attention``, ``attention_rank`` and ``score_<class>``).
+    ``attention.zarr`` (one value channel ``attention``; + ``attention.png``: the slide with the
+    attention in a colour map whose low values are transparent, and its colour-bar legend) and
+    ``tiles.geojson`` (QuPath tile objects, measurements ``attention``, ``attention_rank`` and
+    ``score_<name>``: the task's per-tile scores, for classification each class's probability).
 
     Refused before anything is written (FeatureError naming the file): features recorded for
     another slide than ``slide`` (fingerprint), of another width or encoder identity than the
@@ -179,7 +181,7 @@ def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike
         raise FeatureError("the feature file does not say its tile size; attention tiles need it", features)
     unchecked = feature_store.check_features_for_model(info, int(mil["in_dim"]), mil.get("encoder") or {})
     slide_id = slide_fingerprint(slide.path)
-    unchecked += feature_store.check_features_for_slide(info, slide.path, slide_id)
+    unchecked += feature_store.check_features_for_slide(info, slide.path)
     if mil["arch"] not in ATTENTION_ARCHS:
         raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
     _unchecked_warning({u: [Path(features)] for u in unchecked}, f"the model ({checkpoint}) and the slide")
@@ -192,10 +194,12 @@ def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike
     out = Path(out_dir)
     att = s.attention / max(float(s.attention.max()), 1e-12)
     grid = _tile_grid(s, slide)
-    values = att[:, None] if s.scores is None else np.concatenate([att[:, None], s.scores], axis=1)
-    writer = HeatmapWriter(out / "attention.zarr", grid, "classification", ["attention", *names],
-                           attrs={"mil": {"arch": mil["arch"], "checkpoint": str(checkpoint)}})
-    writer.add(np.arange(len(att)), values.astype(np.float32))
+    # A value map of one channel, not classes: the overlay (and the viewer) colour it with a colour
+    # map whose low values fade into the slide, and the legend is a colour bar for "attention".
+    writer = HeatmapWriter(out / "attention.zarr", grid, "classification", ["attention"],
+                           attrs={"mil": {"arch": mil["arch"], "checkpoint": str(checkpoint), "task": task.name,
+                                          "tile_scores": names, "normalised": "attention / its maximum"}})
+    writer.add(np.arange(len(att)), att[:, None].astype(np.float32))
     hm: Heatmap = writer.finish()
     hm.overlay(slide, out / "attention.png")
     rank = np.empty(len(att), dtype=np.int64)
