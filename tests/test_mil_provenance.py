@@ -76,7 +76,7 @@ def test_deploy_fails_rows_of_other_encoders_and_widths_and_keeps_every_row(setu
         "foreign_wide": _foreign_file(tmp / "foreign_wide.h5", rng, dim=16),
         "missing": tmp / "missing.h5",
     }
-    r = _invoke("mil-deploy", *files.values(), "--checkpoint", ckpt, "--out", tmp / "scored.csv", "--quiet")
+    r = _invoke("mil-deploy", *files.values(), "--model", ckpt, "--out", tmp / "scored.csv", "--quiet")
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output and "RuntimeError" not in r.output
     with open(tmp / "scored.csv") as f:
@@ -108,7 +108,7 @@ def test_attention_refuses_another_slide_width_or_encoder_and_writes_nothing(set
                               (_slidekit_file(tmp / "w.h5", a, rng, dim=16), a, "16 wide"),
                               (_slidekit_file(tmp / "e.h5", a, rng, {**ENCODER, "mpp": 2.0}), a, "µm/px 2.0")]:
         out = tmp / f"att_{bad.stem}"
-        r = _invoke("mil-attention", bad, "--slide", slide, "--checkpoint", ckpt, "--out", out)
+        r = _invoke("mil-attention", bad, "--slide", slide, "--model", ckpt, "--out", out)
         assert r.exit_code != 0 and words in r.output and str(bad) in r.output, r.output
         lines = [line for line in r.output.strip().splitlines() if "is now --model" not in line]
         assert "Traceback" not in r.output and len(lines) == 1, r.output
@@ -118,11 +118,11 @@ def test_attention_refuses_another_slide_width_or_encoder_and_writes_nothing(set
         from slidekit.slides.slide import open_slide
 
         attention_outputs(ckpt, feats, open_slide(b), tmp / "api")
-    r = _invoke("mil-attention", feats, "--slide", a, "--checkpoint", ckpt, "--out", tmp / "att", "-q")
+    r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", tmp / "att", "-q")
     assert r.exit_code == 0, r.output
     assert (tmp / "att" / "attention.png").exists() and (tmp / "att" / "tiles.geojson").exists()
     # a foreign file: used, with one warning naming what could not be checked
-    r = _invoke("mil-attention", _foreign_file(tmp / "f.h5", rng), "--slide", a, "--checkpoint", ckpt,
+    r = _invoke("mil-attention", _foreign_file(tmp / "f.h5", rng), "--slide", a, "--model", ckpt,
                 "--out", tmp / "att_f")
     assert r.exit_code == 0, r.output
     warned = [line for line in r.output.splitlines() if "warning" in line and "not checked" in line]
@@ -135,12 +135,12 @@ def test_attention_does_not_replace_a_users_files(setup):
     out = tmp / "mine"
     out.mkdir()
     (out / "attention.png").write_bytes(b"my figure")
-    r = _invoke("mil-attention", feats, "--slide", a, "--checkpoint", ckpt, "--out", out)
+    r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", out)
     assert r.exit_code != 0 and "attention.png" in r.output and "did not write" in r.output, r.output
     assert (out / "attention.png").read_bytes() == b"my figure" and not (out / "tiles.geojson").exists()
     # its own outputs are replaced on a rerun
     for _ in range(2):
-        r = _invoke("mil-attention", feats, "--slide", a, "--checkpoint", ckpt, "--out", tmp / "ours", "--quiet")
+        r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", tmp / "ours", "--quiet")
         assert r.exit_code == 0, r.output
 
 
@@ -214,7 +214,7 @@ def test_attention_overlay_shows_the_attended_tiles(tmp_path):
     w = FeatureWriter(tmp_path / "g.h5", coords, 8, ENCODER, record, tool_attrs(32, SIDE, 1.0, 2.0, (640, 640), "g"))
     w.write(0, feats)
     h5 = w.close()
-    r = _invoke("mil-attention", h5, "--slide", slide, "--checkpoint", _attending_model(tmp_path), "--out",
+    r = _invoke("mil-attention", h5, "--slide", slide, "--model", _attending_model(tmp_path), "--out",
                 tmp_path / "att", "--quiet")
     assert r.exit_code == 0, r.output
     hm = Heatmap(tmp_path / "att" / "attention.zarr")
