@@ -228,3 +228,16 @@ def test_attention_overlay_shows_the_attended_tiles(tmp_path):
     outside = np.concatenate([diff[:120].ravel(), diff[264:].ravel(), diff[:, :184].ravel(), diff[:, 328:].ravel()])
     assert np.median(inside) > 60, np.median(inside)  # coloured where the attention is
     assert np.percentile(outside, 99) < 12, np.percentile(outside, 99)  # the bare slide elsewhere
+
+
+def test_attention_refuses_tiles_off_the_slide(setup):
+    tmp, rng, a, _, ckpt = setup
+    path = _foreign_file(tmp / "off.h5", rng)
+    with h5py.File(path, "r+") as f:
+        xy = f["coords"][:]
+        xy[5] = [-64, 0]
+        xy[6] = [10**9, 0]
+        f["coords"][:] = xy
+    r = _invoke("mil-attention", path, "--slide", a, "--model", ckpt, "--out", tmp / "off", "-q")
+    assert r.exit_code != 0 and "2 tile corner(s) lie off slide" in r.output and "Traceback" not in r.output
+    assert not (tmp / "off").exists()

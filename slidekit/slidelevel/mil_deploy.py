@@ -161,6 +161,20 @@ def _tile_grid(score: BagScore, slide) -> TileGrid:
 ATTENTION_OUTPUTS = ("attention.zarr", "attention.png", "tiles.geojson")
 
 
+def _check_tiles_on_slide(score: BagScore, slide, path: Path) -> None:
+    """FeatureError unless every tile's corner lies on the slide and the tile size is at most the slide's."""
+    W, H = (int(v) for v in slide.dimensions)
+    side = int(score.patch_size_level0)
+    if not 0 < side <= max(W, H):
+        raise FeatureError(f"tile size {side} level-0 px does not fit slide {slide.path} ({W} x {H})", path)
+    xy = np.asarray(score.coords)
+    off = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= W) | (xy[:, 1] >= H) if len(xy) else np.zeros(0, bool)
+    if off.any():
+        i = int(np.argmax(off))
+        raise FeatureError(f"{int(off.sum())} tile corner(s) lie off slide {slide.path} ({W} x {H}), e.g. "
+                           f"({int(xy[i, 0])}, {int(xy[i, 1])}): features of another slide or level?", path)
+
+
 def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike, slide, out_dir: str | os.PathLike,
                       chunk_rows: int = DEFAULT_CHUNK) -> dict[str, Path]:
     """Write one slide's attention (normalised to [0, 1] by its maximum) and per-tile class scores:
@@ -185,11 +199,12 @@ def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike
     if mil["arch"] not in ATTENTION_ARCHS:
         raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
     _unchecked_warning({u: [Path(features)] for u in unchecked}, f"the model ({checkpoint}) and the slide")
-    owned = OutputDir(out_dir, slide.path, slide_id)
-    owned.claim(*ATTENTION_OUTPUTS)
     s = score_file(model, features, chunk_rows, task=task)  # streamed where the network allows
     if s.attention is None:
         raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
+    _check_tiles_on_slide(s, slide, Path(features))
+    owned = OutputDir(out_dir, slide.path, slide_id)
+    owned.claim(*ATTENTION_OUTPUTS)
     names = list(s.score_names or [])
     out = Path(out_dir)
     att = s.attention / max(float(s.attention.max()), 1e-12)
