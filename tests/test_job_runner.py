@@ -178,3 +178,30 @@ def test_a_cohort_rerun_redoes_slides_whose_outputs_were_lost(slides, tmp_path, 
                                              **FAST)}
     assert third["a"]["status"] == "done" and "changed since it was written" in third["a"]["note"]
     assert third["b"]["status"] == "skipped"  # untouched: done earlier
+
+
+def test_a_cohort_embed_rerun_redoes_a_slide_whose_feature_file_changed(slides, tmp_path):
+    import torch
+
+    from slidekit.models.checkpoint import save_checkpoint
+    from slidekit.models.networks import ResNetClassifier
+    from slidekit.models.spec import ModelSpec
+    from slidekit.slidelevel.feature_store import read_features
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="resnet-encoder", task="embedding", classes=[], patch_size=32, mpp=4.0,
+                     mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", trainer="simclr")
+    model = save_checkpoint(tmp_path / "enc.pt", ResNetClassifier("resnet18", 0), spec)
+    out = tmp_path / "E"
+    run = lambda: {r["id"]: r for r in run_cohort("embed", [str(s) for s in slides], out, progress=False,  # noqa: E731
+                                                  model=str(model), device="cpu", workers=0, min_tissue=0.1)}
+    assert [r["status"] for r in run().values()] == ["done", "done"]
+    before = read_features(out / "a" / "features.h5").features.copy()
+    for name in ("features.h5", "embeddings.zarr"):
+        damage(out / "a" / name, "corrupt")  # same size, same time: caught by the digest
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OutputWarning)
+            rows = run()
+        assert rows["a"]["status"] == "done" and f"{name} changed since it was written" in rows["a"]["note"]
+        assert rows["b"]["status"] == "skipped"
+        assert np.array_equal(read_features(out / "a" / "features.h5").features, before)

@@ -83,14 +83,14 @@ def _cells_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, progre
 
 
 def _embed_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
-    from slidekit.slidelevel.embed import embed_slide, open_embeddings
+    from slidekit.regions.job import run_job
+    from slidekit.regions.options import ReadOptions
+    from slidekit.slidelevel.embed import EmbedJob
 
-    opts = {k: v for k, v in options.items() if k not in ("slide_mpp", "geojson")}
-    geojson = out / "clusters.geojson" if options.get("geojson") else None
-    store = embed_slide(slide.slide, out=out / "embeddings.zarr", progress=progress, geojson=geojson,
-                        features_h5=out / "features.h5", **_mpp_options(slide, options), **opts)
-    emb = open_embeddings(store)
-    return {"tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1])}
+    opts = {k: v for k, v in options.items() if k not in ("slide_mpp", "override_mpp", "geojson", "progress")}
+    reading = ReadOptions(slide_mpp=_mpp_options(slide, options)["slide_mpp"], override_mpp=options.get("override_mpp"))
+    job = EmbedJob(reading=reading, geojson=bool(options.get("geojson")), **opts)
+    return job.figures(run_job(job, slide.slide, out, progress=progress))
 
 
 def _tissue_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:

@@ -25,7 +25,7 @@ from slidekit.base.outputs import claim_path
 from slidekit.regions.masks import Tissue, build_region
 from slidekit.regions.options import TissueOptions
 from slidekit.regions.tissue import TissueMask
-from slidekit.slides.identity import slide_fingerprint
+from slidekit.slides.identity import same_slide, slide_fingerprint
 from slidekit.slides.slide import TIFF_SUFFIXES, Slide, magnification_to_mpp, open_slide
 
 GRID_FORMAT = "slidekit.tilegrid/1"
@@ -134,7 +134,7 @@ class TileGrid:
         if tuple(slide.dimensions) != tuple(self.slide_dimensions):
             raise GridError(f"grid was made for a {self.slide_dimensions} slide "
                             f"({self.slide_name}), not {tuple(slide.dimensions)}", slide.path)
-        if self.slide_id and slide_fingerprint(slide.path) != self.slide_id:
+        if self.slide_id and not same_slide(self.slide_id, slide.path):
             raise GridError(f"grid was made for another slide file ({self.slide_name})", slide.path)
 
     def save(self, path: str | os.PathLike) -> Path:

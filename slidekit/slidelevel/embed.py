@@ -23,12 +23,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from slidekit.annotations.formats import write_geojson
 from slidekit.annotations.objects import Annotation
-from slidekit.base.errors import GridError, TissueError
+from slidekit.base.errors import ConfigError, GridError, TissueError
 from slidekit.base.io import file_identity
 from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import claim_path
@@ -37,8 +38,9 @@ from slidekit.infer.predictor import Predictor, resolve_stain
 from slidekit.models.registry import ENCODERS, load_registered_encoder
 from slidekit.models.spec import ModelSpec
 from slidekit.models.weights import load_embedding_encoder
+from slidekit.regions.job import JobContext, SlideJob
 from slidekit.regions.masks import Tissue, build_region
-from slidekit.regions.options import TissueOptions
+from slidekit.regions.options import ReadOptions, TissueOptions
 from slidekit.regions.tiling import TileGrid
 from slidekit.slidelevel.feature_store import write_feature_store
 from slidekit.slides.slide import open_slide
@@ -304,3 +306,44 @@ def write_cluster_geojson(store: str | os.PathLike, path: str | os.PathLike) -> 
     emb = open_embeddings(store)
     # Edge tiles reach past the slide: clip them to its level-0 size.
     return write_geojson(cluster_annotations(emb), path, bounds=tuple(emb.attrs["slide"]["dimensions"]))
+
+
+EMBED_OUTPUTS = ("embeddings.zarr", "features.h5", "clusters.geojson")
+_RUNTIME = frozenset({"workers", "batch_size", "device", "threads", "chunk_rows"})
+
+
+class EmbedJob(SlideJob):
+    """``slidekit embed`` into a slide's folder (a cohort's ``OUT/<id>/``): ``embeddings.zarr``,
+    ``features.h5`` (TRIDENT/CLAM's HDF5) and, with clusters, ``clusters.geojson``; run by the shared
+    runner, so a rerun redoes a slide whose store or feature file no longer verifies.
+
+    ``options`` are :func:`embed_slide`'s keyword arguments (``model`` required).
+    """
+
+    name = "embed"
+    outputs = EMBED_OUTPUTS
+
+    def __init__(self, *, reading: ReadOptions = ReadOptions(), geojson: bool = False, **options: Any) -> None:
+        if not options.get("model"):
+            raise ConfigError("embed needs a model (a checkpoint, an encoder file, timm:NAME or a registry name)")
+        self.reading, self.geojson, self.options = reading, bool(geojson), options
+
+    def config(self) -> dict:
+        cfg = {k: v for k, v in self.options.items() if k not in _RUNTIME and v is not None}
+        for k in ("model", "weights", "stain_ref"):  # files stand for their contents (path, size, time)
+            if k in cfg and Path(str(cfg[k])).is_file():
+                cfg[k] = file_identity(cfg[k])
+        return {**cfg, "geojson": self.geojson, "slide_mpp": self.reading.slide_mpp,
+                "override_mpp": self.reading.override_mpp}
+
+    def figures(self, summary: dict) -> dict:
+        return {"tiles": summary["tiles"], "dim": summary["dim"]}
+
+    def run(self, ctx: JobContext) -> dict:
+        out = ctx.out
+        store = embed_slide(ctx.slide.path, out=out / "embeddings.zarr", progress=ctx.progress,
+                            geojson=out / "clusters.geojson" if self.geojson else None,
+                            features_h5=out / "features.h5", slide_mpp=self.reading.slide_mpp,
+                            override_mpp=self.reading.override_mpp, **self.options)
+        emb = open_embeddings(store)
+        return {"tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1])}
