@@ -5,13 +5,14 @@ therefore names the file and the problem on its own.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
 class SlidekitError(Exception):
     """Base of every slidekit exception."""
 
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
         self.path = None if path is None else Path(path)
         super().__init__(f"{path}: {message}" if path is not None else message)
 
@@ -27,7 +28,7 @@ class MissingMPPError(SlideError):
 class CorruptTileError(SlideError):
     """A stored tile of the slide is damaged; ``location`` is its level-0 (x, y), ``level`` its level."""
 
-    def __init__(self, message: str, path: str | Path | None = None,
+    def __init__(self, message: str, path: str | os.PathLike | None = None,
                  location: tuple[int, int] | None = None, level: int = 0) -> None:
         super().__init__(message, path)
         self.location, self.level = location, level
