@@ -1,4 +1,9 @@
-"""``mil``: attention-MIL slide classifiers on feature stores, with patient-level cross-validation.
+"""``mil``: attention-MIL slide models on feature stores, with patient-level cross-validation.
+
+What the head predicts is the config's ``task`` (``slidekit.slidelevel.mil_tasks``): its targets,
+head size, fold stratification, loss (over ``bags_per_step`` bags at a time), metrics, output
+columns and checkpoint fields. This module never looks at what they mean; the description below is
+the default task, ``classification``.
 
 The slide table is a CSV ``slide,label[,patient][,features]``; ``features`` names the slide's
 feature file (else ``features_dir/<slide stem>.h5``). Slides of one patient stay in one fold
