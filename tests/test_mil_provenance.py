@@ -175,7 +175,7 @@ def test_training_refuses_degenerate_cohorts(setup):
         f["coords"] = np.zeros((0, 2), np.int64)
     with pytest.raises(FeatureError, match="empty.h5: the feature file holds no tiles"):
         run("empty", [*rows, {**rows[0], "slide": "e", "features": "empty.h5", "patient": "p99"}])
-    mixed = _slidekit_file(tmp / "mixed.h5", a, rng)
+    _slidekit_file(tmp / "mixed.h5", a, rng)
     with pytest.raises(FeatureError, match="2 different encoders: .*mixed.h5"):
         run("mixed", [*rows, {**rows[0], "slide": "m", "features": "mixed.h5", "patient": "p99"}])
     assert json.loads((tmp / "typo" / "metrics.json").read_text())["classes"] == ["Tumour", "normal", "tumour"]

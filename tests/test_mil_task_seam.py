@@ -14,8 +14,14 @@ import torch.nn.functional as F
 from slidekit.base.errors import CheckpointError, ConfigError
 from slidekit.models.mil import build_mil, load_mil_checkpoint, save_mil_checkpoint
 from slidekit.slidelevel.mil_deploy import deploy
-from slidekit.slidelevel.mil_tasks import (Classification, MILTask, available_mil_tasks, get_mil_task,
-                                           register_mil_task, task_from_checkpoint)
+from slidekit.slidelevel.mil_tasks import (
+    Classification,
+    MILTask,
+    available_mil_tasks,
+    get_mil_task,
+    register_mil_task,
+    task_from_checkpoint,
+)
 from trainers.base import train
 
 BATCHES: list[int] = []  # batch sizes the toy loss saw while training

@@ -51,7 +51,7 @@ class MILConfig(TrainerConfig):
     """mil: a slide table + feature files."""
 
     slides: str = ""  # CSV of slide,label[,patient][,features]; features default to features_dir/<slide stem>.h5
-    task: str = DEFAULT_TASK  # what the head predicts (slidekit.slidelevel.mil_tasks): classification, or a registered task
+    task: str = DEFAULT_TASK  # what the head predicts: classification or a registered task (docs/mil.md)
     features_dir: str | None = None  # folder of per-slide feature files (slidekit, TRIDENT, CLAM or STAMP HDF5)
     arch: str = "abmil"  # MIL model: abmil, clam, transmil, meanpool, maxpool or topk_mean
     classes: list[str] | None = None  # class order (kappa); default: sorted labels
@@ -67,7 +67,7 @@ class MILConfig(TrainerConfig):
     class_weights: bool = True  # weight the loss by inverse class frequency
     bags_per_step: int = 1  # bags whose outputs one loss (and optimiser step) sees together
     bootstrap: int = 1000  # bootstrap resamples of the out-of-fold AUC/kappa confidence intervals (0: none)
-    bag_cache_mb: int | None = None  # MB of bags held in memory; the rest are read from their files at each use (default: a quarter of the free memory)
+    bag_cache_mb: int | None = None  # MB of bags held in memory, others read per use (default: 1/4 of free memory)
 
     def validate(self) -> None:
         super().validate()
@@ -106,7 +106,8 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None,
     path = Path(path)
     if not path.exists():
         raise LabelError("slide table not found", path)
-    out, seen, files = [], set(), {}
+    out, seen = [], set()
+    files: dict[Path, tuple[int, str]] = {}
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = [c.strip() for c in reader.fieldnames or []]

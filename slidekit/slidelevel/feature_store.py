@@ -79,7 +79,8 @@ def _layout(f, path: Path) -> tuple[str, str]:
     fmt = f.attrs.get("format")
     if fmt is not None and str(fmt).startswith("slidekit.features"):
         if str(fmt) != FEATURES_FORMAT:
-            raise FeatureError(f"feature file format {fmt} is not {FEATURES_FORMAT} (written by another slidekit)", path)
+            raise FeatureError(f"feature file format {fmt} is not {FEATURES_FORMAT} (written by another slidekit)",
+                               path)
         if not bool(f.attrs.get("complete", False)):
             raise FeatureError("unfinished slidekit feature file (rerun the embed)", path)
         return "features", "slidekit"
@@ -157,7 +158,7 @@ def _slide_record(f, source: str, path: Path) -> dict:
     return _json_attr(f, "slide", path) if source == "slidekit" else {}
 
 
-def _encoder_info(f, source: str, path: Path | None = None) -> dict:
+def _encoder_info(f, source: str, path: Path) -> dict:
     if source == "slidekit":
         return _json_attr(f, "encoder", path)
     info = {}

@@ -21,8 +21,7 @@ import torch
 from shapely.geometry import box
 
 from slidekit.annotations import Annotation, write_geojson
-from slidekit.base.errors import FeatureError
-from slidekit.base.errors import SlidekitError, SlidekitWarning
+from slidekit.base.errors import FeatureError, SlidekitError, SlidekitWarning
 from slidekit.base.io import write_text_atomic
 from slidekit.base.outputs import OutputDir
 from slidekit.infer.heatmap import Heatmap, HeatmapWriter
