@@ -54,7 +54,8 @@ DIFFERENT_DEFAULTS = {
     "--min-area": {1000.0, 10.0},
     # the API call's own default (heatmap_slide 32, embed_slide 64, cells_slide 16)
     "--batch-size": {32, 64, 16},
-    # heatmap reads with 2 DataLoader processes (reading is what it waits on); embed and cells in the main process
+    # the API call's own default: heatmap_slide reads with 2 DataLoader processes, embed_slide and cells_slide in
+    # the main process
     "--workers": {2, 0},
     # tile has no model to take the geometry from; heatmap, cells and embed default to the model's
     "--tile-mpp": {0.5, None},
@@ -121,7 +122,7 @@ def test_every_option_is_made_by_a_common_factory():
 
 def test_one_flag_one_meaning():
     meanings = defaultdict(set)
-    for name, cmd in COMMANDS.items():
+    for cmd in COMMANDS.values():
         for p in _visible(cmd):
             for flag in _flags(p):
                 meanings[flag].add((p.vocab_key, type(p.type).__name__, p.is_flag, p.multiple))
@@ -243,3 +244,10 @@ def test_quiet_on_the_command_and_the_group(demo_slide, tmp_path):
     import json
 
     assert json.loads((tmp_path / "t" / "tissue.json").read_text())["mask_mpp"] == 16
+
+
+def test_cells_refuses_override_mpp_until_its_api_takes_it(demo_slide, tmp_path):
+    res = CliRunner().invoke(main, ["cells", str(demo_slide), "--model", "hematoxylin", "--out", str(tmp_path / "c"),
+                                    "--override-mpp", "0.5"])
+    assert res.exit_code == 2 and "--override-mpp is not supported by `slidekit cells` yet" in res.output
+    assert not (tmp_path / "c").exists()

@@ -6,8 +6,17 @@ from pathlib import Path
 import click
 
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import (device_option, handle_errors, min_tissue_option, option, quiet_flag, quiet_option,
-                                 slide_reading_options, threads_option, tile_geometry_options)
+from slidekit.cli.common import (
+    device_option,
+    handle_errors,
+    min_tissue_option,
+    option,
+    quiet_flag,
+    quiet_option,
+    slide_reading_options,
+    threads_option,
+    tile_geometry_options,
+)
 
 
 @click.command("cells")
@@ -16,7 +25,7 @@ from slidekit.cli.common import (device_option, handle_errors, min_tissue_option
         detail="a segmentation checkpoint (e.g. from `slidekit train s2l`) or the built-in hematoxylin.")
 @option("out", type=click.Path(file_okay=False, path_type=str), required=True,
         detail="directory (OUT/<slide id>/ per slide plus OUT/cohort.csv for a cohort).")
-@tile_geometry_options(min_size=16, min_overlap=1, aliases={"tile_mpp": ("--mpp",), "tile_size": ("--size",)},
+@tile_geometry_options(minimum=(16, 1), aliases={"tile_mpp": ("--mpp",), "tile_size": ("--size",)},
                        overlap_detail="Must exceed a nucleus diameter [default: size/4].")
 @option("threshold", detail="a nucleus pixel.")
 @option("min_distance")

@@ -255,6 +255,12 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     "nproc": (("--nproc",), "Train on N local ranks (torch.distributed through torch's elastic launcher; one per GPU "
               "on CUDA, gloo on CPU); batch_size stays the global batch. See docs/distributed_training.md.",
               dict(type=click.IntRange(min=1), default=None)),
+    # slide QC verdict limits (slidekit qc; defaults: slidekit.regions.qc.QcOptions)
+    **{f"max_{k}": ((f"--max-{k}", f"max_{k}"),
+                    f"Largest fraction of the tissue that may be {what} for the slide to pass.",
+                    dict(type=click.FloatRange(0, 1), show_default=True))
+       for k, what in (("blur", "out of focus"), ("pen", "pen ink"), ("fold", "fold"), ("debris", "dark debris"),
+                       ("bubble", "air bubble or coverslip edge"))},
     # the viewer
     "port": (("--port",), "Port to serve on (0: any free port).",
              dict(type=click.IntRange(0, 65535), default=8000, show_default=True)),
@@ -269,7 +275,8 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
                dict(type=click.Choice(["local", "ray"]), default="local", show_default=True)),
     "jobs": (("--jobs",), "Slides processed at once (local worker processes, or Ray CPUs of a local runtime).",
              dict(type=click.IntRange(min=1), default=1, show_default=True)),
-    "gpus": (("--gpus",), "One worker per listed GPU, each seeing only its GPU.", dict(default=None, metavar="0,1,...")),
+    "gpus": (("--gpus",), "One worker per listed GPU, each seeing only its GPU.",
+             dict(default=None, metavar="0,1,...")),
     "shard": (("--shard",), "Process only the i-th of N parts of the cohort (Slurm arrays: $SLURM_ARRAY_TASK_ID/N).",
               dict(default=None, metavar="i/N")),
     "ray_address": (("--ray-address",), "Ray cluster to join (--engine ray); default: start a local Ray runtime.",
@@ -291,7 +298,7 @@ class VocabOption(click.Option):
 
     def consume_value(self, ctx: click.Context, opts: Any) -> Any:
         value, source = super().consume_value(ctx, opts)
-        key = (_ALIAS_META, id(ctx), self.name)
+        key = f"{_ALIAS_META}:{id(ctx)}:{self.name}"
         if key in ctx.meta:  # an old spelling was given (aliases are processed first: see AliasOption)
             alias, alias_value = ctx.meta.pop(key)
             if source == ParameterSource.COMMANDLINE:
@@ -315,7 +322,7 @@ class AliasOption(click.Option):
     def _given(self, ctx: click.Context, param: click.Parameter, value: Any) -> None:
         if ctx.get_parameter_source(self.name) != ParameterSource.COMMANDLINE:
             return
-        key = (_ALIAS_META, id(ctx), self.alias_of)
+        key = f"{_ALIAS_META}:{id(ctx)}:{self.alias_of}"
         if ctx.get_parameter_source(self.alias_of) == ParameterSource.COMMANDLINE or key in ctx.meta:
             raise click.UsageError(f"{self.alias} is the old spelling of {self.canonical}: give one of them")
         warned = ctx.find_root().meta.setdefault("slidekit.cli.warned", set())
@@ -386,13 +393,13 @@ def slide_reading_options(func: Callable | None = None, *, backend: bool = True)
 
 
 def tile_geometry_options(*, tile_mpp: float | None = None, tile_size: int | None = None,
-                          overlap: int | None = None, with_overlap: bool = True, min_size: int = 1,
-                          min_overlap: int = 0,
+                          overlap: int | None = None, with_overlap: bool = True, minimum: tuple[int, int] = (1, 0),
                           detail: str = "[default: the model's]", overlap_detail: str | None = None,
                           aliases: dict[str, tuple[str, ...]] | None = None) -> Callable:
     """--tile-mpp, --tile-size and (``with_overlap``) --overlap: the tile grid a command works on (heatmap, cells,
     embed, tile). Old spellings: --mpp/--size (heatmap, cells, tile, embed), --patch-size (embed)."""
     aliases = aliases or {}
+    min_size, min_overlap = minimum  # the smallest --tile-size and --overlap this command takes
     shown = tile_mpp is not None  # a command without a model gives its own defaults, and says so
     why = "[{} here: no model to take it from]"
     decorators = [

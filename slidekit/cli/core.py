@@ -8,9 +8,20 @@ import click
 from slidekit.annotations.formats import read_annotations
 from slidekit.base.resources import configure_threads
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import (echo_json, handle_errors, min_tissue_option, option, quiet_flag, quiet_option,
-                                 slide_argument, slide_reading_options, threads_option, tile_geometry_options,
-                                 tissue_detection_options, tissue_kwargs)
+from slidekit.cli.common import (
+    echo_json,
+    handle_errors,
+    min_tissue_option,
+    option,
+    quiet_flag,
+    quiet_option,
+    slide_argument,
+    slide_reading_options,
+    threads_option,
+    tile_geometry_options,
+    tissue_detection_options,
+    tissue_kwargs,
+)
 from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
 from slidekit.regions.tiling import make_grid
 from slidekit.regions.tissue_job import save_tissue

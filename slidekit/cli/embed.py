@@ -7,9 +7,22 @@ import click
 
 from slidekit.base.timing import format_split
 from slidekit.cli.cohort import cohort_options, run_cohort_cli, single_slide, slides_argument
-from slidekit.cli.common import (check_stain_options, device_option, echo_json, handle_errors, min_tissue_option,
-                                 option, quiet_flag, quiet_option, slide_reading_options, stain_options,
-                                 threads_option, tile_geometry_options, tissue_detection_options, tissue_kwargs)
+from slidekit.cli.common import (
+    check_stain_options,
+    device_option,
+    echo_json,
+    handle_errors,
+    min_tissue_option,
+    option,
+    quiet_flag,
+    quiet_option,
+    slide_reading_options,
+    stain_options,
+    threads_option,
+    tile_geometry_options,
+    tissue_detection_options,
+    tissue_kwargs,
+)
 
 
 @click.command("embed")
@@ -45,7 +58,8 @@ from slidekit.cli.common import (check_stain_options, device_option, echo_json, 
 @handle_errors
 def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tile_mpp: float | None,
           tile_size: int | None, out: str, features_h5: str | None, grid: str | None, clusters: int | None,
-          geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None, device: str,
+          geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None,
+          device: str,
           slide_mpp: float | None, override_mpp: float | None, stain_norm: str | None,
           stain_ref: str | None, **cohort: object) -> None:
     """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.

@@ -10,9 +10,23 @@ from slidekit.annotations.formats import read_annotations, write_geojson
 from slidekit.annotations.geometry import is_invalid_polygon, make_valid as repair
 from slidekit.base.timing import format_split
 from slidekit.cli.cohort import cohort_options, is_cohort, run_cohort_cli
-from slidekit.cli.common import (check_stain_options, device_option, echo_json, fail, handle_errors, min_tissue_option,
-                                 option, quiet_flag, quiet_option, slide_reading_options, stain_options,
-                                 threads_option, tile_geometry_options, tissue_detection_options, tissue_kwargs)
+from slidekit.cli.common import (
+    check_stain_options,
+    device_option,
+    echo_json,
+    fail,
+    handle_errors,
+    min_tissue_option,
+    option,
+    quiet_flag,
+    quiet_option,
+    slide_reading_options,
+    stain_options,
+    threads_option,
+    tile_geometry_options,
+    tissue_detection_options,
+    tissue_kwargs,
+)
 from slidekit.slides.demo import write_demo_slide
 
 
@@ -23,12 +37,12 @@ from slidekit.slides.demo import write_demo_slide
 @option("model", detail="a built-in model (hematoxylin, tissue) or a slidekit checkpoint. [default: hematoxylin]")
 @option("demo")
 @tile_geometry_options(overlap_detail="[default: size/4 for segmentation, 0 for classification]",
-                       aliases={"tile_mpp": ("--mpp",), "tile_size": ("--size",)}, min_size=8)
+                       aliases={"tile_mpp": ("--mpp",), "tile_size": ("--size",)}, minimum=(8, 0))
 @option("heatmap_mpp")
 @option("blend")
 @option("batch_size", default=32, detail="[32 here: heatmap_slide's default]")
-@option("workers", default=2, detail="[2 here: reading tiles is what a heatmap waits on; a cohort uses 0 unless "
-                                      "given, as each slide worker reads its own tiles]")
+@option("workers", default=2, detail="[2 here: heatmap_slide's default; a cohort uses 0 unless given, as each "
+                                      "slide worker reads its own tiles]")
 @threads_option
 @device_option
 @option("threshold", detail="where regions become polygons in predictions.geojson.")
@@ -48,7 +62,8 @@ from slidekit.slides.demo import write_demo_slide
 @click.pass_context
 @handle_errors
 def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: str | None, demo: bool,
-                tile_mpp: float | None, tile_size: int | None, overlap: int | None, heatmap_mpp: float | None, blend: str,
+                tile_mpp: float | None, tile_size: int | None, overlap: int | None, heatmap_mpp: float | None,
+                blend: str,
                 batch_size: int, workers: int, threads: int | None, device: str, threshold: float, min_area_um2: float,
                 min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, override_mpp: float | None,
                 skip_bad_tiles: bool, stain_norm: str | None, stain_ref: str | None,

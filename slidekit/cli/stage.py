@@ -50,7 +50,7 @@ def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, threshol
     try:
         ths = tuple(float(t) for t in thresholds.split(",") if t.strip())
     except ValueError:
-        raise click.BadParameter(f"not a list of numbers: {thresholds!r}", param_hint="--thresholds")
+        raise click.BadParameter(f"not a list of numbers: {thresholds!r}", param_hint="--thresholds") from None
     if not heatmaps and not cohort.get("manifest"):
         raise click.UsageError("give at least one HEATMAP folder (or --manifest CSV)")
     # Several heatmap folders alone make one table; a folder of per-slide outputs (a heatmap

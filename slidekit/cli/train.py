@@ -7,8 +7,15 @@ import click
 
 import trainers
 from slidekit.base.resources import configure_threads
-from slidekit.cli.common import (device_option, handle_errors, option, quiet_flag, quiet_option, stain_options,
-                                 threads_option)
+from slidekit.cli.common import (
+    device_option,
+    handle_errors,
+    option,
+    quiet_flag,
+    quiet_option,
+    stain_options,
+    threads_option,
+)
 from trainers.catalog import list_trainers
 from trainers.describe import show_config as render_config
 
@@ -35,7 +42,8 @@ from trainers.describe import show_config as render_config
 @click.pass_context
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
           overrides: tuple[str, ...], init: str | None, weights: str | None,
-          restart: bool, list_only: bool, device: str, show_config: bool = False, threads: int | None = None, nproc: int | None = None,
+          restart: bool, list_only: bool, device: str, show_config: bool = False, threads: int | None = None,
+          nproc: int | None = None,
           stain_norm: str | None = None, stain_ref: str | None = None, stain_aug: str | None = None) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     if list_only or name is None:
