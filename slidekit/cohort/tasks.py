@@ -1,6 +1,11 @@
-"""The per-slide commands a cohort can run: each is the single-slide API call writing into
-``OUT/<slide id>/`` exactly as the single-slide command does, plus the figures it reports for the
-cohort table. ``setup`` runs once per worker process (a model is loaded once, not per slide)."""
+"""The per-slide commands a cohort can run: a list of jobs of the shared runner (``regions.job``).
+
+Each task builds the slide's job (a ``SlideJob``: the same object the single-slide command runs, so
+a slide's folder in a cohort is exactly what the single-slide command writes) and runs it with
+``run_job``; the job's ``figures`` are the slide's row in the cohort table. ``setup`` runs once per
+worker process (a model is loaded once, not per slide). ``features`` reads heatmap folders rather
+than slides and is the one task that is not a slide job.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,22 +13,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slidekit.cohort.manifest import CohortSlide
-from slidekit.regions.tiling import make_grid
-from slidekit.regions.tissue_job import save_tissue
+from slidekit.regions.grid_job import grid_job
+from slidekit.regions.job import SlideJob, run_job
+from slidekit.regions.options import ReadOptions
+from slidekit.regions.tissue_job import tissue_job
 from slidekit.slidelevel.features import features_table
 
 
 @dataclass(frozen=True)
 class CohortTask:
-    """A per-slide command: ``setup(options) -> context`` once per worker, then
-    ``run(context, slide, out_dir, options, progress) -> figures`` per slide."""
+    """A per-slide command: ``setup(options) -> context`` once per worker, then per slide its job
+    ``job(context, slide, options)`` run by ``run_job`` (``run`` returns the figures)."""
 
     name: str
     setup: Callable[[dict], Any]
-    run: Callable[[Any, CohortSlide, Path, dict, bool], dict]
-    api: str  # "module:function" of the single-slide call, whose defaults complete the options
+    job: Callable[[Any, CohortSlide, dict], SlideJob] | None  # (context, slide, options) -> the slide's job
+    api: str  # "module:function" whose keyword defaults complete the options (the job's builder)
     inputs: str = "slides"  # "heatmaps" for tasks that read heatmap folders instead of slides
     required: tuple[str, ...] = ()  # outputs a slide done earlier must have, else it is redone
+    other: Callable[[Any, CohortSlide, Path, dict, bool], dict] | None = None  # a task that is not a slide job
+
+    def run(self, context: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
+        """Do one slide into ``out``; return its figures for the cohort table."""
+        if self.job is None:
+            assert self.other is not None
+            return self.other(context, slide, out, options, progress)
+        job = self.job(context, slide, options)
+        return job.figures(run_job(job, slide.slide, out, progress=progress))
 
     def effective_options(self, options: dict) -> dict:
         """The options with the API's defaults filled in (None means "the default", as on the CLI),
@@ -59,13 +75,14 @@ def _heatmap_setup(options: dict) -> Any:
     return load_model(options.get("model") or DEFAULT_MODEL)
 
 
-def _heatmap_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
-    from slidekit.infer.predictor import heatmap_slide
+def _own(options: dict, *drop: str) -> dict:
+    return {k: v for k, v in options.items() if k not in ("slide_mpp", "progress", *drop)}
 
-    opts = {k: v for k, v in options.items() if k not in ("model", "slide_mpp")}
-    s = heatmap_slide(slide.slide, out, loaded=loaded, progress=progress, **_mpp_options(slide, options), **opts)
-    return {"tiles": s["tiles"], "regions": s["regions"], "area_mm2": round(s["region_area_mm2"], 6),
-            "slide_seconds": s["seconds"], "bad_tiles": len(s.get("bad_tiles") or [])}
+
+def _heatmap_job(loaded: Any, slide: CohortSlide, options: dict) -> SlideJob:
+    from slidekit.infer.predictor import heatmap_job
+
+    return heatmap_job(loaded=loaded, **_mpp_options(slide, options), **_own(options, "model"))
 
 
 def _cells_setup(options: dict) -> Any:
@@ -74,37 +91,25 @@ def _cells_setup(options: dict) -> Any:
     return load_cells_model(options.get("model") or "hematoxylin")
 
 
-def _cells_run(loaded: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
-    from slidekit.infer.cells import cells_slide
+def _cells_job(loaded: Any, slide: CohortSlide, options: dict) -> SlideJob:
+    from slidekit.infer.cells import cells_job
 
-    opts = {k: v for k, v in options.items() if k not in ("model", "slide_mpp")}
-    s = cells_slide(slide.slide, out, loaded=loaded, progress=progress, **_mpp_options(slide, options), **opts)
-    return {"tiles": s["tiles"], "nuclei": s["nuclei"], "slide_seconds": s["seconds"]}
+    return cells_job(loaded=loaded, **_mpp_options(slide, options), **_own(options, "model"))
 
 
-def _embed_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
-    from slidekit.regions.job import run_job
-    from slidekit.regions.options import ReadOptions
+def _embed_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
     from slidekit.slidelevel.embed import EmbedJob
 
-    opts = {k: v for k, v in options.items() if k not in ("slide_mpp", "override_mpp", "geojson", "progress")}
     reading = ReadOptions(slide_mpp=_mpp_options(slide, options)["slide_mpp"], override_mpp=options.get("override_mpp"))
-    job = EmbedJob(reading=reading, geojson=bool(options.get("geojson")), **opts)
-    return job.figures(run_job(job, slide.slide, out, progress=progress))
+    return EmbedJob(reading=reading, geojson=bool(options.get("geojson")), **_own(options, "override_mpp", "geojson"))
 
 
-def _tissue_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
-    from slidekit.regions.tissue_job import TissueJob
-
-    opts = {k: v for k, v in options.items() if k != "slide_mpp"}
-    s = save_tissue(str(slide.slide), out, progress=progress, **_mpp_options(slide, options), **opts)
-    return TissueJob.figures(TissueJob.__new__(TissueJob), s)
+def _tissue_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
+    return tissue_job(**_mpp_options(slide, options), **_own(options))
 
 
-def _tile_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
-    opts = {k: v for k, v in options.items() if k != "slide_mpp"}
-    grid = make_grid(slide.slide, out=out / "grid.npz", **_mpp_options(slide, options), **opts)
-    return {"tiles": len(grid)}
+def _grid_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
+    return grid_job(**_mpp_options(slide, options), **_own(options))
 
 
 def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
@@ -113,11 +118,12 @@ def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress
 
 
 TASKS: dict[str, CohortTask] = {t.name: t for t in (
-    CohortTask("heatmap", _heatmap_setup, _heatmap_run, "slidekit.infer.predictor:heatmap_job"),
-    CohortTask("cells", _cells_setup, _cells_run, "slidekit.infer.cells:cells_job"),
-    CohortTask("embed", _nothing, _embed_run, "slidekit.slidelevel.embed:embed_slide",
+    CohortTask("heatmap", _heatmap_setup, _heatmap_job, "slidekit.infer.predictor:heatmap_job"),
+    CohortTask("cells", _cells_setup, _cells_job, "slidekit.infer.cells:cells_job"),
+    CohortTask("embed", _nothing, _embed_job, "slidekit.slidelevel.embed:embed_slide",
                required=("embeddings.zarr", "features.h5")),
-    CohortTask("tissue", _nothing, _tissue_run, "slidekit.regions.tissue_job:save_tissue"),
-    CohortTask("tile", _nothing, _tile_run, "slidekit.regions.tiling:make_grid"),
-    CohortTask("features", _nothing, _features_run, "slidekit.slidelevel.features:features_table", inputs="heatmaps"),
+    CohortTask("tissue", _nothing, _tissue_job, "slidekit.regions.tissue_job:tissue_job"),
+    CohortTask("tile", _nothing, _grid_job, "slidekit.regions.grid_job:grid_job"),
+    CohortTask("features", _nothing, None, "slidekit.slidelevel.features:features_table", inputs="heatmaps",
+               other=_features_run),
 )}

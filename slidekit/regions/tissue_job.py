@@ -76,7 +76,14 @@ def save_tissue(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, ma
     progress
         Show a progress bar for slow reads.
     """
-    opts = TissueOptions({"mpp": mask_mpp, "min_area_um2": min_area_um2, **(tissue or {})})
-    job = TissueJob(tissue=opts, reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp, backend=backend))
+    job = tissue_job(mask_mpp=mask_mpp, min_area_um2=min_area_um2, slide_mpp=slide_mpp, backend=backend,
+                     override_mpp=override_mpp, tissue=tissue)
     return run_job(job, slide_path, out_dir, progress=progress)
+
+
+def tissue_job(*, mask_mpp: float = 8.0, min_area_um2: float = 20_000.0, slide_mpp: float | None = None,
+               backend: str | None = None, override_mpp: float | None = None, tissue: dict | None = None) -> TissueJob:
+    """A :class:`TissueJob` from :func:`save_tissue`'s keyword arguments (``tissue`` options win)."""
+    opts = TissueOptions({"mpp": mask_mpp, "min_area_um2": min_area_um2, **(tissue or {})})
+    return TissueJob(tissue=opts, reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp, backend=backend))
 
