@@ -120,8 +120,22 @@ def _cells(slide, out):
     return cells_slide(slide, out, mpp=1.0, size=128, progress=False, gzip=False, **FAST)
 
 
+def _tissue(slide, out):
+    from slidekit.regions.tissue_job import save_tissue
+
+    return save_tissue(slide, out, progress=False)
+
+
+def _tile(slide, out):
+    from slidekit.regions.grid_job import save_grid
+
+    return save_grid(slide, out, mpp=2.0, size=64, min_tissue=0.2, progress=False)
+
+
 JOBS = {"heatmap": (_heatmap, ["heatmap.zarr", "overlay.png", "predictions.geojson"]),
-        "cells": (_cells, ["cells.geojson", "cells.csv"])}
+        "cells": (_cells, ["cells.geojson", "cells.csv"]),
+        "tissue": (_tissue, ["mask.png", "tissue.geojson", "tissue.json"]),
+        "tile": (_tile, ["grid.npz"])}
 CASES = [(job, name, how) for job, (_, names) in JOBS.items() for name in names
          for how in ("delete", "empty", "corrupt")]
 
