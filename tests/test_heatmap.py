@@ -143,7 +143,8 @@ def test_classification_lattice_and_vectorised_geometry(tmp_path: Path) -> None:
     # The polygon lines up with the level-0 region of the tiles it came from, hole included.
     assert a.geometry.equals(box(256, 128, 768, 640).difference(box(384, 256, 640, 512)))
     assert a.measurements["Area µm^2"] == pytest.approx((512 * 512 - 256 * 256) * 0.25)
-    assert a.measurements["Mean probability"] == pytest.approx(0.9) and a.measurements["Max probability"] == pytest.approx(0.9)
+    assert a.measurements["Mean probability"] == pytest.approx(0.9)
+    assert a.measurements["Max probability"] == pytest.approx(0.9)
     assert hm.vectorize(threshold=0.5, min_area_um2=1e6) == []
     coords, values = hm.tiles
     assert np.array_equal(coords, grid.coords) and np.allclose(values[:, 1], p)

@@ -32,13 +32,14 @@ import os
 import shutil
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import cv2
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 from shapely.affinity import affine_transform
 from shapely.ops import unary_union
+from zarr.codecs import ZstdCodec
 
 from slidekit.annotations.geometry import clip_geometry, rasterize
 from slidekit.annotations.objects import Annotation
@@ -47,10 +48,18 @@ from slidekit.infer.legend import draw_legend, legend_info, save_png
 from slidekit.regions.tiling import TileGrid
 from slidekit.regions.tissue import mask_to_polygons
 
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
+
 HEATMAP_FORMAT = "slidekit.heatmap/1"
 # attrs["store_checks"] of stores whose chunks carry checksums and whose finished chunks are all on disk
 STORE_CHECKS = 1
 CHECKED = [ZstdCodec(level=0, checksum=True)]  # a changed chunk fails its checksum instead of decoding
+
+
+def _arr(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]``, an array this module created (zarr types a member as ``Array | Group``)."""
+    return cast(zarr.Array, group[name])
 
 
 def blend_window(h: int, w: int, blend: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
@@ -122,10 +131,13 @@ class HeatmapWriter:
                 **(attrs or {})}
         self.root = self._open(meta)
         # every finished chunk is written, empty ones too: a chunk missing on disk is then damage
-        self.prob = self.root["prob"].with_config({"write_empty_chunks": True})
-        self.coverage = self.root["coverage"].with_config({"write_empty_chunks": True})
-        self.values = self.root["tiles/values"]
-        self.done = np.asarray(self.root["chunk_done"][:])
+        # zarr declares ArrayConfigParams' keys NotRequired through typing.NotRequired, which mypy cannot resolve
+        # for Python 3.10, so it reads "order" as required; it is optional (the global config fills it in)
+        write_empty: ArrayConfigParams = {"write_empty_chunks": True}  # type: ignore[typeddict-item]
+        self.prob = _arr(self.root, "prob").with_config(write_empty)
+        self.coverage = _arr(self.root, "coverage").with_config(write_empty)
+        self.values = _arr(self.root, "tiles/values")
+        self.done: np.ndarray = np.asarray(_arr(self.root, "chunk_done")[:])
         self._open_chunks: OrderedDict = OrderedDict()
         self._open_bytes = 0
         self.spills = 0  # partial chunks written to disk because max_open_bytes was reached
@@ -154,7 +166,7 @@ class HeatmapWriter:
         root.create_array("tiles/coords", shape=(n, 2), chunks=(max(1, min(n, 65536)), 2), dtype="int64",
                           compressors=CHECKED)
         if n:
-            root["tiles/coords"][:] = self.grid.coords
+            _arr(root, "tiles/coords")[:] = self.grid.coords
         root.create_array("tiles/values", shape=(n, C), chunks=(max(1, min(n, 4096)), C), dtype="float32",
                           fill_value=float("nan"), compressors=CHECKED)
         nr, nc = -(-self.H // cs), -(-self.W // cs)
@@ -171,7 +183,8 @@ class HeatmapWriter:
 
     def _plan(self) -> np.ndarray:
         n = len(self.grid)
-        have = ~np.isnan(np.asarray(self.values[:])).any(axis=1) if n else np.zeros(0, bool)
+        have: np.ndarray = ~np.isnan(np.asarray(self.values[:])).any(axis=1) if n else np.zeros(0, bool)
+        self.remaining: np.ndarray | None
         if self.task == "classification":
             self.remaining = None
             return np.flatnonzero(~have)
@@ -180,11 +193,11 @@ class HeatmapWriter:
         for i, (a, b, c, d) in enumerate(spans):
             if not self.done[a:b + 1, c:d + 1].all():
                 need[i] = True
-        self.remaining = np.zeros_like(self.done, dtype=np.int64)
-        for i in np.flatnonzero(need):
-            a, b, c, d = spans[i]
-            self.remaining[a:b + 1, c:d + 1] += 1
-        self.remaining[self.done] = 0
+        remaining = self.remaining = np.zeros_like(self.done, dtype=np.int64)
+        for t in np.flatnonzero(need):
+            a, b, c, d = spans[t]
+            remaining[a:b + 1, c:d + 1] += 1
+        remaining[self.done] = 0
         return np.flatnonzero(need)
 
     def todo(self) -> np.ndarray:
@@ -215,7 +228,7 @@ class HeatmapWriter:
     def skip(self, idx: np.ndarray) -> None:
         """Record tiles ``idx`` as deliberately left out (damaged, ``on_bad_tile="skip"``): they get
         no coverage and their values stay NaN; ``finish`` accepts them as not missing."""
-        old = set(self.root.attrs.get("skipped_tiles", []))
+        old = set(cast("list[int]", self.root.attrs.get("skipped_tiles", [])))
         self.root.attrs["skipped_tiles"] = sorted(old | {int(i) for i in np.asarray(idx).ravel()})
 
     def _write_values(self, idx: np.ndarray, vals: np.ndarray) -> None:
@@ -230,6 +243,8 @@ class HeatmapWriter:
         r, c = (int(v) for v in self.offsets[i])
         a, b, cc0, cc1 = self._chunk_span(i)
         cs = self.cs
+        remaining = self.remaining
+        assert remaining is not None  # set by _plan for segmentation, the only task that accumulates
         for cr in range(a, b + 1):
             for ccol in range(cc0, cc1 + 1):
                 if self.done[cr, ccol]:
@@ -243,8 +258,8 @@ class HeatmapWriter:
                 w = self.window[ys - r:ye - r, xs - c:xe - c]
                 s[:, ys - y0:ye - y0, xs - x0:xe - x0] += out[:, ys - r:ye - r, xs - c:xe - c] * w
                 wsum[ys - y0:ye - y0, xs - x0:xe - x0] += w
-                self.remaining[cr, ccol] -= 1
-                if self.remaining[cr, ccol] <= 0:
+                remaining[cr, ccol] -= 1
+                if remaining[cr, ccol] <= 0:
                     self._flush(cr, ccol)
 
     def _chunk_bounds(self, cr: int, cc: int) -> tuple[slice, slice]:
@@ -258,9 +273,9 @@ class HeatmapWriter:
             return self._open_chunks[key]
         ys, xs = self._chunk_bounds(cr, cc)
         h, w = ys.stop - ys.start, xs.stop - xs.start
-        part = self.root.get("partial")
-        if part is not None and part["flags"][cr, cc]:
-            s, wsum = np.asarray(part["sum"][:, ys, xs]), np.asarray(part["weight"][ys, xs])
+        part = cast("zarr.Group | None", self.root.get("partial"))
+        if part is not None and _arr(part, "flags")[cr, cc]:
+            s, wsum = np.asarray(_arr(part, "sum")[:, ys, xs]), np.asarray(_arr(part, "weight")[ys, xs])
         else:
             s, wsum = np.zeros((self.C, h, w), np.float32), np.zeros((h, w), np.float32)
         self._open_chunks[key] = (s, wsum)
@@ -274,7 +289,7 @@ class HeatmapWriter:
         (cr, cc), (s, wsum) = self._open_chunks.popitem(last=False)
         self.spills += 1
         self._open_bytes -= s.nbytes + wsum.nbytes
-        part = self.root.get("partial")
+        part = cast("zarr.Group | None", self.root.get("partial"))
         if part is None:
             part = self.root.create_group("partial")
             cs = self.cs
@@ -284,23 +299,23 @@ class HeatmapWriter:
             part.create_array("flags", shape=self.done.shape, chunks=self.done.shape, dtype="bool",
                               fill_value=False)
         ys, xs = self._chunk_bounds(cr, cc)
-        part["sum"][:, ys, xs] = s
-        part["weight"][ys, xs] = wsum
-        part["flags"][cr, cc] = True
+        _arr(part, "sum")[:, ys, xs] = s
+        _arr(part, "weight")[ys, xs] = wsum
+        _arr(part, "flags")[cr, cc] = True
 
     def _flush(self, cr: int, cc: int) -> None:
         s, wsum = self._open_chunks.pop((cr, cc), (None, None))
         ys, xs = self._chunk_bounds(cr, cc)
         if s is None:  # spilled earlier and never reopened
-            part = self.root["partial"]
-            s, wsum = np.asarray(part["sum"][:, ys, xs]), np.asarray(part["weight"][ys, xs])
+            part = cast(zarr.Group, self.root["partial"])
+            s, wsum = np.asarray(_arr(part, "sum")[:, ys, xs]), np.asarray(_arr(part, "weight")[ys, xs])
         else:
             self._open_bytes -= s.nbytes + wsum.nbytes
         covered = wsum > 0
         self.prob[:, ys, xs] = np.divide(s, wsum, out=np.zeros_like(s), where=covered[None])
         self.coverage[ys, xs] = covered
         self.done[cr, cc] = True
-        self.root["chunk_done"][cr, cc] = True
+        _arr(self.root, "chunk_done")[cr, cc] = True
 
     def finish(self) -> "Heatmap":
         """Write what is left, mark the store complete and return it as a Heatmap."""
@@ -315,13 +330,13 @@ class HeatmapWriter:
             self.prob[:] = lattice
             self.coverage[:] = cov
             self.done[:] = True
-            self.root["chunk_done"][:] = True
+            _arr(self.root, "chunk_done")[:] = True
         else:
             for cr, cc in list(self._open_chunks):
                 self._flush(cr, cc)
             if "partial" in self.root:
-                part = self.root["partial"]
-                for cr, cc in zip(*np.nonzero(np.asarray(part["flags"][:]) & ~self.done)):
+                part = cast(zarr.Group, self.root["partial"])
+                for cr, cc in zip(*np.nonzero(np.asarray(_arr(part, "flags")[:]) & ~self.done)):
                     self._flush(int(cr), int(cc))
                 del self.root["partial"]
         nan = np.isnan(np.asarray(self.values[:])).any(axis=1) if len(self.grid) else np.zeros(0, bool)
@@ -398,7 +413,7 @@ class Heatmap:
                                else "not a heatmap store (a file, not a zarr folder)", self.path)
         try:
             self.root = zarr.open_group(str(self.path), mode="r")
-            self.attrs = dict(self.root.attrs)
+            self.attrs: dict[str, Any] = dict(self.root.attrs)
         except Exception as e:
             raise HeatmapError(f"not a heatmap store, or its zarr.json is damaged ({_why(e)})", self.path) from None
         if self.attrs.get("format") != HEATMAP_FORMAT:
@@ -452,7 +467,7 @@ class Heatmap:
     def _check_chunks(self) -> None:
         """Every chunk the writer recorded as finished is on disk (a listing, no chunk is read)."""
         try:
-            done = np.asarray(self.root["chunk_done"][:], bool)
+            done = np.asarray(_arr(self.root, "chunk_done")[:], bool)
         except Exception as e:
             raise HeatmapError(f"its record of finished chunks (chunk_done) cannot be read ({_why(e)})",
                                self.path) from None
@@ -480,7 +495,7 @@ class Heatmap:
         for r0, r1 in self._bands():
             self.prob[:, r0:r1, :]
             self.coverage[r0:r1, :]
-        self.tiles
+        _ = self.tiles  # reading the tile table checks it
         return self
 
     task = property(lambda self: self.attrs["task"])
@@ -551,7 +566,7 @@ class Heatmap:
         (sx, sy), (ox, oy) = self.scale, self.origin
         # Affine from view pixels to thumbnail pixels (classification lattices may be offset).
         kx, ky = slide.mpp[0] / thumb_mpp, slide.mpp[1] / thumb_mpp
-        m = np.float32([[sx * factor * kx, 0, ox * kx], [0, sy * factor * ky, oy * ky]])
+        m = np.array([[sx * factor * kx, 0, ox * kx], [0, sy * factor * ky, oy * ky]], np.float32)
         interp = cv2.INTER_NEAREST if self.task == "classification" else cv2.INTER_LINEAR
         palette = np.array(self.colors or [(255, 0, 0)] * len(vals), np.uint8)
         cov = cov.astype(np.float32)
@@ -560,7 +575,8 @@ class Heatmap:
             r1 = min(th, r0 + 256)
             mb = m.copy()
             mb[1, 2] -= r0
-            warp = lambda a: cv2.warpAffine(a, mb, (tw, r1 - r0), flags=interp, borderValue=0)  # noqa: E731
+            def warp(a: np.ndarray, mb: np.ndarray = mb, h: int = r1 - r0) -> np.ndarray:
+                return cv2.warpAffine(a, mb, (tw, h), flags=interp, borderValue=0)
             covered = warp(cov) > 0.5
             if vals.shape[0] == 1:
                 v = np.clip(warp(vals[0]), 0, 1)
@@ -609,7 +625,7 @@ class Heatmap:
             cov = np.asarray(self.coverage[r0:r1, :])
             labels = None if multilabel else self._labels(p, cov, threshold)
             for k in wanted:
-                hit = (p[k] >= threshold) & cov if multilabel else labels == k
+                hit = (p[k] >= threshold) & cov if labels is None else labels == k
                 for poly in _polygons_by_chunk(hit, self.prob.chunks[2]):
                     pieces[k].append(affine_transform(poly, [1, 0, 0, 1, 0, r0]))
         px_um2 = self.mpp * self.mpp
@@ -693,7 +709,7 @@ def _listing(folder: Path) -> set[str]:
 
 
 def _polygons_by_chunk(mask: np.ndarray, cw: int) -> list:
-    out = []
+    out: list = []
     for c0 in range(0, mask.shape[1], cw):
         sub = mask[:, c0:c0 + cw]
         if sub.any():
