@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import cv2
 import numpy as np
@@ -21,6 +21,9 @@ from slidekit.base.errors import CorruptTileError, MissingMPPError, MPPOverrideW
 from slidekit.slides.dicom import dicom_entry, dicom_stored_tiles, is_dicom_folder
 from slidekit.slides.tiffio import StoredTiles, check_tiff_structure, level_page
 from slidekit.slides.whole import read_downsampled
+
+if TYPE_CHECKING:
+    from slidekit.slides.dicom import DicomStoredTiles
 
 log = logging.getLogger("slidekit")
 
@@ -198,9 +201,9 @@ class _ImageBackend:
         except (OSError, SyntaxError, ValueError) as e:
             raise SlideError(f"cannot decode image ({e})", path) from e
         h, w = self._arr.shape[:2]
-        self.level_dimensions = ((w, h),)
-        self.level_downsamples = (1.0,)
-        self.properties = {}
+        self.level_dimensions: tuple[tuple[int, int], ...] = ((w, h),)
+        self.level_downsamples: tuple[float, ...] = (1.0,)
+        self.properties: dict[str, str] = {}
 
     def mpp(self) -> tuple[float, float] | None:
         return None
@@ -223,7 +226,8 @@ def _too_big(w: int, h: int, limit: int) -> str:
             "(a possible decompression bomb); pass max_image_pixels= if it is genuine")
 
 
-_BACKEND_CLASSES = {"openslide": _OpenSlideBackend, "tiffslide": _TiffSlideBackend, "image": _ImageBackend}
+_BACKEND_CLASSES: dict[str, Callable[[Path], _Backend]] = {
+    "openslide": _OpenSlideBackend, "tiffslide": _TiffSlideBackend, "image": _ImageBackend}
 
 
 def check_tiff_complete(path: Path) -> None:
@@ -298,12 +302,14 @@ class Slide:
         if self.path.suffix.lower() in TIFF_SUFFIXES:
             check_tiff_complete(self.path)
         self._max_image_pixels = max_image_pixels
-        self.backend, self._handle = _open_backend(self._source, backend, max_image_pixels)
+        self.backend, handle = _open_backend(self._source, backend, max_image_pixels)
+        self._handle: _Backend | None = handle
         self._pid = os.getpid()
         self._requested_backend = backend
         self._stored: dict[int, Any] = {}
-        self.metadata_mpp: tuple[float, float] | None = self._handle.mpp()
+        self.metadata_mpp: tuple[float, float] | None = handle.mpp()
         self.mpp: tuple[float, float] | None
+        self.mpp_source: str | None
         if override is not None:
             self.mpp, self.mpp_source = override, "override"
             meta = self.metadata_mpp
@@ -339,16 +345,17 @@ class Slide:
                 "slide has no microns-per-pixel (MPP) in its metadata; pass mpp= (CLI: --slide-mpp)", self.path)
         else:
             self.mpp, self.mpp_source = None, None
-        self.dimensions: tuple[int, int] = tuple(self._handle.level_dimensions[0])
-        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
-            tuple(d) for d in self._handle.level_dimensions)
-        self.level_downsamples: tuple[float, ...] = tuple(self._handle.level_downsamples)
-        self.properties: dict[str, str] = dict(self._handle.properties)
+        w0, h0 = handle.level_dimensions[0]
+        self.dimensions: tuple[int, int] = (w0, h0)
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple((w, h) for w, h in handle.level_dimensions)
+        self.level_downsamples: tuple[float, ...] = tuple(handle.level_downsamples)
+        self.properties: dict[str, str] = dict(handle.properties)
 
     def _check_mpp(self, value: Any, name: str) -> tuple[float, float] | None:
         if value is None:
             return None
-        mx, my = (value, value) if np.isscalar(value) else value
+        pair: Any = (value, value) if np.isscalar(value) else value
+        mx, my = pair
         if not (_float_or_none(mx) and _float_or_none(my)):
             raise SlideError(f"invalid {name} {value!r}: must be a positive number", self.path)
         if not plausible_mpp((float(mx), float(my))):
@@ -416,7 +423,7 @@ class Slide:
         """The level's stored tiles (``tiffio.StoredTiles``) for TIFF-family slides and plain DICOM
         WSI levels (``dicom.DicomStoredTiles``), else None."""
         if level not in self._stored:
-            st = None
+            st: StoredTiles | DicomStoredTiles | None = None
             if self.backend == "openslide" and self.properties.get("openslide.vendor") == "dicom":
                 try:
                     st = dicom_stored_tiles(self._source, self.level_dimensions[level])
@@ -438,7 +445,7 @@ class Slide:
         Decoders only warn about corrupt JPEG data and return garbage; each stored tile is
         checked once per process (see ``tiffio.jpeg_scan_problem``).
         """
-        self.handle  # resets per-process caches after a fork
+        _ = self.handle  # resets per-process caches after a fork
         st = self.stored_tiles(level)
         if st is None or not st.jpeg:
             return
