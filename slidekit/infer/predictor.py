@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +37,15 @@ from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.models.checkpoint import load_checkpoint
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Region, Roi, Tissue
-from slidekit.regions.options import ReadOptions, TileOptions, TissueOptions
+from slidekit.regions.options import (
+    OptionGroups,
+    ReadOptions,
+    RoiOptions,
+    RunOptions,
+    StainNormOptions,
+    TileOptions,
+    TissueOptions,
+)
 from slidekit.regions.roi import clip_store_to_roi
 from slidekit.regions.tiling import TileGrid, TileReader, warn_bad_tiles
 from slidekit.stain.normalize import StainNormalizer, normalizer_from_options
@@ -371,43 +380,95 @@ def bad_tile_records(slide: Any, coords: list[list[int]], w: float, h: float) ->
     return records
 
 
+@dataclass(frozen=True)
+class HeatmapOutput:
+    """What ``slidekit heatmap`` writes besides the heatmap store.
+
+    Parameters
+    ----------
+    heatmap_mpp
+        µm/px of the heatmap (None: one pixel per tile stride, or the segmentation's output stride).
+    blend
+        ``"gaussian"`` or ``"constant"`` blending of overlapping tiles.
+    chunk
+        Heatmap pixels per stored chunk side (the unit of resume).
+    threshold, min_area_um2
+        ``predictions.geojson``: regions above ``threshold`` of at least ``min_area_um2`` µm².
+    tiles_geojson
+        Also write ``tiles.geojson`` (one QuPath tile object per tile with its scores).
+    tiff
+        ``"rgb"`` or ``"values"``: also write ``heatmap.tif`` (a pyramidal TIFF).
+    ome_zarr
+        Also write ``heatmap.ome.zarr`` (NGFF 0.4).
+    on_bad_tile
+        ``"raise"`` (a damaged tile stops the slide) or ``"skip"`` (skipped, recorded in ``bad_tiles.geojson``).
+    """
+
+    heatmap_mpp: float | None = None
+    blend: str = "gaussian"
+    chunk: int = 256
+    threshold: float = 0.5
+    min_area_um2: float = 1000.0
+    tiles_geojson: bool = False
+    tiff: str | None = None
+    ome_zarr: bool = False
+    on_bad_tile: str = "raise"
+
+
+@dataclass(frozen=True)
+class HeatmapOptions(OptionGroups):
+    """Every option of ``slidekit heatmap``, in groups; ``HeatmapOptions.of(workers=0, mpp=1.0)``
+    sets single fields by their flat names (``OptionGroups``)."""
+
+    tiles: TileOptions = TileOptions(min_tissue=0.1)
+    reading: ReadOptions = ReadOptions()
+    tissue: TissueOptions = TissueOptions()
+    roi: RoiOptions = RoiOptions()
+    output: HeatmapOutput = HeatmapOutput()
+    run: RunOptions = RunOptions(batch_size=32, workers=2)
+    stain: StainNormOptions = StainNormOptions()
+
+
 class HeatmapJob(SlideJob):
     """The job behind ``slidekit heatmap``: predict a model over a slide's region and write
     ``heatmap.zarr``, ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``, ``heatmap.tif``,
     ``heatmap.ome.zarr``, ``bad_tiles.geojson``); the runner (``regions.job``) writes the summary.
 
-    ``options`` are :func:`heatmap_slide`'s keyword arguments; ``loaded`` a ``load_model`` result.
+    ``loaded`` is a ``load_model`` result; ``options`` a :class:`HeatmapOptions`.
     """
 
     name = "heatmap"
     outputs = tuple(n for n in HEATMAP_OUTPUTS if n != "summary.json")
 
-    def __init__(self, loaded: tuple, *, tiles: TileOptions, reading: ReadOptions, region: Region,
-                 output: dict, predict: dict, roi: Any = None, stain: tuple = (None, {"key": None})) -> None:
+    def __init__(self, loaded: tuple, options: HeatmapOptions) -> None:
         self.net, self.spec, self.ident = loaded
-        spec = self.spec
+        spec, o = self.spec, options
         if spec.task not in ("classification", "segmentation"):
             raise CheckpointError(f"a {spec.task!r} model makes no heatmap (need classification or segmentation)")
-        size = int(tiles.size or spec.patch_size)
-        overlap = tiles.overlap if tiles.overlap is not None else (size // 4 if spec.task == "segmentation" else 0)
-        self.tiles = TileOptions(mpp=float(tiles.mpp or spec.mpp), size=size, overlap=int(overlap),
-                                 min_tissue=tiles.min_tissue)
-        self.reading, self.region, self.roi = reading, region, roi
-        self.output, self.predict_opts = output, predict
-        self.stain, self.stain_info = stain
-        t = self.tiles
+        if o.output.on_bad_tile not in ("raise", "skip"):
+            raise ConfigError(f"on_bad_tile must be 'raise' or 'skip', not {o.output.on_bad_tile!r}")
+        size = int(o.tiles.size or spec.patch_size)
+        overlap = o.tiles.overlap if o.tiles.overlap is not None else (size // 4 if spec.task == "segmentation" else 0)
+        self.tiles = TileOptions(mpp=float(o.tiles.mpp or spec.mpp), size=size, overlap=int(overlap),
+                                 min_tissue=o.tiles.min_tissue)
+        self.options, self.reading, self.output, self.run_opts = o, o.reading, o.output, o.run
+        self.roi = Roi(o.roi.roi, o.roi.roi_class) if o.roi.roi is not None else None
+        if self.roi is not None:
+            self.roi.annotations()  # a bad ROI file is one line before the slide is opened
+        self.region: Region = Tissue(o.tissue) if self.roi is None else Tissue(o.tissue) & self.roi
+        self.stain, self.stain_info = resolve_stain(spec, o.stain.stain_norm, o.stain.stain_ref)
+        t, out, reading = self.tiles, o.output, o.reading
         run_cfg = {"model": self.ident, "mpp": t.mpp, "size": t.size, "overlap": t.overlap,
-                   "blend": output["blend"], "heatmap_mpp": output["heatmap_mpp"], "min_tissue": t.min_tissue,
+                   "blend": out.blend, "heatmap_mpp": out.heatmap_mpp, "min_tissue": t.min_tissue,
                    "slide_mpp": reading.slide_mpp, "override_mpp": reading.override_mpp}
         if self.stain_info["key"] is not None:  # recorded only when normalising (or turned off): older keys hold
             run_cfg["stain"] = self.stain_info["key"]
-        run_cfg.update(region.config())  # "roi", "tissue": recorded only when set, so older keys hold
+        run_cfg.update(self.region.config())  # "roi", "tissue": recorded only when set, so older keys hold
         self.run_cfg = run_cfg
-        out_cfg = {"threshold": output["threshold"], "min_area_um2": output["min_area_um2"],
-                   "tiles_geojson": output["tiles_geojson"]}
-        if output["tiff"]:  # recorded only when asked, so earlier runs keep their configuration key
-            out_cfg["tiff"] = output["tiff"]
-        if output["ome_zarr"]:
+        out_cfg = {"threshold": out.threshold, "min_area_um2": out.min_area_um2, "tiles_geojson": out.tiles_geojson}
+        if out.tiff:  # recorded only when asked, so earlier runs keep their configuration key
+            out_cfg["tiff"] = out.tiff
+        if out.ome_zarr:
             out_cfg["ome_zarr"] = True
         self.out_cfg = out_cfg
 
@@ -435,8 +496,8 @@ class HeatmapJob(SlideJob):
     def run(self, ctx: JobContext) -> dict:
         t0 = time.time()
         slide, out, spec, t = ctx.slide, ctx.out, self.spec, self.tiles
-        o, p = self.output, self.predict_opts
-        slide.skip_bad_tiles = p["on_bad_tile"] == "skip"  # whole-slide overviews show damaged tiles grey, warned
+        o, p = self.output, self.run_opts
+        slide.skip_bad_tiles = o.on_bad_tile == "skip"  # whole-slide overviews show damaged tiles grey, warned
         run_key = config_digest({**self.run_cfg, "slide_id": ctx.slide_id})
         hm_path, part = out / "heatmap.zarr", out / "heatmap.zarr.part"
         hm = self._reusable(hm_path, run_key)
@@ -451,13 +512,13 @@ class HeatmapJob(SlideJob):
             seg_mpp = t.mpp * spec.output_stride if spec.task == "segmentation" else None
             meta = {"run_key": run_key, "model": self.ident, "activation": getattr(spec, "activation", "none")}
             writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
-                                   mpp=o["heatmap_mpp"] or seg_mpp, blend=o["blend"], chunk=o["chunk"], attrs=meta)
+                                   mpp=o.heatmap_mpp or seg_mpp, blend=o.blend, chunk=o.chunk, attrs=meta)
             todo = writer.todo()
             n_tiles, n_done_before = len(grid), len(grid) - len(todo)
 
-            configure_threads(p["threads"], p["workers"])  # main process: the CPUs the workers leave
-            predictor = Predictor(self.net, spec, device=p["device"], batch_size=p["batch_size"],
-                                  workers=p["workers"], progress=ctx.progress, on_bad_tile=p["on_bad_tile"],
+            configure_threads(p.threads, p.workers)  # main process: the CPUs the workers leave
+            predictor = Predictor(self.net, spec, device=p.device, batch_size=p.batch_size,
+                                  workers=p.workers, progress=ctx.progress, on_bad_tile=o.on_bad_tile,
                                   stain=self.stain)
             predictor.timer = timer
             fsize = writer.footprint if spec.task == "segmentation" else None
@@ -484,15 +545,15 @@ class HeatmapJob(SlideJob):
         t_pred = time.time() - t0
         t_write = time.perf_counter()
         hm.overlay(slide, out / "overlay.png")
-        if o["tiff"]:
-            write_heatmap_tiff(hm, out / "heatmap.tif", mode=o["tiff"])
-        if o["ome_zarr"]:
+        if o.tiff:
+            write_heatmap_tiff(hm, out / "heatmap.tif", mode=o.tiff)
+        if o.ome_zarr:
             write_heatmap_ome_zarr(hm, out / "heatmap.ome.zarr")
-        anns = hm.vectorize(threshold=o["threshold"], min_area_um2=o["min_area_um2"])
+        anns = hm.vectorize(threshold=o.threshold, min_area_um2=o.min_area_um2)
         # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
         write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)
         w, h = t.size * t.mpp / slide.mpp[0], t.size * t.mpp / slide.mpp[1]
-        if o["tiles_geojson"]:
+        if o.tiles_geojson:
             coords, values = hm.tiles
             from shapely.geometry import box
 
@@ -527,38 +588,28 @@ class HeatmapJob(SlideJob):
 
 
 def heatmap_job(*, model: str | os.PathLike = "hematoxylin", loaded: tuple | None = None,
-                mpp: float | None = None, size: int | None = None, overlap: int | None = None,
-                heatmap_mpp: float | None = None, blend: str = "gaussian", batch_size: int = 32,
-                workers: int = 2, device: str = "auto", threshold: float = 0.5, min_area_um2: float = 1000.0,
-                min_tissue: float = 0.1, tiles_geojson: bool = False, slide_mpp: float | None = None,
-                chunk: int = 256, roi: str | os.PathLike | None = None, roi_class: str | list[str] | None = None,
-                tissue: dict | None = None, tiff: str | None = None, ome_zarr: bool = False,
-                override_mpp: float | None = None, on_bad_tile: str = "raise", threads: int | None = None,
-                stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None) -> HeatmapJob:
-    """A :class:`HeatmapJob` from :func:`heatmap_slide`'s keyword arguments (checked here, before
-    any slide is opened or anything written)."""
-    resolve_device(device)  # fail on a missing GPU before anything is written
-    loaded = loaded if loaded is not None else load_model(model)
-    if roi is None and roi_class:
-        raise ConfigError(f"roi_class {roi_class!r} given without roi (the annotation file to take it from)")
-    roi_src = Roi(roi, roi_class) if roi is not None else None
-    if roi_src is not None:
-        roi_src.annotations()  # a bad ROI file is one line before the slide is opened
-    region: Region = Tissue(TissueOptions.of(tissue))
-    if roi_src is not None:
-        region = region & roi_src
-    return HeatmapJob(loaded, tiles=TileOptions(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue),
-                      reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp), region=region,
-                      output={"heatmap_mpp": heatmap_mpp, "blend": blend, "threshold": threshold,
-                              "min_area_um2": min_area_um2, "tiles_geojson": tiles_geojson, "chunk": chunk,
-                              "tiff": tiff, "ome_zarr": ome_zarr},
-                      predict={"batch_size": batch_size, "workers": workers, "device": device,
-                               "on_bad_tile": on_bad_tile, "threads": threads},
-                      roi=roi_src, stain=resolve_stain(loaded[1], stain_norm, stain_ref))
+                options: HeatmapOptions | None = None, **flat: Any) -> HeatmapJob:
+    """A :class:`HeatmapJob`, checked before any slide is opened or anything written.
+
+    Parameters
+    ----------
+    model
+        A checkpoint or a built-in model name.
+    loaded
+        A ``load_model`` result instead (one model shared across slides).
+    options
+        The job's :class:`HeatmapOptions` (None: the defaults).
+    **flat
+        Single option fields by their flat names, applied to ``options`` (``HeatmapOptions.of``).
+    """
+    opts = HeatmapOptions.of(options, **flat)
+    resolve_device(opts.run.device)  # fail on a missing GPU before anything is written
+    return HeatmapJob(loaded if loaded is not None else load_model(model), opts)
 
 
-def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
-                  **options: Any) -> dict:
+def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  model: str | os.PathLike = "hematoxylin", loaded: tuple | None = None,
+                  options: HeatmapOptions | None = None, progress: bool = True, **flat: Any) -> dict:
     """Predict a model over the tissue of one slide and write, in ``out_dir``: ``heatmap.zarr``,
     ``overlay.png``, ``predictions.geojson`` (+ ``tiles.geojson``) and, last, ``summary.json``.
 
@@ -568,20 +619,24 @@ def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, 
         The slide file.
     out_dir
         The slide's output folder.
+    model
+        A checkpoint or a built-in model name.
+    loaded
+        A ``load_model`` result instead (one model shared across slides).
+    options
+        A :class:`HeatmapOptions`: tiles (``TileOptions``: ``mpp``, ``size``, ``overlap``,
+        ``min_tissue``), slide reading (``ReadOptions``), ``tissue`` (``TissueOptions``), ``roi``
+        (``RoiOptions``), outputs (:class:`HeatmapOutput`), running (``RunOptions``), stain
+        normalisation (``StainNormOptions``; default the checkpoint's own).
     progress
         Show progress bars.
-    **options
-        :func:`heatmap_job`'s options: ``model`` (a checkpoint or a built-in name) or ``loaded`` (a
-        ``load_model`` result, to share one model across slides); tiles ``mpp``, ``size``,
-        ``overlap``, ``min_tissue``; slide reading ``slide_mpp``, ``override_mpp``; region
-        ``tissue`` (``tissue_mask`` options), ``roi`` (GeoJSON/XML) and ``roi_class``; outputs
-        ``heatmap_mpp``, ``blend``, ``chunk``, ``threshold``, ``min_area_um2``, ``tiles_geojson``,
-        ``tiff`` ("rgb" or "values": ``heatmap.tif``), ``ome_zarr`` (``heatmap.ome.zarr``); running
-        ``batch_size``, ``workers``, ``device``, ``threads``, ``on_bad_tile``; stain ``stain_norm``
-        ("none", "macenko", "reinhard") and ``stain_ref`` (default: the checkpoint's own).
+    **flat
+        Any single field of those groups by its own name (``workers=0``, ``mpp=1.0``,
+        ``threshold=0.3``, ``roi="roi.geojson"``): a shortcut for ``HeatmapOptions.of(...)``.
 
     A finished slide (a summary of the same configuration whose outputs all verify) is skipped; an
     output deleted, emptied or changed since is redone (``regions.job``); an interrupted run resumes
     from the chunks its ``heatmap.zarr.part`` store had finished.
     """
-    return run_job(heatmap_job(**options), slide_path, out_dir, progress=progress)
+    job = heatmap_job(model=model, loaded=loaded, options=options, **flat)
+    return run_job(job, slide_path, out_dir, progress=progress)

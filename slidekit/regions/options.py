@@ -7,6 +7,7 @@ configuration so that a rerun with other options redoes the slide.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -106,3 +107,112 @@ class TileOptions:
         if not 0.0 <= float(self.min_tissue) <= 1.0:
             raise ConfigError(f"min_tissue must be between 0 and 1, got {self.min_tissue!r}")
 
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job runs (never what it writes: not part of its configuration).
+
+    Parameters
+    ----------
+    batch_size
+        Tiles per model batch.
+    workers
+        DataLoader worker processes reading tiles (0: read in the main process).
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    threads
+        CPUs to use (None: those this process may use; ``base.resources.configure_threads``).
+    """
+
+    batch_size: int = 32
+    workers: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class RoiOptions:
+    """A region of interest: the polygons of a QuPath GeoJSON or ASAP/ImageScope XML file.
+
+    Parameters
+    ----------
+    roi
+        The annotation file (None: no ROI).
+    roi_class
+        Only its polygons of these classes (None: all).
+    """
+
+    roi: str | os.PathLike | None = None
+    roi_class: str | tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.roi_class, list):
+            object.__setattr__(self, "roi_class", tuple(self.roi_class))
+        if self.roi is None and self.roi_class:
+            raise ConfigError(f"roi_class {self.roi_class!r} given without roi (the annotation file to take it from)")
+
+
+@dataclass(frozen=True)
+class StainNormOptions:
+    """Stain normalisation of the tiles a model sees.
+
+    Parameters
+    ----------
+    stain_norm
+        ``"none"``, ``"macenko"`` or ``"reinhard"`` (None: the checkpoint's own).
+    stain_ref
+        The reference image or saved reference.
+    """
+
+    stain_norm: str | None = None
+    stain_ref: str | os.PathLike | None = None
+
+
+class OptionGroups:
+    """A job's options as small typed groups (each a frozen dataclass field of the subclass), with
+    a flat view: every group field by its own name, as the CLI and the cohort table spell them.
+
+    ``MyOptions.of(options, **flat)`` takes an object (or None: the defaults) and flat keywords that
+    replace single fields (``workers=0``, ``mpp=0.5``); a keyword no group has is one ConfigError
+    naming the known ones. A ``TissueOptions`` group is set by its own name (``tissue={...}``).
+    """
+
+    @classmethod
+    def of(cls, options: "OptionGroups | None" = None, **flat: Any) -> Any:
+        """The options with ``flat`` keywords applied to their groups."""
+        base = options if options is not None else cls()
+        if not flat:
+            return base
+        groups: dict[str, Any] = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+        owner = {}
+        for gname, group in groups.items():
+            if isinstance(group, TissueOptions):
+                owner[gname] = (gname, None)
+            else:
+                owner.update({f.name: (gname, f.name) for f in dataclasses.fields(group)})
+        unknown = sorted(set(flat) - set(owner))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__} "
+                              f"(known: {', '.join(sorted(owner))})")
+        changes: dict[str, dict] = {}
+        for key, value in flat.items():
+            gname, field_name = owner[key]
+            if field_name is None:
+                groups[gname] = TissueOptions.of(value)
+            else:
+                changes.setdefault(gname, {})[field_name] = value
+        for gname, fields_ in changes.items():
+            groups[gname] = dataclasses.replace(groups[gname], **fields_)
+        return dataclasses.replace(base, **groups)  # type: ignore[type-var]
+
+    def flat(self) -> dict[str, Any]:
+        """Every field of every group by its flat name (a TissueOptions group: its dict, or None when empty)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            group = getattr(self, f.name)
+            if isinstance(group, TissueOptions):
+                out[f.name] = group.as_dict() or None
+            else:
+                out.update({g.name: getattr(group, g.name) for g in dataclasses.fields(group)})
+        return out
