@@ -8,7 +8,7 @@ pixel whose centre lies outside the ROI: the heatmap, its overlay and its polygo
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 
@@ -66,13 +66,15 @@ def clip_store_to_roi(store: str | os.PathLike, roi: list, slide_mpp: tuple[floa
 
 
     root = zarr.open_group(str(store), mode="r+")
-    prob, cov = root["prob"], root["coverage"]
-    (sx, sy), (ox, oy) = root.attrs["scale"], root.attrs["origin"]
-    mpp = float(root.attrs["mpp"])
+    prob, cov = cast(zarr.Array, root["prob"]), cast(zarr.Array, root["coverage"])  # members are Array | Group
+    attrs: dict[str, Any] = dict(root.attrs)
+    (sx, sy), (ox, oy) = attrs["scale"], attrs["origin"]
+    mpp = float(attrs["mpp"])
     H, W = cov.shape
     for r0 in range(0, H, band):
         r1 = min(H, r0 + band)
-        inside = rasterize(roi, (ox, oy + r0 * sy, W * sx, (r1 - r0) * sy), mpp, slide_mpp=tuple(slide_mpp))
+        inside = rasterize(roi, (ox, oy + r0 * sy, W * sx, (r1 - r0) * sy), mpp,
+                           slide_mpp=(slide_mpp[0], slide_mpp[1]))
         inside = np.pad(inside, ((0, max(0, r1 - r0 - inside.shape[0])), (0, max(0, W - inside.shape[1]))))
         inside = inside[:r1 - r0, :W].astype(bool)
         c = np.asarray(cov[r0:r1, :])
