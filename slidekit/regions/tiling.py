@@ -15,7 +15,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -107,7 +107,7 @@ class TileGrid:
         slide_mpp = slide._need_mpp()  # MissingMPPError for a slide opened with require_mpp=False
         check_tile_geometry(slide, float(mpp), int(size), int(overlap))
         grid = cls(coords=np.zeros((0, 2)), mpp=float(mpp), size=int(size), overlap=int(overlap),
-                   slide_dimensions=tuple(slide.dimensions), slide_mpp=tuple(slide_mpp),
+                   slide_dimensions=(slide.dimensions[0], slide.dimensions[1]), slide_mpp=(slide_mpp[0], slide_mpp[1]),
                    slide_name=slide.name, slide_id=slide_fingerprint(slide.path),
                    min_tissue=float(min_tissue))
         cols, rows = _lattice(slide.dimensions, size, grid.stride, grid.scale)
@@ -144,7 +144,8 @@ class TileGrid:
                 "slide_dimensions": list(self.slide_dimensions), "slide_mpp": list(self.slide_mpp),
                 "slide_name": self.slide_name, "slide_id": self.slide_id,
                 "min_tissue": self.min_tissue, "meta": self.meta}
-        arrays = {"coords": self.coords, "meta": np.array(json.dumps(meta))}
+        # Any: numpy's stub reads a str-keyed ** as possibly holding its allow_pickle flag
+        arrays: dict[str, Any] = {"coords": self.coords, "meta": np.array(json.dumps(meta))}
         if self.tissue is not None:
             arrays["tissue"] = self.tissue
         with atomic_path(path) as tmp:
@@ -269,6 +270,7 @@ class _NativeTiles:
             y0 = round(row * self.tile_h * self.downsample)
             raise CorruptTileError(f"damaged tile at level-0 ({x0}, {y0}), level {self.level}: {problem}",
                                    self.path, location=(x0, y0), level=self.level)
+        assert tile is not None  # a decode gives the pixels or what is wrong with them
         return tile
 
     def read(self, x0: int, y0: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -311,7 +313,8 @@ def native_tiles_for(slide: Slide, grid: TileGrid, tolerance: float = 1e-3) -> _
         return None
     level = slide.best_level_for_mpp(grid.mpp, tolerance)
     ds = slide.level_downsamples[level]
-    if abs(grid.mpp / (slide.mpp[0] * ds) - 1) > tolerance or abs(grid.mpp / (slide.mpp[1] * ds) - 1) > tolerance:
+    mx, my = slide._need_mpp()  # best_level_for_mpp has already refused a slide without one
+    if abs(grid.mpp / (mx * ds) - 1) > tolerance or abs(grid.mpp / (my * ds) - 1) > tolerance:
         return None
     stored = slide.stored_tiles(level)
     if stored is None:
