@@ -187,21 +187,26 @@ class _ZipSink:
         self.zf = zipfile.ZipFile(self.part, "w")
         return set()
 
+    def _open_zip(self) -> zipfile.ZipFile:
+        assert self.zf is not None, "start() opens the archive"
+        return self.zf
+
     def add(self, name: str, data: bytes) -> None:
-        self.zf.writestr(name, data, compress_type=zipfile.ZIP_STORED)  # PNG/JPEG are compressed already
+        self._open_zip().writestr(name, data, compress_type=zipfile.ZIP_STORED)  # PNG/JPEG are compressed already
 
     def checkpoint(self) -> None:
         """Close the archive (its central directory makes it consistent) and record its size."""
         key = json.loads(self.state.read_text())["config_key"]
-        self.zf.close()
+        self._open_zip().close()
         write_text_atomic(self.state, json.dumps({"config_key": key, "size": self.part.stat().st_size}))
         self.zf = zipfile.ZipFile(self.part, "a")
 
     def finish(self, table: str, summary: dict) -> None:
-        self.zf.writestr("patches.csv", table, compress_type=zipfile.ZIP_DEFLATED)
-        self.zf.writestr("patches.json", json.dumps(summary, indent=2))
-        self.zf.comment = FORMAT.encode()
-        self.zf.close()
+        zf = self._open_zip()
+        zf.writestr("patches.csv", table, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("patches.json", json.dumps(summary, indent=2))
+        zf.comment = FORMAT.encode()
+        zf.close()
         os.replace(self.part, self.dest)
         self.state.unlink(missing_ok=True)
 
@@ -354,6 +359,7 @@ def _table(grid: Any, names: list[str], labels: list[str] | None, shares: np.nda
     for i, ((x, y), name) in enumerate(zip(grid.coords.tolist(), names)):
         row = [name, x, y, f"{grid.mpp:g}", grid.size, f"{float(tissue[i]):.4f}"]
         if labels is not None:
+            assert shares is not None  # tile_labels gives both
             row += [labels[i], f"{float(shares[i]):.4f}"]
         w.writerow(row)
     return buf.getvalue()

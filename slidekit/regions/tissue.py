@@ -161,7 +161,7 @@ def tissue_mask(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0,
                          min_saturation=min_saturation, min_od=min_od, min_contrast=min_contrast)
     if not mask.any():
         raise TissueError("no tissue found (the slide looks blank at this threshold)", slide.path)
-    return TissueMask(array=mask, mpp=mpp, slide_mpp=slide.mpp)
+    return TissueMask(array=mask, mpp=mpp, slide_mpp=slide._need_mpp())  # read_whole needed it too
 
 
 def glass_colour(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
