@@ -87,7 +87,7 @@ def test_cli_embed_with_clusters_geojson(slide_and_model, tmp_path):
     feats = json.loads(gj.read_text())["features"]
     assert len(feats) == len(emb.coords)
     colours = {}
-    for f, c, (x, y) in zip(feats, emb.clusters.tolist(), emb.coords.tolist()):
+    for f, c, (x, _y) in zip(feats, emb.clusters.tolist(), emb.coords.tolist()):
         props = f["properties"]
         assert props["objectType"] == "tile" and props["classification"]["name"] == f"cluster {c}"
         colours.setdefault(c, tuple(props["classification"]["color"]))

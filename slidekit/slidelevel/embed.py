@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from slidekit.regions.tiling import TileGrid
 from slidekit.slidelevel.feature_store import write_feature_store
 from slidekit.slides.slide import open_slide
 
+if TYPE_CHECKING:
+    import zarr
+
 EMBED_FORMAT = "slidekit.embeddings/1"
 # Distinct colours for clusters (tab20-like), repeated when k is larger.
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -58,7 +61,7 @@ class Embeddings:
     """An opened embeddings store: features (zarr, lazy), coords, clusters (or None), attrs."""
 
     path: Path
-    features: object
+    features: zarr.Array
     coords: np.ndarray
     clusters: np.ndarray | None
     attrs: dict
@@ -81,8 +84,10 @@ def open_embeddings(path: str | os.PathLike) -> Embeddings:
         raise GridError(f"not an embeddings store ({type(e).__name__}: {e})", path) from None
     if attrs.get("format") != EMBED_FORMAT or not attrs.get("complete"):
         raise GridError("not a complete slidekit embeddings store", path)
-    clusters = np.asarray(root["clusters"][:]) if "clusters" in root else None
-    return Embeddings(path, root["features"], np.asarray(root["coords"][:]), clusters, attrs)
+    # the store's members are arrays (zarr types a member as Array | Group)
+    features, coords = cast(zarr.Array, root["features"]), cast(zarr.Array, root["coords"])
+    clusters = np.asarray(cast(zarr.Array, root["clusters"])[:]) if "clusters" in root else None
+    return Embeddings(path, features, np.asarray(coords[:]), clusters, attrs)
 
 
 def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike,
@@ -128,7 +133,7 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
             grid.check_slide(slide)
         if len(grid) == 0:
             raise TissueError(f"no tile has {min_tissue:.0%} tissue at {grid.mpp} µm/px", slide.path)
-        meta = {"format": EMBED_FORMAT, "model": file_identity(model),
+        meta: dict[str, Any] = {"format": EMBED_FORMAT, "model": file_identity(model),
                 "slide": {"name": grid.slide_name, "id": grid.slide_id,
                           "dimensions": list(grid.slide_dimensions), "mpp": list(grid.slide_mpp)},
                 "grid": {"mpp": grid.mpp, "size": grid.size, "overlap": grid.overlap, "tiles": len(grid),
@@ -229,10 +234,10 @@ def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size
         root.create_array("features", shape=(n, dim), chunks=(chunk_rows, dim), dtype="float32")
         root.create_array("coords", shape=(n, 2), chunks=(max(1, min(n, 65536)), 2), dtype="int64")
         if n:
-            root["coords"][:] = grid.coords
+            cast(zarr.Array, root["coords"])[:] = grid.coords
         root.attrs.update({**json.loads(json.dumps(meta)), "rows_done": 0, "complete": False})
-    done = int(root.attrs.get("rows_done", 0))
-    feats = root["features"]
+    done = int(cast(int, root.attrs.get("rows_done", 0)))
+    feats = cast(zarr.Array, root["features"])
     predictor = Predictor(net, spec, device=device, batch_size=batch_size, workers=workers, progress=progress,
                           stain=stain)
     timer = predictor.timer
@@ -265,7 +270,7 @@ def _add_clusters(out: Path, k: int, seed: int) -> None:
     root = zarr.open_group(str(out), mode="r+")
     if root.attrs.get("clusters_k") == k and "clusters" in root:
         return
-    feats = root["features"]
+    feats = cast(zarr.Array, root["features"])
     n = feats.shape[0]
     if n < k:
         raise GridError(f"cannot make {k} clusters from {n} tiles", out)
@@ -282,7 +287,7 @@ def _add_clusters(out: Path, k: int, seed: int) -> None:
         del root["clusters"]
     root.attrs["clusters_k"] = None
     root.create_array("clusters", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype="int32")
-    root["clusters"][:] = labels.astype(np.int32)
+    cast(zarr.Array, root["clusters"])[:] = labels.astype(np.int32)
     root.attrs["clusters_k"] = int(k)  # written last: marks the clusters as complete
 
 
@@ -323,10 +328,10 @@ class EmbedJob(SlideJob):
     name = "embed"
     outputs = EMBED_OUTPUTS
 
-    def __init__(self, *, reading: ReadOptions = ReadOptions(), geojson: bool = False, **options: Any) -> None:
+    def __init__(self, *, reading: ReadOptions | None = None, geojson: bool = False, **options: Any) -> None:
         if not options.get("model"):
             raise ConfigError("embed needs a model (a checkpoint, an encoder file, timm:NAME or a registry name)")
-        self.reading, self.geojson, self.options = reading, bool(geojson), options
+        self.reading, self.geojson, self.options = reading or ReadOptions(), bool(geojson), options
 
     def config(self) -> dict:
         cfg = {k: v for k, v in self.options.items() if k not in _RUNTIME and v is not None}
