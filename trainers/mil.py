@@ -262,8 +262,7 @@ def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, train: np.ndarray,
         model.train()
         total = 0.0
         order = rng.permutation(train)
-        for b in range(0, len(order), step):
-            idx = order[b:b + step]
+        for idx in task.batches(order, step, targets):
             loss = _batch_loss(model, bags, idx, targets, task, loss_fn, c, device)
             opt.zero_grad()
             loss.backward()
@@ -372,7 +371,10 @@ class MILTrainer(Trainer):
                 info = json.loads(record_path.read_text())
             else:
                 model, info = train_fold(c, bags, targets, tr, va, task, c.seed * 1000 + k, dev)
-                save_mil_checkpoint(path, model, {**mil_desc, "fold": k})
+                fitted = (evaluate(model, bags.select(tr), targets[tr], task, task.make_loss(targets[tr], dev, c))[1]
+                          if task.needs_train_predictions else None)  # e.g. a Cox model's baseline hazard
+                state = task.fold_state(targets[tr], fitted)
+                save_mil_checkpoint(path, model, {**mil_desc, **({"fold_state": state} if state else {}), "fold": k})
                 write_text_atomic(record_path, json.dumps(info))
             loss_fn = task.make_loss(targets[tr], dev, c)
             _, p = evaluate(model, bags.select(te), targets[te], task, loss_fn)
@@ -396,8 +398,9 @@ class MILTrainer(Trainer):
         write_text_atomic(out / "oof.csv", buf.getvalue())
         best = min(folds, key=lambda f: f["val_loss"])["fold"]
         ckpt = out / "checkpoint.pt"
-        best_model, _ = load_mil_checkpoint(out / f"fold_{best}.pt")
-        save_mil_checkpoint(ckpt, best_model, {**mil_desc, "fold": best})
+        best_model, best_mil = load_mil_checkpoint(out / f"fold_{best}.pt")
+        state = {"fold_state": best_mil["fold_state"]} if "fold_state" in best_mil else {}
+        save_mil_checkpoint(ckpt, best_model, {**mil_desc, **state, "fold": best})
         write_text_atomic(out / "done.json", json.dumps({"trainer": self.name, "epochs": c.epochs,
                                                          "checkpoint": ckpt.name, "best_fold": best}, indent=2))
         if progress:

@@ -13,6 +13,9 @@ means. A ``MILTask`` says it, in one object:
 - ``make_loss(train_targets, device, config)``: a ``loss(outputs (B, out_dim), targets (B, ...))``
   over a *batch of bags* (a Cox partial likelihood needs the whole risk set, not one bag);
   ``evaluation_loss`` is the early-stopping criterion over a whole validation set;
+- ``batches(order, step, targets)``: one epoch's batches of training bags (default: runs of ``step``);
+- ``fold_state(train_targets, train_predictions)``: what a fold learned beyond its weights (a
+  regression's target mean and sd, a Cox model's baseline hazard), recorded in its checkpoint;
 - ``instance_label(target)``: the class CLAM's instance loss uses (None: the task has none);
 - ``predict(outputs)`` -> ``(n, len(output_columns))`` numbers written as ``output_columns`` in
   ``oof.csv`` and ``scored.csv``; ``deploy_row`` adds what deploy writes beside them (``predicted``);
@@ -76,6 +79,19 @@ class MILTask:
     def make_loss(self, train_targets: np.ndarray, device: torch.device, config: Any) -> Loss:
         """``loss(outputs (B, out_dim), targets (B, ...)) -> scalar`` for a batch of bags."""
         raise NotImplementedError
+
+    def batches(self, order: np.ndarray, step: int, targets: np.ndarray) -> list[np.ndarray]:
+        """One epoch's training batches from the shuffled training indices ``order`` (default:
+        consecutive runs of ``bags_per_step``; survival deals the events out so each batch has one)."""
+        return [order[b:b + step] for b in range(0, len(order), step)]
+
+    #: whether ``fold_state`` needs the fold model's predictions of its own training bags
+    needs_train_predictions: ClassVar[bool] = False
+
+    def fold_state(self, train_targets: np.ndarray, train_predictions: np.ndarray | None) -> dict[str, Any]:
+        """What a fold learned beyond the weights, recorded as ``fold_state`` in its checkpoint (and in
+        ``checkpoint.pt``); called after ``make_loss`` of the fold (default: nothing)."""
+        return {}
 
     def evaluation_loss(self, loss: Loss, outputs: torch.Tensor, targets: torch.Tensor) -> float:
         """The early-stopping criterion over a whole set (default: the loss of the set as one batch)."""
@@ -158,8 +174,16 @@ def register_mil_task(cls: type[MILTask]) -> type[MILTask]:
     return cls
 
 
+#: modules of slidekit's own tasks beyond classification, imported when a task is looked up
+BUILTIN_TASK_MODULES = ("slidekit.slidelevel.outcome_tasks",)
+
+
 def _entry_point_tasks() -> None:
+    import importlib
     from importlib.metadata import entry_points
+
+    for module in BUILTIN_TASK_MODULES:
+        importlib.import_module(module)  # registers survival, regression (docs/outcomes.md)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _TASKS:
