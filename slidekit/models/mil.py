@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +158,7 @@ class ABMIL(nn.Module):
         order = torch.argsort(a, descending=True)
         top, bottom = order[:k], order[-k:]
         losses = []
+        assert self.instance_heads is not None  # forward asks for this loss only with instance heads
         for c, head in enumerate(self.instance_heads):
             if c == label:
                 idx = torch.cat([top, bottom])
@@ -181,7 +182,7 @@ class ABMIL(nn.Module):
             m = m_new
             logits_a.append(s)
             scores.append(self._scores(h))
-        if acc is None:
+        if acc is None or z is None:  # both are set by the first chunk
             raise ValueError("empty bag")
         s_all = torch.cat(logits_a)
         return MILOutput(self.head(acc / z), torch.exp(s_all - m) / z, torch.cat(scores))
@@ -262,13 +263,17 @@ def build_mil(arch: str, in_dim: int, n_classes: int, hidden: int = 128, dropout
     raise ValueError(f"unknown MIL architecture {arch!r}; known: {', '.join(MIL_ARCHS)}")
 
 
+class _Streamable(Protocol):
+    def forward_chunks(self, chunks: Iterable[torch.Tensor]) -> MILOutput: ...
+
+
 def score_bag(model: nn.Module, chunks: Iterator[torch.Tensor] | torch.Tensor) -> MILOutput:
     """Evaluate one bag (a tensor, or an iterator of chunks: streamed where the network allows)."""
     with torch.no_grad():
         if isinstance(chunks, torch.Tensor):
             return model(chunks)
-        if getattr(model, "streamable", False):
-            return model.forward_chunks(chunks)
+        if getattr(model, "streamable", False):  # the flag promises forward_chunks
+            return cast(_Streamable, model).forward_chunks(chunks)
         return model(torch.cat(list(chunks)))  # TransMIL needs the whole sequence at once
 
 
