@@ -73,7 +73,7 @@ def test_heatmap_tiff_has_the_heatmap_mpp_and_values(tmp_path, three_class, mode
     with tifffile.TiffFile(path) as tf:
         pages = list(tf.pages)
         assert pages[0].shape[:2] == (H, W) and len(pages) >= 2
-        for k, p in enumerate(pages):
+        for p in pages:
             num, den = p.tags["XResolution"].value
             assert p.tags["ResolutionUnit"].value == 3  # centimetre
             assert num / den == pytest.approx(1e4 / (three_class.mpp * W / p.shape[1]), rel=1e-3)

@@ -42,10 +42,11 @@ def heatmap_out(slide: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict:
     """A slide, its heatmap OUT (plus a gzipped GeoJSON of 'cells'), a cohort OUT and a secret file beside them."""
-    from slidekit.annotations.objects import Annotation
-    from slidekit.annotations.formats import write_geojson
-    from slidekit.cohort.run import run_cohort
     from shapely.geometry import Point, box
+
+    from slidekit.annotations.formats import write_geojson
+    from slidekit.annotations.objects import Annotation
+    from slidekit.cohort.run import run_cohort
 
     root = tmp_path_factory.mktemp("view")
     slide = synthetic_slide(root / "s.tif", width=W, height=H)
@@ -398,7 +399,8 @@ def test_api_errors_are_typed(tmp_path):
 
 
 def test_the_cli_does_not_load_the_server_at_start():
-    code = "import sys, slidekit.cli; print(sorted(m for m in ('starlette', 'uvicorn', 'slidekit.view') if m in sys.modules))"
+    code = ("import sys, slidekit.cli; "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'slidekit.view') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -455,7 +457,8 @@ def test_a_damaged_or_unfinished_heatmap_is_said_not_hidden(outputs, tmp_path):
     c = TestClient(build_app(out, slide=outputs["slide"]), base_url="http://127.0.0.1")
     item = c.get("/api/item/OUT").json()
     assert item["width"] == W and item["overlay"] is None  # the slide still shows
-    assert len(item["notes"]) == 1 and item["notes"][0].startswith("no overlay: ") and "heatmap.zarr" in item["notes"][0]
+    assert len(item["notes"]) == 1
+    assert item["notes"][0].startswith("no overlay: ") and "heatmap.zarr" in item["notes"][0]
     assert c.get("/overlay/OUT.png").status_code == 422
     shutil.rmtree(out / "heatmap.zarr")
     (out / "heatmap.zarr.part").mkdir()

@@ -27,7 +27,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python
                                "(pip install -e .[dev])")
 pytest.importorskip("starlette", reason="starlette is not installed")
 
-from test_view import outputs  # noqa: E402,F401  (the module-scoped slide, heatmap OUT and cohort OUT)
+import test_view  # noqa: E402
+
+outputs = test_view.outputs  # the fixture of the module-scoped slide, heatmap OUT and cohort OUT
 
 from slidekit.view import make_server  # noqa: E402
 

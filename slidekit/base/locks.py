@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 import time
-import stat
 import uuid
 import warnings
 from pathlib import Path

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, cast
 
 import numpy as np
 import simplejpeg
@@ -110,7 +110,7 @@ class Viewer:
         with self._stats_lock:
             ms = np.array(self.tile_ms, np.float64)
             n = self.tiles_served
-        figures = {"tiles": n, "open_slides": len(self.slides), "slides_opened": self.slides.opened}
+        figures: dict[str, float] = {"tiles": n, "open_slides": len(self.slides), "slides_opened": self.slides.opened}
         if ms.size:
             figures.update(tile_ms_mean=round(float(ms.mean()), 2), tile_ms_p50=round(float(np.median(ms)), 2),
                            tile_ms_p95=round(float(np.percentile(ms, 95)), 2))
@@ -271,7 +271,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000, open_slides: int = 8,
-                backend: str | None = None, slide: str | Path | None = None) -> tuple[uvicorn.Server, socket.socket, str]:
+                backend: str | None = None,
+                slide: str | Path | None = None) -> tuple[uvicorn.Server, socket.socket, str]:
     """(server, bound socket, URL) for PATH, not started: ``server.run(sockets=[sock])`` serves until
     ``server.should_exit`` (tests run it in a thread). A host other than loopback is warned about."""
     if _is_loopback(host):
@@ -304,4 +305,4 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, open_slid
         pass
     finally:
         sock.close()
-        server.config.app.state.viewer.slides.close()
+        cast(Starlette, server.config.app).state.viewer.slides.close()  # make_server's app is build_app's

@@ -15,8 +15,16 @@ from urllib.parse import quote
 
 from slidekit.base.errors import ConfigError, OutputError, SlideError
 from slidekit.view.overlay import geojson_files
-from slidekit.view.paths import (HEATMAP_STORES, Refused, ServedRoot, classify, find_heatmap, is_output_folder,
-                                 read_cohort_csv, recorded_slide)
+from slidekit.view.paths import (
+    HEATMAP_STORES,
+    Refused,
+    ServedRoot,
+    classify,
+    find_heatmap,
+    is_output_folder,
+    read_cohort_csv,
+    recorded_slide,
+)
 
 # summary.json figures shown beside a slide (the rest stay in the file)
 SUMMARY_FIGURES = ("task", "classes", "tiles", "regions", "region_area_mm2", "nuclei", "heatmap_mpp", "seconds")

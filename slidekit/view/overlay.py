@@ -18,7 +18,6 @@ from PIL import Image
 
 from slidekit.infer.heatmap import Heatmap
 from slidekit.infer.legend import legend_info
-from slidekit.view.paths import find_heatmap
 
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
 MAX_OVERLAY_SIZE = 2048  # px on the longer side of the overlay PNG
