@@ -104,10 +104,10 @@ ALIAS_SHADOWS = {
 
 # Commands that read slides, and which of the shared slide-reading options each takes.
 READS_SLIDES = {"slidekit info", "slidekit tissue", "slidekit tile", "slidekit heatmap", "slidekit embed",
-                "slidekit cells", "slidekit mil-attention", "slidekit view"}
+                "slidekit cells", "slidekit mil-attention", "slidekit view", "slidekit qc"}
 NO_MPP_OPTIONS = {"slidekit view": "serve() shows slides as their metadata says; it takes no MPP"}
 NO_BACKEND = {  # the API call opens the slide with the automatic reader and takes no backend= (yet)
-    "slidekit heatmap", "slidekit embed", "slidekit cells"}
+    "slidekit embed"}
 
 
 def test_every_option_is_made_by_a_common_factory():
@@ -246,8 +246,12 @@ def test_quiet_on_the_command_and_the_group(demo_slide, tmp_path):
     assert json.loads((tmp_path / "t" / "tissue.json").read_text())["mask_mpp"] == 16
 
 
-def test_cells_refuses_override_mpp_until_its_api_takes_it(demo_slide, tmp_path):
-    res = CliRunner().invoke(main, ["cells", str(demo_slide), "--model", "hematoxylin", "--out", str(tmp_path / "c"),
-                                    "--override-mpp", "0.5"])
-    assert res.exit_code == 2 and "--override-mpp is not supported by `slidekit cells` yet" in res.output
-    assert not (tmp_path / "c").exists()
+def test_cells_and_heatmap_take_the_shared_slide_reading_options(demo_slide, tmp_path):
+    import json
+
+    for cmd in ("cells", "heatmap"):
+        out = tmp_path / cmd
+        res = CliRunner().invoke(main, [cmd, str(demo_slide), "--out", str(out), "--override-mpp", "0.5",
+                                        "--backend", "tiffslide", "--device", "cpu", "--workers", "0", "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "summary.json").read_text())["config"]["override_mpp"] == 0.5

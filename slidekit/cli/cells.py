@@ -39,13 +39,13 @@ from slidekit.cli.common import (
 @option("workers")
 @threads_option
 @device_option
-@slide_reading_options(backend=False)  # cells_slide reads through the automatic reader
+@slide_reading_options
 @quiet_option
 @cohort_options
 @click.pass_context
 @handle_errors
 def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str, tile_mpp: float | None,
-              tile_size: int | None, override_mpp: float | None,
+              tile_size: int | None,
               manifest: tuple[str, ...], engine: str, jobs: int, gpus: str | None, shard: str | None,
               ray_address: str | None, retry_failed: bool, **options: object) -> None:
     """Detect every nucleus in the tissue of each SLIDE; write OUT/cells.geojson (.gz when large; open
@@ -55,9 +55,6 @@ def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str,
     from slidekit.infer.cells import cells_slide
 
     quiet = quiet_flag(ctx)
-    if override_mpp is not None:  # cells_slide has no override_mpp keyword yet (the shared slide-reading options)
-        raise click.UsageError("--override-mpp is not supported by `slidekit cells` yet; give --slide-mpp for slides "
-                               "without an MPP")
     options.update(mpp=tile_mpp, size=tile_size)
     if not single_slide(ctx, slides, {"manifest": manifest}):
         if options.get("roi") is not None:

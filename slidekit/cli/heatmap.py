@@ -55,7 +55,7 @@ from slidekit.slides.demo import write_demo_slide
 @option("tiff")
 @option("ome_zarr")
 @option("tiles_geojson")
-@slide_reading_options(backend=False)  # heatmap_slide reads through the automatic reader
+@slide_reading_options
 @option("skip_bad_tiles")
 @quiet_option
 @cohort_options

@@ -32,6 +32,7 @@ class CohortTask:
     inputs: str = "slides"  # "heatmaps" for tasks that read heatmap folders instead of slides
     required: tuple[str, ...] = ()  # outputs a slide done earlier must have, else it is redone
     other: Callable[[Any, CohortSlide, Path, dict, bool], dict] | None = None  # a task that is not a slide job
+    defaults: Callable[[], dict] | None = None  # the options' defaults by flat name, where ``api`` takes option groups
 
     def run(self, context: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
         """Do one slide into ``out``; return its figures for the cohort table."""
@@ -47,10 +48,13 @@ class CohortTask:
         import importlib
         import inspect
 
-        module, func = self.api.split(":")
-        params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
-        eff = {k: p.default for k, p in params.items()
-               if k in options or (p.default is not inspect.Parameter.empty and k not in _NOT_OPTIONS)}
+        if self.defaults is not None:
+            eff = {k: v for k, v in self.defaults().items() if k in options or k not in _NOT_OPTIONS}
+        else:
+            module, func = self.api.split(":")
+            params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+            eff = {k: p.default for k, p in params.items()
+                   if k in options or (p.default is not inspect.Parameter.empty and k not in _NOT_OPTIONS)}
         eff.update({k: v for k, v in options.items() if v is not None})
         return eff
 
@@ -79,6 +83,13 @@ def _own(options: dict, *drop: str) -> dict:
     return {k: v for k, v in options.items() if k not in ("slide_mpp", "progress", *drop)}
 
 
+def _heatmap_defaults() -> dict:
+    from slidekit.infer.predictor import HeatmapOptions
+    from slidekit.models.builtin import DEFAULT_MODEL
+
+    return {"model": DEFAULT_MODEL, **HeatmapOptions().flat()}
+
+
 def _heatmap_job(loaded: Any, slide: CohortSlide, options: dict) -> SlideJob:
     from slidekit.infer.predictor import heatmap_job
 
@@ -89,6 +100,12 @@ def _cells_setup(options: dict) -> Any:
     from slidekit.infer.cells import load_cells_model
 
     return load_cells_model(options.get("model") or "hematoxylin")
+
+
+def _cells_defaults() -> dict:
+    from slidekit.infer.cells import CellsOptions
+
+    return {"model": "hematoxylin", **CellsOptions().flat()}
 
 
 def _cells_job(loaded: Any, slide: CohortSlide, options: dict) -> SlideJob:
@@ -118,8 +135,9 @@ def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress
 
 
 TASKS: dict[str, CohortTask] = {t.name: t for t in (
-    CohortTask("heatmap", _heatmap_setup, _heatmap_job, "slidekit.infer.predictor:heatmap_job"),
-    CohortTask("cells", _cells_setup, _cells_job, "slidekit.infer.cells:cells_job"),
+    CohortTask("heatmap", _heatmap_setup, _heatmap_job, "slidekit.infer.predictor:heatmap_job",
+               defaults=_heatmap_defaults),
+    CohortTask("cells", _cells_setup, _cells_job, "slidekit.infer.cells:cells_job", defaults=_cells_defaults),
     CohortTask("embed", _nothing, _embed_job, "slidekit.slidelevel.embed:embed_slide",
                required=("embeddings.zarr", "features.h5")),
     CohortTask("tissue", _nothing, _tissue_job, "slidekit.regions.tissue_job:tissue_job"),

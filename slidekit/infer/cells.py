@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from slidekit.infer.predictor import Predictor, load_model, release_memory
 from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Region, Roi, Tissue
-from slidekit.regions.options import ReadOptions, TissueOptions
+from slidekit.regions.options import OptionGroups, ReadOptions, RoiOptions, RunOptions, TileOptions, TissueOptions
 from slidekit.regions.roi import roi_identity
 from slidekit.regions.tiling import TileGrid, TileReader
 
@@ -280,16 +281,79 @@ def _feature_json(nid: int, ring_json: str, measures: dict) -> str:
     return (_FEATURE_HEAD % (nid, ring_json)) + (_FEATURE_PROPS % json.dumps(measures))
 
 
+@dataclass(frozen=True)
+class NucleiOptions:
+    """How nuclei are found in the model's output and written.
+
+    Parameters
+    ----------
+    threshold
+        Nucleus probability threshold.
+    min_distance_um
+        Smallest distance between two nuclei's seeds (µm).
+    min_area_um2
+        Smallest nucleus kept (µm²).
+    channel
+        The output channel of the nucleus probability (None: the last class that is not an outline class).
+    split
+        How touching nuclei are split (:func:`nucleus_channels`: ``auto``, ``boundary``, ``distance``).
+    gzip
+        Compress the GeoJSON (None: above ``GZIP_ABOVE_NUCLEI`` nuclei).
+    """
+
+    threshold: float = 0.5
+    min_distance_um: float = 2.0
+    min_area_um2: float = 10.0
+    channel: int | None = None
+    split: str = "auto"
+    gzip: bool | None = None
+
+
+@dataclass(frozen=True)
+class CellsOptions(OptionGroups):
+    """Every option of ``slidekit cells``, in groups (flat field names work too: ``OptionGroups``)."""
+
+    tiles: TileOptions = TileOptions(min_tissue=0.05)
+    reading: ReadOptions = ReadOptions()
+    tissue: TissueOptions = TissueOptions()
+    roi: RoiOptions = RoiOptions()
+    nuclei: NucleiOptions = NucleiOptions()
+    run: RunOptions = RunOptions(batch_size=16, workers=0)
+
+
 class CellsJob(SlideJob):
     """The job behind ``slidekit cells`` (see :func:`cells_slide`); the runner writes the summary."""
 
     name = "cells"
     outputs = tuple(n for n in CELL_OUTPUTS if n != "summary.json")
 
-    def __init__(self, loaded: tuple, *, cfg: dict, reading: ReadOptions, region: Region, roi: Any,
-                 run: dict) -> None:
+    def __init__(self, loaded: tuple, options: CellsOptions) -> None:
         self.net, self.spec, self.ident = loaded
-        self.cfg, self.reading, self.region, self.roi, self.opts = cfg, reading, region, roi, run
+        spec, o = self.spec, options
+        if spec.task != "segmentation":
+            raise CheckpointError(f"a {spec.task!r} model finds no nuclei (need a segmentation model)")
+        size = int(o.tiles.size or spec.patch_size)
+        mpp = float(o.tiles.mpp or spec.mpp)
+        overlap = int(size // 4 if o.tiles.overlap is None else o.tiles.overlap)
+        n = o.nuclei
+        nucleus_channels(list(spec.classes), n.channel, n.split)  # a bad channel or split is refused here
+        if not 0 < overlap < size:
+            raise ConfigError(f"overlap must be between 1 and size-1 px (got {overlap}); nuclei on seams need it")
+        r = o.reading
+        cfg = {"model": self.ident, "mpp": mpp, "size": size, "overlap": overlap, "threshold": n.threshold,
+               "min_distance_um": n.min_distance_um, "min_area_um2": n.min_area_um2, "channel": n.channel,
+               "min_tissue": o.tiles.min_tissue, "slide_mpp": r.slide_mpp, "tissue": o.tissue.as_dict() or None,
+               "split": n.split, "gzip": n.gzip}
+        if r.override_mpp is not None:  # recorded only when set, so earlier runs keep their configuration key
+            cfg["override_mpp"] = r.override_mpp
+        self.region: Region = Tissue(o.tissue)
+        self.roi = None
+        if o.roi.roi is not None:
+            self.roi = Roi(o.roi.roi, o.roi.roi_class)
+            self.roi.annotations()  # a bad ROI file is one line before the slide is opened
+            cfg["roi"] = roi_identity(o.roi.roi, o.roi.roi_class)
+            self.region = self.region & self.roi
+        self.cfg, self.reading, self.opts = cfg, r, o.run
 
     def config(self) -> dict:
         return dict(self.cfg)
@@ -321,8 +385,8 @@ class CellsJob(SlideJob):
         bands = np.unique(rows)
         done = {int(p.stem.split("-")[1]) for p in part.glob("band-*.csv")}
         todo_bands = [int(b) for b in bands if int(b) not in done]
-        configure_threads(o["threads"], o["workers"])
-        predictor = Predictor(self.net, spec, device=o["device"], batch_size=o["batch_size"], workers=o["workers"],
+        configure_threads(o.threads, o.workers)
+        predictor = Predictor(self.net, spec, device=o.device, batch_size=o.batch_size, workers=o.workers,
                               progress=False)
         predictor.timer = timer
         sx, sy = grid.scale
@@ -383,43 +447,28 @@ class CellsJob(SlideJob):
 
 
 def cells_job(*, model: str | os.PathLike = "hematoxylin", loaded: tuple | None = None,
-              mpp: float | None = None, size: int | None = None, overlap: int | None = None,
-              threshold: float = 0.5, min_distance_um: float = 2.0, min_area_um2: float = 10.0,
-              channel: int | None = None, batch_size: int = 16, workers: int = 0, device: str = "auto",
-              min_tissue: float = 0.05, roi: str | os.PathLike | None = None, tissue: dict | None = None,
-              slide_mpp: float | None = None, override_mpp: float | None = None, threads: int | None = None,
-              split: str = "auto", gzip: bool | None = None) -> CellsJob:
-    """A :class:`CellsJob` from :func:`cells_slide`'s keyword arguments (checked before any slide is opened)."""
-    resolve_device(device)
-    loaded = loaded if loaded is not None else load_cells_model(model)
-    net, spec, ident = loaded
-    if spec.task != "segmentation":
-        raise CheckpointError(f"a {spec.task!r} model finds no nuclei (need a segmentation model)")
-    size = int(size or spec.patch_size)
-    mpp = float(mpp or spec.mpp)
-    overlap = int(size // 4 if overlap is None else overlap)
-    nucleus_channels(list(spec.classes), channel, split)  # a bad channel or split is refused here
-    if not 0 < overlap < size:
-        raise ConfigError(f"overlap must be between 1 and size-1 px (got {overlap}); nuclei on seams need it")
-    cfg = {"model": ident, "mpp": mpp, "size": size, "overlap": overlap, "threshold": threshold,
-           "min_distance_um": min_distance_um, "min_area_um2": min_area_um2, "channel": channel,
-           "min_tissue": min_tissue, "slide_mpp": slide_mpp, "tissue": tissue, "split": split, "gzip": gzip}
-    if override_mpp is not None:  # recorded only when set, so earlier runs keep their configuration key
-        cfg["override_mpp"] = override_mpp
-    region: Region = Tissue(TissueOptions.of(tissue))
-    roi_src = None
-    if roi is not None:
-        roi_src = Roi(roi, None)
-        roi_src.annotations()  # a bad ROI file is one line before the slide is opened
-        cfg["roi"] = roi_identity(roi, None)
-        region = region & roi_src
-    return CellsJob(loaded, cfg=cfg, reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp),
-                    region=region, roi=roi_src,
-                    run={"batch_size": batch_size, "workers": workers, "device": device, "threads": threads})
+              options: CellsOptions | None = None, **flat: Any) -> CellsJob:
+    """A :class:`CellsJob`, checked before any slide is opened.
+
+    Parameters
+    ----------
+    model
+        A segmentation checkpoint or a built-in model name.
+    loaded
+        A ``load_cells_model`` result instead (one model shared across slides).
+    options
+        The job's :class:`CellsOptions` (None: the defaults).
+    **flat
+        Single option fields by their flat names (``CellsOptions.of``).
+    """
+    opts = CellsOptions.of(options, **flat)
+    resolve_device(opts.run.device)
+    return CellsJob(loaded if loaded is not None else load_cells_model(model or "hematoxylin"), opts)
 
 
-def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
-                **options: Any) -> dict:
+def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                model: str | os.PathLike = "hematoxylin", loaded: tuple | None = None,
+                options: CellsOptions | None = None, progress: bool = True, **flat: Any) -> dict:
     """Detect every nucleus in the tissue of one slide; write ``cells.geojson`` (or
     ``cells.geojson.gz``), ``cells.csv`` (+ ``regions.csv`` with ``roi``) and ``summary.json`` in
     ``out_dir`` (see the module docstring).
@@ -430,21 +479,23 @@ def cells_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, pr
         The slide file.
     out_dir
         The slide's output folder.
+    model
+        A segmentation checkpoint or a built-in model name.
+    loaded
+        A ``load_cells_model`` result instead.
+    options
+        A :class:`CellsOptions`: tiles (``min_tissue=0`` without an ROI tiles the whole slide
+        without tissue detection), reading, ``tissue``, ``roi``, :class:`NucleiOptions`, running.
     progress
         Show a progress bar.
-    **options
-        :func:`cells_job`'s options: ``model`` or ``loaded``; tiles ``mpp``, ``size``, ``overlap``,
-        ``min_tissue`` (0 without ``roi`` tiles the whole slide without tissue detection); nuclei
-        ``threshold``, ``min_distance_um``, ``min_area_um2``, ``channel`` (the output channel of
-        the nucleus probability; default the last class that is not an outline class), ``split``
-        (:func:`nucleus_channels`); region ``tissue``, ``roi``; reading ``slide_mpp``,
-        ``override_mpp``; running ``batch_size``, ``workers``, ``device``, ``threads``; ``gzip``
-        (compress the GeoJSON; None compresses above ``GZIP_ABOVE_NUCLEI`` nuclei).
+    **flat
+        Any single field of those groups by its own name (``mpp=1.0``, ``gzip=False``, ``roi=...``).
 
     A finished slide whose outputs all verify is skipped (``regions.job``); an interrupted one
     resumes per tile row.
     """
-    return run_job(cells_job(**options), slide_path, out_dir, progress=progress)
+    job = cells_job(model=model, loaded=loaded, options=options, **flat)
+    return run_job(job, slide_path, out_dir, progress=progress)
 
 
 def _write_rows(w: Any, nuclei: list[dict], slide_mpp: tuple[float, float]) -> None:

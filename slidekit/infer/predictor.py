@@ -604,7 +604,7 @@ def heatmap_job(*, model: str | os.PathLike = "hematoxylin", loaded: tuple | Non
     """
     opts = HeatmapOptions.of(options, **flat)
     resolve_device(opts.run.device)  # fail on a missing GPU before anything is written
-    return HeatmapJob(loaded if loaded is not None else load_model(model), opts)
+    return HeatmapJob(loaded if loaded is not None else load_model(model or "hematoxylin"), opts)
 
 
 def heatmap_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *,
