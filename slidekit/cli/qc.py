@@ -1,7 +1,7 @@
 """``slidekit qc``: slide QC (artefact classes, their areas, a verdict) through ``slidekit.regions.qc``.
 
-The verdict limits (--max-blur, --max-pen, --max-fold, --max-debris, --max-bubble) are taken from the shared
-vocabulary (slidekit/cli/common.py) once it has them; until then they are plain options here.
+The verdict limits (--max-blur, --max-pen, --max-fold, --max-debris, --max-bubble) come from the shared
+vocabulary (slidekit/cli/common.py) like every other option.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any, Callable
 import click
 
 from slidekit.cli.common import (
-    VOCABULARY,
     echo_json,
     handle_errors,
     option,
@@ -32,12 +31,7 @@ LIMITS = {  # vocabulary key -> (flag, what it limits)
 
 
 def _limit_option(key: str) -> Callable:
-    flag, name = LIMITS[key]
-    default = getattr(_DEFAULTS, key)
-    if key in VOCABULARY:
-        return option(key, default=default, show_default=True)
-    return click.option(flag, key, type=click.FloatRange(0, 1), default=default, show_default=True,
-                        help=f"Largest fraction of the tissue that may be '{name}' for the slide to pass.")
+    return option(key, default=getattr(_DEFAULTS, key), show_default=True)
 
 
 def _limit_options(func: Callable) -> Callable:

@@ -3,18 +3,30 @@
 
 Imports: ``slidekit.base``, ``slidekit.slides``, ``slidekit.annotations``. Never loads torch.
 """
+from slidekit.regions.grid_job import GridJob, grid_job, save_grid
 from slidekit.regions.job import JobContext, SlideJob, run_job, verify_folder
 from slidekit.regions.masks import Intersect, MaskImage, Region, Roi, Subtract, Tissue, WholeSlide, build_region
-from slidekit.regions.options import ReadOptions, TileOptions, TissueOptions
+from slidekit.regions.options import (
+                                      OptionGroups,
+                                      ReadOptions,
+                                      RoiOptions,
+                                      RunOptions,
+                                      StainNormOptions,
+                                      TileOptions,
+                                      TissueOptions,
+)
 from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
+from slidekit.regions.qc import QcArtefacts, QcJob, QcOptions, qc_slide
 from slidekit.regions.roi import read_roi, restrict_mask
 from slidekit.regions.tiling import TileGrid, TileReader, make_grid, read_tiles
 from slidekit.regions.tissue import TissueMask, detect_tissue, glass_colour, mask_to_polygons, tissue_mask
-from slidekit.regions.tissue_job import TissueJob, save_tissue
+from slidekit.regions.tissue_job import TissueJob, save_tissue, tissue_job
 
 __all__ = ["TissueMask", "tissue_mask", "detect_tissue", "glass_colour", "mask_to_polygons", "save_tissue",
            "TileGrid", "TileReader", "read_tiles", "make_grid", "read_roi", "restrict_mask", "export_patches",
            "tile_labels", "write_grid_geojson",
            "SlideJob", "JobContext", "run_job", "verify_folder", "TissueJob",
            "Region", "Tissue", "Roi", "MaskImage", "WholeSlide", "Intersect", "Subtract", "build_region",
-           "ReadOptions", "TissueOptions", "TileOptions"]
+           "ReadOptions", "TissueOptions", "TileOptions", "RunOptions", "RoiOptions", "StainNormOptions",
+           "OptionGroups", "GridJob", "grid_job", "save_grid", "tissue_job",
+           "QcOptions", "QcJob", "QcArtefacts", "qc_slide"]

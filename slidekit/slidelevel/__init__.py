@@ -25,7 +25,8 @@ from slidekit.slidelevel.staging import (
 
 # embed, linear_eval and mil_deploy load torch, features and topk zarr and scikit-image, feature_store
 # h5py: on first use only.
-_LAZY = {name: ".embed" for name in ("embed_slide", "open_embeddings", "Embeddings", "write_cluster_geojson")}
+_LAZY = {name: ".embed" for name in ("embed_slide", "open_embeddings", "Embeddings", "write_cluster_geojson",
+                                     "EmbedJob")}
 _LAZY.update({name: ".feature_store" for name in (
     "read_features", "iter_feature_chunks", "feature_info", "FeatureBag", "FeatureInfo", "FeatureWriter",
     "write_feature_store", "is_complete_store", "FEATURE_SUFFIXES")})
@@ -35,6 +36,8 @@ _LAZY.update({name: ".features" for name in (
 # linear_eval's function of the same name is not re-exported: importing the module anywhere rebinds
 # slidekit.slidelevel.linear_eval to the module, so that name would change meaning with import order.
 _LAZY.update({name: ".linear_eval" for name in ("linear_probe", "fine_tune", "extract_features")})
+_LAZY.update({name: ".mil_tasks" for name in ("MILTask", "Classification", "register_mil_task", "get_mil_task",
+                                               "available_mil_tasks", "task_from_checkpoint")})
 _LAZY.update({name: ".mil_deploy" for name in ("deploy", "score_file", "read_bag", "BagScore", "attention_outputs")})
 _LAZY.update({name: ".topk" for name in ("TopK", "topk_from_heatmap", "topk_from_scores", "topk_mean",
                                          "read_score_table")})

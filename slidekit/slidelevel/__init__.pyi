@@ -3,6 +3,7 @@
 this stub and ``__all__`` name the same objects."""
 from slidekit.slidelevel.embed import (
     Embeddings as Embeddings,
+    EmbedJob as EmbedJob,
     embed_slide as embed_slide,
     open_embeddings as open_embeddings,
     write_cluster_geojson as write_cluster_geojson,
@@ -41,6 +42,14 @@ from slidekit.slidelevel.mil_deploy import (
     read_bag as read_bag,
     score_file as score_file,
 )
+from slidekit.slidelevel.mil_tasks import (
+    Classification as Classification,
+    MILTask as MILTask,
+    available_mil_tasks as available_mil_tasks,
+    get_mil_task as get_mil_task,
+    register_mil_task as register_mil_task,
+    task_from_checkpoint as task_from_checkpoint,
+)
 from slidekit.slidelevel.staging import (
     NODE_LABELS as NODE_LABELS,
     PN_STAGES as PN_STAGES,
@@ -62,6 +71,13 @@ from slidekit.slidelevel.topk import (
 )
 
 __all__ = [
+    "EmbedJob",
+    "MILTask",
+    "Classification",
+    "register_mil_task",
+    "get_mil_task",
+    "available_mil_tasks",
+    "task_from_checkpoint",
     "pn_stage",
     "stage_table",
     "stage_csv",
