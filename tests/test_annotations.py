@@ -361,7 +361,8 @@ def test_repairs_are_made_and_said(tmp_path: Path) -> None:
     xml.write_text('<Annotations><Annotation Name="Nuclei"><Regions><Region Id="1"><Vertices/></Region>'
                    '<Region Id="2"><Vertices><Vertex X="0" Y="0"/><Vertex X="4" Y="0"/><Vertex X="4" Y="4"/>'
                    '</Vertices></Region></Regions></Annotation></Annotations>')
-    with pytest.warns(sk.AnnotationWarning, match=r"scope\.xml: ImageScope regions without vertices dropped \(region 1\)"):
+    with pytest.warns(sk.AnnotationWarning,
+                      match=r"scope\.xml: ImageScope regions without vertices dropped \(region 1\)"):
         assert [a.name for a in read_annotations(xml)] == ["2"]
 
 

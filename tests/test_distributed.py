@@ -21,8 +21,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from slidekit.base import distributed as sdist
-from slidekit.data.sampling import (ClassBalancedSampler, FixedRatioSampler, HardNegativeSampler, PerSlideCapSampler,
-                                    UniformSampler, WeightedSampler)
+from slidekit.data.sampling import (
+    ClassBalancedSampler,
+    FixedRatioSampler,
+    HardNegativeSampler,
+    PerSlideCapSampler,
+    UniformSampler,
+    WeightedSampler,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,10 +227,7 @@ def _scribble_rank(data: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_rank_scribble_equals_one_rank_with_the_global_batch(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_scribble_trainer import make_nuclei_folder
-
     from slidekit.models.spec import ModelSpec
-    from trainers.scribble import ScribbleConfig, ScribbleTrainer
 
     monkeypatch.setattr(ModelSpec, "normalize", ModelSpec.normalize)  # restored afterwards
     _float64()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from slidekit.base.errors import CheckpointError, ConfigError
+from slidekit.base.errors import CheckpointError, ConfigError, GridError
 from slidekit.models.backbones import TimmEncoder
 from slidekit.models.checkpoint import load_checkpoint, save_checkpoint
 from slidekit.models.networks import build_model
@@ -186,5 +186,5 @@ def test_non_finite_features_are_never_written(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="non-finite outputs"):
         embed_slide(slide, f"timm:{CNN}", tmp_path / "e.zarr", weights=w, tile_mpp=2.0, patch_size=32,
                     device="cpu", progress=False)
-    with pytest.raises(Exception):
+    with pytest.raises(GridError):  # no store was written
         open_embeddings(tmp_path / "e.zarr")

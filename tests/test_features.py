@@ -6,9 +6,18 @@ import pytest
 from click.testing import CliRunner
 
 from slidekit.cli import main
-from slidekit.slidelevel.features import (HeatmapView, downsample, feature_names, features_from_view, features_table,
-                                          heatmap_features, open_heatmap_view, predicted_size_class, read_table,
-                                          size_class)
+from slidekit.slidelevel.features import (
+    HeatmapView,
+    downsample,
+    feature_names,
+    features_from_view,
+    features_table,
+    heatmap_features,
+    open_heatmap_view,
+    predicted_size_class,
+    read_table,
+    size_class,
+)
 
 
 def disc_map(diameter_um: float, mpp: float, field_um: float = 4000.0, p_in: float = 0.95,

@@ -179,7 +179,8 @@ def test_write_geojson_clips_to_bounds_and_says_so(tmp_path: Path) -> None:
     with pytest.warns(AnnotationWarning, match=r"1 objects entirely outside the bounds dropped \(2 clipped\)"):
         out = write_geojson(anns, tmp_path / "c.geojson", bounds=(100, 100))
     got = read_annotations(out)
-    assert len(got) == 3 and got[0].geometry.equals(box(90, 90, 100, 100)) and got[1].geometry.equals(box(10, 10, 20, 20))
+    assert len(got) == 3
+    assert got[0].geometry.equals(box(90, 90, 100, 100)) and got[1].geometry.equals(box(10, 10, 20, 20))
     assert got[2].geometry.equals(LineString([(50, 50), (50, 100)]))
     assert [a.id for a in got] == [anns[0].id, anns[1].id, anns[3].id]
     # A geometry bound (e.g. a heatmap's coverage box); clipping alone (edge tiles) is not warned about.

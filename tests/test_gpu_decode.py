@@ -200,7 +200,8 @@ def test_gpu_check_without_cuda_exits_0_with_one_line(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--json", str(tmp_path / "o.json")],
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"),
+                           "--json", str(tmp_path / "o.json")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().count("\n") == 0 and "no CUDA" in proc.stdout

@@ -199,11 +199,12 @@ def test_the_package_top_level_stays_small():
             init = p / "__init__.py"
             assert init.exists(), f"{p.name}/ is not a package"
             doc = ast.get_docstring(ast.parse(init.read_text()))
-            assert doc and "import" in doc.lower(), f"{p.name}/__init__.py must say what it holds and what it may import"
+            assert doc and "import" in doc.lower(), \
+                f"{p.name}/__init__.py must say what it holds and what it may import"
 
 
 def test_the_layer_order_is_the_one_docs_architecture_md_shows():
     text = (ROOT / "docs" / "architecture.md").read_text()
     positions = [text.find(f"`{layer}`") for layer in LAYERS]
-    assert all(p >= 0 for p in positions), [l for l, p in zip(LAYERS, positions) if p < 0]
+    assert all(p >= 0 for p in positions), [layer for layer, p in zip(LAYERS, positions) if p < 0]
     assert positions == sorted(positions), "docs/architecture.md lists the layers in another order"

@@ -9,8 +9,14 @@ from slidekit.base.errors import LabelError
 from slidekit.models.checkpoint import save_checkpoint
 from slidekit.models.networks import ResNetClassifier
 from slidekit.models.spec import ModelSpec
-from slidekit.slidelevel.linear_eval import (extract_features, fine_tune, linear_eval, linear_probe, prepare_batch,
-                                             scores)
+from slidekit.slidelevel.linear_eval import (
+    extract_features,
+    fine_tune,
+    linear_eval,
+    linear_probe,
+    prepare_batch,
+    scores,
+)
 
 
 def _colour_patches(n: int, seed: int) -> tuple[list[np.ndarray], list[str]]:

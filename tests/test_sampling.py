@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from slidekit.data.sampling import (ClassBalancedSampler, FixedRatioSampler, HardNegativeSampler, PerSlideCapSampler,
-                                    UniformSampler, WeightedSampler, as_torch_generator, ratio_counts)
+from slidekit.data.sampling import (
+    ClassBalancedSampler,
+    FixedRatioSampler,
+    HardNegativeSampler,
+    PerSlideCapSampler,
+    UniformSampler,
+    WeightedSampler,
+    as_torch_generator,
+    ratio_counts,
+)
 
 
 def test_uniform_is_a_seeded_permutation_per_epoch():

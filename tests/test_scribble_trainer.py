@@ -247,7 +247,8 @@ def test_config_class_matching_no_annotation_is_an_error(tmp_path):
     cfg = trainers.make_config(ScribbleTrainer.Config, dict(
         slides=[str(slide)], annotations=[str(geo)], classes=["Background", "Tumour"], crop=32, epochs=1))
     with pytest.raises(LabelError, match=r"class\(es\) 'Tumour' of the config match no annotation in .*s.geojson; "
-                                         r"annotation classes found: 'Background' \(1\), 'Stroma' \(1\), 'Tumor' \(1\)"):
+                                         r"annotation classes found: "
+                                         r"'Background' \(1\), 'Stroma' \(1\), 'Tumor' \(1\)"):
         ScribbleTrainer(cfg).fit(tmp_path / "run", device="cpu", progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     # classes that are drawn but not in the config are ignored, and the user is told

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from slidekit.annotations.scribbles import (IGNORE, foreground_iou, generate_scribbles, instances_from_mask,
-                                            object_dice, segmentation_scores, skeleton_pieces)
+from slidekit.annotations.scribbles import (
+    IGNORE,
+    foreground_iou,
+    generate_scribbles,
+    instances_from_mask,
+    object_dice,
+    segmentation_scores,
+    skeleton_pieces,
+)
 
 
 def discs(shape=(120, 160), n=20, seed=0, border=False) -> np.ndarray:

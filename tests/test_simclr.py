@@ -16,8 +16,16 @@ from slidekit.base.errors import ConfigError
 from slidekit.data.sampling import FixedRatioSampler
 from slidekit.models.checkpoint import load_checkpoint, transfer_encoder
 from slidekit.models.networks import ResNetUNet
-from trainers.simclr_core import (LARS, AugmentConfig, HistologyAugment, color_jitter, gaussian_blur, nt_xent,
-                                  split_decay_groups, warmup_cosine)
+from trainers.simclr_core import (
+    LARS,
+    AugmentConfig,
+    HistologyAugment,
+    color_jitter,
+    gaussian_blur,
+    nt_xent,
+    split_decay_groups,
+    warmup_cosine,
+)
 from trainers.simclr_data import PatchPool, build_sources
 
 

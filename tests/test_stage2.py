@@ -7,8 +7,15 @@ import torch
 
 from slidekit.base.errors import LabelError
 from slidekit.slidelevel.features import heatmap_features, size_class
-from trainers.stage2 import (MorphClassifier, TopKMeanConfig, TopKMeanTrainer, fit_morph_lgbm, fit_topk_mean,
-                             read_slide_table, topk_mean_probs)
+from trainers.stage2 import (
+    MorphClassifier,
+    TopKMeanConfig,
+    TopKMeanTrainer,
+    fit_morph_lgbm,
+    fit_topk_mean,
+    read_slide_table,
+    topk_mean_probs,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,7 +50,7 @@ def test_morph_lgbm_on_toy_table(tmp_path):
 
 def test_morph_lgbm_binary_and_single_class():
     rows, labels = _toy_rows(4, np.random.default_rng(0))
-    clf, _ = fit_morph_lgbm(rows, ["negative" if l == "negative" else "positive" for l in labels],
+    clf, _ = fit_morph_lgbm(rows, ["negative" if lab == "negative" else "positive" for lab in labels],
                             classes=("negative", "positive"))
     assert clf.predict_proba(rows).shape == (16, 2)
     only, m = fit_morph_lgbm(rows[:4], labels[:4])
@@ -103,7 +110,8 @@ def test_size_class_consistent_with_labels():
 
 
 @pytest.mark.parametrize("rows, match", [
-    ("a.tif,macro\nb.tif,negative\na.tif,negative\n", r"line 4: slide 'a.tif' is listed under two labels \('macro' on line 2"),
+    ("a.tif,macro\nb.tif,negative\na.tif,negative\n",
+     r"line 4: slide 'a.tif' is listed under two labels \('macro' on line 2"),
     ("a.tif,macro\n./a.tif,macro\n", r"line 3: slide './a.tif' is listed twice \(also on line 2\)"),
     ("x/a.tif,macro\nx/a.svs,negative\n", "x/a.svs' is listed under two labels"),
 ])

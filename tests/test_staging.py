@@ -161,7 +161,8 @@ def test_cli_stage_bad_csv_one_line(tmp_path):
 
 @pytest.mark.parametrize("rows, match", [
     ("patient_000_node_0.tif,macro\npatient_000_node_0.svs,macro\n",
-     r"line 3: node 'patient_000_node_0.svs' is the same node as 'patient_000_node_0.tif' \(node 0 of patient_000, line 2\)"),
+     r"line 3: node 'patient_000_node_0.svs' is the same node as 'patient_000_node_0.tif' "
+     r"\(node 0 of patient_000, line 2\)"),
     ("patient_000_node_2.tif,macro\npatient_000_node_1.tif,negative\npatient_000_node_02.tif,micro\n",
      r"'patient_000_node_02.tif' is the same node as 'patient_000_node_2.tif'"),
 ])

@@ -9,8 +9,14 @@ import torch
 from PIL import Image
 
 from slidekit.base.errors import ConfigError, StainWarning
-from slidekit.stain.augment import (DEFAULT_LAB_STATS, STAIN_AUGMENTS, HEDJitter, RandStainNA, augmenter_from_options,
-                                    hed_shift)
+from slidekit.stain.augment import (
+    DEFAULT_LAB_STATS,
+    STAIN_AUGMENTS,
+    HEDJitter,
+    RandStainNA,
+    augmenter_from_options,
+    hed_shift,
+)
 from slidekit.stain.normalize import rgb_u8_to_lab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the shared cores crawl otherwise

@@ -116,6 +116,7 @@ def test_train_list_loads_neither_torch_nor_a_trainer(tmp_path):
 
     code = ("import sys\nfrom click.testing import CliRunner\nfrom slidekit.cli import main\n"
             "res = CliRunner().invoke(main, ['train', '--list'])\nassert res.exit_code == 0, res.output\n"
-            "print(sorted(m for m in ('torch', 'lightgbm', 'timm', 'sklearn', 'trainers.base', 'trainers.scribble') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'lightgbm', 'timm', 'sklearn', 'trainers.base', 'trainers.scribble')"
+            " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
