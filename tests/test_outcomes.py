@@ -259,15 +259,15 @@ def test_patient_bags_pool_slides_and_refuse_unknown_patients(tmp_path):
 
 def test_survival_and_regression_train_at_patient_level_and_deploy(tmp_path):
     assert {"survival", "regression", "regression-l1", "regression-mse"} <= set(available_mil_tasks())
-    clinical, slides, truth = _cohort(tmp_path)
+    clinical, slides, truth = _cohort(tmp_path, n_patients=48)
     tables = patient_bags(clinical, slides, tmp_path / "pt", regression=["ki67"])
-    common = {"arch": "meanpool", "folds": 3, "epochs": 40, "patience": 10, "lr": 5e-3, "hidden": 16,
-              "bootstrap": 50}
+    common = {"arch": "meanpool", "folds": 3, "epochs": 20, "patience": 6, "lr": 1e-2, "hidden": 16,
+              "bootstrap": 30}
     ckpt = train("mil", None, tmp_path / "os", {**common, "slides": str(tables["os"]), "task": "survival",
                                                 "bags_per_step": 16}, device="cpu", progress=False)
     m = json.loads((tmp_path / "os" / "metrics.json").read_text())
     print("survival OOF", m["overall"], m["ci95"]["c_index"])
-    assert m["task"] == "survival" and m["patients"] == 60 and m["ties"] == "breslow"
+    assert m["task"] == "survival" and m["patients"] == 48 and m["ties"] == "breslow"
     assert m["overall"]["c_index"] > 0.7 and m["ci95"]["c_index"][0] < m["overall"]["c_index"]
     assert {"c_index", "uno_c", "auc_mean", "ibs"} <= set(m["overall"]) and len(m["horizons"]) == 3
     with open(tmp_path / "os" / "oof.csv") as f:

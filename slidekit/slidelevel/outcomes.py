@@ -509,3 +509,62 @@ def km_plot(time, event, risk, out: str | os.PathLike | None = None, cutoffs: Se
     os.replace(tmp, out)
     result["png"] = str(out)
     return result
+
+
+# -- command line: python -m slidekit.slidelevel.outcomes ------------------------------------------
+
+def _km_from_oof(oof: Path, out: Path | None, cutoffs: Sequence[float] | None) -> dict:
+    """``km_plot`` of a survival run's ``oof.csv`` (columns time, event, risk)."""
+    with open(oof, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"time", "event", "risk"} <= set(rows[0]):
+        raise LabelError("not the oof.csv of a survival run (needs time, event and risk columns)", oof)
+    t = np.array([parse_time(r["time"], oof, i) for i, r in enumerate(rows, start=2)])
+    e = np.array([parse_status(r["event"], oof, i) for i, r in enumerate(rows, start=2)])
+    return km_plot(t, e, np.array([float(r["risk"]) for r in rows]), out, cutoffs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``patients CLINICAL SLIDES --out DIR``: pool each patient's slides and write one MIL table per
+    endpoint; ``km OOF.csv --out km.png``: Kaplan–Meier curves by predicted risk group, log-rank p."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m slidekit.slidelevel.outcomes", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("patients", help="pool patients' slides into bags; one MIL table per endpoint")
+    p.add_argument("clinical")
+    p.add_argument("slides", help="CSV patient,features[,slide]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--survival", action="append", default=None, metavar="TIME:EVENT",
+                   help="time and event columns (default: found by name)")
+    p.add_argument("--regression", action="append", default=[], metavar="COLUMN", help="a numeric target column")
+    p.add_argument("--patient-column", default=None)
+    k = sub.add_parser("km", help="Kaplan-Meier curves of a survival run's oof.csv by predicted risk group")
+    k.add_argument("oof")
+    k.add_argument("--out", default=None, help="PNG to write (skipped without matplotlib)")
+    k.add_argument("--cutoffs", default=None, help="risk cut-offs, comma-separated (default: the median)")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "patients":
+            surv = [tuple(s.split(":", 1)) for s in a.survival] if a.survival else None
+            if surv and any(len(s) != 2 for s in surv):
+                ap.error("--survival takes TIME:EVENT")
+            tables = patient_bags(a.clinical, a.slides, a.out, surv, a.regression, a.patient_column)
+            for name, path in tables.items():
+                print(f"{name}: {path}")
+        else:
+            cuts = [float(x) for x in a.cutoffs.split(",")] if a.cutoffs else None
+            km = _km_from_oof(Path(a.oof), Path(a.out) if a.out else None, cuts)
+            for g in km["groups"]:
+                print(f"{g['name']}: {g['n']} patients, {g['events']} events, at risk {g['at_risk']}")
+            print(f"log-rank p = {km['p']:.3g}")
+            print(f"wrote {km['png']}" if km["png"] else km.get("png_skipped", "no PNG asked for"))
+    except LabelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
