@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from slidekit.base.errors import ConfigError
+from slidekit.regions.tissue import TissueParams
 from slidekit.slides.slide import open_slide
 
 
@@ -54,14 +55,8 @@ class TissueOptions:
 
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    _KNOWN = frozenset({"mpp", "min_area_um2", "min_hole_um2", "closing_um", "remove_pen", "min_saturation",
-                        "min_od", "min_contrast"})
-
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.options) - self._KNOWN)
-        if unknown:
-            known = ", ".join(sorted(self._KNOWN))
-            raise ConfigError(f"unknown tissue option(s) {', '.join(unknown)} (known: {known})")
+        TissueParams.of(**self.options)  # an unknown name is one ConfigError listing the known ones
 
     @classmethod
     def of(cls, value: "TissueOptions | Mapping[str, Any] | None") -> "TissueOptions":

@@ -11,7 +11,8 @@ result does not depend on the working resolution.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,7 +21,7 @@ from shapely.geometry import Polygon
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
-from slidekit.base.errors import TissueError
+from slidekit.base.errors import ConfigError, TissueError
 from slidekit.slides.slide import Slide
 
 
@@ -143,25 +144,76 @@ def _pen_mask(rgb: np.ndarray, hsv: np.ndarray) -> np.ndarray:
     return green | blue | black
 
 
-def tissue_mask(slide: Slide, mpp: float = 8.0, min_area_um2: float = 20_000.0,
-                min_hole_um2: float = 20_000.0, closing_um: float = 32.0,
-                remove_pen: bool = True, min_saturation: int = 20, min_od: float = 0.05,
-                min_contrast: float = 0.02, progress: bool | None = None) -> TissueMask:
-    """Detect tissue on the slide read whole at ``mpp`` µm/px.
+@dataclass(frozen=True)
+class TissueParams:
+    """Tissue detection's parameters (``detect_tissue``, ``tissue_mask``).
+
+    Parameters
+    ----------
+    mpp
+        µm/px of the view the slide is read whole at (``tissue_mask`` only).
+    min_area_um2
+        Regions under this area (µm²) are dropped.
+    min_hole_um2
+        Holes enclosed by tissue under this area (µm²) are filled.
+    closing_um
+        Diameter of the closing disc (µm).
+    remove_pen
+        Remove pen ink and its rim.
+    min_saturation
+        Saturation above its Otsu threshold counts only above this (0–255).
+    min_od
+        ... and only with optical density above this.
+    min_contrast
+        Optical density relative to the glass colour above which a pixel is tissue.
+    """
+
+    mpp: float = 8.0
+    min_area_um2: float = 20_000.0
+    min_hole_um2: float = 20_000.0
+    closing_um: float = 32.0
+    remove_pen: bool = True
+    min_saturation: int = 20
+    min_od: float = 0.05
+    min_contrast: float = 0.02
+
+    @classmethod
+    def of(cls, params: "TissueParams | None" = None, **flat: Any) -> "TissueParams":
+        """``params`` (or the defaults) with single fields replaced; an unknown name is one ConfigError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ConfigError(f"unknown tissue option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return replace(params or cls(), **flat)
+
+
+def tissue_mask(slide: Slide, params: TissueParams | None = None, *, progress: bool | None = None,
+                **flat: Any) -> TissueMask:
+    """Detect tissue on the slide read whole at ``params.mpp`` µm/px.
 
     Tissue = saturation above its Otsu threshold (at least ``min_saturation``) with optical density
     above ``min_od``, or optical density above its own Otsu threshold, or optical density relative
     to the glass colour (``glass_colour``) above ``min_contrast``; minus pen ink; closed with a disc
     of ``closing_um``; holes enclosed by tissue under ``min_hole_um2`` filled; regions under
     ``min_area_um2`` dropped. Raises TissueError when nothing is left.
+
+    Parameters
+    ----------
+    slide
+        The open slide.
+    params
+        :class:`TissueParams` (None: the defaults).
+    progress
+        A progress bar for the whole-slide read (None: only for huge single-level reads).
+    **flat
+        Single fields of :class:`TissueParams` by name (``mpp=16``, ``min_area_um2=0``).
     """
-    view = slide.read_whole(mpp, progress=progress)  # progress: a bar (None: only for huge single-level reads)
-    mask = detect_tissue(view, mpp, min_area_um2=min_area_um2, min_hole_um2=min_hole_um2,
-                         closing_um=closing_um, remove_pen=remove_pen,
-                         min_saturation=min_saturation, min_od=min_od, min_contrast=min_contrast)
+    p = TissueParams.of(params, **flat)
+    view = slide.read_whole(p.mpp, progress=progress)
+    mask = detect_tissue(view, p.mpp, p)
     if not mask.any():
         raise TissueError("no tissue found (the slide looks blank at this threshold)", slide.path)
-    return TissueMask(array=mask, mpp=mpp, slide_mpp=slide._need_mpp())  # read_whole needed it too
+    return TissueMask(array=mask, mpp=p.mpp, slide_mpp=slide._need_mpp())  # read_whole needed it too
 
 
 def glass_colour(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
@@ -206,10 +258,23 @@ def _fill_enclosed_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     return mask | fill[labels]
 
 
-def detect_tissue(rgb: np.ndarray, mpp: float, min_area_um2: float = 20_000.0,
-                  min_hole_um2: float = 20_000.0, closing_um: float = 32.0, remove_pen: bool = True,
-                  min_saturation: int = 20, min_od: float = 0.05, min_contrast: float = 0.02) -> np.ndarray:
-    """Tissue mask (bool) of an RGB image whose pixels are ``mpp`` µm wide."""
+def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = None, **flat: Any) -> np.ndarray:
+    """Tissue mask (bool) of an RGB image whose pixels are ``mpp`` µm wide.
+
+    Parameters
+    ----------
+    rgb
+        The view (H, W, 3) uint8.
+    mpp
+        Its µm/px (``params.mpp`` is not used here).
+    params
+        :class:`TissueParams` (None: the defaults).
+    **flat
+        Single fields of :class:`TissueParams` by name.
+    """
+    p = TissueParams.of(params, **flat)
+    min_area_um2, min_hole_um2, closing_um = p.min_area_um2, p.min_hole_um2, p.closing_um
+    remove_pen, min_saturation, min_od, min_contrast = p.remove_pen, p.min_saturation, p.min_od, p.min_contrast
     px_area = mpp * mpp
     blur = min(rgb.shape[:2]) >= 5
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
