@@ -270,7 +270,8 @@ def test_every_per_slide_command_takes_a_cohort(cohort, tmp_path):
 
     rows = run("tissue", str(folder), "--out", str(tmp_path / "T"))
     assert [r["id"] for r in rows] == ["c", "d"] and all(float(r["area_mm2"]) > 0 for r in rows)
-    rows = run("tile", str(cohort[2]), str(cohort[3]), "--out", str(tmp_path / "G"), "--tile-mpp", "2", "--tile-size", "64")
+    rows = run("tile", str(cohort[2]), str(cohort[3]), "--out", str(tmp_path / "G"), "--tile-mpp", "2",
+               "--tile-size", "64")
     assert all(int(r["tiles"]) > 0 for r in rows) and (tmp_path / "G" / "d" / "grid.npz").exists()
     run("heatmap", str(folder / "*.tif"), "--out", str(tmp_path / "H"), "--device", "cpu")
     rows = run("features", str(tmp_path / "H"), "--out", str(tmp_path / "F"), "--jobs", "1")
@@ -421,7 +422,7 @@ def test_malformed_ledger_record_and_locks_fail_or_retake_one_slide(cohort, tmp_
 
 
 def test_locks_naming_no_process_are_taken_over(tmp_path):
-    from slidekit.base.locks import OutputLock, read_lock, is_stale
+    from slidekit.base.locks import OutputLock, is_stale, read_lock
     for pid in (0, -1, -12345):
         folder = tmp_path / f"p{pid}"
         folder.mkdir()

@@ -86,7 +86,8 @@ SLOW: dict[str, str] = {
                                        "shared cores (cohort construction, fixed topk-mean epochs)",
     "--init simclr --seed 0 --json simclr.json": "the SimCLR benchmark at its defaults (about 10 minutes)",
     "benchmarks/stain.py --json stain.json": "the full stain benchmark (four trainings, 8 minutes on 2 idle cores)",
-    "benchmarks/mil.py --seeds": "the MIL benchmark (three seeds, five MIL trainings each: about 10 minutes on 2 shared cores)",
+    "benchmarks/mil.py --seeds":
+        "the MIL benchmark (three seeds, five MIL trainings each: about 10 minutes on 2 shared cores)",
 }
 
 SHELL_LANGS = {"bash", "sh", "shell"}

@@ -105,7 +105,8 @@ def test_topk_mean_metrics_hold_the_stage_split_and_quiet_prints_nothing(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::slidekit.base.errors.TrainingWarning")  # the toy cohort's round choice is arbitrary
+# the toy cohort's round choice is arbitrary
+@pytest.mark.filterwarnings("ignore::slidekit.base.errors.TrainingWarning")
 def test_mixed_em_rounds_hold_the_stage_split_with_stain_options(tmp_path):
     from conftest import mixed_em_slides
     from PIL import Image
