@@ -139,3 +139,180 @@ def test_cli_h5(embedded, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["h5"] == str(tmp_path / "e.h5")
     assert len(read_features(tmp_path / "e.h5")) == open_embeddings(store).coords.shape[0]
+
+
+# -- malformed files (issue 29 item 14) and storage outside the file (item 16) ---------------------------------
+
+def _good(f, n=4, d=8, side=256):
+    f["features"] = np.ones((n, d), np.float32)
+    f["coords"] = np.arange(2 * n).reshape(n, 2) * side
+    f["coords"].attrs["patch_size_level0"] = side
+
+
+def _features_group(f):
+    f.create_group("features")
+    f["coords"] = np.zeros((4, 2), np.int64)
+
+
+def _coords_group(f):
+    f["features"] = np.ones((4, 8), np.float32)
+    f.create_group("coords")
+
+
+def _string_features(f):
+    f["features"] = np.array([[b"a", b"b"]] * 4)
+    f["coords"] = np.zeros((4, 2), np.int64)
+
+
+def _compound_features(f):
+    f["features"] = np.zeros((4, 2), dtype=[("a", "f4"), ("b", "i4")])
+    f["coords"] = np.zeros((4, 2), np.int64)
+
+
+def _string_coords(f):
+    f["features"] = np.ones((4, 8), np.float32)
+    f["coords"] = np.array([[b"1", b"2"]] * 4)
+
+
+def _side(value):
+    def build(f):
+        _good(f)
+        f["coords"].attrs["patch_size_level0"] = value
+    return build
+
+
+def _clam_downsample(f):
+    f["features"] = np.ones((4, 8), np.float32)
+    f["coords"] = np.zeros((4, 2), np.int64)
+    f["coords"].attrs.update({"patch_size": 256, "patch_level": 1, "downsample": "xyz"})
+
+
+def _external_link_missing(f):
+    f["coords"] = np.zeros((4, 2), np.int64)
+    f["coords"].attrs["patch_size_level0"] = 256
+    f["features"] = h5py.ExternalLink("gone.h5", "/features")
+
+
+def _soft_loop(f):
+    f["coords"] = np.zeros((4, 2), np.int64)
+    f["coords"].attrs["patch_size_level0"] = 256
+    f["features"] = h5py.SoftLink("/loop")
+    f["loop"] = h5py.SoftLink("/features")
+
+
+def _huge(f):
+    f.create_dataset("features", shape=(10 ** 8, 1024), dtype="float32")
+    f.create_dataset("coords", shape=(10 ** 8, 2), dtype="int64")
+    f["coords"].attrs["patch_size_level0"] = 256
+
+
+MALFORMED = {
+    "features_group": (_features_group, "'features' is a group"),
+    "coords_group": (_coords_group, "'coords' is a group"),
+    "string_features": (_string_features, "'features' holds bytes"),
+    "compound_features": (_compound_features, "'features' holds compound"),
+    "string_coords": (_string_coords, "'coords' holds bytes"),
+    "side_text": (_side("abc"), "patch_size_level0 'abc' is not a tile size"),
+    "side_nan": (_side(float("nan")), "patch_size_level0 nan is not a tile size"),
+    "side_negative": (_side(-256), "patch_size_level0 -256 is not a tile size"),
+    "clam_downsample": (_clam_downsample, "downsample 'xyz' is not a tile size"),
+    "external_link_missing": (_external_link_missing, "'features' is an external link to gone.h5"),
+    "soft_link_loop": (_soft_loop, "'features' cannot be opened"),
+    "huge": (_huge, "100000000 x 1024 features"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_files_are_one_feature_error_line(tmp_path, case):
+    from slidekit.base.errors import FeatureError
+    from slidekit.slidelevel.feature_store import feature_info
+
+    build, msg = MALFORMED[case]
+    path = tmp_path / f"{case}.h5"
+    with h5py.File(path, "w") as f:
+        build(f)
+    for read in (read_features, lambda p: list(iter_feature_chunks(p, rows=2)), feature_info):
+        with pytest.raises(FeatureError) as e:
+            read(path)
+        text = str(e.value)
+        assert "\n" not in text and str(path) in text and msg in text, text
+
+
+def test_malformed_file_is_a_failed_row_naming_it_in_mil_deploy(tmp_path):
+    import csv
+
+    from slidekit.models.mil import build_mil, save_mil_checkpoint
+
+    ckpt = save_mil_checkpoint(tmp_path / "m.pt", build_mil("abmil", 8, 2).eval(),
+                               {"arch": "abmil", "in_dim": 8, "classes": ["a", "b"], "hidden": 128})
+    files = []
+    for case in ("string_features", "external_link_missing", "side_text", "clam_downsample"):
+        files.append(tmp_path / f"{case}.h5")
+        with h5py.File(files[-1], "w") as f:
+            MALFORMED[case][0](f)
+    with h5py.File(tmp_path / "good.h5", "w") as f:
+        _good(f)
+    res = CliRunner().invoke(main, ["mil-deploy", *map(str, files), str(tmp_path / "good.h5"), "--model", str(ckpt),
+                                    "--out", str(tmp_path / "s.csv"), "--quiet"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    rows = {r["features"]: r for r in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert rows[str(tmp_path / "good.h5")]["status"] == "done"
+    for p in files:
+        assert rows[str(p)]["status"] == "failed" and rows[str(p)]["error"].startswith(str(p)), rows[str(p)]
+
+
+def _source(path, n=4, d=8):
+    with h5py.File(path, "w") as f:
+        _good(f, n, d)
+
+
+def _ext_link(f, tmp):
+    _source(tmp / "src.h5")
+    f["features"] = h5py.ExternalLink("src.h5", "/features")
+    f["coords"] = h5py.ExternalLink("src.h5", "/coords")
+
+
+def _virtual(f, tmp, missing=False):
+    _source(tmp / "src.h5")
+    layout = h5py.VirtualLayout(shape=(4, 8), dtype="float32")
+    layout[:] = h5py.VirtualSource(str(tmp / ("nowhere.h5" if missing else "src.h5")), "features", shape=(4, 8))
+    f.create_virtual_dataset("features", layout)
+    f["coords"] = np.arange(8).reshape(4, 2) * 256
+    f["coords"].attrs["patch_size_level0"] = 256
+
+
+def _external_raw(f, tmp):
+    raw = tmp / "raw.bin"
+    np.ones((4, 8), np.float32).tofile(raw)
+    f.create_dataset("features", shape=(4, 8), dtype="float32", external=[(str(raw), 0, 4 * 8 * 4)])
+    f["coords"] = np.arange(8).reshape(4, 2) * 256
+    f["coords"].attrs["patch_size_level0"] = 256
+
+
+EXTERNAL = {
+    "external_link": (_ext_link, "an external link to src.h5"),
+    "virtual": (_virtual, "a virtual dataset"),
+    "virtual_missing": (lambda f, t: _virtual(f, t, missing=True), "a virtual dataset"),
+    "external_raw": (_external_raw, "stored outside the file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTERNAL))
+def test_storage_outside_the_file_is_refused_unless_allowed(tmp_path, case):
+    from slidekit.base.errors import FeatureError
+    from slidekit.slidelevel.feature_store import feature_info
+
+    build, msg = EXTERNAL[case]
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        build(f, tmp_path)
+    for read in (read_features, feature_info, lambda p, **k: list(iter_feature_chunks(p, **k))):
+        with pytest.raises(FeatureError, match="allow_external") as e:
+            read(path)
+        assert msg in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+    if case == "virtual_missing":  # allowed, a missing source is still no silent zeros
+        with pytest.raises(FeatureError, match="nowhere.h5 .*not found"):
+            read_features(path, allow_external=True)
+    else:
+        assert read_features(path, allow_external=True).features.sum() == 32
+        assert feature_info(path, allow_external=True).rows == 4

@@ -20,6 +20,13 @@ Writing is atomic and resumable: ``FeatureWriter`` appends row chunks to ``OUT.p
 and the file is renamed to ``OUT`` only when complete. ``read_features`` reads slidekit, TRIDENT,
 CLAM and STAMP files (``feats``/``coords``); ``iter_feature_chunks`` streams a bag row chunk by
 row chunk for bags bigger than memory.
+
+Every malformed file is one ``FeatureError`` naming the file and the problem (a dataset that is a
+group, text or compound values, a tile size that is not a number, a link that cannot be resolved,
+a bag declared larger than the free memory). HDF5 storage outside the file (external links,
+virtual datasets, external raw storage) is refused unless the reader is given
+``allow_external=True``; even then a virtual dataset whose source file is missing is refused
+(HDF5 would read its rows as zeros).
 """
 from __future__ import annotations
 
@@ -74,8 +81,140 @@ def _open(path: Path):
                         path) from None
 
 
-def _layout(f, path: Path) -> tuple[str, str]:
-    """(features dataset name, source) of an open file; FeatureError for anything else."""
+def _free_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _has(f, name: str) -> bool:
+    """Whether ``f`` has a link ``name`` (a dangling or looping link counts: it is opened, and refused, later)."""
+    try:
+        return f.get(name, getlink=True) is not None
+    except Exception:
+        return False
+
+
+def _dataset(f, name: str, path: Path, allow_external: bool):
+    """The dataset ``name`` of an open file: FeatureError for a group, a link that cannot be resolved,
+    values that are not numbers, or (unless ``allow_external``) storage outside the file."""
+    link = f.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        if not allow_external:
+            raise FeatureError(f"'{name}' is an external link to {link.filename}:{link.path} (storage outside the "
+                               "file is refused; pass allow_external=True to follow it)", path)
+        target = Path(link.filename)
+        target = target if target.is_absolute() else path.parent / target
+        if not target.is_file():
+            raise FeatureError(f"'{name}' is an external link to {link.filename}, which is not found", path)
+    try:
+        ds = f[name]
+    except Exception as e:
+        raise FeatureError(f"'{name}' cannot be opened ({type(e).__name__}: {' '.join(str(e).split())[:120]}; "
+                           "a dangling or looping link?)", path) from None
+    if not isinstance(ds, h5py.Dataset):
+        raise FeatureError(f"'{name}' is a {'group' if isinstance(ds, h5py.Group) else type(ds).__name__}, not a "
+                           "dataset", path)
+    kind = ds.dtype.kind
+    if kind not in "fiu":
+        what = {"S": "bytes", "U": "text", "O": "text or objects", "V": "compound or opaque records",
+                "b": "booleans"}.get(kind, f"{ds.dtype} values")
+        if ds.dtype.names:
+            what = "compound records"
+        raise FeatureError(f"'{name}' holds {what} ({ds.dtype}), not numbers", path)
+    if ds.is_virtual:
+        if not allow_external:
+            raise FeatureError(f"'{name}' is a virtual dataset (its rows are stored in other files; pass "
+                               "allow_external=True to read them)", path)
+        for src in ds.virtual_sources():
+            if src.file_name in (".", ""):
+                continue
+            target = Path(src.file_name)
+            target = target if target.is_absolute() else path.parent / target
+            if not target.is_file():
+                raise FeatureError(f"'{name}' is a virtual dataset whose source {src.file_name} is not found "
+                                   "(HDF5 would read its rows as zeros)", path)
+    if ds.external:
+        if not allow_external:
+            raise FeatureError(f"'{name}' is stored outside the file (external raw storage in "
+                               f"{ds.external[0][0]}; pass allow_external=True to read it)", path)
+        for target, _offset, _size in ds.external:
+            t = Path(target if isinstance(target, str) else target.decode())
+            if not (t if t.is_absolute() else path.parent / t).is_file():
+                raise FeatureError(f"'{name}' is stored outside the file in {t}, which is not found", path)
+    return ds
+
+
+def _check_memory(rows: int, dim: int, path: Path) -> None:
+    """FeatureError when ``rows`` x ``dim`` float32 features (``dim`` 0: the coords alone, 16 bytes a
+    tile) would not fit the free memory: the declared size decides, not what the file holds on disk."""
+    need = rows * (dim * 4 + 16)
+    free = _free_bytes()
+    if free is not None and need > free:
+        what = f"{rows} x {dim} features" if dim else f"{rows} tile corners"
+        raise FeatureError(f"declares {what} ({need / 2**30:.1f} GiB to read), more than the free memory "
+                           f"({free / 2**30:.1f} GiB)" + ("; read it in chunks (iter_feature_chunks, mil-deploy)"
+                                                          if dim else ""), path)
+
+
+def _guarded(path: Path, action: str):
+    """A context that turns anything but a FeatureError into one FeatureError line naming ``path``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except FeatureError:
+            raise
+        except MemoryError:
+            raise FeatureError(f"too large to {action} in memory", path) from None
+        except Exception as e:
+            raise FeatureError(f"cannot {action} ({type(e).__name__}: {' '.join(str(e).split())[:160]})",
+                               path) from None
+
+    return guard()
+
+
+def _layout(f, path: Path, allow_external: bool = False) -> tuple[str, str]:
+    """(features dataset name, source) of an open file; FeatureError for anything else (and for
+    ``features``/``coords`` that are not numeric datasets inside the file, ``_dataset``)."""
+    name, source = _layout_names(f, path)
+    for key in (name, "coords"):
+        _check_written(_dataset(f, key, path, allow_external), key, path)
+    return name, source
+
+
+def _check_written(ds, name: str, path: Path) -> None:
+    """FeatureError for a dataset declared with rows that were never written (HDF5 reads them as
+    its fill value, zeros, without a word): storage short of a contiguous dataset's size, or chunks
+    missing from a chunked one. Storage outside the file is checked by ``_dataset``."""
+    if ds.size == 0 or ds.is_virtual or ds.external:
+        return
+    shape = " x ".join(str(int(v)) for v in ds.shape)
+    try:
+        if ds.chunks is None:
+            stored, whole = int(ds.id.get_storage_size()), int(ds.size) * ds.dtype.itemsize
+            short = stored < whole
+            what = f"stores {stored} of its {whole} bytes"
+        else:
+            want = int(np.prod([-(-int(n) // int(c)) for n, c in zip(ds.shape, ds.chunks)]))
+            have = int(ds.id.get_num_chunks())
+            short = have < want
+            what = f"stores {have} of its {want} chunks"
+    except Exception:  # an HDF5 build without these queries: nothing to check with
+        return
+    if short:
+        raise FeatureError(f"'{name}' declares {shape} {'features' if name != 'coords' else 'coords'} but {what} "
+                           "(rows never written read as zeros): an unfinished or damaged file", path)
+
+
+def _layout_names(f, path: Path) -> tuple[str, str]:
     fmt = f.attrs.get("format")
     if fmt is not None and str(fmt).startswith("slidekit.features"):
         if str(fmt) != FEATURES_FORMAT:
@@ -84,11 +223,15 @@ def _layout(f, path: Path) -> tuple[str, str]:
         if not bool(f.attrs.get("complete", False)):
             raise FeatureError("unfinished slidekit feature file (rerun the embed)", path)
         return "features", "slidekit"
-    if "coords" not in f:
+    if not _has(f, "coords"):
         raise FeatureError(f"not a feature file: no 'coords' dataset (has {sorted(f.keys())[:6]})", path)
-    if "features" in f:
-        return "features", ("trident" if "patch_size_level0" in f["coords"].attrs else "clam")
-    if "feats" in f:
+    if _has(f, "features"):
+        try:
+            trident = "patch_size_level0" in f["coords"].attrs
+        except Exception:  # an unresolvable coords link: _dataset says what it is
+            trident = False
+        return "features", ("trident" if trident else "clam")
+    if _has(f, "feats"):
         return "feats", "stamp"
     raise FeatureError(f"not a feature file: no 'features' or 'feats' dataset (has {sorted(f.keys())[:6]})", path)
 
@@ -99,6 +242,8 @@ def _check_shapes(f, name: str, path: Path) -> tuple[int, int]:
         raise FeatureError(f"'{name}' has shape {feats.shape}, not (N, D)", path)
     if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != feats.shape[0]:
         raise FeatureError(f"'coords' has shape {coords.shape}; '{name}' has {feats.shape[0]} rows", path)
+    if feats.shape[1] == 0 and feats.shape[0] > 0:
+        raise FeatureError(f"'{name}' has shape {feats.shape}: features 0 wide", path)
     return int(feats.shape[0]), int(feats.shape[1])
 
 
@@ -111,17 +256,19 @@ def _attr(attrs, key: str):
     return v
 
 
-def _coords_level0(f, source: str, path: Path, slide_mpp: float | None) -> tuple[np.ndarray, int]:
+def _coords_level0(f, source: str, path: Path, slide_mpp: float | None,
+                   allow_external: bool = False) -> tuple[np.ndarray, int]:
     """Level-0 integer corners and the tile's level-0 side of any supported layout."""
-    ds = f["coords"]
+    ds = _dataset(f, "coords", path, allow_external)
     a = ds.attrs
+    _check_memory(int(ds.shape[0]) if ds.ndim else 0, 0, path)
     coords = np.asarray(ds[:])
     if source == "stamp" and str(_attr(a, "unit") or "").lower() in ("um", "µm", "micron", "microns"):
         # STAMP 2 stores corners and tile size in µm: level 0 needs the slide's µm/px.
         if slide_mpp is None:
             raise FeatureError("STAMP coords are in µm: give the slide's µm/px (slide_mpp=)", path)
         tile_um = _attr(a, "tile_size_um") or _attr(f.attrs, "tile_size_um")
-        side = int(round(float(tile_um) / slide_mpp)) if tile_um else 0
+        side = int(round(_size_attr(tile_um, "tile_size_um", path) / slide_mpp)) if tile_um else 0
         return np.rint(coords / slide_mpp).astype(np.int64), side
     if source == "stamp":
         warnings.warn(f"{path}: STAMP file without a coords unit: its coords are taken as level-0 pixels",
@@ -130,15 +277,34 @@ def _coords_level0(f, source: str, path: Path, slide_mpp: float | None) -> tuple
         if not np.all(np.isfinite(coords)) or np.any(np.abs(coords - np.rint(coords)) > 1e-3):
             raise FeatureError("coords are not whole level-0 pixels", path)
         coords = np.rint(coords)
-    side = _attr(a, "patch_size_level0")
-    if side is None and source == "clam":
+    raw = _attr(a, "patch_size_level0")
+    tile: float | None = None
+    if raw is not None:
+        tile = _size_attr(raw, "patch_size_level0", path)
+    elif source == "clam":
         size, level = _attr(a, "patch_size"), _attr(a, "patch_level")
         down = a.get("downsample")
         if size is not None and down is not None:
-            side = float(size) * float(np.asarray(down).reshape(-1)[0])
+            tile = _size_attr(size, "patch_size", path) * _size_attr(
+                down if np.size(down) < 2 else np.asarray(down).reshape(-1)[0], "downsample", path)
         elif size is not None and level in (0, None):
-            side = size if level == 0 else None
-    return coords.astype(np.int64), int(round(float(side))) if side is not None else 0
+            tile = _size_attr(size, "patch_size", path) if level == 0 else None
+    return coords.astype(np.int64), int(round(float(tile))) if tile is not None else 0
+
+
+def _size_attr(value, key: str, path: Path) -> float:
+    """A tile-size attribute as a finite, non-negative number; FeatureError naming it otherwise."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    try:
+        v = float(np.asarray(value).reshape(-1)[0]) if np.size(value) == 1 else float("nan")
+    except (TypeError, ValueError, IndexError):
+        v = float("nan")
+    if not np.isfinite(v) or v < 0 or v > 2**31:
+        shown = value.item() if isinstance(value, np.generic) else value
+        raise FeatureError(f"{key} {shown if isinstance(shown, (int, float)) else repr(shown)} is not a tile size "
+                           "(a number of level-0 pixels)", path)
+    return v
 
 
 def _json_attr(f, key: str, path: Path) -> dict:
@@ -170,22 +336,27 @@ def _encoder_info(f, source: str, path: Path) -> dict:
     return info
 
 
-def read_features(path: str | os.PathLike, slide_mpp: float | None = None) -> FeatureBag:
+def read_features(path: str | os.PathLike, slide_mpp: float | None = None,
+                  allow_external: bool = False) -> FeatureBag:
     """Read one slide's features: a slidekit, TRIDENT or CLAM file (``features``/``coords``) or a
     STAMP file (``feats``/``coords``). ``slide_mpp`` converts STAMP's µm coords to level-0 pixels.
 
-    Anything else (not HDF5, other datasets, mismatched rows, non-finite features) is a FeatureError
-    naming the file. A file that does not give the tile size leaves ``patch_size_level0`` 0 and says so.
+    Anything else (not HDF5, other datasets, groups or text where numbers belong, mismatched rows,
+    non-finite features, a tile size that is not a number, a bag declared larger than the free
+    memory) is one FeatureError line naming the file. HDF5 storage outside the file (external
+    links, virtual datasets, external raw storage) is refused unless ``allow_external``. A file
+    that does not give the tile size leaves ``patch_size_level0`` 0 and says so.
     """
     path = Path(path)
-    with _open(path) as f:
-        name, source = _layout(f, path)
-        _check_shapes(f, name, path)
-        feats = np.asarray(f[name][:], dtype=np.float32)
-        coords, side = _coords_level0(f, source, path, slide_mpp)
+    with _open(path) as f, _guarded(path, "read the features"):
+        name, source = _layout(f, path, allow_external)
+        rows, dim = _check_shapes(f, name, path)
+        _check_memory(rows, dim, path)
+        coords, side = _coords_level0(f, source, path, slide_mpp, allow_external)
         encoder = _encoder_info(f, source, path)
         record = _slide_record(f, source, path)
         slide = _attr(f.attrs, "slide_name") if source == "slidekit" else _attr(f["coords"].attrs, "name")
+        feats = np.asarray(f[name][:], dtype=np.float32)
     if not np.all(np.isfinite(feats)):
         raise FeatureError(f"{int((~np.isfinite(feats)).any(axis=1).sum())} feature rows are not finite", path)
     if side == 0:
@@ -213,22 +384,23 @@ class FeatureInfo:
         return self.rows * self.dim * 4
 
 
-def feature_info(path: str | os.PathLike, slide_mpp: float | None = None) -> FeatureInfo:
+def feature_info(path: str | os.PathLike, slide_mpp: float | None = None,
+                 allow_external: bool = False) -> FeatureInfo:
     """The layout checks of ``read_features`` and what the file says, without reading the features
     (the coords are read: 16 bytes a tile): to plan memory, or to name a bag before streaming it."""
     path = Path(path)
-    with _open(path) as f:
-        name, source = _layout(f, path)
+    with _open(path) as f, _guarded(path, "read the feature file"):
+        name, source = _layout(f, path, allow_external)
         rows, dim = _check_shapes(f, name, path)
-        _, side = _coords_level0(f, source, path, slide_mpp)
+        _, side = _coords_level0(f, source, path, slide_mpp, allow_external)
         encoder = _encoder_info(f, source, path)
         record = _slide_record(f, source, path)
         slide = _attr(f.attrs, "slide_name") if source == "slidekit" else _attr(f["coords"].attrs, "name")
     return FeatureInfo(rows, dim, side, encoder, None if slide is None else str(slide), path, source, record)
 
 
-def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536,
-                        slide_mpp: float | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536, slide_mpp: float | None = None,
+                        allow_external: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (features (n, D) float32, coords (n, 2) int64) of at most ``rows`` rows at a time.
 
     Only one chunk is in memory: for bags bigger than memory. The same layouts and checks as
@@ -238,12 +410,14 @@ def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536,
     if rows < 1:
         raise ValueError("rows must be >= 1")
     with _open(path) as f:
-        name, source = _layout(f, path)
-        n, _ = _check_shapes(f, name, path)
-        coords, _side = _coords_level0(f, source, path, slide_mpp)
-        ds = f[name]
+        with _guarded(path, "read the features"):
+            name, source = _layout(f, path, allow_external)
+            n, _ = _check_shapes(f, name, path)
+            coords, _side = _coords_level0(f, source, path, slide_mpp, allow_external)
+            ds = f[name]
         for begin in range(0, n, rows):
-            x = np.asarray(ds[begin:begin + rows], dtype=np.float32)
+            with _guarded(path, f"read feature rows {begin}-{min(begin + rows, n) - 1}"):
+                x = np.asarray(ds[begin:begin + rows], dtype=np.float32)
             if not np.all(np.isfinite(x)):
                 raise FeatureError(f"feature rows {begin}-{begin + len(x) - 1} hold non-finite values", path)
             yield x, coords[begin:begin + rows]
