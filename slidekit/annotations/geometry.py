@@ -25,7 +25,9 @@ comparison.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
 import cv2
@@ -195,10 +197,34 @@ def clip_annotations(annotations: Iterable[Annotation], bounds: Any,
 # Rasterising
 
 
+@dataclass(frozen=True)
+class RasterStyle:
+    """How ``rasterize`` paints objects into a label map.
+
+    Parameters
+    ----------
+    fill
+        Value of the pixels no object covers (e.g. 255 = ignore).
+    line_width_um
+        Width of lines (scribbles) in µm; at least one pixel.
+    point_radius_um
+        Radius of the discs points are drawn as, in µm (None: half ``line_width_um``); at least one pixel.
+    dtype
+        Data type of the map (None: uint8 when ``fill`` and every label value fit, else int32).
+    fill_rule
+        ``"nonzero"`` (QuPath's and ASAP's winding rule) or ``"evenodd"``.
+    """
+
+    fill: int = 0
+    line_width_um: float = 4.0
+    point_radius_um: float | None = None
+    dtype: Any = None
+    fill_rule: str = "nonzero"
+
+
 def rasterize(annotations: Iterable[Annotation], box: tuple[float, float, float, float], mpp: float, *,
               labels: Mapping[str | None, int] | None = None, slide_mpp: float | tuple[float, float] | None = None,
-              fill: int = 0, line_width_um: float = 4.0, point_radius_um: float | None = None,
-              dtype: Any = None, fill_rule: str = "nonzero") -> np.ndarray:
+              style: RasterStyle | None = None, **flat: Any) -> np.ndarray:
     """A label map of the level-0 ``box`` ``(x, y, w, h)`` at ``mpp`` µm/px.
 
     ``labels`` maps class names (``None`` for unclassified) to values; objects of other classes
@@ -210,10 +236,16 @@ def rasterize(annotations: Iterable[Annotation], box: tuple[float, float, float,
     discs, both at least one pixel. ``slide_mpp`` is the pixel size of level 0 (default: ``mpp``,
     i.e. the map is at level-0 resolution). Pixels no object covers get ``fill`` (e.g. 255 = ignore).
 
+    ``style`` (a :class:`RasterStyle`) says how objects are painted; its fields may also be given
+    by name (``fill=255``, ``line_width_um=2``, ``fill_rule="evenodd"``), replacing the style's.
+
     Raises AnnotationError when ``labels`` names none of the objects' classes (the map would be
     all ``fill``) or an object has non-finite coordinates; warns (AnnotationWarning) about labels
     that match no object while others do.
     """
+    st = dataclasses.replace(style or RasterStyle(), **flat) if flat else (style or RasterStyle())
+    fill, line_width_um, point_radius_um, dtype, fill_rule = (st.fill, st.line_width_um, st.point_radius_um,
+                                                              st.dtype, st.fill_rule)
     _check_rule(fill_rule)
     x0, y0, bw, bh = (float(v) for v in box)
     if slide_mpp is None:
