@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import pytest
@@ -120,3 +121,80 @@ def test_train_list_loads_neither_torch_nor_a_trainer(tmp_path):
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- run folders and their inputs (issue 29 items 6 and 12), through `slidekit train mil` ------------------------
+
+def _mil_cohort(tmp_path, n=8):
+    import csv
+
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        with h5py.File(tmp_path / f"s{i}.h5", "w") as f:
+            f["features"] = rng.normal(0, 1, (20, 4)).astype(np.float32)
+            f["coords"] = np.arange(40).reshape(20, 2) * 64
+            f["coords"].attrs["patch_size_level0"] = 64
+        rows.append({"slide": f"s{i}.tif", "label": "ab"[i % 2], "patient": f"p{i // 2}", "features": f"s{i}.h5"})
+    table = tmp_path / "slides.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return table
+
+
+def _mil(table, out, *extra):
+    return CliRunner().invoke(main, ["train", "mil", "--out", str(out), "--set", f"slides={table}", "--set", "folds=2",
+                                     "--set", "epochs=1", "--set", "bootstrap=0", "--set", "arch=meanpool",
+                                     "--device", "cpu", "--quiet", *extra])
+
+
+def test_a_run_that_failed_checking_its_inputs_does_not_own_its_folder(tmp_path):
+    table = _mil_cohort(tmp_path)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(table.read_text().replace("s3.h5", "missing.h5"))
+    res = _mil(bad, tmp_path / "run")
+    assert res.exit_code != 0 and "missing.h5 not found" in res.output
+    res = _mil(table, tmp_path / "run")  # the corrected rerun: other options (slides), not refused
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    # a run with progress still owns its folder
+    res = _mil(bad, tmp_path / "run")
+    assert res.exit_code != 0 and "other options" in res.output and "--restart" in res.output
+
+
+def test_a_rerun_over_changed_inputs_is_refused_naming_them(tmp_path):
+    import h5py
+    import numpy as np
+
+    table = _mil_cohort(tmp_path)
+    assert _mil(table, tmp_path / "run").exit_code == 0
+    oof = (tmp_path / "run" / "oof.csv").read_text()
+    assert _mil(table, tmp_path / "run").exit_code == 0  # unchanged: the finished run
+    assert (tmp_path / "run" / "oof.csv").read_text() == oof
+
+    # the labels CSV edited in place (same path, same size)
+    table.write_text(table.read_text().replace("s0.tif,a", "s0.tif,b").replace("s1.tif,b", "s1.tif,a"))
+    res = _mil(table, tmp_path / "run")
+    assert res.exit_code != 0 and "other inputs" in res.output and "slide table (slides.csv) changed" in res.output
+    assert "--restart" in res.output and len(res.output.strip().splitlines()) == 1
+    res = _mil(table, tmp_path / "run", "--restart")
+    assert res.exit_code == 0, res.output
+    assert "s0.tif,p0,b" in (tmp_path / "run" / "oof.csv").read_text()
+
+    # a feature file replaced by another of the same size
+    with h5py.File(tmp_path / "new.h5", "w") as f:
+        f["features"] = np.zeros((20, 4), np.float32)
+        f["coords"] = np.arange(40).reshape(20, 2) * 64
+        f["coords"].attrs["patch_size_level0"] = 64
+    (tmp_path / "new.h5").replace(tmp_path / "s5.h5")
+    res = _mil(table, tmp_path / "run")
+    assert res.exit_code != 0 and "feature file of s5.tif (s5.h5) changed" in res.output, res.output
+    # --restart clears every fold of the old run
+    res = _mil(table, tmp_path / "run", "--restart")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "fold_0.json").read_text())

@@ -43,7 +43,7 @@ from slidekit.slidelevel.feature_store import FeatureInfo, compare_provenance, f
 from slidekit.slidelevel.mil_tasks import DEFAULT_TASK, Classification, MILTask, get_mil_task
 from trainers.base import Trainer, register, seed_everything
 from trainers.config import TrainerConfig, check_option
-from trainers.runs import begin_run
+from trainers.runs import begin_run, check_inputs
 
 
 @dataclass
@@ -331,18 +331,21 @@ class MILTrainer(Trainer):
     consumes = frozenset({"slide_labels"})
     Config = MILConfig
     rerun_free_options = frozenset({"batch_size", "num_workers", "bootstrap", "bag_cache_mb"})
-    outputs = ("oof.csv",)
+    outputs = ("oof.csv", "fold_*.pt", "fold_*.json")  # what --restart deletes (trainers/runs.py)
 
     def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
         c = self.config
         if not c.slides:
             raise ConfigError("mil needs 'slides' (a CSV with slide,label[,patient][,features] columns)")
         out = Path(out_dir)
-        if begin_run(self, out, c.epochs) == "finished" and (out / "checkpoint.pt").exists():
-            return out / "checkpoint.pt"
-        dev = resolve_device(device)
+        state = begin_run(self, out, c.epochs)
         task = get_mil_task(c.task)()
         rows = read_mil_table(c.slides, c.features_dir, task.target_columns)
+        # an edited table or a replaced feature file is another run: refused like changed options
+        check_inputs(self, out, {"slide table": c.slides, **{f"feature file of {r.slide}": r.features for r in rows}})
+        if state == "finished" and (out / "checkpoint.pt").exists():
+            return out / "checkpoint.pt"
+        dev = resolve_device(device)
         targets = task.setup([r.values for r in rows], c)
         strata = task.stratify(targets)
         groups = np.array([r.patient for r in rows])

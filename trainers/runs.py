@@ -13,8 +13,18 @@ A run folder records its trainer and resolved config in ``config.json``. A rerun
   (``num_workers`` aside) is refused with one line (``TrainingError``) naming the differences.
   ``restart=True`` (``slidekit train --restart``) deletes the old run's files and trains afresh.
 
+A folder holds a run only once it holds the run's progress (``state.pt``, a checkpoint, metrics,
+``done.json`` or one of the trainer's ``outputs``): a run that failed before its first epoch (a
+missing feature file, a bad label) leaves ``config.json`` behind but owns nothing, so the corrected
+rerun, whatever its options, starts afresh there.
+
+A trainer that reads inputs which may change in place (a slide table, feature files) records their
+identity with ``check_inputs``: a rerun over changed inputs is refused with one line naming them,
+as for changed options (``restart=True`` starts over).
+
 Only files slidekit's trainers write are ever deleted (``RUN_FILES`` and a trainer's
-``outputs``); anything else in the folder is left alone.
+``outputs``, which may be glob patterns such as ``fold_*.pt``); anything else in the folder is left
+alone.
 """
 from __future__ import annotations
 
@@ -28,8 +38,10 @@ from typing import Any, Iterable
 
 from slidekit.base.errors import TrainingError, TrainingWarning
 from slidekit.base.io import write_text_atomic
+from slidekit.base.verify import check_output, output_record
 
-RUN_FILES = ("config.json", "checkpoint.pt", "state.pt", "metrics.csv", "metrics.json", "done.json")
+RUN_FILES = ("config.json", "checkpoint.pt", "state.pt", "metrics.csv", "metrics.json", "done.json", "inputs.json")
+RECORD_FILES = ("config.json", "inputs.json")  # what a run writes before its first epoch: no progress
 FREE_OPTIONS = frozenset({"num_workers"})  # options that may change between a run and its rerun
 RESTART_HINT = "rerun with --restart (API: restart=True) to discard it and train afresh, or use another --out"
 
@@ -79,8 +91,10 @@ def begin_run(trainer: Any, out_dir: str | os.PathLike, length: int) -> str:
     length_key = getattr(trainer, "length_option", "epochs")
     config_path, done_path, state_path = out / "config.json", out / "done.json", out / "state.pt"
     recorded = _read_json(config_path) if config_path.exists() else None
+    if recorded is not None and not has_progress(out, getattr(trainer, "outputs", ())):
+        recorded = None  # a run that failed before its first epoch: its config.json claims nothing
     if recorded is None:
-        if any((out / f).exists() for f in RUN_FILES):
+        if has_progress(out, getattr(trainer, "outputs", ())):
             raise TrainingError(f"holds training files but no config.json to check them against; {RESTART_HINT}", out)
     else:
         if not isinstance(recorded, dict):
@@ -118,13 +132,56 @@ def begin_run(trainer: Any, out_dir: str | os.PathLike, length: int) -> str:
     return "resume" if state_path.exists() else "fresh"
 
 
+def _run_paths(out: Path, names: Iterable[str]) -> list[Path]:
+    """The paths of ``names`` in ``out``; a name with ``*``/``?``/``[`` is a glob pattern."""
+    paths: list[Path] = []
+    for name in dict.fromkeys(names):
+        paths += sorted(out.glob(name)) if any(c in name for c in "*?[") else [out / name]
+    return paths
+
+
+def has_progress(out_dir: str | os.PathLike, outputs: Iterable[str] = ()) -> bool:
+    """Whether ``out_dir`` holds a run's progress: any run file but the records written before the
+    first epoch (``RECORD_FILES``), or any of the trainer's ``outputs``."""
+    names = [n for n in RUN_FILES if n not in RECORD_FILES] + list(outputs)
+    return any(p.exists() or p.is_symlink() for p in _run_paths(Path(out_dir), names))
+
+
+def check_inputs(trainer: Any, out_dir: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> None:
+    """Record, or compare with the record, the identity of a run's inputs (``{what: path}``, e.g.
+    ``{"slide table": ..., "feature file s1.h5": ...}``) in ``out_dir/inputs.json``: size, stat stamp
+    and content digest (``slidekit.base.verify.output_record``; an untouched file costs one ``stat``).
+    A run with progress whose inputs differ (another set, or a file changed in place: an edited
+    labels CSV, a replaced feature file) is refused with one line naming them (``TrainingError``,
+    as for changed options); ``restart=True`` starts over. Without progress the record is rewritten."""
+    out = Path(out_dir)
+    path = out / "inputs.json"
+    names = {k: str(Path(v).resolve()) for k, v in inputs.items()}
+    old = _read_json(path) if path.exists() else None
+    if isinstance(old, dict) and has_progress(out, getattr(trainer, "outputs", ())):
+        changed = []
+        for what, p in names.items():
+            rec = old.get(what)
+            if not isinstance(rec, dict) or rec.get("path") != p:
+                changed.append(f"{what} is new" if rec is None else f"{what} is now {p}")
+            elif check_output(p, rec.get("record")) is not None:
+                changed.append(f"{what} ({Path(p).name}) changed")
+        changed += [f"{what} is gone" for what in old if what not in names]
+        if changed:
+            raise TrainingError(f"holds a {trainer.name!r} run on other inputs ({'; '.join(changed[:4])}"
+                                f"{f'; and {len(changed) - 4} more' if len(changed) > 4 else ''}); {RESTART_HINT}",
+                                out)
+        return
+    record = {what: {"path": p, "record": output_record(p)} for what, p in names.items()}
+    write_text_atomic(path, json.dumps(record, indent=1))
+
+
 def clear_run(out_dir: str | os.PathLike, extra: Iterable[str] = ()) -> list[Path]:
-    """Delete the files a training run wrote into ``out_dir`` (``RUN_FILES`` + ``extra`` names);
-    return what was removed. Nothing else in the folder is touched."""
+    """Delete the files a training run wrote into ``out_dir`` (``RUN_FILES`` + ``extra`` names or glob
+    patterns); return what was removed. Nothing else in the folder is touched."""
     out = Path(out_dir)
     removed = []
-    for name in dict.fromkeys([*RUN_FILES, *extra]):
-        p = out / name
+    for p in _run_paths(out, [*RUN_FILES, *extra]):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
