@@ -125,6 +125,12 @@ def _tissue_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
     return tissue_job(**_mpp_options(slide, options), **_own(options))
 
 
+def _grid_defaults() -> dict:
+    from slidekit.regions.grid_job import GridOptions
+
+    return {"mask_mpp": 8.0, **GridOptions().flat()}
+
+
 def _grid_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
     return grid_job(**_mpp_options(slide, options), **_own(options))
 
@@ -141,7 +147,7 @@ TASKS: dict[str, CohortTask] = {t.name: t for t in (
     CohortTask("embed", _nothing, _embed_job, "slidekit.slidelevel.embed:embed_slide",
                required=("embeddings.zarr", "features.h5")),
     CohortTask("tissue", _nothing, _tissue_job, "slidekit.regions.tissue_job:tissue_job"),
-    CohortTask("tile", _nothing, _grid_job, "slidekit.regions.grid_job:grid_job"),
+    CohortTask("tile", _nothing, _grid_job, "slidekit.regions.grid_job:grid_job", defaults=_grid_defaults),
     CohortTask("features", _nothing, None, "slidekit.slidelevel.features:features_table", inputs="heatmaps",
                other=_features_run),
 )}

@@ -4,10 +4,12 @@ writes one grid file anywhere, is ``regions.tiling.make_grid``."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Tissue
-from slidekit.regions.options import ReadOptions, TileOptions, TissueOptions
+from slidekit.regions.options import OptionGroups, ReadOptions, TileOptions, TissueOptions
 
 
 class GridJob(SlideJob):
@@ -37,17 +39,34 @@ class GridJob(SlideJob):
         return {"tiles": len(grid), "mpp": grid.mpp, "size": grid.size, "overlap": grid.overlap}
 
 
-def grid_job(*, mpp: float = 0.5, size: int = 256, overlap: int = 0, min_tissue: float = 0.5,
-             slide_mpp: float | None = None, backend: str | None = None, mask_mpp: float = 8.0,
-             override_mpp: float | None = None, tissue: dict | None = None) -> GridJob:
-    """A :class:`GridJob` from ``make_grid``'s keyword arguments (``tissue`` options win over ``mask_mpp``)."""
-    return GridJob(tiles=TileOptions(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue),
-                   tissue=TissueOptions({"mpp": mask_mpp, **(tissue or {})}),
-                   reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp, backend=backend))
+@dataclass(frozen=True)
+class GridOptions(OptionGroups):
+    """The options of ``slidekit tile`` over a cohort, in groups (flat field names work too)."""
+
+    tiles: TileOptions = TileOptions(mpp=0.5, size=256, overlap=0, min_tissue=0.5)
+    reading: ReadOptions = ReadOptions()
+    tissue: TissueOptions = TissueOptions()
+
+
+def grid_job(*, options: GridOptions | None = None, mask_mpp: float = 8.0, **flat: Any) -> GridJob:
+    """A :class:`GridJob`.
+
+    Parameters
+    ----------
+    options
+        :class:`GridOptions` (None: the defaults).
+    mask_mpp
+        µm/px of the tissue mask (a ``tissue`` option ``mpp`` wins).
+    **flat
+        Single fields by their flat names (``mpp``, ``size``, ``overlap``, ``min_tissue``, ``slide_mpp``,
+        ``override_mpp``, ``backend``, ``tissue``).
+    """
+    o = GridOptions.of(options, **flat)
+    return GridJob(tiles=o.tiles, tissue=TissueOptions({"mpp": mask_mpp, **o.tissue.as_dict()}), reading=o.reading)
 
 
 def save_grid(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
-              **options: object) -> dict:
+              **options: Any) -> dict:
     """Tile one slide into ``out_dir/grid.npz`` (+ ``summary.json``); skipped when finished and verified.
 
     Parameters
@@ -61,4 +80,4 @@ def save_grid(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, prog
     **options
         :func:`grid_job`'s options.
     """
-    return run_job(grid_job(**options), slide_path, out_dir, progress=progress)  # type: ignore[arg-type]
+    return run_job(grid_job(**options), slide_path, out_dir, progress=progress)

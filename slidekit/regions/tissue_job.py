@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from shapely.geometry import box
 
@@ -55,9 +56,8 @@ class TissueJob(SlideJob):
         return summary
 
 
-def save_tissue(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, mask_mpp: float = 8.0,
-                min_area_um2: float = 20_000.0, slide_mpp: float | None = None, backend: str | None = None,
-                override_mpp: float | None = None, tissue: dict | None = None, progress: bool = True) -> dict:
+def save_tissue(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
+                **options: Any) -> dict:
     """Detect tissue and write ``mask.png``, ``tissue.geojson`` (QuPath annotations), ``tissue.json``
     and ``summary.json`` into ``out_dir``; a finished folder whose outputs verify is skipped.
 
@@ -67,23 +67,27 @@ def save_tissue(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, ma
         The slide file.
     out_dir
         The slide's output folder.
-    mask_mpp, min_area_um2
-        The mask's µm/px and the smallest region kept (µm²); ``tissue`` options win over them.
-    slide_mpp, override_mpp, backend
-        How the slide is read (:class:`ReadOptions`).
-    tissue
-        Further ``tissue_mask`` options.
     progress
         Show a progress bar for slow reads.
+    **options
+        :func:`tissue_job`'s options.
     """
-    job = tissue_job(mask_mpp=mask_mpp, min_area_um2=min_area_um2, slide_mpp=slide_mpp, backend=backend,
-                     override_mpp=override_mpp, tissue=tissue)
-    return run_job(job, slide_path, out_dir, progress=progress)
+    return run_job(tissue_job(**options), slide_path, out_dir, progress=progress)
 
 
 def tissue_job(*, mask_mpp: float = 8.0, min_area_um2: float = 20_000.0, slide_mpp: float | None = None,
                backend: str | None = None, override_mpp: float | None = None, tissue: dict | None = None) -> TissueJob:
-    """A :class:`TissueJob` from :func:`save_tissue`'s keyword arguments (``tissue`` options win)."""
+    """A :class:`TissueJob`.
+
+    Parameters
+    ----------
+    mask_mpp, min_area_um2
+        The mask's µm/px and the smallest region kept (µm²); ``tissue`` options win over them.
+    slide_mpp, override_mpp, backend
+        How the slide is read (``ReadOptions``).
+    tissue
+        Further ``tissue_mask`` options (``TissueParams`` fields).
+    """
     opts = TissueOptions({"mpp": mask_mpp, "min_area_um2": min_area_um2, **(tissue or {})})
     return TissueJob(tissue=opts, reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp, backend=backend))
 
