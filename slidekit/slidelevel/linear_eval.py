@@ -9,6 +9,7 @@ instead, for comparison.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from slidekit.base.errors import LabelError
 from slidekit.models.checkpoint import load_checkpoint
 from slidekit.models.networks import ResNetClassifier
 from slidekit.models.spec import ModelSpec
+from slidekit.regions.options import OptionGroups
 
 
 def _as_model(model: Any) -> tuple[Any, ModelSpec | None]:
@@ -106,29 +108,127 @@ def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, tes
             "classes": [str(c) for c in clf.classes_], "n_train": len(train_y), "n_test": len(test_y)}
 
 
+@dataclass(frozen=True)
+class PatchInput:
+    """How patches are fed to the encoder (None: the checkpoint spec's value).
+
+    Parameters
+    ----------
+    size
+        Side in pixels the patches are resized to (None: the spec's ``patch_size``, else as they are).
+    mean, std
+        Per-channel normalisation (None: the spec's, else 0.5).
+    """
+
+    size: int | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """How an evaluation runs (never what it computes).
+
+    Parameters
+    ----------
+    batch_size
+        Patches per batch (fine-tuning: per training step).
+    device
+        Torch device.
+    """
+
+    batch_size: int = 64
+    device: str | torch.device = "cpu"
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """The linear probe (``linear_probe``): L2 logistic regression on standardised features.
+
+    Parameters
+    ----------
+    C
+        Inverse regularisation strength.
+    max_iter
+        Solver iterations.
+    """
+
+    C: float = 1.0
+    max_iter: int = 5000
+
+
+@dataclass(frozen=True)
+class FineTuneTraining:
+    """End-to-end training of ``fine_tune`` (Adam, cross-entropy).
+
+    Parameters
+    ----------
+    epochs
+        Passes over the training patches.
+    lr
+        Adam learning rate.
+    augment
+        Flip and rotate the training patches by multiples of 90 degrees.
+    seed
+        Seed of the initialisation, the order and the augmentation.
+    """
+
+    epochs: int = 10
+    lr: float = 1e-4
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LinearEvalOptions(OptionGroups):
+    """Every option of ``linear_eval``, in groups; flat field names work too (``OptionGroups``)."""
+
+    input: PatchInput = PatchInput()
+    probe: ProbeOptions = ProbeOptions()
+    run: EvalRun = EvalRun(batch_size=64)
+
+
+@dataclass(frozen=True)
+class FineTuneOptions(OptionGroups):
+    """Every option of ``fine_tune``, in groups; flat field names work too (``OptionGroups``)."""
+
+    input: PatchInput = PatchInput()
+    training: FineTuneTraining = FineTuneTraining()
+    run: EvalRun = EvalRun(batch_size=32)
+
+
 def linear_eval(model: nn.Module | str | os.PathLike, train_images: Sequence[np.ndarray],
                 train_labels: Sequence, test_images: Sequence[np.ndarray], test_labels: Sequence, *,
-                size: int | None = None, C: float = 1.0, batch_size: int = 64,
-                device: str | torch.device = "cpu", **norm: Sequence[float]) -> dict:
-    """Frozen-encoder linear evaluation: features of both splits, then ``linear_probe``."""
-    train_x = extract_features(model, train_images, size, batch_size=batch_size, device=device, **norm)
-    test_x = extract_features(model, test_images, size, batch_size=batch_size, device=device, **norm)
-    return linear_probe(train_x, train_labels, test_x, test_labels, C=C)
+                options: LinearEvalOptions | None = None, **flat: Any) -> dict:
+    """Frozen-encoder linear evaluation: features of both splits, then ``linear_probe``.
+
+    ``options`` is a :class:`LinearEvalOptions` (input: ``size``, ``mean``, ``std``; probe: ``C``,
+    ``max_iter``; run: ``batch_size``, ``device``); flat keywords (``size=224``, ``C=0.1``) set single fields.
+    """
+    o: LinearEvalOptions = LinearEvalOptions.of(options, **flat)
+    inp, run = o.input, o.run
+    norm = {k: v for k, v in (("mean", inp.mean), ("std", inp.std)) if v is not None}
+    train_x = extract_features(model, train_images, inp.size, batch_size=run.batch_size, device=run.device, **norm)
+    test_x = extract_features(model, test_images, inp.size, batch_size=run.batch_size, device=run.device, **norm)
+    return linear_probe(train_x, train_labels, test_x, test_labels, C=o.probe.C, max_iter=o.probe.max_iter)
 
 
 def fine_tune(model: nn.Module | str | os.PathLike, train_images: Sequence[np.ndarray],
               train_labels: Sequence, test_images: Sequence[np.ndarray], test_labels: Sequence, *,
-              size: int | None = None, epochs: int = 10, lr: float = 1e-4, batch_size: int = 32,
-              augment: bool = True, seed: int = 0, device: str | torch.device = "cpu",
-              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict:
+              options: FineTuneOptions | None = None, **flat: Any) -> dict:
     """Train encoder and a new linear head end to end (Adam, cross-entropy), then score on test.
 
     The encoder is copied first, so ``model`` itself is left untouched. With ``augment`` the
-    training patches are flipped and rotated by multiples of 90 degrees.
+    training patches are flipped and rotated by multiples of 90 degrees. ``options`` is a
+    :class:`FineTuneOptions` (input: ``size``, ``mean``, ``std``; training: ``epochs``, ``lr``,
+    ``augment``, ``seed``; run: ``batch_size``, ``device``); flat keywords set single fields.
     """
     import copy
 
-
+    o: FineTuneOptions = FineTuneOptions.of(options, **flat)
+    size, mean, std = o.input.size, o.input.mean, o.input.std
+    epochs, lr, augment, seed = o.training.epochs, o.training.lr, o.training.augment, o.training.seed
+    batch_size, device = o.run.batch_size, o.run.device
     net, spec = _as_model(model)
     size = size if size is not None else (spec.patch_size if spec is not None else None)
     mean = mean or (spec.mean if spec is not None else (0.5, 0.5, 0.5))
