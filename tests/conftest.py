@@ -48,16 +48,24 @@ def shared_data() -> Path:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """Say how many tests were skipped for want of real data and why, also without ``-rs``."""
-    reasons: Counter[str] = Counter()
+    """Say how many tests were skipped and why, also without ``-rs``: those skipped for want of real
+    data on one line per reason (``real data: N tests skipped: ...``), every other reason (no GPU,
+    an optional package missing, ...) on one line each (``skipped: N tests: reason``)."""
+    real: Counter[str] = Counter()
+    other: Counter[str] = Counter()
     for rep in terminalreporter.stats.get("skipped", []):
         longrepr = getattr(rep, "longrepr", None)
         reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
         if REAL_DATA_SKIP in reason:  # grouped by the reason proper, without any " — detail"
-            reasons[reason.removeprefix("Skipped: ").split(" — ")[0]] += 1
-    for reason, n in reasons.items():
+            real[reason.split(" — ")[0]] += 1
+        else:
+            other[" ".join(reason.split())[:200]] += 1
+    for reason, n in real.items():
         terminalreporter.write_line(f"real data: {n} test{'s' if n != 1 else ''} skipped: {reason}",
                                     yellow=True)
+    for reason, n in sorted(other.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"skipped: {n} test{'s' if n != 1 else ''}: {reason}", yellow=True)
 
 
 @pytest.fixture(scope="session")

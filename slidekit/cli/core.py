@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,6 +41,8 @@ def info(slide: str, slide_mpp: float | None, override_mpp: float | None, backen
     """Show a slide's size, levels, pixel size and backend (a slide without MPP shows "MPP: unknown")."""
     with open_slide(slide, mpp=slide_mpp, backend=backend, override_mpp=override_mpp, require_mpp=False) as s:
         d = s.info()
+    if str(d.get("vendor")).strip() in ("", "None"):  # tiffslide leaves its vendor property unset (None)
+        d["vendor"] = None
     if as_json:
         echo_json(d)
         return
@@ -78,11 +81,11 @@ def demo(out: Path) -> None:
 @click.pass_context
 def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, tissue_mpp: float | None,
            tissue_min_area: float | None, slide_mpp: float | None, override_mpp: float | None, backend: str | None,
-           threads: int | None, **cohort: object) -> None:
+           threads: int | None, **cohort: Any) -> None:
     """Detect tissue; write a mask PNG and tissue polygons as QuPath GeoJSON.
 
     SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
-    options = dict(mask_mpp=8.0 if tissue_mpp is None else tissue_mpp,
+    options: dict[str, Any] = dict(mask_mpp=8.0 if tissue_mpp is None else tissue_mpp,
                    min_area_um2=20_000.0 if tissue_min_area is None else tissue_min_area,
                    slide_mpp=slide_mpp, backend=backend, override_mpp=override_mpp)
     if single_slide(ctx, slides, cohort):
@@ -120,13 +123,13 @@ def tile(ctx: click.Context, slides: tuple[str, ...], tile_mpp: float, tile_size
          min_tissue: float, out: Path | None, export: Path | None, image_format: str, quality: int,
          annotations: str | None, label_rule: str, geojson: Path | None, reader_threads: int,
          slide_mpp: float | None, override_mpp: float | None, backend: str | None, threads: int | None,
-         **cohort: object) -> None:
+         **cohort: Any) -> None:
     """Make a tile grid at a target MPP and save it, export its tiles as images, or both
     (one slide; a cohort makes grids only: see docs/cohorts.md)."""
     tissue = tissue_kwargs(cohort)
     quiet = quiet_flag(ctx)
     mpp, size = tile_mpp, tile_size
-    options = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
+    options: dict[str, Any] = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
                    backend=backend, override_mpp=override_mpp, tissue=tissue)
     if not single_slide(ctx, slides, cohort):
         if export or geojson or annotations:

@@ -1,12 +1,14 @@
 """The cohort ledger: ``OUT/cohort.jsonl``, one JSON record per slide and attempt event.
 
 Every worker appends its own records (``running`` when it starts a slide, then ``done``,
-``failed`` or ``skipped``) with a single ``write`` on a file opened ``O_APPEND``: on a local disk
-and on the parallel filesystems clusters use, a record lands whole or not at all, and no writer
-rewrites what another wrote, so a crashed driver or worker cannot corrupt earlier records. A torn
-last line (a writer killed in the middle of its write) is skipped with a warning when read, and
-the next writer starts on a fresh line. The ledger is a log: the state of a slide is its last
-record; ``attempts`` counts its ``running`` records over every run into the same OUT.
+``failed``, ``skipped``, or ``interrupted`` when the run was stopped by SIGINT/SIGTERM while the
+slide ran: its unfinished outputs stay resumable and a rerun takes the slide again) with a single
+``write`` on a file opened ``O_APPEND``: on a local disk and on the parallel filesystems clusters
+use, a record lands whole or not at all, and no writer rewrites what another wrote, so a crashed
+driver or worker cannot corrupt earlier records. A torn last line (a writer killed in the middle of
+its write) is skipped with a warning when read, and the next writer starts on a fresh line. The
+ledger is a log: the state of a slide is its last record; ``attempts`` counts its ``running``
+records over every run into the same OUT.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Any
 from slidekit.base.errors import OutputError, SlidekitWarning
 
 LEDGER_NAME = "cohort.jsonl"
-FINAL = ("done", "failed", "skipped")
+INTERRUPTED = "interrupted"
+FINAL = ("done", "failed", "skipped", INTERRUPTED)
 
 
 class Ledger:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from slidekit.base.errors import ConfigError
-from slidekit.cohort.engines import run_local, run_ray
+from slidekit.cohort.engines import CohortInterrupted, StopSignal, run_local, run_ray
 from slidekit.cohort.ledger import Ledger
 from slidekit.cohort.manifest import CohortSlide, read_slides, shard as take_shard
 from slidekit.cohort.process import config_key, settled_row
@@ -46,6 +46,11 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     (``ray_address``: "auto", "HOST:PORT", or None to start a local Ray runtime). ``shard``: "i/N".
     ``options``: the task's own keyword arguments (e.g. ``model=``, ``mpp=`` for heatmap).
     Returns this run's rows (the slides of this shard); ``OUT/cohort.csv`` covers the whole manifest.
+
+    SIGINT (Ctrl-C) or SIGTERM while it runs: no new slide starts, running slides stop at their next
+    safe point and are recorded ``interrupted`` (resumed by a rerun), ``cohort.csv`` is written, and
+    ``CohortInterrupted`` (a KeyboardInterrupt carrying ``.table``) is raised; a second signal raises
+    KeyboardInterrupt at once.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown cohort task {task!r}; choose one of {', '.join(TASKS)}")
@@ -74,11 +79,21 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
         else:
             rows[s.id] = settled
     run = run_ray if engine == "ray" else run_local
-    for row in run(task, options, todo, str(out), key, jobs=int(jobs), gpus=gpu_ids, ray_address=ray_address,
-                   retry_failed=retry_failed, progress=progress, debug=debug, settled=list(rows.values())):
-        rows[row["id"]] = row
-    ordered = [rows[s.id] for s in mine if s.id in rows]
-    return finish_table(out, everyone, ordered, key, wall=time.time() - t0, started=t0)
+    stop = StopSignal()
+    with stop.installed():  # SIGINT/SIGTERM: no new slide, running ones interrupted; a second one ends at once
+        rows_in = run(task, options, todo, str(out), key, jobs=int(jobs), gpus=gpu_ids, ray_address=ray_address,
+                      retry_failed=retry_failed, progress=progress, debug=debug, settled=list(rows.values()),
+                      stop=stop)
+        try:
+            for row in rows_in:
+                rows[row["id"]] = row
+        finally:
+            rows_in.close()
+        ordered = [rows[s.id] for s in mine if s.id in rows]
+        table = finish_table(out, everyone, ordered, key, wall=time.time() - t0, started=t0)
+    if stop.is_set():  # the table is written; the caller (a script, the CLI: exit 130) is interrupted
+        raise CohortInterrupted(table, stop.signame)
+    return table
 
 
 def _are_cohort_slides(slides: Any) -> bool:

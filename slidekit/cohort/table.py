@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from slidekit.base.io import write_text_atomic
-from slidekit.cohort.ledger import FINAL, Ledger
+from slidekit.cohort.ledger import FINAL, INTERRUPTED, Ledger
 from slidekit.cohort.manifest import CohortSlide
 
 FIRST_COLUMNS = ["id", "slide", "status", "error", "seconds", "attempts", "worker", "note"]
@@ -33,14 +33,16 @@ class CohortTable(list):
         c = self.counts
         worked = c.get("done", 0) + c.get("failed", 0) - c.get("failed_earlier", 0)
         rate = worked / self.wall_seconds * 3600 if self.wall_seconds > 0 else 0.0
-        earlier = f" ({c['done_earlier']} done earlier)" if c.get("done_earlier") else ""
+        notes = [f"{c[k]} {k.replace('_', ' ')}" for k in ("done_earlier", "interrupted", "not_started") if c.get(k)]
+        earlier = f" ({', '.join(notes)})" if notes else ""
         m, s = divmod(round(self.wall_seconds), 60)
         wall = f"{m} min {s} s" if m else f"{self.wall_seconds:.1f} s"
         return (f"{len(self)} slides: {c.get('done', 0)} done, {c.get('failed', 0)} failed, "
                 f"{c.get('skipped', 0)} skipped{earlier} in {wall} ({rate:.0f} slides/h) -> {self.csv}")
 
 
-def _row_from_ledger(s: CohortSlide, rec: dict | None, key: str) -> dict:
+def row_from_ledger(s: CohortSlide, rec: dict | None, key: str) -> dict:
+    """A slide's table row from its last ledger record (None: never processed)."""
     if rec is None:
         return {"id": s.id, "slide": str(s.slide), "status": "skipped", "error": "", "note": "not processed yet"}
     status = rec["status"]
@@ -49,6 +51,9 @@ def _row_from_ledger(s: CohortSlide, rec: dict | None, key: str) -> dict:
            **(rec.get("figures") or {})}
     if status == "running":
         return {**row, "status": "skipped", "error": "", "note": f"in progress or interrupted ({row['worker']})"}
+    if status == INTERRUPTED:
+        return {**row, "status": "skipped", "error": "",
+                "note": f"interrupted ({row['worker']}, the run was stopped); a rerun resumes it"}
     if rec.get("config") != key:
         return {**row, "status": "skipped", "error": "", "note": f"last {status} with another configuration"}
     return {**row, "status": status}
@@ -64,16 +69,19 @@ def finish_table(out: str | os.PathLike, everyone: Sequence[CohortSlide], rows: 
     mine = {r["id"]: r for r in rows}
     table_rows, result = [], CohortTable()
     for s in everyone:
-        row = dict(mine[s.id]) if s.id in mine else _row_from_ledger(s, state.get(s.id), key)
+        row = dict(mine[s.id]) if s.id in mine else row_from_ledger(s, state.get(s.id), key)
         if s.id in mine and str(row.get("note", "")).startswith("being processed") \
                 and state.get(s.id, {}).get("status") in FINAL and started is not None \
                 and float(state[s.id].get("time", 0)) >= started:
             # Another runner held the slide when we looked and has finished it since: the file shows
             # the ledger's final state (this run's own result still says it skipped the slide).
-            row = {**_row_from_ledger(s, state[s.id], key), "note": "done by another runner"
+            row = {**row_from_ledger(s, state[s.id], key), "note": "done by another runner"
                    if state[s.id]["status"] == "done" else "handled by another runner"}
         if row.get("attempts") is None:
             row["attempts"] = state.get(s.id, {}).get("attempts", 0)
+        if row.get("seconds") in (None, "") and row.get("note") == "done earlier" \
+                and state.get(s.id, {}).get("status") == "done":
+            row["seconds"] = state[s.id].get("seconds")  # the slide's own time, from its done record
         row = {**row, **{k: v for k, v in s.extra.items() if k not in row}}
         if s.id in mine:
             result.append(dict(row))  # what this run did (a slide done earlier: skipped)
@@ -91,9 +99,12 @@ def finish_table(out: str | os.PathLike, everyone: Sequence[CohortSlide], rows: 
     result.counts = {}
     for r in result:
         result.counts[r["status"]] = result.counts.get(r["status"], 0) + 1
-        for tag in ("failed earlier", "done earlier"):
+        for tag in ("failed earlier", "done earlier", "interrupted", "not started"):
             if str(r.get("note", "")).startswith(tag):
                 name = tag.replace(" ", "_")
                 result.counts[name] = result.counts.get(name, 0) + 1
     result.wall_seconds, result.csv = wall, path
     return result
+
+
+_row_from_ledger = row_from_ledger  # the earlier private name

@@ -92,6 +92,19 @@ def heatmap_geometry(grid: TileGrid, task: str, mpp: float | None = None) -> dic
             "scale": (f * sx, f * sy), "origin": (0.0, 0.0), "footprint": (fp, fp)}
 
 
+
+# The opacity ramp of a one-channel map drawn over a slide: values up to OVERLAY_FLOOR (0, and the few
+# per cent a model gives bare glass, e.g. the hematoxylin channel's 0.035 on white) are transparent,
+# so glass inside covered tiles keeps its colour; full strength from OVERLAY_FULL up.
+OVERLAY_FLOOR = 0.05
+OVERLAY_FULL = 0.25
+
+
+def value_alpha(v: np.ndarray) -> np.ndarray:
+    """Opacity in [0, 1] of one-channel map values in [0, 1] (see OVERLAY_FLOOR / OVERLAY_FULL)."""
+    return np.clip((np.asarray(v, np.float32) - OVERLAY_FLOOR) / (OVERLAY_FULL - OVERLAY_FLOOR), 0, 1)
+
+
 class HeatmapWriter:
     """Accumulates tile outputs into a zarr heatmap; creates ``path`` or resumes it.
 
@@ -581,7 +594,7 @@ class Heatmap:
             if vals.shape[0] == 1:
                 v = np.clip(warp(vals[0]), 0, 1)
                 color = cv2.applyColorMap(np.rint(v * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-                a = alpha * covered * np.clip(v / 0.25, 0, 1)  # low values fade into the slide
+                a = alpha * covered * value_alpha(v)  # 0 and glass-level values leave the slide as it is
             else:
                 probs = np.stack([warp(c) for c in vals])
                 lab = probs.argmax(0)

@@ -50,8 +50,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle/header errors of every kind
-        raise CheckpointError(f"not a readable weights file ({type(e).__name__}: {' '.join(str(e).split())[:160]})",
-                              path) from None
+        raise CheckpointError(f"not a readable weights file: {_unreadable_reason(e)}", path) from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict) and "format" not in sd:
             sd = sd[key]
@@ -235,3 +234,20 @@ def _asdict(spec: Any) -> dict:
     from dataclasses import asdict
 
     return asdict(spec)
+
+
+_TRUNCATED_SIGNS = ("central directory", "not fully covered", "unexpected eof", "ran out of input",
+                    "incomplete metadata", "truncated", "file size")
+
+
+def _unreadable_reason(e: BaseException) -> str:
+    """Why a weights file could not be read, as whole words: a cut-short file says so; otherwise the
+    library's first sentence (never a message cut in the middle)."""
+    text = " ".join(str(e).split())
+    first = text.split(". ")[0].rstrip(".")
+    if len(first) > 200:
+        first = first[:200].rsplit(" ", 1)[0] + " …"
+    what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if any(sign in text.lower() for sign in _TRUNCATED_SIGNS):
+        return f"the file is truncated or damaged (an interrupted download or copy?) ({what})"
+    return what
