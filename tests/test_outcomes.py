@@ -22,6 +22,7 @@ from slidekit.slidelevel.outcomes import (
     harrell_c,
     integrated_brier,
     km_plot,
+    main,
     parse_status,
     patient_bags,
     read_clinical,
@@ -111,6 +112,11 @@ def test_harrell_c_hand_computed_and_orientation():
     assert harrell_c([1, 2, 3], [1, 1, 1], [0, 2, 1]) == pytest.approx(1 / 3)
     assert math.isnan(harrell_c([1, 2, 3], [0, 0, 0], [3, 2, 1]))  # all censored: no pair
     assert harrell_c([1, 2], [1, 0], [2, 1]) == 1.0  # one event
+    # tied times: two events at the same time make no pair; an event and a censoring at the same
+    # time do (the censored patient outlived the event: Harrell's convention, scikit-survival's)
+    assert harrell_c([1, 1, 2], [1, 1, 1], [3, 1, 2]) == pytest.approx(1 / 2)
+    assert harrell_c([1, 1, 2], [1, 0, 1], [3, 1, 2]) == 1.0
+    assert harrell_c([1, 1, 2], [1, 0, 1], [1, 3, 2]) == 0.0
 
 
 def test_survival_metrics_known_risk_truth_negation_noise():
@@ -257,7 +263,7 @@ def test_patient_bags_pool_slides_and_refuse_unknown_patients(tmp_path):
         patient_bags(clinical, tmp_path / "fewer.csv", tmp_path / "pt3")
 
 
-def test_survival_and_regression_train_at_patient_level_and_deploy(tmp_path):
+def test_survival_and_regression_train_at_patient_level_and_deploy(tmp_path, capsys):
     assert {"survival", "regression", "regression-l1", "regression-mse"} <= set(available_mil_tasks())
     clinical, slides, truth = _cohort(tmp_path, n_patients=48)
     tables = patient_bags(clinical, slides, tmp_path / "pt", regression=["ki67"])
@@ -265,7 +271,7 @@ def test_survival_and_regression_train_at_patient_level_and_deploy(tmp_path):
               "bootstrap": 30}
     ckpt = train("mil", None, tmp_path / "os", {**common, "slides": str(tables["os"]), "task": "survival",
                                                 "bags_per_step": 16}, device="cpu", progress=False)
-    m = json.loads((tmp_path / "os" / "metrics.json").read_text())
+    m = m_os = json.loads((tmp_path / "os" / "metrics.json").read_text())
     print("survival OOF", m["overall"], m["ci95"]["c_index"])
     assert m["task"] == "survival" and m["patients"] == 48 and m["ties"] == "breslow"
     assert m["overall"]["c_index"] > 0.7 and m["ci95"]["c_index"][0] < m["overall"]["c_index"]
@@ -300,6 +306,20 @@ def test_survival_and_regression_train_at_patient_level_and_deploy(tmp_path):
         pred = np.array([float(r["predicted"]) for r in csv.DictReader(f)])
     xs = np.array([truth[p.stem] for p in bags])
     assert np.abs(pred - (2 + xs)).mean() < 0.6  # restored to the target's units
+
+    # the mean-pooled linear baseline on the same folds, and the command-line steps
+    assert main(["baseline", str(tables["os"]), str(tmp_path / "os" / "oof.csv"), "--json", str(tmp_path / "b.json"),
+                 "--out", str(tmp_path / "b.csv")]) == 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    print("baseline", b["overall"]["c_index"], b["diff"])
+    assert b["kind"] == "survival" and b["overall"]["c_index"] > 0.7 and len(b["folds"]) == 3
+    assert b["mil_overall"]["c_index"] == pytest.approx(m_os["overall"]["c_index"])
+    reg = main(["baseline", str(tables["ki67"]), str(tmp_path / "ki67" / "oof.csv")])
+    assert reg == 0 and "mean-pooled ridge r2" in capsys.readouterr().out
+    assert main(["km", str(tmp_path / "os" / "oof.csv")]) == 0
+    assert "log-rank p = " in capsys.readouterr().out
+    assert main(["km", str(tmp_path / "ki67" / "oof.csv")]) == 1  # not a survival run: one line
+    assert "needs time, event and risk" in capsys.readouterr().err
 
 
 def test_survival_refusals(tmp_path):
