@@ -109,3 +109,20 @@ def test_pytest_says_why_tests_were_skipped(tmp_path):
     assert "2 skipped" in proc.stdout, proc.stdout
     assert "skipped: 1 test: no CUDA GPU here" in proc.stdout, proc.stdout
     assert "no_such_module_for_slidekit" in proc.stdout, proc.stdout
+
+
+def test_readme_gives_a_user_install_and_the_cpu_wheels_at_the_pinned_versions():
+    import re
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    pins = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+            if d.startswith(("torch==", "torchvision=="))]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", readme, re.S)
+    user = [text for lang, text in blocks if "pip install ." in text and "[dev]" not in text]
+    assert user and all(lang == "text" for lang, text in blocks if text in user)  # shown, not run by the docs test
+    cpu = next(text for lang, text in blocks if "download.pytorch.org/whl/cpu" in text)
+    assert all(pin in cpu for pin in pins) and len(pins) == 2
+    dev = [text for lang, text in blocks if lang == "bash" and "install -e .[dev]" in text]
+    assert dev == ["python3 -m venv .venv && .venv/bin/pip install -e .[dev]    # install\n"
+                   ".venv/bin/python -m pytest -q                                # run the tests\n"]
