@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -47,7 +48,7 @@ from slidekit.cli.common import (
 def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str, tile_mpp: float | None,
               tile_size: int | None,
               manifest: tuple[str, ...], engine: str, jobs: int, gpus: str | None, shard: str | None,
-              ray_address: str | None, retry_failed: bool, **options: object) -> None:
+              ray_address: str | None, retry_failed: bool, **options: Any) -> None:
     """Detect every nucleus in the tissue of each SLIDE; write OUT/cells.geojson (.gz when large; open
     in QuPath), OUT/cells.csv and OUT/summary.json. SLIDES: slide files, folders, globs or manifest
     CSVs; a cohort writes OUT/<slide id>/ per slide plus OUT/cohort.csv (see docs/cohorts.md).

@@ -459,3 +459,13 @@ def tissue_kwargs(params: dict) -> dict | None:
     given = {TISSUE_OPTIONS[k]: params.pop(k) for k in list(params) if k in TISSUE_OPTIONS}
     given = {k: v for k, v in given.items() if v is not None}
     return given or None
+
+
+def cohort_folder_option(detail: str) -> Callable:
+    """--cohort EMBED_OUT: an `embed` cohort's --out folder (its cohort.csv, with the manifest's columns such as
+    label/patient, and OUT/<id>/features.h5) as the slides a MIL command works on (train mil, mil-deploy)."""
+    VOCABULARY.setdefault("cohort", (("--cohort", "cohort"), "Slides of an `embed` cohort (its --out folder: "
+                                     "cohort.csv and <id>/features.h5):",
+                                     dict(type=click.Path(file_okay=False, path_type=str), default=None,
+                                          metavar="EMBED_OUT")))
+    return option("cohort", detail=detail)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -61,7 +62,7 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None,
           device: str,
           slide_mpp: float | None, override_mpp: float | None, stain_norm: str | None,
-          stain_ref: str | None, **cohort: object) -> None:
+          stain_ref: str | None, **cohort: Any) -> None:
     """Embed every tissue tile of each SLIDE with the encoder of CKPT; reruns resume or skip.
 
     SLIDES: one slide, or a cohort (several slides, folders, globs, --manifest; see docs/cohorts.md)."""
@@ -70,9 +71,10 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     if geojson and not clusters:
         raise click.UsageError("--geojson needs --clusters K")
     check_stain_options(stain_norm, stain_ref)
-    options = dict(model=model, weights=weights, tile_mpp=tile_mpp, patch_size=tile_size, min_tissue=min_tissue,
-                   slide_mpp=slide_mpp, override_mpp=override_mpp, stain_norm=stain_norm, stain_ref=stain_ref,
-                   batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
+    options: dict[str, Any] = dict(
+        model=model, weights=weights, tile_mpp=tile_mpp, patch_size=tile_size, min_tissue=min_tissue,
+        slide_mpp=slide_mpp, override_mpp=override_mpp, stain_norm=stain_norm, stain_ref=stain_ref,
+        batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
     options["tissue"] = tissue_kwargs(cohort)
     quiet = quiet_flag(ctx)
     if not single_slide(ctx, slides, cohort):

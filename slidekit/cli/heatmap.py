@@ -3,6 +3,7 @@ and `slidekit convert` (ASAP/ImageScope XML or any GeoJSON form -> QuPath GeoJSO
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -66,8 +67,8 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
                 blend: str,
                 batch_size: int, workers: int, threads: int | None, device: str, threshold: float, min_area_um2: float,
                 min_tissue: float, tiles_geojson: bool, slide_mpp: float | None, override_mpp: float | None,
-                skip_bad_tiles: bool, stain_norm: str | None, stain_ref: str | None,
-                **cohort: object) -> None:
+                backend: str | None, skip_bad_tiles: bool, stain_norm: str | None, stain_ref: str | None,
+                **cohort: Any) -> None:
     """Predict a model over the tissue of each SLIDE and write a heatmap, an overlay and QuPath GeoJSON.
 
     SLIDES: slide files, folders, globs or manifest CSVs. One slide writes into OUT; a cohort
@@ -92,11 +93,12 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
         if not demo_path.exists():
             write_demo_slide(demo_path)
         paths.append(str(demo_path))
-    options = dict(model=model, mpp=tile_mpp, size=tile_size, overlap=overlap, heatmap_mpp=heatmap_mpp, blend=blend,
-                   batch_size=batch_size, workers=workers, device=device, threshold=threshold,
-                   min_area_um2=min_area_um2, min_tissue=min_tissue, tiles_geojson=tiles_geojson,
-                   slide_mpp=slide_mpp, override_mpp=override_mpp,
-                   on_bad_tile="skip" if skip_bad_tiles else "raise", stain_norm=stain_norm, stain_ref=stain_ref)
+    options: dict[str, Any] = dict(
+        model=model, mpp=tile_mpp, size=tile_size, overlap=overlap, heatmap_mpp=heatmap_mpp, blend=blend,
+        batch_size=batch_size, workers=workers, device=device, threshold=threshold,
+        min_area_um2=min_area_um2, min_tissue=min_tissue, tiles_geojson=tiles_geojson,
+        slide_mpp=slide_mpp, override_mpp=override_mpp, backend=backend,
+        on_bad_tile="skip" if skip_bad_tiles else "raise", stain_norm=stain_norm, stain_ref=stain_ref)
     options["tissue"] = tissue
     options["tiff"] = cohort.pop("tiff")
     options["ome_zarr"] = cohort.pop("ome_zarr")

@@ -7,28 +7,42 @@ from pathlib import Path
 
 import click
 
-from slidekit.cli.common import handle_errors, option, quiet_flag, quiet_option, slide_reading_options
+from slidekit.cli.common import (
+    cohort_folder_option,
+    handle_errors,
+    option,
+    quiet_flag,
+    quiet_option,
+    slide_reading_options,
+)
 from slidekit.slides.slide import open_slide
 
 
 @click.command("mil-deploy")
-@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("features", nargs=-1, required=False, type=click.Path(dir_okay=False, path_type=Path))
 @option("model", required=True, aliases=("--checkpoint",), metavar="CKPT",
         detail="a MIL checkpoint (`slidekit train mil` OUT/checkpoint.pt).")
 @option("out", type=click.Path(dir_okay=False, path_type=Path), required=True,
         detail="table to write: one row per feature file (status, p_<class>, predicted).")
 @option("chunk_rows")
+@cohort_folder_option("score each slide's features.h5 by its id (a slide whose embed is not done is a failed row).")
 @quiet_option
 @handle_errors
 @click.pass_context
-def mil_deploy(ctx: click.Context, features: tuple[Path, ...], model: str, out: Path, chunk_rows: int) -> None:
-    """Score slides' feature files (FEATURES: .h5 from `slidekit embed`, TRIDENT, CLAM or STAMP)."""
+def mil_deploy(ctx: click.Context, features: tuple[Path, ...], model: str, out: Path, chunk_rows: int,
+               cohort: str | None = None) -> None:
+    """Score slides' feature files (FEATURES: .h5 from `slidekit embed`, TRIDENT, CLAM or STAMP; or --cohort)."""
+    if not features and cohort is None:
+        raise click.UsageError("give FEATURES (feature files) or --cohort EMBED_OUT")
+    import csv
+
     from slidekit.slidelevel.mil_deploy import deploy  # loads torch
 
-    path = deploy(Path(model), features, out, chunk_rows, progress=not quiet_flag(ctx))
-    with open(path) as f:
-        failed = sum(1 for line in f if ",failed," in line)
-    click.echo(f"{len(features)} slide(s) scored ({failed} failed) -> {path}")
+    path = deploy(Path(model), features, out, chunk_rows, progress=not quiet_flag(ctx), cohort=cohort)
+    with open(path, newline="") as f:
+        statuses = [r["status"] for r in csv.DictReader(f)]
+    failed = statuses.count("failed")
+    click.echo(f"{len(statuses)} slide(s) scored ({failed} failed) -> {path}")
     if failed:
         ctx.exit(1)
 

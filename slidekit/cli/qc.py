@@ -57,7 +57,8 @@ def qc(ctx: click.Context, slide: str, out: str, slide_mpp: float | None, overri
 
     An overview image works too: give its µm/px with --slide-mpp (e.g. `slidekit qc overview.png --slide-mpp 16
     --out D`)."""
-    options = QcOptions(**{k: float(v) for k, v in limits.items()})
+    given: dict[str, Any] = {k: float(v) for k, v in limits.items()}
+    options = QcOptions(**given)
     summary = qc_slide(slide, out, options=options, slide_mpp=slide_mpp, override_mpp=override_mpp,
                        backend=backend, progress=not quiet_flag(ctx))
     if as_json:

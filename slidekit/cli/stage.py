@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -42,7 +43,7 @@ def stage(nodes: Path, out: Path, reference: Path | None) -> None:
 @handle_errors
 @click.pass_context
 def features(ctx: click.Context, heatmaps: tuple[Path, ...], out: Path, thresholds: str,
-             channel: int | None, work_mpp: float | None, threads: int | None, **cohort: object) -> None:
+             channel: int | None, work_mpp: float | None, threads: int | None, **cohort: Any) -> None:
     """Morphology features (µm, µm²) of slide heatmaps (HEATMAP_DIR with heatmap.zarr) to a CSV.
 
     With --manifest or any cohort option (--jobs, --engine, --shard, ...), runs as a cohort over the

@@ -8,6 +8,7 @@ import click
 import trainers
 from slidekit.base.resources import configure_threads
 from slidekit.cli.common import (
+    cohort_folder_option,
     device_option,
     handle_errors,
     option,
@@ -26,6 +27,8 @@ from trainers.describe import show_config as render_config
 @option("out", type=click.Path(file_okay=False, path_type=Path), default=None,
         detail="directory (checkpoint.pt, metrics.csv, ...). Rerunning resumes or continues.")
 @option("set")
+@cohort_folder_option("mil: train on it (slides whose embed is not done are left out, one warning each); same as "
+                      "--set cohort=EMBED_OUT.")
 @option("init")
 @option("weights", detail="With --init timm:NAME.")
 @stain_options(norm_help="Stain-normalise every training batch to --stain-ref (recorded in the checkpoint, so "
@@ -44,7 +47,8 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
           overrides: tuple[str, ...], init: str | None, weights: str | None,
           restart: bool, list_only: bool, device: str, show_config: bool = False, threads: int | None = None,
           nproc: int | None = None,
-          stain_norm: str | None = None, stain_ref: str | None = None, stain_aug: str | None = None) -> None:
+          stain_norm: str | None = None, stain_ref: str | None = None, stain_aug: str | None = None,
+          cohort: str | None = None) -> None:
     """Train model NAME (see --list) from a config file; writes a self-describing checkpoint."""
     if list_only or name is None:
         click.echo("\n".join(list_trainers()))
@@ -68,6 +72,8 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
     # (and giving one again with --set is refused as given twice)
     items += [f"{k}={v}" for k, v in (("stain_norm", stain_norm), ("stain_ref", stain_ref),
                                       ("stain_aug", stain_aug)) if v is not None]
+    if cohort is not None:  # a config option of mil (trainers/mil.py); another trainer refuses it by name
+        items.append(f"cohort={cohort}")
 
     # DataLoader workers run one thread each (torch sets that in its workers): the rest is the model's.
     configure_threads(threads, _num_workers(name, config, items))
