@@ -51,6 +51,7 @@ class MILConfig(TrainerConfig):
     """mil: a slide table + feature files."""
 
     slides: str = ""  # CSV of slide,label[,patient][,features]; features default to features_dir/<slide stem>.h5
+    cohort: str | None = None  # instead of slides: an `embed` cohort's --out (cohort.csv + <id>/features.h5)
     task: str = DEFAULT_TASK  # what the head predicts: classification or a registered task (docs/mil.md)
     features_dir: str | None = None  # folder of per-slide feature files (slidekit, TRIDENT, CLAM or STAMP HDF5)
     arch: str = "abmil"  # MIL model: abmil, clam, transmil, meanpool, maxpool or topk_mean
@@ -71,6 +72,8 @@ class MILConfig(TrainerConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_option(not (self.slides and self.cohort), "cohort", self.cohort,
+                     "given without 'slides' (the cohort's cohort.csv is the slide table)")
         check_option(self.arch in MIL_ARCHS, "arch", self.arch, f"one of {', '.join(MIL_ARCHS)}")
         task = get_mil_task(self.task)  # ConfigError naming the known tasks
         check_option(self.arch != "clam" or task.instance_label is not MILTask.instance_label, "arch", self.arch,
@@ -138,6 +141,31 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None,
     if not out:
         raise LabelError("slide table has no rows", path)
     return out
+
+
+def cohort_table(cohort: str | os.PathLike, out: Path, target_columns: tuple[str, ...]) -> Path:
+    """The slide table of an ``embed`` cohort folder, written to ``out/cohort_slides.csv``: one row per
+    slide whose embed row is done (``slide``: its id, the task's target columns and ``patient`` from
+    the manifest's columns in ``cohort.csv``, ``features``: ``<id>/features.h5``); each other slide is
+    left out with one warning line."""
+    import warnings
+
+    from slidekit.base.errors import TrainingWarning
+    from slidekit.slidelevel.feature_store import cohort_feature_files
+
+    found, not_done = cohort_feature_files(cohort)
+    for line in not_done:
+        warnings.warn(TrainingWarning(f"{Path(cohort)}: left out of training: {line}"), stacklevel=3)
+    cols = ["slide", *[t for t in target_columns if t != "slide"], "patient", "features"]
+    if found and any(t not in found[0] for t in target_columns):
+        raise LabelError(f"needs the manifest's columns {_names(target_columns)} (the embed manifest's extra "
+                         f"columns flow into it), has {sorted(found[0])}", Path(cohort) / "cohort.csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows({**r, "slide": r["id"], "patient": r.get("patient") or r["id"]} for r in found)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(out / "cohort_slides.csv", buf.getvalue())
 
 
 def _free_memory_bytes() -> int | None:
@@ -335,14 +363,16 @@ class MILTrainer(Trainer):
 
     def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
         c = self.config
-        if not c.slides:
-            raise ConfigError("mil needs 'slides' (a CSV with slide,label[,patient][,features] columns)")
+        if not (c.slides or c.cohort):
+            raise ConfigError("mil needs 'slides' (a CSV with slide,label[,patient][,features] columns) or "
+                              "'cohort' (an `embed` cohort's --out folder)")
         out = Path(out_dir)
         state = begin_run(self, out, c.epochs)
         task = get_mil_task(c.task)()
-        rows = read_mil_table(c.slides, c.features_dir, task.target_columns)
+        table = c.slides or cohort_table(c.cohort, out, task.target_columns)
+        rows = read_mil_table(table, c.features_dir, task.target_columns)
         # an edited table or a replaced feature file is another run: refused like changed options
-        check_inputs(self, out, {"slide table": c.slides, **{f"feature file of {r.slide}": r.features for r in rows}})
+        check_inputs(self, out, {"slide table": table, **{f"feature file of {r.slide}": r.features for r in rows}})
         if state == "finished" and (out / "checkpoint.pt").exists():
             return out / "checkpoint.pt"
         dev = resolve_device(device)

@@ -423,6 +423,44 @@ def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536, slide_mpp: f
             yield x, coords[begin:begin + rows]
 
 
+# -- a cohort's feature files ----------------------------------------------------------------------
+
+COHORT_TABLE = "cohort.csv"  # slidekit.cohort.table.CSV_NAME (the cohort layer sits above this one)
+COHORT_FEATURES = "features.h5"  # what `slidekit embed` over a cohort writes into OUT/<id>/
+
+
+def cohort_feature_files(cohort: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """The slides of an ``embed`` cohort folder (``OUT/cohort.csv``) with their feature files.
+
+    Returns ``(rows, not_done)``: each row of a slide whose embed row is ``done`` (every column of
+    ``cohort.csv``, the manifest's ``label``/``patient`` among them) plus ``features``:
+    ``OUT/<id>/features.h5``; and one line for each other slide (its status and error, or its missing
+    feature file). FeatureError naming the folder when it holds no ``cohort.csv``."""
+    import csv
+
+    root = Path(cohort)
+    table = root / COHORT_TABLE
+    if not table.is_file():
+        raise FeatureError(f"no {COHORT_TABLE}: not the --out folder of a cohort `slidekit embed`", root)
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "id" not in (reader.fieldnames or []) or "status" not in (reader.fieldnames or []):
+            raise FeatureError("has no 'id' and 'status' columns: not a cohort table", table)
+        rows, not_done = [], []
+        for row in reader:
+            row = {k: (v or "").strip() for k, v in row.items() if k}
+            sid, status = row["id"], row["status"]
+            feats = root / sid / COHORT_FEATURES
+            if status != "done":
+                why = row.get("error") or row.get("note") or ""
+                not_done.append(f"{sid}: its embed row is {status or 'empty'}{f' ({why})' if why else ''}")
+            elif not feats.is_file():
+                not_done.append(f"{sid}: its embed row is done but {feats} is missing (rerun the embed)")
+            else:
+                rows.append({**row, "features": str(feats)})
+    return rows, not_done
+
+
 # -- provenance ---------------------------------------------------------------------------------
 
 #: what a feature file's ``encoder`` record and a model's must agree on: (key, what the user calls it)

@@ -109,7 +109,7 @@ def _failure(path: Path, e: BaseException) -> str:
 
 
 def deploy(checkpoint: str | os.PathLike, feature_files: Sequence[str | os.PathLike], out_csv: str | os.PathLike,
-           chunk_rows: int = DEFAULT_CHUNK, progress: bool = True) -> Path:
+           chunk_rows: int = DEFAULT_CHUNK, progress: bool = True, cohort: str | os.PathLike | None = None) -> Path:
     """Score ``feature_files`` with a MIL checkpoint into ``out_csv`` (written atomically).
 
     One row per file: ``slide, status, features, tiles``, then the task's columns (classification:
@@ -118,27 +118,43 @@ def deploy(checkpoint: str | os.PathLike, feature_files: Sequence[str | os.PathL
     them): a mismatch, or a file that cannot be read or scored, is a ``failed`` row naming the file
     and the problem, and the others are still scored; the table always has every file's row. Files
     without slidekit's records (TRIDENT, CLAM, STAMP) are scored with one warning naming what
-    could not be checked."""
+    could not be checked.
+
+    ``cohort``: an ``embed`` cohort's ``--out`` folder, whose slides are scored too (each under its
+    id, ``OUT/<id>/features.h5``, with the manifest's ``patient`` and the task's target columns when
+    ``cohort.csv`` has them); a slide whose embed row is not done is a ``failed`` row saying so."""
     model, mil = load_mil_checkpoint(checkpoint)
     task = task_from_checkpoint(mil, checkpoint)
     in_dim, encoder = int(mil["in_dim"]), mil.get("encoder") or {}
     rows: list[dict] = []
     unchecked: dict[str, list[Path]] = {}
+    jobs: list[tuple[str | os.PathLike, dict]] = [(f, {}) for f in feature_files]
+    carried: list[str] = []
+    if cohort is not None:
+        found, not_done = feature_store.cohort_feature_files(cohort)
+        carried = [c for c in ("patient", *getattr(task, "target_columns", ())) if any(c in r for r in found)]
+        jobs += [(r["features"], {"slide": r["id"], **{c: r.get(c, "") for c in carried}}) for r in found]
+        for line in not_done:
+            sid = line.split(":", 1)[0]
+            rows.append({"slide": sid, "status": "failed", "features": str(Path(cohort) / sid / "features.h5"),
+                         "error": f"{Path(cohort)}: {line}"})
     from tqdm.auto import tqdm
 
-    for f in tqdm(list(feature_files), desc="mil-deploy", unit="slide", disable=not progress):
+    for f, known in tqdm(jobs, desc="mil-deploy", unit="slide", disable=not progress):
         try:
             info = feature_store.feature_info(f)
             for field in feature_store.check_features_for_model(info, in_dim, encoder):
                 unchecked.setdefault(field, []).append(Path(f))
             s = score_file(model, f, chunk_rows, task=task)
         except Exception as e:  # one slide's failure is its row: the table keeps every slide
-            rows.append({"slide": Path(f).stem, "status": "failed", "features": str(f), "error": _failure(Path(f), e)})
+            rows.append({"slide": Path(f).stem, "status": "failed", "features": str(f), "error": _failure(Path(f), e),
+                         **known})
             continue
         rows.append({"slide": s.slide, "status": "done", "features": str(f), "tiles": len(s.coords),
-                     **task.deploy_row(s.probs)})
+                     **task.deploy_row(s.probs), **known})
     _unchecked_warning(unchecked, f"the model ({checkpoint})")
-    keys = ["slide", "status", "features", "tiles", *task.deploy_columns, "error"]
+    keys = ["slide", "status", "features", "tiles", *task.deploy_columns,
+            *[c for c in carried if c not in task.deploy_columns], "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
