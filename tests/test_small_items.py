@@ -113,6 +113,7 @@ def test_pytest_says_why_tests_were_skipped(tmp_path):
 
 def test_readme_gives_a_user_install_and_the_cpu_wheels_at_the_pinned_versions():
     import re
+
     import tomllib
 
     readme = (ROOT / "README.md").read_text()
@@ -126,3 +127,32 @@ def test_readme_gives_a_user_install_and_the_cpu_wheels_at_the_pinned_versions()
     dev = [text for lang, text in blocks if lang == "bash" and "install -e .[dev]" in text]
     assert dev == ["python3 -m venv .venv && .venv/bin/pip install -e .[dev]    # install\n"
                    ".venv/bin/python -m pytest -q                                # run the tests\n"]
+
+
+def test_cells_roi_areas_are_clipped_to_the_slide_and_invalid_rois_repaired(tmp_path, slide):
+    """A ROI drawn past the slide's edge measures only the slide's part; a self-intersecting
+    (figure-eight) ROI measures what QuPath fills, not the zero of its cancelling lobes."""
+    import json
+
+    mpp = 0.5  # the synthetic slide: 2048 x 1536 px, tissue box (512, 256) 1024 x 768
+    beyond = [[1024, 512], [40000, 512], [40000, 40000], [1024, 40000], [1024, 512]]
+    bowtie = [[600, 300], [1000, 700], [1000, 300], [600, 700], [600, 300]]
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "name": name}}
+        for name, ring in (("beyond", beyond), ("bowtie", bowtie))]}))
+    out = tmp_path / "c"
+    res = CliRunner().invoke(main, ["cells", str(slide), "--roi", str(roi), "--out", str(out), "--device", "cpu",
+                                    "-q"])
+    assert res.exit_code == 0, res.output
+    with open(out / "regions.csv", newline="") as f:
+        rows = {r["class"]: r for r in csv.DictReader(f)}
+    px = mpp * mpp / 1e6
+    assert float(rows["beyond"]["area_mm2"]) == pytest.approx(1024 * 1024 * px, rel=1e-6)
+    assert float(rows["bowtie"]["area_mm2"]) == pytest.approx(2 * 400 * 200 / 2 * px, rel=1e-6)
+    for r in rows.values():
+        dens = float(r["nuclei_per_mm2"])
+        assert dens == pytest.approx(int(r["nuclei"]) / float(r["area_mm2"]), rel=1e-3)
+        assert 0 < float(r["tissue_mm2"]) <= float(r["area_mm2"]) + 1e-9
+    assert float(rows["beyond"]["tissue_mm2"]) == pytest.approx(512 * 512 * px, rel=0.15)

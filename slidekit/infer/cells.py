@@ -434,7 +434,8 @@ class CellsJob(SlideJob):
         if bar is not None:
             bar.close()
         with timer.stage("write"):
-            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide.mpp, cfg["gzip"])
+            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide.mpp, cfg["gzip"],
+                                                     bounds=slide.dimensions, tissue=None if whole else ctx.mask())
         shutil.rmtree(part)
         return {"tiles": len(grid), "bands": len(bands), "bands_resumed": len(bands) - len(todo_bands),
                 "nuclei": n_cells,
@@ -520,16 +521,20 @@ def _geojson_name(part: Path, bands: np.ndarray, gzip_: bool | None) -> str:
 
 
 def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp: tuple,
-              gzip_: bool | None = None) -> tuple[int, list, str]:
-    """Stream the bands into cells.csv and the GeoJSON (one band in memory at a time)."""
+              gzip_: bool | None = None, bounds: tuple[int, int] | None = None,
+              tissue: Any = None) -> tuple[int, list, str]:
+    """Stream the bands into cells.csv and the GeoJSON (one band in memory at a time). ``bounds``:
+    the slide's level-0 size, to which each ROI is clipped; ``tissue``: the mask the nuclei were
+    sought in (its level-0 polygons give each ROI's ``tissue_mm2``)."""
     counts = None
     if roi_anns is not None:
         import shapely
 
-        polys = [(a, a.geometry) for a in roi_anns]
+        polys = [(a, _roi_geometry(a.geometry, bounds)) for a in roi_anns]
         for _, g in polys:
             shapely.prepare(g)
         counts = [0] * len(polys)
+        tissue_geom = _tissue_geometry(tissue)
     nid = 0
     name = _geojson_name(part, bands, gzip_)
     other = out / ("cells.geojson" if name.endswith(".gz") else "cells.geojson.gz")
@@ -566,11 +571,40 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
         with atomic_path(out / "regions.csv") as tr:
             with open(tr, "w", newline="") as f:
                 w = csv.writer(f)
-                w.writerow(["region", "class", "nuclei", "area_mm2", "nuclei_per_mm2"])
-                for j, ((a, _), c) in enumerate(zip(polys, counts)):
-                    area = a.geometry.area * slide_mpp[0] * slide_mpp[1] / 1e6
+                w.writerow(["region", "class", "nuclei", "area_mm2", "nuclei_per_mm2", "tissue_mm2"])
+                px_mm2 = slide_mpp[0] * slide_mpp[1] / 1e6
+                for j, ((a, g), c) in enumerate(zip(polys, counts)):
+                    area = g.area * px_mm2  # the ROI as filled (non-zero rule), within the slide
                     dens = c / area if area > 0 else 0.0
-                    w.writerow([j, (a.label or a.name or ""), c, round(area, 6), round(dens, 2)])
+                    tis = None if tissue_geom is None else g.intersection(tissue_geom).area * px_mm2
+                    w.writerow([j, (a.label or a.name or ""), c, round(area, 6), round(dens, 2),
+                                "" if tis is None else round(tis, 6)])
                     regions.append({"region": j, "class": (a.label or a.name or ""), "nuclei": c, "area_mm2": area,
-                                    "nuclei_per_mm2": dens})
+                                    "nuclei_per_mm2": dens, "tissue_mm2": tis})
     return nid, regions, name
+
+
+def _roi_geometry(g: Any, bounds: tuple[int, int] | None) -> Any:
+    """One ROI as counted and measured: an invalid outline (a self-intersecting ring, whose lobes
+    cancel in the shoelace area) repaired to what QuPath fills for it (non-zero rule), then clipped
+    to the slide (a ROI drawn past the slide's edge measures only the slide's part)."""
+    import shapely.geometry
+
+    from slidekit.annotations.geometry import make_valid
+
+    g, _ = make_valid(g)
+    if not g.is_valid:  # a last resort for shapes the fill rule leaves invalid
+        g = shapely.make_valid(g)
+    if bounds is not None:
+        g = g.intersection(shapely.geometry.box(0, 0, float(bounds[0]), float(bounds[1])))
+    return g
+
+
+def _tissue_geometry(tissue: Any) -> Any:
+    """The level-0 union of a tissue mask's polygons (None without a mask or when it has none)."""
+    if tissue is None:
+        return None
+    import shapely
+
+    polys = list(getattr(tissue, "polygons", None) or [])
+    return shapely.union_all(polys) if polys else None
