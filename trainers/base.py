@@ -38,6 +38,7 @@ from slidekit.base.io import atomic_path, write_text_atomic
 from slidekit.models.checkpoint import save_checkpoint
 from slidekit.models.spec import ModelSpec  # noqa: F401 (re-exported)
 from slidekit.models.weights import init_from
+from slidekit.regions.options import OptionGroups
 from trainers.batches import TIMING_KEYS, RunTiming, check_same_stain
 from trainers.config import load_config
 from trainers.registry import LABEL_KINDS, Trainer, available, get, register  # noqa: F401 (the plug-in API)
@@ -193,11 +194,59 @@ def _divergence(model: nn.Module, metrics: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ResumeParts:
+    """What ``state.pt`` saves after each epoch and a resumed run restores, besides the model.
+
+    Parameters
+    ----------
+    optimizer
+        The optimiser (None: none is saved).
+    scheduler
+        The learning-rate schedule (None: none is saved).
+    get_extra
+        Returns the trainer's own state to save (a dict; called on every rank).
+    set_extra
+        Restores what ``get_extra`` returned.
+    """
+
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    get_extra: Callable[[], dict] | None = None
+    set_extra: Callable[[dict], None] | None = None
+
+
+@dataclass(frozen=True)
+class EpochLoop:
+    """How the epoch loop runs.
+
+    Parameters
+    ----------
+    epochs
+        Epochs the run ends at (None: the trainer config's ``epochs``).
+    progress
+        Show a progress bar and print where the time went.
+    inputs
+        The trainer's ``trainers.batches.BatchInputs`` when it times its steps (None: no stage split).
+    """
+
+    epochs: int | None = None
+    progress: bool = True
+    inputs: Any = None
+
+
+@dataclass(frozen=True)
+class EpochOptions(OptionGroups):
+    """Every option of ``run_epochs``, in groups; flat field names work too (``optimizer=opt``,
+    ``epochs=5``; ``OptionGroups``)."""
+
+    resume: ResumeParts = ResumeParts()
+    loop: EpochLoop = EpochLoop()
+
+
 def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, spec: ModelSpec,
-               train_epoch: Callable[[int], dict[str, Any]], *, optimizer: torch.optim.Optimizer | None = None,
-               scheduler: Any = None, epochs: int | None = None, progress: bool = True,
-               get_extra: Callable[[], dict] | None = None,
-               set_extra: Callable[[dict], None] | None = None, inputs: Any = None) -> Path:
+               train_epoch: Callable[[int], dict[str, Any]], *, options: EpochOptions | None = None,
+               **flat: Any) -> Path:
     """The shared loop: resume, run ``train_epoch(epoch) -> metrics`` per epoch, log, checkpoint.
 
     After each epoch the slidekit checkpoint and the training state are saved atomically, so an
@@ -214,7 +263,14 @@ def run_epochs(trainer: Trainer, out_dir: str | os.PathLike, model: nn.Module, s
     ``read``/``transfer``/``model`` seconds and ``samples_per_s``; the split of the whole run is
     printed at the end (``progress``). A resume whose stain normalisation differs from the one the
     run was trained with (same options, another reference file content) is refused.
+
+    ``options`` is an :class:`EpochOptions` (resume: ``optimizer``, ``scheduler``, ``get_extra``,
+    ``set_extra``; loop: ``epochs``, ``progress``, ``inputs``); flat keywords set single fields.
     """
+    o: EpochOptions = EpochOptions.of(options, **flat)
+    optimizer, scheduler = o.resume.optimizer, o.resume.scheduler
+    get_extra, set_extra = o.resume.get_extra, o.resume.set_extra
+    epochs, progress, inputs = o.loop.epochs, o.loop.progress, o.loop.inputs
     out = Path(out_dir)
     ckpt_path, state_path, done_path = out / "checkpoint.pt", out / "state.pt", out / "done.json"
     epochs = trainer.config.epochs if epochs is None else epochs
