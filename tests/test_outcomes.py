@@ -341,3 +341,36 @@ def test_survival_refusals(tmp_path):
         train("mil", None, tmp_path / "c", {**cfg, "slides": str(tmp_path / "u.csv"), "bags_per_step": 4},
               device="cpu", progress=False)
     assert get_mil_task("regression") is Regression
+
+
+def test_mil_attention_writes_the_tasks_per_tile_scores(tmp_path):
+    """mil-attention for a survival and a regression checkpoint: QuPath tiles with attention and the
+    task's per-tile score (risk; the predicted value in the target's units)."""
+    from slidekit.models.mil import build_mil, save_mil_checkpoint
+    from slidekit.slidelevel.mil_deploy import attention_outputs
+    from slidekit.slides import open_slide
+    from slidekit.slides.demo import write_pyramid
+
+    rng = np.random.default_rng(0)
+    slide = write_pyramid(tmp_path / "a.tif", rng.integers(0, 255, (640, 640, 3), dtype=np.uint8), mpp=1.0)
+    n = 100
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["features"] = rng.normal(size=(n, 8)).astype(np.float32)
+        f["coords"] = np.stack([np.arange(n) % 10, np.arange(n) // 10], 1).astype(np.int64) * 64
+        f["coords"].attrs["patch_size_level0"] = 64
+    torch.manual_seed(0)
+    tasks = {"survival": {"horizons": [1.0], "fold_state": {"baseline_hazard": {"time": [0.5], "cumulative_hazard":
+                                                                                [0.1]}}},
+             "regression": {"loss": "huber", "fold_state": {"target_mean": 20.0, "target_sd": 5.0}}}
+    for task, extra in tasks.items():
+        ckpt = save_mil_checkpoint(tmp_path / f"{task}.pt", build_mil("abmil", 8, 1).eval(),
+                                   {"arch": "abmil", "in_dim": 8, "task": task, "out_dim": 1, "hidden": 128, **extra})
+        with pytest.warns(Warning, match="without slidekit's records"):
+            out = attention_outputs(ckpt, tmp_path / "f.h5", open_slide(slide), tmp_path / task)
+        tiles = json.loads(out["geojson"].read_text())["features"]
+        assert len(tiles) == n
+        key = "score_risk" if task == "survival" else "score_predicted"
+        values = np.array([t["properties"]["measurements"][key] for t in tiles])
+        assert np.isfinite(values).all()
+        if task == "regression":
+            assert 5 < values.mean() < 35  # restored around the target mean of 20
