@@ -200,6 +200,26 @@ def test_cox_loss_hand_computed_breslow_ties_and_eventless_batch():
     assert float(value) == 0 and y.grad.abs().sum() == 0 and task.eventless_batches == 1
 
 
+def test_efron_ties_hand_computed_and_equal_to_breslow_without_ties():
+    efron = get_mil_task("survival-efron")().make_loss(None, torch.device("cpu"), None)
+    breslow = Survival().make_loss(None, torch.device("cpu"), None)
+    # two events at one time, equal risks: Efron log(2) + log(2 - 1) over 2 events; Breslow log 2 each
+    tied = torch.tensor([[1.0, 1], [1.0, 1]])
+    assert float(efron(torch.zeros(2, 1), tied)) == pytest.approx(math.log(2) / 2)
+    assert float(breslow(torch.zeros(2, 1), tied)) == pytest.approx(math.log(2))
+    # d = 2 of a risk set of 3 (risks 0, log 2, log 3; the third outlives them):
+    # -[0 + log 2 - log 6 - log(6 - 3/2)] / 2
+    r = torch.tensor([[0.0], [math.log(2)], [math.log(3)]])
+    t = torch.tensor([[1.0, 1], [1.0, 1], [2.0, 0]])
+    assert float(efron(r, t)) == pytest.approx(-(math.log(2) - math.log(6) - math.log(4.5)) / 2)
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(size=(12, 1)), dtype=torch.float32)
+    y = torch.tensor(np.stack([rng.permutation(12) + 1.0, rng.integers(0, 2, 12)], 1), dtype=torch.float32)
+    y[0, 1] = 1
+    assert float(efron(x, y)) == pytest.approx(float(breslow(x, y)), rel=1e-5)  # no tied times
+    assert task_from_checkpoint({"task": "survival-efron", "horizons": [1.0]}).ties == "efron"
+
+
 def test_survival_batches_each_hold_an_event():
     targets = np.array([[i, 1.0 if i % 5 == 0 else 0.0] for i in range(40)])
     order = np.random.default_rng(0).permutation(40)

@@ -10,9 +10,10 @@ out over the batches so that every batch holds at least one (batches then grow t
 ``bags_per_step`` >= the fold (e.g. 100000) every step sees the full risk set. Folds are stratified
 by event and by time above/below the median. Metrics: Harrell's C (``c_index``), Uno's C, the
 cumulative/dynamic AUC at the cohort's event-time quartiles and the integrated Brier score
-(``slidekit.slidelevel.outcomes``). Each fold's checkpoint records the Breslow baseline hazard of
-its training risks (``fold_state``), so ``mil-deploy`` writes ``risk`` and the survival probability
-at each horizon.
+(``slidekit.slidelevel.outcomes``). ``survival-efron``: the same with Efron's approximation for
+tied event times (equal to Breslow's where no two events share a time). Each fold's checkpoint
+records the Breslow baseline hazard of its training risks (``fold_state``), so ``mil-deploy``
+writes ``risk`` and the survival probability at each horizon.
 
 ``regression``: the ``target`` column; targets standardised with the training fold's mean and sd
 (recorded in the fold's checkpoint) and restored for every output; Huber loss (delta 1 sd);
@@ -49,6 +50,7 @@ class Survival(MILTask):
     target_columns = ("time", "event")
     headline_metric = "c_index"
     needs_train_predictions = True
+    ties = "breslow"
 
     def __init__(self, horizons: list[float] | None = None, baseline: dict | None = None) -> None:
         self.horizons = list(horizons or [])
@@ -101,6 +103,8 @@ class Survival(MILTask):
                 if torch.is_grad_enabled():
                     self.eventless_batches += 1
                 return outputs.sum() * 0.0
+            if self.ties == "efron":
+                return _efron(risk, time, event)
             at_risk = time[None, :] >= time[event][:, None]  # Breslow: ties all in the risk set
             log_den = torch.logsumexp(risk[None, :].masked_fill(~at_risk, float("-inf")), dim=1)
             return (log_den - risk[event]).mean()
@@ -148,16 +152,42 @@ class Survival(MILTask):
 
     def fold_state(self, train_targets, train_predictions):
         ts, H = breslow_baseline(train_targets[:, 0], train_targets[:, 1], np.asarray(train_predictions)[:, 0])
-        return {"ties": "breslow", "baseline_hazard": {"time": [float(x) for x in ts],
+        return {"ties": self.ties, "baseline_hazard": {"time": [float(x) for x in ts],
                                                        "cumulative_hazard": [float(x) for x in H]}}
 
     def checkpoint_fields(self):
-        return {"horizons": list(self.horizons), "ties": "breslow"}
+        return {"horizons": list(self.horizons), "ties": self.ties}
 
     @classmethod
     def from_checkpoint(cls, mil):
         state = mil.get("fold_state") or {}
         return cls(mil.get("horizons") or [], state.get("baseline_hazard"))
+
+
+@register_mil_task
+class SurvivalEfron(Survival):
+    """Cox proportional-hazards MIL with Efron's handling of tied event times."""
+
+    name = "survival-efron"
+    ties = "efron"
+
+
+def _efron(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """Negative Cox partial log-likelihood with Efron's ties, averaged over the events: at an event
+    time with d events D and risk set R, log sum_R e^r is replaced by the mean over l = 0..d-1 of
+    log(sum_R e^r - l/d sum_D e^r)."""
+    m = risk.detach().max()
+    e = torch.exp(risk - m)
+    uniq = torch.unique(time[event])
+    at_risk = (time[None, :] >= uniq[:, None]).to(e.dtype)  # (U, B)
+    tied = ((time[None, :] == uniq[:, None]) & event[None, :]).to(e.dtype)
+    d = tied.sum(1)
+    r_sum, d_sum = at_risk @ e, tied @ e
+    steps = torch.arange(int(d.max()), device=risk.device, dtype=e.dtype)
+    keep = steps[None, :] < d[:, None]
+    inner = r_sum[:, None] - steps[None, :] / d[:, None] * d_sum[:, None]
+    log_den = torch.where(keep, torch.log(inner.clamp_min(1e-30)), torch.zeros_like(inner)).sum() + m * d.sum()
+    return (log_den - risk[event].sum()) / d.sum()
 
 
 class _Regression(MILTask):
