@@ -169,7 +169,7 @@ def measure_instances(labels: np.ndarray, rgb: np.ndarray, mpp: float) -> list[d
     flat = labels.ravel()
     yy, xx = np.indices(labels.shape, dtype=np.float64)
 
-    def per_label(w: np.ndarray | None) -> np.ndarray:
+    def per_label(w: Any) -> np.ndarray:
         return np.bincount(flat, None if w is None else w.ravel(), minlength=n + 1)[1:]
 
     area = per_label(None)
@@ -222,7 +222,8 @@ def nucleus_channels(classes: list[str], channel: int | None = None, split: str 
         raise ConfigError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
     b = None if split == "distance" else boundary_class(classes)
     if split == "boundary" and b is None:
-        raise ConfigError(f"split 'boundary' needs a model with an outline class ({', '.join(sorted(BOUNDARY_NAMES))}); "
+        names = ", ".join(sorted(BOUNDARY_NAMES))
+        raise ConfigError(f"split 'boundary' needs a model with an outline class ({names}); "
                           f"this one has {classes}")
     others = [i for i in range(len(classes)) if i != b]
     if not others:
@@ -550,13 +551,13 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
             for b in bands:
                 with open(part / f"band-{int(b):06d}.csv", newline="") as fb:
                     rows = list(csv.reader(fb))
-                keep = None
+                keep: np.ndarray | None = None
                 if counts is not None and rows:  # one vectorised point-in-polygon test per band and region
                     xy = np.array([[float(r[0]), float(r[1])] for r in rows])
-                    hits = np.array([shapely.contains_xy(g, xy[:, 0], xy[:, 1]) for _, g in polys])
+                    hits = np.array([np.asarray(shapely.contains_xy(g, xy[:, 0], xy[:, 1])) for _, g in polys])
                     for j in range(len(polys)):
                         counts[j] += int(hits[j].sum())
-                    keep = hits.any(axis=0)  # tiles reach past the ROI: nuclei centred outside it are not written
+                    keep = np.asarray(hits.any(axis=0))  # tiles reach past the ROI: nuclei centred outside it are not written
                 for i, row in enumerate(rows):
                     if keep is not None and not keep[i]:
                         continue

@@ -5,7 +5,8 @@ pickled ``TileReader``), pins the uint8 batches, stain-normalises (when asked, o
 checkpoint carries a stain reference) and normalises them on the device, runs the model (mixed
 precision and channels-last on CUDA) and keeps one batch in flight while the caller consumes the
 previous one. On CUDA, aligned stored JPEG tiles travel compressed and are decoded on the GPU
-(``slidekit.infer.gpu_decode``; ``Predictor.decode`` says which path was taken and why). ``heatmap_slide`` is the job behind ``slidekit heatmap``: slide in,
+(``slidekit.infer.gpu_decode``; ``Predictor.decode`` says which path was taken and why).
+``heatmap_slide`` is the job behind ``slidekit heatmap``: slide in,
 ``heatmap.zarr``, ``overlay.png``, ``predictions.geojson`` and ``summary.json`` out, resumable.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -66,6 +67,38 @@ class _TileBatches(torch.utils.data.Dataset):
         return torch.from_numpy(idx), torch.from_numpy(tiles)
 
 
+@dataclass(frozen=True)
+class CudaOptions:
+    """What the Predictor does on CUDA (ignored on the CPU).
+
+    Parameters
+    ----------
+    amp
+        Mixed precision.
+    channels_last
+        Channels-last memory format.
+    gpu_decode
+        Decode aligned stored JPEG tiles on the GPU (nvJPEG) where possible.
+    """
+
+    amp: bool = True
+    channels_last: bool = True
+    gpu_decode: bool = True
+
+
+def _predictor_options(run: RunOptions | None, cuda: CudaOptions | None, flat: dict) -> tuple[RunOptions, CudaOptions]:
+    """The Predictor's groups with flat keywords (``device=``, ``workers=``, ``amp=``...) applied."""
+    run = run if run is not None else RunOptions(batch_size=32, workers=2)
+    cuda = cuda if cuda is not None else CudaOptions()
+    run_keys, cuda_keys = {"batch_size", "workers", "device", "threads"}, {"amp", "channels_last", "gpu_decode"}
+    unknown = sorted(set(flat) - run_keys - cuda_keys)
+    if unknown:
+        raise ConfigError(f"unknown Predictor option(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(run_keys | cuda_keys))})")
+    run = replace(run, **{k: v for k, v in flat.items() if k in run_keys})
+    return run, replace(cuda, **{k: v for k, v in flat.items() if k in cuda_keys})
+
+
 class Predictor:
     """Runs ``model`` (logits) with ``spec`` (normalize/activate/task) over tiles of a grid.
 
@@ -84,10 +117,11 @@ class Predictor:
     decode on the CPU on CUDA too.
     """
 
-    def __init__(self, model: nn.Module, spec: Any, device: str | torch.device = "auto", batch_size: int = 32,
-                 workers: int = 2, amp: bool = True, channels_last: bool = True, progress: bool = False,
-                 on_bad_tile: str = "raise", threads: int | None = None, stain: Any = None,
-                 gpu_decode: bool = True) -> None:
+    def __init__(self, model: nn.Module, spec: Any, run: RunOptions | None = None, *, progress: bool = False,
+                 on_bad_tile: str = "raise", stain: Any = None, cuda: CudaOptions | None = None, **flat: Any) -> None:
+        run, cuda = _predictor_options(run, cuda, flat)
+        device, batch_size, workers, threads = run.device, run.batch_size, run.workers, run.threads
+        amp, channels_last, gpu_decode = cuda.amp, cuda.channels_last, cuda.gpu_decode
         self.on_bad_tile, self.bad_tiles = on_bad_tile, np.zeros(0, np.int64)
         self.stain, self.stain_unchanged = checkpoint_stain(spec) if stain is None else (stain or None), 0
         self.gpu_decode = gpu_decode
@@ -156,8 +190,8 @@ class Predictor:
         self._reader = reader
         ds = (gpu_decode.StreamBatches if path == "gpu" else _TileBatches)(reader, index, self.batch_size)
 
-        kw = ({"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": worker_threads}
-              if self.workers > 0 else {})
+        kw: dict[str, Any] = ({"prefetch_factor": 4, "persistent_workers": False, "worker_init_fn": worker_threads}
+                              if self.workers > 0 else {})
         return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.workers,
                                            pin_memory=self.cuda, **kw)
 
@@ -207,7 +241,7 @@ class Predictor:
                     event.record()
                     current = (idx, host, event, self._events)
                 else:
-                    current = (idx, y, None, None)
+                    current = (idx, y, None, None)  # type: ignore[assignment]  # CPU: no event to wait on
                 if pending is not None:
                     yield self._emit(pending, bar)
                 pending = current
@@ -342,7 +376,7 @@ def release_memory() -> None:
         _TRIM(0)
 
 
-_TRIM = None
+_TRIM: Any = None  # glibc malloc_trim, False where there is none, None until looked up
 
 
 # Every file or store heatmap_slide may write in its output folder (and so may replace on a rerun).
@@ -451,6 +485,7 @@ class HeatmapJob(SlideJob):
         overlap = o.tiles.overlap if o.tiles.overlap is not None else (size // 4 if spec.task == "segmentation" else 0)
         self.tiles = TileOptions(mpp=float(o.tiles.mpp or spec.mpp), size=size, overlap=int(overlap),
                                  min_tissue=o.tiles.min_tissue)
+        self.mpp, self.size, self.overlap = float(o.tiles.mpp or spec.mpp), size, int(overlap)  # resolved
         self.options, self.reading, self.output, self.run_opts = o, o.reading, o.output, o.run
         self.roi = Roi(o.roi.roi, o.roi.roi_class) if o.roi.roi is not None else None
         if self.roi is not None:
@@ -465,7 +500,8 @@ class HeatmapJob(SlideJob):
             run_cfg["stain"] = self.stain_info["key"]
         run_cfg.update(self.region.config())  # "roi", "tissue": recorded only when set, so older keys hold
         self.run_cfg = run_cfg
-        out_cfg = {"threshold": out.threshold, "min_area_um2": out.min_area_um2, "tiles_geojson": out.tiles_geojson}
+        out_cfg: dict[str, Any] = {"threshold": out.threshold, "min_area_um2": out.min_area_um2,
+                                   "tiles_geojson": out.tiles_geojson}
         if out.tiff:  # recorded only when asked, so earlier runs keep their configuration key
             out_cfg["tiff"] = out.tiff
         if out.ome_zarr:
@@ -507,9 +543,9 @@ class HeatmapJob(SlideJob):
         if hm is None:
             ctx.mask()
             release_memory()
-            grid = ctx.grid(mpp=t.mpp, size=t.size, overlap=t.overlap, min_tissue=t.min_tissue)
+            grid = ctx.grid(mpp=self.mpp, size=self.size, overlap=self.overlap, min_tissue=t.min_tissue)
             out.mkdir(parents=True, exist_ok=True)
-            seg_mpp = t.mpp * spec.output_stride if spec.task == "segmentation" else None
+            seg_mpp = self.mpp * spec.output_stride if spec.task == "segmentation" else None
             meta = {"run_key": run_key, "model": self.ident, "activation": getattr(spec, "activation", "none")}
             writer = HeatmapWriter(part, grid, spec.task, list(spec.classes), list(spec.colors or []),
                                    mpp=o.heatmap_mpp or seg_mpp, blend=o.blend, chunk=o.chunk, attrs=meta)
@@ -552,7 +588,7 @@ class HeatmapJob(SlideJob):
         anns = hm.vectorize(threshold=o.threshold, min_area_um2=o.min_area_um2)
         # Clipped to the slide and the heatmap's extent (vectorize clips already; this is the rule).
         write_geojson(anns, out / "predictions.geojson", bounds=hm.bounds)
-        w, h = t.size * t.mpp / slide.mpp[0], t.size * t.mpp / slide.mpp[1]
+        w, h = self.size * self.mpp / slide.mpp[0], self.size * self.mpp / slide.mpp[1]
         if o.tiles_geojson:
             coords, values = hm.tiles
             from shapely.geometry import box

@@ -117,7 +117,7 @@ class Roi(Region):
         H, W = base.array.shape
         sx, sy = base.scale
         inside = rasterize(self.annotations(), (0, 0, W * sx, H * sy), base.mpp,
-                           slide_mpp=tuple(base.slide_mpp)).astype(bool)
+                           slide_mpp=(float(base.slide_mpp[0]), float(base.slide_mpp[1]))).astype(bool)
         inside = np.pad(inside, ((0, max(0, H - inside.shape[0])), (0, max(0, W - inside.shape[1]))))[:H, :W]
         return TissueMask(array=inside, mpp=base.mpp, slide_mpp=base.slide_mpp)
 

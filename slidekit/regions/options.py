@@ -180,7 +180,7 @@ class OptionGroups:
         if not flat:
             return base
         groups: dict[str, Any] = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}  # type: ignore[arg-type]
-        owner = {}
+        owner: dict[str, tuple[str, str | None]] = {}
         for gname, group in groups.items():
             if isinstance(group, TissueOptions):
                 owner[gname] = (gname, None)

@@ -40,6 +40,7 @@ class TissueJob(SlideJob):
     def run(self, ctx: JobContext) -> dict:
         slide, out = ctx.slide, ctx.out
         mask = ctx.mask()
+        assert mask is not None  # the job's region is the tissue
         area_px = slide.mpp[0] * slide.mpp[1]
         # A mask pixel at the edge may overhang the slide: regions are cut to the slide before measuring.
         on_slide = box(0, 0, *slide.dimensions)
