@@ -360,7 +360,7 @@ def predict_heatmaps(ckpt: Path, records: list[dict], out: Path, tile: int, work
     every slide's heatmap is the same as from one process)."""
     from slidekit.models.checkpoint import load_checkpoint
     from slidekit.slides.slide import open_slide
-    from trainers.mixed_em import predict_heatmap
+    from trainers.mixed_em import HeatmapTiling, predict_heatmap
 
     if workers > 1 and len(records) > 1:
         import multiprocessing as mp
@@ -374,7 +374,7 @@ def predict_heatmaps(ckpt: Path, records: list[dict], out: Path, tile: int, work
     for rec in records:
         d = out / Path(rec["slide"]).stem
         with open_slide(rec["slide"]) as s:
-            predict_heatmap(ck.model, ck.spec, s, d / "heatmap.zarr", tile=tile)
+            predict_heatmap(ck.model, ck.spec, s, d / "heatmap.zarr", tiling=HeatmapTiling(tile=tile))
         paths.append(d)
     return paths
 

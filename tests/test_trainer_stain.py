@@ -283,8 +283,9 @@ def test_mixed_em_round_heatmaps_are_predicted_through_spec_stain(tmp_path, stai
     from slidekit.infer.heatmap import Heatmap
     from slidekit.models.networks import build_model
     from slidekit.models.spec import ModelSpec
+    from slidekit.regions.options import RunOptions
     from slidekit.slides.slide import open_slide
-    from trainers.mixed_em import predict_heatmap
+    from trainers.mixed_em import HeatmapTiling, predict_heatmap
 
     calls: list[int] = []
     real_call = mod.StainNormalizer.__call__
@@ -297,8 +298,9 @@ def test_mixed_em_round_heatmaps_are_predicted_through_spec_stain(tmp_path, stai
     path = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 256, 512, 256))
     with open_slide(path) as slide:
         timer = StageTimer()
-        store = predict_heatmap(model, spec, slide, tmp_path / "hm.zarr", tile=64, tissue_mpp=8.0,
-                                min_tissue=0.1, batch_size=4, device="cpu", timer=timer)
+        store = predict_heatmap(model, spec, slide, tmp_path / "hm.zarr",
+                                tiling=HeatmapTiling(tile=64, tissue_mpp=8.0, min_tissue=0.1),
+                                run=RunOptions(batch_size=4, device="cpu"), timer=timer)
     assert Heatmap(store) is not None
     assert sum(calls) > 0  # every tile of the E-step heatmap went through the model's normalisation
     assert timer.seconds["model"] > 0  # and the prediction's time is counted in the round's stages

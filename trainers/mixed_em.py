@@ -54,7 +54,7 @@ from slidekit.models.checkpoint import save_checkpoint
 from slidekit.models.networks import build_model
 from slidekit.models.spec import MAX_PATCH_SIZE, ModelSpec
 from slidekit.regions.masks import Tissue, build_region
-from slidekit.regions.options import TissueOptions
+from slidekit.regions.options import RunOptions, TissueOptions
 from slidekit.regions.tiling import TileGrid, TileReader
 from slidekit.slidelevel.features import (
     DEFAULT_THRESHOLDS,
@@ -147,8 +147,27 @@ def pseudo_label(prob: np.ndarray, positive: bool, threshold: float = 0.4, scale
     return y
 
 
-def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, *, threshold: float = 0.4,
-           scale: float = 4.0, floor: float = 0.01, min_hard_negatives: int = 0, top_k: int = 0,
+@dataclass(frozen=True)
+class PseudoLabelRule:
+    """The E-step rule of ``pseudo_label`` for one patch probability map.
+
+    Parameters
+    ----------
+    threshold
+        T: a patch whose maximum probability is below it is dropped.
+    scale
+        V: pseudo-labels are ``min(V*p, 1)``.
+    floor
+        Pseudo-label values below it are set to 0.
+    """
+
+    threshold: float = 0.4
+    scale: float = 4.0
+    floor: float = 0.01
+
+
+def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, *,
+           rule: PseudoLabelRule | None = None, min_hard_negatives: int = 0, top_k: int = 0,
            positive_negatives: float = 0.0) -> dict[str, np.ndarray]:
     """Apply ``pseudo_label`` to an iterable of ``(key, prob map)`` per slide and store the result.
 
@@ -165,7 +184,10 @@ def e_step(patch_probs: Any, positives: Sequence[bool], out: str | os.PathLike, 
     and the rest of what passes T in a positive slide is mostly look-alike tissue (follicles).
     ``positive_negatives`` (0 = off, the paper's rule: negatives from negative slides only) makes
     every patch of a positive slide whose maximum probability is below it a hard negative too.
+    ``rule`` (a :class:`PseudoLabelRule`; None: the paper's T, V and floor) is ``pseudo_label``'s.
     """
+    rule = rule or PseudoLabelRule()
+    threshold, scale, floor = rule.threshold, rule.scale, rule.floor
     out = Path(out)
     pos_rows: list[tuple[int, int]] = []
     neg_rows: list[tuple[int, int]] = []
@@ -318,14 +340,41 @@ def soft_bce_steps(model: torch.nn.Module, inputs: BatchInputs, optimizer: torch
     return total / max(n, 1)
 
 
-def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | os.PathLike, *, tile: int = 256,
-                    overlap: int = 0, tissue_mpp: float = 8.0, min_tissue: float = 0.01, batch_size: int = 8,
-                    device: str | torch.device = "cpu", attrs: dict | None = None, timer: Any = None) -> Path:
+@dataclass(frozen=True)
+class HeatmapTiling:
+    """How an E-step heatmap's tiles are laid out (``predict_heatmap``).
+
+    Parameters
+    ----------
+    tile
+        Tile side in pixels at the model's MPP (large tiles: a fully convolutional network
+        predicts a 256 px tile much faster than sixteen 64 px ones).
+    overlap
+        Overlap between neighbouring tiles in pixels (>0: gaussian blending).
+    tissue_mpp
+        µm/px at which the tissue mask is found.
+    min_tissue
+        Fraction of a tile that must be tissue for it to be predicted.
+    """
+
+    tile: int = 256
+    overlap: int = 0
+    tissue_mpp: float = 8.0
+    min_tissue: float = 0.01
+
+
+def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | os.PathLike, *,
+                    tiling: HeatmapTiling | None = None, run: RunOptions | None = None,
+                    attrs: dict | None = None, timer: Any = None) -> Path:
     """Segmenter heatmap of ``slide`` at the model's MPP into the zarr ``store`` (skipped when a
     complete one exists, resumed when a partial one does), zero outside the tissue mask. Large
     tiles: a fully convolutional network predicts a 256 px tile much faster than sixteen 64 px ones.
     The Predictor applies the stain normalisation of ``spec.stain``; its stage seconds are added
-    to ``timer`` (a StageTimer) when given."""
+    to ``timer`` (a StageTimer) when given. ``tiling``: a :class:`HeatmapTiling` (None: its
+    defaults); ``run``: how the Predictor runs (None: batches of 8 on the CPU, no worker processes)."""
+    t = tiling or HeatmapTiling()
+    tile, overlap, tissue_mpp, min_tissue = t.tile, t.overlap, t.tissue_mpp, t.min_tissue
+    run = run or RunOptions(batch_size=8, workers=0, device="cpu")
     store = Path(store)
     if store.exists():
         try:
@@ -340,7 +389,7 @@ def predict_heatmap(model: torch.nn.Module, spec: Any, slide: Any, store: str | 
     todo = w.todo()
     if len(todo):
         was_training = model.training
-        pred = Predictor(model, spec, device=device, batch_size=batch_size, workers=0)
+        pred = Predictor(model, spec, run)
         t_arr = tissue.array.astype(np.float32)
         for idx, y in pred.predict(slide, grid, index=todo):
             # tumour probability is zero off tissue: glass and tile padding otherwise give
@@ -511,9 +560,10 @@ class MixedEMTrainer(Trainer):
             paths.append(store.parent)
             if i % world != me:  # several ranks: slide i is predicted by rank i % world
                 continue
-            predict_heatmap(self.model, self.spec, self.slides[n_pix + i], store,
-                            tile=c.predict_tile or 4 * c.patch_size, overlap=c.predict_overlap,
-                            tissue_mpp=c.tissue_mpp, batch_size=c.predict_batch, device=self.device,
+            tiling = HeatmapTiling(tile=c.predict_tile or 4 * c.patch_size, overlap=c.predict_overlap,
+                                   tissue_mpp=c.tissue_mpp)
+            predict_heatmap(self.model, self.spec, self.slides[n_pix + i], store, tiling=tiling,
+                            run=RunOptions(batch_size=c.predict_batch, workers=0, device=str(self.device)),
                             attrs={"round": r}, timer=self.inputs.timer)
         self.model.train()
         dist.barrier()  # every heatmap of the round is written
@@ -547,7 +597,7 @@ class MixedEMTrainer(Trainer):
         slides = tqdm(range(len(self.labelled)), desc=f"round {r} pseudo-labels", unit="slide", leave=False,
                       disable=not self.progress)
         found = e_step((patches(i) for i in slides), [x.positive for x in self.labelled],
-                       rdir / "pseudo_labels.zarr", threshold=c.threshold, scale=c.scale, floor=c.floor,
+                       rdir / "pseudo_labels.zarr", rule=PseudoLabelRule(c.threshold, c.scale, c.floor),
                        min_hard_negatives=c.min_hard_negatives, top_k=c.pseudo_top_k,
                        positive_negatives=c.positive_negatives)
         with atomic_path(index_path) as tmp:
