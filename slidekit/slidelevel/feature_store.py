@@ -433,8 +433,8 @@ def cohort_feature_files(cohort: str | os.PathLike) -> tuple[list[dict], list[st
     """The slides of an ``embed`` cohort folder (``OUT/cohort.csv``) with their feature files.
 
     Returns ``(rows, not_done)``: each row of a slide whose embed row is ``done`` (every column of
-    ``cohort.csv``, the manifest's ``label``/``patient`` among them) plus ``features``:
-    ``OUT/<id>/features.h5``; and one line for each other slide (its status and error, or its missing
+    ``cohort.csv``, the manifest's ``label``/``patient`` among them) plus ``features``: the absolute
+    path of ``OUT/<id>/features.h5``; and one line for each other slide (its status and error, or its missing
     feature file). FeatureError naming the folder when it holds no ``cohort.csv``."""
     import csv
 
@@ -450,7 +450,7 @@ def cohort_feature_files(cohort: str | os.PathLike) -> tuple[list[dict], list[st
         for row in reader:
             row = {k: (v or "").strip() for k, v in row.items() if k}
             sid, status = row["id"], row["status"]
-            feats = root / sid / COHORT_FEATURES
+            feats = root.resolve() / sid / COHORT_FEATURES  # absolute: tables elsewhere refer to it
             if status != "done":
                 why = row.get("error") or row.get("note") or ""
                 not_done.append(f"{sid}: its embed row is {status or 'empty'}{f' ({why})' if why else ''}")
