@@ -201,9 +201,30 @@ class _BoosterWrapper:
         return p if p.ndim == 2 else np.column_stack([1 - p, p])
 
 
+@dataclass(frozen=True)
+class LGBMParams:
+    """LightGBM hyper-parameters of the stage-2 classifier (``fit_morph_lgbm``).
+
+    Parameters
+    ----------
+    n_estimators
+        Boosting rounds.
+    num_leaves
+        Leaves per tree.
+    learning_rate
+        Shrinkage per round.
+    min_child_samples
+        Fewest rows in a leaf.
+    """
+
+    n_estimators: int = 150
+    num_leaves: int = 7
+    learning_rate: float = 0.05
+    min_child_samples: int = 3
+
+
 def fit_morph_lgbm(rows: Sequence[dict] | np.ndarray, labels: Sequence[str], columns: list[str] | None = None, *,
-                   seed: int = 0, n_estimators: int = 150, num_leaves: int = 7, learning_rate: float = 0.05,
-                   min_child_samples: int = 3, cv_folds: int = 4,
+                   params: LGBMParams | None = None, seed: int = 0, cv_folds: int = 4,
                    classes: Sequence[str] = SIZE_CLASSES) -> tuple[MorphClassifier, dict[str, float]]:
     """Fit LightGBM on feature rows and node labels (``classes``: negative/itc/micro/macro by
     default; ``("negative", "positive")`` for slide labels without a size).
@@ -211,7 +232,8 @@ def fit_morph_lgbm(rows: Sequence[dict] | np.ndarray, labels: Sequence[str], col
     Returns the classifier fitted on every row and ``{"train_loss", "cv_loss", "cv_accuracy"}``:
     the multi-class log loss on the training rows, and out-of-fold log loss / accuracy from
     stratified ``cv_folds``-fold cross-validation (the stage-2 loss used to select EM rounds;
-    NaN when a fold cannot be made).
+    NaN when a fold cannot be made). ``params``: the LightGBM hyper-parameters (None: :class:`LGBMParams`'
+    defaults); ``seed`` seeds LightGBM and the folds.
     """
     from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedKFold
@@ -229,14 +251,15 @@ def fit_morph_lgbm(rows: Sequence[dict] | np.ndarray, labels: Sequence[str], col
     if bad:
         raise LabelError(f"labels {bad} are not among the stage-2 classes {classes}")
     y = np.array([classes.index(v) for v in norm])
-    params: dict[str, Any] = dict(seed=seed, n_estimators=n_estimators, num_leaves=num_leaves,
-                                  learning_rate=learning_rate, min_child_samples=min_child_samples)
+    hp = params or LGBMParams()
+    lgbm_kw: dict[str, Any] = dict(seed=seed, n_estimators=hp.n_estimators, num_leaves=hp.num_leaves,
+                                   learning_rate=hp.learning_rate, min_child_samples=hp.min_child_samples)
 
     def fit(Xf: np.ndarray, yf: np.ndarray) -> MorphClassifier:
         present = sorted(set(yf.tolist()))
         if len(present) == 1:
             return MorphClassifier(None, columns, classes, fitted_classes=present)
-        m = _lgbm(**params)
+        m = _lgbm(**lgbm_kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             m.fit(Xf, yf)
@@ -313,10 +336,10 @@ class MorphLGBMTrainer(Trainer):
             raise LabelError(f"{len(missing)} row(s) have no heatmap (first: {missing[0]})", c.slides)
         heatmaps = [r.heatmap for r in records if r.heatmap is not None]  # every one, checked above
         rows = [features_from_view(open_heatmap_view(h), c.thresholds, c.work_mpp) for h in heatmaps]
-        clf, metrics = fit_morph_lgbm(rows, [r.label for r in records], feature_names(c.thresholds), seed=c.seed,
-                                      n_estimators=c.n_estimators, num_leaves=c.num_leaves,
-                                      learning_rate=c.learning_rate, min_child_samples=c.min_child_samples,
-                                      cv_folds=c.cv_folds)
+        params = LGBMParams(n_estimators=c.n_estimators, num_leaves=c.num_leaves, learning_rate=c.learning_rate,
+                            min_child_samples=c.min_child_samples)
+        clf, metrics = fit_morph_lgbm(rows, [r.label for r in records], feature_names(c.thresholds), params=params,
+                                      seed=c.seed, cv_folds=c.cv_folds)
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
         path = clf.save(out / "morph_lgbm.json")
         write_text_atomic(out / "done.json", json.dumps({"trainer": self.name, "epochs": 1,
