@@ -394,3 +394,28 @@ def test_mil_attention_writes_the_tasks_per_tile_scores(tmp_path):
         assert np.isfinite(values).all()
         if task == "regression":
             assert 5 < values.mean() < 35  # restored around the target mean of 20
+
+
+def test_discrete_time_survival_nll_by_hand_and_trained(tmp_path):
+    task = get_mil_task("survival-discrete")()
+    loss = task.make_loss(np.array([[1.0, 1], [2.0, 1], [3.0, 1], [4.0, 1]]), torch.device("cpu"), None)
+    task.edges = [1.0, 2.0, 3.0]  # intervals [0,1) [1,2) [2,3) [3,inf)
+    half = math.log(2)  # every hazard 1/2 (zero logits)
+    cases = [([0.5, 1], half), ([1.5, 0], 2 * half), ([2.5, 1], 3 * half), ([3.5, 0], 4 * half)]
+    for target, expected in cases:
+        assert float(loss(torch.zeros(1, 4), torch.tensor([target]))) == pytest.approx(expected)
+    p = task.predict(torch.tensor([[0.0, 0, 0, 0], [3.0, 3, 3, 3]]))
+    assert p[0, 1:] == pytest.approx([0.5, 0.25, 0.125, 0.0625]) and p[1, 0] > p[0, 0]  # higher hazard, higher risk
+
+    clinical, slides, _ = _cohort(tmp_path, n_patients=48)
+    tables = patient_bags(clinical, slides, tmp_path / "pt")
+    ckpt = train("mil", None, tmp_path / "run", {"slides": str(tables["os"]), "task": "survival-discrete",
+                                                 "arch": "meanpool", "folds": 3, "epochs": 20, "patience": 6,
+                                                 "lr": 1e-2, "hidden": 16, "bootstrap": 0, "bags_per_step": 16},
+                 device="cpu", progress=False)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["overall"]["c_index"] > 0.7, m["overall"]
+    _, mil = load_mil_checkpoint(ckpt)
+    assert len(mil["fold_state"]["bin_edges"]) == 3 and mil["out_dim"] == 4
+    assert task_from_checkpoint(mil).deploy_columns == ["risk", "survival_bin1", "survival_bin2", "survival_bin3",
+                                                        "survival_bin4"]

@@ -1,4 +1,5 @@
-"""The MIL tasks ``survival`` and ``regression`` (with ``regression-l1`` and ``regression-mse``).
+"""The MIL tasks ``survival`` (``survival-efron``, ``survival-discrete``) and ``regression`` (with
+``regression-l1`` and ``regression-mse``); docs/outcomes.md.
 
 ``survival``: the slide table's ``time`` and ``event`` columns (event read by ``parse_status``);
 one head output, the *risk* (log relative hazard: higher = shorter survival); loss: the negative
@@ -170,6 +171,75 @@ class SurvivalEfron(Survival):
 
     name = "survival-efron"
     ties = "efron"
+
+
+@register_mil_task
+class SurvivalDiscrete(Survival):
+    """Discrete-time survival MIL: ``bins`` intervals cut at the training fold's event-time quantiles,
+    one hazard logit per interval; negative log-likelihood (an event in interval j: survived the
+    intervals before j and failed in j; censored in interval j: survived up to and including j).
+    Outputs ``risk`` = -(sum of the survival probabilities at the intervals' ends) and each
+    ``survival_bin<k>``; the cut points are recorded per fold (``fold_state``)."""
+
+    name = "survival-discrete"
+    needs_train_predictions = False
+    ties = "discrete"
+    bins = 4
+
+    def __init__(self, horizons: list[float] | None = None, edges: list[float] | None = None) -> None:
+        super().__init__(horizons)
+        self.edges = list(edges or [])
+
+    @property
+    def out_dim(self):
+        return self.bins
+
+    def _bin(self, time: torch.Tensor) -> torch.Tensor:
+        edges = torch.as_tensor(self.edges, dtype=time.dtype, device=time.device)
+        return torch.bucketize(time, edges, right=True)
+
+    def make_loss(self, train_targets, device, config):
+        t = np.asarray(train_targets)[:, 0][np.asarray(train_targets)[:, 1] > 0]
+        self.edges = [float(x) for x in np.quantile(t, np.arange(1, self.bins) / self.bins)] if len(t) else \
+            [float("inf")] * (self.bins - 1)
+
+        def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            j = self._bin(targets[:, 0])[:, None]
+            event = targets[:, 1] > 0.5
+            log_surv = torch.cumsum(F.logsigmoid(-outputs), 1)  # log S at each interval's end
+            ll_cens = log_surv.gather(1, j)[:, 0]
+            ll_event = (log_surv.gather(1, j) - F.logsigmoid(-outputs).gather(1, j) +
+                        F.logsigmoid(outputs).gather(1, j))[:, 0]
+            return -torch.where(event, ll_event, ll_cens).mean()
+        return loss
+
+    @property
+    def output_columns(self):
+        return ["risk", *[f"survival_bin{k + 1}" for k in range(self.bins)]]
+
+    def predict(self, outputs):
+        surv = torch.exp(torch.cumsum(F.logsigmoid(-outputs.detach().float()), 1))
+        return torch.cat([-surv.sum(1, keepdim=True), surv], 1).cpu().numpy()
+
+    @property
+    def deploy_columns(self):
+        return list(self.output_columns)
+
+    def deploy_row(self, prediction):
+        return MILTask.deploy_row(self, prediction)
+
+    def tile_outputs(self, scores):
+        return ["risk"], self.predict(scores)[:, :1]
+
+    def fold_state(self, train_targets, train_predictions):
+        return {"bin_edges": list(self.edges)}
+
+    @classmethod
+    def from_checkpoint(cls, mil):
+        state = mil.get("fold_state") or {}
+        if "bin_edges" not in state:
+            raise CheckpointError("a survival-discrete MIL checkpoint without its bin_edges (fold_state)")
+        return cls(mil.get("horizons") or [], state["bin_edges"])
 
 
 def _efron(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
