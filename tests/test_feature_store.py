@@ -29,7 +29,7 @@ def embedded(tmp_path_factory) -> tuple[Path, Path, Path]:
     spec = ModelSpec(arch="resnet-encoder", task="embedding", classes=[], patch_size=32, mpp=2.0,
                      mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", trainer="simclr")
     model = save_checkpoint(root / "enc.pt", ResNetClassifier("resnet18", 0), spec)
-    store = embed_slide(slide, model, root / "e.zarr", chunk_rows=7, device="cpu", progress=False,
+    store = embed_slide(slide, root / "e.zarr", model=model, chunk_rows=7, device="cpu", progress=False,
                         features_h5=root / "e.h5")
     return slide, store, root / "e.h5"
 
@@ -250,6 +250,9 @@ def test_malformed_file_is_a_failed_row_naming_it_in_mil_deploy(tmp_path):
         files.append(tmp_path / f"{case}.h5")
         with h5py.File(files[-1], "w") as f:
             MALFORMED[case][0](f)
+    files.append(tmp_path / "virtual_missing.h5")  # storage outside the file (item 16): a failed row, not zeros
+    with h5py.File(files[-1], "w") as f:
+        _virtual(f, tmp_path, missing=True)
     with h5py.File(tmp_path / "good.h5", "w") as f:
         _good(f)
     res = CliRunner().invoke(main, ["mil-deploy", *map(str, files), str(tmp_path / "good.h5"), "--model", str(ckpt),
