@@ -5,9 +5,16 @@ row bands, and shrunk with area averaging. When that level is much finer than th
 single-level slide), the stored tiles are decoded directly in threads, one tile row at a time,
 instead of through the slide reader's RGBA regions, and a progress bar shows the decode. A read
 that would decode more than a stated number of pixels is refused with one line.
+
+A thumbnail (``Slide.thumbnail``, at most ``SAMPLED_MAX_SIDE`` px a side) of such a level that would
+decode more than ``SAMPLE_BUDGET_PIXELS`` answers from a strided sample of the stored tiles instead
+(one tile per cell of s x s tiles, stretched over its cell), with a warning saying so: a 100,000² px
+single-level slide's thumbnail takes about a second instead of minutes.
 """
 from __future__ import annotations
 
+import math
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,19 +22,35 @@ from typing import Any
 import cv2
 import numpy as np
 
-from slidekit.base.errors import BadTileWarning, CorruptTileError, SlideError
+from slidekit.base.errors import BadTileWarning, CorruptTileError, SlideError, SlidekitWarning
 from slidekit.base.resources import cpu_budget
 
 # ``read_whole`` shows a progress bar (progress=None) when it decodes more than this many pixels.
 PROGRESS_PIXELS = 1 << 28
+# A thumbnail-sized overview of a level finer than this many pixels samples its stored tiles.
+SAMPLE_BUDGET_PIXELS = 1 << 28
+SAMPLED_MAX_SIDE = 2048
+
+
+class SampledOverviewWarning(SlidekitWarning):
+    """An overview was made from a strided sample of a single-level slide's stored tiles."""
 
 
 def read_downsampled(slide: Any, out_w: int, out_h: int, scale: float, max_pixels_per_read: int,
-                     progress: bool | None, max_read_pixels: int) -> np.ndarray:
-    """The whole slide as (out_h, out_w, 3) uint8; ``scale`` = level-0 pixels per output pixel."""
+                     progress: bool | None, max_read_pixels: int, sample: bool | None = None) -> np.ndarray:
+    """The whole slide as (out_h, out_w, 3) uint8; ``scale`` = level-0 pixels per output pixel.
+    ``sample``: a preview may come from a strided sample of stored tiles (see the module's notes);
+    None: only for ``Slide.thumbnail`` (tissue detection's views are never sampled)."""
+    if sample is None:
+        sample = _called_by_thumbnail()
     level = slide._best_level_for_downsample(scale)
     lw, lh = slide.level_dimensions[level]
     total = lw * lh
+    if sample and total > SAMPLE_BUDGET_PIXELS and max(out_w, out_h) <= SAMPLED_MAX_SIDE \
+            and lw / out_w >= 2 and lh / out_h >= 2:
+        st = slide.stored_tiles(level)
+        if st is not None and _native_agrees(slide, st, level):
+            return _sampled_stored_tiles(st, lw, lh, out_w, out_h, slide, level)
     if total > max_read_pixels:
         raise SlideError(
             f"a {out_w} x {out_h} overview would decode all {lw} x {lh} = {total:,} pixels of level {level} "
@@ -57,6 +80,20 @@ def read_downsampled(slide: Any, out_w: int, out_h: int, scale: float, max_pixel
     finally:
         if bar is not None:
             bar.close()
+
+
+def _called_by_thumbnail() -> bool:
+    """Whether this overview was asked for by ``Slide.thumbnail`` (a preview: the viewer, ``info``),
+    not by ``read_whole`` (tissue detection, QC, overlays, which must see every tile). Until
+    ``Slide.thumbnail`` passes ``sample=True`` itself, its frame is recognised on the stack."""
+    frame = sys._getframe(1)
+    for _ in range(4):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "thumbnail" and "self" in frame.f_locals:
+            return True
+    return False
 
 
 def _from_regions(slide: Any, level: int, lw: int, lh: int, out_w: int, out_h: int,
@@ -124,4 +161,35 @@ def _from_stored_tiles(st, lw: int, lh: int, out_w: int, out_h: int, bar, slide:
                 bar.update(y1 - y0)
     if r_next < out_h:  # cannot happen when the tiles cover the level; keep the contract anyway
         raise SlideError(f"stored tiles cover only {buf_y0} of {lh} rows", st.path)
+    return out
+
+
+def _sampled_stored_tiles(st, lw: int, lh: int, out_w: int, out_h: int, slide: Any, level: int) -> np.ndarray:
+    """The overview from one stored tile per cell of s x s tiles (the cell's middle tile, stretched
+    over the cell's part of the output), s chosen so that at most ``SAMPLE_BUDGET_PIXELS`` level
+    pixels are decoded. Warns once, naming the slide and the sampling."""
+    s = max(1, math.ceil(math.sqrt(st.across * st.down * st.tile_w * st.tile_h / SAMPLE_BUDGET_PIXELS)))
+    cols, rows = math.ceil(st.across / s), math.ceil(st.down / s)
+    warnings.warn(f"{slide.path}: overview of {lw} x {lh} px made from {cols * rows} of {st.across * st.down} "
+                  f"stored tiles (one per {s} x {s}; a single-level slide has no coarser level to read)",
+                  SampledOverviewWarning, stacklevel=4)
+    fx, fy = out_w / lw, out_h / lh
+    cells = [(ci, ri) for ri in range(rows) for ci in range(cols)]
+
+    def one(cell: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray]:
+        ci, ri = cell
+        c, r = min(ci * s + s // 2, st.across - 1), min(ri * s + s // 2, st.down - 1)
+        tile = _overview_tile(st, c, r, slide, level)
+        tw, th = min(st.tile_w, lw - c * st.tile_w), min(st.tile_h, lh - r * st.tile_h)
+        return cell, tile[:th, :tw]
+
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    workers = max(1, min(8, cpu_budget()))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for (ci, ri), tile in pool.map(one, cells):
+            x0, x1 = ci * s * st.tile_w, min((ci + 1) * s * st.tile_w, lw)
+            y0, y1 = ri * s * st.tile_h, min((ri + 1) * s * st.tile_h, lh)
+            ox0, ox1, oy0, oy1 = round(x0 * fx), round(x1 * fx), round(y0 * fy), round(y1 * fy)
+            if ox1 > ox0 and oy1 > oy0:
+                out[oy0:oy1, ox0:ox1] = cv2.resize(tile, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA)
     return out
