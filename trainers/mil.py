@@ -367,13 +367,13 @@ class MILTrainer(Trainer):
             raise ConfigError("mil needs 'slides' (a CSV with slide,label[,patient][,features] columns) or "
                               "'cohort' (an `embed` cohort's --out folder)")
         out = Path(out_dir)
-        state = begin_run(self, out, c.epochs)
+        run_state = begin_run(self, out, c.epochs)
         task = get_mil_task(c.task)()
         table = c.slides or cohort_table(c.cohort, out, task.target_columns)
         rows = read_mil_table(table, c.features_dir, task.target_columns)
         # an edited table or a replaced feature file is another run: refused like changed options
         check_inputs(self, out, {"slide table": table, **{f"feature file of {r.slide}": r.features for r in rows}})
-        if state == "finished" and (out / "checkpoint.pt").exists():
+        if run_state == "finished" and (out / "checkpoint.pt").exists():
             return out / "checkpoint.pt"
         dev = resolve_device(device)
         targets = task.setup([r.values for r in rows], c)

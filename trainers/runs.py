@@ -164,7 +164,7 @@ def check_inputs(trainer: Any, out_dir: str | os.PathLike, inputs: dict[str, str
             rec = old.get(what)
             if not isinstance(rec, dict) or rec.get("path") != p:
                 changed.append(f"{what} is new" if rec is None else f"{what} is now {p}")
-            elif check_output(p, rec.get("record")) is not None:
+            elif check_output(p, rec.get("record") or {}) is not None:
                 changed.append(f"{what} ({Path(p).name}) changed")
         changed += [f"{what} is gone" for what in old if what not in names]
         if changed:
