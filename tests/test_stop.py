@@ -34,12 +34,13 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
 
 
-def _start(slides: list[Path], out: Path, jobs: int) -> tuple[subprocess.Popen, float]:
+def _start(slides: list[Path], out: Path, jobs: int, *extra: str) -> tuple[subprocess.Popen, float]:
     """Start the run in its own process group; return once ``jobs`` slides are running (plus a second)."""
-    cmd = SLIDEKIT + ["heatmap", *map(str, slides), "--out", str(out), "--device", "cpu", "--jobs", str(jobs), "-q"]
+    cmd = SLIDEKIT + ["heatmap", *map(str, slides), "--out", str(out), "--device", "cpu", "--jobs", str(jobs), "-q",
+                      *extra]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline:
         if sum(r["status"] == "running" for r in _records(out)) >= jobs:
             time.sleep(1.0)
@@ -105,3 +106,15 @@ def test_sigterm_stops_too_and_a_second_ctrl_c_ends_at_once(slides, tmp_path):
     ps = subprocess.run(["ps", "-o", "pgid=,stat=,pid=,args=", "-e"], capture_output=True, text=True).stdout
     left = [line for line in ps.splitlines() if line.split()[0] == str(proc.pid) and "Z" not in line.split()[1]]
     assert not left, left
+
+
+def test_ctrl_c_stops_a_ray_cohort(slides, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "OUT"
+    proc, t_signal = _start(slides, out, 2, "--engine", "ray")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert time.time() - t_signal < 20, "Ray's own shutdown included"
+    assert "Traceback" not in err, err
+    _check_stopped(out, slides, t_signal)
