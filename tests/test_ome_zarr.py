@@ -6,7 +6,7 @@ import pytest
 from conftest import synthetic_slide
 
 from slidekit.infer.heatmap import HeatmapWriter
-from slidekit.infer.ome_zarr import write_heatmap_ome_zarr, write_ome_zarr
+from slidekit.infer.ome_zarr import MapMetadata, ZarrLayout, write_heatmap_ome_zarr, write_ome_zarr
 from slidekit.regions.tiling import TileGrid
 from slidekit.slides.slide import open_slide
 
@@ -29,8 +29,8 @@ def read_back(path):
 def test_generic_map_round_trips_with_physical_pixel_sizes(tmp_path):
     rng = np.random.default_rng(0)
     vals = rng.random((2, 600, 1100)).astype(np.float32)
-    path = write_ome_zarr(vals, tmp_path / "m.ome.zarr", mpp=4.0, channels=["a", "b"],
-                          origin_um=(10.0, 20.0), chunk=128, band=256, min_size=200)
+    path = write_ome_zarr(vals, tmp_path / "m.ome.zarr", mpp=4.0, meta=MapMetadata(channels=["a", "b"],
+                          origin_um=(10.0, 20.0)), layout=ZarrLayout(chunk=128, band=256, min_size=200))
     levels, meta = read_back(path)
     assert [lv.shape for lv in levels] == [(2, 600, 1100), (2, 300, 550), (2, 150, 275)]
     np.testing.assert_array_equal(levels[0], vals)
@@ -53,7 +53,7 @@ def test_heatmap_as_ome_zarr_has_class_channels_and_nan_outside_tissue(tmp_path)
     w = HeatmapWriter(tmp_path / "hm.zarr", grid, "classification", CLASSES, COLORS)
     w.add(np.arange(len(grid)), np.tile(np.float32([[0.1, 0.7, 0.2]]), (len(grid), 1)))
     hm = w.finish()
-    path = write_heatmap_ome_zarr(hm, tmp_path / "heatmap.ome.zarr", min_size=8)
+    path = write_heatmap_ome_zarr(hm, tmp_path / "heatmap.ome.zarr", layout=ZarrLayout(min_size=8))
     levels, meta = read_back(path)
     assert levels[0].shape == (3, *hm.shape) and len(levels) >= 2
     cov = np.asarray(hm.coverage[:]).astype(bool)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,19 +36,62 @@ def _halve(a: np.ndarray) -> np.ndarray:
         return np.nanmean(blocks, axis=(2, 4)).astype(np.float32)
 
 
-def write_ome_zarr(values: Any, path: str | os.PathLike, mpp: float, *,
-                   channels: Sequence[str] | None = None,
-                   colors: Sequence[Sequence[int]] | None = None,
-                   origin_um: tuple[float, float] = (0.0, 0.0), name: str = "slidekit map",
-                   band_fn: Callable[[int, int], np.ndarray] | None = None,
-                   chunk: int = 256, min_size: int = 256, band: int = 1024) -> Path:
+@dataclass(frozen=True)
+class MapMetadata:
+    """What the NGFF metadata says about a map.
+
+    Parameters
+    ----------
+    channels
+        Channel names (None: ``channel 0``, ``channel 1``, ...).
+    colors
+        RGB colour per channel for the ``omero`` rendering (None: red).
+    name
+        The image's name.
+    origin_um
+        (x, y) µm position of pixel (0, 0)'s corner on the slide.
+    """
+
+    channels: Sequence[str] | None = None
+    colors: Sequence[Sequence[int]] | None = None
+    name: str = "slidekit map"
+    origin_um: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class ZarrLayout:
+    """How the multiscale store is laid out and written.
+
+    Parameters
+    ----------
+    chunk
+        Chunk side in pixels.
+    min_size
+        Levels are halved while the next one's longer side is at least this.
+    band
+        Rows read and written at a time (rounded down to whole chunks, at least one).
+    """
+
+    chunk: int = 256
+    min_size: int = 256
+    band: int = 1024
+
+
+def write_ome_zarr(values: Any, path: str | os.PathLike, mpp: float, *, meta: MapMetadata | None = None,
+                   layout: ZarrLayout | None = None,
+                   band_fn: Callable[[int, int], np.ndarray] | None = None) -> Path:
     """Write a (C, H, W) map as an NGFF 0.4 multiscale image at ``mpp`` µm/px; atomic.
 
     ``values`` is any array-like with ``.shape`` and slicing (zarr arrays are read band by band);
     ``band_fn(r0, r1)``, when given, returns rows r0..r1 of level 0 as float32 (C, h, W) instead
-    (e.g. with NaN where nothing was predicted). ``origin_um`` is the (x, y) µm position of pixel
-    (0, 0)'s corner on the slide.
+    (e.g. with NaN where nothing was predicted). ``meta`` (a :class:`MapMetadata`) names the
+    channels, colours them and places pixel (0, 0) on the slide; ``layout`` (a :class:`ZarrLayout`)
+    sets chunks, levels and bands (None: their defaults).
     """
+    meta = meta or MapMetadata()
+    layout = layout or ZarrLayout()
+    channels, colors, name, origin_um = meta.channels, meta.colors, meta.name, meta.origin_um
+    chunk, min_size, band = layout.chunk, layout.min_size, layout.band
     if mpp <= 0:
         raise ValueError(f"pixel size must be positive, not {mpp}")
     path = Path(path)
@@ -105,7 +149,7 @@ def write_ome_zarr(values: Any, path: str | os.PathLike, mpp: float, *,
     return path
 
 
-def write_heatmap_ome_zarr(heatmap: Any, path: str | os.PathLike, **kw: Any) -> Path:
+def write_heatmap_ome_zarr(heatmap: Any, path: str | os.PathLike, *, layout: ZarrLayout | None = None) -> Path:
     """A ``slidekit.infer.heatmap.Heatmap`` as OME-Zarr: float32 values per class, NaN where
     nothing was predicted, at the heatmap MPP, placed at its level-0 origin in µm."""
     (sx, _), (ox, oy) = heatmap.scale, heatmap.origin
@@ -117,6 +161,6 @@ def write_heatmap_ome_zarr(heatmap: Any, path: str | os.PathLike, **kw: Any) -> 
         p[:, ~cov] = np.nan
         return p
 
-    return write_ome_zarr(heatmap.prob, path, heatmap.mpp, channels=heatmap.classes,
-                          colors=heatmap.colors or None, origin_um=(ox * slide_mpp, oy * slide_mpp),
-                          name=f"slidekit heatmap ({heatmap.task})", band_fn=band_fn, **kw)
+    meta = MapMetadata(channels=heatmap.classes, colors=heatmap.colors or None,
+                       origin_um=(ox * slide_mpp, oy * slide_mpp), name=f"slidekit heatmap ({heatmap.task})")
+    return write_ome_zarr(heatmap.prob, path, heatmap.mpp, meta=meta, layout=layout, band_fn=band_fn)
