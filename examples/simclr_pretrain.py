@@ -58,7 +58,7 @@ def main() -> None:
     print(f"checkpoint: {ckpt} (loss {metrics[-1]['loss']:.3f} after {metrics[-1]['steps']} steps)")
 
     # 3. Embed the demo slide tile by tile and cluster the tiles; open clusters.geojson in QuPath.
-    store = embed_slide(demo, ckpt, out / "demo_embeddings.zarr", clusters=4,
+    store = embed_slide(demo, out / "demo_embeddings.zarr", model=ckpt, clusters=4,
                         geojson=out / "clusters.geojson", min_tissue=0.3)
     emb = open_embeddings(store)
     print(f"embeddings: {emb.features.shape[0]} tiles x {emb.features.shape[1]} features -> {store}")

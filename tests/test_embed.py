@@ -33,7 +33,7 @@ def slide_and_model(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_features_aligned_with_grid_coordinates(slide_and_model, tmp_path):
     slide_path, model_path = slide_and_model
-    out = embed_slide(slide_path, model_path, tmp_path / "emb.zarr", chunk_rows=7, batch_size=5, device="cpu",
+    out = embed_slide(slide_path, tmp_path / "emb.zarr", model=model_path, chunk_rows=7, batch_size=5, device="cpu",
                       progress=False)
     emb = open_embeddings(out)
     with open_slide(slide_path) as slide:
@@ -58,10 +58,10 @@ def test_rerun_skips_and_partial_resumes(slide_and_model, tmp_path):
 
     slide_path, model_path = slide_and_model
     out = tmp_path / "emb.zarr"
-    embed_slide(slide_path, model_path, out, chunk_rows=8, device="cpu", progress=False)
+    embed_slide(slide_path, out, model=model_path, chunk_rows=8, device="cpu", progress=False)
     full = np.asarray(open_embeddings(out).features[:])
     stamp = (out / "zarr.json").stat().st_mtime_ns
-    embed_slide(slide_path, model_path, out, chunk_rows=8, device="cpu", progress=False)
+    embed_slide(slide_path, out, model=model_path, chunk_rows=8, device="cpu", progress=False)
     assert (out / "zarr.json").stat().st_mtime_ns == stamp  # finished store: nothing recomputed
     # an interrupted run: the store is still .partial, with some rows done and the rest garbage
     partial = Path(str(out) + ".partial")
@@ -69,7 +69,7 @@ def test_rerun_skips_and_partial_resumes(slide_and_model, tmp_path):
     root = zarr.open_group(str(partial), mode="r+")
     root.attrs.update({"complete": False, "rows_done": 8})
     root["features"][8:] = -1.0
-    embed_slide(slide_path, model_path, out, chunk_rows=8, device="cpu", progress=False)
+    embed_slide(slide_path, out, model=model_path, chunk_rows=8, device="cpu", progress=False)
     assert np.allclose(np.asarray(open_embeddings(out).features[:]), full, atol=1e-5)
     assert not partial.exists()
 

@@ -124,7 +124,7 @@ def test_embed_with_timm_encoder(tmp_path):
     w = timm_weights(tmp_path / "w.safetensors", CNN)
     with pytest.raises(ConfigError, match="--tile-mpp"):
         load_embedding_encoder(f"timm:{CNN}", w)
-    out = embed_slide(slide, f"timm:{CNN}", tmp_path / "e.zarr", weights=w, tile_mpp=2.0, patch_size=32,
+    out = embed_slide(slide, tmp_path / "e.zarr", model=f"timm:{CNN}", weights=w, tile_mpp=2.0, patch_size=32,
                       device="cpu", progress=False)
     emb = open_embeddings(out)
     assert emb.features.shape[1] == 320 and emb.coords.shape[0] > 0
@@ -184,7 +184,7 @@ def test_non_finite_features_are_never_written(tmp_path, monkeypatch):
     w = _nan_weights(tmp_path / "w.safetensors")
     monkeypatch.setattr(weights, "check_finite", lambda sd, path: None)
     with pytest.raises(CheckpointError, match="non-finite outputs"):
-        embed_slide(slide, f"timm:{CNN}", tmp_path / "e.zarr", weights=w, tile_mpp=2.0, patch_size=32,
+        embed_slide(slide, tmp_path / "e.zarr", model=f"timm:{CNN}", weights=w, tile_mpp=2.0, patch_size=32,
                     device="cpu", progress=False)
     with pytest.raises(GridError):  # no store was written
         open_embeddings(tmp_path / "e.zarr")

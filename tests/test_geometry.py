@@ -236,7 +236,7 @@ def test_embed_cluster_tiles_stay_on_the_slide(tmp_path: Path, one_torch_thread)
                      mean=(0.5,) * 3, std=(0.5,) * 3, activation="none", trainer="simclr")
     model = save_checkpoint(tmp_path / "enc.pt", ResNetClassifier("resnet18", 0), spec)
     gj = tmp_path / "clusters.geojson"
-    embed_slide(slide, model, tmp_path / "e.zarr", device="cpu", clusters=2, geojson=gj, progress=False,
+    embed_slide(slide, tmp_path / "e.zarr", model=model, device="cpu", clusters=2, geojson=gj, progress=False,
                 min_tissue=0.1)
     xy = _all_coords(gj)
     assert len(xy) and xy.min() >= 0 and xy[:, 0].max() <= W and xy[:, 1].max() <= H

@@ -87,7 +87,7 @@ def test_embed_refuses_to_delete_an_existing_folder(tmp_path):
     existing.mkdir()
     (existing / "thesis.docx").write_text("years of work")
     with pytest.raises(OutputError, match="not a slidekit embeddings store"):
-        embed_slide(slide, model, existing, device="cpu", progress=False)
+        embed_slide(slide, existing, model=model, device="cpu", progress=False)
     assert (existing / "thesis.docx").read_text() == "years of work"
 
 

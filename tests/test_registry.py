@@ -82,13 +82,13 @@ def test_feature_file_records_the_entry_token_rule(tmp_path, monkeypatch):
 
     slide = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(256, 128, 768, 512))
     path, _ = _tiny_file("virchow2", tmp_path, monkeypatch)
-    embed_slide(slide, "virchow2", tmp_path / "v.zarr", weights=path, device="cpu", progress=False,
+    embed_slide(slide, tmp_path / "v.zarr", model="virchow2", weights=path, device="cpu", progress=False,
                 features_h5=tmp_path / "v.h5")
     bag = read_features(tmp_path / "v.h5")
     assert bag.encoder["tokens"] == "cls+mean" and bag.encoder["registry"] == "virchow2"
     assert bag.features.shape[1] == 2560  # class token (1280) + mean of the patch tokens (1280)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18-f37072fd.pth")
-    embed_slide(slide, "resnet18", tmp_path / "r.zarr", weights=tmp_path / "resnet18-f37072fd.pth",
+    embed_slide(slide, tmp_path / "r.zarr", model="resnet18", weights=tmp_path / "resnet18-f37072fd.pth",
                 tile_mpp=4.0, patch_size=32, device="cpu", progress=False, features_h5=tmp_path / "r.h5")
     enc = read_features(tmp_path / "r.h5").encoder
     assert enc["tokens"] == "pooled" and enc["registry"] == "resnet18"

@@ -124,13 +124,13 @@ def test_embed_applies_the_normalisation_and_records_it(files: dict, tmp_path: P
     from slidekit.slidelevel.embed import embed_slide, open_embeddings
 
     kw = dict(workers=0, device="cpu", progress=False, min_tissue=0.0)
-    plain = open_embeddings(embed_slide(files["slide"], files["ckpt"], tmp_path / "e.zarr", **kw))
+    plain = open_embeddings(embed_slide(files["slide"], tmp_path / "e.zarr", model=files["ckpt"], **kw))
     f0 = np.asarray(plain.features[:])
-    norm = open_embeddings(embed_slide(files["slide"], files["ckpt"], tmp_path / "e.zarr", stain_norm="macenko",
+    norm = open_embeddings(embed_slide(files["slide"], tmp_path / "e.zarr", model=files["ckpt"], stain_norm="macenko",
                                        stain_ref=files["ref"], **kw))  # same store: recomputed, not reused
     assert norm.attrs["stain"]["method"] == "macenko" and "stain_unchanged_tiles" in norm.attrs
     assert np.abs(np.asarray(norm.features[:]) - f0).max() > 1e-4
-    ck = open_embeddings(embed_slide(files["slide"], files["stained"], tmp_path / "c.zarr", **kw))
+    ck = open_embeddings(embed_slide(files["slide"], tmp_path / "c.zarr", model=files["stained"], **kw))
     np.testing.assert_allclose(np.asarray(ck.features[:]), np.asarray(norm.features[:]), atol=1e-5)
 
 

@@ -114,6 +114,15 @@ def _cells_job(loaded: Any, slide: CohortSlide, options: dict) -> SlideJob:
     return cells_job(loaded=loaded, **_mpp_options(slide, options), **_own(options, "model"))
 
 
+def _embed_defaults() -> dict:
+    from slidekit.slidelevel.embed import EmbedOptions
+
+    flat = EmbedOptions().flat()
+    # the cohort's configuration keys keep embed's earlier spellings of the tile geometry
+    flat["tile_mpp"], flat["patch_size"] = flat.pop("mpp"), flat.pop("size")
+    return {**flat, "grid": None}
+
+
 def _embed_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
     from slidekit.slidelevel.embed import EmbedJob
 
@@ -145,7 +154,7 @@ TASKS: dict[str, CohortTask] = {t.name: t for t in (
                defaults=_heatmap_defaults),
     CohortTask("cells", _cells_setup, _cells_job, "slidekit.infer.cells:cells_job", defaults=_cells_defaults),
     CohortTask("embed", _nothing, _embed_job, "slidekit.slidelevel.embed:embed_slide",
-               required=("embeddings.zarr", "features.h5")),
+               required=("embeddings.zarr", "features.h5"), defaults=_embed_defaults),
     CohortTask("tissue", _nothing, _tissue_job, "slidekit.regions.tissue_job:tissue_job"),
     CohortTask("tile", _nothing, _grid_job, "slidekit.regions.grid_job:grid_job", defaults=_grid_defaults),
     CohortTask("features", _nothing, None, "slidekit.slidelevel.features:features_table", inputs="heatmaps",

@@ -40,10 +40,9 @@ from slidekit.models.spec import ModelSpec
 from slidekit.models.weights import load_embedding_encoder
 from slidekit.regions.job import JobContext, SlideJob
 from slidekit.regions.masks import Tissue, build_region
-from slidekit.regions.options import ReadOptions, TissueOptions
+from slidekit.regions.options import OptionGroups, ReadOptions, RunOptions, StainNormOptions, TileOptions, TissueOptions
 from slidekit.regions.tiling import TileGrid
 from slidekit.slidelevel.feature_store import write_feature_store
-from slidekit.slides.slide import open_slide
 
 if TYPE_CHECKING:
     import zarr
@@ -90,28 +89,95 @@ def open_embeddings(path: str | os.PathLike) -> Embeddings:
     return Embeddings(path, features, np.asarray(coords[:]), clusters, attrs)
 
 
-def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike,
-                grid: TileGrid | str | os.PathLike | None = None, min_tissue: float = 0.5,
-                slide_mpp: float | None = None, batch_size: int = 64, chunk_rows: int = 4096,
-                workers: int = 0, device: str = "auto", clusters: int | None = None,
-                geojson: str | os.PathLike | None = None, seed: int = 0, progress: bool = True,
-                tissue: dict | None = None,
-                override_mpp: float | None = None, weights: str | os.PathLike | None = None,
-                patch_size: int | None = None, tile_mpp: float | None = None, threads: int | None = None,
-                stain_norm: str | None = None, stain_ref: str | os.PathLike | None = None,
-                features_h5: str | os.PathLike | None = None) -> Path:
-    """Embed every tissue tile of a slide with checkpoint ``model``; write the store ``out``.
+@dataclass(frozen=True)
+class EmbedOutput:
+    """What ``slidekit embed`` writes besides the store.
 
-    The grid is the checkpoint's ``patch_size`` at its ``mpp`` over tissue (``min_tissue``), unless
-    ``grid`` (a TileGrid or a saved grid file) is given. ``clusters=k`` adds k-means clusters;
-    ``geojson`` then writes them as QuPath tiles. ``model`` may also be a torchvision ResNet state
-    dict or ``timm:NAME`` with ``weights`` (then ``tile_mpp`` is required; ``patch_size`` defaults
-    to 224): see ``slidekit.models.weights.load_embedding_encoder``. ``threads``: CPUs to use (default:
-    those this process may use; see ``resources.configure_threads``). ``stain_norm``/``stain_ref``:
-    stain normalisation, as for ``heatmap_slide`` (default: the checkpoint's; "none" turns it off);
-    the store's ``stain`` attribute records it. ``features_h5``: also write the HDF5 feature file
-    TRIDENT and CLAM read (``slidekit.slidelevel.feature_store``). Returns the store path.
+    Parameters
+    ----------
+    chunk_rows
+        Feature rows per stored chunk (the unit of resume).
+    clusters
+        Add k-means clusters with this many centres (None: none).
+    seed
+        The clustering's seed.
+    geojson
+        Also write the clusters as QuPath tiles to this file (needs ``clusters``).
+    features_h5
+        Also write the HDF5 feature file TRIDENT and CLAM read to this file (``feature_store``).
+    weights
+        The encoder's weights file, for a registry name, ``timm:NAME`` or a torchvision ResNet.
     """
+
+    chunk_rows: int = 4096
+    clusters: int | None = None
+    seed: int = 0
+    geojson: str | os.PathLike | None = None
+    features_h5: str | os.PathLike | None = None
+    weights: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class EmbedOptions(OptionGroups):
+    """Every option of ``slidekit embed``, in groups (flat field names work too: ``OptionGroups``;
+    the older spellings ``tile_mpp`` and ``patch_size`` mean ``mpp`` and ``size``)."""
+
+    tiles: TileOptions = TileOptions(min_tissue=0.5)
+    reading: ReadOptions = ReadOptions()
+    tissue: TissueOptions = TissueOptions()
+    output: EmbedOutput = EmbedOutput()
+    run: RunOptions = RunOptions(batch_size=64, workers=0)
+    stain: StainNormOptions = StainNormOptions()
+
+    @classmethod
+    def of(cls, options: "OptionGroups | None" = None, **flat: Any) -> Any:
+        for old, new in (("tile_mpp", "mpp"), ("patch_size", "size")):
+            if old in flat:
+                if flat.get(new) is not None and flat[old] is not None and flat[new] != flat[old]:
+                    raise ConfigError(f"{old}={flat[old]!r} and {new}={flat[new]!r} given; they are one option")
+                value = flat.pop(old)
+                if flat.get(new) is None:
+                    flat[new] = value
+        return super().of(options, **flat)
+
+
+def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model: str | os.PathLike,
+                grid: TileGrid | str | os.PathLike | None = None, options: EmbedOptions | None = None,
+                progress: bool = True, **flat: Any) -> Path:
+    """Embed every tissue tile of a slide with ``model``; write the store ``out``.
+
+    The grid is the model's patch size at its µm/px over tissue (``min_tissue``), unless ``grid``
+    (a TileGrid or a saved grid file) is given. Returns the store path.
+
+    Parameters
+    ----------
+    slide_path
+        The slide file.
+    out
+        The embeddings store (zarr) to write.
+    model
+        A slidekit checkpoint, a registry name (``uni``, ``virchow2``, ...; weights from a local
+        file), a torchvision ResNet state dict, or ``timm:NAME`` with ``weights`` (then ``mpp`` is
+        required and ``size`` defaults to 224): ``slidekit.models.weights.load_embedding_encoder``.
+    grid
+        A TileGrid or saved grid file to embed instead of the tissue's grid.
+    options
+        :class:`EmbedOptions`: tiles, reading, ``tissue``, outputs (:class:`EmbedOutput`: clusters,
+        GeoJSON, the HDF5 feature file, weights), running, stain normalisation (as for
+        ``heatmap_slide``: default the checkpoint's, "none" turns it off; the store records it).
+    progress
+        Show a progress bar.
+    **flat
+        Any single field of those groups by its own name (``device="cpu"``, ``clusters=4``).
+    """
+    o = EmbedOptions.of(options, **flat)
+    t, r, eo, run, st = o.tiles, o.reading, o.output, o.run, o.stain
+    weights, patch_size, tile_mpp, min_tissue = eo.weights, t.size, t.mpp, t.min_tissue
+    tissue = o.tissue.as_dict() or None
+    batch_size, chunk_rows, workers = run.batch_size, eo.chunk_rows, run.workers
+    device, threads = run.device, run.threads
+    clusters, seed, geojson, features_h5 = eo.clusters, eo.seed, eo.geojson, eo.features_h5
+    stain_norm, stain_ref, slide_mpp, override_mpp = st.stain_norm, st.stain_ref, r.slide_mpp, r.override_mpp
     out = Path(out)
     if str(model) in ENCODERS:  # a named encoder: its own tile geometry and normalisation unless given
         net, spec, model = load_registered_encoder(str(model), weights)
@@ -121,7 +187,7 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
     else:
         net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
     stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
-    with open_slide(slide_path, mpp=slide_mpp, override_mpp=override_mpp) as slide:
+    with ReadOptions(slide_mpp, override_mpp, r.backend).open(slide_path) as slide:
         if isinstance(grid, (str, os.PathLike)):
             grid = TileGrid.load(grid)
         if grid is None:
@@ -148,8 +214,8 @@ def embed_slide(slide_path: str | os.PathLike, model: str | os.PathLike, out: st
         with OutputLock(out.parent, name=f".{out.name}.lock"):
             if not _is_complete(out, meta):
                 configure_threads(threads, workers)  # main process: the CPUs the workers leave
-                _compute(slide, grid, net, spec, out, meta, batch_size, chunk_rows, workers, device, progress,
-                         stain)
+                _compute(slide, grid, (net, spec, stain), out, meta, RunOptions(batch_size, workers, device, threads),
+                         chunk_rows=chunk_rows, progress=progress)
             _record_encoder(out, _encoder_record(spec))
             if clusters:
                 _add_clusters(out, clusters, seed)
@@ -209,8 +275,12 @@ def _is_complete(out: Path, meta: dict) -> bool:
     return same
 
 
-def _compute(slide, grid: TileGrid, net, spec, out: Path, meta: dict, batch_size: int, chunk_rows: int,
-             workers: int, device: str, progress: bool, stain: object = None) -> None:
+def _compute(slide: Any, grid: TileGrid, encoder: tuple, out: Path, meta: dict, run: RunOptions, *,
+             chunk_rows: int, progress: bool) -> None:
+    """Embed ``grid`` into the store ``out`` (resuming its finished chunks); ``encoder`` is
+    ``(net, spec, stain normaliser or None)``."""
+    net, spec, stain = encoder
+    batch_size, workers, device = run.batch_size, run.workers, run.device
     import zarr
 
 
@@ -346,9 +416,11 @@ class EmbedJob(SlideJob):
 
     def run(self, ctx: JobContext) -> dict:
         out = ctx.out
-        store = embed_slide(ctx.slide.path, out=out / "embeddings.zarr", progress=ctx.progress,
+        opts = dict(self.options)
+        model = opts.pop("model")
+        store = embed_slide(ctx.slide.path, out / "embeddings.zarr", model=model, progress=ctx.progress,
                             geojson=out / "clusters.geojson" if self.geojson else None,
                             features_h5=out / "features.h5", slide_mpp=self.reading.slide_mpp,
-                            override_mpp=self.reading.override_mpp, **self.options)
+                            override_mpp=self.reading.override_mpp, **opts)
         emb = open_embeddings(store)
         return {"tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1])}
