@@ -63,6 +63,7 @@ def _check_stopped(out: Path, slides: list[Path], t_signal: float) -> None:
     assert set(interrupted) == started - finished and interrupted, state
     for k in interrupted:  # a rerun takes them again: nothing of theirs looks finished
         assert not (out / k / "heatmap.zarr").exists()
+        assert (out / k / "heatmap.zarr.part").is_dir()  # kept: the rerun resumes its finished chunks
         assert not (out / k / ".slidekit.lock").exists()
     with open(out / "cohort.csv", newline="") as f:
         rows = {r["id"]: r for r in csv.DictReader(f)}
