@@ -22,6 +22,7 @@ from slidekit.base.resources import available_cpus, configure_threads
 from slidekit.cohort.ledger import Ledger
 from slidekit.cohort.manifest import CohortSlide
 from slidekit.cohort.process import MAX_WORKER_DEATHS, process_slide
+from slidekit.cohort.table import row_from_ledger
 
 # -- stopping: Ctrl-C / SIGTERM ------------------------------------------------------------------
 
@@ -91,8 +92,6 @@ def interrupted_row(out: str, s: CohortSlide, key: str, pid: int | str | None = 
     process by default; ``"any"``: any process of this host, for a driver whose worker is gone) and
     return its row; a slide that had not started gets a "not started" row, one that had just finished
     its row from the ledger."""
-    from slidekit.cohort.table import row_from_ledger
-
     ledger = Ledger(out)
     rec = ledger.state(only=s.id).get(s.id, {})
     ours = rec.get("host") == socket.gethostname() and (

@@ -35,6 +35,7 @@ from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
+from slidekit.annotations.geometry import make_valid
 from slidekit.base.devices import resolve_device
 from slidekit.base.errors import CheckpointError, ConfigError
 from slidekit.base.io import atomic_path
@@ -590,8 +591,6 @@ def _roi_geometry(g: Any, bounds: tuple[int, int] | None) -> Any:
     cancel in the shoelace area) repaired to what QuPath fills for it (non-zero rule), then clipped
     to the slide (a ROI drawn past the slide's edge measures only the slide's part)."""
     import shapely.geometry
-
-    from slidekit.annotations.geometry import make_valid
 
     g, _ = make_valid(g)
     if not g.is_valid:  # a last resort for shapes the fill rule leaves invalid
