@@ -59,8 +59,7 @@ class StainOptions(TrainerConfig):
     stain_norm: str = "none"  # stain normalisation of every input: none | macenko | reinhard (to stain_ref)
     stain_ref: str = ""  # stain reference: an image (PNG/JPEG/TIFF) or a JSON saved by StainNormalizer
     stain_aug: str = "none"  # stain augmentation while training: none | hed | randstainna
-    # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
-    stain_aug_strength: float = 0.05
+    stain_aug_strength: float = 0.05  # HED jitter per channel, in (0, 1) (randstainna: the images' spread)
 
     def validate(self) -> None:
         super().validate()
@@ -80,8 +79,7 @@ class StainAugmentOptions(TrainerConfig):
     """Stain augmentation only (``simclr``: its views are not normalised)."""
 
     stain_aug: str = "none"  # stain augmentation of each view, before the colour jitter: none | hed | randstainna
-    # HED jitter range per channel, in (0, 1) (randstainna: spread of the training images)
-    stain_aug_strength: float = 0.05
+    stain_aug_strength: float = 0.05  # HED jitter per channel, in (0, 1) (randstainna: the images' spread)
 
     def validate(self) -> None:
         super().validate()
