@@ -86,7 +86,7 @@ def _called_by_thumbnail() -> bool:
     """Whether this overview was asked for by ``Slide.thumbnail`` (a preview: the viewer, ``info``),
     not by ``read_whole`` (tissue detection, QC, overlays, which must see every tile). Until
     ``Slide.thumbnail`` passes ``sample=True`` itself, its frame is recognised on the stack."""
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(4):
         frame = frame.f_back
         if frame is None:
