@@ -26,11 +26,13 @@ slide cannot have is a ``HeatmapError`` naming the store and the problem.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -105,18 +107,45 @@ def value_alpha(v: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(v, np.float32) - OVERLAY_FLOOR) / (OVERLAY_FULL - OVERLAY_FLOOR), 0, 1)
 
 
+@dataclass(frozen=True)
+class HeatmapLayout:
+    """How a ``HeatmapWriter`` lays out its map and accumulates tile outputs.
+
+    Parameters
+    ----------
+    mpp
+        µm/px of a segmentation heatmap (None: the grid's); a classification heatmap has a pixel per tile.
+    blend
+        How overlapping segmentation outputs are weighted: ``"gaussian"`` or ``"constant"``.
+    chunk
+        Chunk side of the stored arrays in pixels.
+    max_open_bytes
+        Memory for partial chunks held open; colder ones are spilled to disk beyond it.
+    """
+
+    mpp: float | None = None
+    blend: str = "gaussian"
+    chunk: int = 256
+    max_open_bytes: int = 256 << 20
+
+
 class HeatmapWriter:
     """Accumulates tile outputs into a zarr heatmap; creates ``path`` or resumes it.
 
     ``add(idx, outputs)`` takes (k, C) class probabilities (classification) or (k, C, fh, fw)
     maps at the footprint size (segmentation); ``todo()`` lists tiles still to predict;
     ``finish()`` completes the store and returns the ``Heatmap``.
+
+    ``layout`` is a :class:`HeatmapLayout` (None: its defaults); its fields may also be given by
+    name (``mpp=4.0``, ``blend="constant"``, ``chunk=64``), replacing the layout's. ``attrs`` are
+    extra metadata stored with the map (a resumed store must have the same).
     """
 
     def __init__(self, path: str | os.PathLike, grid: TileGrid, task: str, classes: list[str],
-                 colors: list[tuple[int, int, int]] | None = None, mpp: float | None = None,
-                 blend: str = "gaussian", chunk: int = 256, max_open_bytes: int = 256 << 20,
-                 attrs: dict | None = None) -> None:
+                 colors: list[tuple[int, int, int]] | None = None, *, layout: HeatmapLayout | None = None,
+                 attrs: dict | None = None, **flat: Any) -> None:
+        lay = dataclasses.replace(layout or HeatmapLayout(), **flat) if flat else (layout or HeatmapLayout())
+        mpp, blend, chunk, max_open_bytes = lay.mpp, lay.blend, lay.chunk, lay.max_open_bytes
         if task not in ("classification", "segmentation"):
             raise ValueError(f"task must be 'classification' or 'segmentation', not {task!r}")
         self.path, self.grid, self.task = Path(path), grid, task
