@@ -78,3 +78,23 @@ def test_read_whole_is_never_sampled(big, monkeypatch):
     with open_slide(big) as s:
         with pytest.raises(SlideError, match="over the limit"):
             s.read_whole(64 * 0.25 * 100, max_read_pixels=1 << 30)
+
+
+def test_the_viewer_answers_the_thumbnail_and_coarse_tiles(big):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    import io
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from slidekit.view.app import build_app
+
+    c = TestClient(build_app(big), base_url="http://127.0.0.1")
+    t0 = time.time()
+    r = c.get(f"/thumb/{big.name}.jpg")
+    assert r.status_code == 200 and time.time() - t0 < 20
+    assert max(Image.open(io.BytesIO(r.content)).size) == 192
+    tile = c.get(f"/dzi/{big.name}_files/8/0_0.jpeg")  # a coarse DeepZoom level: from the cached overview
+    assert tile.status_code == 200 and time.time() - t0 < 40
+    assert np.asarray(Image.open(io.BytesIO(tile.content))).shape[:2] == (196, 196)
