@@ -4,12 +4,11 @@ writes one grid file anywhere, is ``regions.tiling.make_grid``."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Tissue
-from slidekit.regions.options import OptionGroups, ReadOptions, TileOptions, TissueOptions
+from slidekit.regions.options import GridOptions, ReadOptions, TileOptions, TissueOptions
 
 
 class GridJob(SlideJob):
@@ -37,15 +36,6 @@ class GridJob(SlideJob):
                         min_tissue=t.min_tissue, whole_slide=self.region is None)
         grid.save(ctx.out / "grid.npz")
         return {"tiles": len(grid), "mpp": grid.mpp, "size": grid.size, "overlap": grid.overlap}
-
-
-@dataclass(frozen=True)
-class GridOptions(OptionGroups):
-    """The options of ``slidekit tile`` over a cohort, in groups (flat field names work too)."""
-
-    tiles: TileOptions = TileOptions(mpp=0.5, size=256, overlap=0, min_tissue=0.5)
-    reading: ReadOptions = ReadOptions()
-    tissue: TissueOptions = TissueOptions()
 
 
 def grid_job(*, options: GridOptions | None = None, mask_mpp: float = 8.0, **flat: Any) -> GridJob:

@@ -211,3 +211,12 @@ class OptionGroups:
             else:
                 out.update({g.name: getattr(group, g.name) for g in dataclasses.fields(group)})
         return out
+
+
+@dataclass(frozen=True)
+class GridOptions(OptionGroups):
+    """A tile grid over a slide's tissue (``slidekit tile``), in groups (flat field names work too)."""
+
+    tiles: TileOptions = TileOptions(mpp=0.5, size=256, overlap=0, min_tissue=0.5)
+    reading: ReadOptions = ReadOptions()
+    tissue: TissueOptions = TissueOptions()

@@ -23,10 +23,10 @@ from slidekit.base.errors import BadTileWarning, ConfigError, CorruptTileError, 
 from slidekit.base.io import atomic_path
 from slidekit.base.outputs import claim_path
 from slidekit.regions.masks import Tissue, build_region
-from slidekit.regions.options import TissueOptions
+from slidekit.regions.options import GridOptions, TissueOptions
 from slidekit.regions.tissue import TissueMask
 from slidekit.slides.identity import same_slide, slide_fingerprint
-from slidekit.slides.slide import TIFF_SUFFIXES, Slide, magnification_to_mpp, open_slide
+from slidekit.slides.slide import TIFF_SUFFIXES, Slide, magnification_to_mpp
 
 GRID_FORMAT = "slidekit.tilegrid/1"
 
@@ -492,19 +492,31 @@ def _is_grid_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def make_grid(slide_path: str | os.PathLike, mpp: float = 0.5, size: int = 256, overlap: int = 0,
-              min_tissue: float = 0.5, out: str | os.PathLike | None = None,
-              slide_mpp: float | None = None, backend: str | None = None,
-              mask_mpp: float = 8.0, override_mpp: float | None = None, tissue: dict | None = None) -> TileGrid:
+def make_grid(slide_path: str | os.PathLike, out: str | os.PathLike | None = None, *,
+              options: GridOptions | None = None, mask_mpp: float = 8.0, **flat: Any) -> TileGrid:
     """Open a slide, detect tissue (when ``min_tissue > 0``), build its grid and save it to ``out``.
 
-    ``slide_mpp`` is used only where the slide's metadata has no MPP; ``override_mpp`` replaces it.
-    ``tissue`` holds ``tissue_mask`` options (its ``mpp`` wins over ``mask_mpp``).
+    Parameters
+    ----------
+    slide_path
+        The slide file.
+    out
+        The grid file to write (``.npz``; None: not saved). A file slidekit did not write is never replaced.
+    options
+        :class:`GridOptions` (tiles, reading, ``tissue``; None: the defaults).
+    mask_mpp
+        µm/px of the tissue mask (a ``tissue`` option ``mpp`` wins).
+    **flat
+        Single fields by their flat names (``mpp``, ``size``, ``overlap``, ``min_tissue``,
+        ``slide_mpp``, ``override_mpp``, ``backend``, ``tissue``).
     """
-    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide:
+    o = GridOptions.of(options, **flat)
+    mpp, size, overlap, min_tissue = o.tiles.mpp, o.tiles.size, o.tiles.overlap or 0, o.tiles.min_tissue
+    tissue = o.tissue.as_dict()
+    with o.reading.open(slide_path) as slide:
         mask = (build_region(Tissue(TissueOptions({"mpp": mask_mpp, **(tissue or {})})), slide)
                 if min_tissue > 0 else None)
-        grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask,
+        grid = TileGrid.from_slide(slide, mpp=mpp, size=int(size or 256), overlap=overlap, mask=mask,
                                    min_tissue=min_tissue)
     if out is not None:
         claim_path(out, _is_grid_file(out), "a slidekit tile grid")  # never replace a user's file
