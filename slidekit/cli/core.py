@@ -158,7 +158,7 @@ def tile(ctx: click.Context, slides: tuple[str, ...], tile_mpp: float, tile_size
             click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
     if export is not None:
         s = export_patches(slides[0], export, image_format=image_format, quality=quality, annotations=annotations,
-                           label_rule=label_rule, geojson=geojson, workers=reader_threads, progress=not quiet,
+                           label_rule=label_rule, geojson=geojson, reader_threads=reader_threads, progress=not quiet,
                            **options)
         if not quiet:
             state = "skipped (finished earlier)" if s.get("skipped") else f"{s['tiles_resumed']} resumed"

@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -43,10 +44,9 @@ from slidekit.base.io import atomic_path, config_digest, file_identity, write_te
 from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import OutputDir, claim_path
 from slidekit.regions.masks import Tissue, build_region
-from slidekit.regions.options import TissueOptions
+from slidekit.regions.options import OptionGroups, ReadOptions, TileOptions, TissueOptions
 from slidekit.regions.tiling import TileGrid, read_tiles
 from slidekit.slides.identity import slide_fingerprint
-from slidekit.slides.slide import open_slide
 
 FORMAT = "slidekit.patches/1"
 LABEL_RULES = ("majority", "centre")
@@ -264,18 +264,76 @@ def write_grid_geojson(grid: Any, path: str | os.PathLike, labels: list[str] | N
     return write_geojson(grid_tile_annotations(grid, labels), path, bounds=grid.slide_dimensions)
 
 
-def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, mpp: float = 0.5, size: int = 256,
-                   overlap: int = 0, min_tissue: float = 0.5, image_format: str = "png", quality: int = 90,
-                   annotations: str | os.PathLike | None = None, label_rule: str = "majority",
-                   geojson: str | os.PathLike | None = None, slide_mpp: float | None = None,
-                   backend: str | None = None, override_mpp: float | None = None, tissue: dict | None = None,
-                   workers: int = 0, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class PatchFormat:
+    """How exported tiles are written and labelled.
+
+    Parameters
+    ----------
+    image_format
+        ``"png"`` or ``"jpeg"``.
+    quality
+        JPEG quality, 1–100.
+    annotations
+        A QuPath GeoJSON or ASAP XML file whose classes label the tiles (None: no labels).
+    label_rule
+        How a tile's label is chosen (``LABEL_RULES``: ``majority`` or ``centre``).
+    geojson
+        Also write the grid as QuPath tile objects to this file.
+    reader_threads
+        Threads reading tiles (0: the main thread).
+    """
+
+    image_format: str = "png"
+    quality: int = 90
+    annotations: str | os.PathLike | None = None
+    label_rule: str = "majority"
+    geojson: str | os.PathLike | None = None
+    reader_threads: int = 0
+
+
+@dataclass(frozen=True)
+class ExportOptions(OptionGroups):
+    """Every option of ``slidekit tile --export``, in groups (flat field names work too; ``workers``
+    is the older spelling of ``reader_threads``)."""
+
+    tiles: TileOptions = TileOptions(mpp=0.5, size=256, overlap=0, min_tissue=0.5)
+    reading: ReadOptions = ReadOptions()
+    tissue: TissueOptions = TissueOptions()
+    export: PatchFormat = PatchFormat()
+
+    @classmethod
+    def of(cls, options: "OptionGroups | None" = None, **flat: Any) -> Any:
+        if "workers" in flat:
+            flat["reader_threads"] = flat.pop("workers")
+        return super().of(options, **flat)
+
+
+def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, *, options: ExportOptions | None = None,
+                   progress: bool = True, **flat: Any) -> dict:
     """Write the tiles of a slide's grid into ``dest`` (a folder, or a ``.zip``) with ``patches.csv``.
 
-    See the module docstring for the layout, resume rules and label rules. ``tissue`` holds
-    ``tissue_mask`` options (``mpp``, ``min_area_um2``, thresholds). Returns the summary
+    See the module docstring for the layout, resume rules and label rules. Returns the summary
     (``patches.json``), with ``skipped: True`` when a finished export of this configuration was there.
+
+    Parameters
+    ----------
+    slide_path
+        The slide file.
+    dest
+        A folder, or a ``.zip`` file.
+    options
+        :class:`ExportOptions` (tiles, reading, ``tissue``, :class:`PatchFormat`; None: the defaults).
+    progress
+        Show a progress bar.
+    **flat
+        Single fields by their flat names (``mpp``, ``size``, ``image_format``, ``annotations``, ...).
     """
+    o = ExportOptions.of(options, **flat)
+    t, f, r = o.tiles, o.export, o.reading
+    mpp, size, overlap, min_tissue = float(t.mpp or 0.5), int(t.size or 256), int(t.overlap or 0), t.min_tissue
+    image_format, quality, annotations, label_rule = f.image_format, f.quality, f.annotations, f.label_rule
+    geojson, workers, tissue = f.geojson, f.reader_threads, o.tissue.as_dict() or None
     if image_format not in ("png", "jpeg"):
         raise ValueError(f"image format must be png or jpeg, not {image_format!r}")
     if label_rule not in LABEL_RULES:
@@ -286,8 +344,7 @@ def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, mpp: 
     is_zip = dest.suffix.lower() == ".zip"
     ext = "png" if image_format == "png" else "jpg"
     t0 = time.time()
-    with open_slide(slide_path, mpp=slide_mpp, backend=backend, override_mpp=override_mpp) as slide, \
-            OutputLock(dest.parent if is_zip else dest):
+    with r.open(slide_path) as slide, OutputLock(dest.parent if is_zip else dest):
         slide_id = slide_fingerprint(slide.path)
         ann_id = None
         if annotations is not None:
