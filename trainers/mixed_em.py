@@ -95,8 +95,7 @@ class MixedEMConfig(StainOptions):
     floor: float = 0.01
     min_hard_negatives: int = 0  # top up hard negatives with the highest-scoring negative patches (0: paper rule)
     pseudo_top_k: int = 0  # keep only each positive slide's k highest-scoring kept patches as pseudo-labels (0: all)
-    # positive-slide patches with max prob below this become hard negatives (0: none)
-    positive_negatives: float = 0.0
+    positive_negatives: float = 0.0  # positive-slide patches with max prob below this: hard negatives (0: none)
     weight_decay: float = 1e-4
     predict_batch: int = 8
     predict_tile: int = 0       # heatmap tiles (px at ``mpp``); 0: 4 x patch_size (large tiles predict faster)
