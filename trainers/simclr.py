@@ -70,7 +70,7 @@ class SimCLRConfig(StainAugmentOptions, AugmentOptions):
     epochs: int = 100
     batch_size: int = 128                 # pairs per step (2 x batch_size images), over all ranks
     sync_batchnorm: bool = True           # several ranks: batch norm over the global batch (as the paper)
-    lr: float | None = None
+    lr: float | None = None  # type: ignore[assignment]  # None: the optimiser's own (DEFAULT_LR)
     lr_scaling: str | None = None         # linear (B/256) | sqrt (sqrt B) | none
     optimizer: str = "lars"               # lars | adam
     weight_decay: float = 1e-6

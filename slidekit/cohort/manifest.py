@@ -59,8 +59,8 @@ def _heatmap_folder(p: Path) -> Path | None:
 def _expand_heatmaps(p: Path, text: str) -> list[dict]:
     """Heatmap inputs: a heatmap folder, or a cohort OUT whose subfolders hold heatmaps."""
     if glob.has_magic(text):
-        found = [_heatmap_folder(Path(q)) for q in sorted(glob.glob(text, recursive=True))]
-        found = [q for q in found if q is not None]
+        folders = [_heatmap_folder(Path(q)) for q in sorted(glob.glob(text, recursive=True))]
+        found = [q for q in folders if q is not None]
         if not found:
             raise ManifestError("the pattern matches no heatmap folder", text)
         return [{"slide": q} for q in found]

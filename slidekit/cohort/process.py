@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 from slidekit.base.errors import LockedError, SlidekitError
 from slidekit.base.io import config_digest, file_identity, write_text_atomic
-from slidekit.base.outputs import MARKER
 from slidekit.base.locks import LOCK_NAME, OutputLock, describe, read_lock
+from slidekit.base.outputs import MARKER
 from slidekit.base.resources import peak_rss_mb, rss_mb
 from slidekit.cohort.ledger import Ledger
 from slidekit.cohort.manifest import CohortSlide

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -129,7 +129,8 @@ def key_mismatch(own: dict, sd: dict) -> str | None:
 
 
 def _timm_classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    cls = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    cfg = getattr(model, "pretrained_cfg", None)
+    cls = cfg.get("classifier") if isinstance(cfg, dict) else None
     names = [cls] if isinstance(cls, str) else list(cls or [])
     return tuple(f"{n}." for n in names) or ("head.", "fc.", "classifier.")
 
@@ -150,7 +151,7 @@ def init_from(model: nn.Module, source: str | os.PathLike) -> list[str]:
         raise CheckpointError("weights file not found", path)
     if _is_slidekit_checkpoint(path):
         return transfer_encoder(path, model)
-    return load_encoder_weights(model.encoder, read_state_dict(path), path)
+    return load_encoder_weights(cast(nn.Module, model.encoder), read_state_dict(path), path)
 
 
 def _is_slidekit_checkpoint(path: Path) -> bool:
@@ -209,17 +210,18 @@ def load_embedding_encoder(model: str | os.PathLike, weights: str | os.PathLike 
                 raise CheckpointError("model has no feature extractor", path)
             if spec.arch != "resnet-encoder":  # classifiers/segmenters: embed with their encoder only
                 enc = ResNetClassifier(spec.backbone, 0)
-                enc.encoder.load_state_dict(net.encoder.state_dict())
+                enc.encoder.load_state_dict(cast(nn.Module, net.encoder).state_dict())
                 net = enc
             if patch_size is not None or mpp is not None:
                 spec = ModelSpec.from_dict({**_asdict(spec), "patch_size": patch_size or spec.patch_size,
                                             "mpp": mpp or spec.mpp})
             return net.eval(), spec, path
         sd = read_state_dict(path)
-        backbone = detect_torchvision_resnet(sd)
-        if backbone is None:
+        found = detect_torchvision_resnet(sd)
+        if found is None:
             raise CheckpointError("not a slidekit checkpoint, nor a torchvision ResNet state dict "
                                   "(for timm weights use timm:NAME with --weights FILE)", path)
+        backbone = found
     if mpp is None:
         raise ConfigError(f"{path.name} holds weights only: give the tile size in µm/px (--tile-mpp)")
     net = ResNetClassifier(backbone, 0)

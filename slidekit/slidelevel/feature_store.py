@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -574,7 +575,7 @@ class FeatureWriter:
         self.n, self.dim = int(len(coords)), int(dim)
         key = json.dumps({"encoder": encoder, "slide": slide, "identity": identity or {}, "n": self.n,
                           "dim": self.dim}, sort_keys=True, default=str)
-        self.f = None
+        self.f: Any = None  # the open h5py.File
         if self.partial.exists():
             try:
                 f = h5py.File(self.partial, "r+")

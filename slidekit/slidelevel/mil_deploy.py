@@ -167,7 +167,7 @@ def deploy(checkpoint: str | os.PathLike, feature_files: Sequence[str | os.PathL
 
 def _tile_grid(score: BagScore, slide) -> TileGrid:
     """The feature tiles as a TileGrid at level 0 (one heatmap cell per tile)."""
-    mpp = tuple(float(m) for m in slide.mpp)
+    mpp = (float(slide.mpp[0]), float(slide.mpp[1]))
     return TileGrid(coords=score.coords, mpp=mpp[0], size=score.patch_size_level0, overlap=0,
                     slide_dimensions=tuple(slide.dimensions), slide_mpp=mpp,
                     slide_name=getattr(slide, "name", score.slide), slide_id=score.slide)
