@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from slidekit.cli.common import Context, cohort_options, fail
+from slidekit.cohort.engines import CohortInterrupted, CohortRun
 from slidekit.cohort.run import run_cohort
 from slidekit.slides.dicom import is_dicom_folder
 
@@ -45,9 +46,13 @@ def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, qu
     if p.get("threads") is not None:
         raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
                                "an equal share of the CPUs")
-    table = run_cohort(task, list(items) + list(p.get("manifest") or ()), out, engine=p["engine"], jobs=p["jobs"],
-                       gpus=p["gpus"], shard=p["shard"], ray_address=p["ray_address"],
-                       retry_failed=p["retry_failed"], progress=not quiet, debug=_debug(ctx), **options)
+    run = CohortRun(engine=p["engine"], jobs=p["jobs"], gpus=p["gpus"], shard=p["shard"], ray_address=p["ray_address"],
+                    retry_failed=p["retry_failed"], progress=not quiet, debug=_debug(ctx))
+    try:
+        table = run_cohort(task, list(items) + list(p.get("manifest") or ()), out, run=run, **options)
+    except CohortInterrupted as e:  # cohort.csv is written: say what it holds, then exit 130
+        click.echo(e.table.summary(), err=True)
+        fail(f"interrupted ({e.signame}); running slides were recorded as interrupted and resume on a rerun", 130)
     for row in table:
         if row["status"] == "failed":  # one line per failed slide, with --quiet too
             click.echo(f"slidekit: failed: {row['id']}: {row['error']}", err=True)

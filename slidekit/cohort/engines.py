@@ -14,6 +14,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Generator, Iterator, Sequence
 
 from slidekit.base.errors import ConfigError
@@ -44,7 +45,7 @@ class CohortInterrupted(KeyboardInterrupt):
 
     def __init__(self, table: Any, signame: str = "SIGINT") -> None:
         super().__init__(f"{signame}: stopped; {table.summary()}")
-        self.table = table
+        self.table, self.signame = table, signame
 
 
 class StopSignal:
@@ -232,13 +233,57 @@ def _threads_per_job(jobs: int) -> int:
     return max(1, available_cpus() // max(1, jobs))
 
 
-def run_local(task: str, options: dict, todo: Sequence[CohortSlide], out: str, key: str, jobs: int = 1,
-              gpus: list[int] | None = None, retry_failed: bool = False, progress: bool = True,
-              debug: bool = False, settled: list[dict] | None = None, stop: StopSignal | None = None,
-              **_: Any) -> Generator[dict, None, None]:
+@dataclass(frozen=True)
+class CohortRun:
+    """How a cohort runs (never what a slide's outputs are).
+
+    Parameters
+    ----------
+    engine
+        ``"local"`` (a process pool) or ``"ray"``.
+    jobs
+        Slides at once (local worker processes; Ray: slides in flight).
+    gpus
+        GPU indices, one worker per GPU (a list or ``"0,1"``; None: CPU).
+    shard
+        ``"i/N"``: this run's share of the cohort (Slurm arrays).
+    ray_address
+        ``"auto"`` or ``"HOST:PORT"`` joins a Ray cluster; None starts a local runtime.
+    retry_failed
+        Try again slides that failed before.
+    progress
+        Show a progress bar.
+    debug
+        Print a failing slide's traceback.
+    """
+
+    engine: str = "local"
+    jobs: int = 1
+    gpus: Sequence[int] | str | None = None
+    shard: str | None = None
+    ray_address: str | None = None
+    retry_failed: bool = False
+    progress: bool = True
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class CohortWork:
+    """What each slide of a run does: ``task`` with ``options`` into ``out/<id>/``, under configuration ``key``."""
+
+    task: str
+    options: dict
+    out: str
+    key: str
+
+
+def run_local(work: CohortWork, todo: Sequence[CohortSlide], run: CohortRun, *, gpus: list[int] | None = None,
+              settled: list[dict] | None = None, stop: StopSignal | None = None) -> Generator[dict, None, None]:
     """``jobs`` worker processes (one per GPU when ``gpus``), fed one slide at a time; in this
     process when there is one job and no GPU list (the serial run). ``stop`` (set by SIGINT/SIGTERM):
     no new slide starts, running slides are interrupted and recorded so."""
+    task, options, out, key = work.task, work.options, work.out, work.key
+    jobs, retry_failed, progress, debug = int(run.jobs), run.retry_failed, run.progress, run.debug
     stop = stop or StopSignal()
     bar = _Progress(len(todo), settled or [], progress)
     n = len(gpus) if gpus else jobs
@@ -262,7 +307,7 @@ def run_local(task: str, options: dict, todo: Sequence[CohortSlide], out: str, k
         deaths: dict[str, int] = {}
         pending = list(todo)
         while pending and not stop.is_set():
-            yield from _pool_round(task, options, pending, out, key, n, gpus, retry_failed, debug, bar, deaths,
+            yield from _pool_round(work, pending, n, gpus, run, bar, deaths,
                                    stop)
     finally:
         bar.close()
@@ -286,8 +331,8 @@ def _workers(pool: ProcessPoolExecutor) -> list[Any]:
     return list((getattr(pool, "_processes", None) or {}).values())
 
 
-def _pool_round(task: str, options: dict, pending: list[CohortSlide], out: str, key: str, n: int,
-                gpus: list[int] | None, retry_failed: bool, debug: bool, bar: _Progress,
+def _pool_round(work: CohortWork, pending: list[CohortSlide], n: int, gpus: list[int] | None, run: CohortRun,
+                bar: _Progress,
                 deaths: dict[str, int], stop: StopSignal) -> Iterator[dict]:
     """One process pool over ``pending`` (emptied as slides finish), fed one slide per idle worker.
     When a worker process dies (killed, out of memory), the pool breaks: the slide it held is counted
@@ -295,6 +340,8 @@ def _pool_round(task: str, options: dict, pending: list[CohortSlide], out: str, 
     ``MAX_WORKER_DEATHS`` workers is marked failed. When ``stop`` is set, nothing more is fed, the
     workers get SIGTERM (their running slides end and are recorded interrupted) and, past
     ``STOP_GRACE_SECONDS``, are killed."""
+    task, options, out, key = work.task, work.options, work.out, work.key
+    retry_failed, debug = run.retry_failed, run.debug
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no forked torch/OpenSlide state in workers
@@ -399,10 +446,8 @@ def _ray_process_slide(threads: int, *args: Any) -> dict:
         return interrupted_row(out, s, key)
 
 
-def run_ray(task: str, options: dict, todo: Sequence[CohortSlide], out: str, key: str, jobs: int = 1,
-            gpus: list[int] | None = None, ray_address: str | None = None, retry_failed: bool = False,
-            progress: bool = True, debug: bool = False, settled: list[dict] | None = None,
-            stop: StopSignal | None = None, **_: Any) -> Generator[dict, None, None]:
+def run_ray(work: CohortWork, todo: Sequence[CohortSlide], run: CohortRun, *, gpus: list[int] | None = None,
+            settled: list[dict] | None = None, stop: StopSignal | None = None) -> Generator[dict, None, None]:
     """Ray tasks, one per slide, each asking for one CPU plus one per DataLoader reader (``workers``)
     and one GPU when ``gpus``; Ray retries a task whose worker process or node died, and the slide's
     stale lock lets the retry take over. ``ray_address``: "auto" or "HOST:PORT" joins a running
@@ -410,6 +455,9 @@ def run_ray(task: str, options: dict, todo: Sequence[CohortSlide], out: str, key
     ``jobs`` slides at once. At most twice the task slots are in flight, so the driver stays small.
     ``stop``: nothing more is submitted and the tasks in flight are cancelled (a running one is
     interrupted in its worker and recorded so)."""
+    task, options, out, key = work.task, work.options, work.out, work.key
+    jobs, ray_address, retry_failed, progress, debug = int(run.jobs), run.ray_address, run.retry_failed, \
+        run.progress, run.debug
     stop = stop or StopSignal()
     try:
         import ray

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from slidekit.base.errors import ConfigError
-from slidekit.cohort.engines import CohortInterrupted, StopSignal, run_local, run_ray
+from slidekit.cohort.engines import CohortInterrupted, CohortRun, CohortWork, StopSignal, run_local, run_ray
 from slidekit.cohort.ledger import Ledger
 from slidekit.cohort.manifest import CohortSlide, read_slides, shard as take_shard
 from slidekit.cohort.process import config_key, settled_row
@@ -36,10 +37,11 @@ ENGINES = ("local", "ray")
 # -- the driver ---------------------------------------------------------------------------------
 
 def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike] | Sequence[CohortSlide],
-               out: str | os.PathLike, engine: str = "local", jobs: int = 1, gpus: Sequence[int] | str | None = None,
-               shard: str | None = None, ray_address: str | None = None, retry_failed: bool = False,
-               progress: bool = True, debug: bool = False, **options: Any) -> CohortTable:
-    """Run ``task`` (heatmap, embed, tissue, tile, features) over ``slides`` into ``out``.
+               out: str | os.PathLike, *, run: CohortRun | None = None, **options: Any) -> CohortTable:
+    """Run ``task`` (heatmap, cells, embed, tissue, tile, features) over ``slides`` into ``out``.
+
+    ``run``: how (:class:`CohortRun`: engine, jobs, gpus, shard, ray_address, retry_failed,
+    progress, debug); its fields may also be given by name among ``options``.
 
     ``slides``: paths, folders, globs or manifest CSVs (see ``slidekit.cohort.manifest``), or CohortSlides.
     ``engine``: "local" (``jobs`` worker processes, or one per GPU in ``gpus``) or "ray"
@@ -54,6 +56,10 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     """
     if task not in TASKS:
         raise ConfigError(f"unknown cohort task {task!r}; choose one of {', '.join(TASKS)}")
+    run_fields = {f.name for f in fields(CohortRun)}
+    run = replace(run or CohortRun(), **{k: options.pop(k) for k in list(options) if k in run_fields})
+    engine, jobs, gpus, shard, ray_address = run.engine, run.jobs, run.gpus, run.shard, run.ray_address
+    retry_failed = run.retry_failed
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if int(jobs) < 1:
@@ -64,7 +70,8 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     if gpu_ids and engine == "local":
         _check_local_gpus(gpu_ids)
     out = Path(out)
-    everyone = list(slides) if _are_cohort_slides(slides) else read_slides(slides, kind=TASKS[task].inputs)
+    everyone: list[CohortSlide] = (list(slides) if _are_cohort_slides(slides)  # type: ignore[arg-type]
+                                   else read_slides(slides, kind=TASKS[task].inputs))  # type: ignore[arg-type]
     mine = take_shard(everyone, shard)
     key = config_key(task, TASKS[task].effective_options(options))
     ledger = Ledger(out)
@@ -78,12 +85,11 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
             todo.append(s)
         else:
             rows[s.id] = settled
-    run = run_ray if engine == "ray" else run_local
+    engine_run = run_ray if engine == "ray" else run_local
     stop = StopSignal()
     with stop.installed():  # SIGINT/SIGTERM: no new slide, running ones interrupted; a second one ends at once
-        rows_in = run(task, options, todo, str(out), key, jobs=int(jobs), gpus=gpu_ids, ray_address=ray_address,
-                      retry_failed=retry_failed, progress=progress, debug=debug, settled=list(rows.values()),
-                      stop=stop)
+        rows_in = engine_run(CohortWork(task, options, str(out), key), todo, run, gpus=gpu_ids,
+                             settled=list(rows.values()), stop=stop)
         try:
             for row in rows_in:
                 rows[row["id"]] = row
