@@ -558,7 +558,8 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
                     hits = np.array([np.asarray(shapely.contains_xy(g, xy[:, 0], xy[:, 1])) for _, g in polys])
                     for j in range(len(polys)):
                         counts[j] += int(hits[j].sum())
-                    keep = np.asarray(hits.any(axis=0))  # tiles reach past the ROI: nuclei centred outside it are not written
+                    # tiles reach past the ROI: nuclei centred outside it are not written
+                    keep = np.asarray(hits.any(axis=0))
                 for i, row in enumerate(rows):
                     if keep is not None and not keep[i]:
                         continue
