@@ -334,6 +334,7 @@ def test_a_refused_rerun_stops_every_rank(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"trainer": "s2l"}))
+    (out / "metrics.json").write_text("[]")  # it trained: a run with progress owns its folder (trainers/runs.py)
     run_ranks("_refused_rank", str(data), str(out))  # no rank trains on alone, none hangs
     messages = [(out / f"refused{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1] and "holds a 's2l' run, not 'scribble'" in messages[0]
@@ -366,6 +367,7 @@ def test_a_run_recorded_before_a_new_option_resumes(tmp_path: Path) -> None:
     del record["sync_batchnorm"]  # as written before the option existed
     (out / "config.json").write_text(json.dumps(record))
     assert begin_run(trainer, out, 2) == "fresh"  # no "other options" refusal
+    (out / "metrics.json").write_text("[]")  # it trained: a run with progress owns its folder (trainers/runs.py)
     trainer.config.sync_batchnorm = True  # not the default: a real difference
     with pytest.raises(Exception, match="sync_batchnorm"):
         begin_run(trainer, out, 2)

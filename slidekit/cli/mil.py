@@ -15,7 +15,7 @@ from slidekit.cli.common import (
     quiet_option,
     slide_reading_options,
 )
-from slidekit.slides.slide import open_slide
+from slidekit.regions.options import ReadOptions
 
 
 @click.command("mil-deploy")
@@ -59,12 +59,13 @@ def mil_deploy(ctx: click.Context, features: tuple[Path, ...], model: str, out: 
 @handle_errors
 def mil_attention(features: Path, slide: str, model: str, out: Path, slide_mpp: float | None,
                   override_mpp: float | None, backend: str | None) -> None:
-    """Per-tile attention and class scores of one slide: heatmap + overlay and QuPath tile objects."""
-    from slidekit.slidelevel.mil_deploy import attention_outputs  # loads torch
+    """Per-tile attention and class scores of one slide: heatmap + overlay and QuPath tile objects.
+    A rerun skips a finished folder whose outputs verify and redoes one that does not."""
+    from slidekit.slidelevel.mil_deploy import attention_slide  # loads torch
 
-    opened = open_slide(Path(slide), mpp=slide_mpp, backend=backend, override_mpp=override_mpp)
-    paths = attention_outputs(Path(model), features, opened, out)
-    click.echo(" ".join(str(p) for p in paths.values()))
+    reading = ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp, backend=backend)
+    summary = attention_slide(Path(slide), out, model=Path(model), features=features, reading=reading)
+    click.echo(" ".join(str(out / n) for n in summary["outputs"] if n != "summary.json"))
 
 
 def register(main: click.Group) -> None:

@@ -59,6 +59,10 @@ class SlideJob:
         """Do the job's own work, writing its outputs into ``ctx.out``; return the summary's fields."""
         raise NotImplementedError
 
+    def check(self, slide: Any) -> None:
+        """Refuse inputs that do not belong with ``slide`` (a typed error) before anything is written:
+        called once the slide is open, before the folder is locked, claimed or created."""
+
     def figures(self, summary: dict) -> dict:
         """The figures a cohort table shows for one slide (from its summary)."""
         return {}
@@ -175,7 +179,14 @@ def run_job(job: SlideJob, slide_path: str | os.PathLike, out_dir: str | os.Path
         Show progress bars.
     """
     out = Path(out_dir)
-    with job.reading.open(slide_path) as slide, OutputLock(out):
+    with job.reading.open(slide_path) as slide:
+        job.check(slide)
+        return _run_locked(job, slide, out, progress)
+
+
+def _run_locked(job: SlideJob, slide: Any, out: Path, progress: bool) -> dict:
+    """The rest of ``run_job`` under the folder's lock (the slide is open)."""
+    with OutputLock(out):
         config = {**job.config(), "slide_id": slide_fingerprint(slide.path)}
         key = config_digest(config)
         # Only files slidekit wrote here may be replaced; another slide's folder is refused.

@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,10 +22,12 @@ from shapely.geometry import box
 
 from slidekit.annotations import Annotation, write_geojson
 from slidekit.base.errors import FeatureError, SlidekitError, SlidekitWarning
-from slidekit.base.io import write_text_atomic
+from slidekit.base.io import file_identity, write_text_atomic
 from slidekit.base.outputs import OutputDir
 from slidekit.infer.heatmap import Heatmap, HeatmapWriter
 from slidekit.models.mil import ATTENTION_ARCHS, MILOutput, load_mil_checkpoint, score_bag
+from slidekit.regions.job import JobContext, SlideJob, run_job
+from slidekit.regions.options import ReadOptions
 from slidekit.regions.tiling import TileGrid
 from slidekit.slidelevel import feature_store
 from slidekit.slidelevel.mil_tasks import Classification, MILTask, task_from_checkpoint
@@ -190,38 +192,38 @@ def _check_tiles_on_slide(score: BagScore, slide, path: Path) -> None:
                            f"({int(xy[i, 0])}, {int(xy[i, 1])}): features of another slide or level?", path)
 
 
-def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike, slide, out_dir: str | os.PathLike,
-                      chunk_rows: int = DEFAULT_CHUNK) -> dict[str, Path]:
-    """Write one slide's attention (normalised to [0, 1] by its maximum) and per-tile class scores:
-    ``attention.zarr`` (one value channel ``attention``; + ``attention.png``: the slide with the
-    attention in a colour map whose low values are transparent, and its colour-bar legend) and
-    ``tiles.geojson`` (QuPath tile objects, measurements ``attention``, ``attention_rank`` and
-    ``score_<name>``: the task's per-tile scores, for classification each class's probability).
-
-    Refused before anything is written (FeatureError naming the file): features recorded for
-    another slide than ``slide`` (fingerprint), of another width or encoder identity than the
-    model's. A file without those records is used with one warning naming what was not checked.
-    ``out_dir`` follows the output rule of every command: files slidekit did not write there (or
-    another slide's) are not replaced."""
+def _attention_checks(checkpoint: str | os.PathLike, features: str | os.PathLike, slide: Any) -> tuple:
+    """The model, its task and the feature file's record, checked against each other and ``slide``
+    (FeatureError naming the file); one warning names what a foreign file does not let us check."""
     model, mil = load_mil_checkpoint(checkpoint)
     task = task_from_checkpoint(mil, checkpoint)
     info = feature_store.feature_info(features)
     if info.patch_size_level0 <= 0:
         raise FeatureError("the feature file does not say its tile size; attention tiles need it", features)
     unchecked = feature_store.check_features_for_model(info, int(mil["in_dim"]), mil.get("encoder") or {})
-    slide_id = slide_fingerprint(slide.path)
     unchecked += feature_store.check_features_for_slide(info, slide.path)
     if mil["arch"] not in ATTENTION_ARCHS:
         raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
     _unchecked_warning({u: [Path(features)] for u in unchecked}, f"the model ({checkpoint}) and the slide")
+    return model, mil, task
+
+
+def _attention_score(checkpoint: str | os.PathLike, features: str | os.PathLike, slide: Any,
+                     chunk_rows: int) -> tuple:
+    """Everything refused before a file is written: the checks, then the bag scored and its tiles
+    checked to lie on the slide. Returns ``(mil, task, score)``."""
+    model, mil, task = _attention_checks(checkpoint, features, slide)
     s = score_file(model, features, chunk_rows, task=task)  # streamed where the network allows
     if s.attention is None:
         raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
     _check_tiles_on_slide(s, slide, Path(features))
-    owned = OutputDir(out_dir, slide.path, slide_id)
-    owned.claim(*ATTENTION_OUTPUTS)
+    return mil, task, s
+
+
+def _write_attention(checkpoint: str | os.PathLike, slide: Any, out: Path, scored: tuple) -> dict:
+    """Write the attention outputs of a scored bag into ``out`` (already claimed)."""
+    mil, task, s = scored
     names = list(s.score_names or [])
-    out = Path(out_dir)
     att = s.attention / max(float(s.attention.max()), 1e-12)
     grid = _tile_grid(s, slide)
     # A value map of one channel, not classes: the overlay (and the viewer) colour it with a colour
@@ -242,4 +244,77 @@ def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike
             meas.update({f"score_{c}": float(v) for c, v in zip(names, s.scores[i])})
         objs.append(Annotation(box(x, y, x + ps, y + ps), label="attention", kind="tile", measurements=meas))
     write_geojson(objs, out / "tiles.geojson", bounds=tuple(slide.dimensions))
+    return {"tiles": len(att), "arch": mil["arch"], "task": task.name, "tile_scores": names}
+
+
+def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike, slide: Any,
+                      out_dir: str | os.PathLike, chunk_rows: int = DEFAULT_CHUNK) -> dict[str, Path]:
+    """Write one slide's attention (normalised to [0, 1] by its maximum) and per-tile class scores:
+    ``attention.zarr`` (one value channel ``attention``; + ``attention.png``: the slide with the
+    attention in a colour map whose low values are transparent, and its colour-bar legend) and
+    ``tiles.geojson`` (QuPath tile objects, measurements ``attention``, ``attention_rank`` and
+    ``score_<name>``: the task's per-tile scores, for classification each class's probability).
+
+    Refused before anything is written (FeatureError naming the file): features recorded for
+    another slide than ``slide`` (fingerprint), of another width or encoder identity than the
+    model's. A file without those records is used with one warning naming what was not checked.
+    ``out_dir`` follows the output rule of every command: files slidekit did not write there (or
+    another slide's) are not replaced. ``attention_slide`` does the same as a job of the shared
+    runner (a rerun skips a finished, verified folder)."""
+    scored = _attention_score(checkpoint, features, slide, chunk_rows)
+    OutputDir(out_dir, slide.path, slide_fingerprint(slide.path)).claim(*ATTENTION_OUTPUTS)
+    out = Path(out_dir)
+    _write_attention(checkpoint, slide, out, scored)
     return {"heatmap": out / "attention.zarr", "overlay": out / "attention.png", "geojson": out / "tiles.geojson"}
+
+
+class AttentionJob(SlideJob):
+    """``slidekit mil-attention``: one slide's MIL attention and tile scores (``attention_outputs``)
+    as a job of the shared runner: the inputs are checked against the slide before the folder is
+    touched, a finished folder whose outputs verify is skipped, one that does not is redone."""
+
+    name = "mil-attention"
+    outputs = ATTENTION_OUTPUTS
+
+    def __init__(self, checkpoint: str | os.PathLike, features: str | os.PathLike, *,
+                 reading: ReadOptions | None = None, chunk_rows: int = DEFAULT_CHUNK) -> None:
+        self.checkpoint, self.features, self.chunk_rows = checkpoint, features, chunk_rows
+        self.reading = reading or ReadOptions()
+        self._inputs: tuple | None = None
+
+    def config(self) -> dict:
+        return {"model": file_identity(self.checkpoint), "features": file_identity(self.features)}
+
+    def check(self, slide: Any) -> None:
+        # the bag is scored here (seconds for one slide), so that tiles off the slide are refused
+        # before the folder is touched; a finished folder is then skipped without writing
+        self._inputs = _attention_score(self.checkpoint, self.features, slide, self.chunk_rows)
+
+    def figures(self, summary: dict) -> dict:
+        return {"tiles": summary["tiles"]}
+
+    def run(self, ctx: JobContext) -> dict:
+        assert self._inputs is not None  # check() ran: run_job calls it first
+        return _write_attention(self.checkpoint, ctx.slide, ctx.out, self._inputs)
+
+
+def attention_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | os.PathLike,
+                    features: str | os.PathLike, reading: ReadOptions | None = None, progress: bool = True) -> dict:
+    """:func:`attention_outputs` for a slide file, as a job of the shared runner; returns its summary.
+
+    Parameters
+    ----------
+    slide_path
+        The slide the features were made from.
+    out_dir
+        The output folder.
+    model
+        The MIL checkpoint.
+    features
+        The slide's feature file.
+    reading
+        How the slide is opened (``ReadOptions``).
+    progress
+        Show progress bars.
+    """
+    return run_job(AttentionJob(model, features, reading=reading), slide_path, out_dir, progress=progress)
