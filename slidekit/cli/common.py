@@ -177,8 +177,13 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
                    dict(type=click.Choice(["majority", "centre"]), default="majority", show_default=True)),
     # models
     "model": (("--model", "model"), "The trained model to run:", dict(default=None, metavar="NAME|CKPT")),
-    "weights": (("--weights",), "Local weights file (.safetensors/.pth) for timm:NAME or a named encoder (never "
-                "downloaded).", dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
+    "weights": (("--weights",), "Local weights file (.safetensors/.pth, never downloaded) for a named encoder "
+                "(uni, virchow2, ...; instead of $SLIDEKIT_MODELS), a torchvision ResNet (resnet18/34/50) or "
+                "timm:NAME.", dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
+    "tokens": (("--tokens",), "Which tokens of a timm:NAME ViT make a tile's feature: cls (the class token), mean "
+               "(of the patch tokens) or cls+mean (both) [default: the mean of the last block's patch tokens, "
+               "recorded as pooled; named encoders use their published rule].",
+               dict(type=click.Choice(["cls", "mean", "cls+mean"]), default=None)),
     "init": (("--init",), "Encoder weights to start training from: a slidekit checkpoint, a torchvision ResNet "
              ".pth, or timm:NAME with --weights.", dict(default=None)),
     "stain_norm": (("--stain-norm",), "Stain normalisation:",

@@ -31,8 +31,10 @@ from slidekit.cli.common import (
 @option("model", required=True, aliases=("--encoder",),
         detail="a slidekit checkpoint (e.g. from `slidekit train simclr`; its encoder embeds the tiles), a "
                "torchvision ResNet .pth, timm:NAME with --weights, or a named encoder (uni, uni2-h, virchow2, "
-               "h-optimus-0/1, prov-gigapath, resnet18/34/50; docs/models.md) with --weights or $SLIDEKIT_MODELS.")
+               "h-optimus-0/1, prov-gigapath, resnet18/34/50, any case; docs/models.md) with --weights or "
+               "$SLIDEKIT_MODELS.")
 @option("weights")
+@option("tokens")
 @tile_geometry_options(detail="[default: the checkpoint's; --tile-mpp is required for a plain weights file, "
                               "--tile-size is 224 for one]",
                        aliases={"tile_size": ("--patch-size",)}, with_overlap=False)
@@ -57,7 +59,8 @@ from slidekit.cli.common import (
 @cohort_options
 @click.pass_context
 @handle_errors
-def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tile_mpp: float | None,
+def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str | None, tokens: str | None,
+          tile_mpp: float | None,
           tile_size: int | None, out: str, features_h5: str | None, grid: str | None, clusters: int | None,
           geojson: str | None, batch_size: int, seed: int, min_tissue: float, workers: int, threads: int | None,
           device: str,
@@ -72,7 +75,7 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
         raise click.UsageError("--geojson needs --clusters K")
     check_stain_options(stain_norm, stain_ref)
     options: dict[str, Any] = dict(
-        model=model, weights=weights, tile_mpp=tile_mpp, patch_size=tile_size, min_tissue=min_tissue,
+        model=model, weights=weights, tokens=tokens, tile_mpp=tile_mpp, patch_size=tile_size, min_tissue=min_tissue,
         slide_mpp=slide_mpp, override_mpp=override_mpp, stain_norm=stain_norm, stain_ref=stain_ref,
         batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
     options["tissue"] = tissue_kwargs(cohort)

@@ -6,8 +6,9 @@ keyword arguments (LayerScale ``init_values``, SwiGLU MLP, register tokens, patc
 and µm/px, mean/std, which tokens form the feature, the feature width, licence, where a user obtains
 the weights and the published parameter count, each figure with where it was read
 (``params_source``, ``licence_source``; "not verified" where it could not be checked). ``build_encoder(name)``
-returns the network with random weights (``pretrained=False``; under ``torch.device("meta")`` nothing is allocated);
-``load_registered_encoder`` loads a local weights file into it (``--encoder NAME --weights FILE``,
+returns the network with random weights (``pretrained=False``; under ``torch.device("meta")`` nothing is allocated;
+names match case-insensitively: ``UNI`` is ``uni``);
+``load_registered_encoder`` loads a local weights file into it (``--model NAME --weights FILE``,
 or the file found under ``$SLIDEKIT_MODELS``). Nothing is ever downloaded.
 
 Not here: CONCH (an open_clip CoCa model; its vision tower cannot be built from timm alone) and
@@ -27,7 +28,13 @@ from torch import nn
 from slidekit.base.errors import CheckpointError, ConfigError
 from slidekit.models.networks import ResNetClassifier
 from slidekit.models.spec import ModelSpec
-from slidekit.models.weights import key_mismatch, load_encoder_weights, read_state_dict
+from slidekit.models.weights import (
+    check_weights_file,
+    detect_torchvision_resnet,
+    key_mismatch,
+    load_encoder_weights,
+    read_state_dict,
+)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
@@ -160,10 +167,24 @@ class FoundationEncoder(nn.Module):
         return self.features(x)
 
 
+def registry_name(model: str | os.PathLike) -> str | None:
+    """The registry's own spelling of ``model`` when it names an entry (case-insensitive: ``UNI`` is
+    ``uni``), else None."""
+    text = str(model).strip().lower()
+    return text if text in ENCODERS else None
+
+
+def unknown_model_message(model: str | os.PathLike) -> str:
+    """One line for a model that is neither a file nor a registry name: the names that are known."""
+    return (f"unknown encoder {str(model)!r}: not a file, nor a named encoder (known: {', '.join(ENCODERS)}); "
+            "a slidekit checkpoint or weights file path, or timm:NAME with --weights FILE, is also accepted")
+
+
 def _entry(name: str) -> EncoderEntry:
-    if name not in ENCODERS:
-        raise ConfigError(f"unknown encoder {name!r} (known: {', '.join(ENCODERS)})")
-    return ENCODERS[name]
+    key = registry_name(name)
+    if key is None:
+        raise ConfigError(unknown_model_message(name))
+    return ENCODERS[key]
 
 
 def build_encoder(name: str, **overrides) -> ResNetClassifier | FoundationEncoder:
@@ -172,6 +193,7 @@ def build_encoder(name: str, **overrides) -> ResNetClassifier | FoundationEncode
     ``overrides`` change timm keyword arguments (e.g. ``depth=2`` for a small test variant).
     """
     e = _entry(name)
+    name = registry_name(name) or name
     if e.arch.startswith("resnet"):
         return ResNetClassifier(e.arch, 0)
     import timm
@@ -186,15 +208,13 @@ def find_weights(name: str, weights: str | os.PathLike | None = None) -> Path:
     """The weights file of encoder ``name``: ``weights``, else the first file found in
     ``$SLIDEKIT_MODELS/NAME/`` or ``$SLIDEKIT_MODELS`` under a published file name (or ``NAME.*``)."""
     e = _entry(name)
+    name = registry_name(name) or name
     if weights is not None:
-        p = Path(weights)
-        if not p.is_file():
-            raise CheckpointError("weights file not found", p)
-        return p
+        return check_weights_file(weights)
     root = os.environ.get(MODELS_ENV)
     if not root:
-        raise ConfigError(f"--encoder {name} needs --weights FILE or ${MODELS_ENV} (get them from {e.source}; "
-                          "slidekit never downloads weights)")
+        raise ConfigError(f"the named encoder {name} needs its weights file: give --weights FILE, or put it in "
+                          f"${MODELS_ENV}/{name}/ (get it from {e.source}; slidekit never downloads weights)")
     names = [*e.files, *(f"{name}{s}" for s in (".safetensors", ".pth", ".bin", ".pt"))]
     for folder in (Path(root) / name, Path(root)):
         for n in names:
@@ -211,6 +231,7 @@ def load_registered_encoder(name: str, weights: str | os.PathLike | None = None,
     A file of another model names its missing/unexpected keys; non-finite weights are refused.
     """
     e = _entry(name)
+    name = registry_name(name) or name
     path = find_weights(name, weights)
     sd = read_state_dict(path)
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -221,6 +242,9 @@ def load_registered_encoder(name: str, weights: str | os.PathLike | None = None,
     if isinstance(net, FoundationEncoder):
         _load_exact(net.model, sd, path, name)
     else:
+        found = detect_torchvision_resnet(sd)
+        if found is not None and found != e.arch:
+            raise CheckpointError(f"these are {found} weights, not {name}'s: use --model {found}", path)
         net = net.to_empty(device="cpu")
         load_encoder_weights(net.encoder, sd, path)
     backbone = e.arch if e.arch.startswith("resnet") else f"timm:{e.arch}"  # the name is in extra

@@ -16,6 +16,7 @@ weights file loads into it unchanged (the classifier head is left out).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,15 +34,30 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 # -- weight files ---------------------------------------------------------------------------------
 
+def check_weights_file(path: str | os.PathLike, what: str = "weights file") -> Path:
+    """``path`` as a Path when it is a regular file (a symlink to one counts); else CheckpointError naming
+    it: "not found", or "not a regular file" for a folder, a device (a link to ``/dev/zero``), a pipe."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link is what it points to
+    except OSError:  # missing, a dangling or looping link, no permission to look
+        raise CheckpointError(f"{what} not found", path) from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        link = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise CheckpointError(f"{what} is not a regular file: {kind}{link}", path)
+    return path
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a plain weights file (.safetensors, or a torch file read with weights_only=True).
 
     A dict wrapping the weights under ``state_dict`` or ``model`` is unwrapped and a DataParallel
     ``module.`` prefix removed. CheckpointError (one line naming the file) when missing or unreadable.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("weights file not found", path)
+    path = check_weights_file(path)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -147,8 +163,7 @@ def init_from(model: nn.Module, source: str | os.PathLike) -> list[str]:
     if is_timm(str(source)):
         raise CheckpointError(f"{source} names a model, not a weights file: give the weights as a file "
                               f"(--weights FILE); slidekit never downloads weights")
-    if not path.is_file():
-        raise CheckpointError("weights file not found", path)
+    check_weights_file(path)
     if _is_slidekit_checkpoint(path):
         return transfer_encoder(path, model)
     return load_encoder_weights(cast(nn.Module, model.encoder), read_state_dict(path), path)
@@ -174,8 +189,7 @@ def init_overrides(init: str | None, weights: str | None) -> list[str]:
     if init and is_timm(init):
         if not weights:
             raise ConfigError(f"--init {init} needs --weights FILE (slidekit never downloads weights)")
-        if not Path(weights).is_file():
-            raise CheckpointError("weights file not found", weights)
+        check_weights_file(weights)
         return [f"backbone={init}", f"init={weights}"]
     if weights:
         raise ConfigError("--weights belongs with --init timm:NAME (other --init values are the weights file)")
@@ -183,14 +197,35 @@ def init_overrides(init: str | None, weights: str | None) -> list[str]:
 
 
 def load_embedding_encoder(model: str | os.PathLike, weights: str | os.PathLike | None = None,
-                           patch_size: int | None = None, mpp: float | None = None) -> tuple[nn.Module, Any, Path]:
+                           patch_size: int | None = None, mpp: float | None = None,
+                           tokens: str | None = None) -> tuple[nn.Module, Any, Path]:
     """The feature extractor ``embed`` runs: (network with ``.features``, its ModelSpec, weights path).
 
-    ``model`` is a slidekit checkpoint (its encoder; its patch size and MPP unless given), a
-    torchvision ResNet state dict, or ``timm:NAME`` with ``weights``. A plain file says nothing
-    about tiles, so ``mpp`` is then required; ``patch_size`` defaults to 224 and the
-    normalisation is ImageNet's (what torchvision and most timm models were trained with).
+    ``model`` is a registry name (``uni``, ``virchow2``, ...; any case; weights from ``weights`` or
+    ``$SLIDEKIT_MODELS``; its own tile geometry unless given), a slidekit checkpoint (its encoder; its
+    patch size and MPP unless given), a torchvision ResNet state dict, or ``timm:NAME`` with ``weights``.
+    A plain file says nothing about tiles, so ``mpp`` is then required; ``patch_size`` defaults to 224
+    and the normalisation is ImageNet's (what torchvision and most timm models were trained with).
+
+    ``tokens`` (``timm:NAME`` ViTs only) is which tokens make the feature: ``cls`` (the class token),
+    ``mean`` (the mean of the patch tokens) or ``cls+mean`` (both, concatenated), read after the model's
+    final norm as the registry's encoders are; None keeps the global average of the last block's patch
+    grid (recorded as ``pooled``).
     """
+    from slidekit.models import registry  # registry builds on this module
+
+    text = str(model)
+    if tokens is not None and tokens not in TOKEN_RULES:
+        raise ConfigError(f"tokens must be one of {', '.join(TOKEN_RULES)}, not {tokens!r}")
+    if tokens is not None and not is_timm(text):
+        raise ConfigError(f"--tokens belongs with a timm:NAME model ({text} makes its feature its own way)")
+    name = None if is_timm(text) else registry.registry_name(text)
+    if name is not None:  # a registry name is never read as a file of that name
+        net, spec, path = registry.load_registered_encoder(name, weights)
+        if patch_size or mpp:
+            spec = ModelSpec.from_dict({**_asdict(spec), "patch_size": patch_size or spec.patch_size,
+                                        "mpp": mpp or spec.mpp})
+        return net, spec, path
     text = str(model)
     if is_timm(text):
         if weights is None:
@@ -198,11 +233,12 @@ def load_embedding_encoder(model: str | os.PathLike, weights: str | os.PathLike 
         backbone, path = text, Path(weights)
         sd = read_state_dict(path)
     else:
+        if not os.path.lexists(text):
+            raise ConfigError(registry.unknown_model_message(text))
+        path = check_weights_file(text, "model file")
         if weights is not None:
-            raise ConfigError("--weights belongs with a timm:NAME model")
-        path = Path(text)
-        if not path.is_file():
-            raise CheckpointError("model file not found", path)
+            raise ConfigError(f"--weights belongs with a named encoder ({', '.join(registry.ENCODERS)}) or "
+                              f"timm:NAME; {path.name} is a file that holds its own weights")
         if _is_slidekit_checkpoint(path):
             ckpt = load_checkpoint(path)
             spec, net = ckpt.spec, ckpt.model
@@ -226,10 +262,55 @@ def load_embedding_encoder(model: str | os.PathLike, weights: str | os.PathLike 
         raise ConfigError(f"{path.name} holds weights only: give the tile size in µm/px (--tile-mpp)")
     net = ResNetClassifier(backbone, 0)
     load_encoder_weights(net.encoder, sd, path)
+    extra: dict[str, Any] = {"weights": path.name}
+    out: nn.Module = net
+    if tokens is not None:
+        out = _token_encoder(cast(TimmEncoder, net.encoder), tokens, text)
+        extra["tokens"] = tokens
     spec = ModelSpec(arch="resnet-encoder", backbone=backbone, task="embedding", classes=[],
-                     patch_size=int(patch_size or 224), mpp=float(mpp), activation="none",
-                     extra={"weights": path.name})
-    return net.eval(), spec, path
+                     patch_size=int(patch_size or 224), mpp=float(mpp), activation="none", extra=extra)
+    return out.eval(), spec, path
+
+
+#: which tokens of a ViT make a tile's feature (``--tokens``)
+TOKEN_RULES = ("cls", "mean", "cls+mean")
+
+
+class TokenEncoder(nn.Module):
+    """A timm ViT whose feature is its class token, the mean of its patch tokens, or both (after the
+    model's final norm, as ``forward_features`` returns them)."""
+
+    def __init__(self, model: nn.Module, tokens: str) -> None:
+        super().__init__()
+        vit: Any = model  # a timm ViT: forward_features, num_prefix_tokens, embed_dim
+        self.model, self.tokens = vit, tokens
+        self.out_features = int(vit.embed_dim) * (2 if tokens == "cls+mean" else 1)
+
+    @property
+    def encoder(self) -> "TokenEncoder":  # what embed reads .out_features from (not a submodule)
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, out_features) features of a normalised batch."""
+        t = self.model.forward_features(x)  # (B, prefix + patches, C)
+        mean = t[:, int(self.model.num_prefix_tokens):].mean(1)
+        if self.tokens == "mean":
+            return mean
+        return t[:, 0] if self.tokens == "cls" else torch.cat([t[:, 0], mean], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _token_encoder(encoder: TimmEncoder, tokens: str, name: str) -> TokenEncoder:
+    """``encoder``'s timm model as a TokenEncoder; a ConfigError when it has no such tokens (a CNN, a ViT
+    without a class token)."""
+    model: Any = encoder.model
+    if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "embed_dim"):
+        raise ConfigError(f"--tokens {tokens}: {name} is not a ViT (no tokens; its feature is the pooled map)")
+    if "cls" in tokens and getattr(model, "cls_token", None) is None:
+        raise ConfigError(f"--tokens {tokens}: {name} has no class token (use --tokens mean)")
+    return TokenEncoder(model, tokens)
 
 
 def _asdict(spec: Any) -> dict:

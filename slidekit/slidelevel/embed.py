@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,7 +35,6 @@ from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import claim_path
 from slidekit.base.resources import configure_threads
 from slidekit.infer.predictor import Predictor, resolve_stain
-from slidekit.models.registry import ENCODERS, load_registered_encoder
 from slidekit.models.spec import ModelSpec
 from slidekit.models.weights import load_embedding_encoder
 from slidekit.regions.job import JobContext, SlideJob
@@ -107,6 +106,10 @@ class EmbedOutput:
         Also write the HDF5 feature file TRIDENT and CLAM read to this file (``feature_store``).
     weights
         The encoder's weights file, for a registry name, ``timm:NAME`` or a torchvision ResNet.
+    tokens
+        Which tokens of a ``timm:NAME`` ViT make the feature: ``cls``, ``mean`` (of the patch tokens) or
+        ``cls+mean`` (recorded in the store's and feature file's ``encoder.tokens``); None: the global
+        average of the last block's patch grid (recorded as ``pooled``).
     """
 
     chunk_rows: int = 4096
@@ -115,6 +118,7 @@ class EmbedOutput:
     geojson: str | os.PathLike | None = None
     features_h5: str | os.PathLike | None = None
     weights: str | os.PathLike | None = None
+    tokens: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,13 +183,8 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
     clusters, seed, geojson, features_h5 = eo.clusters, eo.seed, eo.geojson, eo.features_h5
     stain_norm, stain_ref, slide_mpp, override_mpp = st.stain_norm, st.stain_ref, r.slide_mpp, r.override_mpp
     out = Path(out)
-    if str(model) in ENCODERS:  # a named encoder: its own tile geometry and normalisation unless given
-        net, spec, model = load_registered_encoder(str(model), weights)
-        if patch_size or tile_mpp:
-            spec = ModelSpec.from_dict({**asdict(spec), "patch_size": patch_size or spec.patch_size,
-                                        "mpp": tile_mpp or spec.mpp})
-    else:
-        net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp)
+    # a named encoder (any case) keeps its own tile geometry and normalisation unless given
+    net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp, tokens=eo.tokens)
     stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
     with ReadOptions(slide_mpp, override_mpp, r.backend).open(slide_path) as slide:
         if isinstance(grid, (str, os.PathLike)):
@@ -208,6 +207,8 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
                          "mean": list(spec.mean), "std": list(spec.std), "trainer": spec.trainer}}
         if tissue and grid.tissue is not None:  # recorded only when set: stores without it stay complete
             meta["grid"]["tissue"] = dict(tissue)
+        if eo.tokens is not None:  # likewise: features of another token rule are recomputed
+            meta["spec"]["tokens"] = eo.tokens
         if stain_info["key"] is not None:  # likewise: a store made with other tiles is recomputed
             meta["stain"] = {"method": stain_info["method"], "source": stain_info["source"],
                              "key": stain_info["key"]}
