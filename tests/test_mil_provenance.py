@@ -241,3 +241,22 @@ def test_attention_refuses_tiles_off_the_slide(setup):
     r = _invoke("mil-attention", path, "--slide", a, "--model", ckpt, "--out", tmp / "off", "-q")
     assert r.exit_code != 0 and "2 tile corner(s) lie off slide" in r.output and "Traceback" not in r.output
     assert not (tmp / "off").exists()
+
+
+def test_attention_reruns_skip_a_verified_folder_and_redo_a_damaged_one(setup):
+    """mil-attention is a job of the shared runner: its outputs are recorded and verified on a rerun."""
+    import json
+
+    tmp, rng, a, _, ckpt = setup
+    feats = _slidekit_file(tmp / "rerun.h5", a, rng)
+    out = tmp / "att_rerun"
+    assert _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", out, "-q").exit_code == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert set(first["records"]) == {"attention.zarr", "attention.png", "tiles.geojson"}
+    png = (out / "attention.png").stat().st_mtime_ns
+    r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", out, "-q")
+    assert r.exit_code == 0 and (out / "attention.png").stat().st_mtime_ns == png  # skipped: nothing rewritten
+    (out / "tiles.geojson").write_text("{}")
+    r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", out, "-q")
+    assert r.exit_code == 0 and "redoing mil-attention: tiles.geojson" in r.output, r.output
+    assert json.loads((out / "tiles.geojson").read_text())["features"]  # made again
