@@ -4,35 +4,7 @@ moved the module to ``slidekit.base.errors``, and keeps working (a plain re-expo
 New code imports the classes from ``slidekit`` (``from slidekit import SlideError``) or
 ``slidekit.base``. Imports: ``slidekit.base.errors`` only.
 """
-from slidekit.base.errors import (
-    AnnotationError,
-    AnnotationWarning,
-    BadTileWarning,
-    CheckpointError,
-    ConfigError,
-    CorruptTileError,
-    FeatureError,
-    GridError,
-    HeatmapError,
-    LabelError,
-    LockedError,
-    ManifestError,
-    MissingMPPError,
-    MPPOverrideWarning,
-    OutputError,
-    OutputWarning,
-    SlideError,
-    SlideIntegrityWarning,
-    SlidekitError,
-    SlidekitWarning,
-    StainWarning,
-    TissueError,
-    TrainingError,
-    TrainingWarning,
-)
+from slidekit.base import errors as _errors
+from slidekit.base.errors import *  # noqa: F403  (every error and warning class; base/errors.py's __all__)
 
-__all__ = ["SlidekitError", "SlideError", "MissingMPPError", "CorruptTileError", "TissueError", "GridError",
-           "FeatureError", "HeatmapError", "AnnotationError", "CheckpointError", "ConfigError", "LabelError",
-           "OutputError", "LockedError", "ManifestError", "TrainingError", "SlidekitWarning", "MPPOverrideWarning",
-           "BadTileWarning", "SlideIntegrityWarning", "AnnotationWarning", "TrainingWarning", "StainWarning",
-           "OutputWarning"]
+__all__ = list(_errors.__all__)

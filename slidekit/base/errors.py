@@ -127,3 +127,8 @@ class StainWarning(SlidekitWarning):
 class OutputWarning(SlidekitWarning):
     """A rerun found an output that no longer verifies (deleted, emptied or changed since it was
     written) and redoes the slide."""
+
+
+# Every class above (the old path ``slidekit.errors`` re-exports exactly these).
+__all__ = [name for name, value in list(globals().items())
+           if isinstance(value, type) and issubclass(value, (SlidekitError, SlidekitWarning))]
