@@ -262,3 +262,27 @@ def test_pen_ink_on_real_overviews(shared_data: Path, tmp_path: Path, name: str)
     dice = 2 * (ink & truth).sum() / (ink.sum() + truth.sum())
     assert dice >= 0.88 and (ink & truth).sum() / truth.sum() >= 0.85, dice
     assert summary["not_measured"] == ["Out of focus"]  # 16 µm/px is too coarse to judge focus
+
+
+def test_heatmap_and_cells_leave_qc_artefacts_out(drawn: dict, tmp_path: Path) -> None:
+    """`--exclude-qc` composes the QC's artefacts into the job's region: fewer tiles than without it,
+    recorded in the configuration; the QC of another slide file is refused in one line."""
+    from click.testing import CliRunner
+
+    from slidekit.cli import main
+    from slidekit.infer.cells import cells_slide
+    from slidekit.infer.predictor import heatmap_slide
+
+    fast = dict(workers=0, device="cpu", progress=False, mpp=8.0, size=32, min_tissue=0.5)
+    plain = heatmap_slide(drawn["slide"], tmp_path / "plain", model="tissue", **fast)
+    clean = heatmap_slide(drawn["slide"], tmp_path / "clean", model="tissue", exclude_qc=drawn["out"], **fast)
+    assert 0 < clean["tiles"] < plain["tiles"]
+    assert "-qc" in clean["config"] and "-qc" not in plain["config"]
+    cells = cells_slide(drawn["slide"], tmp_path / "cells", exclude_qc=drawn["out"], workers=0, device="cpu",
+                        progress=False, mpp=4.0, size=64, gzip=False)
+    assert "-qc" in cells["config"]
+    other = write_pyramid(tmp_path / "other.tif", draw_slide(seed=1)[0], MPP)
+    r = CliRunner().invoke(main, ["heatmap", str(other), "--model", "tissue", "--out", str(tmp_path / "o"),
+                                  "--exclude-qc", str(drawn["out"]), "--device", "cpu", "--workers", "0", "-q"])
+    assert r.exit_code != 0 and "QC of another slide file" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o" / "summary.json").exists()

@@ -168,6 +168,9 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     # regions and annotations
     "roi": (("--roi",), "Work only inside these annotations' polygons (one slide only).",
             dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML")),
+    "exclude_qc": (("--exclude-qc",), "Leave out the artefacts a `slidekit qc` folder found on this slide (one slide "
+                   "only; the folder must be of the same slide file).",
+                   dict(type=click.Path(file_okay=False, path_type=str), default=None, metavar="QC_DIR")),
     "roi_class": (("--roi-class",), "Use only the --roi polygons of this class (repeatable); an error when none "
                   "has it.", dict(multiple=True, metavar="NAME")),
     "annotations": (("--annotations",), "Label each tile from these annotations (QuPath GeoJSON, ASAP/ImageScope XML).",

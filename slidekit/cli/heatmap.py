@@ -51,6 +51,7 @@ from slidekit.slides.demo import write_demo_slide
 @min_tissue_option(0.1, "[0.1 here: tiles at the edge of the tissue are predicted too]")
 @option("roi", detail="Intersected with tissue; the heatmap is empty outside them.")
 @option("roi_class")
+@option("exclude_qc")
 @tissue_detection_options
 @stain_options
 @option("tiff")
@@ -102,10 +103,11 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     options["tissue"] = tissue
     options["tiff"] = cohort.pop("tiff")
     options["ome_zarr"] = cohort.pop("ome_zarr")
-    if roi is not None:
+    exclude_qc = cohort.pop("exclude_qc")
+    if roi is not None or exclude_qc is not None:
         if is_cohort(ctx, paths, cohort.get("manifest") or ()):
-            raise click.UsageError("--roi belongs to one slide (its annotations); run `slidekit heatmap` per slide")
-        options.update(roi=roi, roi_class=roi_class)
+            raise click.UsageError("--roi and --exclude-qc belong to one slide; run `slidekit heatmap` per slide")
+        options.update(roi=roi, roi_class=roi_class, exclude_qc=exclude_qc)
     if is_cohort(ctx, paths, cohort.get("manifest") or ()):
         if ctx.get_parameter_source("workers") != click.core.ParameterSource.COMMANDLINE:
             options["workers"] = 0  # each slide worker reads its own tiles; more processes oversubscribe

@@ -46,6 +46,7 @@ from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Region, Roi, Tissue
 from slidekit.regions.options import OptionGroups, ReadOptions, RoiOptions, RunOptions, TileOptions, TissueOptions
+from slidekit.regions.qc import QcArtefacts
 from slidekit.regions.roi import roi_identity
 from slidekit.regions.tiling import TileGrid, TileReader
 
@@ -355,6 +356,9 @@ class CellsJob(SlideJob):
             self.roi.annotations()  # a bad ROI file is one line before the slide is opened
             cfg["roi"] = roi_identity(o.roi.roi, o.roi.roi_class)
             self.region = self.region & self.roi
+        if o.roi.exclude_qc is not None:
+            self.region = self.region - QcArtefacts(o.roi.exclude_qc)
+            cfg.update(self.region.config())  # "-qc": the QC labels' identity and classes
         self.cfg, self.reading, self.opts = cfg, r, o.run
 
     def config(self) -> dict:

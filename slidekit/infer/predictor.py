@@ -47,6 +47,7 @@ from slidekit.regions.options import (
     TileOptions,
     TissueOptions,
 )
+from slidekit.regions.qc import QcArtefacts
 from slidekit.regions.roi import clip_store_to_roi
 from slidekit.regions.tiling import TileGrid, TileReader, warn_bad_tiles
 from slidekit.stain.normalize import StainNormalizer, normalizer_from_options
@@ -491,6 +492,8 @@ class HeatmapJob(SlideJob):
         if self.roi is not None:
             self.roi.annotations()  # a bad ROI file is one line before the slide is opened
         self.region: Region = Tissue(o.tissue) if self.roi is None else Tissue(o.tissue) & self.roi
+        if o.roi.exclude_qc is not None:
+            self.region = self.region - QcArtefacts(o.roi.exclude_qc)
         self.stain, self.stain_info = resolve_stain(spec, o.stain.stain_norm, o.stain.stain_ref)
         t, out, reading = self.tiles, o.output, o.reading
         run_cfg = {"model": self.ident, "mpp": t.mpp, "size": t.size, "overlap": t.overlap,

@@ -136,10 +136,13 @@ class RoiOptions:
         The annotation file (None: no ROI).
     roi_class
         Only its polygons of these classes (None: all).
+    exclude_qc
+        A ``slidekit qc`` output folder of the same slide: its artefacts are left out of the region.
     """
 
     roi: str | os.PathLike | None = None
     roi_class: str | tuple[str, ...] | None = None
+    exclude_qc: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.roi_class, list):

@@ -65,6 +65,7 @@ from slidekit.regions.tissue import (
     glass_colour,
     mask_to_polygons,
 )
+from slidekit.slides.identity import same_slide
 
 #: Label map values: glass, clean tissue, then one per artefact class (the legend's order).
 GLASS, TISSUE = 0, 1
@@ -423,6 +424,14 @@ class QcArtefacts(Region):
             mpp = float(legend["mpp"])
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError(f"{folder / 'qc_classes.json'}: missing or damaged (not a QC output folder?)") from None
+        try:  # a hand-over: the QC must be of this slide file (its summary records the fingerprint)
+            recorded = json.loads((folder / "summary.json").read_text())["config"]["slide_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{folder / 'summary.json'}: missing or damaged; cannot tell which slide this QC "
+                              "is of (run `slidekit qc` again)") from None
+        if not same_slide(recorded, slide.path):
+            raise ConfigError(f"{folder}: QC of another slide file than {slide.path} (its summary records "
+                              f"{recorded})")
         labels = cv2.imread(str(folder / "qc_labels.png"), cv2.IMREAD_UNCHANGED)
         if labels is None or labels.ndim != 2:
             raise ConfigError(f"{folder / 'qc_labels.png'}: missing or not a label map")
