@@ -109,6 +109,17 @@ def read_mil_table(path: str | os.PathLike, features_dir: str | None = None,
     path = Path(path)
     if not path.exists():
         raise LabelError("slide table not found", path)
+    if not path.is_file():  # a folder, or a link to a device (/dev/zero would be read for ever)
+        raise LabelError("slide table is not a regular file", path)
+    try:
+        return _read_mil_rows(path, features_dir, target_columns)
+    except (UnicodeDecodeError, csv.Error) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise LabelError(f"is not a text CSV table ({why}; write it as CSV from a spreadsheet, "
+                         "not as .xlsx or another binary file)", path) from None
+
+
+def _read_mil_rows(path: Path, features_dir: str | None, target_columns: tuple[str, ...]) -> list[Slide]:
     out, seen = [], set()
     files: dict[Path, tuple[int, str]] = {}
     with open(path, newline="", encoding="utf-8-sig") as f:
