@@ -180,9 +180,8 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
                    dict(type=click.Choice(["majority", "centre"]), default="majority", show_default=True)),
     # models
     "model": (("--model", "model"), "The trained model to run:", dict(default=None, metavar="NAME|CKPT")),
-    "weights": (("--weights",), "Local weights file (.safetensors/.pth, never downloaded) for a named encoder "
-                "(uni, virchow2, ...; instead of $SLIDEKIT_MODELS), a torchvision ResNet (resnet18/34/50) or "
-                "timm:NAME.", dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
+    "weights": (("--weights",), "Local weights file (.safetensors/.pth; never downloaded).",
+                dict(type=click.Path(dir_okay=False, path_type=str), default=None)),
     "tokens": (("--tokens",), "Which tokens of a timm:NAME ViT make a tile's feature: cls (the class token), mean "
                "(of the patch tokens) or cls+mean (both) [default: the mean of the last block's patch tokens, "
                "recorded as pooled; named encoders use their published rule].",

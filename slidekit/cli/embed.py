@@ -33,7 +33,8 @@ from slidekit.cli.common import (
                "torchvision ResNet .pth, timm:NAME with --weights, or a named encoder (uni, uni2-h, virchow2, "
                "h-optimus-0/1, prov-gigapath, resnet18/34/50, any case; docs/models.md) with --weights or "
                "$SLIDEKIT_MODELS.")
-@option("weights")
+@option("weights", detail="For a named encoder (uni, virchow2, ...; else found under $SLIDEKIT_MODELS), a "
+                          "torchvision ResNet (resnet18/34/50) or timm:NAME.")
 @option("tokens")
 @tile_geometry_options(detail="[default: the checkpoint's; --tile-mpp is required for a plain weights file, "
                               "--tile-size is 224 for one]",
