@@ -10,9 +10,10 @@ import torch
 from slidekit.base.errors import CheckpointError, ConfigError, GridError
 from slidekit.models.backbones import TimmEncoder
 from slidekit.models.checkpoint import load_checkpoint, save_checkpoint
+from slidekit.models.encoders import load_embedding_encoder
 from slidekit.models.networks import build_model
 from slidekit.models.spec import ModelSpec
-from slidekit.models.weights import init_from, load_embedding_encoder, read_state_dict
+from slidekit.models.weights import init_from, read_state_dict
 
 CNN, VIT = "convnext_atto", "vit_tiny_patch16_224"
 

@@ -10,6 +10,7 @@ from slidekit.base.devices import available_devices, resolve_device
 from slidekit.models.backbones import ResNetEncoder, TimmEncoder, is_timm, make_encoder
 from slidekit.models.builtin import BUILTINS, DEFAULT_MODEL, BuiltinSpec, builtin_model
 from slidekit.models.checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint, transfer_encoder
+from slidekit.models.encoders import load_embedding_encoder
 from slidekit.models.export import FORMATS, export_model, export_onnx, export_torchscript, export_wsinfer
 from slidekit.models.mil import (
     ABMIL,
@@ -33,7 +34,7 @@ from slidekit.models.registry import (
     load_registered_encoder,
 )
 from slidekit.models.spec import ARCHS, BACKBONES, TASKS, ModelSpec
-from slidekit.models.weights import init_from, load_embedding_encoder, load_encoder_weights, read_state_dict
+from slidekit.models.weights import init_from, load_encoder_weights, read_state_dict
 
 __all__ = [
     # the checkpoint's self-description and the networks it builds

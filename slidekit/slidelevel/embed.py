@@ -35,8 +35,8 @@ from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import claim_path
 from slidekit.base.resources import configure_threads
 from slidekit.infer.predictor import Predictor, resolve_stain
+from slidekit.models.encoders import load_embedding_encoder
 from slidekit.models.spec import ModelSpec
-from slidekit.models.weights import load_embedding_encoder
 from slidekit.regions.job import JobContext, SlideJob
 from slidekit.regions.masks import Tissue, build_region
 from slidekit.regions.options import OptionGroups, ReadOptions, RunOptions, StainNormOptions, TileOptions, TissueOptions
@@ -162,7 +162,7 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
     model
         A slidekit checkpoint, a registry name (``uni``, ``virchow2``, ...; weights from a local
         file), a torchvision ResNet state dict, or ``timm:NAME`` with ``weights`` (then ``mpp`` is
-        required and ``size`` defaults to 224): ``slidekit.models.weights.load_embedding_encoder``.
+        required and ``size`` defaults to 224): ``slidekit.models.encoders.load_embedding_encoder``.
     grid
         A TileGrid or saved grid file to embed instead of the tissue's grid.
     options
