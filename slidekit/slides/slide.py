@@ -517,16 +517,19 @@ class Slide:
                                       mpp / mx, max_pixels_per_read, progress, max_read_pixels)
 
     def _read_downsampled(self, out_w: int, out_h: int, scale: float, max_pixels_per_read: int = 1 << 24,
-                          progress: bool | None = None, max_read_pixels: int | None = None) -> np.ndarray:
+                          progress: bool | None = None, max_read_pixels: int | None = None,
+                          sample: bool = False) -> np.ndarray:
         return read_downsampled(self, out_w, out_h, scale, max_pixels_per_read, progress,
-                                MAX_WHOLE_READ_PIXELS if max_read_pixels is None else max_read_pixels)
+                                MAX_WHOLE_READ_PIXELS if max_read_pixels is None else max_read_pixels, sample=sample)
 
     def thumbnail(self, max_size: int = 1024, progress: bool | None = None) -> np.ndarray:
         """RGB thumbnail whose longer side is at most ``max_size`` pixels (needs no MPP)."""
         W, H = self.dimensions
         factor = max(max(W, H) / max_size, 1.0)
+        # a preview: on a huge single-level slide it may come from a strided sample of stored tiles
+        # (warned); read_whole, which tissue detection and QC use, never samples
         return self._read_downsampled(max(1, round(W / factor)), max(1, round(H / factor)), factor,
-                                      progress=progress)
+                                      progress=progress, sample=True)
 
     def info(self) -> dict:
         """A JSON-ready description: geometry, pixel size (None when unknown), backend and vendor."""

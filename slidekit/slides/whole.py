@@ -14,7 +14,6 @@ single-level slide's thumbnail takes about a second instead of minutes.
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,12 +36,10 @@ class SampledOverviewWarning(SlidekitWarning):
 
 
 def read_downsampled(slide: Any, out_w: int, out_h: int, scale: float, max_pixels_per_read: int,
-                     progress: bool | None, max_read_pixels: int, sample: bool | None = None) -> np.ndarray:
+                     progress: bool | None, max_read_pixels: int, sample: bool = False) -> np.ndarray:
     """The whole slide as (out_h, out_w, 3) uint8; ``scale`` = level-0 pixels per output pixel.
-    ``sample``: a preview may come from a strided sample of stored tiles (see the module's notes);
-    None: only for ``Slide.thumbnail`` (tissue detection's views are never sampled)."""
-    if sample is None:
-        sample = _called_by_thumbnail()
+    ``sample``: a preview may come from a strided sample of stored tiles (see the module's notes):
+    ``Slide.thumbnail`` asks for it; tissue detection's views (``read_whole``) never do."""
     level = slide._best_level_for_downsample(scale)
     lw, lh = slide.level_dimensions[level]
     total = lw * lh
@@ -80,20 +77,6 @@ def read_downsampled(slide: Any, out_w: int, out_h: int, scale: float, max_pixel
     finally:
         if bar is not None:
             bar.close()
-
-
-def _called_by_thumbnail() -> bool:
-    """Whether this overview was asked for by ``Slide.thumbnail`` (a preview: the viewer, ``info``),
-    not by ``read_whole`` (tissue detection, QC, overlays, which must see every tile). Until
-    ``Slide.thumbnail`` passes ``sample=True`` itself, its frame is recognised on the stack."""
-    frame: Any = sys._getframe(1)
-    for _ in range(4):
-        frame = frame.f_back
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "thumbnail" and "self" in frame.f_locals:
-            return True
-    return False
 
 
 def _from_regions(slide: Any, level: int, lw: int, lh: int, out_w: int, out_h: int,
