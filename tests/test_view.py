@@ -23,7 +23,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from slidekit.base.errors import ConfigError, OutputError, SlideError  # noqa: E402
 from slidekit.cli import main  # noqa: E402
-from slidekit.infer.heatmap import Heatmap  # noqa: E402
+from slidekit.infer.heatmap import Heatmap, value_alpha  # noqa: E402
 from slidekit.slides.slide import open_slide  # noqa: E402
 from slidekit.view import build_app, make_server  # noqa: E402
 from slidekit.view.paths import Refused, ServedRoot  # noqa: E402
@@ -135,9 +135,9 @@ def test_overlay_png_is_placed_on_the_heatmap(client, outputs):
     assert png.shape == (*hm.shape, 4)
     cov = np.asarray(hm.coverage[:]).astype(bool)
     assert (png[~cov, 3] == 0).all()  # transparent where nothing was predicted
-    # the strength is in alpha, as overlay.png fades values below 0.25 (the page's slider blends the rest)
+    # the strength is in alpha, faded in as overlay.png fades it (value_alpha; the page's slider blends the rest)
     p = np.asarray(hm.prob[0])
-    expected = np.rint(np.clip(p / 0.25, 0, 1) * 255)
+    expected = np.rint(value_alpha(p) * 255)
     assert np.abs(png[cov, 3] - expected[cov]).max() <= 1 and np.ptp(png[cov, 3]) > 50
 
 

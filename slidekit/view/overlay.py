@@ -1,10 +1,11 @@
 """What the viewer lays over a slide: the heatmap as a transparent PNG with its place on the slide
 and its legend, and the GeoJSON object files of an output folder.
 
-The PNG is coloured as ``Heatmap.overlay`` colours the overview (jet for one class, fading out
-below 0.25; class colours by argmax for several, background uncoloured) but carries the strength in
-its alpha channel and no slide, so the page's opacity slider blends it over the tiles. The legend is
-``slidekit.infer.legend.legend_info`` plus the colour ramp as CSS colours.
+The PNG is coloured as ``Heatmap.overlay`` colours the overview (jet for one class, transparent at
+the lowest values and fading in: ``infer.heatmap.value_alpha``; class colours by argmax for several,
+background uncoloured) but carries the strength in its alpha channel and no slide, so the page's
+opacity slider blends it over the tiles. The legend is ``slidekit.infer.legend.legend_info`` plus
+the colour ramp as CSS colours.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from slidekit.infer.heatmap import Heatmap
+from slidekit.infer.heatmap import Heatmap, value_alpha
 from slidekit.infer.legend import legend_info
 
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
@@ -45,7 +46,7 @@ def render_overlay(hm: Heatmap, slide_name: str, max_size: int = MAX_OVERLAY_SIZ
     if vals.shape[0] == 1:
         v = np.clip(vals[0], 0, 1)
         rgb = _jet(v)
-        alpha = covered * np.clip(v / 0.25, 0, 1)  # low values fade into the slide, as in overlay.png
+        alpha = covered * value_alpha(v)  # low values fade into the slide, as in overlay.png
     else:
         palette = np.array(hm.colors or [(255, 0, 0)] * len(vals), np.uint8)
         lab = vals.argmax(0)
