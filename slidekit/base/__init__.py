@@ -40,7 +40,7 @@ from slidekit.base.errors import (
     TrainingError,
     TrainingWarning,
 )
-from slidekit.base.io import atomic_path, config_digest, file_identity, finished_summary, write_text_atomic
+from slidekit.base.io import atomic_path, config_digest, file_identity, write_text_atomic
 from slidekit.base.lazy import lazy_exports
 from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import OutputDir, claim_path
@@ -62,7 +62,7 @@ __all__ = [
     "ManifestError", "TrainingError", "SlidekitWarning", "MPPOverrideWarning", "BadTileWarning",
     "SlideIntegrityWarning", "AnnotationWarning", "TrainingWarning", "StainWarning", "OutputWarning",
     # atomic writes, rerun identities, output ownership, locks
-    "atomic_path", "write_text_atomic", "file_identity", "config_digest", "finished_summary", "OutputDir",
+    "atomic_path", "write_text_atomic", "file_identity", "config_digest", "OutputDir",
     "claim_path", "OutputLock",
     # CPU budget, memory, timing
     "available_cpus", "cpu_budget", "configure_threads", "prefer_passive_waits", "rss_mb", "peak_rss_mb",

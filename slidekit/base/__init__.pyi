@@ -39,7 +39,6 @@ from slidekit.base.io import (
     atomic_path as atomic_path,
     config_digest as config_digest,
     file_identity as file_identity,
-    finished_summary as finished_summary,
     write_text_atomic as write_text_atomic,
 )
 from slidekit.base.lazy import lazy_exports as lazy_exports
@@ -85,7 +84,6 @@ __all__ = [
     "write_text_atomic",
     "file_identity",
     "config_digest",
-    "finished_summary",
     "OutputDir",
     "claim_path",
     "OutputLock",

@@ -54,19 +54,3 @@ def file_identity(path: str | os.PathLike) -> str:
 def config_digest(value: object) -> str:
     """A short, stable digest of a JSON-able configuration (sorted keys; other objects by ``str``)."""
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def finished_summary(summary_path: Path, key: str) -> dict | None:
-    """A rerun's answer from a job's ``summary.json``: the summary (marked ``skipped``) when it was
-    written by the same configuration ``key``; else None, with a stale summary removed so that an
-    interrupted rerun never leaves another configuration's summary beside new outputs."""
-    if not summary_path.exists():
-        return None
-    try:
-        old = json.loads(summary_path.read_text())
-        if isinstance(old, dict) and old.get("config_key") == key:
-            return {**old, "skipped": True}
-    except (OSError, ValueError):
-        pass
-    summary_path.unlink()
-    return None

@@ -484,9 +484,9 @@ class HeatmapJob(SlideJob):
             raise ConfigError(f"on_bad_tile must be 'raise' or 'skip', not {o.output.on_bad_tile!r}")
         size = int(o.tiles.size or spec.patch_size)
         overlap = o.tiles.overlap if o.tiles.overlap is not None else (size // 4 if spec.task == "segmentation" else 0)
-        self.tiles = TileOptions(mpp=float(o.tiles.mpp or spec.mpp), size=size, overlap=int(overlap),
-                                 min_tissue=o.tiles.min_tissue)
-        self.mpp, self.size, self.overlap = float(o.tiles.mpp or spec.mpp), size, int(overlap)  # resolved
+        # the tile geometry resolved against the model's
+        self.mpp, self.size, self.overlap = float(o.tiles.mpp or spec.mpp), size, int(overlap)
+        self.min_tissue = o.tiles.min_tissue
         self.options, self.reading, self.output, self.run_opts = o, o.reading, o.output, o.run
         self.roi = Roi(o.roi.roi, o.roi.roi_class) if o.roi.roi is not None else None
         if self.roi is not None:
@@ -495,9 +495,9 @@ class HeatmapJob(SlideJob):
         if o.roi.exclude_qc is not None:
             self.region = self.region - QcArtefacts(o.roi.exclude_qc)
         self.stain, self.stain_info = resolve_stain(spec, o.stain.stain_norm, o.stain.stain_ref)
-        t, out, reading = self.tiles, o.output, o.reading
-        run_cfg = {"model": self.ident, "mpp": t.mpp, "size": t.size, "overlap": t.overlap,
-                   "blend": out.blend, "heatmap_mpp": out.heatmap_mpp, "min_tissue": t.min_tissue,
+        out, reading = o.output, o.reading
+        run_cfg = {"model": self.ident, "mpp": self.mpp, "size": self.size, "overlap": self.overlap,
+                   "blend": out.blend, "heatmap_mpp": out.heatmap_mpp, "min_tissue": self.min_tissue,
                    "slide_mpp": reading.slide_mpp, "override_mpp": reading.override_mpp}
         if self.stain_info["key"] is not None:  # recorded only when normalising (or turned off): older keys hold
             run_cfg["stain"] = self.stain_info["key"]
@@ -534,7 +534,7 @@ class HeatmapJob(SlideJob):
 
     def run(self, ctx: JobContext) -> dict:
         t0 = time.time()
-        slide, out, spec, t = ctx.slide, ctx.out, self.spec, self.tiles
+        slide, out, spec = ctx.slide, ctx.out, self.spec
         o, p = self.output, self.run_opts
         slide.skip_bad_tiles = o.on_bad_tile == "skip"  # whole-slide overviews show damaged tiles grey, warned
         run_key = config_digest({**self.run_cfg, "slide_id": ctx.slide_id})
@@ -546,7 +546,7 @@ class HeatmapJob(SlideJob):
         if hm is None:
             ctx.mask()
             release_memory()
-            grid = ctx.grid(mpp=self.mpp, size=self.size, overlap=self.overlap, min_tissue=t.min_tissue)
+            grid = ctx.grid(mpp=self.mpp, size=self.size, overlap=self.overlap, min_tissue=self.min_tissue)
             out.mkdir(parents=True, exist_ok=True)
             seg_mpp = self.mpp * spec.output_stride if spec.task == "segmentation" else None
             meta = {"run_key": run_key, "model": self.ident, "activation": getattr(spec, "activation", "none")}

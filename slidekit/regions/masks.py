@@ -18,11 +18,10 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from slidekit.annotations.geometry import rasterize
 from slidekit.base.errors import ConfigError, TissueError
 from slidekit.base.io import file_identity
 from slidekit.regions.options import TissueOptions
-from slidekit.regions.roi import read_roi, roi_identity
+from slidekit.regions.roi import read_roi, roi_identity, roi_raster
 from slidekit.regions.tissue import TissueMask, tissue_mask
 
 
@@ -114,12 +113,7 @@ class Roi(Region):
 
     def build(self, slide: Any, like: TissueMask | None = None, progress: bool | None = None) -> TissueMask:
         base = like if like is not None else WholeSlide(self.mpp).build(slide)
-        H, W = base.array.shape
-        sx, sy = base.scale
-        inside = rasterize(self.annotations(), (0, 0, W * sx, H * sy), base.mpp,
-                           slide_mpp=(float(base.slide_mpp[0]), float(base.slide_mpp[1]))).astype(bool)
-        inside = np.pad(inside, ((0, max(0, H - inside.shape[0])), (0, max(0, W - inside.shape[1]))))[:H, :W]
-        return TissueMask(array=inside, mpp=base.mpp, slide_mpp=base.slide_mpp)
+        return TissueMask(array=roi_raster(self.annotations(), base), mpp=base.mpp, slide_mpp=base.slide_mpp)
 
     def config(self) -> dict:
         return {"roi": roi_identity(self.path, self.classes)}
@@ -185,12 +179,3 @@ def build_region(region: Region, slide: Any, progress: bool | None = None) -> Ti
         what = "inside the region of interest" if region.config() else "in the region"
         raise TissueError(f"no tissue {what}", slide.path)
     return mask
-
-
-def job_region(tissue: TissueOptions | dict | None = None, roi: str | os.PathLike | None = None,
-               roi_class: Sequence[str] | str | None = None) -> Region:
-    """The usual region of a per-slide job: the tissue, limited to an ROI file when given."""
-    region: Region = Tissue(TissueOptions.of(tissue))
-    if roi is not None:
-        region = region & Roi(roi, roi_class)
-    return region

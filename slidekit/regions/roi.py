@@ -47,13 +47,18 @@ def roi_identity(path: str | os.PathLike, classes: Sequence[str] | str | None) -
     return f"{file_identity(path)}:{','.join(wanted)}"
 
 
+def roi_raster(roi: list, like: TissueMask) -> np.ndarray:
+    """The ROI's polygons on ``like``'s raster (bool; pixel centres inside them)."""
+    H, W = like.array.shape
+    sx, sy = like.scale
+    inside = rasterize(roi, (0, 0, W * sx, H * sy), like.mpp,
+                       slide_mpp=(float(like.slide_mpp[0]), float(like.slide_mpp[1]))).astype(bool)
+    return np.pad(inside, ((0, max(0, H - inside.shape[0])), (0, max(0, W - inside.shape[1]))))[:H, :W]
+
+
 def restrict_mask(mask: Any, roi: list, slide: Any) -> Any:
     """The tissue mask limited to the ROI (pixel centres inside it); TissueError when nothing is left."""
-    H, W = mask.array.shape
-    sx, sy = mask.scale
-    inside = rasterize(roi, (0, 0, W * sx, H * sy), mask.mpp, slide_mpp=tuple(mask.slide_mpp)).astype(bool)
-    inside = np.pad(inside, ((0, max(0, H - inside.shape[0])), (0, max(0, W - inside.shape[1]))))[:H, :W]
-    array = mask.array & inside
+    array = mask.array & roi_raster(roi, mask)
     if not array.any():
         raise TissueError("no tissue inside the region of interest", slide.path)
     return TissueMask(array=array, mpp=mask.mpp, slide_mpp=mask.slide_mpp)
