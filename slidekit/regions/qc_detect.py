@@ -1,0 +1,315 @@
+"""Slide QC detectors: classical artefact rules on overviews of the slide, one label map per slide.
+
+The job (outputs, cohort, region) is :mod:`slidekit.regions.qc`.
+
+Every detector works on a coarse view read whole (``Slide.read_whole``), at the resolution it needs:
+colour and darkness rules (pen ink, folds, dark debris, coverslip/bubble edges) on the ``mpp`` view
+(default 8 µm/px), the focus measure on a finer grey view (``blur_mpp``, default 2 µm/px, made coarser
+when it would exceed ``blur_max_pixels``; only its grey image is kept, and the float work is done in
+bands of rows, so memory is about 4 bytes per grey pixel for the read plus a fixed band). The result is one label
+map on the ``mpp`` raster (``LABELS``: 0 glass, 1 clean tissue, 2.. one value per artefact class).
+Where classes overlap, the first in ``ARTEFACTS`` wins (ink over debris over fold over edge over blur).
+
+The rules (thresholds in :class:`QcOptions`):
+
+- **Pen ink**: blue/green/cyan by hue and saturation (the tissue detector's own rule,
+  ``regions.tissue._pen_mask`` without its black part), red marker on eosin (hue within 15° of pure
+  red, saturation above ``red_min_saturation``: eosin is pink-magenta and paler), and black marker:
+  very dark connected areas that are stroke-shaped (elongated, or thin for their bounding box) or
+  larger than ``black_pen_min_um2``.
+- **Dark debris**: very dark (max channel < ``dark_max_value``), nearly grey (chroma under
+  ``debris_max_chroma``) blobs that are not
+  stroke-shaped, of at least ``debris_min_um2``.
+- **Fold**: tissue whose optical density is ``fold_od_ratio`` times the tissue median AND whose
+  saturation exceeds the tissue median by ``fold_sat_delta``, with a stain hue (purple to red:
+  brown, green or blue marks are not folds), opened and kept in connected areas of
+  at least ``fold_min_um2``.
+- **Air bubble / edge**: thin dark lines (black top-hat of the grey view above
+  ``edge_contrast``) whose connected component is long (``edge_min_length_um``) and thin
+  (bounding-box fill under ``edge_max_fill`` or aspect above 5), widened by one pixel. This finds
+  coverslip edges and bubble rims; it does not fill a bubble's interior, and a long thin dark
+  structure of tissue (a vessel wall at low resolution) can be taken for an edge.
+- **Out of focus**: inside tissue only. Sharpness = local Laplacian energy divided by local
+  variance of the grey image (both box-averaged over ``blur_window_um``): a blurred image loses
+  high frequencies faster than contrast, while pale but sharp stroma keeps the ratio (HistoQC's raw
+  Laplacian calls pale stroma blurry). Out of focus = sharpness below ``blur_ratio`` times the
+  tissue's own median sharpness, in areas of at least ``blur_min_um2``. Relative to the slide: a
+  slide blurred everywhere is not flagged; tissue with almost no contrast (variance under
+  ``blur_min_variance``) is never called blurred.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from slidekit.regions.tissue import (
+    _OD_LUT,
+    PEN_HALO_UM,
+    _pen_mask,
+    detect_tissue,
+    glass_colour,
+)
+
+#: Label map values: glass, clean tissue, then one per artefact class (the legend's order).
+GLASS, TISSUE = 0, 1
+ARTEFACTS = ("Pen ink", "Dark debris", "Fold", "Air bubble / edge", "Out of focus")
+LABELS = {"Glass": GLASS, "Tissue": TISSUE, **{name: i + 2 for i, name in enumerate(ARTEFACTS)}}
+COLORS = {"Glass": (255, 255, 255), "Tissue": (80, 200, 120), "Pen ink": (0, 90, 255),
+          "Dark debris": (60, 60, 60), "Fold": (200, 0, 200), "Air bubble / edge": (0, 200, 220),
+          "Out of focus": (255, 160, 0)}
+#: The verdict's threshold field of each class.
+THRESHOLD_OF = {"Pen ink": "max_pen", "Dark debris": "max_debris", "Fold": "max_fold",
+                "Air bubble / edge": "max_bubble", "Out of focus": "max_blur"}
+QC_OUTPUTS = ("qc_labels.png", "qc_classes.json", "qc.geojson", "qc.json")
+
+
+@dataclass(frozen=True)
+class QcOptions:
+    """QC detector thresholds and the verdict's limits (fractions of the tissue area).
+
+    Parameters
+    ----------
+    mpp
+        µm/px of the label map and of the colour rules (the slide's own when coarser).
+    blur_mpp, blur_max_pixels, blur_max_mpp
+        µm/px of the focus measure's grey view, made coarser when it would exceed this many pixels;
+        no focus call at all (class "not measured") when that is coarser than ``blur_max_mpp``.
+    blur_window_um, blur_ratio, blur_min_um2, blur_min_variance
+        Focus measure window, the fraction of the tissue's median sharpness below which tissue is out
+        of focus, the smallest area kept, the grey variance under which no focus call is made.
+    red_min_saturation
+        Saturation (0-255) above which red hues are red marker rather than eosin.
+    pen_rim_contrast
+        Pixels within ``regions.tissue.PEN_HALO_UM`` of ink that are this many grey levels darker
+        than the glass (and not H&E-coloured) are the stroke's rim: ink too.
+    dark_max_value, black_pen_min_um2, debris_min_um2, debris_max_chroma
+        "Very dark" (max channel below this), dark areas at least this large are black pen whatever
+        their shape, the smallest debris blob, debris' largest chroma (max - min of RGB).
+    fold_od_ratio, fold_sat_delta, fold_min_um2
+        Fold: optical density over the tissue median times this, saturation over its median plus
+        this, in areas of at least this size.
+    edge_contrast, edge_min_length_um, edge_max_fill
+        Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill.
+    max_pen, max_blur, max_fold, max_debris, max_bubble
+        The verdict fails when a class covers more than this fraction of the tissue.
+    """
+
+    mpp: float = 8.0
+    blur_mpp: float = 2.0
+    blur_max_pixels: int = 40_000_000
+    blur_max_mpp: float = 8.0
+    blur_window_um: float = 48.0
+    blur_ratio: float = 0.4
+    blur_min_um2: float = 40_000.0
+    blur_min_variance: float = 4.0
+    red_min_saturation: int = 170
+    pen_rim_contrast: float = 30.0
+    dark_max_value: int = 60
+    black_pen_min_um2: float = 200_000.0
+    debris_min_um2: float = 500.0
+    debris_max_chroma: int = 40
+    fold_od_ratio: float = 1.6
+    fold_sat_delta: float = 25.0
+    fold_min_um2: float = 10_000.0
+    edge_contrast: float = 25.0
+    edge_min_length_um: float = 800.0
+    edge_max_fill: float = 0.25
+    max_pen: float = 0.05
+    max_blur: float = 0.1
+    max_fold: float = 0.1
+    max_debris: float = 0.05
+    max_bubble: float = 0.1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _disc(r: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return labels, stats
+
+
+def _stroke_like(stats: np.ndarray, min_px: int, *, max_fill: float = 0.35, min_aspect: float = 3.0) -> np.ndarray:
+    """Per component: long and thin (aspect of its bounding box, or a low bounding-box fill)."""
+    w, h, area = stats[:, 2].astype(float), stats[:, 3].astype(float), stats[:, 4].astype(float)
+    aspect = np.maximum(w, h) / np.maximum(np.minimum(w, h), 1)
+    fill = area / np.maximum(w * h, 1)
+    return (area >= min_px) & ((aspect >= min_aspect) | (fill <= max_fill))
+
+
+def _keep_large(mask: np.ndarray, min_px: int) -> np.ndarray:
+    labels, stats = _components(mask)
+    keep = stats[:, 4] >= max(1, min_px)
+    keep[0] = False
+    return keep[labels]
+
+
+def tissue_like(hsv: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """H&E-coloured pixels (pink to purple hues, clearly saturated): never taken as an ink rim."""
+    hue = hsv[..., 0].astype(np.int16) * 2
+    return ((hue >= 260) & (hue < 345)) & (hsv[..., 1] > 40)
+
+
+def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptions) -> dict[str, np.ndarray]:
+    """Pen ink, dark debris, folds and edges of an RGB view whose pixels are ``mpp`` µm wide."""
+    px = mpp * mpp
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hue, sat, val = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1], hsv[..., 2]
+    # colour ink: the tissue detector's blue/green rule (its black part is judged by shape below)
+    coloured = _pen_mask(rgb, hsv) & ~(val < 40)
+    red = ((hue >= 345) | (hue <= 15)) & (sat > o.red_min_saturation) & (val > 80)
+    ink = cv2.medianBlur((coloured | red).astype(np.uint8), 3) > 0
+    dark = (val < o.dark_max_value)
+    labels, stats = _components(dark)
+    stroke = _stroke_like(stats, max(1, round(o.debris_min_um2 / px))) | (stats[:, 4] >= o.black_pen_min_um2 / px)
+    stroke[0] = False
+    black = stroke[labels]
+    ink |= black
+    # the rim of a stroke is paler than its ink but still darker than the glass: it goes with the
+    # ink (within ``PEN_HALO_UM``), so it is not read as a fold or an edge
+    if ink.any():
+        halo = cv2.dilate(ink.astype(np.uint8), _disc(max(1, round(PEN_HALO_UM / mpp)))) > 0
+        glass_grey = float(glass_colour(rgb).mean())
+        ink |= halo & (rgb.mean(-1) < glass_grey - o.pen_rim_contrast) & ~tissue_like(hsv, rgb)
+    debris_ok = (stats[:, 4] >= max(1, round(o.debris_min_um2 / px))) & ~stroke
+    debris_ok[0] = False
+    # chroma (max - min), not HSV saturation, which blows up on near-black (and JPEG-tinted) pixels
+    chroma = rgb.max(-1).astype(np.int16) - rgb.min(-1)
+    debris = debris_ok[labels] & (chroma <= o.debris_max_chroma)
+    debris = _keep_large(debris, round(o.debris_min_um2 / px)) & ~ink
+    # folds: much darker and more saturated than the slide's own tissue
+    od = (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]] + _OD_LUT[rgb[..., 2]]) / np.float32(3)
+    od = cv2.medianBlur(od, 5)
+    s5 = cv2.medianBlur(sat, 5).astype(np.float32)
+    clean = tissue & ~ink & ~dark
+    fold = np.zeros_like(tissue)
+    if clean.sum() > 10:
+        m_od, m_s = float(np.median(od[clean])), float(np.median(s5[clean]))
+        he_hue = (hue >= 240) | (hue <= 15)  # stain colours (purple to red); brown/green/blue ink is not a fold
+        fold = tissue & (od > o.fold_od_ratio * m_od) & (s5 > m_s + o.fold_sat_delta) & he_hue & ~ink
+        fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
+        fold = _keep_large(fold, round(o.fold_min_um2 / px)) & ~ink & ~debris
+    # edges: thin dark lines, long for their area
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    r = max(1, round(16.0 / mpp))
+    hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, _disc(r)).astype(np.float32) > o.edge_contrast
+    labels, stats = _components(hat & ~ink & ~fold & ~debris)
+    long = np.maximum(stats[:, 2], stats[:, 3]) * mpp >= o.edge_min_length_um
+    edge_ok = long & _stroke_like(stats, 1, max_fill=o.edge_max_fill, min_aspect=5.0)
+    edge_ok[0] = False
+    edge = cv2.dilate(edge_ok[labels].astype(np.uint8), _disc(1)) > 0
+    edge &= ~ink & ~fold & ~debris
+    return {"Pen ink": ink, "Dark debris": debris, "Fold": fold, "Air bubble / edge": edge}
+
+
+def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: float) -> np.ndarray:
+    """Laplacian energy over local variance (float32, NaN where the variance is under ``min_variance``)."""
+    g = grey.astype(np.float32)
+    k = max(3, int(round(window_um / mpp)) | 1)
+    lap = cv2.Laplacian(g, cv2.CV_32F, ksize=1)
+    energy = cv2.boxFilter(lap * lap, -1, (k, k))
+    mean = cv2.boxFilter(g, -1, (k, k))
+    var = np.maximum(cv2.boxFilter(g * g, -1, (k, k)) - mean * mean, 0)
+    out = energy / np.maximum(var, 1e-6)
+    out[var < min_variance] = np.nan
+    return out
+
+
+def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.ndarray, o: QcOptions,
+                   progress: bool | None) -> np.ndarray | None:
+    """Out-of-focus tissue on the ``shape`` raster of ``mpp`` µm/px (the grey view at ``blur_mpp``), or
+    None when the slide is too coarse for it (its µm/px above ``blur_max_mpp``)."""
+    W, H = slide.dimensions
+    mx, my = slide.mpp
+    bmpp = max(o.blur_mpp, mx, my)
+    n = (W * mx / bmpp) * (H * my / bmpp)
+    if n > o.blur_max_pixels:
+        bmpp *= float(np.sqrt(n / o.blur_max_pixels))
+    if bmpp > o.blur_max_mpp:
+        return None  # too coarse to see focus: not measured (an overview image)
+    # a whole number of grey pixels per label pixel, so that bands of label rows map onto grey rows
+    f = max(1, int(np.floor(mpp / min(bmpp, mpp) + 1e-6)))
+    bmpp = mpp / f
+    grey = cv2.cvtColor(slide.read_whole(bmpp, progress=progress), cv2.COLOR_RGB2GRAY)
+    s = focus_on_raster(grey, f, shape, bmpp, o)
+    inside = tissue & np.isfinite(s)
+    if inside.sum() < 10:
+        return np.zeros(shape, bool)
+    ref = float(np.median(s[inside]))
+    blur = inside & (s < o.blur_ratio * ref)
+    blur = cv2.morphologyEx(blur.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
+    return _keep_large(blur, round(o.blur_min_um2 / (mpp * mpp))) & tissue
+
+
+def focus_on_raster(grey: np.ndarray, f: int, shape: tuple[int, int], bmpp: float, o: QcOptions,
+                    band_pixels: int = 1 << 21) -> np.ndarray:
+    """Sharpness (``sharpness``) of a grey view averaged over each ``f`` x ``f`` block, on the label
+    raster ``shape`` (NaN where a block has no valid value). Computed in bands of label rows with a
+    margin of half a window, so the float temporaries stay at ``band_pixels`` whatever the slide's size."""
+    H, W = shape
+    # the grey view cropped or edge-padded to exactly f x shape
+    grey = grey[:H * f, :W * f]
+    grey = np.pad(grey, ((0, H * f - grey.shape[0]), (0, W * f - grey.shape[1])), mode="edge")
+    k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
+    margin = k // 2 + 2
+    rows = max(1, band_pixels // max(1, W * f * f))
+    out = np.full(shape, np.nan, np.float32)
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        g0, g1 = max(0, r0 * f - margin), min(H * f, r1 * f + margin)
+        sharp = sharpness(grey[g0:g1], bmpp, o.blur_window_um, o.blur_min_variance)
+        sharp = sharp[r0 * f - g0:r0 * f - g0 + (r1 - r0) * f].reshape(r1 - r0, f, W, f)
+        valid = np.isfinite(sharp)
+        num = np.where(valid, sharp, 0).sum(axis=(1, 3))
+        den = valid.sum(axis=(1, 3))
+        out[r0:r1] = np.where(den * 2 > f * f, num / np.maximum(den, 1), np.nan)
+    return out
+
+
+def qc_labels(slide: Any, options: QcOptions = QcOptions(),
+              progress: bool | None = None) -> tuple[np.ndarray, float, list[str]]:
+    """The QC label map of an open slide (``LABELS`` values, uint8), its µm/px and the classes not
+    measured (``Out of focus`` on a view coarser than ``blur_max_mpp``)."""
+    o = options
+    mpp = max(o.mpp, *slide.mpp)
+    rgb = slide.read_whole(mpp, progress=progress)
+    tissue = detect_tissue(rgb, mpp, remove_pen=False)
+    masks = colour_artefacts(rgb, mpp, tissue, o)
+    del rgb
+    covered = tissue | masks["Pen ink"] | masks["Dark debris"] | masks["Air bubble / edge"]
+    blur = focus_artefact(slide, tissue.shape, mpp, tissue & ~masks["Pen ink"] & ~masks["Fold"]
+                          & ~masks["Dark debris"], o, progress)
+    masks["Out of focus"] = np.zeros_like(tissue) if blur is None else blur
+    labels = np.where(covered, TISSUE, GLASS).astype(np.uint8)
+    for name in reversed(ARTEFACTS):  # the first class wins where classes overlap
+        labels[masks[name]] = LABELS[name]
+    return labels, mpp, [] if blur is not None else ["Out of focus"]
+
+
+def qc_report(labels: np.ndarray, mpp: float, options: QcOptions = QcOptions(),
+              not_measured: Sequence[str] = ()) -> dict:
+    """Per class its area (µm²) and fraction of the tissue, the tissue area and the verdict (a class
+    not measured is listed as such and passes)."""
+    px = mpp * mpp
+    counts = np.bincount(labels.ravel(), minlength=len(LABELS))
+    tissue_px = int(counts[TISSUE:].sum())
+    classes, reasons = {}, []
+    for name in ARTEFACTS:
+        n = int(counts[LABELS[name]])
+        frac = n / tissue_px if tissue_px else 0.0
+        limit = float(getattr(options, THRESHOLD_OF[name]))
+        ok = frac <= limit
+        classes[name] = {"value": LABELS[name], "pixels": n, "area_um2": n * px, "fraction_of_tissue": frac,
+                         "max_fraction": limit, "pass": ok, "measured": name not in not_measured}
+        if not ok:
+            reasons.append(f"{name}: {frac:.1%} of the tissue > {THRESHOLD_OF[name].replace('_', '-')} {limit:g}")
+    return {"mpp": mpp, "tissue_area_um2": tissue_px * px, "glass_area_um2": int(counts[GLASS]) * px,
+            "classes": classes, "verdict": "fail" if reasons else "pass", "reasons": reasons,
+            "not_measured": list(not_measured)}
