@@ -257,3 +257,27 @@ def test_chunked_bands_give_the_same_nuclei(disc_slide, tmp_path, monkeypatch):
     s = cells_slide(path, tmp_path / "chunks", **kw)
     assert s["nuclei"] == n
     assert (tmp_path / "one" / "cells.csv").read_text() == (tmp_path / "chunks" / "cells.csv").read_text()
+
+
+def test_nucleus_ids_are_stable_uuids_shared_by_csv_and_geojson(disc_slide, tmp_path):
+    """QuPath object ids are UUIDs (docs/qupath.md); the same slide and options give the same ids on a
+    rerun into another folder, cells.csv's uuid column joins a QuPath export back to its row, and
+    other options (another run) give other ids."""
+    import uuid
+
+    path, n = disc_slide
+    kw = dict(mpp=MPP, size=64, overlap=16, min_tissue=0.0, progress=False, loaded=_loaded(), min_distance_um=3.0)
+    cells_slide(path, tmp_path / "a", threshold=0.3, **kw)
+    cells_slide(path, tmp_path / "b", threshold=0.3, **kw)
+    cells_slide(path, tmp_path / "c", threshold=0.31, **kw)
+
+    def ids(d):
+        gj = json.loads((tmp_path / d / "cells.geojson").read_text(encoding="utf-8"))
+        return [f["id"] for f in gj["features"]]
+
+    a = ids("a")
+    assert len(a) == n == len(set(a))
+    assert all(str(uuid.UUID(i)) == i for i in a)  # canonical UUID strings, as QuPath writes them
+    assert [r["uuid"] for r in csv.DictReader(open(tmp_path / "a" / "cells.csv"))] == a
+    assert ids("b") == a
+    assert not set(ids("c")) & set(a)

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from skimage.segmentation import watershed
 from slidekit.annotations.geometry import make_valid
 from slidekit.base.devices import resolve_device
 from slidekit.base.errors import CheckpointError, ConfigError
-from slidekit.base.io import atomic_path
+from slidekit.base.io import atomic_path, config_digest
 from slidekit.base.resources import configure_threads
 from slidekit.base.timing import StageTimer
 from slidekit.infer.predictor import Predictor, load_model, release_memory
@@ -52,7 +53,7 @@ from slidekit.regions.tiling import TileGrid, TileReader
 
 CELL_OUTPUTS = ("cells.geojson", "cells.geojson.gz", "cells.csv", "regions.csv", "cells.part", "summary.json")
 COLUMNS = ["id", "x", "y", "x_um", "y_um", "area_um2", "perimeter_um", "circularity", "solidity",
-           "eccentricity", "hematoxylin_od", "eosin_od"]
+           "eccentricity", "hematoxylin_od", "eosin_od", "uuid"]
 # QuPath measurement names for the columns after the centroid
 MEASURE_NAMES = {"area_um2": "Area µm^2", "perimeter_um": "Perimeter µm", "circularity": "Circularity",
                  "solidity": "Solidity", "eccentricity": "Eccentricity", "hematoxylin_od": "Hematoxylin OD mean",
@@ -273,15 +274,32 @@ def tile_nuclei(prob: np.ndarray, rgb: np.ndarray, core: np.ndarray, mpp: float,
     return measure_instances(lut[labels], rgb, mpp)
 
 
-_FEATURE_HEAD = '{"type": "Feature", "id": "nucleus-%d", "geometry": {"type": "Polygon", "coordinates": [%s]}, '
+_FEATURE_HEAD = '{"type": "Feature", "id": "%s", "geometry": {"type": "Polygon", "coordinates": [%s]}, '
 _FEATURE_PROPS = ('"properties": {"objectType": "detection", "classification": {"name": "Nucleus", '
                   '"color": [40, 40, 200]}, "measurements": %s}}')
 
 
-def _feature_json(nid: int, ring_json: str, measures: dict) -> str:
+def nucleus_uuid(run_key: str, nid: int) -> str:
+    """The QuPath object id of nucleus ``nid`` (1-based row of ``cells.csv``) of the run ``run_key``
+    (the job's key: slide fingerprint and configuration). QuPath ids are UUIDs; a name-based UUID
+    (RFC 4122 version 5) is the same on every rerun of the same slide and options, so an id kept in a
+    QuPath project or a joined table still finds its nucleus, and differs between slides and runs."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"slidekit:cells:{run_key}:{nid}"))
+
+
+def _nuclei_key(config: dict) -> str:
+    """The run's configuration without what only changes the file's form (``gzip``): the nuclei, and
+    so their ids, are the same in ``cells.geojson`` and ``cells.geojson.gz``."""
+    def drop(d: Any) -> Any:
+        return {k: drop(v) for k, v in d.items() if k != "gzip"} if isinstance(d, dict) else d
+
+    return config_digest(drop(config))
+
+
+def _feature_json(oid: str, ring_json: str, measures: dict) -> str:
     """One QuPath detection as GeoJSON text: ``ring_json`` is the closed outline (level-0 px) as JSON,
     already rounded by the band writer (formatted, not parsed and dumped again: millions of nuclei)."""
-    return (_FEATURE_HEAD % (nid, ring_json)) + (_FEATURE_PROPS % json.dumps(measures))
+    return (_FEATURE_HEAD % (oid, ring_json)) + (_FEATURE_PROPS % json.dumps(measures))
 
 
 @dataclass(frozen=True)
@@ -440,8 +458,9 @@ class CellsJob(SlideJob):
         if bar is not None:
             bar.close()
         with timer.stage("write"):
-            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide.mpp, cfg["gzip"],
-                                                     bounds=slide.dimensions, tissue=None if whole else ctx.mask())
+            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide, cfg["gzip"],
+                                                     tissue=None if whole else ctx.mask(),
+                                                     run_key=_nuclei_key(ctx.config))
         shutil.rmtree(part)
         return {"tiles": len(grid), "bands": len(bands), "bands_resumed": len(bands) - len(todo_bands),
                 "nuclei": n_cells,
@@ -526,12 +545,13 @@ def _geojson_name(part: Path, bands: np.ndarray, gzip_: bool | None) -> str:
     return "cells.geojson.gz" if gzip_ else "cells.geojson"
 
 
-def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp: tuple,
-              gzip_: bool | None = None, bounds: tuple[int, int] | None = None,
-              tissue: Any = None) -> tuple[int, list, str]:
-    """Stream the bands into cells.csv and the GeoJSON (one band in memory at a time). ``bounds``:
-    the slide's level-0 size, to which each ROI is clipped; ``tissue``: the mask the nuclei were
-    sought in (its level-0 polygons give each ROI's ``tissue_mm2``)."""
+def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide: Any,
+              gzip_: bool | None = None, tissue: Any = None, run_key: str = "") -> tuple[int, list, str]:
+    """Stream the bands into cells.csv and the GeoJSON (one band in memory at a time). ``slide``: its
+    µm/px and level-0 size (to which each ROI is clipped); ``tissue``: the mask the nuclei were
+    sought in (its level-0 polygons give each ROI's ``tissue_mm2``); ``run_key``: the job's key, which
+    names the nuclei's QuPath UUIDs (:func:`nucleus_uuid`)."""
+    slide_mpp, bounds = slide.mpp, slide.dimensions
     counts = None
     if roi_anns is not None:
         import shapely
@@ -569,8 +589,9 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide_mpp
                         continue
                     nid += 1
                     vals = [round(float(v), 4) for v in row[:-1]]
-                    wc.writerow([nid] + vals)
-                    fg.write(("" if first else ",\n") + _feature_json(nid, row[-1], dict(zip(names, vals[4:]))))
+                    oid = nucleus_uuid(run_key, nid)
+                    wc.writerow([nid] + vals + [oid])
+                    fg.write(("" if first else ",\n") + _feature_json(oid, row[-1], dict(zip(names, vals[4:]))))
                     first = False
             fg.write("\n]}\n")
     regions = []
