@@ -99,7 +99,8 @@ def test_checkpoint_stain_applies_by_default_and_none_turns_it_off(files: dict, 
     with pytest.warns(StainWarning, match="instead of the checkpoint's macenko") as rec:
         off = _run(files, out, model="stained", stain_norm="none")
     assert len(rec) == 1 and "\n" not in str(rec[0].message)
-    assert not off.get("skipped") and off["stain"] == {"method": None, "source": "option", "unchanged_tiles": None}
+    assert not off.get("skipped") and off["stain"] == {"method": None, "source": "option", "unchanged_tiles": None,
+                                                         "remark": None}
     np.testing.assert_allclose(_values(out)[1], _values(files["root"] / "plain")[1], atol=1e-6)
     with pytest.warns(StainWarning, match="reinhard normalisation"):
         resolve_stain(spec, "reinhard", files["ref"])
@@ -205,3 +206,33 @@ def test_cohort_runs_pass_the_stain_options_and_redo_slides_when_they_change(fil
         assert r.exit_code == 0 and "2 done" in r.output, r.output
         summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "o").glob("*/summary.json"))]
         assert [s["stain"]["method"] for s in summaries] == [method, method]
+
+
+def test_he_normalisation_of_an_ihc_slide_is_remarked(files: dict, shared_data: Path, tmp_path: Path) -> None:
+    """Macenko to an H&E reference applied to the real Ki67/DAB slide (OS-2) says so, in a StainWarning
+    and in the summary; on the real H&E slides (CMU-1, the TCGA frozen section) nothing is said."""
+    import warnings
+
+    from PIL import Image
+
+    import slidekit
+    from slidekit.base.errors import StainWarning
+    from slidekit.infer.predictor import check_slide_stains
+
+    wsi = shared_data / "wsi"
+    with slidekit.open_slide(wsi / "CMU-1-Small-Region.svs") as he:
+        Image.fromarray(he.read_region((600, 600), 0, (512, 512))).save(tmp_path / "he_ref.png")
+    norm = StainNormalizer.load(tmp_path / "he_ref.png", method="macenko")
+    for name, mpp in (("CMU-1-Small-Region.svs", None), ("TCGA-CR-7395-01A-01-TS1.svs", 0.5)):
+        with slidekit.open_slide(wsi / name, mpp=mpp) as s, warnings.catch_warnings():
+            warnings.simplefilter("error", StainWarning)
+            assert check_slide_stains(s, norm) is None
+    with slidekit.open_slide(wsi / "OS-2-ndpi.ome.tif") as s:
+        assert check_slide_stains(s, None) is None  # nothing applied, nothing read or said
+        with pytest.warns(StainWarning, match="OS-2-ndpi.ome.tif: its tissue shows no eosin"):
+            assert "macenko normalisation to an H&E reference" in check_slide_stains(s, norm)
+    ckpt = save_checkpoint(tmp_path / "m.pt", files["net"], ModelSpec(**{**SPEC, "mpp": 2.0}))
+    with pytest.warns(StainWarning, match="shows no eosin"):
+        s = heatmap_slide(wsi / "OS-2-ndpi.ome.tif", tmp_path / "ihc", model=ckpt, workers=0, device="cpu",
+                          progress=False, stain_norm="macenko", stain_ref=tmp_path / "he_ref.png")
+    assert "shows no eosin" in s["stain"]["remark"]

@@ -318,6 +318,20 @@ def resolve_stain(spec: Any, stain_norm: str | None, stain_ref: str | os.PathLik
     return norm, info
 
 
+def check_slide_stains(slide: Any, normaliser: Any) -> str | None:
+    """``stain.normalize.stain_remark`` on an 8 µm/px overview of ``slide`` (its own tissue detection):
+    the line (also a ``StainWarning``) when an H&E normaliser meets a slide without eosin, else None.
+    Read only when a normaliser is applied."""
+    if not normaliser:
+        return None
+    from slidekit.regions.tissue import detect_tissue
+    from slidekit.stain.normalize import stain_remark
+
+    mpp = max(8.0, *slide.mpp)
+    rgb = slide.read_whole(mpp, progress=False)
+    return stain_remark(rgb, detect_tissue(rgb, mpp), normaliser, name=slide.name)
+
+
 def _clean_worker_errors(batches: Any) -> Iterator:
     """Re-raise a slidekit error from a DataLoader worker as itself, with its one-line message
     (DataLoader re-raises it with the worker's whole traceback folded into the message)."""
@@ -543,6 +557,7 @@ class HeatmapJob(SlideJob):
         n_tiles = n_done_before = 0
         timer, t_loop = StageTimer(), 0.0
         decode, unchanged = None, 0
+        remark = check_slide_stains(slide, self.stain)
         if hm is None:
             ctx.mask()
             release_memory()
@@ -620,7 +635,7 @@ class HeatmapJob(SlideJob):
                 "bad_tile_records": records,
                 # unchanged_tiles: tiles of this run left as read (too little stain to estimate)
                 "stain": {"method": self.stain_info["method"], "source": self.stain_info["source"],
-                          "unchanged_tiles": unchanged if self.stain else None},
+                          "unchanged_tiles": unchanged if self.stain else None, "remark": remark},
                 "decode": decode,  # None when the heatmap was there already
                 # Where the time went (this run's tiles; a resumed or reused heatmap has fewer).
                 **timer.as_dict(t_loop)}

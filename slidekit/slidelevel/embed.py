@@ -34,7 +34,7 @@ from slidekit.base.io import file_identity
 from slidekit.base.locks import OutputLock
 from slidekit.base.outputs import claim_path
 from slidekit.base.resources import configure_threads
-from slidekit.infer.predictor import Predictor, resolve_stain
+from slidekit.infer.predictor import Predictor, check_slide_stains, resolve_stain
 from slidekit.models.encoders import load_embedding_encoder
 from slidekit.models.spec import ModelSpec
 from slidekit.regions.job import JobContext, SlideJob
@@ -214,6 +214,7 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
                              "key": stain_info["key"]}
         with OutputLock(out.parent, name=f".{out.name}.lock"):
             if not _is_complete(out, meta):
+                check_slide_stains(slide, stain)  # a StainWarning when H&E normalisation meets an IHC slide
                 configure_threads(threads, workers)  # main process: the CPUs the workers leave
                 _compute(slide, grid, (net, spec, stain), out, meta, RunOptions(batch_size, workers, device, threads),
                          chunk_rows=chunk_rows, progress=progress)

@@ -477,3 +477,59 @@ def normalizer_from_options(stain_norm: str | None, stain_ref: str | os.PathLike
     if norm.method != method:
         raise ConfigError(f"stain reference is a {norm.method} reference, but --stain-norm is {method}", stain_ref)
     return norm
+
+
+#: A slide whose tissue has its 90th percentile of eosin optical density (colour deconvolution,
+#: scikit-image's ``rgb2hed``) under this shows no eosin: an IHC slide (DAB with a haematoxylin
+#: counterstain), or a single stain. Measured on the shared real slides: H&E 0.039 (CMU-1) and 0.060
+#: (TCGA frozen section); Ki67 IHC 0.000 (OS-2, both scanners).
+EOSIN_MIN_OD = 0.01
+
+
+def eosin_level(rgb: np.ndarray, tissue: np.ndarray) -> float | None:
+    """The 90th percentile of eosin optical density over the ``tissue`` pixels of ``rgb`` (an
+    overview of the slide, uint8), or None with fewer than ``MIN_STAINED_PIXELS`` tissue pixels.
+
+    Parameters
+    ----------
+    rgb
+        (H, W, 3) uint8 RGB overview.
+    tissue
+        (H, W) boolean tissue mask on the same raster.
+    """
+    from skimage.color import rgb2hed
+
+    pixels = np.asarray(rgb)[np.asarray(tissue, bool)]
+    if len(pixels) < MIN_STAINED_PIXELS:
+        return None
+    if len(pixels) > 200_000:  # a percentile is stable on a sample; a big overview stays cheap
+        pixels = pixels[np.linspace(0, len(pixels) - 1, 200_000).astype(np.int64)]
+    return float(np.percentile(rgb2hed(pixels[None])[0, :, 1], 90))
+
+
+def stain_remark(rgb: np.ndarray, tissue: np.ndarray, normaliser: Any, *, name: str = "") -> str | None:
+    """Say so (a ``StainWarning``, and the returned line for the run's summary) when an H&E
+    normaliser is applied to a slide whose tissue shows no eosin (IHC such as Ki67/DAB, or a single
+    stain): Macenko would take the DAB brown for eosin and Reinhard would pull the slide's colours
+    towards an H&E reference's, so the tiles no longer show their stains. Nothing is changed: the
+    user asked for the normalisation; this makes the choice visible.
+
+    Parameters
+    ----------
+    rgb, tissue
+        An overview of the slide and its tissue mask (see :func:`eosin_level`).
+    normaliser
+        The run's ``StainNormalizer`` (None or False: nothing is applied, nothing to say).
+    name
+        The slide's name, for the message.
+    """
+    if not normaliser:
+        return None
+    level = eosin_level(rgb, tissue)
+    if level is None or level >= EOSIN_MIN_OD:
+        return None
+    line = (f"{name + ': ' if name else ''}its tissue shows no eosin (eosin OD p90 {level:.3f} < {EOSIN_MIN_OD}; "
+            f"IHC such as Ki67/DAB, or a single stain), yet {normaliser.method} normalisation to an H&E reference "
+            "is applied: the normalised tiles will not show this slide's stains")
+    warnings.warn(line, StainWarning, stacklevel=2)
+    return line
