@@ -168,9 +168,13 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     # regions and annotations
     "roi": (("--roi",), "Work only inside these annotations' polygons (one slide only).",
             dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML")),
-    "exclude_qc": (("--exclude-qc",), "Leave out the artefacts a `slidekit qc` folder found on this slide (one slide "
-                   "only; the folder must be of the same slide file).",
+    "exclude_qc": (("--exclude-qc",), "Leave out the tiles where a `slidekit qc` folder of the same slide file found "
+                   "more artefact than --qc-max allows (a cohort: the QC cohort's --out, each slide's QC in "
+                   "QC_OUT/<slide id>/).",
                    dict(type=click.Path(file_okay=False, path_type=str), default=None, metavar="QC_DIR")),
+    "qc_max": (("--qc-max", "qc_max"), "With --exclude-qc: the largest fraction of a tile one artefact class may "
+               "cover, F for every class or NAME=F for one (repeatable: --qc-max 0.3 --qc-max 'Pen ink=0.1') "
+               "[default: 0.5].", dict(multiple=True, metavar="F|NAME=F")),
     "roi_class": (("--roi-class",), "Use only the --roi polygons of this class (repeatable); an error when none "
                   "has it.", dict(multiple=True, metavar="NAME")),
     "annotations": (("--annotations",), "Label each tile from these annotations (QuPath GeoJSON, ASAP/ImageScope XML).",
@@ -209,8 +213,9 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     "tiff": (("--tiff",), "Also write heatmap.tif: a pyramidal TIFF at the heatmap MPP with its physical pixel size, "
              "to open beside the slide (rgb: coloured as the overlay; values: float32 per class).",
              dict(type=click.Choice(["rgb", "values"]), default=None)),
-    "ome_zarr": (("--ome-zarr", "ome_zarr"), "Also write heatmap.ome.zarr: an OME-Zarr (NGFF 0.4) multiscale image "
-                 "in µm, for napari, vizarr or QuPath's OME-Zarr reader.", dict(is_flag=True)),
+    "ome_zarr": (("--ome-zarr", "ome_zarr"), "Also write the map as an OME-Zarr (NGFF 0.4) multiscale image in µm "
+                 "(heatmap.ome.zarr; qc_labels.ome.zarr for qc), for napari, vizarr or QuPath's OME-Zarr reader.",
+                 dict(is_flag=True)),
     "tiles_geojson": (("--tiles-geojson",), "Also write tiles.geojson: one QuPath tile per prediction.",
                       dict(is_flag=True)),
     "skip_bad_tiles": (("--skip-bad-tiles",), "Skip damaged (undecodable) tiles with a warning and list them in "
