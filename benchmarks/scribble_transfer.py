@@ -1,6 +1,11 @@
 """Scribble pre-training transfers: a nuclei segmenter's encoder, judged on real LUAD/LUSC tiles.
 
     python benchmarks/scribble_transfer.py [--data DIR] --seeds 0 1 2 --json OUT.json
+    python benchmarks/scribble_transfer.py --protocol paper [--quick] [--seeds ...] --json OUT.json
+
+``--protocol frozen`` (the default) is the frozen-probe protocol below; ``--protocol paper`` is the
+papers' protocol (whole-network fine-tuning with R % of the labels, 10 seeds, class-label and
+SimCLR arms), in ``benchmarks/scribble_transfer_paper.py``.
 
 The claim of the scribble pre-training papers: spatial labels on one image set make an encoder
 that classifies another set better than none, and about as well as full masks. Per seed:
@@ -116,8 +121,25 @@ def monuseg_crops(monuseg: Path, names: list[str], mpp: float, size: int, n: int
     return (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
 
 
+def _protocol(argv: list[str]) -> str:
+    """The value of ``--protocol`` in ``argv`` (``frozen`` when absent)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--protocol="):
+            return a.split("=", 1)[1]
+        if a == "--protocol" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "frozen"
+
+
 def main(argv: list[str] | None = None) -> dict:
+    args_in = sys.argv[1:] if argv is None else list(argv)
+    if _protocol(args_in) == "paper":
+        from benchmarks.scribble_transfer_paper import main as paper_main
+
+        return paper_main(args_in)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--protocol", choices=["frozen", "paper"], default="frozen",
+                    help="frozen: frozen encoder + logistic probe (this file); paper: the papers' fine-tuning protocol")
     add_data_argument(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
