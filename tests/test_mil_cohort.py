@@ -74,3 +74,22 @@ def test_train_and_deploy_a_cohort_by_its_ids(embedded):
     r = CliRunner().invoke(main, ["mil-deploy", "--cohort", str(root), "--model", str(root / "run" / "checkpoint.pt"),
                                   "--out", str(root / "s2.csv"), "--quiet"])
     assert r.exit_code != 0 and "no cohort.csv" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_a_damaged_cohort_table_is_one_line(tmp_path):
+    """cohort.csv that is binary, or a CSV of something else: one line naming the file, through the CLI."""
+    bad = tmp_path / "bin"
+    bad.mkdir()
+    (bad / "cohort.csv").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cohort.csv").write_text("slide,label\na.svs,x\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "cohort.csv").write_text("")
+    for folder, why in ((bad, "not UTF-8 text"), (other, "no 'id' and 'status' columns"),
+                        (empty, "no 'id' and 'status' columns")):
+        r = CliRunner().invoke(main, ["train", "mil", "--cohort", str(folder), "--out", str(tmp_path / "run"),
+                                      "--quiet"])
+        assert r.exit_code != 0 and why in r.output and str(folder / "cohort.csv") in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output

@@ -43,6 +43,7 @@ import numpy as np
 
 from slidekit.base.errors import FeatureError, SlidekitWarning
 from slidekit.base.outputs import claim_path
+from slidekit.slidelevel import spatialdata_read
 from slidekit.slides.identity import same_slide, slide_fingerprint
 
 FEATURES_FORMAT = "slidekit.features/1"
@@ -341,6 +342,8 @@ def read_features(path: str | os.PathLike, slide_mpp: float | None = None,
                   allow_external: bool = False) -> FeatureBag:
     """Read one slide's features: a slidekit, TRIDENT or CLAM file (``features``/``coords``) or a
     STAMP file (``feats``/``coords``). ``slide_mpp`` converts STAMP's µm coords to level-0 pixels.
+    A SpatialData store (``STORE.zarr`` or ``STORE.zarr/tables/NAME``: a wsidata/LazySlide
+    ``{model}_{tile_key}`` or sopa ``{model}_embeddings`` table) is read by ``spatialdata_read``.
 
     Anything else (not HDF5, other datasets, groups or text where numbers belong, mismatched rows,
     non-finite features, a tile size that is not a number, a bag declared larger than the free
@@ -349,6 +352,14 @@ def read_features(path: str | os.PathLike, slide_mpp: float | None = None,
     that does not give the tile size leaves ``patch_size_level0`` 0 and says so.
     """
     path = Path(path)
+    if spatialdata_read.is_spatialdata_path(path):
+        with _guarded(path, "read the store's features"):
+            sb = spatialdata_read.open_store_bag(path, read=False)
+            _check_memory(len(sb.coords), sb.dim, sb.store)
+            sb = spatialdata_read.open_store_bag(path)
+        assert sb.features is not None
+        return FeatureBag(sb.features, sb.coords, sb.patch_size_level0, sb.encoder, sb.slide, sb.path, sb.source,
+                          sb.slide_record)
     with _open(path) as f, _guarded(path, "read the features"):
         name, source = _layout(f, path, allow_external)
         rows, dim = _check_shapes(f, name, path)
@@ -390,6 +401,11 @@ def feature_info(path: str | os.PathLike, slide_mpp: float | None = None,
     """The layout checks of ``read_features`` and what the file says, without reading the features
     (the coords are read: 16 bytes a tile): to plan memory, or to name a bag before streaming it."""
     path = Path(path)
+    if spatialdata_read.is_spatialdata_path(path):
+        with _guarded(path, "read the store"):
+            sb = spatialdata_read.open_store_bag(path, read=False)
+        return FeatureInfo(len(sb.coords), sb.dim, sb.patch_size_level0, sb.encoder, sb.slide, sb.path, sb.source,
+                           sb.slide_record)
     with _open(path) as f, _guarded(path, "read the feature file"):
         name, source = _layout(f, path, allow_external)
         rows, dim = _check_shapes(f, name, path)
@@ -410,6 +426,9 @@ def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536, slide_mpp: f
     path = Path(path)
     if rows < 1:
         raise ValueError("rows must be >= 1")
+    if spatialdata_read.is_spatialdata_path(path):
+        yield from spatialdata_read.iter_store_chunks(path, rows)
+        return
     with _open(path) as f:
         with _guarded(path, "read the features"):
             name, source = _layout(f, path, allow_external)
@@ -443,22 +462,27 @@ def cohort_feature_files(cohort: str | os.PathLike) -> tuple[list[dict], list[st
     table = root / COHORT_TABLE
     if not table.is_file():
         raise FeatureError(f"no {COHORT_TABLE}: not the --out folder of a cohort `slidekit embed`", root)
-    with open(table, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if "id" not in (reader.fieldnames or []) or "status" not in (reader.fieldnames or []):
-            raise FeatureError("has no 'id' and 'status' columns: not a cohort table", table)
-        rows, not_done = [], []
-        for row in reader:
-            row = {k: (v or "").strip() for k, v in row.items() if k}
-            sid, status = row["id"], row["status"]
-            feats = root.resolve() / sid / COHORT_FEATURES  # absolute: tables elsewhere refer to it
-            if status != "done":
-                why = row.get("error") or row.get("note") or ""
-                not_done.append(f"{sid}: its embed row is {status or 'empty'}{f' ({why})' if why else ''}")
-            elif not feats.is_file():
-                not_done.append(f"{sid}: its embed row is done but {feats} is missing (rerun the embed)")
-            else:
-                rows.append({**row, "features": str(feats)})
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fieldnames, records = list(reader.fieldnames or []), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"unreadable ({type(e).__name__}: {e})"
+        raise FeatureError(f"{why}: not a cohort table", table) from None
+    if "id" not in fieldnames or "status" not in fieldnames:
+        raise FeatureError("has no 'id' and 'status' columns: not a cohort table", table)
+    rows, not_done = [], []
+    for row in records:
+        row = {k: (v or "").strip() for k, v in row.items() if k}
+        sid, status = row["id"], row["status"]
+        feats = root.resolve() / sid / COHORT_FEATURES  # absolute: tables elsewhere refer to it
+        if status != "done":
+            why = row.get("error") or row.get("note") or ""
+            not_done.append(f"{sid}: its embed row is {status or 'empty'}{f' ({why})' if why else ''}")
+        elif not feats.is_file():
+            not_done.append(f"{sid}: its embed row is done but {feats} is missing (rerun the embed)")
+        else:
+            rows.append({**row, "features": str(feats)})
     return rows, not_done
 
 

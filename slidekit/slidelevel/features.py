@@ -309,5 +309,9 @@ def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():
         raise SlidekitError("feature table not found", path)
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"unreadable ({type(e).__name__}: {e})"
+        raise SlidekitError(f"feature table is {why}", path) from None
