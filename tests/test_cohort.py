@@ -101,6 +101,20 @@ def test_bad_manifest_is_one_line_before_any_work(cohort, tmp_path, text, messag
     assert not out.exists()  # nothing started
 
 
+def test_skip_missing_fails_the_missing_slides_own_row(cohort, tmp_path):
+    """--skip-missing: a manifest row whose slide is gone fails as that slide (so every Slurm array
+    task still runs its share); without it the manifest is refused before any work (test above)."""
+    m = tmp_path / "m.csv"
+    m.write_text(f"slide\n{cohort[0]}\ngone.svs\n")
+    out = tmp_path / "OUT"
+    r = CliRunner().invoke(main, ["tissue", "--manifest", str(m), "--out", str(out), "--skip-missing", "--quiet"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    rows = {row["id"]: row for row in _csv(out / "cohort.csv")}
+    assert rows["slide"]["status"] == "done"
+    assert rows["gone"]["status"] == "failed" and "not found" in rows["gone"]["error"]
+    assert "slidekit: failed: gone:" in r.output
+
+
 # -- runs, reruns, bad slides ---------------------------------------------------------------------
 
 def test_bad_slides_among_good_ones_and_reruns(cohort, tmp_path):

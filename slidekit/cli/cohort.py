@@ -47,7 +47,8 @@ def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, qu
         raise click.UsageError("--threads is for one slide; a cohort gives each of its --jobs workers "
                                "an equal share of the CPUs")
     run = CohortRun(engine=p["engine"], jobs=p["jobs"], gpus=p["gpus"], shard=p["shard"], ray_address=p["ray_address"],
-                    retry_failed=p["retry_failed"], progress=not quiet, debug=_debug(ctx))
+                    retry_failed=p["retry_failed"], skip_missing=bool(ctx.meta.get("skip_missing")), progress=not quiet,
+                    debug=_debug(ctx))
     try:
         table = run_cohort(task, list(items) + list(p.get("manifest") or ()), out, run=run, **options)
     except CohortInterrupted as e:  # cohort.csv is written: say what it holds, then exit 130

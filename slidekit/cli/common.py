@@ -294,6 +294,11 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     "ray_address": (("--ray-address",), "Ray cluster to join (--engine ray); default: start a local Ray runtime.",
                     dict(default=None, metavar="auto|HOST:PORT")),
     "retry_failed": (("--retry-failed",), "Run slides that failed in an earlier run again.", dict(is_flag=True)),
+    "skip_missing": (("--skip-missing",), "A manifest slide whose file does not exist fails its own row instead of "
+                     "refusing the whole manifest (every Slurm array task would refuse it).",
+                     # kept out of the commands' parameters (one slide has no manifest); run_cohort_cli reads it
+                     dict(is_flag=True, expose_value=False,
+                          callback=lambda ctx, _param, value: ctx.meta.__setitem__("skip_missing", value))),
 }
 
 _ALIAS_META = "slidekit.cli.alias"
@@ -456,9 +461,10 @@ def stain_options(func: Callable | None = None, *, norm_help: str = STAIN_NORM_H
 
 
 def cohort_options(func: Callable) -> Callable:
-    """--manifest, --engine, --jobs, --gpus, --shard, --ray-address and --retry-failed (slidekit.cli.cohort)."""
+    """--manifest, --engine, --jobs, --gpus, --shard, --ray-address, --retry-failed and --skip-missing
+    (slidekit.cli.cohort)."""
     return options(*(option(k) for k in ("manifest", "engine", "jobs", "gpus", "shard", "ray_address",
-                                         "retry_failed")))(func)
+                                         "retry_failed", "skip_missing")))(func)
 
 
 TISSUE_OPTIONS = {"tissue_mpp": "mpp", "tissue_min_area": "min_area_um2", "tissue_min_saturation": "min_saturation",

@@ -251,6 +251,9 @@ class CohortRun:
         ``"auto"`` or ``"HOST:PORT"`` joins a Ray cluster; None starts a local runtime.
     retry_failed
         Try again slides that failed before.
+    skip_missing
+        A manifest row whose slide file does not exist fails as that slide (its row in ``cohort.csv``)
+        instead of refusing the manifest; off by default, so a typo in a manifest stops at once.
     progress
         Show a progress bar.
     debug
@@ -263,6 +266,7 @@ class CohortRun:
     shard: str | None = None
     ray_address: str | None = None
     retry_failed: bool = False
+    skip_missing: bool = False
     progress: bool = True
     debug: bool = False
 

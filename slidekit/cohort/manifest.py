@@ -75,12 +75,12 @@ def _expand_heatmaps(p: Path, text: str) -> list[dict]:
     return [{"slide": p}]
 
 
-def _expand(item: str | os.PathLike, kind: str = "slides") -> list[dict]:
+def _expand(item: str | os.PathLike, kind: str = "slides", skip_missing: bool = False) -> list[dict]:
     """One CLI/API item -> manifest rows ({'slide': Path, ...})."""
     text = str(item)
     p = Path(text)
     if p.suffix.lower() == ".csv" and p.is_file():
-        return read_manifest(p)
+        return read_manifest(p, skip_missing=skip_missing)
     if kind == "heatmaps":
         return _expand_heatmaps(p, text)
     if p.is_dir():
@@ -99,8 +99,17 @@ def _expand(item: str | os.PathLike, kind: str = "slides") -> list[dict]:
     return [{"slide": p}]  # a path; a missing one fails as that slide, the others still run
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict]:
-    """Rows of a manifest CSV with ``slide`` resolved against the CSV's folder."""
+def read_manifest(path: str | os.PathLike, *, skip_missing: bool = False) -> list[dict]:
+    """Rows of a manifest CSV with ``slide`` resolved against the CSV's folder.
+
+    Parameters
+    ----------
+    path
+        The manifest CSV.
+    skip_missing
+        Keep rows whose slide file does not exist (each then fails as its own slide) instead of
+        refusing the manifest with one line listing them.
+    """
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -132,7 +141,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if not p.exists():
             missing.append(f"{text} (line {i})")
         out.append({**row, "slide": p, "_line": i})
-    if missing:
+    if missing and not skip_missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ManifestError(f"{len(missing)} slide path(s) do not exist: {', '.join(missing[:3])}{more}", path)
     return out
@@ -179,8 +188,12 @@ def _safe(name: str) -> str:
     return s
 
 
-def read_slides(items: str | os.PathLike | Iterable[str | os.PathLike], kind: str = "slides") -> list[CohortSlide]:
+def read_slides(items: str | os.PathLike | Iterable[str | os.PathLike], kind: str = "slides", *,
+                skip_missing: bool = False) -> list[CohortSlide]:
     """Slides of a cohort from paths, folders, globs and manifest CSVs (see module docstring).
+
+    ``skip_missing``: a manifest row whose slide does not exist is kept, to fail as its own slide
+    (``read_manifest``).
 
     ``kind="heatmaps"``: the inputs are heatmap folders (``slidekit heatmap`` outputs) instead of slides;
     a folder whose subfolders hold heatmaps (a heatmap cohort's OUT) gives each of them.
@@ -189,7 +202,7 @@ def read_slides(items: str | os.PathLike | Iterable[str | os.PathLike], kind: st
         items = [items]
     rows: list[dict] = []
     for item in items:
-        rows += _expand(item, kind)
+        rows += _expand(item, kind, skip_missing)
     if not rows:
         raise ManifestError("no slides given")
     seen: dict[str, int] = {}

@@ -71,7 +71,8 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
         _check_local_gpus(gpu_ids)
     out = Path(out)
     everyone: list[CohortSlide] = (list(slides) if _are_cohort_slides(slides)  # type: ignore[arg-type]
-                                   else read_slides(slides, kind=TASKS[task].inputs))  # type: ignore[arg-type]
+                                   else read_slides(slides, kind=TASKS[task].inputs,  # type: ignore[arg-type]
+                                                 skip_missing=run.skip_missing))
     mine = take_shard(everyone, shard)
     key = config_key(task, TASKS[task].effective_options(options))
     ledger = Ledger(out)
