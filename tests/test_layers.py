@@ -33,7 +33,8 @@ LAYERS = [
     "slidekit.__main__",
 ]
 HEAVY_THIRD_PARTY = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "lightgbm", "ray",
-                     "starlette", "uvicorn")  # the viewer's server: only `slidekit view` loads it
+                     "starlette", "uvicorn",  # the viewer's server: only `slidekit view` loads it
+                     "spatialdata")  # scverse stores (dask, xarray, anndata...): only export-spatialdata loads it
 MAX_TOP_LEVEL_ENTRIES = 12
 # Files at the top that are not code of a stage: the PEP 561 marker, the type stub of __init__, and
 # slidekit/errors.py, kept only as the old import path `from slidekit.errors import ...` (a re-export).

@@ -18,7 +18,8 @@ prefer_passive_waits()  # before any command loads torch: idle OpenMP threads sl
 # Each module registers its commands on `main`; one module per area keeps this file small.
 COMMAND_MODULES = ["slidekit.cli.core", "slidekit.cli.train", "slidekit.cli.stage", "slidekit.cli.heatmap",
                    "slidekit.cli.embed", "slidekit.cli.export", "slidekit.cli.mil",
-                   "slidekit.cli.cells", "slidekit.cli.view", "slidekit.cli.qc"]
+                   "slidekit.cli.cells", "slidekit.cli.view", "slidekit.cli.qc",
+                   "slidekit.cli.scverse"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

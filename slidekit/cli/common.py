@@ -299,6 +299,15 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
                      # kept out of the commands' parameters (one slide has no manifest); run_cohort_cli reads it
                      dict(is_flag=True, expose_value=False,
                           callback=lambda ctx, _param, value: ctx.meta.__setitem__("skip_missing", value))),
+    # scverse interop (slidekit.cli.scverse: SpatialData stores)
+    "store": (("--store", "store"), "SpatialData store to write (a .zarr folder; for a cohort, a folder that gets one "
+              "<slide stem>.zarr per slide) [default: <slide stem>.zarr in each slide's output folder].",
+              dict(type=click.Path(path_type=str), default=None)),
+    "feature_key": (("--feature-key", "feature_key"), "The model part of the feature table's name, "
+                    "{feature key}_{tile key} (wsidata's feature_key) [default: the encoder's name].",
+                    dict(default=None)),
+    "tile_key": (("--tile-key", "tile_key"), "The tiles' shapes element (wsidata's tile_key).",
+                 dict(default="tiles", show_default=True)),
 }
 
 _ALIAS_META = "slidekit.cli.alias"

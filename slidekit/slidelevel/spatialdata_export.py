@@ -1,0 +1,451 @@
+"""slidekit's per-slide results as a SpatialData store that wsidata, LazySlide and sopa open.
+
+``export_spatialdata(out_dir, store)`` reads what slidekit wrote in one slide's output folder and
+writes one SpatialData zarr store (``wsidata.open_wsi(slide, store=...)`` opens it unchanged; a
+store named ``<slide stem>.zarr`` beside the slide is found without ``store=``):
+
+=========================  ==========================================  =====================================
+slidekit                   SpatialData element                         wsidata / LazySlide name
+=========================  ==========================================  =====================================
+``tissue.geojson``         shapes ``tissues`` (``tissue_id``)           ``tissues``
+``features.h5`` coords     shapes ``tiles`` (boxes; ``tile_id``, ``x``,  ``tiles`` + attrs ``tile_spec``
+                           ``y``, ``tissue_id``)
+``features.h5`` features   table ``{model}_tiles`` (obs ``tile_id``,     ``{model}_tiles``
+                           ``library_id``)
+``cells.csv``              shapes ``cells`` (circles of the nucleus      (sopa: cells + table)
+                           area) + table ``cells_table``
+``heatmap.zarr``           image ``heatmap`` (classes as channels)
+``attention.zarr``         image ``attention``
+``qc_labels.png``          labels ``qc_labels`` (+ attrs ``qc_classes``)
+=========================  ==========================================  =====================================
+
+Coordinate systems: ``global`` is level-0 pixels (wsidata's convention), ``microns`` the same
+place in micrometres (a ``Scale`` by the slide's µm/px); maps carry their own scale and origin. The
+store's attributes hold wsidata's ``slide_properties`` and ``tile_spec`` and slidekit's own record
+(``slidekit``: format, slide name and fingerprint, each feature table's encoder identity), so
+``read_features(STORE)`` hands the same provenance to ``train mil`` and ``mil-deploy`` as the HDF5
+file does.
+
+Memory: features go from HDF5 to zarr chunk by chunk (dask over the HDF5 dataset, one chunk at a
+time); heatmaps chunk by chunk from their zarr. SpatialData holds shapes and table obs in memory
+(GeoDataFrames, AnnData obs): tiles and cells cost their boxes and circles, not their features.
+The store is written beside its final path and renamed into place (``base.io.atomic_path``).
+
+Imports: spatialdata at module level (the CLI loads this module inside the command); the stages
+below for reading slides, annotations and heatmaps.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, fields as dataclass_fields, replace
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import spatialdata
+
+from slidekit.annotations.formats import read_annotations
+from slidekit.base.errors import ConfigError, FeatureError, SlideError, SlidekitError
+from slidekit.base.io import atomic_path
+from slidekit.base.outputs import MARKER, OutputDir, claim_path
+from slidekit.base.version import __version__
+from slidekit.infer.heatmap import Heatmap
+from slidekit.regions.options import ReadOptions
+from slidekit.slidelevel.feature_store import check_features_for_slide, feature_info
+from slidekit.slidelevel.spatialdata_read import SLIDEKIT_ATTR, STORE_FORMAT
+from slidekit.slides.identity import slide_fingerprint
+from slidekit.slides.slide import open_slide
+
+MEASUREMENTS = ("area_um2", "perimeter_um", "circularity", "solidity", "eccentricity", "hematoxylin_od", "eosin_od")
+MAPS = {"heatmap": "heatmap.zarr", "attention": "attention.zarr"}
+CELL_ROWS = 65536  # cells.csv is read this many rows at a time
+
+
+def _model_name(encoder: dict) -> str:
+    """The ``{model}`` of a feature table's name: the registry name, else the encoder's, made safe."""
+    raw = str(encoder.get("registry") or encoder.get("name") or "features")
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", raw.removeprefix("timm:")).strip("-").lower()
+    return name or "features"
+
+
+def _slide_of(folder: Path, slide: str | os.PathLike | None) -> Path:
+    if slide is not None:
+        return Path(slide)
+    for name, key in ((MARKER, "slide"), ("summary.json", "slide")):
+        try:
+            recorded = json.loads((folder / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded and Path(recorded).exists():
+            return Path(recorded)
+    raise ConfigError("records no slide that exists here (pass slide= / --slide)", folder)
+
+
+def _transforms(mpp: float, scale: tuple[float, float] = (1.0, 1.0),
+                origin: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """``global`` (level-0 pixels) and ``microns`` for an element whose intrinsic pixel is ``scale``
+    level-0 pixels, its (0, 0) at level-0 ``origin``."""
+    from spatialdata.transformations import Identity, Scale, Sequence, Translation
+
+    if scale == (1.0, 1.0) and origin == (0.0, 0.0):
+        to_l0: Any = Identity()
+    else:
+        to_l0 = Sequence([Scale(list(scale), axes=("x", "y")), Translation(list(origin), axes=("x", "y"))])
+    micro = Scale([mpp, mpp], axes=("x", "y"))
+    return {"global": to_l0, "microns": micro if isinstance(to_l0, Identity) else Sequence([to_l0, micro])}
+
+
+def tile_spec(patch_size: int, side_level0: int, tile_mpp: float | None, overlap: int = 0,
+              tissue_name: str | None = "tissues") -> dict:
+    """wsidata's ``TileSpec`` (as its ``to_dict``) of a slidekit grid: tiles ``patch_size`` pixels at
+    ``tile_mpp``, ``side_level0`` level-0 pixels, read at level 0 and resized (``ops_level`` 0)."""
+    size = max(1, int(patch_size))
+    down = side_level0 / size
+    while int(size * down) < side_level0:  # wsidata's base size is int(size * down): never one short
+        down = float(np.nextafter(down, np.inf))
+    stride = size - int(overlap)
+    return {"height": size, "width": size, "stride_height": stride, "stride_width": stride,
+            "mpp": None if tile_mpp is None else float(tile_mpp), "ops_level": 0, "ops_downsample": down,
+            "base_level": 0, "base_downsample": down, "tissue_name": tissue_name}
+
+
+def _tissues(folder: Path, mpp: float):
+    import geopandas as gpd
+    from shapely.geometry import MultiPolygon, Polygon
+    from spatialdata.models import ShapesModel
+
+    path = folder / "tissue.geojson"
+    if not path.is_file():
+        return None
+    polys: list[Any] = []
+    for a in read_annotations(path):
+        g = a.geometry
+        polys.extend(g.geoms if isinstance(g, MultiPolygon) else [g] if isinstance(g, Polygon) else [])
+    if not polys:
+        return None
+    gdf = gpd.GeoDataFrame({"tissue_id": np.arange(len(polys), dtype=np.int64)}, geometry=polys)
+    return ShapesModel.parse(gdf, transformations=_transforms(mpp))
+
+
+def _tiles(coords: np.ndarray, side: int, tissues, mpp: float):
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel
+
+    x, y = coords[:, 0], coords[:, 1]
+    tissue_id = np.full(len(coords), -1, np.int64)
+    if tissues is not None and len(coords):
+        tree = shapely.STRtree(tissues.geometry.values)
+        centres = shapely.points(x + side / 2, y + side / 2)
+        hit_point, hit_tissue = tree.query(centres, predicate="intersects")
+        tissue_id[hit_point[::-1]] = tissues["tissue_id"].to_numpy()[hit_tissue[::-1]]  # the first tissue wins
+    gdf = gpd.GeoDataFrame({"tile_id": np.arange(len(coords), dtype=np.int64), "x": x, "y": y,
+                            "tissue_id": tissue_id}, geometry=shapely.box(x, y, x + side, y + side))
+    return ShapesModel.parse(gdf, transformations=_transforms(mpp))
+
+
+def _feature_table(h5: Path, tile_key: str, chunk_rows: int):
+    import anndata
+    import dask.array as da
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    f = h5py.File(h5, "r")  # kept open while the store is written (dask reads chunks from it)
+    ds = f["features"]
+    n, dim = (int(v) for v in ds.shape)
+    x = da.from_array(ds, chunks=(max(1, min(chunk_rows, n)), dim), lock=True, asarray=True)
+    ids = np.arange(n, dtype=np.int64)
+    obs = pd.DataFrame({"tile_id": ids, "library_id": pd.Categorical([tile_key] * n)}, index=ids.astype(str))
+    table = anndata.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[str(i) for i in range(dim)]))
+    return TableModel.parse(table, region=tile_key, region_key="library_id", instance_key="tile_id"), f
+
+
+def _cell_rows(path: Path) -> Iterator[Any]:
+    import pandas as pd
+
+    try:
+        yield from pd.read_csv(path, chunksize=CELL_ROWS)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ConfigError(f"not a readable cells table ({' '.join(str(e).split())[:120]})", path) from None
+
+
+def _cells(folder: Path, mpp: float, slide_name: str):
+    """Circles (centroid, radius of the nucleus area) and a table of measurements of ``cells.csv``,
+    read in row chunks (only the arrays kept: no per-row Python objects beyond the shapes)."""
+    import anndata
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+    from spatialdata.models import ShapesModel, TableModel
+
+    path = folder / "cells.csv"
+    if not path.is_file():
+        return None, None
+    ids, xy, meas, classes = [], [], [], []
+    for chunk in _cell_rows(path):
+        missing = [c for c in ("id", "x", "y", *MEASUREMENTS) if c not in chunk.columns]
+        if missing:
+            raise ConfigError(f"has no column {missing[0]!r}: not slidekit's cells table", path)
+        ids.append(chunk["id"].to_numpy(np.int64))
+        xy.append(chunk[["x", "y"]].to_numpy(np.float64))
+        meas.append(chunk[list(MEASUREMENTS)].to_numpy(np.float32))
+        if "class" in chunk.columns:
+            classes.append(chunk["class"].astype(str).to_numpy())
+    if not ids:
+        return None, None
+    cid, pts, m = np.concatenate(ids), np.concatenate(xy), np.concatenate(meas)
+    radius = np.sqrt(np.maximum(m[:, 0], 0) / np.pi) / mpp
+    gdf = gpd.GeoDataFrame({"radius": radius}, geometry=shapely.points(pts[:, 0], pts[:, 1]),
+                           index=pd.Index(cid, name="cell_id"))
+    shapes = ShapesModel.parse(gdf, transformations=_transforms(mpp))
+    n = len(cid)
+    obs = pd.DataFrame({"cell_id": cid, "region": pd.Categorical(["cells"] * n),
+                        "slide": pd.Categorical([slide_name] * n)}, index=cid.astype(str))
+    if classes:
+        obs["class"] = pd.Categorical(np.concatenate(classes))
+    table = anndata.AnnData(X=m, obs=obs, var=pd.DataFrame(index=list(MEASUREMENTS)), obsm={"spatial": pts})
+    return shapes, TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")
+
+
+def _map_image(path: Path, mpp: float):
+    import dask.array as da
+    from spatialdata.models import Image2DModel
+
+    hm = Heatmap(path)
+    prob = da.from_zarr(hm._array("prob"))
+    (sx, sy), (ox, oy) = hm.scale, hm.origin
+    classes = [str(c) for c in (hm.classes or [])] or [f"channel {i}" for i in range(prob.shape[0])]
+    return Image2DModel.parse(prob, dims=("c", "y", "x"), c_coords=classes,
+                              transformations=_transforms(mpp, (float(sx), float(sy)), (float(ox), float(oy))))
+
+
+def _qc_labels(folder: Path, dims: tuple[int, int], mpp: float):
+    import cv2
+    from spatialdata.models import Labels2DModel
+
+    png = folder / "qc_labels.png"
+    if not png.is_file():
+        return None, None
+    labels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    if labels is None or labels.ndim != 2:
+        raise ConfigError("is not a single-channel label image", png)
+    h, w = labels.shape
+    element = Labels2DModel.parse(labels, dims=("y", "x"),
+                                  transformations=_transforms(mpp, (dims[0] / w, dims[1] / h)))
+    legend = None
+    if (folder / "qc_classes.json").is_file():
+        legend = json.loads((folder / "qc_classes.json").read_text())
+    return element, legend
+
+
+def _slide_properties(slide) -> dict:
+    w, h = slide.dimensions
+    mpp = float(slide.mpp[0])
+    return {"shape": [int(h), int(w)], "n_level": len(slide.level_dimensions),
+            "level_shape": [[int(lh), int(lw)] for lw, lh in slide.level_dimensions],
+            "level_downsample": [float(d) for d in slide.level_downsamples], "mpp": mpp,
+            "magnification": round(10.0 / mpp, 3), "bounds": [0, 0, int(w), int(h)], "scene": 0, "n_scenes": 1,
+            "scene_names": ["Image 0"], "raw": None}
+
+
+def _is_ours(store: Path) -> bool:
+    try:
+        attrs = json.loads((store / "zarr.json").read_text()).get("attributes") or {}
+        return (attrs.get(SLIDEKIT_ATTR) or {}).get("format") == STORE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class SpatialDataOptions:
+    """What ``export_spatialdata`` writes.
+
+    Parameters
+    ----------
+    model
+        The ``{model}`` of the feature table's name ``{model}_{tile_key}`` (None: the encoder's name).
+    tile_key
+        The tiles' shapes element (wsidata's ``tile_key``).
+    cells, maps
+        Also export the cells, and the heatmap / attention / QC maps, when the folder has them.
+    chunk_rows
+        Feature rows copied at a time.
+    """
+
+    model: str | None = None
+    tile_key: str = "tiles"
+    cells: bool = True
+    maps: bool = True
+    chunk_rows: int = 4096
+
+
+def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | None = None, *,
+                       slide: str | os.PathLike | None = None, options: SpatialDataOptions | None = None,
+                       reading: ReadOptions | None = None, **fields: Any) -> Path:
+    """Write one slide's slidekit results as a SpatialData store that ``wsidata.open_wsi`` opens.
+
+    Parameters
+    ----------
+    out_dir : str or PathLike
+        The slide's slidekit output folder: any of ``features.h5`` (``embed``), ``tissue.geojson``
+        (``tissue``), ``cells.csv`` (``cells``), ``heatmap.zarr`` (``heatmap``), ``attention.zarr``
+        (``mil-attention``), ``qc_labels.png`` (``qc``).
+    store : str or PathLike, optional
+        The store to write (a ``.zarr`` folder; None: ``out_dir/<slide stem>.zarr``). A store named
+        ``<slide stem>.zarr`` beside the slide is what ``wsidata.open_wsi(slide)`` finds by itself.
+    slide : str or PathLike, optional
+        The slide (None: the one the folder records). Its size and µm/px go into the store, and
+        the feature file's slide fingerprint is checked against it.
+    options : SpatialDataOptions, optional
+        What to write (table names, which elements).
+    reading : ReadOptions, optional
+        How the slide is opened (µm/px fallback or override, reader).
+    **fields
+        Single ``SpatialDataOptions`` fields by name (``model="uni"``).
+
+    Returns
+    -------
+    Path
+        The store written.
+
+    Raises
+    ------
+    ConfigError
+        The folder holds nothing to export, or records no slide that exists; an unknown field.
+    FeatureError, HeatmapError, AnnotationError, SlideError
+        An input that cannot be read, or features of another slide; nothing is written.
+    OutputError
+        ``store`` exists and is not a store slidekit wrote.
+    """
+    known = {f.name for f in dataclass_fields(SpatialDataOptions)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown export option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    o = replace(options or SpatialDataOptions(), **fields)
+    tile_key = o.tile_key
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        raise ConfigError("is not a slidekit output folder", folder)
+    slide_path = _slide_of(folder, slide)
+    r = reading or ReadOptions()
+    with open_slide(slide_path, mpp=r.slide_mpp, override_mpp=r.override_mpp, backend=r.backend) as s:
+        if s.mpp is None:
+            raise SlideError("has no µm/px: the store's microns system needs one", slide_path)
+        mpp, props, name = float(s.mpp[0]), _slide_properties(s), s.name
+        dims = (int(s.dimensions[0]), int(s.dimensions[1]))
+    fingerprint = slide_fingerprint(slide_path)
+    stem = Path(name).stem
+    target = Path(store) if store is not None else folder / f"{stem}.zarr"
+    if target.resolve().parent == folder.resolve():
+        OutputDir(folder, slide_path, fingerprint).claim(target.name)
+    else:
+        claim_path(target, _is_ours(target), "a SpatialData store slidekit wrote")
+
+    elements: dict[str, dict[str, Any]] = {"shapes": {}, "tables": {}, "images": {}, "labels": {}}
+    attrs: dict[str, Any] = {"slide_properties": props}
+    record: dict[str, Any] = {"format": STORE_FORMAT, "version": __version__,
+                              "slide": {"name": name, "fingerprint": fingerprint, "dimensions": list(dims),
+                                        "mpp": [mpp, mpp]}, "features": {}, "sources": []}
+    tissues = _tissues(folder, mpp)
+    if tissues is not None:
+        elements["shapes"]["tissues"] = tissues
+        record["sources"].append("tissue.geojson")
+    h5 = folder / "features.h5"
+    handle = None
+    try:
+        if h5.is_file():
+            info = feature_info(h5)
+            check_features_for_slide(info, slide_path)
+            if not info.patch_size_level0:
+                raise FeatureError("does not say the tile size: tiles cannot be drawn", h5)
+            with h5py.File(h5, "r") as f:
+                coords = np.asarray(f["coords"][:], dtype=np.int64)
+                ca = f["coords"].attrs
+                patch = int(ca.get("patch_size", info.patch_size_level0))
+                overlap = int(ca.get("overlap", 0))
+            tile_mpp = info.encoder.get("mpp")
+            spec = tile_spec(patch, info.patch_size_level0, None if tile_mpp is None else float(tile_mpp), overlap,
+                             "tissues" if tissues is not None else None)
+            elements["shapes"][tile_key] = _tiles(coords, info.patch_size_level0, tissues, mpp)
+            attrs["tile_spec"] = {tile_key: spec}
+            table_name = f"{o.model or _model_name(info.encoder)}_{tile_key}"
+            elements["tables"][table_name], handle = _feature_table(h5, tile_key, o.chunk_rows)
+            record["features"][table_name] = dict(info.encoder)
+            record["sources"].append("features.h5")
+        if o.cells:
+            shapes, table = _cells(folder, mpp, stem)
+            if shapes is not None:
+                elements["shapes"]["cells"], elements["tables"]["cells_table"] = shapes, table
+                record["sources"].append("cells.csv")
+        if o.maps:
+            for key, fname in MAPS.items():
+                if (folder / fname).is_dir():
+                    elements["images"][key] = _map_image(folder / fname, mpp)
+                    record["sources"].append(fname)
+            labels, legend = _qc_labels(folder, dims, mpp)
+            if labels is not None:
+                elements["labels"]["qc_labels"] = labels
+                attrs["qc_classes"] = legend
+                record["sources"].append("qc_labels.png")
+        if not record["sources"]:
+            raise ConfigError("holds none of the results export-spatialdata writes (features.h5, tissue.geojson, "
+                              "cells.csv, heatmap.zarr, attention.zarr, qc_labels.png)", folder)
+        attrs[SLIDEKIT_ATTR] = record
+        sdata = spatialdata.SpatialData(**elements, attrs=attrs)
+        _write(sdata, target)
+    finally:
+        if handle is not None:
+            handle.close()
+    return target
+
+
+def _write(sdata, target: Path) -> None:
+    import dask
+
+    with atomic_path(target) as tmp, warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
+        sdata.write(tmp)
+
+
+def export_cohort_spatialdata(cohort: str | os.PathLike, *, store_dir: str | os.PathLike | None = None,
+                              **options: Any) -> tuple[list[Path], list[str]]:
+    """``export_spatialdata`` for each done slide of a cohort folder (``OUT/cohort.csv``).
+
+    Parameters
+    ----------
+    cohort : str or PathLike
+        The ``--out`` folder of a cohort command (``cohort.csv``, one folder per slide id).
+    store_dir : str or PathLike, optional
+        Where the stores go, ``<slide stem>.zarr`` each (None: into each slide's folder).
+    **options
+        ``export_spatialdata``'s keyword options.
+
+    Returns
+    -------
+    (stores, problems)
+        The stores written, and one line for each slide that was not exported and why.
+    """
+    root = Path(cohort)
+    table = root / "cohort.csv"
+    if not table.is_file():
+        raise ConfigError("no cohort.csv: not the --out folder of a cohort command", root)
+    written, problems = [], []
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        sid, status, slide = ((row.get(k) or "").strip() for k in ("id", "status", "slide"))
+        if status != "done":
+            problems.append(f"{sid}: its row is {status or 'empty'}")
+            continue
+        store = None if store_dir is None else Path(store_dir) / f"{Path(slide).stem}.zarr"
+        try:
+            written.append(export_spatialdata(root / sid, store, slide=slide or None, **options))
+        except SlidekitError as e:
+            problems.append(f"{sid}: {e}")
+    return written, problems
