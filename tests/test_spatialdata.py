@@ -69,6 +69,27 @@ def _cells(folder: Path, n: int = 50, seed: int = 1) -> np.ndarray:
     return np.array([r[5] for r in rows], np.float32)
 
 
+def _maps(folder: Path) -> np.ndarray:
+    """A heatmap (2 classes at 4 µm/px over the slide's tissue box) and a QC label map (32 level-0 px a pixel)."""
+    import cv2
+
+    from slidekit.infer.heatmap import HeatmapWriter
+    from slidekit.regions.tiling import TileGrid
+
+    xs, ys = np.meshgrid(np.arange(512, 1536, 256), np.arange(256, 1024, 256))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    g = TileGrid(coords=coords, mpp=4.0, size=32, overlap=0, slide_dimensions=(2048, 1536), slide_mpp=(0.5, 0.5))
+    w = HeatmapWriter(folder / "heatmap.zarr", g, "segmentation", ["normal", "tumour"], blend="constant")
+    p = np.linspace(0, 1, len(coords) * 32 * 32, dtype=np.float32).reshape(len(coords), 32, 32)
+    w.add(np.arange(len(g)), np.stack([1 - p, p], 1))
+    w.finish()
+    labels = np.zeros((48, 64), np.uint8)
+    labels[10:20, 30:40] = 2
+    cv2.imwrite(str(folder / "qc_labels.png"), labels)
+    (folder / "qc_classes.json").write_text(json.dumps({"0": "clean", "2": "pen"}))
+    return labels
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from slidekit.slidelevel.spatialdata_export import export_spatialdata
@@ -79,6 +100,7 @@ def exported(tmp_path_factory):
     save_tissue(slide, out, progress=False)
     coords, feats = _features(out, slide)
     areas = _cells(out)
+    _maps(out)
     store = export_spatialdata(out, root / "slide.zarr")  # beside the slide: what open_wsi finds itself
     return slide, out, store, coords, feats, areas
 
@@ -121,6 +143,29 @@ def test_cells_are_circles_with_a_table_of_measurements(exported):
     assert np.allclose(cells["radius"].to_numpy(), np.sqrt(areas / np.pi) / 0.5, rtol=1e-6)
     assert np.array_equal(table[:, "area_um2"].X.ravel(), areas)
     assert set(table.obs.columns) >= {"cell_id", "region", "slide"} and "spatial" in table.obsm
+
+
+def test_maps_are_placed_on_the_slide_in_both_systems(exported):
+    from spatialdata.transformations import get_transformation
+
+    from slidekit.infer.heatmap import Heatmap
+
+    slide, out, store, *_ = exported
+    wsi = _open(slide, store=str(store))
+    hm = Heatmap(out / "heatmap.zarr")
+    img = wsi.images["heatmap"]
+    assert list(img.coords["c"].values) == ["normal", "tumour"]
+    assert np.array_equal(np.asarray(img.values), np.asarray(hm.prob[:]))
+    to_l0 = get_transformation(img, "global").to_affine_matrix(("x", "y"), ("x", "y"))
+    (sx, sy), (ox, oy) = hm.scale, hm.origin
+    assert np.allclose(to_l0, [[sx, 0, ox], [0, sy, oy], [0, 0, 1]])
+    to_um = get_transformation(img, "microns").to_affine_matrix(("x", "y"), ("x", "y"))
+    assert np.allclose(to_um[:2, :2], np.diag([4.0, 4.0]))  # a heatmap pixel is 4 µm
+    labels = wsi.labels["qc_labels"]
+    assert int(np.asarray(labels.values)[15, 35]) == 2
+    assert np.allclose(get_transformation(labels, "global").to_affine_matrix(("x", "y"), ("x", "y"))[:2, :2],
+                       np.diag([32.0, 32.0]))
+    assert wsi.attrs["qc_classes"] == {"0": "clean", "2": "pen"}
 
 
 def test_our_store_reads_back_as_the_same_bag(exported):
@@ -238,6 +283,12 @@ def test_export_refuses_empty_folders_and_foreign_stores(exported, tmp_path):
         export_spatialdata(empty)
     with pytest.raises(ConfigError, match="holds none of the results"):
         export_spatialdata(empty, slide=slide)
+    own = export_spatialdata(out)  # default: <slide stem>.zarr in the folder, claimed there; a rerun replaces it
+    assert own == out / "slide.zarr" and export_spatialdata(out, tile_key="patches") == own
+    assert read_features(own).coords.shape[1] == 2 and (own / "shapes" / "patches").is_dir()
+    assert not (own / "shapes" / "tiles").exists()
+    with pytest.raises(ConfigError, match="unknown export option 'tile_size'"):
+        export_spatialdata(out, tile_size=3)
     foreign = tmp_path / "theirs.zarr"
     foreign.mkdir()
     (foreign / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))

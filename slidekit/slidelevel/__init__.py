@@ -1,7 +1,8 @@
 """From slide maps to slide decisions: patch embeddings (``embed``), per-slide HDF5 feature files
 (``feature_store``), top-K tiles (``topk``), morphology features of heatmaps (``features``), pN staging
 and weighted kappa (``staging``), linear evaluation of frozen features (``linear_eval``), MIL scoring and
-attention maps of feature files (``mil_deploy``).
+attention maps of feature files (``mil_deploy``), SpatialData stores for wsidata, LazySlide and sopa
+(``spatialdata_export`` writes them, ``spatialdata_read`` reads their feature tables as bags).
 
 Imports: every stage below (``base`` to ``infer``). ``embed``, ``linear_eval`` and ``mil_deploy`` load
 torch (re-exported lazily here, as are ``features`` and ``topk``, which load zarr and scikit-image,
@@ -41,6 +42,11 @@ _LAZY.update({name: ".mil_tasks" for name in ("MILTask", "Classification", "regi
 _LAZY.update({name: ".mil_deploy" for name in ("deploy", "score_file", "read_bag", "BagScore", "attention_outputs")})
 _LAZY.update({name: ".topk" for name in ("TopK", "topk_from_heatmap", "topk_from_scores", "topk_mean",
                                          "read_score_table")})
+# SpatialData stores (wsidata, LazySlide, sopa): spatialdata_export loads spatialdata, spatialdata_read zarr/anndata.
+_LAZY.update({name: ".spatialdata_export" for name in ("export_spatialdata", "export_cohort_spatialdata",
+                                                        "SpatialDataOptions")})
+_LAZY.update({name: ".spatialdata_read" for name in ("open_store_bag", "iter_store_chunks", "StoreBag",
+                                                      "is_spatialdata_path")})
 
 __all__ = ["pn_stage", "stage_table", "stage_csv", "weighted_kappa", "read_label_csv", "write_submission",
            "score_against", "LabelTable", "PN_STAGES", "NODE_LABELS", *_LAZY]

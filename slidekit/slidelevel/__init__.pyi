@@ -50,6 +50,17 @@ from slidekit.slidelevel.mil_tasks import (
     register_mil_task as register_mil_task,
     task_from_checkpoint as task_from_checkpoint,
 )
+from slidekit.slidelevel.spatialdata_export import (
+    SpatialDataOptions as SpatialDataOptions,
+    export_cohort_spatialdata as export_cohort_spatialdata,
+    export_spatialdata as export_spatialdata,
+)
+from slidekit.slidelevel.spatialdata_read import (
+    StoreBag as StoreBag,
+    is_spatialdata_path as is_spatialdata_path,
+    iter_store_chunks as iter_store_chunks,
+    open_store_bag as open_store_bag,
+)
 from slidekit.slidelevel.staging import (
     NODE_LABELS as NODE_LABELS,
     PN_STAGES as PN_STAGES,
@@ -123,4 +134,11 @@ __all__ = [
     "topk_from_scores",
     "topk_mean",
     "read_score_table",
+    "export_spatialdata",
+    "export_cohort_spatialdata",
+    "SpatialDataOptions",
+    "open_store_bag",
+    "iter_store_chunks",
+    "StoreBag",
+    "is_spatialdata_path",
 ]
