@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_slide
 
-from slidekit.base.errors import ConfigError, FeatureError, OutputError
+from slidekit.base.errors import ConfigError, FeatureError, OutputError, SlidekitWarning
 from slidekit.regions.tissue_job import save_tissue
 from slidekit.slidelevel.feature_store import (
     FeatureWriter,
@@ -313,3 +313,58 @@ def test_cli_exports_a_folder_and_a_cohort(exported, tmp_path):
     assert "s2: its row is failed" in r.output
     bad = CliRunner().invoke(main, ["export-spatialdata", str(tmp_path / "nothing")])
     assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1
+
+
+def _wsidata_layout_store(path: Path, feats: np.ndarray, side: int = 64) -> Path:
+    """A store in wsidata's layout written with spatialdata's own API (no slide needed)."""
+    import anndata
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+    import spatialdata
+    from spatialdata.models import ShapesModel, TableModel
+
+    n = len(feats)
+    grid = int(np.ceil(np.sqrt(n)))
+    xy = np.stack([np.arange(n) % grid, np.arange(n) // grid], 1) * side
+    tiles = ShapesModel.parse(gpd.GeoDataFrame({"tile_id": np.arange(n), "x": xy[:, 0], "y": xy[:, 1],
+                                                "tissue_id": np.zeros(n, int)},
+                                               geometry=shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + side,
+                                                                    xy[:, 1] + side)))
+    obs = pd.DataFrame({"tile_id": np.arange(n), "library_id": pd.Categorical(["tiles"] * n)},
+                       index=np.arange(n).astype(str))
+    table = TableModel.parse(anndata.AnnData(X=feats, obs=obs), region="tiles", region_key="library_id",
+                             instance_key="tile_id")
+    spec = {"height": side, "width": side, "stride_height": side, "stride_width": side, "mpp": 0.5,
+            "ops_level": 0, "ops_downsample": 1.0, "base_level": 0, "base_downsample": 1.0, "tissue_name": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spatialdata.SpatialData(shapes={"tiles": tiles}, tables={"uni_tiles": table},
+                                attrs={"tile_spec": {"tiles": spec}}).write(path)
+    return path
+
+
+@pytest.mark.slow
+def test_train_mil_and_mil_deploy_read_wsidata_stores(tmp_path, one_torch_thread):
+    from slidekit.slidelevel.mil_deploy import deploy
+    from trainers.base import train
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        label = "tumour" if i % 2 else "normal"
+        feats = rng.normal(0, 1, (30 + i, 8)).astype(np.float32)
+        feats[:5, 0] += 4.0 * (label == "tumour")
+        store = _wsidata_layout_store(tmp_path / f"s{i}.zarr", feats)
+        rows.append(f"s{i}.tif,{label},p{i},{store.name}")
+    table = tmp_path / "slides.csv"
+    table.write_text("slide,label,patient,features\n" + "\n".join(rows) + "\n")
+    ckpt = train("mil", None, tmp_path / "run", {"slides": str(table), "arch": "abmil", "folds": 2, "epochs": 2,
+                                                 "patience": 2, "bootstrap": 5}, device="cpu", progress=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["patients"] == 8 and len(metrics["folds"]) == 2
+    with pytest.warns(SlidekitWarning, match="without slidekit's records"):  # a foreign store: said, not silent
+        out = deploy(ckpt, [tmp_path / "s1.zarr", tmp_path / "s2.zarr"], tmp_path / "scores.csv", progress=False)
+    with open(out) as f:
+        scored = list(csv.DictReader(f))
+    assert [r["status"] for r in scored] == ["done", "done"] and all(r["p_tumour"] for r in scored)
