@@ -6,13 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from slidekit.base.errors import ConfigError, LabelError
+from slidekit.cli import main as cli
 from slidekit.models.mil import load_mil_checkpoint
 from slidekit.slidelevel.mil_deploy import deploy
 from slidekit.slidelevel.mil_tasks import available_mil_tasks, get_mil_task, task_from_checkpoint
@@ -22,7 +25,6 @@ from slidekit.slidelevel.outcomes import (
     harrell_c,
     integrated_brier,
     km_plot,
-    main,
     parse_status,
     patient_bags,
     read_clinical,
@@ -176,7 +178,14 @@ def test_km_plot_groups_logrank_and_png(tmp_path):
     assert (low["name"], high["name"]) == ("low risk", "high risk") and low["n"] == high["n"] == 150
     assert high["events"] > low["events"] and km["p"] < 1e-6
     assert low["at_risk"][0] == 150 and high["at_risk"][1] < low["at_risk"][1]
-    assert (tmp_path / "km.png").exists() if km["png"] else "matplotlib" in km["png_skipped"]
+    from PIL import Image
+
+    assert km["png"] == str(tmp_path / "km.png")  # matplotlib is in [dev]: the PNG is drawn
+    with Image.open(tmp_path / "km.png") as im:
+        assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 400
+        px = np.asarray(im.convert("RGB"))
+    assert (px.std(axis=(0, 1)) > 10).all() and len(np.unique(px.reshape(-1, 3), axis=0)) > 20  # drawn, in colour
+    assert not list(tmp_path.glob("*.partial*"))
     three = km_plot(t, e, risk, cutoffs=[-0.5, 0.5])
     assert [g["name"] for g in three["groups"]] == ["risk group 1", "risk group 2", "risk group 3"]
     assert km_plot(t, e, -risk)["p"] == pytest.approx(km["p"])
@@ -315,9 +324,24 @@ def test_survival_and_regression_train_at_patient_level_and_deploy(tmp_path, cap
     hi, lo = max(scored, key=lambda r: float(r["risk"])), min(scored, key=lambda r: float(r["risk"]))
     assert 0 <= float(hi[h]) < float(lo[h]) <= 1  # the higher risk survives less
 
+    # the mean-pooled CoxNet ran inside the same command, on the same folds
+    base = m_os["baseline"]
+    assert base["model"] == "mean-pooled CoxNet" and len(base["folds"]) == 3 and base["overall"]["c_index"] > 0.7
+    assert base["diff"]["c_index"] == pytest.approx(m_os["overall"]["c_index"] - base["overall"]["c_index"])
+    with open(tmp_path / "os" / "baseline_oof.csv") as f:
+        brows = list(csv.DictReader(f))
+    assert [(r["slide"], r["fold"]) for r in brows] == [(r["slide"], r["fold"]) for r in oof]
+    assert harrell_c(np.array([float(r["time"]) for r in oof]), np.array([int(r["event"]) for r in oof]),
+                     np.array([float(r["risk"]) for r in brows])) == pytest.approx(base["overall"]["c_index"])
+
+    capsys.readouterr()
     ckpt = train("mil", None, tmp_path / "ki67", {**common, "slides": str(tables["ki67"]), "task": "regression",
-                                                  "bags_per_step": 8}, device="cpu", progress=False)
+                                                  "bags_per_step": 8}, device="cpu", progress=True)
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing.startswith("mil meanpool: R² ") and "; mean-pooled ridge r2 " in closing, closing
     m = json.loads((tmp_path / "ki67" / "metrics.json").read_text())
+    assert m["baseline"]["model"] == "mean-pooled ridge" and m["baseline"]["overall"]["r2"] > 0.5
+    assert f"(MIL - baseline {m['baseline']['diff']['r2']:+.3f})" in closing
     print("regression OOF", m["overall"], m["ci95"]["r2"])
     assert m["overall"]["r2"] > 0.5 and m["overall"]["pearson"] > 0.7
     _, mil = load_mil_checkpoint(ckpt)
@@ -328,18 +352,63 @@ def test_survival_and_regression_train_at_patient_level_and_deploy(tmp_path, cap
     assert np.abs(pred - (2 + xs)).mean() < 0.6  # restored to the target's units
 
     # the mean-pooled linear baseline on the same folds, and the command-line steps
-    assert main(["baseline", str(tables["os"]), str(tmp_path / "os" / "oof.csv"), "--json", str(tmp_path / "b.json"),
-                 "--out", str(tmp_path / "b.csv")]) == 0
-    b = json.loads((tmp_path / "b.json").read_text())
+    run = CliRunner().invoke
+    r = run(cli, ["outcomes", "baseline", str(tables["os"]), str(tmp_path / "os" / "oof.csv"), "--json",
+                  "--out", str(tmp_path / "b.csv")])
+    assert r.exit_code == 0, r.output
+    b = json.loads(r.output)
     print("baseline", b["overall"]["c_index"], b["diff"])
+    assert b["overall"]["c_index"] == pytest.approx(base["overall"]["c_index"])  # the same folds, the same model
     assert b["kind"] == "survival" and b["overall"]["c_index"] > 0.7 and len(b["folds"]) == 3
     assert b["mil_overall"]["c_index"] == pytest.approx(m_os["overall"]["c_index"])
-    reg = main(["baseline", str(tables["ki67"]), str(tmp_path / "ki67" / "oof.csv")])
-    assert reg == 0 and "mean-pooled ridge r2" in capsys.readouterr().out
-    assert main(["km", str(tmp_path / "os" / "oof.csv")]) == 0
-    assert "log-rank p = " in capsys.readouterr().out
-    assert main(["km", str(tmp_path / "ki67" / "oof.csv")]) == 1  # not a survival run: one line
-    assert "needs time, event and risk" in capsys.readouterr().err
+    with open(tmp_path / "b.csv") as f:
+        assert len(list(csv.DictReader(f))) == 48
+    r = run(cli, ["outcomes", "baseline", str(tables["ki67"]), str(tmp_path / "ki67" / "oof.csv")])
+    assert r.exit_code == 0 and "mean-pooled ridge r2" in r.output
+    r = run(cli, ["outcomes", "km", str(tmp_path / "os" / "oof.csv"), "--out", str(tmp_path / "km.png")])
+    assert r.exit_code == 0 and "log-rank p = " in r.output and "high risk: 24 patients" in r.output
+    assert (tmp_path / "km.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = run(cli, ["outcomes", "km", str(tmp_path / "ki67" / "oof.csv")])  # not a survival run: one line
+    assert r.exit_code != 0 and "needs time, event and risk" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_cli_patients_errors_are_one_line_naming_file_row_and_problem(tmp_path):
+    clinical, slides, _ = _cohort(tmp_path, n_patients=6)
+    run = CliRunner().invoke
+    r = run(cli, ["outcomes", "patients", str(clinical), str(slides), "--out", str(tmp_path / "pt"),
+                  "--regression", "ki67", "--survival", "os_time:os_event"])
+    assert r.exit_code == 0, r.output
+    assert r.output.split() == ["os:", str(tmp_path / "pt" / "os.csv"), "ki67:", str(tmp_path / "pt" / "ki67.csv")]
+    with open(clinical) as f:
+        crows = list(csv.DictReader(f))
+    with open(slides) as f:
+        srows = list(csv.DictReader(f))
+
+    def refused(clin, slide_rows, match, *extra):
+        c = _write_csv(tmp_path / "bad_clinical.csv", clin)
+        s = _write_csv(tmp_path / "bad_slides.csv", slide_rows)
+        out = tmp_path / "refused"
+        r = run(cli, ["outcomes", "patients", str(c), str(s), "--out", str(out), *extra])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("slidekit: error: "), r.output
+        assert re.search(match, lines[0]), lines[0]
+        assert not (out / "os.csv").exists()  # nothing half-written
+
+    def changed(i, **kw):
+        return [dict(r, **kw) if j == i else r for j, r in enumerate(crows)]
+
+    refused(crows, [*srows, {"patient": "P999", "slide": "x.svs", "features": "P000_0.h5"}],
+            rf"bad_slides\.csv: row {len(srows) + 2}: patient 'P999' is not in the clinical table")
+    refused(changed(3, os_time=""), srows, r"bad_clinical\.csv: row 5: os_time is missing")
+    refused(changed(3, os_time="-2.5"), srows, r"bad_clinical\.csv: row 5: os_time value '-2.5' is negative")
+    refused(changed(1, os_event="relapsed"), srows,
+            r"bad_clinical\.csv: row 3: os_event value 'relapsed' is not a status")
+    refused([dict(r, os_event="alive") for r in crows], srows, r"bad_clinical\.csv: .*every patient is censored")
+    r = run(cli, ["outcomes", "patients", str(clinical), str(slides), "--out", str(tmp_path / "u"),
+                  "--survival", "os_time"])
+    assert r.exit_code == 2 and "Invalid value for --survival: 'os_time' is not TIME:EVENT" in r.output
+    refused(crows, [r for r in srows if r["patient"] != "P005"],
+            r"bad_clinical\.csv: row 7: patient 'P005' has no slides")
 
 
 def test_survival_refusals(tmp_path):
@@ -354,7 +423,8 @@ def test_survival_refusals(tmp_path):
     cfg = {"slides": str(table), "task": "survival", "arch": "meanpool", "folds": 3, "epochs": 2, "bootstrap": 0}
     with pytest.raises(ConfigError, match="bags_per_step >= 2"):
         train("mil", None, tmp_path / "a", cfg, device="cpu", progress=False)
-    with pytest.raises(LabelError, match="only censored patients"):  # 2 events, 3 folds
+    with pytest.raises(LabelError, match=r"t\.csv: rows [0-9, ]+: a (validation|test) fold holds only censored "
+                                         r"patients \(\d+, no event\)"):  # 2 events, 3 folds: before training
         train("mil", None, tmp_path / "b", {**cfg, "bags_per_step": 4}, device="cpu", progress=False)
     _write_csv(tmp_path / "u.csv", [dict(r, event="relapse") if r["slide"] == "s4" else r for r in rows])
     with pytest.raises(LabelError, match=r"u\.csv.*row 6: event value 'relapse' is not a status"):
@@ -411,10 +481,12 @@ def test_discrete_time_survival_nll_by_hand_and_trained(tmp_path):
     tables = patient_bags(clinical, slides, tmp_path / "pt")
     ckpt = train("mil", None, tmp_path / "run", {"slides": str(tables["os"]), "task": "survival-discrete",
                                                  "arch": "meanpool", "folds": 3, "epochs": 20, "patience": 6,
-                                                 "lr": 1e-2, "hidden": 16, "bootstrap": 0, "bags_per_step": 16},
+                                                 "lr": 1e-2, "hidden": 16, "bootstrap": 0, "bags_per_step": 16,
+                                                 "baseline": False},
                  device="cpu", progress=False)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["overall"]["c_index"] > 0.7, m["overall"]
+    assert "baseline" not in m and not (tmp_path / "run" / "baseline_oof.csv").exists()  # switched off
     _, mil = load_mil_checkpoint(ckpt)
     assert len(mil["fold_state"]["bin_edges"]) == 3 and mil["out_dim"] == 4
     assert task_from_checkpoint(mil).deploy_columns == ["risk", "survival_bin1", "survival_bin2", "survival_bin3",

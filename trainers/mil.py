@@ -69,6 +69,7 @@ class MILConfig(TrainerConfig):
     bags_per_step: int = 1  # bags whose outputs one loss (and optimiser step) sees together
     bootstrap: int = 1000  # bootstrap resamples of the out-of-fold AUC/kappa confidence intervals (0: none)
     bag_cache_mb: int | None = None  # MB of bags held in memory, others read per use (default: 1/4 of free memory)
+    baseline: bool = True  # survival/regression: also the mean-pooled CoxNet / ridge on the same folds (metrics.json)
 
     def validate(self) -> None:
         super().validate()
@@ -369,8 +370,8 @@ class MILTrainer(Trainer):
     name = "mil"
     consumes = frozenset({"slide_labels"})
     Config = MILConfig
-    rerun_free_options = frozenset({"batch_size", "num_workers", "bootstrap", "bag_cache_mb"})
-    outputs = ("oof.csv", "fold_*.pt", "fold_*.json")  # what --restart deletes (trainers/runs.py)
+    rerun_free_options = frozenset({"batch_size", "num_workers", "bootstrap", "bag_cache_mb", "baseline"})
+    outputs = ("oof.csv", "baseline_oof.csv", "fold_*.pt", "fold_*.json")  # what --restart deletes (trainers/runs.py)
 
     def fit(self, out_dir: str | os.PathLike, device: str = "auto", progress: bool = True) -> Path:
         c = self.config
@@ -399,13 +400,16 @@ class MILTrainer(Trainer):
         folds: list[dict] = []
         from tqdm.auto import tqdm
 
-        bar = tqdm(list(enumerate(_splits(strata, groups, c.folds, c.seed))), desc="mil folds", unit="fold",
-                   disable=not progress)
         task_fields = task.checkpoint_fields()
         mil_desc = {"arch": c.arch, "in_dim": int(in_dim), **task_fields, "hidden": c.hidden,
                     "dropout": c.dropout, "instance_k": c.instance_k, "encoder": encoder,
                     "trainer_config": {k: getattr(c, k) for k in c.__dataclass_fields__},
                     "task": task.name, "out_dim": int(task.out_dim)}
+        splits = list(_splits(strata, groups, c.folds, c.seed))
+        for _tr, va, te in splits:  # a fold the task cannot score is refused before any training
+            task.check_fold(targets, va, "validation")
+            task.check_fold(targets, te, "test")
+        bar = tqdm(list(enumerate(splits)), desc="mil folds", unit="fold", disable=not progress)
         for k, (tr, va, te) in bar:
             path = out / f"fold_{k}.pt"
             record_path = out / f"fold_{k}.json"
@@ -432,6 +436,18 @@ class MILTrainer(Trainer):
                    "slides": len(rows), "patients": len(set(groups.tolist())),
                    "folds": folds, "overall": overall, "ci95": ci,
                    "mean_over_folds": {m: float(np.nanmean([f[m] for f in folds])) for m in overall}}
+        baseline = None
+        if c.baseline and task.has_linear_baseline:  # the linear model on the same folds, in the same report
+            mean_features = np.stack([bags[i].mean(0).double().cpu().numpy() for i in range(len(bags))])
+            baseline = task.linear_baseline(mean_features, targets, fold_of, preds, c.seed)
+        if baseline is not None:
+            base_pred = baseline.pop("predictions")
+            metrics["baseline"] = baseline
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(["slide", "patient", "fold", *columns[:1]])
+            w.writerows([r.slide, r.patient, int(f), round(float(v), 6)] for r, f, v in zip(rows, fold_of, base_pred))
+            write_text_atomic(out / "baseline_oof.csv", buf.getvalue())
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -448,5 +464,10 @@ class MILTrainer(Trainer):
         write_text_atomic(out / "done.json", json.dumps({"trainer": self.name, "epochs": c.epochs,
                                                          "checkpoint": ckpt.name, "best_fold": best}, indent=2))
         if progress:
-            print(f"mil {c.arch}: {task.summary(overall, ci)}", flush=True)
+            line = f"mil {c.arch}: {task.summary(overall, ci)}"
+            if baseline is not None:
+                (head, d), = baseline["diff"].items()
+                line += (f"; {baseline['model']} {head} {baseline['overall'][head]:.3f} on the same folds "
+                         f"(MIL - baseline {d:+.3f})")
+            print(line, flush=True)
         return ckpt

@@ -19,7 +19,7 @@ prefer_passive_waits()  # before any command loads torch: idle OpenMP threads sl
 COMMAND_MODULES = ["slidekit.cli.core", "slidekit.cli.train", "slidekit.cli.stage", "slidekit.cli.heatmap",
                    "slidekit.cli.embed", "slidekit.cli.export", "slidekit.cli.mil",
                    "slidekit.cli.cells", "slidekit.cli.view", "slidekit.cli.qc",
-                   "slidekit.cli.scverse"]
+                   "slidekit.cli.outcomes", "slidekit.cli.scverse"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -299,6 +299,16 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
                      # kept out of the commands' parameters (one slide has no manifest); run_cohort_cli reads it
                      dict(is_flag=True, expose_value=False,
                           callback=lambda ctx, _param, value: ctx.meta.__setitem__("skip_missing", value))),
+    # outcomes (slidekit.cli.outcomes: clinical tables, survival and regression endpoints)
+    "survival": (("--survival", "survival"), "A survival endpoint's time and event columns (repeatable) [default: "
+                 "found by name: time+event|status, <name>_time+<name>_event|_status].",
+                 dict(multiple=True, metavar="TIME:EVENT")),
+    "regression": (("--regression", "regression"), "A numeric target column (repeatable; never guessed).",
+                   dict(multiple=True, metavar="COLUMN")),
+    "patient_column": (("--patient-column", "patient_column"), "The clinical table's patient column [default: the "
+                       "first of patient, PATIENT, patient_id, case_id, case].", dict(default=None)),
+    "cutoffs": (("--cutoffs", "cutoffs"), "Risk cut-offs between groups, comma-separated [default: the median].",
+                dict(default=None, metavar="R1[,R2...]")),
     # scverse interop (slidekit.cli.scverse: SpatialData stores)
     "store": (("--store", "store"), "SpatialData store to write (a .zarr folder; for a cohort, a folder that gets one "
               "<slide stem>.zarr per slide) [default: <slide stem>.zarr in each slide's output folder].",

@@ -93,6 +93,20 @@ class MILTask:
         ``checkpoint.pt``); called after ``make_loss`` of the fold (default: nothing)."""
         return {}
 
+    #: whether ``linear_baseline`` fits a model (the trainer then hands it the bags' mean features)
+    has_linear_baseline: ClassVar[bool] = False
+
+    def linear_baseline(self, mean_features: np.ndarray, targets: np.ndarray, fold: np.ndarray,
+                        predictions: np.ndarray, seed: int) -> dict[str, Any] | None:
+        """A linear model on the bags' mean features, fitted and scored on the MIL run's folds (``fold``:
+        each bag's test fold) and compared with its out-of-fold ``predictions``: ``{"model", "overall",
+        "folds", "predictions", "diff"}`` (default: none)."""
+        return None
+
+    def check_fold(self, targets: np.ndarray, idx: np.ndarray, role: str) -> None:
+        """Refuse a fold's ``role`` set ("validation", "test") that this task cannot score, before any
+        training (``idx``: rows of the slide table, 0 = its first data row; default: accept all)."""
+
     def evaluation_loss(self, loss: Loss, outputs: torch.Tensor, targets: torch.Tensor) -> float:
         """The early-stopping criterion over a whole set (default: the loss of the set as one batch)."""
         return float(loss(outputs, targets))

@@ -35,6 +35,7 @@ from slidekit.slidelevel.mil_tasks import MILTask, register_mil_task
 from slidekit.slidelevel.outcomes import (
     breslow_baseline,
     default_horizons,
+    linear_baseline,
     parse_status,
     parse_time,
     regression_metrics,
@@ -110,6 +111,19 @@ class Survival(MILTask):
             log_den = torch.logsumexp(risk[None, :].masked_fill(~at_risk, float("-inf")), dim=1)
             return (log_den - risk[event]).mean()
         return loss
+
+    has_linear_baseline = True
+
+    def linear_baseline(self, mean_features, targets, fold, predictions, seed):
+        return linear_baseline(mean_features, targets, fold=fold, mil_predictions=np.asarray(predictions)[:, 0],
+                               seed=seed)
+
+    def check_fold(self, targets, idx, role):
+        idx = np.asarray(idx)
+        if len(idx) and not (np.asarray(targets)[idx, 1] > 0).any():
+            rows = ", ".join(str(int(i) + 2) for i in sorted(idx)[:8]) + (" ..." if len(idx) > 8 else "")
+            raise LabelError(f"rows {rows}: a {role} fold holds only censored patients ({len(idx)}, no event): too "
+                             "few events for this many folds (use fewer folds)", self.source)
 
     def evaluation_loss(self, loss, outputs, targets):
         if not bool((targets[:, 1] > 0.5).any()):
@@ -266,6 +280,11 @@ class _Regression(MILTask):
     target_columns = ("target",)
     headline_metric = "r2"
     loss_name = "huber"
+    has_linear_baseline = True
+
+    def linear_baseline(self, mean_features, targets, fold, predictions, seed):
+        return linear_baseline(mean_features, np.asarray(targets, float).reshape(-1), fold=fold,
+                               mil_predictions=np.asarray(predictions)[:, 0], seed=seed)
 
     def __init__(self, mean: float = 0.0, sd: float = 1.0) -> None:
         self.mean, self.sd = float(mean), float(sd)

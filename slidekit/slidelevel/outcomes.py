@@ -177,10 +177,15 @@ def read_clinical(path: str | os.PathLike, survival: Sequence[tuple[str, str]] |
 def read_slide_table(path: str | os.PathLike) -> dict[str, list[Path]]:
     """``patient,features[,slide]`` rows -> each patient's feature files (relative paths are read
     from the table's folder); LabelError naming the row for a missing file or value."""
-    path = Path(path)
+    return _slide_table(Path(path))[0]
+
+
+def _slide_table(path: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """``read_slide_table`` and each patient's first row."""
     if not path.exists():
         raise LabelError("slide table not found", path)
     out: dict[str, list[Path]] = {}
+    first_row: dict[str, int] = {}
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = [c.strip() for c in reader.fieldnames or []]
@@ -196,9 +201,10 @@ def read_slide_table(path: str | os.PathLike) -> dict[str, list[Path]]:
             if not feat.exists():
                 raise LabelError(f"row {i}: feature file {feat} not found", path)
             out.setdefault(r[pcol], []).append(feat)
+            first_row.setdefault(r[pcol], i)
     if not out:
         raise LabelError("slide table has no rows", path)
-    return out
+    return out, first_row
 
 
 def pool_features(files: Sequence[Path], out: Path) -> Path:
@@ -238,15 +244,17 @@ def patient_bags(clinical: str | os.PathLike, slides: str | os.PathLike, out_dir
     LabelError naming the file and row. Returns endpoint name -> table path.
     """
     endpoints = read_clinical(clinical, survival, regression, patient_column)
-    files = read_slide_table(slides)
+    files, slide_rows = _slide_table(Path(slides))
     ep0 = endpoints[0]
     for p, row in zip(ep0.patients, ep0.rows):
         if p not in files:
             raise LabelError(f"row {row}: patient {p!r} has no slides in {slides}", clinical)
     unknown = sorted(set(files) - set(ep0.patients))
     if unknown:
-        raise LabelError(f"patient(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} of the slide table are not "
-                         f"in the clinical table {clinical}", slides)
+        unknown.sort(key=lambda p: slide_rows[p])
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise LabelError(f"row {slide_rows[unknown[0]]}: patient {unknown[0]!r} is not in the clinical table "
+                         f"{clinical}{more}", slides)
     out = Path(out_dir)
     bag_of = {}
     for p in ep0.patients:
@@ -456,7 +464,8 @@ def km_plot(time, event, risk, out: str | os.PathLike | None = None, cutoffs: Se
     risk at ``at_risk_times`` (default 5 points over the follow-up) and the log-rank p.
 
     Returns ``{"groups": [{name, n, events, at_risk}], "at_risk_times", "chisq", "p", "png"}``;
-    ``png`` is the written file, or None with ``png_skipped`` saying why (no matplotlib)."""
+    ``png`` is the written file (matplotlib's Agg canvas: no display needed; censored patients are
+    ticks on the curves), or None with ``png_skipped`` saying why (no matplotlib)."""
     from sksurv.nonparametric import kaplan_meier_estimator
 
     t, e = np.asarray(time, float), np.asarray(event).astype(bool)
@@ -480,32 +489,48 @@ def km_plot(time, event, risk, out: str | os.PathLike | None = None, cutoffs: Se
                                  "at_risk": [int((t[m] >= a).sum()) for a in at]})
     if out is None:
         return result
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure on the Agg canvas: no pyplot, no display, no global backend switched
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         result["png_skipped"] = "matplotlib is not installed: no PNG written"
         return result
-    fig, (ax, tab) = plt.subplots(2, 1, figsize=(6, 5), gridspec_kw={"height_ratios": [4, 1]}, sharex=True)
+    fig = Figure(figsize=(6.4, 5.2))
+    FigureCanvasAgg(fig)
+    ax, tab = fig.subplots(2, 1, gridspec_kw={"height_ratios": [4, 1 + 0.35 * k]}, sharex=True)
+    colours = [f"C{i}" for i in range(k)]
     for i, c in enumerate(curves):
-        if c is not None:
-            ax.step(np.r_[0, c[0]], np.r_[1, c[1]], where="post", label=f"{names[i]} (n={result['groups'][i]['n']})")
+        if c is None:
+            continue
+        x, s = np.r_[0, c[0]], np.r_[1, c[1]]
+        ax.step(x, s, where="post", color=colours[i], label=f"{names[i]} (n={result['groups'][i]['n']}, "
+                                                            f"{result['groups'][i]['events']} events)")
+        m = (g == i) & ~e  # censored patients: a tick on the curve at their time
+        ax.plot(t[m], s[np.searchsorted(x, t[m], side="right") - 1], "|", color=colours[i], markersize=6)
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower left")
+    ax.set_xlim(0, float(t.max()) * 1.02 if len(t) else 1)
+    ax.tick_params(labelbottom=True)
+    ax.set_xlabel("time")
+    ax.legend(loc="lower left", fontsize=8)
     ax.set_title(f"{title + ': ' if title else ''}log-rank p = {p:.3g}")
-    tab.axis("off")
+    tab.set_yticks([])
+    for side in ("top", "right", "left", "bottom"):
+        tab.spines[side].set_visible(False)
+    tab.tick_params(bottom=False, labelbottom=False)
+    tab.set_ylim(-0.5, k - 0.5)
     for i, grp in enumerate(result["groups"]):
+        y = k - 1 - i
+        tab.text(-0.05, y, grp["name"], transform=tab.get_yaxis_transform(), ha="right", va="center", fontsize=8,
+                 color=colours[i])
         for a, n in zip(at, grp["at_risk"]):
-            tab.text(a, 1 - 0.4 * (i + 1), str(n), ha="center", fontsize=8)
-    tab.set_title("numbers at risk", fontsize=8)
+            tab.text(a, y, str(n), ha="center", va="center", fontsize=8)
+    tab.set_title("numbers at risk", fontsize=8, loc="left")
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".partial.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     os.replace(tmp, out)
     result["png"] = str(out)
     return result
@@ -534,18 +559,16 @@ def _read_endpoint_table(table: Path) -> tuple[list[str], list[Path], np.ndarray
 def meanpool_baseline(table: str | os.PathLike, oof: str | os.PathLike, out: str | os.PathLike | None = None,
                       seed: int = 0) -> dict:
     """A linear model on each bag's mean feature, on the folds of a trained MIL run (``oof.csv``'s
-    ``fold``), so the two are compared on the same test patients.
+    ``fold``), so the two are compared on the same test patients (``linear_baseline`` on the files).
 
-    Features are standardised on the training folds. Survival: CoxNet (scikit-survival's
-    ``CoxnetSurvivalAnalysis``, elastic net with l1_ratio 0.5, the penalty chosen by an inner 3-fold
-    CV of Harrell's C over its path); regression: ``RidgeCV`` (alphas 10^-3..10^3). Returns
-    ``{"kind", "overall", "folds", "mil_overall", "diff"}`` (diff: the MIL run's headline metric minus
-    the baseline's, pooled out of fold); ``out``: the baseline's own ``oof.csv``-like table.
+    Returns ``{"kind", "model", "overall", "folds", "mil_overall", "diff"}`` (diff: the MIL run's
+    headline metric minus the baseline's, pooled out of fold); ``out``: the baseline's own
+    ``oof.csv``-like table.
     """
-    from sklearn.linear_model import RidgeCV
-    from sklearn.preprocessing import StandardScaler
-
     table, oof = Path(table), Path(oof)
+    for path, what in ((table, "MIL table"), (oof, "oof.csv")):
+        if not path.is_file():
+            raise LabelError(f"{what} not found", path)
     names, files, y, kind = _read_endpoint_table(table)
     with open(oof, newline="") as f:
         orows = {r["slide"]: r for r in csv.DictReader(f)}
@@ -553,8 +576,55 @@ def meanpool_baseline(table: str | os.PathLike, oof: str | os.PathLike, out: str
     if missing:
         raise LabelError(f"slide(s) {missing[:3]} of {table} are not in this oof.csv (another run's table?)", oof)
     fold = np.array([int(orows[n]["fold"]) for n in names])
+    mil = np.array([float(orows[n]["risk" if kind == "survival" else "predicted"]) for n in names])
     x = np.stack([read_features(p).features.mean(0) for p in files]).astype(np.float64)
-    pred = np.full(len(names), np.nan)
+    res = linear_baseline(x, y, fold=fold, mil_predictions=mil, seed=seed)
+    if out is not None:
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["slide", "fold", "risk" if kind == "survival" else "predicted"])
+            w.writerows([n, int(k), round(float(v), 6)] for n, k, v in zip(names, fold, res.pop("predictions")))
+    else:
+        res.pop("predictions")
+    return res
+
+
+def linear_baseline(x: np.ndarray, targets: np.ndarray, *, fold: np.ndarray, mil_predictions: np.ndarray | None = None,
+                    seed: int = 0) -> dict:
+    """The mean-pooled linear baseline on given folds.
+
+    Features are standardised on the training folds. Survival (``targets`` (n, 2): time, event):
+    CoxNet (scikit-survival's ``CoxnetSurvivalAnalysis``, elastic net with l1_ratio 0.5, the penalty
+    chosen by an inner 3-fold CV of Harrell's C over its path); regression (``targets`` (n,)):
+    ``RidgeCV`` (alphas 10^-3..10^3).
+
+    Parameters
+    ----------
+    x
+        (n, d) each bag's mean feature.
+    targets
+        (n, 2) time and event, or (n,) a continuous target.
+    fold
+        (n,) each bag's test fold (each fold is scored by a model fitted on the others).
+    mil_predictions
+        (n,) the MIL run's out-of-fold risk or predicted value on the same bags (for ``diff``).
+    seed
+        Seed of the inner CV split.
+
+    Returns
+    -------
+    dict
+        ``kind``, ``model``, ``overall`` (pooled out-of-fold metrics), ``folds`` (per fold),
+        ``predictions`` (out of fold) and, with ``mil_predictions``, ``mil_overall`` and ``diff``
+        (MIL - baseline of the headline metric: ``c_index`` or ``r2``).
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray(targets, float)
+    kind = "survival" if y.ndim == 2 else "regression"
+    fold = np.asarray(fold)
+    pred = np.full(len(y), np.nan)
     folds = []
     for k in sorted(set(fold.tolist())):
         tr, te = fold != k, fold == k
@@ -562,26 +632,22 @@ def meanpool_baseline(table: str | os.PathLike, oof: str | os.PathLike, out: str
         xtr, xte = sc.transform(x[tr]), sc.transform(x[te])
         if kind == "survival":
             pred[te] = _coxnet(xtr, y[tr], xte, seed)
-            folds.append({"fold": k, **survival_metrics(y[te, 0], y[te, 1], pred[te])})
+            folds.append({"fold": int(k), **survival_metrics(y[te, 0], y[te, 1], pred[te])})
         else:
             model = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(xtr, y[tr])
             pred[te] = model.predict(xte)
-            folds.append({"fold": k, **regression_metrics(y[te], pred[te])})
+            folds.append({"fold": int(k), **regression_metrics(y[te], pred[te])})
     if kind == "survival":
-        overall = survival_metrics(y[:, 0], y[:, 1], pred)
-        mil = survival_metrics(y[:, 0], y[:, 1], np.array([float(orows[n]["risk"]) for n in names]))
-        head = "c_index"
+        score: Callable[[np.ndarray], dict] = lambda p: survival_metrics(y[:, 0], y[:, 1], p)  # noqa: E731
+        head, model_name = "c_index", "mean-pooled CoxNet"
     else:
-        overall = regression_metrics(y, pred)
-        mil = regression_metrics(y, np.array([float(orows[n]["predicted"]) for n in names]))
-        head = "r2"
-    if out is not None:
-        with open(out, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["slide", "fold", "risk" if kind == "survival" else "predicted"])
-            w.writerows([n, int(k), round(float(v), 6)] for n, k, v in zip(names, fold, pred))
-    return {"kind": kind, "overall": overall, "folds": folds, "mil_overall": mil,
-            "diff": {head: float(mil[head] - overall[head])}}
+        score, head, model_name = (lambda p: regression_metrics(y, p)), "r2", "mean-pooled ridge"
+    res: dict[str, Any] = {"kind": kind, "model": model_name, "overall": score(pred), "folds": folds,
+                           "predictions": pred}
+    if mil_predictions is not None:
+        mil = score(np.asarray(mil_predictions, float))
+        res.update(mil_overall=mil, diff={head: float(mil[head] - res["overall"][head])})
+    return res
 
 
 def _coxnet(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, seed: int) -> np.ndarray:
@@ -612,73 +678,30 @@ def _coxnet(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, seed: int) -> np.
     return np.asarray(model.predict(xte), float)
 
 
-# -- command line: python -m slidekit.slidelevel.outcomes ------------------------------------------
+# -- from a trained run's oof.csv ------------------------------------------------------------------
 
-def _km_from_oof(oof: Path, out: Path | None, cutoffs: Sequence[float] | None) -> dict:
-    """``km_plot`` of a survival run's ``oof.csv`` (columns time, event, risk)."""
+def km_from_oof(oof: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                cutoffs: Sequence[float] | None = None, title: str = "") -> dict:
+    """``km_plot`` of a survival run's out-of-fold predictions.
+
+    Parameters
+    ----------
+    oof
+        The run's ``oof.csv`` (columns ``time``, ``event``, ``risk``).
+    out
+        The PNG to write (None: only the groups, numbers at risk and the log-rank test).
+    cutoffs
+        Risk cut-offs between the groups (default: the median risk).
+    title
+        Put before the log-rank p in the plot's title.
+    """
+    oof = Path(oof)
+    if not oof.is_file():
+        raise LabelError("oof.csv not found", oof)
     with open(oof, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"time", "event", "risk"} <= set(rows[0]):
         raise LabelError("not the oof.csv of a survival run (needs time, event and risk columns)", oof)
     t = np.array([parse_time(r["time"], oof, i) for i, r in enumerate(rows, start=2)])
     e = np.array([parse_status(r["event"], oof, i) for i, r in enumerate(rows, start=2)])
-    return km_plot(t, e, np.array([float(r["risk"]) for r in rows]), out, cutoffs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``patients CLINICAL SLIDES --out DIR``: pool each patient's slides and write one MIL table per
-    endpoint; ``km OOF.csv --out km.png``: Kaplan–Meier curves by predicted risk group, log-rank p;
-    ``baseline TABLE OOF.csv``: the mean-pooled linear baseline on the run's folds."""
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m slidekit.slidelevel.outcomes", description=main.__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("patients", help="pool patients' slides into bags; one MIL table per endpoint")
-    p.add_argument("clinical")
-    p.add_argument("slides", help="CSV patient,features[,slide]")
-    p.add_argument("--out", required=True)
-    p.add_argument("--survival", action="append", default=None, metavar="TIME:EVENT",
-                   help="time and event columns (default: found by name)")
-    p.add_argument("--regression", action="append", default=[], metavar="COLUMN", help="a numeric target column")
-    p.add_argument("--patient-column", default=None)
-    k = sub.add_parser("km", help="Kaplan-Meier curves of a survival run's oof.csv by predicted risk group")
-    k.add_argument("oof")
-    k.add_argument("--out", default=None, help="PNG to write (skipped without matplotlib)")
-    k.add_argument("--cutoffs", default=None, help="risk cut-offs, comma-separated (default: the median)")
-    b = sub.add_parser("baseline", help="mean-pooled CoxNet / ridge on the folds of a trained MIL run")
-    b.add_argument("table", help="the MIL table the run trained on")
-    b.add_argument("oof", help="the run's oof.csv")
-    b.add_argument("--out", default=None, help="the baseline's out-of-fold table (CSV)")
-    b.add_argument("--json", default=None, help="write the comparison as JSON")
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "patients":
-            surv = [tuple(s.split(":", 1)) for s in a.survival] if a.survival else None
-            if surv and any(len(s) != 2 for s in surv):
-                ap.error("--survival takes TIME:EVENT")
-            tables = patient_bags(a.clinical, a.slides, a.out, surv, a.regression, a.patient_column)
-            for name, path in tables.items():
-                print(f"{name}: {path}")
-        elif a.cmd == "baseline":
-            res = meanpool_baseline(a.table, a.oof, a.out)
-            head = "c_index" if res["kind"] == "survival" else "r2"
-            print(f"mean-pooled {'CoxNet' if head == 'c_index' else 'ridge'} {head} {res['overall'][head]:.3f}, "
-                  f"MIL {res['mil_overall'][head]:.3f} (MIL - baseline {res['diff'][head]:+.3f}, same folds)")
-            if a.json:
-                Path(a.json).write_text(json.dumps(res, indent=2))
-        else:
-            cuts = [float(x) for x in a.cutoffs.split(",")] if a.cutoffs else None
-            km = _km_from_oof(Path(a.oof), Path(a.out) if a.out else None, cuts)
-            for g in km["groups"]:
-                print(f"{g['name']}: {g['n']} patients, {g['events']} events, at risk {g['at_risk']}")
-            print(f"log-rank p = {km['p']:.3g}")
-            print(f"wrote {km['png']}" if km["png"] else km.get("png_skipped", "no PNG asked for"))
-    except LabelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return km_plot(t, e, np.array([float(r["risk"]) for r in rows]), out, cutoffs, title=title)
