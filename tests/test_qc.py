@@ -21,6 +21,7 @@ from slidekit.cli.qc import register
 from slidekit.regions.masks import Tissue
 from slidekit.regions.options import TissueOptions
 from slidekit.regions.qc import ARTEFACTS, LABELS, QcArtefacts, QcOptions, focus_on_raster, qc_slide
+from slidekit.regions.qc_zarr import read_label_zarr
 from slidekit.slides.demo import write_pyramid
 from slidekit.slides.slide import open_slide
 
@@ -86,7 +87,7 @@ def drawn(tmp_path_factory: pytest.TempPathFactory) -> dict:
     slide = write_pyramid(root / "drawn.tif", rgb, MPP)
     out = root / "qc"
     summary = qc_slide(slide, out, progress=False)
-    labels = cv2.imread(str(out / "qc_labels.png"), cv2.IMREAD_UNCHANGED)
+    labels = read_label_zarr(out / "qc_labels.zarr")[0]
     return {"slide": slide, "out": out, "summary": summary, "labels": labels, "truth": truth, "root": root}
 
 
@@ -142,7 +143,7 @@ def test_clean_and_pale_tissue_is_not_flagged(drawn: dict) -> None:
 def test_qc_json_areas_are_the_label_counts(drawn: dict) -> None:
     out, labels = drawn["out"], drawn["labels"]
     report = json.loads((out / "qc.json").read_text())
-    legend = json.loads((out / "qc_classes.json").read_text())
+    legend = read_label_zarr(out / "qc_labels.zarr")[1]
     px = legend["mpp"] ** 2
     assert legend["mpp"] == 8.0 and legend["shape"] == list(labels.shape)
     counts = np.bincount(labels.ravel(), minlength=len(LABELS))
@@ -223,11 +224,12 @@ def test_rerun_skipped_and_damaged_output_redone(drawn: dict, tmp_path: Path) ->
     first = qc_slide(drawn["slide"], out, progress=False)
     assert not first.get("skipped")
     assert qc_slide(drawn["slide"], out, progress=False)["skipped"] is True
-    (out / "qc_labels.png").write_bytes(b"not a png")
+    chunk = next(p for p in (out / "qc_labels.zarr").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"not a chunk")
     with pytest.warns(OutputWarning, match="redoing qc"):
         again = qc_slide(drawn["slide"], out, progress=False)
     assert not again.get("skipped") and "redone" in again
-    assert (cv2.imread(str(out / "qc_labels.png"), cv2.IMREAD_UNCHANGED) == drawn["labels"]).all()
+    assert (read_label_zarr(out / "qc_labels.zarr")[0] == drawn["labels"]).all()
 
 
 def test_cli(drawn: dict, tmp_path: Path) -> None:
@@ -255,7 +257,7 @@ def test_pen_ink_on_real_overviews(shared_data: Path, tmp_path: Path, name: str)
     if not image.exists():
         pytest.skip(f"real data not found — {image}")
     summary = qc_slide(image, tmp_path / name, slide_mpp=16.0, progress=False)
-    labels = cv2.imread(str(tmp_path / name / "qc_labels.png"), cv2.IMREAD_UNCHANGED)
+    labels = read_label_zarr(tmp_path / name / "qc_labels.zarr")[0]
     truth = cv2.imread(str(shared_data / "qc" / f"{name}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
     assert labels.shape == truth.shape  # the overview's own pixels (16 µm/px is coarser than 8)
     ink = labels == LABELS["Pen ink"]

@@ -112,6 +112,9 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, tissue_mpp: f
 @option("geojson", type=click.Path(dir_okay=False, path_type=Path),
         detail="the grid (classified with --annotations), clipped to the slide.")
 @option("reader_threads", detail="For --export.", aliases=("--workers",))
+@option("exclude_qc", detail="A cohort: OUT/<slide id>/tiles.csv lists the kept tiles with their artefact "
+                             "fractions.")
+@option("qc_max")
 @tissue_detection_options
 @slide_reading_options
 @threads_option
@@ -131,13 +134,18 @@ def tile(ctx: click.Context, slides: tuple[str, ...], tile_mpp: float, tile_size
     mpp, size = tile_mpp, tile_size
     options: dict[str, Any] = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
                    backend=backend, override_mpp=override_mpp, tissue=tissue)
+    exclude_qc, qc_max = cohort.pop("exclude_qc"), list(cohort.pop("qc_max")) or None
     if not single_slide(ctx, slides, cohort):
+        options.update(exclude_qc=exclude_qc, qc_max=qc_max)
         if export or geojson or annotations:
             raise click.UsageError("--export, --geojson and --annotations take one slide (with its own "
                                    "annotations); run `slidekit tile` per slide")
         if out is None:
             raise click.UsageError("--out is required for a cohort")
         return run_cohort_cli(ctx, "tile", list(slides), str(out), quiet, options)
+    if exclude_qc is not None or qc_max:
+        raise click.UsageError("--exclude-qc is for a tile cohort (OUT/<slide id>/grid.npz and tiles.csv); for one "
+                               "slide give it with --manifest or run `slidekit embed --exclude-qc`")
     if out is None and export is None and geojson is None:
         raise click.UsageError("give --out (grid file), --export (tile images) and/or --geojson")
     if export is None:  # options that would otherwise be ignored without a word

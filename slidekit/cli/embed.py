@@ -50,6 +50,8 @@ from slidekit.cli.common import (
 @option("batch_size", default=64, detail="[64 here: embed_slide's default]")
 @option("seed")
 @min_tissue_option(0.5, "[0.5 here: a feature describes a tile that is mostly tissue]")
+@option("exclude_qc")
+@option("qc_max")
 @tissue_detection_options
 @stain_options
 @option("workers")
@@ -80,6 +82,7 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
         slide_mpp=slide_mpp, override_mpp=override_mpp, stain_norm=stain_norm, stain_ref=stain_ref,
         batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
     options["tissue"] = tissue_kwargs(cohort)
+    options.update(exclude_qc=cohort.pop("exclude_qc"), qc_max=list(cohort.pop("qc_max")) or None)
     quiet = quiet_flag(ctx)
     if not single_slide(ctx, slides, cohort):
         if grid:
@@ -94,7 +97,8 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
     if not quiet and format_split(emb.attrs.get("timing")):
         click.echo(f"time: {format_split(emb.attrs.get('timing'))}", err=True)  # stdout stays JSON
     echo_json({"out": str(Path(path)), "tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1]),
-               "clusters": clusters, "geojson": geojson, "h5": features_h5})
+               "clusters": clusters, "geojson": geojson, "h5": features_h5,
+               **({"qc": emb.attrs.get("qc")} if options["exclude_qc"] else {})})
 
 
 def register(group: click.Group) -> None:

@@ -52,6 +52,7 @@ from slidekit.slides.demo import write_demo_slide
 @option("roi", detail="Intersected with tissue; the heatmap is empty outside them.")
 @option("roi_class")
 @option("exclude_qc")
+@option("qc_max")
 @tissue_detection_options
 @stain_options
 @option("tiff")
@@ -103,11 +104,11 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     options["tissue"] = tissue
     options["tiff"] = cohort.pop("tiff")
     options["ome_zarr"] = cohort.pop("ome_zarr")
-    exclude_qc = cohort.pop("exclude_qc")
-    if roi is not None or exclude_qc is not None:
+    options.update(exclude_qc=cohort.pop("exclude_qc"), qc_max=list(cohort.pop("qc_max")) or None)
+    if roi is not None:
         if is_cohort(ctx, paths, cohort.get("manifest") or ()):
-            raise click.UsageError("--roi and --exclude-qc belong to one slide; run `slidekit heatmap` per slide")
-        options.update(roi=roi, roi_class=roi_class, exclude_qc=exclude_qc)
+            raise click.UsageError("--roi belongs to one slide; run `slidekit heatmap` per slide")
+        options.update(roi=roi, roi_class=roi_class)
     if is_cohort(ctx, paths, cohort.get("manifest") or ()):
         if ctx.get_parameter_source("workers") != click.core.ParameterSource.COMMANDLINE:
             options["workers"] = 0  # each slide worker reads its own tiles; more processes oversubscribe

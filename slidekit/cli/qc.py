@@ -9,13 +9,14 @@ from typing import Any, Callable
 
 import click
 
+from slidekit.cli.cohort import run_cohort_cli, single_slide, slides_argument
 from slidekit.cli.common import (
+    cohort_options,
     echo_json,
     handle_errors,
     option,
     quiet_flag,
     quiet_option,
-    slide_argument,
     slide_reading_options,
 )
 from slidekit.regions.qc import QcOptions, qc_slide
@@ -41,26 +42,40 @@ def _limit_options(func: Callable) -> Callable:
 
 
 @click.command()
-@slide_argument
+@slides_argument
 @option("out", type=click.Path(file_okay=False, path_type=str), required=True,
-        detail="directory (qc_labels.png, qc_classes.json, qc.geojson, qc.json, summary.json).")
+        detail="directory (qc_labels.zarr, qc.geojson, qc.json, summary.json; a cohort: OUT/<slide id>/ per slide, "
+               "OUT/qc.csv and OUT/cohort.csv).")
 @_limit_options
+@option("ome_zarr")
 @slide_reading_options
 @option("json")
 @quiet_option
+@cohort_options
 @handle_errors
 @click.pass_context
-def qc(ctx: click.Context, slide: str, out: str, slide_mpp: float | None, override_mpp: float | None,
-       backend: str | None, as_json: bool, **limits: Any) -> None:
+def qc(ctx: click.Context, slides: tuple[str, ...], out: str, ome_zarr: bool, slide_mpp: float | None,
+       override_mpp: float | None, backend: str | None, as_json: bool, **params: Any) -> None:
     """Slide QC: find pen ink, out-of-focus tissue, folds, dark debris and bubble/coverslip edges; write a
     label map, QuPath annotations (one class each) and qc.json (µm² and fraction of tissue per class, verdict).
 
+    SLIDES: one slide (or overview image), or a cohort (several slides, folders, globs or --manifest CSV):
+    each slide's QC in OUT/<slide id>/, and OUT/qc.csv with one row per slide (verdict, reasons, tissue µm²,
+    per class fraction and µm²), rewritten as slides finish; reruns skip finished slides.
+
     An overview image works too: give its µm/px with --slide-mpp (e.g. `slidekit qc overview.png --slide-mpp 16
     --out D`)."""
-    given: dict[str, Any] = {k: float(v) for k, v in limits.items()}
-    options = QcOptions(**given)
-    summary = qc_slide(slide, out, options=options, slide_mpp=slide_mpp, override_mpp=override_mpp,
-                       backend=backend, progress=not quiet_flag(ctx))
+    limits: dict[str, Any] = {k: float(params.pop(k)) for k in LIMITS}
+    if not single_slide(ctx, slides, params):
+        if as_json:
+            raise click.UsageError("--json is for one slide; a cohort writes OUT/qc.csv")
+        run_cohort_cli(ctx, "qc", list(slides), out, quiet_flag(ctx),
+                       {**limits, "ome_zarr": ome_zarr or None, "slide_mpp": slide_mpp,
+                        "override_mpp": override_mpp, "backend": backend})
+        return
+    slide = slides[0]
+    summary = qc_slide(slide, out, options=QcOptions(**limits), slide_mpp=slide_mpp, override_mpp=override_mpp,
+                       backend=backend, ome_zarr=ome_zarr, progress=not quiet_flag(ctx))
     if as_json:
         echo_json({k: summary[k] for k in ("verdict", "reasons", "tissue_area_um2", "classes", "not_measured")})
         return

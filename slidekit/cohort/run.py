@@ -91,9 +91,14 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     with stop.installed():  # SIGINT/SIGTERM: no new slide, running ones interrupted; a second one ends at once
         rows_in = engine_run(CohortWork(task, options, str(out), key), todo, run, gpus=gpu_ids,
                              settled=list(rows.values()), stop=stop)
+        extra = TASKS[task].table  # a task's own cohort table (qc.csv), rewritten as each slide finishes
         try:
+            if extra is not None:
+                extra(out, everyone, key)
             for row in rows_in:
                 rows[row["id"]] = row
+                if extra is not None:
+                    extra(out, everyone, key)
         finally:
             rows_in.close()
         ordered = [rows[s.id] for s in mine if s.id in rows]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from slidekit.cohort.manifest import CohortSlide
+from slidekit.cohort.qc_table import write_qc_table
 from slidekit.regions.grid_job import grid_job
 from slidekit.regions.job import SlideJob, run_job
 from slidekit.regions.options import ReadOptions
+from slidekit.regions.qc import QcOptions, qc_job
 from slidekit.regions.tissue_job import tissue_job
 from slidekit.slidelevel.features import features_table
 
@@ -33,6 +35,8 @@ class CohortTask:
     required: tuple[str, ...] = ()  # outputs a slide done earlier must have, else it is redone
     other: Callable[[Any, CohortSlide, Path, dict, bool], dict] | None = None  # a task that is not a slide job
     defaults: Callable[[], dict] | None = None  # the options' defaults by flat name, where ``api`` takes option groups
+    # a cohort-wide table besides cohort.csv, rewritten as slides finish: (out, every slide, config key) -> path
+    table: Callable[[Path, Sequence[CohortSlide], str], Path] | None = None
 
     def run(self, context: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
         """Do one slide into ``out``; return its figures for the cohort table."""
@@ -83,6 +87,14 @@ def _own(options: dict, *drop: str) -> dict:
     return {k: v for k, v in options.items() if k not in ("slide_mpp", "progress", *drop)}
 
 
+def _slide_qc(slide: CohortSlide, options: dict) -> dict:
+    """``exclude_qc`` of a cohort is a QC cohort's output folder: each slide's QC is ``QC_OUT/<slide id>/``
+    (the ids of one manifest are the same in every cohort command)."""
+    if options.get("exclude_qc") is None:
+        return options
+    return {**options, "exclude_qc": str(Path(options["exclude_qc"]) / slide.id)}
+
+
 def _heatmap_defaults() -> dict:
     from slidekit.infer.predictor import HeatmapOptions
     from slidekit.models.builtin import DEFAULT_MODEL
@@ -93,7 +105,7 @@ def _heatmap_defaults() -> dict:
 def _heatmap_job(loaded: Any, slide: CohortSlide, options: dict) -> SlideJob:
     from slidekit.infer.predictor import heatmap_job
 
-    return heatmap_job(loaded=loaded, **_mpp_options(slide, options), **_own(options, "model"))
+    return heatmap_job(loaded=loaded, **_mpp_options(slide, options), **_own(_slide_qc(slide, options), "model"))
 
 
 def _cells_setup(options: dict) -> Any:
@@ -127,7 +139,8 @@ def _embed_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
     from slidekit.slidelevel.embed import EmbedJob
 
     reading = ReadOptions(slide_mpp=_mpp_options(slide, options)["slide_mpp"], override_mpp=options.get("override_mpp"))
-    return EmbedJob(reading=reading, geojson=bool(options.get("geojson")), **_own(options, "override_mpp", "geojson"))
+    return EmbedJob(reading=reading, geojson=bool(options.get("geojson")),
+                    **_own(_slide_qc(slide, options), "override_mpp", "geojson"))
 
 
 def _tissue_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
@@ -141,7 +154,15 @@ def _grid_defaults() -> dict:
 
 
 def _grid_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
-    return grid_job(**_mpp_options(slide, options), **_own(options))
+    return grid_job(**_mpp_options(slide, options), **_own(_slide_qc(slide, options)))
+
+
+def _qc_defaults() -> dict:
+    return {**QcOptions().as_dict(), "slide_mpp": None, "override_mpp": None, "backend": None, "ome_zarr": False}
+
+
+def _qc_job(_: Any, slide: CohortSlide, options: dict) -> SlideJob:
+    return qc_job(**_mpp_options(slide, options), **_own(options))
 
 
 def _features_run(_: Any, slide: CohortSlide, out: Path, options: dict, progress: bool) -> dict:
@@ -157,6 +178,8 @@ TASKS: dict[str, CohortTask] = {t.name: t for t in (
                required=("embeddings.zarr", "features.h5"), defaults=_embed_defaults),
     CohortTask("tissue", _nothing, _tissue_job, "slidekit.regions.tissue_job:tissue_job"),
     CohortTask("tile", _nothing, _grid_job, "slidekit.regions.grid_job:grid_job", defaults=_grid_defaults),
+    CohortTask("qc", _nothing, _qc_job, "slidekit.regions.qc:qc_job", required=("qc.json", "qc_labels.zarr"),
+               defaults=_qc_defaults, table=write_qc_table),
     CohortTask("features", _nothing, None, "slidekit.slidelevel.features:features_table", inputs="heatmaps",
                other=_features_run),
 )}

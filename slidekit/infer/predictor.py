@@ -47,7 +47,7 @@ from slidekit.regions.options import (
     TileOptions,
     TissueOptions,
 )
-from slidekit.regions.qc import QcArtefacts
+from slidekit.regions.qc_tiles import TileQc, qc_figures
 from slidekit.regions.roi import clip_store_to_roi
 from slidekit.regions.tiling import TileGrid, TileReader, warn_bad_tiles
 from slidekit.stain.normalize import StainNormalizer, normalizer_from_options
@@ -506,8 +506,7 @@ class HeatmapJob(SlideJob):
         if self.roi is not None:
             self.roi.annotations()  # a bad ROI file is one line before the slide is opened
         self.region: Region = Tissue(o.tissue) if self.roi is None else Tissue(o.tissue) & self.roi
-        if o.roi.exclude_qc is not None:
-            self.region = self.region - QcArtefacts(o.roi.exclude_qc)
+        self.qc = TileQc.of(o.roi.exclude_qc, o.roi.qc_max)  # the runner leaves out tiles over --qc-max
         self.stain, self.stain_info = resolve_stain(spec, o.stain.stain_norm, o.stain.stain_ref)
         out, reading = o.output, o.reading
         run_cfg = {"model": self.ident, "mpp": self.mpp, "size": self.size, "overlap": self.overlap,
@@ -531,7 +530,7 @@ class HeatmapJob(SlideJob):
     def figures(self, summary: dict) -> dict:
         return {"tiles": summary["tiles"], "regions": summary["regions"],
                 "area_mm2": round(summary["region_area_mm2"], 6), "slide_seconds": summary["seconds"],
-                "bad_tiles": len(summary.get("bad_tiles") or [])}
+                "bad_tiles": len(summary.get("bad_tiles") or []), **qc_figures(summary)}
 
     def _reusable(self, hm_path: Path, run_key: str) -> Any:
         """The finished heatmap store of this prediction configuration, else None (removed)."""

@@ -22,7 +22,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from slidekit.base.errors import OutputWarning, TissueError
 from slidekit.base.io import config_digest, write_text_atomic
@@ -38,18 +38,32 @@ from slidekit.slides.identity import slide_fingerprint
 SUMMARY = "summary.json"
 
 
+class TileFilter(Protocol):
+    """Tiles a job's grid leaves out after its region (``regions.qc_tiles.TileQc``: ``--exclude-qc``)."""
+
+    def check(self, slide: Any) -> None: ...
+
+    def config(self) -> dict: ...
+
+    def filter(self, slide: Any, grid: TileGrid) -> tuple[TileGrid, Any, dict]: ...
+
+
 class SlideJob:
     """A per-slide command run by :func:`run_job`.
 
     Subclasses set ``name`` and ``outputs`` (every name the job may write in its folder; the
     summary is the runner's) and implement ``config`` and ``run``. ``reading`` says how the slide
-    is opened, ``region`` what part of it the job works on (None: the job builds no mask).
+    is opened, ``region`` what part of it the job works on (None: the job builds no mask), ``qc``
+    which tiles of its grid are left out (``--exclude-qc``; None: none): the runner checks it against
+    the slide first, adds it to the configuration (``-qc``), applies it in ``JobContext.grid`` and
+    records its counts in the summary (``qc``).
     """
 
     name: str = "job"
     outputs: tuple[str, ...] = ()
     reading: ReadOptions = ReadOptions()
     region: Region | None = None
+    qc: TileFilter | None = None
 
     def config(self) -> dict:
         """The result-affecting configuration (JSON-able); the runner adds the slide's fingerprint."""
@@ -79,6 +93,9 @@ class JobContext:
     config: dict
     progress: bool = True
     _mask: TissueMask | None = field(default=None, repr=False)
+    #: After ``grid()`` with a job's ``qc``: the kept tiles' artefact fractions (N, classes) and the counts.
+    tile_qc: Any = None
+    qc_counts: dict | None = None
 
     @property
     def slide_id(self) -> str:
@@ -102,6 +119,11 @@ class JobContext:
                                    min_tissue=min_tissue if mask is not None else 0.0)
         if len(grid) == 0:
             raise TissueError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", self.slide.path)
+        if self.job.qc is not None:
+            grid, self.tile_qc, self.qc_counts = self.job.qc.filter(self.slide, grid)
+            if len(grid) == 0:
+                raise TissueError(f"every one of its {self.qc_counts['tiles_before']} tiles has more artefact "
+                                  "than --qc-max allows", self.slide.path)
         return grid
 
 
@@ -181,6 +203,8 @@ def run_job(job: SlideJob, slide_path: str | os.PathLike, out_dir: str | os.Path
     out = Path(out_dir)
     with job.reading.open(slide_path) as slide:
         job.check(slide)
+        if job.qc is not None:
+            job.qc.check(slide)
         return _run_locked(job, slide, out, progress)
 
 
@@ -188,6 +212,8 @@ def _run_locked(job: SlideJob, slide: Any, out: Path, progress: bool) -> dict:
     """The rest of ``run_job`` under the folder's lock (the slide is open)."""
     with OutputLock(out):
         config = {**job.config(), "slide_id": slide_fingerprint(slide.path)}
+        if job.qc is not None:  # recorded only when set: the keys of jobs without it hold
+            config["-qc"] = job.qc.config()
         key = config_digest(config)
         # Only files slidekit wrote here may be replaced; another slide's folder is refused.
         OutputDir(out, slide.path, config["slide_id"]).claim(*job.outputs, SUMMARY)
@@ -198,6 +224,8 @@ def _run_locked(job: SlideJob, slide: Any, out: Path, progress: bool) -> dict:
             warnings.warn(f"{out}: redoing {job.name}: {why}", OutputWarning, stacklevel=2)
         ctx = JobContext(job, slide, out, key, config, progress)
         fields = job.run(ctx)
+        if ctx.qc_counts is not None:
+            fields = {**fields, "qc": ctx.qc_counts}
         written = sorted(n for n in job.outputs if not n.endswith(".part") and (out / n).exists())
         summary = {"slide": str(slide.path), "config_key": key, "config": config, **fields,
                    "outputs": written + [SUMMARY],

@@ -137,12 +137,18 @@ class RoiOptions:
     roi_class
         Only its polygons of these classes (None: all).
     exclude_qc
-        A ``slidekit qc`` output folder of the same slide: its artefacts are left out of the region.
+        A ``slidekit qc`` output folder of the same slide file: tiles with more of an artefact class
+        than ``qc_max`` allows are left out (``regions.qc_tiles.TileQc``).
+    qc_max
+        With ``exclude_qc``: the largest fraction of a tile each artefact class may cover, one number
+        for every class, ``"NAME=F"`` for one, a mapping or a list of those (None: 0.5 each;
+        ``regions.qc_tiles.qc_max_of``).
     """
 
     roi: str | os.PathLike | None = None
     roi_class: str | tuple[str, ...] | None = None
     exclude_qc: str | os.PathLike | None = None
+    qc_max: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.roi_class, list):

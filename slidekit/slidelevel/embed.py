@@ -40,6 +40,7 @@ from slidekit.models.spec import ModelSpec
 from slidekit.regions.job import JobContext, SlideJob
 from slidekit.regions.masks import Tissue, build_region
 from slidekit.regions.options import OptionGroups, ReadOptions, RunOptions, StainNormOptions, TileOptions, TissueOptions
+from slidekit.regions.qc_tiles import TileQc, qc_figures
 from slidekit.regions.tiling import TileGrid
 from slidekit.slidelevel.feature_store import write_feature_store
 
@@ -147,6 +148,7 @@ class EmbedOptions(OptionGroups):
 
 def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model: str | os.PathLike,
                 grid: TileGrid | str | os.PathLike | None = None, options: EmbedOptions | None = None,
+                exclude_qc: str | os.PathLike | None = None, qc_max: Any = None,
                 progress: bool = True, **flat: Any) -> Path:
     """Embed every tissue tile of a slide with ``model``; write the store ``out``.
 
@@ -165,6 +167,11 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
         required and ``size`` defaults to 224): ``slidekit.models.encoders.load_embedding_encoder``.
     grid
         A TileGrid or saved grid file to embed instead of the tissue's grid.
+    exclude_qc, qc_max
+        A ``slidekit qc`` folder of the slide: tiles with more of an artefact class than ``qc_max``
+        (``regions.qc_tiles.TileQc``; default 0.5 per class) are not embedded. The kept tiles'
+        fractions are the store's ``qc_fractions`` (N, classes; names in its ``qc`` attribute with the
+        counts removed per class) and the feature file's ``qc_fractions`` dataset.
     options
         :class:`EmbedOptions`: tiles, reading, ``tissue``, outputs (:class:`EmbedOutput`: clusters,
         GeoJSON, the HDF5 feature file, weights), running, stain normalisation (as for
@@ -198,6 +205,13 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
             grid.check_slide(slide)
         if len(grid) == 0:
             raise TissueError(f"no tile has {min_tissue:.0%} tissue at {grid.mpp} µm/px", slide.path)
+        qc, qc_fractions, qc_counts = TileQc.of(exclude_qc, qc_max), None, None
+        if qc is not None:
+            qc.check(slide)
+            grid, qc_fractions, qc_counts = qc.filter(slide, grid)
+            if len(grid) == 0:
+                raise TissueError(f"every one of its {qc_counts['tiles_before']} tiles has more artefact than "
+                                  "--qc-max allows", slide.path)
         meta: dict[str, Any] = {"format": EMBED_FORMAT, "model": file_identity(model),
                 "slide": {"name": grid.slide_name, "id": grid.slide_id,
                           "dimensions": list(grid.slide_dimensions), "mpp": list(grid.slide_mpp)},
@@ -207,6 +221,8 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
                          "mean": list(spec.mean), "std": list(spec.std), "trainer": spec.trainer}}
         if tissue and grid.tissue is not None:  # recorded only when set: stores without it stay complete
             meta["grid"]["tissue"] = dict(tissue)
+        if qc is not None:  # likewise: a store of other QC limits (or another QC run) is recomputed
+            meta["grid"]["qc"] = qc.config()
         if eo.tokens is not None:  # likewise: features of another token rule are recomputed
             meta["spec"]["tokens"] = eo.tokens
         if stain_info["key"] is not None:  # likewise: a store made with other tiles is recomputed
@@ -219,6 +235,8 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
                 _compute(slide, grid, (net, spec, stain), out, meta, RunOptions(batch_size, workers, device, threads),
                          chunk_rows=chunk_rows, progress=progress)
             _record_encoder(out, _encoder_record(spec))
+            if qc_fractions is not None:
+                _record_qc(out, qc_fractions, qc_counts)
             if clusters:
                 _add_clusters(out, clusters, seed)
             if features_h5 is not None:
@@ -249,6 +267,18 @@ def _record_encoder(out: Path, record: dict) -> None:
     root = zarr.open_group(str(out), mode="r+")
     if dict(root.attrs).get("encoder") != record:
         root.attrs["encoder"] = record
+
+
+def _record_qc(out: Path, fractions: np.ndarray, counts: dict | None) -> None:
+    """The kept tiles' artefact fractions (``qc_fractions``, rows as ``coords``) and the QC counts
+    (``qc`` attribute) in the store; the QC's identity is in the grid's, so a store of other limits is
+    never completed with these."""
+    import zarr
+
+    root = zarr.open_group(str(out), mode="r+")
+    if "qc_fractions" not in root or dict(root.attrs).get("qc") != counts:
+        root.create_array("qc_fractions", data=np.asarray(fractions, np.float32), overwrite=True)
+        root.attrs["qc"] = counts
 
 
 def _is_embeddings_store(path: Path) -> bool:
@@ -404,6 +434,8 @@ class EmbedJob(SlideJob):
         if not options.get("model"):
             raise ConfigError("embed needs a model (a checkpoint, an encoder file, timm:NAME or a registry name)")
         self.reading, self.geojson, self.options = reading or ReadOptions(), bool(geojson), options
+        # checked against the slide and part of the configuration by the runner; applied by embed_slide
+        self.qc = TileQc.of(options.get("exclude_qc"), options.get("qc_max"))
 
     def config(self) -> dict:
         cfg = {k: v for k, v in self.options.items() if k not in _RUNTIME and v is not None}
@@ -414,7 +446,7 @@ class EmbedJob(SlideJob):
                 "override_mpp": self.reading.override_mpp}
 
     def figures(self, summary: dict) -> dict:
-        return {"tiles": summary["tiles"], "dim": summary["dim"]}
+        return {"tiles": summary["tiles"], "dim": summary["dim"], **qc_figures(summary)}
 
     def run(self, ctx: JobContext) -> dict:
         out = ctx.out
@@ -425,4 +457,7 @@ class EmbedJob(SlideJob):
                             features_h5=out / "features.h5", slide_mpp=self.reading.slide_mpp,
                             override_mpp=self.reading.override_mpp, **opts)
         emb = open_embeddings(store)
-        return {"tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1])}
+        fields: dict[str, Any] = {"tiles": int(emb.coords.shape[0]), "dim": int(emb.features.shape[1])}
+        if self.qc is not None:
+            fields["qc"] = emb.attrs.get("qc")
+        return fields

@@ -713,7 +713,26 @@ def write_feature_store(emb, out: str | os.PathLike, encoder: dict | None = None
     try:
         for begin in range(w.rows_done, w.n, step):
             w.write(begin, np.asarray(emb.features[begin:begin + step]))
+        _copy_qc_fractions(emb, w.f)
     except BaseException:
         w.abort()
         raise
     return w.close()
+
+
+def _copy_qc_fractions(emb: Any, f: Any) -> None:
+    """The store's per-tile artefact fractions (``embed --exclude-qc``), rows as ``coords``, as the HDF5
+    dataset ``qc_fractions`` (its ``classes`` attribute names the columns; the file's ``qc`` attribute
+    holds the QC counts) so a user can filter the tiles again without recomputing."""
+    import zarr
+
+    qc = emb.attrs.get("qc")
+    if not isinstance(qc, dict):
+        return
+    stored = zarr.open_array(str(Path(emb.path) / "qc_fractions"), mode="r")
+    fractions = np.asarray(stored[:], np.float32)
+    if "qc_fractions" in f:
+        del f["qc_fractions"]
+    ds = f.create_dataset("qc_fractions", data=fractions)
+    ds.attrs["classes"] = json.dumps(qc.get("classes") or [])
+    f.attrs["qc"] = json.dumps(qc)
