@@ -368,3 +368,19 @@ def test_train_mil_and_mil_deploy_read_wsidata_stores(tmp_path, one_torch_thread
     with open(out) as f:
         scored = list(csv.DictReader(f))
     assert [r["status"] for r in scored] == ["done", "done"] and all(r["p_tumour"] for r in scored)
+
+
+def test_lazyslide_aggregates_our_features(exported):
+    """LazySlide's own tool on slidekit's store (where LazySlide is installed: it is not in [dev])."""
+    zs = pytest.importorskip("lazyslide")
+    slide, _out, store, _coords, feats, _ = exported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wsi = zs.open_wsi(slide, store=str(store))
+        zs.tl.feature_aggregation(wsi, feature_key="resnet18", tile_key="tiles")
+        zs.tl.feature_aggregation(wsi, feature_key="resnet18", tile_key="tiles", agg_by="tissue_id")
+    table = wsi.tables["resnet18_tiles"]
+    agg = table.uns["agg_ops"]["agg_slide"]
+    slide_mean = np.asarray(agg["features"] if "features" in agg else table.varm["agg_slide"].T).ravel()
+    assert np.allclose(slide_mean, feats.mean(0), atol=1e-6)
+    assert "agg_tissue_id" in table.uns["agg_ops"]
