@@ -42,7 +42,8 @@ from slidekit.annotations.objects import Annotation
 from slidekit.base.errors import AnnotationError, GridError
 from slidekit.base.io import atomic_path, config_digest, file_identity, write_text_atomic
 from slidekit.base.locks import OutputLock
-from slidekit.base.outputs import OutputDir, claim_path
+from slidekit.base.outputs import claim_path
+from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Tissue, build_region
 from slidekit.regions.options import OptionGroups, ReadOptions, TileOptions, TissueOptions
 from slidekit.regions.tiling import TileGrid, read_tiles
@@ -125,12 +126,10 @@ def tile_labels(annotations: list, grid: Any, rule: str = "majority") -> tuple[l
 
 
 class _FolderSink:
-    def __init__(self, dest: Path, slide: Any, slide_id: str) -> None:
-        self.dest = dest
-        OutputDir(dest, slide.path, slide_id).claim(*PATCH_OUTPUTS)
+    """Tiles as files in a folder the runner has locked and claimed (``ExportJob``)."""
 
-    def finished(self) -> dict | None:
-        return _read_json(self.dest / "patches.json")
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
 
     def start(self, key: str) -> set[str]:
         """Names already written by an interrupted run of this configuration."""
@@ -309,12 +308,82 @@ class ExportOptions(OptionGroups):
         return super().of(options, **flat)
 
 
+class ExportJob(SlideJob):
+    """A patch export into a folder (``tiles/``, ``patches.csv``, ``patches.json``) through the shared
+    runner: a rerun skips it only while every tile file and the table still verify, and redoes it (one
+    line) when any was deleted, emptied or changed. Tiles written by an interrupted run of the same
+    configuration are kept (``patches.json.part`` records whose they are)."""
+
+    name = "export"
+    outputs = (*PATCH_OUTPUTS, "patches.json.part")
+
+    def __init__(self, options: ExportOptions) -> None:
+        o = self.options = options
+        self.reading = o.reading
+        self.region = Tissue(o.tissue)
+
+    def config(self) -> dict:
+        t, f, r = self.options.tiles, self.options.export, self.options.reading
+        return {"format": FORMAT, "mpp": float(t.mpp or 0.5), "size": int(t.size or 256),
+                "overlap": int(t.overlap or 0), "min_tissue": float(t.min_tissue), "image_format": f.image_format,
+                "quality": int(f.quality) if f.image_format == "jpeg" else None,
+                "annotations": None if f.annotations is None else file_identity(f.annotations),
+                "label_rule": f.label_rule if f.annotations is not None else None,
+                "tissue": self.options.tissue.as_dict() or {}, "slide_mpp": r.slide_mpp, "override_mpp": r.override_mpp}
+
+    def run(self, ctx: JobContext) -> dict:
+        cfg, f = ctx.config, self.options.export
+        grid = ctx.grid(mpp=cfg["mpp"], size=cfg["size"], overlap=cfg["overlap"], min_tissue=cfg["min_tissue"])
+        summary = _write_patches(ctx.slide, grid, _FolderSink(ctx.out), ctx.key, cfg, f, ctx.progress)
+        self.grid, self.labels = grid, summary.pop("_labels")
+        return summary
+
+
+def _write_patches(slide: Any, grid: Any, sink: Any, key: str, cfg: dict, f: PatchFormat, progress: bool) -> dict:
+    """Label the grid's tiles, write every tile not written yet into ``sink`` and finish it with the
+    table and ``patches.json``; the summary (with ``_labels``: the tile labels or None)."""
+    t0 = time.time()
+    ext = "png" if f.image_format == "png" else "jpg"
+    labels = shares = None
+    if f.annotations is not None:
+        anns = read_annotations(f.annotations)
+        if not anns:
+            raise AnnotationError("holds no objects to label tiles with", f.annotations)
+        labels, shares = tile_labels(anns, grid, f.label_rule)
+    names = [tile_name(x, y, ext) for x, y in grid.coords.tolist()]
+    have = sink.start(key)
+    todo = np.array([i for i, n in enumerate(names) if n not in have], np.int64)
+    last = time.time()
+    for (x, y), tile in read_tiles(slide, grid.subset(todo), workers=f.reader_threads, progress=progress):
+        sink.add(tile_name(x, y, ext), encode_tile(tile, f.image_format, f.quality))
+        if time.time() - last > FLUSH_SECONDS:
+            sink.checkpoint()
+            last = time.time()
+    summary = {"slide": str(slide.path), "config_key": key, "config": cfg, "tiles": len(grid),
+               "tiles_resumed": len(grid) - len(todo), "dest": str(sink.dest),
+               "labels": None if labels is None else {c: labels.count(c) for c in sorted(set(labels))},
+               "seconds": round(time.time() - t0, 2)}
+    sink.finish(_table(grid, names, labels, shares), summary)
+    return {**summary, "_labels": labels}
+
+
+def _check_format(f: PatchFormat) -> None:
+    if f.image_format not in ("png", "jpeg"):
+        raise ValueError(f"image format must be png or jpeg, not {f.image_format!r}")
+    if f.label_rule not in LABEL_RULES:
+        raise ValueError(f"label rule must be one of {LABEL_RULES}, not {f.label_rule!r}")
+    if not 1 <= int(f.quality) <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, not {f.quality}")
+
+
 def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, *, options: ExportOptions | None = None,
                    progress: bool = True, **flat: Any) -> dict:
     """Write the tiles of a slide's grid into ``dest`` (a folder, or a ``.zip``) with ``patches.csv``.
 
-    See the module docstring for the layout, resume rules and label rules. Returns the summary
-    (``patches.json``), with ``skipped: True`` when a finished export of this configuration was there.
+    See the module docstring for the layout, resume rules and label rules. A folder export is an
+    :class:`ExportJob` run by the shared runner (its ``summary.json`` records and verifies every
+    output); a zip is one file, finished atomically. Returns the summary (``patches.json``), with
+    ``skipped: True`` when a finished export of this configuration was there.
 
     Parameters
     ----------
@@ -330,71 +399,62 @@ def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, *, op
         Single fields by their flat names (``mpp``, ``size``, ``image_format``, ``annotations``, ...).
     """
     o = ExportOptions.of(options, **flat)
-    t, f, r = o.tiles, o.export, o.reading
-    mpp, size, overlap, min_tissue = float(t.mpp or 0.5), int(t.size or 256), int(t.overlap or 0), t.min_tissue
-    image_format, quality, annotations, label_rule = f.image_format, f.quality, f.annotations, f.label_rule
-    geojson, workers, tissue = f.geojson, f.reader_threads, o.tissue.as_dict() or None
-    if image_format not in ("png", "jpeg"):
-        raise ValueError(f"image format must be png or jpeg, not {image_format!r}")
-    if label_rule not in LABEL_RULES:
-        raise ValueError(f"label rule must be one of {LABEL_RULES}, not {label_rule!r}")
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, not {quality}")
+    _check_format(o.export)
     dest = Path(dest)
-    is_zip = dest.suffix.lower() == ".zip"
-    ext = "png" if image_format == "png" else "jpg"
-    t0 = time.time()
-    with r.open(slide_path) as slide, OutputLock(dest.parent if is_zip else dest):
+    if dest.suffix.lower() != ".zip":
+        job = ExportJob(o)
+        summary = run_job(job, slide_path, dest, progress=progress)
+        geojson = o.export.geojson
+        if geojson is not None and not summary.get("skipped"):
+            write_grid_geojson(job.grid, geojson, job.labels)
+        elif geojson is not None and not Path(geojson).exists():
+            _grid_geojson_of_finished(o, slide_path, dest, is_zip=False)
+        return summary
+    return _export_zip(slide_path, dest, o, progress)
+
+
+def _grid_geojson_of_finished(o: ExportOptions, slide_path: str | os.PathLike, dest: Path, *, is_zip: bool) -> None:
+    """``--geojson`` asked of an export that was finished already: the grid again, labels from its table."""
+    t, geojson = o.tiles, o.export.geojson
+    assert geojson is not None  # asked for by the caller
+    with o.reading.open(slide_path) as slide:
+        grid = TileGrid.from_slide(slide, mpp=float(t.mpp or 0.5), size=int(t.size or 256), overlap=int(t.overlap or 0),
+                                   mask=build_region(Tissue(o.tissue), slide), min_tissue=t.min_tissue)
+    write_grid_geojson(grid, geojson, _labels_of(dest, is_zip) if o.export.annotations else None)
+
+
+def _export_zip(slide_path: str | os.PathLike, dest: Path, o: ExportOptions, progress: bool) -> dict:
+    """A zip export: one archive file beside others (its folder is not one slide's), so it is not a
+    slide-folder job; built as ``FILE.zip.part`` and renamed when complete."""
+    t, f, r = o.tiles, o.export, o.reading
+    tissue = o.tissue.as_dict() or None
+    mpp, size, overlap, min_tissue = float(t.mpp or 0.5), int(t.size or 256), int(t.overlap or 0), t.min_tissue
+    with r.open(slide_path) as slide, OutputLock(dest.parent):
         slide_id = slide_fingerprint(slide.path)
-        ann_id = None
-        if annotations is not None:
-            ann_id = file_identity(annotations)
-        cfg = {"format": FORMAT, "slide_id": slide_id, "mpp": float(mpp), "size": int(size), "overlap": int(overlap),
-               "min_tissue": float(min_tissue), "image_format": image_format,
-               "quality": int(quality) if image_format == "jpeg" else None, "annotations": ann_id,
-               "label_rule": label_rule if annotations is not None else None, "tissue": tissue or {},
+        cfg = {"format": FORMAT, "slide_id": slide_id, "mpp": mpp, "size": size, "overlap": overlap,
+               "min_tissue": float(min_tissue), "image_format": f.image_format,
+               "quality": int(f.quality) if f.image_format == "jpeg" else None,
+               "annotations": None if f.annotations is None else file_identity(f.annotations),
+               "label_rule": f.label_rule if f.annotations is not None else None, "tissue": tissue or {},
                "slide_mpp": list(slide.mpp) if slide.mpp else None}
         key = config_digest(cfg)
-        sink = _ZipSink(dest, slide, slide_id) if is_zip else _FolderSink(dest, slide, slide_id)
+        sink = _ZipSink(dest, slide, slide_id)
         done = sink.finished()
         if done is not None and done.get("config_key") == key:
-            if geojson is not None and not Path(geojson).exists():
-                grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap,
-                                           mask=build_region(Tissue(TissueOptions.of(tissue)), slide),
-                                           min_tissue=min_tissue)
-                write_grid_geojson(grid, geojson, _labels_of(dest, is_zip) if annotations else None)
+            if f.geojson is not None and not Path(f.geojson).exists():
+                _grid_geojson_of_finished(o, slide_path, dest, is_zip=True)
             return {**done, "skipped": True}
         mask = build_region(Tissue(TissueOptions.of(tissue)), slide, progress=None if progress else False)
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask, min_tissue=min_tissue)
         if len(grid) == 0:
             raise GridError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
-        labels = shares = None
-        if annotations is not None:
-            anns = read_annotations(annotations)
-            if not anns:
-                raise AnnotationError("holds no objects to label tiles with", annotations)
-            labels, shares = tile_labels(anns, grid, label_rule)
-        names = [tile_name(x, y, ext) for x, y in grid.coords.tolist()]
         try:
-            have = sink.start(key)
-            todo = np.array([i for i, n in enumerate(names) if n not in have], np.int64)
-            last = time.time()
-            for (x, y), tile in read_tiles(slide, grid.subset(todo), workers=workers, progress=progress):
-                sink.add(tile_name(x, y, ext), encode_tile(tile, image_format, quality))
-                if time.time() - last > FLUSH_SECONDS:
-                    sink.checkpoint()
-                    last = time.time()
-            table = _table(grid, names, labels, shares)
-            summary = {"slide": str(slide.path), "config_key": key, "config": cfg, "tiles": len(grid),
-                       "tiles_resumed": len(grid) - len(todo), "dest": str(dest),
-                       "labels": None if labels is None else {c: labels.count(c) for c in sorted(set(labels))},
-                       "seconds": round(time.time() - t0, 2)}
-            sink.finish(table, summary)
+            summary = _write_patches(slide, grid, sink, key, cfg, f, progress)
         finally:
-            if isinstance(sink, _ZipSink):
-                sink.close()
-        if geojson is not None:
-            write_grid_geojson(grid, geojson, labels)
+            sink.close()
+    labels = summary.pop("_labels")
+    if f.geojson is not None:
+        write_grid_geojson(grid, f.geojson, labels)
     return summary
 
 
