@@ -50,7 +50,8 @@ from slidekit.regions.options import (
 from slidekit.regions.qc_tiles import TileQc, qc_figures
 from slidekit.regions.roi import clip_store_to_roi
 from slidekit.regions.tiling import TileGrid, TileReader, warn_bad_tiles
-from slidekit.stain.normalize import StainNormalizer, normalizer_from_options
+from slidekit.regions.tissue import detect_tissue
+from slidekit.stain.normalize import StainNormalizer, normalizer_from_options, stain_remark
 
 
 class _TileBatches(torch.utils.data.Dataset):
@@ -324,9 +325,6 @@ def check_slide_stains(slide: Any, normaliser: Any) -> str | None:
     Read only when a normaliser is applied."""
     if not normaliser:
         return None
-    from slidekit.regions.tissue import detect_tissue
-    from slidekit.stain.normalize import stain_remark
-
     mpp = max(8.0, *slide.mpp)
     rgb = slide.read_whole(mpp, progress=False)
     return stain_remark(rgb, detect_tissue(rgb, mpp), normaliser, name=slide.name)
