@@ -651,31 +651,44 @@ def linear_baseline(x: np.ndarray, targets: np.ndarray, *, fold: np.ndarray, mil
 
 
 def _coxnet(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, seed: int) -> np.ndarray:
-    """CoxNet risks of ``xte``: elastic-net Cox (l1_ratio 0.5), penalty by inner 3-fold CV of Harrell's C."""
+    """CoxNet risks of ``xte``: elastic-net Cox (l1_ratio 0.5) fitted along its penalty path (warm
+    starts: stable where a lone small penalty overflows), the penalty chosen by an inner 3-fold CV
+    of Harrell's C over the path; with fewer than 6 events, the path's least penalised end."""
     import warnings
 
-    from sklearn.exceptions import FitFailedWarning
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold
     from sksurv.linear_model import CoxnetSurvivalAnalysis
 
-    s = _surv(ytr[:, 0], ytr[:, 1])
+    def path(x: np.ndarray, y: np.ndarray, alphas=None) -> CoxnetSurvivalAnalysis:
+        for ratio in (0.01, 0.05, 0.2):  # a path that overflows at its small end is cut shorter
+            try:
+                kw = {"alphas": alphas} if alphas is not None else {"alpha_min_ratio": ratio, "n_alphas": 20}
+                return CoxnetSurvivalAnalysis(l1_ratio=0.5, **kw).fit(x, _surv(y[:, 0], y[:, 1]))
+            except ArithmeticError:
+                if alphas is not None:
+                    alphas = alphas[: max(1, len(alphas) // 2)]
+        raise ArithmeticError("CoxNet overflowed at every penalty tried")
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", (FitFailedWarning, UserWarning, RuntimeWarning))
-        try:
-            from sklearn.exceptions import ConvergenceWarning
-            warnings.simplefilter("ignore", ConvergenceWarning)
-        except ImportError:  # pragma: no cover
-            pass
-        path = CoxnetSurvivalAnalysis(l1_ratio=0.5, alpha_min_ratio=0.01, n_alphas=20).fit(xtr, s)
+        warnings.simplefilter("ignore")
+        full = path(xtr, ytr)
+        alphas = list(full.alphas_)
         events = int(ytr[:, 1].sum())
-        if events >= 6 and len(ytr) - events >= 3:
-            cv = StratifiedKFold(3, shuffle=True, random_state=seed).split(xtr, ytr[:, 1].astype(int))
-            search = GridSearchCV(CoxnetSurvivalAnalysis(l1_ratio=0.5),
-                                  {"alphas": [[a] for a in path.alphas_]}, cv=list(cv), error_score=0.5)
-            model = search.fit(xtr, s).best_estimator_
-        else:  # too few events for an inner CV: the path's least penalised end
-            model = CoxnetSurvivalAnalysis(l1_ratio=0.5, alphas=[path.alphas_[-1]]).fit(xtr, s)
-    return np.asarray(model.predict(xte), float)
+        if events < 6 or len(ytr) - events < 3:
+            return np.asarray(full.predict(xte, alpha=alphas[-1]), float)
+        scores = np.full((3, len(alphas)), np.nan)
+        for k, (a, b) in enumerate(StratifiedKFold(3, shuffle=True, random_state=seed).split(
+                xtr, ytr[:, 1].astype(int))):
+            try:
+                inner = path(xtr[a], ytr[a], alphas)
+            except ArithmeticError:
+                continue
+            for j, alpha in enumerate(alphas):
+                if alpha in set(inner.alphas_):
+                    scores[k, j] = harrell_c(ytr[b, 0], ytr[b, 1], inner.predict(xtr[b], alpha=alpha))
+        mean = np.nanmean(np.where(np.isnan(scores), 0.5, scores), axis=0)
+        best = alphas[int(np.argmax(mean))]
+    return np.asarray(full.predict(xte, alpha=best), float)
 
 
 # -- from a trained run's oof.csv ------------------------------------------------------------------
