@@ -241,3 +241,14 @@ def test_embed_with_exclude_qc_carries_fractions(cohort: dict, tmp_path: Path) -
         np.testing.assert_array_equal(f["qc_fractions"][:], fractions)
         assert json.loads(f["qc_fractions"].attrs["classes"]) == list(ARTEFACTS)
         assert len(f["coords"]) == len(emb.coords)
+
+
+def test_viewer_shows_qc_columns_and_overlay(cohort: dict) -> None:
+    from slidekit.view.index import Index
+
+    index = Index(cohort["out"])
+    table = index.cohort()
+    assert "verdict" in table["columns"] and "Pen ink fraction" in table["columns"]
+    assert {r["id"] for r in table["rows"]} == {"a", "b", "c"} and all(r["verdict"] for r in table["rows"])
+    item = index.item((cohort["out"] / "a").resolve())
+    assert "qc.geojson" in [g["name"] for g in item["geojson"]]  # the classed QC annotations over the slide

@@ -15,6 +15,7 @@ removed in all, removed per class) recorded in the job's summary.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -137,9 +138,9 @@ class TileQc:
 
 
 def fraction_columns() -> list[str]:
-    """The per-tile fraction columns of ``tiles.csv`` (``qc_pen_ink``, ...), in ``ARTEFACTS`` order."""
-    return ["qc_" + "".join(ch if ch.isalnum() else "_" for ch in n.lower()).strip("_").replace("__", "_")
-            for n in ARTEFACTS]
+    """The per-tile fraction columns of ``tiles.csv`` (``qc_pen_ink``, ``qc_air_bubble_edge``, ...), in
+    ``ARTEFACTS`` order."""
+    return ["qc_" + re.sub(r"[^a-z0-9]+", "_", n.lower()).strip("_") for n in ARTEFACTS]
 
 
 def write_tiles_csv(path: str | os.PathLike, grid: TileGrid, fractions: np.ndarray | None) -> Path:
