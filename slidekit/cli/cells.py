@@ -35,6 +35,7 @@ from slidekit.cli.common import (
                          "whole slide, no tissue detection.")
 @option("roi", detail="Also writes regions.csv (counts and densities per polygon).")
 @option("exclude_qc")
+@option("qc_max")
 @option("split")
 @option("gzip")
 @option("batch_size", default=16, detail="[16 here: cells_slide's default]")
@@ -57,10 +58,10 @@ def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str,
     from slidekit.infer.cells import cells_slide
 
     quiet = quiet_flag(ctx)
-    options.update(mpp=tile_mpp, size=tile_size)
+    options.update(mpp=tile_mpp, size=tile_size, qc_max=list(options.pop("qc_max")) or None)
     if not single_slide(ctx, slides, {"manifest": manifest}):
-        if options.get("roi") is not None or options.get("exclude_qc") is not None:
-            raise click.UsageError("--roi and --exclude-qc belong to one slide; run `slidekit cells` per slide")
+        if options.get("roi") is not None:
+            raise click.UsageError("--roi belongs to one slide; run `slidekit cells` per slide")
         options.pop("threads")  # a cohort shares the CPUs among its --jobs (given, it is refused)
         run_cohort_cli(ctx, "cells", list(slides), out, quiet, {"model": model, **options})
         return

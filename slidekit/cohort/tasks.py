@@ -123,7 +123,7 @@ def _cells_defaults() -> dict:
 def _cells_job(loaded: Any, slide: CohortSlide, options: dict) -> SlideJob:
     from slidekit.infer.cells import cells_job
 
-    return cells_job(loaded=loaded, **_mpp_options(slide, options), **_own(options, "model"))
+    return cells_job(loaded=loaded, **_mpp_options(slide, options), **_own(_slide_qc(slide, options), "model"))
 
 
 def _embed_defaults() -> dict:

@@ -47,7 +47,7 @@ from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Region, Roi, Tissue
 from slidekit.regions.options import OptionGroups, ReadOptions, RoiOptions, RunOptions, TileOptions, TissueOptions
-from slidekit.regions.qc import QcArtefacts
+from slidekit.regions.qc_tiles import TileQc, qc_figures
 from slidekit.regions.roi import roi_identity
 from slidekit.regions.tiling import TileGrid, TileReader
 
@@ -374,16 +374,15 @@ class CellsJob(SlideJob):
             self.roi.annotations()  # a bad ROI file is one line before the slide is opened
             cfg["roi"] = roi_identity(o.roi.roi, o.roi.roi_class)
             self.region = self.region & self.roi
-        if o.roi.exclude_qc is not None:
-            self.region = self.region - QcArtefacts(o.roi.exclude_qc)
-            cfg.update(self.region.config())  # "-qc": the QC labels' identity and classes
+        self.qc = TileQc.of(o.roi.exclude_qc, o.roi.qc_max)  # the runner leaves out tiles over --qc-max ("-qc")
         self.cfg, self.reading, self.opts = cfg, r, o.run
 
     def config(self) -> dict:
         return dict(self.cfg)
 
     def figures(self, summary: dict) -> dict:
-        return {"tiles": summary["tiles"], "nuclei": summary["nuclei"], "slide_seconds": summary["seconds"]}
+        return {"tiles": summary["tiles"], "nuclei": summary["nuclei"], "slide_seconds": summary["seconds"],
+                **qc_figures(summary)}
 
     def run(self, ctx: JobContext) -> dict:
         t0 = time.time()
