@@ -4,7 +4,11 @@ Unscribbled pixels carry the ignore label and contribute no loss; a batch with n
 gives a zero loss (and zero gradient) instead of PyTorch's NaN. Labels come from
 
 * an image folder: ``data/images/NAME.png`` + ``data/<labels>/NAME.png`` (class indices, 255 =
-  not drawn), or
+  not drawn),
+* a PASCAL VOC + ScribbleSup folder (``layout: voc``): ``data/JPEGImages/`` with
+  ``data/pascal_2012_scribble/`` (``voc_labels: scribbles``) or ``data/SegmentationClassAug/``
+  (``voc_labels: masks``), optionally narrowed by a ``split`` list file
+  (``slidekit.data.voc.voc_source``), or
 * slides with QuPath GeoJSON scribbles: ``slides`` + ``annotations`` (one file per slide); lines
   are rasterised ``line_width_um`` wide, patch by patch, at ``mpp``.
 
@@ -31,6 +35,7 @@ from slidekit.base import distributed as dist
 from slidekit.base.devices import resolve_device
 from slidekit.base.errors import ConfigError, LabelError, TrainingWarning
 from slidekit.data.datasets import ImageFolderDataset, JointAugment, SlidePatchDataset
+from slidekit.data.voc import VOC_CLASSES, VOC_LABELS, voc_source
 from slidekit.infer.predictor import checkpoint_stain
 from slidekit.models.networks import build_model
 from slidekit.models.spec import BACKBONES, MAX_PATCH_SIZE, ModelSpec
@@ -154,7 +159,10 @@ MAX_SAMPLES_PER_IMAGE = 100_000
 class ScribbleConfig(StainOptions):
     """Options of the ``scribble`` trainer (and the base of ``s2l``'s)."""
 
-    data: str = ""  # image folder root (images/ + labels/)
+    data: str = ""  # image folder root (images/ + labels/), or a VOC folder with layout "voc"
+    layout: str = "folder"  # "folder" (data/<images> + data/<labels>) | "voc" (PASCAL VOC + ScribbleSup)
+    voc_labels: str = "scribbles"  # layout voc: "scribbles" (pascal_2012_scribble/) | "masks" (SegmentationClassAug/)
+    split: str = ""  # layout voc: optional list file of image names (relative to data)
     images: str = "images"
     labels: str = "scribbles"
     slides: list[str] = field(default_factory=list)  # or: slides + one GeoJSON per slide
@@ -176,6 +184,10 @@ class ScribbleConfig(StainOptions):
     def validate(self) -> None:
         super().validate()
 
+        check_option(self.layout in ("folder", "voc"), "layout", self.layout, "folder or voc")
+        check_option(self.voc_labels in VOC_LABELS, "voc_labels", self.voc_labels, " or ".join(VOC_LABELS))
+        if self.layout == "voc" and list(self.classes) == ["background", "foreground"]:
+            self.classes = list(VOC_CLASSES)  # the default two classes cannot be meant for VOC's 21
         check_option(len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes), "classes",
                      self.classes, "two or more distinct class names")
         check_option(not 0 <= self.ignore_index < len(self.classes), "ignore_index", self.ignore_index,
@@ -212,10 +224,11 @@ class SegmentationTrainer(Trainer):
         if not cfg.data:
             raise ConfigError(f"trainer {self.name!r}: set `data` (an image folder) or `slides`")
 
-        ds = ImageFolderDataset.from_folder(cfg.data, images=cfg.images, masks=cfg.labels, scale=cfg.scale,
+        images, labels, names = self.image_source()
+        ds = ImageFolderDataset.from_folder(cfg.data, images=images, masks=labels, names=names, scale=cfg.scale,
                                             crop=cfg.crop, samples_per_image=cfg.samples_per_image,
                                             transform=aug, ignore=cfg.ignore_index)
-        label_dir = Path(cfg.data) / cfg.labels
+        label_dir = Path(cfg.data) / labels
         assert ds.masks is not None  # from_folder read the label images
         bad = [i for i, m in enumerate(ds.masks)
                if ((m != cfg.ignore_index) & ((m < 0) | (m >= len(cfg.classes)))).any()]
@@ -230,6 +243,14 @@ class SegmentationTrainer(Trainer):
             raise LabelError(f"class(es) {', '.join(missing)} of the config have no labelled pixel in any "
                              f"label image", label_dir)
         return ds
+
+    def image_source(self) -> tuple[str, str, list[str] | None]:
+        """The image and label sub-folders of ``data`` and the names to read (None: every image)."""
+        cfg = self.config
+        if cfg.layout == "voc":
+            src = voc_source(cfg.data, labels=cfg.voc_labels, split=cfg.split or None)
+            return src.images, src.labels, list(src.names)
+        return cfg.images, cfg.labels, None
 
     def _slide_dataset(self, aug: Any) -> Any:
         cfg = self.config
