@@ -252,3 +252,23 @@ def test_viewer_shows_qc_columns_and_overlay(cohort: dict) -> None:
     assert {r["id"] for r in table["rows"]} == {"a", "b", "c"} and all(r["verdict"] for r in table["rows"])
     item = index.item((cohort["out"] / "a").resolve())
     assert "qc.geojson" in [g["name"] for g in item["geojson"]]  # the classed QC annotations over the slide
+
+
+def test_tile_one_slide_grid_and_export_with_exclude_qc(cohort: dict, tmp_path: Path) -> None:
+    slide, qc = cohort["slides"][0], cohort["out"] / "a"
+    args = ["tile", str(slide), "--tile-mpp", "8", "--tile-size", "16", "--min-tissue", "0", "--exclude-qc", str(qc),
+            "--qc-max", "Pen ink=0.1", "-q"]  # every tile of the slide: the ink on glass too
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "g.npz"), "--export", str(tmp_path / "ex")])
+    assert r.exit_code == 0, r.output
+    grid = TileGrid.load(tmp_path / "g.npz")
+    meta = grid.meta["qc"]
+    assert len(meta["fractions"]) == len(grid) and meta["removed_by_class"]["Pen ink"] > 0
+    assert len(grid) == meta["tiles_before"] - meta["tiles_removed"] == 32 * 24 - meta["tiles_removed"]
+    assert max(f[ARTEFACTS.index("Pen ink")] for f in meta["fractions"]) <= 0.1
+    with open(tmp_path / "ex" / "patches.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(grid) and all(float(r["qc_pen_ink"]) <= 0.1 for r in rows)
+    assert json.loads((tmp_path / "ex" / "summary.json").read_text())["qc"]["tiles_before"] >= len(grid)
+    r = CliRunner().invoke(main, ["tile", str(cohort["slides"][1]), "--out", str(tmp_path / "o.npz"),
+                                  "--exclude-qc", str(qc), "-q"])
+    assert r.exit_code != 0 and "QC of another slide file" in r.output and not (tmp_path / "o.npz").exists()

@@ -24,6 +24,7 @@ from slidekit.cli.common import (
     tissue_kwargs,
 )
 from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
+from slidekit.regions.qc_tiles import TileQc
 from slidekit.regions.tiling import make_grid
 from slidekit.regions.tissue_job import save_tissue
 from slidekit.slides.demo import write_demo_slide
@@ -112,8 +113,8 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, tissue_mpp: f
 @option("geojson", type=click.Path(dir_okay=False, path_type=Path),
         detail="the grid (classified with --annotations), clipped to the slide.")
 @option("reader_threads", detail="For --export.", aliases=("--workers",))
-@option("exclude_qc", detail="A cohort: OUT/<slide id>/tiles.csv lists the kept tiles with their artefact "
-                             "fractions.")
+@option("exclude_qc", detail="The kept tiles' artefact fractions: a cohort's OUT/<slide id>/tiles.csv, "
+                             "--export's patches.csv, the grid file's meta['qc'].")
 @option("qc_max")
 @tissue_detection_options
 @slide_reading_options
@@ -143,9 +144,7 @@ def tile(ctx: click.Context, slides: tuple[str, ...], tile_mpp: float, tile_size
         if out is None:
             raise click.UsageError("--out is required for a cohort")
         return run_cohort_cli(ctx, "tile", list(slides), str(out), quiet, options)
-    if exclude_qc is not None or qc_max:
-        raise click.UsageError("--exclude-qc is for a tile cohort (OUT/<slide id>/grid.npz and tiles.csv); for one "
-                               "slide give it with --manifest or run `slidekit embed --exclude-qc`")
+    qc = TileQc.of(exclude_qc, qc_max)
     if out is None and export is None and geojson is None:
         raise click.UsageError("give --out (grid file), --export (tile images) and/or --geojson")
     if export is None:  # options that would otherwise be ignored without a word
@@ -161,18 +160,18 @@ def tile(ctx: click.Context, slides: tuple[str, ...], tile_mpp: float, tile_size
     if threads is not None:  # else the libraries keep their own defaults
         configure_threads(threads)
     if out is not None:
-        grid = make_grid(slides[0], out=out, **options)
+        grid = make_grid(slides[0], out=out, qc=qc, **options)
         if not quiet:
             click.echo(f"{len(grid)} tiles of {size}px at {mpp} µm/px -> {out}")
     if export is not None:
         s = export_patches(slides[0], export, image_format=image_format, quality=quality, annotations=annotations,
                            label_rule=label_rule, geojson=geojson, reader_threads=reader_threads, progress=not quiet,
-                           **options)
+                           exclude_qc=exclude_qc, qc_max=qc_max, **options)
         if not quiet:
             state = "skipped (finished earlier)" if s.get("skipped") else f"{s['tiles_resumed']} resumed"
             click.echo(f"{s['tiles']} tiles -> {export} [{state}]")
     elif geojson is not None:
-        grid = make_grid(slides[0], **options) if out is None else grid
+        grid = make_grid(slides[0], qc=qc, **options) if out is None else grid
         labels = tile_labels(read_annotations(annotations), grid, label_rule)[0] if annotations else None
         write_grid_geojson(grid, geojson, labels)
         if not quiet:

@@ -5,6 +5,7 @@ Layout (a folder, or the same names inside a zip)::
 
     tiles/x{X}_y{Y}.png    one image per grid tile, named by its level-0 top-left corner
     patches.csv            file, x, y, mpp, size, tissue_fraction (+ label, label_fraction)
+                           (+ with exclude_qc, each tile's artefact fractions: qc_pen_ink, qc_fold, ...)
     patches.json           the configuration and counts; written last (its presence = finished)
 
 The tiles are exactly ``read_tiles``' tiles (PNG is lossless; JPEG at ``quality``). Tiles stream
@@ -46,6 +47,7 @@ from slidekit.base.outputs import claim_path
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Tissue, build_region
 from slidekit.regions.options import OptionGroups, ReadOptions, TileOptions, TissueOptions
+from slidekit.regions.qc_tiles import TileQc, fraction_columns
 from slidekit.regions.tiling import TileGrid, read_tiles
 from slidekit.slides.identity import slide_fingerprint
 
@@ -317,10 +319,11 @@ class ExportJob(SlideJob):
     name = "export"
     outputs = (*PATCH_OUTPUTS, "patches.json.part")
 
-    def __init__(self, options: ExportOptions) -> None:
+    def __init__(self, options: ExportOptions, qc: TileQc | None = None) -> None:
         o = self.options = options
         self.reading = o.reading
         self.region = Tissue(o.tissue)
+        self.qc = qc  # tiles over its limits left out by the runner's grid; their fractions in patches.csv
 
     def config(self) -> dict:
         t, f, r = self.options.tiles, self.options.export, self.options.reading
@@ -334,14 +337,17 @@ class ExportJob(SlideJob):
     def run(self, ctx: JobContext) -> dict:
         cfg, f = ctx.config, self.options.export
         grid = ctx.grid(mpp=cfg["mpp"], size=cfg["size"], overlap=cfg["overlap"], min_tissue=cfg["min_tissue"])
-        summary = _write_patches(ctx.slide, grid, _FolderSink(ctx.out), ctx.key, cfg, f, ctx.progress)
+        summary = _write_patches(ctx.slide, grid, _FolderSink(ctx.out), ctx.key, cfg, f, ctx.progress,
+                                 qc=None if ctx.qc_counts is None else (ctx.tile_qc, ctx.qc_counts))
         self.grid, self.labels = grid, summary.pop("_labels")
         return summary
 
 
-def _write_patches(slide: Any, grid: Any, sink: Any, key: str, cfg: dict, f: PatchFormat, progress: bool) -> dict:
+def _write_patches(slide: Any, grid: Any, sink: Any, key: str, cfg: dict, f: PatchFormat, progress: bool, *,
+                   qc: tuple[np.ndarray, dict] | None = None) -> dict:
     """Label the grid's tiles, write every tile not written yet into ``sink`` and finish it with the
-    table and ``patches.json``; the summary (with ``_labels``: the tile labels or None)."""
+    table and ``patches.json``; the summary (with ``_labels``: the tile labels or None). ``qc``: the kept
+    tiles' artefact fractions and the QC filter's counts (``exclude_qc``)."""
     t0 = time.time()
     ext = "png" if f.image_format == "png" else "jpg"
     labels = shares = None
@@ -363,7 +369,9 @@ def _write_patches(slide: Any, grid: Any, sink: Any, key: str, cfg: dict, f: Pat
                "tiles_resumed": len(grid) - len(todo), "dest": str(sink.dest),
                "labels": None if labels is None else {c: labels.count(c) for c in sorted(set(labels))},
                "seconds": round(time.time() - t0, 2)}
-    sink.finish(_table(grid, names, labels, shares), summary)
+    if qc is not None:
+        summary["qc"] = qc[1]
+    sink.finish(_table(grid, names, labels, shares, None if qc is None else qc[0]), summary)
     return {**summary, "_labels": labels}
 
 
@@ -377,7 +385,8 @@ def _check_format(f: PatchFormat) -> None:
 
 
 def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, *, options: ExportOptions | None = None,
-                   progress: bool = True, **flat: Any) -> dict:
+                   exclude_qc: str | os.PathLike | None = None, qc_max: Any = None, progress: bool = True,
+                   **flat: Any) -> dict:
     """Write the tiles of a slide's grid into ``dest`` (a folder, or a ``.zip``) with ``patches.csv``.
 
     See the module docstring for the layout, resume rules and label rules. A folder export is an
@@ -393,6 +402,10 @@ def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, *, op
         A folder, or a ``.zip`` file.
     options
         :class:`ExportOptions` (tiles, reading, ``tissue``, :class:`PatchFormat`; None: the defaults).
+    exclude_qc, qc_max
+        A ``slidekit qc`` folder of the slide: tiles with more of an artefact class than ``qc_max``
+        (``regions.qc_tiles.TileQc``; default 0.5 per class) are not exported; ``patches.csv`` gets
+        each kept tile's fractions (``qc_pen_ink``, ...) and the summary the counts removed per class.
     progress
         Show a progress bar.
     **flat
@@ -400,30 +413,35 @@ def export_patches(slide_path: str | os.PathLike, dest: str | os.PathLike, *, op
     """
     o = ExportOptions.of(options, **flat)
     _check_format(o.export)
+    qc = TileQc.of(exclude_qc, qc_max)
     dest = Path(dest)
     if dest.suffix.lower() != ".zip":
-        job = ExportJob(o)
+        job = ExportJob(o, qc)
         summary = run_job(job, slide_path, dest, progress=progress)
         geojson = o.export.geojson
         if geojson is not None and not summary.get("skipped"):
             write_grid_geojson(job.grid, geojson, job.labels)
         elif geojson is not None and not Path(geojson).exists():
-            _grid_geojson_of_finished(o, slide_path, dest, is_zip=False)
+            _grid_geojson_of_finished(o, slide_path, dest, is_zip=False, qc=qc)
         return summary
-    return _export_zip(slide_path, dest, o, progress)
+    return _export_zip(slide_path, dest, o, progress, qc)
 
 
-def _grid_geojson_of_finished(o: ExportOptions, slide_path: str | os.PathLike, dest: Path, *, is_zip: bool) -> None:
+def _grid_geojson_of_finished(o: ExportOptions, slide_path: str | os.PathLike, dest: Path, *, is_zip: bool,
+                              qc: TileQc | None = None) -> None:
     """``--geojson`` asked of an export that was finished already: the grid again, labels from its table."""
     t, geojson = o.tiles, o.export.geojson
     assert geojson is not None  # asked for by the caller
     with o.reading.open(slide_path) as slide:
         grid = TileGrid.from_slide(slide, mpp=float(t.mpp or 0.5), size=int(t.size or 256), overlap=int(t.overlap or 0),
                                    mask=build_region(Tissue(o.tissue), slide), min_tissue=t.min_tissue)
+        if qc is not None:
+            grid = qc.filter(slide, grid)[0]
     write_grid_geojson(grid, geojson, _labels_of(dest, is_zip) if o.export.annotations else None)
 
 
-def _export_zip(slide_path: str | os.PathLike, dest: Path, o: ExportOptions, progress: bool) -> dict:
+def _export_zip(slide_path: str | os.PathLike, dest: Path, o: ExportOptions, progress: bool,
+                qc: TileQc | None = None) -> dict:
     """A zip export: one archive file beside others (its folder is not one slide's), so it is not a
     slide-folder job; built as ``FILE.zip.part`` and renamed when complete."""
     t, f, r = o.tiles, o.export, o.reading
@@ -437,19 +455,29 @@ def _export_zip(slide_path: str | os.PathLike, dest: Path, o: ExportOptions, pro
                "annotations": None if f.annotations is None else file_identity(f.annotations),
                "label_rule": f.label_rule if f.annotations is not None else None, "tissue": tissue or {},
                "slide_mpp": list(slide.mpp) if slide.mpp else None}
+        if qc is not None:  # recorded only when set: earlier zips keep their key
+            qc.check(slide)
+            cfg["-qc"] = qc.config()
         key = config_digest(cfg)
         sink = _ZipSink(dest, slide, slide_id)
         done = sink.finished()
         if done is not None and done.get("config_key") == key:
             if f.geojson is not None and not Path(f.geojson).exists():
-                _grid_geojson_of_finished(o, slide_path, dest, is_zip=True)
+                _grid_geojson_of_finished(o, slide_path, dest, is_zip=True, qc=qc)
             return {**done, "skipped": True}
         mask = build_region(Tissue(TissueOptions.of(tissue)), slide, progress=None if progress else False)
         grid = TileGrid.from_slide(slide, mpp=mpp, size=size, overlap=overlap, mask=mask, min_tissue=min_tissue)
         if len(grid) == 0:
             raise GridError(f"no tile has {min_tissue:.0%} tissue at {mpp} µm/px", slide.path)
+        kept = None
+        if qc is not None:
+            grid, fractions, counts = qc.filter(slide, grid)
+            if len(grid) == 0:
+                raise GridError(f"every one of its {counts['tiles_before']} tiles has more artefact than --qc-max "
+                                "allows", slide.path)
+            kept = (fractions, counts)
         try:
-            summary = _write_patches(slide, grid, sink, key, cfg, f, progress)
+            summary = _write_patches(slide, grid, sink, key, cfg, f, progress, qc=kept)
         finally:
             sink.close()
     labels = summary.pop("_labels")
@@ -468,15 +496,19 @@ def _labels_of(dest: Path, is_zip: bool) -> list[str]:
     return [r.get("label", "") for r in csv.DictReader(io.StringIO(text))]
 
 
-def _table(grid: Any, names: list[str], labels: list[str] | None, shares: np.ndarray | None) -> str:
+def _table(grid: Any, names: list[str], labels: list[str] | None, shares: np.ndarray | None,
+           fractions: np.ndarray | None = None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["file", "x", "y", "mpp", "size", "tissue_fraction"] + (["label", "label_fraction"] if labels else []))
+    w.writerow(["file", "x", "y", "mpp", "size", "tissue_fraction"] + (["label", "label_fraction"] if labels else [])
+               + (fraction_columns() if fractions is not None else []))
     tissue = grid.tissue if grid.tissue is not None else np.full(len(grid), np.nan)
     for i, ((x, y), name) in enumerate(zip(grid.coords.tolist(), names)):
         row = [name, x, y, f"{grid.mpp:g}", grid.size, f"{float(tissue[i]):.4f}"]
         if labels is not None:
             assert shares is not None  # tile_labels gives both
             row += [labels[i], f"{float(shares[i]):.4f}"]
+        if fractions is not None:
+            row += [f"{float(v):.4f}" for v in fractions[i]]
         w.writerow(row)
     return buf.getvalue()

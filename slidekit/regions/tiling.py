@@ -493,7 +493,7 @@ def _is_grid_file(path: str | os.PathLike) -> bool:
 
 
 def make_grid(slide_path: str | os.PathLike, out: str | os.PathLike | None = None, *,
-              options: GridOptions | None = None, mask_mpp: float = 8.0, **flat: Any) -> TileGrid:
+              options: GridOptions | None = None, mask_mpp: float = 8.0, qc: Any = None, **flat: Any) -> TileGrid:
     """Open a slide, detect tissue (when ``min_tissue > 0``), build its grid and save it to ``out``.
 
     Parameters
@@ -506,6 +506,9 @@ def make_grid(slide_path: str | os.PathLike, out: str | os.PathLike | None = Non
         :class:`GridOptions` (tiles, reading, ``tissue``; None: the defaults).
     mask_mpp
         µm/px of the tissue mask (a ``tissue`` option ``mpp`` wins).
+    qc
+        A ``regions.qc_tiles.TileQc`` (``--exclude-qc``): the tiles over its limits are left out; the
+        grid's ``meta["qc"]`` holds its configuration, the counts and the kept tiles' fractions.
     **flat
         Single fields by their flat names (``mpp``, ``size``, ``overlap``, ``min_tissue``,
         ``slide_mpp``, ``override_mpp``, ``backend``, ``tissue``).
@@ -518,6 +521,11 @@ def make_grid(slide_path: str | os.PathLike, out: str | os.PathLike | None = Non
                 if min_tissue > 0 else None)
         grid = TileGrid.from_slide(slide, mpp=mpp, size=int(size or 256), overlap=overlap, mask=mask,
                                    min_tissue=min_tissue)
+        if qc is not None:
+            qc.check(slide)
+            grid, fractions, counts = qc.filter(slide, grid)
+            grid.meta["qc"] = {**counts, "config": qc.config(),
+                               "fractions": np.round(np.asarray(fractions, np.float64), 4).tolist()}
     if out is not None:
         claim_path(out, _is_grid_file(out), "a slidekit tile grid")  # never replace a user's file
         grid.save(out)
