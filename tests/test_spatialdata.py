@@ -143,6 +143,22 @@ def test_cells_are_circles_with_a_table_of_measurements(exported):
     assert np.allclose(cells["radius"].to_numpy(), np.sqrt(areas / np.pi) / 0.5, rtol=1e-6)
     assert np.array_equal(table[:, "area_um2"].X.ravel(), areas)
     assert set(table.obs.columns) >= {"cell_id", "region", "slide"} and "spatial" in table.obsm
+    assert np.array_equal(cells.index.to_numpy(), table.obs["cell_id"].to_numpy())
+
+
+def test_cells_streamed_in_row_groups_are_the_same(exported, tmp_path, monkeypatch):
+    import geopandas as gpd
+    import pyarrow.parquet as pq
+
+    from slidekit.slidelevel import spatialdata_export
+
+    slide, out, store, *_ = exported
+    monkeypatch.setattr(spatialdata_export, "CELL_ROWS", 16)  # 50 cells: 4 row groups
+    small = spatialdata_export.export_spatialdata(out, tmp_path / "rows.zarr", maps=False)
+    assert pq.ParquetFile(small / "shapes" / "cells" / "shapes.parquet").num_row_groups == 4
+    a = gpd.read_parquet(small / "shapes" / "cells" / "shapes.parquet")
+    b = gpd.read_parquet(store / "shapes" / "cells" / "shapes.parquet")
+    assert a.index.equals(b.index) and a["radius"].equals(b["radius"]) and a.geometry.equals(b.geometry)
 
 
 def test_maps_are_placed_on_the_slide_in_both_systems(exported):

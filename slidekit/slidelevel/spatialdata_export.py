@@ -169,48 +169,112 @@ def _feature_table(h5: Path, tile_key: str, chunk_rows: int):
 def _cell_rows(path: Path) -> Iterator[Any]:
     import pandas as pd
 
+    dtypes = {"id": "int64", "x": "float64", "y": "float64", **{m: "float32" for m in MEASUREMENTS}}
     try:
-        yield from pd.read_csv(path, chunksize=CELL_ROWS)
+        header = pd.read_csv(path, nrows=0).columns
+        missing = [c for c in dtypes if c not in header]
+        if missing:
+            raise ConfigError(f"has no column {missing[0]!r}: not slidekit's cells table", path)
+        cols = [*dtypes, *(["class"] if "class" in header else [])]
+        yield from pd.read_csv(path, usecols=cols, dtype=dtypes, chunksize=CELL_ROWS)
     except (ValueError, pd.errors.ParserError) as e:
         raise ConfigError(f"not a readable cells table ({' '.join(str(e).split())[:120]})", path) from None
 
 
-def _cells(folder: Path, mpp: float, slide_name: str):
-    """Circles (centroid, radius of the nucleus area) and a table of measurements of ``cells.csv``,
-    read in row chunks (only the arrays kept: no per-row Python objects beyond the shapes)."""
-    import anndata
-    import geopandas as gpd
-    import pandas as pd
-    import shapely
-    from spatialdata.models import ShapesModel, TableModel
+def _has_cells(path: Path) -> bool:
+    """Whether ``path`` is a cells table with at least one cell (ConfigError for another table)."""
+    if not path.is_file():
+        return False
+    return any(len(chunk) for chunk in _cell_rows(path))
 
+
+def _cell_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(ids, level-0 centroids, measurements, classes or None) of ``cells.csv``, read in row chunks
+    (the needed columns only, as arrays)."""
     path = folder / "cells.csv"
     if not path.is_file():
-        return None, None
+        return None
     ids, xy, meas, classes = [], [], [], []
     for chunk in _cell_rows(path):
-        missing = [c for c in ("id", "x", "y", *MEASUREMENTS) if c not in chunk.columns]
-        if missing:
-            raise ConfigError(f"has no column {missing[0]!r}: not slidekit's cells table", path)
         ids.append(chunk["id"].to_numpy(np.int64))
         xy.append(chunk[["x", "y"]].to_numpy(np.float64))
         meas.append(chunk[list(MEASUREMENTS)].to_numpy(np.float32))
         if "class" in chunk.columns:
             classes.append(chunk["class"].astype(str).to_numpy())
     if not ids:
-        return None, None
-    cid, pts, m = np.concatenate(ids), np.concatenate(xy), np.concatenate(meas)
-    radius = np.sqrt(np.maximum(m[:, 0], 0) / np.pi) / mpp
-    gdf = gpd.GeoDataFrame({"radius": radius}, geometry=shapely.points(pts[:, 0], pts[:, 1]),
-                           index=pd.Index(cid, name="cell_id"))
-    shapes = ShapesModel.parse(gdf, transformations=_transforms(mpp))
+        return None
+    return (np.concatenate(ids), np.concatenate(xy), np.concatenate(meas),
+            np.concatenate(classes) if classes else None)
+
+
+def _circles(chunk: Any, mpp: float):
+    """A GeoDataFrame of circles of one chunk of ``cells.csv``: the centroid, with the radius of the
+    nucleus area (level-0 pixels), indexed by cell id."""
+    import geopandas as gpd
+    import pandas as pd
+
+    radius = np.sqrt(np.maximum(chunk["area_um2"].to_numpy(np.float64), 0) / np.pi) / mpp
+    return gpd.GeoDataFrame({"radius": radius}, geometry=gpd.points_from_xy(chunk["x"], chunk["y"]),
+                            index=pd.Index(chunk["id"].to_numpy(np.int64), name="cell_id"))
+
+
+def _write_cell_shapes(sdata, store: Path, csv_path: Path, mpp: float) -> None:
+    """The ``cells`` shapes element, streamed: spatialdata writes the element from the first cell
+    (its metadata and transformations), then its ``shapes.parquet`` is rewritten row group by row
+    group from ``cells.csv``, so no GeoDataFrame of all cells is ever in memory."""
+    import pyarrow.parquet as pq
+    from geopandas.io.arrow import _geopandas_to_arrow
+    from spatialdata.models import ShapesModel
+
+    rows = _cell_rows(csv_path)
+    first = next(rows)
+    sdata.shapes["cells"] = ShapesModel.parse(_circles(first.iloc[:1], mpp), transformations=_transforms(mpp))
+    sdata.write_element("cells")
+    del sdata.shapes["cells"]
+    target = store / "shapes" / "cells" / "shapes.parquet"
+    partial = target.with_name("shapes.parquet.partial")
+    writer = None
+    try:
+        for chunk in _chain(first, rows):
+            table = _geopandas_to_arrow(_circles(chunk, mpp), geometry_encoding="WKB")
+            if writer is None:
+                meta = dict(table.schema.metadata or {})
+                geo = json.loads(meta[b"geo"])
+                for column in geo.get("columns", {}).values():
+                    column.pop("bbox", None)  # the first chunk's: optional in GeoParquet, left out
+                meta[b"geo"] = json.dumps(geo).encode()
+                schema = table.schema.with_metadata(meta)
+                writer = pq.ParquetWriter(partial, schema)
+            writer.write_table(table.cast(schema))
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(partial, target)
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _cell_table(folder: Path, slide_name: str):
+    """The measurements of ``cells.csv`` as an AnnData table annotating the ``cells`` shapes (sopa's columns)."""
+    import anndata
+    import pandas as pd
+    from spatialdata.models import TableModel
+
+    cells = _cell_arrays(folder)
+    if cells is None:
+        raise ConfigError("holds no cells", folder / "cells.csv")
+    cid, pts, m, classes = cells
     n = len(cid)
-    obs = pd.DataFrame({"cell_id": cid, "region": pd.Categorical(["cells"] * n),
-                        "slide": pd.Categorical([slide_name] * n)}, index=cid.astype(str))
-    if classes:
-        obs["class"] = pd.Categorical(np.concatenate(classes))
+    obs = pd.DataFrame({"cell_id": cid, "region": pd.Categorical.from_codes(np.zeros(n, np.int8), ["cells"]),
+                        "slide": pd.Categorical.from_codes(np.zeros(n, np.int8), [slide_name])},
+                       index=cid.astype(str))
+    if classes is not None:
+        obs["class"] = pd.Categorical(classes)
     table = anndata.AnnData(X=m, obs=obs, var=pd.DataFrame(index=list(MEASUREMENTS)), obsm={"spatial": pts})
-    return shapes, TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")
+    return TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")
 
 
 def _map_image(path: Path, mpp: float):
@@ -282,7 +346,7 @@ class SpatialDataOptions:
     tile_key: str = "tiles"
     cells: bool = True
     maps: bool = True
-    chunk_rows: int = 4096
+    chunk_rows: int = 1024
 
 
 def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | None = None, *,
@@ -378,11 +442,9 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
             elements["tables"][table_name], handle = _feature_table(h5, tile_key, o.chunk_rows)
             record["features"][table_name] = dict(info.encoder)
             record["sources"].append("features.h5")
-        if o.cells:
-            shapes, table = _cells(folder, mpp, stem)
-            if shapes is not None:
-                elements["shapes"]["cells"], elements["tables"]["cells_table"] = shapes, table
-                record["sources"].append("cells.csv")
+        with_cells = o.cells and _has_cells(folder / "cells.csv")  # its columns checked before anything is written
+        if with_cells:
+            record["sources"].append("cells.csv")
         if o.maps:
             for key, fname in MAPS.items():
                 if (folder / fname).is_dir():
@@ -397,20 +459,34 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
             raise ConfigError("holds none of the results export-spatialdata writes (features.h5, tissue.geojson, "
                               "cells.csv, heatmap.zarr, attention.zarr, qc_labels.png)", folder)
         attrs[SLIDEKIT_ATTR] = record
-        sdata = spatialdata.SpatialData(**elements, attrs=attrs)
-        _write(sdata, target)
+        # the cells go in after the rest, one element at a time: their shapes and table (which
+        # SpatialData holds in memory) are never in memory with each other or with a feature chunk
+        later = [] if not with_cells else [
+            lambda sd, tmp: _write_cell_shapes(sd, tmp, folder / "cells.csv", mpp),
+            lambda sd, tmp: _write_table(sd, "cells_table", _cell_table(folder, stem))]
+        _write(spatialdata.SpatialData(**elements, attrs=attrs), target, later)
     finally:
         if handle is not None:
             handle.close()
     return target
 
 
-def _write(sdata, target: Path) -> None:
+def _write(sdata, target: Path, later: list) -> None:
+    """Write ``sdata`` to ``target`` atomically, then run each step of ``later`` (``step(sdata, tmp)``:
+    an element made, written and dropped) before the store is renamed into place."""
     import dask
 
     with atomic_path(target) as tmp, warnings.catch_warnings(), dask.config.set(scheduler="synchronous"):
         warnings.filterwarnings("ignore", message=".*autosharding.*")
         sdata.write(tmp)
+        for step in later:
+            step(sdata, tmp)
+
+
+def _write_table(sdata, name: str, table) -> None:
+    sdata.tables[name] = table
+    sdata.write_element(name)
+    del sdata.tables[name]
 
 
 def export_cohort_spatialdata(cohort: str | os.PathLike, *, store_dir: str | os.PathLike | None = None,
