@@ -272,3 +272,19 @@ def test_tile_one_slide_grid_and_export_with_exclude_qc(cohort: dict, tmp_path: 
     r = CliRunner().invoke(main, ["tile", str(cohort["slides"][1]), "--out", str(tmp_path / "o.npz"),
                                   "--exclude-qc", str(qc), "-q"])
     assert r.exit_code != 0 and "QC of another slide file" in r.output and not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--exclude-qc", "{qc}", "--qc-max", "2"], "--qc-max '2': a fraction between 0 and 1"),
+    (["--exclude-qc", "{qc}", "--qc-max", "Smudge=0.1"], "unknown QC class 'Smudge'"),
+    (["--qc-max", "0.2"], "--qc-max needs --exclude-qc"),
+    (["--exclude-qc", "{missing}"], "not a folder"),
+])
+def test_bad_qc_options_are_one_line_before_a_cohort_starts(cohort: dict, tmp_path: Path, args: list[str],
+                                                            said: str) -> None:
+    args = [a.format(qc=cohort["out"], missing=tmp_path / "none") for a in args]
+    for command in (["heatmap", "--model", "tissue"], ["cells"], ["tile"]):
+        r = CliRunner().invoke(main, [command[0], *map(str, cohort["slides"][:2]), *command[1:],
+                                      "--out", str(tmp_path / command[0]), *args, "-q"])
+        assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (command, r.output)
+        assert not (tmp_path / command[0]).exists()

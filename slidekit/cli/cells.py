@@ -18,6 +18,7 @@ from slidekit.cli.common import (
     threads_option,
     tile_geometry_options,
 )
+from slidekit.regions.qc_tiles import check_qc_options
 
 
 @click.command("cells")
@@ -59,6 +60,7 @@ def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str,
 
     quiet = quiet_flag(ctx)
     options.update(mpp=tile_mpp, size=tile_size, qc_max=list(options.pop("qc_max")) or None)
+    check_qc_options(options.get("exclude_qc"), options.get("qc_max"))
     if not single_slide(ctx, slides, {"manifest": manifest}):
         if options.get("roi") is not None:
             raise click.UsageError("--roi belongs to one slide; run `slidekit cells` per slide")

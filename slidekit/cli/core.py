@@ -24,7 +24,7 @@ from slidekit.cli.common import (
     tissue_kwargs,
 )
 from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
-from slidekit.regions.qc_tiles import TileQc
+from slidekit.regions.qc_tiles import TileQc, check_qc_options
 from slidekit.regions.tiling import make_grid
 from slidekit.regions.tissue_job import save_tissue
 from slidekit.slides.demo import write_demo_slide
@@ -136,6 +136,7 @@ def tile(ctx: click.Context, slides: tuple[str, ...], tile_mpp: float, tile_size
     options: dict[str, Any] = dict(mpp=mpp, size=size, overlap=overlap, min_tissue=min_tissue, slide_mpp=slide_mpp,
                    backend=backend, override_mpp=override_mpp, tissue=tissue)
     exclude_qc, qc_max = cohort.pop("exclude_qc"), list(cohort.pop("qc_max")) or None
+    check_qc_options(exclude_qc, qc_max)
     if not single_slide(ctx, slides, cohort):
         options.update(exclude_qc=exclude_qc, qc_max=qc_max)
         if export or geojson or annotations:

@@ -24,6 +24,7 @@ from slidekit.cli.common import (
     tissue_detection_options,
     tissue_kwargs,
 )
+from slidekit.regions.qc_tiles import check_qc_options
 
 
 @click.command("embed")
@@ -83,6 +84,7 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
         batch_size=batch_size, workers=workers, device=device, clusters=clusters, seed=seed)
     options["tissue"] = tissue_kwargs(cohort)
     options.update(exclude_qc=cohort.pop("exclude_qc"), qc_max=list(cohort.pop("qc_max")) or None)
+    check_qc_options(options.get("exclude_qc"), options.get("qc_max"))
     quiet = quiet_flag(ctx)
     if not single_slide(ctx, slides, cohort):
         if grid:

@@ -28,6 +28,7 @@ from slidekit.cli.common import (
     tissue_detection_options,
     tissue_kwargs,
 )
+from slidekit.regions.qc_tiles import check_qc_options
 from slidekit.slides.demo import write_demo_slide
 
 
@@ -105,6 +106,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     options["tiff"] = cohort.pop("tiff")
     options["ome_zarr"] = cohort.pop("ome_zarr")
     options.update(exclude_qc=cohort.pop("exclude_qc"), qc_max=list(cohort.pop("qc_max")) or None)
+    check_qc_options(options.get("exclude_qc"), options.get("qc_max"))
     if roi is not None:
         if is_cohort(ctx, paths, cohort.get("manifest") or ()):
             raise click.UsageError("--roi belongs to one slide; run `slidekit heatmap` per slide")

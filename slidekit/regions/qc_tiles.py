@@ -74,6 +74,15 @@ def qc_max_of(value: float | str | Mapping[str, float] | Iterable[float | str] |
     return out
 
 
+def check_qc_options(exclude_qc: str | os.PathLike | None, qc_max: Any = None) -> None:
+    """Refuse ``--exclude-qc``/``--qc-max`` that no slide could use, before a cohort starts: a ``qc_max``
+    without a QC folder, a bad ``qc_max`` value, a QC folder that is not a folder (ConfigError, one line)."""
+    TileQc.of(exclude_qc, qc_max)
+    if exclude_qc is not None and not Path(exclude_qc).is_dir():
+        raise ConfigError(f"--exclude-qc {exclude_qc}: not a folder (a `slidekit qc` output folder; for a cohort "
+                          "the QC cohort's --out)")
+
+
 def tile_fractions(labels: np.ndarray, mpp: float, slide_mpp: tuple[float, float], grid: TileGrid) -> np.ndarray:
     """(N, len(ARTEFACTS)) float32: each tile's fraction of each artefact class, from a QC label map at
     ``mpp`` µm/px of a slide at ``slide_mpp`` (level-0 µm/px): each class is a ``TissueMask`` and its
