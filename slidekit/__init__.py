@@ -64,6 +64,8 @@ __all__ = [
     "load_checkpoint", "Predictor", "heatmap_slide", "Heatmap", "HeatmapWriter",
     # slide-level decisions, cohorts
     "pn_stage", "weighted_kappa", "run_cohort",
+    # slide QC (loaded on first use)
+    "qc_slide",
     "__version__",
 ]
 
@@ -71,4 +73,5 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(__name__, {
     "load_checkpoint": "slidekit.models.checkpoint", "Predictor": "slidekit.infer.predictor",
     "heatmap_slide": "slidekit.infer.predictor", "Heatmap": "slidekit.infer.heatmap",
-    "HeatmapWriter": "slidekit.infer.heatmap", "run_cohort": "slidekit.cohort.run"})
+    "HeatmapWriter": "slidekit.infer.heatmap", "run_cohort": "slidekit.cohort.run",
+    "qc_slide": "slidekit.regions.qc"})

@@ -35,6 +35,7 @@ from slidekit.cohort.run import run_cohort as run_cohort
 from slidekit.infer.heatmap import Heatmap as Heatmap, HeatmapWriter as HeatmapWriter
 from slidekit.infer.predictor import Predictor as Predictor, heatmap_slide as heatmap_slide
 from slidekit.models.checkpoint import load_checkpoint as load_checkpoint
+from slidekit.regions.qc import qc_slide as qc_slide
 from slidekit.regions.tiling import TileGrid as TileGrid, TileReader as TileReader, read_tiles as read_tiles
 from slidekit.regions.tissue import TissueMask as TissueMask, tissue_mask as tissue_mask
 from slidekit.slidelevel.staging import pn_stage as pn_stage, weighted_kappa as weighted_kappa
@@ -93,5 +94,6 @@ __all__ = [
     "pn_stage",
     "weighted_kappa",
     "run_cohort",
+    "qc_slide",
     "__version__",
 ]

@@ -16,7 +16,9 @@ from slidekit.regions.options import (
                                       TissueOptions,
 )
 from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
-from slidekit.regions.qc import QcArtefacts, QcJob, QcOptions, qc_slide
+from slidekit.regions.qc import QcArtefacts, QcJob, QcOptions, qc_job, qc_slide, read_qc_labels
+from slidekit.regions.qc_tiles import TileQc, qc_max_of, tile_fractions
+from slidekit.regions.qc_zarr import read_label_zarr
 from slidekit.regions.roi import read_roi, restrict_mask
 from slidekit.regions.tiling import TileGrid, TileReader, make_grid, read_tiles
 from slidekit.regions.tissue import TissueMask, detect_tissue, glass_colour, mask_to_polygons, tissue_mask
@@ -29,4 +31,5 @@ __all__ = ["TissueMask", "tissue_mask", "detect_tissue", "glass_colour", "mask_t
            "Region", "Tissue", "Roi", "MaskImage", "WholeSlide", "Intersect", "Subtract", "build_region",
            "ReadOptions", "TissueOptions", "TileOptions", "RunOptions", "RoiOptions", "StainNormOptions",
            "OptionGroups", "GridJob", "grid_job", "save_grid", "tissue_job",
-           "QcOptions", "QcJob", "QcArtefacts", "qc_slide"]
+           "QcOptions", "QcJob", "QcArtefacts", "qc_slide", "qc_job", "read_qc_labels", "TileQc", "qc_max_of",
+           "tile_fractions", "read_label_zarr"]
