@@ -58,7 +58,7 @@ ARMS = ("random", "class", "scribble", "full", "simclr")
 PRETRAINED = ("class", "scribble", "full", "simclr")
 SPATIAL = ("scribble", "full")
 RATIOS = (5, 20, 100)
-BN_ARMS = ("scribble", "class")  # arms whose R = 20 % cell is also run with BN statistics re-estimated
+BN_ARMS = ("scribble",)  # arms whose R = 20 % cell is also run with BN statistics re-estimated
 BN_RATIO = 20
 MONUSEG_MPP = 0.25
 TILE_MPP = 0.5  # assumed pixel size of the LUAD/LUSC archive's 256 px tiles (as benchmarks/simclr_linear.py)
@@ -73,22 +73,24 @@ class PaperSize:
     backbone: str = "resnet34"
     source_mpp: float = 1.0      # MoNuSeg seen at this µm/px before the 0.5-1.5 rescaling
     crop: int = 64               # pre-training crop (px)
-    pretrain_steps: int = 600
+    pretrain_steps: int = 200
     pretrain_batch: int = 8
     pretrain_lr: float = 0.01
     scribble_fraction: float = 0.5
-    tile_size: int = 96          # the tiles' side at the network (256 px at 0.5 µm/px -> 1.33 µm/px)
-    ft_crop: int = 64            # fine-tuning crops of the tiles (validation and test: whole tiles)
-    ft_epochs: int = 12
+    tile_size: int = 64          # the tiles' side at the network (256 px at 0.5 µm/px -> 2 µm/px)
+    ft_crop: int = 48            # fine-tuning crops of the tiles (validation and test: whole tiles)
+    ft_epochs: int = 8
     ft_batch: int = 16
     ft_min_batches: int = 2      # an epoch of a tiny R % subset still takes this many batches
     ft_lr: float = 1e-4
     ft_decay: float = 0.94
     val_fraction: float = 0.2
     max_tiles_per_class: int = 0  # 0: all; --quick caps train pool, validation and test per class
+    max_source_images: int = 0    # 0: all 15; --quick reads fewer MoNuSeg images
 
 
-QUICK = dict(pretrain_steps=3, pretrain_batch=2, ft_epochs=1, ft_batch=4, tile_size=64, max_tiles_per_class=6)
+QUICK = dict(pretrain_steps=3, pretrain_batch=2, ft_epochs=1, ft_batch=4, tile_size=64, max_tiles_per_class=6,
+             max_source_images=4)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -101,6 +103,8 @@ def load_source(monuseg: Path, size: PaperSize, seed: int = 0) -> dict:
     from slidekit.data.datasets import list_images, load_image_folder
 
     names = list_images(monuseg / "images")
+    if size.max_source_images:
+        names = names[:size.max_source_images]
     with open(monuseg / "index.csv", newline="") as f:
         organ_of = {r["name"]: r["organ"].split(" ")[0] for r in csv.DictReader(f)}
     missing = [n for n in names if n not in organ_of]
@@ -438,8 +442,46 @@ def pairs() -> dict[str, tuple[str, str]]:
     return out
 
 
+PRETRAIN_FIELDS = ("backbone", "source_mpp", "crop", "pretrain_steps", "pretrain_batch", "pretrain_lr",
+                   "scribble_fraction", "max_source_images")
+
+
+def markdown_table(result: dict) -> str:
+    """The measured table: accuracy (macro-F1) mean ± sd per arm and R, and the paired differences."""
+    def cell(key: str) -> str:
+        m, sd = result.get(f"{key}_mean"), result.get(f"{key}_sd")
+        return "n/a" if m is None else f"{m:.3f} ± {sd or 0.0:.3f}"
+
+    lines = ["| R | " + " | ".join(ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
+    for p in RATIOS:
+        lines.append(f"| {p} % | " + " | ".join(f"{cell(f'accuracy_{a}_r{p}')} ({cell(f'macro_f1_{a}_r{p}')})"
+                                            for a in ARMS) + " |")
+    lines += ["", "| paired difference (accuracy) | " + " | ".join(f"R = {p} %" for p in RATIOS) + " |",
+              "|---" * (len(RATIOS) + 1) + "|"]
+    n = len(result.get("seeds", []))
+    for name in ("scribble_vs_class", "scribble_vs_random", "full_vs_class", "full_vs_random", "scribble_vs_full",
+                 "simclr_vs_random"):
+        row = []
+        for p in RATIOS:
+            k = f"diff_{name}_r{p}"
+            m = result.get(f"{k}_mean")
+            row.append("n/a" if m is None else
+                       f"{m:+.3f} ± {result.get(f'{k}_sd') or 0.0:.3f} ({result[f'{k}_wins']}/{n} ≥ 0)")
+        lines.append(f"| {name.replace('_vs_', ' − ')} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def _settings_key(size: PaperSize) -> str:
     return json.dumps(asdict(size), sort_keys=True)
+
+
+def _same_settings(stored: str | None, size: PaperSize, fields: tuple[str, ...] | None = None) -> bool:
+    """Whether cached settings (a ``_settings_key``) match ``size`` on ``fields`` (default: all); a
+    field the cache predates counts as its default."""
+    if not stored:
+        return False
+    old, defaults = json.loads(stored), asdict(PaperSize())
+    return all(old.get(k, defaults[k]) == getattr(size, k) for k in (fields or tuple(defaults)))
 
 
 def get_encoders(arms: tuple[str, ...], src: dict, size: PaperSize, work: Path | None, log_every: int) -> tuple:
@@ -451,7 +493,7 @@ def get_encoders(arms: tuple[str, ...], src: dict, size: PaperSize, work: Path |
         pt, js = (work / f"pretrain_{arm}.pt", work / f"pretrain_{arm}.json") if work else (None, None)
         if pt is not None and js is not None and pt.is_file() and js.is_file():
             rec = json.loads(js.read_text())
-            if rec.get("settings") != _settings_key(size):
+            if not _same_settings(rec.get("settings"), size, PRETRAIN_FIELDS):
                 raise SystemExit(f"scribble_transfer: {js} was pre-trained with other settings; use another --work")
             states[arm], records[arm] = torch.load(pt, weights_only=True), rec
             continue
@@ -464,32 +506,41 @@ def get_encoders(arms: tuple[str, ...], src: dict, size: PaperSize, work: Path |
     return states, records
 
 
-def run_seed(seed: int, states: dict, tiles: dict, size: PaperSize, work: Path | None) -> dict:
-    """Every arm x R cell (and the BN variants) for one seed (cached as ``work/seed<S>.json``)."""
-    path = work / f"seed{seed}.json" if work else None
+def run_arm(seed: int, arm: str, state: dict | None, tiles: dict, size: PaperSize, work: Path | None) -> dict:
+    """Every R cell of one arm (and its BN variant) for one seed (cached as ``work/seed<S>_<arm>.json``)."""
+    path = work / f"seed{seed}_{arm}.json" if work else None
     if path is not None and path.is_file():
         res = json.loads(path.read_text())
-        if res.get("settings") == _settings_key(size):
+        if _same_settings(res.get("settings"), size):
             return res
-    res: dict = {"seed": seed, "settings": _settings_key(size)}
-    c0, t0 = time.process_time(), time.perf_counter()
-    for arm in ARMS:
-        for p in RATIOS:
-            r = fine_tune(states.get(arm), tiles, p, seed, size)
-            res[f"accuracy_{arm}_r{p}"], res[f"macro_f1_{arm}_r{p}"] = r["accuracy"], r["macro_f1"]
-            res[f"epoch_{arm}_r{p}"], res[f"val_accuracy_{arm}_r{p}"] = r["epoch"], r["val_accuracy"]
-            res[f"n_train_r{p}"] = r["n_train"]
-            print(f"[paper] seed {seed} {arm} R={p}%: acc {r['accuracy']:.3f} f1 {r['macro_f1']:.3f} "
-                  f"(epoch {r['epoch']}, val {r['val_accuracy']:.3f})", flush=True)
-    for arm in BN_ARMS:
-        r = fine_tune(states.get(arm), tiles, BN_RATIO, seed, size, bn_reestimate=True)
+    res: dict = {"settings": _settings_key(size)}
+    c0 = time.process_time()
+    for p in RATIOS:
+        r = fine_tune(state, tiles, p, seed, size)
+        res[f"accuracy_{arm}_r{p}"], res[f"macro_f1_{arm}_r{p}"] = r["accuracy"], r["macro_f1"]
+        res[f"epoch_{arm}_r{p}"], res[f"val_accuracy_{arm}_r{p}"] = r["epoch"], r["val_accuracy"]
+        res[f"n_train_r{p}"] = r["n_train"]
+        print(f"[paper] seed {seed} {arm} R={p}%: acc {r['accuracy']:.3f} f1 {r['macro_f1']:.3f} "
+              f"(epoch {r['epoch']}, val {r['val_accuracy']:.3f})", flush=True)
+    if arm in BN_ARMS:
+        r = fine_tune(state, tiles, BN_RATIO, seed, size, bn_reestimate=True)
         res[f"accuracy_{arm}_bnre_r{BN_RATIO}"] = r["accuracy"]
         res[f"macro_f1_{arm}_bnre_r{BN_RATIO}"] = r["macro_f1"]
         res[f"epoch_{arm}_bnre_r{BN_RATIO}"] = r["epoch"]
-    res["finetune_cpu_seconds"] = round(time.process_time() - c0, 1)
-    res["finetune_seconds"] = round(time.perf_counter() - t0, 1)
+    res[f"finetune_cpu_seconds_{arm}"] = round(time.process_time() - c0, 1)
     if path is not None:
         write_text_atomic(path, json.dumps(res) + "\n")
+    return res
+
+
+def run_seed(seed: int, arms: tuple[str, ...], states: dict, tiles: dict, size: PaperSize,
+             work: Path | None) -> dict:
+    """The cells of ``arms`` for one seed, merged into one result."""
+    res: dict = {"seed": seed}
+    for arm in arms:
+        res.update(run_arm(seed, arm, states.get(arm), tiles, size, work))
+    res.pop("settings", None)
+    res["finetune_cpu_seconds"] = round(sum(res.get(f"finetune_cpu_seconds_{a}", 0.0) for a in arms), 1)
     return res
 
 
@@ -502,12 +553,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="downstream seeds (R %% subset, batch order, head init); default 0..9 (--quick: 0)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None,
-                    help="cache pre-trained encoders and per-seed results here (reruns and parallel seed sets reuse them)")
+                    help="cache pre-trained encoders and per-seed results here (reruns and parallel runs reuse them)")
     ap.add_argument("--pretrain-only", nargs="+", choices=PRETRAINED, default=None, metavar="ARM",
                     help="pre-train (and cache in --work) only these arms, then stop")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=None, metavar="ARM",
+                    help="fine-tune only these arms (cached in --work), then stop; the summary needs every arm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=50)
-    for f in ("pretrain_steps", "pretrain_batch", "pretrain_lr", "crop", "tile_size", "ft_epochs", "ft_batch"):
+    for f in ("pretrain_steps", "pretrain_batch", "pretrain_lr", "crop", "tile_size", "ft_crop", "ft_epochs",
+              "ft_batch"):
         ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(PaperSize, f)), default=None)
     args = ap.parse_args(argv)
     reason = data_missing_reason(args.data)
@@ -519,8 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not need.exists():
             ap.error(f"scribble_transfer: {need} not found (the real-data folder needs nuclei_monuseg/ and "
                      "patches_tcga_luadlusc_uni/)")
-    if args.pretrain_only and args.work is None:
-        ap.error("--pretrain-only needs --work (where the encoders are kept)")
+    if (args.pretrain_only or args.arms) and args.work is None:
+        ap.error("--pretrain-only and --arms need --work (where the encoders and results are kept)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -534,11 +588,17 @@ def main(argv: list[str] | None = None) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
     src = load_source(monuseg, size)
     arms = tuple(args.pretrain_only) if args.pretrain_only else PRETRAINED
+    if args.arms:
+        arms = tuple(a for a in args.arms if a in PRETRAINED)
     states, records = get_encoders(arms, src, size, args.work, args.log_every)
     if args.pretrain_only:
         return {"pretrained": list(arms)}
     tiles = load_tiles(tiles_dir, size)
-    runs = [run_seed(s, states, tiles, size, args.work) for s in seeds]
+    if args.arms:
+        for s in seeds:
+            run_seed(s, tuple(args.arms), states, tiles, size, args.work)
+        return {"fine_tuned": list(args.arms), "seeds": seeds}
+    runs = [run_seed(s, ARMS, states, tiles, size, args.work) for s in seeds]
     out = summarise(runs, seeds, metric_names(), pairs=pairs())
     out.pop("settings", None)
     for r in out["runs"]:
@@ -574,7 +634,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(out, indent=1)
     if args.json:
         write_text_atomic(args.json, text + "\n")
-    print(json.dumps({k: v for k, v in out.items() if k.endswith(("_mean", "_sd")) and "r20" in k}, indent=1))
+    print(markdown_table(out))
     return out
 
 
