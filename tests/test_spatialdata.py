@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_slide
 
-from slidekit.base.errors import ConfigError, FeatureError, OutputError, SlidekitWarning
+from slidekit.base.errors import ConfigError, FeatureError, HeatmapError, OutputError, SlidekitWarning
 from slidekit.regions.tissue_job import save_tissue
 from slidekit.slidelevel.feature_store import (
     FeatureWriter,
@@ -69,7 +69,7 @@ def _cells(folder: Path, n: int = 50, seed: int = 1) -> np.ndarray:
     return np.array([r[5] for r in rows], np.float32)
 
 
-def _maps(folder: Path) -> np.ndarray:
+def _maps(folder: Path, slide: Path) -> np.ndarray:
     """A heatmap (2 classes at 4 µm/px over the slide's tissue box) and a QC label map (32 level-0 px a pixel)."""
     import cv2
 
@@ -78,7 +78,8 @@ def _maps(folder: Path) -> np.ndarray:
 
     xs, ys = np.meshgrid(np.arange(512, 1536, 256), np.arange(256, 1024, 256))
     coords = np.stack([xs.ravel(), ys.ravel()], 1)
-    g = TileGrid(coords=coords, mpp=4.0, size=32, overlap=0, slide_dimensions=(2048, 1536), slide_mpp=(0.5, 0.5))
+    g = TileGrid(coords=coords, mpp=4.0, size=32, overlap=0, slide_dimensions=(2048, 1536), slide_mpp=(0.5, 0.5),
+                 slide_name=slide.name, slide_id=slide_fingerprint(slide))
     w = HeatmapWriter(folder / "heatmap.zarr", g, "segmentation", ["normal", "tumour"], blend="constant")
     p = np.linspace(0, 1, len(coords) * 32 * 32, dtype=np.float32).reshape(len(coords), 32, 32)
     w.add(np.arange(len(g)), np.stack([1 - p, p], 1))
@@ -100,7 +101,7 @@ def exported(tmp_path_factory):
     save_tissue(slide, out, progress=False)
     coords, feats = _features(out, slide)
     areas = _cells(out)
-    _maps(out)
+    _maps(out, slide)
     store = export_spatialdata(out, root / "slide.zarr")  # beside the slide: what open_wsi finds itself
     return slide, out, store, coords, feats, areas
 
@@ -305,6 +306,19 @@ def test_export_refuses_empty_folders_and_foreign_stores(exported, tmp_path):
     assert not (own / "shapes" / "tiles").exists()
     with pytest.raises(ConfigError, match="unknown export option 'tile_size'"):
         export_spatialdata(out, tile_size=3)
+    other = synthetic_slide(tmp_path / "other.tif", seed=3)
+    with pytest.raises(OutputError, match="holds the results of another slide"):
+        export_spatialdata(out, tmp_path / "x.zarr", slide=other)
+    from slidekit.regions.options import ReadOptions
+
+    with pytest.raises(FeatureError, match="slide µm/px of 0.5; the slide now reads 0.25"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the override is said (MPPOverrideWarning)
+        export_spatialdata(out, tmp_path / "x.zarr", reading=ReadOptions(override_mpp=0.25))
+    stray = tmp_path / "stray"
+    shutil.copytree(out / "heatmap.zarr", stray / "heatmap.zarr")
+    with pytest.raises(HeatmapError, match="a map of slide 'slide.tif', not of"):
+        export_spatialdata(stray, tmp_path / "x.zarr", slide=other)
+    assert not (tmp_path / "x.zarr").exists()
     foreign = tmp_path / "theirs.zarr"
     foreign.mkdir()
     (foreign / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))

@@ -51,7 +51,7 @@ import numpy as np
 import spatialdata
 
 from slidekit.annotations.formats import read_annotations
-from slidekit.base.errors import ConfigError, FeatureError, SlideError, SlidekitError
+from slidekit.base.errors import ConfigError, FeatureError, HeatmapError, SlideError, SlidekitError
 from slidekit.base.io import atomic_path
 from slidekit.base.outputs import MARKER, OutputDir, claim_path
 from slidekit.base.version import __version__
@@ -59,7 +59,7 @@ from slidekit.infer.heatmap import Heatmap
 from slidekit.regions.options import ReadOptions
 from slidekit.slidelevel.feature_store import check_features_for_slide, feature_info
 from slidekit.slidelevel.spatialdata_read import SLIDEKIT_ATTR, STORE_FORMAT
-from slidekit.slides.identity import slide_fingerprint
+from slidekit.slides.identity import same_slide, slide_fingerprint
 from slidekit.slides.slide import open_slide
 
 MEASUREMENTS = ("area_um2", "perimeter_um", "circularity", "solidity", "eccentricity", "hematoxylin_od", "eosin_od")
@@ -277,11 +277,14 @@ def _cell_table(folder: Path, slide_name: str):
     return TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")
 
 
-def _map_image(path: Path, mpp: float):
+def _map_image(path: Path, mpp: float, slide_path: Path):
     import dask.array as da
     from spatialdata.models import Image2DModel
 
     hm = Heatmap(path)
+    recorded = (hm.attrs.get("slide") or {}).get("id")
+    if recorded and not same_slide(str(recorded), slide_path):
+        raise HeatmapError(f"a map of slide {(hm.attrs.get('slide') or {}).get('name')!r}, not of {slide_path}", path)
     prob = da.from_zarr(hm._array("prob"))
     (sx, sy), (ox, oy) = hm.scale, hm.origin
     classes = [str(c) for c in (hm.classes or [])] or [f"channel {i}" for i in range(prob.shape[0])]
@@ -406,8 +409,9 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
     fingerprint = slide_fingerprint(slide_path)
     stem = Path(name).stem
     target = Path(store) if store is not None else folder / f"{stem}.zarr"
+    owner = OutputDir(folder, slide_path, fingerprint)  # a folder of another slide's results is refused here
     if target.resolve().parent == folder.resolve():
-        OutputDir(folder, slide_path, fingerprint).claim(target.name)
+        owner.claim(target.name)
     else:
         claim_path(target, _is_ours(target), "a SpatialData store slidekit wrote")
 
@@ -426,6 +430,10 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
         if h5.is_file():
             info = feature_info(h5)
             check_features_for_slide(info, slide_path)
+            recorded_mpp = (info.slide_record or {}).get("mpp")
+            if recorded_mpp and not np.isclose(float(np.ravel(recorded_mpp)[0]), mpp, rtol=1e-3):
+                raise FeatureError(f"features made at a slide µm/px of {float(np.ravel(recorded_mpp)[0]):g}; the "
+                                   f"slide now reads {mpp:g} µm/px (an --override-mpp on one side only?)", h5)
             if not info.patch_size_level0:
                 raise FeatureError("does not say the tile size: tiles cannot be drawn", h5)
             with h5py.File(h5, "r") as f:
@@ -448,7 +456,7 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
         if o.maps:
             for key, fname in MAPS.items():
                 if (folder / fname).is_dir():
-                    elements["images"][key] = _map_image(folder / fname, mpp)
+                    elements["images"][key] = _map_image(folder / fname, mpp, slide_path)
                     record["sources"].append(fname)
             labels, legend = _qc_labels(folder, dims, mpp)
             if labels is not None:
