@@ -203,17 +203,16 @@ def test_qc_of_another_slide_is_refused_in_a_cohort(cohort: dict, tmp_path: Path
 
 def test_heatmap_cli_cohort_with_exclude_qc(cohort: dict, tmp_path: Path) -> None:
     slides, qc = cohort["slides"][:2], cohort["out"]
-    args = ["heatmap", *map(str, slides), "--model", "tissue", "--mpp", "8", "--size", "32", "--device", "cpu",
-            "--min-tissue", "0.5", "-q"]
-    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "plain")])
+    r = CliRunner().invoke(main, ["heatmap", *map(str, slides), "--model", "tissue", "--mpp", "8", "--size", "32",
+                                  "--device", "cpu", "--min-tissue", "0.5", "-q", "--out", str(tmp_path / "hm"),
+                                  "--exclude-qc", str(qc), "--qc-max", "Pen ink=0"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "hm"), "--exclude-qc", str(qc),
-                                  "--qc-max", "Pen ink=0"])
-    assert r.exit_code == 0, r.output
-    plain, hm = _table(tmp_path / "plain" / "cohort.csv"), _table(tmp_path / "hm" / "cohort.csv")
-    for sid in ("a", "b"):
-        assert int(hm[sid]["qc removed Pen ink"]) > 0
-        assert int(hm[sid]["tiles"]) == int(plain[sid]["tiles"]) - int(hm[sid]["qc removed"])
+    hm = _table(tmp_path / "hm" / "cohort.csv")
+    for sid in ("a", "b"):  # each slide's own QC folder, QC_OUT/<id>/
+        counts = json.loads((tmp_path / "hm" / sid / "summary.json").read_text())["qc"]
+        assert counts["max_fraction"]["Pen ink"] == 0.0 and counts["max_fraction"]["Fold"] == DEFAULT_QC_MAX
+        assert int(hm[sid]["qc removed Pen ink"]) == counts["removed_by_class"]["Pen ink"] > 0
+        assert int(hm[sid]["tiles"]) == counts["tiles_before"] - int(hm[sid]["qc removed"]) > 0
 
 
 def test_embed_with_exclude_qc_carries_fractions(cohort: dict, tmp_path: Path) -> None:
