@@ -414,3 +414,25 @@ def test_lazyslide_aggregates_our_features(exported):
     slide_mean = np.asarray(agg["features"] if "features" in agg else table.varm["agg_slide"].T).ravel()
     assert np.allclose(slide_mean, feats.mean(0), atol=1e-6)
     assert "agg_tissue_id" in table.uns["agg_ops"]
+
+
+def test_slidekit_view_draws_a_stores_tissues_and_tiles(exported):
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    from starlette.testclient import TestClient
+
+    from slidekit.slidelevel.spatialdata_export import export_spatialdata
+    from slidekit.view import build_app
+
+    slide, out, store, coords, *_ = exported
+    folder_store = export_spatialdata(out, maps=False, cells=False)  # the store inside the slide's folder
+    client = TestClient(build_app(out), base_url="http://127.0.0.1")
+    item = client.get(f"/api/item/{out.name}").json()
+    drawn = {g["name"]: g["url"] for g in item["geojson"]}
+    assert {"slide.zarr/tissues", "slide.zarr/tiles"} <= set(drawn), drawn
+    tiles = client.get(drawn["slide.zarr/tiles"]).json()
+    boxes = np.array([f["geometry"]["coordinates"][0] for f in tiles["features"]])
+    assert np.array_equal(boxes.min(axis=1), coords) and np.array_equal(boxes.max(axis=1), coords + SIDE)
+    assert tiles["features"][0]["properties"]["objectType"] == "tile"
+    assert client.get(f"/spatialdata/{out.name}/slide.zarr/cells").status_code == 404  # not offered
+    assert folder_store == out / "slide.zarr"

@@ -174,7 +174,7 @@ def _read_obs(table_path: Path, where: str, store: Path) -> Any:
     import zarr
 
     try:
-        g = zarr.open_group(str(table_path), mode="r")
+        g: Any = zarr.open_group(str(table_path), mode="r")
         obs = anndata.io.read_elem(g["obs"])
         obsm = {k: anndata.io.read_elem(g["obsm"][k]) for k in g["obsm"].keys()} if "obsm" in g else {}
         x = g["X"]
@@ -306,3 +306,42 @@ def iter_store_chunks(path: str | os.PathLike, rows: int = 65536) -> Iterator[tu
     for begin in range(0, int(x.shape[0]), rows):
         chunk = _finite(np.asarray(x[begin:begin + rows], dtype=np.float32), begin, where, bag.store)
         yield chunk, bag.coords[begin:begin + rows]
+
+
+# -- shapes for the viewer ----------------------------------------------------------------------------
+
+def shape_elements(store: str | os.PathLike) -> list[str]:
+    """The shapes of a store a slide viewer draws: ``tissues`` and the tile sets its ``tile_spec``
+    names (cells and other shapes are left out: too many objects for a GeoJSON overlay)."""
+    store = Path(store)
+    specs = _store_attrs(store).get("tile_spec") or {}
+    return [k for k in ("tissues", *sorted(specs)) if (store / "shapes" / k).is_dir()]
+
+
+def shapes_geojson(store: str | os.PathLike, element: str) -> bytes:
+    """A shapes element of a store as a GeoJSON FeatureCollection in level-0 pixels (its ``global``
+    system): QuPath-style objects (``annotation`` for tissues, ``tile`` for tiles) classed by the
+    element's name. FeatureError naming the store and the element when it cannot be read."""
+    import shapely
+
+    store = Path(store)
+    where = f"shapes '{element}'"
+    element_path = store / "shapes" / element
+    if not element_path.is_dir():
+        raise FeatureError(f"has no {where}", store)
+    m = _to_global(element_path, where, store)
+    import geopandas as gpd
+
+    files = sorted(element_path.glob("*.parquet"))
+    if not files:
+        raise FeatureError(f"{where}: no shapes.parquet in {element_path.name}", store)
+    try:
+        geoms = gpd.read_parquet(files[0]).geometry.to_numpy()
+    except Exception as e:
+        raise FeatureError(f"{where}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+                           store) from None
+    geoms = shapely.transform(geoms, lambda xy: xy * [m[0, 0], m[1, 1]] + [m[0, 2], m[1, 2]])
+    kind = "annotation" if element == "tissues" else "tile"
+    props = json.dumps({"objectType": kind, "classification": {"name": element}})
+    parts = [f'{{"type":"Feature","geometry":{g},"properties":{props}}}' for g in shapely.to_geojson(geoms)]
+    return ('{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}").encode()

@@ -9,6 +9,7 @@ Routes (every ``{rel}`` is a request path under PATH, checked by ``ServedRoot.re
 - ``/dzi/{rel}.dzi``, ``/dzi/{rel}_files/{level}/{col}_{row}.jpeg``: DeepZoom descriptor and tiles
 - ``/overlay/{rel}.png``: the heatmap as a transparent PNG; ``/thumb/{rel}.jpg``: a thumbnail
 - ``/geojson/{rel}``: a GeoJSON file under PATH (``.gz`` sent gzip-encoded: the browser inflates it)
+- ``/spatialdata/{store}/{element}``: the tissues or tiles of a SpatialData store under PATH as GeoJSON
 - ``/api/stats``: tiles served and their latency (for tests and benchmarks)
 
 Security: the server binds 127.0.0.1 unless told otherwise, answers only to the Host names of
@@ -41,6 +42,7 @@ from starlette.staticfiles import StaticFiles
 
 from slidekit.base.errors import ConfigError, SlidekitError, SlidekitWarning
 from slidekit.infer.heatmap import Heatmap
+from slidekit.slidelevel.spatialdata_read import is_spatialdata_path, shape_elements, shapes_geojson
 from slidekit.slides.slide import open_slide
 from slidekit.view.index import Index, public
 from slidekit.view.overlay import GEOJSON_SUFFIXES, render_overlay
@@ -166,6 +168,14 @@ class Viewer:
 
         return self.thumbs.get_or(slide, make)
 
+    def store_shapes(self, rel: str) -> bytes:
+        """``STORE/ELEMENT``: a SpatialData store's tissues or tiles under PATH as GeoJSON."""
+        store_rel, _, element = rel.rpartition("/")
+        store = self.resolve(store_rel)
+        if not is_spatialdata_path(store) or element not in shape_elements(store):
+            raise Refused(404, "not the tissues or tiles of a SpatialData store")
+        return shapes_geojson(store, element)
+
     def geojson(self, rel: str) -> Path:
         target = self.resolve(rel)
         if not (target.is_file() and target.name.endswith(GEOJSON_SUFFIXES)):
@@ -220,6 +230,8 @@ ROUTES = [
     Route("/overlay/{rel:path}.png", _answer(lambda v, rel: _bytes(v.overlay_png(rel), "image/png", cache=False))),
     Route("/thumb/{rel:path}.jpg", _answer(lambda v, rel: _bytes(v.thumbnail(rel), "image/jpeg"))),
     Route("/geojson/{rel:path}", _answer(_geojson)),
+    Route("/spatialdata/{rel:path}", _answer(lambda v, rel: _bytes(v.store_shapes(rel), "application/geo+json",
+                                                                   cache=False))),
 ]
 
 

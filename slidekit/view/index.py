@@ -13,7 +13,8 @@ import threading
 from pathlib import Path
 from urllib.parse import quote
 
-from slidekit.base.errors import ConfigError, OutputError, SlideError
+from slidekit.base.errors import ConfigError, FeatureError, OutputError, SlideError
+from slidekit.slidelevel.spatialdata_read import is_spatialdata_path, shape_elements
 from slidekit.view.overlay import geojson_files
 from slidekit.view.paths import (
     HEATMAP_STORES,
@@ -86,6 +87,7 @@ class Index:
                              if (target / f"{n}.part").exists()]
             item["geojson"] = [{"name": g.name, "url": url("/geojson", rel_g), "bytes": g.stat().st_size}
                                for g in geojson_files(target) if (rel_g := self._inside(g))]
+            item["geojson"] += self._store_shapes(target)
             try:
                 summary = json.loads((target / "summary.json").read_text())
             except (OSError, ValueError):
@@ -101,6 +103,23 @@ class Index:
                     overlay=url("/overlay", rel, ".png") if item["heatmap"] else None,
                     thumbnail=url("/thumb", rel, ".jpg"))
         return item
+
+    def _store_shapes(self, folder: Path) -> list[dict]:
+        """The tissues and tiles of the SpatialData stores in ``folder`` (``export-spatialdata``'s, or
+        wsidata/LazySlide's), each drawn like a GeoJSON file (``/spatialdata/<store>/<element>``)."""
+        out = []
+        for store in sorted(p for p in folder.iterdir() if p.suffix == ".zarr" and is_spatialdata_path(p)):
+            rel_s = self._inside(store)
+            if rel_s is None:
+                continue
+            try:
+                elements = shape_elements(store)
+            except FeatureError:
+                continue  # unreadable metadata: the store is not offered
+            out += [{"name": f"{store.name}/{e}", "url": url("/spatialdata", rel_s, f"/{e}"),
+                     "bytes": sum(f.stat().st_size for f in (store / "shapes" / e).glob("*.parquet"))}
+                    for e in elements]
+        return out
 
     def _inside(self, path: Path) -> str | None:
         """The request path of ``path`` when it resolves under PATH (None for a link out of it)."""
