@@ -436,3 +436,13 @@ def test_slidekit_view_draws_a_stores_tissues_and_tiles(exported):
     assert tiles["features"][0]["properties"]["objectType"] == "tile"
     assert client.get(f"/spatialdata/{out.name}/slide.zarr/cells").status_code == 404  # not offered
     assert folder_store == out / "slide.zarr"
+
+
+@pytest.mark.parametrize("size", [224, 256, 299])
+def test_tile_spec_gives_wsidata_our_level0_side_exactly(size):
+    from slidekit.slidelevel.spatialdata_export import tile_spec
+
+    for side in range(1, 3 * size):  # float ratios whose product truncates one short are nudged up
+        spec = wsidata.TileSpec(**tile_spec(size, side, 0.5, overlap=size // 8))
+        assert (spec.base_width, spec.base_height) == (side, side)
+        assert spec.overlap_x == size // 8
