@@ -170,8 +170,8 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
             dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML")),
     "exclude_qc": (("--exclude-qc",), "Leave out the tiles where a `slidekit qc` folder of the same slide file found "
                    "more artefact than --qc-max allows (a cohort: the QC cohort's --out, each slide's QC in "
-                   "QC_OUT/<slide id>/).",
-                   dict(type=click.Path(file_okay=False, path_type=str), default=None, metavar="QC_DIR")),
+                   "QC_OUT/<slide id>/); auto: QC each slide first, into OUT/qc/.",
+                   dict(type=click.Path(file_okay=False, path_type=str), default=None, metavar="QC_DIR|auto")),
     "qc_max": (("--qc-max", "qc_max"), "With --exclude-qc: the largest fraction of a tile one artefact class may "
                "cover, F for every class or NAME=F for one (repeatable: --qc-max 0.3 --qc-max 'Pen ink=0.1') "
                "[default: 0.5].", dict(multiple=True, metavar="F|NAME=F")),
