@@ -220,7 +220,8 @@ def test_a_store_written_with_wsidata_reads_into_a_mil_bag(tmp_path):
 
 
 def _sopa_store(path: Path, n: int = 4, dim: int = 3, **damage) -> Path:
-    """A sopa-style store: table ``{model}_embeddings`` on the patch boxes ``embeddings_patches``."""
+    """A store as sopa 2's ``compute_embeddings`` writes it: table ``{model}_embeddings`` (obs ``region``,
+    ``instance``; obsm ``spatial``: patch centroids) on the patch boxes ``embeddings_patches``."""
     import anndata
     import geopandas as gpd
     import pandas as pd
@@ -239,9 +240,10 @@ def _sopa_store(path: Path, n: int = 4, dim: int = 3, **damage) -> Path:
         x[2, 1] = np.nan
     ids = np.arange(n - 1 if damage.get("short") else n)
     obs = pd.DataFrame({"region": pd.Categorical(["embeddings_patches"] * len(ids)),
-                        "patch": ids + (10 if damage.get("ids") else 0)}, index=ids.astype(str))
+                        "instance": ids + (10 if damage.get("ids") else 0)}, index=ids.astype(str))
     table = anndata.AnnData(X=x[: len(ids)], obs=obs, obsm={"spatial": xy[: len(ids)] + 112})
-    table = TableModel.parse(table, region="embeddings_patches", region_key="region", instance_key="patch")
+    table.uns["embedding_config"] = {"patch_width": 224, "patch_overlap": 0, "level": 0, "model_str": "dinov2"}
+    table = TableModel.parse(table, region="embeddings_patches", region_key="region", instance_key="instance")
     elements: dict = {"tables": {"dinov2_embeddings": table}}
     if not damage.get("no_shapes"):
         elements["shapes"] = {"embeddings_patches": patches}
