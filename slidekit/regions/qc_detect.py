@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from slidekit.regions.tissue import (
     _OD_LUT,
@@ -85,14 +86,19 @@ class QcOptions:
     pen_rim_contrast
         Pixels within ``regions.tissue.PEN_HALO_UM`` of ink that are this many grey levels darker
         than the glass (and not H&E-coloured) are the stroke's rim: ink too.
-    dark_max_value, black_pen_min_um2, debris_min_um2, debris_max_chroma
+    dark_max_value, black_pen_min_um2, black_pen_min_elongation, debris_min_um2, debris_max_chroma
         "Very dark" (max channel below this), dark areas at least this large are black pen whatever
-        their shape, the smallest debris blob, debris' largest chroma (max - min of RGB).
+        their shape, or at least this elongated (area over the area of the widest inscribed disc), the
+        smallest debris blob, debris' largest chroma (max - min of RGB).
     fold_od_ratio, fold_sat_delta, fold_min_um2
         Fold: optical density over the tissue median times this, saturation over its median plus
         this, in areas of at least this size.
-    edge_contrast, edge_min_length_um, edge_max_fill
-        Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill.
+    edge_contrast, edge_min_length_um, edge_max_fill, edge_max_width_um
+        Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill, largest
+        mean width (area over length: a line, not a network of dark tissue texture).
+    bubble_min_radius_um, bubble_max_radius_um, bubble_min_rim, bubble_max_chroma
+        Air bubbles: radius range, the share of the circle that must be a thin dark rim, the largest
+        chroma (max - min of RGB) of rim pixels (rims are grey, not stained).
     max_pen, max_blur, max_fold, max_debris, max_bubble
         The verdict fails when a class covers more than this fraction of the tissue.
     """
@@ -109,6 +115,7 @@ class QcOptions:
     pen_rim_contrast: float = 30.0
     dark_max_value: int = 60
     black_pen_min_um2: float = 200_000.0
+    black_pen_min_elongation: float = 4.0
     debris_min_um2: float = 500.0
     debris_max_chroma: int = 40
     fold_od_ratio: float = 1.6
@@ -117,6 +124,12 @@ class QcOptions:
     edge_contrast: float = 25.0
     edge_min_length_um: float = 800.0
     edge_max_fill: float = 0.25
+    edge_max_width_um: float = 40.0
+    bubble_min_radius_um: float = 80.0
+    bubble_max_radius_um: float = 3000.0
+    bubble_min_rim: float = 0.6
+    bubble_max_chroma: int = 60
+    bubble_hough_roundness: float = 0.4
     max_pen: float = 0.05
     max_blur: float = 0.1
     max_fold: float = 0.1
@@ -157,6 +170,84 @@ def tissue_like(hsv: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     return ((hue >= 260) & (hue < 345)) & (hsv[..., 1] > 40)
 
 
+def _ring_coverage(grey: np.ndarray, neutral: np.ndarray, x: np.ndarray, y: np.ndarray, r: np.ndarray,
+                   contrast: float) -> np.ndarray:
+    """Per circle (x, y, r) (arrays): the share of it (inside the image) on a thin grey dark line: the
+    darkest of the circle's pixels within one pixel radially is ``neutral`` (unstained) and
+    ``contrast`` darker than both the grey 20 % inside and 20 % outside the circle."""
+    x, y, r = (np.atleast_1d(np.asarray(v, np.float32))[:, None] for v in (x, y, r))
+    n = max(32, int(2 * np.pi * float(r.max())))
+    th = np.linspace(0, 2 * np.pi, n, endpoint=False, dtype=np.float32)
+    c, s = np.cos(th)[None], np.sin(th)[None]
+    H, W = grey.shape
+
+    def at(rr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        xs, ys = np.round(x + rr * c).astype(np.int32), np.round(y + rr * s).astype(np.int32)
+        ok = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
+        xs, ys = np.clip(xs, 0, W - 1), np.clip(ys, 0, H - 1)
+        return grey[ys, xs].astype(np.float32), neutral[ys, xs], ok
+
+    rims = [at(r + d) for d in (-1.0, 0.0, 1.0)]
+    pick = np.argmin(np.stack([g for g, _, _ in rims]), axis=0)
+    rim = np.choose(pick, [g for g, _, _ in rims])
+    grey_rim = np.choose(pick, [nn for _, nn, _ in rims])
+    inner, _, ok_in = at(np.maximum(1.0, 0.8 * r - 1))
+    outer, _, ok_out = at(1.2 * r + 1)
+    # the circle's own samples: as many as its circumference (a small circle is not over-counted)
+    own = np.arange(n)[None] * np.maximum(1.0, 2 * np.pi * r) / n
+    own = np.floor(own) != np.floor(np.roll(own, 1, axis=1))
+    ok = rims[1][2] & ok_in & ok_out & own
+    dark = (rim < inner - contrast) & (rim < outer - contrast) & grey_rim & ok
+    total = own.sum(1)
+    cov = dark.sum(1) / np.maximum(ok.sum(1), 1)
+    return np.where(ok.sum(1) * 3 >= total, cov, 0.0)
+
+
+def _specific_coverage(grey: np.ndarray, neutral: np.ndarray, x: np.ndarray, y: np.ndarray, r: np.ndarray,
+                       contrast: float) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage of each circle, its coverage less that of the circles 15 % smaller and larger): a real
+    rim lies on one circle; dark texture covers every circle about equally."""
+    cov = _ring_coverage(grey, neutral, x, y, r, contrast)
+    near = np.maximum(_ring_coverage(grey, neutral, x, y, 0.85 * np.asarray(r), contrast),
+                      _ring_coverage(grey, neutral, x, y, 1.15 * np.asarray(r), contrast))
+    return cov, cov - near
+
+
+def air_bubbles(rgb: np.ndarray, grey: np.ndarray, lines: np.ndarray, mpp: float, o: QcOptions) -> np.ndarray:
+    """Air bubbles: round thin grey rims, filled (the bubble is its rim and interior).
+
+    Candidate circles come from OpenCV's Hough transform (``HOUGH_GRADIENT_ALT``) on the map of dark
+    grey lines; each is refined over centres and radii within 12 px to the circle with the most rim,
+    and kept when at least ``bubble_min_rim`` of it is a thin grey line darker than both sides and at
+    least ``bubble_min_rim / 2`` more than the circles 15 % smaller and larger."""
+    out = np.zeros(grey.shape, bool)
+    rmin, rmax = max(3, int(o.bubble_min_radius_um / mpp)), max(4, int(o.bubble_max_radius_um / mpp))
+    chroma = rgb.max(-1).astype(np.int16) - rgb.min(-1)
+    neutral = chroma <= o.bubble_max_chroma
+    img = cv2.GaussianBlur(lines.astype(np.uint8) * 255, (0, 0), 1.0)
+    found = cv2.HoughCircles(img, cv2.HOUGH_GRADIENT_ALT, dp=1.5, minDist=rmin, param1=150,
+                             param2=o.bubble_hough_roundness, minRadius=rmin, maxRadius=rmax)
+    if found is None:
+        return out
+    coarse, fine = (np.meshgrid(d, d, d, indexing="ij") for d in (np.arange(-12, 13, 3.0), np.arange(-2, 3.0)))
+    for x, y, r in found[0][:200]:
+        for grid in (coarse, fine):  # refine: coarse steps of 3 px over +-12 px, then 1 px steps
+            tx, ty, tr = x + grid[0].ravel(), y + grid[1].ravel(), np.maximum(rmin, r + grid[2].ravel())
+            cov = _ring_coverage(grey, neutral, tx, ty, tr, o.edge_contrast)
+            top = np.argsort(cov)[::-1][:8]
+            x, y, r = tx[top[0]], ty[top[0]], tr[top[0]]
+        if cov[top[0]] < o.bubble_min_rim:
+            continue
+        cov_t, specific = _specific_coverage(grey, neutral, tx[top], ty[top], tr[top], o.edge_contrast)
+        ok = (cov_t >= o.bubble_min_rim) & (specific >= o.bubble_min_rim / 2)
+        if ok.any():
+            i = top[int(np.argmax(np.where(ok, specific, -1)))]
+            m = np.zeros(grey.shape, np.uint8)
+            cv2.circle(m, (int(round(float(tx[i]))), int(round(float(ty[i])))), int(round(float(tr[i]))) + 1, 1, -1)
+            out |= m > 0
+    return out
+
+
 def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptions) -> dict[str, np.ndarray]:
     """Pen ink, dark debris, folds and edges of an RGB view whose pixels are ``mpp`` µm wide."""
     px = mpp * mpp
@@ -169,6 +260,13 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     dark = (val < o.dark_max_value)
     labels, stats = _components(dark)
     stroke = _stroke_like(stats, max(1, round(o.debris_min_um2 / px))) | (stats[:, 4] >= o.black_pen_min_um2 / px)
+    # elongated for its thickness (area over the area of its widest inscribed disc): a bent stroke whose
+    # bounding box is full is still a stroke; a blob of debris is about one disc
+    if len(stats) > 1:
+        half_width = ndimage.maximum(cv2.distanceTransform(dark.astype(np.uint8), cv2.DIST_L2, 3), labels,
+                                     np.arange(len(stats)))
+        elongation = stats[:, 4] / (np.pi * np.maximum(np.asarray(half_width), 0.5) ** 2)
+        stroke |= (elongation >= o.black_pen_min_elongation) & (stats[:, 4] >= o.debris_min_um2 / px)
     stroke[0] = False
     black = stroke[labels]
     ink |= black
@@ -196,16 +294,22 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
         fold = tissue & (od > o.fold_od_ratio * m_od) & (s5 > m_s + o.fold_sat_delta) & he_hue & ~ink
         fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
         fold = _keep_large(fold, round(o.fold_min_um2 / px)) & ~ink & ~debris
-    # edges: thin dark lines, long for their area
+    # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     r = max(1, round(16.0 / mpp))
     hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, _disc(r)).astype(np.float32) > o.edge_contrast
-    labels, stats = _components(hat & ~ink & ~fold & ~debris)
+    # (the Hough transform sees every grey line: cutting ink and folds out of the map breaks its circles)
+    bubble = air_bubbles(rgb, grey, hat & (chroma <= o.bubble_max_chroma), mpp, o) & ~ink & ~debris
+    hat &= ~ink & ~fold & ~debris
+    labels, stats = _components(hat & ~cv2.dilate(bubble.astype(np.uint8), _disc(2)).astype(bool))
     long = np.maximum(stats[:, 2], stats[:, 3]) * mpp >= o.edge_min_length_um
-    edge_ok = long & _stroke_like(stats, 1, max_fill=o.edge_max_fill, min_aspect=5.0)
+    # thin: its area over its length is a line's width, not a network's (dark tissue texture)
+    thin = stats[:, 4] <= np.maximum(stats[:, 2], stats[:, 3]) * max(1.0, o.edge_max_width_um / mpp)
+    edge_ok = long & thin & _stroke_like(stats, 1, max_fill=o.edge_max_fill, min_aspect=5.0)
     edge_ok[0] = False
     edge = cv2.dilate(edge_ok[labels].astype(np.uint8), _disc(1)) > 0
-    edge &= ~ink & ~fold & ~debris
+    edge = (edge | bubble) & ~ink & ~debris
+    fold &= ~bubble
     return {"Pen ink": ink, "Dark debris": debris, "Fold": fold, "Air bubble / edge": edge}
 
 
