@@ -400,6 +400,14 @@ def test_train_mil_and_mil_deploy_read_wsidata_stores(tmp_path, one_torch_thread
     with open(out) as f:
         scored = list(csv.DictReader(f))
     assert [r["status"] for r in scored] == ["done", "done"] and all(r["p_tumour"] for r in scored)
+    from slidekit.cli import main
+
+    r = CliRunner().invoke(main, ["mil-deploy", str(tmp_path / "s3.zarr"), str(tmp_path / "s4.zarr" / "tables" /
+                                                                           "uni_tiles"),
+                                  "--model", str(ckpt), "--out", str(tmp_path / "cli.csv"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "cli.csv") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["done", "done"]
 
 
 def test_lazyslide_aggregates_our_features(exported):

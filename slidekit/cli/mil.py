@@ -19,7 +19,7 @@ from slidekit.regions.options import ReadOptions
 
 
 @click.command("mil-deploy")
-@click.argument("features", nargs=-1, required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("features", nargs=-1, required=False, type=click.Path(path_type=Path))
 @option("model", required=True, aliases=("--checkpoint",), metavar="CKPT",
         detail="a MIL checkpoint (`slidekit train mil` OUT/checkpoint.pt).")
 @option("out", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -31,7 +31,8 @@ from slidekit.regions.options import ReadOptions
 @click.pass_context
 def mil_deploy(ctx: click.Context, features: tuple[Path, ...], model: str, out: Path, chunk_rows: int,
                cohort: str | None = None) -> None:
-    """Score slides' feature files (FEATURES: .h5 from `slidekit embed`, TRIDENT, CLAM or STAMP; or --cohort)."""
+    """Score slides' feature files (FEATURES: .h5 from `slidekit embed`, TRIDENT, CLAM or STAMP, or SpatialData
+    stores of wsidata/LazySlide or sopa (docs/scverse.md); or --cohort)."""
     if not features and cohort is None:
         raise click.UsageError("give FEATURES (feature files) or --cohort EMBED_OUT")
     import csv
@@ -48,7 +49,7 @@ def mil_deploy(ctx: click.Context, features: tuple[Path, ...], model: str, out: 
 
 
 @click.command("mil-attention")
-@click.argument("features", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("features", type=click.Path(path_type=Path))  # a feature file or a SpatialData store
 @option("slide", required=True, detail="the slide the features come from (for the overlay and the GeoJSON bounds).")
 @option("model", required=True, aliases=("--checkpoint",), metavar="CKPT",
         detail="a MIL checkpoint with attention (abmil, clam, transmil).")
