@@ -247,7 +247,7 @@ def test_viewer_shows_qc_columns_and_overlay(cohort: dict) -> None:
 
     index = Index(cohort["out"])
     table = index.cohort()
-    assert "verdict" in table["columns"] and "Pen ink fraction" in table["columns"]
+    assert {"verdict", "reasons", "Pen ink fraction"} <= set(table["columns"])
     assert {r["id"] for r in table["rows"]} == {"a", "b", "c"} and all(r["verdict"] for r in table["rows"])
     item = index.item((cohort["out"] / "a").resolve())
     assert "qc.geojson" in [g["name"] for g in item["geojson"]]  # the classed QC annotations over the slide
@@ -287,3 +287,25 @@ def test_bad_qc_options_are_one_line_before_a_cohort_starts(cohort: dict, tmp_pa
                                       "--out", str(tmp_path / command[0]), *args, "-q"])
         assert r.exit_code != 0 and said in r.output and "Traceback" not in r.output, (command, r.output)
         assert not (tmp_path / command[0]).exists()
+
+
+def test_exclude_qc_auto_runs_qc_first(cohort: dict, tmp_path: Path) -> None:
+    """`--exclude-qc auto`: each slide's QC is made first in OUT/qc/ (a cohort: OUT/<id>/qc/), found
+    finished by a rerun, and the tiles are filtered by it as by a given QC folder."""
+    slides = cohort["slides"][:2]
+    table = run_cohort("tile", slides, tmp_path / "t", mpp=8.0, size=16, exclude_qc="auto", qc_max="Pen ink=0.2",
+                       progress=False)
+    assert [r["status"] for r in table] == ["done", "done"]
+    for sid in ("a", "b"):
+        own = json.loads((tmp_path / "t" / sid / "qc" / "qc.json").read_text())
+        given = json.loads((cohort["out"] / sid / "qc.json").read_text())
+        assert own["classes"]["Pen ink"]["pixels"] == given["classes"]["Pen ink"]["pixels"]
+        assert json.loads((tmp_path / "t" / sid / "summary.json").read_text())["qc"]["removed_by_class"]["Pen ink"] > 0
+    again = run_cohort("tile", slides, tmp_path / "t", mpp=8.0, size=16, exclude_qc="auto", qc_max="Pen ink=0.2",
+                       progress=False)
+    assert [r["status"] for r in again] == ["skipped", "skipped"]
+    r = CliRunner().invoke(main, ["heatmap", str(slides[0]), "--model", "tissue", "--mpp", "8", "--size", "32",
+                                  "--device", "cpu", "--out", str(tmp_path / "hm"), "--exclude-qc", "auto", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "hm" / "qc" / "qc_labels.zarr").is_dir()
+    assert "-qc" in json.loads((tmp_path / "hm" / "summary.json").read_text())["config"]

@@ -89,9 +89,9 @@ def _own(options: dict, *drop: str) -> dict:
 
 def _slide_qc(slide: CohortSlide, options: dict) -> dict:
     """``exclude_qc`` of a cohort is a QC cohort's output folder: each slide's QC is ``QC_OUT/<slide id>/``
-    (the ids of one manifest are the same in every cohort command)."""
-    if options.get("exclude_qc") is None:
-        return options
+    (the ids of one manifest are the same in every cohort command); ``auto`` stays as it is."""
+    if options.get("exclude_qc") is None or str(options["exclude_qc"]) == "auto":
+        return options  # auto: each slide's job QCs it first into OUT/<slide id>/qc/
     return {**options, "exclude_qc": str(Path(options["exclude_qc"]) / slide.id)}
 
 

@@ -41,6 +41,8 @@ SUMMARY = "summary.json"
 class TileFilter(Protocol):
     """Tiles a job's grid leaves out after its region (``regions.qc_tiles.TileQc``: ``--exclude-qc``)."""
 
+    def ready(self, slide: Any, folder: Path, reading: Any, progress: bool) -> "TileFilter": ...
+
     def check(self, slide: Any) -> None: ...
 
     def config(self) -> dict: ...
@@ -203,7 +205,8 @@ def run_job(job: SlideJob, slide_path: str | os.PathLike, out_dir: str | os.Path
     out = Path(out_dir)
     with job.reading.open(slide_path) as slide:
         job.check(slide)
-        if job.qc is not None:
+        if job.qc is not None:  # its QC folder (made first for --exclude-qc auto), checked against the slide
+            job.qc = job.qc.ready(slide, out / "qc", job.reading, progress)
             job.qc.check(slide)
         return _run_locked(job, slide, out, progress)
 

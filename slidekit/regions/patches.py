@@ -455,7 +455,8 @@ def _export_zip(slide_path: str | os.PathLike, dest: Path, o: ExportOptions, pro
                "annotations": None if f.annotations is None else file_identity(f.annotations),
                "label_rule": f.label_rule if f.annotations is not None else None, "tissue": tissue or {},
                "slide_mpp": list(slide.mpp) if slide.mpp else None}
-        if qc is not None:  # recorded only when set: earlier zips keep their key
+        if qc is not None:  # recorded only when set: earlier zips keep their key; auto: QC beside it (FILE.qc/)
+            qc = qc.ready(slide, dest.with_suffix(".qc"), r, progress)
             qc.check(slide)
             cfg["-qc"] = qc.config()
         key = config_digest(cfg)

@@ -79,7 +79,7 @@ class QcJob(SlideJob):
         return cfg
 
     def figures(self, summary: dict) -> dict:
-        return {"verdict": summary["verdict"],
+        return {"verdict": summary["verdict"], "reasons": "; ".join(summary.get("reasons") or []),
                 **{f"{n} fraction": round(c["fraction_of_tissue"], 4) for n, c in summary["classes"].items()}}
 
     def run(self, ctx: JobContext) -> dict:

@@ -24,12 +24,14 @@ import numpy as np
 
 from slidekit.base.errors import ConfigError
 from slidekit.base.io import file_identity, write_text_atomic
-from slidekit.regions.qc import ARTEFACTS, LABELS, check_qc_folder, read_qc_labels
+from slidekit.regions.qc import ARTEFACTS, LABELS, check_qc_folder, qc_slide, read_qc_labels
 from slidekit.regions.tiling import TileGrid
 from slidekit.regions.tissue import TissueMask
 
 #: A tile is left out when more than this fraction of it is one artefact class (unless --qc-max says else).
 DEFAULT_QC_MAX = 0.5
+#: ``--exclude-qc auto``: QC each slide first (default QC options) into the job's folder, ``OUT/qc/``.
+AUTO = "auto"
 
 
 def _fraction(text: str, what: str) -> float:
@@ -78,7 +80,7 @@ def check_qc_options(exclude_qc: str | os.PathLike | None, qc_max: Any = None) -
     """Refuse ``--exclude-qc``/``--qc-max`` that no slide could use, before a cohort starts: a ``qc_max``
     without a QC folder, a bad ``qc_max`` value, a QC folder that is not a folder (ConfigError, one line)."""
     TileQc.of(exclude_qc, qc_max)
-    if exclude_qc is not None and not Path(exclude_qc).is_dir():
+    if exclude_qc is not None and str(exclude_qc) != AUTO and not Path(exclude_qc).is_dir():
         raise ConfigError(f"--exclude-qc {exclude_qc}: not a folder (a `slidekit qc` output folder; for a cohort "
                           "the QC cohort's --out)")
 
@@ -102,7 +104,8 @@ class TileQc:
     Parameters
     ----------
     path
-        A ``slidekit qc`` output folder of the slide.
+        A ``slidekit qc`` output folder of the slide, or ``"auto"``: QC the slide first (default
+        ``QcOptions``) into ``qc/`` inside the job's own folder (a rerun finds it finished).
     max_fraction
         Per artefact class the largest fraction a kept tile may have (:func:`qc_max_of`).
     """
@@ -119,6 +122,16 @@ class TileQc:
                 raise ConfigError("--qc-max needs --exclude-qc QC_DIR (the QC folder whose fractions it limits)")
             return None
         return cls(exclude_qc, qc_max_of(qc_max))
+
+    def ready(self, slide: Any, folder: str | os.PathLike, reading: Any = None, progress: bool = True) -> "TileQc":
+        """This filter with its QC folder: for ``"auto"``, ``slidekit qc`` of ``slide`` (read as ``reading``
+        says) into ``folder`` first (skipped when finished there); otherwise itself."""
+        if str(self.path) != AUTO:
+            return self
+        qc_slide(slide.path, folder, slide_mpp=getattr(reading, "slide_mpp", None),
+                 override_mpp=getattr(reading, "override_mpp", None), backend=getattr(reading, "backend", None),
+                 progress=progress)
+        return TileQc(folder, self.max_fraction)
 
     def check(self, slide: Any) -> None:
         """Refuse a QC folder that is not a finished QC of ``slide``'s file (ConfigError, one line)."""

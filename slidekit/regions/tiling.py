@@ -521,7 +521,10 @@ def make_grid(slide_path: str | os.PathLike, out: str | os.PathLike | None = Non
                 if min_tissue > 0 else None)
         grid = TileGrid.from_slide(slide, mpp=mpp, size=int(size or 256), overlap=overlap, mask=mask,
                                    min_tissue=min_tissue)
-        if qc is not None:
+        if qc is not None:  # --exclude-qc auto: the slide's QC beside the grid file first (GRID.qc/)
+            if out is None and str(qc.path) == "auto":
+                raise ConfigError("--exclude-qc auto needs --out (the slide's QC goes beside the grid file)")
+            qc = qc.ready(slide, Path(out).with_suffix(".qc") if out is not None else Path(qc.path), o.reading, True)
             qc.check(slide)
             grid, fractions, counts = qc.filter(slide, grid)
             grid.meta["qc"] = {**counts, "config": qc.config(),

@@ -207,6 +207,9 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
             raise TissueError(f"no tile has {min_tissue:.0%} tissue at {grid.mpp} µm/px", slide.path)
         qc, qc_fractions, qc_counts = TileQc.of(exclude_qc, qc_max), None, None
         if qc is not None:
+            # --exclude-qc auto: the slide's QC beside the store (STORE.qc/; a job's runner made OUT/qc/ already)
+            qc = qc.ready(slide, out.parent / f"{out.stem}.qc", ReadOptions(slide_mpp, override_mpp, r.backend),
+                          progress)
             qc.check(slide)
             grid, qc_fractions, qc_counts = qc.filter(slide, grid)
             if len(grid) == 0:
@@ -452,6 +455,8 @@ class EmbedJob(SlideJob):
         out = ctx.out
         opts = dict(self.options)
         model = opts.pop("model")
+        if isinstance(self.qc, TileQc):  # the QC folder the runner checked (made first for --exclude-qc auto)
+            opts["exclude_qc"] = str(self.qc.path)
         store = embed_slide(ctx.slide.path, out / "embeddings.zarr", model=model, progress=ctx.progress,
                             geojson=out / "clusters.geojson" if self.geojson else None,
                             features_h5=out / "features.h5", slide_mpp=self.reading.slide_mpp,
