@@ -4,20 +4,14 @@
 writes one SpatialData zarr store (``wsidata.open_wsi(slide, store=...)`` opens it unchanged; a
 store named ``<slide stem>.zarr`` beside the slide is found without ``store=``):
 
-=========================  ==========================================  =====================================
-slidekit                   SpatialData element                         wsidata / LazySlide name
-=========================  ==========================================  =====================================
-``tissue.geojson``         shapes ``tissues`` (``tissue_id``)           ``tissues``
-``features.h5`` coords     shapes ``tiles`` (boxes; ``tile_id``, ``x``,  ``tiles`` + attrs ``tile_spec``
-                           ``y``, ``tissue_id``)
-``features.h5`` features   table ``{model}_tiles`` (obs ``tile_id``,     ``{model}_tiles``
-                           ``library_id``)
-``cells.csv``              shapes ``cells`` (circles of the nucleus      (sopa: cells + table)
-                           area) + table ``cells_table``
-``heatmap.zarr``           image ``heatmap`` (classes as channels)
-``attention.zarr``         image ``attention``
-``qc_labels.png``          labels ``qc_labels`` (+ attrs ``qc_classes``)
-=========================  ==========================================  =====================================
+- ``tissue.geojson`` -> shapes ``tissues`` (``tissue_id``; wsidata's ``tissues``);
+- ``features.h5`` coords -> shapes ``tiles`` (level-0 boxes; ``tile_id``, ``x``, ``y``, ``tissue_id``)
+  and attrs ``tile_spec["tiles"]``; its features -> table ``{model}_tiles`` (obs ``tile_id``,
+  categorical ``library_id``), wsidata's ``{feature_key}_{tile_key}``;
+- ``cells.csv`` -> shapes ``cells`` (circles of the nucleus area, index ``cell_id``) and table
+  ``cells_table`` (measurements; obs ``cell_id``, ``region``, ``slide``; obsm ``spatial``), as sopa's;
+- ``heatmap.zarr`` / ``attention.zarr`` -> images ``heatmap`` / ``attention`` (classes as channels);
+- ``qc_labels.png`` -> labels ``qc_labels`` (+ attrs ``qc_classes``).
 
 Coordinate systems: ``global`` is level-0 pixels (wsidata's convention), ``microns`` the same
 place in micrometres (a ``Scale`` by the slide's µm/px); maps carry their own scale and origin. The
@@ -27,8 +21,9 @@ store's attributes hold wsidata's ``slide_properties`` and ``tile_spec`` and sli
 file does.
 
 Memory: features go from HDF5 to zarr chunk by chunk (dask over the HDF5 dataset, one chunk at a
-time); heatmaps chunk by chunk from their zarr. SpatialData holds shapes and table obs in memory
-(GeoDataFrames, AnnData obs): tiles and cells cost their boxes and circles, not their features.
+time); heatmaps chunk by chunk from their zarr; the cells' shapes row group by row group from
+``cells.csv``, after everything else, and their table last. What SpatialData holds in memory is the
+tiles' boxes and the tables' obs (``benchmarks/spatialdata_export.py`` measures it).
 The store is written beside its final path and renamed into place (``base.io.atomic_path``).
 
 Imports: spatialdata at module level (the CLI loads this module inside the command); the stages
