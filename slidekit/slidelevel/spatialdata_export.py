@@ -77,8 +77,12 @@ def _slide_of(folder: Path, slide: str | os.PathLike | None) -> Path:
             recorded = json.loads((folder / name).read_text()).get(key)
         except (OSError, ValueError, AttributeError):
             continue
-        if recorded and Path(recorded).exists():
-            return Path(recorded)
+        # as recorded (relative to where the command ran), else beside the folder or its cohort folder;
+        # the folder's recorded fingerprint is checked against the slide found (OutputDir)
+        for candidate in ((Path(recorded), folder.parent / recorded, folder.parent.parent / recorded)
+                          if recorded else ()):
+            if candidate.exists():
+                return candidate
     raise ConfigError("records no slide that exists here (pass slide= / --slide)", folder)
 
 
@@ -524,7 +528,8 @@ def export_cohort_spatialdata(cohort: str | os.PathLike, *, store_dir: str | os.
             continue
         store = None if store_dir is None else Path(store_dir) / f"{Path(slide).stem}.zarr"
         try:
-            written.append(export_spatialdata(root / sid, store, slide=slide or None, **options))
+            given = slide if slide and Path(slide).exists() else None  # else the one the folder records
+            written.append(export_spatialdata(root / sid, store, slide=given, **options))
         except SlidekitError as e:
             problems.append(f"{sid}: {e}")
     return written, problems
