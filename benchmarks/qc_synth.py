@@ -101,8 +101,11 @@ def draw_artefacts(rgb: np.ndarray, seed: int, *, inks: tuple[str, ...] | None =
     masks["Out of focus"] = (m > 0) & tissue
     claim(m > 0)
     # fold: doubled tissue along a band
-    width, length = int(rng.integers(150, 300)), int(rng.integers(800, 1400))
-    c = _place(rng, free, tissue, length // 2 + width)
+    width, length = int(rng.integers(150, 300)), int(rng.integers(600, 1200))
+    c = None
+    while c is None and length >= 300:  # shorter when no free place holds it
+        c = _place(rng, free, tissue, length // 2 + width // 2)
+        length = length if c is not None else int(length * 0.75)
     m = np.zeros((H, W), np.uint8)
     if c is not None:
         ang = rng.uniform(0, np.pi)

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 from scipy import ndimage
+from skimage.color import hed_from_rgb
 
 from slidekit.regions.tissue import (
     _OD_LUT,
@@ -90,9 +91,10 @@ class QcOptions:
         "Very dark" (max channel below this), dark areas at least this large are black pen whatever
         their shape, or at least this elongated (area over the area of the widest inscribed disc), the
         smallest debris blob, debris' largest chroma (max - min of RGB).
-    fold_od_ratio, fold_sat_delta, fold_min_um2
+    fold_od_ratio, fold_sat_delta, fold_min_um2, fold_max_stain_shift
         Fold: optical density over the tissue median times this, saturation over its median plus
-        this, in areas of at least this size.
+        this, in areas of at least this size, and a haematoxylin/eosin balance at most this many
+        times the tissue's median balance (0: no balance check).
     edge_contrast, edge_min_length_um, edge_max_fill, edge_max_width_um
         Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill, largest
         mean width (area over length: a line, not a network of dark tissue texture).
@@ -118,9 +120,10 @@ class QcOptions:
     black_pen_min_elongation: float = 4.0
     debris_min_um2: float = 500.0
     debris_max_chroma: int = 40
-    fold_od_ratio: float = 1.6
+    fold_od_ratio: float = 1.3
     fold_sat_delta: float = 25.0
     fold_min_um2: float = 10_000.0
+    fold_max_stain_shift: float = 1.8
     edge_contrast: float = 25.0
     edge_min_length_um: float = 800.0
     edge_max_fill: float = 0.25
@@ -162,6 +165,18 @@ def _keep_large(mask: np.ndarray, min_px: int) -> np.ndarray:
     keep = stats[:, 4] >= max(1, min_px)
     keep[0] = False
     return keep[labels]
+
+
+#: skimage's H&E(DAB) deconvolution matrix (``skimage.color.hed_from_rgb``), float32.
+_HED = np.asarray(hed_from_rgb, np.float32)
+
+
+def _stains(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin amounts of an RGB view (Ruifrok-Johnston deconvolution, as
+    ``skimage.color.rgb2hed``; float32, clipped at 0)."""
+    od = -np.log(np.maximum(rgb.astype(np.float32), 1.0) / np.float32(255.0))
+    hed = od.reshape(-1, 3) @ _HED
+    return (np.maximum(hed[:, 0], 0).reshape(rgb.shape[:2]), np.maximum(hed[:, 1], 0).reshape(rgb.shape[:2]))
 
 
 def tissue_like(hsv: np.ndarray, rgb: np.ndarray) -> np.ndarray:
@@ -292,6 +307,13 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
         m_od, m_s = float(np.median(od[clean])), float(np.median(s5[clean]))
         he_hue = (hue >= 240) | (hue <= 15)  # stain colours (purple to red); brown/green/blue ink is not a fold
         fold = tissue & (od > o.fold_od_ratio * m_od) & (s5 > m_s + o.fold_sat_delta) & he_hue & ~ink
+        if o.fold_max_stain_shift > 0 and fold.any():
+            # a fold doubles the tissue it lies on, so it keeps that tissue's balance of the two stains;
+            # dense nuclei (epidermis, lymphocytes) are as dark but shifted towards haematoxylin
+            h, e = _stains(rgb)
+            balance = cv2.medianBlur(h, 5) / np.maximum(cv2.medianBlur(e, 5), np.float32(0.02))
+            m_bal = float(np.median(h[clean])) / max(float(np.median(e[clean])), 0.02)
+            fold &= balance <= o.fold_max_stain_shift * m_bal
         fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
         fold = _keep_large(fold, round(o.fold_min_um2 / px)) & ~ink & ~debris
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
