@@ -305,7 +305,13 @@ def test_exclude_qc_auto_runs_qc_first(cohort: dict, tmp_path: Path) -> None:
                        progress=False)
     assert [r["status"] for r in again] == ["skipped", "skipped"]
     r = CliRunner().invoke(main, ["heatmap", str(slides[0]), "--model", "tissue", "--mpp", "8", "--size", "32",
-                                  "--device", "cpu", "--out", str(tmp_path / "hm"), "--exclude-qc", "auto", "-q"])
+                                  "--device", "cpu", "--out", str(tmp_path / "hm"), "--exclude-qc", "auto",
+                                  "--tiles-geojson", "-q"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "hm" / "qc" / "qc_labels.zarr").is_dir()
-    assert "-qc" in json.loads((tmp_path / "hm" / "summary.json").read_text())["config"]
+    summary = json.loads((tmp_path / "hm" / "summary.json").read_text())
+    assert "-qc" in summary["config"]
+    tiles = json.loads((tmp_path / "hm" / "tiles.geojson").read_text())["features"]
+    assert len(tiles) == summary["tiles"]  # each tile with its artefact fractions, all within --qc-max
+    fractions = [t["properties"]["measurements"][f"QC {n}"] for t in tiles for n in ARTEFACTS]
+    assert max(fractions) <= DEFAULT_QC_MAX and len(fractions) == len(tiles) * len(ARTEFACTS)

@@ -47,6 +47,7 @@ from slidekit.regions.options import (
     TileOptions,
     TissueOptions,
 )
+from slidekit.regions.qc import ARTEFACTS
 from slidekit.regions.qc_tiles import TileQc, qc_figures
 from slidekit.regions.roi import clip_store_to_roi
 from slidekit.regions.tiling import TileGrid, TileReader, warn_bad_tiles
@@ -608,9 +609,14 @@ class HeatmapJob(SlideJob):
             coords, values = hm.tiles
             from shapely.geometry import box
 
+            # with --exclude-qc each tile also carries its artefact fractions ("QC Pen ink", ...)
+            qc = (self.qc.fractions(slide, np.column_stack([coords, np.full((len(coords), 2), (w, h))])).tolist()
+                  if isinstance(self.qc, TileQc) else [[]] * len(coords))
+            names = [f"QC {n}" for n in ARTEFACTS]
             tiles = (Annotation(box(x, y, x + w, y + h), kind="tile",
-                                measurements={c: float(v) for c, v in zip(hm.classes, vals)})
-                     for (x, y), vals in zip(coords.tolist(), values.tolist()))
+                                measurements={**{c: float(v) for c, v in zip(hm.classes, vals)},
+                                              **{n: round(float(f), 4) for n, f in zip(names, fr)}})
+                     for (x, y), vals, fr in zip(coords.tolist(), values.tolist(), qc))
             write_geojson(tiles, out / "tiles.geojson", bounds=slide.dimensions)  # edge tiles reach past it
         bad_coords = _bad_tile_coords(hm)
         records = bad_tile_records(slide, bad_coords, w, h)

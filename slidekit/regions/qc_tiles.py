@@ -85,14 +85,17 @@ def check_qc_options(exclude_qc: str | os.PathLike | None, qc_max: Any = None) -
                           "the QC cohort's --out)")
 
 
-def tile_fractions(labels: np.ndarray, mpp: float, slide_mpp: tuple[float, float], grid: TileGrid) -> np.ndarray:
+def tile_fractions(labels: np.ndarray, mpp: float, slide_mpp: tuple[float, float],
+                   grid: TileGrid | np.ndarray) -> np.ndarray:
     """(N, len(ARTEFACTS)) float32: each tile's fraction of each artefact class, from a QC label map at
     ``mpp`` µm/px of a slide at ``slide_mpp`` (level-0 µm/px): each class is a ``TissueMask`` and its
-    ``fractions`` (area-weighted over the label pixels, as a tile's tissue fraction is)."""
-    out = np.zeros((len(grid), len(ARTEFACTS)), np.float32)
-    if len(grid):
+    ``fractions`` (area-weighted over the label pixels, as a tile's tissue fraction is). ``grid``: a
+    TileGrid or (N, 4) level-0 boxes (x, y, w, h)."""
+    boxes = grid.boxes if isinstance(grid, TileGrid) else np.asarray(grid, np.float64).reshape(-1, 4)
+    out = np.zeros((len(boxes), len(ARTEFACTS)), np.float32)
+    if len(boxes):
         for c, name in enumerate(ARTEFACTS):
-            out[:, c] = TissueMask(array=labels == LABELS[name], mpp=mpp, slide_mpp=slide_mpp).fractions(grid.boxes)
+            out[:, c] = TissueMask(array=labels == LABELS[name], mpp=mpp, slide_mpp=slide_mpp).fractions(boxes)
     return out
 
 
@@ -141,6 +144,11 @@ class TileQc:
         """What the filter adds to a job's configuration: the QC run (its summary) and the limits."""
         return {"summary": file_identity(Path(self.path) / "summary.json"),
                 "max": {k: float(v) for k, v in self.max_fraction.items()}}
+
+    def fractions(self, slide: Any, boxes: np.ndarray) -> np.ndarray:
+        """(N, classes) artefact fractions of level-0 ``boxes`` (x, y, w, h) of ``slide``."""
+        labels, mpp = read_qc_labels(self.path, slide)
+        return tile_fractions(labels, mpp, tuple(slide.mpp), boxes)
 
     def filter(self, slide: Any, grid: TileGrid) -> tuple[TileGrid, np.ndarray, dict]:
         """``(kept grid, kept tiles' fractions (N, classes), counts)``; counts: ``tiles_before``,
