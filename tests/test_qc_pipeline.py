@@ -212,6 +212,7 @@ def test_heatmap_cli_cohort_with_exclude_qc(cohort: dict, tmp_path: Path) -> Non
         counts = json.loads((tmp_path / "hm" / sid / "summary.json").read_text())["qc"]
         assert counts["max_fraction"]["Pen ink"] == 0.0 and counts["max_fraction"]["Fold"] == DEFAULT_QC_MAX
         assert int(hm[sid]["qc removed Pen ink"]) == counts["removed_by_class"]["Pen ink"] > 0
+        assert hm[sid]["qc verdict"] == json.loads((qc / sid / "qc.json").read_text())["verdict"]
         assert int(hm[sid]["tiles"]) == counts["tiles_before"] - int(hm[sid]["qc removed"]) > 0
 
 

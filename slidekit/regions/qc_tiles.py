@@ -14,6 +14,7 @@ removed in all, removed per class) recorded in the job's summary.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -159,7 +160,12 @@ class TileQc:
         limits = np.array([float(self.max_fraction.get(n, DEFAULT_QC_MAX)) for n in ARTEFACTS], np.float32)
         over = frac > limits[None, :]
         drop = over.any(axis=1)
-        counts = {"tiles_before": len(grid), "tiles_removed": int(drop.sum()),
+        try:  # the slide's QC verdict goes with the counts (cohort tables, the viewer)
+            report = json.loads((Path(self.path) / "qc.json").read_text())
+            verdict = {"verdict": str(report["verdict"]), "reasons": list(report.get("reasons") or [])}
+        except (OSError, ValueError, KeyError, TypeError):
+            verdict = {}
+        counts = {**verdict, "tiles_before": len(grid), "tiles_removed": int(drop.sum()),
                   "removed_by_class": {n: int(over[:, c].sum()) for c, n in enumerate(ARTEFACTS)},
                   "max_fraction": {n: float(self.max_fraction.get(n, DEFAULT_QC_MAX)) for n in ARTEFACTS},
                   "classes": list(ARTEFACTS)}
@@ -188,10 +194,10 @@ def write_tiles_csv(path: str | os.PathLike, grid: TileGrid, fractions: np.ndarr
 
 
 def qc_figures(summary: dict) -> dict:
-    """A job summary's QC counts as cohort-table figures: ``qc removed`` and ``qc removed <class>`` (none
-    without ``--exclude-qc``)."""
+    """A job summary's QC counts as cohort-table figures: ``qc verdict`` (the slide's), ``qc removed`` and
+    ``qc removed <class>`` (none without ``--exclude-qc``)."""
     qc = summary.get("qc")
     if not isinstance(qc, dict):
         return {}
-    return {"qc removed": qc.get("tiles_removed"),
+    return {**({"qc verdict": qc["verdict"]} if "verdict" in qc else {}), "qc removed": qc.get("tiles_removed"),
             **{f"qc removed {n}": v for n, v in (qc.get("removed_by_class") or {}).items()}}
