@@ -1,7 +1,8 @@
 """``OUT/qc.csv`` of a QC cohort: one row per slide of the manifest with its verdict, reasons, tissue area
 and per artefact class its fraction of the tissue and its area in µm² (from the slide's ``qc.json``).
 
-The table is rebuilt from the ledger and the slides' folders each time a slide finishes, and written
+The table is rebuilt from the ledger and the slides' folders as slides finish (at most every 2 s while
+they do, and at the start and end of the run; each ``qc.json`` is read once while unchanged), and written
 atomically: a slide counts when its last ledger record is ``done`` with this run's configuration, so a
 rerun that redoes some slides (other options, a damaged folder, ``--retry-failed``) shows each slide's
 current result, and a slide not done (failed, running, not started, last done with other options) has
@@ -30,13 +31,22 @@ def qc_columns() -> list[str]:
     return ["id", "slide", "status", "verdict", "reasons", "tissue µm²", *per_class, "not measured"]
 
 
+_ROWS: dict[tuple[str, int, int], dict] = {}  # (qc.json, mtime, size) -> its columns: each file read once per run
+_MAX_CACHED = 200_000
+
+
 def qc_row(s: CohortSlide, folder: Path, status: str) -> dict:
     """A slide's row: from ``folder/qc.json`` when ``status`` is done, else the status alone."""
     row: dict = {"id": s.id, "slide": str(s.slide), "status": status}
     if status != "done":
         return row
+    path = folder / "qc.json"
     try:
-        report = json.loads((folder / "qc.json").read_text())
+        st = path.stat()
+        cache_key = (str(path), st.st_mtime_ns, st.st_size)
+        if cache_key in _ROWS:
+            return {**row, **_ROWS[cache_key]}
+        report = json.loads(path.read_text())
         classes = report["classes"]
         row.update({"verdict": report["verdict"], "reasons": "; ".join(report["reasons"]),
                     "tissue µm²": round(float(report["tissue_area_um2"]), 1),
@@ -45,7 +55,10 @@ def qc_row(s: CohortSlide, folder: Path, status: str) -> dict:
             row[f"{n} fraction"] = round(float(classes[n]["fraction_of_tissue"]), 6)
             row[f"{n} µm²"] = round(float(classes[n]["area_um2"]), 1)
     except (OSError, ValueError, KeyError, TypeError):
-        row["status"] = "qc.json unreadable"
+        return {**row, "status": "qc.json unreadable"}
+    if len(_ROWS) >= _MAX_CACHED:
+        _ROWS.clear()
+    _ROWS[cache_key] = {k: v for k, v in row.items() if k not in ("id", "slide", "status")}
     return row
 
 

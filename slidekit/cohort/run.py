@@ -29,6 +29,7 @@ from slidekit.cohort.table import CohortTable, finish_table
 from slidekit.cohort.tasks import TASKS
 
 ENGINES = ("local", "ray")
+TABLE_EVERY_S = 2.0  # a task's own table (qc.csv) is rewritten at most this often while slides finish
 
 
 # -- the per-slide unit of work (runs in a worker process: local pool or Ray) ----------------------
@@ -91,16 +92,23 @@ def run_cohort(task: str, slides: str | os.PathLike | Iterable[str | os.PathLike
     with stop.installed():  # SIGINT/SIGTERM: no new slide, running ones interrupted; a second one ends at once
         rows_in = engine_run(CohortWork(task, options, str(out), key), todo, run, gpus=gpu_ids,
                              settled=list(rows.values()), stop=stop)
-        extra = TASKS[task].table  # a task's own cohort table (qc.csv), rewritten as each slide finishes
-        try:
-            if extra is not None:
+        extra = TASKS[task].table  # a task's own cohort table (qc.csv), rewritten as slides finish
+        last = 0.0
+
+        def refresh(force: bool = False) -> None:
+            nonlocal last  # at most every TABLE_EVERY_S while slides finish, and always at the start and end
+            if extra is not None and (force or time.time() - last >= TABLE_EVERY_S):
                 extra(out, everyone, key)
+                last = time.time()
+
+        try:
+            refresh(force=True)
             for row in rows_in:
                 rows[row["id"]] = row
-                if extra is not None:
-                    extra(out, everyone, key)
+                refresh()
         finally:
             rows_in.close()
+            refresh(force=True)
         ordered = [rows[s.id] for s in mine if s.id in rows]
         table = finish_table(out, everyone, ordered, key, wall=time.time() - t0, started=t0)
     if stop.is_set():  # the table is written; the caller (a script, the CLI: exit 130) is interrupted
