@@ -40,12 +40,12 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from slidekit.base.errors import ConfigError, SlidekitError, SlidekitWarning
+from slidekit.base.errors import ConfigError, SlideError, SlidekitError, SlidekitWarning
 from slidekit.infer.heatmap import Heatmap
 from slidekit.slidelevel.spatialdata_read import is_spatialdata_path, shape_elements, shapes_geojson
 from slidekit.slides.slide import open_slide
 from slidekit.view.index import Index, public
-from slidekit.view.overlay import GEOJSON_SUFFIXES, render_overlay
+from slidekit.view.overlay import GEOJSON_SUFFIXES, QC_LABELS, render_overlay, render_qc_overlay
 from slidekit.view.paths import Refused, find_heatmap
 from slidekit.view.tiles import SlideCache
 
@@ -138,7 +138,7 @@ class Viewer:
         with self.slides.use(self.index.slide_path(target)) as dz:
             slide = dz.slide
             item.update(width=dz.width, height=dz.height, mpp=None if slide.mpp is None else list(slide.mpp))
-        if item["heatmap"]:
+        if item["heatmap"] or item.get("qc"):
             try:
                 item["overlay_meta"] = self._overlay(target)[1]
             except SlidekitError as e:  # a damaged store: show the slide and say why there is no overlay
@@ -147,6 +147,14 @@ class Viewer:
 
     def _overlay(self, target: Path) -> tuple[bytes, dict]:
         store = find_heatmap(target)
+        if store is None and self.index.item(target).get("qc"):  # a QC folder: its artefact classes
+            labels = target / QC_LABELS
+            with self.slides.use(self.index.slide_path(target)) as dz:
+                if not dz.slide.mpp:
+                    raise SlideError("has no pixel size: its QC label map cannot be placed", dz.slide.path)
+                slide_mpp = (float(dz.slide.mpp[0]), float(dz.slide.mpp[1]))
+            key = (labels, labels.stat().st_mtime_ns)
+            return self.overlays.get_or(key, lambda: render_qc_overlay(labels, slide_mpp))
         if store is None:
             raise Refused(404, "no heatmap here")
         name = self.index.item(target)["slide_name"]

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from slidekit.base.errors import ConfigError, FeatureError, OutputError, SlideError
 from slidekit.slidelevel.spatialdata_read import is_spatialdata_path, shape_elements
-from slidekit.view.overlay import geojson_files
+from slidekit.view.overlay import QC_LABELS, geojson_files
 from slidekit.view.paths import (
     HEATMAP_STORES,
     Refused,
@@ -76,7 +76,7 @@ class Index:
 
     def _describe(self, target: Path) -> dict:
         rel = self.root.rel(target)
-        item: dict = {"key": rel, "name": target.name, "heatmap": None, "geojson": [], "summary": {},
+        item: dict = {"key": rel, "name": target.name, "heatmap": None, "qc": None, "geojson": [], "summary": {},
                       "cohort": None, "notes": []}
         if target.is_dir() and is_output_folder(target):
             slide = recorded_slide(target, self.slide if target == self.root.path else None)
@@ -99,8 +99,10 @@ class Index:
             slide = target
         else:
             raise OutputError("is a cohort folder, not one slide's", target)
+        if item["heatmap"] is None and target.is_dir() and (target / QC_LABELS).is_dir():
+            item["qc"] = QC_LABELS  # a QC folder: its label map is the overlay
         item.update(_slide=slide, slide_name=slide.name, dzi=url("/dzi", rel, ".dzi"),
-                    overlay=url("/overlay", rel, ".png") if item["heatmap"] else None,
+                    overlay=url("/overlay", rel, ".png") if item["heatmap"] or item.get("qc") else None,
                     thumbnail=url("/thumb", rel, ".jpg"))
         return item
 

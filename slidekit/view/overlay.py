@@ -19,8 +19,11 @@ from PIL import Image
 
 from slidekit.infer.heatmap import Heatmap, value_alpha
 from slidekit.infer.legend import legend_info
+from slidekit.regions.qc import ARTEFACTS
+from slidekit.regions.qc_zarr import read_label_zarr
 
 GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
+QC_LABELS = "qc_labels.zarr"  # a `slidekit qc` folder's label map: its artefact classes are the overlay
 MAX_OVERLAY_SIZE = 2048  # px on the longer side of the overlay PNG
 
 
@@ -80,3 +83,31 @@ def overlay_legend(hm: Heatmap, slide_name: str, place: dict, vals: np.ndarray, 
     info["task"] = hm.task
     info["heatmap_mpp"] = hm.mpp
     return info
+
+
+def render_qc_overlay(store: Path, slide_mpp: tuple[float, float],
+                      max_size: int = MAX_OVERLAY_SIZE) -> tuple[bytes, dict]:
+    """(RGBA PNG bytes, meta) of a QC label map (``qc_labels.zarr``): each artefact class in its QuPath
+    colour, opaque; glass and clean tissue transparent. ``meta`` as :func:`render_overlay`'s (``place``
+    in level-0 pixels of a slide at ``slide_mpp``; ``legend`` of kind ``classes``)."""
+    labels, attrs = read_label_zarr(store)
+    mpp, legend = float(attrs["mpp"]), attrs["labels"]
+    factor = max(1, math.ceil(max(labels.shape) / max_size))
+    view = labels[::factor, ::factor]  # classes: nearest, never a mean
+    rgba = np.zeros((*view.shape, 4), np.uint8)
+    for name in ARTEFACTS:
+        if name in legend:
+            on = view == int(legend[name]["value"])
+            rgba[on] = [*legend[name]["color"][:3], 255]
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    h, w = view.shape
+    sx, sy = mpp * factor / slide_mpp[0], mpp * factor / slide_mpp[1]
+    place = {"factor": factor, "x": 0.0, "y": 0.0, "width": float(w * sx), "height": float(h * sy),
+             "png_size": [w, h]}
+    classes = [{"name": n, "color": list(legend[n]["color"][:3]),
+                "css": "#%02x%02x%02x" % tuple(int(c) for c in legend[n]["color"][:3])}
+               for n in ARTEFACTS if n in legend]
+    info = {"kind": "classes", "label": "slide QC", "classes": classes, "uncoloured": "glass and clean tissue",
+            "classes_all": list(legend), "task": "qc", "heatmap_mpp": mpp * factor}
+    return buf.getvalue(), {"place": place, "legend": info}

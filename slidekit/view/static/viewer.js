@@ -133,7 +133,7 @@ function addOverlay(item) {
     tileSource: { type: "image", url: item.overlay }, x: meta.place.x / W, y: meta.place.y / W,
     width: meta.place.width / W, opacity: opacity(),
     success: (e) => { state.overlay = e.item; state.ready = true; },
-    error: (e) => showError(`cannot load the heatmap overlay: ${e.message}`),
+    error: (e) => showError(`cannot load the overlay: ${e.message}`),
   });
   drawLegend(meta.legend);
   $("heatmap-controls").hidden = false;
@@ -159,7 +159,7 @@ function drawLegend(info) {
     }
     box.append(el("div", {}, `${info.uncoloured}: uncoloured`));
   }
-  box.append(el("div", {}, `heatmap pixel: ${info.heatmap_mpp} µm`));
+  box.append(el("div", {}, `${info.task === "qc" ? "QC map" : "heatmap"} pixel: ${info.heatmap_mpp} µm`));
 }
 
 // ---- GeoJSON objects: drawn on a canvas over the viewer, redrawn as it moves -------------------
