@@ -91,10 +91,11 @@ class QcOptions:
         "Very dark" (max channel below this), dark areas at least this large are black pen whatever
         their shape, or at least this elongated (area over the area of the widest inscribed disc), the
         smallest debris blob, debris' largest chroma (max - min of RGB).
-    fold_od_ratio, fold_sat_delta, fold_min_um2, fold_max_stain_shift
+    fold_od_ratio, fold_sat_delta, fold_min_um2, fold_max_stain_shift, fold_min_eosin_gain
         Fold: optical density over the tissue median times this, saturation over its median plus
         this, in areas of at least this size, and a haematoxylin/eosin balance at most this many
-        times the tissue's median balance (0: no balance check).
+        times the tissue's median balance (0: no balance check) unless the eosin is at least this
+        many times the tissue's median eosin.
     edge_contrast, edge_min_length_um, edge_max_fill, edge_max_width_um
         Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill, largest
         mean width (area over length: a line, not a network of dark tissue texture).
@@ -123,7 +124,8 @@ class QcOptions:
     fold_od_ratio: float = 1.3
     fold_sat_delta: float = 25.0
     fold_min_um2: float = 10_000.0
-    fold_max_stain_shift: float = 1.8
+    fold_max_stain_shift: float = 1.5
+    fold_min_eosin_gain: float = 2.0
     edge_contrast: float = 25.0
     edge_min_length_um: float = 800.0
     edge_max_fill: float = 0.25
@@ -307,15 +309,28 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
         m_od, m_s = float(np.median(od[clean])), float(np.median(s5[clean]))
         he_hue = (hue >= 240) | (hue <= 15)  # stain colours (purple to red); brown/green/blue ink is not a fold
         fold = tissue & (od > o.fold_od_ratio * m_od) & (s5 > m_s + o.fold_sat_delta) & he_hue & ~ink
-        if o.fold_max_stain_shift > 0 and fold.any():
-            # a fold doubles the tissue it lies on, so it keeps that tissue's balance of the two stains;
-            # dense nuclei (epidermis, lymphocytes) are as dark but shifted towards haematoxylin
-            h, e = _stains(rgb)
-            balance = cv2.medianBlur(h, 5) / np.maximum(cv2.medianBlur(e, 5), np.float32(0.02))
-            m_bal = float(np.median(h[clean])) / max(float(np.median(e[clean])), 0.02)
-            fold &= balance <= o.fold_max_stain_shift * m_bal
         fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
         fold = _keep_large(fold, round(o.fold_min_um2 / px)) & ~ink & ~debris
+        if o.fold_max_stain_shift > 0 and fold.any():
+            # a fold doubles the tissue it lies on, so (over the whole fold) it keeps that tissue's balance
+            # of the two stains; dense nuclei (epidermis, lymphocytes) are as dark but shifted towards
+            # haematoxylin. A shifted fold still counts when it at least doubles the eosin too.
+            h, e = _stains(rgb)
+            m_e = max(float(np.median(e[clean])), 0.02)
+            m_bal = float(np.median(h[clean])) / m_e
+            labels, stats = _components(fold)
+            idx = np.arange(1, len(stats))
+            med_h = np.asarray(ndimage.median(h, labels, idx))
+            med_e = np.asarray(ndimage.median(e, labels, idx))
+            ok = (med_h / np.maximum(med_e, 0.02) <= o.fold_max_stain_shift * m_bal) | \
+                (med_e >= o.fold_min_eosin_gain * m_e)
+            # pixels that keep the balance themselves stay too (a fold merged with dense tissue beside it)
+            hb, eb = cv2.medianBlur(h, 5), cv2.medianBlur(e, 5)
+            pixel_ok = (hb / np.maximum(eb, np.float32(0.02)) <= o.fold_max_stain_shift * m_bal) | \
+                (eb >= o.fold_min_eosin_gain * m_e)
+            fold = np.concatenate([[False], ok])[labels] | (fold & pixel_ok)
+            fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
+            fold = _keep_large(fold, round(o.fold_min_um2 / px))
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     r = max(1, round(16.0 / mpp))
