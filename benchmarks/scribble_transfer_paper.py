@@ -89,8 +89,8 @@ class PaperSize:
     max_source_images: int = 0    # 0: all 15; --quick reads fewer MoNuSeg images
 
 
-QUICK = dict(pretrain_steps=3, pretrain_batch=2, ft_epochs=1, ft_batch=4, tile_size=64, max_tiles_per_class=6,
-             max_source_images=4)
+QUICK = dict(pretrain_steps=3, pretrain_batch=2, ft_epochs=1, ft_batch=4, ft_min_batches=1, tile_size=64,
+             max_tiles_per_class=6, max_source_images=4)
 
 
 # ----------------------------------------------------------------------------------------- data
