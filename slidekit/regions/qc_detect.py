@@ -40,7 +40,7 @@ The rules (thresholds in :class:`QcOptions`):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -174,11 +174,11 @@ _HED = np.asarray(hed_from_rgb, np.float32)
 
 
 def _stains(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Haematoxylin and eosin amounts of an RGB view (Ruifrok-Johnston deconvolution, as
-    ``skimage.color.rgb2hed``; float32, clipped at 0)."""
-    od = -np.log(np.maximum(rgb.astype(np.float32), 1.0) / np.float32(255.0))
-    hed = od.reshape(-1, 3) @ _HED
-    return (np.maximum(hed[:, 0], 0).reshape(rgb.shape[:2]), np.maximum(hed[:, 1], 0).reshape(rgb.shape[:2]))
+    """Haematoxylin and eosin amounts of RGB pixels (``(..., 3)`` uint8; Ruifrok-Johnston deconvolution,
+    as ``skimage.color.rgb2hed``; float32, clipped at 0, shape ``rgb.shape[:-1]``)."""
+    od = -np.log(np.maximum(rgb.reshape(-1, 3).astype(np.float32), 1.0) / np.float32(255.0))
+    hed = od @ _HED
+    return (np.maximum(hed[:, 0], 0).reshape(rgb.shape[:-1]), np.maximum(hed[:, 1], 0).reshape(rgb.shape[:-1]))
 
 
 def tissue_like(hsv: np.ndarray, rgb: np.ndarray) -> np.ndarray:
@@ -315,18 +315,22 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
             # a fold doubles the tissue it lies on, so (over the whole fold) it keeps that tissue's balance
             # of the two stains; dense nuclei (epidermis, lymphocytes) are as dark but shifted towards
             # haematoxylin. A shifted fold still counts when it at least doubles the eosin too.
-            h, e = _stains(rgb)
-            m_e = max(float(np.median(e[clean])), 0.02)
-            m_bal = float(np.median(h[clean])) / m_e
+            # (stains of the pixels needed only: the clean tissue's medians, the candidates' own)
+            hc, ec = _stains(rgb[clean])
+            m_e = max(float(np.median(ec)), 0.02)
+            m_bal = float(np.median(hc)) / m_e
+            del hc, ec
             labels, stats = _components(fold)
-            idx = np.arange(1, len(stats))
-            med_h = np.asarray(ndimage.median(h, labels, idx))
-            med_e = np.asarray(ndimage.median(e, labels, idx))
+            h, e = _stains(rgb[fold])
+            lab, idx = labels[fold], np.arange(1, len(stats))
+            med_h = np.asarray(ndimage.median(h, lab, idx))
+            med_e = np.asarray(ndimage.median(e, lab, idx))
             ok = (med_h / np.maximum(med_e, 0.02) <= o.fold_max_stain_shift * m_bal) | \
                 (med_e >= o.fold_min_eosin_gain * m_e)
             # pixels that keep the balance themselves stay too (a fold merged with dense tissue beside it)
-            hb, eb = cv2.medianBlur(h, 5), cv2.medianBlur(e, 5)
-            pixel_ok = (hb / np.maximum(eb, np.float32(0.02)) <= o.fold_max_stain_shift * m_bal) | \
+            hb, eb = _stains(cv2.medianBlur(rgb, 5)[fold])
+            pixel_ok = np.zeros_like(fold)
+            pixel_ok[fold] = (hb / np.maximum(eb, np.float32(0.02)) <= o.fold_max_stain_shift * m_bal) | \
                 (eb >= o.fold_min_eosin_gain * m_e)
             fold = np.concatenate([[False], ok])[labels] | (fold & pixel_ok)
             fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
@@ -378,8 +382,8 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     # a whole number of grey pixels per label pixel, so that bands of label rows map onto grey rows
     f = max(1, int(np.floor(mpp / min(bmpp, mpp) + 1e-6)))
     bmpp = mpp / f
-    grey = cv2.cvtColor(slide.read_whole(bmpp, progress=progress), cv2.COLOR_RGB2GRAY)
-    s = focus_on_raster(grey, f, shape, bmpp, o)
+    s = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, o,
+                        band_pixels=_band_pixels(slide, bmpp, shape[1] * f))
     inside = tissue & np.isfinite(s)
     if inside.sum() < 10:
         return np.zeros(shape, bool)
@@ -389,15 +393,50 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     return _keep_large(blur, round(o.blur_min_um2 / (mpp * mpp))) & tissue
 
 
-def focus_on_raster(grey: np.ndarray, f: int, shape: tuple[int, int], bmpp: float, o: QcOptions,
-                    band_pixels: int = 1 << 21) -> np.ndarray:
+def _band_reader(slide: Any, bmpp: float) -> Callable[[int, int, int], np.ndarray]:
+    """Rows ``g0:g1`` of the slide's grey view at ``bmpp`` µm/px, ``width`` px wide, read from the slide
+    (``Slide.read_scaled``) and edge-padded where the raster runs past the slide."""
+    W, H = slide.dimensions
+    mx, my = slide.mpp
+    gw, gh = max(1, int(W * mx / bmpp)), max(1, int(H * my / bmpp))
+
+    def rows(g0: int, g1: int, width: int) -> np.ndarray:
+        a, b = min(g0, gh - 1), max(min(g1, gh), min(g0, gh - 1) + 1)
+        y0 = min(H - 1, int(round(a * bmpp / my)))
+        rgb = slide.read_scaled((0, y0), (min(width, gw), b - a), bmpp)
+        grey = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
+        grey = np.pad(grey, ((0, 0), (0, max(0, width - grey.shape[1]))), mode="edge")[:, :width]
+        return grey[np.clip(np.arange(g0, g1) - a, 0, grey.shape[0] - 1)]
+
+    return rows
+
+
+def _band_pixels(slide: Any, bmpp: float, width: int, max_level_pixels: int = 1 << 22) -> int:
+    """Grey pixels per band such that one band's read decodes at most ``max_level_pixels`` pixels of the
+    pyramid level it comes from (a single-level slide is read at full resolution)."""
+    level = slide.best_level_for_mpp(bmpp)
+    ds = float(slide.level_downsamples[level])
+    mx, my = slide.mpp
+    per_row = slide.level_dimensions[level][0] * max(1.0, bmpp / (my * ds))
+    return int(min(1 << 19, max(width, max_level_pixels / per_row * width)))
+
+
+def focus_on_raster(grey: np.ndarray | Callable[[int, int, int], np.ndarray], f: int, shape: tuple[int, int],
+                    bmpp: float, o: QcOptions, band_pixels: int = 1 << 19) -> np.ndarray:
     """Sharpness (``sharpness``) of a grey view averaged over each ``f`` x ``f`` block, on the label
     raster ``shape`` (NaN where a block has no valid value). Computed in bands of label rows with a
-    margin of half a window, so the float temporaries stay at ``band_pixels`` whatever the slide's size."""
+    margin of half a window, so the float temporaries stay at ``band_pixels`` whatever the slide's size.
+    ``grey``: the whole grey view, or a reader ``(g0, g1, width) -> rows g0:g1`` of it (``_band_reader``:
+    the view is never held whole)."""
     H, W = shape
-    # the grey view cropped or edge-padded to exactly f x shape
-    grey = grey[:H * f, :W * f]
-    grey = np.pad(grey, ((0, H * f - grey.shape[0]), (0, W * f - grey.shape[1])), mode="edge")
+    read: Callable[[int, int, int], np.ndarray]
+    if isinstance(grey, np.ndarray):
+        # the grey view cropped or edge-padded to exactly f x shape
+        view = grey[:H * f, :W * f]
+        view = np.pad(view, ((0, H * f - view.shape[0]), (0, W * f - view.shape[1])), mode="edge")
+        read = lambda g0, g1, width: view[g0:g1]  # noqa: E731
+    else:
+        read = grey
     k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
     margin = k // 2 + 2
     rows = max(1, band_pixels // max(1, W * f * f))
@@ -405,7 +444,7 @@ def focus_on_raster(grey: np.ndarray, f: int, shape: tuple[int, int], bmpp: floa
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
         g0, g1 = max(0, r0 * f - margin), min(H * f, r1 * f + margin)
-        sharp = sharpness(grey[g0:g1], bmpp, o.blur_window_um, o.blur_min_variance)
+        sharp = sharpness(read(g0, g1, W * f), bmpp, o.blur_window_um, o.blur_min_variance)
         sharp = sharp[r0 * f - g0:r0 * f - g0 + (r1 - r0) * f].reshape(r1 - r0, f, W, f)
         valid = np.isfinite(sharp)
         num = np.where(valid, sharp, 0).sum(axis=(1, 3))
@@ -420,7 +459,7 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(),
     measured (``Out of focus`` on a view coarser than ``blur_max_mpp``)."""
     o = options
     mpp = max(o.mpp, *slide.mpp)
-    rgb = slide.read_whole(mpp, progress=progress)
+    rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
     tissue = detect_tissue(rgb, mpp, remove_pen=False)
     masks = colour_artefacts(rgb, mpp, tissue, o)
     del rgb
