@@ -11,7 +11,7 @@ the two real SVS slides at 4 µm/px; lesions are blobs of the MoNuSeg tumour mos
 - **lesion burden** ``b``: 25% of patients have no lesion; the others a target burden drawn uniformly
   from 1-10% of their tissue area, split into 1-4 foci over their two slides; ``b`` is the measured
   lesion area share (so it is exact, whatever the blob shapes);
-- **lymphoid share** ``l``: 0-6 follicles (0.6-1.5 tiles across), measured the same way (0-4%);
+- **lymphoid share** ``l``: 0-6 follicles (0.6-1.5 tiles across), measured the same way (mean 0.7%);
 - **hazard**: log relative hazard ``eta = 30 b - 40 l`` (burden harmful, lymphoid infiltrate
   protective); event time ~ Exponential(rate 0.1 e^eta); censoring at min(20, Exponential(mean 10))
   (the realised censoring rate is in the JSON, ``censored_rate``);
@@ -37,6 +37,8 @@ the linear model's out-of-fold scores. All metrics are pooled out of fold.
 Keys (fixed): ``cindex_<m>_per_seed|_mean|_sd`` for m in abmil, meanpool_coxnet, oracle; ``diff_*``
 (abmil - meanpool_coxnet C-index, paired by seed; ``diff_wins``: seeds where ABMIL is ahead);
 ``r2_abmil_*``, ``r2_meanpool_*``, ``r2_oracle_*``; ``goals`` (each goal of issue 32 and whether it is met);
+the same with ``_foldmean`` (``cindex_abmil_foldmean_mean``, ``diff_foldmean_*``, ``goals_foldmean``): each
+metric averaged over the 5 test folds, each scored by its own model, instead of pooled out of fold;
 ``censored_rate_*``, ``burden_*``, ``date``, ``cpus``, ``load_average_at_end``, ``seconds_per_seed``.
 """
 from __future__ import annotations
