@@ -41,6 +41,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,6 +120,19 @@ def load_source(monuseg: Path, size: PaperSize, seed: int = 0) -> dict:
     return {"names": names, "images": imgs, "full": full, "scribble": scrib,
             "organ": [organs.index(organ_of[n]) for n in names], "organs": organs,
             "labelled_fraction_scribble": float(np.mean([(s != 255).mean() for s in scrib]))}
+
+
+def source_labels(monuseg: Path, size: PaperSize) -> tuple[int, list[str]]:
+    """The number of source images and their organ classes (index.csv; no pixels read)."""
+    import csv
+
+    from slidekit.data.datasets import list_images
+
+    names = list_images(monuseg / "images")
+    names = names[:size.max_source_images] if size.max_source_images else names
+    with open(monuseg / "index.csv", newline="") as f:
+        organ_of = {r["name"]: r["organ"].split(" ")[0] for r in csv.DictReader(f)}
+    return len(names), sorted({organ_of[n] for n in names})
 
 
 def load_tiles(tiles: Path, size: PaperSize) -> dict:
@@ -484,7 +498,8 @@ def _same_settings(stored: str | None, size: PaperSize, fields: tuple[str, ...] 
     return all(old.get(k, defaults[k]) == getattr(size, k) for k in (fields or tuple(defaults)))
 
 
-def get_encoders(arms: tuple[str, ...], src: dict, size: PaperSize, work: Path | None, log_every: int) -> tuple:
+def get_encoders(arms: tuple[str, ...], source: Callable[[], dict], size: PaperSize, work: Path | None,
+                 log_every: int) -> tuple:
     """Pre-trained encoders (cached in ``work`` when given: ``pretrain_<arm>.pt`` + ``.json``)."""
     import torch
 
@@ -498,7 +513,7 @@ def get_encoders(arms: tuple[str, ...], src: dict, size: PaperSize, work: Path |
             states[arm], records[arm] = torch.load(pt, weights_only=True), rec
             continue
         print(f"[paper] pre-training {arm} ({size.pretrain_steps} steps)", flush=True)
-        states[arm], records[arm] = pretrain(arm, src, size, log_every=log_every)
+        states[arm], records[arm] = pretrain(arm, source(), size, log_every=log_every)
         records[arm]["settings"] = _settings_key(size)
         if pt is not None and js is not None:
             torch.save(states[arm], pt)
@@ -586,11 +601,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
     c0, t0 = time.process_time(), time.perf_counter()
-    src = load_source(monuseg, size)
+    loaded: dict = {}
+
+    def source() -> dict:  # read (and scribbled) once, and only when an arm must be pre-trained
+        if not loaded:
+            loaded.update(load_source(monuseg, size))
+        return loaded
+
     arms = tuple(args.pretrain_only) if args.pretrain_only else PRETRAINED
     if args.arms:
         arms = tuple(a for a in args.arms if a in PRETRAINED)
-    states, records = get_encoders(arms, src, size, args.work, args.log_every)
+    states, records = get_encoders(arms, source, size, args.work, args.log_every)
     if args.pretrain_only:
         return {"pretrained": list(arms)}
     tiles = load_tiles(tiles_dir, size)
@@ -600,6 +621,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {"fine_tuned": list(args.arms), "seeds": seeds}
     runs = [run_seed(s, ARMS, states, tiles, size, args.work) for s in seeds]
     out = summarise(runs, seeds, metric_names(), pairs=pairs())
+    n_source, organs = source_labels(monuseg, size)
+    if loaded:
+        out["scribble_labelled_pixel_fraction"] = round(loaded["labelled_fraction_scribble"], 4)
     out.pop("settings", None)
     for r in out["runs"]:
         r.pop("settings", None)
@@ -620,9 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_seconds_this_call": round(time.process_time() - c0, 1),
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
         "n_pool": int(len(tiles["pool_y"])), "n_val": int(len(tiles["val_y"])), "n_test": int(len(tiles["test_y"])),
-        "n_source_images": len(src["names"]), "source_organs": src["organs"],
+        "n_source_images": n_source, "source_organs": organs,
         "source_mpp": size.source_mpp, "tile_mpp": TILE_MPP * 256 / size.tile_size,
-        "scribble_labelled_pixel_fraction": round(src["labelled_fraction_scribble"], 4),
         "bn_transfer": ("kept: --init copies the encoder's running BatchNorm statistics with its weights; "
                         f"<arm>_bnre_r{BN_RATIO} re-estimates them on the fine-tuning tiles first"),
         "selection": "epoch chosen per run by validation accuracy (ties: validation loss); test scored once",
