@@ -453,17 +453,25 @@ def focus_on_raster(grey: np.ndarray | Callable[[int, int, int], np.ndarray], f:
     return out
 
 
-def qc_labels(slide: Any, options: QcOptions = QcOptions(),
-              progress: bool | None = None) -> tuple[np.ndarray, float, list[str]]:
+def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | None = None, *,
+              models: Sequence[Any] = ()) -> tuple[np.ndarray, float, list[str]]:
     """The QC label map of an open slide (``LABELS`` values, uint8), its µm/px and the classes not
-    measured (``Out of focus`` on a view coarser than ``blur_max_mpp``)."""
+    measured (``Out of focus`` on a view coarser than ``blur_max_mpp``).
+
+    ``models``: trained pixel classifiers (:class:`slidekit.regions.qc_model.QcModel`, QC by example);
+    what each finds joins its class (``model.label``), on glass too."""
     o = options
     mpp = max(o.mpp, *slide.mpp)
     rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
     tissue = detect_tissue(rgb, mpp, remove_pen=False)
     masks = colour_artefacts(rgb, mpp, tissue, o)
+    by_example = np.zeros_like(tissue)
+    for model in models:
+        found = model.predict(rgb, mpp)
+        masks[model.label] = masks[model.label] | found
+        by_example |= found
     del rgb
-    covered = tissue | masks["Pen ink"] | masks["Dark debris"] | masks["Air bubble / edge"]
+    covered = tissue | masks["Pen ink"] | masks["Dark debris"] | masks["Air bubble / edge"] | by_example
     blur = focus_artefact(slide, tissue.shape, mpp, tissue & ~masks["Pen ink"] & ~masks["Fold"]
                           & ~masks["Dark debris"], o, progress)
     masks["Out of focus"] = np.zeros_like(tissue) if blur is None else blur
