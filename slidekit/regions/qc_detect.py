@@ -2,33 +2,38 @@
 
 The job (outputs, cohort, region) is :mod:`slidekit.regions.qc`.
 
-Every detector works on a coarse view read whole (``Slide.read_whole``), at the resolution it needs:
-colour and darkness rules (pen ink, folds, dark debris, coverslip/bubble edges) on the ``mpp`` view
-(default 8 µm/px), the focus measure on a finer grey view (``blur_mpp``, default 2 µm/px, made coarser
-when it would exceed ``blur_max_pixels``; only its grey image is kept, and the float work is done in
-bands of rows, so memory is about 4 bytes per grey pixel for the read plus a fixed band). The result is one label
-map on the ``mpp`` raster (``LABELS``: 0 glass, 1 clean tissue, 2.. one value per artefact class).
-Where classes overlap, the first in ``ARTEFACTS`` wins (ink over debris over fold over edge over blur).
+Every detector works on a coarse view of the slide at the resolution it needs: colour and darkness
+rules (pen ink, folds, dark debris, bubbles and coverslip edges) on the ``mpp`` view (default 8 µm/px,
+read whole with ``Slide.read_whole``), the focus measure on a finer grey view (``blur_mpp``, default
+2 µm/px, made coarser when it would exceed ``blur_max_pixels``) that is read from the slide band by band
+(``Slide.read_scaled``) and never held whole. The result is one label map on the ``mpp`` raster
+(``LABELS``: 0 glass, 1 clean tissue, 2.. one value per artefact class). Where classes overlap, the first
+in ``ARTEFACTS`` wins (ink over debris over fold over edge over blur). Trained pixel classifiers (QC by
+example, :mod:`slidekit.regions.qc_model`) add to the class they name.
 
-The rules (thresholds in :class:`QcOptions`):
+The rules (thresholds in :class:`QcOptions`; docs/qc.md says why):
 
 - **Pen ink**: blue/green/cyan by hue and saturation (the tissue detector's own rule,
   ``regions.tissue._pen_mask`` without its black part), red marker on eosin (hue within 15° of pure
   red, saturation above ``red_min_saturation``: eosin is pink-magenta and paler), and black marker:
-  very dark connected areas that are stroke-shaped (elongated, or thin for their bounding box) or
+  very dark connected areas that are stroke-shaped (long or sparse for their bounding box, or
+  elongated: area over the area of the widest inscribed disc ≥ ``black_pen_min_elongation``) or
   larger than ``black_pen_min_um2``.
 - **Dark debris**: very dark (max channel < ``dark_max_value``), nearly grey (chroma under
-  ``debris_max_chroma``) blobs that are not
-  stroke-shaped, of at least ``debris_min_um2``.
+  ``debris_max_chroma``) blobs that are not stroke-shaped, of at least ``debris_min_um2``.
 - **Fold**: tissue whose optical density is ``fold_od_ratio`` times the tissue median AND whose
   saturation exceeds the tissue median by ``fold_sat_delta``, with a stain hue (purple to red:
-  brown, green or blue marks are not folds), opened and kept in connected areas of
-  at least ``fold_min_um2``.
-- **Air bubble / edge**: thin dark lines (black top-hat of the grey view above
-  ``edge_contrast``) whose connected component is long (``edge_min_length_um``) and thin
-  (bounding-box fill under ``edge_max_fill`` or aspect above 5), widened by one pixel. This finds
-  coverslip edges and bubble rims; it does not fill a bubble's interior, and a long thin dark
-  structure of tissue (a vessel wall at low resolution) can be taken for an edge.
+  brown, green or blue marks are not folds), opened and kept in connected areas of at least
+  ``fold_min_um2``, AND keeping the tissue's stain balance: a fold is the tissue doubled, so its
+  haematoxylin/eosin ratio (over the connected fold, or pixel by pixel) is at most
+  ``fold_max_stain_shift`` times the clean tissue's, unless its eosin is ``fold_min_eosin_gain`` times
+  the tissue's; dense nuclei (epidermis) are as dark but shifted towards haematoxylin.
+- **Air bubble / edge**: air bubbles are round thin *grey* rims (Hough circles on the map of thin dark
+  grey lines, refined, kept when ``bubble_min_rim`` of the circle is rim and clearly more than on the
+  circles 15 % smaller and larger), filled with their interior. Coverslip edges are the other thin dark
+  lines (black top-hat of the grey view above ``edge_contrast``) whose connected component is long
+  (``edge_min_length_um``), thin for its length (``edge_max_width_um``) and sparse (bounding-box fill
+  under ``edge_max_fill`` or aspect above 5), widened by one pixel.
 - **Out of focus**: inside tissue only. Sharpness = local Laplacian energy divided by local
   variance of the grey image (both box-averaged over ``blur_window_um``): a blurred image loses
   high frequencies faster than contrast, while pale but sharp stroma keeps the ratio (HistoQC's raw
