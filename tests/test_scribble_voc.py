@@ -10,7 +10,7 @@ from PIL import Image
 
 import trainers
 from slidekit.base.errors import ConfigError, LabelError
-from slidekit.data.voc import VOC_CLASSES, voc_source
+from slidekit.data import VOC_CLASSES, voc_source
 from slidekit.models.checkpoint import load_checkpoint
 from trainers.scribble import ScribbleTrainer
 

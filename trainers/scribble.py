@@ -8,7 +8,7 @@ gives a zero loss (and zero gradient) instead of PyTorch's NaN. Labels come from
 * a PASCAL VOC + ScribbleSup folder (``layout: voc``): ``data/JPEGImages/`` with
   ``data/pascal_2012_scribble/`` (``voc_labels: scribbles``) or ``data/SegmentationClassAug/``
   (``voc_labels: masks``), optionally narrowed by a ``split`` list file
-  (``slidekit.data.voc.voc_source``), or
+  (``slidekit.data.voc_source``), or
 * slides with QuPath GeoJSON scribbles: ``slides`` + ``annotations`` (one file per slide); lines
   are rasterised ``line_width_um`` wide, patch by patch, at ``mpp``.
 

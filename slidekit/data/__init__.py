@@ -1,5 +1,5 @@
 """Training data: seeded samplers (``sampling``) and torch datasets over slides and image folders
-(``datasets``).
+(``datasets``), and the PASCAL VOC + ScribbleSup folder layout (``voc``).
 
 Imports: ``slidekit.base``, ``slidekit.slides``, ``slidekit.annotations``, ``slidekit.regions``. Loads torch.
 """
@@ -13,7 +13,8 @@ from slidekit.data.sampling import (
     WeightedSampler,
     ratio_counts,
 )
+from slidekit.data.voc import VOC_CLASSES, VocSource, voc_source
 
 __all__ = ["SlidePatchDataset", "ImageFolderDataset", "JointAugment", "load_image_folder", "list_images",
            "UniformSampler", "PerSlideCapSampler", "WeightedSampler", "ClassBalancedSampler", "HardNegativeSampler",
-           "FixedRatioSampler", "ratio_counts"]
+           "FixedRatioSampler", "ratio_counts", "VOC_CLASSES", "VocSource", "voc_source"]
