@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import benchmarks.pn_cohort as pn  # noqa: E402
-from benchmarks.seeds import mean_sd  # noqa: E402
+from benchmarks.seeds import finish_report, mean_sd  # noqa: E402
 from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 from slidekit.base.io import write_text_atomic  # noqa: E402
-from slidekit.base.resources import available_cpus  # noqa: E402
 
 TILE = 32
 METHODS = ("meanpool", "topk_mean", "abmil", "clam", "transmil")
@@ -230,18 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["diff_wins"] = sum(d >= 0 for d in diff)
     for arch in METHODS:
         out[f"seconds_{arch}"] = round(sum(r[f"seconds_{arch}"] for r in runs), 1)
-    out["seconds_per_seed"] = [r.get("seconds") for r in runs]  # each seed's own run (a reused seed: its first)
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
-    out["date"] = time.strftime("%Y-%m-%d", time.gmtime())
-    out["cpus"] = available_cpus()
-    out["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    if args.note:
-        out["note"] = args.note
-    out["runs"] = runs
-    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(out, indent=1))
-    return out
+    return finish_report(out, runs, t0=t0, json_path=args.json, note=args.note)
 
 
 if __name__ == "__main__":

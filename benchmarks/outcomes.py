@@ -47,7 +47,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -59,10 +58,9 @@ sys.path.insert(0, str(ROOT))
 
 import benchmarks.pn_cohort as pn  # noqa: E402
 from benchmarks.mil import TILE, tile_features  # noqa: E402
-from benchmarks.seeds import mean_sd  # noqa: E402
+from benchmarks.seeds import finish_report, mean_sd  # noqa: E402
 from slidekit.base.datapaths import add_data_argument, data_dir, data_missing_reason  # noqa: E402
 from slidekit.base.io import write_text_atomic  # noqa: E402
-from slidekit.base.resources import available_cpus  # noqa: E402
 
 BETA_BURDEN, BETA_LYMPH = 30.0, -40.0  # log relative hazard per unit area share
 BASE_RATE = 0.1
@@ -369,19 +367,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "censoring at min(20, Exp(mean 10))",
                  "target": f"y = {Y_BURDEN:g} b {Y_LYMPH:+g} l + N(0, {Y_NOISE:g}^2)",
                  **summarise(runs)}
-    out["seconds_per_seed"] = [r.get("seconds") for r in runs]
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
     out["cpu_s"] = round(time.process_time() - cpu0, 1)
-    out["date"] = time.strftime("%Y-%m-%d", time.gmtime())
-    out["cpus"] = available_cpus()
-    out["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    if args.note:
-        out["note"] = args.note
-    out["runs"] = runs
-    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(out, indent=1))
-    return out
+    return finish_report(out, runs, t0=t0, json_path=args.json, note=args.note)
 
 
 if __name__ == "__main__":

@@ -236,3 +236,25 @@ def run_with_baseline(ap: argparse.ArgumentParser, args: argparse.Namespace, mai
     return run_seeds(main, argv, args.seeds, metrics, pair=(first, f"baseline_{first}") if args.baseline else None,
                      variants={"baseline_": [option, args.baseline]} if args.baseline else None,
                      json_out=args.json, drop=("--baseline",), seed_dirs=seed_dirs)
+
+
+def finish_report(out: dict, runs: list[dict], *, t0: float, json_path: str | None, note: str | None = None) -> dict:
+    """The common tail of a seeded benchmark's report: each seed's seconds, wall time, date, CPUs and
+    load at the end, the note, the runs; print it (without the runs) and write it to ``json_path``."""
+    import os
+    import time
+
+    from slidekit.base.resources import available_cpus
+
+    out["seconds_per_seed"] = [r.get("seconds") for r in runs]  # each seed's own run (a reused seed: its first)
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["date"] = time.strftime("%Y-%m-%d", time.gmtime())
+    out["cpus"] = available_cpus()
+    out["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    if note:
+        out["note"] = note
+    out["runs"] = runs
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
+    if json_path:
+        write_text_atomic(json_path, json.dumps(out, indent=1))
+    return out
