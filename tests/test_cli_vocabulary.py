@@ -105,7 +105,7 @@ ALIAS_SHADOWS = {
 # Commands that read slides, and which of the shared slide-reading options each takes.
 READS_SLIDES = {"slidekit info", "slidekit tissue", "slidekit tile", "slidekit heatmap", "slidekit embed",
                 "slidekit cells", "slidekit mil-attention", "slidekit view", "slidekit qc",
-                "slidekit export-spatialdata"}
+                "slidekit export-spatialdata", "slidekit qc-train"}
 NO_MPP_OPTIONS = {"slidekit view": "serve() shows slides as their metadata says; it takes no MPP"}
 NO_BACKEND = {  # the API call opens the slide with the automatic reader and takes no backend= (yet)
     "slidekit embed"}

@@ -92,3 +92,33 @@ def test_bad_input_is_refused(smudged: dict, tmp_path: Path) -> None:
     junk.write_bytes(b"not a model")
     with pytest.raises(ConfigError, match="junk.qcmodel"):
         QcModel.load(junk)
+
+
+def test_cli_qc_train_then_qc_with_the_model(smudged: dict, tmp_path: Path) -> None:
+    """`slidekit qc-train` writes a model from the scribbles; `slidekit qc --qc-model` counts what it finds in
+    its class, records the model file in the configuration (another model: redone), and a file that is not a
+    model is one line before any work."""
+    import json
+
+    from click.testing import CliRunner
+
+    from slidekit.cli import main
+
+    model = tmp_path / "smudge.qcmodel"
+    r = CliRunner().invoke(main, ["qc-train", str(smudged["slide"]), "--scribbles", str(smudged["scribbles"]),
+                                  "--artefact-class", "Smudge", "--qc-class", "Dark debris", "--out", str(model)])
+    assert r.exit_code == 0 and "Dark debris model from" in r.output and model.exists(), r.output
+    plain = CliRunner().invoke(main, ["qc", str(smudged["slide"]), "--out", str(tmp_path / "plain"), "-q"])
+    r = CliRunner().invoke(main, ["qc", str(smudged["slide"]), "--qc-model", str(model), "--out",
+                                  str(tmp_path / "qc"), "-q"])
+    assert plain.exit_code in (0, 1) and r.exit_code in (0, 1), r.output  # 1: the verdict may fail
+    before = json.loads((tmp_path / "plain" / "qc.json").read_text())["classes"]["Dark debris"]["fraction_of_tissue"]
+    after = json.loads((tmp_path / "qc" / "qc.json").read_text())["classes"]["Dark debris"]["fraction_of_tissue"]
+    assert before < 0.01 < after
+    summary = json.loads((tmp_path / "qc" / "summary.json").read_text())
+    assert summary["config"]["qc"]["models"][0].startswith(str(model))
+    junk = tmp_path / "junk.qcmodel"
+    junk.write_bytes(b"not a model")
+    r = CliRunner().invoke(main, ["qc", str(smudged["slide"]), "--qc-model", str(junk), "--out", str(tmp_path / "j")])
+    assert r.exit_code != 0 and "junk.qcmodel: not a readable QC model" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "j").exists()

@@ -168,6 +168,17 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     # regions and annotations
     "roi": (("--roi",), "Work only inside these annotations' polygons (one slide only).",
             dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML")),
+    "qc_model": (("--qc-model", "qc_model"), "A QC-by-example model (`slidekit qc-train`): what it finds joins the QC "
+                 "class it was trained for; repeatable.",
+                 dict(multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str), metavar="FILE")),
+    "scribbles": (("--scribbles",), "QuPath GeoJSON (or ASAP XML) with scribbles over the artefact and over good "
+                  "tissue.", dict(type=click.Path(exists=True, dir_okay=False, path_type=str), metavar="FILE")),
+    "artefact_class": (("--artefact-class",), "The scribbles' class over the artefact.",
+                       dict(default="Artefact", show_default=True)),
+    "good_class": (("--good-class",), "The scribbles' class over good tissue (and anything else not to flag).",
+                   dict(default="Tissue", show_default=True)),
+    "qc_class": (("--qc-class",), "The QC class the artefact joins (Pen ink, Dark debris, Fold, Air bubble / edge, "
+                 "Out of focus).", dict(default=None)),
     "exclude_qc": (("--exclude-qc",), "Leave out the tiles where a `slidekit qc` folder of the same slide file found "
                    "more artefact than --qc-max allows (a cohort: the QC cohort's --out, each slide's QC in "
                    "QC_OUT/<slide id>/); auto: QC each slide first, into OUT/qc/.",

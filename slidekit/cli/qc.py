@@ -47,6 +47,7 @@ def _limit_options(func: Callable) -> Callable:
         detail="directory (qc_labels.zarr, qc.geojson, qc.json, summary.json; a cohort: OUT/<slide id>/ per slide, "
                "OUT/qc.csv and OUT/cohort.csv).")
 @_limit_options
+@option("qc_model")
 @option("ome_zarr")
 @slide_reading_options
 @option("json")
@@ -54,8 +55,9 @@ def _limit_options(func: Callable) -> Callable:
 @cohort_options
 @handle_errors
 @click.pass_context
-def qc(ctx: click.Context, slides: tuple[str, ...], out: str, ome_zarr: bool, slide_mpp: float | None,
-       override_mpp: float | None, backend: str | None, as_json: bool, **params: Any) -> None:
+def qc(ctx: click.Context, slides: tuple[str, ...], out: str, qc_model: tuple[str, ...], ome_zarr: bool,
+       slide_mpp: float | None, override_mpp: float | None, backend: str | None, as_json: bool,
+       **params: Any) -> None:
     """Slide QC: find pen ink, out-of-focus tissue, folds, dark debris and bubble/coverslip edges; write a
     label map, QuPath annotations (one class each) and qc.json (µm² and fraction of tissue per class, verdict).
 
@@ -66,6 +68,8 @@ def qc(ctx: click.Context, slides: tuple[str, ...], out: str, ome_zarr: bool, sl
     An overview image works too: give its µm/px with --slide-mpp (e.g. `slidekit qc overview.png --slide-mpp 16
     --out D`)."""
     limits: dict[str, Any] = {k: float(params.pop(k)) for k in LIMITS}
+    if qc_model:
+        limits["models"] = tuple(qc_model)
     if not single_slide(ctx, slides, params):
         if as_json:
             raise click.UsageError("--json is for one slide; a cohort writes OUT/qc.csv")
@@ -86,6 +90,35 @@ def qc(ctx: click.Context, slides: tuple[str, ...], out: str, ome_zarr: bool, sl
         click.echo(f"  {reason}")
 
 
+@click.command("qc-train")
+@click.argument("slide", type=click.Path(path_type=str))
+@option("scribbles", required=True)
+@option("qc_class", required=True)
+@option("out", type=click.Path(dir_okay=False, path_type=str), required=True, detail="model file (joblib).")
+@option("artefact_class")
+@option("good_class")
+@slide_reading_options
+@quiet_option
+@handle_errors
+@click.pass_context
+def qc_train(ctx: click.Context, slide: str, scribbles: str, qc_class: str, out: str, artefact_class: str,
+             good_class: str, slide_mpp: float | None, override_mpp: float | None, backend: str | None) -> None:
+    """QC by example: train a pixel classifier from scribbles over an artefact the built-in detectors miss
+    (class --artefact-class) and over good tissue (--good-class) on SLIDE; write it to OUT. Use it with
+    `slidekit qc --qc-model OUT`: what it finds joins --qc-class."""
+    from slidekit.regions.options import ReadOptions
+    from slidekit.regions.qc_model import train_qc_model
+
+    with ReadOptions(slide_mpp, override_mpp, backend).open(slide) as s:
+        model = train_qc_model(s, scribbles, artefact=artefact_class, good=good_class, label=qc_class)
+    model.save(out)
+    if not quiet_flag(ctx):
+        t = model.trained_on
+        click.echo(f"{qc_class} model from {t['artefact_pixels']} artefact and {t['good_pixels']} good pixels "
+                   f"at {model.mpp:g} µm/px -> {out}")
+
+
 def register(main: click.Group) -> None:
-    """Add ``qc`` to the command group."""
+    """Add ``qc`` and ``qc-train`` to the command group."""
     main.add_command(qc)
+    main.add_command(qc_train)

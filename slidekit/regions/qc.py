@@ -41,6 +41,7 @@ from slidekit.regions.qc_detect import (  # noqa: F401  (re-exported: the names 
     qc_report,
     sharpness,
 )
+from slidekit.regions.qc_model import QcModel
 from slidekit.regions.qc_zarr import read_label_zarr, write_label_ome_zarr, write_label_zarr
 from slidekit.regions.tissue import TissueMask, mask_to_polygons
 from slidekit.slides.identity import same_slide
@@ -70,6 +71,8 @@ class QcJob(SlideJob):
                  ome_zarr: bool = False) -> None:
         self.options, self.reading = options or QcOptions(), reading or ReadOptions()
         self.ome_zarr = bool(ome_zarr)
+        # QC-by-example models are read now: a bad file is one line before any slide is opened
+        self.models = [QcModel.load(m) for m in self.options.models]
 
     def config(self) -> dict:
         cfg = {"qc": self.options.as_dict(), "slide_mpp": self.reading.slide_mpp,
@@ -90,7 +93,8 @@ class QcJob(SlideJob):
                 shutil.rmtree(old)
             elif old.exists() or old.is_symlink():
                 old.unlink()
-        labels, mpp, skipped = qc_labels(slide, self.options, progress=None if ctx.progress else False)
+        labels, mpp, skipped = qc_labels(slide, self.options, progress=None if ctx.progress else False,
+                                         models=self.models)
         report = qc_report(labels, mpp, self.options, skipped)
         legend = qc_legend()
         write_label_zarr(labels, out / "qc_labels.zarr", attrs={
@@ -138,6 +142,8 @@ def qc_job(*, options: QcOptions | None = None, slide_mpp: float | None = None, 
     unknown = sorted(set(limits) - known)
     if unknown:
         raise ConfigError(f"unknown QC option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    if limits.get("models") is not None:  # a CLI tuple or a cohort's JSON list: a tuple, as QcOptions keeps it
+        limits["models"] = tuple(str(m) for m in limits["models"])
     o = replace(options or QcOptions(), **{k: v for k, v in limits.items() if v is not None})
     return QcJob(options=o, reading=ReadOptions(slide_mpp=slide_mpp, override_mpp=override_mpp, backend=backend),
                  ome_zarr=ome_zarr)

@@ -52,6 +52,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.color import hed_from_rgb
 
+from slidekit.base.io import file_identity
 from slidekit.regions.tissue import (
     _OD_LUT,
     PEN_HALO_UM,
@@ -109,6 +110,9 @@ class QcOptions:
         chroma (max - min of RGB) of rim pixels (rims are grey, not stained).
     max_pen, max_blur, max_fold, max_debris, max_bubble
         The verdict fails when a class covers more than this fraction of the tissue.
+    models
+        QC-by-example model files (``slidekit.regions.qc_model.QcModel.save``; ``slidekit qc-train``):
+        each adds what it finds to the QC class it was trained for.
     """
 
     mpp: float = 8.0
@@ -145,9 +149,16 @@ class QcOptions:
     max_fold: float = 0.1
     max_debris: float = 0.05
     max_bubble: float = 0.1
+    models: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The configuration a run records: every threshold, and each QC-by-example model file by its
+        identity (path, size, time), only when there are models (so earlier runs keep their key)."""
+        d = asdict(self)
+        models = d.pop("models")
+        if models:
+            d["models"] = [file_identity(m) for m in models]
+        return d
 
 
 def _disc(r: int) -> np.ndarray:
