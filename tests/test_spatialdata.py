@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from conftest import synthetic_slide
 
 from slidekit.base.errors import ConfigError, FeatureError, HeatmapError, OutputError, SlidekitWarning
+from slidekit.regions.qc import LABELS, qc_slide, read_qc_labels
 from slidekit.regions.tissue_job import save_tissue
 from slidekit.slidelevel.feature_store import (
     FeatureWriter,
@@ -71,7 +72,6 @@ def _cells(folder: Path, n: int = 50, seed: int = 1) -> np.ndarray:
 
 def _maps(folder: Path, slide: Path) -> np.ndarray:
     """A heatmap (2 classes at 4 µm/px over the slide's tissue box) and a QC label map (32 level-0 px a pixel)."""
-    import cv2
 
     from slidekit.infer.heatmap import HeatmapWriter
     from slidekit.regions.tiling import TileGrid
@@ -84,10 +84,8 @@ def _maps(folder: Path, slide: Path) -> np.ndarray:
     p = np.linspace(0, 1, len(coords) * 32 * 32, dtype=np.float32).reshape(len(coords), 32, 32)
     w.add(np.arange(len(g)), np.stack([1 - p, p], 1))
     w.finish()
-    labels = np.zeros((48, 64), np.uint8)
-    labels[10:20, 30:40] = 2
-    cv2.imwrite(str(folder / "qc_labels.png"), labels)
-    (folder / "qc_classes.json").write_text(json.dumps({"0": "clean", "2": "pen"}))
+    qc_slide(slide, folder / "qc", progress=False)  # where `--exclude-qc auto` puts a slide's QC
+    labels, _ = read_qc_labels(folder / "qc", slide)
     return labels
 
 
@@ -179,10 +177,11 @@ def test_maps_are_placed_on_the_slide_in_both_systems(exported):
     to_um = get_transformation(img, "microns").to_affine_matrix(("x", "y"), ("x", "y"))
     assert np.allclose(to_um[:2, :2], np.diag([4.0, 4.0]))  # a heatmap pixel is 4 µm
     labels = wsi.labels["qc_labels"]
-    assert int(np.asarray(labels.values)[15, 35]) == 2
+    qc, _ = read_qc_labels(out / "qc", slide)
+    assert np.array_equal(np.asarray(labels.values), qc) and (qc == LABELS["Tissue"]).any()
     assert np.allclose(get_transformation(labels, "global").to_affine_matrix(("x", "y"), ("x", "y"))[:2, :2],
-                       np.diag([32.0, 32.0]))
-    assert wsi.attrs["qc_classes"] == {"0": "clean", "2": "pen"}
+                       np.diag([16.0, 16.0]))  # 8 µm/px of QC on a 0.5 µm/px slide
+    assert wsi.attrs["qc_classes"]["Fold"]["value"] == LABELS["Fold"]
 
 
 def test_our_store_reads_back_as_the_same_bag(exported):

@@ -19,7 +19,9 @@ from slidekit.cli.common import (
     quiet_option,
     slide_reading_options,
 )
+from slidekit.regions.options import ReadOptions
 from slidekit.regions.qc import QcOptions, qc_slide
+from slidekit.regions.qc_model import train_qc_model
 
 _DEFAULTS = QcOptions()
 LIMITS = {  # vocabulary key -> (flag, what it limits)
@@ -106,9 +108,6 @@ def qc_train(ctx: click.Context, slide: str, scribbles: str, qc_class: str, out:
     """QC by example: train a pixel classifier from scribbles over an artefact the built-in detectors miss
     (class --artefact-class) and over good tissue (--good-class) on SLIDE; write it to OUT. Use it with
     `slidekit qc --qc-model OUT`: what it finds joins --qc-class."""
-    from slidekit.regions.options import ReadOptions
-    from slidekit.regions.qc_model import train_qc_model
-
     with ReadOptions(slide_mpp, override_mpp, backend).open(slide) as s:
         model = train_qc_model(s, scribbles, artefact=artefact_class, good=good_class, label=qc_class)
     model.save(out)

@@ -205,9 +205,11 @@ def check_qc_folder(folder: str | os.PathLike, slide: Any) -> dict:
     """The summary of the QC folder ``folder`` after checking that it is a finished QC of ``slide``'s file
     (its summary records the slide's fingerprint: a hand-over is checked against what produced it).
 
-    Raises ConfigError naming the folder when it is no QC folder, unfinished, or of another slide file.
+    ``slide``: an open slide, or the slide file's path. Raises ConfigError naming the folder when it is no
+    QC folder, unfinished, or of another slide file.
     """
     folder = Path(folder)
+    slide_path = getattr(slide, "path", slide)
     try:
         summary = json.loads((folder / "summary.json").read_text())
         recorded = summary["config"]["slide_id"]
@@ -216,8 +218,8 @@ def check_qc_folder(folder: str | os.PathLike, slide: Any) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(f"{folder / 'summary.json'}: damaged; cannot tell which slide this QC is of "
                           "(run `slidekit qc` again)") from None
-    if not same_slide(recorded, slide.path):
-        raise ConfigError(f"{folder}: QC of another slide file than {slide.path} (its summary records {recorded})")
+    if not same_slide(recorded, slide_path):
+        raise ConfigError(f"{folder}: QC of another slide file than {slide_path} (its summary records {recorded})")
     if "qc_labels.zarr" not in (summary.get("outputs") or []):
         raise ConfigError(f"{folder}: a QC folder of an older slidekit (no qc_labels.zarr); run `slidekit qc` again")
     return summary

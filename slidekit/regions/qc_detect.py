@@ -71,7 +71,6 @@ COLORS = {"Glass": (255, 255, 255), "Tissue": (80, 200, 120), "Pen ink": (0, 90,
 #: The verdict's threshold field of each class.
 THRESHOLD_OF = {"Pen ink": "max_pen", "Dark debris": "max_debris", "Fold": "max_fold",
                 "Air bubble / edge": "max_bubble", "Out of focus": "max_blur"}
-QC_OUTPUTS = ("qc_labels.png", "qc_classes.json", "qc.geojson", "qc.json")
 
 
 @dataclass(frozen=True)

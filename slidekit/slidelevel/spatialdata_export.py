@@ -11,7 +11,8 @@ store named ``<slide stem>.zarr`` beside the slide is found without ``store=``):
 - ``cells.csv`` -> shapes ``cells`` (circles of the nucleus area, index ``cell_id``) and table
   ``cells_table`` (measurements; obs ``cell_id``, ``region``, ``slide``; obsm ``spatial``), as sopa's;
 - ``heatmap.zarr`` / ``attention.zarr`` -> images ``heatmap`` / ``attention`` (classes as channels);
-- ``qc_labels.png`` -> labels ``qc_labels`` (+ attrs ``qc_classes``).
+- ``qc_labels.zarr`` (the folder's own, or its ``qc/`` from ``--exclude-qc auto``; checked to be a QC of
+  the same slide file) -> labels ``qc_labels`` (+ attrs ``qc_classes``: the legend).
 
 Coordinate systems: ``global`` is level-0 pixels (wsidata's convention), ``microns`` the same
 place in micrometres (a ``Scale`` by the slide's µm/px); maps carry their own scale and origin. The
@@ -52,6 +53,8 @@ from slidekit.base.outputs import MARKER, OutputDir, claim_path
 from slidekit.base.version import __version__
 from slidekit.infer.heatmap import Heatmap
 from slidekit.regions.options import ReadOptions
+from slidekit.regions.qc import read_qc_labels
+from slidekit.regions.qc_zarr import read_label_zarr
 from slidekit.slidelevel.feature_store import check_features_for_slide, feature_info
 from slidekit.slidelevel.spatialdata_read import SLIDEKIT_ATTR, STORE_FORMAT
 from slidekit.slides.identity import same_slide, slide_fingerprint
@@ -291,23 +294,20 @@ def _map_image(path: Path, mpp: float, slide_path: Path):
                               transformations=_transforms(mpp, (float(sx), float(sy)), (float(ox), float(oy))))
 
 
-def _qc_labels(folder: Path, dims: tuple[int, int], mpp: float):
-    import cv2
+def _qc_labels(folder: Path, slide: Path, slide_mpp: tuple[float, float]) -> tuple[Any, Any, str | None]:
+    """The QC label map of the folder (a `slidekit qc` folder itself, or its ``qc/`` from ``--exclude-qc
+    auto``) as a labels element, its legend and its source; checked to be a QC of the ``slide`` file."""
     from spatialdata.models import Labels2DModel
 
-    png = folder / "qc_labels.png"
-    if not png.is_file():
-        return None, None
-    labels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
-    if labels is None or labels.ndim != 2:
-        raise ConfigError("is not a single-channel label image", png)
-    h, w = labels.shape
-    element = Labels2DModel.parse(labels, dims=("y", "x"),
-                                  transformations=_transforms(mpp, (dims[0] / w, dims[1] / h)))
-    legend = None
-    if (folder / "qc_classes.json").is_file():
-        legend = json.loads((folder / "qc_classes.json").read_text())
-    return element, legend
+    for qc_dir in (folder, folder / "qc"):
+        if (qc_dir / "qc_labels.zarr").is_dir():
+            labels, qc_mpp = read_qc_labels(qc_dir, slide)
+            _, zattrs = read_label_zarr(qc_dir / "qc_labels.zarr")
+            scale = (qc_mpp / float(slide_mpp[0]), qc_mpp / float(slide_mpp[1]))
+            element = Labels2DModel.parse(labels, dims=("y", "x"),
+                                          transformations=_transforms(float(slide_mpp[0]), scale))
+            return element, zattrs.get("labels"), (qc_dir / "qc_labels.zarr").relative_to(folder).as_posix()
+    return None, None, None
 
 
 def _slide_properties(slide) -> dict:
@@ -361,7 +361,7 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
     out_dir : str or PathLike
         The slide's slidekit output folder: any of ``features.h5`` (``embed``), ``tissue.geojson``
         (``tissue``), ``cells.csv`` (``cells``), ``heatmap.zarr`` (``heatmap``), ``attention.zarr``
-        (``mil-attention``), ``qc_labels.png`` (``qc``).
+        (``mil-attention``), ``qc_labels.zarr`` (``qc``, here or in ``qc/``).
     store : str or PathLike, optional
         The store to write (a ``.zarr`` folder; None: ``out_dir/<slide stem>.zarr``). A store named
         ``<slide stem>.zarr`` beside the slide is what ``wsidata.open_wsi(slide)`` finds by itself.
@@ -405,6 +405,7 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
             raise SlideError("has no µm/px: the store's microns system needs one", slide_path)
         mpp, props, name = float(s.mpp[0]), _slide_properties(s), s.name
         dims = (int(s.dimensions[0]), int(s.dimensions[1]))
+        slide_mpp = (float(s.mpp[0]), float(s.mpp[1]))
     fingerprint = slide_fingerprint(slide_path)
     stem = Path(name).stem
     target = Path(store) if store is not None else folder / f"{stem}.zarr"
@@ -457,14 +458,14 @@ def export_spatialdata(out_dir: str | os.PathLike, store: str | os.PathLike | No
                 if (folder / fname).is_dir():
                     elements["images"][key] = _map_image(folder / fname, mpp, slide_path)
                     record["sources"].append(fname)
-            labels, legend = _qc_labels(folder, dims, mpp)
-            if labels is not None:
-                elements["labels"]["qc_labels"] = labels
-                attrs["qc_classes"] = legend
-                record["sources"].append("qc_labels.png")
+            qc_labels, qc_legend, qc_source = _qc_labels(folder, slide_path, slide_mpp)
+            if qc_labels is not None:
+                elements["labels"]["qc_labels"] = qc_labels
+                attrs["qc_classes"] = qc_legend
+                record["sources"].append(qc_source)
         if not record["sources"]:
             raise ConfigError("holds none of the results export-spatialdata writes (features.h5, tissue.geojson, "
-                              "cells.csv, heatmap.zarr, attention.zarr, qc_labels.png)", folder)
+                              "cells.csv, heatmap.zarr, attention.zarr, qc_labels.zarr)", folder)
         attrs[SLIDEKIT_ATTR] = record
         # the cells go in after the rest, one element at a time: their shapes and table (which
         # SpatialData holds in memory) are never in memory with each other or with a feature chunk
