@@ -455,3 +455,24 @@ def test_tile_spec_gives_wsidata_our_level0_side_exactly(size):
         spec = wsidata.TileSpec(**tile_spec(size, side, 0.5, overlap=size // 8))
         assert (spec.base_width, spec.base_height) == (side, side)
         assert spec.overlap_x == size // 8
+
+
+def test_spatialdata_flag_writes_the_store_after_a_command(tmp_path):
+    """--spatialdata on a per-slide command: one slide's folder, and each done slide of a cohort, gets its
+    store (what `slidekit export-spatialdata` writes); a single-slide embed (a store, not a folder) is refused."""
+    import spatialdata as sd
+
+    from slidekit.cli import main
+
+    a = synthetic_slide(tmp_path / "a.tif")
+    b = synthetic_slide(tmp_path / "b.tif", seed=2)
+    r = CliRunner().invoke(main, ["tissue", str(a), "--out", str(tmp_path / "one"), "--spatialdata", "-q"])
+    assert r.exit_code == 0, r.output
+    one = sd.read_zarr(tmp_path / "one" / "a.zarr")
+    assert "tissues" in one.shapes and len(one.shapes["tissues"]) > 0
+    r = CliRunner().invoke(main, ["tissue", str(a), str(b), "--out", str(tmp_path / "co"), "--spatialdata", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "co" / "a" / "a.zarr").is_dir() and (tmp_path / "co" / "b" / "b.zarr").is_dir()
+    r = CliRunner().invoke(main, ["embed", str(a), "--model", "resnet18", "--out", str(tmp_path / "e.zarr"),
+                                  "--spatialdata", "-q"])
+    assert r.exit_code != 0 and "--spatialdata needs an embed cohort" in r.output

@@ -18,6 +18,8 @@ from slidekit.cli.common import (
     threads_option,
     tile_geometry_options,
 )
+from slidekit.cli.scverse import export_after
+from slidekit.regions.options import ReadOptions
 from slidekit.regions.qc_tiles import check_qc_options
 
 
@@ -44,6 +46,7 @@ from slidekit.regions.qc_tiles import check_qc_options
 @threads_option
 @device_option
 @slide_reading_options
+@option("spatialdata")
 @quiet_option
 @cohort_options
 @click.pass_context
@@ -68,6 +71,8 @@ def cells_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, out: str,
         run_cohort_cli(ctx, "cells", list(slides), out, quiet, {"model": model, **options})
         return
     s = cells_slide(slides[0], out, model=model, progress=not quiet, **options)
+    export_after(ctx, out, slide=slides[0], reading=ReadOptions(options.get("slide_mpp"), options.get("override_mpp"),
+                                                                 options.get("backend")))
     if not quiet:
         state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
         click.echo(f"{Path(slides[0]).name}: {s['nuclei']} nuclei in {s['tiles']} tiles -> {out} [{state}]")

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from slidekit.cli.common import Context, cohort_options, fail
+from slidekit.cli.scverse import export_after
 from slidekit.cohort.engines import CohortInterrupted, CohortRun
 from slidekit.cohort.run import run_cohort
 from slidekit.slides.dicom import is_dicom_folder
@@ -58,6 +59,7 @@ def run_cohort_cli(ctx: click.Context, task: str, items: list[str], out: str, qu
         if row["status"] == "failed":  # one line per failed slide, with --quiet too
             click.echo(f"slidekit: failed: {row['id']}: {row['error']}", err=True)
     click.echo(table.summary())
+    export_after(ctx, out, cohort=True)  # --spatialdata: the done slides' folders
     if table.failed:
         fail(f"{table.failed} of {len(table)} slides failed; see {table.csv}", 1)
 

@@ -168,6 +168,12 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
     # regions and annotations
     "roi": (("--roi",), "Work only inside these annotations' polygons (one slide only).",
             dict(type=click.Path(dir_okay=False, path_type=str), default=None, metavar="GEOJSON|XML")),
+    "spatialdata": (("--spatialdata",), "Also write each slide's results as a SpatialData store, "
+                    "OUT/<slide stem>.zarr (a cohort: in each slide's folder), that wsidata/LazySlide open "
+                    "(docs/scverse.md; same as `slidekit export-spatialdata OUT` afterwards).",
+                    # kept out of the commands' parameters (the jobs do not write it); the CLI exports after them
+                    dict(is_flag=True, expose_value=False,
+                         callback=lambda ctx, _param, value: ctx.meta.__setitem__("spatialdata", value))),
     "qc_model": (("--qc-model", "qc_model"), "A QC-by-example model (`slidekit qc-train`): what it finds joins the QC "
                  "class it was trained for; repeatable.",
                  dict(multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str), metavar="FILE")),

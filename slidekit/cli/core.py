@@ -23,6 +23,8 @@ from slidekit.cli.common import (
     tissue_detection_options,
     tissue_kwargs,
 )
+from slidekit.cli.scverse import export_after
+from slidekit.regions.options import ReadOptions
 from slidekit.regions.patches import export_patches, tile_labels, write_grid_geojson
 from slidekit.regions.qc_tiles import TileQc, check_qc_options
 from slidekit.regions.tiling import make_grid
@@ -76,6 +78,7 @@ def demo(out: Path) -> None:
 @tissue_detection_options(detector=False, aliases={"tissue_mpp": ("--mask-mpp",), "tissue_min_area": ("--min-area",)})
 @slide_reading_options
 @threads_option
+@option("spatialdata")
 @quiet_option
 @cohort_options
 @handle_errors
@@ -93,6 +96,7 @@ def tissue(ctx: click.Context, slides: tuple[str, ...], out: Path, tissue_mpp: f
         if threads is not None:  # else the libraries keep their own defaults
             configure_threads(threads)
         summary = save_tissue(slides[0], out, **options)
+        export_after(ctx, out, slide=slides[0], reading=ReadOptions(slide_mpp, override_mpp, backend))
     else:
         return run_cohort_cli(ctx, "tissue", list(slides), str(out), quiet_flag(ctx), options)
     click.echo(f"{summary['regions']} tissue regions, {summary['area_mm2']:.3f} mm² -> {out}")

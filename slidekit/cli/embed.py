@@ -59,6 +59,7 @@ from slidekit.regions.qc_tiles import check_qc_options
 @threads_option
 @device_option
 @slide_reading_options(backend=False)  # embed_slide reads through the automatic reader
+@option("spatialdata")
 @quiet_option
 @cohort_options
 @click.pass_context
@@ -92,6 +93,9 @@ def embed(ctx: click.Context, slides: tuple[str, ...], model: str, weights: str 
         if features_h5:
             raise click.UsageError("--h5 belongs to one slide; a cohort writes OUT/<slide id>/features.h5")
         return run_cohort_cli(ctx, "embed", list(slides), out, quiet, {**options, "geojson": bool(geojson)})
+    if ctx.meta.get("spatialdata"):
+        raise click.UsageError("--spatialdata needs an embed cohort (OUT/<slide id>/features.h5); for one slide write "
+                               "--h5 DIR/features.h5 and run `slidekit export-spatialdata DIR --slide SLIDE`")
     path = embed_slide(slides[0], out=out, grid=grid, geojson=geojson, progress=not quiet, threads=threads,
                        features_h5=features_h5, **options)
     emb = open_embeddings(path)

@@ -28,6 +28,8 @@ from slidekit.cli.common import (
     tissue_detection_options,
     tissue_kwargs,
 )
+from slidekit.cli.scverse import export_after
+from slidekit.regions.options import ReadOptions
 from slidekit.regions.qc_tiles import check_qc_options
 from slidekit.slides.demo import write_demo_slide
 
@@ -61,6 +63,7 @@ from slidekit.slides.demo import write_demo_slide
 @option("tiles_geojson")
 @slide_reading_options
 @option("skip_bad_tiles")
+@option("spatialdata")
 @quiet_option
 @cohort_options
 @click.pass_context
@@ -119,6 +122,7 @@ def heatmap_cmd(ctx: click.Context, slides: tuple[str, ...], out: str, model: st
     options.pop("model")
     s = heatmap_slide(paths[0], out_dir, loaded=load_model(model or DEFAULT_MODEL), progress=not quiet,
                       threads=threads, **options)
+    export_after(ctx, out_dir, slide=paths[0], reading=ReadOptions(slide_mpp, override_mpp, backend))
     if not quiet:
         state = "skipped (finished earlier)" if s.get("skipped") else f"{s['seconds']} s"
         click.echo(f"{Path(paths[0]).name}: {s['tiles']} tiles, {s['regions']} regions -> {out_dir} [{state}]")

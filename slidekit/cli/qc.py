@@ -19,6 +19,7 @@ from slidekit.cli.common import (
     quiet_option,
     slide_reading_options,
 )
+from slidekit.cli.scverse import export_after
 from slidekit.regions.options import ReadOptions
 from slidekit.regions.qc import QcOptions, qc_slide
 from slidekit.regions.qc_model import train_qc_model
@@ -53,6 +54,7 @@ def _limit_options(func: Callable) -> Callable:
 @option("ome_zarr")
 @slide_reading_options
 @option("json")
+@option("spatialdata")
 @quiet_option
 @cohort_options
 @handle_errors
@@ -82,6 +84,7 @@ def qc(ctx: click.Context, slides: tuple[str, ...], out: str, qc_model: tuple[st
     slide = slides[0]
     summary = qc_slide(slide, out, options=QcOptions(**limits), slide_mpp=slide_mpp, override_mpp=override_mpp,
                        backend=backend, ome_zarr=ome_zarr, progress=not quiet_flag(ctx))
+    export_after(ctx, out, slide=slide, reading=ReadOptions(slide_mpp, override_mpp, backend))
     if as_json:
         echo_json({k: summary[k] for k in ("verdict", "reasons", "tissue_area_um2", "classes", "not_measured")})
         return

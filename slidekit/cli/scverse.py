@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from slidekit.cli.common import echo_json, handle_errors, option, quiet_option, slide_reading_options
+from slidekit.cli.common import echo_json, handle_errors, option, quiet_flag, quiet_option, slide_reading_options
 from slidekit.regions.options import ReadOptions
 
 
@@ -39,6 +39,24 @@ def export_spatialdata_cmd(source: Path, store: str | None, slide: str | None, f
     else:
         stores, problems = [export_spatialdata(source, store, slide=slide, options=opts, reading=reading)], []
     echo_json({"stores": [str(s) for s in stores], "not_exported": problems})
+
+
+def export_after(ctx: click.Context, out: str | Path, *, slide: str | None = None, cohort: bool = False,
+                 reading: ReadOptions | None = None) -> None:
+    """``--spatialdata`` of a per-slide command: export what it wrote in ``out`` (one slide's folder, or each
+    done slide of a cohort's) as SpatialData stores, after the command's own work; nothing when not asked."""
+    if not ctx.meta.get("spatialdata"):
+        return
+    from slidekit.slidelevel.spatialdata_export import export_cohort_spatialdata, export_spatialdata
+
+    if cohort:
+        stores, problems = export_cohort_spatialdata(out, reading=reading)
+        for line in problems:
+            click.echo(f"slidekit: not exported: {line}", err=True)
+    else:
+        stores = [export_spatialdata(out, slide=slide, reading=reading)]
+    if not quiet_flag(ctx):
+        click.echo(f"SpatialData: {len(stores)} store(s)" + (f" -> {stores[0]}" if len(stores) == 1 else ""))
 
 
 def register(main: click.Group) -> None:
