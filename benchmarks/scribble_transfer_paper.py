@@ -90,8 +90,9 @@ class PaperSize:
     max_source_images: int = 0    # 0: all 15; --quick reads fewer MoNuSeg images
 
 
-QUICK = dict(pretrain_steps=3, pretrain_batch=2, ft_epochs=1, ft_batch=4, ft_min_batches=1, tile_size=64,
-             max_tiles_per_class=6, max_source_images=4)
+# a smoke run: ResNet-18, 3 pre-training steps, one fine-tuning batch per cell, few images and tiles
+QUICK = dict(backbone="resnet18", pretrain_steps=3, pretrain_batch=2, ft_epochs=1, ft_batch=4, ft_min_batches=1,
+             tile_size=64, max_tiles_per_class=6, max_source_images=4)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -563,7 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description="scribble_transfer --protocol paper: " + __doc__.split("\n\n")[0])
     ap.add_argument("--protocol", choices=["paper"], default="paper")
     add_data_argument(ap)
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 pre-training steps, 1 epoch, few tiles")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: ResNet-18, 3 pre-training steps, 1 epoch, few tiles")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                     help="downstream seeds (R %% subset, batch order, head init); default 0..9 (--quick: 0)")
     ap.add_argument("--json", type=Path, default=None)
