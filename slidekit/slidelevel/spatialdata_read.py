@@ -190,23 +190,29 @@ def _read_obs(table_path: Path, where: str, store: Path) -> Any:
     return obs, obsm, x
 
 
-def _boxes(store: Path, region: str, table_where: str) -> tuple[Any, np.ndarray]:
-    """(shapes index, (M, 4) level-0 bounds) of the shapes element ``region``."""
+def _shapes(store: Path, element: str, missing: str) -> tuple[Any, np.ndarray]:
+    """(GeoDataFrame, its ``global`` affine) of the shapes element ``element``; FeatureError naming the
+    store and the element (``missing``: what to say when the store does not hold it)."""
     import geopandas as gpd
 
-    element = store / "shapes" / region
-    where = f"shapes '{region}'"
-    if not element.is_dir():
-        raise FeatureError(f"{table_where} annotates {where}, which the store does not hold", store)
-    m = _to_global(element, where, store)
-    files = sorted(element.glob("*.parquet"))
+    path = store / "shapes" / element
+    where = f"shapes '{element}'"
+    if not path.is_dir():
+        raise FeatureError(missing, store)
+    m = _to_global(path, where, store)
+    files = sorted(path.glob("*.parquet"))
     if not files:
-        raise FeatureError(f"{where}: no shapes.parquet in {element.name}", store)
+        raise FeatureError(f"{where}: no shapes.parquet in {path.name}", store)
     try:
-        gdf = gpd.read_parquet(files[0])
+        return gpd.read_parquet(files[0]), m
     except Exception as e:
         raise FeatureError(f"{where}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
                            store) from None
+
+
+def _boxes(store: Path, region: str, table_where: str) -> tuple[Any, np.ndarray]:
+    """(shapes index, (M, 4) level-0 bounds) of the shapes element ``region``."""
+    gdf, m = _shapes(store, region, f"{table_where} annotates shapes '{region}', which the store does not hold")
     b = np.asarray(gdf.geometry.bounds.to_numpy(), dtype=float)
     x0, x1 = b[:, 0] * m[0, 0] + m[0, 2], b[:, 2] * m[0, 0] + m[0, 2]
     y0, y1 = b[:, 1] * m[1, 1] + m[1, 2], b[:, 3] * m[1, 1] + m[1, 2]
@@ -325,22 +331,8 @@ def shapes_geojson(store: str | os.PathLike, element: str) -> bytes:
     import shapely
 
     store = Path(store)
-    where = f"shapes '{element}'"
-    element_path = store / "shapes" / element
-    if not element_path.is_dir():
-        raise FeatureError(f"has no {where}", store)
-    m = _to_global(element_path, where, store)
-    import geopandas as gpd
-
-    files = sorted(element_path.glob("*.parquet"))
-    if not files:
-        raise FeatureError(f"{where}: no shapes.parquet in {element_path.name}", store)
-    try:
-        geoms = gpd.read_parquet(files[0]).geometry.to_numpy()
-    except Exception as e:
-        raise FeatureError(f"{where}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]})",
-                           store) from None
-    geoms = shapely.transform(geoms, lambda xy: xy * [m[0, 0], m[1, 1]] + [m[0, 2], m[1, 2]])
+    gdf, m = _shapes(store, element, f"has no shapes '{element}'")
+    geoms = shapely.transform(gdf.geometry.to_numpy(), lambda xy: xy * [m[0, 0], m[1, 1]] + [m[0, 2], m[1, 2]])
     kind = "annotation" if element == "tissues" else "tile"
     props = json.dumps({"objectType": kind, "classification": {"name": element}})
     parts = [f'{{"type":"Feature","geometry":{g},"properties":{props}}}' for g in shapely.to_geojson(geoms)]
