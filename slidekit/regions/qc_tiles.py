@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from slidekit.base.errors import ConfigError
+from slidekit.base.errors import ConfigError, TissueError
 from slidekit.base.io import file_identity, write_text_atomic
 from slidekit.regions.qc import ARTEFACTS, LABELS, check_qc_folder, qc_slide, read_qc_labels
 from slidekit.regions.tiling import TileGrid
@@ -154,7 +154,8 @@ class TileQc:
     def filter(self, slide: Any, grid: TileGrid) -> tuple[TileGrid, np.ndarray, dict]:
         """``(kept grid, kept tiles' fractions (N, classes), counts)``; counts: ``tiles_before``,
         ``tiles_removed``, ``removed_by_class`` (a tile over two limits counts under both),
-        ``max_fraction`` and ``classes`` (the fraction columns' names)."""
+        ``max_fraction`` and ``classes`` (the fraction columns' names). TissueError naming the slide
+        when no tile is left."""
         labels, mpp = read_qc_labels(self.path, slide)
         frac = tile_fractions(labels, mpp, tuple(slide.mpp), grid)
         limits = np.array([float(self.max_fraction.get(n, DEFAULT_QC_MAX)) for n in ARTEFACTS], np.float32)
@@ -170,6 +171,8 @@ class TileQc:
                   "max_fraction": {n: float(self.max_fraction.get(n, DEFAULT_QC_MAX)) for n in ARTEFACTS},
                   "classes": list(ARTEFACTS)}
         keep = np.flatnonzero(~drop)
+        if len(keep) == 0:
+            raise TissueError(f"every one of its {len(grid)} tiles has more artefact than --qc-max allows", slide.path)
         return grid.subset(keep), frac[keep], counts
 
 

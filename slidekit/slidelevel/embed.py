@@ -188,12 +188,12 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
     batch_size, chunk_rows, workers = run.batch_size, eo.chunk_rows, run.workers
     device, threads = run.device, run.threads
     clusters, seed, geojson, features_h5 = eo.clusters, eo.seed, eo.geojson, eo.features_h5
-    stain_norm, stain_ref, slide_mpp, override_mpp = st.stain_norm, st.stain_ref, r.slide_mpp, r.override_mpp
+    stain_norm, stain_ref = st.stain_norm, st.stain_ref
     out = Path(out)
     # a named encoder (any case) keeps its own tile geometry and normalisation unless given
     net, spec, model = load_embedding_encoder(model, weights, patch_size, tile_mpp, tokens=eo.tokens)
     stain, stain_info = resolve_stain(spec, stain_norm, stain_ref)
-    with ReadOptions(slide_mpp, override_mpp, r.backend).open(slide_path) as slide:
+    with r.open(slide_path) as slide:
         if isinstance(grid, (str, os.PathLike)):
             grid = TileGrid.load(grid)
         if grid is None:
@@ -208,13 +208,9 @@ def embed_slide(slide_path: str | os.PathLike, out: str | os.PathLike, *, model:
         qc, qc_fractions, qc_counts = TileQc.of(exclude_qc, qc_max), None, None
         if qc is not None:
             # --exclude-qc auto: the slide's QC beside the store (STORE.qc/; a job's runner made OUT/qc/ already)
-            qc = qc.ready(slide, out.parent / f"{out.stem}.qc", ReadOptions(slide_mpp, override_mpp, r.backend),
-                          progress)
+            qc = qc.ready(slide, out.parent / f"{out.stem}.qc", r, progress)
             qc.check(slide)
-            grid, qc_fractions, qc_counts = qc.filter(slide, grid)
-            if len(grid) == 0:
-                raise TissueError(f"every one of its {qc_counts['tiles_before']} tiles has more artefact than "
-                                  "--qc-max allows", slide.path)
+            grid, qc_fractions, qc_counts = qc.filter(slide, grid)  # TissueError when no tile is left
         meta: dict[str, Any] = {"format": EMBED_FORMAT, "model": file_identity(model),
                 "slide": {"name": grid.slide_name, "id": grid.slide_id,
                           "dimensions": list(grid.slide_dimensions), "mpp": list(grid.slide_mpp)},
