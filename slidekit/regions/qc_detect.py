@@ -54,11 +54,11 @@ from skimage.color import hed_from_rgb
 
 from slidekit.base.io import file_identity
 from slidekit.regions.tissue import (
-    _OD_LUT,
     PEN_HALO_UM,
     _pen_mask,
     detect_tissue,
     glass_colour,
+    mean_od,
 )
 
 #: Label map values: glass, clean tissue, then one per artefact class (the legend's order).
@@ -252,15 +252,14 @@ def air_bubbles(rgb: np.ndarray, grey: np.ndarray, lines: np.ndarray, mpp: float
     grey lines; each is refined over centres and radii within 12 px to the circle with the most rim,
     and kept when at least ``bubble_min_rim`` of it is a thin grey line darker than both sides and at
     least ``bubble_min_rim / 2`` more than the circles 15 % smaller and larger."""
-    out = np.zeros(grey.shape, bool)
+    out = np.zeros(grey.shape, np.uint8)
     rmin, rmax = max(3, int(o.bubble_min_radius_um / mpp)), max(4, int(o.bubble_max_radius_um / mpp))
-    chroma = rgb.max(-1).astype(np.int16) - rgb.min(-1)
-    neutral = chroma <= o.bubble_max_chroma
+    neutral = np.subtract(rgb.max(-1), rgb.min(-1)) <= o.bubble_max_chroma  # chroma (uint8: max >= min)
     img = cv2.GaussianBlur(lines.astype(np.uint8) * 255, (0, 0), 1.0)
     found = cv2.HoughCircles(img, cv2.HOUGH_GRADIENT_ALT, dp=1.5, minDist=rmin, param1=150,
                              param2=o.bubble_hough_roundness, minRadius=rmin, maxRadius=rmax)
     if found is None:
-        return out
+        return out > 0
     coarse, fine = (np.meshgrid(d, d, d, indexing="ij") for d in (np.arange(-12, 13, 3.0), np.arange(-2, 3.0)))
     for x, y, r in found[0][:200]:
         for grid in (coarse, fine):  # refine: coarse steps of 3 px over +-12 px, then 1 px steps
@@ -274,16 +273,15 @@ def air_bubbles(rgb: np.ndarray, grey: np.ndarray, lines: np.ndarray, mpp: float
         ok = (cov_t >= o.bubble_min_rim) & (specific >= o.bubble_min_rim / 2)
         if ok.any():
             i = top[int(np.argmax(np.where(ok, specific, -1)))]
-            m = np.zeros(grey.shape, np.uint8)
-            cv2.circle(m, (int(round(float(tx[i]))), int(round(float(ty[i])))), int(round(float(tr[i]))) + 1, 1, -1)
-            out |= m > 0
-    return out
+            cv2.circle(out, (int(round(float(tx[i]))), int(round(float(ty[i])))), int(round(float(tr[i]))) + 1, 1, -1)
+    return out > 0
 
 
-def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptions) -> dict[str, np.ndarray]:
-    """Pen ink, dark debris, folds and edges of an RGB view whose pixels are ``mpp`` µm wide."""
+def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: float,
+                    o: QcOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pen ink (with its rim), dark pixels and dark debris of an RGB view (its HSV and chroma given).
+    A function of its own so that its planes (labels, distances, halo) are freed before the folds."""
     px = mpp * mpp
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     hue, sat, val = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1], hsv[..., 2]
     # colour ink: the tissue detector's blue/green rule (its black part is judged by shape below)
     coloured = _pen_mask(rgb, hsv) & ~(val < 40)
@@ -307,17 +305,34 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     if ink.any():
         halo = cv2.dilate(ink.astype(np.uint8), _disc(max(1, round(PEN_HALO_UM / mpp)))) > 0
         glass_grey = float(glass_colour(rgb).mean())
-        ink |= halo & (rgb.mean(-1) < glass_grey - o.pen_rim_contrast) & ~tissue_like(hsv, rgb)
+        # (the mean grey compared as a sum of three uint8s: no float plane of the whole view)
+        ink |= halo & (rgb.sum(-1, dtype=np.uint16) < 3 * (glass_grey - o.pen_rim_contrast)) \
+            & ~tissue_like(hsv, rgb)
     debris_ok = (stats[:, 4] >= max(1, round(o.debris_min_um2 / px))) & ~stroke
     debris_ok[0] = False
-    # chroma (max - min), not HSV saturation, which blows up on near-black (and JPEG-tinted) pixels
-    chroma = rgb.max(-1).astype(np.int16) - rgb.min(-1)
     debris = debris_ok[labels] & (chroma <= o.debris_max_chroma)
     debris = _keep_large(debris, round(o.debris_min_um2 / px)) & ~ink
+    return ink, dark, debris
+
+
+def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptions) -> dict[str, np.ndarray]:
+    """Pen ink, dark debris, folds and edges of an RGB view whose pixels are ``mpp`` µm wide."""
+    px = mpp * mpp
+    # chroma (max - min), not HSV saturation, which blows up on near-black (and JPEG-tinted) pixels
+    chroma = np.subtract(rgb.max(-1), rgb.min(-1))  # uint8: max >= min
+    # thin dark lines (rims of bubbles, coverslip edges) and the bubbles' round rims come first, while
+    # little else is held: the Hough transform's own buffers are QC's largest (~15 bytes a pixel)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, _disc(max(1, round(16.0 / mpp)))) > o.edge_contrast
+    round_rims = air_bubbles(rgb, grey, hat & (chroma <= o.bubble_max_chroma), mpp, o)
+    del grey
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hue, sat = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1]
+    ink, dark, debris = _ink_and_debris(rgb, hsv, chroma, mpp, o)
     # folds: much darker and more saturated than the slide's own tissue
-    od = (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]] + _OD_LUT[rgb[..., 2]]) / np.float32(3)
-    od = cv2.medianBlur(od, 5)
-    s5 = cv2.medianBlur(sat, 5).astype(np.float32)
+    od = cv2.medianBlur(mean_od(rgb), 5)
+    s5 = cv2.medianBlur(sat, 5)  # uint8: compared with floats below, exactly as a float copy would be
+    del sat
     clean = tissue & ~ink & ~dark
     fold = np.zeros_like(tissue)
     if clean.sum() > 10:
@@ -351,11 +366,8 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
             fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
             fold = _keep_large(fold, round(o.fold_min_um2 / px))
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    r = max(1, round(16.0 / mpp))
-    hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, _disc(r)).astype(np.float32) > o.edge_contrast
-    # (the Hough transform sees every grey line: cutting ink and folds out of the map breaks its circles)
-    bubble = air_bubbles(rgb, grey, hat & (chroma <= o.bubble_max_chroma), mpp, o) & ~ink & ~debris
+    # (the Hough transform saw every grey line: cutting ink and folds out of the map breaks its circles)
+    bubble = round_rims & ~ink & ~debris
     hat &= ~ink & ~fold & ~debris
     labels, stats = _components(hat & ~cv2.dilate(bubble.astype(np.uint8), _disc(2)).astype(bool))
     long = np.maximum(stats[:, 2], stats[:, 3]) * mpp >= o.edge_min_length_um

@@ -121,6 +121,18 @@ def mask_to_polygons(mask: np.ndarray) -> list[Polygon]:
 _OD_LUT = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(255.0))
 
 
+def mean_od(rgb: np.ndarray) -> np.ndarray:
+    """Mean optical density (log10) of the three channels of ``rgb`` (uint8), float32.
+
+    Summed in place: one float32 plane and one temporary, not four (this runs on whole-slide
+    overviews, where every plane is megabytes)."""
+    od = _OD_LUT[rgb[..., 0]]
+    od += _OD_LUT[rgb[..., 1]]
+    od += _OD_LUT[rgb[..., 2]]
+    od /= np.float32(3)
+    return od
+
+
 def _otsu(values: np.ndarray) -> float:
     try:
         return float(threshold_otsu(values)) if values.max() > values.min() else float(values.max())
@@ -278,8 +290,10 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     px_area = mpp * mpp
     blur = min(rgb.shape[:2]) >= 5
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    sat = cv2.medianBlur(hsv[..., 1], 5) if blur else hsv[..., 1]
-    od = (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]] + _OD_LUT[rgb[..., 2]]) / np.float32(3)
+    sat = cv2.medianBlur(hsv[..., 1], 5) if blur else hsv[..., 1].copy()
+    if not remove_pen:
+        del hsv  # only the pen rule needs hue and value
+    od = mean_od(rgb)
     od = cv2.medianBlur(od, 5) if blur else od
     # Optical density against the glass instead of against 255 (the glass of one scanner is 215,
     # of another 244, and faint counterstain is only ~0.03-0.06 darker than its glass): the mean
