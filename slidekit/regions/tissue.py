@@ -305,6 +305,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     sat_t = float(np.clip(_otsu(sat), min_saturation, 60))
     od_t = float(np.clip(_otsu(od), min_od + 0.05, 0.3))
     mask = ((sat > sat_t) & (od > min_od)) | (od > od_t) | (od > od_glass + min_contrast)
+    del sat, od
     pen = np.zeros(mask.shape, bool)
     if remove_pen:
         ink = _pen_mask(rgb, hsv)
