@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import slidekit.slidelevel.mil_deploy as deploy
 from slidekit.base.errors import FeatureError, LabelError
 from slidekit.cli import main
 from slidekit.models.mil import build_mil, save_mil_checkpoint
@@ -254,8 +255,13 @@ def test_attention_reruns_skip_a_verified_folder_and_redo_a_damaged_one(setup):
     first = json.loads((out / "summary.json").read_text())
     assert set(first["records"]) == {"attention.zarr", "attention.png", "tiles.geojson"}
     png = (out / "attention.png").stat().st_mtime_ns
-    r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", out, "-q")
-    assert r.exit_code == 0 and (out / "attention.png").stat().st_mtime_ns == png  # skipped: nothing rewritten
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a finished folder's bag was scored again")
+
+    with pytest.MonkeyPatch.context() as mp:  # a verified folder is skipped without scoring the bag
+        mp.setattr(deploy, "score_file", no_scoring)
+        r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", out, "-q")
+    assert r.exit_code == 0 and (out / "attention.png").stat().st_mtime_ns == png, r.output  # nothing rewritten
     (out / "tiles.geojson").write_text("{}")
     r = _invoke("mil-attention", feats, "--slide", a, "--model", ckpt, "--out", out, "-q")
     assert r.exit_code == 0 and "redoing mil-attention: tiles.geojson" in r.output, r.output

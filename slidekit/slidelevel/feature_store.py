@@ -389,6 +389,8 @@ class FeatureInfo:
     path: Path
     source: str
     slide_record: dict = field(default_factory=dict)
+    #: The tiles' level-0 corners (N, 2) int64 (read anyway: 16 bytes a tile), for checks against a slide.
+    coords: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -405,15 +407,15 @@ def feature_info(path: str | os.PathLike, slide_mpp: float | None = None,
         with _guarded(path, "read the store"):
             sb = spatialdata_read.open_store_bag(path, read=False)
         return FeatureInfo(len(sb.coords), sb.dim, sb.patch_size_level0, sb.encoder, sb.slide, sb.path, sb.source,
-                           sb.slide_record)
+                           sb.slide_record, np.asarray(sb.coords, np.int64))
     with _open(path) as f, _guarded(path, "read the feature file"):
         name, source = _layout(f, path, allow_external)
         rows, dim = _check_shapes(f, name, path)
-        _, side = _coords_level0(f, source, path, slide_mpp, allow_external)
+        coords, side = _coords_level0(f, source, path, slide_mpp, allow_external)
         encoder = _encoder_info(f, source, path)
         record = _slide_record(f, source, path)
         slide = _attr(f.attrs, "slide_name") if source == "slidekit" else _attr(f["coords"].attrs, "name")
-    return FeatureInfo(rows, dim, side, encoder, None if slide is None else str(slide), path, source, record)
+    return FeatureInfo(rows, dim, side, encoder, None if slide is None else str(slide), path, source, record, coords)
 
 
 def iter_feature_chunks(path: str | os.PathLike, rows: int = 65536, slide_mpp: float | None = None,

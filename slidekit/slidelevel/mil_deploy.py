@@ -178,13 +178,13 @@ def _tile_grid(score: BagScore, slide) -> TileGrid:
 ATTENTION_OUTPUTS = ("attention.zarr", "attention.png", "tiles.geojson")
 
 
-def _check_tiles_on_slide(score: BagScore, slide, path: Path) -> None:
-    """FeatureError unless every tile's corner lies on the slide and the tile size is at most the slide's."""
+def _check_tiles_on_slide(coords: np.ndarray, side: int, slide, path: Path) -> None:
+    """FeatureError unless every tile's corner (level-0 ``coords``) lies on the slide and the tile size
+    ``side`` is at most the slide's."""
     W, H = (int(v) for v in slide.dimensions)
-    side = int(score.patch_size_level0)
     if not 0 < side <= max(W, H):
         raise FeatureError(f"tile size {side} level-0 px does not fit slide {slide.path} ({W} x {H})", path)
-    xy = np.asarray(score.coords)
+    xy = np.asarray(coords)
     off = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= W) | (xy[:, 1] >= H) if len(xy) else np.zeros(0, bool)
     if off.any():
         i = int(np.argmax(off))
@@ -193,8 +193,10 @@ def _check_tiles_on_slide(score: BagScore, slide, path: Path) -> None:
 
 
 def _attention_checks(checkpoint: str | os.PathLike, features: str | os.PathLike, slide: Any) -> tuple:
-    """The model, its task and the feature file's record, checked against each other and ``slide``
-    (FeatureError naming the file); one warning names what a foreign file does not let us check."""
+    """Everything refused before a file is written, without scoring the bag: the model, its task and
+    the feature file's record, checked against each other and ``slide``, and the tiles checked to lie
+    on the slide (FeatureError naming the file); one warning names what a foreign file does not let us
+    check. Returns ``(model, mil, task)``."""
     model, mil = load_mil_checkpoint(checkpoint)
     task = task_from_checkpoint(mil, checkpoint)
     info = feature_store.feature_info(features)
@@ -204,19 +206,18 @@ def _attention_checks(checkpoint: str | os.PathLike, features: str | os.PathLike
     unchecked += feature_store.check_features_for_slide(info, slide.path)
     if mil["arch"] not in ATTENTION_ARCHS:
         raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
+    assert info.coords is not None  # feature_info reads them
+    _check_tiles_on_slide(info.coords, info.patch_size_level0, slide, Path(features))
     _unchecked_warning({u: [Path(features)] for u in unchecked}, f"the model ({checkpoint}) and the slide")
     return model, mil, task
 
 
-def _attention_score(checkpoint: str | os.PathLike, features: str | os.PathLike, slide: Any,
-                     chunk_rows: int) -> tuple:
-    """Everything refused before a file is written: the checks, then the bag scored and its tiles
-    checked to lie on the slide. Returns ``(mil, task, score)``."""
-    model, mil, task = _attention_checks(checkpoint, features, slide)
+def _attention_score(checked: tuple, features: str | os.PathLike, chunk_rows: int) -> tuple:
+    """The checked (``_attention_checks``) model's scores of the bag. Returns ``(mil, task, score)``."""
+    model, mil, task = checked
     s = score_file(model, features, chunk_rows, task=task)  # streamed where the network allows
     if s.attention is None:
         raise FeatureError(f"a {mil['arch']} network has no attention; use abmil, clam or transmil", features)
-    _check_tiles_on_slide(s, slide, Path(features))
     return mil, task, s
 
 
@@ -261,7 +262,7 @@ def attention_outputs(checkpoint: str | os.PathLike, features: str | os.PathLike
     ``out_dir`` follows the output rule of every command: files slidekit did not write there (or
     another slide's) are not replaced. ``attention_slide`` does the same as a job of the shared
     runner (a rerun skips a finished, verified folder)."""
-    scored = _attention_score(checkpoint, features, slide, chunk_rows)
+    scored = _attention_score(_attention_checks(checkpoint, features, slide), features, chunk_rows)
     OutputDir(out_dir, slide.path, slide_fingerprint(slide.path)).claim(*ATTENTION_OUTPUTS)
     out = Path(out_dir)
     _write_attention(checkpoint, slide, out, scored)
@@ -286,16 +287,17 @@ class AttentionJob(SlideJob):
         return {"model": file_identity(self.checkpoint), "features": file_identity(self.features)}
 
     def check(self, slide: Any) -> None:
-        # the bag is scored here (seconds for one slide), so that tiles off the slide are refused
-        # before the folder is touched; a finished folder is then skipped without writing
-        self._inputs = _attention_score(self.checkpoint, self.features, slide, self.chunk_rows)
+        # the checks that need no scoring (identities, tiles on the slide) refuse bad inputs before the
+        # folder is touched; the bag is scored in run(), so a finished folder is skipped without scoring
+        self._inputs = _attention_checks(self.checkpoint, self.features, slide)
 
     def figures(self, summary: dict) -> dict:
         return {"tiles": summary["tiles"]}
 
     def run(self, ctx: JobContext) -> dict:
         assert self._inputs is not None  # check() ran: run_job calls it first
-        return _write_attention(self.checkpoint, ctx.slide, ctx.out, self._inputs)
+        scored = _attention_score(self._inputs, self.features, self.chunk_rows)
+        return _write_attention(self.checkpoint, ctx.slide, ctx.out, scored)
 
 
 def attention_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, model: str | os.PathLike,
