@@ -62,7 +62,8 @@ def draw_slide(seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     truth["Out of focus"] = blur > 0
     fold = np.zeros((H, W), np.uint8)
     cv2.line(fold, (2300, 700), (3000, 2000), 1, 120)
-    rgb[fold > 0] = np.clip(rgb.astype(np.float32) * [0.55, 0.3, 0.5], 0, 255).astype(np.uint8)[fold > 0]
+    # the tissue lying on itself: two layers, so its optical density doubles (Beer-Lambert)
+    rgb[fold > 0] = np.clip(255 * (rgb[fold > 0].astype(np.float32) / 255) ** 2, 0, 255).astype(np.uint8)
     truth["Fold"] = fold > 0
     pen = np.zeros((H, W), bool)
     for colour, (value, points) in INKS.items():
@@ -101,10 +102,10 @@ def _scores(found: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
     return (inter / max((found | truth).sum(), 1), inter / max(truth.sum(), 1), inter / max(found.sum(), 1))
 
 
-# Measured on this slide (IoU, recall, precision): blur 0.83/0.83/1.00, fold 0.98/0.99/0.99,
+# Measured on this slide (IoU, recall, precision): blur 0.83/0.83/1.00, fold 0.94/1.00/0.94,
 # pen 0.89/1.00/0.89 (the detector takes the stroke's mixed rim pixels too), debris 0.71/0.71/1.00 (blobs of
 # 5-7 label pixels across lose their mixed rim). Bounds below leave room, not slack for a broken rule.
-BOUNDS = {"Out of focus": (0.7, 0.7, 0.95), "Fold": (0.9, 0.9, 0.95), "Pen ink": (0.8, 0.95, 0.8),
+BOUNDS = {"Out of focus": (0.7, 0.7, 0.95), "Fold": (0.85, 0.9, 0.85), "Pen ink": (0.8, 0.95, 0.8),
           "Dark debris": (0.5, 0.5, 0.9)}
 
 

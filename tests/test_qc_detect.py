@@ -1,6 +1,7 @@
 """QC detectors (slidekit.regions.qc_detect) on small synthetic views with known masks: an air bubble is
-found and filled and textured tissue holds none; a fold (doubled tissue, same stain balance) is a fold
-while equally dark haematoxylin-rich tissue is not; a bent black stroke is ink and a black blob debris;
+found and filled and textured tissue holds none; a fold (doubled tissue, same colour) is a fold while
+equally dark tissue of a colour of its own is not, on H&E and on IHC (DAB brown, haematoxylin blue)
+alike; a bent black stroke is ink and a black blob debris;
 and the benchmark's artefact generator (benchmarks/qc_synth.py) draws what its masks say."""
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def test_ring_coverage_is_the_share_of_the_circle_on_a_rim() -> None:
     assert _ring_coverage(grey, np.zeros_like(neutral), 100.0, 100.0, 50.0, 25.0)[0] == 0.0
 
 
-def test_fold_keeps_stain_balance_dense_nuclei_do_not() -> None:
+def test_fold_keeps_its_colour_dense_nuclei_do_not() -> None:
     rgb, tissue = tissue_view(seed=2)
     fold = np.zeros((N, N), np.uint8)
     cv2.line(fold, (60, 120), (200, 90), 1, 22)
@@ -89,9 +90,42 @@ def test_fold_keeps_stain_balance_dense_nuclei_do_not() -> None:
     masks = colour_artefacts(rgb, MPP, tissue, QcOptions())
     assert dice(masks["Fold"], fold) >= 0.8
     assert masks["Fold"][dense].mean() < 0.05
-    # the balance check is what tells them apart
-    loose = colour_artefacts(rgb, MPP, tissue, QcOptions(fold_max_stain_shift=0))
-    assert loose["Fold"][dense].mean() > 0.5
+    # the density is judged at the pixel's own colour: a stricter seed ratio than the doubling finds nothing
+    assert not colour_artefacts(rgb, MPP, tissue, QcOptions(fold_seed_ratio=2.5))["Fold"].any()
+
+
+def ihc_view(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ki67-like IHC tissue at 8 µm/px: pale haematoxylin-blue with scattered brown (DAB) nuclei and a
+    few dense DAB-positive clusters (brown, as dark as a fold); returns RGB, tissue and the clusters."""
+    rng = np.random.default_rng(seed)
+    rgb = np.full((N, N, 3), 238, np.uint8)
+    tissue = np.zeros((N, N), np.uint8)
+    cv2.ellipse(tissue, (N // 2, N // 2), (int(N * 0.44), int(N * 0.42)), 0, 0, 360, 1, -1)
+    noise = cv2.GaussianBlur(rng.normal(0, 1, (N, N)).astype(np.float32), (0, 0), 1.0)
+    noise /= noise.std()
+    tex = np.array([175, 188, 212], np.float32) + noise[..., None] * np.array([10, 9, 7], np.float32)
+    rgb[tissue > 0] = np.clip(tex, 0, 255).astype(np.uint8)[tissue > 0]
+    dots = (rng.random((N, N)) < 0.04) & (tissue > 0)
+    rgb[dots] = (150, 120, 100)  # single DAB-positive nuclei
+    clusters = np.zeros((N, N), np.uint8)
+    for x, y in [(90, 230), (230, 240), (250, 100)]:
+        cv2.circle(clusters, (x, y), 14, 1, -1)
+    clusters_m = (clusters > 0) & (tissue > 0)
+    rgb[clusters_m] = np.clip(np.array([120, 75, 45], np.float32) + noise[clusters_m][:, None] * 6, 0, 255
+                              ).astype(np.uint8)  # dense DAB: dark, brown
+    return rgb, tissue > 0, clusters_m
+
+
+def test_fold_on_ihc_tissue_is_found_dab_clusters_are_not() -> None:
+    rgb, tissue, clusters = ihc_view()
+    fold = np.zeros((N, N), np.uint8)
+    cv2.line(fold, (60, 110), (200, 70), 1, 24)
+    fold = (fold > 0) & tissue & ~cv2.dilate(clusters.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    od_scale(rgb, fold, 1.9)  # the section lying on itself: the blue tissue and its brown nuclei doubled
+    masks = colour_artefacts(rgb, MPP, tissue, QcOptions())
+    assert dice(masks["Fold"], fold) >= 0.8
+    assert masks["Fold"][clusters].mean() < 0.05
+    assert masks["Fold"][tissue & ~fold].mean() < 0.01
 
 
 def test_bent_black_stroke_is_ink_black_blob_is_debris() -> None:

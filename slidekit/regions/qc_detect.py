@@ -21,13 +21,12 @@ The rules (thresholds in :class:`QcOptions`; docs/qc.md says why):
   larger than ``black_pen_min_um2``.
 - **Dark debris**: very dark (max channel < ``dark_max_value``), nearly grey (chroma under
   ``debris_max_chroma``) blobs that are not stroke-shaped, of at least ``debris_min_um2``.
-- **Fold**: tissue whose optical density is ``fold_od_ratio`` times the tissue median AND whose
-  saturation exceeds the tissue median by ``fold_sat_delta``, with a stain hue (purple to red:
-  brown, green or blue marks are not folds), opened and kept in connected areas of at least
-  ``fold_min_um2``, AND keeping the tissue's stain balance: a fold is the tissue doubled, so its
-  haematoxylin/eosin ratio (over the connected fold, or pixel by pixel) is at most
-  ``fold_max_stain_shift`` times the clean tissue's, unless its eosin is ``fold_min_eosin_gain`` times
-  the tissue's; dense nuclei (epidermis) are as dark but shifted towards haematoxylin.
+- **Fold**: stain-agnostic (:mod:`slidekit.regions.qc_fold`): tissue whose optical density (averaged
+  over ``fold_smooth_um``) is ``fold_seed_ratio`` times the median density of the slide's clean
+  tissue *of the same OD colour* (the share of each channel in the OD), grown into the connected
+  tissue at least ``fold_grow_ratio`` times it, in areas of at least ``fold_min_um2``. A fold doubles
+  the tissue it lies on (its colour stays, its density about doubles); dense nuclei, epidermis or
+  DAB-positive cells are dark too but have a colour of their own, at which their density is normal.
 - **Air bubble / edge**: air bubbles are round thin *grey* rims (Hough circles on the map of thin dark
   grey lines, refined, kept when ``bubble_min_rim`` of the circle is rim and clearly more than on the
   circles 15 % smaller and larger), filled with their interior. Coverslip edges are the other thin dark
@@ -50,15 +49,14 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.color import hed_from_rgb
 
 from slidekit.base.io import file_identity
+from slidekit.regions.qc_fold import FoldParams, fold_mask
 from slidekit.regions.tissue import (
     PEN_HALO_UM,
     _pen_mask,
     detect_tissue,
     glass_colour,
-    mean_od,
 )
 
 #: Label map values: glass, clean tissue, then one per artefact class (the legend's order).
@@ -96,11 +94,10 @@ class QcOptions:
         "Very dark" (max channel below this), dark areas at least this large are black pen whatever
         their shape, or at least this elongated (area over the area of the widest inscribed disc), the
         smallest debris blob, debris' largest chroma (max - min of RGB).
-    fold_od_ratio, fold_sat_delta, fold_min_um2, fold_max_stain_shift, fold_min_eosin_gain
-        Fold: optical density over the tissue median times this, saturation over its median plus
-        this, in areas of at least this size, and a haematoxylin/eosin balance at most this many
-        times the tissue's median balance (0: no balance check) unless the eosin is at least this
-        many times the tissue's median eosin.
+    fold_mpp, fold_smooth_um, fold_seed_ratio, fold_grow_ratio, fold_close_um, fold_min_um2
+        Fold (:func:`slidekit.regions.qc_fold.fold_mask`): µm/px of the density ratio, Gaussian σ of the
+        optical density averaged over the tissue, the ratio to the slide's median density at that OD
+        colour that seeds a fold and the one it grows into, the closing radius and the smallest fold.
     edge_contrast, edge_min_length_um, edge_max_fill, edge_max_width_um
         Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill, largest
         mean width (area over length: a line, not a network of dark tissue texture).
@@ -129,11 +126,12 @@ class QcOptions:
     black_pen_min_elongation: float = 4.0
     debris_min_um2: float = 500.0
     debris_max_chroma: int = 40
-    fold_od_ratio: float = 1.3
-    fold_sat_delta: float = 25.0
+    fold_mpp: float = 16.0
+    fold_smooth_um: float = 16.0
+    fold_seed_ratio: float = 1.7
+    fold_grow_ratio: float = 1.5
+    fold_close_um: float = 16.0
     fold_min_um2: float = 10_000.0
-    fold_max_stain_shift: float = 1.5
-    fold_min_eosin_gain: float = 2.0
     edge_contrast: float = 25.0
     edge_min_length_um: float = 800.0
     edge_max_fill: float = 0.25
@@ -182,18 +180,6 @@ def _keep_large(mask: np.ndarray, min_px: int) -> np.ndarray:
     keep = stats[:, 4] >= max(1, min_px)
     keep[0] = False
     return keep[labels]
-
-
-#: skimage's H&E(DAB) deconvolution matrix (``skimage.color.hed_from_rgb``), float32.
-_HED = np.asarray(hed_from_rgb, np.float32)
-
-
-def _stains(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Haematoxylin and eosin amounts of RGB pixels (``(..., 3)`` uint8; Ruifrok-Johnston deconvolution,
-    as ``skimage.color.rgb2hed``; float32, clipped at 0, shape ``rgb.shape[:-1]``)."""
-    od = -np.log(np.maximum(rgb.reshape(-1, 3).astype(np.float32), 1.0) / np.float32(255.0))
-    hed = od @ _HED
-    return (np.maximum(hed[:, 0], 0).reshape(rgb.shape[:-1]), np.maximum(hed[:, 1], 0).reshape(rgb.shape[:-1]))
 
 
 def tissue_like(hsv: np.ndarray, rgb: np.ndarray) -> np.ndarray:
@@ -317,7 +303,6 @@ def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: f
 
 def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptions) -> dict[str, np.ndarray]:
     """Pen ink, dark debris, folds and edges of an RGB view whose pixels are ``mpp`` µm wide."""
-    px = mpp * mpp
     # chroma (max - min), not HSV saturation, which blows up on near-black (and JPEG-tinted) pixels
     chroma = np.subtract(rgb.max(-1), rgb.min(-1))  # uint8: max >= min
     # thin dark lines (rims of bubbles, coverslip edges) and the bubbles' round rims come first, while
@@ -326,45 +311,11 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, _disc(max(1, round(16.0 / mpp)))) > o.edge_contrast
     round_rims = air_bubbles(rgb, grey, hat & (chroma <= o.bubble_max_chroma), mpp, o)
     del grey
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    hue, sat = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1]
-    ink, dark, debris = _ink_and_debris(rgb, hsv, chroma, mpp, o)
-    # folds: much darker and more saturated than the slide's own tissue
-    od = cv2.medianBlur(mean_od(rgb), 5)
-    s5 = cv2.medianBlur(sat, 5)  # uint8: compared with floats below, exactly as a float copy would be
-    del sat
-    clean = tissue & ~ink & ~dark
-    fold = np.zeros_like(tissue)
-    if clean.sum() > 10:
-        m_od, m_s = float(np.median(od[clean])), float(np.median(s5[clean]))
-        he_hue = (hue >= 240) | (hue <= 15)  # stain colours (purple to red); brown/green/blue ink is not a fold
-        fold = tissue & (od > o.fold_od_ratio * m_od) & (s5 > m_s + o.fold_sat_delta) & he_hue & ~ink
-        fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
-        fold = _keep_large(fold, round(o.fold_min_um2 / px)) & ~ink & ~debris
-        if o.fold_max_stain_shift > 0 and fold.any():
-            # a fold doubles the tissue it lies on, so (over the whole fold) it keeps that tissue's balance
-            # of the two stains; dense nuclei (epidermis, lymphocytes) are as dark but shifted towards
-            # haematoxylin. A shifted fold still counts when it at least doubles the eosin too.
-            # (stains of the pixels needed only: the clean tissue's medians, the candidates' own)
-            hc, ec = _stains(rgb[clean])
-            m_e = max(float(np.median(ec)), 0.02)
-            m_bal = float(np.median(hc)) / m_e
-            del hc, ec
-            labels, stats = _components(fold)
-            h, e = _stains(rgb[fold])
-            lab, idx = labels[fold], np.arange(1, len(stats))
-            med_h = np.asarray(ndimage.median(h, lab, idx))
-            med_e = np.asarray(ndimage.median(e, lab, idx))
-            ok = (med_h / np.maximum(med_e, 0.02) <= o.fold_max_stain_shift * m_bal) | \
-                (med_e >= o.fold_min_eosin_gain * m_e)
-            # pixels that keep the balance themselves stay too (a fold merged with dense tissue beside it)
-            hb, eb = _stains(cv2.medianBlur(rgb, 5)[fold])
-            pixel_ok = np.zeros_like(fold)
-            pixel_ok[fold] = (hb / np.maximum(eb, np.float32(0.02)) <= o.fold_max_stain_shift * m_bal) | \
-                (eb >= o.fold_min_eosin_gain * m_e)
-            fold = np.concatenate([[False], ok])[labels] | (fold & pixel_ok)
-            fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
-            fold = _keep_large(fold, round(o.fold_min_um2 / px))
+    ink, dark, debris = _ink_and_debris(rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), chroma, mpp, o)
+    # folds: tissue much denser than the slide's tissue of the same OD colour (regions.qc_fold)
+    fold = fold_mask(rgb, mpp, tissue, ink | dark | debris,
+                     FoldParams(o.fold_mpp, o.fold_smooth_um, o.fold_seed_ratio, o.fold_grow_ratio,
+                                o.fold_close_um, o.fold_min_um2))
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
     # (the Hough transform saw every grey line: cutting ink and folds out of the map breaks its circles)
     bubble = round_rims & ~ink & ~debris

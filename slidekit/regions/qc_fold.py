@@ -1,0 +1,173 @@
+"""Tissue folds, stain-agnostic: tissue much denser than the slide's tissue of the same colour.
+
+A fold is the section lying on itself: two layers of the tissue (its own and a flap of the tissue
+beside it), so by Beer-Lambert its optical density (OD) is about the sum of both layers' while its
+*colour* — the direction of its OD vector, i.e. the share of each channel in the OD — stays that of
+the tissue it doubles. Dense tissue that is not folded (epidermis, lymphocyte sheets, DAB-positive
+nuclei) is dark too, but it has a colour of its own, and at that colour its density is the slide's
+normal. So the rule asks, per pixel, how dense this pixel is compared with the slide's clean tissue
+*of the same OD colour* (no stain is named: H&E, IHC or any other stain works alike):
+
+1. OD per channel against the glass (``-ln(rgb / glass)``, ``regions.tissue.glass_colour``),
+   averaged over the tissue with a Gaussian of ``smooth_um`` (a fold is hundreds of µm wide; single
+   nuclei and holes are not what is judged), on a view of ``mpp`` µm/px (``FoldParams``).
+2. Its OD colour (the red and green shares of the summed OD) falls into one of ``BINS`` x ``BINS``
+   bins; the slide's clean tissue gives, per colour bin (pooled with its neighbours), the median summed
+   OD: the density that is normal for that colour on this slide.
+3. A fold seeds where the summed OD is at least ``seed_ratio`` times that median, and grows into the
+   connected tissue at least ``grow_ratio`` times it (hysteresis: the paler parts of the doubled tissue);
+   closed by ``close_um``, opened by one pixel, kept in areas of at least ``min_um2``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from slidekit.regions.tissue import glass_colour
+
+#: OD-colour bins per axis (red share, green share of the summed OD; the blue share is the rest).
+BINS = 40
+#: Summed-OD bins (log scale) of the per-colour histogram, and their range.
+_OD_BINS, _OD_LO, _OD_HI = 64, 0.02, 8.0
+#: Fewest clean tissue pixels (after pooling) for a colour bin to have a median of its own; rarer
+#: colours are judged against the median of all clean tissue.
+_MIN_COUNT = 30.0
+
+
+def _disc(r: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _smoothed_od(rgb: np.ndarray, tissue: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Summed OD and the red and green OD shares of ``rgb``, each averaged over the tissue with a
+    Gaussian of ``sigma_px`` (float32 planes; zero OD off the tissue)."""
+    glass = np.maximum(glass_colour(rgb).astype(np.float32), 1.0)
+    t = tissue.astype(np.float32)
+    weight = np.maximum(cv2.GaussianBlur(t, (0, 0), sigma_px), np.float32(1e-3))
+    levels = np.maximum(np.arange(256, dtype=np.float32), 1.0)
+    total = np.zeros(tissue.shape, np.float32)
+    shares = []
+    for c in range(3):
+        lut = np.maximum(-np.log(levels / glass[c]), 0).astype(np.float32)
+        od = lut[rgb[..., c]]
+        od *= t
+        od = cv2.GaussianBlur(od, (0, 0), sigma_px)
+        od /= weight
+        total += od
+        if c < 2:
+            shares.append(od)
+    for s in shares:
+        s /= np.maximum(total, np.float32(1e-6))
+    return total, shares[0], shares[1]
+
+
+def _colour_median(total: np.ndarray, red: np.ndarray, green: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Per pixel: the median summed OD of the clean tissue whose OD colour falls in the pixel's colour
+    bin (a histogram per bin, pooled over neighbouring bins by a Gaussian of one bin)."""
+    ri = np.clip(red * BINS, 0, BINS - 1).astype(np.uint8)
+    gi = np.clip(green * BINS, 0, BINS - 1).astype(np.uint8)
+    lo, hi = np.log(_OD_LO), np.log(_OD_HI)
+    sel = clean & (total > _OD_LO)
+    if not sel.any():
+        return np.full(total.shape, np.inf, np.float32)
+    t = total[sel]
+    li = np.clip((np.log(t) - lo) / (hi - lo) * _OD_BINS, 0, _OD_BINS - 1).astype(np.int64)
+    flat = (ri[sel].astype(np.int64) * BINS + gi[sel]) * _OD_BINS + li
+    hist = np.bincount(flat, minlength=BINS * BINS * _OD_BINS).reshape(BINS, BINS, _OD_BINS).astype(np.float32)
+    hist = ndimage.gaussian_filter(hist, (1.0, 1.0, 0.0), mode="constant")
+    cum = np.cumsum(hist, -1)
+    count = cum[..., -1]
+    median = np.exp(lo + (np.argmax(cum >= count[..., None] / 2, -1) + 0.5) / _OD_BINS * (hi - lo))
+    median = np.where(count >= _MIN_COUNT, median, float(np.median(t))).astype(np.float32)
+    return median[ri, gi]
+
+
+@dataclass(frozen=True)
+class FoldParams:
+    """The fold rule's settings (``QcOptions.fold_*``).
+
+    Parameters
+    ----------
+    mpp
+        µm/px the density ratio is computed on (the view's own when that is coarser; the ratio is
+        brought back to the view linearly).
+    smooth_um
+        Gaussian σ of the optical density averaged over the tissue.
+    seed_ratio, grow_ratio
+        Ratios to the slide's median density at the pixel's OD colour that seed a fold, and that it
+        grows into (connected).
+    close_um, min_um2
+        Closing radius, and the smallest fold kept.
+    """
+
+    mpp: float = 16.0
+    smooth_um: float = 16.0
+    seed_ratio: float = 1.7
+    grow_ratio: float = 1.5
+    close_um: float = 16.0
+    min_um2: float = 10_000.0
+
+
+def fold_mask(rgb: np.ndarray, mpp: float, tissue: np.ndarray, exclude: np.ndarray,
+              params: FoldParams = FoldParams()) -> np.ndarray:
+    """Folded tissue of an RGB view (``mpp`` µm/px): see the module's docstring.
+
+    Parameters
+    ----------
+    rgb
+        The view, ``(H, W, 3)`` uint8.
+    mpp
+        Its µm/px.
+    tissue
+        Its tissue mask.
+    exclude
+        Pixels that are neither folds nor the reference (ink, very dark pixels, debris).
+    params
+        The rule's settings.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean fold mask of the view's shape.
+    """
+    p = params
+    H, W = tissue.shape
+    f = max(1, int(np.floor(p.mpp / mpp + 1e-6)))
+    if f > 1 and min(H, W) // f >= 8:
+        size = (max(1, W // f), max(1, H // f))
+        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        small_t = cv2.resize(tissue.astype(np.uint8), size, interpolation=cv2.INTER_AREA) > 0
+        small_x = cv2.resize(exclude.astype(np.uint8), size, interpolation=cv2.INTER_AREA) > 0
+    else:
+        f, small, small_t, small_x = 1, rgb, tissue, exclude
+    total, red, green = _smoothed_od(small, small_t, p.smooth_um / (mpp * f))
+    ratio = total / _colour_median(total, red, green, small_t & ~small_x)
+    del total, red, green
+    if f > 1:
+        ratio = cv2.resize(ratio, (W, H), interpolation=cv2.INTER_LINEAR)
+    allowed = tissue & ~exclude
+    grow = allowed & (ratio >= p.grow_ratio)
+    seed = allowed & (ratio >= p.seed_ratio)
+    del ratio
+    min_px = max(1, round(p.min_um2 / (mpp * mpp)))
+    seed = _large(cv2.morphologyEx(seed.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)), min_px)
+    n, labels, _, _ = cv2.connectedComponentsWithStats(grow.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[np.unique(labels[seed])] = True
+    keep[0] = False
+    fold = keep[labels]
+    del labels
+    fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
+    fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_CLOSE, _disc(max(1, round(p.close_um / mpp)))) > 0
+    return _large((fold & allowed).astype(np.uint8), min_px)
+
+
+def _large(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """The connected areas (8-connected) of a uint8 mask of at least ``min_px`` pixels."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    big = stats[:, 4] >= min_px
+    big[0] = False
+    return big[labels]
