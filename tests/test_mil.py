@@ -177,3 +177,99 @@ def test_bags_beyond_the_cache_are_read_per_use_and_train_the_same(cohort, tmp_p
     monkeypatch.setattr(tm, "_free_memory_bytes", lambda: 100)  # a bag larger than the free memory
     with pytest.raises(ConfigError, match=r"s\d+\.h5: its bag \(\d+ tiles x 8"):
         tm.Bags(paths, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", MIL_ARCHS)
+def test_shift_head_bias_moves_every_output_by_the_offset(arch):
+    from slidekit.models.mil import shift_head_bias
+
+    torch.manual_seed(0)
+    model = build_mil(arch, 8, 2).eval()
+    x = torch.randn(20, 8)
+    before = model(x)
+    shift_head_bias(model, [0.5, -1.0])
+    after = model(x)
+    assert torch.allclose(after.logits, before.logits - torch.tensor([0.5, -1.0]), atol=1e-5)
+    if arch != "clam":  # clam's tile scores come from its instance heads
+        assert torch.allclose(after.scores, before.scores - torch.tensor([0.5, -1.0]), atol=1e-5)
+
+
+class _AttendFirst(torch.nn.Module):
+    def forward(self, h):
+        return 60.0 * h[:, 0]  # all attention on the tiles of the first kind
+
+
+def test_abmil_attention_plus_mean_pooling_sees_the_share_of_a_tile_kind(tmp_path):
+    """A softmax attention sums to 1: a bag of 1 lesion tile in 10 and one of 5 in 10 pool to the same
+    vector; with the mean beside it the head sees the share (a burden). Streaming, tiles scored alone,
+    the checkpoint and the config follow the pooling."""
+    from slidekit.base.errors import ConfigError
+    from slidekit.models.mil import save_mil_checkpoint
+
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    few, many = torch.stack([a] + [b] * 9), torch.stack([a] * 5 + [b] * 5)
+    out = {}
+    for pooling in ("attention", "attention+mean"):
+        torch.manual_seed(0)
+        model = build_mil("abmil", 2, 1, hidden=2, dropout=0.0, pooling=pooling).eval()
+        with torch.no_grad():
+            model.embed.net[0].weight.copy_(torch.eye(2))
+            model.embed.net[0].bias.zero_()
+        model.attention = _AttendFirst()
+        with torch.no_grad():
+            out[pooling] = [float(model(bag).logits[0]) for bag in (few, many)]
+            assert torch.allclose(model.forward_chunks(iter([many[:3], many[3:]])).logits, model(many).logits,
+                                  atol=1e-5)
+            assert torch.allclose(model(many).scores[0], model(many[:1]).logits, atol=1e-5)  # a bag of one
+    assert out["attention"][0] == pytest.approx(out["attention"][1], abs=1e-5)
+    assert abs(out["attention+mean"][0] - out["attention+mean"][1]) > 1e-3
+
+    torch.manual_seed(0)
+    model = build_mil("abmil", 8, 1, pooling="attention+mean").eval()
+    ckpt = save_mil_checkpoint(tmp_path / "m.pt", model, {"arch": "abmil", "in_dim": 8, "out_dim": 1,
+                                                          "task": "regression", "pooling": "attention+mean",
+                                                          "fold_state": {"target_mean": 0.0, "target_sd": 1.0}})
+    loaded, mil = load_mil_checkpoint(ckpt)
+    x = torch.randn(12, 8)
+    assert mil["pooling"] == "attention+mean" and torch.allclose(loaded(x).logits, model(x).logits)
+    with pytest.raises(ValueError, match="abmil's and clam's"):
+        build_mil("meanpool", 8, 1, pooling="attention+mean")
+    with pytest.raises(ConfigError, match="pooling"):
+        train("mil", None, tmp_path / "r", {"slides": "x.csv", "arch": "meanpool", "pooling": "attention+mean"},
+              device="cpu", progress=False)
+
+
+def test_ensemble_averages_members_and_trains_one_network_per_seed(cohort, tmp_path):
+    """``ensemble=2``: two networks per fold from different seeds, trained apart (the first is the single
+    network's run), stored as one checkpoint whose outputs are the members' mean; deploy scores with it."""
+    from slidekit.base.errors import ConfigError
+    from slidekit.models.mil import MILEnsemble
+
+    torch.manual_seed(0)
+    model = build_mil("abmil", 8, 2, members=3).eval()
+    assert isinstance(model, MILEnsemble) and len(model.members) == 3 and not model.streamable
+    x = torch.randn(15, 8)
+    with torch.no_grad():
+        out, parts = model(x), [m(x) for m in model.members]
+    assert torch.allclose(out.logits, torch.stack([p.logits for p in parts]).mean(0))
+    assert torch.isclose(out.attention.sum(), torch.tensor(1.0), atol=1e-5)
+    assert not torch.allclose(parts[0].logits, parts[1].logits)  # different initialisations
+
+    table, _ = cohort
+    cfg = {"slides": str(table), "arch": "abmil", "folds": 3, "epochs": 3, "patience": 3, "lr": 3e-3,
+           "hidden": 16, "bootstrap": 0}
+    train("mil", None, tmp_path / "one", cfg, device="cpu", progress=False)
+    ckpt = train("mil", None, tmp_path / "two", {**cfg, "ensemble": 2}, device="cpu", progress=False)
+    record = json.loads((tmp_path / "two" / "fold_0.json").read_text())
+    single = json.loads((tmp_path / "one" / "fold_0.json").read_text())
+    assert len(record["members"]) == 2 and record["members"][0]["val_loss"] == pytest.approx(single["val_loss"])
+    ens, mil = load_mil_checkpoint(tmp_path / "two" / "fold_0.pt")
+    first, _ = load_mil_checkpoint(tmp_path / "one" / "fold_0.pt")
+    assert mil["members"] == 2 and isinstance(ens, MILEnsemble)
+    with torch.no_grad():
+        assert torch.allclose(ens.members[0](x).logits, first(x).logits, atol=1e-6)
+    with open(deploy(ckpt, [tmp_path / "s1.h5"], tmp_path / "scored.csv", progress=False)) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["status"] == "done" and 0 <= float(rows[0]["p_tumour"]) <= 1
+    with pytest.raises(ConfigError, match="ensemble"):
+        train("mil", None, tmp_path / "bad", {**cfg, "ensemble": 0}, device="cpu", progress=False)

@@ -491,3 +491,38 @@ def test_discrete_time_survival_nll_by_hand_and_trained(tmp_path):
     assert len(mil["fold_state"]["bin_edges"]) == 3 and mil["out_dim"] == 4
     assert task_from_checkpoint(mil).deploy_columns == ["risk", "survival_bin1", "survival_bin2", "survival_bin3",
                                                         "survival_bin4"]
+
+
+def test_cox_risk_centred_on_each_training_fold(tmp_path):
+    """The partial likelihood cannot see a constant added to every risk: each fold's model is shifted so
+    that its training patients' mean risk is 0 (centre_outputs); without it the folds' levels differ."""
+    from types import SimpleNamespace
+
+    from trainers.mil import _splits, read_mil_table
+
+    clinical, slides, _ = _cohort(tmp_path, n_patients=36)
+    tables = patient_bags(clinical, slides, tmp_path / "pt")
+    cfg = {"arch": "abmil", "folds": 3, "epochs": 3, "patience": 3, "lr": 1e-2, "hidden": 8, "bootstrap": 0,
+           "baseline": False, "slides": str(tables["os"]), "task": "survival", "bags_per_step": 8}
+    rows = read_mil_table(tables["os"], None, ("time", "event"))
+    task = Survival()
+    targets = task.setup([r.values for r in rows], SimpleNamespace(slides=str(tables["os"]), bags_per_step=8))
+    splits = list(_splits(task.stratify(targets), np.array([r.patient for r in rows]), 3, 0))
+    bags = [torch.as_tensor(h5py.File(r.features)["features"][:]) for r in rows]
+    level, oof = {}, {}
+    for centre in (True, False):
+        out = tmp_path / f"run_{centre}"
+        train("mil", None, out, {**cfg, "centre_outputs": centre}, device="cpu", progress=False)
+        means = []
+        for k, (tr, _va, _te) in enumerate(splits):
+            model, mil = load_mil_checkpoint(out / f"fold_{k}.pt")
+            with torch.no_grad():
+                means.append(float(np.mean([float(model(bags[i]).logits[0]) for i in tr])))
+        level[centre] = np.array(means)
+        with open(out / "oof.csv") as f:
+            oof[centre] = {r["patient"]: (int(r["fold"]), float(r["risk"])) for r in csv.DictReader(f)}
+    assert np.abs(level[True]).max() < 1e-4  # each fold's training patients average risk 0
+    assert np.abs(level[False]).max() > 1e-3  # the head's bias is left where training left it
+    for k in range(3):  # the same training, each fold's test risks moved by one constant
+        d = [oof[True][p][1] - oof[False][p][1] for p in oof[True] if oof[True][p][0] == k]
+        assert np.ptp(d) < 1e-4 and abs(np.mean(d) + level[False][k]) < 1e-3

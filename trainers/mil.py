@@ -38,7 +38,15 @@ from sklearn.model_selection import StratifiedGroupKFold
 from slidekit.base.devices import resolve_device
 from slidekit.base.errors import ConfigError, FeatureError, LabelError, TrainingError
 from slidekit.base.io import write_text_atomic
-from slidekit.models.mil import MIL_ARCHS, build_mil, load_mil_checkpoint, save_mil_checkpoint
+from slidekit.models.mil import (
+    ABMIL_POOLINGS,
+    MIL_ARCHS,
+    MILEnsemble,
+    build_mil,
+    load_mil_checkpoint,
+    save_mil_checkpoint,
+    shift_head_bias,
+)
 from slidekit.slidelevel.feature_store import FeatureInfo, compare_provenance, feature_info, read_features
 from slidekit.slidelevel.mil_tasks import DEFAULT_TASK, Classification, MILTask, get_mil_task
 from trainers.base import Trainer, register, seed_everything
@@ -57,6 +65,7 @@ class MILConfig(TrainerConfig):
     arch: str = "abmil"  # MIL model: abmil, clam, transmil, meanpool, maxpool or topk_mean
     classes: list[str] | None = None  # class order (kappa); default: sorted labels
     hidden: int = 128  # width of the attention / projection layers
+    pooling: str = "attention"  # abmil/clam: what the head sees, attention or attention+mean (docs/mil.md)
     dropout: float = 0.1  # dropout on the projected instance features
     instance_k: int = 8  # clam: top/bottom-k attended instances of the clustering loss; topk_mean: k
     instance_weight: float = 0.3  # clam: weight of the instance loss
@@ -70,6 +79,8 @@ class MILConfig(TrainerConfig):
     bootstrap: int = 1000  # bootstrap resamples of the out-of-fold AUC/kappa confidence intervals (0: none)
     bag_cache_mb: int | None = None  # MB of bags held in memory, others read per use (default: 1/4 of free memory)
     baseline: bool = True  # survival/regression: also the mean-pooled CoxNet / ridge on the same folds (metrics.json)
+    centre_outputs: bool = True  # survival (Cox): each fold's risk centred on its training fold (docs/outcomes.md)
+    ensemble: int = 1  # networks trained per fold from different initialisations, their outputs averaged
 
     def validate(self) -> None:
         super().validate()
@@ -79,6 +90,10 @@ class MILConfig(TrainerConfig):
         task = get_mil_task(self.task)  # ConfigError naming the known tasks
         check_option(self.arch != "clam" or task.instance_label is not MILTask.instance_label, "arch", self.arch,
                      f"not clam for task {self.task!r} (its instance loss needs slide classes)")
+        check_option(self.pooling in ABMIL_POOLINGS, "pooling", self.pooling, f"one of {', '.join(ABMIL_POOLINGS)}")
+        check_option(self.pooling == "attention" or self.arch in ("abmil", "clam"), "pooling", self.pooling,
+                     f"'attention' for arch {self.arch!r} (the other poolings are abmil's and clam's)")
+        check_option(self.ensemble >= 1, "ensemble", self.ensemble, "an integer >= 1")
         check_option(self.folds >= 2, "folds", self.folds, "an integer >= 2")
         check_option(self.patience >= 1, "patience", self.patience, "an integer >= 1")
         check_option(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1")
@@ -290,9 +305,29 @@ def evaluate(model, bags, targets: np.ndarray, task: MILTask, loss) -> tuple[flo
 
 def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, train: np.ndarray, val: np.ndarray,
                task: MILTask, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Train on ``train`` with early stopping on ``val``; the best-validation weights are returned."""
+    """Train on ``train`` with early stopping on ``val``; the best-validation weights are returned.
+    ``ensemble`` > 1: that many networks trained so, one after the other from different seeds, as one
+    ``MILEnsemble`` (outputs averaged); its ``val_loss`` is the averaged network's."""
+    if c.ensemble <= 1:
+        return _train_member(c, bags, targets, train, val, task, seed, device)
+    members, infos = [], []
+    for j in range(c.ensemble):
+        model, info = _train_member(c, bags, targets, train, val, task, seed + 7919 * j, device)
+        members.append(model)
+        infos.append(info)
+    ensemble = MILEnsemble(members)
+    val_loss, _ = evaluate(ensemble, bags.select(val), targets[val], task, task.make_loss(targets[train], device, c))
+    return ensemble, {"best_epoch": max(i["best_epoch"] for i in infos), "val_loss": val_loss,
+                      "epochs_run": sum(i["epochs_run"] for i in infos), "history": infos[0]["history"],
+                      "members": [{k: i[k] for k in ("best_epoch", "val_loss", "epochs_run")} for i in infos]}
+
+
+def _train_member(c: MILConfig, bags: Bags, targets: np.ndarray, train: np.ndarray, val: np.ndarray,
+                  task: MILTask, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """One network trained on ``train`` with early stopping on ``val`` (its best-validation weights)."""
     seed_everything(seed)
-    model = build_mil(c.arch, bags.info[0].dim, task.out_dim, c.hidden, c.dropout, c.instance_k).to(device)
+    model = build_mil(c.arch, bags.info[0].dim, task.out_dim, c.hidden, c.dropout, c.instance_k,
+                      c.pooling).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     loss_fn = task.make_loss(targets[train], device, c)
     rng = np.random.default_rng(seed)
@@ -401,7 +436,8 @@ class MILTrainer(Trainer):
         from tqdm.auto import tqdm
 
         task_fields = task.checkpoint_fields()
-        mil_desc = {"arch": c.arch, "in_dim": int(in_dim), **task_fields, "hidden": c.hidden,
+        mil_desc = {"arch": c.arch, "in_dim": int(in_dim), **task_fields, "hidden": c.hidden, "pooling": c.pooling,
+                    "members": int(c.ensemble),
                     "dropout": c.dropout, "instance_k": c.instance_k, "encoder": encoder,
                     "trainer_config": {k: getattr(c, k) for k in c.__dataclass_fields__},
                     "task": task.name, "out_dim": int(task.out_dim)}
@@ -419,8 +455,13 @@ class MILTrainer(Trainer):
                 info = json.loads(record_path.read_text())
             else:
                 model, info = train_fold(c, bags, targets, tr, va, task, c.seed * 1000 + k, dev)
-                fitted = (evaluate(model, bags.select(tr), targets[tr], task, task.make_loss(targets[tr], dev, c))[1]
+                train_loss = task.make_loss(targets[tr], dev, c)
+                fitted = (evaluate(model, bags.select(tr), targets[tr], task, train_loss)[1]
                           if task.needs_train_predictions else None)  # e.g. a Cox model's baseline hazard
+                offset = task.output_offset(fitted) if (fitted is not None and c.centre_outputs) else None
+                if offset is not None:  # a level the loss cannot see (Cox): fixed on the training fold
+                    shift_head_bias(model, offset)
+                    fitted = evaluate(model, bags.select(tr), targets[tr], task, train_loss)[1]
                 state = task.fold_state(targets[tr], fitted)
                 save_mil_checkpoint(path, model, {**mil_desc, **({"fold_state": state} if state else {}), "fold": k})
                 write_text_atomic(record_path, json.dumps(info))

@@ -34,6 +34,7 @@ from slidekit.base.version import __version__
 from slidekit.models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 
 MIL_ARCHS = ("meanpool", "maxpool", "topk_mean", "abmil", "clam", "transmil")
+ABMIL_POOLINGS = ("attention", "attention+mean")  # what abmil's / clam's head sees (ABMIL)
 ATTENTION_ARCHS = ("abmil", "clam", "transmil")  # the networks with per-tile attention
 
 
@@ -125,29 +126,41 @@ class GatedAttention(nn.Module):
 
 
 class ABMIL(nn.Module):
-    """Gated-attention MIL; ``instance_k > 0`` adds CLAM-SB's instance clustering loss."""
+    """Gated-attention MIL; ``instance_k > 0`` adds CLAM-SB's instance clustering loss.
+
+    ``pooling``: ``"attention"`` (the paper's: the head sees the attention-weighted mean of the
+    embedded tiles) or ``"attention+mean"`` (the head sees it beside the plain mean of the embedded
+    tiles). A softmax attention sums to 1 whatever the bag holds, so its pooled vector says *what*
+    the attended tiles are, not *how many* there are; the mean keeps the share of each kind of tile
+    (a lesion burden). A tile scored alone is a bag of one (both halves are its embedding)."""
 
     streamable = True
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 128, dropout: float = 0.1,
-                 instance_k: int = 0) -> None:
+                 instance_k: int = 0, pooling: str = "attention") -> None:
         super().__init__()
+        if pooling not in ABMIL_POOLINGS:
+            raise ValueError(f"unknown ABMIL pooling {pooling!r}; known: {', '.join(ABMIL_POOLINGS)}")
+        self.pooling = pooling
         self.embed = _Embed(in_dim, hidden, dropout)
         self.attention = GatedAttention(hidden, max(hidden // 2, 8), dropout)
-        self.head = nn.Linear(hidden, n_classes)
+        self.head = nn.Linear(hidden * (2 if pooling == "attention+mean" else 1), n_classes)
         self.instance_k = instance_k
         # CLAM-SB: one binary in/out-of-class instance classifier per class
         self.instance_heads = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_classes)) if instance_k else None
 
+    def _pooled(self, attended: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        return torch.cat([attended, mean], -1) if self.pooling == "attention+mean" else attended
+
     def _scores(self, h: torch.Tensor) -> torch.Tensor:
         if self.instance_heads is not None:  # the in-class logit of each class's instance head
             return torch.stack([head(h)[:, 1] - head(h)[:, 0] for head in self.instance_heads], dim=1)
-        return self.head(h)
+        return self.head(self._pooled(h, h))
 
     def forward(self, x: torch.Tensor, label: int | None = None) -> MILOutput:
         h = self.embed(x)
         a = torch.softmax(self.attention(h), dim=0)
-        logits = self.head(a @ h)
+        logits = self.head(self._pooled(a @ h, h.mean(0)))
         loss = self._instance_loss(h, a, label) if (self.instance_heads is not None and label is not None) else None
         return MILOutput(logits, a, self._scores(h), loss)
 
@@ -171,8 +184,10 @@ class ABMIL(nn.Module):
     def forward_chunks(self, chunks: Iterable[torch.Tensor]) -> MILOutput:
         """The same slide logits with an online softmax over chunks (bag never held whole)."""
         m, z, acc, logits_a, scores = -math.inf, None, None, [], []
+        total, n = None, 0
         for x in chunks:
             h = self.embed(x)
+            total, n = (h.sum(0) if total is None else total + h.sum(0)), n + len(h)
             s = self.attention(h)
             m_new = max(m, float(s.max()))
             w = torch.exp(s - m_new)
@@ -182,10 +197,10 @@ class ABMIL(nn.Module):
             m = m_new
             logits_a.append(s)
             scores.append(self._scores(h))
-        if acc is None or z is None:  # both are set by the first chunk
+        if acc is None or z is None or total is None:  # all are set by the first chunk
             raise ValueError("empty bag")
         s_all = torch.cat(logits_a)
-        return MILOutput(self.head(acc / z), torch.exp(s_all - m) / z, torch.cat(scores))
+        return MILOutput(self.head(self._pooled(acc / z, total / n)), torch.exp(s_all - m) / z, torch.cat(scores))
 
 
 class PPEG(nn.Module):
@@ -245,9 +260,42 @@ class TransMIL(nn.Module):
         return MILOutput(self.head(out[0]), attention, self.head(out[1:n + 1]))
 
 
+class MILEnsemble(nn.Module):
+    """Networks of one architecture trained apart (different initialisations) whose outputs are
+    averaged: slide logits, attention (still summing to 1), tile scores and instance losses. Each
+    member sees the whole bag, so an ensemble scores a bag whole (``streamable`` False)."""
+
+    streamable = False
+
+    def __init__(self, members: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        if not len(self.members):
+            raise ValueError("an ensemble needs at least one member")
+
+    def forward(self, x: torch.Tensor, label: int | None = None) -> MILOutput:
+        outs = [m(x, label=label) for m in self.members]
+
+        def mean(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            kept = [v for v in values if v is not None]
+            return torch.stack(kept).mean(0) if len(kept) == len(values) else None
+
+        logits = mean([o.logits for o in outs])
+        assert logits is not None  # every member has logits
+        return MILOutput(logits, mean([o.attention for o in outs]), mean([o.scores for o in outs]),
+                         mean([o.instance_loss for o in outs]))
+
+
 def build_mil(arch: str, in_dim: int, n_classes: int, hidden: int = 128, dropout: float = 0.1,
-              instance_k: int = 8) -> nn.Module:
-    """A freshly initialised MIL network by name (``MIL_ARCHS``)."""
+              instance_k: int = 8, pooling: str = "attention", members: int = 1) -> nn.Module:
+    """A freshly initialised MIL network by name (``MIL_ARCHS``); ``pooling`` (``ABMIL_POOLINGS``)
+    is abmil's and clam's (ValueError for another network unless ``"attention"``); ``members`` > 1:
+    a ``MILEnsemble`` of that many networks, each initialised in turn from the torch generator."""
+    if members > 1:
+        return MILEnsemble(build_mil(arch, in_dim, n_classes, hidden, dropout, instance_k, pooling)
+                           for _ in range(members))
+    if pooling != "attention" and arch not in ("abmil", "clam"):
+        raise ValueError(f"pooling {pooling!r} is abmil's and clam's, not {arch!r}'s")
     if arch == "meanpool":
         return PoolMIL(in_dim, n_classes, hidden, dropout, "mean")
     if arch == "maxpool":
@@ -255,12 +303,26 @@ def build_mil(arch: str, in_dim: int, n_classes: int, hidden: int = 128, dropout
     if arch == "topk_mean":
         return TopKMeanMIL(in_dim, n_classes, hidden, dropout, k=instance_k)
     if arch == "abmil":
-        return ABMIL(in_dim, n_classes, hidden, dropout)
+        return ABMIL(in_dim, n_classes, hidden, dropout, pooling=pooling)
     if arch == "clam":
-        return ABMIL(in_dim, n_classes, hidden, dropout, instance_k=instance_k)
+        return ABMIL(in_dim, n_classes, hidden, dropout, instance_k=instance_k, pooling=pooling)
     if arch == "transmil":
         return TransMIL(in_dim, n_classes, hidden, dropout)
     raise ValueError(f"unknown MIL architecture {arch!r}; known: {', '.join(MIL_ARCHS)}")
+
+
+def shift_head_bias(model: nn.Module, offset) -> None:
+    """Subtract ``offset`` (one number per output) from the slide head's bias: every slide's logits
+    and every tile's scores move by ``-offset`` (all networks here end in one linear ``head``)."""
+    if isinstance(model, MILEnsemble):  # the mean of the members' outputs moves by the same offset
+        for member in model.members:
+            shift_head_bias(member, offset)
+        return
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or head.bias is None:
+        raise ValueError(f"{type(model).__name__} has no linear head with a bias to shift")
+    with torch.no_grad():
+        head.bias.sub_(torch.as_tensor(offset, dtype=head.bias.dtype, device=head.bias.device).reshape(-1))
 
 
 class _Streamable(Protocol):
@@ -300,7 +362,8 @@ def load_mil_checkpoint(path) -> tuple[nn.Module, dict]:
     try:
         out_dim = int(mil["out_dim"]) if mil.get("out_dim") is not None else len(mil["classes"])
         model = build_mil(mil["arch"], int(mil["in_dim"]), out_dim, int(mil.get("hidden", 128)),
-                          float(mil.get("dropout", 0.1)), int(mil.get("instance_k", 8)))
+                          float(mil.get("dropout", 0.1)), int(mil.get("instance_k", 8)),
+                          str(mil.get("pooling", "attention")), int(mil.get("members", 1)))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"MIL weights do not match their description ({' '.join(str(e).split())[:200]})",

@@ -16,6 +16,8 @@ means. A ``MILTask`` says it, in one object:
 - ``batches(order, step, targets)``: one epoch's batches of training bags (default: runs of ``step``);
 - ``fold_state(train_targets, train_predictions)``: what a fold learned beyond its weights (a
   regression's target mean and sd, a Cox model's baseline hazard), recorded in its checkpoint;
+- ``output_offset(train_predictions)``: a constant the loss leaves undetermined (a Cox model's
+  risk offset), taken out of the head's bias after training (default: none);
 - ``instance_label(target)``: the class CLAM's instance loss uses (None: the task has none);
 - ``predict(outputs)`` -> ``(n, len(output_columns))`` numbers written as ``output_columns`` in
   ``oof.csv`` and ``scored.csv``; ``deploy_row`` adds what deploy writes beside them (``predicted``);
@@ -87,6 +89,12 @@ class MILTask:
 
     #: whether ``fold_state`` needs the fold model's predictions of its own training bags
     needs_train_predictions: ClassVar[bool] = False
+
+    def output_offset(self, train_predictions: np.ndarray) -> np.ndarray | None:
+        """Per head output, a constant the loss cannot see (it is invariant to adding it) that the
+        trainer subtracts from the fold model's head bias after training, given the model's
+        ``predict`` rows of its own training bags (needs ``needs_train_predictions``). Default: none."""
+        return None
 
     def fold_state(self, train_targets: np.ndarray, train_predictions: np.ndarray | None) -> dict[str, Any]:
         """What a fold learned beyond the weights, recorded as ``fold_state`` in its checkpoint (and in

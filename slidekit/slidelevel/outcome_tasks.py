@@ -165,6 +165,12 @@ class Survival(MILTask):
             text += f"; {self.eventless_batches} training batch(es) without an event (zero loss)"
         return text
 
+    def output_offset(self, train_predictions):
+        # the partial likelihood is unchanged by adding a constant to every risk: the head's bias is
+        # never learned, so each fold's risks sit at an arbitrary level; centred on the fold's own
+        # training patients (risk 0 = the training fold's mean), as lifelines centres its Cox models
+        return np.asarray(train_predictions, np.float64)[:, :1].mean(0)
+
     def fold_state(self, train_targets, train_predictions):
         ts, H = breslow_baseline(train_targets[:, 0], train_targets[:, 1], np.asarray(train_predictions)[:, 0])
         return {"ties": self.ties, "baseline_hazard": {"time": [float(x) for x in ts],
@@ -244,6 +250,9 @@ class SurvivalDiscrete(Survival):
 
     def tile_outputs(self, scores):
         return ["risk"], self.predict(scores)[:, :1]
+
+    def output_offset(self, train_predictions):
+        return None  # the discrete-time likelihood fixes the hazards' level
 
     def fold_state(self, train_targets, train_predictions):
         return {"bin_edges": list(self.edges)}
