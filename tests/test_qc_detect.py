@@ -174,3 +174,19 @@ def test_every_ink_colour_over_tissue(colour: str) -> None:
     masks = colour_artefacts(rgb, MPP, tissue, QcOptions())
     assert dice(masks["Pen ink"], s) >= 0.85, colour
     assert not masks["Pen ink"][tissue & ~cv2.dilate(stroke, np.ones((7, 7), np.uint8)).astype(bool)].any()
+
+
+def test_neutral_grey_band_is_no_fold() -> None:
+    """A dark grey band (a coverslip edge's shadow, a bubble's rim) is much denser than the pale grey on the
+    slide, but no stain is grey."""
+    rgb, tissue = tissue_view(seed=5)
+    band = np.zeros((N, N), np.uint8)
+    cv2.line(band, (70, 60), (90, 260), 1, 16)
+    band = (band > 0) & tissue
+    rgb[band] = (95, 95, 98)
+    smudge = np.zeros((N, N), np.uint8)  # pale grey smudges read as tissue: what grey normally looks like here
+    cv2.rectangle(smudge, (150, 60), (260, 160), 1, -1)
+    rgb[(smudge > 0) & tissue] = (205, 205, 208)
+    assert not colour_artefacts(rgb, MPP, tissue, QcOptions())["Fold"][band].any()
+    # the neutral-colour rule is what keeps it out
+    assert colour_artefacts(rgb, MPP, tissue, QcOptions(fold_min_spread=0))["Fold"][band].mean() > 0.5

@@ -94,10 +94,11 @@ class QcOptions:
         "Very dark" (max channel below this), dark areas at least this large are black pen whatever
         their shape, or at least this elongated (area over the area of the widest inscribed disc), the
         smallest debris blob, debris' largest chroma (max - min of RGB).
-    fold_mpp, fold_smooth_um, fold_seed_ratio, fold_grow_ratio, fold_close_um, fold_min_um2
+    fold_mpp, fold_smooth_um, fold_seed_ratio, fold_grow_ratio, fold_close_um, fold_min_um2, fold_min_spread
         Fold (:func:`slidekit.regions.qc_fold.fold_mask`): µm/px of the density ratio, Gaussian σ of the
         optical density averaged over the tissue, the ratio to the slide's median density at that OD
-        colour that seeds a fold and the one it grows into, the closing radius and the smallest fold.
+        colour that seeds a fold and the one it grows into, the closing radius, the smallest fold, and
+        the least spread of the OD colour's channel shares (neutral grey is no stain, so no fold).
     edge_contrast, edge_min_length_um, edge_max_fill, edge_max_width_um
         Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill, largest
         mean width (area over length: a line, not a network of dark tissue texture).
@@ -132,6 +133,7 @@ class QcOptions:
     fold_grow_ratio: float = 1.5
     fold_close_um: float = 16.0
     fold_min_um2: float = 10_000.0
+    fold_min_spread: float = 0.04
     edge_contrast: float = 25.0
     edge_min_length_um: float = 800.0
     edge_max_fill: float = 0.25
@@ -315,7 +317,7 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     # folds: tissue much denser than the slide's tissue of the same OD colour (regions.qc_fold)
     fold = fold_mask(rgb, mpp, tissue, ink | dark | debris,
                      FoldParams(o.fold_mpp, o.fold_smooth_um, o.fold_seed_ratio, o.fold_grow_ratio,
-                                o.fold_close_um, o.fold_min_um2))
+                                o.fold_close_um, o.fold_min_um2, o.fold_min_spread))
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
     # (the Hough transform saw every grey line: cutting ink and folds out of the map breaks its circles)
     bubble = round_rims & ~ink & ~debris

@@ -16,7 +16,9 @@ normal. So the rule asks, per pixel, how dense this pixel is compared with the s
    OD: the density that is normal for that colour on this slide.
 3. A fold seeds where the summed OD is at least ``seed_ratio`` times that median, and grows into the
    connected tissue at least ``grow_ratio`` times it (hysteresis: the paler parts of the doubled tissue);
-   closed by ``close_um``, opened by one pixel, kept in areas of at least ``min_um2``.
+   closed by ``close_um``, opened by one pixel, kept in areas of at least ``min_um2``. A pixel whose OD
+   colour is nearly neutral (channel shares within ``min_spread``: grey, as coverslip edges, bubble rims
+   and dust are) is no fold: stains absorb some channels more than others.
 """
 from __future__ import annotations
 
@@ -101,6 +103,9 @@ class FoldParams:
         grows into (connected).
     close_um, min_um2
         Closing radius, and the smallest fold kept.
+    min_spread
+        The least spread of the OD colour (largest less smallest channel share of the OD): a stain
+        absorbs some channels more than others; neutral grey (a coverslip edge, a bubble's rim) is no fold.
     """
 
     mpp: float = 16.0
@@ -109,6 +114,7 @@ class FoldParams:
     grow_ratio: float = 1.5
     close_um: float = 16.0
     min_um2: float = 10_000.0
+    min_spread: float = 0.04
 
 
 def fold_mask(rgb: np.ndarray, mpp: float, tissue: np.ndarray, exclude: np.ndarray,
@@ -145,7 +151,11 @@ def fold_mask(rgb: np.ndarray, mpp: float, tissue: np.ndarray, exclude: np.ndarr
         f, small, small_t, small_x = 1, rgb, tissue, exclude
     total, red, green = _smoothed_od(small, small_t, p.smooth_um / (mpp * f))
     ratio = total / _colour_median(total, red, green, small_t & ~small_x)
-    del total, red, green
+    # stains absorb selectively: a neutral OD (grey: a coverslip edge, a bubble's rim, dust) is no fold
+    blue = 1 - red - green
+    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    ratio[spread < p.min_spread] = 0
+    del total, red, green, blue, spread
     if f > 1:
         ratio = cv2.resize(ratio, (W, H), interpolation=cv2.INTER_LINEAR)
     allowed = tissue & ~exclude
