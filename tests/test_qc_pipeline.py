@@ -312,3 +312,36 @@ def test_exclude_qc_auto_runs_qc_first(cohort: dict, tmp_path: Path) -> None:
     assert len(tiles) == summary["tiles"]  # each tile with its artefact fractions, all within --qc-max
     fractions = [t["properties"]["measurements"][f"QC {n}"] for t in tiles for n in ARTEFACTS]
     assert max(fractions) <= DEFAULT_QC_MAX and len(fractions) == len(tiles) * len(ARTEFACTS)
+
+
+def test_qc_classes_at_nucleus_centroids() -> None:
+    from slidekit.infer.cells import qc_classes_at
+
+    labels = np.full((10, 10), LABELS["Tissue"], np.uint8)
+    labels[0:2, 0:2] = LABELS["Pen ink"]
+    labels[5, 5] = LABELS["Fold"]
+    labels[9, 9] = LABELS["Glass"]
+    # a label pixel is 8 µm, a level-0 pixel 2 µm: four level-0 px per label px
+    xy = np.array([[1.0, 1.0], [7.9, 7.9], [21.0, 22.0], [30.0, 10.0], [39.0, 39.0], [-5.0, 500.0]])
+    got = qc_classes_at((labels, 8.0), (2.0, 2.0), xy)
+    assert list(got) == ["Pen ink", "Pen ink", "Fold", "", "", ""]  # clean tissue and glass: ""; clipped at the edge
+
+
+def test_cells_with_exclude_qc_name_each_nucleus_qc_class(cohort: dict, tmp_path: Path) -> None:
+    from slidekit.infer.cells import cells_slide, qc_classes_at
+
+    slide, qc = cohort["slides"][0], cohort["out"] / "a"
+    kw = dict(mpp=2.0, size=64, threshold=0.3, progress=False)
+    s = cells_slide(slide, tmp_path / "c", exclude_qc=qc, qc_max="1", **kw)  # every tile kept
+    rows = list(csv.DictReader(open(tmp_path / "c" / "cells.csv", newline="")))
+    assert rows and list(rows[0])[-1] == "qc"
+    with open_slide(slide) as sl:
+        labels, mpp = read_qc_labels(qc, sl)
+        xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+        expected = qc_classes_at((labels, mpp), sl.mpp, xy)
+    assert [r["qc"] for r in rows] == list(expected)
+    named = {n: sum(r["qc"] == n for r in rows) for n in ARTEFACTS}
+    assert named["Pen ink"] > 0 and s["nuclei_on_artefact"] == named  # the blue band holds dark "nuclei"
+    plain = cells_slide(slide, tmp_path / "p", **kw)  # without --exclude-qc: no column, no count
+    assert "nuclei_on_artefact" not in plain
+    assert "qc" not in next(csv.DictReader(open(tmp_path / "p" / "cells.csv", newline="")))

@@ -57,12 +57,12 @@ def _features(folder: Path, slide: Path, seed: int = 0, nan_row: int | None = No
 def _cells(folder: Path, n: int = 50, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     cols = ["id", "x", "y", "x_um", "y_um", "area_um2", "perimeter_um", "circularity", "solidity",
-            "eccentricity", "hematoxylin_od", "eosin_od", "uuid"]
+            "eccentricity", "hematoxylin_od", "eosin_od", "uuid", "qc"]  # qc: as `cells --exclude-qc` writes
     rows = []
     for i in range(n):
         x, y = rng.uniform(512, 1536), rng.uniform(256, 1024)
         rows.append([i + 1, round(x, 2), round(y, 2), x * 0.5, y * 0.5, round(rng.uniform(20, 60), 3), 20.0, 0.9,
-                     0.95, 0.4, 0.3, 0.2, f"u{i}"])
+                     0.95, 0.4, 0.3, 0.2, f"u{i}", "" if i % 3 else "Fold"])
     with open(folder / "cells.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -142,6 +142,8 @@ def test_cells_are_circles_with_a_table_of_measurements(exported):
     assert np.allclose(cells["radius"].to_numpy(), np.sqrt(areas / np.pi) / 0.5, rtol=1e-6)
     assert np.array_equal(table[:, "area_um2"].X.ravel(), areas)
     assert set(table.obs.columns) >= {"cell_id", "region", "slide"} and "spatial" in table.obsm
+    qc = table.obs["qc"].astype(str).to_numpy()  # the QC class under each nucleus ("" on clean tissue)
+    assert list(qc) == ["" if i % 3 else "Fold" for i in range(len(areas))]
     assert np.array_equal(cells.index.to_numpy(), table.obs["cell_id"].to_numpy())
 
 

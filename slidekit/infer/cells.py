@@ -47,6 +47,8 @@ from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Region, Roi, Tissue
 from slidekit.regions.options import OptionGroups, ReadOptions, RoiOptions, RunOptions, TileOptions, TissueOptions
+from slidekit.regions.qc import read_qc_labels
+from slidekit.regions.qc_detect import ARTEFACTS, LABELS
 from slidekit.regions.qc_tiles import TileQc, qc_figures
 from slidekit.regions.roi import roi_identity
 from slidekit.regions.tiling import TileGrid, TileReader
@@ -456,13 +458,16 @@ class CellsJob(SlideJob):
         t_loop = time.perf_counter() - t_loop
         if bar is not None:
             bar.close()
+        # with --exclude-qc, each nucleus carries the QC class under its centroid (cells.csv ``qc``): the
+        # tiles kept may still hold up to --qc-max of an artefact, and a user re-filters without a rerun
+        qc = read_qc_labels(self.qc.path, slide) if isinstance(self.qc, TileQc) else None
         with timer.stage("write"):
-            n_cells, per_region, geojson = _assemble(out, part, bands, roi_anns, slide, cfg["gzip"],
-                                                     tissue=None if whole else ctx.mask(),
-                                                     run_key=_nuclei_key(ctx.config))
+            n_cells, per_region, geojson, on_qc = _assemble(out, part, roi_anns, slide, cfg["gzip"],
+                                                            tissue=None if whole else ctx.mask(),
+                                                            run_key=_nuclei_key(ctx.config), qc=qc)
         shutil.rmtree(part)
         return {"tiles": len(grid), "bands": len(bands), "bands_resumed": len(bands) - len(todo_bands),
-                "nuclei": n_cells,
+                "nuclei": n_cells, **({} if on_qc is None else {"nuclei_on_artefact": on_qc}),
                 "instances": (f"watershed from the foreground minus the outline class {spec.classes[bch]!r}"
                               if bch is not None else "distance-transform watershed")
                 + "; ownership by centroid in the tile core",
@@ -544,13 +549,33 @@ def _geojson_name(part: Path, bands: np.ndarray, gzip_: bool | None) -> str:
     return "cells.geojson.gz" if gzip_ else "cells.geojson"
 
 
-def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide: Any,
-              gzip_: bool | None = None, tissue: Any = None, run_key: str = "") -> tuple[int, list, str]:
-    """Stream the bands into cells.csv and the GeoJSON (one band in memory at a time). ``slide``: its
-    µm/px and level-0 size (to which each ROI is clipped); ``tissue``: the mask the nuclei were
-    sought in (its level-0 polygons give each ROI's ``tissue_mm2``); ``run_key``: the job's key, which
-    names the nuclei's QuPath UUIDs (:func:`nucleus_uuid`)."""
+#: cells.csv's ``qc`` column: the QC class under a nucleus's centroid ("" on clean tissue or glass).
+QC_NAMES = np.array(["" for _ in range(max(LABELS.values()) + 1)], dtype=object)
+QC_NAMES[[LABELS[n] for n in ARTEFACTS]] = list(ARTEFACTS)
+
+
+def qc_classes_at(qc: tuple[np.ndarray, float], slide_mpp: tuple[float, float], xy: np.ndarray) -> np.ndarray:
+    """The QC class (``ARTEFACTS`` name, "" where clean) under each level-0 point ``xy`` (N, 2) of a
+    slide at ``slide_mpp``, from a QC label map ``qc`` = (labels, its µm/px)."""
+    labels, qmpp = qc
+    if not len(xy):
+        return np.zeros(0, dtype=object)
+    col = np.clip((np.asarray(xy[:, 0], np.float64) * slide_mpp[0] / qmpp).astype(np.int64), 0, labels.shape[1] - 1)
+    row = np.clip((np.asarray(xy[:, 1], np.float64) * slide_mpp[1] / qmpp).astype(np.int64), 0, labels.shape[0] - 1)
+    return QC_NAMES[labels[row, col]]
+
+
+def _assemble(out: Path, part: Path, roi_anns: Any, slide: Any, gzip_: bool | None = None, tissue: Any = None,
+              run_key: str = "", qc: tuple[np.ndarray, float] | None = None) -> tuple[int, list, str, dict | None]:
+    """Stream the bands (``part``'s ``band-NNNNNN.csv``, in order) into cells.csv and the GeoJSON (one
+    band in memory at a time). ``slide``: its µm/px and level-0 size (to which each ROI is clipped);
+    ``tissue``: the mask the nuclei were sought in (its level-0 polygons give each ROI's ``tissue_mm2``);
+    ``run_key``: the job's key, which names the nuclei's QuPath UUIDs (:func:`nucleus_uuid`); ``qc``: a
+    QC label map (labels, µm/px), whose class under each nucleus becomes cells.csv's last column ``qc``
+    (then also returned: the nuclei per artefact class)."""
     slide_mpp, bounds = slide.mpp, slide.dimensions
+    bands = np.array(sorted(int(f.stem.split("-")[1]) for f in part.glob("band-*.csv")), np.int64)
+    on_qc: dict[str, int] | None = None if qc is None else dict.fromkeys(ARTEFACTS, 0)
     counts = None
     if roi_anns is not None:
         import shapely
@@ -568,7 +593,7 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide: An
         with open(tcsv, "w", newline="") as fc, (gzip.open(tgj, "wt", compresslevel=5, encoding="utf-8")
                                                  if name.endswith(".gz") else open(tgj, "w", encoding="utf-8")) as fg:
             wc = csv.writer(fc)
-            wc.writerow(COLUMNS)
+            wc.writerow(COLUMNS + ([] if qc is None else ["qc"]))
             fg.write('{"type": "FeatureCollection", "features": [\n')
             first = True
             names = list(MEASURE_NAMES.values())
@@ -583,13 +608,21 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide: An
                         counts[j] += int(hits[j].sum())
                     # tiles reach past the ROI: nuclei centred outside it are not written
                     keep = np.asarray(hits.any(axis=0))
+                qc_names = None
+                if qc is not None and rows:
+                    qc_names = qc_classes_at(qc, slide_mpp, np.array([[float(r[0]), float(r[1])] for r in rows]))
                 for i, row in enumerate(rows):
                     if keep is not None and not keep[i]:
                         continue
                     nid += 1
                     vals = [round(float(v), 4) for v in row[:-1]]
                     oid = nucleus_uuid(run_key, nid)
-                    wc.writerow([nid] + vals + [oid])
+                    if qc_names is None:
+                        wc.writerow([nid] + vals + [oid])
+                    else:
+                        wc.writerow([nid] + vals + [oid, qc_names[i]])
+                        if qc_names[i] and on_qc is not None:
+                            on_qc[qc_names[i]] += 1
                     fg.write(("" if first else ",\n") + _feature_json(oid, row[-1], dict(zip(names, vals[4:]))))
                     first = False
             fg.write("\n]}\n")
@@ -608,7 +641,7 @@ def _assemble(out: Path, part: Path, bands: np.ndarray, roi_anns: Any, slide: An
                                 "" if tis is None else round(tis, 6)])
                     regions.append({"region": j, "class": (a.label or a.name or ""), "nuclei": c, "area_mm2": area,
                                     "nuclei_per_mm2": dens, "tissue_mm2": tis})
-    return nid, regions, name
+    return nid, regions, name, on_qc
 
 
 def _roi_geometry(g: Any, bounds: tuple[int, int] | None) -> Any:

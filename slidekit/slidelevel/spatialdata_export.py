@@ -177,8 +177,11 @@ def _cell_rows(path: Path) -> Iterator[Any]:
         missing = [c for c in dtypes if c not in header]
         if missing:
             raise ConfigError(f"has no column {missing[0]!r}: not slidekit's cells table", path)
-        cols = [*dtypes, *(["class"] if "class" in header else [])]
-        yield from pd.read_csv(path, usecols=cols, dtype=dtypes, chunksize=CELL_ROWS)
+        # the nucleus class and (cells --exclude-qc) the QC class under it, when the table has them
+        labels = [c for c in ("class", "qc") if c in header]
+        yield from pd.read_csv(path, usecols=[*dtypes, *labels], dtype={**dtypes, **dict.fromkeys(labels, str)},
+                               keep_default_na=False, na_values=dict.fromkeys(dtypes, ["", "nan", "NaN"]),
+                               chunksize=CELL_ROWS)
     except (ValueError, pd.errors.ParserError) as e:
         raise ConfigError(f"not a readable cells table ({' '.join(str(e).split())[:120]})", path) from None
 
@@ -190,23 +193,25 @@ def _has_cells(path: Path) -> bool:
     return any(len(chunk) for chunk in _cell_rows(path))
 
 
-def _cell_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """(ids, level-0 centroids, measurements, classes or None) of ``cells.csv``, read in row chunks
-    (the needed columns only, as arrays)."""
+def _cell_arrays(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]] | None:
+    """(ids, level-0 centroids, measurements, label columns) of ``cells.csv``, read in row chunks (the
+    needed columns only, as arrays); the label columns are ``class`` and ``qc`` where the table has them."""
     path = folder / "cells.csv"
     if not path.is_file():
         return None
-    ids, xy, meas, classes = [], [], [], []
+    ids, xy, meas = [], [], []
+    labels: dict[str, list] = {}
     for chunk in _cell_rows(path):
         ids.append(chunk["id"].to_numpy(np.int64))
         xy.append(chunk[["x", "y"]].to_numpy(np.float64))
         meas.append(chunk[list(MEASUREMENTS)].to_numpy(np.float32))
-        if "class" in chunk.columns:
-            classes.append(chunk["class"].astype(str).to_numpy())
+        for c in ("class", "qc"):
+            if c in chunk.columns:
+                labels.setdefault(c, []).append(chunk[c].astype(str).to_numpy())
     if not ids:
         return None
     return (np.concatenate(ids), np.concatenate(xy), np.concatenate(meas),
-            np.concatenate(classes) if classes else None)
+            {c: np.concatenate(v) for c, v in labels.items()})
 
 
 def _circles(chunk: Any, mpp: float):
@@ -268,13 +273,13 @@ def _cell_table(folder: Path, slide_name: str):
     cells = _cell_arrays(folder)
     if cells is None:
         raise ConfigError("holds no cells", folder / "cells.csv")
-    cid, pts, m, classes = cells
+    cid, pts, m, labels = cells
     n = len(cid)
     obs = pd.DataFrame({"cell_id": cid, "region": pd.Categorical.from_codes(np.zeros(n, np.int8), ["cells"]),
                         "slide": pd.Categorical.from_codes(np.zeros(n, np.int8), [slide_name])},
                        index=cid.astype(str))
-    if classes is not None:
-        obs["class"] = pd.Categorical(classes)
+    for column, values in labels.items():  # ``class``; ``qc``: the QC class under the nucleus ("" where clean)
+        obs[column] = pd.Categorical(values)
     table = anndata.AnnData(X=m, obs=obs, var=pd.DataFrame(index=list(MEASUREMENTS)), obsm={"spatial": pts})
     return TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")
 
