@@ -32,7 +32,11 @@ written as feature files and pooled into one bag per patient by ``slidekit.slide
 patient_bags`` from a clinical and a slide table, as a user would. ``slidekit train mil`` then runs
 ``task=survival`` (Breslow Cox, 5-fold patient-level CV) and ``task=regression`` (Huber) with
 ``arch=abmil``; its built-in baseline (``baseline``: mean-pooled CoxNet / ridge on the same folds) gives
-the linear model's out-of-fold scores. All metrics are pooled out of fold.
+the linear model's out-of-fold scores. All metrics are pooled out of fold. ``--ensemble N`` trains N
+networks per fold (different initialisations, outputs averaged: ``MILConfig.ensemble``), ``--pooling``
+is abmil's (``attention`` or ``attention+mean``); each fold's Cox risks are centred on its training
+patients (``MILConfig.centre_outputs``; ``--no-centre-outputs`` for the runs before 2026-12-07).
+Development seeds for such choices: 10 and 11 (never the reported 0 1 2); docs/outcomes.md.
 
 Keys (fixed): ``cindex_<m>_per_seed|_mean|_sd`` for m in abmil, meanpool_coxnet, oracle; ``diff_*``
 (abmil - meanpool_coxnet C-index, paired by seed; ``diff_wins``: seeds where ABMIL is ahead);
@@ -65,7 +69,8 @@ from slidekit.base.io import write_text_atomic  # noqa: E402
 BETA_BURDEN, BETA_LYMPH = 30.0, -40.0  # log relative hazard per unit area share
 BASE_RATE = 0.1
 Y_BURDEN, Y_LYMPH, Y_NOISE = 100.0, -150.0, 1.5
-RESULT_OPTIONS = ("patients", "grid", "epochs", "regression_epochs", "patience", "lr", "folds")
+RESULT_OPTIONS = ("patients", "grid", "epochs", "regression_epochs", "patience", "lr", "folds", "ensemble",
+                  "pooling", "centre_outputs")
 
 
 def compose_patient(materials, grid: int, rng: np.random.Generator):
@@ -191,15 +196,17 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
     b, lym, eta, y_true = (np.array([float(r[k]) for r in truth]) for k in ("burden", "lymphoid", "eta", "y_true"))
     tables = {"os": work / "patients" / "os.csv", "index": work / "patients" / "index.csv"}
     common = {"arch": "abmil", "folds": args.folds, "patience": args.patience, "lr": args.lr,
-              "seed": seed, "bootstrap": 0, "baseline": True}
+              "seed": seed, "bootstrap": 0, "baseline": True, "ensemble": args.ensemble, "pooling": args.pooling,
+              "centre_outputs": args.centre_outputs}
     result: dict = {"seed": seed, "censored_rate": float(1 - event.mean()), "events": int(event.sum()),
                     "burden_mean": float(b.mean()), "burden_max": float(b.max()), "lymphoid_mean": float(lym.mean()),
                     "cindex_oracle": harrell_c(time_obs, event, eta),
                     "r2_oracle": regression_metrics(y, y_true)["r2"]}
     t0 = time.perf_counter()
-    train("mil", None, work / "os", {**common, "epochs": args.epochs, "slides": str(tables["os"]),
+    surv = _survival_dir(args)
+    train("mil", None, work / surv, {**common, "epochs": args.epochs, "slides": str(tables["os"]),
                                      "task": "survival", "bags_per_step": 32}, device="cpu", progress=False)
-    m = json.loads((work / "os" / "metrics.json").read_text())
+    m = json.loads((work / surv / "metrics.json").read_text())
     result.update(cindex_abmil=m["overall"]["c_index"], cindex_meanpool_coxnet=m["baseline"]["overall"]["c_index"],
                   uno_abmil=m["overall"]["uno_c"], uno_meanpool_coxnet=m["baseline"]["overall"]["uno_c"],
                   seconds_survival=round(time.perf_counter() - t0, 1))
@@ -212,7 +219,7 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
                   seconds_regression=round(time.perf_counter() - t0, 1))
     result["seconds"] = round(time.perf_counter() - t_seed, 1)
     result["options"] = {k: getattr(args, k) for k in RESULT_OPTIONS}
-    result.update(fold_means(work, reg))
+    result.update(fold_means(work, reg, surv))
     print(f"seed {seed}: C oracle {result['cindex_oracle']:.3f} abmil {result['cindex_abmil']:.3f} meanpool CoxNet "
           f"{result['cindex_meanpool_coxnet']:.3f}; R² oracle {result['r2_oracle']:.3f} abmil {result['r2_abmil']:.3f} "
           f"ridge {result['r2_meanpool']:.3f}; censored {result['censored_rate']:.2f} ({result['seconds']} s)",
@@ -221,9 +228,19 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
     return result
 
 
+def _method_suffix(args) -> str:
+    """What the run folders' names add for the MIL options beyond the first runs' (``_ens3``, ...)."""
+    return ((f"_ens{args.ensemble}" if args.ensemble > 1 else "") + ("_am" if args.pooling != "attention" else "")
+            + ("" if args.centre_outputs else "_raw"))
+
+
+def _survival_dir(args) -> str:
+    return "os" + _method_suffix(args)
+
+
 def _regression_dir(args) -> str:
     """The regression run's folder (named by its epochs: a first run with 40 stayed as ``index``)."""
-    return "index" if args.regression_epochs == 40 else f"index_e{args.regression_epochs}"
+    return ("index" if args.regression_epochs == 40 else f"index_e{args.regression_epochs}") + _method_suffix(args)
 
 
 def replay_truth(materials, seed: int, args, work: Path) -> Path:
@@ -246,7 +263,7 @@ def replay_truth(materials, seed: int, args, work: Path) -> Path:
                                            for i in range(len(b))])
 
 
-def fold_means(work: Path, regression_dir: str = "index") -> dict:
+def fold_means(work: Path, regression_dir: str = "index", survival_dir: str = "os") -> dict:
     """Each method's metric averaged over the 5 test folds (each fold scored by its own model, so the
     folds' different risk scales do not mix as in the pooled out-of-fold C-index), the oracle on the
     same folds."""
@@ -255,7 +272,7 @@ def fold_means(work: Path, regression_dir: str = "index") -> dict:
     with open(work / "truth.csv") as f:
         truth = {r["patient"]: r for r in csv.DictReader(f)}
     out: dict = {}
-    for run, head, names in (("os", "c_index", ("cindex_abmil", "cindex_meanpool_coxnet", "cindex_oracle")),
+    for run, head, names in ((survival_dir, "c_index", ("cindex_abmil", "cindex_meanpool_coxnet", "cindex_oracle")),
                              (regression_dir, "r2", ("r2_abmil", "r2_meanpool", "r2_oracle"))):
         m = json.loads((work / run / "metrics.json").read_text())
         with open(work / run / "oof.csv") as f:
@@ -264,7 +281,7 @@ def fold_means(work: Path, regression_dir: str = "index") -> dict:
         oracle = []
         for k in sorted(set(fold.tolist())):
             rows = [r for r, fk in zip(oof, fold) if fk == k]
-            if run == "os":
+            if run == survival_dir:
                 oracle.append(harrell_c(np.array([float(r["time"]) for r in rows]),
                                         np.array([int(r["event"]) for r in rows]),
                                         np.array([float(truth[r["patient"]]["eta"]) for r in rows])))
@@ -326,6 +343,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "epochs, still improving, in the first run)")
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--ensemble", type=int, default=1,
+                    help="networks per fold from different initialisations, outputs averaged (MILConfig.ensemble)")
+    ap.add_argument("--pooling", default="attention", choices=["attention", "attention+mean"],
+                    help="abmil's pooling (MILConfig.pooling)")
+    ap.add_argument("--no-centre-outputs", dest="centre_outputs", action="store_false",
+                    help="leave each fold's Cox risks at the level training left them (before 2026-12-07's change)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the feature extraction and training)")
     ap.add_argument("--work", type=Path, default=None,
                     help="work folder (default: a temporary one); a rerun into it reuses finished seeds")
@@ -356,12 +379,13 @@ def main(argv: list[str] | None = None) -> dict:
             if "cindex_oracle_foldmean" not in r:
                 if not (work / f"seed{s}" / "truth.csv").exists():
                     replay_truth(materials, s, args, work / f"seed{s}")
-                r.update(fold_means(work / f"seed{s}", _regression_dir(args)))
+                r.update(fold_means(work / f"seed{s}", _regression_dir(args), _survival_dir(args)))
                 write_text_atomic(work / f"seed{s}" / "result.json", json.dumps(r, indent=1))
     out: dict = {"seeds": list(args.seeds), "patients": args.patients, "slides_per_patient": 2,
                  "tiles_per_patient": 2 * args.grid ** 2, "folds": args.folds, "epochs": args.epochs,
                  "regression_epochs": args.regression_epochs,
-                 "lr": args.lr, "patience": args.patience,
+                 "lr": args.lr, "patience": args.patience, "ensemble": args.ensemble, "pooling": args.pooling,
+                 "centre_outputs": args.centre_outputs,
                  "encoder": "resnet18 (random init, seed 0), GAP of stages 1-4, 960-d",
                  "hazard": f"eta = {BETA_BURDEN:g} b {BETA_LYMPH:+g} l; event ~ Exp(rate {BASE_RATE:g} e^eta); "
                            "censoring at min(20, Exp(mean 10))",
