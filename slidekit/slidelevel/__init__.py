@@ -2,7 +2,9 @@
 (``feature_store``), top-K tiles (``topk``), morphology features of heatmaps (``features``), pN staging
 and weighted kappa (``staging``), linear evaluation of frozen features (``linear_eval``), MIL scoring and
 attention maps of feature files (``mil_deploy``), SpatialData stores for wsidata, LazySlide and sopa
-(``spatialdata_export`` writes them, ``spatialdata_read`` reads their feature tables as bags).
+(``spatialdata_export`` writes them, ``spatialdata_read`` reads their feature tables as bags), survival and
+regression from slides at patient level (``outcomes``: clinical tables, patient bags, C-index, KM plots,
+linear baselines; ``outcome_tasks``: the MIL tasks ``survival``, ``regression`` and their variants).
 
 Imports: every stage below (``base`` to ``infer``). ``embed``, ``linear_eval`` and ``mil_deploy`` load
 torch (re-exported lazily here, as are ``features`` and ``topk``, which load zarr and scikit-image,
@@ -40,6 +42,14 @@ _LAZY.update({name: ".linear_eval" for name in ("linear_probe", "fine_tune", "ex
 _LAZY.update({name: ".mil_tasks" for name in ("MILTask", "Classification", "register_mil_task", "get_mil_task",
                                                "available_mil_tasks", "task_from_checkpoint")})
 _LAZY.update({name: ".mil_deploy" for name in ("deploy", "score_file", "read_bag", "BagScore", "attention_outputs")})
+# outcomes (survival and regression from slides, docs/outcomes.md): its statistics load scikit-survival,
+# its MIL tasks torch.
+_LAZY.update({name: ".outcomes" for name in (
+    "Endpoint", "read_clinical", "read_slide_table", "patient_bags", "harrell_c", "uno_c", "time_auc",
+    "integrated_brier", "survival_metrics", "regression_metrics", "risk_groups", "logrank", "km_plot", "km_from_oof",
+    "meanpool_baseline", "linear_baseline")})
+_LAZY.update({name: ".outcome_tasks" for name in (
+    "Survival", "SurvivalEfron", "SurvivalDiscrete", "Regression", "RegressionL1", "RegressionMSE")})
 _LAZY.update({name: ".topk" for name in ("TopK", "topk_from_heatmap", "topk_from_scores", "topk_mean",
                                          "read_score_table")})
 # SpatialData stores (wsidata, LazySlide, sopa): spatialdata_export loads spatialdata, spatialdata_read zarr/anndata.
