@@ -93,3 +93,29 @@ def test_a_damaged_cohort_table_is_one_line(tmp_path):
                                       "--quiet"])
         assert r.exit_code != 0 and why in r.output and str(folder / "cohort.csv") in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+def test_a_changed_cohort_is_refused_before_its_table_is_rewritten(embedded, tmp_path):
+    """A finished `train mil --cohort` run whose cohort has other done slides now is refused in one line,
+    and its cohort_slides.csv (the record of what it trained on) is left as it was."""
+    import shutil
+
+    E = tmp_path / "E"
+    shutil.copytree(embedded / "E", E)
+    args = ["train", "mil", "--cohort", str(E), "--out", str(tmp_path / "run"), "--set", "folds=2", "--set",
+            "epochs=1", "--set", "bootstrap=0", "--set", "hidden=16", "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    table = (tmp_path / "run" / "cohort_slides.csv").read_bytes()
+    assert CliRunner().invoke(main, args).exit_code == 0  # the same cohort: finished, nothing rewritten
+    rows = _csv(E / "cohort.csv")
+    for r in rows:
+        if r["id"] == "s7":
+            r["status"] = "failed"  # one slide fewer done since the run
+    with open(E / "cohort.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "another slide table" in r.output and "--restart" in r.output, r.output
+    assert "Traceback" not in r.output
+    assert (tmp_path / "run" / "cohort_slides.csv").read_bytes() == table

@@ -51,7 +51,7 @@ from slidekit.slidelevel.feature_store import FeatureInfo, compare_provenance, f
 from slidekit.slidelevel.mil_tasks import DEFAULT_TASK, Classification, MILTask, get_mil_task
 from trainers.base import Trainer, register, seed_everything
 from trainers.config import TrainerConfig, check_option
-from trainers.runs import begin_run, check_inputs
+from trainers.runs import RESTART_HINT, begin_run, check_inputs, has_progress
 
 
 @dataclass
@@ -170,11 +170,15 @@ def _read_mil_rows(path: Path, features_dir: str | None, target_columns: tuple[s
     return out
 
 
-def cohort_table(cohort: str | os.PathLike, out: Path, target_columns: tuple[str, ...]) -> Path:
+def cohort_table(cohort: str | os.PathLike, out: Path, target_columns: tuple[str, ...],
+                 trainer: Trainer | None = None) -> Path:
     """The slide table of an ``embed`` cohort folder, written to ``out/cohort_slides.csv``: one row per
     slide whose embed row is done (``slide``: its id, the task's target columns and ``patient`` from
     the manifest's columns in ``cohort.csv``, ``features``: ``<id>/features.h5``); each other slide is
-    left out with one warning line."""
+    left out with one warning line. The same table is not rewritten. ``trainer``: when ``out`` holds
+    its run with progress, a table that would change (slides embedded or failed since) is refused
+    before it is written (TrainingError, as ``check_inputs`` refuses changed inputs): the run's record
+    of what it trained on stays."""
     import warnings
 
     from slidekit.base.errors import TrainingWarning
@@ -191,8 +195,15 @@ def cohort_table(cohort: str | os.PathLike, out: Path, target_columns: tuple[str
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows({**r, "slide": r["id"], "patient": r.get("patient") or r["id"]} for r in found)
+    path, text = out / "cohort_slides.csv", buf.getvalue()
+    old = path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else None  # \r\n kept
+    if old == text:
+        return path
+    if old is not None and trainer is not None and has_progress(out, getattr(trainer, "outputs", ())):
+        raise TrainingError(f"holds a {trainer.name!r} run on another slide table ({path.name}: the cohort "
+                            f"{Path(cohort)} has other done slides now); {RESTART_HINT}", out)
     out.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(out / "cohort_slides.csv", buf.getvalue())
+    return write_text_atomic(path, text)
 
 
 def _free_memory_bytes() -> int | None:
@@ -416,7 +427,7 @@ class MILTrainer(Trainer):
         out = Path(out_dir)
         run_state = begin_run(self, out, c.epochs)
         task = get_mil_task(c.task)()
-        table = c.slides or cohort_table(c.cohort, out, task.target_columns)
+        table = c.slides or cohort_table(c.cohort, out, task.target_columns, self)
         rows = read_mil_table(table, c.features_dir, task.target_columns)
         # an edited table or a replaced feature file is another run: refused like changed options
         check_inputs(self, out, {"slide table": table, **{f"feature file of {r.slide}": r.features for r in rows}})
