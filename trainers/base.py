@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from slidekit.base.errors import CheckpointError, ConfigError, TrainingError
 from slidekit.base.io import atomic_path, write_text_atomic
 from slidekit.models.checkpoint import save_checkpoint
 from slidekit.models.spec import ModelSpec  # noqa: F401 (re-exported)
-from slidekit.models.weights import init_from
+from slidekit.models.weights import init_from, reestimate_batchnorm
 from slidekit.regions.options import OptionGroups
 from trainers.batches import TIMING_KEYS, RunTiming, check_same_stain
 from trainers.config import load_config
@@ -71,6 +71,32 @@ def init_encoder(model: nn.Module, init: str | None) -> None:
     SimCLR), a torchvision ResNet state dict, or a timm weights file for a ``timm:NAME`` backbone."""
     if init:
         init_from(model, init)
+
+
+INIT_BN_SAMPLES = 512  # training samples the BatchNorm statistics are re-estimated on (init_bn=reestimate)
+
+
+def reestimate_init_bn(model: nn.Module, config: Any, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+    """``init_bn=reestimate``: replace the BatchNorm statistics ``init`` copied from the source
+    with those of ``batches()`` (prepared training inputs; ``slidekit.models.weights.reestimate_batchnorm``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network, its encoder already initialised from ``config.init``.
+    config : TrainerConfig
+        Its ``init`` and ``init_bn`` decide; ``keep`` (the default) or no ``init`` does nothing.
+    batches : callable
+        Gives the input batches (called only when re-estimating).
+
+    Returns
+    -------
+    int
+        The number of samples re-estimated on (0: statistics kept).
+    """
+    if not getattr(config, "init", None) or getattr(config, "init_bn", "keep") != "reestimate":
+        return 0
+    return reestimate_batchnorm(model, batches())
 
 
 # -- logging, state and the epoch loop -----------------------------------------------------------

@@ -9,11 +9,13 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from slidekit.base.errors import ConfigError
+
+INIT_BN_CHOICES = ("keep", "reestimate")  # slidekit.models.weights.INIT_BN_CHOICES (spelt out: no torch here)
 
 
 def check_option(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -37,6 +39,10 @@ class TrainerConfig:
     num_workers: int = 0
     sync_batchnorm: bool = False  # several ranks: batch norm over the global batch, not each rank's share
     init: str | None = None  # weights for the encoder: slidekit checkpoint, torchvision or timm state dict
+    init_bn: str = "keep"  # keep | reestimate: BatchNorm statistics after `init`: as copied, or fit to the train data
+    # (reestimate: trainers whose config sets INIT_BN_REESTIMATE = True, e.g. scribble and s2l)
+
+    INIT_BN_REESTIMATE: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,6 +54,14 @@ class TrainerConfig:
         check_option(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr", self.lr,
                      "a finite number > 0")
         check_option(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        check_option(self.init_bn in INIT_BN_CHOICES, "init_bn", self.init_bn, " or ".join(INIT_BN_CHOICES))
+        if self.init_bn == "reestimate":
+            if not self.init:
+                raise ConfigError("init_bn=reestimate needs init (--init): there are no copied BatchNorm "
+                                  "statistics to re-estimate")
+            if not self.INIT_BN_REESTIMATE:
+                raise ConfigError(f"init_bn=reestimate is not supported by {type(self).__name__} (it has no "
+                                  "image batches to re-estimate on); use init_bn=keep")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -22,7 +22,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,15 @@ from slidekit.data.voc import VOC_CLASSES, VOC_LABELS, voc_source
 from slidekit.infer.predictor import checkpoint_stain
 from slidekit.models.networks import build_model
 from slidekit.models.spec import BACKBONES, MAX_PATCH_SIZE, ModelSpec
-from trainers.base import Trainer, init_encoder, register, run_epochs, seed_everything
+from trainers.base import (
+    INIT_BN_SAMPLES,
+    Trainer,
+    init_encoder,
+    reestimate_init_bn,
+    register,
+    run_epochs,
+    seed_everything,
+)
 from trainers.batches import BatchInputs, StainOptions, check_stain_reference, model_input, sample_images
 from trainers.config import check_option
 
@@ -159,6 +167,7 @@ MAX_SAMPLES_PER_IMAGE = 100_000
 class ScribbleConfig(StainOptions):
     """Options of the ``scribble`` trainer (and the base of ``s2l``'s)."""
 
+    INIT_BN_REESTIMATE: ClassVar[bool] = True  # init_bn=reestimate: on training crops (SegmentationTrainer)
     data: str = ""  # image folder root (images/ + labels/), or a VOC folder with layout "voc"
     layout: str = "folder"  # "folder" (data/<images> + data/<labels>) | "voc" (PASCAL VOC + ScribbleSup)
     voc_labels: str = "scribbles"  # layout voc: "scribbles" (pascal_2012_scribble/) | "masks" (SegmentationClassAug/)
@@ -322,6 +331,7 @@ class SegmentationTrainer(Trainer):
         self.model = model
         self.inputs = BatchInputs(self.spec, dev, cfg, channels_last=dev.type == "cpu",
                                   fit_images=self._fit_sample, normalizer=normalizer)
+        reestimate_init_bn(model, cfg, lambda: self._bn_batches(local_batch))  # init_bn=reestimate only
         net = dist.wrap(model, dev, cfg.sync_batchnorm)  # DDP for several ranks, the model itself for one
         self.extra_maps(self.dataset)
         # Every parameter is optimised, the final 1x1 layer included.
@@ -375,6 +385,19 @@ class SegmentationTrainer(Trainer):
 
         return run_epochs(self, out_dir, model, self.spec, train_epoch, optimizer=opt, scheduler=sched,
                           progress=progress, get_extra=self.get_extra, set_extra=self.set_extra, inputs=self.inputs)
+
+    def _bn_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Up to ``INIT_BN_SAMPLES`` training samples (a seeded draw, through the training crops),
+        prepared as model inputs without stain augmentation: what ``init_bn=reestimate`` sees."""
+        n = min(len(self.dataset), INIT_BN_SAMPLES)
+        sampler = torch.utils.data.RandomSampler(self.dataset, num_samples=n,
+                                                 generator=torch.Generator().manual_seed(self.config.seed + 7))
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=sampler,
+                                             num_workers=self.config.num_workers)
+        tiles = self.inputs.timer.tiles
+        for batch in loader:
+            yield self.inputs(batch["image"], train=False)
+        self.inputs.timer.tiles = tiles  # not samples trained on
 
     def _fit_sample(self) -> list:
         """The training images RandStainNA is fitted on: whole images of an image folder, else the

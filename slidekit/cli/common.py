@@ -209,6 +209,10 @@ VOCABULARY: dict[str, tuple[tuple[str, ...], str, dict[str, Any]]] = {
                dict(type=click.Choice(["cls", "mean", "cls+mean"]), default=None)),
     "init": (("--init",), "Encoder weights to start training from: a slidekit checkpoint, a torchvision ResNet "
              ".pth, or timm:NAME with --weights.", dict(default=None)),
+    "init_bn": (("--init-bn",), "BatchNorm running statistics after --init: keep those copied with the weights, "
+                "or reestimate them on the training data before training [default: keep]; same as --set init_bn=...",
+                # trainers.config.INIT_BN_CHOICES, spelt out: importing it would load the trainers at start-up
+                dict(type=click.Choice(["keep", "reestimate"]), default=None)),
     "stain_norm": (("--stain-norm",), "Stain normalisation:",
                    # slidekit.stain.normalize.STAIN_METHODS, spelt out: importing it would load torch at start-up
                    dict(type=click.Choice(["none", "macenko", "reinhard"]), default=None)),

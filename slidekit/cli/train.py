@@ -30,6 +30,7 @@ from trainers.describe import show_config as render_config
 @cohort_folder_option("mil: train on it (slides whose embed is not done are left out, one warning each); same as "
                       "--set cohort=EMBED_OUT.")
 @option("init")
+@option("init_bn")
 @option("weights", detail="With --init timm:NAME.")
 @stain_options(norm_help="Stain-normalise every training batch to --stain-ref (recorded in the checkpoint, so "
                           "heatmap/embed apply it too); same as --set stain_norm=...")
@@ -45,6 +46,7 @@ from trainers.describe import show_config as render_config
 @click.pass_context
 def train(ctx: click.Context, name: str | None, config: Path | None, out: Path | None,
           overrides: tuple[str, ...], init: str | None, weights: str | None,
+          init_bn: str | None,
           restart: bool, list_only: bool, device: str, show_config: bool = False, threads: int | None = None,
           nproc: int | None = None,
           stain_norm: str | None = None, stain_ref: str | None = None, stain_aug: str | None = None,
@@ -67,7 +69,7 @@ def train(ctx: click.Context, name: str | None, config: Path | None, out: Path |
         return
     from slidekit.models.weights import init_overrides
 
-    items = list(overrides) + init_overrides(init, weights)
+    items = list(overrides) + init_overrides(init, weights, init_bn)
     # the stain flags are config options (trainers/batches.py): given here, they win over --config
     # (and giving one again with --set is refused as given twice)
     items += [f"{k}={v}" for k, v in (("stain_norm", stain_norm), ("stain_ref", stain_ref),

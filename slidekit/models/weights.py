@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -167,6 +168,67 @@ def init_from(model: nn.Module, source: str | os.PathLike) -> list[str]:
     return load_encoder_weights(cast(nn.Module, model.encoder), read_state_dict(path), path)
 
 
+INIT_BN_CHOICES = ("keep", "reestimate")
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm layer's running statistics of ``model`` on ``batches``.
+
+    What ``--init-bn reestimate`` does after ``--init``: the running means and variances copied
+    with the encoder (fitted on the source images) are reset and replaced by the plain average of
+    the batch statistics over ``batches`` (model inputs, prepared as for training), computed in
+    train mode without gradients. Weights, biases and the affine BatchNorm parameters are left
+    untouched; each layer's momentum and the model's train/eval mode are restored. Batches of one
+    sample are skipped (a BatchNorm1d cannot normalise them).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network (encoder and head); every ``_BatchNorm`` in it is re-estimated.
+    batches : iterable of torch.Tensor
+        Input batches (B, C, H, W) on the model's device.
+
+    Returns
+    -------
+    int
+        The number of samples the statistics were estimated on.
+
+    Raises
+    ------
+    ConfigError
+        When ``batches`` hold no batch of two or more samples (nothing to estimate on).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum, m.running_mean.clone() if m.running_mean is not None else None,
+              m.running_var.clone() if m.running_var is not None else None) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative (plain) average over the batches
+    seen = 0
+    model.train()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                if len(x) < 2:
+                    continue
+                model(x)
+                seen += len(x)
+    finally:
+        for m, momentum, mean, var in saved:
+            m.momentum = momentum
+            if not seen and mean is not None and var is not None:  # nothing seen: the old statistics stay
+                m.running_mean.copy_(mean)  # type: ignore[union-attr]
+                m.running_var.copy_(var)  # type: ignore[union-attr]
+        model.train(was_training)
+    if not seen:
+        raise ConfigError("init_bn=reestimate: no training batch of two or more samples to re-estimate the "
+                          "BatchNorm statistics on")
+    return seen
+
+
 def _is_slidekit_checkpoint(path: Path) -> bool:
     """Whether a weights file is a slidekit checkpoint (else a plain state dict or not weights at all)."""
     if path.suffix.lower() == ".safetensors":
@@ -178,12 +240,15 @@ def _is_slidekit_checkpoint(path: Path) -> bool:
     return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
 
 
-def init_overrides(init: str | None, weights: str | None) -> list[str]:
-    """``--init``/``--weights`` of ``slidekit train`` as config overrides.
+def init_overrides(init: str | None, weights: str | None, init_bn: str | None = None) -> list[str]:
+    """``--init``/``--weights``/``--init-bn`` of ``slidekit train`` as config overrides.
 
     ``--init timm:NAME --weights FILE`` sets ``backbone=timm:NAME`` and ``init=FILE``; any other
-    ``--init`` is a weights file (slidekit checkpoint or torchvision state dict).
+    ``--init`` is a weights file (slidekit checkpoint or torchvision state dict). ``--init-bn``
+    sets ``init_bn`` (the config refuses ``reestimate`` without ``init``).
     """
+    if init_bn is not None:
+        return init_overrides(init, weights) + [f"init_bn={init_bn}"]
     if init and is_timm(init):
         if not weights:
             raise ConfigError(f"--init {init} needs --weights FILE (slidekit never downloads weights)")
