@@ -63,6 +63,8 @@ BN_ARMS = ("scribble", "class", "random")  # arms whose R = 20 % cell is also ru
 BN_RATIO = 20
 MONUSEG_MPP = 0.25
 TILE_MPP = 0.5  # assumed pixel size of the LUAD/LUSC archive's 256 px tiles (as benchmarks/simclr_linear.py)
+CHECKPOINT_EVERY = 100  # pre-training saves its whole state this often (a killed run resumes)
+PLATEAU_WINDOW, PLATEAU_TOL = 0.1, 0.02  # converged: the last 10 % of steps gain < 2 % over the 10 % before
 SPLIT_SEED = 34  # the pool/validation split of the training tiles never changes with --seed
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # slidekit's input normalisation (ModelSpec)
 
@@ -74,10 +76,15 @@ class PaperSize:
     backbone: str = "resnet34"
     source_mpp: float = 1.0      # MoNuSeg seen at this µm/px before the 0.5-1.5 rescaling
     crop: int = 64               # pre-training crop (px)
-    pretrain_steps: int = 200
+    pretrain_steps: int = 600    # 3x the first run; the curves flatten by then (PLATEAU_*; docs/trainers/scribble.md)
     pretrain_batch: int = 8
     pretrain_lr: float = 0.01
     scribble_fraction: float = 0.5
+    # SimCLR's views (issue 34: with the trainer's heavy recipe - hue 0.4, blur, crops from 11 % of the
+    # window - batch 8 never left the chance loss; these make the two views share enough to learn from)
+    simclr_jitter: str = "light"
+    simclr_min_crop: float = 0.5
+    simclr_blur: float = 0.0
     tile_size: int = 64          # the tiles' side at the network (256 px at 0.5 µm/px -> 2 µm/px)
     ft_crop: int = 48            # fine-tuning crops of the tiles (validation and test: whole tiles)
     ft_epochs: int = 8
@@ -291,8 +298,13 @@ def simclr_views(src: dict, size: PaperSize, rng: np.random.Generator, aug, gen)
     return aug.views(crops, gen), aug.views(crops, gen)
 
 
-def pretrain(arm: str, src: dict, size: PaperSize, seed: int = 0, log_every: int = 0) -> tuple[dict, dict]:
-    """Pre-train ``arm``; its encoder state dict and a record (loss curve, seconds)."""
+def pretrain(arm: str, src: dict, size: PaperSize, seed: int = 0, log_every: int = 0,
+             resume: Path | None = None) -> tuple[dict, dict]:
+    """Pre-train ``arm``; its encoder state dict and a record (loss curve, plateau check, seconds).
+
+    With ``resume``, the whole state (network, optimiser, schedule, random streams, losses) is saved
+    there every ``CHECKPOINT_EVERY`` steps, and a run that finds a checkpoint of the same settings
+    continues from it (the same steps as an uninterrupted run)."""
     import torch
     import torch.nn.functional as F
 
@@ -302,25 +314,55 @@ def pretrain(arm: str, src: dict, size: PaperSize, seed: int = 0, log_every: int
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, ARMS.index(arm), 3402])
+    gen = None
     if arm in SPATIAL:
         net = segmenter(size.backbone, 2)
     elif arm == "class":
         net = ResNetClassifier(size.backbone, len(src["organs"]))
     else:
         net = contrastive(size.backbone)
-        # the views span the spatial arms' crop windows: (crop/1.5)^2 .. (crop/0.5)^2 of a (crop/0.5)^2 window
-        aug = histology_augment(AugmentConfig(size=size.crop, min_crop=(0.5 / 1.5) ** 2, max_crop=1.0,
+        # the views are crops of simclr_min_crop..100 % of a (crop/0.5)^2 window, resized to crop
+        aug = histology_augment(AugmentConfig(size=size.crop, min_crop=size.simclr_min_crop, max_crop=1.0,
+                                              jitter=size.simclr_jitter, blur_p=size.simclr_blur,
                                               mean=MEAN, std=STD))
         gen = torch.Generator().manual_seed(seed)
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=size.pretrain_lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (1 - t / size.pretrain_steps) ** 0.9)
-    losses = []
+    losses: list[float] = []
     t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(size.pretrain_steps):
+    spent = {"seconds": 0.0, "cpu_seconds": 0.0}  # of the earlier runs a resumed pre-training continues
+    start = 0
+    if resume is not None and resume.is_file():
+        ck = torch.load(resume, weights_only=False)
+        if _same_settings(ck.get("settings"), size, PRETRAIN_FIELDS):
+            net.load_state_dict(ck["net"])
+            opt.load_state_dict(ck["opt"])
+            sched.load_state_dict(ck["sched"])
+            rng.bit_generator.state = ck["rng"]
+            torch.set_rng_state(ck["torch_rng"])
+            if gen is not None:
+                gen.set_state(ck["gen"])
+            losses, start, spent = ck["losses"], ck["step"], ck["spent"]
+            print(f"[pretrain {arm}] resumed at step {start}", flush=True)
+
+    def save(step: int) -> None:
+        if resume is None:
+            return
+        tmp = resume.with_suffix(".tmp")
+        torch.save({"settings": _settings_key(size), "net": net.state_dict(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "gen": gen.get_state() if gen is not None else None,
+                    "losses": losses, "step": step,
+                    "spent": {"seconds": spent["seconds"] + time.perf_counter() - t0,
+                              "cpu_seconds": spent["cpu_seconds"] + time.process_time() - c0}}, tmp)
+        os.replace(tmp, resume)
+
+    for step in range(start, size.pretrain_steps):
         if arm == "simclr":
             v1, v2 = simclr_views(src, size, rng, aug, gen)
-            loss = nt_xent(net(v1), net(v2))
+            z = net(torch.cat([v1, v2]))  # one forward, BatchNorm over both views (as trainers/simclr.py)
+            loss = nt_xent(z[:len(v1)], z[len(v1):])
         else:
             x, y = sample_crops(src, arm, size, rng)
             if arm == "class":
@@ -335,13 +377,45 @@ def pretrain(arm: str, src: dict, size: PaperSize, seed: int = 0, log_every: int
         if log_every and (step + 1) % log_every == 0:
             print(f"[pretrain {arm}] step {step + 1}/{size.pretrain_steps} loss "
                   f"{np.mean(losses[-log_every:]):.4f}", flush=True)
-    n_pts = min(30, len(losses))
+        if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < size.pretrain_steps:
+            save(step + 1)
+    n_pts = min(40, len(losses))
     chunks = np.array_split(np.array(losses), n_pts)
     curve = {"step": [int(sum(len(c) for c in chunks[:i + 1])) for i in range(n_pts)],
              "loss": [round(float(c.mean()), 5) for c in chunks]}
-    record = {"curve": curve, "seconds": round(time.perf_counter() - t0, 1),
-              "cpu_seconds": round(time.process_time() - c0, 1), "steps": size.pretrain_steps}
+    record = {"curve": curve, "seconds": round(spent["seconds"] + time.perf_counter() - t0, 1),
+              "cpu_seconds": round(spent["cpu_seconds"] + time.process_time() - c0, 1),
+              "steps": size.pretrain_steps, "plateau": plateau(losses)}
+    if arm == "simclr":
+        record["chance_loss"] = round(math.log(2 * size.pretrain_batch - 1), 5)
     return copy.deepcopy(net.encoder.state_dict()), record
+
+
+def plateau(losses: list[float], window: float = PLATEAU_WINDOW, tol: float = PLATEAU_TOL) -> dict:
+    """The convergence check of a pre-training loss curve.
+
+    The loss smoothed over windows of ``window`` of the steps: the relative fall of the last
+    window's mean below the previous window's (``last_gain``) and below the mean of the window a
+    quarter of the run earlier (``quarter_gain``). ``converged``: ``last_gain < tol``. ``first_step``:
+    the first step from which every later window gained less than ``tol`` over the one before.
+    """
+    x = np.asarray(losses, dtype=float)
+    w = max(1, int(round(window * len(x))))
+    if len(x) < 2 * w:
+        return {"window_steps": w, "last_gain": None, "quarter_gain": None, "converged": False, "first_step": None}
+    means = np.array([x[i:i + w].mean() for i in range(0, len(x) - w + 1, w)])  # non-overlapping windows
+    gains = (means[:-1] - means[1:]) / np.abs(means[:-1])
+    q = max(1, int(round(0.25 * len(x) / w)))
+    quarter = float((means[-1 - q] - means[-1]) / abs(means[-1 - q])) if len(means) > q else None
+    ok = gains < tol
+    first = None
+    for i in range(len(ok)):
+        if ok[i:].all():
+            first = int((i + 2) * w)
+            break
+    return {"window_steps": w, "tol": tol, "smoothed": [round(float(m), 5) for m in means],
+            "last_gain": round(float(gains[-1]), 4), "quarter_gain": None if quarter is None else round(quarter, 4),
+            "converged": bool(gains[-1] < tol), "first_step": first}
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning
@@ -458,7 +532,7 @@ def pairs() -> dict[str, tuple[str, str]]:
 
 
 PRETRAIN_FIELDS = ("backbone", "source_mpp", "crop", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                   "scribble_fraction", "max_source_images")
+                   "scribble_fraction", "max_source_images", "simclr_jitter", "simclr_min_crop", "simclr_blur")
 
 
 def markdown_table(result: dict) -> str:
@@ -514,11 +588,13 @@ def get_encoders(arms: tuple[str, ...], source: Callable[[], dict], size: PaperS
             states[arm], records[arm] = torch.load(pt, weights_only=True), rec
             continue
         print(f"[paper] pre-training {arm} ({size.pretrain_steps} steps)", flush=True)
-        states[arm], records[arm] = pretrain(arm, source(), size, log_every=log_every)
+        states[arm], records[arm] = pretrain(arm, source(), size, log_every=log_every,
+                                             resume=work / f"pretrain_{arm}.ckpt" if work else None)
         records[arm]["settings"] = _settings_key(size)
         if pt is not None and js is not None:
             torch.save(states[arm], pt)
             write_text_atomic(js, json.dumps(records[arm]) + "\n")
+            (work / f"pretrain_{arm}.ckpt").unlink(missing_ok=True)  # type: ignore[operator]
     return states, records
 
 
@@ -526,9 +602,11 @@ def run_arm(seed: int, arm: str, state: dict | None, tiles: dict, size: PaperSiz
     """Every R cell of one arm (and its BN variant) for one seed (cached as ``work/seed<S>_<arm>.json``)."""
     path = work / f"seed{seed}_{arm}.json" if work else None
     res: dict = {"settings": _settings_key(size)}
+    # the random arm's fine-tuning does not depend on the pre-training: its cache ignores those settings
+    fields = tuple(f for f in asdict(size) if f == "backbone" or f not in PRETRAIN_FIELDS) if arm == "random" else None
     if path is not None and path.is_file():
         cached = json.loads(path.read_text())
-        if _same_settings(cached.get("settings"), size):
+        if _same_settings(cached.get("settings"), size, fields):
             if arm not in BN_ARMS or f"accuracy_{arm}_bnre_r{BN_RATIO}" in cached:
                 return cached
             res = cached  # a result from before the arm had a BN variant: add the variant only

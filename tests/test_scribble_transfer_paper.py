@@ -66,3 +66,36 @@ def test_paper_protocol_tiles_split_keeps_test_apart(shared_data):
     assert len(tiles["pool_y"]) + len(tiles["val_y"]) == 130 and len(tiles["test_y"]) == 60
     pool = {t.tobytes() for t in tiles["pool_x"]} | {t.tobytes() for t in tiles["val_x"]}
     assert not pool & {t.tobytes() for t in tiles["test_x"]}
+
+
+def test_plateau_check_tells_a_falling_curve_from_a_flat_one():
+    from benchmarks.scribble_transfer_paper import plateau
+
+    steps = np.arange(600)
+    falling = list(1.0 / (1 + steps / 20))           # still gaining > 2 % per 60 steps at the end
+    flat = list(0.3 + 0.7 * np.exp(-steps / 40))     # flat long before the end
+    f, g = plateau(falling), plateau(flat)
+    assert f["window_steps"] == g["window_steps"] == 60
+    assert not f["converged"] and f["last_gain"] > 0.02
+    assert g["converged"] and g["last_gain"] < 0.02 and g["first_step"] is not None and g["first_step"] < 400
+    assert len(g["smoothed"]) == 10
+    assert plateau([1.0, 0.9])["converged"] is False  # too short to judge
+
+
+def test_pretraining_resumes_to_the_same_result(shared_data, tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks.scribble_transfer_paper import QUICK, PaperSize, load_source, pretrain
+
+    monkeypatch.setattr(scribble_transfer_paper, "CHECKPOINT_EVERY", 2)
+    torch.set_num_threads(1)
+    size = PaperSize(**{**QUICK, "pretrain_steps": 4, "max_source_images": 2})
+    src = load_source(shared_data / "nuclei_monuseg", size)
+    ck = tmp_path / "scribble.ckpt"
+    whole, rec = pretrain("scribble", src, size, resume=ck)  # leaves its step-2 checkpoint behind
+    assert ck.is_file() and torch.load(ck, weights_only=False)["step"] == 2
+    again, rec2 = pretrain("scribble", src, size, resume=ck)  # continues from step 2
+    assert rec2["curve"]["loss"] == rec["curve"]["loss"]
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    fresh, rec3 = pretrain("scribble", src, size)  # no checkpoint: the same run from scratch
+    assert rec3["curve"]["loss"] == rec["curve"]["loss"]
