@@ -13,7 +13,8 @@ normal. So the rule asks, per pixel, how dense this pixel is compared with the s
    nuclei and holes are not what is judged), on a view of ``mpp`` µm/px (``FoldParams``).
 2. Its OD colour (the red and green shares of the summed OD) falls into one of ``BINS`` x ``BINS``
    bins; the slide's clean tissue gives, per colour bin (pooled with its neighbours), the median summed
-   OD: the density that is normal for that colour on this slide.
+   OD: the density that is normal for that colour on this slide. A colour the clean tissue hardly
+   shows is not a fold's (a fold doubles tissue, so it keeps a tissue colour).
 3. A fold seeds where the summed OD is at least ``seed_ratio`` times that median, and grows into the
    connected tissue at least ``grow_ratio`` times it (hysteresis: the paler parts of the doubled tissue);
    closed by ``close_um``, opened by one pixel, kept in areas of at least ``min_um2``. A pixel whose OD
@@ -34,8 +35,8 @@ from slidekit.regions.tissue import glass_colour
 BINS = 40
 #: Summed-OD bins (log scale) of the per-colour histogram, and their range.
 _OD_BINS, _OD_LO, _OD_HI = 64, 0.02, 8.0
-#: Fewest clean tissue pixels (after pooling) for a colour bin to have a median of its own; rarer
-#: colours are judged against the median of all clean tissue.
+#: Fewest clean tissue pixels (after pooling) for a colour bin to count as a tissue colour: a fold doubles
+#: tissue, so its colour is one the clean tissue shows; rarer colours (an ink stroke's blended rim) are no fold.
 _MIN_COUNT = 30.0
 
 
@@ -83,7 +84,7 @@ def _colour_median(total: np.ndarray, red: np.ndarray, green: np.ndarray, clean:
     cum = np.cumsum(hist, -1)
     count = cum[..., -1]
     median = np.exp(lo + (np.argmax(cum >= count[..., None] / 2, -1) + 0.5) / _OD_BINS * (hi - lo))
-    median = np.where(count >= _MIN_COUNT, median, float(np.median(t))).astype(np.float32)
+    median = np.where(count >= _MIN_COUNT, median, np.inf).astype(np.float32)
     return median[ri, gi]
 
 
