@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -152,3 +153,23 @@ def test_config_refuses_unknown_task_and_clam_without_classes(tmp_path):
     with pytest.raises(ConfigError, match="clam"):
         train("mil", None, tmp_path / "b", {"slides": str(table), "task": "toy-regression", "arch": "clam"},
               device="cpu", progress=False)
+
+
+def test_class_weights_weigh_a_single_bag_step() -> None:
+    """Inverse-frequency class weights act with one bag a step (the default): the minority class's bag
+    counts more, the majority's less, and the weights average 1 over the training bags."""
+    task = Classification()
+    targets = task.setup([{"label": lab} for lab in ["a"] * 6 + ["b"] * 2], SimpleNamespace(classes=None))
+    train = np.asarray(targets)
+    weighted = task.make_loss(train, torch.device("cpu"), SimpleNamespace(class_weights=True))
+    plain = task.make_loss(train, torch.device("cpu"), SimpleNamespace(class_weights=False))
+    out = torch.tensor([[0.3, -0.2]])
+    a, b = torch.tensor([0]), torch.tensor([1])
+    # weights: 8 / (2 x 6) for a, 8 / (2 x 2) for b
+    assert float(weighted(out, a)) == pytest.approx(float(plain(out, a)) * 8 / 12, rel=1e-6)
+    assert float(weighted(out, b)) == pytest.approx(float(plain(out, b)) * 2.0, rel=1e-6)
+    both = torch.tensor([[0.3, -0.2]] * 8)
+    # over the training bags as a whole the weighted loss is the plain one when the outputs are equal
+    # per class: the weights average 1
+    assert float(weighted(both, torch.as_tensor(train))) == pytest.approx(
+        (6 * 8 / 12 * float(plain(out, a)) + 2 * 2.0 * float(plain(out, b))) / 8, rel=1e-6)

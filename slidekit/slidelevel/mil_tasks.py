@@ -286,8 +286,13 @@ class Classification(MILTask):
         weights = (torch.tensor(counts.sum() / (n * np.maximum(counts, 1)), dtype=torch.float32, device=device)
                    if getattr(config, "class_weights", True) else None)
 
+        # each bag's loss times its class's weight, averaged over the bags. Not cross_entropy(weight=),
+        # whose weighted mean divides by the batch's own weights: with one bag a step (the default) the
+        # weight cancels and the option did nothing. The weights average 1 over the training bags, so
+        # the loss keeps its scale.
         def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(outputs, targets, weight=weights)
+            per_bag = F.cross_entropy(outputs, targets, reduction="none")
+            return per_bag.mean() if weights is None else (per_bag * weights[targets]).mean()
         return loss
 
     def evaluation_loss(self, loss, outputs, targets):
