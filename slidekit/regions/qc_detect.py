@@ -362,8 +362,9 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     # a whole number of grey pixels per label pixel, so that bands of label rows map onto grey rows
     f = max(1, int(np.floor(mpp / min(bmpp, mpp) + 1e-6)))
     bmpp = mpp / f
-    s = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, o,
-                        band_pixels=_band_pixels(slide, bmpp, shape[1] * f))
+    with slide.tile_cache(_band_cache_bytes(slide, bmpp)):
+        s = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, o,
+                            band_pixels=_band_pixels(slide, bmpp, shape[1] * f))
     inside = tissue & np.isfinite(s)
     if inside.sum() < 10:
         return np.zeros(shape, bool)
@@ -389,6 +390,20 @@ def _band_reader(slide: Any, bmpp: float) -> Callable[[int, int, int], np.ndarra
         return grey[np.clip(np.arange(g0, g1) - a, 0, grey.shape[0] - 1)]
 
     return rows
+
+
+def _band_cache_bytes(slide: Any, bmpp: float) -> int | None:
+    """Decoded-tile cache for the focus bands: two full rows of stored tiles (RGBA) of the level they are
+    read from. Bands go down the slide, each starting in the tile row where the last one ended (less its
+    margin): that row is the most recently read, so it is still cached and each tile is decoded once,
+    while the cache no longer fills up to OpenSlide's 32 MiB on a large slide. None (the backend's
+    default) where the level's tile size is not known."""
+    level = slide.best_level_for_mpp(bmpp)
+    tile = slide.tile_size(level)
+    if tile is None:
+        return None
+    width = slide.level_dimensions[level][0]
+    return 2 * (-(-width // tile[0])) * tile[0] * tile[1] * 4
 
 
 def _band_pixels(slide: Any, bmpp: float, width: int, max_level_pixels: int = 1 << 22) -> int:

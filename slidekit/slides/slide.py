@@ -7,12 +7,13 @@ process, so it can be handed to DataLoader workers.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import cv2
 import numpy as np
@@ -47,7 +48,12 @@ class _Backend(Protocol):
 
     def mpp(self) -> tuple[float, float] | None: ...
     def read_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
+    def set_tile_cache(self, capacity: int | None) -> None: ...
     def close(self) -> None: ...
+
+
+#: OpenSlide's own decoded-tile cache per slide handle (its default capacity, bytes).
+OPENSLIDE_CACHE_BYTES = 32 << 20
 
 
 def _to_rgb_on_white(arr: np.ndarray) -> np.ndarray:
@@ -103,6 +109,12 @@ class _OpenSlideBackend:
 
     def read_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(self._s.read_region(location, level, size))
+
+    def set_tile_cache(self, capacity: int | None) -> None:
+        import openslide
+
+        if hasattr(openslide, "OpenSlideCache"):  # OpenSlide >= 4 (openslide-bin ships it)
+            self._s.set_cache(openslide.OpenSlideCache(OPENSLIDE_CACHE_BYTES if capacity is None else capacity))
 
     def close(self) -> None:
         self._s.close()
@@ -162,6 +174,9 @@ class _TiffSlideBackend:
             out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = _to_rgb_on_white(np.asarray(arr))
         return out
 
+    def set_tile_cache(self, capacity: int | None) -> None:
+        pass  # no decoded-tile cache of its own to size
+
     def close(self) -> None:
         self._s.close()
 
@@ -216,6 +231,9 @@ class _ImageBackend:
         if x1 > x0 and y1 > y0:
             out[y0 - y:y1 - y, x0 - x:x1 - x] = self._arr[y0:y1, x0:x1]
         return out
+
+    def set_tile_cache(self, capacity: int | None) -> None:
+        pass  # no decoded-tile cache of its own to size
 
     def close(self) -> None:
         self._arr = np.zeros((0, 0, 3), np.uint8)
@@ -501,6 +519,35 @@ class Slide:
         region = self.read_region(location, level, (rw, rh), verify=verify)
         interp = cv2.INTER_AREA if fx >= 1 else cv2.INTER_LINEAR
         return cv2.resize(region, (w, h), interpolation=interp)
+
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        """The stored tile size (width, height) of a pyramid level, where the backend says it (OpenSlide's
+        ``openslide.level[N].tile-width``/``-height``), else None."""
+        w = self.properties.get(f"openslide.level[{level}].tile-width")
+        h = self.properties.get(f"openslide.level[{level}].tile-height")
+        try:
+            return (int(w), int(h)) if w and h and int(w) > 0 and int(h) > 0 else None
+        except ValueError:
+            return None
+
+    @contextlib.contextmanager
+    def tile_cache(self, capacity: int | None) -> Iterator[Slide]:
+        """Reads inside keep at most ``capacity`` bytes of decoded tiles; OpenSlide's default after.
+
+        OpenSlide keeps up to ``OPENSLIDE_CACHE_BYTES`` (32 MiB) of decoded tiles per slide. A pass that
+        reads a slide once, band after band, needs only the tile rows a band touches: sized to those, the
+        cache does not grow with the slide. Other backends keep no tile cache of their own: a no-op.
+
+        Parameters
+        ----------
+        capacity
+            Bytes of decoded tiles to keep (None: OpenSlide's default).
+        """
+        self.handle.set_tile_cache(capacity)
+        try:
+            yield self
+        finally:
+            self.handle.set_tile_cache(None)
 
     def read_whole(self, mpp: float, max_pixels_per_read: int = 1 << 24, progress: bool | None = None,
                    max_read_pixels: int | None = None) -> np.ndarray:
