@@ -720,6 +720,10 @@ def main(argv: list[str] | None = None) -> dict:
         "size": asdict(size), "pretrain_steps": size.pretrain_steps, "pretrain_crop_px": size.crop,
         "tile_px": size.tile_size, "finetune_crop_px": size.ft_crop,
         "pretrain_curves": {a: records[a]["curve"] for a in PRETRAINED},
+        "pretrain_plateau": {a: records[a].get("plateau") for a in PRETRAINED},
+        "pretrain_plateau_rule": (f"loss averaged over windows of {PLATEAU_WINDOW:.0%} of the steps; converged: "
+                                  f"the last window is less than {PLATEAU_TOL:.0%} below the one before"),
+        "simclr_chance_loss": round(math.log(2 * size.pretrain_batch - 1), 5),
         "pretrain_cpu_seconds": {a: records[a]["cpu_seconds"] for a in PRETRAINED},
         "pretrain_seconds": {a: records[a]["seconds"] for a in PRETRAINED},
         "cpu_seconds_pretrain": round(pre_cpu, 1), "cpu_seconds_finetune": round(ft_cpu, 1),

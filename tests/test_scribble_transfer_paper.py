@@ -51,6 +51,9 @@ def test_paper_protocol_quick_end_to_end(shared_data, tmp_path):
     assert set(saved["pretrain_curves"]) == {"class", "scribble", "full", "simclr"}
     assert all(c["step"][-1] == saved["pretrain_steps"] for c in saved["pretrain_curves"].values())
     assert all(math.isfinite(v) for c in saved["pretrain_curves"].values() for v in c["loss"])
+    assert set(saved["pretrain_plateau"]) == {"class", "scribble", "full", "simclr"}
+    assert all(isinstance(p["converged"], bool) for p in saved["pretrain_plateau"].values())
+    assert saved["simclr_chance_loss"] == pytest.approx(math.log(2 * saved["size"]["pretrain_batch"] - 1), abs=1e-4)
     # the R % subsets grow with R; the validation tiles come out of the training split, never the test
     run = saved["runs"][0]
     assert run["n_train_r5"] <= run["n_train_r20"] <= run["n_train_r100"] == saved["n_pool"]
