@@ -11,11 +11,13 @@ Pre-training (once per arm, on the same 15 MoNuSeg images, the same steps, crops
   (``slidekit.annotations.scribbles.generate_scribbles``);
 * ``full``: the same segmenter on the whole nuclei masks;
 * ``simclr``: the encoder + SimCLR projection head, NT-Xent on two histology-augmented views
-  (``trainers.simclr_core``), crops of the same sizes.
+  (``trainers.simclr_core``) of a (crop/0.5)² window: crops of 50-100 % of it, light colour jitter,
+  no blur, one forward over both views (the trainer's heavy recipe left batch 8 at its chance loss).
 
 Every arm: SGD (momentum 0.9), polynomial decay (power 0.9), random crops with rescaling
 0.5-1.5 and flips, as the papers (scaled down: ``--pretrain-steps``, ``--crop``). The loss
-curve of each arm is recorded.
+curve of each arm is recorded with its convergence check (``plateau``); pre-training saves its
+state every ``CHECKPOINT_EVERY`` steps in ``--work`` and resumes from it.
 
 Downstream, per seed: the LUAD/LUSC training tiles are split once (fixed seed) into a pool and a
 validation set (stratified, ``--val-fraction``); the seed draws R % of the pool (stratified, at
@@ -27,9 +29,9 @@ choice ever looks at the test tiles, which are scored once at the end (accuracy,
 
 BatchNorm statistics: ``--init`` (``slidekit.models.weights.init_from`` -> ``transfer_encoder``)
 copies the encoder's whole state dict, running means and variances included, so the source
-statistics are **kept** (fine-tuning in train mode then updates them with momentum 0.1). The
-variant ``<arm>_bnre`` (R = 20 %, arms in ``BN_ARMS``) re-estimates them on the fine-tuning
-tiles before fine-tuning, to measure what that changes.
+statistics are **kept** (``--init-bn keep``, the default; fine-tuning in train mode then updates
+them with momentum 0.1). The variant ``<arm>_bnre`` (R = 20 %, arms in ``BN_ARMS``) re-estimates
+them on the fine-tuning tiles before fine-tuning, as ``--init-bn reestimate`` does.
 """
 from __future__ import annotations
 
