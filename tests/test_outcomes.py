@@ -526,3 +526,5 @@ def test_cox_risk_centred_on_each_training_fold(tmp_path):
     for k in range(3):  # the same training, each fold's test risks moved by one constant
         d = [oof[True][p][1] - oof[False][p][1] for p in oof[True] if oof[True][p][0] == k]
         assert np.ptp(d) < 1e-4 and abs(np.mean(d) + level[False][k]) < 1e-3
+        record = json.loads((tmp_path / "run_True" / f"fold_{k}.json").read_text())
+        assert record["output_offset"][0] == pytest.approx(level[False][k], abs=1e-4)  # what was taken out

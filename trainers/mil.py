@@ -472,6 +472,7 @@ class MILTrainer(Trainer):
                 offset = task.output_offset(fitted) if (fitted is not None and c.centre_outputs) else None
                 if offset is not None:  # a level the loss cannot see (Cox): fixed on the training fold
                     shift_head_bias(model, offset)
+                    info["output_offset"] = [float(v) for v in np.ravel(offset)]  # what was taken out
                     fitted = evaluate(model, bags.select(tr), targets[tr], task, train_loss)[1]
                 state = task.fold_state(targets[tr], fitted)
                 save_mil_checkpoint(path, model, {**mil_desc, **({"fold_state": state} if state else {}), "fold": k})
