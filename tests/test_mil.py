@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from slidekit.models.mil import MIL_ARCHS, build_mil, load_mil_checkpoint
+from slidekit.base.errors import ConfigError
+from slidekit.models.mil import (
+    MIL_ARCHS,
+    MILEnsemble,
+    build_mil,
+    load_mil_checkpoint,
+    save_mil_checkpoint,
+    shift_head_bias,
+)
 from slidekit.slidelevel.mil_deploy import deploy, score_file
 from trainers.base import available, train
 
@@ -181,8 +189,6 @@ def test_bags_beyond_the_cache_are_read_per_use_and_train_the_same(cohort, tmp_p
 
 @pytest.mark.parametrize("arch", MIL_ARCHS)
 def test_shift_head_bias_moves_every_output_by_the_offset(arch):
-    from slidekit.models.mil import shift_head_bias
-
     torch.manual_seed(0)
     model = build_mil(arch, 8, 2).eval()
     x = torch.randn(20, 8)
@@ -203,9 +209,6 @@ def test_abmil_attention_plus_mean_pooling_sees_the_share_of_a_tile_kind(tmp_pat
     """A softmax attention sums to 1: a bag of 1 lesion tile in 10 and one of 5 in 10 pool to the same
     vector; with the mean beside it the head sees the share (a burden). Streaming, tiles scored alone,
     the checkpoint and the config follow the pooling."""
-    from slidekit.base.errors import ConfigError
-    from slidekit.models.mil import save_mil_checkpoint
-
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     few, many = torch.stack([a] + [b] * 9), torch.stack([a] * 5 + [b] * 5)
     out = {}
@@ -242,9 +245,6 @@ def test_abmil_attention_plus_mean_pooling_sees_the_share_of_a_tile_kind(tmp_pat
 def test_ensemble_averages_members_and_trains_one_network_per_seed(cohort, tmp_path):
     """``ensemble=2``: two networks per fold from different seeds, trained apart (the first is the single
     network's run), stored as one checkpoint whose outputs are the members' mean; deploy scores with it."""
-    from slidekit.base.errors import ConfigError
-    from slidekit.models.mil import MILEnsemble
-
     torch.manual_seed(0)
     model = build_mil("abmil", 8, 2, members=3).eval()
     assert isinstance(model, MILEnsemble) and len(model.members) == 3 and not model.streamable
