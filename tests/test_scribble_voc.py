@@ -108,3 +108,14 @@ def test_voc_layout_options_are_checked(tmp_path):
     # a folder that is not VOC-shaped: one line naming what is missing
     with pytest.raises(LabelError, match="JPEGImages/ is missing"):
         ScribbleTrainer(_cfg(tmp_path)).fit(tmp_path / "run", device="cpu", progress=False)
+
+
+def test_classes_given_for_a_voc_folder_are_kept(tmp_path):
+    """A lab's own data in the VOC layout: the classes it names are used as given, not replaced by VOC's
+    21; real VOC masks (values up to 20) with two classes named are then refused in one line."""
+    root = make_voc(tmp_path / "voc")
+    cfg = _cfg(root, classes=["background", "foreground"], voc_labels="masks")
+    assert cfg.classes == ["background", "foreground"]
+    with pytest.raises(ConfigError, match="hold values outside 0..1"):
+        ScribbleTrainer(cfg).build_dataset()
+    assert _cfg(tmp_path / "plain", layout="folder").classes == ["background", "foreground"]

@@ -176,7 +176,9 @@ class ScribbleConfig(StainOptions):
     labels: str = "scribbles"
     slides: list[str] = field(default_factory=list)  # or: slides + one GeoJSON per slide
     annotations: list[str] = field(default_factory=list)
-    classes: list[str] = field(default_factory=lambda: ["background", "foreground"])
+    # None: the layout's own classes (folder: background, foreground; voc: VOC's 21). Given classes are
+    # kept as given (a lab's own 2-class data in the VOC layout), and label values beyond them refused.
+    classes: list[str] | None = None
     ignore_index: int = IGNORE
     backbone: str = "resnet18"
     crop: int = 256  # training patch size (px at the network's MPP)
@@ -195,8 +197,8 @@ class ScribbleConfig(StainOptions):
 
         check_option(self.layout in ("folder", "voc"), "layout", self.layout, "folder or voc")
         check_option(self.voc_labels in VOC_LABELS, "voc_labels", self.voc_labels, " or ".join(VOC_LABELS))
-        if self.layout == "voc" and list(self.classes) == ["background", "foreground"]:
-            self.classes = list(VOC_CLASSES)  # the default two classes cannot be meant for VOC's 21
+        if self.classes is None:
+            self.classes = list(VOC_CLASSES) if self.layout == "voc" else ["background", "foreground"]
         check_option(len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes), "classes",
                      self.classes, "two or more distinct class names")
         check_option(not 0 <= self.ignore_index < len(self.classes), "ignore_index", self.ignore_index,
