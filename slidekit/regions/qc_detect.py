@@ -43,7 +43,7 @@ The rules (thresholds in :class:`QcOptions`; docs/qc.md says why):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Sequence
 
 import cv2
@@ -54,6 +54,8 @@ from slidekit.base.io import file_identity
 from slidekit.regions.qc_fold import FoldParams, fold_mask
 from slidekit.regions.tissue import (
     PEN_HALO_UM,
+    _disc,
+    _keep_large,
     _pen_mask,
     detect_tissue,
     glass_colour,
@@ -150,6 +152,10 @@ class QcOptions:
     max_bubble: float = 0.1
     models: tuple[str, ...] = ()
 
+    def fold_params(self) -> FoldParams:
+        """The fold rule's settings: each ``fold_<name>`` field as ``FoldParams.<name>``."""
+        return FoldParams(**{f.name: getattr(self, "fold_" + f.name) for f in fields(FoldParams)})
+
     def as_dict(self) -> dict:
         """The configuration a run records: every threshold, and each QC-by-example model file by its
         identity (path, size, time), only when there are models (so earlier runs keep their key)."""
@@ -158,10 +164,6 @@ class QcOptions:
         if models:
             d["models"] = [file_identity(m) for m in models]
         return d
-
-
-def _disc(r: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -175,13 +177,6 @@ def _stroke_like(stats: np.ndarray, min_px: int, *, max_fill: float = 0.35, min_
     aspect = np.maximum(w, h) / np.maximum(np.minimum(w, h), 1)
     fill = area / np.maximum(w * h, 1)
     return (area >= min_px) & ((aspect >= min_aspect) | (fill <= max_fill))
-
-
-def _keep_large(mask: np.ndarray, min_px: int) -> np.ndarray:
-    labels, stats = _components(mask)
-    keep = stats[:, 4] >= max(1, min_px)
-    keep[0] = False
-    return keep[labels]
 
 
 def tissue_like(hsv: np.ndarray, rgb: np.ndarray) -> np.ndarray:
@@ -315,9 +310,7 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     del grey
     ink, dark, debris = _ink_and_debris(rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), chroma, mpp, o)
     # folds: tissue much denser than the slide's tissue of the same OD colour (regions.qc_fold)
-    fold = fold_mask(rgb, mpp, tissue, ink | dark | debris,
-                     FoldParams(o.fold_mpp, o.fold_smooth_um, o.fold_seed_ratio, o.fold_grow_ratio,
-                                o.fold_close_um, o.fold_min_um2, o.fold_min_spread))
+    fold = fold_mask(rgb, mpp, tissue, ink | dark | debris, o.fold_params())
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
     # (the Hough transform saw every grey line: cutting ink and folds out of the map breaks its circles)
     bubble = round_rims & ~ink & ~debris

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from slidekit.regions.tissue import glass_colour
+from slidekit.regions.tissue import _disc, _keep_large, glass_colour
 
 #: OD-colour bins per axis (red share, green share of the summed OD; the blue share is the rest).
 BINS = 40
@@ -38,10 +38,6 @@ _OD_BINS, _OD_LO, _OD_HI = 64, 0.02, 8.0
 #: Fewest clean tissue pixels (after pooling) for a colour bin to count as a tissue colour: a fold doubles
 #: tissue, so its colour is one the clean tissue shows; rarer colours (an ink stroke's blended rim) are no fold.
 _MIN_COUNT = 30.0
-
-
-def _disc(r: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
 def _smoothed_od(rgb: np.ndarray, tissue: np.ndarray, sigma_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,7 +160,7 @@ def fold_mask(rgb: np.ndarray, mpp: float, tissue: np.ndarray, exclude: np.ndarr
     seed = allowed & (ratio >= p.seed_ratio)
     del ratio
     min_px = max(1, round(p.min_um2 / (mpp * mpp)))
-    seed = _large(cv2.morphologyEx(seed.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)), min_px)
+    seed = _keep_large(cv2.morphologyEx(seed.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)), min_px)
     n, labels, _, _ = cv2.connectedComponentsWithStats(grow.astype(np.uint8), connectivity=8)
     keep = np.zeros(n, bool)
     keep[np.unique(labels[seed])] = True
@@ -173,12 +169,5 @@ def fold_mask(rgb: np.ndarray, mpp: float, tissue: np.ndarray, exclude: np.ndarr
     del labels
     fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
     fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_CLOSE, _disc(max(1, round(p.close_um / mpp)))) > 0
-    return _large((fold & allowed).astype(np.uint8), min_px)
+    return _keep_large(fold & allowed, min_px)
 
-
-def _large(mask: np.ndarray, min_px: int) -> np.ndarray:
-    """The connected areas (8-connected) of a uint8 mask of at least ``min_px`` pixels."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    big = stats[:, 4] >= min_px
-    big[0] = False
-    return big[labels]

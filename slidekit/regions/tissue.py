@@ -133,6 +133,19 @@ def mean_od(rgb: np.ndarray) -> np.ndarray:
     return od
 
 
+def _disc(r: int) -> np.ndarray:
+    """A disc (elliptical structuring element) of radius ``r`` px."""
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _keep_large(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """The 8-connected areas of ``mask`` (bool or uint8) of at least ``min_px`` pixels (bool)."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, 4] >= max(1, min_px)
+    keep[0] = False
+    return keep[labels]
+
+
 def _otsu(values: np.ndarray) -> float:
     try:
         return float(threshold_otsu(values)) if values.max() > values.min() else float(values.max())
