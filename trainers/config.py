@@ -15,7 +15,7 @@ import yaml
 
 from slidekit.base.errors import ConfigError
 
-INIT_BN_CHOICES = ("keep", "reestimate")  # slidekit.models.weights.INIT_BN_CHOICES (spelt out: no torch here)
+INIT_BN_CHOICES = ("keep", "reestimate")  # init_bn: slidekit.models.weights.reestimate_batchnorm does the second
 
 
 def check_option(ok: bool, key: str, value: Any, rule: str) -> None:

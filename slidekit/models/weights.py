@@ -168,9 +168,6 @@ def init_from(model: nn.Module, source: str | os.PathLike) -> list[str]:
     return load_encoder_weights(cast(nn.Module, model.encoder), read_state_dict(path), path)
 
 
-INIT_BN_CHOICES = ("keep", "reestimate")
-
-
 def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Re-estimate every BatchNorm layer's running statistics of ``model`` on ``batches``.
 
