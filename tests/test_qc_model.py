@@ -69,6 +69,16 @@ def test_scribbles_teach_an_artefact_the_rules_miss(smudged: dict) -> None:
     assert model.trained_on["artefact_pixels"] > 0 and model.trained_on["good_pixels"] > 0
 
 
+def test_a_model_for_out_of_focus_keeps_its_calls(smudged: dict) -> None:
+    """A model may name any QC class, "Out of focus" too: its calls stand beside the focus rule's own (such
+    a model used to stop QC with a KeyError)."""
+    with open_slide(smudged["slide"]) as s:
+        model = train_qc_model(s, smudged["scribbles"], artefact="Smudge", label="Out of focus")
+        labels, _, not_measured = qc_labels(s, models=[model])
+    truth = _on(smudged["truth"], labels.shape)
+    assert not_measured == [] and (labels[truth] == LABELS["Out of focus"]).mean() > 0.9
+
+
 def test_save_and_load_predict_the_same(smudged: dict, tmp_path: Path) -> None:
     with open_slide(smudged["slide"]) as s:
         model = train_qc_model(s, smudged["scribbles"], artefact="Smudge", label="Fold")

@@ -181,8 +181,8 @@ def _stroke_like(stats: np.ndarray, min_px: int, *, max_fill: float = 0.35, min_
 
 def tissue_like(hsv: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     """H&E-coloured pixels (pink to purple hues, clearly saturated): never taken as an ink rim."""
-    hue = hsv[..., 0].astype(np.int16) * 2
-    return ((hue >= 260) & (hue < 345)) & (hsv[..., 1] > 40)
+    hue = hsv[..., 0]  # OpenCV's 8-bit hue, degrees / 2: 260° <= hue < 345°
+    return ((hue >= 130) & (hue < 173)) & (hsv[..., 1] > 40)
 
 
 def _ring_coverage(grey: np.ndarray, neutral: np.ndarray, x: np.ndarray, y: np.ndarray, r: np.ndarray,
@@ -265,10 +265,11 @@ def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: f
     """Pen ink (with its rim), dark pixels and dark debris of an RGB view (its HSV and chroma given).
     A function of its own so that its planes (labels, distances, halo) are freed before the folds."""
     px = mpp * mpp
-    hue, sat, val = hsv[..., 0].astype(np.int16) * 2, hsv[..., 1], hsv[..., 2]
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]  # OpenCV's 8-bit hue: degrees / 2
     # colour ink: the tissue detector's blue/green rule (its black part is judged by shape below)
     coloured = _pen_mask(rgb, hsv) & ~(val < 40)
-    red = ((hue >= 345) | (hue <= 15)) & (sat > o.red_min_saturation) & (val > 80)
+    # red: hue >= 345° or <= 15°, compared in half degrees (no int16 planes of the whole view)
+    red = ((hue >= 173) | (hue <= 7)) & (sat > o.red_min_saturation) & (val > 80)
     ink = cv2.medianBlur((coloured | red).astype(np.uint8), 3) > 0
     dark = (val < o.dark_max_value)
     labels, stats = _components(dark)
@@ -361,7 +362,7 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     inside = tissue & np.isfinite(s)
     if inside.sum() < 10:
         return np.zeros(shape, bool)
-    ref = float(np.median(s[inside]))
+    ref = float(np.median(s[inside], overwrite_input=True))  # (a copy of its own already: no second one)
     blur = inside & (s < o.blur_ratio * ref)
     blur = cv2.morphologyEx(blur.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
     return _keep_large(blur, round(o.blur_min_um2 / (mpp * mpp))) & tissue
@@ -453,19 +454,24 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
     tissue = detect_tissue(rgb, mpp, remove_pen=False)
     masks = colour_artefacts(rgb, mpp, tissue, o)
-    by_example = np.zeros_like(tissue)
+    masks["Out of focus"] = np.zeros_like(tissue)  # the focus rule's own calls join below
+    covered = tissue | masks["Pen ink"] | masks["Dark debris"] | masks["Air bubble / edge"]
     for model in models:
         found = model.predict(rgb, mpp)
-        masks[model.label] = masks[model.label] | found
-        by_example |= found
+        masks[model.label] |= found
+        covered |= found
     del rgb
-    covered = tissue | masks["Pen ink"] | masks["Dark debris"] | masks["Air bubble / edge"] | by_example
-    blur = focus_artefact(slide, tissue.shape, mpp, tissue & ~masks["Pen ink"] & ~masks["Fold"]
-                          & ~masks["Dark debris"], o, progress)
-    masks["Out of focus"] = np.zeros_like(tissue) if blur is None else blur
+    # the focus reference: the tissue that no colour rule (nor a model) called ink, fold or debris
+    clean = tissue & ~masks["Pen ink"] & ~masks["Fold"] & ~masks["Dark debris"]
     labels = np.where(covered, TISSUE, GLASS).astype(np.uint8)
     for name in reversed(ARTEFACTS):  # the first class wins where classes overlap
         labels[masks[name]] = LABELS[name]
+    # the focus rule last, with only the label map and its reference held: its bands' buffers and tile
+    # cache grow with the slide's width, and no longer add up with the colour rules' planes
+    del masks, covered, tissue
+    blur = focus_artefact(slide, labels.shape, mpp, clean, o, progress)
+    if blur is not None:  # the last class: it only takes tissue that no other class has
+        labels[blur & (labels == TISSUE)] = LABELS["Out of focus"]
     return labels, mpp, [] if blur is not None else ["Out of focus"]
 
 

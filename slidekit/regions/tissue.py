@@ -250,22 +250,37 @@ def glass_colour(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
     scanned area, not glass seen by the camera) is left out. On a view with no glass at all this
     is the palest common tissue, so the relative-density rule only adds what is darker than that.
     """
-    r, g, b = (rgb[..., i].ravel() for i in range(3))
-    grey = (r.astype(np.uint16) + g + b + 1) // 3  # rounded mean, 0..255
-    scanned = np.minimum(np.minimum(r, g), b) < 254
-    levels = grey[scanned]
-    if levels.size == 0:
+    # two passes over bands of rows (a histogram each), so that no plane of the whole view is made:
+    # QC and tissue detection call this on whole-slide overviews, where a plane is megabytes
+    rows = max(1, (1 << 18) // max(1, rgb.shape[1]))
+    bands = [rgb[y:y + rows] for y in range(0, rgb.shape[0], rows)]
+
+    def grey_of(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        grey = (band[..., 0].astype(np.uint16) + band[..., 1] + band[..., 2] + 1) // 3  # rounded mean, 0..255
+        return grey, band.min(-1) < 254
+
+    hist = np.zeros(256, np.int64)
+    for band in bands:
+        grey, scanned = grey_of(band)
+        hist += np.bincount(grey[scanned], minlength=256)
+    total = int(hist.sum())
+    if total == 0:
         return np.full(3, 255.0, np.float32)
-    near = np.convolve(np.bincount(levels, minlength=256), np.ones(7), mode="same")
-    common = np.flatnonzero(near >= min_share * levels.size)
+    near = np.convolve(hist, np.ones(7), mode="same")
+    common = np.flatnonzero(near >= min_share * total)
     level = int(common.max()) if common.size else int(np.argmax(near))
-    sel = scanned & (np.abs(grey.astype(np.int16) - level) <= 3)
-    return np.array([_median_u8(c[sel]) for c in (r, g, b)], np.float32)
+    per_channel = np.zeros((3, 256), np.int64)
+    for band in bands:
+        grey, scanned = grey_of(band)
+        sel = scanned & (np.abs(grey.astype(np.int16) - level) <= 3)
+        for c in range(3):
+            per_channel[c] += np.bincount(band[..., c][sel], minlength=256)
+    return np.array([_median_of_histogram(h) for h in per_channel], np.float32)
 
 
-def _median_u8(values: np.ndarray) -> float:
-    """Median of uint8 values through their histogram (no sort of millions of pixels)."""
-    cum = np.cumsum(np.bincount(values, minlength=256))
+def _median_of_histogram(hist: np.ndarray) -> float:
+    """The (lower) median of the values a 256-bin histogram counts."""
+    cum = np.cumsum(hist)
     return float(np.searchsorted(cum, (cum[-1] + 1) // 2))
 
 
