@@ -267,6 +267,20 @@ def test_pen_ink_on_real_overviews(shared_data: Path, tmp_path: Path, name: str)
     assert summary["not_measured"] == ["Out of focus"]  # 16 µm/px is too coarse to judge focus
 
 
+# Measured (Dice against the hand-drawn edge lines, at a stated 16 µm/px): 0.55 (0.14 while the dark band of
+# the edge was called black pen).
+def test_coverslip_edge_on_a_real_overview(shared_data: Path, tmp_path: Path) -> None:
+    image = shared_data / "qc" / "coverslip_edge_he.png"
+    if not image.exists():
+        pytest.skip(f"real data not found — {image}")
+    qc_slide(image, tmp_path / "edge", slide_mpp=16.0, progress=False)
+    labels = read_label_zarr(tmp_path / "edge" / "qc_labels.zarr")[0]
+    truth = cv2.imread(str(shared_data / "qc" / "coverslip_edge_he_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+    edge = labels == LABELS["Air bubble / edge"]
+    assert 2 * (edge & truth).sum() / (edge.sum() + truth.sum()) >= 0.5
+    assert (labels[truth] == LABELS["Pen ink"]).mean() < 0.05  # the edge's dark band is not pen
+
+
 def test_heatmap_and_cells_leave_qc_artefacts_out(drawn: dict, tmp_path: Path) -> None:
     """`--exclude-qc` composes the QC's artefacts into the job's region: fewer tiles than without it,
     recorded in the configuration; the QC of another slide file is refused in one line."""

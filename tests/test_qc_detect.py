@@ -1,7 +1,8 @@
 """QC detectors (slidekit.regions.qc_detect) on small synthetic views with known masks: an air bubble is
 found and filled and textured tissue holds none; a fold (doubled tissue, same colour) is a fold while
 equally dark tissue of a colour of its own is not, on H&E and on IHC (DAB brown, haematoxylin blue)
-alike; a bent black stroke is ink and a black blob debris;
+alike; a bent black stroke is ink and a black blob debris; a straight dark line across the view is a
+coverslip edge;
 and the benchmark's artefact generator (benchmarks/qc_synth.py) draws what its masks say."""
 from __future__ import annotations
 
@@ -140,6 +141,24 @@ def test_bent_black_stroke_is_ink_black_blob_is_debris() -> None:
     masks = colour_artefacts(rgb, MPP, tissue, QcOptions())
     assert masks["Pen ink"][stroke > 0].mean() > 0.95
     assert masks["Dark debris"][blob > 0].mean() > 0.8 and not masks["Pen ink"][blob > 0].any()
+
+
+def test_straight_dark_line_across_the_view_is_an_edge_a_marker_line_ending_on_it_is_ink() -> None:
+    """A coverslip's edge runs straight off the slide at both ends; a black marker line, however straight,
+    ends on the slide (and one that bends is ink wherever it ends)."""
+    rgb, tissue = tissue_view(seed=4)
+    edge, marker, bent = (np.zeros((N, N), np.uint8) for _ in range(3))
+    cv2.line(edge, (40, 0), (70, N - 1), 1, 5)  # top border to bottom border, across glass and tissue
+    cv2.line(marker, (260, 0), (250, 230), 1, 8)  # from the top border, ending on the slide
+    cv2.polylines(bent, [np.array([(100, 319), (165, 265), (230, 319)], np.int32)], False, 1, 5)  # border to border
+    for m in (edge, marker, bent):
+        rgb[m > 0] = (28, 28, 30)
+    masks = colour_artefacts(rgb, MPP, tissue, QcOptions())
+    assert masks["Air bubble / edge"][edge > 0].mean() > 0.95 and not masks["Pen ink"][edge > 0].any()
+    assert masks["Pen ink"][marker > 0].mean() > 0.95 and not masks["Air bubble / edge"][marker > 0].any()
+    assert masks["Pen ink"][bent > 0].mean() > 0.95
+    masks = colour_artefacts(rgb, MPP, tissue, QcOptions(edge_max_bend=0.0))  # no line is that straight
+    assert masks["Pen ink"][edge > 0].mean() > 0.95
 
 
 def test_generator_draws_what_its_masks_say(shared_data: Path) -> None:

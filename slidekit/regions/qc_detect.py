@@ -32,7 +32,9 @@ The rules (thresholds in :class:`QcOptions`; docs/qc.md says why):
   circles 15 % smaller and larger), filled with their interior. Coverslip edges are the other thin dark
   lines (black top-hat of the grey view above ``edge_contrast``) whose connected component is long
   (``edge_min_length_um``), thin for its length (``edge_max_width_um``) and sparse (bounding-box fill
-  under ``edge_max_fill`` or aspect above 5), widened by one pixel.
+  under ``edge_max_fill`` or aspect above 5), widened by one pixel; and a very dark stroke that the
+  black-pen rule would take but that crosses the whole view (both ends on its border) and is straight
+  (``edge_max_bend``): a hand-drawn marker line ends on the slide, the coverslip's edge runs off it.
 - **Out of focus**: inside tissue only. Sharpness = local Laplacian energy divided by local
   variance of the grey image (both box-averaged over ``blur_window_um``): a blurred image loses
   high frequencies faster than contrast, while pale but sharp stroma keeps the ratio (HistoQC's raw
@@ -104,6 +106,10 @@ class QcOptions:
     edge_contrast, edge_min_length_um, edge_max_fill, edge_max_width_um
         Edge lines: black top-hat depth (grey levels), shortest line, largest bounding-box fill, largest
         mean width (area over length: a line, not a network of dark tissue texture).
+    edge_max_bend
+        A very dark stroke that crosses the view (both its ends on the view's border) is a coverslip
+        edge, not black pen, when it is this straight: the spread of its pixels across its axis (sd)
+        over its length.
     bubble_min_radius_um, bubble_max_radius_um, bubble_min_rim, bubble_max_chroma
         Air bubbles: radius range, the share of the circle that must be a thin dark rim, the largest
         chroma (max - min of RGB) of rim pixels (rims are grey, not stained).
@@ -140,6 +146,7 @@ class QcOptions:
     edge_min_length_um: float = 800.0
     edge_max_fill: float = 0.25
     edge_max_width_um: float = 40.0
+    edge_max_bend: float = 0.03
     bubble_min_radius_um: float = 80.0
     bubble_max_radius_um: float = 3000.0
     bubble_min_rim: float = 0.6
@@ -260,10 +267,35 @@ def air_bubbles(rgb: np.ndarray, grey: np.ndarray, lines: np.ndarray, mpp: float
     return out > 0
 
 
+def _crossing_lines(labels: np.ndarray, stats: np.ndarray, candidates: np.ndarray, max_bend: float) -> np.ndarray:
+    """Which ``candidates`` (component numbers of ``labels``) cross the view: both ends of the component
+    (its pixels within one width of either extreme along its main axis) touch the view's border, and
+    it is straight (sd of its pixels across the axis at most ``max_bend`` times its length)."""
+    H, W = labels.shape
+    out = np.zeros(len(stats), bool)
+    for i in np.flatnonzero(candidates):
+        x, y, w, h = (int(v) for v in stats[i, :4])
+        if x > 0 and y > 0 and x + w < W and y + h < H:
+            continue  # touches no border at all
+        ys, xs = np.nonzero(labels[y:y + h, x:x + w] == i)
+        pts = np.stack([xs + x, ys + y], 1).astype(np.float64)
+        centred = pts - pts.mean(0)
+        values, vectors = np.linalg.eigh(np.cov(centred.T))
+        along, across = centred @ vectors[:, 1], centred @ vectors[:, 0]
+        length = float(np.ptp(along))
+        if length <= 0 or float(np.sqrt(max(values[0], 0.0))) > max_bend * length:
+            continue
+        reach = max(2.0, float(np.ptp(across)))  # an end: the pixels within one width of the extreme
+        on_border = (pts[:, 0] <= 0) | (pts[:, 1] <= 0) | (pts[:, 0] >= W - 1) | (pts[:, 1] >= H - 1)
+        out[i] = bool(on_border[along <= along.min() + reach].any() and on_border[along >= along.max() - reach].any())
+    return out
+
+
 def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: float,
-                    o: QcOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pen ink (with its rim), dark pixels and dark debris of an RGB view (its HSV and chroma given).
-    A function of its own so that its planes (labels, distances, halo) are freed before the folds."""
+                    o: QcOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pen ink (with its rim), dark pixels, dark debris and very dark straight lines crossing the view
+    (coverslip edges: ``_crossing_lines``) of an RGB view (its HSV and chroma given). A function of its
+    own so that its planes (labels, distances, halo) are freed before the folds."""
     px = mpp * mpp
     hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]  # OpenCV's 8-bit hue: degrees / 2
     # colour ink: the tissue detector's blue/green rule (its black part is judged by shape below)
@@ -282,7 +314,9 @@ def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: f
         elongation = stats[:, 4] / (np.pi * np.maximum(np.asarray(half_width), 0.5) ** 2)
         stroke |= (elongation >= o.black_pen_min_elongation) & (stats[:, 4] >= o.debris_min_um2 / px)
     stroke[0] = False
-    black = stroke[labels]
+    # a stroke-shaped dark line that runs straight off the view at both ends is the coverslip's edge
+    crossing = _crossing_lines(labels, stats, stroke, o.edge_max_bend)
+    black = (stroke & ~crossing)[labels]
     ink |= black
     # the rim of a stroke is paler than its ink but still darker than the glass: it goes with the
     # ink (within ``PEN_HALO_UM``), so it is not read as a fold or an edge
@@ -296,7 +330,7 @@ def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: f
     debris_ok[0] = False
     debris = debris_ok[labels] & (chroma <= o.debris_max_chroma)
     debris = _keep_large(debris, round(o.debris_min_um2 / px)) & ~ink
-    return ink, dark, debris
+    return ink, dark, debris, crossing[labels]
 
 
 def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptions) -> dict[str, np.ndarray]:
@@ -309,7 +343,7 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     hat = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, _disc(max(1, round(16.0 / mpp)))) > o.edge_contrast
     round_rims = air_bubbles(rgb, grey, hat & (chroma <= o.bubble_max_chroma), mpp, o)
     del grey
-    ink, dark, debris = _ink_and_debris(rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), chroma, mpp, o)
+    ink, dark, debris, crossing = _ink_and_debris(rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), chroma, mpp, o)
     # folds: tissue much denser than the slide's tissue of the same OD colour (regions.qc_fold)
     fold = fold_mask(rgb, mpp, tissue, ink | dark | debris, o.fold_params())
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
@@ -323,7 +357,7 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     edge_ok = long & thin & _stroke_like(stats, 1, max_fill=o.edge_max_fill, min_aspect=5.0)
     edge_ok[0] = False
     edge = cv2.dilate(edge_ok[labels].astype(np.uint8), _disc(1)) > 0
-    edge = (edge | bubble) & ~ink & ~debris
+    edge = (edge | bubble | crossing) & ~ink & ~debris
     fold &= ~bubble
     return {"Pen ink": ink, "Dark debris": debris, "Fold": fold, "Air bubble / edge": edge}
 
