@@ -155,6 +155,24 @@ def test_glass_colour_skips_scanner_fill_and_tissue():
     assert glass_colour(img).tolist() == [240, 236, 239]
 
 
+def test_glass_colour_in_bands_is_the_whole_view_s():
+    """glass_colour reads a tall view in bands of rows (two histogram passes): the same colour as the
+    medians over the whole view's glass-level pixels at once, the bands' seams included."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(228, 246, (3000, 120, 3), dtype=np.uint8)  # > 2 bands of 2184 rows at this width
+    img[:1500, 60:] = rng.integers(120, 220, (1500, 60, 3), dtype=np.uint8)  # tissue in the first band
+    img[2900:] = 255  # scanner fill in the last
+    flat = img.reshape(-1, 3).astype(np.int64)
+    grey = (flat.sum(1) + 1) // 3
+    scanned = flat.min(1) < 254
+    near = np.convolve(np.bincount(grey[scanned], minlength=256), np.ones(7), mode="same")
+    level = int(np.flatnonzero(near >= 0.02 * scanned.sum()).max())
+    sel = scanned & (np.abs(grey - level) <= 3)
+    expected = [float(np.searchsorted(np.cumsum(np.bincount(flat[sel, c], minlength=256)), (sel.sum() + 1) // 2))
+                for c in range(3)]
+    assert glass_colour(img).tolist() == expected
+
+
 @pytest.mark.parametrize("name,mpp", [
     ("CMU-1-Small-Region.svs", None),
     ("TCGA-CR-7395-01A-01-TS1.svs", 0.25),  # no MPP in its metadata
