@@ -460,24 +460,24 @@ class MILTrainer(Trainer):
         for k, (tr, va, te) in bar:
             path = out / f"fold_{k}.pt"
             record_path = out / f"fold_{k}.json"
+            # the fold's loss, whose targets also set a regression's mean and sd (what predict restores)
+            loss_fn = task.make_loss(targets[tr], dev, c)
             if path.exists() and record_path.exists():  # a rerun skips finished folds
                 model, _ = load_mil_checkpoint(path)
                 model.to(dev)
                 info = json.loads(record_path.read_text())
             else:
                 model, info = train_fold(c, bags, targets, tr, va, task, c.seed * 1000 + k, dev)
-                train_loss = task.make_loss(targets[tr], dev, c)
-                fitted = (evaluate(model, bags.select(tr), targets[tr], task, train_loss)[1]
+                fitted = (evaluate(model, bags.select(tr), targets[tr], task, loss_fn)[1]
                           if task.needs_train_predictions else None)  # e.g. a Cox model's baseline hazard
                 offset = task.output_offset(fitted) if (fitted is not None and c.centre_outputs) else None
                 if offset is not None:  # a level the loss cannot see (Cox): fixed on the training fold
                     shift_head_bias(model, offset)
                     info["output_offset"] = [float(v) for v in np.ravel(offset)]  # what was taken out
-                    fitted = evaluate(model, bags.select(tr), targets[tr], task, train_loss)[1]
+                    fitted = evaluate(model, bags.select(tr), targets[tr], task, loss_fn)[1]
                 state = task.fold_state(targets[tr], fitted)
                 save_mil_checkpoint(path, model, {**mil_desc, **({"fold_state": state} if state else {}), "fold": k})
                 write_text_atomic(record_path, json.dumps(info))
-            loss_fn = task.make_loss(targets[tr], dev, c)
             _, p = evaluate(model, bags.select(te), targets[te], task, loss_fn)
             preds[te], fold_of[te] = p, k
             folds.append({"fold": k, "test_slides": len(te), **{kk: info[kk] for kk in ("best_epoch", "val_loss",
