@@ -528,3 +528,50 @@ def test_cox_risk_centred_on_each_training_fold(tmp_path):
         assert np.ptp(d) < 1e-4 and abs(np.mean(d) + level[False][k]) < 1e-3
         record = json.loads((tmp_path / "run_True" / f"fold_{k}.json").read_text())
         assert record["output_offset"][0] == pytest.approx(level[False][k], abs=1e-4)  # what was taken out
+
+
+def test_rotating_ensemble_members_each_stop_on_their_own_split(tmp_path):
+    """``ensemble_validation: rotate``: member j learns from the fold's training patients less its own
+    patient-grouped inner split and stops early on that split; the splits cover the training part once
+    each, never touch the test fold, and the regression target is standardised on the whole training part."""
+    from types import SimpleNamespace
+
+    from trainers.mil import _inner_splits, _splits, read_mil_table
+
+    clinical, slides, _ = _cohort(tmp_path, n_patients=30)
+    tables = patient_bags(clinical, slides, tmp_path / "pt", regression=["ki67"])
+    rows = read_mil_table(tables["ki67"], None, ("target",))
+    task = Regression()
+    targets = task.setup([r.values for r in rows], SimpleNamespace(slides=str(tables["ki67"]), bags_per_step=4))
+    groups = np.array([r.patient for r in rows])
+    strata = task.stratify(targets)
+    splits = list(_splits(strata, groups, 3, 0))
+    for tr, va, te in splits:
+        rest = np.sort(np.concatenate([tr, va]))
+        members = _inner_splits(strata, groups, rest, 3, 0)
+        assert len(members) == 3
+        vals = np.concatenate([v for _, v in members])
+        assert sorted(vals.tolist()) == rest.tolist()  # each training patient validates exactly one member
+        for mtr, mva in members:
+            assert sorted(np.concatenate([mtr, mva]).tolist()) == rest.tolist()
+            assert not set(groups[mtr]) & set(groups[mva]) and not set(groups[mva]) & set(groups[te])
+
+    cfg = {"arch": "abmil", "folds": 3, "epochs": 3, "patience": 3, "lr": 1e-2, "hidden": 8, "bootstrap": 0,
+           "baseline": False, "slides": str(tables["ki67"]), "task": "regression", "bags_per_step": 4,
+           "ensemble": 3, "ensemble_validation": "rotate"}
+    train("mil", None, tmp_path / "rot", cfg, device="cpu", progress=False)
+    y = np.array([float(r.values["target"]) for r in rows])
+    for k, (tr, va, _te) in enumerate(splits):
+        record = json.loads((tmp_path / "rot" / f"fold_{k}.json").read_text())
+        members = _inner_splits(strata, groups, np.sort(np.concatenate([tr, va])), 3, 0)
+        assert [m["validation"] for m in record["members"]] == [len(v) for _, v in members]
+        assert record["val_loss"] == pytest.approx(np.mean([m["val_loss"] for m in record["members"]]))
+        _, mil = load_mil_checkpoint(tmp_path / "rot" / f"fold_{k}.pt")
+        fit = np.concatenate([tr, va])
+        assert mil["members"] == 3
+        assert mil["fold_state"]["target_mean"] == pytest.approx(y[fit].mean())  # not the shared split's train part
+        assert mil["fold_state"]["target_mean"] != pytest.approx(y[tr].mean())
+    with pytest.raises(ConfigError, match="ensemble_validation"):
+        train("mil", None, tmp_path / "one", {**cfg, "ensemble": 1}, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="needs at least 40 patients"):
+        train("mil", None, tmp_path / "many", {**cfg, "ensemble": 40}, device="cpu", progress=False)

@@ -9,7 +9,8 @@ The slide table is a CSV ``slide,label[,patient][,features]``; ``features`` name
 feature file (else ``features_dir/<slide stem>.h5``). Slides of one patient stay in one fold
 (``StratifiedGroupKFold``). In each of ``folds`` folds the held-out fold is the test set; one
 patient-grouped inner split of the rest is the validation set for early stopping (best
-validation loss, ``patience`` epochs). Class weights balance the loss. Per fold and over
+validation loss, ``patience`` epochs); an ``ensemble`` with ``ensemble_validation: rotate`` gives
+each member its own inner split (trained on the others). Class weights balance the loss. Per fold and over
 all out-of-fold predictions: AUC (one-vs-rest macro for more than two classes), balanced accuracy
 and quadratic weighted kappa over ``classes`` in their order, with bootstrap 95% intervals.
 
@@ -30,6 +31,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +54,10 @@ from slidekit.slidelevel.mil_tasks import DEFAULT_TASK, Classification, MILTask,
 from trainers.base import Trainer, register, seed_everything
 from trainers.config import TrainerConfig, check_option
 from trainers.runs import RESTART_HINT, begin_run, check_inputs, has_progress
+
+# how an ensemble's members stop early: all on the fold's one validation split, or each on its own
+# patient-grouped inner split of the fold's training patients (trained on the rest of them)
+ENSEMBLE_VALIDATIONS = ("shared", "rotate")
 
 
 @dataclass
@@ -81,6 +87,7 @@ class MILConfig(TrainerConfig):
     baseline: bool = True  # survival/regression: also the mean-pooled CoxNet / ridge on the same folds (metrics.json)
     centre_outputs: bool = True  # survival (Cox): each fold's risk centred on its training fold (docs/outcomes.md)
     ensemble: int = 1  # networks trained per fold from different initialisations, their outputs averaged
+    ensemble_validation: str = "shared"  # ensemble > 1: "shared" validation split, or "rotate" (each member its own)
 
     def validate(self) -> None:
         super().validate()
@@ -94,6 +101,10 @@ class MILConfig(TrainerConfig):
         check_option(self.pooling == "attention" or self.arch in ("abmil", "clam"), "pooling", self.pooling,
                      f"'attention' for arch {self.arch!r} (the other poolings are abmil's and clam's)")
         check_option(self.ensemble >= 1, "ensemble", self.ensemble, "an integer >= 1")
+        check_option(self.ensemble_validation in ENSEMBLE_VALIDATIONS, "ensemble_validation", self.ensemble_validation,
+                     f"one of {', '.join(ENSEMBLE_VALIDATIONS)}")
+        check_option(self.ensemble_validation != "rotate" or self.ensemble >= 2, "ensemble_validation",
+                     self.ensemble_validation, "'shared' with ensemble 1 (rotating needs at least 2 members)")
         check_option(self.folds >= 2, "folds", self.folds, "an integer >= 2")
         check_option(self.patience >= 1, "patience", self.patience, "an integer >= 1")
         check_option(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1")
@@ -314,33 +325,53 @@ def evaluate(model, bags, targets: np.ndarray, task: MILTask, loss) -> tuple[flo
         return value, task.predict(outputs)
 
 
-def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, train: np.ndarray, val: np.ndarray,
+def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
                task: MILTask, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """Train on ``train`` with early stopping on ``val``; the best-validation weights are returned.
+    """Train on ``train`` with early stopping on ``val`` (``splits``: ``[(train, val)]``); the
+    best-validation weights are returned.
+
     ``ensemble`` > 1: that many networks trained so, one after the other from different seeds, as one
-    ``MILEnsemble`` (outputs averaged); its ``val_loss`` is the averaged network's."""
+    ``MILEnsemble`` (outputs averaged); its ``val_loss`` is the averaged network's.
+    ``ensemble_validation: rotate``: ``splits`` holds one ``(train, val)`` pair per member instead,
+    patient-grouped inner splits of the fold's training patients (:func:`_inner_splits`). Member j
+    learns from its pair's train and stops early on its val, so every training patient teaches all
+    members but one; all of them use the loss of the fold's training patients together (a regression's
+    standardisation, the class weights). The ``val_loss`` is then the members' mean, each on the split
+    it did not learn from."""
     if c.ensemble <= 1:
-        return _train_member(c, bags, targets, train, val, task, seed, device)
+        return _train_member(c, bags, targets, splits[0], task, seed, device)
+    rotate = len(splits) > 1
     members, infos = [], []
+    shared = task.make_loss(targets[np.concatenate(splits[0])], device, c) if rotate else None
     for j in range(c.ensemble):
-        model, info = _train_member(c, bags, targets, train, val, task, seed + 7919 * j, device)
+        split = splits[j] if rotate else splits[0]
+        model, info = _train_member(c, bags, targets, split, task, seed + 7919 * j, device, loss_fn=shared)
         members.append(model)
-        infos.append(info)
+        infos.append({**info, "validation": len(split[1])})
     ensemble = MILEnsemble(members)
-    val_loss, _ = evaluate(ensemble, bags.select(val), targets[val], task, task.make_loss(targets[train], device, c))
+    if not rotate:
+        train, val = splits[0]
+        val_loss, _ = evaluate(ensemble, bags.select(val), targets[val], task,
+                               task.make_loss(targets[train], device, c))
+    else:  # no patient is held out from every member: each member's own held-out loss
+        val_loss = float(np.mean([i["val_loss"] for i in infos]))
     return ensemble, {"best_epoch": max(i["best_epoch"] for i in infos), "val_loss": val_loss,
                       "epochs_run": sum(i["epochs_run"] for i in infos), "history": infos[0]["history"],
-                      "members": [{k: i[k] for k in ("best_epoch", "val_loss", "epochs_run")} for i in infos]}
+                      "members": [{k: i[k] for k in ("best_epoch", "val_loss", "epochs_run", "validation")}
+                                  for i in infos]}
 
 
-def _train_member(c: MILConfig, bags: Bags, targets: np.ndarray, train: np.ndarray, val: np.ndarray,
-                  task: MILTask, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """One network trained on ``train`` with early stopping on ``val`` (its best-validation weights)."""
+def _train_member(c: MILConfig, bags: Bags, targets: np.ndarray, split: tuple[np.ndarray, np.ndarray],
+                  task: MILTask, seed: int, device: torch.device, loss_fn: Any = None) -> tuple[torch.nn.Module, dict]:
+    """One network trained on ``train`` with early stopping on ``val`` (``split``: ``(train, val)``; its
+    best-validation weights); ``loss_fn``: the task's loss made elsewhere (default: from ``train``'s targets)."""
+    train, val = split
     seed_everything(seed)
     model = build_mil(c.arch, bags.info[0].dim, task.out_dim, c.hidden, c.dropout, c.instance_k,
                       c.pooling).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    loss_fn = task.make_loss(targets[train], device, c)
+    if loss_fn is None:
+        loss_fn = task.make_loss(targets[train], device, c)
     rng = np.random.default_rng(seed)
     best, best_state, best_epoch, history = float("inf"), None, 0, []
     step = int(c.bags_per_step)
@@ -403,10 +434,17 @@ def _splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int):
         raise ConfigError(f"{folds} folds need at least {folds} patients, have {len(set(groups.tolist()))}")
     outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for rest, test in outer.split(np.zeros(len(y)), y, groups):
-        inner = StratifiedGroupKFold(n_splits=max(2, min(folds - 1, len(set(groups[rest].tolist())))),
-                                     shuffle=True, random_state=seed + 1)
-        tr, va = next(inner.split(np.zeros(len(rest)), y[rest], groups[rest]))
-        yield rest[tr], rest[va], test
+        tr, va = _inner_splits(y, groups, rest, max(2, min(folds - 1, len(set(groups[rest].tolist())))), seed)[0]
+        yield tr, va, test
+
+
+def _inner_splits(y: np.ndarray, groups: np.ndarray, rest: np.ndarray, n: int,
+                  seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``n`` patient-grouped, ``y``-stratified ``(train, val)`` splits of the rows ``rest`` (row
+    indices, as ``rest`` holds them). The first is the fold's validation split (:func:`_splits`);
+    ``ensemble_validation: rotate`` gives member j the j-th."""
+    inner = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed + 1)
+    return [(rest[tr], rest[va]) for tr, va in inner.split(np.zeros(len(rest)), y[rest], groups[rest])]
 
 
 @register
@@ -453,29 +491,43 @@ class MILTrainer(Trainer):
                     "trainer_config": {k: getattr(c, k) for k in c.__dataclass_fields__},
                     "task": task.name, "out_dim": int(task.out_dim)}
         splits = list(_splits(strata, groups, c.folds, c.seed))
-        for _tr, va, te in splits:  # a fold the task cannot score is refused before any training
+        rotate = c.ensemble > 1 and c.ensemble_validation == "rotate"
+        member_splits: list[list[tuple[np.ndarray, np.ndarray]] | None] = [None] * len(splits)
+        for k, (tr, va, te) in enumerate(splits):  # a fold the task cannot score is refused before any training
             task.check_fold(targets, va, "validation")
             task.check_fold(targets, te, "test")
+            if rotate:
+                rest = np.sort(np.concatenate([tr, va]))
+                if len(set(groups[rest].tolist())) < c.ensemble:
+                    raise ConfigError(f"ensemble_validation 'rotate' with ensemble {c.ensemble} needs at least "
+                                      f"{c.ensemble} patients in each fold's training part; fold {k} has "
+                                      f"{len(set(groups[rest].tolist()))}")
+                member_splits[k] = _inner_splits(strata, groups, rest, c.ensemble, c.seed)
+                for _mtr, mva in member_splits[k] or []:
+                    task.check_fold(targets, mva, "validation")
         bar = tqdm(list(enumerate(splits)), desc="mil folds", unit="fold", disable=not progress)
         for k, (tr, va, te) in bar:
             path = out / f"fold_{k}.pt"
             record_path = out / f"fold_{k}.json"
+            # the patients the fold's model learnt from: with rotating members, the validation split's too
+            fit = tr if member_splits[k] is None else np.sort(np.concatenate([tr, va]))
             # the fold's loss, whose targets also set a regression's mean and sd (what predict restores)
-            loss_fn = task.make_loss(targets[tr], dev, c)
+            loss_fn = task.make_loss(targets[fit], dev, c)
             if path.exists() and record_path.exists():  # a rerun skips finished folds
                 model, _ = load_mil_checkpoint(path)
                 model.to(dev)
                 info = json.loads(record_path.read_text())
             else:
-                model, info = train_fold(c, bags, targets, tr, va, task, c.seed * 1000 + k, dev)
-                fitted = (evaluate(model, bags.select(tr), targets[tr], task, loss_fn)[1]
+                model, info = train_fold(c, bags, targets, member_splits[k] or [(tr, va)], task,
+                                         c.seed * 1000 + k, dev)
+                fitted = (evaluate(model, bags.select(fit), targets[fit], task, loss_fn)[1]
                           if task.needs_train_predictions else None)  # e.g. a Cox model's baseline hazard
                 offset = task.output_offset(fitted) if (fitted is not None and c.centre_outputs) else None
                 if offset is not None:  # a level the loss cannot see (Cox): fixed on the training fold
                     shift_head_bias(model, offset)
                     info["output_offset"] = [float(v) for v in np.ravel(offset)]  # what was taken out
-                    fitted = evaluate(model, bags.select(tr), targets[tr], task, loss_fn)[1]
-                state = task.fold_state(targets[tr], fitted)
+                    fitted = evaluate(model, bags.select(fit), targets[fit], task, loss_fn)[1]
+                state = task.fold_state(targets[fit], fitted)
                 save_mil_checkpoint(path, model, {**mil_desc, **({"fold_state": state} if state else {}), "fold": k})
                 write_text_atomic(record_path, json.dumps(info))
             _, p = evaluate(model, bags.select(te), targets[te], task, loss_fn)
