@@ -31,14 +31,16 @@ stages 1-4, 960-d, standardised over the cohort; no labels used). The two slides
 written as feature files and pooled into one bag per patient by ``slidekit.slidelevel.outcomes.
 patient_bags`` from a clinical and a slide table, as a user would. ``slidekit train mil`` then runs
 ``task=survival`` (Breslow Cox, 5-fold patient-level CV) and ``task=regression`` (Huber; the report's
-runs use dropout 0.3, chosen on development seeds 10 and 11, and 8 bags per optimiser step: the defaults of
-``--regression-dropout`` and ``--regression-bags-per-step``) with
+runs use dropout 0.3, 8 bags per optimiser step and, per fold, 4 networks each stopping early on its own
+quarter of the fold's training patients: the defaults of ``--regression-dropout``,
+``--regression-bags-per-step``, ``--regression-ensemble`` and ``--regression-ensemble-validation``,
+chosen on development seeds) with
 ``arch=abmil``; its built-in baseline (``baseline``: mean-pooled CoxNet / ridge on the same folds) gives
 the linear model's out-of-fold scores. All metrics are pooled out of fold. ``--ensemble N`` trains N
 networks per fold (different initialisations, outputs averaged: ``MILConfig.ensemble``), ``--pooling``
 is abmil's (``attention`` or ``attention+mean``); each fold's Cox risks are centred on its training
 patients (``MILConfig.centre_outputs``; ``--no-centre-outputs`` for the runs before 2026-12-07).
-Development seeds for such choices: 10 and 11 (never the reported 0 1 2); docs/outcomes.md.
+Development seeds for such choices: 10 to 13 (never the reported 0 1 2); docs/outcomes.md.
 
 Keys (fixed): ``cindex_<m>_per_seed|_mean|_sd`` for m in abmil, meanpool_coxnet, oracle; ``diff_*``
 (abmil - meanpool_coxnet C-index, paired by seed; ``diff_wins``: seeds where ABMIL is ahead);
@@ -72,7 +74,8 @@ BETA_BURDEN, BETA_LYMPH = 30.0, -40.0  # log relative hazard per unit area share
 BASE_RATE = 0.1
 Y_BURDEN, Y_LYMPH, Y_NOISE = 100.0, -150.0, 1.5
 RESULT_OPTIONS = ("patients", "grid", "epochs", "regression_epochs", "patience", "lr", "folds", "ensemble",
-                  "pooling", "centre_outputs", "regression_dropout", "regression_bags_per_step")
+                  "pooling", "centre_outputs", "regression_dropout", "regression_bags_per_step",
+                  "regression_ensemble", "regression_ensemble_validation")
 
 
 def compose_patient(materials, grid: int, rng: np.random.Generator):
@@ -216,7 +219,8 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
     reg = _regression_dir(args)
     train("mil", None, work / reg, {**common, "epochs": args.regression_epochs, "slides": str(tables["index"]),
                                     "task": "regression", "bags_per_step": args.regression_bags_per_step,
-                                    "dropout": args.regression_dropout},
+                                    "dropout": args.regression_dropout, "ensemble": _regression_ensemble(args),
+                                    "ensemble_validation": args.regression_ensemble_validation},
           device="cpu", progress=False)
     m = json.loads((work / reg / "metrics.json").read_text())
     result.update(r2_abmil=m["overall"]["r2"], r2_meanpool=m["baseline"]["overall"]["r2"],
@@ -232,10 +236,16 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
     return result
 
 
-def _method_suffix(args) -> str:
+def _method_suffix(args, ensemble: int | None = None, validation: str = "shared") -> str:
     """What the run folders' names add for the MIL options beyond the first runs' (``_ens3``, ...)."""
-    return ((f"_ens{args.ensemble}" if args.ensemble > 1 else "") + ("_am" if args.pooling != "attention" else "")
-            + ("" if args.centre_outputs else "_raw"))
+    n = args.ensemble if ensemble is None else ensemble
+    return ((f"_ens{n}" if n > 1 else "") + ("rot" if n > 1 and validation == "rotate" else "")
+            + ("_am" if args.pooling != "attention" else "") + ("" if args.centre_outputs else "_raw"))
+
+
+def _regression_ensemble(args) -> int:
+    """Networks per fold of the regression runs (``--regression-ensemble``, else ``--ensemble``)."""
+    return args.ensemble if args.regression_ensemble is None else args.regression_ensemble
 
 
 def _survival_dir(args) -> str:
@@ -244,7 +254,8 @@ def _survival_dir(args) -> str:
 
 def _regression_dir(args) -> str:
     """The regression run's folder (named by its epochs: a first run with 40 stayed as ``index``)."""
-    return (("index" if args.regression_epochs == 40 else f"index_e{args.regression_epochs}") + _method_suffix(args)
+    return (("index" if args.regression_epochs == 40 else f"index_e{args.regression_epochs}")
+            + _method_suffix(args, _regression_ensemble(args), args.regression_ensemble_validation)
             + (f"_do{args.regression_dropout:g}" if args.regression_dropout != 0.1 else "")
             + (f"_bps{args.regression_bags_per_step}" if args.regression_bags_per_step != 8 else ""))
 
@@ -357,6 +368,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--regression-bags-per-step", type=int, default=8,
                     help="regression: bags per optimiser step (MILConfig.bags_per_step; survival keeps 32; 1 was "
                          "ahead on development seeds 10-13 but behind on 0 1 2: docs/outcomes.md)")
+    ap.add_argument("--regression-ensemble", type=int, default=4,
+                    help="regression: networks per fold (MILConfig.ensemble; 4, with rotating validation, chosen on "
+                         "development seeds 10-13; 1 for the single network reported before)")
+    ap.add_argument("--regression-ensemble-validation", default="rotate", choices=["shared", "rotate"],
+                    help="regression: each member's early stopping on the fold's one validation split (shared), or "
+                         "on its own inner split of the training patients (rotate: MILConfig.ensemble_validation)")
     ap.add_argument("--pooling", default="attention", choices=["attention", "attention+mean"],
                     help="abmil's pooling (MILConfig.pooling)")
     ap.add_argument("--no-centre-outputs", dest="centre_outputs", action="store_false",
@@ -399,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "lr": args.lr, "patience": args.patience, "ensemble": args.ensemble, "pooling": args.pooling,
                  "centre_outputs": args.centre_outputs, "regression_dropout": args.regression_dropout,
                  "regression_bags_per_step": args.regression_bags_per_step,
+                 "regression_ensemble": _regression_ensemble(args),
+                 "regression_ensemble_validation": args.regression_ensemble_validation,
                  "encoder": "resnet18 (random init, seed 0), GAP of stages 1-4, 960-d",
                  "hazard": f"eta = {BETA_BURDEN:g} b {BETA_LYMPH:+g} l; event ~ Exp(rate {BASE_RATE:g} e^eta); "
                            "censoring at min(20, Exp(mean 10))",
