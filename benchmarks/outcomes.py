@@ -37,7 +37,8 @@ quarter of the fold's training patients: the defaults of ``--regression-dropout`
 chosen on development seeds) with
 ``arch=abmil``; its built-in baseline (``baseline``: mean-pooled CoxNet / ridge on the same folds) gives
 the linear model's out-of-fold scores. All metrics are pooled out of fold. ``--ensemble N`` trains N
-networks per fold (different initialisations, outputs averaged: ``MILConfig.ensemble``), ``--pooling``
+networks per fold for survival (different initialisations, outputs averaged: ``MILConfig.ensemble``;
+the regression's is ``--regression-ensemble``), ``--pooling``
 is abmil's (``attention`` or ``attention+mean``); each fold's Cox risks are centred on its training
 patients (``MILConfig.centre_outputs``; ``--no-centre-outputs`` for the runs before 2026-12-07).
 Development seeds for such choices: 10 to 13 (never the reported 0 1 2); docs/outcomes.md.
@@ -219,7 +220,7 @@ def run_seed(materials, seed: int, args, work: Path) -> dict:
     reg = _regression_dir(args)
     train("mil", None, work / reg, {**common, "epochs": args.regression_epochs, "slides": str(tables["index"]),
                                     "task": "regression", "bags_per_step": args.regression_bags_per_step,
-                                    "dropout": args.regression_dropout, "ensemble": _regression_ensemble(args),
+                                    "dropout": args.regression_dropout, "ensemble": args.regression_ensemble,
                                     "ensemble_validation": args.regression_ensemble_validation},
           device="cpu", progress=False)
     m = json.loads((work / reg / "metrics.json").read_text())
@@ -243,11 +244,6 @@ def _method_suffix(args, ensemble: int | None = None, validation: str = "shared"
             + ("_am" if args.pooling != "attention" else "") + ("" if args.centre_outputs else "_raw"))
 
 
-def _regression_ensemble(args) -> int:
-    """Networks per fold of the regression runs (``--regression-ensemble``, else ``--ensemble``)."""
-    return args.ensemble if args.regression_ensemble is None else args.regression_ensemble
-
-
 def _survival_dir(args) -> str:
     return "os" + _method_suffix(args)
 
@@ -255,7 +251,7 @@ def _survival_dir(args) -> str:
 def _regression_dir(args) -> str:
     """The regression run's folder (named by its epochs: a first run with 40 stayed as ``index``)."""
     return (("index" if args.regression_epochs == 40 else f"index_e{args.regression_epochs}")
-            + _method_suffix(args, _regression_ensemble(args), args.regression_ensemble_validation)
+            + _method_suffix(args, args.regression_ensemble, args.regression_ensemble_validation)
             + (f"_do{args.regression_dropout:g}" if args.regression_dropout != 0.1 else "")
             + (f"_bps{args.regression_bags_per_step}" if args.regression_bags_per_step != 8 else ""))
 
@@ -361,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--patience", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--ensemble", type=int, default=1,
-                    help="networks per fold from different initialisations, outputs averaged (MILConfig.ensemble)")
+                    help="survival: networks per fold from different initialisations, outputs averaged "
+                         "(MILConfig.ensemble; the regression's is --regression-ensemble)")
     ap.add_argument("--regression-dropout", type=float, default=0.3,
                     help="regression: dropout on the embedded tiles (MILConfig.dropout; the library's default and "
                          "survival's is 0.1; 0.3 chosen on development seeds 10 and 11)")
@@ -416,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "lr": args.lr, "patience": args.patience, "ensemble": args.ensemble, "pooling": args.pooling,
                  "centre_outputs": args.centre_outputs, "regression_dropout": args.regression_dropout,
                  "regression_bags_per_step": args.regression_bags_per_step,
-                 "regression_ensemble": _regression_ensemble(args),
+                 "regression_ensemble": args.regression_ensemble,
                  "regression_ensemble_validation": args.regression_ensemble_validation,
                  "encoder": "resnet18 (random init, seed 0), GAP of stages 1-4, 960-d",
                  "hazard": f"eta = {BETA_BURDEN:g} b {BETA_LYMPH:+g} l; event ~ Exp(rate {BASE_RATE:g} e^eta); "
