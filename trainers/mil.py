@@ -326,9 +326,10 @@ def evaluate(model, bags, targets: np.ndarray, task: MILTask, loss) -> tuple[flo
 
 
 def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
-               task: MILTask, seed: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+               task: MILTask, seed: int, device: torch.device, loss_fn: Any) -> tuple[torch.nn.Module, dict]:
     """Train on ``train`` with early stopping on ``val`` (``splits``: ``[(train, val)]``); the
-    best-validation weights are returned.
+    best-validation weights are returned. ``loss_fn``: the fold's loss (``task.make_loss`` of the
+    patients the fold's model learns from: ``train``, or with rotating members all of them).
 
     ``ensemble`` > 1: that many networks trained so, one after the other from different seeds, as one
     ``MILEnsemble`` (outputs averaged); its ``val_loss`` is the averaged network's.
@@ -339,20 +340,18 @@ def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, splits: list[tuple
     standardisation, the class weights). The ``val_loss`` is then the members' mean, each on the split
     it did not learn from."""
     if c.ensemble <= 1:
-        return _train_member(c, bags, targets, splits[0], task, seed, device)
+        return _train_member(c, bags, targets, splits[0], task, seed, device, loss_fn)
     rotate = len(splits) > 1
     members, infos = [], []
-    shared = task.make_loss(targets[np.concatenate(splits[0])], device, c) if rotate else None
     for j in range(c.ensemble):
         split = splits[j] if rotate else splits[0]
-        model, info = _train_member(c, bags, targets, split, task, seed + 7919 * j, device, loss_fn=shared)
+        model, info = _train_member(c, bags, targets, split, task, seed + 7919 * j, device, loss_fn)
         members.append(model)
         infos.append({**info, "validation": len(split[1])})
     ensemble = MILEnsemble(members)
     if not rotate:
-        train, val = splits[0]
-        val_loss, _ = evaluate(ensemble, bags.select(val), targets[val], task,
-                               task.make_loss(targets[train], device, c))
+        val = splits[0][1]
+        val_loss, _ = evaluate(ensemble, bags.select(val), targets[val], task, loss_fn)
     else:  # no patient is held out from every member: each member's own held-out loss
         val_loss = float(np.mean([i["val_loss"] for i in infos]))
     return ensemble, {"best_epoch": max(i["best_epoch"] for i in infos), "val_loss": val_loss,
@@ -362,16 +361,14 @@ def train_fold(c: MILConfig, bags: Bags, targets: np.ndarray, splits: list[tuple
 
 
 def _train_member(c: MILConfig, bags: Bags, targets: np.ndarray, split: tuple[np.ndarray, np.ndarray],
-                  task: MILTask, seed: int, device: torch.device, loss_fn: Any = None) -> tuple[torch.nn.Module, dict]:
+                  task: MILTask, seed: int, device: torch.device, loss_fn: Any) -> tuple[torch.nn.Module, dict]:
     """One network trained on ``train`` with early stopping on ``val`` (``split``: ``(train, val)``; its
-    best-validation weights); ``loss_fn``: the task's loss made elsewhere (default: from ``train``'s targets)."""
+    best-validation weights), with the fold's loss ``loss_fn`` (:func:`train_fold`)."""
     train, val = split
     seed_everything(seed)
     model = build_mil(c.arch, bags.info[0].dim, task.out_dim, c.hidden, c.dropout, c.instance_k,
                       c.pooling).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    if loss_fn is None:
-        loss_fn = task.make_loss(targets[train], device, c)
     rng = np.random.default_rng(seed)
     best, best_state, best_epoch, history = float("inf"), None, 0, []
     step = int(c.bags_per_step)
@@ -498,13 +495,14 @@ class MILTrainer(Trainer):
             task.check_fold(targets, te, "test")
             if rotate:
                 rest = np.sort(np.concatenate([tr, va]))
-                if len(set(groups[rest].tolist())) < c.ensemble:
+                patients = len(set(groups[rest].tolist()))
+                if patients < c.ensemble:
                     raise ConfigError(f"ensemble_validation 'rotate' with ensemble {c.ensemble} needs at least "
-                                      f"{c.ensemble} patients in each fold's training part; fold {k} has "
-                                      f"{len(set(groups[rest].tolist()))}")
-                member_splits[k] = _inner_splits(strata, groups, rest, c.ensemble, c.seed)
-                for _mtr, mva in member_splits[k] or []:
+                                      f"{c.ensemble} patients in each fold's training part; fold {k} has {patients}")
+                members = _inner_splits(strata, groups, rest, c.ensemble, c.seed)
+                for _mtr, mva in members:
                     task.check_fold(targets, mva, "validation")
+                member_splits[k] = members
         bar = tqdm(list(enumerate(splits)), desc="mil folds", unit="fold", disable=not progress)
         for k, (tr, va, te) in bar:
             path = out / f"fold_{k}.pt"
@@ -519,7 +517,7 @@ class MILTrainer(Trainer):
                 info = json.loads(record_path.read_text())
             else:
                 model, info = train_fold(c, bags, targets, member_splits[k] or [(tr, va)], task,
-                                         c.seed * 1000 + k, dev)
+                                         c.seed * 1000 + k, dev, loss_fn)
                 fitted = (evaluate(model, bags.select(fit), targets[fit], task, loss_fn)[1]
                           if task.needs_train_predictions else None)  # e.g. a Cox model's baseline hazard
                 offset = task.output_offset(fitted) if (fitted is not None and c.centre_outputs) else None
