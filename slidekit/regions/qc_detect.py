@@ -35,13 +35,15 @@ The rules (thresholds in :class:`QcOptions`; docs/qc.md says why):
   under ``edge_max_fill`` or aspect above 5), widened by one pixel; and a very dark stroke that the
   black-pen rule would take but that crosses the whole view (both ends on its border) and is straight
   (``edge_max_bend``): a hand-drawn marker line ends on the slide, the coverslip's edge runs off it.
-- **Out of focus**: inside tissue only. Sharpness = local Laplacian energy divided by local
-  variance of the grey image (both box-averaged over ``blur_window_um``): a blurred image loses
-  high frequencies faster than contrast, while pale but sharp stroma keeps the ratio (HistoQC's raw
-  Laplacian calls pale stroma blurry). Out of focus = sharpness below ``blur_ratio`` times the
-  tissue's own median sharpness, in areas of at least ``blur_min_um2``. Relative to the slide: a
-  slide blurred everywhere is not flagged; tissue with almost no contrast (variance under
-  ``blur_min_variance``) is never called blurred.
+- **Out of focus**: inside tissue only. Sharpness = local Laplacian energy divided by the local
+  energy of the grey image's detail (the grey less its Gaussian blur of ``blur_band_um``; both
+  box-averaged over ``blur_window_um``): a blurred image loses its finest frequencies faster than its
+  detail, while pale but sharp stroma keeps the ratio (HistoQC's raw Laplacian calls pale stroma
+  blurry). The detail, not the plain grey variance: holes and clefts in loose stroma are contrast at a
+  scale far above focus, and against the plain variance they read as blur. Out of focus = sharpness
+  below ``blur_ratio`` times the tissue's own median sharpness, in areas of at least
+  ``blur_min_um2``. Relative to the slide: a slide blurred everywhere is not flagged; tissue with
+  almost no contrast (variance under ``blur_min_variance``) is never called blurred.
 """
 from __future__ import annotations
 
@@ -89,6 +91,9 @@ class QcOptions:
     blur_window_um, blur_ratio, blur_min_um2, blur_min_variance
         Focus measure window, the fraction of the tissue's median sharpness below which tissue is out
         of focus, the smallest area kept, the grey variance under which no focus call is made.
+    blur_band_um
+        σ of the Gaussian whose residual (the grey less its blur) is the detail the Laplacian's energy
+        is divided by: contrast coarser than this (holes, clefts, the tissue's edge) does not count.
     red_min_saturation
         Saturation (0-255) above which red hues are red marker rather than eosin.
     pen_rim_contrast
@@ -128,6 +133,7 @@ class QcOptions:
     blur_ratio: float = 0.4
     blur_min_um2: float = 40_000.0
     blur_min_variance: float = 4.0
+    blur_band_um: float = 16.0
     red_min_saturation: int = 170
     pen_rim_contrast: float = 30.0
     dark_max_value: int = 60
@@ -362,15 +368,40 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     return {"Pen ink": ink, "Dark debris": debris, "Fold": fold, "Air bubble / edge": edge}
 
 
-def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: float) -> np.ndarray:
-    """Laplacian energy over local variance (float32, NaN where the variance is under ``min_variance``)."""
+def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: float, *,
+              band_um: float = 16.0) -> np.ndarray:
+    """Local Laplacian energy over the local energy of the detail (the grey less its Gaussian blur of
+    σ ``band_um``), both box-averaged over ``window_um`` (float32, NaN where the grey variance is under
+    ``min_variance``).
+
+    Parameters
+    ----------
+    grey
+        Grey view, ``(H, W)``.
+    mpp
+        Its µm/px.
+    window_um
+        Width of the box both energies are averaged over.
+    min_variance
+        Grey variance (over the window) under which no value is given: too little contrast to judge.
+    band_um
+        σ of the blur that the detail is the residual of. Contrast at coarser scales (holes, clefts in
+        loose stroma) raises the plain variance but not the Laplacian's energy: it would read as blur.
+
+    Returns
+    -------
+    numpy.ndarray
+        The sharpness, float32 of ``grey``'s shape.
+    """
     g = grey.astype(np.float32)
     k = max(3, int(round(window_um / mpp)) | 1)
     lap = cv2.Laplacian(g, cv2.CV_32F, ksize=1)
     energy = cv2.boxFilter(lap * lap, -1, (k, k))
     mean = cv2.boxFilter(g, -1, (k, k))
     var = np.maximum(cv2.boxFilter(g * g, -1, (k, k)) - mean * mean, 0)
-    out = energy / np.maximum(var, 1e-6)
+    del mean
+    detail = g - cv2.GaussianBlur(g, (0, 0), max(band_um / mpp, 0.5))
+    out = energy / np.maximum(cv2.boxFilter(detail * detail, -1, (k, k)), 1e-6)
     out[var < min_variance] = np.nan
     return out
 
@@ -461,13 +492,14 @@ def focus_on_raster(grey: np.ndarray | Callable[[int, int, int], np.ndarray], f:
     else:
         read = grey
     k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
-    margin = k // 2 + 2
+    # half a window, and the reach of the detail's Gaussian (OpenCV's kernel: ~4 sigma each side)
+    margin = k // 2 + 2 + int(np.ceil(4 * max(o.blur_band_um / bmpp, 0.5)))
     rows = max(1, band_pixels // max(1, W * f * f))
     out = np.full(shape, np.nan, np.float32)
     for r0 in range(0, H, rows):
         r1 = min(H, r0 + rows)
         g0, g1 = max(0, r0 * f - margin), min(H * f, r1 * f + margin)
-        sharp = sharpness(read(g0, g1, W * f), bmpp, o.blur_window_um, o.blur_min_variance)
+        sharp = sharpness(read(g0, g1, W * f), bmpp, o.blur_window_um, o.blur_min_variance, band_um=o.blur_band_um)
         sharp = sharp[r0 * f - g0:r0 * f - g0 + (r1 - r0) * f].reshape(r1 - r0, f, W, f)
         valid = np.isfinite(sharp)
         num = np.where(valid, sharp, 0).sum(axis=(1, 3))
