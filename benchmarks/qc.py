@@ -15,6 +15,10 @@
    black pen examples, "Air bubble / edge" Dice on the coverslip-edge example.
 3. Clean real slides (``wsi/``): fraction of the tissue flagged per class and all classes together;
    seconds per slide and per mm² of tissue (the TCGA frozen section has no MPP: read at a stated 4 µm/px).
+   The frozen section once more at stated 1, 2 and 4 µm/px (``tcga_frozen_section``: its scale is not
+   known; its nuclei, 4-6 px across, put it near 1-2 µm/px), each split into the section's outer band
+   (``RIM_PX`` level-0 px inside its outline, holes filled: where its folded rims lie) and the rest. A
+   fold's share of the tissue does not depend on the stated scale; a rule that changes it does.
 4. Peak memory (VmHWM of a child process running ``qc_labels``) and seconds on the sparse synthetic
    slides of ``benchmarks/heatmap.py`` (8,192² and 40,960² px at 0.25 µm/px).
 """
@@ -37,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.qc_synth import INKS, MPP, SOURCES, dice, draw_artefacts, on_raster, real_tissue  # noqa: E402
 
 SCORED = {"Out of focus": "Out of focus", "Fold": "Fold", "Air bubble": "Air bubble / edge", "Pen ink": "Pen ink"}
+#: The outer band of the frozen section (level-0 px inside its outline) that holds its folded rims.
+RIM_PX = 120
 CLEAN = {"CMU-1-Small-Region.svs": None, "TCGA-CR-7395-01A-01-TS1.svs": 4.0, "OS-2-ndpi.ome.tif": None,
          "OS-2-vsi.ome.tif": None}
 
@@ -137,6 +143,36 @@ def clean(data: Path) -> dict:
     return out
 
 
+def frozen_section(data: Path, mpps: tuple[float, ...] = (1.0, 2.0, 4.0)) -> dict:
+    """The TCGA frozen section at several stated µm/px: per class the fraction of the tissue flagged in
+    the section's outer band (``RIM_PX`` level-0 px; its folded rims) and inside it."""
+    from slidekit.regions.qc_detect import ARTEFACTS, LABELS, qc_labels
+    from slidekit.slides.slide import open_slide
+
+    path = data / "wsi" / "TCGA-CR-7395-01A-01-TS1.svs"
+    if not path.exists():
+        return {}
+    out = {}
+    for mpp in mpps:
+        labels, lmpp, _ = qc_labels(open_slide(path, mpp=mpp), progress=False)
+        tissue = labels >= 1
+        outline, _ = cv2.findContours(tissue.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        filled = np.zeros(tissue.shape, np.uint8)
+        cv2.drawContours(filled, outline, -1, 1, -1)
+        r = max(1, round(RIM_PX * mpp / lmpp))
+        inner = cv2.erode(filled, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))) > 0
+        n = max(1, int(tissue.sum()))
+        rim, inside = {}, {}
+        for name in ARTEFACTS:
+            m = labels == LABELS[name]
+            rim[name] = round(float((m & ~inner).sum()) / n, 4)
+            inside[name] = round(float((m & inner).sum()) / n, 4)
+        out[str(mpp)] = {"all_classes": round(float((labels >= 2).sum()) / n, 4),
+                         "outer_band_share_of_tissue": round(float((tissue & ~inner).sum()) / n, 3),
+                         "outer_band": rim, "inside": inside, "all_classes_inside": round(sum(inside.values()), 4)}
+    return {"rim_px": RIM_PX, "by_stated_mpp": out}
+
+
 def _hwm_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -201,6 +237,8 @@ def main() -> None:
         print(json.dumps(result["shared"]), flush=True)
         result["clean"] = clean(data)
         print(json.dumps(result["clean"]), flush=True)
+        result["tcga_frozen_section"] = frozen_section(data)
+        print(json.dumps(result["tcga_frozen_section"]), flush=True)
         result["memory"] = memory(args.sizes, tmp)
     result["load_after"] = os.getloadavg()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -393,17 +393,29 @@ def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: floa
     numpy.ndarray
         The sharpness, float32 of ``grey``'s shape.
     """
+    # in place wherever it can be: at most four float planes of the band at once
     g = grey.astype(np.float32)
     k = max(3, int(round(window_um / mpp)) | 1)
-    lap = cv2.Laplacian(g, cv2.CV_32F, ksize=1)
-    energy = cv2.boxFilter(lap * lap, -1, (k, k))
+    energy = cv2.Laplacian(g, cv2.CV_32F, ksize=1)
+    np.multiply(energy, energy, out=energy)
+    cv2.boxFilter(energy, -1, (k, k), dst=energy)
     mean = cv2.boxFilter(g, -1, (k, k))
-    var = np.maximum(cv2.boxFilter(g * g, -1, (k, k)) - mean * mean, 0)
-    del mean
-    detail = g - cv2.GaussianBlur(g, (0, 0), max(band_um / mpp, 0.5))
-    out = energy / np.maximum(cv2.boxFilter(detail * detail, -1, (k, k)), 1e-6)
-    out[var < min_variance] = np.nan
-    return out
+    var = np.multiply(g, g)
+    cv2.boxFilter(var, -1, (k, k), dst=var)
+    np.multiply(mean, mean, out=mean)
+    low_contrast = (var - mean) < min_variance
+    del mean, var
+    sigma = max(band_um / mpp, 0.5)
+    r = int(np.ceil(3 * sigma))  # the kernel cut at 3 sigma (``focus_on_raster``'s margin)
+    detail = cv2.GaussianBlur(g, (2 * r + 1, 2 * r + 1), sigma)
+    np.subtract(detail, g, out=detail)
+    del g
+    np.multiply(detail, detail, out=detail)
+    cv2.boxFilter(detail, -1, (k, k), dst=detail)
+    np.maximum(detail, np.float32(1e-6), out=detail)
+    np.divide(energy, detail, out=energy)
+    energy[low_contrast] = np.nan
+    return energy
 
 
 def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.ndarray, o: QcOptions,
@@ -492,8 +504,8 @@ def focus_on_raster(grey: np.ndarray | Callable[[int, int, int], np.ndarray], f:
     else:
         read = grey
     k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
-    # half a window, and the reach of the detail's Gaussian (OpenCV's kernel: ~4 sigma each side)
-    margin = k // 2 + 2 + int(np.ceil(4 * max(o.blur_band_um / bmpp, 0.5)))
+    # half a window, and the reach of the detail's Gaussian (``sharpness`` cuts it at 3 sigma)
+    margin = k // 2 + 2 + int(np.ceil(3 * max(o.blur_band_um / bmpp, 0.5)))
     rows = max(1, band_pixels // max(1, W * f * f))
     out = np.full(shape, np.nan, np.float32)
     for r0 in range(0, H, rows):
