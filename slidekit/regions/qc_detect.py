@@ -541,7 +541,7 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     del rgb
     # the focus reference: the tissue that no colour rule (nor a model) called ink, fold or debris
     clean = tissue & ~masks["Pen ink"] & ~masks["Fold"] & ~masks["Dark debris"]
-    labels = np.where(covered, TISSUE, GLASS).astype(np.uint8)
+    labels = np.where(covered, np.uint8(TISSUE), np.uint8(GLASS))  # uint8 scalars: no int64 plane
     for name in reversed(ARTEFACTS):  # the first class wins where classes overlap
         labels[masks[name]] = LABELS[name]
     # the focus rule last, with only the label map and its reference held: its bands' buffers and tile
