@@ -55,6 +55,7 @@ import numpy as np
 from scipy import ndimage
 
 from slidekit.base.io import file_identity
+from slidekit.base.resources import release_memory
 from slidekit.regions.qc_fold import FoldParams, fold_mask
 from slidekit.regions.tissue import (
     PEN_HALO_UM,
@@ -484,7 +485,7 @@ def _band_pixels(slide: Any, bmpp: float, width: int, max_level_pixels: int = 1 
     ds = float(slide.level_downsamples[level])
     mx, my = slide.mpp
     per_row = slide.level_dimensions[level][0] * max(1.0, bmpp / (my * ds))
-    return int(min(1 << 19, max(width, max_level_pixels / per_row * width)))
+    return int(min(1 << 18, max(width, max_level_pixels / per_row * width)))
 
 
 def focus_on_raster(grey: np.ndarray | Callable[[int, int, int], np.ndarray], f: int, shape: tuple[int, int],
@@ -529,7 +530,10 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     what each finds joins its class (``model.label``), on glass too."""
     o = options
     mpp = max(o.mpp, *slide.mpp)
-    rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
+    # read in bands down the slide: two tile rows of decoded tiles suffice (``_band_cache_bytes``), not
+    # OpenSlide's 32 MiB, which would stay filled for the rest of the run
+    with slide.tile_cache(_band_cache_bytes(slide, mpp)):
+        rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
     tissue = detect_tissue(rgb, mpp, remove_pen=False)
     masks = colour_artefacts(rgb, mpp, tissue, o)
     masks["Out of focus"] = np.zeros_like(tissue)  # the focus rule's own calls join below
@@ -547,6 +551,9 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     # the focus rule last, with only the label map and its reference held: its bands' buffers and tile
     # cache grow with the slide's width, and no longer add up with the colour rules' planes
     del masks, covered, tissue
+    # the colour rules' freed planes stay in glibc's heap otherwise, and the focus bands would come on
+    # top of them: the heap they leave grows with the raster (~35 MiB at 40,960² px), the bands do not
+    release_memory()
     blur = focus_artefact(slide, labels.shape, mpp, clean, o, progress)
     if blur is not None:  # the last class: it only takes tissue that no other class has
         labels[blur & (labels == TISSUE)] = LABELS["Out of focus"]
