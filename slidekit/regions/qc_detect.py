@@ -336,8 +336,10 @@ def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: f
     debris_ok = (stats[:, 4] >= max(1, round(o.debris_min_um2 / px))) & ~stroke
     debris_ok[0] = False
     debris = debris_ok[labels] & (chroma <= o.debris_max_chroma)
+    edge = crossing[labels]
+    del labels  # (int32, the raster's largest plane here: not held beside _keep_large's own labels)
     debris = _keep_large(debris, round(o.debris_min_um2 / px)) & ~ink
-    return ink, dark, debris, crossing[labels]
+    return ink, dark, debris, edge
 
 
 def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptions) -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from slidekit.regions.tissue import _disc, _keep_large, glass_colour
+from slidekit.regions.tissue import _bounding_box, _disc, _keep_large, glass_colour
 
 #: OD-colour bins per axis (red share, green share of the summed OD; the blue share is the rest).
 BINS = 40
@@ -161,12 +161,15 @@ def fold_mask(rgb: np.ndarray, mpp: float, tissue: np.ndarray, exclude: np.ndarr
     del ratio
     min_px = max(1, round(p.min_um2 / (mpp * mpp)))
     seed = _keep_large(cv2.morphologyEx(seed.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)), min_px)
-    n, labels, _, _ = cv2.connectedComponentsWithStats(grow.astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, bool)
-    keep[np.unique(labels[seed])] = True
-    keep[0] = False
-    fold = keep[labels]
-    del labels
+    fold = np.zeros(grow.shape, bool)
+    box = _bounding_box(grow)
+    if box is not None:  # labelled inside the box that holds the grown tissue only (a smaller int32 plane)
+        n, labels, _, _ = cv2.connectedComponentsWithStats(grow[box].astype(np.uint8), connectivity=8)
+        keep = np.zeros(n, bool)
+        keep[np.unique(labels[seed[box]])] = True
+        keep[0] = False
+        fold[box] = keep[labels]
+        del labels
     fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_OPEN, _disc(1)) > 0
     fold = cv2.morphologyEx(fold.astype(np.uint8), cv2.MORPH_CLOSE, _disc(max(1, round(p.close_um / mpp)))) > 0
     return _keep_large(fold & allowed, min_px)

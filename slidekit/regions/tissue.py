@@ -140,10 +140,26 @@ def _disc(r: int) -> np.ndarray:
 
 def _keep_large(mask: np.ndarray, min_px: int) -> np.ndarray:
     """The 8-connected areas of ``mask`` (bool or uint8) of at least ``min_px`` pixels (bool)."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    out = np.zeros(mask.shape, bool)
+    box = _bounding_box(mask)
+    if box is None:
+        return out
+    # labelled inside the mask's bounding box only: the int32 label plane is the size of what is there
+    crop = mask[box]
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(crop.astype(np.uint8), connectivity=8)
     keep = stats[:, 4] >= max(1, min_px)
     keep[0] = False
-    return keep[labels]
+    out[box] = keep[labels]
+    return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The slices of the smallest box holding every nonzero pixel of ``mask`` (None when it has none)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if len(rows) == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def _otsu(values: np.ndarray) -> float:
