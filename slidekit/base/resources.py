@@ -2,12 +2,10 @@
 and resident memory."""
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import resource
 from pathlib import Path
-from typing import Any
 
 from slidekit.base.errors import ConfigError
 
@@ -145,22 +143,3 @@ def _set_threads(n: int) -> None:
         cv2.setNumThreads(n)
     except ImportError:
         pass
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    glibc keeps freed blocks below its (dynamic) mmap threshold in the heap: a run's resident size then
-    creeps up with each stage or batch of float temporaries, even though its live arrays do not grow.
-    """
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None  # glibc malloc_trim, False where there is none, None until looked up

@@ -40,9 +40,9 @@ from slidekit.annotations.geometry import make_valid
 from slidekit.base.devices import resolve_device
 from slidekit.base.errors import CheckpointError, ConfigError
 from slidekit.base.io import atomic_path, config_digest
-from slidekit.base.resources import configure_threads, release_memory
+from slidekit.base.resources import configure_threads
 from slidekit.base.timing import StageTimer
-from slidekit.infer.predictor import Predictor, load_model
+from slidekit.infer.predictor import Predictor, load_model, release_memory
 from slidekit.models.builtin import BUILTINS, builtin_model
 from slidekit.regions.job import JobContext, SlideJob, run_job
 from slidekit.regions.masks import Region, Roi, Tissue

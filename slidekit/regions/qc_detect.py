@@ -55,7 +55,6 @@ import numpy as np
 from scipy import ndimage
 
 from slidekit.base.io import file_identity
-from slidekit.base.resources import release_memory
 from slidekit.regions.qc_fold import FoldParams, fold_mask
 from slidekit.regions.tissue import (
     PEN_HALO_UM,
@@ -408,9 +407,8 @@ def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: floa
     np.multiply(mean, mean, out=mean)
     low_contrast = (var - mean) < min_variance
     del mean, var
-    sigma = max(band_um / mpp, 0.5)
-    r = int(np.ceil(3 * sigma))  # the kernel cut at 3 sigma (``focus_on_raster``'s margin)
-    detail = cv2.GaussianBlur(g, (2 * r + 1, 2 * r + 1), sigma)
+    r = _detail_reach(band_um, mpp)
+    detail = cv2.GaussianBlur(g, (2 * r + 1, 2 * r + 1), max(band_um / mpp, 0.5))
     np.subtract(detail, g, out=detail)
     del g
     np.multiply(detail, detail, out=detail)
@@ -419,6 +417,12 @@ def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: floa
     np.divide(energy, detail, out=energy)
     energy[low_contrast] = np.nan
     return energy
+
+
+def _detail_reach(band_um: float, mpp: float) -> int:
+    """Half-width in pixels of the detail's Gaussian kernel (cut at 3 sigma): ``sharpness`` blurs with
+    it, and ``focus_on_raster`` adds it to its bands' margin."""
+    return int(np.ceil(3 * max(band_um / mpp, 0.5)))
 
 
 def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.ndarray, o: QcOptions,
@@ -507,8 +511,7 @@ def focus_on_raster(grey: np.ndarray | Callable[[int, int, int], np.ndarray], f:
     else:
         read = grey
     k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
-    # half a window, and the reach of the detail's Gaussian (``sharpness`` cuts it at 3 sigma)
-    margin = k // 2 + 2 + int(np.ceil(3 * max(o.blur_band_um / bmpp, 0.5)))
+    margin = k // 2 + 2 + _detail_reach(o.blur_band_um, bmpp)  # half a window and the detail's kernel
     rows = max(1, band_pixels // max(1, W * f * f))
     out = np.full(shape, np.nan, np.float32)
     for r0 in range(0, H, rows):
@@ -532,10 +535,7 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     what each finds joins its class (``model.label``), on glass too."""
     o = options
     mpp = max(o.mpp, *slide.mpp)
-    # read in bands down the slide: two tile rows of decoded tiles suffice (``_band_cache_bytes``), not
-    # OpenSlide's 32 MiB, which would stay filled for the rest of the run
-    with slide.tile_cache(_band_cache_bytes(slide, mpp)):
-        rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
+    rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
     tissue = detect_tissue(rgb, mpp, remove_pen=False)
     masks = colour_artefacts(rgb, mpp, tissue, o)
     masks["Out of focus"] = np.zeros_like(tissue)  # the focus rule's own calls join below
@@ -553,9 +553,6 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     # the focus rule last, with only the label map and its reference held: its bands' buffers and tile
     # cache grow with the slide's width, and no longer add up with the colour rules' planes
     del masks, covered, tissue
-    # the colour rules' freed planes stay in glibc's heap otherwise, and the focus bands would come on
-    # top of them: the heap they leave grows with the raster (~35 MiB at 40,960² px), the bands do not
-    release_memory()
     blur = focus_artefact(slide, labels.shape, mpp, clean, o, progress)
     if blur is not None:  # the last class: it only takes tissue that no other class has
         labels[blur & (labels == TISSUE)] = LABELS["Out of focus"]
