@@ -214,8 +214,8 @@ def test_qc_artefacts_resample_onto_another_raster(drawn: dict) -> None:
 def test_focus_in_bands_is_the_focus_of_the_whole_view() -> None:
     rng = np.random.default_rng(1)
     grey = cv2.GaussianBlur(rng.integers(0, 255, (403, 298), np.uint8), (0, 0), 1.0)
-    whole = focus_on_raster(grey, 4, (100, 75), 2.0, QcOptions(), band_pixels=1 << 30)
-    banded = focus_on_raster(grey, 4, (100, 75), 2.0, QcOptions(), band_pixels=75 * 16 * 3)
+    whole = focus_on_raster(grey, 4, (100, 75), 2.0, QcOptions(), block_pixels=1 << 30)
+    banded = focus_on_raster(grey, 4, (100, 75), 2.0, QcOptions(), block_pixels=75 * 16 * 3)
     assert np.isfinite(whole).mean() > 0.9
     np.testing.assert_allclose(banded, whole, rtol=1e-4, equal_nan=True)
 

@@ -48,7 +48,7 @@ The rules (thresholds in :class:`QcOptions`; docs/qc.md says why):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -437,12 +437,12 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
         bmpp *= float(np.sqrt(n / o.blur_max_pixels))
     if bmpp > o.blur_max_mpp:
         return None  # too coarse to see focus: not measured (an overview image)
-    # a whole number of grey pixels per label pixel, so that bands of label rows map onto grey rows
+    # a whole number of grey pixels per label pixel, so that blocks of label pixels map onto grey ones
     f = max(1, int(np.floor(mpp / min(bmpp, mpp) + 1e-6)))
     bmpp = mpp / f
-    with slide.tile_cache(_band_cache_bytes(slide, bmpp)):
-        s = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, o,
-                            band_pixels=_band_pixels(slide, bmpp, shape[1] * f))
+    blocks = _Blocks.of(shape, f, _margin(o, bmpp), _block_pixels(slide, bmpp))
+    with slide.tile_cache(_band_cache_bytes(slide, bmpp, blocks.read_width)):
+        s = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, o, block_pixels=blocks.pixels)
     inside = tissue & np.isfinite(s)
     if inside.sum() < 10:
         return np.zeros(shape, bool)
@@ -452,77 +452,124 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     return _keep_large(blur, round(o.blur_min_um2 / (mpp * mpp))) & tissue
 
 
-def _band_reader(slide: Any, bmpp: float) -> Callable[[int, int, int], np.ndarray]:
-    """Rows ``g0:g1`` of the slide's grey view at ``bmpp`` µm/px, ``width`` px wide, read from the slide
-    (``Slide.read_scaled``) and edge-padded where the raster runs past the slide."""
+def _band_reader(slide: Any, bmpp: float) -> Callable[[int, int, int, int], np.ndarray]:
+    """Rows ``g0:g1`` and columns ``x0:x1`` of the slide's grey view at ``bmpp`` µm/px, read from the
+    slide (``Slide.read_scaled``) and edge-padded where the raster runs past the slide."""
     W, H = slide.dimensions
     mx, my = slide.mpp
     gw, gh = max(1, int(W * mx / bmpp)), max(1, int(H * my / bmpp))
 
-    def rows(g0: int, g1: int, width: int) -> np.ndarray:
+    def block(g0: int, g1: int, x0: int, x1: int) -> np.ndarray:
         a, b = min(g0, gh - 1), max(min(g1, gh), min(g0, gh - 1) + 1)
-        y0 = min(H - 1, int(round(a * bmpp / my)))
-        rgb = slide.read_scaled((0, y0), (min(width, gw), b - a), bmpp)
+        left, right = min(x0, gw - 1), max(min(x1, gw), min(x0, gw - 1) + 1)
+        y, x = min(H - 1, int(round(a * bmpp / my))), min(W - 1, int(round(left * bmpp / mx)))
+        rgb = slide.read_scaled((x, y), (right - left, b - a), bmpp)
         grey = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
-        grey = np.pad(grey, ((0, 0), (0, max(0, width - grey.shape[1]))), mode="edge")[:, :width]
-        return grey[np.clip(np.arange(g0, g1) - a, 0, grey.shape[0] - 1)]
+        rows = np.clip(np.arange(g0, g1) - a, 0, grey.shape[0] - 1)
+        cols = np.clip(np.arange(x0, x1) - left, 0, grey.shape[1] - 1)
+        return grey[rows[:, None], cols[None, :]]
 
-    return rows
+    return block
 
 
-def _band_cache_bytes(slide: Any, bmpp: float) -> int | None:
-    """Decoded-tile cache for the focus bands: two full rows of stored tiles (RGBA) of the level they are
-    read from. Bands go down the slide, each starting in the tile row where the last one ended (less its
-    margin): that row is the most recently read, so it is still cached and each tile is decoded once,
-    while the cache no longer fills up to OpenSlide's 32 MiB on a large slide. None (the backend's
-    default) where the level's tile size is not known."""
+def _band_cache_bytes(slide: Any, bmpp: float, width: int | None = None) -> int | None:
+    """Decoded-tile cache for the focus blocks: two rows of stored tiles (RGBA), as many across as a read
+    of ``width`` grey pixels touches (None: the level's whole width). Blocks go down a strip of the
+    slide, each starting in the tile row where the last one ended (less its margin): that row is the
+    most recently read, so it is still cached and each tile is decoded once (the strips' margins aside),
+    while the cache does not grow with the slide. None (the backend's default) where the level's tile
+    size is not known."""
     level = slide.best_level_for_mpp(bmpp)
     tile = slide.tile_size(level)
     if tile is None:
         return None
-    width = slide.level_dimensions[level][0]
-    return 2 * (-(-width // tile[0])) * tile[0] * tile[1] * 4
+    across = -(-slide.level_dimensions[level][0] // tile[0])
+    if width is not None:  # the read's width on the level, and one tile more where it starts inside one
+        on_level = int(np.ceil(width * bmpp / (slide.mpp[0] * float(slide.level_downsamples[level]))))
+        across = min(across, -(-on_level // tile[0]) + 1)
+    return 2 * across * tile[0] * tile[1] * 4
 
 
-def _band_pixels(slide: Any, bmpp: float, width: int, max_level_pixels: int = 1 << 22) -> int:
-    """Grey pixels per band such that one band's read decodes at most ``max_level_pixels`` pixels of the
-    pyramid level it comes from (a single-level slide is read at full resolution)."""
+def _block_pixels(slide: Any, bmpp: float, max_level_pixels: int = 1 << 22) -> int:
+    """Grey pixels in a block's core: at most 2^18, and such that its read decodes at most
+    ``max_level_pixels`` pixels of the pyramid level it comes from (a single-level slide is read at
+    full resolution)."""
     level = slide.best_level_for_mpp(bmpp)
     ds = float(slide.level_downsamples[level])
     mx, my = slide.mpp
-    per_row = slide.level_dimensions[level][0] * max(1.0, bmpp / (my * ds))
-    return int(min(1 << 18, max(width, max_level_pixels / per_row * width)))
+    per_pixel = max(1.0, bmpp / (mx * ds)) * max(1.0, bmpp / (my * ds))
+    return int(min(1 << 18, max(1 << 12, max_level_pixels / per_pixel)))
 
 
-def focus_on_raster(grey: np.ndarray | Callable[[int, int, int], np.ndarray], f: int, shape: tuple[int, int],
-                    bmpp: float, o: QcOptions, band_pixels: int = 1 << 19) -> np.ndarray:
+def _margin(o: QcOptions, bmpp: float) -> int:
+    """Grey pixels read around a block (half the focus window, the detail's kernel, two to spare): a
+    block's sharpness is then that of the whole view."""
+    k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
+    return k // 2 + 2 + _detail_reach(o.blur_band_um, bmpp)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """How ``focus_on_raster`` tiles the ``shape`` label raster: blocks of ``rows`` x ``cols`` label pixels
+    (each ``f`` x ``f`` grey pixels), read with ``margin`` grey pixels around them, down one strip of
+    ``cols`` columns after the other. Neither a block nor its tile rows grow with the slide's width."""
+
+    shape: tuple[int, int]
+    f: int
+    rows: int
+    cols: int
+    margin: int
+    pixels: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, int], f: int, margin: int, block_pixels: int) -> _Blocks:
+        # strips twice as wide as a square block: fewer margins read twice, a block still of bounded size
+        cols = max(1, min(shape[1], 2 * int(np.sqrt(block_pixels)) // f))
+        return cls(shape, f, max(1, block_pixels // (cols * f * f)), cols, margin, block_pixels)
+
+    @property
+    def read_width(self) -> int:
+        """Grey pixels across a block's read (its margins included)."""
+        return self.cols * self.f + 2 * self.margin
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        H, W = self.shape
+        for c0 in range(0, W, self.cols):
+            for r0 in range(0, H, self.rows):
+                yield r0, min(H, r0 + self.rows), c0, min(W, c0 + self.cols)
+
+
+def focus_on_raster(grey: np.ndarray | Callable[[int, int, int, int], np.ndarray], f: int, shape: tuple[int, int],
+                    bmpp: float, o: QcOptions, block_pixels: int = 1 << 18) -> np.ndarray:
     """Sharpness (``sharpness``) of a grey view averaged over each ``f`` x ``f`` block, on the label
-    raster ``shape`` (NaN where a block has no valid value). Computed in bands of label rows with a
-    margin of half a window, so the float temporaries stay at ``band_pixels`` whatever the slide's size.
-    ``grey``: the whole grey view, or a reader ``(g0, g1, width) -> rows g0:g1`` of it (``_band_reader``:
-    the view is never held whole)."""
+    raster ``shape`` (NaN where a block has no valid value). Computed in blocks of about
+    ``block_pixels`` grey pixels, read with a margin of half a window and the detail's kernel, so the
+    float temporaries stay the same whatever the slide's size. ``grey``: the whole grey view, or a
+    reader ``(g0, g1, x0, x1) -> rows g0:g1, columns x0:x1`` of it (``_band_reader``: the view is never
+    held whole)."""
     H, W = shape
-    read: Callable[[int, int, int], np.ndarray]
+    read: Callable[[int, int, int, int], np.ndarray]
     if isinstance(grey, np.ndarray):
         # the grey view cropped or edge-padded to exactly f x shape
         view = grey[:H * f, :W * f]
         view = np.pad(view, ((0, H * f - view.shape[0]), (0, W * f - view.shape[1])), mode="edge")
-        read = lambda g0, g1, width: view[g0:g1]  # noqa: E731
+        read = lambda g0, g1, x0, x1: view[g0:g1, x0:x1]  # noqa: E731
     else:
         read = grey
-    k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
-    margin = k // 2 + 2 + _detail_reach(o.blur_band_um, bmpp)  # half a window and the detail's kernel
-    rows = max(1, band_pixels // max(1, W * f * f))
+    blocks = _Blocks.of(shape, f, _margin(o, bmpp), block_pixels)
+    m = blocks.margin
     out = np.full(shape, np.nan, np.float32)
-    for r0 in range(0, H, rows):
-        r1 = min(H, r0 + rows)
-        g0, g1 = max(0, r0 * f - margin), min(H * f, r1 * f + margin)
-        sharp = sharpness(read(g0, g1, W * f), bmpp, o.blur_window_um, o.blur_min_variance, band_um=o.blur_band_um)
-        sharp = sharp[r0 * f - g0:r0 * f - g0 + (r1 - r0) * f].reshape(r1 - r0, f, W, f)
+    for r0, r1, c0, c1 in blocks:
+        g0, g1 = max(0, r0 * f - m), min(H * f, r1 * f + m)
+        x0, x1 = max(0, c0 * f - m), min(W * f, c1 * f + m)
+        sharp = sharpness(read(g0, g1, x0, x1), bmpp, o.blur_window_um, o.blur_min_variance,
+                          band_um=o.blur_band_um)
+        sharp = sharp[r0 * f - g0:r0 * f - g0 + (r1 - r0) * f,
+                      c0 * f - x0:c0 * f - x0 + (c1 - c0) * f].reshape(r1 - r0, f, c1 - c0, f)
         valid = np.isfinite(sharp)
         num = np.where(valid, sharp, 0).sum(axis=(1, 3))
         den = valid.sum(axis=(1, 3))
-        out[r0:r1] = np.where(den * 2 > f * f, num / np.maximum(den, 1), np.nan)
+        out[r0:r1, c0:c1] = np.where(den * 2 > f * f, num / np.maximum(den, 1), np.nan)
     return out
 
 
