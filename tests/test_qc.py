@@ -220,6 +220,30 @@ def test_focus_in_bands_is_the_focus_of_the_whole_view() -> None:
     np.testing.assert_allclose(banded, whole, rtol=1e-4, equal_nan=True)
 
 
+def test_focus_read_from_the_slide_in_blocks_is_the_focus_of_the_whole_view(tmp_path: Path) -> None:
+    """The slide is read block by block, down strips narrower than the slide: each block's columns and rows
+    (its margins too) are the whole grey view's, and the tile cache holds two tile rows of a strip only."""
+    from slidekit.regions.qc_detect import _band_cache_bytes, _band_reader
+
+    rng = np.random.default_rng(2)
+    rgb = cv2.GaussianBlur(rng.integers(0, 255, (1200, 1700, 3), np.uint8), (0, 0), 1.2)
+    path = write_pyramid(tmp_path / "noise.tif", rgb, 1.0, compression="none")
+    shape, f, bmpp = (150, 212), 4, 2.0  # 8 µm/px labels: 600 x 848 grey px at 2 µm/px
+    with open_slide(path) as slide:
+        grey = cv2.cvtColor(slide.read_scaled((0, 0), (shape[1] * f, shape[0] * f), bmpp), cv2.COLOR_RGB2GRAY)
+        whole = focus_on_raster(grey, f, shape, bmpp, QcOptions(), block_pixels=1 << 30)
+        blocks = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, QcOptions(), block_pixels=1 << 14)
+        level = slide.best_level_for_mpp(bmpp)
+        tw, th = slide.tile_size(level)
+        on_level = round(100 * bmpp / (slide.mpp[0] * slide.level_downsamples[level]))  # a read 100 grey px wide
+        across = -(-slide.level_dimensions[level][0] // tw)
+        assert -(-on_level // tw) + 1 < across
+        assert _band_cache_bytes(slide, bmpp, 100) == 2 * (-(-on_level // tw) + 1) * tw * th * 4
+        assert _band_cache_bytes(slide, bmpp, 10**6) == _band_cache_bytes(slide, bmpp) == 2 * across * tw * th * 4
+    assert np.isfinite(whole).mean() > 0.9
+    np.testing.assert_allclose(blocks, whole, rtol=1e-4, equal_nan=True)
+
+
 def test_holes_in_sharp_tissue_are_not_blur_but_blur_is() -> None:
     """Loose stroma: sharp texture with many white clefts 16-32 px across (2 µm/px). Against the plain grey
     variance (``band_um`` far above the clefts) the clefts' coarse contrast reads as blur; against the

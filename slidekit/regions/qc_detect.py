@@ -250,12 +250,14 @@ def air_bubbles(rgb: np.ndarray, grey: np.ndarray, lines: np.ndarray, mpp: float
     least ``bubble_min_rim / 2`` more than the circles 15 % smaller and larger."""
     out = np.zeros(grey.shape, np.uint8)
     rmin, rmax = max(3, int(o.bubble_min_radius_um / mpp)), max(4, int(o.bubble_max_radius_um / mpp))
-    neutral = np.subtract(rgb.max(-1), rgb.min(-1)) <= o.bubble_max_chroma  # chroma (uint8: max >= min)
     img = cv2.GaussianBlur(lines.astype(np.uint8) * 255, (0, 0), 1.0)
+    del lines  # (a temporary of the caller's: freed before the transform's own buffers, QC's largest)
     found = cv2.HoughCircles(img, cv2.HOUGH_GRADIENT_ALT, dp=1.5, minDist=rmin, param1=150,
                              param2=o.bubble_hough_roundness, minRadius=rmin, maxRadius=rmax)
+    del img
     if found is None:
         return out > 0
+    neutral = np.subtract(rgb.max(-1), rgb.min(-1)) <= o.bubble_max_chroma  # chroma (uint8: max >= min)
     coarse, fine = (np.meshgrid(d, d, d, indexing="ij") for d in (np.arange(-12, 13, 3.0), np.arange(-2, 3.0)))
     for x, y, r in found[0][:200]:
         for grid in (coarse, fine):  # refine: coarse steps of 3 px over +-12 px, then 1 px steps
@@ -310,6 +312,8 @@ def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: f
     red = ((hue >= 173) | (hue <= 7)) & (sat > o.red_min_saturation) & (val > 80)
     ink = cv2.medianBlur((coloured | red).astype(np.uint8), 3) > 0
     dark = (val < o.dark_max_value)
+    not_he = ~tissue_like(hsv, rgb)  # (where an ink rim may be: the HSV planes are not held past here)
+    del hsv, hue, sat, val
     labels, stats = _components(dark)
     stroke = _stroke_like(stats, max(1, round(o.debris_min_um2 / px))) | (stats[:, 4] >= o.black_pen_min_um2 / px)
     # elongated for its thickness (area over the area of its widest inscribed disc): a bent stroke whose
@@ -331,7 +335,7 @@ def _ink_and_debris(rgb: np.ndarray, hsv: np.ndarray, chroma: np.ndarray, mpp: f
         glass_grey = float(glass_colour(rgb).mean())
         # (the mean grey compared as a sum of three uint8s: no float plane of the whole view)
         ink |= halo & (rgb.sum(-1, dtype=np.uint16) < 3 * (glass_grey - o.pen_rim_contrast)) \
-            & ~tissue_like(hsv, rgb)
+            & not_he
     debris_ok = (stats[:, 4] >= max(1, round(o.debris_min_um2 / px))) & ~stroke
     debris_ok[0] = False
     debris = debris_ok[labels] & (chroma <= o.debris_max_chroma)
@@ -352,8 +356,12 @@ def colour_artefacts(rgb: np.ndarray, mpp: float, tissue: np.ndarray, o: QcOptio
     round_rims = air_bubbles(rgb, grey, hat & (chroma <= o.bubble_max_chroma), mpp, o)
     del grey
     ink, dark, debris, crossing = _ink_and_debris(rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), chroma, mpp, o)
-    # folds: tissue much denser than the slide's tissue of the same OD colour (regions.qc_fold)
-    fold = fold_mask(rgb, mpp, tissue, ink | dark | debris, o.fold_params())
+    del chroma
+    # folds: tissue much denser than the slide's tissue of the same OD colour (regions.qc_fold), where
+    # there is no ink and nothing very dark (debris is very dark: one plane for the three)
+    dark |= ink
+    fold = fold_mask(rgb, mpp, tissue, dark, o.fold_params())
+    del dark
     # air bubbles: round grey rims, filled; edges: the other thin dark lines, long for their area
     # (the Hough transform saw every grey line: cutting ink and folds out of the map breaks its circles)
     bubble = round_rims & ~ink & ~debris
@@ -582,7 +590,10 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     what each finds joins its class (``model.label``), on glass too."""
     o = options
     mpp = max(o.mpp, *slide.mpp)
-    rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
+    # read under a cache of two tile rows: OpenSlide's default would keep the whole view's decoded tiles
+    # (RGBA, more than the view itself) through every rule below
+    with slide.tile_cache(_band_cache_bytes(slide, mpp)):
+        rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
     tissue = detect_tissue(rgb, mpp, remove_pen=False)
     masks = colour_artefacts(rgb, mpp, tissue, o)
     masks["Out of focus"] = np.zeros_like(tissue)  # the focus rule's own calls join below
