@@ -240,6 +240,8 @@ def test_focus_read_from_the_slide_in_blocks_is_the_focus_of_the_whole_view(tmp_
         assert -(-on_level // tw) + 1 < across
         assert _band_cache_bytes(slide, bmpp, 100) == 2 * (-(-on_level // tw) + 1) * tw * th * 4
         assert _band_cache_bytes(slide, bmpp, 10**6) == _band_cache_bytes(slide, bmpp) == 2 * across * tw * th * 4
+        # with the read's height: every tile row it touches and one more (3 for a read under one tile row)
+        assert _band_cache_bytes(slide, bmpp, 100, 100) == 3 * (-(-on_level // tw) + 1) * tw * th * 4
     assert np.isfinite(whole).mean() > 0.9
     np.testing.assert_allclose(blocks, whole, rtol=1e-4, equal_nan=True)
 

@@ -5,7 +5,7 @@ The job (outputs, cohort, region) is :mod:`slidekit.regions.qc`.
 Every detector works on a coarse view of the slide at the resolution it needs: colour and darkness
 rules (pen ink, folds, dark debris, bubbles and coverslip edges) on the ``mpp`` view (default 8 µm/px,
 read whole with ``Slide.read_whole``), the focus measure on a finer grey view (``blur_mpp``, default
-2 µm/px, made coarser when it would exceed ``blur_max_pixels``) that is read from the slide band by band
+2 µm/px, made coarser when it would exceed ``blur_max_pixels``) that is read from the slide block by block
 (``Slide.read_scaled``) and never held whole. The result is one label map on the ``mpp`` raster
 (``LABELS``: 0 glass, 1 clean tissue, 2.. one value per artefact class). Where classes overlap, the first
 in ``ARTEFACTS`` wins (ink over debris over fold over edge over blur). Trained pixel classifiers (QC by
@@ -449,7 +449,7 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     f = max(1, int(np.floor(mpp / min(bmpp, mpp) + 1e-6)))
     bmpp = mpp / f
     blocks = _Blocks.of(shape, f, _margin(o, bmpp), _block_pixels(slide, bmpp))
-    with slide.tile_cache(_band_cache_bytes(slide, bmpp, blocks.read_width)):
+    with slide.tile_cache(_band_cache_bytes(slide, bmpp, *blocks.read_size)):
         s = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, o, block_pixels=blocks.pixels)
     inside = tissue & np.isfinite(s)
     if inside.sum() < 10:
@@ -480,22 +480,26 @@ def _band_reader(slide: Any, bmpp: float) -> Callable[[int, int, int, int], np.n
     return block
 
 
-def _band_cache_bytes(slide: Any, bmpp: float, width: int | None = None) -> int | None:
-    """Decoded-tile cache for the focus blocks: two rows of stored tiles (RGBA), as many across as a read
-    of ``width`` grey pixels touches (None: the level's whole width). Blocks go down a strip of the
-    slide, each starting in the tile row where the last one ended (less its margin): that row is the
-    most recently read, so it is still cached and each tile is decoded once (the strips' margins aside),
-    while the cache does not grow with the slide. None (the backend's default) where the level's tile
-    size is not known."""
+def _band_cache_bytes(slide: Any, bmpp: float, width: int | None = None, height: int | None = None) -> int | None:
+    """Decoded-tile cache (bytes of RGBA tiles) for reads that go down the slide, each starting where the
+    last one ended less its margin: without ``width``/``height``, two rows of stored tiles across the
+    level. With a read's ``width`` and ``height`` in grey pixels at ``bmpp``: every tile such a read
+    touches and one more row of them. The next read's first rows are then still cached however
+    OpenSlide orders a read's tiles (with two rows, reading a tile row twice made the TCGA section's
+    reads twice as slow), while the cache does not grow with the slide. None (the backend's default)
+    where the level's tile size is not known."""
     level = slide.best_level_for_mpp(bmpp)
     tile = slide.tile_size(level)
     if tile is None:
         return None
-    across = -(-slide.level_dimensions[level][0] // tile[0])
+    lw, lh = slide.level_dimensions[level]
+    across, rows = -(-lw // tile[0]), 2
+    ds = float(slide.level_downsamples[level])
     if width is not None:  # the read's width on the level, and one tile more where it starts inside one
-        on_level = int(np.ceil(width * bmpp / (slide.mpp[0] * float(slide.level_downsamples[level]))))
-        across = min(across, -(-on_level // tile[0]) + 1)
-    return 2 * across * tile[0] * tile[1] * 4
+        across = min(across, -(-int(np.ceil(width * bmpp / (slide.mpp[0] * ds))) // tile[0]) + 1)
+    if height is not None:
+        rows = min(-(-lh // tile[1]), -(-int(np.ceil(height * bmpp / (slide.mpp[1] * ds))) // tile[1]) + 2)
+    return rows * across * tile[0] * tile[1] * 4
 
 
 def _block_pixels(slide: Any, bmpp: float, max_level_pixels: int = 1 << 22) -> int:
@@ -536,9 +540,9 @@ class _Blocks:
         return cls(shape, f, max(1, block_pixels // (cols * f * f)), cols, margin, block_pixels)
 
     @property
-    def read_width(self) -> int:
-        """Grey pixels across a block's read (its margins included)."""
-        return self.cols * self.f + 2 * self.margin
+    def read_size(self) -> tuple[int, int]:
+        """Grey pixels (across, down) of a block's read, its margins included."""
+        return self.cols * self.f + 2 * self.margin, self.rows * self.f + 2 * self.margin
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
         H, W = self.shape
@@ -608,8 +612,8 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     labels = np.where(covered, np.uint8(TISSUE), np.uint8(GLASS))  # uint8 scalars: no int64 plane
     for name in reversed(ARTEFACTS):  # the first class wins where classes overlap
         labels[masks[name]] = LABELS[name]
-    # the focus rule last, with only the label map and its reference held: its bands' buffers and tile
-    # cache grow with the slide's width, and no longer add up with the colour rules' planes
+    # the focus rule last, with only the label map and its reference held: its blocks' buffers and tile
+    # cache do not add up with the colour rules' planes
     del masks, covered, tissue
     blur = focus_artefact(slide, labels.shape, mpp, clean, o, progress)
     if blur is not None:  # the last class: it only takes tissue that no other class has
