@@ -145,7 +145,8 @@ def clean(data: Path) -> dict:
 
 def frozen_section(data: Path, mpps: tuple[float, ...] = (1.0, 2.0, 4.0)) -> dict:
     """The TCGA frozen section at several stated µm/px: per class the fraction of the tissue flagged in
-    the section's outer band (``RIM_PX`` level-0 px; its folded rims) and inside it."""
+    the section's outer band (``RIM_PX`` level-0 px; its folded rims) and inside it, and every flag but
+    the folds in the outer band (``all_classes_less_rim_folds``)."""
     from slidekit.regions.qc_detect import ARTEFACTS, LABELS, qc_labels
     from slidekit.slides.slide import open_slide
 
@@ -167,9 +168,12 @@ def frozen_section(data: Path, mpps: tuple[float, ...] = (1.0, 2.0, 4.0)) -> dic
             m = labels == LABELS[name]
             rim[name] = round(float((m & ~inner).sum()) / n, 4)
             inside[name] = round(float((m & inner).sum()) / n, 4)
+        # every flag except the folds along the section's rims (the issue names its folded rims)
+        rest = (labels >= 2) & ~((labels == LABELS["Fold"]) & ~inner)
         out[str(mpp)] = {"all_classes": round(float((labels >= 2).sum()) / n, 4),
                          "outer_band_share_of_tissue": round(float((tissue & ~inner).sum()) / n, 3),
-                         "outer_band": rim, "inside": inside, "all_classes_inside": round(sum(inside.values()), 4)}
+                         "outer_band": rim, "inside": inside, "all_classes_inside": round(sum(inside.values()), 4),
+                         "all_classes_less_rim_folds": round(float(rest.sum()) / n, 4)}
     return {"rim_px": RIM_PX, "by_stated_mpp": out}
 
 
