@@ -21,6 +21,7 @@ from slidekit.cli.qc import register
 from slidekit.regions.masks import Tissue
 from slidekit.regions.options import TissueOptions
 from slidekit.regions.qc import ARTEFACTS, LABELS, QcArtefacts, QcOptions, focus_on_raster, qc_slide, sharpness
+from slidekit.regions.qc_detect import _grey_reader, _tile_cache_bytes
 from slidekit.regions.qc_zarr import read_label_zarr
 from slidekit.slides.demo import write_pyramid
 from slidekit.slides.slide import open_slide
@@ -222,9 +223,7 @@ def test_focus_in_bands_is_the_focus_of_the_whole_view() -> None:
 
 def test_focus_read_from_the_slide_in_blocks_is_the_focus_of_the_whole_view(tmp_path: Path) -> None:
     """The slide is read block by block, down strips narrower than the slide: each block's columns and rows
-    (its margins too) are the whole grey view's, and the tile cache holds two tile rows of a strip only."""
-    from slidekit.regions.qc_detect import _band_cache_bytes, _band_reader
-
+    (its margins too) are the whole grey view's, and the tile cache holds a block's read, not the level's width."""
     rng = np.random.default_rng(2)
     rgb = cv2.GaussianBlur(rng.integers(0, 255, (1200, 1700, 3), np.uint8), (0, 0), 1.2)
     path = write_pyramid(tmp_path / "noise.tif", rgb, 1.0, compression="none")
@@ -232,16 +231,16 @@ def test_focus_read_from_the_slide_in_blocks_is_the_focus_of_the_whole_view(tmp_
     with open_slide(path) as slide:
         grey = cv2.cvtColor(slide.read_scaled((0, 0), (shape[1] * f, shape[0] * f), bmpp), cv2.COLOR_RGB2GRAY)
         whole = focus_on_raster(grey, f, shape, bmpp, QcOptions(), block_pixels=1 << 30)
-        blocks = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, QcOptions(), block_pixels=1 << 14)
+        blocks = focus_on_raster(_grey_reader(slide, bmpp), f, shape, bmpp, QcOptions(), block_pixels=1 << 14)
         level = slide.best_level_for_mpp(bmpp)
         tw, th = slide.tile_size(level)
         on_level = round(100 * bmpp / (slide.mpp[0] * slide.level_downsamples[level]))  # a read 100 grey px wide
         across = -(-slide.level_dimensions[level][0] // tw)
         assert -(-on_level // tw) + 1 < across
-        assert _band_cache_bytes(slide, bmpp, 100) == 2 * (-(-on_level // tw) + 1) * tw * th * 4
-        assert _band_cache_bytes(slide, bmpp, 10**6) == _band_cache_bytes(slide, bmpp) == 2 * across * tw * th * 4
+        assert _tile_cache_bytes(slide, bmpp, 100) == 2 * (-(-on_level // tw) + 1) * tw * th * 4
+        assert _tile_cache_bytes(slide, bmpp, 10**6) == _tile_cache_bytes(slide, bmpp) == 2 * across * tw * th * 4
         # with the read's height: every tile row it touches and one more (3 for a read under one tile row)
-        assert _band_cache_bytes(slide, bmpp, 100, 100) == 3 * (-(-on_level // tw) + 1) * tw * th * 4
+        assert _tile_cache_bytes(slide, bmpp, 100, 100) == 3 * (-(-on_level // tw) + 1) * tw * th * 4
     assert np.isfinite(whole).mean() > 0.9
     np.testing.assert_allclose(blocks, whole, rtol=1e-4, equal_nan=True)
 

@@ -130,7 +130,7 @@ def test_copy_of_demo_slide_opens_with_both_tiff_backends(tmp_path, demo_slide):
 def test_tile_size_and_a_sized_tile_cache(tmp_path):
     """OpenSlide says each level's stored tile size; ``tile_cache`` sizes its decoded-tile cache for the
     reads inside (QC's focus bands) and gives the default back after; reads are the same either way."""
-    from slidekit.regions.qc_detect import _band_cache_bytes
+    from slidekit.regions.qc_detect import _tile_cache_bytes
 
     path = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(128, 128, 512, 384))
     with sk.open_slide(path) as s:
@@ -144,10 +144,10 @@ def test_tile_size_and_a_sized_tile_cache(tmp_path):
         np.testing.assert_array_equal(s.read_region((0, 0), 0, (512, 384)), whole)
         level = s.best_level_for_mpp(s.mpp[0])
         width = s.level_dimensions[level][0]
-        assert _band_cache_bytes(s, s.mpp[0]) == 2 * -(-width // tw) * tw * th * 4  # two rows of RGBA tiles
+        assert _tile_cache_bytes(s, s.mpp[0]) == 2 * -(-width // tw) * tw * th * 4  # two rows of RGBA tiles
     png = tmp_path / "overview.png"
     cv2.imwrite(str(png), np.full((64, 64, 3), 200, np.uint8))
     with sk.open_slide(png, mpp=16.0) as img:
-        assert img.tile_size(0) is None and _band_cache_bytes(img, 16.0) is None
+        assert img.tile_size(0) is None and _tile_cache_bytes(img, 16.0) is None
         with img.tile_cache(1 << 20):  # no tile cache of its own: a no-op
             assert img.read_region((0, 0), 0, (8, 8)).shape[:2] == (8, 8)

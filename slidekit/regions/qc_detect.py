@@ -449,8 +449,8 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     f = max(1, int(np.floor(mpp / min(bmpp, mpp) + 1e-6)))
     bmpp = mpp / f
     blocks = _Blocks.of(shape, f, _margin(o, bmpp), _block_pixels(slide, bmpp))
-    with slide.tile_cache(_band_cache_bytes(slide, bmpp, *blocks.read_size)):
-        s = focus_on_raster(_band_reader(slide, bmpp), f, shape, bmpp, o, block_pixels=blocks.pixels)
+    with slide.tile_cache(_tile_cache_bytes(slide, bmpp, *blocks.read_size)):
+        s = focus_on_raster(_grey_reader(slide, bmpp), f, shape, bmpp, o, block_pixels=blocks.pixels)
     inside = tissue & np.isfinite(s)
     if inside.sum() < 10:
         return np.zeros(shape, bool)
@@ -460,7 +460,7 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     return _keep_large(blur, round(o.blur_min_um2 / (mpp * mpp))) & tissue
 
 
-def _band_reader(slide: Any, bmpp: float) -> Callable[[int, int, int, int], np.ndarray]:
+def _grey_reader(slide: Any, bmpp: float) -> Callable[[int, int, int, int], np.ndarray]:
     """Rows ``g0:g1`` and columns ``x0:x1`` of the slide's grey view at ``bmpp`` µm/px, read from the
     slide (``Slide.read_scaled``) and edge-padded where the raster runs past the slide."""
     W, H = slide.dimensions
@@ -480,7 +480,7 @@ def _band_reader(slide: Any, bmpp: float) -> Callable[[int, int, int, int], np.n
     return block
 
 
-def _band_cache_bytes(slide: Any, bmpp: float, width: int | None = None, height: int | None = None) -> int | None:
+def _tile_cache_bytes(slide: Any, bmpp: float, width: int | None = None, height: int | None = None) -> int | None:
     """Decoded-tile cache (bytes of RGBA tiles) for reads that go down the slide, each starting where the
     last one ended less its margin: without ``width``/``height``, two rows of stored tiles across the
     level. With a read's ``width`` and ``height`` in grey pixels at ``bmpp``: every tile such a read
@@ -557,7 +557,7 @@ def focus_on_raster(grey: np.ndarray | Callable[[int, int, int, int], np.ndarray
     raster ``shape`` (NaN where a block has no valid value). Computed in blocks of about
     ``block_pixels`` grey pixels, read with a margin of half a window and the detail's kernel, so the
     float temporaries stay the same whatever the slide's size. ``grey``: the whole grey view, or a
-    reader ``(g0, g1, x0, x1) -> rows g0:g1, columns x0:x1`` of it (``_band_reader``: the view is never
+    reader ``(g0, g1, x0, x1) -> rows g0:g1, columns x0:x1`` of it (``_grey_reader``: the view is never
     held whole)."""
     H, W = shape
     read: Callable[[int, int, int, int], np.ndarray]
@@ -596,7 +596,7 @@ def qc_labels(slide: Any, options: QcOptions = QcOptions(), progress: bool | Non
     mpp = max(o.mpp, *slide.mpp)
     # read under a cache of two tile rows: OpenSlide's default would keep the whole view's decoded tiles
     # (RGBA, more than the view itself) through every rule below
-    with slide.tile_cache(_band_cache_bytes(slide, mpp)):
+    with slide.tile_cache(_tile_cache_bytes(slide, mpp)):
         rgb = slide.read_whole(mpp, max_pixels_per_read=1 << 22, progress=progress)
     tissue = detect_tissue(rgb, mpp, remove_pen=False)
     masks = colour_artefacts(rgb, mpp, tissue, o)
