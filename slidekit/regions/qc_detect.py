@@ -405,7 +405,7 @@ def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: floa
     """
     # in place wherever it can be: at most four float planes of the band at once
     g = grey.astype(np.float32)
-    k = max(3, int(round(window_um / mpp)) | 1)
+    k = _window_px(window_um, mpp)
     energy = cv2.Laplacian(g, cv2.CV_32F, ksize=1)
     np.multiply(energy, energy, out=energy)
     cv2.boxFilter(energy, -1, (k, k), dst=energy)
@@ -425,6 +425,12 @@ def sharpness(grey: np.ndarray, mpp: float, window_um: float, min_variance: floa
     np.divide(energy, detail, out=energy)
     energy[low_contrast] = np.nan
     return energy
+
+
+def _window_px(window_um: float, mpp: float) -> int:
+    """Width in pixels (odd, at least 3) of the box ``sharpness`` averages over: ``focus_on_raster``'s
+    margin is half of it (and the detail's reach)."""
+    return max(3, int(round(window_um / mpp)) | 1)
 
 
 def _detail_reach(band_um: float, mpp: float) -> int:
@@ -448,9 +454,10 @@ def focus_artefact(slide: Any, shape: tuple[int, int], mpp: float, tissue: np.nd
     # a whole number of grey pixels per label pixel, so that blocks of label pixels map onto grey ones
     f = max(1, int(np.floor(mpp / min(bmpp, mpp) + 1e-6)))
     bmpp = mpp / f
-    blocks = _Blocks.of(shape, f, _margin(o, bmpp), _block_pixels(slide, bmpp))
-    with slide.tile_cache(_tile_cache_bytes(slide, bmpp, *blocks.read_size)):
-        s = focus_on_raster(_grey_reader(slide, bmpp), f, shape, bmpp, o, block_pixels=blocks.pixels)
+    pixels = _block_pixels(slide, bmpp)
+    read_size = _Blocks.of(shape, f, _margin(o, bmpp), pixels).read_size  # (the blocks focus_on_raster reads)
+    with slide.tile_cache(_tile_cache_bytes(slide, bmpp, *read_size)):
+        s = focus_on_raster(_grey_reader(slide, bmpp), f, shape, bmpp, o, block_pixels=pixels)
     inside = tissue & np.isfinite(s)
     if inside.sum() < 10:
         return np.zeros(shape, bool)
@@ -516,8 +523,7 @@ def _block_pixels(slide: Any, bmpp: float, max_level_pixels: int = 1 << 22) -> i
 def _margin(o: QcOptions, bmpp: float) -> int:
     """Grey pixels read around a block (half the focus window, the detail's kernel, two to spare): a
     block's sharpness is then that of the whole view."""
-    k = max(3, int(round(o.blur_window_um / bmpp)) | 1)
-    return k // 2 + 2 + _detail_reach(o.blur_band_um, bmpp)
+    return _window_px(o.blur_window_um, bmpp) // 2 + 2 + _detail_reach(o.blur_band_um, bmpp)
 
 
 @dataclass(frozen=True)
@@ -531,13 +537,12 @@ class _Blocks:
     rows: int
     cols: int
     margin: int
-    pixels: int
 
     @classmethod
     def of(cls, shape: tuple[int, int], f: int, margin: int, block_pixels: int) -> _Blocks:
         # strips twice as wide as a square block: fewer margins read twice, a block still of bounded size
         cols = max(1, min(shape[1], 2 * int(np.sqrt(block_pixels)) // f))
-        return cls(shape, f, max(1, block_pixels // (cols * f * f)), cols, margin, block_pixels)
+        return cls(shape, f, max(1, block_pixels // (cols * f * f)), cols, margin)
 
     @property
     def read_size(self) -> tuple[int, int]:
