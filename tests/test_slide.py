@@ -129,7 +129,7 @@ def test_copy_of_demo_slide_opens_with_both_tiff_backends(tmp_path, demo_slide):
 
 def test_tile_size_and_a_sized_tile_cache(tmp_path):
     """OpenSlide says each level's stored tile size; ``tile_cache`` sizes its decoded-tile cache for the
-    reads inside (QC's focus bands) and gives the default back after; reads are the same either way."""
+    reads inside (QC's focus blocks) and gives the default back after; reads are the same either way."""
     from slidekit.regions.qc_detect import _tile_cache_bytes
 
     path = synthetic_slide(tmp_path / "s.tif", width=1024, height=768, tissue_box=(128, 128, 512, 384))
